@@ -1,0 +1,101 @@
+"""PKCS#11 (SoftHSM2) keystore throughput against the software keystore, in the same run.
+
+Prints one JSON line per workload:
+  {"name", "n", "seconds", "rate", "baseline_rate", "ratio", "peak_rss_mb"}
+baseline = the software backend doing the same work; ratio = pkcs11 rate / software rate.
+
+    .venv/bin/python benchmarks/bench_keystore.py [--n 2000]
+
+Sets up its own throwaway SoftHSM2 token (kms_pipelines.core.keystore.softhsm_setup), so it
+must run in a fresh process (SOFTHSM2_CONF is read when the library is first initialised).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import secrets
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kms_pipelines.core.keystore import AES_256, ED25519  # noqa: E402
+from kms_pipelines.core.keystore.software import SoftwareKeyStore  # noqa: E402
+from kms_pipelines.core.keystore.softhsm_setup import init_softhsm_token  # noqa: E402
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)  # Linux: KiB
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _workloads(store, n: int, rewrap_batch: int):
+    kek, kek2, sig = f"bench-kek-{secrets.token_hex(4)}", f"bench-kek2-{secrets.token_hex(4)}", f"bench-sig-{secrets.token_hex(4)}"
+    store.generate(kek, AES_256)
+    store.generate(kek2, AES_256)
+    store.generate(sig, ED25519)
+    wrapped_one = store.new_wrapped_dek(kek)
+    blob = store.dek_encrypt(kek, wrapped_one, b"x" * 64, b"aad")
+    message = b"m" * 128
+    state: dict = {}
+
+    def wrap():
+        state["wrapped"] = [store.new_wrapped_dek(kek) for _ in range(n)]
+
+    def unwrap_decrypt():
+        for _ in range(n):
+            store.dek_decrypt(kek, wrapped_one, blob, b"aad")
+
+    def rewrap():
+        src = state["wrapped"]
+        for i in range(0, len(src), rewrap_batch):
+            store.rewrap(kek, kek2, src[i:i + rewrap_batch])
+
+    def sign():
+        for _ in range(n):
+            store.sign(sig, message)
+
+    return [("keystore.wrap_new_dek", wrap), ("keystore.unwrap_decrypt", unwrap_decrypt),
+            ("keystore.rewrap", rewrap), ("keystore.sign_ed25519", sign)]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=2000, help="operations per workload (default 2000)")
+    parser.add_argument("--rewrap-batch", type=int, default=500, help="DEKs per rewrap call (default 500)")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="kms-bench-") as tmp:
+        token = init_softhsm_token(Path(tmp) / "softhsm", "kms-bench", "1234", "5678")
+        from kms_pipelines.core.keystore.pkcs11 import Pkcs11KeyStore
+
+        software = SoftwareKeyStore(Path(tmp) / "keys", secrets.token_bytes(32))
+        hsm = Pkcs11KeyStore(token.lib_path, token.label, token.pin)
+        try:
+            baseline = dict((name, _timed(fn)) for name, fn in _workloads(software, args.n, args.rewrap_batch))
+            for name, fn in _workloads(hsm, args.n, args.rewrap_batch):
+                seconds = _timed(fn)
+                rate = args.n / seconds
+                base_rate = args.n / baseline[name]
+                print(json.dumps({
+                    "name": name, "n": args.n, "seconds": round(seconds, 4), "rate": round(rate, 1),
+                    "baseline_rate": round(base_rate, 1), "ratio": round(rate / base_rate, 4),
+                    "peak_rss_mb": _peak_rss_mb(),
+                }), flush=True)
+        finally:
+            hsm.close()
+            software.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
