@@ -1,0 +1,168 @@
+"""The ``kms`` command: what operators and scripts/ use. Every UI action has a command.
+
+Exit codes: 0 success, 1 a failed check or refused operation, 2 a usage error.
+Errors are one line on stderr naming the problem; tracebacks only with ``KMS_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import datetime
+
+import click
+
+from .core.clock import FixedClock, parse_time
+
+EXIT_FAILED, EXIT_USAGE = 1, 2
+
+
+def _json_default(value):
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.hex()
+    raise TypeError(type(value).__name__)
+
+
+def emit_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, default=_json_default, sort_keys=True))
+
+
+class KmsGroup(click.Group):
+    """Turns domain errors into one-line messages and exit codes."""
+
+    def invoke(self, ctx):
+        from .core.errors import known_errors
+
+        try:
+            return super().invoke(ctx)
+        except known_errors() as exc:
+            if os.environ.get("KMS_DEBUG"):
+                raise
+            click.echo(f"kms: error: {exc}", err=True)
+            ctx.exit(EXIT_FAILED)
+
+
+def get_context(ctx: click.Context):
+    """Build the KmsContext lazily, once per command."""
+    obj = ctx.ensure_object(dict)
+    if "kms" not in obj:
+        from .core.context import context_from_env
+
+        clock = FixedClock(parse_time(obj["at"])) if obj.get("at") else None
+        obj["kms"] = context_from_env(clock=clock)
+    return obj["kms"]
+
+
+@click.group(cls=KmsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--at", metavar="TIME", help="Act as if the time were TIME (ISO-8601); for drills and replays.")
+@click.pass_context
+def cli(ctx, at):
+    """Run the KMS policy: keys, ledger, envelopes, backups, drills."""
+    ctx.ensure_object(dict)["at"] = at
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def init(ctx, as_json):
+    """Run database migrations and bootstrap one active version of every policy key."""
+    from .core import db, lifecycle
+
+    kms = get_context(ctx)
+    db.upgrade(kms.engine)
+    results = lifecycle.bootstrap(kms)
+    created = [r.key for r in results if r.rotated]
+    if as_json:
+        emit_json({"revision": db.current_revision(kms.engine), "created": created,
+                   "existing": [r.key for r in results if not r.rotated]})
+        return
+    click.echo(f"database at revision {db.current_revision(kms.engine)}")
+    click.echo(f"created {len(created)} key(s)" + (f": {', '.join(created)}" if created else "; all keys exist"))
+
+
+@cli.group()
+def keys():
+    """List and rotate keys."""
+
+
+@keys.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--all", "show_all", is_flag=True, help="Include destroyed versions.")
+@click.pass_context
+def keys_list(ctx, as_json, show_all):
+    """Every key version with its state, age and rotation due date."""
+    from dataclasses import asdict
+
+    from .core import lifecycle
+
+    rows = [r for r in lifecycle.inventory(get_context(ctx)) if show_all or r.state != "destroyed"]
+    if as_json:
+        emit_json([asdict(r) for r in rows])
+        return
+    click.echo(f"{'KEY':34} {'VER':>3} {'STATE':9} {'AGE(d)':>7} {'DUE':20} FINGERPRINT")
+    for r in rows:
+        due = r.due_at.strftime("%Y-%m-%d %H:%M") + ("  OVERDUE" if r.overdue else "") if r.due_at else "-"
+        age = f"{r.age_days:.1f}" if r.age_days is not None else "-"
+        click.echo(f"{r.key:34} {r.version:>3} {r.state:9} {age:>7} {due:20} {(r.fingerprint or '-')[:23]}")
+
+
+@keys.command("rotate")
+@click.argument("key")
+@click.option("--reason", default="manual", show_default=True,
+              type=click.Choice(["manual", "cadence", "compromise", "tenant-rotation", "ci-exposure"]))
+@click.option("--if-due", is_flag=True, help="Rotate only when the policy cadence says it is due.")
+@click.option("--actor", default=None, help="Who is rotating (default: $USER).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def keys_rotate(ctx, key, reason, if_due, actor, as_json):
+    """Rotate KEY now (or only when due with --if-due)."""
+    from dataclasses import asdict
+
+    from .core import lifecycle
+
+    kms = get_context(ctx)
+    result = lifecycle.rotate(kms, key, actor=actor or os.environ.get("USER", "operator"), reason=reason,
+                              only_if_due=if_due)
+    if as_json:
+        emit_json(asdict(result))
+    elif result.rotated:
+        click.echo(f"rotated {key}: v{result.old_version} -> v{result.new_version}")
+    else:
+        click.echo(f"{key} not rotated: {result.reason}")
+
+
+@cli.group()
+def ledger():
+    """The hash-chained key-state ledger."""
+
+
+@ledger.command("verify")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def ledger_verify(ctx, as_json):
+    """Recompute the ledger chain; exit 1 naming the first bad seq."""
+    from .core import ledger as ledger_mod
+
+    result = ledger_mod.verify(get_context(ctx).engine)
+    if as_json:
+        emit_json(result.to_dict())
+    elif result.ok:
+        click.echo(f"ledger intact: {result.count} entries, head {result.head_hash[:16]}…")
+    else:
+        click.echo(f"ledger BROKEN at seq {result.first_bad_seq}: {result.problem}", err=True)
+    if not result.ok:
+        ctx.exit(EXIT_FAILED)
+
+
+def main(argv=None) -> None:
+    try:
+        cli.main(args=argv, prog_name="kms", standalone_mode=True)
+    except SystemExit as exc:
+        raise SystemExit(exc.code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

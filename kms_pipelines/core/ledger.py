@@ -1,0 +1,170 @@
+"""The append-only, hash-chained key-state ledger (policy clause T3).
+
+Each entry's hash is SHA-256 over the RFC 8785 encoding of its fields, including the
+previous entry's hash, so any edit, insertion, deletion or reorder breaks the chain at a
+nameable seq. Database triggers refuse UPDATE/DELETE; ``verify`` trusts neither the
+triggers nor the stored hashes. Signed checkpoints (see ``checkpoints``) catch a rewrite
+that recomputes the whole chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from json.encoder import encode_basestring as _encode_str  # C-accelerated
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Iterator, Sequence
+
+from sqlalchemy import select, text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
+
+from .canonical import canonical_fast
+from .clock import utc
+from .db.models import LedgerEntry
+
+_sha256 = hashlib.sha256
+GENESIS_HASH = "0" * 64
+_LEDGER_LOCK_ID = 0x4B4D53  # "KMS": serialises appends on PostgreSQL
+
+
+def format_time(at: datetime) -> str:
+    if at.tzinfo is not None and at.utcoffset():
+        at = utc(at)
+    return at.isoformat(timespec="microseconds")[:26] + "Z"
+
+
+def entry_document(seq: int, at: datetime | str, key_name: str, key_version: int | None,
+                   from_state: str | None, to_state: str, actor: str, approvers: Sequence[str],
+                   change_ticket: str | None, reason: str | None, event_id: str | None,
+                   prev_hash: str) -> dict:
+    return {
+        "seq": seq, "at": at if isinstance(at, str) else format_time(at), "key": key_name,
+        "version": key_version, "from": from_state, "to": to_state, "actor": actor,
+        "approvers": list(approvers), "ticket": change_ticket, "reason": reason,
+        "event": event_id, "prev": prev_hash,
+    }
+
+
+def entry_hash(document: dict) -> str:
+    return hashlib.sha256(canonical_fast(document)).hexdigest()
+
+
+# The verifier's hot path builds the same RFC 8785 bytes as ``canonical_fast(entry_document(...))``
+# straight from a row, without an intermediate dict (tests/test_canonical.py checks they agree).
+# ``approvers`` is the stored canonical JSON text, used as is: any edit to it changes the hash.
+_ROW_TEMPLATE = ('{"actor":%s,"approvers":%s,"at":"%s","event":%s,"from":%s,"key":%s,"prev":"%s",'
+                 '"reason":%s,"seq":%d,"ticket":%s,"to":%s,"version":%s}')
+
+
+def _q(value) -> str:
+    return "null" if value is None else _encode_str(value)
+
+
+def row_canonical(seq, at, key_name, key_version, from_state, to_state, actor, approvers_json,
+                  ticket, reason, event_id, prev_hash) -> bytes:
+    return (_ROW_TEMPLATE % (_encode_str(actor), approvers_json, format_time(at), _q(event_id), _q(from_state),
+                             _encode_str(key_name), prev_hash, _q(reason), seq, _q(ticket), _encode_str(to_state),
+                             "null" if key_version is None else int(key_version))).encode("utf-8")
+
+
+def _lock_ledger(session: Session) -> None:
+    # SQLite transactions here start with BEGIN IMMEDIATE (db.engine), which already
+    # serialises writers; PostgreSQL needs an explicit transaction-scoped lock.
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LEDGER_LOCK_ID})
+
+
+def head(session_or_conn) -> tuple[int, str]:
+    """(seq, entry_hash) of the newest entry, or (0, GENESIS_HASH) when empty."""
+    row = session_or_conn.execute(
+        select(LedgerEntry.seq, LedgerEntry.entry_hash).order_by(LedgerEntry.seq.desc()).limit(1)).first()
+    return (row[0], row[1]) if row else (0, GENESIS_HASH)
+
+
+def append(session: Session, *, at: datetime, key_name: str, key_version: int | None,
+           from_state: str | None, to_state: str, actor: str, approvers: Sequence[str] = (),
+           change_ticket: str | None = None, reason: str | None = None,
+           event_id: str | None = None) -> LedgerEntry:
+    """Append one entry inside the caller's transaction (so it commits with the state change)."""
+    _lock_ledger(session)
+    seq, prev = head(session)
+    approvers = sorted(approvers)
+    doc = entry_document(seq + 1, at, key_name, key_version, from_state, to_state, actor, approvers,
+                         change_ticket, reason, event_id, prev)
+    entry = LedgerEntry(seq=seq + 1, at=utc(at), key_name=key_name, key_version=key_version,
+                        from_state=from_state, to_state=to_state, actor=actor,
+                        approvers=canonical_fast(approvers).decode(), change_ticket=change_ticket, reason=reason,
+                        event_id=event_id, prev_hash=prev, entry_hash=entry_hash(doc))
+    session.add(entry)
+    session.flush()
+    return entry
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    count: int
+    head_seq: int
+    head_hash: str
+    first_bad_seq: int | None = None
+    problem: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_COLUMNS = (LedgerEntry.seq, LedgerEntry.at, LedgerEntry.key_name, LedgerEntry.key_version,
+            LedgerEntry.from_state, LedgerEntry.to_state, LedgerEntry.actor, LedgerEntry.approvers,
+            LedgerEntry.change_ticket, LedgerEntry.reason, LedgerEntry.event_id,
+            LedgerEntry.prev_hash, LedgerEntry.entry_hash)
+
+
+def iter_rows(conn: Connection, batch_size: int = 5000, after_seq: int = 0) -> Iterator[tuple]:
+    """Stream ledger rows in seq order with bounded memory (server-side cursor on PostgreSQL)."""
+    result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(
+        select(*_COLUMNS).where(LedgerEntry.seq > after_seq).order_by(LedgerEntry.seq))
+    for partition in result.partitions():
+        yield from partition
+
+
+def verify_rows(rows, expected_head: tuple[int, str] | None = None) -> VerifyResult:
+    """Recompute the chain over ledger rows (tuples in ``_COLUMNS`` order)."""
+    prev, expected_seq, count = GENESIS_HASH, 1, 0
+    for (seq, at, key_name, key_version, from_state, to_state, actor, approvers, ticket, reason,
+         event_id, prev_hash, stored_hash) in rows:
+        if seq != expected_seq:
+            problem = (f"entry seq {expected_seq} is missing (next present is {seq})" if seq > expected_seq
+                       else f"entry seq {seq} is out of order")
+            return VerifyResult(False, count, expected_seq - 1, prev, expected_seq, problem)
+        if prev_hash != prev:
+            return VerifyResult(False, count, seq - 1, prev, seq,
+                                f"entry seq {seq} does not link to seq {seq - 1} (prev_hash mismatch)")
+        raw = row_canonical(seq, at, key_name, key_version, from_state, to_state, actor, approvers,
+                            ticket, reason, event_id, prev_hash)
+        if _sha256(raw).hexdigest() != stored_hash:
+            return VerifyResult(False, count, seq - 1, prev, seq,
+                                f"entry seq {seq} was altered (its content does not match its hash)")
+        prev, expected_seq, count = stored_hash, seq + 1, count + 1
+    if expected_head is not None and (count, prev) != tuple(expected_head):
+        exp_seq, exp_hash = expected_head
+        if count < exp_seq:
+            return VerifyResult(False, count, count, prev, count + 1,
+                                f"ledger truncated: ends at seq {count}, expected head seq {exp_seq}")
+        if count == exp_seq:
+            return VerifyResult(False, count, count, prev, count,
+                                f"head hash at seq {count} differs from the expected head")
+    return VerifyResult(True, count, count, prev)
+
+
+def verify(engine: Engine, batch_size: int = 5000) -> VerifyResult:
+    """Verify the whole ledger, streaming, naming the first bad seq."""
+    with engine.connect() as conn:
+        return verify_rows(iter_rows(conn, batch_size))
+
+
+def entries_for(session: Session, key_name: str, key_version: int | None = None) -> list[LedgerEntry]:
+    q = select(LedgerEntry).where(LedgerEntry.key_name == key_name)
+    if key_version is not None:
+        q = q.where(LedgerEntry.key_version == key_version)
+    return list(session.scalars(q.order_by(LedgerEntry.seq)))

@@ -1,0 +1,206 @@
+"""Load and validate ``assets/policy.yaml``: the KMS policy as code.
+
+Every number the rest of the package uses (cadences, retention, roles, GFS counts,
+drill cadence, remediation SLA, token TTL) is read from here. Validation errors name
+the offending field, e.g. ``policy.yaml: key_classes.root.rotation_days: Input should
+be greater than 0``.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CLAUSE_IDS = ("P1", "P2", "P3", "P4", "R1", "R2", "R3", "R4", "T1", "T2", "T3", "T4",
+              "A1", "A2", "A3", "A4", "B1", "B2", "B3", "B4")
+ALGORITHMS = ("aes256", "ed25519")
+ROLES = ("sre_oncall", "security_engineering", "compliance_officer")
+OPERATIONS = ("rotate", "revoke", "destroy", "decrypt", "export", "break-glass", "approve", "read")
+DEFAULT_POLICY_PATH = Path(__file__).resolve().parents[2] / "assets" / "policy.yaml"
+
+
+class PolicyError(ValueError):
+    """The policy file is missing or invalid; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Escrow(_Strict):
+    threshold: int = Field(ge=1)
+    custodians: list[str] = Field(min_length=1)
+    destruction_confirm_days: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _threshold_fits(self):
+        if self.threshold > len(self.custodians):
+            raise ValueError(f"threshold {self.threshold} exceeds the {len(self.custodians)} custodians")
+        if len(set(self.custodians)) != len(self.custodians):
+            raise ValueError("custodians must be distinct")
+        return self
+
+
+class KeyClass(_Strict):
+    clauses: list[str] = Field(min_length=1)
+    algorithms: list[Literal["aes256", "ed25519"]] = Field(min_length=1)
+    rotation_days: int | None = Field(default=None, gt=0)
+    retention_days: int | None = Field(default=None, gt=0)
+    retention: Literal["until-rekeyed"] | None = None
+    names: list[str] | None = None
+    publish_fingerprints: bool = False
+    partner_notice_hours: int | None = Field(default=None, gt=0)
+    rotate_immediately_on: list[Literal["compromise", "tenant-rotation", "ci-secret-exposure"]] = []
+    rotate_at_expiry: bool = False
+    default_ttl_days: int | None = Field(default=None, gt=0)
+    escrow: Escrow | None = None
+
+    @model_validator(mode="after")
+    def _known_clauses(self):
+        unknown = [c for c in self.clauses if c not in CLAUSE_IDS]
+        if unknown:
+            raise ValueError(f"unknown clause ids {unknown}")
+        return self
+
+
+class KeyClasses(_Strict):
+    root: KeyClass
+    service: KeyClass
+    data: KeyClass
+    export: KeyClass
+    backup: KeyClass
+    break_glass: KeyClass = Field(alias="break-glass")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Retention(_Strict):
+    expired_root_service_days: int = Field(gt=0)
+    archive_dual_control: bool
+    destroy_requires_dual_approval: bool
+
+
+class Partner(_Strict):
+    name: str
+    email: str = Field(pattern=r"^[^@\s]+@[^@\s]+$")
+
+
+class Access(_Strict):
+    roles: list[str]
+    workload_token_ttl_minutes: int = Field(gt=0, le=15)
+    totp_window_steps: int = Field(ge=0, le=2)
+    approvals_required: int = Field(ge=2)
+    approval_ttl_minutes: int = Field(gt=0)
+    permissions: dict[str, list[str]]
+
+    @model_validator(mode="after")
+    def _roles_and_ops(self):
+        if sorted(self.roles) != sorted(ROLES):
+            raise ValueError(f"roles must be exactly {list(ROLES)} (clause A1)")
+        missing = [op for op in OPERATIONS if op not in self.permissions]
+        if missing:
+            raise ValueError(f"permissions missing operations {missing}")
+        for op, roles in self.permissions.items():
+            if op not in OPERATIONS:
+                raise ValueError(f"permissions.{op}: unknown operation")
+            bad = [r for r in roles if r not in self.roles]
+            if bad:
+                raise ValueError(f"permissions.{op}: unknown roles {bad}")
+        return self
+
+
+class Notifications(_Strict):
+    compliance_emails: list[str] = Field(min_length=1)
+    security_emails: list[str] = Field(min_length=1)
+    slack_channels: list[str] = []
+
+
+class Backup(_Strict):
+    nightly_cron: str
+    keep_nightly: int = Field(gt=0)
+    keep_weekly_days: int = Field(gt=0)
+    weekly_on: Literal["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
+    freshness_hours: int = Field(gt=0)
+    include_paths: list[str]
+
+
+class Drills(_Strict):
+    cadence_days: int = Field(gt=0)
+    cron: str
+    remediation_business_days: int = Field(gt=0)
+    recent_rpts_to_verify: int = Field(gt=0)
+
+
+class Audit(_Strict):
+    anomaly_window_hours: int = Field(gt=0)
+    baseline_days: int = Field(gt=0)
+    rate_spike_factor: float = Field(gt=1)
+    decrypt_burst_per_hour: int = Field(gt=0)
+    failure_burst_per_hour: int = Field(gt=0)
+
+
+class Policy(_Strict):
+    version: Literal[1]
+    key_classes: KeyClasses
+    retention: Retention
+    dependents: dict[str, list[str]]
+    partners: list[Partner]
+    access: Access
+    notifications: Notifications
+    backup: Backup
+    drills: Drills
+    audit: Audit
+
+    def key_class(self, name: str) -> KeyClass:
+        """Policy block for a key class (``root``, ``service``, ``break-glass`` …)."""
+        attr = name.replace("-", "_")
+        if not hasattr(self.key_classes, attr):
+            raise PolicyError(f"unknown key class {name!r}")
+        return getattr(self.key_classes, attr)
+
+    def bootstrap_key_names(self) -> list[str]:
+        """Every key the policy requires to exist (export keys are created on demand)."""
+        kc = self.key_classes
+        return (["root"] + [f"service:{n}" for n in kc.service.names or []]
+                + [f"data:{n}" for n in kc.data.names or []] + ["backup", "break-glass"])
+
+
+def _format_error(source: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        parts.append(f"{loc}: {err['msg']}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def parse_policy(text: str, source: str = "policy.yaml") -> Policy:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise PolicyError(f"{source}: expected a mapping at the top level")
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyError(_format_error(source, exc)) from None
+
+
+def load_policy(path: str | os.PathLike | None = None) -> Policy:
+    """Load the policy from ``path``, ``$KMS_POLICY`` or the packaged ``assets/policy.yaml``."""
+    path = Path(path or os.environ.get("KMS_POLICY") or DEFAULT_POLICY_PATH)
+    return _load_cached(str(path.resolve()), path.stat().st_mtime_ns if path.exists() else 0)
+
+
+@lru_cache(maxsize=8)
+def _load_cached(path: str, _mtime: int) -> Policy:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise PolicyError(f"policy file {path} not found (set KMS_POLICY)") from None
+    return parse_policy(text, source=path)

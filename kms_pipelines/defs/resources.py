@@ -1,0 +1,127 @@
+"""Dagster resources: one per I/O boundary, each swappable, composed into ``KmsResource``.
+
+Defaults come from the ``KMS_*`` environment (README, "Configuration"), so the same
+code location runs the embedded defaults on a laptop and PostgreSQL + HSM + S3 in
+production. Tests build these resources with other values instead of monkeypatching.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from ..core.context import KmsContext, kms_home
+
+_CACHE: dict[tuple, KmsContext] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+class DatabaseResource(dg.ConfigurableResource):
+    """The KMS state database (SQLite file by default, PostgreSQL in production)."""
+
+    url: str | None = Field(default_factory=lambda: _env("KMS_DATABASE_URL"),
+                            description="SQLAlchemy URL; default sqlite:///$KMS_HOME/kms.db")
+
+    def resolved_url(self, home: Path) -> str:
+        from ..core import db
+
+        return db.normalize_url(self.url or db.default_url(home))
+
+
+class KeyStoreResource(dg.ConfigurableResource):
+    """Key material: ``software`` (files sealed under the master key) or ``pkcs11`` (HSM)."""
+
+    kind: str = Field(default_factory=lambda: _env("KMS_KEYSTORE") or "software")
+    pkcs11_lib: str | None = Field(default_factory=lambda: _env("KMS_PKCS11_LIB"))
+    pkcs11_token: str | None = Field(default_factory=lambda: _env("KMS_PKCS11_TOKEN"))
+    # The PIN and master key are read from the environment at use, never stored in run config.
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env["KMS_KEYSTORE"] = self.kind
+        for var, value in (("KMS_PKCS11_LIB", self.pkcs11_lib), ("KMS_PKCS11_TOKEN", self.pkcs11_token)):
+            if value:
+                env[var] = value
+        return env
+
+
+class ObjectStoreResource(dg.ConfigurableResource):
+    """Evidence and archives: ``file:///path`` or ``s3://bucket/prefix`` (Object Lock)."""
+
+    url: str | None = Field(default_factory=lambda: _env("KMS_OBJECT_STORE"))
+    endpoint_url: str | None = Field(default_factory=lambda: _env("KMS_S3_ENDPOINT_URL"))
+
+
+class ClockResource(dg.ConfigurableResource):
+    """System time, or a fixed instant (ISO-8601) for replays, drills and tests."""
+
+    fixed_time: str | None = Field(default_factory=lambda: _env("KMS_FIXED_TIME"))
+
+    def clock(self):
+        from ..core.clock import FixedClock, SystemClock, parse_time
+
+        return FixedClock(parse_time(self.fixed_time)) if self.fixed_time else SystemClock()
+
+
+class KmsResource(dg.ConfigurableResource):
+    """Everything core needs, as one ``KmsContext`` (built once per process and config)."""
+
+    home: str = Field(default_factory=lambda: str(kms_home()))
+    policy_path: str | None = Field(default_factory=lambda: _env("KMS_POLICY"))
+    database: dg.ResourceDependency[DatabaseResource]
+    keystore: dg.ResourceDependency[KeyStoreResource]
+    objects: dg.ResourceDependency[ObjectStoreResource]
+    clock: dg.ResourceDependency[ClockResource]
+
+    def _cache_key(self) -> tuple:
+        return (os.getpid(), self.home, self.policy_path, self.database.url, self.keystore.kind,
+                self.keystore.pkcs11_lib, self.keystore.pkcs11_token, self.objects.url, self.objects.endpoint_url)
+
+    def context(self) -> KmsContext:
+        from dataclasses import replace
+
+        key = self._cache_key()
+        with _CACHE_LOCK:
+            base = _CACHE.get(key)
+            if base is None:
+                base = _CACHE[key] = self._build()
+        # The clock is cheap and may differ per run (fixed_time), so it is not cached.
+        return replace(base, clock=self.clock.clock())
+
+    def _build(self) -> KmsContext:
+        from ..core import db
+        from ..core.keystore import keystore_from_env
+        from ..core.notify import notifier_from_env
+        from ..core.objectstore import objectstore_from_url
+        from ..core.policy import load_policy
+
+        home = Path(self.home)
+        home.mkdir(parents=True, exist_ok=True)
+        env = self.keystore.env()
+        return KmsContext(
+            engine=db.make_engine(self.database.resolved_url(home)),
+            keystore=keystore_from_env(home, env),
+            policy=load_policy(self.policy_path),
+            objects=objectstore_from_url(self.objects.url or str(home / "objects"),
+                                         endpoint_url=self.objects.endpoint_url),
+            notifier=notifier_from_env(home, env),
+            home=home,
+            actor="dagster",
+        )
+
+
+def default_resources() -> dict:
+    database, keystore, objects, clock = DatabaseResource(), KeyStoreResource(), ObjectStoreResource(), ClockResource()
+    return {"database": database, "keystore": keystore, "objects": objects, "clock": clock,
+            "kms": KmsResource(database=database, keystore=keystore, objects=objects, clock=clock)}
+
+
+defs = dg.Definitions(resources=default_resources())

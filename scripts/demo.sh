@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Run the main job, kms_nightly, on the embedded defaults under ./.kms: SQLite KMS
+# database, SQLite Dagster instance, local object store, software keystore, outbox
+# notifications. The first run bootstraps every policy key; running it again is safe.
+set -euo pipefail
+source "$(dirname "$0")/lib/env.sh"
+cd "$REPO_ROOT"
+
+ensure_venv
+
+export KMS_HOME="${KMS_HOME:-$REPO_ROOT/.kms}"
+export DAGSTER_HOME="${DAGSTER_HOME:-$KMS_HOME/dagster}"
+mkdir -p "$DAGSTER_HOME"
+# An instance with only telemetry set keeps Dagster's SQLite storage under DAGSTER_HOME.
+[ -f "$DAGSTER_HOME/dagster.yaml" ] || printf 'telemetry:\n  enabled: false\n' > "$DAGSTER_HOME/dagster.yaml"
+
+log "kms init (KMS_HOME=$KMS_HOME)"
+kms init
+log "launching kms_nightly"
+dg launch --job kms_nightly 2>&1 | grep -E "RUN_SUCCESS|RUN_FAILURE|STEP_FAILURE|ASSET_MATERIALIZATION|ASSET_CHECK_EVALUATION|Error" \
+  | sed -E 's/^.* - ([A-Z_]+) - /  \1 - /' | cut -c1-160 || true
+log "state after the run"
+kms keys list
+kms ledger verify
+kms demo-summary 2>/dev/null || true
+cat <<MSG
+
+Done. To browse this state in the Dagster UI:
+  KMS_HOME=$KMS_HOME DAGSTER_HOME=$DAGSTER_HOME $VENV/bin/dg dev --host 127.0.0.1 --port 3000
+then open http://127.0.0.1:3000 (Runs shows the kms_nightly run that just finished).
+MSG

@@ -1,0 +1,85 @@
+# Shared set-up for scripts/*.sh: system packages, the virtual environment, PostgreSQL.
+# Sourced, not run. Every step is idempotent and prints what it does.
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+VENV="${KMS_VENV:-$REPO_ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    die "need root to run: $* (install it by hand or run as root)"; fi
+}
+
+APT_UPDATED=0
+apt_install() {
+  command -v apt-get >/dev/null || die "missing system packages ($*) and no apt-get to install them"
+  if [ "$APT_UPDATED" = 0 ]; then
+    log "apt-get update"; as_root apt-get update -qq >/dev/null || die "apt-get update failed"; APT_UPDATED=1
+  fi
+  log "apt-get install $*"
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null || die "apt-get install $* failed"
+}
+
+ensure_system_packages() {
+  local missing=()
+  [ -e /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util >/dev/null || missing+=(softhsm2)
+  command -v zstd >/dev/null || missing+=(zstd)
+  command -v pg_dump >/dev/null || missing+=(postgresql-client)
+  [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+}
+
+ensure_venv() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    log "creating virtual environment $VENV"
+    "$PYTHON" -m venv "$VENV" || die "python3 -m venv failed (apt-get install python3-venv?)"
+    "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+  fi
+  # Reinstall only when the dependency list changed.
+  local stamp="$VENV/.kms-installed" want
+  want="$(sha256sum "$REPO_ROOT/pyproject.toml" | cut -d' ' -f1)-${1:-base}"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    log "installing kms_pipelines${1:+[$1]} into $VENV"
+    "$VENV/bin/pip" install -q -e "$REPO_ROOT${1:+[$1]}" || die "pip install failed"
+    echo "$want" > "$stamp"
+  fi
+  export PATH="$VENV/bin:$PATH"
+}
+
+pg_answers() { # host port
+  "$VENV/bin/python" - "$1" "$2" <<'PY' 2>/dev/null
+import socket, sys
+s = socket.socket(); s.settimeout(2)
+sys.exit(0 if s.connect_ex((sys.argv[1], int(sys.argv[2]))) == 0 else 1)
+PY
+}
+
+# Make sure a PostgreSQL server answers for the tests: KMS_TEST_DATABASE_URL if set,
+# else 127.0.0.1:5432 (starting the Debian cluster, or a throwaway one, as `postgres`).
+ensure_postgres() {
+  if [ -n "${KMS_TEST_DATABASE_URL:-}" ]; then log "using KMS_TEST_DATABASE_URL"; return; fi
+  export KMS_TEST_DATABASE_URL="postgresql://postgres@127.0.0.1:5432/postgres"
+  if pg_answers 127.0.0.1 5432; then return; fi
+  if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then apt_install postgresql; fi
+  local ver; ver="$(ls /usr/lib/postgresql | sort -V | tail -n1)"
+  if command -v pg_ctlcluster >/dev/null && [ -d "/etc/postgresql/$ver/main" ]; then
+    log "starting PostgreSQL $ver cluster main"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$ver" main start || true
+  fi
+  if ! pg_answers 127.0.0.1 5432; then
+    # PostgreSQL refuses to run as root: a throwaway cluster owned by `postgres`, trust auth on loopback.
+    local dir=/tmp/kms-test-pg
+    log "starting a throwaway PostgreSQL $ver in $dir"
+    as_root mkdir -p "$dir" && as_root chown postgres "$dir"
+    if [ ! -f "$dir/PG_VERSION" ]; then
+      as_root su postgres -c "/usr/lib/postgresql/$ver/bin/initdb -D $dir -A trust -U postgres" >/dev/null \
+        || die "initdb failed"
+    fi
+    as_root su postgres -c "/usr/lib/postgresql/$ver/bin/pg_ctl -D $dir -l $dir/server.log -w \
+        -o '-p 5432 -c listen_addresses=127.0.0.1 -k /tmp' start" >/dev/null || die "pg_ctl start failed (see $dir/server.log)"
+  fi
+  for _ in $(seq 1 30); do pg_answers 127.0.0.1 5432 && return; sleep 1; done
+  die "PostgreSQL does not answer on 127.0.0.1:5432"
+}
