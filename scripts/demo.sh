@@ -16,9 +16,18 @@ mkdir -p "$DAGSTER_HOME"
 
 log "kms init (KMS_HOME=$KMS_HOME)"
 kms init
-log "launching kms_nightly"
-dg launch --job kms_nightly 2>&1 | grep -E "RUN_SUCCESS|RUN_FAILURE|STEP_FAILURE|ASSET_MATERIALIZATION|ASSET_CHECK_EVALUATION|Error" \
-  | sed -E 's/^.* - ([A-Z_]+) - /  \1 - /' | cut -c1-160 || true
+log "launching kms_nightly (full log: $KMS_HOME/last-run.log)"
+set +e
+dg launch --job kms_nightly >"$KMS_HOME/last-run.log" 2>&1
+status=$?
+set -e
+# One line per materialization, check and step outcome, so the run reads at a glance.
+grep -aE " - (ASSET_MATERIALIZATION|ASSET_CHECK_EVALUATION|STEP_FAILURE|RUN_SUCCESS|RUN_FAILURE) - " \
+  "$KMS_HOME/last-run.log" | sed -E 's/^.* - ([A-Z_]+) - (.*)$/  \1 \2/' | cut -c1-150 || true
+if [ "$status" != 0 ] || ! grep -q "RUN_SUCCESS" "$KMS_HOME/last-run.log"; then
+  tail -n 40 "$KMS_HOME/last-run.log" >&2
+  die "kms_nightly failed (exit $status); see $KMS_HOME/last-run.log"
+fi
 log "state after the run"
 kms keys list
 kms ledger verify

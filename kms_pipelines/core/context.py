@@ -58,19 +58,11 @@ def context_from_env(env: dict | None = None, *, clock: Clock | None = None) -> 
     home.mkdir(parents=True, exist_ok=True)
     policy = load_policy(env.get("KMS_POLICY"))
     engine = db.make_engine(db.database_url_from_env(home, env))
-    objects = notifier = None
-    try:
-        from .objectstore import objectstore_from_url
+    from .notify import notifier_from_env
+    from .objectstore import objectstore_from_url
 
-        objects = objectstore_from_url(env.get("KMS_OBJECT_STORE") or str(home / "objects"),
-                                       endpoint_url=env.get("KMS_S3_ENDPOINT_URL"))
-    except ImportError:  # pragma: no cover - object store package not installed yet
-        pass
-    try:
-        from .notify import notifier_from_env
-
-        notifier = notifier_from_env(home, env)
-    except ImportError:  # pragma: no cover
-        pass
+    objects = objectstore_from_url(env.get("KMS_OBJECT_STORE") or str(home / "objects"),
+                                   endpoint_url=env.get("KMS_S3_ENDPOINT_URL"))
+    notifier = notifier_from_env(home, env)
     return KmsContext(engine=engine, keystore=keystore_from_env(home, env), policy=policy,
                       clock=clock or SystemClock(), objects=objects, notifier=notifier, home=home)

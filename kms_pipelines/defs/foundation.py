@@ -1,6 +1,5 @@
 """The KMS database and key inventory: the first assets of ``kms_nightly``."""
 
-from __future__ import annotations
 
 import dagster as dg
 

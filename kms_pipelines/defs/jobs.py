@@ -1,6 +1,5 @@
 """Jobs and schedules. ``kms_nightly`` is every asset tagged ``kms_nightly``."""
 
-from __future__ import annotations
 
 import dagster as dg
 

@@ -1,7 +1,6 @@
 """Helpers that turn core results into Dagster metadata. Nothing here may receive key
 material: callers pass inventory rows, counts and hashes only."""
 
-from __future__ import annotations
 
 from typing import Iterable, Sequence
 

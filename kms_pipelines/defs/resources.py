@@ -5,7 +5,6 @@ code location runs the embedded defaults on a laptop and PostgreSQL + HSM + S3 i
 production. Tests build these resources with other values instead of monkeypatching.
 """
 
-from __future__ import annotations
 
 import os
 import threading
@@ -76,10 +75,10 @@ class KmsResource(dg.ConfigurableResource):
 
     home: str = Field(default_factory=lambda: str(kms_home()))
     policy_path: str | None = Field(default_factory=lambda: _env("KMS_POLICY"))
-    database: dg.ResourceDependency[DatabaseResource]
-    keystore: dg.ResourceDependency[KeyStoreResource]
-    objects: dg.ResourceDependency[ObjectStoreResource]
-    clock: dg.ResourceDependency[ClockResource]
+    database: DatabaseResource
+    keystore: KeyStoreResource
+    objects: ObjectStoreResource
+    clock: ClockResource
 
     def _cache_key(self) -> tuple:
         return (os.getpid(), self.home, self.policy_path, self.database.url, self.keystore.kind,

@@ -10,7 +10,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
-from .engine import DatabaseError, check_reachable, database_url_from_env, make_engine, normalize_url  # noqa: F401
+from .engine import DatabaseError, check_reachable, database_url_from_env, default_url, make_engine, normalize_url  # noqa: F401
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
