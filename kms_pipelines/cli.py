@@ -157,6 +157,15 @@ def ledger_verify(ctx, as_json):
         ctx.exit(EXIT_FAILED)
 
 
+def _register_areas() -> None:
+    from .commands import register_all
+
+    register_all(cli)
+
+
+_register_areas()
+
+
 def main(argv=None) -> None:
     try:
         cli.main(args=argv, prog_name="kms", standalone_mode=True)

@@ -1,6 +1,6 @@
 from alembic import context
 
-from kms_pipelines.core.db.models import Base
+from kms_pipelines.core.db.all_models import Base
 
 config = context.config
 connection = config.attributes.get("connection")

@@ -1,0 +1,3 @@
+"""SQLAlchemy models for access (see core/access*.py)."""
+
+from .models import Base  # noqa: F401

@@ -1,0 +1,3 @@
+"""SQLAlchemy models for backup (see core/backup*.py)."""
+
+from .models import Base  # noqa: F401

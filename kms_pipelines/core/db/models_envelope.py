@@ -1,0 +1,3 @@
+"""SQLAlchemy models for envelope (see core/envelope*.py)."""
+
+from .models import Base  # noqa: F401

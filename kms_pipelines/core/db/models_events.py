@@ -1,0 +1,3 @@
+"""SQLAlchemy models for events (see core/events*.py)."""
+
+from .models import Base  # noqa: F401

@@ -1,0 +1,3 @@
+"""SQLAlchemy models for rotation (see core/rotation*.py)."""
+
+from .models import Base  # noqa: F401
