@@ -286,7 +286,16 @@ def destroy_guard(name: str):
     return register
 
 
+# Modules that register destroy guards at import; imported before any destroy decision so
+# a guard can never be skipped because its module happened not to be loaded yet.
+GUARD_MODULES: tuple[str, ...] = ()
+
+
 def destroy_guards() -> dict[str, DestroyGuard]:
+    import importlib
+
+    for module in GUARD_MODULES:
+        importlib.import_module(module)
     return dict(_DESTROY_GUARDS)
 
 
@@ -297,7 +306,7 @@ def check_destroy(session: Session, ctx: KmsContext, key: Key, v: KeyVersion,
     if DESTROYED not in TRANSITIONS[v.state]:
         refusals.append(("state", f"{key.name} v{v.version} is {v.state}; only rotated or revoked versions "
                                   f"can be destroyed"))
-    for guard_name, guard in _DESTROY_GUARDS.items():
+    for guard_name, guard in destroy_guards().items():
         if guard_name in skip:
             continue
         reason = guard(session, ctx, key, v)
