@@ -1,0 +1,44 @@
+"""The nightly policy run as plain Python: an ordered registry of steps that each area
+contributes (rotations, sweep, checkpoint, escrow, backup …). ``kms simulate`` calls
+``run_nightly`` once per simulated day; the Dagster assets call the same core functions.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .context import KmsContext
+
+# Areas that register steps at import time. Add your module here when you add a step.
+STEP_MODULES: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NightlyStep:
+    name: str
+    order: int
+    run: Callable[[KmsContext], Any]
+
+
+_STEPS: dict[str, NightlyStep] = {}
+
+
+def nightly_step(name: str, order: int):
+    """Register ``fn(ctx) -> summary`` as a nightly step; lower ``order`` runs first."""
+    def register(fn):
+        _STEPS[name] = NightlyStep(name, order, fn)
+        return fn
+    return register
+
+
+def steps() -> list[NightlyStep]:
+    for module in STEP_MODULES:
+        importlib.import_module(module)
+    return sorted(_STEPS.values(), key=lambda s: (s.order, s.name))
+
+
+def run_nightly(ctx: KmsContext) -> dict[str, Any]:
+    """Run every registered step in order; a failing step stops the night (fail loudly)."""
+    return {step.name: step.run(ctx) for step in steps()}
