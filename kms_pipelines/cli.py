@@ -56,8 +56,19 @@ def get_context(ctx: click.Context):
     return obj["kms"]
 
 
+def _parse_at(_ctx, _param, value):
+    if value is None:
+        return None
+    try:
+        parse_time(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
 @click.group(cls=KmsGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--at", metavar="TIME", help="Act as if the time were TIME (ISO-8601); for drills and replays.")
+@click.option("--at", metavar="TIME", callback=_parse_at,
+              help="Act as if the time were TIME (ISO-8601); for drills and replays.")
 @click.pass_context
 def cli(ctx, at):
     """Run the KMS policy: keys, ledger, envelopes, backups, drills."""

@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.softhsm",
     "tests.fixtures.s3",
     "tests.fixtures.smtp",
+    "tests.fixtures.dagster_defs",
 ]
