@@ -20,7 +20,8 @@ CLAUSE_IDS = ("P1", "P2", "P3", "P4", "R1", "R2", "R3", "R4", "T1", "T2", "T3", 
               "A1", "A2", "A3", "A4", "B1", "B2", "B3", "B4")
 ALGORITHMS = ("aes256", "ed25519")
 ROLES = ("sre_oncall", "security_engineering", "compliance_officer")
-OPERATIONS = ("rotate", "revoke", "destroy", "decrypt", "export", "break-glass", "approve", "read")
+OPERATIONS = ("rotate", "revoke", "destroy", "decrypt", "export", "break-glass", "approve", "read",
+              "encrypt", "sign")
 DEFAULT_POLICY_PATH = Path(__file__).resolve().parents[2] / "assets" / "policy.yaml"
 
 
@@ -97,6 +98,27 @@ class Access(_Strict):
     approvals_required: int = Field(ge=2)
     approval_ttl_minutes: int = Field(gt=0)
     permissions: dict[str, list[str]]
+    # A4: operations that run only with dual-control approvals.
+    manual_operations: list[str] = Field(min_length=1)
+    totp_interval_seconds: int = Field(default=30, gt=0)
+    # A2: workload principal -> the operations it may perform programmatically.
+    workload_principals: dict[str, list[str]] = {}
+    workload_token_refresh_seconds: int = Field(default=60, ge=0)
+
+    @model_validator(mode="after")
+    def _workloads_and_manual_ops(self):
+        for name, ops in self.workload_principals.items():
+            if not name.startswith("workload:"):
+                raise ValueError(f"workload_principals.{name}: workload principals are named workload:<name>")
+            bad = [op for op in ops if op not in OPERATIONS or op == "approve"]
+            if bad:
+                raise ValueError(f"workload_principals.{name}: unknown or non-delegable operations {bad}")
+        bad = [op for op in self.manual_operations if op not in OPERATIONS]
+        if bad:
+            raise ValueError(f"manual_operations: unknown operations {bad}")
+        if self.workload_token_refresh_seconds >= self.workload_token_ttl_minutes * 60:
+            raise ValueError("workload_token_refresh_seconds must be shorter than the token TTL")
+        return self
 
     @model_validator(mode="after")
     def _roles_and_ops(self):
@@ -118,6 +140,15 @@ class Notifications(_Strict):
     compliance_emails: list[str] = Field(min_length=1)
     security_emails: list[str] = Field(min_length=1)
     slack_channels: list[str] = []
+    delivery_window_hours: int = Field(default=24, gt=0)  # events area: "notifications delivered" check window
+
+
+class Events(_Strict):
+    """Security events (R2) and their intake (events area)."""
+
+    sensor_interval_seconds: int = Field(default=30, gt=0)
+    intake_max_body_bytes: int = Field(default=16384, gt=0)
+    duplicate_window_hours: int = Field(default=24, gt=0)  # an open event of the same key+type is a duplicate
 
 
 class Backup(_Strict):
@@ -127,6 +158,8 @@ class Backup(_Strict):
     weekly_on: Literal["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
     freshness_hours: int = Field(gt=0)
     include_paths: list[str]
+    compression_level: int = Field(default=3, ge=1, le=22)
+    stale_upload_hours: int = Field(default=6, gt=0)
 
 
 class Drills(_Strict):
@@ -134,6 +167,8 @@ class Drills(_Strict):
     cron: str
     remediation_business_days: int = Field(gt=0)
     recent_rpts_to_verify: int = Field(gt=0)
+    on_call: list[str] = Field(default_factory=list)
+    followup_owner: str = "security-engineering"
 
 
 class Audit(_Strict):
@@ -142,6 +177,31 @@ class Audit(_Strict):
     rate_spike_factor: float = Field(gt=1)
     decrypt_burst_per_hour: int = Field(gt=0)
     failure_burst_per_hour: int = Field(gt=0)
+    rate_spike_min_events: int = Field(default=50, gt=0)
+    review_severities: list[Literal["low", "medium", "high"]] = ["high"]
+
+
+class Envelope(_Strict):
+    """Envelope encryption (P3, R3): the DEK rewrap sweep and export-key expiry."""
+
+    shards: int = Field(default=8, ge=1, le=1024)          # sweep partitions (Dagster fans them out)
+    batch_size: int = Field(default=1000, ge=1, le=100_000)  # DEKs per rewrap call and per commit
+    sweep_cron: str = "30 2 * * *"                          # after kms_nightly's rotations at 02:00
+    export_expiry_check_seconds: int = Field(default=60, gt=0)  # export-expiry sensor interval
+
+
+class Rpt(_Strict):
+    """Regulatory proof tokens (P1): limits on what one token may carry (rpt area)."""
+    subject_max_length: int = Field(default=200, gt=0)
+    max_claims_bytes: int = Field(default=16384, gt=0)
+    issue_retries: int = Field(default=20, gt=0)
+    verify_batch_size: int = Field(default=5000, gt=0)
+
+
+class Checkpoints(_Strict):
+    """Signed ledger checkpoints in WORM object storage (T3, rpt area)."""
+    retain_days: int = Field(default=2555, gt=0)
+    prefix: str = Field(default="checkpoints/ledger/", pattern=r"^[a-z0-9][a-z0-9_/-]*/$")
 
 
 class Policy(_Strict):
@@ -155,6 +215,10 @@ class Policy(_Strict):
     backup: Backup
     drills: Drills
     audit: Audit
+    envelope: Envelope = Envelope()
+    events: Events = Events()
+    rpt: Rpt = Rpt()
+    checkpoints: Checkpoints = Checkpoints()
 
     def key_class(self, name: str) -> KeyClass:
         """Policy block for a key class (``root``, ``service``, ``break-glass`` …)."""
