@@ -1,0 +1,231 @@
+"""Policy-level notifications (A4): who gets what, and evidence that it was delivered.
+
+``core/notify.py`` knows *how* to deliver (SMTP, Slack webhook, outbox, retries). This
+module decides *who* is told about *what*, from ``policy.notifications``:
+
+==========================  ==============================  =========
+kind                        audience                        severity
+==========================  ==============================  =========
+``manual_operation``        compliance                      notice
+``compromise_response``     security + compliance           critical
+``security_event``          security + compliance           warning
+``run_failure``             security + compliance           error
+``partner_ack_overdue``     security + compliance           warning
+``drill_followup_overdue``  compliance                      warning
+``escrow_unsealed``         security + compliance           critical
+``escrow_sealed``           compliance                      info
+==========================  ==============================  =========
+
+Every kind also goes to every Slack channel in ``policy.notifications.slack_channels``.
+Each per-channel outcome is appended to ``notification_deliveries``; the
+``notifications_delivered`` check (``delivery_status``) fails while a delivery in the
+policy window failed and no later delivery of the same (kind, ref) on the same channel
+succeeded. A failure to notify never raises into the operation that caused it: it is
+recorded, logged and shown by the check.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Iterable
+
+from sqlalchemy import select
+
+from .context import KmsContext
+from .db.models_events import NotificationDelivery
+
+log = logging.getLogger(__name__)
+
+AUDIENCE_BY_KIND: dict[str, tuple[tuple[str, ...], str]] = {
+    "manual_operation": (("compliance",), "notice"),
+    "compromise_response": (("security", "compliance"), "critical"),
+    "security_event": (("security", "compliance"), "warning"),
+    "run_failure": (("security", "compliance"), "error"),
+    "partner_ack_overdue": (("security", "compliance"), "warning"),
+    "drill_followup_overdue": (("compliance",), "warning"),
+    "escrow_unsealed": (("security", "compliance"), "critical"),
+    "escrow_sealed": (("compliance",), "info"),
+}
+AUDIENCES = ("compliance", "security")
+
+
+def recipients(ctx: KmsContext, audience: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(email addresses, Slack channels) for ``audience`` from the policy, de-duplicated."""
+    n = ctx.policy.notifications
+    emails: list[str] = []
+    for who in audience:
+        if who not in AUDIENCES:
+            raise ValueError(f"unknown notification audience {who!r}; known: {list(AUDIENCES)}")
+        for address in (n.compliance_emails if who == "compliance" else n.security_emails):
+            if address not in emails:
+                emails.append(address)
+    return emails, list(n.slack_channels)
+
+
+@dataclass
+class NotifyOutcome:
+    notification_id: str | None
+    kind: str
+    ok: bool
+    results: list = field(default_factory=list)  # notify.DeliveryResult
+    error: str | None = None
+
+    def summary(self) -> dict:
+        return {"notification_id": self.notification_id, "kind": self.kind, "ok": self.ok,
+                "channels": {f"{r.channel}:{r.target}": ("ok" if r.ok else "FAILED") for r in self.results},
+                "error": self.error}
+
+
+def notify_policy_event(ctx: KmsContext, kind: str, subject: str, body: str, ref: str | None = None, *,
+                        audience: Iterable[str] | None = None, severity: str | None = None) -> NotifyOutcome:
+    """Send one notification to the policy's lists for ``kind`` and record every delivery.
+
+    Never raises for a delivery problem (including refused content or a missing notifier);
+    the outcome and the ``notification_deliveries`` rows say what happened."""
+    from .notify import DeliveryResult, Notification
+
+    default_audience, default_severity = AUDIENCE_BY_KIND.get(kind, (("compliance",), "info"))
+    audience = tuple(audience or default_audience)
+    emails, channels = recipients(ctx, audience)
+    try:
+        note = Notification(subject=subject, body=body, recipients=emails, slack_channels=channels,
+                            severity=severity or default_severity, kind=kind, ref=ref)
+    except ValueError as exc:  # KeyMaterialRefused or malformed text: visible, not raised
+        results = [DeliveryResult("none", False, f"notification refused: {exc}", "", 0)]
+        _record(ctx, None, kind, ref, subject, audience, results)
+        log.warning("notification %s (%s) refused: %s", kind, ref, exc)
+        return NotifyOutcome(None, kind, False, results, str(exc))
+    if ctx.notifier is None:
+        results = [DeliveryResult("none", False, "no notifier configured", "", 0)]
+    else:
+        try:
+            results = list(ctx.notifier.send(note))
+        except Exception as exc:  # noqa: BLE001 -- a notifier bug is still only a failed delivery
+            results = [DeliveryResult(getattr(ctx.notifier, "channel", "notifier"), False,
+                                      f"unexpected {type(exc).__name__}: {exc}", "", 0)]
+    _record(ctx, note.id, kind, ref, subject, audience, results)
+    ok = all(r.ok for r in results)
+    if not ok:
+        log.warning("notification %s (%s) had failed deliveries: %s", kind, ref,
+                    [(r.channel, r.error) for r in results if not r.ok])
+    return NotifyOutcome(note.id, kind, ok, results)
+
+
+def _record(ctx: KmsContext, notification_id, kind, ref, subject, audience, results) -> None:
+    now = ctx.now()
+    try:
+        with ctx.transaction() as session:
+            for r in results:
+                session.add(NotificationDelivery(
+                    at=now, notification_id=notification_id or "-", kind=kind, ref=ref, subject=subject[:1000],
+                    audience="+".join(audience), channel=r.channel, target=(r.target or "")[:300], ok=bool(r.ok),
+                    skipped=bool(r.skipped), attempts=int(r.attempts or 0), error=r.error))
+    except Exception as exc:  # noqa: BLE001 -- the database being down must not hide the send
+        log.error("could not record notification deliveries for %s (%s): %s", kind, ref, exc)
+
+
+def notify_manual_operation(ctx: KmsContext, *, operation: str, target: str, ticket: str | None,
+                            requester: str, approvers: Iterable[str], detail: str = "") -> NotifyOutcome:
+    """A4: every manual operation is announced to the compliance lists."""
+    approvers = sorted(approvers)
+    body = (f"Manual operation '{operation}' on {target}\n"
+            f"requested by: {requester}\napproved by: {', '.join(approvers) or '(none)'}\n"
+            f"change ticket: {ticket or '(none)'}\n" + (f"\n{detail}\n" if detail else ""))
+    return notify_policy_event(ctx, "manual_operation", f"Manual {operation} of {target} ({ticket or 'no ticket'})",
+                               body, ref=ticket or target)
+
+
+# ---- the "notifications delivered" check ----------------------------------------------
+
+@dataclass
+class DeliveryStatus:
+    ok: bool
+    window_hours: int
+    delivered: int
+    failed: int
+    unresolved: list[dict]  # failures without a later success of the same (kind, ref, channel)
+
+
+def delivery_status(ctx: KmsContext, window_hours: int | None = None) -> DeliveryStatus:
+    window_hours = window_hours or ctx.policy.notifications.delivery_window_hours
+    since = ctx.now() - timedelta(hours=window_hours)
+    with ctx.transaction() as session:
+        rows = list(session.scalars(select(NotificationDelivery).where(NotificationDelivery.at >= since)
+                                    .order_by(NotificationDelivery.id)))
+    last: dict[tuple, NotificationDelivery] = {}
+    for r in rows:  # in id order: the last outcome per (kind, ref, channel) wins
+        last[(r.kind, r.ref, r.channel)] = r
+    unresolved = [{"at": r.at.isoformat() if r.at else None, "kind": r.kind, "ref": r.ref, "channel": r.channel,
+                   "target": r.target, "error": (r.error or "")[:300]}
+                  for r in last.values() if not r.ok]
+    return DeliveryStatus(not unresolved, window_hours, sum(1 for r in rows if r.ok and not r.skipped),
+                          sum(1 for r in rows if not r.ok), unresolved)
+
+
+def recent_deliveries(ctx: KmsContext, limit: int = 50) -> list[dict]:
+    with ctx.transaction() as session:
+        rows = list(session.scalars(select(NotificationDelivery).order_by(NotificationDelivery.id.desc())
+                                    .limit(limit)))
+    return [{"at": r.at, "kind": r.kind, "ref": r.ref, "channel": r.channel, "target": r.target, "ok": r.ok,
+             "skipped": r.skipped, "attempts": r.attempts, "error": r.error} for r in rows]
+
+
+# ---- overdue partner acknowledgements and drill follow-ups ---------------------------
+
+# (module, candidate function names) -> each function(ctx) returns a list of overdue items:
+# dicts (or objects) with at least an id/ref and a human description. Colleagues' APIs.
+OVERDUE_SOURCES = (
+    ("partner_ack_overdue", "kms_pipelines.core.rotation", ("overdue_acknowledgements", "overdue_partner_acks")),
+    ("drill_followup_overdue", "kms_pipelines.core.drills", ("overdue_followups", "overdue_follow_ups")),
+)
+
+
+def _item_field(item, *names, default=None):
+    for n in names:
+        if isinstance(item, dict) and item.get(n) is not None:
+            return item[n]
+        if not isinstance(item, dict) and getattr(item, n, None) is not None:
+            return getattr(item, n)
+    return default
+
+
+def notify_overdue(ctx: KmsContext) -> dict:
+    """Notify about overdue partner acknowledgements (R1) and drill follow-ups (B4), asking
+    the rotation and drills modules; a module or function that does not exist is skipped
+    and named in the summary."""
+    summary: dict = {}
+    for kind, module_name, candidates in OVERDUE_SOURCES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            summary[kind] = {"skipped": f"{module_name} not available"}
+            continue
+        fn = next((getattr(module, c) for c in candidates if callable(getattr(module, c, None))), None)
+        if fn is None:
+            summary[kind] = {"skipped": f"{module_name} has none of {list(candidates)}"}
+            continue
+        items = list(fn(ctx) or [])
+        sent = failed = 0
+        for item in items:
+            ref = str(_item_field(item, "id", "ref", "partner", "followup_id", default="?"))
+            what = _item_field(item, "description", "summary", "title", default=str(item))
+            due = _item_field(item, "due_at", "deadline", default="")
+            label = "Partner acknowledgement overdue" if kind == "partner_ack_overdue" else "Drill follow-up overdue"
+            outcome = notify_policy_event(ctx, kind, f"{label}: {ref}",
+                                          f"{label}.\nitem: {ref}\n{what}\n" + (f"due: {due}\n" if due else ""),
+                                          ref=f"{kind}:{ref}")
+            sent += outcome.ok
+            failed += not outcome.ok
+        summary[kind] = {"overdue": len(items), "notified": sent, "failed": failed}
+    return summary
+
+
+from . import nightly  # noqa: E402
+
+
+@nightly.nightly_step("overdue_notifications", order=75)
+def _nightly_overdue(ctx: KmsContext) -> dict:
+    return notify_overdue(ctx)
