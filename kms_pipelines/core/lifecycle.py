@@ -288,7 +288,8 @@ def destroy_guard(name: str):
 
 # Modules that register destroy guards at import; imported before any destroy decision so
 # a guard can never be skipped because its module happened not to be loaded yet.
-GUARD_MODULES: tuple[str, ...] = ("kms_pipelines.core.envelope",)
+GUARD_MODULES: tuple[str, ...] = ("kms_pipelines.core.envelope",
+                                   "kms_pipelines.core.backup")
 
 
 def destroy_guards() -> dict[str, DestroyGuard]:

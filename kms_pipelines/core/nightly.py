@@ -12,7 +12,8 @@ from typing import Any, Callable
 from .context import KmsContext
 
 # Areas that register steps at import time. Add your module here when you add a step.
-STEP_MODULES: tuple[str, ...] = ("kms_pipelines.core.envelope", "kms_pipelines.core.export_keys")
+STEP_MODULES: tuple[str, ...] = ("kms_pipelines.core.envelope", "kms_pipelines.core.export_keys",
+                                 "kms_pipelines.core.backup")
 
 
 @dataclass(frozen=True)
