@@ -46,9 +46,9 @@ class IllegalTransition(LifecycleError):
 
 
 class GuardRefused(LifecycleError):
-    def __init__(self, guard: str, reason: str):
-        super().__init__(f"destroy refused by guard '{guard}': {reason}")
-        self.guard, self.reason = guard, reason
+    def __init__(self, guard: str, reason: str, action: str = "destroy"):
+        super().__init__(f"{action} refused by guard '{guard}': {reason}")
+        self.guard, self.reason, self.action = guard, reason, action
 
 
 def key_class_of(name: str) -> str:
@@ -260,16 +260,57 @@ class _NotDueAnymore(Exception):
     pass
 
 
+# Called inside the state-change transaction after every guard agreed; returns the
+# approvers to record (e.g. access.consume_approvals), or raises to refuse. Approvals are
+# thus consumed atomically with the transition, never for a refused one.
+Authorize = Callable[[Session], "Iterable[str]"]
+
+RevokeGuard = Callable[..., "str | None"]  # (session, ctx, key, version, *, reason, event_id)
+_REVOKE_GUARDS: dict[str, RevokeGuard] = {}
+
+
+def revoke_guard(name: str):
+    """Register a revoke guard (same pattern as ``destroy_guard``): it returns None to
+    allow the revocation, or the reason it refuses. Guards see ``reason``/``event_id`` so an
+    emergency (compromise) revocation can be told apart from a routine retirement."""
+    def register(fn: RevokeGuard) -> RevokeGuard:
+        _REVOKE_GUARDS[name] = fn
+        return fn
+    return register
+
+
+def check_revoke(session: Session, ctx: KmsContext, key: Key, v: KeyVersion, *, reason: str | None = None,
+                 event_id: str | None = None, skip: Iterable[str] = ()) -> list[tuple[str, str]]:
+    destroy_guards()  # imports GUARD_MODULES, which register revoke guards too
+    refusals = []
+    for guard_name, guard in dict(_REVOKE_GUARDS).items():
+        if guard_name in skip:
+            continue
+        why = guard(session, ctx, key, v, reason=reason, event_id=event_id)
+        if why:
+            refusals.append((guard_name, why))
+    return refusals
+
+
 def revoke(ctx: KmsContext, name: str, version: int, *, actor: str | None = None, reason: str,
-           approvers: Iterable[str] = (), ticket: str | None = None, event_id: str | None = None) -> None:
+           approvers: Iterable[str] = (), ticket: str | None = None, event_id: str | None = None,
+           skip_guards: Iterable[str] = (), authorize: Authorize | None = None) -> None:
     """Revoke a version (compromise). An active version must be rotated away first, so
-    the key is never left without an active version."""
+    the key is never left without an active version. Revoke guards (e.g. dependents
+    must have confirmed the new version, T4) may refuse; the message names the guard."""
     with ctx.transaction() as session:
         key = get_key(session, name, lock=True)
         v = get_version(key, version)
         if v.state == ACTIVE:
             raise IllegalTransition(f"{name} v{version} is active: rotate the key before revoking it "
                                     f"(compromise response does both)")
+        if REVOKED in TRANSITIONS[v.state]:
+            refusals = check_revoke(session, ctx, key, v, reason=reason, event_id=event_id, skip=skip_guards)
+            if refusals:
+                guard, why = refusals[0]
+                raise GuardRefused(guard, why, action="revoke")
+        if authorize is not None:
+            approvers = sorted(set(approvers) | set(authorize(session)))
         _transition(session, ctx, key, v, REVOKED, actor=actor or ctx.actor, reason=reason,
                     approvers=approvers, ticket=ticket, event_id=event_id)
 
@@ -288,8 +329,9 @@ def destroy_guard(name: str):
 
 # Modules that register destroy guards at import; imported before any destroy decision so
 # a guard can never be skipped because its module happened not to be loaded yet.
-GUARD_MODULES: tuple[str, ...] = ("kms_pipelines.core.envelope",
-                                   "kms_pipelines.core.backup")
+GUARD_MODULES: tuple[str, ...] = ("kms_pipelines.core.retention", "kms_pipelines.core.dependents",
+                                   "kms_pipelines.core.service_keys", "kms_pipelines.core.envelope",
+                                   "kms_pipelines.core.backup", "kms_pipelines.core.escrow")
 
 
 def destroy_guards() -> dict[str, DestroyGuard]:
@@ -318,8 +360,9 @@ def check_destroy(session: Session, ctx: KmsContext, key: Key, v: KeyVersion,
 
 def destroy(ctx: KmsContext, name: str, version: int, *, actor: str | None = None, reason: str,
             approvers: Iterable[str] = (), ticket: str | None = None, event_id: str | None = None,
-            skip_guards: Iterable[str] = ()) -> None:
+            skip_guards: Iterable[str] = (), authorize: Authorize | None = None) -> None:
     """Destroy a version after every guard agrees; then erase its keystore material.
+    ``authorize`` (e.g. dual approval) runs in the same transaction, after the guards.
 
     The state change commits first; the erase follows and is retried by re-running
     destroy on a version that is already ``destroyed`` but whose material remains.
@@ -333,6 +376,8 @@ def destroy(ctx: KmsContext, name: str, version: int, *, actor: str | None = Non
             if refusals:
                 guard, why = refusals[0]
                 raise GuardRefused(guard, why)
+            if authorize is not None:
+                approvers = sorted(set(approvers) | set(authorize(session)))
             _transition(session, ctx, key, v, DESTROYED, actor=actor, reason=reason, approvers=approvers,
                         ticket=ticket, event_id=event_id)
         refs = [r for r in (v.wrap_ref, v.sign_ref) if r]

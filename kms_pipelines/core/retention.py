@@ -1,0 +1,189 @@
+"""Retention and retirement of root and service key versions (clauses T1, T4).
+
+* A root or service version that left ``active`` (rotated, or revoked) is kept
+  ``retention_days`` (365) from that moment, verify-only, then destroyed. The destroy
+  guard ``retention`` refuses earlier destruction and names the instant it becomes
+  allowed. Retention is counted from the *first* retirement (rotation, else revocation).
+* Destruction needs dual approval (``retention.destroy_requires_dual_approval``): the
+  nightly step ``retire_expired`` lists every version whose retention has ended as *due*,
+  under a deterministic change ticket (``retire-<key>-v<N>``), and destroys it only when
+  two distinct permitted principals approved ``destroy`` on that exact target and ticket
+  (``access.consume_approvals``, consumed in the destroy's own transaction). Otherwise it
+  stays due and is reported "awaiting approvals" — never destroyed silently.
+* Other guards still apply to every destroy (``dependents`` confirmed the newer version,
+  ``deks``, ``restore_points`` — the hook the backup area fills), and a refused destroy
+  names the guard that refused it. A destroyed service version's seed is forgotten, so
+  its credentials can never verify again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Iterable
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from . import lifecycle, nightly, service_keys
+from .clock import utc
+from .context import KmsContext
+from .db.models import REVOKED, ROTATED, Key, KeyVersion
+
+RETAINED_CLASSES = ("root", "service")
+DESTROY_OPERATION = "destroy"
+
+
+def retention_days(ctx: KmsContext, key_class: str) -> int | None:
+    if key_class not in RETAINED_CLASSES:
+        return None
+    return ctx.policy.key_class(key_class).retention_days or ctx.policy.retention.expired_root_service_days
+
+
+def retired_at(v: KeyVersion) -> datetime | None:
+    stamps = [utc(t) for t in (v.rotated_at, v.revoked_at) if t is not None]
+    return min(stamps) if stamps else None
+
+
+def destroy_allowed_from(ctx: KmsContext, key: Key, v: KeyVersion) -> datetime | None:
+    days = retention_days(ctx, key.key_class)
+    start = retired_at(v)
+    if days is None or start is None:
+        return None
+    return start + timedelta(days=days)
+
+
+def ticket_for(key_name: str, version: int) -> str:
+    return f"retire-{key_name.replace(':', '-')}-v{version}"
+
+
+def target_for(key_name: str, version: int) -> str:
+    return f"{key_name}#v{version}"
+
+
+@lifecycle.destroy_guard("retention")
+def _retention_guard(session: Session, ctx: KmsContext, key: Key, v: KeyVersion):
+    days = retention_days(ctx, key.key_class)
+    if days is None:
+        return None
+    allowed = destroy_allowed_from(ctx, key, v)
+    if allowed is None:
+        return f"{key.name} v{v.version} was never retired; it must be kept {days} days after retirement (T1)"
+    if ctx.now() < allowed:
+        return (f"{key.name} v{v.version} must be kept {days} days after its retirement on "
+                f"{retired_at(v).isoformat()} (T1); destroy allowed from {allowed.isoformat()}")
+    return None
+
+
+@dataclass
+class DueVersion:
+    key: str
+    version: int
+    state: str
+    retired_at: datetime
+    allowed_from: datetime
+    ticket: str
+    target: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def due_for_destruction(ctx: KmsContext, at: datetime | None = None) -> list[DueVersion]:
+    """Retired root/service versions whose retention has ended (not yet destroyed)."""
+    now = at or ctx.now()
+    out = []
+    with ctx.transaction() as session:
+        keys = session.scalars(select(Key).where(Key.key_class.in_(RETAINED_CLASSES))
+                               .options(selectinload(Key.versions)).order_by(Key.name))
+        for key in keys:
+            for v in key.versions:
+                if v.state not in (ROTATED, REVOKED):
+                    continue
+                allowed = destroy_allowed_from(ctx, key, v)
+                if allowed is not None and now >= allowed:
+                    out.append(DueVersion(key.name, v.version, v.state, retired_at(v), allowed,
+                                          ticket_for(key.name, v.version), target_for(key.name, v.version)))
+    return out
+
+
+def _consume_approvals(ctx: KmsContext, target: str, ticket: str, requester: str):
+    def authorize(session: Session) -> list[str]:
+        from . import access  # the access area (issue 3)
+
+        return list(access.consume_approvals(session, ctx, operation=DESTROY_OPERATION, target=target,
+                                             ticket=ticket, requester=requester))
+    return authorize
+
+
+def destroy_version(ctx: KmsContext, key_name: str, version: int, *, ticket: str | None = None,
+                    requester: str | None = None, reason: str = "retention ended (T1)",
+                    approvers: Iterable[str] | None = None) -> list[str]:
+    """Destroy a version under dual approval after every guard agrees. Guards are checked
+    first (the refusal names the guard and consumes no approval); then the approvals for
+    (destroy, ``key#vN``, ticket) are consumed in the same transaction as the transition.
+    ``approvers`` given explicitly bypass the access area (only when the policy does not
+    require dual approval for destruction). Returns the approvers recorded."""
+    requester = requester or ctx.actor
+    ticket = ticket or ticket_for(key_name, version)
+    recorded: list[str] = []
+
+    def authorize(session: Session) -> list[str]:
+        if approvers is not None and not ctx.policy.retention.destroy_requires_dual_approval:
+            names = list(approvers)
+        else:
+            names = _consume_approvals(ctx, target_for(key_name, version), ticket, requester)(session)
+        recorded.extend(names)
+        if key_name.startswith("service:"):
+            service_keys.drop_seed(session, key_name, version)
+        return names
+
+    lifecycle.destroy(ctx, key_name, version, actor=requester, reason=reason, ticket=ticket, authorize=authorize)
+    return recorded
+
+
+@dataclass
+class RetireSummary:
+    due: list[DueVersion] = field(default_factory=list)
+    destroyed: list[dict] = field(default_factory=list)
+    awaiting_approval: list[dict] = field(default_factory=list)
+    refused: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"due": [d.to_dict() for d in self.due], "destroyed": self.destroyed,
+                "awaiting_approval": self.awaiting_approval, "refused": self.refused}
+
+
+def _access_error() -> tuple[type[BaseException], ...]:
+    try:
+        from .access import AccessDenied
+
+        return (AccessDenied,)
+    except (ImportError, AttributeError):
+        return ()
+
+
+def retire_expired(ctx: KmsContext, *, actor: str = "kms-nightly") -> RetireSummary:
+    """Destroy every due version that has its dual approval; report the rest."""
+    summary = RetireSummary(due=due_for_destruction(ctx))
+    denied = _access_error()
+    for d in summary.due:
+        item = {"key": d.key, "version": d.version, "ticket": d.ticket, "target": d.target}
+        try:
+            approvers = destroy_version(ctx, d.key, d.version, ticket=d.ticket, requester=actor)
+            summary.destroyed.append({**item, "approvers": approvers})
+        except lifecycle.GuardRefused as exc:
+            summary.refused.append({**item, "guard": exc.guard, "reason": exc.reason})
+        except ImportError:
+            summary.awaiting_approval.append({**item, "missing": "access control (issue 3) is not installed"})
+        except denied as exc:  # type: ignore[misc]
+            summary.awaiting_approval.append({**item, "missing": str(exc)})
+    return summary
+
+
+@nightly.nightly_step("retire_expired", order=60)
+def _retire_step(ctx: KmsContext) -> dict:
+    s = retire_expired(ctx)
+    return {"due": [d.target for d in s.due], "destroyed": [d["target"] for d in s.destroyed],
+            "awaiting_approval": [d["target"] for d in s.awaiting_approval],
+            "refused": [f"{d['target']} ({d['guard']})" for d in s.refused]}

@@ -1,0 +1,321 @@
+"""Rotation on the policy's cadence (R1, R2, R3, B3) and the evidence around it.
+
+``reconcile(ctx, key_class=None)`` brings each key of the reconciled classes (root,
+service, data, backup; break-glass and export keys have their own owners) to the policy:
+it rotates what is due (``lifecycle.rotate(only_if_due=True)``, under the key's row lock,
+so concurrent runs rotate once) and does nothing otherwise. The nightly steps
+``rotate_<class>`` and the Dagster assets ``keys_<class>`` both call it.
+
+What a rotation carries, by class:
+
+* **root** (R1, P1): in the rotation's own transaction every service-key seed is rewrapped
+  under the new root (``service_keys.rewrap_seeds``) and one ``partner_notices`` row is
+  created per policy partner, with a deadline of ``partner_notice_hours`` (24 h). After the
+  commit the public-key manifest is published (``manifest.publish_pending``) and partners
+  are notified through ``ctx.notifier`` (``notify_partners``). Both are idempotent and are
+  retried by every later reconcile/nightly run, so a crash after the commit loses nothing.
+* **service** (R2, P2): a seed for the new version is wrapped under the active root in the
+  rotation's transaction; after the commit every client gets a new credential
+  (``service_keys.reissue_credentials``); old credentials stay valid until the old
+  version is revoked.
+
+Partner-notice semantics (check ``partners_notified_within_24h``): the hard requirement
+is the policy's — every partner *notified* within 24 hours of a root rotation; the check
+fails while any notice is undelivered past its deadline. Acknowledgements (``kms partners
+ack``) are recorded and shown (time to ack, who is still pending) but do not fail it: a
+partner's silence is not a breach of our policy.
+
+Immediate rotation (``rotate_now``): ``kms keys rotate service:NAME --reason
+compromise|tenant-rotation|ci-exposure`` rotates at once, regardless of cadence, and
+notifies the compliance and security lists (A4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+
+from . import lifecycle, manifest, nightly, service_keys
+from .clock import utc
+from .context import KmsContext
+from .db.models import Key, KeyVersion
+from .db.models_rotation import PartnerNotice
+from .lifecycle import RotationResult
+
+RECONCILED_CLASSES = ("root", "service", "data", "backup")
+# CLI spelling -> policy spelling (key_classes.service.rotate_immediately_on)
+IMMEDIATE_REASONS = {"compromise": "compromise", "tenant-rotation": "tenant-rotation",
+                     "ci-exposure": "ci-secret-exposure", "ci-secret-exposure": "ci-secret-exposure"}
+
+
+class RotationError(lifecycle.LifecycleError):
+    """A refused rotation-area operation; nothing was changed."""
+
+
+def keys_of_class(ctx: KmsContext, key_class: str) -> list[str]:
+    if key_class not in RECONCILED_CLASSES:
+        raise RotationError(f"key class {key_class!r} is not reconciled here (choose from "
+                            f"{', '.join(RECONCILED_CLASSES)})")
+    return [n for n in ctx.policy.bootstrap_key_names() if lifecycle.key_class_of(n) == key_class]
+
+
+# ---- the rotation and its in-transaction work -------------------------------------
+
+def _after_rotate(ctx: KmsContext):
+    def hook(session, key: Key, new: KeyVersion, old: KeyVersion | None) -> None:
+        if key.name == "root":
+            service_keys.rewrap_seeds(session, ctx, new)
+            if old is not None:
+                _create_notices(session, ctx, new.version, ctx.now())
+        elif key.key_class == "service":
+            service_keys.ensure_seed(session, ctx, key.name, new.version)
+    return hook
+
+
+def rotate_key(ctx: KmsContext, name: str, *, reason: str, actor: str | None = None, only_if_due: bool = False,
+               approvers=(), ticket: str | None = None, event_id: str | None = None) -> RotationResult:
+    """``lifecycle.rotate`` plus the class's in-transaction work and after-commit follow-up."""
+    result = lifecycle.rotate(ctx, name, actor=actor, reason=reason, approvers=approvers, ticket=ticket,
+                              event_id=event_id, only_if_due=only_if_due, after_rotate=_after_rotate(ctx))
+    if result.rotated:
+        follow_up(ctx, name)
+    return result
+
+
+def follow_up(ctx: KmsContext, name: str) -> None:
+    """After-commit work (idempotent): root -> manifest + partner notices; service -> credentials."""
+    if name == "root":
+        catch_up_root(ctx)
+    elif lifecycle.key_class_of(name) == "service":
+        with ctx.transaction() as session:
+            v = lifecycle.get_version(lifecycle.get_key(session, name), None)
+            service_keys.ensure_seed(session, ctx, name, v.version)
+        service_keys.reissue_credentials(ctx, name)
+
+
+def catch_up_root(ctx: KmsContext) -> dict:
+    """Finish root rotations that were not (fully) done here, e.g. a compromise rotation
+    through ``lifecycle.rotate`` directly or a crash after commit: rewrap stale seeds,
+    create missing partner notices, publish manifests, notify partners."""
+    with ctx.transaction() as session:
+        root = lifecycle.get_key(session, "root", lock=True)
+        active = lifecycle.active_version(root)
+        rewrapped = service_keys.rewrap_seeds(session, ctx, active) if active is not None else 0
+        noticed = set(session.scalars(select(PartnerNotice.root_version)))
+        for v in root.versions:
+            if v.version > 1 and v.activated_at is not None and v.version not in noticed:
+                _create_notices(session, ctx, v.version, utc(v.activated_at))
+    published = manifest.publish_pending(ctx) if ctx.objects is not None else []
+    sent = notify_partners(ctx)
+    return {"seeds_rewrapped": rewrapped, "manifests_published": [m.version for m in published],
+            "partners_notified": sent}
+
+
+def reconcile(ctx: KmsContext, key_class: str | None = None, *, actor: str | None = None) -> list[RotationResult]:
+    """Rotate every key of ``key_class`` (default: all reconciled classes) that is due."""
+    classes = [key_class] if key_class else list(RECONCILED_CLASSES)
+    results = []
+    for cls in classes:
+        for name in keys_of_class(ctx, cls):
+            results.append(rotate_key(ctx, name, reason="cadence", actor=actor or "kms-reconcile",
+                                      only_if_due=True))
+        if cls == "root":
+            catch_up_root(ctx)
+        elif cls == "service":
+            for name in keys_of_class(ctx, cls):
+                follow_up(ctx, name)
+    return results
+
+
+def rotate_now(ctx: KmsContext, name: str, *, reason: str = "manual", actor: str | None = None, approvers=(),
+               ticket: str | None = None, event_id: str | None = None) -> RotationResult:
+    """Rotate at once (manual, or a service key on compromise / tenant rotation / CI exposure)."""
+    lifecycle.validate_key_name(ctx, name)
+    policy_reason = IMMEDIATE_REASONS.get(reason)
+    if policy_reason is not None and lifecycle.key_class_of(name) == "service":
+        allowed = ctx.policy.key_class("service").rotate_immediately_on
+        if policy_reason not in allowed:
+            raise RotationError(f"the policy does not list {policy_reason!r} as a reason to rotate service keys "
+                                f"at once (rotate_immediately_on: {allowed})")
+    result = rotate_key(ctx, name, reason=policy_reason or reason, actor=actor, approvers=approvers,
+                        ticket=ticket, event_id=event_id)
+    if result.rotated:
+        _notify_manual(ctx, name, result, actor or ctx.actor, ticket)
+    return result
+
+
+def _notify_manual(ctx: KmsContext, name: str, result: RotationResult, actor: str, ticket: str | None) -> None:
+    if ctx.notifier is None:
+        return
+    from .notify import Notification
+
+    n = ctx.policy.notifications
+    ctx.notifier.send(Notification(
+        subject=f"KMS: {name} rotated at once ({result.reason})",
+        body=(f"{name} was rotated from v{result.old_version} to v{result.new_version} by {actor} "
+              f"(reason: {result.reason}; ticket: {ticket or 'none'}). The old version stays verify-only "
+              f"until revoked or retired."),
+        recipients=list(n.compliance_emails) + list(n.security_emails), slack_channels=list(n.slack_channels),
+        severity="warning" if result.reason != "manual" else "notice", kind="manual_rotation",
+        ref=f"{name}#v{result.new_version}"))
+
+
+# ---- partners (R1) ----------------------------------------------------------------
+
+def _notice_hours(ctx: KmsContext) -> int:
+    return ctx.policy.key_class("root").partner_notice_hours or 24
+
+
+def _create_notices(session, ctx: KmsContext, root_version: int, rotated_at: datetime) -> None:
+    existing = set(session.scalars(select(PartnerNotice.partner).where(PartnerNotice.root_version == root_version)))
+    deadline = rotated_at + timedelta(hours=_notice_hours(ctx))
+    for p in ctx.policy.partners:
+        if p.name not in existing:
+            session.add(PartnerNotice(root_version=root_version, partner=p.name, email=p.email, rotated_at=rotated_at,
+                                      deadline=deadline, attempts=0))
+    session.flush()
+
+
+def notify_partners(ctx: KmsContext) -> list[str]:
+    """Deliver every pending partner notice (at least once); returns ``partner@vN`` sent."""
+    if ctx.notifier is None:
+        return []
+    from .notify import Notification, failures
+
+    with ctx.transaction() as session:
+        pending = [n.id for n in session.scalars(select(PartnerNotice).where(PartnerNotice.notified_at.is_(None))
+                                                 .order_by(PartnerNotice.id))]
+    manifests = {m.version: m for m in manifest.manifests(ctx)} if ctx.objects is not None else {}
+    sent = []
+    for notice_id in pending:
+        with ctx.transaction() as session:
+            q = select(PartnerNotice).where(PartnerNotice.id == notice_id)
+            if session.get_bind().dialect.name == "postgresql":
+                q = q.with_for_update(skip_locked=True)
+            notice = session.scalars(q).first()
+            if notice is None or notice.notified_at is not None:
+                continue
+            info = manifests.get(notice.root_version)
+            root = lifecycle.get_key(session, "root")
+            v = lifecycle.get_version(root, notice.root_version)
+            where = info.url if info else "(manifest publication pending)"
+            message = Notification(
+                subject=f"Root key rotated: {manifest.kid(v.version)} now signs regulatory proof tokens",
+                body=(f"Dear {notice.partner},\n\nour root signing key was rotated at {notice.rotated_at.isoformat()}.\n"
+                      f"New key id: {manifest.kid(v.version)}\nFingerprint: {v.fingerprint}\n"
+                      f"Public-key manifest (signed by the previous root): {where}\n\n"
+                      f"Please update your trust store and acknowledge (ticket ref {manifest.kid(v.version)})."),
+                recipients=[notice.email], severity="notice", kind="root_rotation_partner_notice",
+                ref=f"{notice.partner}:{manifest.kid(v.version)}")
+            results = ctx.notifier.send(message)
+            notice.attempts = (notice.attempts or 0) + 1
+            bad = failures(results)
+            if bad or not results:
+                notice.last_error = "; ".join(f"{r.channel}: {r.error}" for r in bad) or "no channel delivered"
+            else:
+                notice.notified_at, notice.notification_id, notice.last_error = ctx.now(), message.id, None
+                sent.append(f"{notice.partner}@v{notice.root_version}")
+    return sent
+
+
+@dataclass
+class Ack:
+    partner: str
+    version: int
+    acked_at: datetime
+    acked_by: str
+    new: bool
+
+
+def ack(ctx: KmsContext, partner: str, version: int, *, actor: str | None = None) -> Ack:
+    """Record that ``partner`` acknowledged root ``version`` (idempotent)."""
+    names = [p.name for p in ctx.policy.partners]
+    if partner not in names:
+        raise RotationError(f"unknown partner {partner!r} (policy partners: {', '.join(names)})")
+    with ctx.transaction() as session:
+        q = select(PartnerNotice).where(PartnerNotice.partner == partner, PartnerNotice.root_version == version)
+        notice = session.scalars(q.with_for_update()).first()
+        if notice is None:
+            raise RotationError(f"no partner notice for root v{version} (root versions rotated in: "
+                                f"{sorted(set(session.scalars(select(PartnerNotice.root_version)))) or 'none'})")
+        if notice.acked_at is not None:
+            return Ack(partner, version, utc(notice.acked_at), notice.acked_by, False)
+        notice.acked_at, notice.acked_by = ctx.now(), actor or ctx.actor
+        return Ack(partner, version, notice.acked_at, notice.acked_by, True)
+
+
+@dataclass
+class NoticeRow:
+    partner: str
+    version: int
+    rotated_at: datetime
+    deadline: datetime
+    notified_at: datetime | None
+    acked_at: datetime | None
+    acked_by: str | None
+    attempts: int
+    last_error: str | None
+    status: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def partner_status(ctx: KmsContext, version: int | None = None) -> list[NoticeRow]:
+    now = ctx.now()
+    out = []
+    with ctx.transaction() as session:
+        q = select(PartnerNotice).order_by(PartnerNotice.root_version, PartnerNotice.partner)
+        if version is not None:
+            q = q.where(PartnerNotice.root_version == version)
+        for n in session.scalars(q):
+            deadline = utc(n.deadline)
+            notified = utc(n.notified_at) if n.notified_at else None
+            if notified is None:
+                status = "OVERDUE" if now >= deadline else "pending"
+            else:
+                status = ("acked" if n.acked_at else "notified") + (" (late)" if notified > deadline else "")
+            out.append(NoticeRow(n.partner, n.root_version, utc(n.rotated_at), deadline, notified,
+                                 utc(n.acked_at) if n.acked_at else None, n.acked_by, n.attempts or 0, n.last_error,
+                                 status))
+    return out
+
+
+@dataclass
+class PartnerCheck:
+    ok: bool
+    overdue: list[NoticeRow]
+    late: list[NoticeRow]
+    unacked: list[NoticeRow]
+    rows: list[NoticeRow]
+
+
+def check_partners(ctx: KmsContext) -> PartnerCheck:
+    """Fails while any partner is still unnotified past the notice deadline (24 h)."""
+    rows = partner_status(ctx)
+    overdue = [r for r in rows if r.status == "OVERDUE"]
+    late = [r for r in rows if r.notified_at and r.notified_at > r.deadline]
+    unacked = [r for r in rows if r.acked_at is None]
+    return PartnerCheck(not overdue, overdue, late, unacked, rows)
+
+
+# ---- nightly steps ------------------------------------------------------------------
+
+def _step(key_class: str):
+    def run(ctx: KmsContext) -> dict:
+        results = reconcile(ctx, key_class, actor="kms-nightly")
+        return {"rotated": [f"{r.key} v{r.old_version}->v{r.new_version}" for r in results if r.rotated]}
+    return run
+
+
+for _order, _cls in enumerate(RECONCILED_CLASSES, start=10):
+    nightly.nightly_step(f"rotate_{_cls}", order=_order)(_step(_cls))
+
+
+@nightly.nightly_step("notify_partners", order=18)
+def _notify_step(ctx: KmsContext) -> dict:
+    sent = notify_partners(ctx)
+    check = check_partners(ctx)
+    return {"notified": sent, "overdue": [f"{r.partner}@v{r.version}" for r in check.overdue]}
