@@ -1,0 +1,294 @@
+"""Signed ledger checkpoints in WORM object storage (policy clause T3).
+
+A checkpoint is the RFC 8785 document ``{ledger_size, ledger_head_hash, rpt_size,
+rpt_head_hash, at, kid}`` signed (Ed25519, through the keystore) by the active root version
+and written once to ``<policy.checkpoints.prefix><time>-L<size>-R<size>.json`` with a
+retention date (S3: Object Lock COMPLIANCE), so a database admin who bypasses the
+append-only triggers and recomputes the whole hash chain still cannot make the ledger agree
+with the checkpoints written before the rewrite. Recording the RPT head as well catches a
+truncation of the newest tokens.
+
+``verify_streams`` is pure: it takes checkpoint objects, public keys and row iterators, and
+is used for the live database (``verify``) and for offline evidence bundles
+(``core/evidence.py``) alike.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from typing import Iterable, Iterator
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import select
+
+from . import ledger, nightly, rpt
+from .canonical import canonical_bytes
+from .clock import parse_time
+from .context import KmsContext
+from .db.models import ACTIVE, Key, KeyVersion
+from .rpt import RootKey, RptError, WindowCollector
+
+FORMAT = "kms-checkpoint/1"
+FIELDS = ("ledger_size", "ledger_head_hash", "rpt_size", "rpt_head_hash", "at", "kid")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    key: str  # object key (or "evidence seal")
+    ledger_size: int
+    ledger_head_hash: str
+    rpt_size: int
+    rpt_head_hash: str
+    at: str
+    kid: str
+    signature: str  # base64url
+
+    @property
+    def document(self) -> dict:
+        return {f: getattr(self, f) for f in FIELDS}
+
+    @property
+    def at_time(self) -> datetime:
+        return parse_time(self.at)
+
+
+def encode(document: dict, signature: bytes) -> bytes:
+    return canonical_bytes({"format": FORMAT, "document": document, "signature": rpt.b64url(signature)})
+
+
+def parse(key: str, data: bytes) -> Checkpoint:
+    """Parse a stored checkpoint object; RptError naming the object if it is malformed."""
+    try:
+        obj = json.loads(data)
+        doc = obj["document"]
+        if obj.get("format") != FORMAT or set(doc) != set(FIELDS):
+            raise ValueError("unexpected fields")
+        cp = Checkpoint(key, **doc, signature=obj["signature"])
+        if not all(isinstance(getattr(cp, f), int) for f in ("ledger_size", "rpt_size")):
+            raise ValueError("sizes must be integers")
+        parse_time(cp.at)
+        return cp
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RptError(f"checkpoint {key} is malformed ({exc.__class__.__name__})") from None
+
+
+def signature_problem(cp: Checkpoint, keys: dict[str, RootKey]) -> str | None:
+    key = keys.get(cp.kid)
+    if key is None:
+        return f"checkpoint {cp.key}: unknown kid (no retained root public key matches it)"
+    try:
+        Ed25519PublicKey.from_public_bytes(key.public_key).verify(rpt.b64url_decode(cp.signature),
+                                                                  canonical_bytes(cp.document))
+    except (InvalidSignature, ValueError):
+        return f"checkpoint {cp.key}: signature does not verify under root v{key.version} (checkpoint altered)"
+    return None
+
+
+# ---- the pure verifier -----------------------------------------------------------------------
+
+@dataclass
+class AuditResult:
+    ok: bool
+    problem: str | None = None
+    area: str | None = None  # "checkpoint" | "ledger" | "rpt"
+    first_bad_seq: int | None = None
+    checkpoints: int = 0
+    latest_checkpoint: str | None = None
+    ledger_size: int = 0
+    ledger_head_hash: str = ledger.GENESIS_HASH
+    rpt_size: int = 0
+    rpt_head_hash: str = rpt.GENESIS_HASH
+    rpt_signatures_checked: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _tap(rows: Iterable[tuple], marks: set[int], seen: dict[int, str]) -> Iterator[tuple]:
+    for row in rows:
+        if row[0] in marks:
+            seen[row[0]] = row[12]
+        yield row
+
+
+def verify_streams(checkpoints: list[Checkpoint], keys: dict[str, RootKey], ledger_rows: Iterable[tuple],
+                   rpt_rows: Iterable[tuple[int, str]], *, rpt_signatures: bool = False,
+                   seal: Checkpoint | None = None) -> AuditResult:
+    """Check checkpoint signatures, the ledger chain, the ledger against every checkpoint,
+    and the RPT chain against every checkpoint, in one pass over each row stream.
+
+    ``seal`` is a signed head that must match the streams *exactly* (evidence bundles).
+    The ledger is consumed before the RPT rows (bundle order)."""
+    res = AuditResult(False, checkpoints=len(checkpoints), rpt_signatures_checked=rpt_signatures)
+    ordered = sorted(checkpoints, key=lambda c: (c.at_time, c.key))
+    res.latest_checkpoint = ordered[-1].key if ordered else None
+    signed = ordered + ([seal] if seal else [])
+
+    def bad(area: str, problem: str, seq: int | None = None) -> AuditResult:
+        res.ok, res.area, res.problem, res.first_bad_seq = False, area, problem, seq
+        return res
+
+    for cp in signed:
+        problem = signature_problem(cp, keys)
+        if problem:
+            return bad("checkpoint", problem)
+    for earlier, later in zip(ordered, ordered[1:]):
+        if later.ledger_size < earlier.ledger_size or later.rpt_size < earlier.rpt_size:
+            return bad("checkpoint", f"checkpoint {later.key} records fewer entries than the earlier {earlier.key} "
+                                     f"(a truncated state was signed)")
+
+    # 1. the ledger: chain, windows of the root versions, hashes at every checkpoint's size
+    windows = WindowCollector()
+    seen: dict[int, str] = {}
+    marks = {cp.ledger_size for cp in signed if cp.ledger_size}
+    lres = ledger.verify_rows(windows.tap(_tap(ledger_rows, marks, seen)))
+    res.ledger_size, res.ledger_head_hash = lres.count, lres.head_hash
+    if not lres.ok:
+        return bad("ledger", f"ledger broken at seq {lres.first_bad_seq}: {lres.problem}", lres.first_bad_seq)
+    previous_ok = 0
+    for cp in signed:
+        label = "the evidence seal" if cp is seal else f"checkpoint {cp.key} (signed {cp.at})"
+        if lres.count < cp.ledger_size:
+            return bad("ledger", f"ledger truncated: it ends at seq {lres.count} but {label} recorded "
+                                 f"{cp.ledger_size} entries", lres.count + 1)
+        if cp.ledger_size and seen.get(cp.ledger_size) != cp.ledger_head_hash:
+            return bad("ledger", f"ledger rewritten: the entry hash at seq {cp.ledger_size} differs from {label}; "
+                                 f"the chain was recomputed after a change in seq {previous_ok + 1}..{cp.ledger_size}",
+                       cp.ledger_size)
+        if cp is seal and lres.count != cp.ledger_size:
+            return bad("ledger", f"the ledger holds {lres.count} entries but {label} recorded {cp.ledger_size}",
+                       cp.ledger_size + 1)
+        previous_ok = max(previous_ok, cp.ledger_size)
+    for cp in signed:
+        version = keys[cp.kid].version
+        window = windows.windows.get(version)
+        problem = (window.problem_at(int(cp.at_time.timestamp()), what="") if window else
+                   f"root v{version} has no activity window in the ledger")
+        if problem:
+            return bad("checkpoint", f"checkpoint {cp.key}: {problem}")
+
+    # 2. the RPT chain: links (and signatures when asked) and the head at every checkpoint
+    cres = rpt.verify_token_rows(rpt_rows, keys, windows.windows, signatures=rpt_signatures,
+                                 marks=[cp.rpt_size for cp in signed])
+    res.rpt_size, res.rpt_head_hash = cres.head_seq, cres.head_hash
+    if not cres.ok:
+        return bad("rpt", cres.problem, cres.first_bad_seq)
+    for cp in signed:
+        label = "the evidence seal" if cp is seal else f"checkpoint {cp.key}"
+        checked = rpt.check_head(rpt.ChainResult(True, cres.count, None, None, cres.head_seq, cres.head_hash,
+                                                 seen=cres.seen), cp.rpt_size, cp.rpt_head_hash, label)
+        if not checked.ok:
+            return bad("rpt", checked.problem, checked.first_bad_seq)
+        if cp is seal and cres.head_seq != cp.rpt_size:
+            return bad("rpt", f"the RPT chain holds {cres.head_seq} tokens but {label} recorded {cp.rpt_size}",
+                       cp.rpt_size + 1)
+    res.ok = True
+    return res
+
+
+# ---- live ---------------------------------------------------------------------------------------
+
+def _prefix(ctx: KmsContext) -> str:
+    return ctx.policy.checkpoints.prefix
+
+
+def _objects(ctx: KmsContext):
+    if ctx.objects is None:
+        raise RptError("no object store configured (KMS_OBJECT_STORE): checkpoints live in WORM object storage")
+    return ctx.objects
+
+
+def load_all(ctx: KmsContext) -> list[Checkpoint]:
+    store = _objects(ctx)
+    return [parse(info.key, store.get_bytes(info.key)) for info in store.list(_prefix(ctx))
+            if info.key.endswith(".json")]
+
+
+def latest(ctx: KmsContext, keys: dict[str, RootKey] | None = None) -> Checkpoint | None:
+    """The newest checkpoint, signature verified (RptError if it does not verify)."""
+    store = _objects(ctx)
+    newest = None
+    for info in store.list(_prefix(ctx)):
+        if info.key.endswith(".json"):
+            newest = info.key  # list() is sorted by key; keys start with a fixed-width UTC time
+    if newest is None:
+        return None
+    cp = parse(newest, store.get_bytes(newest))
+    if keys is None:
+        with ctx.engine.connect() as conn:
+            keys = rpt.root_keys(conn)
+    problem = signature_problem(cp, keys)
+    if problem:
+        raise RptError(problem)
+    return cp
+
+
+def verify(ctx: KmsContext, *, rpt_signatures: bool = False) -> AuditResult:
+    """Check the live ledger (and RPT chain) against every checkpoint in the object store."""
+    checkpoints = load_all(ctx)
+    batch = ctx.policy.rpt.verify_batch_size
+    with ctx.engine.connect() as conn:
+        keys = rpt.root_keys(conn)
+        return verify_streams(checkpoints, keys, ledger.iter_rows(conn, batch),
+                              rpt.iter_tokens(conn, batch_size=batch), rpt_signatures=rpt_signatures)
+
+
+def _signer(ctx: KmsContext) -> tuple[str, str]:
+    with ctx.transaction() as session:
+        version = session.scalars(select(KeyVersion).join(Key, Key.id == KeyVersion.key_id)
+                                  .where(Key.name == rpt.ROOT, KeyVersion.state == ACTIVE)).first()
+        if version is None or not version.sign_ref or not version.fingerprint:
+            raise RptError("the root key has no active signing version")
+        return version.sign_ref, rpt.make_kid(version.version, version.fingerprint)
+
+
+def sign_document(ctx: KmsContext, ledger_size: int, ledger_head: str, rpt_size: int, rpt_head: str,
+                  at: datetime) -> tuple[dict, bytes]:
+    sign_ref, kid = _signer(ctx)
+    doc = {"ledger_size": ledger_size, "ledger_head_hash": ledger_head, "rpt_size": rpt_size,
+           "rpt_head_hash": rpt_head, "at": ledger.format_time(at), "kid": kid}
+    return doc, ctx.keystore.sign(sign_ref, canonical_bytes(doc))
+
+
+def write_checkpoint(ctx: KmsContext) -> dict:
+    """Verify the live state against every earlier checkpoint, then sign and write a new one.
+
+    Refuses (RptError, nothing written) when verification fails: a checkpoint must never
+    anchor a broken or rewritten ledger. Idempotent for an unchanged state at the same time."""
+    store = _objects(ctx)
+    result = verify(ctx)
+    if not result.ok:
+        raise RptError(f"refusing to sign a checkpoint: {result.problem}")
+    now = ctx.now()
+    doc, signature = sign_document(ctx, result.ledger_size, result.ledger_head_hash, result.rpt_size,
+                                   result.rpt_head_hash, now)
+    stamp = now.strftime("%Y%m%dT%H%M%S.%fZ")
+    key = f"{_prefix(ctx)}{stamp}-L{result.ledger_size}-R{result.rpt_size}.json"
+    retain_until = now + timedelta(days=ctx.policy.checkpoints.retain_days)
+    if store.exists(key):
+        existing = parse(key, store.get_bytes(key))
+        if (existing.ledger_head_hash, existing.rpt_head_hash) != (doc["ledger_head_hash"], doc["rpt_head_hash"]):
+            raise RptError(f"checkpoint {key} already exists with different heads")
+        info = store.head(key)
+    else:
+        info = store.put(key, encode(doc, signature), retain_until=retain_until, content_type="application/json",
+                         metadata={"ledger-size": str(doc["ledger_size"]), "rpt-size": str(doc["rpt_size"])})
+    return {"key": key, "url": store.url(key), **doc, "retain_until": info.retain_until,
+            "lock_mode": info.lock_mode, "checkpoints_before": result.checkpoints}
+
+
+@nightly.nightly_step("ledger_checkpoint", order=45)
+def _nightly_checkpoint(ctx: KmsContext) -> dict:
+    cp = write_checkpoint(ctx)
+    return {"key": cp["key"], "ledger_size": cp["ledger_size"], "rpt_size": cp["rpt_size"]}
+
+
+@nightly.nightly_step("rpt_verify", order=42)
+def _nightly_rpt_verify(ctx: KmsContext) -> dict:
+    result = rpt.verify_chain(ctx)
+    if not result.ok:
+        raise RptError(f"RPT chain broken at seq {result.first_bad_seq}: {result.problem}")
+    return {"verified": result.count, "head_seq": result.head_seq}

@@ -1,0 +1,541 @@
+"""Regulatory proof tokens (policy clause P1) and ``verify_chain`` (the policy's verifyChain).
+
+Token format (documented in README, "RPTs"):
+
+* A compact JWS (RFC 7515) with ``alg`` ``EdDSA`` (Ed25519, RFC 8037). Header and payload
+  are RFC 8785 canonical JSON, base64url without padding; the signing input is
+  ``ascii(b64(header) + "." + b64(payload))``.
+* header: ``{"alg": "EdDSA", "kid": "root#v<N>:SHA256:<hex>"}``. The kid names the root
+  version *and* binds it to the SHA-256 fingerprint of its public key, so a verifier can
+  check that the public key it holds (database, evidence bundle, published manifest) is
+  the one that signed, and a key swapped behind an unchanged version number is refused.
+* payload: ``{"seq", "prev", "iat", "subject", "claims"}``; ``seq`` starts at 1, ``prev``
+  is the SHA-256 hex of the previous token's compact string (64 zeros for seq 1), ``iat``
+  is a NumericDate (integer seconds, RFC 7519).
+* The signature is made by the *active* root version through ``ctx.keystore.sign`` (inside
+  the HSM under PKCS#11); the private key never leaves the keystore.
+
+Verification (``verify_token_rows``) is a pure function over ``(seq, token)`` rows, public
+keys and the root versions' activity windows, so the live verifier (rows from the KMS
+database) and the offline one (rows from an evidence bundle, ``core/evidence.py``) are one
+implementation. A version is valid for tokens whose ``iat`` lies in
+``[floor(activated_at), end)`` where ``end`` is the earlier of its ``rotated`` and
+``revoked`` ledger times (iat has one-second resolution; a token issued in the same second
+as a rotation, before it, is accepted). Tokens signed inside the window stay valid after a
+later revocation: they are anchored by the chain and by signed checkpoints.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Iterable, Iterator
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import func, insert, select
+from sqlalchemy.engine import Connection
+
+from . import ledger
+from .canonical import canonical_bytes
+from .clock import utc
+from .context import KmsContext
+from .db.models import ACTIVE, Key, KeyVersion, LedgerEntry
+from .db.models_rpt import RegulatoryProofToken
+from .keystore import fingerprint as key_fingerprint
+
+GENESIS_HASH = "0" * 64
+ALG = "EdDSA"
+ROOT = "root"
+
+_sha256 = hashlib.sha256
+_b64d = base64.urlsafe_b64decode
+
+
+class RptError(ValueError):
+    """A refused RPT operation or a broken chain; the message names the problem."""
+
+
+# ---- encoding ------------------------------------------------------------------------
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    return _b64d(text + "=" * (-len(text) % 4))
+
+
+def token_hash(token: str) -> str:
+    """SHA-256 hex of a token's compact string (what the next token's ``prev`` holds)."""
+    return _sha256(token.encode("ascii")).hexdigest()
+
+
+def make_kid(version: int, fingerprint: str) -> str:
+    return f"{ROOT}#v{version}:{fingerprint}"
+
+
+def parse_kid(kid: str) -> tuple[int, str] | None:
+    """``root#v3:SHA256:…`` -> (3, "SHA256:…"); None when it is not a root kid."""
+    if not isinstance(kid, str) or not kid.startswith(ROOT + "#v") or ":" not in kid:
+        return None
+    number, _, fp = kid[len(ROOT) + 2:].partition(":")
+    return (int(number), fp) if number.isdigit() and fp else None
+
+
+def signing_input(header: dict, payload: dict) -> str:
+    return b64url(canonical_bytes(header)) + "." + b64url(canonical_bytes(payload))
+
+
+def decode(token: str) -> tuple[dict, dict, bytes]:
+    """(header, payload, signature) of a compact token, without verifying anything."""
+    try:
+        h, p, s = token.split(".")
+        return json.loads(b64url_decode(h)), json.loads(b64url_decode(p)), b64url_decode(s)
+    except (ValueError, AttributeError) as exc:
+        raise RptError(f"not a compact JWS: {exc.__class__.__name__}") from None
+
+
+def format_iat(iat: int) -> str:
+    return datetime.fromtimestamp(iat, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---- public keys and activity windows (pure; fed from the database or a bundle) --------
+
+@dataclass(frozen=True)
+class RootKey:
+    version: int
+    public_key: bytes
+    fingerprint: str
+
+    @property
+    def kid(self) -> str:
+        return make_kid(self.version, self.fingerprint)
+
+
+@dataclass
+class Window:
+    """When a root version was allowed to sign, according to the ledger."""
+    version: int
+    activated_at: datetime | None = None
+    ended_at: datetime | None = None
+    ended_by: str | None = None  # "rotated" | "revoked" | "destroyed"
+
+    def problem_at(self, iat: int, what: str = "iat ") -> str | None:
+        if self.activated_at is None:
+            return f"root v{self.version} was never activated according to the ledger"
+        if iat < int(self.activated_at.timestamp()):
+            return (f"signed by root v{self.version} at {what}{format_iat(iat)}, before it was activated "
+                    f"at {ledger.format_time(self.activated_at)}")
+        if self.ended_at is not None and iat >= self.ended_at.timestamp():
+            return (f"signed by root v{self.version} at {what}{format_iat(iat)}, after it was {self.ended_by} "
+                    f"at {ledger.format_time(self.ended_at)}")
+        return None
+
+
+def key_map(keys: Iterable[RootKey]) -> dict[str, RootKey]:
+    """kid -> key, keeping only keys whose public key matches their recorded fingerprint."""
+    out = {}
+    for k in keys:
+        if k.public_key and key_fingerprint(k.public_key) == k.fingerprint:
+            out[k.kid] = k
+    return out
+
+
+class WindowCollector:
+    """Builds root activity windows from ledger rows (``ledger._COLUMNS`` tuples) as they
+    stream past, so an offline verifier needs a single pass over the ledger."""
+
+    def __init__(self):
+        self.windows: dict[int, Window] = {}
+
+    def add(self, at, key_name, key_version, to_state) -> None:
+        if key_name != ROOT or key_version is None:
+            return
+        w = self.windows.setdefault(key_version, Window(key_version))
+        at = utc(at)
+        if to_state == ACTIVE:
+            w.activated_at = at if w.activated_at is None else min(w.activated_at, at)
+        elif to_state in ("rotated", "revoked", "destroyed"):
+            if w.ended_at is None or at < w.ended_at:
+                w.ended_at, w.ended_by = at, to_state
+
+    def tap(self, rows: Iterable[tuple]) -> Iterator[tuple]:
+        for row in rows:
+            if row[2] == ROOT:
+                self.add(row[1], row[2], row[3], row[5])
+            yield row
+
+
+# ---- verification (pure) ----------------------------------------------------------------
+
+@dataclass
+class ChainResult:
+    ok: bool
+    count: int
+    first_bad_seq: int | None = None
+    problem: str | None = None
+    head_seq: int = 0
+    head_hash: str = GENESIS_HASH
+    first_seq: int = 1
+    checked_against: str | None = None  # the checkpoint the head was compared with
+    seen: dict = field(default_factory=dict)  # seq -> token hash at requested marks
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("seen")
+        return d
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """Where a (partial) verification starts: the token before the first one checked."""
+    seq: int = 0
+    hash: str = GENESIS_HASH
+    iat: int | None = None
+
+
+def verify_token_rows(rows: Iterable[tuple[int, str]], keys: dict[str, RootKey], windows: dict[int, Window], *,
+                      anchor: Anchor = Anchor(), end_seq: int | None = None, signatures: bool = True,
+                      marks: Iterable[int] = ()) -> ChainResult:
+    """Verify ``(seq, token)`` rows in seq order, naming the first bad seq and why.
+
+    Checks, per token: its position (no gap, no reorder), that ``prev`` links to the previous
+    token, the header (alg, known kid), the Ed25519 signature under the kid's public key, that
+    the kid's root version was active at ``iat`` (ledger windows), and that ``iat`` never goes
+    backwards. ``end_seq`` demands the rows reach that seq (partitioned runs). ``marks`` lists
+    seqs whose token hashes are returned in ``seen`` (checkpoint comparisons).
+    With ``signatures=False`` only the hash chain is checked (cheap; checkpoint verification).
+    """
+    expected, prev, prev_iat, count = anchor.seq + 1, anchor.hash, anchor.iat, 0
+    mark_list = sorted(set(m for m in marks if m > anchor.seq))
+    mark_i, next_mark = 0, (mark_list[0] if mark_list else -1)
+    seen: dict[int, str] = {}
+    headers: dict[str, tuple[RootKey | None, str | None, Ed25519PublicKey | None]] = {}
+    pubs: dict[str, Ed25519PublicKey] = {}
+    loads, sha = json.loads, _sha256
+
+    def fail(seq: int, problem: str) -> ChainResult:
+        return ChainResult(False, count, seq, f"token seq {seq}: {problem}", expected - 1, prev, anchor.seq + 1,
+                           seen=seen)
+
+    for seq, token in rows:
+        if seq != expected:
+            if seq > expected:
+                return fail(expected, f"seq gap: token seq {expected} is missing (next present is {seq})")
+            return fail(seq, f"seq {seq} appears twice or out of order")
+        parts = token.split(".")
+        if len(parts) != 3:
+            return fail(seq, "malformed token: not a compact JWS")
+        hb, pb, sb = parts
+        cached = headers.get(hb)
+        if cached is None:
+            try:
+                header = loads(_b64d(hb + "=" * (-len(hb) % 4)))
+                alg, kid = header["alg"], header["kid"]
+            except (ValueError, KeyError, TypeError):
+                return fail(seq, "malformed header")
+            if alg != ALG or set(header) != {"alg", "kid"}:
+                return fail(seq, f"header must be exactly alg {ALG} and kid (got alg {alg!r})")
+            key = keys.get(kid)
+            if key is None:
+                parsed = parse_kid(kid) if isinstance(kid, str) else None
+                why = (f"unknown kid {str(kid)[:40]!r}" if parsed is None else
+                       f"unknown kid: no retained public key of root v{parsed[0]} has fingerprint {parsed[1][:23]}…")
+                return fail(seq, why)
+            pub = pubs.get(kid)
+            if pub is None:
+                pub = pubs[kid] = Ed25519PublicKey.from_public_bytes(key.public_key)
+            cached = headers[hb] = (key, windows.get(key.version), pub)
+        key, window, pub = cached
+        if signatures:
+            try:
+                pub.verify(_b64d(sb + "=" * (-len(sb) % 4)), token[:len(hb) + len(pb) + 1].encode("ascii"))
+            except (InvalidSignature, ValueError):
+                return fail(seq, f"payload altered: signature does not verify under root v{key.version}")
+        try:
+            payload = loads(_b64d(pb + "=" * (-len(pb) % 4)))
+            p_seq, p_prev, iat = payload["seq"], payload["prev"], payload["iat"]
+        except (ValueError, KeyError, TypeError):
+            return fail(seq, "malformed payload")
+        if p_seq != seq:
+            return fail(seq, f"out of order: position {seq} holds the token signed as seq {p_seq} (reordered)")
+        if p_prev != prev:
+            return fail(seq, f"prev hash does not link to seq {seq - 1}")
+        if type(iat) is not int:
+            return fail(seq, "iat is not an integer NumericDate")
+        if prev_iat is not None and iat < prev_iat:
+            return fail(seq, f"iat {format_iat(iat)} goes backwards (seq {seq - 1} has {format_iat(prev_iat)})")
+        if window is None:
+            return fail(seq, f"root v{key.version} has no activity window in the ledger")
+        problem = window.problem_at(iat)
+        if problem:
+            return fail(seq, problem)
+        prev = sha(token.encode("ascii")).hexdigest()
+        if seq == next_mark:
+            seen[seq] = prev
+            mark_i += 1
+            next_mark = mark_list[mark_i] if mark_i < len(mark_list) else -1
+        prev_iat, expected, count = iat, seq + 1, count + 1
+    if end_seq is not None and expected - 1 < end_seq:
+        return fail(expected, f"seq gap: token seq {expected} is missing (the chain ends at seq {expected - 1}, "
+                              f"expected seq {end_seq})")
+    return ChainResult(True, count, None, None, expected - 1, prev, anchor.seq + 1, seen=seen)
+
+
+def check_head(result: ChainResult, size: int, head_hash: str, label: str) -> ChainResult:
+    """Compare a verified chain with a signed head (checkpoint or evidence seal)."""
+    if not result.ok:
+        return result
+    result.checked_against = label
+    if result.head_seq < size:
+        result.ok, result.first_bad_seq = False, result.head_seq + 1
+        result.problem = (f"RPT chain truncated: it ends at seq {result.head_seq} but {label} recorded "
+                          f"{size} tokens (seq {result.head_seq + 1}..{size} are missing)")
+    elif size and result.seen.get(size, head_hash if size < result.first_seq else None) != head_hash:
+        result.ok, result.first_bad_seq = False, size
+        result.problem = f"token seq {size}: its hash differs from the head recorded by {label} (chain rewritten)"
+    return result
+
+
+# ---- database access -----------------------------------------------------------------------
+
+def root_keys(conn) -> dict[str, RootKey]:
+    """Retained public keys of every root version (kept after the private key is destroyed)."""
+    rows = conn.execute(
+        select(KeyVersion.version, KeyVersion.public_key, KeyVersion.fingerprint)
+        .join(Key, Key.id == KeyVersion.key_id).where(Key.name == ROOT)).all()
+    return key_map(RootKey(v, bytes(pk), fp) for v, pk, fp in rows if pk is not None and fp)
+
+
+def root_windows(conn) -> dict[int, Window]:
+    collector = WindowCollector()
+    for at, name, version, to_state in conn.execute(
+            select(LedgerEntry.at, LedgerEntry.key_name, LedgerEntry.key_version, LedgerEntry.to_state)
+            .where(LedgerEntry.key_name == ROOT).order_by(LedgerEntry.seq)):
+        collector.add(at, name, version, to_state)
+    return collector.windows
+
+
+def iter_tokens(conn: Connection, *, after_seq: int = 0, upto_seq: int | None = None,
+                batch_size: int = 5000) -> Iterator[tuple[int, str]]:
+    """Stream ``(seq, token)`` in seq order with bounded memory."""
+    q = select(RegulatoryProofToken.seq, RegulatoryProofToken.token).where(RegulatoryProofToken.seq > after_seq)
+    if upto_seq is not None:
+        q = q.where(RegulatoryProofToken.seq <= upto_seq)
+    result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(q.order_by(RegulatoryProofToken.seq))
+    for partition in result.partitions():
+        yield from partition
+
+
+def chain_head(conn) -> tuple[int, str]:
+    """(seq, token hash) of the newest token, or (0, GENESIS_HASH)."""
+    row = conn.execute(select(RegulatoryProofToken.seq, RegulatoryProofToken.token)
+                       .order_by(RegulatoryProofToken.seq.desc()).limit(1)).first()
+    return (row[0], token_hash(row[1])) if row else (0, GENESIS_HASH)
+
+
+def anchor_at(conn, seq: int) -> Anchor:
+    """The anchor for verifying tokens after ``seq``: that token's hash and iat as stored."""
+    if seq <= 0:
+        return Anchor()
+    token = conn.execute(select(RegulatoryProofToken.token).where(RegulatoryProofToken.seq == seq)).scalar()
+    if token is None:
+        raise RptError(f"cannot anchor at token seq {seq}: it is missing (seq gap)")
+    try:
+        iat = decode(token)[1]["iat"]
+    except (RptError, KeyError, TypeError):
+        iat = None
+    return Anchor(seq, token_hash(token), iat if isinstance(iat, int) else None)
+
+
+# ---- issue -------------------------------------------------------------------------------
+
+_ISSUE_LOCK = threading.Lock()  # serialises issuers in one process; the database serialises the rest
+
+
+def _validate(ctx: KmsContext, subject: str, claims: dict) -> None:
+    limits = ctx.policy.rpt
+    if not isinstance(subject, str) or not subject.strip():
+        raise RptError("subject must be a non-empty string")
+    if len(subject) > limits.subject_max_length:
+        raise RptError(f"subject is {len(subject)} characters; the policy allows {limits.subject_max_length}")
+    if not isinstance(claims, dict):
+        raise RptError(f"claims must be a JSON object, got {type(claims).__name__}")
+    try:
+        size = len(canonical_bytes(claims))
+    except Exception as exc:  # noqa: BLE001 - rfc8785 raises several types for bad input
+        raise RptError(f"claims are not canonicalisable JSON (RFC 8785): {exc.__class__.__name__}") from None
+    if size > limits.max_claims_bytes:
+        raise RptError(f"claims are {size} bytes of canonical JSON; the policy allows {limits.max_claims_bytes}")
+
+
+def _active_root(session) -> KeyVersion:
+    """The active root version, with the root key row locked for share so no rotation
+    commits between reading it and committing a token it signed."""
+    key = session.scalars(select(Key).where(Key.name == ROOT).with_for_update(read=True)).first()
+    if key is None:
+        raise RptError("no root key: run `kms init` first")
+    version = session.scalars(select(KeyVersion).where(KeyVersion.key_id == key.id,
+                                                       KeyVersion.state == ACTIVE)).first()
+    if version is None or not version.sign_ref or not version.public_key or not version.fingerprint:
+        raise RptError("the root key has no active signing version")
+    return version
+
+
+def _newest(session) -> tuple[int, str, int | None]:
+    row = session.execute(select(RegulatoryProofToken.seq, RegulatoryProofToken.token_hash,
+                                 RegulatoryProofToken.iat)
+                          .order_by(RegulatoryProofToken.seq.desc()).limit(1)).first()
+    if row is None:
+        return 0, GENESIS_HASH, None
+    return row[0], row[1], int(utc(row[2]).timestamp())
+
+
+def issue(ctx: KmsContext, subject: str, claims: dict) -> str:
+    """Issue one RPT signed by the active root version; returns the compact JWS.
+
+    The signature is made outside any database transaction (an HSM call must not hold the
+    database's write lock, and the audited keystore records its own event), then the token
+    is inserted under the ledger lock after re-checking that neither the chain head nor the
+    active root version moved; if one did (another process issued or the root rotated),
+    it is re-built and re-signed. Issuers in one process are serialised outright.
+    """
+    _validate(ctx, subject, claims)
+    with _ISSUE_LOCK:
+        for _attempt in range(ctx.policy.rpt.issue_retries):
+            with ctx.transaction() as session:
+                version = _active_root(session)
+                seq, prev, last_iat = _newest(session)
+                vid, sign_ref = version.id, version.sign_ref
+                kid, public_key = make_kid(version.version, version.fingerprint), bytes(version.public_key)
+                activated = utc(version.activated_at)
+            now = ctx.now()
+            iat = int(now.timestamp())
+            if last_iat is not None and iat < last_iat:
+                raise RptError(f"clock is behind the newest token (seq {seq} has iat {format_iat(last_iat)}, "
+                               f"now is {format_iat(iat)}); refusing to issue a token that goes back in time")
+            if iat < int(activated.timestamp()):
+                raise RptError(f"the active root version was activated at {ledger.format_time(activated)}, "
+                               f"after the issue time {format_iat(iat)}")
+            header = {"alg": ALG, "kid": kid}
+            payload = {"seq": seq + 1, "prev": prev, "iat": iat, "subject": subject, "claims": claims}
+            data = signing_input(header, payload)
+            signature = ctx.keystore.sign(sign_ref, data.encode("ascii"))
+            try:
+                Ed25519PublicKey.from_public_bytes(public_key).verify(signature, data.encode("ascii"))
+            except InvalidSignature:
+                raise RptError(f"the keystore's signature does not verify under {kid[:8]} (wrong key object?); "
+                               f"nothing was issued") from None
+            token = data + "." + b64url(signature)
+            with ctx.transaction() as session:
+                current = _active_root(session)
+                ledger._lock_ledger(session)  # the ledger's lock: seq is assigned like ledger.append's
+                moved = current.id != vid or _newest(session)[:2] != (seq, prev)
+                if not moved:
+                    session.execute(insert(RegulatoryProofToken).values(
+                        seq=seq + 1, token=token, kid=kid, iat=datetime.fromtimestamp(iat, timezone.utc),
+                        subject=subject, prev_hash=prev, token_hash=token_hash(token)))
+            if not moved:
+                return token
+            time.sleep(0.002 * (_attempt + 1))  # the root rotated or another process issued: rebuild
+    raise RptError(f"could not issue after {ctx.policy.rpt.issue_retries} attempts: the chain head kept moving")
+
+
+# ---- verify_chain (live) -------------------------------------------------------------------
+
+def count(ctx: KmsContext) -> int:
+    with ctx.engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(RegulatoryProofToken)).scalar_one()
+
+
+def _partition_worker(url: str, keys, windows, lo: int, hi: int, batch_size: int) -> ChainResult:
+    from sqlalchemy import create_engine
+
+    from .db import make_engine, normalize_url
+
+    url = normalize_url(url)
+    # SQLite: a plain engine (the KMS engine begins every transaction IMMEDIATE, which
+    # would serialise the readers); PostgreSQL: the usual factory.
+    engine = create_engine(url) if url.startswith("sqlite") else make_engine(url, pool_size=1)
+    try:
+        with engine.connect() as conn:
+            try:
+                anchor = anchor_at(conn, lo)
+            except RptError:
+                return ChainResult(False, 0, lo, f"token seq {lo}: seq gap: token seq {lo} is missing", lo - 1)
+            return verify_token_rows(iter_tokens(conn, after_seq=lo, upto_seq=hi, batch_size=batch_size),
+                                     keys, windows, anchor=anchor, end_seq=hi)
+    finally:
+        engine.dispose()
+
+
+def verify_chain(ctx: KmsContext, last: int | None = None, *, workers: int = 1,
+                 against_checkpoint: bool = True) -> ChainResult:
+    """verifyChain: every link, signature and signing window; exit-worthy on the first bad token.
+
+    ``last=N`` verifies only the newest N tokens, anchored at the token before them.
+    ``workers>1`` splits the seq range over processes, each checking its partition plus the
+    link to the token before it. The head is compared with the newest signed checkpoint
+    (``core/checkpoints``) so truncation of the newest tokens is caught.
+    """
+    if last is not None and last < 1:
+        raise RptError("--last must be at least 1")
+    batch = ctx.policy.rpt.verify_batch_size
+    with ctx.engine.connect() as conn:
+        keys, windows = root_keys(conn), root_windows(conn)
+        max_seq = conn.execute(select(func.max(RegulatoryProofToken.seq))).scalar() or 0
+    start = max(0, max_seq - last) if last else 0
+    checkpoint = None
+    if against_checkpoint and ctx.objects is not None:
+        from . import checkpoints
+
+        checkpoint = checkpoints.latest(ctx, keys)
+    marks = [checkpoint.rpt_size] if checkpoint else []
+    if workers <= 1 or max_seq - start < 2 * batch:
+        with ctx.engine.connect() as conn:
+            anchor = anchor_at(conn, start)
+            result = verify_token_rows(iter_tokens(conn, after_seq=start, batch_size=batch), keys, windows,
+                                       anchor=anchor, marks=marks)
+    else:
+        result = _verify_parallel(ctx, keys, windows, start, max_seq, workers, batch, marks)
+    if checkpoint is not None:
+        result = check_head(result, checkpoint.rpt_size, checkpoint.rpt_head_hash, f"checkpoint {checkpoint.key}")
+    return result
+
+
+def _verify_parallel(ctx, keys, windows, start, max_seq, workers, batch, marks) -> ChainResult:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    url = ctx.engine.url.render_as_string(hide_password=False)
+    step = -(-(max_seq - start) // workers)
+    bounds = [(lo, min(lo + step, max_seq)) for lo in range(start, max_seq, step)]
+    with ProcessPoolExecutor(max_workers=len(bounds), mp_context=multiprocessing.get_context("fork")) as pool:
+        parts = list(pool.map(_partition_worker, [url] * len(bounds), [keys] * len(bounds),
+                              [windows] * len(bounds), [lo for lo, _ in bounds], [hi for _, hi in bounds],
+                              [batch] * len(bounds)))
+    total = 0
+    for (lo, hi), part in zip(bounds, parts):
+        if not part.ok:
+            part.count += total
+            part.first_seq = start + 1
+            return part
+        total += part.count
+    last_part = parts[-1]
+    result = ChainResult(True, total, None, None, last_part.head_seq, last_part.head_hash, start + 1)
+    if marks:
+        # the checkpoint's token: one point read (each partition already verified it in place)
+        with ctx.engine.connect() as conn:
+            for m in marks:
+                if start < m <= max_seq:
+                    t = conn.execute(select(RegulatoryProofToken.token)
+                                     .where(RegulatoryProofToken.seq == m)).scalar()
+                    if t is not None:
+                        result.seen[m] = token_hash(t)
+    return result
