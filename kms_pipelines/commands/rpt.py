@@ -1,7 +1,150 @@
-"""`kms` commands for rpt."""
+"""`kms` commands for rpt: regulatory proof tokens, ledger checkpoints, evidence bundles.
 
-import click  # noqa: F401
+    kms rpt issue --subject S --claims JSON        issue one token, print it
+    kms rpt verify-chain [--last N] [--workers W] [--json]
+    kms ledger checkpoint [--json]                  sign and write a checkpoint (WORM)
+    kms ledger verify-checkpoints [--rpt-signatures] [--json]
+    kms evidence export --out FILE [--json]
+    kms evidence verify FILE [--trust FINGERPRINT ...] [--json]   offline: no DB, no keystore
+
+Exit codes: 0 ok, 1 a failed check or refused operation (one line naming the first bad
+item), 2 usage errors.
+"""
+
+import json
+
+import click
 
 
 def register(cli) -> None:
     """Attach this area's commands to the top-level `kms` group."""
+    from ..cli import EXIT_FAILED, emit_json, get_context
+
+    @cli.group("rpt")
+    def rpt_group():
+        """Regulatory proof tokens (P1): issue and verifyChain."""
+
+    @rpt_group.command("issue")
+    @click.option("--subject", required=True, help="What the token attests about (e.g. an issuer or deal id).")
+    @click.option("--claims", default="{}", show_default=True, help="Claims as a JSON object.")
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def rpt_issue(ctx, subject, claims, as_json):
+        """Issue one RPT signed by the active root version; prints the compact JWS."""
+        from ..core import rpt
+
+        try:
+            parsed = json.loads(claims)
+        except ValueError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--claims") from None
+        if not isinstance(parsed, dict):
+            raise click.BadParameter("must be a JSON object", param_hint="--claims")
+        token = rpt.issue(get_context(ctx), subject, parsed)
+        if as_json:
+            header, payload, _ = rpt.decode(token)
+            emit_json({"token": token, "seq": payload["seq"], "kid": header["kid"], "iat": payload["iat"],
+                       "prev": payload["prev"], "hash": rpt.token_hash(token)})
+        else:
+            click.echo(token)
+
+    @rpt_group.command("verify-chain")
+    @click.option("--last", type=click.IntRange(min=1), default=None, help="Verify only the newest N tokens.")
+    @click.option("--workers", type=click.IntRange(min=1, max=64), default=1, show_default=True,
+                  help="Processes to verify partitions in parallel.")
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def rpt_verify_chain(ctx, last, workers, as_json):
+        """verifyChain: links, signatures, signing windows; exit 1 naming the first bad token."""
+        from ..core import rpt
+
+        result = rpt.verify_chain(get_context(ctx), last=last, workers=workers)
+        if as_json:
+            emit_json(result.to_dict())
+        elif result.ok:
+            where = f" (head matches {result.checked_against})" if result.checked_against else ""
+            click.echo(f"RPT chain intact: {result.count} token(s) verified, seq {result.first_seq}..{result.head_seq}, "
+                       f"head {result.head_hash[:16]}…{where}")
+        else:
+            click.echo(f"RPT chain BROKEN at seq {result.first_bad_seq}: {result.problem}", err=True)
+        if not result.ok:
+            ctx.exit(EXIT_FAILED)
+
+    ledger = cli.commands["ledger"]
+
+    @ledger.command("checkpoint")
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def ledger_checkpoint(ctx, as_json):
+        """Verify, then sign (size, head hash, time) with the root key into WORM storage."""
+        from ..core import checkpoints
+
+        cp = checkpoints.write_checkpoint(get_context(ctx))
+        if as_json:
+            emit_json(cp)
+        else:
+            click.echo(f"checkpoint {cp['url']}: ledger {cp['ledger_size']} entries, {cp['rpt_size']} RPTs, "
+                       f"signed by {cp['kid'].split(':')[0]}, retained until {cp['retain_until']}")
+
+    @ledger.command("verify-checkpoints")
+    @click.option("--rpt-signatures", is_flag=True, help="Also verify every RPT signature (slower).")
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def ledger_verify_checkpoints(ctx, rpt_signatures, as_json):
+        """Check the live ledger and RPT chain against every signed checkpoint; exit 1 on a mismatch."""
+        from ..core import checkpoints
+
+        result = checkpoints.verify(get_context(ctx), rpt_signatures=rpt_signatures)
+        if as_json:
+            emit_json(result.to_dict())
+        elif result.ok:
+            click.echo(f"ledger matches {result.checkpoints} checkpoint(s): {result.ledger_size} entries, "
+                       f"{result.rpt_size} RPTs")
+        else:
+            click.echo(f"CHECKPOINT MISMATCH ({result.area}): {result.problem}", err=True)
+        if not result.ok:
+            ctx.exit(EXIT_FAILED)
+
+    @cli.group("evidence")
+    def evidence_group():
+        """Self-contained evidence bundles for auditors (ledger, checkpoints, keys, RPTs)."""
+
+    @evidence_group.command("export")
+    @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, writable=True))
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def evidence_export(ctx, out, as_json):
+        """Write the evidence bundle to FILE (sealed by the root key when the live state verifies)."""
+        from ..core import evidence
+
+        report = evidence.export(get_context(ctx), out)
+        if as_json:
+            emit_json(report.to_dict())
+        else:
+            click.echo(f"wrote {report.path}: {report.ledger_entries} ledger entries, {report.rpts} RPTs, "
+                       f"{report.checkpoints} checkpoints, {report.root_keys} root keys, {report.manifests} manifests"
+                       + (", sealed" if report.sealed else ", NOT sealed"))
+        if not report.live_ok:
+            click.echo(f"kms: error: the live state failed verification, bundle left unsealed: {report.problem}",
+                       err=True)
+            ctx.exit(EXIT_FAILED)
+
+    @evidence_group.command("verify")
+    @click.argument("bundle", type=click.Path(dir_okay=False))
+    @click.option("--trust", "trusted", multiple=True, metavar="FINGERPRINT",
+                  help="A root fingerprint obtained out of band (SHA256:…); must be among the bundle's keys.")
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def evidence_verify(ctx, bundle, trusted, as_json):
+        """Verify a bundle offline: needs no database, keystore or object store."""
+        from ..core import evidence
+
+        result = evidence.verify_bundle(bundle, trusted_fingerprints=list(trusted))
+        if as_json:
+            emit_json(result.to_dict())
+        elif result.ok:
+            click.echo(f"evidence verifies: {result.ledger_entries} ledger entries, {result.rpts} RPTs, "
+                       f"{result.checkpoints} checkpoints, {len(result.root_keys)} root keys, sealed")
+        else:
+            click.echo(f"evidence FAILS ({result.area}): {result.problem}", err=True)
+        if not result.ok:
+            ctx.exit(EXIT_FAILED)

@@ -201,10 +201,23 @@ def _objects(ctx: KmsContext):
     return ctx.objects
 
 
+_PARSED: dict[tuple, Checkpoint] = {}  # WORM objects do not change: parse each version once per process
+
+
 def load_all(ctx: KmsContext) -> list[Checkpoint]:
     store = _objects(ctx)
-    return [parse(info.key, store.get_bytes(info.key)) for info in store.list(_prefix(ctx))
-            if info.key.endswith(".json")]
+    out = []
+    for info in store.list(_prefix(ctx)):
+        if not info.key.endswith(".json"):
+            continue
+        ident = (store.url(info.key), info.size, info.etag, info.last_modified, info.version_id)
+        cp = _PARSED.get(ident) if info.etag else None
+        if cp is None:
+            cp = parse(info.key, store.get_bytes(info.key))
+            if info.etag and len(_PARSED) < 100_000:
+                _PARSED[ident] = cp
+        out.append(cp)
+    return out
 
 
 def latest(ctx: KmsContext, keys: dict[str, RootKey] | None = None) -> Checkpoint | None:

@@ -15,7 +15,8 @@ from .context import KmsContext
 STEP_MODULES: tuple[str, ...] = ("kms_pipelines.core.envelope", "kms_pipelines.core.export_keys",
                                  "kms_pipelines.core.escrow", "kms_pipelines.core.notifications",
                                  "kms_pipelines.core.backup", "kms_pipelines.core.rotation",
-                                 "kms_pipelines.core.retention")
+                                 "kms_pipelines.core.retention", "kms_pipelines.core.checkpoints",
+                                 "kms_pipelines.core.audit")
 
 
 @dataclass(frozen=True)

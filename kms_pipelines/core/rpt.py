@@ -375,17 +375,32 @@ def _validate(ctx: KmsContext, subject: str, claims: dict) -> None:
         raise RptError(f"claims are {size} bytes of canonical JSON; the policy allows {limits.max_claims_bytes}")
 
 
-def _active_root(session) -> KeyVersion:
-    """The active root version, with the root key row locked for share so no rotation
-    commits between reading it and committing a token it signed."""
-    key = session.scalars(select(Key).where(Key.name == ROOT).with_for_update(read=True)).first()
-    if key is None:
-        raise RptError("no root key: run `kms init` first")
-    version = session.scalars(select(KeyVersion).where(KeyVersion.key_id == key.id,
-                                                       KeyVersion.state == ACTIVE)).first()
-    if version is None or not version.sign_ref or not version.public_key or not version.fingerprint:
-        raise RptError("the root key has no active signing version")
-    return version
+@dataclass(frozen=True)
+class _Signer:
+    version_id: int
+    version: int
+    sign_ref: str
+    public_key: bytes
+    fingerprint: str
+    activated_at: datetime
+
+    @property
+    def kid(self) -> str:
+        return make_kid(self.version, self.fingerprint)
+
+
+def _active_root(session) -> _Signer:
+    """The active root version, in one statement that also locks the root key row for share,
+    so no rotation commits between reading it and committing a token it signed."""
+    row = session.execute(
+        select(KeyVersion.id, KeyVersion.version, KeyVersion.sign_ref, KeyVersion.public_key,
+               KeyVersion.fingerprint, KeyVersion.activated_at)
+        .join(Key, Key.id == KeyVersion.key_id)
+        .where(Key.name == ROOT, KeyVersion.state == ACTIVE)
+        .with_for_update(read=True, of=Key)).first()
+    if row is None or not row.sign_ref or not row.public_key or not row.fingerprint:
+        raise RptError("the root key has no active signing version (run `kms init`)")
+    return _Signer(row.id, row.version, row.sign_ref, bytes(row.public_key), row.fingerprint, utc(row.activated_at))
 
 
 def _newest(session) -> tuple[int, str, int | None]:
@@ -406,44 +421,53 @@ def issue(ctx: KmsContext, subject: str, claims: dict) -> str:
     active root version moved; if one did (another process issued or the root rotated),
     it is re-built and re-signed. Issuers in one process are serialised outright.
     """
-    _validate(ctx, subject, claims)
+    return issue_many(ctx, [(subject, claims)])[0]
+
+
+def issue_many(ctx: KmsContext, items: list[tuple[str, dict]]) -> list[str]:
+    """Issue several RPTs as consecutive seqs, committed together (all or none)."""
+    items = list(items)
+    if not items:
+        return []
+    for subject, claims in items:
+        _validate(ctx, subject, claims)
     with _ISSUE_LOCK:
-        for _attempt in range(ctx.policy.rpt.issue_retries):
+        for attempt in range(ctx.policy.rpt.issue_retries):
             with ctx.transaction() as session:
-                version = _active_root(session)
+                signer = _active_root(session)
                 seq, prev, last_iat = _newest(session)
-                vid, sign_ref = version.id, version.sign_ref
-                kid, public_key = make_kid(version.version, version.fingerprint), bytes(version.public_key)
-                activated = utc(version.activated_at)
-            now = ctx.now()
-            iat = int(now.timestamp())
+            iat = int(ctx.now().timestamp())
             if last_iat is not None and iat < last_iat:
                 raise RptError(f"clock is behind the newest token (seq {seq} has iat {format_iat(last_iat)}, "
                                f"now is {format_iat(iat)}); refusing to issue a token that goes back in time")
-            if iat < int(activated.timestamp()):
-                raise RptError(f"the active root version was activated at {ledger.format_time(activated)}, "
+            if iat < int(signer.activated_at.timestamp()):
+                raise RptError(f"the active root version was activated at {ledger.format_time(signer.activated_at)}, "
                                f"after the issue time {format_iat(iat)}")
-            header = {"alg": ALG, "kid": kid}
-            payload = {"seq": seq + 1, "prev": prev, "iat": iat, "subject": subject, "claims": claims}
-            data = signing_input(header, payload)
-            signature = ctx.keystore.sign(sign_ref, data.encode("ascii"))
-            try:
-                Ed25519PublicKey.from_public_bytes(public_key).verify(signature, data.encode("ascii"))
-            except InvalidSignature:
-                raise RptError(f"the keystore's signature does not verify under {kid[:8]} (wrong key object?); "
-                               f"nothing was issued") from None
-            token = data + "." + b64url(signature)
+            header, pub = {"alg": ALG, "kid": signer.kid}, Ed25519PublicKey.from_public_bytes(signer.public_key)
+            rows, head_seq, head_hash = [], seq, prev
+            for subject, claims in items:
+                payload = {"seq": head_seq + 1, "prev": head_hash, "iat": iat, "subject": subject, "claims": claims}
+                data = signing_input(header, payload).encode("ascii")
+                signature = ctx.keystore.sign(signer.sign_ref, data)
+                try:
+                    pub.verify(signature, data)
+                except InvalidSignature:
+                    raise RptError(f"the keystore's signature does not verify under root v{signer.version} "
+                                   f"(wrong key object?); nothing was issued") from None
+                token = data.decode("ascii") + "." + b64url(signature)
+                rows.append({"seq": head_seq + 1, "token": token, "kid": signer.kid,
+                             "iat": datetime.fromtimestamp(iat, timezone.utc), "subject": subject,
+                             "prev_hash": head_hash, "token_hash": token_hash(token)})
+                head_seq, head_hash = head_seq + 1, rows[-1]["token_hash"]
             with ctx.transaction() as session:
                 current = _active_root(session)
                 ledger._lock_ledger(session)  # the ledger's lock: seq is assigned like ledger.append's
-                moved = current.id != vid or _newest(session)[:2] != (seq, prev)
+                moved = current.version_id != signer.version_id or _newest(session)[:2] != (seq, prev)
                 if not moved:
-                    session.execute(insert(RegulatoryProofToken).values(
-                        seq=seq + 1, token=token, kid=kid, iat=datetime.fromtimestamp(iat, timezone.utc),
-                        subject=subject, prev_hash=prev, token_hash=token_hash(token)))
+                    session.execute(insert(RegulatoryProofToken), rows)
             if not moved:
-                return token
-            time.sleep(0.002 * (_attempt + 1))  # the root rotated or another process issued: rebuild
+                return [r["token"] for r in rows]
+            time.sleep(0.002 * (attempt + 1))  # the root rotated or another process issued: rebuild
     raise RptError(f"could not issue after {ctx.policy.rpt.issue_retries} attempts: the chain head kept moving")
 
 
