@@ -76,7 +76,7 @@ def _audit(session, ctx: KmsContext, operation: str, target: str, outcome: str, 
     except ImportError:
         return
     audit.record(session, at=ctx.now(), operation=operation, actor=ctx.actor, target=target, outcome=outcome,
-                 detail=detail)
+                 detail={"note": detail} if detail else None)
 
 
 # ---- custodians ---------------------------------------------------------------------------
