@@ -1,7 +1,222 @@
-"""`kms` commands for access."""
+"""`kms principals …`, `kms approve`, `kms keys rotate --manual`, `kms token …`, `kms audit …`
+(issue 3: A1–A4). Thin wrappers over core.access / core.audit."""
 
-import click  # noqa: F401
+import os
+
+import click
+
+
+def _actor() -> str:
+    return os.environ.get("KMS_ACTOR") or os.environ.get("USER") or "operator"
 
 
 def register(cli) -> None:
-    """Attach this area's commands to the top-level `kms` group."""
+    from ..cli import EXIT_FAILED, emit_json, get_context
+
+    # ------------------------------------------------------------ principals
+    @cli.group()
+    def principals():
+        """Human and workload principals, their roles and TOTP enrolment (A1, A2)."""
+
+    @principals.command("add")
+    @click.argument("name")
+    @click.option("--role", "roles", multiple=True,
+                  type=click.Choice(["sre_oncall", "security_engineering", "compliance_officer"]),
+                  help="Role of a human principal (repeatable).")
+    @click.option("--workload", is_flag=True, help="Register a workload principal declared in the policy.")
+    @click.pass_context
+    def principals_add(ctx, name, roles, workload):
+        """Enrol NAME. For a human, prints the TOTP provisioning URI once: scan it now."""
+        from ..core import access
+
+        kms = get_context(ctx)
+        e = access.enroll_principal(kms, name, roles, kind="workload" if workload else "human", actor=_actor())
+        click.echo(f"enrolled {e.kind} principal {e.name}" + (f" with roles {', '.join(e.roles)}" if e.roles else ""))
+        if e.provisioning_uri:
+            # The only time the secret is shown: to this terminal, never to a log or the database.
+            click.echo("TOTP provisioning URI (shown once; add it to the principal's authenticator):")
+            click.echo(e.provisioning_uri)
+
+    @principals.command("list")
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def principals_list(ctx, as_json):
+        """Every principal with its roles and permissions."""
+        from ..core import access
+
+        rows = access.list_principals(get_context(ctx))
+        if as_json:
+            emit_json(rows)
+            return
+        for r in rows:
+            click.echo(f"{r['name']:32} {r['kind']:8} {','.join(r['roles']) or '-':40} {','.join(r['permissions'])}")
+
+    # ------------------------------------------------------------ approvals
+    @cli.command("approve")
+    @click.option("--ticket", required=True, help="Change ticket the approval is bound to.")
+    @click.option("--operation", required=True,
+                  type=click.Choice(["rotate", "revoke", "destroy", "break-glass", "export"]))
+    @click.option("--target", default=None,
+                  help="Key (or key#vN / package id). Default: the one open request for ticket+operation.")
+    @click.option("--as", "approver", required=True, help="Approving principal.")
+    @click.option("--totp", required=True, help="Current TOTP code of the approving principal.")
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def approve(ctx, ticket, operation, target, approver, totp, as_json):
+        """Record a dual-control approval (A4), verified by the approver's TOTP code."""
+        from ..core import access
+
+        info = access.approve(get_context(ctx), approver, ticket=ticket, operation=operation, totp=totp,
+                              target=target)
+        if as_json:
+            emit_json(info.__dict__)
+        else:
+            click.echo(f"approval {info.id} by {info.approver}: {info.operation} of {info.target} under "
+                       f"{info.ticket} ({info.have}/{info.required}), expires {info.expires_at.isoformat()}")
+
+    # ------------------------------------------------ keys rotate --manual
+    keys_group = cli.commands["keys"]
+    plain_rotate = keys_group.commands["rotate"]
+
+    @click.pass_context
+    def rotate(ctx, manual, ticket, requested_by, **kwargs):
+        if not manual:
+            if ticket or requested_by:
+                raise click.UsageError("--ticket/--requested-by go with --manual")
+            return ctx.invoke(plain_rotate.callback, **kwargs)
+        if not ticket or not requested_by:
+            raise click.UsageError("--manual needs --ticket and --requested-by")
+        if kwargs.get("if_due"):
+            raise click.UsageError("--manual and --if-due exclude each other")
+        from dataclasses import asdict
+
+        from ..core import access
+
+        o = access.manual_rotate(get_context(ctx), kwargs["key"], ticket=ticket, requested_by=requested_by)
+        if kwargs.get("as_json"):
+            emit_json({**asdict(o.result), "approvers": o.approvers, "ticket": o.ticket, "requester": o.requester,
+                       "notification_failures": o.notification_failures})
+            return
+        r = o.result
+        click.echo(f"rotated {r.key}: v{r.old_version} -> v{r.new_version} (manual, ticket {o.ticket}, requested by "
+                   f"{o.requester}, approved by {', '.join(o.approvers)})")
+        for f in o.notification_failures:
+            click.echo(f"warning: compliance notification failed: {f}", err=True)
+
+    manual_rotate_cmd = click.Command(
+        "rotate", callback=rotate, help=(plain_rotate.help or "") +
+        "\n\nWith --manual the rotation is a dual-controlled manual operation (A4): it runs only once two "
+        "distinct principals other than the requester have approved it for this ticket (`kms approve`).",
+        params=list(plain_rotate.params) + [
+            click.Option(["--manual"], is_flag=True, help="Manual rotation under dual control."),
+            click.Option(["--ticket"], default=None, help="Change ticket (with --manual)."),
+            click.Option(["--requested-by"], "requested_by", default=None, help="Requesting principal (with --manual)."),
+        ])
+    keys_group.add_command(manual_rotate_cmd, "rotate")
+
+    # ------------------------------------------------------------ tokens
+    @cli.group()
+    def token():
+        """Short-lived workload tokens (A2)."""
+
+    @token.command("issue")
+    @click.argument("principal")
+    @click.option("--ttl-minutes", type=float, default=None, help="Lifetime (default and maximum: the policy cap).")
+    @click.pass_context
+    def token_issue(ctx, principal, ttl_minutes):
+        """Print a signed token for workload PRINCIPAL (a bearer credential: handle it as a secret)."""
+        from ..core import access
+
+        click.echo(access.issue_workload_token(get_context(ctx).as_actor(_actor()), principal, ttl_minutes))
+
+    @token.command("verify")
+    @click.argument("token_text", metavar="TOKEN")
+    @click.pass_context
+    def token_verify(ctx, token_text):
+        """Exit 0 if TOKEN is a valid, unexpired workload token."""
+        from ..core import access
+
+        c = access.verify_workload_token(get_context(ctx), token_text)
+        click.echo(f"valid token for {c.sub}, expires at {c.exp} (jti {c.jti})")
+
+    # ------------------------------------------------------------ audit
+    @cli.group()
+    def audit():
+        """The hash-chained audit log of every KMS operation and its anomalies (A3)."""
+
+    @audit.command("verify")
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def audit_verify(ctx, as_json):
+        """Recompute the audit chain; exit 1 naming the first bad seq."""
+        from ..core import audit as audit_mod
+
+        result = audit_mod.verify(get_context(ctx))
+        if as_json:
+            emit_json(result.to_dict())
+        elif result.ok:
+            click.echo(f"audit log intact: {result.count} events, head {result.head_hash[:16]}…")
+        else:
+            click.echo(f"audit log BROKEN at seq {result.first_bad_seq}: {result.problem}", err=True)
+        if not result.ok:
+            ctx.exit(EXIT_FAILED)
+
+    @audit.command("events")
+    @click.option("--limit", default=50, show_default=True)
+    @click.option("--actor", default=None)
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def audit_events(ctx, limit, actor, as_json):
+        """The newest audit events."""
+        from ..core import audit as audit_mod
+
+        rows = [{"seq": e.seq, "at": e.at, "actor": e.actor, "operation": e.operation, "target": e.target,
+                 "outcome": e.outcome, "detail": e.detail}
+                for e in audit_mod.events(get_context(ctx), limit=limit, actor=actor)]
+        if as_json:
+            emit_json(rows)
+            return
+        for r in rows:
+            click.echo(f"{r['seq']:>7} {r['at']:%Y-%m-%d %H:%M:%S} {r['actor']:28} {r['operation']:16} "
+                       f"{(r['target'] or '-'):40} {r['outcome']}")
+
+    @audit.command("anomalies")
+    @click.option("--refresh/--no-refresh", default=True, show_default=True, help="Run detection first.")
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def audit_anomalies(ctx, refresh, as_json):
+        """Detected anomalies; exit 1 while high-severity ones are unreviewed."""
+        from ..core import audit as audit_mod
+
+        kms = get_context(ctx)
+        if refresh:
+            audit_mod.refresh_anomalies(kms)
+        rows = [_anomaly_dict(a) for a in audit_mod.list_anomalies(kms)]
+        pending = audit_mod.unreviewed(kms)
+        if as_json:
+            emit_json({"anomalies": rows, "unreviewed_high": [a.id for a in pending]})
+        else:
+            for r in rows:
+                click.echo(f"{r['id']:>5} {r['severity']:6} {r['kind']:26} {(r['principal'] or '-'):28} "
+                           f"{r['count']:>6} {'reviewed by ' + r['reviewed_by'] if r['reviewed_by'] else 'UNREVIEWED'}")
+            click.echo(f"{len(pending)} unreviewed anomalies that need review")
+        if pending:
+            ctx.exit(EXIT_FAILED)
+
+    @audit.command("review")
+    @click.argument("anomaly_id", type=int)
+    @click.option("--as", "principal", required=True, help="Reviewing principal (needs 'read').")
+    @click.option("--note", default=None)
+    @click.pass_context
+    def audit_review(ctx, anomaly_id, principal, note):
+        """Mark anomaly ANOMALY_ID reviewed."""
+        from ..core import audit as audit_mod
+
+        row = audit_mod.review(get_context(ctx), anomaly_id, principal, note)
+        click.echo(f"anomaly {row.id} ({row.kind}, {row.severity}) reviewed by {row.reviewed_by}")
+
+
+def _anomaly_dict(a) -> dict:
+    return {"id": a.id, "kind": a.kind, "severity": a.severity, "principal": a.principal,
+            "window_start": a.window_start, "window_end": a.window_end, "count": a.count, "detail": a.detail,
+            "reviewed_by": a.reviewed_by, "reviewed_at": a.reviewed_at}

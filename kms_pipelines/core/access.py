@@ -1,0 +1,702 @@
+"""Principals, roles, dual-control approvals with TOTP, and short-lived workload identities
+(policy clauses A1, A2, A4).
+
+* **Principals** (A1): humans hold roles from the policy (``sre_oncall``,
+  ``security_engineering``, ``compliance_officer``); the permission matrix
+  ``access.permissions`` maps each operation to the roles that may perform it. Workload
+  principals (``workload:<name>``) are declared in ``access.workload_principals`` with the
+  operations each may perform. A refusal names the missing permission and is audited.
+* **TOTP** (A2): each human is enrolled with a TOTP secret (pyotp), stored *sealed* by the
+  keystore (``SEAL_REF``, AES-GCM, bound to the principal's name) — never in clear in the
+  database. A code is accepted within ``totp_window_steps`` steps of now, and only for a
+  time-step newer than the last one accepted (a replayed code is refused). FIDO2 cannot run
+  on this machine (no authenticator); approvals enforce TOTP.
+* **Dual control** (A4): a manual operation runs only with ``approvals_required`` approvals
+  from distinct principals holding ``approve``, none of them the requester, each bound to
+  exactly (operation, target, ticket), unexpired (``approval_ttl_minutes``) and single-use.
+  ``consume_approvals`` marks them used in the caller's transaction.
+* **Workload tokens** (A2): ``issue_workload_token`` signs canonical JSON claims
+  (sub, iat, exp, jti) with an Ed25519 key held in the keystore (``SIGNING_REF``); TTL is
+  capped by ``workload_token_ttl_minutes``. The audited keystore checks the token before
+  each operation and a ``WorkloadIdentity`` re-issues it before expiry.
+
+Every time comes from ``ctx.clock``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import secrets
+import threading
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Sequence
+
+import pyotp
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from . import audit
+from .canonical import canonical_bytes
+from .clock import utc
+from .context import KmsContext
+from .db.models_access import Approval, ApprovalRequest, Principal
+from .keystore import AES_256, ED25519, KeyExists, KeyNotFound, verify_signature
+from .keystore.audited import AuditedKeyStore, unwrap
+
+SEAL_REF = "kms-access.totp-seal"
+SIGNING_REF = "kms-access.workload-signing"
+TOKEN_PREFIX = "kmswt1"
+_TOKEN_CONTEXT = b"kms-workload-token/1\n"
+CLOCK_SKEW_SECONDS = 60
+ISSUER = "kms-pipelines"
+
+# audit/keystore operation -> the permission (policy key) it needs
+_PERMISSION_FOR = {
+    "generate": "rotate", "rewrap": "rotate", "rotate": "rotate",
+    "encrypt": "encrypt", "wrap": "encrypt",
+    "decrypt": "decrypt", "sign": "sign",
+    "export": "export", "import": "break-glass", "break-glass": "break-glass",
+    "destroy": "destroy", "revoke": "revoke", "approve": "approve", "read": "read",
+}
+
+
+class AccessDenied(ValueError):
+    """A refused operation; the message names what is missing. Nothing was changed."""
+
+    def __init__(self, message: str, *, reason: str = "permission", principal: str | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.principal = principal
+
+
+def permission_for(operation: str) -> str | None:
+    return _PERMISSION_FOR.get(operation)
+
+
+# ---- principals ---------------------------------------------------------------------
+
+@dataclass
+class Enrolment:
+    name: str
+    kind: str
+    roles: list[str]
+    provisioning_uri: str | None  # shown once, to the operator enrolling the principal
+
+    def __repr__(self) -> str:  # the URI holds the secret: keep it out of reprs and logs
+        return f"Enrolment(name={self.name!r}, kind={self.kind!r}, roles={self.roles!r})"
+
+
+def _seal(ctx: KmsContext, name: str, secret: str) -> bytes:
+    ks = ctx.keystore
+    if not ks.exists(SEAL_REF):
+        try:
+            ks.generate(SEAL_REF, AES_256)
+        except KeyExists:
+            pass  # created concurrently
+    return ks.encrypt(SEAL_REF, secret.encode(), aad=f"kms-totp|{name}".encode())
+
+
+def _unseal(ctx: KmsContext, p: Principal) -> str:
+    return ctx.keystore.decrypt(SEAL_REF, p.totp_sealed, aad=f"kms-totp|{p.name}".encode()).decode()
+
+
+def enroll_principal(ctx: KmsContext, name: str, roles: Sequence[str] = (), *, kind: str = "human",
+                     actor: str | None = None) -> Enrolment:
+    """Add a principal. Humans get roles and a TOTP enrolment whose provisioning URI is
+    returned once; workloads must be declared in the policy and get no secret."""
+    actor = actor or ctx.actor
+    roles = sorted(set(roles))
+    pol = ctx.policy.access
+    if kind not in ("human", "workload"):
+        raise AccessDenied(f"principal kind must be human or workload, got {kind!r}", reason="invalid")
+    if not name or name != name.strip() or len(name) > 200:
+        raise AccessDenied(f"invalid principal name {name!r}", reason="invalid")
+    if kind == "human":
+        if name.startswith("workload:"):
+            raise AccessDenied("human principals may not be named workload:*", reason="invalid")
+        bad = [r for r in roles if r not in pol.roles]
+        if not roles or bad:
+            raise AccessDenied(f"human principals need roles from {pol.roles}; got {roles}", reason="invalid")
+    else:
+        if name not in pol.workload_principals:
+            raise AccessDenied(f"workload principal {name!r} is not declared in the policy "
+                               f"(access.workload_principals)", reason="invalid")
+        if roles:
+            raise AccessDenied("workload principals take their operations from the policy, not roles",
+                               reason="invalid")
+    secret = pyotp.random_base32() if kind == "human" else None
+    sealed = _seal(ctx, name, secret) if secret else None
+    now = ctx.now()
+    with ctx.transaction() as s:
+        if s.scalars(select(Principal).where(Principal.name == name)).first() is not None:
+            raise AccessDenied(f"principal {name!r} already exists", reason="invalid")
+        s.add(Principal(name=name, kind=kind, roles=roles, totp_sealed=sealed, created_at=now))
+        s.flush()
+        audit.record(s, at=now, operation="principal.add", actor=actor, target=name, outcome="ok",
+                     detail={"kind": kind, "roles": roles})
+    uri = (pyotp.TOTP(secret, interval=pol.totp_interval_seconds).provisioning_uri(name=name, issuer_name=ISSUER)
+           if secret else None)
+    return Enrolment(name, kind, roles, uri)
+
+
+def _principal(session: Session, name: str, *, lock: bool = False) -> Principal | None:
+    q = select(Principal).where(Principal.name == name)
+    if lock:
+        q = q.with_for_update()
+    return session.scalars(q).first()
+
+
+def role_permissions(ctx: KmsContext, roles: Sequence[str]) -> frozenset[str]:
+    return frozenset(op for op, allowed in ctx.policy.access.permissions.items() if set(roles) & set(allowed))
+
+
+def known_permissions(session: Session | None, ctx: KmsContext, name: str) -> frozenset[str] | None:
+    """The permissions of ``name``, or None if it is no known principal."""
+    wl = ctx.policy.access.workload_principals
+    if name in wl:
+        return frozenset(wl[name])
+    if session is None:
+        with ctx.transaction() as s:
+            return known_permissions(s, ctx, name)
+    p = _principal(session, name)
+    if p is None or p.kind != "human":
+        return None
+    if p.disabled_at is not None:
+        return frozenset()
+    return role_permissions(ctx, p.roles)
+
+
+def _missing_permission(ctx: KmsContext, principal: str, operation: str, granted: frozenset | None) -> str:
+    if granted is None:
+        return f"unknown principal {principal!r}: it lacks permission '{operation}' (enrol it with `kms principals add`)"
+    if principal in ctx.policy.access.workload_principals:
+        return (f"workload principal {principal!r} lacks permission '{operation}' "
+                f"(access.workload_principals allows {sorted(granted)})")
+    roles = ctx.policy.access.permissions.get(operation, [])
+    return f"{principal!r} lacks permission '{operation}' (granted to roles: {', '.join(roles) or 'none'})"
+
+
+def require_permission(ctx: KmsContext, principal: str, operation: str, *, target: str | None = None,
+                       session: Session | None = None) -> None:
+    """Refuse (AccessDenied naming the missing permission, audited) unless ``principal``
+    holds ``operation``. Pass the caller's ``session`` when inside a transaction."""
+    if operation not in ctx.policy.access.permissions:
+        raise AccessDenied(f"unknown operation {operation!r}; the policy knows {sorted(ctx.policy.access.permissions)}",
+                           reason="invalid")
+    granted = known_permissions(session, ctx, principal)
+    if granted is not None and operation in granted:
+        return
+    message = _missing_permission(ctx, principal, operation, granted)
+    audit.emit(ctx, at=ctx.now(), operation=operation, actor=principal, target_ref=target, outcome="denied",
+               detail={"reason": "permission", "missing": operation})
+    raise AccessDenied(message, reason="permission", principal=principal)
+
+
+def list_principals(ctx: KmsContext) -> list[dict]:
+    with ctx.transaction() as s:
+        rows = [{"name": p.name, "kind": p.kind, "roles": list(p.roles),
+                 "permissions": sorted(role_permissions(ctx, p.roles)) if p.kind == "human" else
+                 sorted(ctx.policy.access.workload_principals.get(p.name, [])),
+                 "totp_enrolled": p.totp_sealed is not None, "disabled": p.disabled_at is not None}
+                for p in s.scalars(select(Principal).order_by(Principal.name))]
+    enrolled = {r["name"] for r in rows}
+    for name, ops in sorted(ctx.policy.access.workload_principals.items()):
+        if name not in enrolled:
+            rows.append({"name": name, "kind": "workload", "roles": [], "permissions": sorted(ops),
+                         "totp_enrolled": False, "disabled": False})
+    return rows
+
+
+# ---- TOTP ---------------------------------------------------------------------------
+
+def _verify_totp(ctx: KmsContext, p: Principal, code: str) -> int:
+    """The time-step ``code`` matches (and record it), or AccessDenied. Runs under the
+    principal's row lock so two uses of one code cannot both pass."""
+    pol = ctx.policy.access
+    if p.totp_sealed is None:
+        raise AccessDenied(f"{p.name!r} has no TOTP enrolment", reason="totp", principal=p.name)
+    code = (code or "").strip()
+    if not code.isdigit():
+        raise AccessDenied(f"TOTP code for {p.name!r} must be digits", reason="totp", principal=p.name)
+    totp = pyotp.TOTP(_unseal(ctx, p), interval=pol.totp_interval_seconds)
+    now_step = int(ctx.now().timestamp()) // pol.totp_interval_seconds
+    matched = None
+    for step in range(now_step + pol.totp_window_steps, now_step - pol.totp_window_steps - 1, -1):
+        if hmac.compare_digest(totp.generate_otp(step), code):
+            matched = step
+            break
+    if matched is None:
+        raise AccessDenied(f"TOTP code for {p.name!r} is wrong or stale (accepted within "
+                           f"±{pol.totp_window_steps} step(s) of {pol.totp_interval_seconds}s)",
+                           reason="totp", principal=p.name)
+    if p.totp_last_step is not None and matched <= p.totp_last_step:
+        raise AccessDenied(f"TOTP code for {p.name!r} was already used (replayed code refused)",
+                           reason="totp_replay", principal=p.name)
+    p.totp_last_step = matched
+    return matched
+
+
+# ---- simulation ---------------------------------------------------------------------
+
+_SIMULATED: set[tuple[str, str]] = set()
+
+
+def _is_simulated(ctx: KmsContext, name: str) -> bool:
+    return (str(ctx.engine.url), name) in _SIMULATED
+
+
+def simulation_approvers(ctx: KmsContext, names: Sequence[str], role: str = "security_engineering") -> None:
+    """Enrol ``names`` (if needed) as approvers for ``kms simulate``. Only this process may
+    approve as them without a TOTP code (simulated days approve many operations in one
+    time-step); the exemption lives in memory, never in the database, and each such
+    approval is audited as simulated."""
+    with ctx.transaction() as s:
+        existing = set(s.scalars(select(Principal.name).where(Principal.name.in_(list(names)))))
+    for name in names:
+        if name not in existing:
+            enroll_principal(ctx, name, [role], actor="kms-simulate")
+        _SIMULATED.add((str(ctx.engine.url), name))
+
+
+# ---- approvals ----------------------------------------------------------------------
+
+@dataclass
+class ApprovalInfo:
+    id: int
+    operation: str
+    target: str
+    ticket: str
+    approver: str
+    expires_at: datetime
+    have: int
+    required: int
+
+
+def _check_binding(ctx: KmsContext, operation: str, ticket: str) -> None:
+    ops = ctx.policy.access.manual_operations
+    if operation not in ops:
+        raise AccessDenied(f"operation {operation!r} takes no approvals; manual operations are {ops}",
+                           reason="invalid")
+    if not ticket or not ticket.strip():
+        raise AccessDenied("a change ticket is required", reason="invalid")
+
+
+def _open_requests(session: Session, operation: str, ticket: str, target: str | None = None) -> list[ApprovalRequest]:
+    q = select(ApprovalRequest).where(ApprovalRequest.operation == operation, ApprovalRequest.ticket == ticket,
+                                      ApprovalRequest.completed_at.is_(None))
+    if target is not None:
+        q = q.where(ApprovalRequest.target == target)
+    return list(session.scalars(q.order_by(ApprovalRequest.id)))
+
+
+def request_approval(ctx: KmsContext, *, operation: str, target: str, ticket: str, requester: str) -> int:
+    """Record (idempotently) that ``requester`` asks to run ``operation`` on ``target`` under
+    ``ticket``, so approvers can find it by ticket and operation."""
+    _check_binding(ctx, operation, ticket)
+    now = ctx.now()
+    with ctx.transaction() as s:
+        for r in _open_requests(s, operation, ticket, target):
+            if r.requester == requester:
+                return r.id
+        row = ApprovalRequest(operation=operation, target=target, ticket=ticket, requester=requester,
+                              requested_at=now)
+        s.add(row)
+        s.flush()
+        audit.record(s, at=now, operation="approval.request", actor=requester, target=target, outcome="ok",
+                     detail={"ticket": ticket, "for": operation})
+        return row.id
+
+
+def approve(ctx: KmsContext, approver: str | None = None, *, ticket: str, operation: str,
+            totp: str | None = None, target: str | None = None) -> ApprovalInfo:
+    """Record ``approver``'s TOTP-verified approval of (operation, target, ticket).
+
+    Without ``target`` the approval binds to the one open request for (operation, ticket).
+    A TOTP code is required, except for principals this very process enrolled through
+    ``simulation_approvers`` (``kms simulate``).
+    """
+    if not approver:
+        raise AccessDenied("an approval names its approver (--as)", reason="invalid")
+    now = ctx.now()
+    pol = ctx.policy.access
+    try:
+        _check_binding(ctx, operation, ticket)
+        with ctx.transaction() as s:
+            p = _principal(s, approver, lock=True)
+            if p is None or p.kind != "human":
+                raise AccessDenied(f"unknown principal {approver!r}: approvals come from enrolled humans",
+                                   reason="permission", principal=approver)
+            granted = known_permissions(s, ctx, approver)
+            if "approve" not in granted:
+                raise AccessDenied(_missing_permission(ctx, approver, "approve", granted), reason="permission",
+                                   principal=approver)
+            requests = _open_requests(s, operation, ticket, target)
+            if target is None:
+                targets = sorted({r.target for r in requests})
+                if len(targets) != 1:
+                    raise AccessDenied(
+                        f"no open request for {operation} under ticket {ticket!r}; name the target with --target"
+                        if not targets else f"ticket {ticket!r} has requests for {targets}; name one with --target",
+                        reason="invalid", principal=approver)
+                target = targets[0]
+            if any(r.requester == approver for r in requests if r.target == target):
+                raise AccessDenied(f"{approver!r} requested {operation} of {target} and may not approve it "
+                                   f"(self-approval refused)", reason="self_approval", principal=approver)
+            mine = s.scalars(select(Approval).where(
+                Approval.operation == operation, Approval.target == target, Approval.ticket == ticket,
+                Approval.approver == approver, Approval.used_at.is_(None), Approval.expires_at > now)).first()
+            if mine is not None:
+                raise AccessDenied(f"{approver!r} has already approved {operation} of {target} under {ticket!r} "
+                                   f"(one approver counts once)", reason="duplicate", principal=approver)
+            if totp is None and _is_simulated(ctx, approver):
+                step = -1
+            else:
+                step = _verify_totp(ctx, p, totp or "")
+            row = Approval(operation=operation, target=target, ticket=ticket, approver=approver, approved_at=now,
+                           expires_at=now + timedelta(minutes=pol.approval_ttl_minutes), totp_step=step)
+            s.add(row)
+            s.flush()
+            have = len(set(s.scalars(select(Approval.approver).where(
+                Approval.operation == operation, Approval.target == target, Approval.ticket == ticket,
+                Approval.used_at.is_(None), Approval.expires_at > now))))
+            audit.record(s, at=now, operation="approve", actor=approver, target=target, outcome="ok",
+                         detail={"ticket": ticket, "for": operation, "approval_id": row.id,
+                                 **({"simulated": True} if step == -1 else {})})
+            return ApprovalInfo(row.id, operation, target, ticket, approver, utc(row.expires_at), have,
+                                pol.approvals_required)
+    except AccessDenied as exc:
+        audit.emit(ctx, at=now, operation="approve", actor=approver, target_ref=target, outcome="denied",
+                   detail={"reason": exc.reason, "ticket": ticket, "for": operation, "problem": str(exc)})
+        raise
+
+
+def _usable_approvals(session: Session, ctx: KmsContext, *, operation: str, target: str, ticket: str,
+                      requester: str, lock: bool) -> tuple[list[Approval], list[str], int]:
+    now = ctx.now()
+    q = select(Approval).where(Approval.operation == operation, Approval.target == target,
+                               Approval.ticket == ticket).order_by(Approval.approved_at, Approval.id)
+    if lock:
+        q = q.with_for_update()
+    valid: list[Approval] = []
+    ignored: list[str] = []
+    used = 0
+    for a in session.scalars(q):
+        if a.used_at is not None:
+            used += 1
+            continue
+        if utc(a.expires_at) <= now:
+            ignored.append(f"{a.approver} (expired)")
+        elif a.approver == requester:
+            ignored.append(f"{a.approver} (the requester)")
+        elif any(v.approver == a.approver for v in valid):
+            ignored.append(f"{a.approver} (counted once)")
+        elif "approve" not in (known_permissions(session, ctx, a.approver) or frozenset()):
+            ignored.append(f"{a.approver} (lacks permission 'approve')")
+        else:
+            valid.append(a)
+    return valid, ignored, used
+
+
+def check_approvals(session: Session, ctx: KmsContext, *, operation: str, target: str, ticket: str,
+                    requester: str, lock: bool = False) -> list[Approval]:
+    """The approvals that would be consumed, or AccessDenied naming what is missing."""
+    _check_binding(ctx, operation, ticket)
+    need = ctx.policy.access.approvals_required
+    valid, ignored, used = _usable_approvals(session, ctx, operation=operation, target=target, ticket=ticket,
+                                             requester=requester, lock=lock)
+    if len(valid) < need:
+        parts = [f"{operation} of {target} under ticket {ticket!r} needs {need} approvals from distinct principals "
+                 f"holding 'approve', none of them the requester {requester!r}; "
+                 f"has {len(valid)}" + (f" ({', '.join(a.approver for a in valid)})" if valid else "")]
+        if ignored:
+            parts.append("not counted: " + ", ".join(ignored))
+        if used:
+            parts.append(f"{used} approval(s) for this ticket were already used (approvals are single-use)")
+        parts.append(f"missing {need - len(valid)}: `kms approve --ticket {ticket} --operation {operation} "
+                     f"--target {target} --as PRINCIPAL --totp CODE`")
+        raise AccessDenied("; ".join(parts), reason="approval", principal=requester)
+    return valid[:need]
+
+
+def consume_approvals(session: Session, ctx: KmsContext, *, operation: str, target: str, ticket: str,
+                      requester: str) -> list[str]:
+    """Check and mark used (in the caller's transaction) the approvals for exactly
+    (operation, target, ticket); return the approvers' names. Refusals are audited."""
+    now = ctx.now()
+    try:
+        chosen = check_approvals(session, ctx, operation=operation, target=target, ticket=ticket,
+                                 requester=requester, lock=True)
+    except AccessDenied as exc:
+        audit.emit(ctx, at=now, operation=operation, actor=requester, target_ref=target, outcome="denied",
+                   detail={"reason": exc.reason, "ticket": ticket, "manual": True, "problem": str(exc)})
+        raise
+    tag = f"{requester}:{operation}:{target}"[:300]
+    for a in chosen:
+        a.used_at, a.used_by_request = now, tag
+    for r in _open_requests(session, operation, ticket, target):
+        r.completed_at = now
+    approvers = sorted(a.approver for a in chosen)
+    session.flush()
+    audit.record(session, at=now, operation="approval.consume", actor=requester, target=target, outcome="ok",
+                 detail={"ticket": ticket, "for": operation, "approvers": approvers})
+    return approvers
+
+
+# ---- manual operations --------------------------------------------------------------
+
+@dataclass
+class ManualOutcome:
+    operation: str
+    target: str
+    ticket: str
+    requester: str
+    approvers: list[str]
+    result: object = None
+    notification_failures: list[str] = field(default_factory=list)
+
+
+def manual_rotate(ctx: KmsContext, key: str, *, ticket: str, requested_by: str, reason: str = "manual"
+                  ) -> ManualOutcome:
+    """Rotate ``key`` as a manual operation: only with complete approvals, which are consumed
+    in the rotation's own transaction; the ledger entries record requester, approvers, ticket."""
+    from . import lifecycle
+
+    lifecycle.validate_key_name(ctx, key)
+    with ctx.transaction() as s:
+        lifecycle.get_key(s, key)
+    require_permission(ctx, requested_by, "rotate", target=key)
+    request_approval(ctx, operation="rotate", target=key, ticket=ticket, requester=requested_by)
+    with ctx.transaction() as s:
+        try:
+            approvers = sorted(a.approver for a in check_approvals(
+                s, ctx, operation="rotate", target=key, ticket=ticket, requester=requested_by))
+        except AccessDenied as exc:
+            denied = exc
+        else:
+            denied = None
+    if denied is not None:  # audited outside the (read) transaction above
+        audit.emit(ctx, at=ctx.now(), operation="rotate", actor=requested_by, target_ref=key, outcome="denied",
+                   detail={"reason": denied.reason, "ticket": ticket, "manual": True, "problem": str(denied)})
+        raise denied
+
+    def consume(session, _key, _new, _old):
+        got = consume_approvals(session, ctx, operation="rotate", target=key, ticket=ticket, requester=requested_by)
+        if got != approvers:
+            raise AccessDenied(f"approvals for {key} under {ticket!r} changed while rotating; run it again",
+                               reason="approval", principal=requested_by)
+
+    result = lifecycle.rotate(ctx.as_actor(requested_by), key, actor=requested_by, reason=reason,
+                              approvers=approvers, ticket=ticket, after_rotate=consume)
+    outcome = ManualOutcome("rotate", key, ticket, requested_by, approvers, result)
+    outcome.notification_failures = _notify_manual(ctx, outcome)
+    return outcome
+
+
+def _notify_manual(ctx: KmsContext, o: ManualOutcome) -> list[str]:
+    """A4: tell the compliance lists. A failed delivery is reported, never raised."""
+    if ctx.notifier is None:
+        return ["no notifier configured"]
+    from .notify import Notification, failures
+
+    n = ctx.policy.notifications
+    r = o.result
+    body = (f"Manual {o.operation} of {o.target} under change ticket {o.ticket}.\n"
+            f"Requested by: {o.requester}\nApproved by: {', '.join(o.approvers)}\n"
+            + (f"Versions: v{r.old_version} -> v{r.new_version}\n" if getattr(r, "new_version", None) else "")
+            + f"At: {ctx.now().isoformat()}\n")
+    try:
+        results = ctx.notifier.send(Notification(
+            subject=f"KMS manual {o.operation}: {o.target} ({o.ticket})", body=body,
+            recipients=list(n.compliance_emails), slack_channels=list(n.slack_channels), severity="notice",
+            kind=f"manual_{o.operation.replace('-', '_')}", ref=o.ticket))
+    except Exception as exc:  # noqa: BLE001 - reported to the caller
+        return [f"{type(exc).__name__}: {exc}"]
+    return [f"{f.channel}: {f.error}" for f in failures(results)]
+
+
+# ---- workload tokens ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WorkloadClaims:
+    sub: str
+    iat: int
+    exp: int
+    jti: str
+
+    def __repr__(self) -> str:
+        return f"WorkloadClaims(sub={self.sub!r}, iat={self.iat}, exp={self.exp}, jti={self.jti!r})"
+
+
+def _b64u(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64u(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _signing_key(ctx: KmsContext, create: bool = True) -> tuple[object, bytes]:
+    ks = unwrap(ctx.keystore)
+    if not ks.exists(SIGNING_REF):
+        if not create:
+            raise KeyNotFound("no workload signing key")
+        try:
+            ks.generate(SIGNING_REF, ED25519)
+            audit.emit(ctx, at=ctx.now(), operation="generate", actor=ctx.actor, target_ref=SIGNING_REF,
+                       outcome="ok", detail={"algorithm": ED25519, "purpose": "workload tokens"})
+        except KeyExists:
+            pass
+    return ks, ks.public_key(SIGNING_REF)
+
+
+def issue_workload_token(ctx: KmsContext, principal: str, ttl_minutes: float | None = None) -> str:
+    """A signed token for ``principal`` valid ``ttl_minutes`` (default and maximum: the policy cap)."""
+    cap = ctx.policy.access.workload_token_ttl_minutes
+    ttl = cap if ttl_minutes is None else ttl_minutes
+    now = ctx.now()
+    try:
+        if principal not in ctx.policy.access.workload_principals:
+            raise AccessDenied(f"{principal!r} is not a workload principal declared in the policy",
+                               reason="token", principal=principal)
+        if not 0 < ttl <= cap:
+            raise AccessDenied(f"requested token TTL of {ttl:g} min exceeds the policy cap of {cap} min (A2)"
+                               if ttl > cap else f"token TTL must be positive, got {ttl:g}",
+                               reason="token_ttl", principal=principal)
+    except AccessDenied as exc:
+        audit.emit(ctx, at=now, operation="token.issue", actor=ctx.actor, target_ref=principal, outcome="denied",
+                   detail={"reason": exc.reason, "ttl_minutes": str(ttl)})
+        raise
+    ks, _ = _signing_key(ctx)
+    iat = int(now.timestamp())
+    claims = {"iss": ISSUER, "sub": principal, "iat": iat, "exp": iat + int(ttl * 60), "jti": secrets.token_hex(8),
+              "kid": SIGNING_REF}
+    payload = canonical_bytes(claims)
+    signature = ks.sign(SIGNING_REF, _TOKEN_CONTEXT + payload)
+    audit.emit(ctx, at=now, operation="token.issue", actor=ctx.actor, target_ref=principal, outcome="ok",
+               detail={"jti": claims["jti"], "exp": claims["exp"], "ttl_seconds": claims["exp"] - iat})
+    return f"{TOKEN_PREFIX}.{_b64u(payload)}.{_b64u(signature)}"
+
+
+def _forged(why: str) -> AccessDenied:
+    return AccessDenied(f"workload token refused: {why}", reason="token")
+
+
+def _verify_signed(ctx: KmsContext, token: str) -> WorkloadClaims:
+    """Shape, signature and lifetime cap; not the current time (see ``_check_time``)."""
+    parts = token.split(".") if isinstance(token, str) else []
+    if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
+        raise _forged("malformed token")
+    try:
+        payload, signature = _unb64u(parts[1]), _unb64u(parts[2])
+        claims = json.loads(payload)
+    except (binascii.Error, ValueError):
+        raise _forged("malformed token") from None
+    try:
+        _, public = _signing_key(ctx, create=False)
+    except KeyNotFound:
+        raise _forged("no signing key") from None
+    if not verify_signature(public, _TOKEN_CONTEXT + payload, signature):
+        raise _forged("signature does not verify (forged or altered token)")
+    try:
+        c = WorkloadClaims(str(claims["sub"]), int(claims["iat"]), int(claims["exp"]), str(claims["jti"]))
+    except (KeyError, TypeError, ValueError):
+        raise _forged("claims incomplete") from None
+    if claims.get("iss") != ISSUER:
+        raise _forged("wrong issuer")
+    cap = ctx.policy.access.workload_token_ttl_minutes
+    if c.exp - c.iat > cap * 60:
+        raise AccessDenied(f"workload token refused: lifetime of {(c.exp - c.iat) / 60:g} min exceeds the policy "
+                           f"cap of {cap} min (A2)", reason="token_ttl", principal=c.sub)
+    if c.sub not in ctx.policy.access.workload_principals:
+        raise AccessDenied(f"workload token refused: {c.sub!r} is not a workload principal", reason="token",
+                           principal=c.sub)
+    return c
+
+
+def _check_time(ctx: KmsContext, c: WorkloadClaims) -> WorkloadClaims:
+    now = ctx.now().timestamp()
+    if now >= c.exp:
+        raise AccessDenied(f"workload token for {c.sub!r} expired at {datetime.fromtimestamp(c.exp, tz=utc(ctx.now()).tzinfo).isoformat()}",
+                           reason="token_expired", principal=c.sub)
+    if c.iat > now + CLOCK_SKEW_SECONDS:
+        raise AccessDenied(f"workload token for {c.sub!r} is not valid yet", reason="token", principal=c.sub)
+    return c
+
+
+def verify_workload_token(ctx: KmsContext, token: str) -> WorkloadClaims:
+    """The token's claims, or AccessDenied if it is malformed, forged, too long-lived,
+    expired or not yet valid."""
+    return _check_time(ctx, _verify_signed(ctx, token))
+
+
+def check_workload_permission(ctx: KmsContext, claims: WorkloadClaims, permission: str | None,
+                              operation: str, ref: str | None = None) -> None:
+    allowed = ctx.policy.access.workload_principals.get(claims.sub, [])
+    if permission is not None and permission not in allowed:
+        raise AccessDenied(f"workload principal {claims.sub!r} lacks permission '{permission}' for keystore "
+                           f"{operation} (access.workload_principals allows {sorted(allowed)})",
+                           reason="permission", principal=claims.sub)
+
+
+class WorkloadIdentity:
+    """Holds a workload principal's token and re-issues it ``workload_token_refresh_seconds``
+    before it expires (or when the clock moved before its issue time)."""
+
+    def __init__(self, principal: str, ttl_minutes: float | None = None):
+        self.principal = principal
+        self.ttl_minutes = ttl_minutes
+        self._token: str | None = None
+        self._claims: WorkloadClaims | None = None
+        self._lock = threading.Lock()
+        self.issued = 0
+
+    def __repr__(self) -> str:
+        return f"WorkloadIdentity({self.principal!r})"
+
+    def claims(self, ctx: KmsContext) -> WorkloadClaims:
+        now = ctx.now().timestamp()
+        margin = ctx.policy.access.workload_token_refresh_seconds
+        with self._lock:
+            c = self._claims
+            if c is None or c.exp - now <= margin or c.iat > now + CLOCK_SKEW_SECONDS:
+                self._token = issue_workload_token(ctx, self.principal, self.ttl_minutes)
+                self._claims = c = _verify_signed(ctx, self._token)
+                self.issued += 1
+        return _check_time(ctx, c)
+
+
+class StaticToken:
+    """A token presented as is (by a workload that got it elsewhere): never refreshed."""
+
+    def __init__(self, token: str):
+        self._token = token
+        self._claims: WorkloadClaims | None = None
+
+    def __repr__(self) -> str:
+        return "StaticToken(<redacted>)"
+
+    def claims(self, ctx: KmsContext) -> WorkloadClaims:
+        if self._claims is None:
+            self._claims = _verify_signed(ctx, self._token)
+        return _check_time(ctx, self._claims)
+
+
+def _with_credentials(ctx: KmsContext, credentials) -> KmsContext:
+    ks = ctx.keystore if isinstance(ctx.keystore, AuditedKeyStore) else AuditedKeyStore(ctx.keystore)
+    return replace(ctx, keystore=ks.with_credentials(credentials))
+
+
+def with_workload_identity(ctx: KmsContext, principal: str, ttl_minutes: float | None = None) -> KmsContext:
+    """A context whose every keystore operation runs under ``principal``'s refreshed token."""
+    if principal not in ctx.policy.access.workload_principals:
+        raise AccessDenied(f"{principal!r} is not a workload principal declared in the policy", reason="token")
+    return _with_credentials(ctx, WorkloadIdentity(principal, ttl_minutes))
+
+
+def with_workload_token(ctx: KmsContext, token: str) -> KmsContext:
+    """A context whose keystore operations present ``token`` as is (checked before each)."""
+    return _with_credentials(ctx, StaticToken(token))

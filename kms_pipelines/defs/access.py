@@ -1,0 +1,83 @@
+"""Access control and audit in Dagster (A1–A4): the ``audit_anomalies`` asset with its
+checks, and the ``manual_rotation`` job launched from the Launchpad under dual control."""
+
+
+import dagster as dg
+from pydantic import Field
+
+from ..core import access, audit
+from .metadata import markdown_table
+from .resources import KmsResource
+
+NIGHTLY = {"kms_nightly": ""}
+
+
+def _anomaly_table(rows) -> dg.TableMetadataValue:
+    schema = dg.TableSchema(columns=[
+        dg.TableColumn("id", "int"), dg.TableColumn("kind", "string"), dg.TableColumn("severity", "string"),
+        dg.TableColumn("principal", "string"), dg.TableColumn("window_start", "string"),
+        dg.TableColumn("count", "int"), dg.TableColumn("reviewed_by", "string")])
+    return dg.MetadataValue.table(records=[dg.TableRecord({
+        "id": a.id, "kind": a.kind, "severity": a.severity, "principal": a.principal or "",
+        "window_start": a.window_start.isoformat(), "count": int(a.count), "reviewed_by": a.reviewed_by or ""})
+        for a in rows], schema=schema)
+
+
+@dg.asset(group_name="audit", tags=NIGHTLY, deps=["kms_state"], kinds={"sql"},
+          description="Anomalies in the audit log over the policy window (A3): rate spikes, operations "
+                      "without the role, decrypt and failure bursts, manual operations without approvals.")
+def audit_anomalies(kms: KmsResource) -> dg.MaterializeResult:
+    report = audit.refresh_anomalies(kms.context())
+    return dg.MaterializeResult(metadata={
+        "new": len(report.new),
+        "in_window": len(report.recent),
+        "unreviewed_high": len(report.unreviewed),
+        "anomalies": _anomaly_table(report.recent),
+        "summary": dg.MetadataValue.md(markdown_table(
+            ["id", "kind", "severity", "principal", "count", "reviewed"],
+            [[a.id, a.kind, a.severity, a.principal, a.count, a.reviewed_by or "**no**"] for a in report.recent])),
+    })
+
+
+@dg.asset_check(asset=audit_anomalies, blocking=True,
+                description="Audit log chain intact (A3): recomputes every audit event hash.")
+def audit_chain_intact(kms: KmsResource) -> dg.AssetCheckResult:
+    result = audit.verify(kms.context())
+    return dg.AssetCheckResult(
+        passed=result.ok, severity=dg.AssetCheckSeverity.ERROR,
+        metadata={"events": result.count, "head_hash": result.head_hash,
+                  "first_bad_seq": result.first_bad_seq or 0, "problem": result.problem or "none"})
+
+
+@dg.asset_check(asset=audit_anomalies,
+                description="No unreviewed high-severity audit anomalies (A3); review with `kms audit review`.")
+def no_unreviewed_high_anomalies(kms: KmsResource) -> dg.AssetCheckResult:
+    pending = audit.unreviewed(kms.context())
+    return dg.AssetCheckResult(
+        passed=not pending, severity=dg.AssetCheckSeverity.ERROR,
+        metadata={"unreviewed": len(pending),
+                  "ids": dg.MetadataValue.json([a.id for a in pending]),
+                  "kinds": dg.MetadataValue.json(sorted({a.kind for a in pending}))})
+
+
+class ManualRotationConfig(dg.Config):
+    key: str = Field(description="Key to rotate, e.g. service:api-gateway")
+    ticket: str = Field(description="Change ticket the approvals are bound to")
+    requester: str = Field(description="Requesting principal (may not approve it)")
+
+
+@dg.op(description="Rotate a key as a manual operation: runs only with complete dual-control approvals (A4).")
+def manual_rotate_key(context: dg.OpExecutionContext, config: ManualRotationConfig, kms: KmsResource) -> dict:
+    o = access.manual_rotate(kms.context(), config.key, ticket=config.ticket, requested_by=config.requester)
+    r = o.result
+    context.add_output_metadata({
+        "key": r.key, "old_version": r.old_version or 0, "new_version": r.new_version or 0,
+        "ticket": o.ticket, "requester": o.requester, "approvers": dg.MetadataValue.json(o.approvers),
+        "notification_failures": dg.MetadataValue.json(o.notification_failures)})
+    return {"key": r.key, "new_version": r.new_version, "approvers": o.approvers}
+
+
+@dg.job(description="Manual rotation under dual control: approvals via `kms approve`, then launch with "
+                    "key, ticket and requester.")
+def manual_rotation():
+    manual_rotate_key()
