@@ -35,10 +35,10 @@ def sealed(kms):
     return kms, identities, pkg
 
 
-def approvals(kms, *, operation, target, ticket, requester="req-sre"):
+def approvals(kms, *, operation, target, ticket, requester="req-sre", requester_roles=("sre_oncall",)):
     """Two TOTP-verified approvals from distinct principals (the access area's API)."""
     secrets_ = {}
-    for name, roles in ((requester, ["sre_oncall"]), ("appr-sec", ["security_engineering"]),
+    for name, roles in ((requester, list(requester_roles)), ("appr-sec", ["security_engineering"]),
                         ("appr-comp", ["compliance_officer"])):
         try:
             uri = access.enroll_principal(kms, name, roles).provisioning_uri
@@ -75,7 +75,6 @@ def test_unseal_refusals_change_nothing(sealed, bad):
     kms, ids, pkg = sealed
     ticket = "CHG-BG-1"
     requester = approvals(kms, operation="break-glass", target=pkg.package_id, ticket=ticket)
-    other = escrow.enroll_custodian  # noqa: F841
     shares = {
         "m_minus_1": {"custodian-a": ids["custodian-a"]},
         "wrong_identity": {"custodian-a": ids["custodian-a"], "custodian-b": ids["custodian-c"]},

@@ -1,0 +1,247 @@
+"""Security events (R2): reporting, the sensor launching compromise_response exactly once,
+the response itself, manual launches under dual approval, and the HTTP intake."""
+
+import base64
+import json
+import secrets
+import threading
+import urllib.error
+import urllib.request
+
+import dagster as dg
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import func, select
+
+from kms_pipelines.core import compromise, envelope, events, ledger, lifecycle, service_keys
+from kms_pipelines.core.db.models import KeyVersion
+from kms_pipelines.core.db.models_events import SecurityEvent
+from kms_pipelines.defs.events import compromise_response, security_event_sensor
+from kms_pipelines.defs.resources import (ClockResource, DatabaseResource, KeyStoreResource, KmsResource,
+                                          ObjectStoreResource)
+
+
+def snapshot(kms):
+    with kms.engine.connect() as conn:
+        versions = conn.execute(select(KeyVersion.key_id, KeyVersion.version, KeyVersion.state)
+                                .order_by(KeyVersion.id)).all()
+        evs = conn.execute(select(SecurityEvent.id, SecurityEvent.status).order_by(SecurityEvent.seq)).all()
+        head = ledger.head(conn)
+    return versions, evs, head, sorted(kms.keystore.refs())
+
+
+def states(kms, key):
+    with kms.transaction() as s:
+        return [(v.version, v.state) for v in lifecycle.get_key(s, key).versions]
+
+
+# ---- the end-to-end "done when" ------------------------------------------------------
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def e2e_env(request, tmp_path, monkeypatch, smtp_server, slack_receiver):
+    home = tmp_path / "kmshome"
+    url = request.getfixturevalue("pg_url") if request.param == "postgres" else f"sqlite:///{home / 'kms.db'}"
+    env = {"KMS_HOME": str(home), "KMS_DATABASE_URL": url, "KMS_KEYSTORE": "software",
+           "KMS_MASTER_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+           "KMS_OBJECT_STORE": str(home / "objects"),
+           "KMS_SMTP_HOST": smtp_server.host, "KMS_SMTP_PORT": str(smtp_server.port),
+           "KMS_SMTP_SENDER": "kms@example.com", "KMS_SLACK_WEBHOOK_URL": slack_receiver.url,
+           "KMS_NOTIFY_RETRY_WAIT": "0.01", "KMS_NOTIFY_RETRY_MAX_WAIT": "0.05", "USER": "sec-oncall"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("KMS_FIXED_TIME", raising=False)
+    monkeypatch.delenv("KMS_POLICY", raising=False)
+    return env
+
+
+def _resource(env) -> KmsResource:
+    database, keystore = DatabaseResource(url=env["KMS_DATABASE_URL"]), KeyStoreResource(kind="software")
+    objects, clock = ObjectStoreResource(url=env["KMS_OBJECT_STORE"]), ClockResource(fixed_time=None)
+    return KmsResource(home=env["KMS_HOME"], policy_path=None, database=database, keystore=keystore,
+                       objects=objects, clock=clock)
+
+
+def _tick(instance, cursor, kms_res):
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources={"kms": kms_res}) as ctx:
+        return security_event_sensor.evaluate_tick(ctx)
+
+
+def test_end_to_end_cli_report_sensor_one_run_then_none(e2e_env, smtp_server, slack_receiver):
+    from kms_pipelines.cli import cli
+    from kms_pipelines.core.context import context_from_env
+
+    runner = CliRunner()
+    assert runner.invoke(cli, ["init"]).exit_code == 0
+    kms = context_from_env()
+    blobs = {f"doc-{i}": envelope.encrypt(kms, "data:postgres", f"doc-{i}", f"row {i}".encode()) for i in range(25)}
+
+    res = runner.invoke(cli, ["events", "report", "--type", "compromise", "--key", "data:postgres",
+                              "--source", "gitleaks", "--detail", "DEK backup found in a public bucket", "--json"])
+    assert res.exit_code == 0, res.output
+    event_id = json.loads(res.output)["id"]
+
+    kms_res = _resource(e2e_env)
+    instance = dg.DagsterInstance.ephemeral()
+    tick = _tick(instance, None, kms_res)
+    assert len(tick.run_requests) == 1
+    rr = tick.run_requests[0]
+    assert rr.run_key == f"security-event-{event_id}"
+    result = compromise_response.execute_in_process(
+        run_config=rr.run_config, instance=instance, resources={"kms": kms_res},
+        tags={**rr.tags, "dagster/run_key": rr.run_key})
+    assert result.success
+
+    again = _tick(instance, tick.cursor, kms_res)
+    assert again.run_requests == []
+    lost_cursor = _tick(instance, None, kms_res)
+    assert lost_cursor.run_requests == []  # the event is resolved and its run key was used
+
+    assert states(kms, "data:postgres") == [(1, "revoked"), (2, "active")]
+    for object_id, blob in blobs.items():
+        assert envelope.decrypt(kms, blob, object_id=object_id) == f"row {object_id[4:]}".encode()
+        assert envelope.describe(kms, blob).key_version == 2
+    ev = events.get(kms, event_id)
+    assert ev.status == "resolved" and ev.response_run_id == result.run_id
+    with kms.transaction() as s:
+        linked = [(e.key_version, e.to_state) for e in ledger.entries_for(s, "data:postgres") if e.event_id == event_id]
+    assert sorted(linked) == [(1, "revoked"), (1, "rotated"), (2, "active")]
+
+    mails = [m for m in smtp_server.messages if m.message["X-KMS-Kind"] == "compromise_response"]
+    assert len(mails) == 1
+    assert sorted(mails[0].rcpt_tos) == ["compliance@example.com", "security@example.com"]
+    assert event_id in mails[0].message.get_content()
+    slack = [p for p in slack_receiver.payloads if "compromise response" in p["text"]]
+    assert len(slack) == 1 and slack[0]["channel"] == "#kms-compliance"
+
+
+# ---- reporting ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, match", [
+    (("exfiltration", "service:api-gateway", "scanner", ""), "unknown event type"),
+    (("compromise", "service:nope", "scanner", ""), "unknown key"),
+    (("compromise", "nope", "scanner", ""), "unknown key"),
+    (("tenant-rotation", "data:postgres", "scanner", ""), "compromise instead"),
+    (("compromise", "service:api-gateway", "", ""), "source"),
+    (("ci-secret-exposure", "service:api-gateway", "ci", "token " + base64.b64encode(secrets.token_bytes(32)).decode()),
+     "key material"),
+])
+def test_report_refusals_change_nothing(kms, args, match):
+    before = snapshot(kms)
+    with pytest.raises(events.EventError, match=match):
+        events.report(kms, *args)
+    assert snapshot(kms) == before
+
+
+def test_report_records_active_version_and_dedupes_open_events(kms):
+    lifecycle.rotate(kms, "service:worker-pipelines")
+    first = events.report(kms, "ci-secret-exposure", "service:worker-pipelines", "github-actions", "printed in log")
+    assert first.key_version == 2 and first.status == "new" and first.duplicate_of is None
+    again = events.report(kms, "ci-secret-exposure", "service:worker-pipelines", "github-actions", "retry")
+    assert again.duplicate_of == first.id
+    other = events.report(kms, "compromise", "service:worker-pipelines", "github-actions", "")
+    assert other.id != first.id
+    assert [e.id for e in events.list_events(kms, status="new")] == [first.id, other.id]
+
+
+def test_cli_report_refusal_is_one_line_exit_1(tmp_path, monkeypatch):
+    from kms_pipelines.cli import cli
+
+    monkeypatch.setenv("KMS_HOME", str(tmp_path / "h"))
+    monkeypatch.delenv("KMS_DATABASE_URL", raising=False)
+    runner = CliRunner()
+    assert runner.invoke(cli, ["init"]).exit_code == 0
+    res = runner.invoke(cli, ["events", "report", "--type", "compromise", "--key", "service:nope", "--source", "x"])
+    assert res.exit_code == 1 and res.output.count("\n") == 1 and "unknown key" in res.output
+    res = runner.invoke(cli, ["events", "report", "--type", "nope", "--key", "root", "--source", "x"])
+    assert res.exit_code == 2
+
+
+# ---- the response ---------------------------------------------------------------------
+
+def test_respond_is_idempotent_and_never_rotates_twice(kms):
+    service_keys.issue_credential(kms, "api-gateway", "client-1")
+    ev = events.report(kms, "compromise", "service:api-gateway", "siem", "credential replay seen")
+    # a run that crashed after rotating: the ledger remembers the event
+    lifecycle.rotate(kms, "service:api-gateway", reason="compromise", event_id=ev.id)
+    r = compromise.respond(kms, ev.id)
+    assert r.rotated and r.new_version == 2 and "already rotated" in r.rotation_note
+    assert r.revoked and r.credentials_reissued == 1
+    assert states(kms, "service:api-gateway") == [(1, "revoked"), (2, "active")]
+    before = snapshot(kms)
+    again = compromise.respond(kms, ev.id)
+    assert again.already_resolved and snapshot(kms) == before
+
+
+def test_ci_secret_exposure_rotates_without_revoking(kms):
+    ev = events.report(kms, "ci-secret-exposure", "service:reconciliation-engine", "gitlab-ci", "echoed in job")
+    r = compromise.respond(kms, ev.id)
+    assert not r.revoked and r.new_version == 2
+    assert states(kms, "service:reconciliation-engine") == [(1, "rotated"), (2, "active")]
+
+
+def test_manual_launch_without_approvals_is_refused_and_changes_nothing(kms_pg, tmp_path):
+    from kms_pipelines.core import access
+
+    before = snapshot(kms_pg)
+    with pytest.raises(access.AccessDenied, match="needs 2 approvals"):
+        compromise.report_manual(kms_pg, key="service:api-gateway", type="compromise", ticket="INC-9",
+                                 requested_by="someone")
+    assert snapshot(kms_pg) == before
+
+
+def test_manual_launch_with_dual_approval(kms):
+    from tests.test_escrow import approvals
+
+    requester = approvals(kms, operation="revoke", target="service:api-gateway", ticket="INC-8",
+                          requester="sec-lead", requester_roles=["security_engineering"])
+    # approvals are bound to the ticket: another ticket is refused and nothing changes
+    from kms_pipelines.core import access
+
+    before = snapshot(kms)
+    with pytest.raises(access.AccessDenied):
+        compromise.report_manual(kms, key="service:api-gateway", type="compromise", ticket="INC-9",
+                                 requested_by=requester)
+    assert snapshot(kms) == before
+    info, approvers = compromise.report_manual(kms, key="service:api-gateway", type="compromise",
+                                               ticket="INC-8", requested_by=requester)
+    assert approvers == ["appr-comp", "appr-sec"]
+    r = compromise.respond(kms, info.id, approvers=approvers, ticket="INC-8")
+    with kms.transaction() as s:
+        last = ledger.entries_for(s, "service:api-gateway")[-1]
+    assert last.to_state == "revoked" and last.change_ticket == "INC-8" and json.loads(last.approvers) == approvers
+    assert r.revoked
+
+
+# ---- HTTP intake ----------------------------------------------------------------------
+
+def test_http_intake_requires_token_and_reports(kms):
+    token = secrets.token_urlsafe(24)
+    server = events.make_intake_server(kms, token)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/events"
+
+    def post(body, auth=None):
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {auth}"} if auth else {})})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    try:
+        body = {"type": "ci-secret-exposure", "key": "service:api-gateway", "source": "jenkins", "detail": "log"}
+        before = snapshot(kms)
+        assert post(body)[0] == 401
+        assert post(body, "wrong-token-wrong-token")[0] == 401
+        assert post({**body, "key": "service:nope"}, token)[0] == 400
+        assert snapshot(kms) == before
+        status, created = post(body, token)
+        assert status == 201 and created["key_version"] == 1
+        status, dup = post(body, token)
+        assert status == 200 and dup["duplicate_of"] == created["id"]
+    finally:
+        server.shutdown()
+        server.server_close()
