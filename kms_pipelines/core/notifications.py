@@ -175,12 +175,32 @@ def recent_deliveries(ctx: KmsContext, limit: int = 50) -> list[dict]:
 
 # ---- overdue partner acknowledgements and drill follow-ups ---------------------------
 
-# (module, candidate function names) -> each function(ctx) returns a list of overdue items:
-# dicts (or objects) with at least an id/ref and a human description. Colleagues' APIs.
+# (kind, module, candidate function names): each function(ctx) returns the overdue items as
+# dicts/objects with an id/ref, a description and a due time. The first two candidates are
+# adapters over the colleagues' real APIs (rotation.check_partners, drills.status).
+def _rotation_overdue(ctx: KmsContext) -> list[dict]:
+    from . import rotation
+
+    return [{"id": f"{r.partner}@root-v{r.version}", "due_at": r.deadline,
+             "description": f"partner {r.partner} has not acknowledged root v{r.version} "
+                            f"(notified {r.notified_at or 'not yet'})"}
+            for r in rotation.check_partners(ctx).overdue]
+
+
+def _drills_overdue(ctx: KmsContext) -> list[dict]:
+    from . import drills
+
+    return [{"id": f"followup-{f['id']}", "due_at": f["due_at"],
+             "description": f"drill follow-up '{f['title']}' (owner {f['owner']}) is not closed"}
+            for f in drills.status(ctx).get("overdue_followups", [])]
+
+
 OVERDUE_SOURCES = (
-    ("partner_ack_overdue", "kms_pipelines.core.rotation", ("overdue_acknowledgements", "overdue_partner_acks")),
-    ("drill_followup_overdue", "kms_pipelines.core.drills", ("overdue_followups", "overdue_follow_ups")),
+    ("partner_ack_overdue", "kms_pipelines.core.rotation",
+     ("overdue_acknowledgements", "overdue_partner_acks", "check_partners")),
+    ("drill_followup_overdue", "kms_pipelines.core.drills", ("overdue_followups", "overdue_follow_ups", "status")),
 )
+_ADAPTERS = {"check_partners": _rotation_overdue, "status": _drills_overdue}
 
 
 def _item_field(item, *names, default=None):
@@ -203,7 +223,8 @@ def notify_overdue(ctx: KmsContext) -> dict:
         except ImportError:
             summary[kind] = {"skipped": f"{module_name} not available"}
             continue
-        fn = next((getattr(module, c) for c in candidates if callable(getattr(module, c, None))), None)
+        name = next((c for c in candidates if callable(getattr(module, c, None))), None)
+        fn = _ADAPTERS.get(name, getattr(module, name, None)) if name else None
         if fn is None:
             summary[kind] = {"skipped": f"{module_name} has none of {list(candidates)}"}
             continue
