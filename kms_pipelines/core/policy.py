@@ -149,6 +149,7 @@ class Events(_Strict):
     sensor_interval_seconds: int = Field(default=30, gt=0)
     intake_max_body_bytes: int = Field(default=16384, gt=0)
     duplicate_window_hours: int = Field(default=24, gt=0)  # an open event of the same key+type is a duplicate
+    response_sla_hours: int = Field(default=4, gt=0)  # "security events answered" check
 
 
 class Backup(_Strict):
