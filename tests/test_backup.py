@@ -139,7 +139,7 @@ def test_kill_9_during_upload_leaves_no_archive_marked_good(tmp_path, pg_url, s3
     big = home / "artifacts" / "kms" / "published"
     big.mkdir(parents=True)
     with open(big / "bulk.bin", "wb") as f:  # incompressible, so the upload takes a while
-        for _ in range(48):
+        for _ in range(12):
             f.write(os.urandom(8 << 20))
     env = dict(os.environ, KMS_HOME=str(home), KMS_DATABASE_URL=pg_url, KMS_OBJECT_STORE=f"s3://{s3_bucket}",
                KMS_S3_ENDPOINT_URL=s3_server, KMS_MASTER_KEY="MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=")

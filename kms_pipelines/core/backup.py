@@ -22,6 +22,7 @@ directory is added under ``hsm/softhsm-tokens/`` (other HSMs: use the vendor's b
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import secrets
@@ -120,6 +121,11 @@ def _server_version(engine: Engine) -> str:
 
 
 def tool_versions() -> dict:
+    return dict(_tool_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _tool_versions() -> tuple:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": sys.version.split()[0]}
@@ -132,7 +138,7 @@ def tool_versions() -> dict:
         path = shutil.which(tool)
         if path:
             out[tool] = subprocess.run([path, "--version"], capture_output=True, text=True).stdout.strip()
-    return out
+    return tuple(out.items())
 
 
 def _envelope():
