@@ -30,6 +30,7 @@ class Dek(Base):
         Index("ix_deks_sweep", "key_name", "key_version", "shard", "id"),
         CheckConstraint("shard >= 0 AND shard < 1024", name="ck_deks_shard"),
         CheckConstraint("wrapped IS NOT NULL OR shredded_at IS NOT NULL", name="ck_deks_wrapped_or_shredded"),
+        {"sqlite_autoincrement": True},  # never reuse a DEK id (blobs name their DEK by id)
     )
 
     id: Mapped[int] = mapped_column(DEK_ID, primary_key=True, autoincrement=True)

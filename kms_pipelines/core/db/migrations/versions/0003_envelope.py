@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("key_name", "object_id", name="uq_deks_key_object"),
         sa.CheckConstraint("shard >= 0 AND shard < 1024", name="ck_deks_shard"),
         sa.CheckConstraint("wrapped IS NOT NULL OR shredded_at IS NOT NULL", name="ck_deks_wrapped_or_shredded"),
+        sqlite_autoincrement=True,  # never reuse a DEK id: blobs name their DEK by id
     )
     op.create_index("ix_deks_sweep", "deks", ["key_name", "key_version", "shard", "id"])
 
