@@ -208,6 +208,24 @@ def _manifest_problem(key: str, data: bytes, keys_by_version: dict[int, RootKey]
     return None
 
 
+def _manifest_chain_problem(docs: list[dict]) -> str | None:
+    """The published manifests' own chain (each root fingerprint signed by the previous root),
+    checked by the rotation area's offline verifier when it is installed. A previous root
+    that was revoked (compromise) does not sign its successor; that is reported by the
+    manifest check itself, not treated as tampering here."""
+    docs = [d for d in docs if isinstance(d, dict) and d.get("key") == rpt.ROOT and "version" in d]
+    if not docs:
+        return None
+    try:
+        from .manifest import verify_documents
+    except ImportError:  # pragma: no cover - rotation area absent
+        return None
+    check = verify_documents(docs)
+    if check.ok or "did not sign" in (check.problem or ""):
+        return None
+    return f"published root manifests do not verify: {check.problem}"
+
+
 def verify_bundle(path: str | os.PathLike, *, trusted_fingerprints: list[str] | None = None) -> BundleResult:
     """Verify an evidence bundle using only the file (what an auditor runs)."""
     path = Path(path)
@@ -240,11 +258,20 @@ def verify_bundle(path: str | os.PathLike, *, trusted_fingerprints: list[str] | 
                 missing = [fp for fp in trusted_fingerprints if fp not in held]
                 if missing:
                     return bad("keys", f"trusted fingerprint {missing[0][:23]}… is not among the bundle's root keys")
+            manifest_docs = []
             for rec in reader.run("manifest"):
                 res.manifests += 1
-                problem = _manifest_problem(rec["key"], rpt.b64url_decode(rec["data"]), by_version)
+                data = rpt.b64url_decode(rec["data"])
+                problem = _manifest_problem(rec["key"], data, by_version)
                 if problem:
                     return bad("manifest", problem)
+                try:
+                    manifest_docs.append(json.loads(data))
+                except ValueError:
+                    pass
+            problem = _manifest_chain_problem(manifest_docs)
+            if problem:
+                return bad("manifest", problem)
             cps = [checkpoints.parse(rec["key"], rec["data"].encode("utf-8")) for rec in reader.run("checkpoint")]
             res.checkpoints = len(cps)
 

@@ -19,9 +19,9 @@ Verification (``verify_token_rows``) is a pure function over ``(seq, token)`` ro
 keys and the root versions' activity windows, so the live verifier (rows from the KMS
 database) and the offline one (rows from an evidence bundle, ``core/evidence.py``) are one
 implementation. A version is valid for tokens whose ``iat`` lies in
-``[floor(activated_at), end)`` where ``end`` is the earlier of its ``rotated`` and
-``revoked`` ledger times (iat has one-second resolution; a token issued in the same second
-as a rotation, before it, is accepted). Tokens signed inside the window stay valid after a
+``[floor(activated_at), end]`` where ``end`` is the earliest of its ``rotated``, ``revoked``
+and ``destroyed`` ledger times (iat has one-second resolution, so a token issued in the
+same second as the rotation, before it, is accepted: the tolerance is under one second). Tokens signed inside the window stay valid after a
 later revocation: they are anchored by the chain and by signed checkpoints.
 """
 
@@ -132,7 +132,7 @@ class Window:
         if iat < int(self.activated_at.timestamp()):
             return (f"signed by root v{self.version} at {what}{format_iat(iat)}, before it was activated "
                     f"at {ledger.format_time(self.activated_at)}")
-        if self.ended_at is not None and iat >= self.ended_at.timestamp():
+        if self.ended_at is not None and iat > self.ended_at.timestamp():
             return (f"signed by root v{self.version} at {what}{format_iat(iat)}, after it was {self.ended_by} "
                     f"at {ledger.format_time(self.ended_at)}")
         return None
@@ -521,7 +521,7 @@ def verify_chain(ctx: KmsContext, last: int | None = None, *, workers: int = 1,
 
         checkpoint = checkpoints.latest(ctx, keys)
     marks = [checkpoint.rpt_size] if checkpoint else []
-    if workers <= 1 or max_seq - start < 2 * batch:
+    if workers <= 1 or max_seq - start < 2 * workers:
         with ctx.engine.connect() as conn:
             anchor = anchor_at(conn, start)
             result = verify_token_rows(iter_tokens(conn, after_seq=start, batch_size=batch), keys, windows,
