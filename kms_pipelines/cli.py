@@ -132,11 +132,16 @@ def keys_rotate(ctx, key, reason, if_due, actor, as_json):
     """Rotate KEY now (or only when due with --if-due)."""
     from dataclasses import asdict
 
-    from .core import lifecycle
+    from .core import rotation
 
     kms = get_context(ctx)
-    result = lifecycle.rotate(kms, key, actor=actor or os.environ.get("USER", "operator"), reason=reason,
-                              only_if_due=if_due)
+    actor = actor or os.environ.get("USER", "operator")
+    # Through core.rotation so a root rotation publishes its manifest and notifies partners,
+    # and a service rotation re-issues credentials (R1, R2); ci-exposure = policy ci-secret-exposure.
+    if if_due:
+        result = rotation.rotate_key(kms, key, actor=actor, reason=reason, only_if_due=True)
+    else:
+        result = rotation.rotate_now(kms, key, actor=actor, reason=reason)
     if as_json:
         emit_json(asdict(result))
     elif result.rotated:

@@ -1,7 +1,242 @@
-"""`kms` commands for rotation."""
+"""`kms` commands for rotation (issue 4b): simulate, partners, dependents, manifests,
+retention, and the dual-controlled `keys destroy` / `keys revoke`."""
 
-import click  # noqa: F401
+from __future__ import annotations
+
+import os
+
+import click
 
 
 def register(cli) -> None:
     """Attach this area's commands to the top-level `kms` group."""
+    from ..cli import EXIT_FAILED, emit_json, get_context
+
+    # ------------------------------------------------------------------ simulate
+    @cli.command("simulate")
+    @click.option("--days", type=click.IntRange(0, 3660), required=True, help="Simulated nights to run.")
+    @click.option("--from", "start", default=None, metavar="DATE", help="Day 0 (ISO date; default today, UTC).")
+    @click.option("--home", default=None, type=click.Path(file_okay=False),
+                  help="Keep the scratch state here (default: a temporary directory, removed afterwards).")
+    @click.option("--steps", default=None, help="Comma-separated nightly steps to run (default: all).")
+    @click.option("--no-actors", is_flag=True, help="No simulated dependents, partners or approvers.")
+    @click.option("--json", "as_json", is_flag=True)
+    def simulate_cmd(days, start, home, steps, no_actors, as_json):
+        """Advance a simulated clock DAYS nights over scratch state, running the nightly
+        policy each day, and print the timeline (rotations, notices, destructions)."""
+        from ..core import simulate
+        from ..core.clock import parse_time
+
+        try:
+            start_day = parse_time(start).date() if start else None
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--from") from None
+        wanted = [s.strip() for s in steps.split(",") if s.strip()] if steps else None
+        if wanted:
+            from ..core import nightly
+
+            known = {s.name for s in nightly.steps()}
+            unknown = [s for s in wanted if s not in known]
+            if unknown:
+                raise click.BadParameter(f"unknown step(s) {unknown}; known: {sorted(known)}", param_hint="--steps")
+        result = simulate.simulate(days, start_day, home=home, steps=wanted, actors=not no_actors)
+        if as_json:
+            emit_json(result.to_dict())
+        else:
+            click.echo(simulate.format_timeline(result))
+            if home:
+                click.echo(f"state kept in {result.home}")
+
+    # ------------------------------------------------------------------ partners
+    @cli.group()
+    def partners():
+        """Integration partners notified of root rotations (R1)."""
+
+    @partners.command("ack")
+    @click.argument("partner")
+    @click.option("--version", "version", type=int, required=True, help="Root version acknowledged.")
+    @click.option("--actor", default=None, help="Who records the acknowledgement (default: $USER).")
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def partners_ack(ctx, partner, version, actor, as_json):
+        """Record PARTNER's acknowledgement of root VERSION."""
+        from ..core import rotation
+
+        a = rotation.ack(get_context(ctx), partner, version, actor=actor or os.environ.get("USER", "operator"))
+        if as_json:
+            emit_json(a.__dict__)
+        elif a.new:
+            click.echo(f"{partner} acknowledged root v{version} at {a.acked_at.isoformat()}")
+        else:
+            click.echo(f"{partner} had already acknowledged root v{version} at {a.acked_at.isoformat()}")
+
+    @partners.command("status")
+    @click.option("--version", "version", type=int, default=None)
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def partners_status(ctx, version, as_json):
+        """Notice and acknowledgement of every partner per root rotation; exit 1 if one is overdue."""
+        from ..core import rotation
+
+        kms = get_context(ctx)
+        rows = rotation.partner_status(kms, version)
+        if as_json:
+            emit_json([r.to_dict() for r in rows])
+        else:
+            click.echo(f"{'ROOT':>5} {'PARTNER':20} {'DEADLINE':20} {'NOTIFIED':20} {'ACKED':20} STATUS")
+            for r in rows:
+                click.echo(f"{'v' + str(r.version):>5} {r.partner:20} {r.deadline:%Y-%m-%d %H:%M}     "
+                           f"{(r.notified_at.strftime('%Y-%m-%d %H:%M') if r.notified_at else '-'):20} "
+                           f"{(r.acked_at.strftime('%Y-%m-%d %H:%M') if r.acked_at else '-'):20} {r.status}")
+        if any(r.status == "OVERDUE" for r in rows):
+            ctx.exit(EXIT_FAILED)
+
+    @partners.command("notify")
+    @click.pass_context
+    def partners_notify(ctx):
+        """Deliver pending partner notices now (the nightly run does this too)."""
+        from ..core import rotation
+
+        sent = rotation.notify_partners(get_context(ctx))
+        click.echo(f"notified {len(sent)}" + (f": {', '.join(sent)}" if sent else ""))
+
+    # ---------------------------------------------------------------- dependents
+    @cli.group()
+    def dependents():
+        """Dependent services confirm new key material before the old is revoked (T4)."""
+
+    @dependents.command("confirm")
+    @click.argument("key")
+    @click.option("--version", "version", type=int, required=True)
+    @click.option("--service", required=True, help="The dependent service confirming.")
+    @click.option("--actor", default=None)
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def dependents_confirm(ctx, key, version, service, actor, as_json):
+        """SERVICE confirms it uses KEY VERSION."""
+        from ..core import dependents as dep
+
+        c = dep.confirm(get_context(ctx), key, version, service, actor=actor or os.environ.get("USER", "operator"))
+        if as_json:
+            emit_json(c.__dict__)
+        else:
+            click.echo(f"{service} {'confirmed' if c.new else 'had already confirmed'} {key} v{version}")
+
+    @dependents.command("status")
+    @click.argument("key", required=False)
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def dependents_status(ctx, key, as_json):
+        """Confirmations recorded per key version."""
+        from ..core import dependents as dep
+
+        rows = dep.status(get_context(ctx), key)
+        if as_json:
+            emit_json(rows)
+            return
+        for r in rows:
+            click.echo(f"{r['key']:34} v{r['version']:<4} {r['service']:24} {r['confirmed_at']:%Y-%m-%d %H:%M} "
+                       f"{r['actor']}")
+
+    # ----------------------------------------------------------------- manifests
+    @cli.group()
+    def manifest():
+        """Root public-key manifests (R1)."""
+
+    @manifest.command("list")
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def manifest_list(ctx, as_json):
+        from ..core import manifest as mf
+
+        rows = mf.manifests(get_context(ctx))
+        if as_json:
+            emit_json([r.to_dict() for r in rows])
+            return
+        for r in rows:
+            click.echo(f"{r.kid:10} {r.fingerprint}  {r.url}")
+
+    @manifest.command("verify")
+    @click.pass_context
+    def manifest_verify(ctx):
+        """Verify the published manifest chain offline (public keys only); exit 1 if broken."""
+        from ..core import manifest as mf
+
+        result = mf.verify_chain(get_context(ctx))
+        if result.ok:
+            click.echo(f"manifest chain intact: {result.count} root version(s)")
+        else:
+            click.echo(f"manifest chain BROKEN at v{result.first_bad_version}: {result.problem}", err=True)
+            ctx.exit(EXIT_FAILED)
+
+    # ------------------------------------------------------- retention / retire
+    @cli.group()
+    def retention():
+        """Retention of retired root/service versions (T1)."""
+
+    @retention.command("due")
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def retention_due(ctx, as_json):
+        """Versions whose retention has ended, with the ticket to approve their destruction under."""
+        from ..core import retention as ret
+
+        rows = ret.due_for_destruction(get_context(ctx))
+        if as_json:
+            emit_json([r.to_dict() for r in rows])
+            return
+        if not rows:
+            click.echo("nothing due for destruction")
+        for r in rows:
+            click.echo(f"{r.target:40} allowed since {r.allowed_from:%Y-%m-%d %H:%M}  ticket {r.ticket}")
+
+    keys_group = cli.commands["keys"]
+
+    @keys_group.command("destroy")
+    @click.argument("key")
+    @click.option("--version", "version", type=int, required=True)
+    @click.option("--ticket", default=None, help="Change ticket the approvals are bound to "
+                                                 "(default: the retirement ticket retire-<key>-v<N>).")
+    @click.option("--requested-by", "requested_by", required=True, help="Requesting principal.")
+    @click.option("--reason", default="retention ended (T1)", show_default=True)
+    @click.pass_context
+    def keys_destroy(ctx, key, version, ticket, requested_by, reason):
+        """Destroy KEY VERSION: every guard must agree (the refusal names the guard), then two
+        approvals for (destroy, KEY#vN, ticket) are consumed with the destruction."""
+        from ..core import retention as ret
+
+        kms = get_context(ctx)
+        _require(kms, requested_by, "destroy", f"{key}#v{version}")
+        approvers = ret.destroy_version(kms, key, version, ticket=ticket, requester=requested_by, reason=reason)
+        click.echo(f"destroyed {key} v{version} (approved by {', '.join(approvers)})")
+
+    @keys_group.command("revoke")
+    @click.argument("key")
+    @click.option("--version", "version", type=int, required=True)
+    @click.option("--ticket", required=True, help="Change ticket the approvals are bound to.")
+    @click.option("--requested-by", "requested_by", required=True, help="Requesting principal.")
+    @click.option("--reason", default="retired", show_default=True)
+    @click.pass_context
+    def keys_revoke(ctx, key, version, ticket, requested_by, reason):
+        """Revoke KEY VERSION (it stops verifying and decrypting). Dependents must have confirmed
+        a newer version (T4); two approvals for (revoke, KEY#vN, ticket) are consumed."""
+        from ..core import lifecycle
+
+        kms = get_context(ctx)
+        target = f"{key}#v{version}"
+        _require(kms, requested_by, "revoke", target)
+
+        def authorize(session):
+            from ..core import access
+
+            return access.consume_approvals(session, kms, operation="revoke", target=target, ticket=ticket,
+                                            requester=requested_by)
+
+        lifecycle.revoke(kms, key, version, actor=requested_by, reason=reason, ticket=ticket, authorize=authorize)
+        click.echo(f"revoked {key} v{version}")
+
+
+def _require(kms, principal: str, operation: str, target: str) -> None:
+    from ..core import access
+
+    access.require_permission(kms, principal, operation, target=target)

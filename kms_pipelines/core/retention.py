@@ -32,6 +32,9 @@ from .db.models import REVOKED, ROTATED, Key, KeyVersion
 
 RETAINED_CLASSES = ("root", "service")
 DESTROY_OPERATION = "destroy"
+# The nightly run requests destruction as the Dagster workload principal (policy
+# access.workload_principals); approvers approve (destroy, key#vN, retire-… ticket).
+NIGHTLY_REQUESTER = "workload:dagster"
 
 
 def retention_days(ctx: KmsContext, key_class: str) -> int | None:
@@ -163,8 +166,9 @@ def _access_error() -> tuple[type[BaseException], ...]:
         return ()
 
 
-def retire_expired(ctx: KmsContext, *, actor: str = "kms-nightly") -> RetireSummary:
-    """Destroy every due version that has its dual approval; report the rest."""
+def retire_expired(ctx: KmsContext, *, actor: str = NIGHTLY_REQUESTER) -> RetireSummary:
+    """Destroy every due version that has its dual approval; file an approval request
+    for the rest and report them as awaiting approval."""
     summary = RetireSummary(due=due_for_destruction(ctx))
     denied = _access_error()
     for d in summary.due:
@@ -172,13 +176,37 @@ def retire_expired(ctx: KmsContext, *, actor: str = "kms-nightly") -> RetireSumm
         try:
             approvers = destroy_version(ctx, d.key, d.version, ticket=d.ticket, requester=actor)
             summary.destroyed.append({**item, "approvers": approvers})
+            _notify_destroyed(ctx, d, actor, approvers)
         except lifecycle.GuardRefused as exc:
             summary.refused.append({**item, "guard": exc.guard, "reason": exc.reason})
         except ImportError:
             summary.awaiting_approval.append({**item, "missing": "access control (issue 3) is not installed"})
         except denied as exc:  # type: ignore[misc]
             summary.awaiting_approval.append({**item, "missing": str(exc)})
+            _request_approval(ctx, d, actor)
     return summary
+
+
+def _request_approval(ctx: KmsContext, d: DueVersion, requester: str) -> None:
+    from . import access
+
+    try:
+        access.request_approval(ctx, operation=DESTROY_OPERATION, target=d.target, ticket=d.ticket,
+                                requester=requester)
+    except access.AccessDenied:
+        pass  # reported through awaiting_approval already
+
+
+def _notify_destroyed(ctx: KmsContext, d: DueVersion, requester: str, approvers: list[str]) -> None:
+    """A4: a destruction is a manual, dual-approved operation; tell the compliance lists."""
+    try:
+        from . import notifications
+    except ImportError:
+        return
+    fn = getattr(notifications, "notify_manual_operation", None)
+    if fn is not None:
+        fn(ctx, operation=DESTROY_OPERATION, target=d.target, ticket=d.ticket, requester=requester,
+           approvers=approvers, detail=f"retention ended {d.allowed_from.isoformat()} (T1)")
 
 
 @nightly.nightly_step("retire_expired", order=60)

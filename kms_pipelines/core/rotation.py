@@ -36,12 +36,13 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
+from sqlalchemy.orm import selectinload
 
 from . import lifecycle, manifest, nightly, service_keys
 from .clock import utc
 from .context import KmsContext
-from .db.models import Key, KeyVersion
-from .db.models_rotation import PartnerNotice
+from .db.models import ACTIVE, REVOKED, ROTATED, Key, KeyVersion
+from .db.models_rotation import PartnerNotice, RootManifest, ServiceSeed
 from .lifecycle import RotationResult
 
 RECONCILED_CLASSES = ("root", "service", "data", "backup")
@@ -95,6 +96,25 @@ def follow_up(ctx: KmsContext, name: str) -> None:
         service_keys.reissue_credentials(ctx, name)
 
 
+def _pending_root_work(session, ctx: KmsContext) -> bool:
+    """Cheap test whether ``catch_up_root`` has anything to do."""
+    root = lifecycle.get_key(session, "root")
+    active = lifecycle.active_version(root)
+    if active is not None and session.scalars(select(ServiceSeed.id).where(
+            ServiceSeed.root_version != active.version).limit(1)).first() is not None:
+        return True
+    noticed = set(session.scalars(select(PartnerNotice.root_version).distinct()))
+    if ctx.policy.partners and any(v.version > 1 and v.activated_at is not None and v.version not in noticed
+                                   for v in root.versions):
+        return True
+    if session.scalars(select(PartnerNotice.id).where(PartnerNotice.notified_at.is_(None)).limit(1)).first():
+        return ctx.notifier is not None
+    if ctx.objects is not None:
+        published = set(session.scalars(select(RootManifest.root_version)))
+        return any(v.version not in published and v.state in (ACTIVE, ROTATED, REVOKED) for v in root.versions)
+    return False
+
+
 def catch_up_root(ctx: KmsContext) -> dict:
     """Finish root rotations that were not (fully) done here, e.g. a compromise rotation
     through ``lifecycle.rotate`` directly or a crash after commit: rewrap stale seeds,
@@ -113,19 +133,44 @@ def catch_up_root(ctx: KmsContext) -> dict:
             "partners_notified": sent}
 
 
+def _plan(ctx: KmsContext, names: list[str]) -> tuple[list[str], list[str], bool]:
+    """In one read: which keys are due, which services need follow-up, whether root does."""
+    due, services = [], []
+    with ctx.transaction() as session:
+        keys = {k.name: k for k in session.scalars(select(Key).where(Key.name.in_(names))
+                                                    .options(selectinload(Key.versions)))}
+        for name in names:
+            key = keys.get(name)
+            if key is None:
+                raise lifecycle.UnknownKey(f"unknown key {name!r} (run `kms init`, or see `kms keys list`)")
+            if lifecycle.is_due(ctx, key):
+                due.append(name)
+        service_names = [n for n in names if lifecycle.key_class_of(n) == "service"]
+        if service_names:
+            services = service_keys.needing_follow_up(session, {n: keys[n] for n in service_names})
+        root_pending = "root" in names and _pending_root_work(session, ctx)
+    return due, services, root_pending
+
+
 def reconcile(ctx: KmsContext, key_class: str | None = None, *, actor: str | None = None) -> list[RotationResult]:
-    """Rotate every key of ``key_class`` (default: all reconciled classes) that is due."""
+    """Rotate every key of ``key_class`` (default: all reconciled classes) that is due;
+    finish any rotation done elsewhere (manifests, notices, seeds, credentials)."""
     classes = [key_class] if key_class else list(RECONCILED_CLASSES)
+    names = [n for cls in classes for n in keys_of_class(ctx, cls)]
+    due, services, root_pending = _plan(ctx, names)
     results = []
-    for cls in classes:
-        for name in keys_of_class(ctx, cls):
+    for name in names:
+        if name in due:  # rotate re-checks under the key's row lock
             results.append(rotate_key(ctx, name, reason="cadence", actor=actor or "kms-reconcile",
                                       only_if_due=True))
-        if cls == "root":
-            catch_up_root(ctx)
-        elif cls == "service":
-            for name in keys_of_class(ctx, cls):
-                follow_up(ctx, name)
+        else:
+            results.append(RotationResult(name, False, reason="not due"))
+    rotated = {r.key for r in results if r.rotated}
+    if root_pending and "root" not in rotated:
+        catch_up_root(ctx)
+    for name in services:
+        if name not in rotated:
+            follow_up(ctx, name)
     return results
 
 
@@ -187,6 +232,8 @@ def notify_partners(ctx: KmsContext) -> list[str]:
     with ctx.transaction() as session:
         pending = [n.id for n in session.scalars(select(PartnerNotice).where(PartnerNotice.notified_at.is_(None))
                                                  .order_by(PartnerNotice.id))]
+    if not pending:
+        return []
     manifests = {m.version: m for m in manifest.manifests(ctx)} if ctx.objects is not None else {}
     sent = []
     for notice_id in pending:

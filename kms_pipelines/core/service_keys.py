@@ -262,6 +262,23 @@ def verify_credential(ctx: KmsContext, service: str, credential: str) -> Credent
         return CredentialCheck(True, key_name, client_id, version)
 
 
+def needing_follow_up(session: Session, keys: dict[str, Key]) -> list[str]:
+    """Services whose active version lacks a seed or has clients without a credential on it."""
+    out = []
+    seeded = set(session.execute(select(ServiceSeed.key_name, ServiceSeed.key_version)).all())
+    creds: dict[str, dict[str, set[int]]] = {}
+    for service, client, version in session.execute(select(ServiceCredential.service, ServiceCredential.client_id,
+                                                           ServiceCredential.key_version)):
+        creds.setdefault(service, {}).setdefault(client, set()).add(version)
+    for name, key in keys.items():
+        v = lifecycle.active_version(key)
+        if v is None:
+            continue
+        if (name, v.version) not in seeded or any(v.version not in vs for vs in creds.get(name, {}).values()):
+            out.append(name)
+    return out
+
+
 def reissue_credentials(ctx: KmsContext, service: str) -> int:
     """After a rotation: a new credential under the active version for every client that
     has none yet. Old credentials stay valid until their version is revoked. The new

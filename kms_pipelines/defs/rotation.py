@@ -1,0 +1,109 @@
+"""Per-class key assets (R1-R3, B3), the root manifest, partner-notice check and key
+retirement. Asset bodies only call ``core.rotation`` / ``core.retention``."""
+
+
+import dagster as dg
+
+from ..core import manifest, retention, rotation
+from .foundation import NIGHTLY
+from .metadata import markdown_table
+from .resources import KmsResource
+
+
+def _rotation_metadata(results) -> dict:
+    rotated = [r for r in results if r.rotated]
+    return {
+        "rotated": dg.MetadataValue.json([f"{r.key} v{r.old_version}->v{r.new_version}" for r in rotated]),
+        "rotated_count": len(rotated),
+        "checked": len(results),
+        "summary": dg.MetadataValue.md(markdown_table(
+            ["key", "rotated", "versions", "reason"],
+            [[r.key, "yes" if r.rotated else "no",
+              f"v{r.old_version} → v{r.new_version}" if r.rotated else "-", r.reason] for r in results])),
+    }
+
+
+def _class_asset(key_class: str, description: str):
+    @dg.asset(name=f"keys_{key_class.replace('-', '_')}", group_name="keys", tags=NIGHTLY, deps=["kms_state"],
+              kinds={"sql"}, description=description)
+    def _asset(context: dg.AssetExecutionContext, kms: KmsResource) -> dg.MaterializeResult:
+        results = rotation.reconcile(kms.context(), key_class, actor="dagster:reconcile")
+        for r in results:
+            if r.rotated:
+                context.log.info(f"rotated {r.key}: v{r.old_version} -> v{r.new_version}")
+        return dg.MaterializeResult(metadata=_rotation_metadata(results))
+    return _asset
+
+
+keys_service = _class_asset("service", "Service keys rotated every 60 days (R2); rotation re-issues API credentials.")
+keys_data = _class_asset("data", "Data keys rotated every 180 days (R3); the DEK sweep moves ciphertext off old versions.")
+keys_backup = _class_asset("backup", "The rotating object-storage key of backup archives (B3).")
+
+
+@dg.asset(group_name="keys", tags=NIGHTLY, deps=["kms_state"], kinds={"sql", "s3"},
+          description="Root key rotated every 90 days (R1): publishes the public-key manifest signed by the "
+                      "previous root and notifies the policy's partners.")
+def keys_root(context: dg.AssetExecutionContext, kms: KmsResource) -> dg.MaterializeResult:
+    ctx = kms.context()
+    results = rotation.reconcile(ctx, "root", actor="dagster:reconcile")
+    meta = _rotation_metadata(results)
+    latest = manifest.latest(ctx)
+    rows = manifest.manifests(ctx)
+    if latest is not None:
+        meta.update({
+            "manifest_kid": latest.kid, "manifest_fingerprint": latest.fingerprint,
+            "manifest_url": dg.MetadataValue.url(latest.url) if latest.url.startswith(("http", "s3", "file"))
+            else latest.url,
+            "manifest_sha256": latest.sha256,
+            "previous_fingerprint": latest.previous_fingerprint or "none",
+        })
+    meta["manifests"] = dg.MetadataValue.md(markdown_table(
+        ["kid", "fingerprint", "signed by previous", "object"],
+        [[m.kid, m.fingerprint, m.previous_fingerprint or "-", m.object_key] for m in rows]))
+    partners = rotation.partner_status(ctx, latest.version if latest else None)
+    meta["partners"] = dg.MetadataValue.md(markdown_table(
+        ["partner", "root", "deadline", "notified", "acked", "status"],
+        [[p.partner, f"v{p.version}", p.deadline.isoformat(), p.notified_at.isoformat() if p.notified_at else "-",
+          p.acked_at.isoformat() if p.acked_at else "-", p.status] for p in partners]))
+    return dg.MaterializeResult(metadata=meta)
+
+
+@dg.asset_check(asset=keys_root, description="Partners notified within 24 h of every root rotation (R1). "
+                                             "Fails while a notice is undelivered past its deadline; "
+                                             "acknowledgements are shown, not required.")
+def partners_notified_within_24h(kms: KmsResource) -> dg.AssetCheckResult:
+    check = rotation.check_partners(kms.context())
+    return dg.AssetCheckResult(
+        passed=check.ok,
+        metadata={
+            "overdue": dg.MetadataValue.json([f"{r.partner}@v{r.version} (deadline {r.deadline.isoformat()})"
+                                              for r in check.overdue]),
+            "notified_late": dg.MetadataValue.json([f"{r.partner}@v{r.version}" for r in check.late]),
+            "awaiting_ack": dg.MetadataValue.json([f"{r.partner}@v{r.version}" for r in check.unacked]),
+            "notices": len(check.rows),
+        })
+
+
+@dg.asset_check(asset=keys_root, blocking=True,
+                description="The published root manifests verify offline: fingerprints match keys and each "
+                            "new root is signed by the previous one.")
+def root_manifest_chain_verifies(kms: KmsResource) -> dg.AssetCheckResult:
+    result = manifest.verify_chain(kms.context())
+    return dg.AssetCheckResult(passed=result.ok, metadata={
+        "manifests": result.count, "problem": result.problem or "none",
+        "first_bad_version": result.first_bad_version or 0})
+
+
+@dg.asset(group_name="keys", tags=NIGHTLY, deps=[keys_root, keys_service], kinds={"sql"},
+          description="Retirement (T1, T4): root/service versions kept 365 days verify-only, then destroyed "
+                      "under dual approval; lists what is due and what awaits approval.")
+def key_retirement(kms: KmsResource) -> dg.MaterializeResult:
+    s = retention.retire_expired(kms.context())
+    return dg.MaterializeResult(metadata={
+        "due": len(s.due), "destroyed": dg.MetadataValue.json([d["target"] for d in s.destroyed]),
+        "awaiting_approval": dg.MetadataValue.md(markdown_table(
+            ["target", "ticket", "missing"], [[d["target"], d["ticket"], d["missing"][:200]]
+                                              for d in s.awaiting_approval])),
+        "refused": dg.MetadataValue.md(markdown_table(
+            ["target", "guard", "reason"], [[d["target"], d["guard"], d["reason"]] for d in s.refused])),
+    })
