@@ -30,6 +30,16 @@ def snapshot(kms):
 
 @pytest.fixture
 def sealed(kms):
+    return _seal_all(kms)
+
+
+@pytest.fixture
+def sealed_sqlite(make_kms):
+    """Refusal matrices run on SQLite only; the flows above run on both databases."""
+    return _seal_all(make_kms("sqlite"))
+
+
+def _seal_all(kms):
     identities = {c: escrow.enroll_custodian(kms, c)[1] for c in CUSTODIANS}
     pkg = escrow.seal(kms)
     return kms, identities, pkg
@@ -71,8 +81,8 @@ def test_package_holds_no_plaintext_and_m_shares_recover_the_key(sealed):
 
 
 @pytest.mark.parametrize("bad", ["m_minus_1", "wrong_identity", "foreign_share", "unknown_custodian"])
-def test_unseal_refusals_change_nothing(sealed, bad):
-    kms, ids, pkg = sealed
+def test_unseal_refusals_change_nothing(sealed_sqlite, bad):
+    kms, ids, pkg = sealed_sqlite
     ticket = "CHG-BG-1"
     requester = approvals(kms, operation="break-glass", target=pkg.package_id, ticket=ticket)
     shares = {
@@ -170,8 +180,8 @@ def test_unconfirmed_destruction_fails_its_check(sealed):
 
 
 @pytest.mark.parametrize("bad", ["current_package", "wrong_identity", "not_custodian", "unknown_package"])
-def test_confirm_destroyed_refusals_change_nothing(sealed, bad):
-    kms, ids, old = sealed
+def test_confirm_destroyed_refusals_change_nothing(sealed_sqlite, bad):
+    kms, ids, old = sealed_sqlite
     lifecycle.rotate(kms, "break-glass", reason="test")
     escrow.ensure_sealed(kms)
     cur = escrow.current_package(kms)
@@ -200,8 +210,8 @@ def test_seal_refuses_without_enrolled_custodians_and_nightly_reports_it(kms):
         escrow.enroll_custodian(kms, "custodian-a")
 
 
-def test_current_package_version_cannot_be_destroyed(sealed):
-    kms, ids, pkg = sealed
+def test_current_package_version_cannot_be_destroyed(sealed_sqlite):
+    kms, ids, pkg = sealed_sqlite
     with kms.transaction() as s:
         key = lifecycle.get_key(s, "break-glass")
         v = lifecycle.get_version(key, pkg.key_version)

@@ -125,7 +125,8 @@ def test_end_to_end_cli_report_sensor_one_run_then_none(e2e_env, smtp_server, sl
     (("ci-secret-exposure", "service:api-gateway", "ci", "token " + base64.b64encode(secrets.token_bytes(32)).decode()),
      "key material"),
 ])
-def test_report_refusals_change_nothing(kms, args, match):
+def test_report_refusals_change_nothing(make_kms, args, match):
+    kms = make_kms("sqlite")
     before = snapshot(kms)
     with pytest.raises(events.EventError, match=match):
         events.report(kms, *args)
