@@ -33,6 +33,13 @@ class KmsContext:
     home: Path = field(default_factory=kms_home)
     actor: str = "system"
 
+    def __post_init__(self) -> None:
+        # An audited keystore (core/keystore/audited.py) is re-bound to every context copy
+        # (as_actor, a per-run clock) so its audit events carry this context's actor and time.
+        bind = getattr(self.keystore, "bind_context", None)
+        if bind is not None:
+            self.keystore = bind(self)
+
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """A session whose work commits together or not at all."""
@@ -64,5 +71,19 @@ def context_from_env(env: dict | None = None, *, clock: Clock | None = None) -> 
     objects = objectstore_from_url(env.get("KMS_OBJECT_STORE") or str(home / "objects"),
                                    endpoint_url=env.get("KMS_S3_ENDPOINT_URL"))
     notifier = notifier_from_env(home, env)
-    return KmsContext(engine=engine, keystore=keystore_from_env(home, env), policy=policy,
+    return KmsContext(engine=engine, keystore=audited_keystore(keystore_from_env(home, env), env), policy=policy,
                       clock=clock or SystemClock(), objects=objects, notifier=notifier, home=home)
+
+
+def audited_keystore(keystore: Any, env: dict | None = None) -> Any:
+    """Wrap a backend so every operation is audited (A3); with ``KMS_WORKLOAD_PRINCIPAL``
+    set, every operation also runs under that principal's short-lived token (A2)."""
+    from .keystore.audited import AuditedKeyStore
+
+    env = os.environ if env is None else env
+    credentials = None
+    if env.get("KMS_WORKLOAD_PRINCIPAL"):
+        from .access import WorkloadIdentity
+
+        credentials = WorkloadIdentity(env["KMS_WORKLOAD_PRINCIPAL"])
+    return AuditedKeyStore(keystore, credentials=credentials)

@@ -79,9 +79,13 @@ class KmsResource(dg.ConfigurableResource):
     keystore: KeyStoreResource
     objects: ObjectStoreResource
     clock: ClockResource
+    workload_principal: str = Field(
+        default_factory=lambda: _env("KMS_WORKLOAD_PRINCIPAL") or "workload:dagster",
+        description="Workload identity (A2): every keystore operation runs under its token of <= 15 min, "
+                    "re-issued before expiry.")
 
     def _cache_key(self) -> tuple:
-        return (os.getpid(), self.home, self.policy_path, self.database.url, self.keystore.kind,
+        return (os.getpid(), self.home, self.policy_path, self.database.url, self.keystore.kind, self.workload_principal,
                 self.keystore.pkcs11_lib, self.keystore.pkcs11_token, self.objects.url, self.objects.endpoint_url)
 
     def context(self) -> KmsContext:
@@ -102,12 +106,17 @@ class KmsResource(dg.ConfigurableResource):
         from ..core.objectstore import objectstore_from_url
         from ..core.policy import load_policy
 
+        from ..core.access import WorkloadIdentity
+        from ..core.keystore.audited import AuditedKeyStore
+
         home = Path(self.home)
         home.mkdir(parents=True, exist_ok=True)
         env = self.keystore.env()
         return KmsContext(
             engine=db.make_engine(self.database.resolved_url(home)),
-            keystore=keystore_from_env(home, env),
+            # Audited (A3), and every operation checks this run's workload token (A2).
+            keystore=AuditedKeyStore(keystore_from_env(home, env),
+                                     credentials=WorkloadIdentity(self.workload_principal)),
             policy=load_policy(self.policy_path),
             objects=objectstore_from_url(self.objects.url or str(home / "objects"),
                                          endpoint_url=self.objects.endpoint_url),

@@ -1,0 +1,124 @@
+"""Dagster: the manual_rotation job (Launchpad config, same approvals) and the
+audit_anomalies asset with its checks; resources run under a workload token (A2)."""
+
+from datetime import datetime, timedelta, timezone
+
+import dagster as dg
+import pyotp
+import pytest
+from sqlalchemy import select
+
+from kms_pipelines.core import access, audit, ledger
+from kms_pipelines.core.db.models import KeyVersion
+from kms_pipelines.core.db.models_access import AuditEvent
+from kms_pipelines.defs.access import audit_anomalies, audit_chain_intact, manual_rotation, \
+    no_unreviewed_high_anomalies
+from kms_pipelines.defs.foundation import kms_state
+from kms_pipelines.defs.resources import (ClockResource, DatabaseResource, KeyStoreResource, KmsResource,
+                                          ObjectStoreResource)
+
+AT = datetime(2026, 2, 1, 9, 0, tzinfo=timezone.utc)
+
+
+def make_resource(tmp_path, url, at=AT):
+    return KmsResource(home=str(tmp_path / "home"), database=DatabaseResource(url=url),
+                       keystore=KeyStoreResource(kind="software"),
+                       objects=ObjectStoreResource(url=str(tmp_path / "objects")),
+                       clock=ClockResource(fixed_time=at.isoformat()))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def dagster_kms(request, tmp_path, monkeypatch):
+    monkeypatch.setenv("KMS_MASTER_KEY", "B" * 43 + "=")
+    url = f"sqlite:///{tmp_path / 'kms.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    res = make_resource(tmp_path, url)
+    instance = dg.DagsterInstance.ephemeral()
+    assert dg.materialize([kms_state], resources={"kms": res}, instance=instance).success
+    return res, instance
+
+
+def _snapshot(ctx):
+    with ctx.engine.connect() as conn:
+        return (conn.execute(select(KeyVersion.key_id, KeyVersion.version, KeyVersion.state)
+                             .order_by(KeyVersion.id)).all(), ledger.head(conn))
+
+
+def _config(key="root", ticket="CHG-42", requester="alice"):
+    return {"ops": {"manual_rotate_key": {"config": {"key": key, "ticket": ticket, "requester": requester}}}}
+
+
+def _team(ctx):
+    return {n: pyotp.parse_uri(access.enroll_principal(ctx, n, [r]).provisioning_uri)
+            for n, r in (("alice", "sre_oncall"), ("bob", "security_engineering"), ("carol", "compliance_officer"))}
+
+
+def test_manual_rotation_job_enforces_the_same_approvals(dagster_kms):
+    res, instance = dagster_kms
+    ctx = res.context()
+    devices = _team(ctx)
+    before = _snapshot(ctx)
+    result = manual_rotation.execute_in_process(run_config=_config(), resources={"kms": res}, instance=instance,
+                                                raise_on_error=False)
+    assert not result.success
+    failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
+    assert "needs 2 approvals" in failure.step_failure_data.error.to_string()
+    assert _snapshot(ctx) == before
+    access.approve(ctx, "bob", ticket="CHG-42", operation="rotate", totp=devices["bob"].at(AT))
+    result = manual_rotation.execute_in_process(run_config=_config(), resources={"kms": res}, instance=instance,
+                                                raise_on_error=False)
+    assert not result.success and _snapshot(ctx) == before
+    access.approve(ctx, "carol", ticket="CHG-42", operation="rotate", totp=devices["carol"].at(AT))
+    result = manual_rotation.execute_in_process(run_config=_config(), resources={"kms": res}, instance=instance)
+    assert result.success
+    assert result.output_for_node("manual_rotate_key")["approvers"] == ["bob", "carol"]
+    with ctx.transaction() as s:
+        e = ledger.entries_for(s, "root")[-1]
+        assert (e.actor, e.approvers, e.change_ticket) == ("alice", '["bob","carol"]', "CHG-42")
+    # keystore operations of the run ran under the Dagster workload token
+    audit.flush(ctx)
+    with ctx.engine.connect() as conn:
+        actors = set(conn.execute(select(AuditEvent.actor).where(AuditEvent.operation == "generate")).scalars())
+    assert "workload:dagster" in actors
+
+
+def test_manual_rotation_config_is_typed_for_the_launchpad():
+    fields = manual_rotation.run_config_schema.config_type.fields["ops"].config_type.fields[
+        "manual_rotate_key"].config_type.fields["config"].config_type.fields
+    assert set(fields) == {"key", "ticket", "requester"}
+    assert all(f.is_required for f in fields.values())
+
+
+def test_audit_anomalies_asset_and_checks(dagster_kms):
+    res, instance = dagster_kms
+    ctx = res.context()
+    sam = access.enroll_principal(ctx, "sam", ["security_engineering"])
+    assert sam.provisioning_uri
+    # a plain (undual-controlled) manual rotation: a high-severity anomaly
+    from kms_pipelines.core import lifecycle
+
+    lifecycle.rotate(ctx, "data:postgres")
+    result = dg.materialize([audit_anomalies, audit_chain_intact, no_unreviewed_high_anomalies],
+                            resources={"kms": res}, instance=instance, raise_on_error=False)
+    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    assert checks == {"audit_chain_intact": True, "no_unreviewed_high_anomalies": False}
+    mat = result.asset_materializations_for_node("audit_anomalies")[0]
+    assert mat.metadata["unreviewed_high"].value == 1
+    for a in audit.unreviewed(ctx):
+        audit.review(ctx, a.id, "sam", "planned drill")
+    result = dg.materialize([audit_anomalies, audit_chain_intact, no_unreviewed_high_anomalies],
+                            resources={"kms": res}, instance=instance)
+    assert all(c.passed for c in result.get_asset_check_evaluations())
+
+
+def test_the_resource_refreshes_its_workload_token(tmp_path, monkeypatch):
+    monkeypatch.setenv("KMS_MASTER_KEY", "C" * 43 + "=")
+    url = f"sqlite:///{tmp_path / 'kms.db'}"
+    instance = dg.DagsterInstance.ephemeral()
+    assert dg.materialize([kms_state], resources={"kms": make_resource(tmp_path, url)}, instance=instance).success
+    later = make_resource(tmp_path, url, at=AT + timedelta(minutes=30))
+    assert dg.materialize([kms_state], resources={"kms": later}, instance=instance).success
+    ident = later.context().keystore.credentials
+    from kms_pipelines.core import lifecycle
+
+    lifecycle.rotate(later.context(), "data:postgres")
+    assert ident.issued >= 2  # one token at AT, a fresh one 30 minutes later

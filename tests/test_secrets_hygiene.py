@@ -1,0 +1,96 @@
+"""No key material anywhere it could leak: audit rows, the Dagster event log, captured logs.
+
+Runs real work through Dagster (bootstrap, a dual-controlled manual rotation, the audit
+anomalies asset) and the CLI-level core calls (enrolment, approvals, tokens), then collects
+every secret value the KMS holds — each key object's raw value from the software keystore,
+the master key, TOTP secrets, workload tokens — and searches for each in several encodings.
+"""
+
+import base64
+import logging
+from datetime import datetime, timezone
+
+import dagster as dg
+import pyotp
+from sqlalchemy import select
+
+from kms_pipelines.core import access, audit
+from kms_pipelines.core.db.models_access import AuditAnomaly, AuditEvent, Principal
+from kms_pipelines.core.keystore.audited import unwrap
+from kms_pipelines.defs.access import audit_anomalies, audit_chain_intact, manual_rotation
+from kms_pipelines.defs.foundation import kms_state
+from kms_pipelines.defs.resources import (ClockResource, DatabaseResource, KeyStoreResource, KmsResource,
+                                          ObjectStoreResource)
+
+AT = datetime(2026, 4, 1, 12, 0, tzinfo=timezone.utc)
+MASTER = base64.b64encode(bytes(range(32))).decode()
+
+
+def _encodings(secret: bytes) -> set[str]:
+    forms = {secret.hex(), secret.hex().upper(), base64.b64encode(secret).decode(),
+             base64.urlsafe_b64encode(secret).decode().rstrip("="), base64.b32encode(secret).decode().rstrip("="),
+             secret.decode("latin-1")}
+    return {f for f in forms if len(f) >= 16}
+
+
+def test_no_key_material_in_audit_rows_event_log_or_logs(tmp_path, monkeypatch, caplog, capfd):
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("KMS_MASTER_KEY", MASTER)
+    res = KmsResource(home=str(tmp_path / "home"), database=DatabaseResource(url=f"sqlite:///{tmp_path / 'kms.db'}"),
+                      keystore=KeyStoreResource(kind="software"),
+                      objects=ObjectStoreResource(url=str(tmp_path / "objects")),
+                      clock=ClockResource(fixed_time=AT.isoformat()))
+    instance = dg.DagsterInstance.ephemeral()
+    runs = [dg.materialize([kms_state], resources={"kms": res}, instance=instance)]
+    ctx = res.context()
+    uris = {n: access.enroll_principal(ctx, n, [r]).provisioning_uri
+            for n, r in (("alice", "sre_oncall"), ("bob", "security_engineering"), ("carol", "compliance_officer"))}
+    for n in ("bob", "carol"):
+        access.approve(ctx, n, ticket="CHG-S", operation="rotate", target="service:api-gateway",
+                       totp=pyotp.parse_uri(uris[n]).at(AT))
+    runs.append(manual_rotation.execute_in_process(
+        run_config={"ops": {"manual_rotate_key": {"config": {"key": "service:api-gateway", "ticket": "CHG-S",
+                                                             "requester": "alice"}}}},
+        resources={"kms": res}, instance=instance))
+    ks = ctx.keystore
+    blob = ks.encrypt(_wrap_ref(ctx), b"customer secret 0123456789abcdef")
+    ks.decrypt(_wrap_ref(ctx), blob)
+    tokens = [access.issue_workload_token(ctx, "workload:api-gateway")]
+    runs.append(dg.materialize([audit_anomalies, audit_chain_intact], resources={"kms": res}, instance=instance))
+    assert all(r.success for r in runs)
+
+    # every secret the KMS holds
+    inner = unwrap(ctx.keystore)
+    secrets = {f"key {ref}": inner._load(ref)[1] for ref in inner.refs()}
+    secrets["master key"] = base64.b64decode(MASTER)
+    for n, uri in uris.items():
+        secrets[f"totp {n}"] = pyotp.parse_uri(uri).secret.encode()
+        secrets[f"totp {n} raw"] = base64.b32decode(pyotp.parse_uri(uri).secret)
+    for i, t in enumerate(tokens):
+        secrets[f"token {i}"] = t.encode()
+        secrets[f"token {i} signature"] = t.split(".")[2].encode()
+    secrets["plaintext"] = b"customer secret 0123456789abcdef"
+    assert len(secrets) > 20
+
+    # everywhere it must not be
+    audit.flush(ctx)
+    with ctx.engine.connect() as conn:
+        audit_text = "\n".join(repr(tuple(r)) for r in conn.execute(select(AuditEvent.__table__)).all())
+        audit_text += "\n".join(repr(tuple(r)) for r in conn.execute(select(AuditAnomaly.__table__)).all())
+        sealed = conn.execute(select(Principal.totp_sealed)).scalars().all()
+    assert audit_text.count("\n") > 25
+    event_log = "\n".join(repr(rec) for r in runs for rec in instance.all_logs(r.run_id))
+    assert "manual_rotate_key" in event_log
+    out, err = capfd.readouterr()
+    places = {"audit rows": audit_text, "dagster event log": event_log, "captured logs": caplog.text,
+              "stdout/stderr": out + err, "sealed totp column": repr(sealed)}
+    leaks = [(what, where) for what, secret in secrets.items() for enc in _encodings(secret)
+             for where, text in places.items() if enc in text]
+    assert leaks == []
+
+
+def _wrap_ref(ctx):
+    from kms_pipelines.core import lifecycle
+
+    with ctx.transaction() as s:
+        return lifecycle.active_version(lifecycle.get_key(s, "data:postgres")).wrap_ref
