@@ -304,11 +304,11 @@ def pickup_credential(ctx: KmsContext, service: str, client_id: str) -> str:
         row = session.scalars(select(ServiceCredential).where(
             ServiceCredential.service == key_name, ServiceCredential.client_id == client_id,
             ServiceCredential.key_version == v.version)).first()
-        if row is None or row.sealed is None:
-            raise ServiceKeyError(f"no re-issued credential waiting for {client_id!r} on {key_name} v{v.version}")
-        if row.picked_up_at is not None:
+        if row is not None and row.picked_up_at is not None:
             raise ServiceKeyError(f"the credential for {client_id!r} was already picked up at "
                                   f"{row.picked_up_at.isoformat()}")
+        if row is None or row.sealed is None:
+            raise ServiceKeyError(f"no re-issued credential waiting for {client_id!r} on {key_name} v{v.version}")
         credential = _decrypt(session, ctx, row.sealed, key_name, f"credential:{client_id}").decode()
         row.picked_up_at, row.sealed = ctx.now(), None
         return credential
