@@ -1,0 +1,55 @@
+"""`kms report`: the clause-by-clause compliance report, for compliance officers who
+work outside the Dagster UI (same content as the ``policy_compliance_report`` asset).
+
+    kms report [--format md|html|json] [--out FILE] [--clause ID ...] [--dagster-evidence]
+
+Exit codes: 0 every clause passes (or only warns), 1 a clause fails, 2 usage errors.
+"""
+
+import click
+
+
+def register(cli) -> None:
+    from ..cli import EXIT_FAILED, get_context
+
+    @cli.command("report")
+    @click.option("--format", "fmt", type=click.Choice(["md", "html", "json"]), default="md", show_default=True)
+    @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None,
+                  help="Write the report to FILE instead of printing it.")
+    @click.option("--clause", "clauses", multiple=True, metavar="ID",
+                  help="Only these clause ids (repeatable), e.g. --clause T3 --clause B1.")
+    @click.option("--dagster-evidence", is_flag=True,
+                  help="Also show each clause's latest asset-check run from the Dagster instance ($DAGSTER_HOME).")
+    @click.pass_context
+    def report(ctx, fmt, out, clauses, dagster_evidence):
+        """Evaluate every policy clause (DESIGN §6) against the live state; exit 1 if any fails."""
+        from ..core import compliance
+
+        known = {c.id for c in compliance.CLAUSES}
+        unknown = sorted({c.upper() for c in clauses} - known)
+        if unknown:
+            raise click.BadParameter(f"unknown clause id(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})",
+                                     param_hint="--clause")
+        evidence = None
+        if dagster_evidence:
+            import dagster as dg
+
+            from ..defs.compliance import check_evidence
+
+            instance = dg.DagsterInstance.get()
+            evidence = lambda c: check_evidence(instance, c)  # noqa: E731
+        result = compliance.build_report(get_context(ctx), evidence=evidence,
+                                         only=[c.upper() for c in clauses] or None)
+        text = compliance.render(result, fmt)
+        if out:
+            with open(out, "w", encoding="utf-8") as f:
+                f.write(text)
+            click.echo(f"wrote {fmt} report to {out}: overall {result.overall}"
+                       + (f", failing {', '.join(r.clause for r in result.failing)}" if result.failing else ""))
+        else:
+            click.echo(text, nl=False)
+        if result.failing:
+            if out or fmt != "json":
+                click.echo(f"kms: {len(result.failing)} clause(s) fail: "
+                           f"{', '.join(r.clause for r in result.failing)}", err=True)
+            ctx.exit(EXIT_FAILED)

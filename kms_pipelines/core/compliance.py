@@ -1,0 +1,932 @@
+"""The clause-by-clause compliance report (DESIGN §6): one row per policy clause id,
+the control that enforces it, the evidence read from the live state, and a status.
+
+Each clause has an evaluator ``fn(ctx) -> Finding`` that checks the live state through
+the areas' own core APIs (ledger, rpt, checkpoints, rotation, envelope, escrow, access,
+audit, backup, drills …). Status is one of ``pass`` | ``fail`` | ``warn`` | ``unknown``:
+
+* ``fail``: the evidence shows the clause broken (rendered red);
+* ``warn``: nothing broken, but something needs a human look (e.g. no approver enrolled);
+* ``unknown``: reserved for evaluations that cannot run at all (never used to hide a
+  failure: an evaluator that raises yields ``fail`` naming the error class and message).
+
+Evaluators read; the few that exercise an API (P2: credential, app-secret and audit
+signature round trips; P3: a DEK round trip inside the keystore; A2: a workload token)
+persist nothing but the audit events every keystore operation leaves, and P2's probe
+credential (client ``kms-compliance-probe``, one row per service version, replaced on
+every report).
+
+No key material, wrapped keys or plaintext ever enters a Finding: evidence carries
+versions, counts, ids, hashes and times.
+
+``build_report(ctx)`` → ``Report``; ``render_markdown`` / ``render_html`` (template in
+``assets/templates/compliance_report.html``) / ``Report.to_json`` give the same content.
+Callers with more evidence (the Dagster asset: latest asset-check evaluations) pass an
+``evidence`` callback; core never imports Dagster.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from sqlalchemy import select
+
+from .clock import utc
+from .context import KmsContext
+
+PASS, FAIL, WARN, UNKNOWN = "pass", "fail", "warn", "unknown"
+STATUSES = (PASS, FAIL, WARN, UNKNOWN)
+SECTIONS = {"P": "Key purposes and scope", "R": "Rotation cadence", "T": "Retention and retirement",
+            "A": "Access controls", "B": "Backup, restore and drills"}
+TEMPLATE = Path(__file__).resolve().parents[2] / "assets" / "templates" / "compliance_report.html"
+PROBE_CLIENT = "kms-compliance-probe"
+# Clause text fixes these (A1 names the three roles; A2 caps workload identities at 15 min);
+# the policy file must agree with them, which is what A1/A2 check.
+A1_ROLES = ("sre_oncall", "security_engineering", "compliance_officer")
+A2_MAX_TOKEN_MINUTES = 15
+_MAX_EVIDENCE = 600
+
+
+@dataclass
+class Finding:
+    status: str
+    evidence: str
+    details: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown finding status {self.status!r}")
+
+
+@dataclass(frozen=True)
+class Clause:
+    id: str
+    text: str
+    control: str
+    evaluate: Callable[[KmsContext], Finding]
+    # Dagster asset checks that evidence this clause, as "asset/check" (defs/compliance.py
+    # looks up their latest evaluation); plain strings so core stays free of Dagster.
+    checks: tuple[str, ...] = ()
+
+    @property
+    def section(self) -> str:
+        return self.id[0]
+
+
+@dataclass
+class Row:
+    clause: str
+    section: str
+    text: str
+    control: str
+    status: str
+    evidence: str
+    details: dict = field(default_factory=dict)
+    checks: list[dict] = field(default_factory=list)  # latest Dagster check evaluations, if known
+    seconds: float = 0.0
+
+    @property
+    def red(self) -> bool:
+        return self.status == FAIL
+
+
+@dataclass
+class Report:
+    rows: list[Row]
+    generated_at: datetime
+    overall: str
+
+    @property
+    def failing(self) -> list[Row]:
+        return [r for r in self.rows if r.status == FAIL]
+
+    def counts(self) -> dict[str, int]:
+        return {s: sum(r.status == s for r in self.rows) for s in STATUSES}
+
+    def row(self, clause_id: str) -> Row:
+        for r in self.rows:
+            if r.clause == clause_id:
+                return r
+        raise KeyError(clause_id)
+
+    def to_dict(self) -> dict:
+        return {"generated_at": self.generated_at.isoformat(), "overall": self.overall, "counts": self.counts(),
+                "failing": [r.clause for r in self.failing],
+                "rows": [{**asdict(r), "red": r.red} for r in self.rows]}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True, default=_json_default)
+
+
+def _json_default(value):
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, (set, frozenset, tuple)):
+        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    return str(value)
+
+
+def _overall(rows: Sequence[Row]) -> str:
+    if any(r.status == FAIL for r in rows):
+        return FAIL
+    if any(r.status in (WARN, UNKNOWN) for r in rows):
+        return WARN
+    return PASS
+
+
+def _join(parts: Iterable[str]) -> str:
+    return "; ".join(p for p in parts if p)
+
+
+def _finding(problems: list[str], good: list[str], details: dict | None = None,
+             warnings: list[str] | None = None) -> Finding:
+    warnings = warnings or []
+    if problems:
+        return Finding(FAIL, _join(problems + warnings), details or {})
+    if warnings:
+        return Finding(WARN, _join(warnings + good), details or {})
+    return Finding(PASS, _join(good), details or {})
+
+
+def _iso(at: datetime | None) -> str:
+    return utc(at).strftime("%Y-%m-%d %H:%M UTC") if at else "-"
+
+
+# ---- shared facts ------------------------------------------------------------------
+
+def _inventory(ctx: KmsContext, key_class: str | None = None):
+    from . import lifecycle
+
+    return [r for r in lifecycle.inventory(ctx) if key_class is None or r.key_class == key_class]
+
+
+def _cadence(ctx: KmsContext, key_class: str) -> tuple[list[str], list[str], dict]:
+    """(problems, good, details) for the active versions of a key class against its cadence."""
+    rows = [r for r in _inventory(ctx, key_class) if r.state == "active"]
+    days = ctx.policy.key_class(key_class).rotation_days
+    problems = [f"{r.key} v{r.version} is {r.age_days:.1f} days old, past its due date {_iso(r.due_at)}"
+                for r in rows if r.overdue]
+    if not rows:
+        problems.append(f"no active {key_class} key version")
+    good = []
+    if rows and not problems:
+        oldest = max(rows, key=lambda r: r.age_days or 0)
+        good.append(f"{len(rows)} {key_class} key(s) within {days} d (oldest {oldest.key} v{oldest.version}, "
+                    f"{oldest.age_days:.1f} d)")
+    details = {"keys": [{"key": r.key, "version": r.version, "age_days": r.age_days,
+                         "due_at": r.due_at.isoformat() if r.due_at else None, "overdue": r.overdue} for r in rows]}
+    return problems, good, details
+
+
+# ---- P: key purposes ---------------------------------------------------------------
+
+def eval_p1(ctx: KmsContext) -> Finding:
+    from . import manifest, rpt
+    from .db.models import ACTIVE, Key, KeyVersion
+    from .db.models_rotation import ServiceSeed
+
+    problems, good = [], []
+    chain = rpt.verify_chain(ctx)
+    if chain.ok:
+        good.append(f"RPT chain verifies ({chain.head_seq} token(s), head {chain.head_hash[:12]}…"
+                    + (f", matches {chain.checked_against}" if chain.checked_against else "") + ")")
+    else:
+        problems.append(f"RPT chain broken at seq {chain.first_bad_seq}: {chain.problem}")
+    with ctx.transaction() as session:
+        root_active = session.scalars(select(KeyVersion.version).join(Key).where(
+            Key.name == "root", KeyVersion.state == ACTIVE)).first()
+        live_service = set(session.execute(select(Key.name, KeyVersion.version).join(KeyVersion).where(
+            Key.key_class == "service", KeyVersion.state.in_(("active", "rotated")))).all())
+        seeds = session.execute(select(ServiceSeed.key_name, ServiceSeed.key_version,
+                                       ServiceSeed.root_version)).all()
+    stray = [f"{k} v{v} (under root v{rv})" for k, v, rv in seeds if (k, v) in live_service and rv != root_active]
+    if stray:
+        problems.append(f"service seeds not wrapped under the active root v{root_active}: {', '.join(stray[:5])}")
+    else:
+        good.append(f"{sum((k, v) in live_service for k, v, _ in seeds)} service seed(s) wrapped under root "
+                    f"v{root_active}")
+    trust = manifest.verify_chain(ctx)
+    if trust.ok:
+        good.append(f"root manifest chain verifies ({trust.count} manifest(s))")
+    else:
+        problems.append(f"root manifest chain broken: {trust.problem}")
+    return _finding(problems, good, {"rpt_head_seq": chain.head_seq, "rpt_ok": chain.ok,
+                                     "manifests": trust.count, "seeds": len(seeds)})
+
+
+def eval_p2(ctx: KmsContext) -> Finding:
+    from . import service_keys
+
+    problems, good, per = [], [], {}
+    for service in ctx.policy.key_class("service").names or []:
+        steps = []
+        cred = service_keys.issue_credential(ctx, service, PROBE_CLIENT)
+        check = service_keys.verify_credential(ctx, service, cred)
+        steps.append(("credential", bool(check), check.problem))
+        blob = service_keys.encrypt_secret(ctx, service, "compliance-probe", b"compliance-probe")
+        ok = service_keys.decrypt_secret(ctx, service, "compliance-probe", blob) == b"compliance-probe"
+        steps.append(("app secret", ok, None if ok else "decrypted value differs"))
+        signed = service_keys.sign_audit_event(ctx, service, {"probe": "compliance", "at": ctx.now().isoformat()})
+        vcheck = service_keys.verify_audit_event(ctx, signed)
+        steps.append(("audit signature", bool(vcheck), vcheck.problem))
+        per[service] = {name: ok for name, ok, _ in steps}
+        for name, ok, why in steps:
+            if not ok:
+                problems.append(f"{service}: {name} round trip failed ({why})")
+    if not problems:
+        good.append(f"credential, app-secret and audit-signature round trips pass for {len(per)} service(s)")
+    return _finding(problems, good, {"services": per})
+
+
+def eval_p3(ctx: KmsContext) -> Finding:
+    from . import envelope, lifecycle
+
+    problems, good = [], []
+    names = [f"data:{n}" for n in ctx.policy.key_class("data").names or []]
+    with ctx.transaction() as session:
+        refs = {}
+        for name in names:
+            v = lifecycle.active_version(lifecycle.get_key(session, name))
+            refs[name] = (v.version, v.wrap_ref) if v is not None else (None, None)
+    for name, (version, ref) in refs.items():
+        if not ref:
+            problems.append(f"{name} has no active wrapping version")
+            continue
+        aad = f"compliance-canary|{name}|v{version}".encode()
+        wrapped = ctx.keystore.new_wrapped_dek(ref)
+        blob = ctx.keystore.dek_encrypt(ref, wrapped, b"compliance-canary", aad)
+        if ctx.keystore.dek_decrypt(ref, wrapped, blob, aad) != b"compliance-canary":
+            problems.append(f"{name} v{version}: canary envelope round trip returned other bytes")
+    counts = envelope.inventory_counts(ctx)
+    orphans = [c for c in counts if c.state == "unknown" and c.deks]
+    if orphans:
+        problems.append("DEKs wrapped under versions that do not exist: "
+                        + ", ".join(f"{c.key} v{c.version} ({c.deks})" for c in orphans[:5]))
+    live = sum(c.deks for c in counts)
+    if not problems:
+        good.append(f"canary envelope round trip passes under {len(refs)} data key(s); DEK inventory: {live} live, "
+                    f"{sum(c.shredded for c in counts)} shredded, over {len(counts)} key version(s)")
+    return _finding(problems, good, {"deks_by_version": [asdict(c) for c in counts]})
+
+
+def eval_p4(ctx: KmsContext) -> Finding:
+    from . import escrow
+
+    problems = escrow.current_problems(ctx)
+    cur = escrow.current_package(ctx)
+    good = [f"break-glass v{cur.key_version} sealed in package {cur.package_id} "
+            f"({cur.threshold} of {len(cur.custodians)}, sealed {_iso(cur.created_at)})"] if cur else []
+    return _finding(list(problems), good, {"package": cur.package_id if cur else None})
+
+
+# ---- R: rotation --------------------------------------------------------------------
+
+def eval_r1(ctx: KmsContext) -> Finding:
+    from . import manifest, rotation
+
+    problems, good, details = _cadence(ctx, "root")
+    active = next((k for k in details["keys"]), None)
+    latest = manifest.latest(ctx)
+    if active is not None:
+        if latest is None or latest.version != active["version"]:
+            problems.append(f"fingerprints of root v{active['version']} are not published "
+                            f"(latest manifest: {('v' + str(latest.version)) if latest else 'none'})")
+        else:
+            good.append(f"manifest {latest.kid} published")
+    check = rotation.check_partners(ctx)
+    if check.overdue:
+        problems.append("partners not notified within the deadline: "
+                        + ", ".join(f"{r.partner}@v{r.version} (due {_iso(r.deadline)})" for r in check.overdue))
+    if check.late:
+        problems.append("partners notified late: " + ", ".join(f"{r.partner}@v{r.version}" for r in check.late))
+    if check.rows and not check.overdue and not check.late:
+        hours = ctx.policy.key_class("root").partner_notice_hours
+        good.append(f"{sum(r.notified_at is not None for r in check.rows)}/{len(check.rows)} partner notice(s) "
+                    f"delivered within {hours} h; {len(check.unacked)} awaiting ack")
+    details["partner_notices"] = len(check.rows)
+    return _finding(problems, good, details)
+
+
+def eval_r2(ctx: KmsContext) -> Finding:
+    from . import compromise
+
+    problems, good, details = _cadence(ctx, "service")
+    sla = ctx.policy.events.response_sla_hours
+    late = compromise.response_overdue(ctx, sla)
+    open_ = compromise.open_events(ctx)
+    warnings = []
+    if late:
+        problems.append(f"{len(late)} security event(s) unanswered past {sla} h: "
+                        + ", ".join(f"{e.type} on {e.key} ({e.id[:12]})" for e in late[:5]))
+    elif open_:
+        warnings.append(f"{len(open_)} security event(s) being answered (within the {sla} h SLA)")
+    else:
+        good.append("no open security events")
+    details["open_events"] = [e.id for e in open_]
+    return _finding(problems, good, details, warnings)
+
+
+def eval_r3(ctx: KmsContext) -> Finding:
+    from . import envelope, export_keys
+    from .db.models import Key, KeyVersion
+
+    problems, good, details = _cadence(ctx, "data")
+    warnings = []
+    stranded = envelope.stranded(ctx)
+    with ctx.transaction() as session:
+        rotated_at = {(k, v): utc(t) for k, v, t in session.execute(
+            select(Key.name, KeyVersion.version, KeyVersion.rotated_at).join(KeyVersion)) if t}
+    grace = timedelta(days=1)  # the sweep runs every night after the rotations
+    for s in stranded:
+        if lifecycle_class(s.key) == "export":
+            continue  # export keys are judged by their expiry below
+        since = rotated_at.get((s.key, s.version))
+        if s.state == "rotated" and since is not None and ctx.now() - since < grace:
+            warnings.append(f"{s.deks} DEK(s) on {s.key} v{s.version} rotated {_iso(since)}, awaiting the sweep")
+        else:
+            problems.append(f"{s.deks} DEK(s) still wrapped under {s.state} {s.key} v{s.version}")
+    due = export_keys.due(ctx)
+    if due:
+        problems.append("expired export keys still alive: " + ", ".join(
+            f"{d.key} (expired {_iso(d.expired_at)})" for d in due[:5]))
+    if not stranded and not due:
+        good.append("no DEK on a retired version; no expired export key alive")
+    details["stranded"] = [asdict(s) for s in stranded]
+    details["expired_exports"] = [d.key for d in due]
+    return _finding(problems, good, details, warnings)
+
+
+def lifecycle_class(name: str) -> str:
+    return name.split(":", 1)[0]
+
+
+def eval_r4(ctx: KmsContext) -> Finding:
+    from . import escrow
+
+    problems, good, details = _cadence(ctx, "break-glass")
+    overdue = escrow.destruction_overdue(ctx)
+    if overdue:
+        problems.append("superseded escrow packages not confirmed destroyed: " + ", ".join(
+            f"{o['package_id']} (missing {', '.join(o['missing'])})" for o in overdue[:5]))
+    stale = [p for p in escrow.current_problems(ctx) if "days old" in p or "seals v" in p]
+    problems.extend(stale)
+    if not overdue:
+        superseded = [p for p in escrow.packages(ctx) if p.superseded_at is not None]
+        good.append(f"{len(superseded)} superseded package(s), every due destruction confirmed")
+    details["destruction_overdue"] = overdue
+    return _finding(problems, good, details)
+
+
+# ---- T: retention and retirement ----------------------------------------------------
+
+def _ledger_for(session, key_name: str, version: int, to_state: str):
+    from .db.models import LedgerEntry
+
+    return session.scalars(select(LedgerEntry).where(
+        LedgerEntry.key_name == key_name, LedgerEntry.key_version == version,
+        LedgerEntry.to_state == to_state).order_by(LedgerEntry.seq)).first()
+
+
+def eval_t1(ctx: KmsContext) -> Finding:
+    from . import lifecycle, retention
+    from .db.models import DESTROYED, REVOKED, ROTATED, Key
+
+    problems, good = [], []
+    guards = lifecycle.destroy_guards()
+    if "retention" not in guards:
+        problems.append("the retention destroy guard is not registered")
+    pol = ctx.policy.retention
+    if not (pol.archive_dual_control and pol.destroy_requires_dual_approval):
+        problems.append("the policy file does not require dual control for archives and destruction")
+    need = ctx.policy.access.approvals_required
+    retained = destroyed = 0
+    with ctx.transaction() as session:
+        keys = session.scalars(select(Key).where(Key.key_class.in_(retention.RETAINED_CLASSES))).all()
+        for key in keys:
+            for v in key.versions:
+                allowed = retention.destroy_allowed_from(ctx, key, v)
+                if v.state in (ROTATED, REVOKED):
+                    retained += 1
+                    refs = [r for r in (v.wrap_ref, v.sign_ref) if r]
+                    missing = [r for r in refs if not ctx.keystore.exists(r)]
+                    if missing and (allowed is None or ctx.now() < allowed):
+                        problems.append(f"{key.name} v{v.version} is within its retention but its material is gone")
+                elif v.state == DESTROYED:
+                    destroyed += 1
+                    if allowed is None or utc(v.destroyed_at) < allowed:
+                        problems.append(f"{key.name} v{v.version} destroyed {_iso(v.destroyed_at)}, before its "
+                                        f"retention ended ({_iso(allowed) if allowed else 'never retired'})")
+                    entry = _ledger_for(session, key.name, v.version, DESTROYED)
+                    approvers = json.loads(entry.approvers) if entry is not None else []
+                    if len(approvers) < need:
+                        problems.append(f"{key.name} v{v.version} destroyed with {len(approvers)} approver(s) "
+                                        f"(dual control needs {need})")
+    if not problems:
+        good.append(f"{retained} retired root/service version(s) retained with material; {destroyed} destroyed "
+                    f"after {retention.retention_days(ctx, 'root')} d under dual approval")
+    return _finding(problems, good, {"retained": retained, "destroyed": destroyed})
+
+
+def eval_t2(ctx: KmsContext) -> Finding:
+    from . import envelope, lifecycle
+    from .db.models import DESTROYED, Key, KeyVersion
+
+    problems, good = [], []
+    if "deks" not in lifecycle.destroy_guards():
+        problems.append("the deks destroy guard is not registered")
+    with ctx.transaction() as session:
+        rows = session.execute(select(Key.name, Key.key_class, KeyVersion.version, KeyVersion.wrap_ref).join(KeyVersion)
+                               .where(KeyVersion.state == DESTROYED,
+                                      Key.key_class.in_(("data", "export", "backup")))).all()
+        for name, _cls, version, _ref in rows:
+            n = envelope.deks_on(session, name, version)
+            if n:
+                problems.append(f"{name} v{version} was destroyed while {n} live DEK(s) were wrapped under it")
+    for name, _cls, version, ref in rows:
+        if ref and ctx.keystore.exists(ref):
+            problems.append(f"{name} v{version} is destroyed but its key material was not erased")
+    if not problems:
+        good.append(f"{len(rows)} destroyed data/export/backup version(s), none with live DEKs, material erased")
+    return _finding(problems, good, {"destroyed": len(rows)})
+
+
+def eval_t3(ctx: KmsContext) -> Finding:
+    from . import checkpoints, ledger
+
+    problems, good = [], []
+    result = ledger.verify(ctx.engine)
+    if result.ok:
+        good.append(f"ledger chain verifies ({result.count} entries, head {result.head_hash[:12]}…)")
+    else:
+        problems.append(f"ledger chain broken at seq {result.first_bad_seq}: {result.problem}")
+    audit_result = checkpoints.verify(ctx)
+    if not audit_result.ok:
+        problems.append(f"ledger/RPTs differ from the signed checkpoints ({audit_result.area}): {audit_result.problem}")
+    elif not audit_result.checkpoints:
+        problems.append("no signed ledger checkpoint in WORM storage yet")
+    else:
+        good.append(f"matches {audit_result.checkpoints} signed checkpoint(s), latest {audit_result.latest_checkpoint}")
+    return _finding(problems, good, {"entries": result.count, "checkpoints": audit_result.checkpoints,
+                                     "first_bad_seq": result.first_bad_seq or audit_result.first_bad_seq})
+
+
+def eval_t4(ctx: KmsContext) -> Finding:
+    from . import dependents, lifecycle
+    from .db.models import DESTROYED, REVOKED, Key
+
+    problems, good = [], []
+    guards = lifecycle.destroy_guards()
+    for name in ("dependents", "restore_points"):
+        if name not in guards:
+            problems.append(f"the {name} destroy guard is not registered")
+    checked = 0
+    with ctx.transaction() as session:
+        for key in session.scalars(select(Key)).all():
+            for v in key.versions:
+                if v.state == REVOKED:
+                    entry = _ledger_for(session, key.name, v.version, REVOKED)
+                    emergency = entry is not None and (entry.event_id or (entry.reason or "").startswith("compromise"))
+                    missing = [] if emergency else dependents.unconfirmed(session, ctx, key, v)
+                    checked += 1
+                    if missing:
+                        problems.append(f"{key.name} v{v.version} revoked before {', '.join(missing)} confirmed "
+                                        f"a newer version")
+                elif v.state == DESTROYED:
+                    checked += 1
+                    for gname in ("dependents", "restore_points"):
+                        guard = guards.get(gname)
+                        why = guard(session, ctx, key, v) if guard else None
+                        if why:
+                            problems.append(f"{key.name} v{v.version} destroyed although: {why}")
+    if not problems:
+        good.append(f"{checked} revoked/destroyed version(s): dependents confirmed, restore points re-keyed")
+    return _finding(problems, good, {"checked": checked})
+
+
+# ---- A: access --------------------------------------------------------------------
+
+def eval_a1(ctx: KmsContext) -> Finding:
+    from . import access
+
+    problems, good = [], []
+    pol = ctx.policy.access
+    if sorted(pol.roles) != sorted(A1_ROLES):
+        problems.append(f"policy roles are {sorted(pol.roles)}, the clause allows exactly {list(A1_ROLES)}")
+    stray = {op: sorted(set(roles) - set(pol.roles)) for op, roles in pol.permissions.items()
+             if set(roles) - set(pol.roles)}
+    if stray:
+        problems.append(f"permission matrix grants to roles outside the policy: {stray}")
+    material = ("decrypt", "encrypt", "sign", "export", "rotate", "destroy", "break-glass")
+    missing = [op for op in material if op not in pol.permissions]
+    if missing:
+        problems.append(f"permission matrix lacks {missing}")
+    principals = access.list_principals(ctx)
+    for p in principals:
+        if p["kind"] == "human" and (not p["roles"] or set(p["roles"]) - set(pol.roles)):
+            problems.append(f"principal {p['name']} holds roles {p['roles']} outside the policy")
+        if p["kind"] == "workload" and p["name"] not in pol.workload_principals:
+            problems.append(f"workload principal {p['name']} is not declared in the policy")
+    humans = [p for p in principals if p["kind"] == "human"]
+    if not problems:
+        good.append(f"roles {sorted(pol.roles)}; matrix of {len(pol.permissions)} permissions; "
+                    f"{len(humans)} human and {len(pol.workload_principals)} workload principal(s) within it")
+    return _finding(problems, good, {"principals": [{k: p[k] for k in ("name", "kind", "roles")} for p in principals]})
+
+
+def eval_a2(ctx: KmsContext) -> Finding:
+    from . import access
+    from .db.models_access import AuditEvent
+
+    problems, good, warnings = [], [], []
+    cap = ctx.policy.access.workload_token_ttl_minutes
+    if cap > A2_MAX_TOKEN_MINUTES:
+        problems.append(f"policy token TTL {cap} min exceeds the clause's {A2_MAX_TOKEN_MINUTES} min")
+    principal = next(iter(sorted(ctx.policy.access.workload_principals)), None)
+    if principal:
+        claims = access.verify_workload_token(ctx, access.issue_workload_token(ctx, principal))
+        lifetime = (claims.exp - claims.iat) / 60
+        if lifetime > cap:
+            problems.append(f"a fresh workload token lives {lifetime:g} min (cap {cap})")
+        else:
+            good.append(f"workload tokens live {lifetime:g} min (cap {cap})")
+    since = ctx.now() - timedelta(days=ctx.policy.audit.baseline_days)
+    with ctx.engine.connect() as conn:
+        issued = conn.execute(select(AuditEvent.detail).where(
+            AuditEvent.operation == "token.issue", AuditEvent.outcome == "ok", AuditEvent.at >= since)).scalars().all()
+    too_long = 0
+    for detail in issued:
+        try:
+            if int(json.loads(detail or "{}").get("ttl_seconds", 0)) > cap * 60:
+                too_long += 1
+        except (ValueError, TypeError, AttributeError):
+            continue
+    if too_long:
+        problems.append(f"{too_long} workload token(s) issued with a lifetime over {cap} min")
+    approvers = [p for p in access.list_principals(ctx)
+                 if p["kind"] == "human" and not p["disabled"] and "approve" in p["permissions"]]
+    no_totp = [p["name"] for p in approvers if not p["totp_enrolled"]]
+    if no_totp:
+        problems.append(f"approvers without TOTP enrolment: {', '.join(no_totp)}")
+    elif not approvers:
+        warnings.append("no human approver is enrolled, so no manual operation can be approved")
+    else:
+        good.append(f"{len(approvers)} approver(s), all TOTP-enrolled")
+    good.append(f"{len(issued)} token(s) issued in {ctx.policy.audit.baseline_days} d, none over the cap"
+                if not too_long else "")
+    return _finding(problems, good, {"cap_minutes": cap, "tokens_checked": len(issued), "approvers": len(approvers)},
+                    warnings)
+
+
+def eval_a3(ctx: KmsContext) -> Finding:
+    from . import audit
+
+    problems, good = [], []
+    result = audit.verify(ctx)
+    if result.ok:
+        good.append(f"audit chain verifies ({result.count} events)")
+    else:
+        problems.append(f"audit chain broken at seq {result.first_bad_seq}: {result.problem}")
+    pending = audit.unreviewed(ctx)
+    if pending:
+        problems.append(f"{len(pending)} unreviewed {'/'.join(ctx.policy.audit.review_severities)} anomaly(ies): "
+                        + ", ".join(f"#{a.id} {a.kind}" for a in pending[:5]))
+    else:
+        good.append("no unreviewed high-severity anomaly")
+    return _finding(problems, good, {"events": result.count, "unreviewed": [a.id for a in pending]})
+
+
+def _is_manual(ctx: KmsContext, key_name: str, to_state: str, reason: str | None, event_id: str | None) -> bool:
+    if reason == "manual":
+        return True
+    if to_state == "destroyed" and ctx.policy.retention.destroy_requires_dual_approval:
+        return lifecycle_class(key_name) != "export"  # export expiry crypto-shreds automatically (R3)
+    if to_state == "revoked":
+        return not event_id  # sensor-driven compromise response carries its event id
+    return False
+
+
+def eval_a4(ctx: KmsContext) -> Finding:
+    from . import notifications
+    from .db.models import LedgerEntry
+
+    problems, good = [], []
+    need = ctx.policy.access.approvals_required
+    manual = bad = 0
+    with ctx.engine.connect() as conn:
+        rows = conn.execution_options(stream_results=True, yield_per=5000).execute(
+            select(LedgerEntry.seq, LedgerEntry.key_name, LedgerEntry.key_version, LedgerEntry.to_state,
+                   LedgerEntry.reason, LedgerEntry.event_id, LedgerEntry.approvers, LedgerEntry.change_ticket)
+            .order_by(LedgerEntry.seq))
+        for seq, key, version, to_state, reason, event_id, approvers, ticket in rows:
+            if not _is_manual(ctx, key, to_state, reason, event_id):
+                continue
+            manual += 1
+            names = json.loads(approvers or "[]")
+            if len(set(names)) < need or not ticket:
+                bad += 1
+                if bad <= 5:
+                    problems.append(f"ledger seq {seq} ({key} v{version} → {to_state}) has {len(set(names))} "
+                                    f"approver(s) and ticket {ticket or 'none'}")
+    if bad > 5:
+        problems.append(f"… {bad} manual ledger entries without dual approval in all")
+    st = notifications.delivery_status(ctx)
+    if not st.ok:
+        problems.append(f"{len(st.unresolved)} notification(s) undelivered in {st.window_hours} h: "
+                        + ", ".join(f"{u['kind']} via {u['channel']}" for u in st.unresolved[:5]))
+    if not problems:
+        good.append(f"{manual} manual ledger operation(s), each with ≥{need} approvers and a ticket; "
+                    f"{st.delivered} notification(s) delivered in {st.window_hours} h, none failed")
+    return _finding(problems, good, {"manual_ops": manual, "without_dual_approval": bad,
+                                     "undelivered": len(st.unresolved)})
+
+
+# ---- B: backup, restore, drills -----------------------------------------------------
+
+def eval_b1(ctx: KmsContext) -> Finding:
+    from . import backup
+
+    problems, good = [], []
+    fresh = backup.freshness(ctx)
+    limit = ctx.policy.backup.freshness_hours
+    if fresh["archive_id"] is None:
+        return Finding(FAIL, "no complete backup exists", {"freshness_hours": limit})
+    if not fresh["fresh"]:
+        problems.append(f"newest backup {fresh['archive_id']} is {fresh['age_hours']} h old (limit {limit} h)")
+    with ctx.transaction() as session:
+        row = backup.get_backup(session)
+        akey, mkey = row.archive_key, row.manifest_key
+    head = ctx.objects.head(akey)
+    if not (head.locked_at(ctx.now()) and head.lock_mode == "COMPLIANCE"):
+        problems.append(f"archive {fresh['archive_id']} is not under a COMPLIANCE retention lock "
+                        f"(retain until {_iso(head.retain_until)}, mode {head.lock_mode or 'none'})")
+    try:
+        backup.verify_manifest(ctx, ctx.objects.get_bytes(mkey))
+    except backup.BackupError as exc:
+        problems.append(f"manifest of {fresh['archive_id']} does not verify: {exc}")
+    if not problems:
+        good.append(f"newest backup {fresh['archive_id']} is {fresh['age_hours']} h old (≤ {limit} h), signed "
+                    f"manifest verifies, locked until {_iso(head.retain_until)}")
+    return _finding(problems, good, {"archive_id": fresh["archive_id"], "age_hours": fresh["age_hours"]})
+
+
+def eval_b2(ctx: KmsContext) -> Finding:
+    from . import drills
+
+    st = drills.status(ctx)
+    days = ctx.policy.drills.cadence_days
+    if st["last_drill"] is None:
+        return Finding(FAIL, "no restore drill has been run", {"cadence_days": days})
+    problems, good = [], []
+    if not st["within_cadence"]:
+        problems.append(f"last drill {st['last_drill']} is {st['age_days']} days old (cadence {days} d)")
+    if st["last_outcome"] != "passed":
+        last = drills.list_drills(ctx)[0]
+        problems.append(f"last drill {st['last_drill']} {st['last_outcome']}: "
+                        + "; ".join(last["findings"][:3]))
+    if not problems:
+        good.append(f"last drill {st['last_drill']} passed ({st['age_days']} d ago, cadence {days} d): restored "
+                    f"into staging, migrations and verifyChain checked")
+    return _finding(problems, good, {"last_drill": st["last_drill"], "age_days": st["age_days"],
+                                     "outcome": st["last_outcome"]})
+
+
+def eval_b3(ctx: KmsContext) -> Finding:
+    from . import backup
+    from .db.models_backup import GOOD_STATUSES, PRUNED, Backup
+
+    problems, good, details = _cadence(ctx, "backup")
+    now = ctx.now()
+    with ctx.transaction() as session:
+        rows = session.scalars(select(Backup).where(Backup.status.in_(GOOD_STATUSES + (PRUNED,)))).all()
+        keep = backup.gfs_keep_set(ctx, rows, now)
+        kept = [(r.archive_id, r.archive_key, r.status, r.gfs_class) for r in rows if r.id in keep]
+    if not rows:
+        problems.append("no backups: the GFS set is empty")
+    for aid, akey, status, _cls in kept:
+        if status == PRUNED:
+            problems.append(f"archive {aid} belongs to the GFS set but was pruned")
+        elif not ctx.objects.exists(akey):
+            problems.append(f"archive {aid} belongs to the GFS set but its object is missing")
+    p = ctx.policy.backup
+    if rows and not any(pr.startswith("archive") for pr in problems):
+        good.append(f"GFS set holds: {len(kept)} archive(s) kept (latest {p.keep_nightly} + weekly for "
+                    f"{p.keep_weekly_days} d), {sum(c == 'weekly' for *_, c in kept)} weekly")
+    details["gfs_kept"] = [k[0] for k in kept]
+    return _finding(problems, good, details)
+
+
+def eval_b4(ctx: KmsContext) -> Finding:
+    import hashlib
+
+    from . import drills
+    from .db.models_backup import Drill
+
+    with ctx.transaction() as session:
+        last = session.scalars(select(Drill).order_by(Drill.started_at.desc(), Drill.id.desc())).first()
+        path, digest, date = (last.report_path, last.report_sha256, last.drill_date) if last else (None, None, None)
+    if last is None:
+        return Finding(FAIL, "no drill has been documented", {})
+    problems, good = [], []
+    p = Path(path) if path else None
+    if p is None or not p.exists():
+        problems.append(f"drill report of {date} is missing ({path})")
+    elif digest and hashlib.sha256(p.read_bytes()).hexdigest() != digest:
+        problems.append(f"drill report {p.name} was altered after the drill (sha256 differs)")
+    st = drills.status(ctx)
+    if st["overdue_followups"]:
+        problems.append(f"{len(st['overdue_followups'])} follow-up(s) past due "
+                        f"({ctx.policy.drills.remediation_business_days} business days): "
+                        + ", ".join(f"#{f['id']} {f['title'][:60]} ({f['owner']})" for f in st["overdue_followups"][:5]))
+    if not problems:
+        open_ = [f for d in drills.list_drills(ctx) for f in d["followups"] if f["status"] == "open"]
+        good.append(f"drill {date} documented ({p.name}); {len(open_)} follow-up(s) open, none past due")
+    return _finding(problems, good, {"report": path, "overdue": [f["id"] for f in st["overdue_followups"]]})
+
+
+# ---- the catalogue ----------------------------------------------------------------
+
+CLAUSES: tuple[Clause, ...] = (
+    Clause("P1", "Root key signs RPTs, seeds service keys, anchors the trust chain",
+           "RPT issue/verifyChain; service seeds wrapped under root; signed root manifests", eval_p1,
+           ("rpt_chain/rpt_chain_verifies", "keys_root/root_manifest_chain_verifies")),
+    Clause("P2", "Service keys issue API credentials, encrypt app secrets, sign audit events",
+           "service key APIs (credential, app-secret, audit-signature round trips)", eval_p2),
+    Clause("P3", "Data keys encrypt at-rest datasets and sensitive artifacts",
+           "envelope encryption (canary round trip) + DEK inventory", eval_p3,
+           ("key_inventory/inventory_frames_valid",)),
+    Clause("P4", "Break-glass keys held in escrow", "sealed M-of-N escrow package", eval_p4,
+           ("break_glass_escrow/escrow_current",)),
+    Clause("R1", "Root every 90 d; publish fingerprints; notify partners within 24 h",
+           "root rotation + public-key manifest + partner notice check", eval_r1,
+           ("key_inventory/keys_within_cadence", "keys_root/partners_notified_within_24h")),
+    Clause("R2", "Service keys every 60 d, or at once on compromise / tenant rotation / CI secret exposure",
+           "cadence reconcile + security-event sensor and compromise_response", eval_r2,
+           ("key_inventory/keys_within_cadence", "security_events/security_events_answered")),
+    Clause("R3", "Data keys every 180 d via envelope re-encryption; export keys at export expiry",
+           "cadence reconcile + DEK rewrap sweep + export-expiry sensor", eval_r3,
+           ("key_inventory/keys_within_cadence", "dek_rewrap_sweep/no_deks_on_retired_versions")),
+    Clause("R4", "Break-glass rotated and resealed every 30 d; old packages destroyed",
+           "escrow rotation + destruction confirmations", eval_r4,
+           ("break_glass_escrow/escrow_current", "break_glass_escrow/escrow_destruction_confirmed")),
+    Clause("T1", "Expired root/service keys kept 365 d; archive copies under dual control",
+           "retention destroy guard + dual-approved destruction", eval_t1),
+    Clause("T2", "Data keys kept until all ciphertext is re-keyed, then shredded",
+           "deks destroy guard + keystore erase", eval_t2,
+           ("dek_rewrap_sweep/no_deks_on_retired_versions",)),
+    Clause("T3", "Immutable ledger of key states with timestamps, approvers, tickets",
+           "hash-chained ledger + signed WORM checkpoints", eval_t3,
+           ("kms_state/ledger_chain_intact", "ledger_checkpoint/ledger_matches_checkpoints")),
+    Clause("T4", "Dependents confirm before revoke; destroy only after restore points are re-encrypted",
+           "dependents and restore_points guards", eval_t4),
+    Clause("A1", "Least privilege: only sre_oncall, security_engineering, compliance_officer",
+           "roles + permission matrix from the policy", eval_a1),
+    Clause("A2", "FIDO2 + TOTP console access; workload identities ≤ 15 min",
+           "TOTP on approvals; workload token TTL cap", eval_a2),
+    Clause("A3", "Every KMS operation logged, immutable, with anomaly detection",
+           "hash-chained audit log + anomaly review", eval_a3,
+           ("audit_anomalies/audit_chain_intact", "audit_anomalies/no_unreviewed_high_anomalies")),
+    Clause("A4", "Manual operations: dual authorization, recorded approvals, Slack/email notifications",
+           "single-use approvals bound to ticket + notification delivery log", eval_a4,
+           ("notification_deliveries/notifications_delivered",)),
+    Clause("B1", "Nightly backup of PostgreSQL + artifacts/kms to tamper-evident storage",
+           "nightly backup + signed manifest + Object Lock", eval_b1,
+           ("nightly_backup/backup_fresh", "nightly_backup/backup_manifest_verifies", "nightly_backup/backup_locked")),
+    Clause("B2", "Monthly restore into staging, migrations, verifyChain",
+           "restore drill job", eval_b2, ("restore_drill_report/drill_within_cadence",)),
+    Clause("B3", "7 nightly + weekly copies for 3 months; archives under a rotating key",
+           "GFS retention + backup key cadence", eval_b3),
+    Clause("B4", "Every drill documented; gaps remediated within 5 business days",
+           "drill report + follow-up check", eval_b4, ("restore_drill_report/drill_followups_on_time",)),
+)
+
+
+def clause(clause_id: str) -> Clause:
+    for c in CLAUSES:
+        if c.id == clause_id:
+            return c
+    raise KeyError(f"unknown clause {clause_id!r}")
+
+
+def evaluate(ctx: KmsContext, c: Clause) -> Finding:
+    """Run one evaluator; a crash is a failure naming the error, never a silent pass."""
+    try:
+        finding = c.evaluate(ctx)
+        if not isinstance(finding, Finding):
+            raise TypeError(f"evaluator returned {type(finding).__name__}, not Finding")
+        return finding
+    except Exception as exc:  # noqa: BLE001 -- reported as the clause's failure
+        message = str(exc).splitlines()[0][:300] if str(exc) else ""
+        return Finding(FAIL, f"evaluation failed: {type(exc).__name__}: {message}",
+                       {"error": type(exc).__name__})
+
+
+Evidence = Callable[[Clause], "list[dict]"]
+
+
+def build_report(ctx: KmsContext, *, evidence: Evidence | None = None, only: Iterable[str] | None = None) -> Report:
+    """Evaluate every clause (or ``only`` those ids) against the live state."""
+    wanted = set(only) if only else None
+    rows = []
+    for c in CLAUSES:
+        if wanted is not None and c.id not in wanted:
+            continue
+        started = time.perf_counter()
+        f = evaluate(ctx, c)
+        evidence_text = f.evidence if len(f.evidence) <= _MAX_EVIDENCE else f.evidence[:_MAX_EVIDENCE - 1] + "…"
+        checks: list[dict] = []
+        if evidence is not None:
+            try:
+                checks = list(evidence(c))
+            except Exception as exc:  # noqa: BLE001 -- evidence lookup must not hide the row
+                checks = [{"check": "(lookup failed)", "passed": None, "error": type(exc).__name__}]
+        rows.append(Row(c.id, c.section, c.text, c.control, f.status, evidence_text, f.details, checks,
+                        round(time.perf_counter() - started, 3)))
+    return Report(rows, ctx.now(), _overall(rows))
+
+
+# ---- rendering ----------------------------------------------------------------------
+
+BADGE = {PASS: "🟢 PASS", FAIL: "🔴 FAIL", WARN: "🟠 WARN", UNKNOWN: "⚪ UNKNOWN"}
+
+
+def _md_cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _check_md(checks: list[dict], run_url: Callable[[str], str] | None) -> str:
+    parts = []
+    for ch in checks:
+        if ch.get("passed") is None:
+            parts.append(f"{ch.get('check')}: never run")
+            continue
+        run = ch.get("run_id") or ""
+        link = f"[{run[:8]}]({run_url(run) if run_url else '/runs/' + run})" if run else "-"
+        parts.append(f"{ch['check']}: {'✅' if ch['passed'] else '❌'} {link} {ch.get('at', '')}".strip())
+    return "<br>".join(_md_cell(p) for p in parts) or "-"
+
+
+def render_markdown(report: Report, *, run_url: Callable[[str], str] | None = None) -> str:
+    c = report.counts()
+    lines = [f"# KMS policy compliance report",
+             "",
+             f"**Overall: {BADGE[report.overall]}** — {c[PASS]} pass, {c[FAIL]} fail, {c[WARN]} warn, "
+             f"{c[UNKNOWN]} unknown · generated {_iso(report.generated_at)}",
+             ""]
+    if report.failing:
+        lines += ["**Failing clauses:** " + ", ".join(f"{r.clause}" for r in report.failing), ""]
+    has_checks = any(r.checks for r in report.rows)
+    header = ["clause", "status", "policy (short)", "control", "evidence"] + (["latest check (run, time)"]
+                                                                               if has_checks else [])
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in report.rows:
+        cells = [f"**{r.clause}**", BADGE[r.status], r.text, r.control, r.evidence]
+        if has_checks:
+            cells.append(_check_md(r.checks, run_url))
+        lines.append("| " + " | ".join(_md_cell(x) if i != len(cells) - 1 or not has_checks else x
+                                       for i, x in enumerate(cells)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _row_html(r: Row) -> str:
+    esc = html.escape
+    checks = "<br>".join(
+        esc(f"{ch.get('check')}: " + ("never run" if ch.get("passed") is None else
+                                       ("passed" if ch["passed"] else "FAILED") + f" run {ch.get('run_id', '')[:8]} "
+                                       f"{ch.get('at', '')}")) for ch in r.checks) or "-"
+    return (f'<tr class="{esc(r.status)}" data-clause="{esc(r.clause)}"><td class="id">{esc(r.clause)}</td>'
+            f'<td class="status">{esc(r.status.upper())}</td><td>{esc(r.text)}</td><td>{esc(r.control)}</td>'
+            f'<td>{esc(r.evidence)}</td><td>{checks}</td></tr>')
+
+
+def render_html(report: Report, template: str | Path | None = None) -> str:
+    """The report as a standalone HTML page (red rows for failing clauses)."""
+    text = Path(template or TEMPLATE).read_text(encoding="utf-8")
+    c = report.counts()
+    values = {
+        "title": "KMS policy compliance report",
+        "generated_at": html.escape(_iso(report.generated_at)),
+        "overall": html.escape(report.overall),
+        "overall_label": html.escape(report.overall.upper()),
+        "summary": html.escape(f"{c[PASS]} pass, {c[FAIL]} fail, {c[WARN]} warn, {c[UNKNOWN]} unknown"),
+        "failing": html.escape(", ".join(r.clause for r in report.failing) or "none"),
+        "rows": "\n".join(_row_html(r) for r in report.rows),
+    }
+    for name, value in values.items():
+        text = text.replace("{{" + name + "}}", value)
+    return text
+
+
+def render(report: Report, fmt: str) -> str:
+    if fmt == "md":
+        return render_markdown(report)
+    if fmt == "html":
+        return render_html(report)
+    if fmt == "json":
+        return report.to_json() + "\n"
+    raise ValueError(f"unknown report format {fmt!r} (md, html, json)")

@@ -1,0 +1,135 @@
+"""The clause-by-clause policy compliance report (issue 8) as the last asset of
+``kms_nightly``, with its non-blocking ``policy_compliant`` check.
+
+The asset body calls ``core.compliance.build_report``; the only thing added here is the
+Dagster side of the evidence: for each clause, the latest evaluation of the asset checks
+that evidence it (result, run id with a link to the run, time), read from the instance.
+Overview sections (key age against cadence, DEK counts, backups, drills) make the one
+page a compliance officer opens the place to start."""
+
+
+from datetime import datetime, timezone
+
+import dagster as dg
+
+from ..core import compliance
+from .charts import (
+    backup_timeline,
+    backups_table,
+    dek_counts_table,
+    drill_history_md,
+    key_age_chart,
+    key_age_table,
+    open_followups_md,
+)
+from .resources import KmsResource
+
+NIGHTLY = {"kms_nightly": ""}
+ASSET = "policy_compliance_report"
+CHECK = "policy_compliant"
+# Every other kms_nightly asset, so the report runs last and reads what they produced.
+UPSTREAM = ["kms_state", "key_inventory", "keys_root", "keys_service", "keys_data", "keys_backup", "key_retirement",
+            "rpt_chain", "ledger_checkpoint", "dek_inventory", "break_glass_escrow", "audit_anomalies",
+            "notification_deliveries"]
+
+
+def run_url(run_id: str) -> str:
+    return f"/runs/{run_id}"
+
+
+def check_evidence(instance, clause: compliance.Clause) -> list[dict]:
+    """The latest completed evaluation of each asset check mapped to ``clause``."""
+    from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus as Status
+
+    out = []
+    for ref in clause.checks:
+        asset, name = ref.split("/", 1)
+        key = dg.AssetCheckKey(dg.AssetKey(asset), name)
+        records = instance.event_log_storage.get_asset_check_execution_history(
+            key, limit=1, status={Status.SUCCEEDED, Status.FAILED})
+        if not records:
+            out.append({"check": ref, "passed": None})
+            continue
+        rec = records[0]
+        at = datetime.fromtimestamp(rec.create_timestamp, tz=timezone.utc)
+        out.append({"check": ref, "passed": rec.status == Status.SUCCEEDED, "run_id": rec.run_id,
+                    "run_url": run_url(rec.run_id), "at": at.strftime("%Y-%m-%d %H:%M UTC"),
+                    **({"partition": rec.partition} if rec.partition else {})})
+    return out
+
+
+def _report_table(report: compliance.Report) -> dg.TableMetadataValue:
+    schema = dg.TableSchema(columns=[
+        dg.TableColumn("clause", "string"), dg.TableColumn("status", "string"), dg.TableColumn("red", "bool"),
+        dg.TableColumn("policy", "string"), dg.TableColumn("control", "string"), dg.TableColumn("evidence", "string"),
+        dg.TableColumn("latest_check", "string"), dg.TableColumn("check_passed", "string"),
+        dg.TableColumn("check_run", "string"), dg.TableColumn("checked_at", "string")])
+    records = []
+    for r in report.rows:
+        ran = [c for c in r.checks if c.get("passed") is not None]
+        latest = max(ran, key=lambda c: c["at"]) if ran else None
+        records.append(dg.TableRecord({
+            "clause": r.clause, "status": r.status, "red": r.red, "policy": r.text, "control": r.control,
+            "evidence": r.evidence, "latest_check": latest["check"] if latest else "",
+            "check_passed": ("" if latest is None else "passed" if latest["passed"] else "FAILED"),
+            "check_run": latest["run_url"] if latest else "", "checked_at": latest["at"] if latest else ""}))
+    return dg.MetadataValue.table(records=records, schema=schema)
+
+
+def _overview(ctx) -> dict:
+    """Item 2: key ages against cadence, DEK counts, backups and drills, one page."""
+    from ..core import backup, drills, envelope, lifecycle
+
+    cadence = {name: ctx.policy.key_class(name).rotation_days
+               for name in ("root", "service", "data", "backup", "break-glass", "export")}
+    inventory = lifecycle.inventory(ctx)
+    backups = backup.list_backups(ctx)
+    drill_rows = drills.list_drills(ctx)
+    now = ctx.now()
+    return {
+        "key_age_vs_cadence": dg.MetadataValue.md(key_age_chart(inventory, cadence)),
+        "key_ages": key_age_table(inventory, cadence),
+        "dek_counts": dek_counts_table(envelope.inventory_counts(ctx)),
+        "backups": backups_table(backups),
+        "backup_timeline": dg.MetadataValue.md(backup_timeline(backups, now)),
+        "drill_history": dg.MetadataValue.md(drill_history_md(drill_rows)),
+        "open_followups": dg.MetadataValue.md(open_followups_md(drill_rows, now)),
+    }
+
+
+@dg.asset(
+    name=ASSET, group_name="evidence", tags=NIGHTLY, deps=UPSTREAM, kinds={"python"},
+    check_specs=[dg.AssetCheckSpec(CHECK, asset=ASSET, blocking=False,
+                                   description="Every clause of DESIGN §6 passes (fails naming the failing clauses).")],
+    description="Clause-by-clause policy compliance report (DESIGN §6): for each clause id the control that "
+                "enforces it, its latest evidence (live state + latest asset-check run) and its status. "
+                "Same content as `kms report --format md|html|json`.",
+)
+def policy_compliance_report(context: dg.AssetExecutionContext, kms: KmsResource) -> dg.MaterializeResult:
+    ctx = kms.context()
+    instance = context.instance
+    report = compliance.build_report(ctx, evidence=lambda c: check_evidence(instance, c))
+    failing = [r.clause for r in report.failing]
+    if failing:
+        context.log.warning(f"policy clauses failing: {', '.join(failing)}")
+    counts = report.counts()
+    metadata = {
+        "overall": report.overall,
+        "failing_clauses": len(failing),
+        "failing": dg.MetadataValue.json(failing),
+        "counts": dg.MetadataValue.json(counts),
+        "report": dg.MetadataValue.md(compliance.render_markdown(report, run_url=run_url)),
+        "clauses": _report_table(report),
+        "generated_at": report.generated_at.isoformat(),
+    }
+    try:
+        metadata.update(_overview(ctx))
+    except Exception as exc:  # noqa: BLE001 -- the overview must never hide the report itself
+        context.log.warning(f"overview sections skipped: {type(exc).__name__}: {exc}")
+    return dg.MaterializeResult(
+        metadata=metadata,
+        check_results=[dg.AssetCheckResult(
+            check_name=CHECK, passed=not failing, severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"failing": dg.MetadataValue.json(failing), "counts": dg.MetadataValue.json(counts),
+                      "overall": report.overall})],
+    )
