@@ -251,11 +251,15 @@ def verify_token_rows(rows: Iterable[tuple[int, str]], keys: dict[str, RootKey],
             pub = pubs.get(kid)
             if pub is None:
                 pub = pubs[kid] = Ed25519PublicKey.from_public_bytes(key.public_key)
-            cached = headers[hb] = (key, windows.get(key.version), pub)
-        key, window, pub = cached
+            window = windows.get(key.version)
+            start = int(window.activated_at.timestamp()) if window and window.activated_at else None
+            end = window.ended_at.timestamp() if window and window.ended_at else float("inf")
+            cached = headers[hb] = (key, window, pub, start, end)
+        key, window, pub, start, end = cached
+        raw = token.encode("ascii")
         if signatures:
             try:
-                pub.verify(_b64d(sb + "=" * (-len(sb) % 4)), token[:len(hb) + len(pb) + 1].encode("ascii"))
+                pub.verify(_b64d(sb + "=" * (-len(sb) % 4)), raw[:len(hb) + len(pb) + 1])
             except (InvalidSignature, ValueError):
                 return fail(seq, f"payload altered: signature does not verify under root v{key.version}")
         try:
@@ -271,12 +275,11 @@ def verify_token_rows(rows: Iterable[tuple[int, str]], keys: dict[str, RootKey],
             return fail(seq, "iat is not an integer NumericDate")
         if prev_iat is not None and iat < prev_iat:
             return fail(seq, f"iat {format_iat(iat)} goes backwards (seq {seq - 1} has {format_iat(prev_iat)})")
-        if window is None:
-            return fail(seq, f"root v{key.version} has no activity window in the ledger")
-        problem = window.problem_at(iat)
-        if problem:
-            return fail(seq, problem)
-        prev = sha(token.encode("ascii")).hexdigest()
+        if start is None or iat < start or iat > end:
+            if window is None:
+                return fail(seq, f"root v{key.version} has no activity window in the ledger")
+            return fail(seq, window.problem_at(iat))
+        prev = sha(raw).hexdigest()
         if seq == next_mark:
             seen[seq] = prev
             mark_i += 1
