@@ -348,6 +348,19 @@ def check_partners(ctx: KmsContext) -> PartnerCheck:
     return PartnerCheck(not overdue, overdue, late, unacked, rows)
 
 
+def overdue_partner_acks(ctx: KmsContext) -> list[dict]:
+    """Partner notices past their deadline without an acknowledgement (for the events
+    area's overdue-notification step): undelivered ones first, then unacknowledged."""
+    out = []
+    for r in partner_status(ctx):
+        if r.acked_at is None and ctx.now() >= r.deadline:
+            what = "not notified" if r.notified_at is None else "not acknowledged"
+            out.append({"ref": f"partner-notice:{r.partner}:root.v{r.version}",
+                        "description": f"{r.partner} {what} root v{r.version} rotation (R1)",
+                        "due_at": r.deadline, "notified": r.notified_at is not None})
+    return sorted(out, key=lambda d: (d["notified"], d["due_at"]))
+
+
 # ---- nightly steps ------------------------------------------------------------------
 
 def _step(key_class: str):
