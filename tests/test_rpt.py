@@ -206,8 +206,9 @@ def test_a_thousand_tokens_across_three_root_rotations_verify(make_kms):
 
 
 @pytest.fixture
-def chain(kms):
-    """40 tokens, a root rotation after the 20th."""
+def chain(make_kms):
+    """40 tokens, a root rotation after the 20th (SQLite; the PostgreSQL variant is below)."""
+    kms = make_kms("sqlite")
     issue_n(kms, 20, batch=5)
     lifecycle.rotate(kms, "root")
     issue_n(kms, 20, start=20, batch=5)
@@ -319,3 +320,21 @@ def test_issue_many_is_all_or_nothing(kms):
     assert [rpt.decode(t)[1]["seq"] for t in tokens] == [3, 4]
     with kms.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(RegulatoryProofToken)).scalar() == 4
+
+
+def test_tamper_cases_on_postgres(kms_pg):
+    kms = kms_pg
+    issue_n(kms, 10, batch=5)
+    lifecycle.rotate(kms, "root")
+    issue_n(kms, 10, start=10, batch=5)
+    checkpoints.write_checkpoint(kms)
+    r = rows(kms)
+    set_token(kms, 4, corrupt_signature(r[3][1]))
+    _expect(kms, 4, "signature does not verify")
+    set_token(kms, 4, r[3][1])
+    assert rpt.verify_chain(kms).ok
+    admin(kms, "rpts", "DELETE FROM rpts WHERE seq = 20")
+    _expect(kms, 20, "truncated", "recorded 20 tokens")
+    head_seq, head_hash = chain_head(kms)
+    insert_raw(kms, 20, forge(kms, 1, seq=20, prev=head_hash, iat=int(kms.now().timestamp()) + 60))
+    _expect(kms, 20, "signed by root v1", "after it was rotated")
