@@ -16,9 +16,23 @@ mkdir -p "$DAGSTER_HOME"
 
 log "kms init (KMS_HOME=$KMS_HOME)"
 kms init
+# Break-glass escrow needs its custodians enrolled before the first package can be sealed.
+# In the demo their age identities are kept under $KMS_HOME/custodians (each custodian
+# keeps their own in production).
+mkdir -p "$KMS_HOME/custodians"
+for custodian in $(python -c "from kms_pipelines.core.policy import load_policy
+print(' '.join(load_policy().key_class('break-glass').escrow.custodians))"); do
+  if [ ! -f "$KMS_HOME/custodians/$custodian.age" ]; then
+    kms escrow custodian add "$custodian" --out "$KMS_HOME/custodians/$custodian.age" >/dev/null
+    log "enrolled escrow custodian $custodian"
+  fi
+done
 log "launching kms_nightly (full log: $KMS_HOME/last-run.log)"
 set +e
-dg launch --job kms_nightly >"$KMS_HOME/last-run.log" 2>&1
+# In-process execution: one process for the whole run, which is quicker on a laptop than a
+# subprocess per step (production keeps Dagster's multiprocess default).
+dg launch --job kms_nightly --config-json '{"execution": {"config": {"in_process": {}}}}' \
+  >"$KMS_HOME/last-run.log" 2>&1
 status=$?
 set -e
 # One line per materialization, check and step outcome, so the run reads at a glance.
