@@ -218,3 +218,34 @@ def test_renderings_show_failing_rows_red(exercised, tmp_path):
     assert only.exit_code == 0 and "| **A1** | 🟢 PASS |" in only.output and "**B1**" not in only.output
     bad = _cli_report(kms, "--clause", "Z9")
     assert bad.exit_code == 2 and "unknown clause id(s) Z9" in bad.output
+
+
+def test_richer_metadata_on_the_areas_assets(exercised):
+    """Item 2: key age against cadence (picture), DEK counts per key version, the backup list
+    with GFS class and lock + timeline, drill history and open follow-ups with asset links."""
+    from kms_pipelines.core import envelope
+    from kms_pipelines.defs import backup as backup_defs
+    from kms_pipelines.defs import envelope as envelope_defs
+
+    kms = exercised
+    envelope.encrypt(kms, "data:postgres", "invoice-1", b"secret row")
+    envelope.encrypt(kms, "data:postgres", "invoice-2", b"secret row")
+    result = _materialize(kms, foundation.key_inventory, envelope_defs.dek_inventory, backup_defs.backup_retention)
+    inv = result.asset_materializations_for_node("key_inventory")[0].metadata
+    chart = inv["age_vs_cadence"].value
+    assert "root v1" in chart and "/ 90 d" in chart and "/ 60 d" in chart and "OVERDUE" not in chart
+    deks = result.asset_materializations_for_node("dek_inventory")[0].metadata["dek_counts"].value.records
+    assert [(r.data["key"], r.data["version"], r.data["live_deks"]) for r in deks] == [("data:postgres", 1, 2)]
+    ret = result.asset_materializations_for_node("backup_retention")[0].metadata
+    (archive,) = ret["backup_list"].value.records
+    assert archive.data["locked"] is True and archive.data["gfs_class"] in ("nightly", "weekly")
+    assert ("W" if archive.data["gfs_class"] == "weekly" else "N") in ret["timeline"].value
+    assert "secret row" not in str(inv) + str(ret)
+
+    # past its cadence the chart marks the key
+    kms.clock.advance(timedelta(days=61))
+    inv = _materialize(kms, foundation.key_inventory).asset_materializations_for_node("key_inventory")[0].metadata
+    assert "service:api-gateway v1" in inv["age_vs_cadence"].value and "OVERDUE" in inv["age_vs_cadence"].value
+
+    md = compliance_defs._overview(kms)
+    assert "passed" in md["drill_history"].value

@@ -84,7 +84,25 @@ def backup_retention(kms: KmsResource) -> dg.MaterializeResult:
             [[r["archive_id"], r["gfs_class"], r["state"], r["age_days"],
               r["retain_until"].strftime("%Y-%m-%d") if r["locked"] else "lapsed", "yes" if r["verified"] else "no"]
              for r in rows])),
+        **_backup_overview(rows, ctx.now()),  # issue 8 item 2: backup list table + timeline picture
     })
+
+
+def _backup_overview(rows, now) -> dict:
+    from .charts import backup_timeline, backups_table
+
+    return {"backup_list": backups_table(rows), "timeline": dg.MetadataValue.md(backup_timeline(rows, now))}
+
+
+def _drill_overview(ctx) -> dict:
+    """Issue 8 item 2: drill history, open follow-ups, and links to the archive's asset."""
+    from .charts import drill_history_md, open_followups_md
+
+    history = drills.list_drills(ctx)
+    return {"drill_history": dg.MetadataValue.md(drill_history_md(history)),
+            "open_followups": dg.MetadataValue.md(open_followups_md(history, ctx.now())),
+            "backup_asset": dg.MetadataValue.asset(dg.AssetKey("nightly_backup")),
+            "compliance_report": dg.MetadataValue.asset(dg.AssetKey("policy_compliance_report"))}
 
 
 class DrillConfig(dg.Config):
@@ -101,7 +119,8 @@ def restore_drill_report(context: dg.AssetExecutionContext, config: DrillConfig,
     return dg.MaterializeResult(metadata={
         "report": dg.MetadataValue.md(report.markdown), "outcome": report.outcome,
         "archive_id": report.archive_id or "none", "restore_seconds": report.restore_seconds or 0.0,
-        "followups": len(report.followups), "report_path": dg.MetadataValue.path(report.report_path)})
+        "followups": len(report.followups), "report_path": dg.MetadataValue.path(report.report_path),
+        **_drill_overview(kms.context())})
 
 
 @dg.asset_check(asset=restore_drill_report, description="Last drill within the policy cadence (31 days).")

@@ -71,6 +71,7 @@ def dek_rewrap_sweep(context: dg.AssetExecutionContext, kms: KmsResource) -> dg.
 
 dek_rewrap_sweep_job = dg.define_asset_job(
     "dek_rewrap_sweep_job", selection=dg.AssetSelection.assets(dek_rewrap_sweep), partitions_def=shard_partitions,
+    tags={"kms/sweep": "rewrap"},  # dagster.yaml caps concurrent sweep runs on this tag (HSM load)
     description="DEK rewrap sweep, one run per shard (R3): fans out across run workers.")
 
 
@@ -94,9 +95,16 @@ def dek_inventory(kms: KmsResource) -> dg.MaterializeResult:
         "inventory": dg.MetadataValue.md(markdown_table(
             ["key", "version", "state", "live DEKs", "shredded"],
             [[r.key, r.version, r.state, r.deks, r.shredded] for r in rows]) if rows else "no DEKs"),
+        "dek_counts": _dek_counts_table(rows),  # issue 8 item 2: the same counts as a sortable table
         # Stranded DEKs are normal between the 02:00 rotations and the sweep; the sweep's check enforces.
         **_stranded_metadata(stranded),
     })
+
+
+def _dek_counts_table(rows):
+    from .charts import dek_counts_table
+
+    return dek_counts_table(rows)
 
 
 # ---- export keys -------------------------------------------------------------------------

@@ -52,7 +52,17 @@ def key_inventory(kms: KmsResource) -> dg.MaterializeResult:
             ["key", "version", "state", "age (days)", "due", "overdue"],
             [[r.key, r.version, r.state, r.age_days, r.due_at.date() if r.due_at else "-",
               "**OVERDUE**" if r.overdue else ""] for r in live])),
+        # issue 8 item 2: the active versions' age against their class cadence, as a bar chart
+        "age_vs_cadence": dg.MetadataValue.md(_age_chart(kms, rows)),
     })
+
+
+def _age_chart(kms: KmsResource, rows) -> str:
+    from .charts import key_age_chart
+
+    policy = kms.context().policy
+    return key_age_chart(rows, {c: policy.key_class(c).rotation_days
+                                for c in ("root", "service", "data", "backup", "break-glass", "export")})
 
 
 @dg.asset_check(asset=key_inventory, description="Keys within cadence (R1–R4): no active version past its due date.")
