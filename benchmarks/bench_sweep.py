@@ -1,0 +1,262 @@
+"""DEK rewrap sweep (software keystore, PostgreSQL) against its raw limits, in the same run.
+
+For each size (100k by default, plus 1M with --full), in its own child process:
+
+* ``envelope.sweep.vs_raw_update``: ``envelope.sweep`` of N DEKs against a raw batched
+  ``UPDATE … FROM unnest(ids, wrapped)`` of the same N rows (same batch size, one commit
+  per batch, on an identical copy of the table with the same indexes);
+* ``envelope.sweep.vs_raw_crypto``: the same sweep against a raw ``cryptography``
+  ``aes_key_unwrap_with_padding`` + ``aes_key_wrap_with_padding`` loop over the same N
+  wrapped DEKs (only the crypto is timed; the rows are streamed in batches);
+* ``envelope.sweep``: against the slower of the two (the goal is ratio >= 0.5).
+
+``peak_rss_mb`` is the child's peak after the sweep (population streams through COPY in
+chunks and the baselines stream too), so flat memory from 100k to 1M shows in it.
+``--pkcs11`` adds ``envelope.sweep.pkcs11``: the same sweep with the keys in SoftHSM2
+(rewrap inside the token) on a smaller N, against the software sweep of the same N.
+
+    .venv/bin/python benchmarks/bench_sweep.py [--full] [--pkcs11] [--batch-size 1000]
+
+PostgreSQL comes from KMS_BENCH_DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/postgres);
+each child creates and drops its own database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import emit, peak_rss_mb, result, run_sizes  # noqa: E402
+
+ADMIN_URL = os.environ.get("KMS_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+KEY = "data:postgres"
+COPY_CHUNK = 50_000
+
+
+def _psycopg_url(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://")
+
+
+class BenchDb:
+    def __init__(self):
+        import psycopg
+        from sqlalchemy.engine import make_url
+
+        self.name = f"kms_bench_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(_psycopg_url(ADMIN_URL), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{self.name}"')
+        self.url = make_url(ADMIN_URL).set(database=self.name).render_as_string(hide_password=False)
+
+    def drop(self):
+        import psycopg
+
+        with psycopg.connect(_psycopg_url(ADMIN_URL), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+def make_context(url: str, keystore, home: Path):
+    from kms_pipelines.core import db, lifecycle
+    from kms_pipelines.core.clock import SystemClock
+    from kms_pipelines.core.context import KmsContext
+    from kms_pipelines.core.policy import load_policy
+
+    engine = db.make_engine(url)
+    db.upgrade(engine)
+    ctx = KmsContext(engine=engine, keystore=keystore, policy=load_policy(), clock=SystemClock(), home=home,
+                     actor="bench")
+    lifecycle.ensure_key(ctx, KEY)
+    return ctx
+
+
+def active_ref(ctx) -> tuple[int, str]:
+    from kms_pipelines.core import lifecycle
+
+    with ctx.transaction() as s:
+        v = lifecycle.active_version(lifecycle.get_key(s, KEY))
+        return v.version, v.wrap_ref
+
+
+def populate(ctx, n: int, wrap_one) -> float:
+    """Stream N DEK rows (wrapped under the active version) into ``deks`` with COPY."""
+    import psycopg
+
+    from kms_pipelines.core.envelope import shard_of
+
+    version, _ = active_ref(ctx)
+    now = datetime.now(timezone.utc)
+    start = time.perf_counter()
+    with psycopg.connect(_psycopg_url(ctx.engine.url.render_as_string(hide_password=False))) as conn:
+        with conn.cursor() as cur:
+            for lo in range(1, n + 1, COPY_CHUNK):
+                with cur.copy("COPY deks (id, key_name, key_version, wrapped, object_id, shard, created_at) "
+                              "FROM STDIN") as copy:
+                    for i in range(lo, min(lo + COPY_CHUNK, n + 1)):
+                        oid = f"obj-{i}"
+                        copy.write_row((i, KEY, version, wrap_one(), oid, shard_of(KEY, oid), now))
+            cur.execute("SELECT setval(pg_get_serial_sequence('deks', 'id'), %s)", (n,))
+        conn.commit()
+        conn.autocommit = True
+        conn.execute("VACUUM ANALYZE deks")
+    return time.perf_counter() - start
+
+
+def clone_for_update_baseline(ctx) -> None:
+    import psycopg
+
+    with psycopg.connect(_psycopg_url(ctx.engine.url.render_as_string(hide_password=False)),
+                         autocommit=True) as conn:
+        conn.execute("CREATE TABLE deks_baseline (LIKE deks INCLUDING ALL)")
+        conn.execute("INSERT INTO deks_baseline SELECT * FROM deks")
+        conn.execute("VACUUM ANALYZE deks_baseline")
+
+
+def raw_update_seconds(ctx, n: int, batch: int, old: int, new: int) -> float:
+    """Raw batched UPDATE (same shape as the sweep's write, no reads, no crypto)."""
+    import psycopg
+
+    filler = [secrets.token_bytes(40)] * batch
+    sql = ("UPDATE deks_baseline AS d SET wrapped = v.w, key_version = %s, rewrapped_at = now() "
+           "FROM unnest(%s::bigint[], %s::bytea[]) AS v(id, w) WHERE d.id = v.id AND d.key_version = %s "
+           "AND d.key_name = %s")
+    with psycopg.connect(_psycopg_url(ctx.engine.url.render_as_string(hide_password=False))) as conn:
+        start = time.perf_counter()
+        for lo in range(1, n + 1, batch):
+            ids = list(range(lo, min(lo + batch, n + 1)))
+            conn.execute(sql, (new, ids, filler[:len(ids)], old, KEY))
+            conn.commit()
+        seconds = time.perf_counter() - start
+        assert conn.execute("SELECT count(*) FROM deks_baseline WHERE key_version = %s", (new,)).fetchone()[0] == n
+        conn.commit()
+        conn.autocommit = True
+        conn.execute("DROP TABLE deks_baseline")
+    return seconds
+
+
+def raw_crypto_seconds(ctx, kek_now: bytes, kek_other: bytes, batch: int) -> tuple[float, int]:
+    """Raw unwrap+wrap loop over the same N wrapped DEKs (streamed; only crypto timed)."""
+    import psycopg
+    from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding, aes_key_wrap_with_padding
+
+    seconds, count = 0.0, 0
+    with psycopg.connect(_psycopg_url(ctx.engine.url.render_as_string(hide_password=False))) as conn:
+        with conn.cursor(name="bench_stream") as cur:
+            cur.itersize = batch
+            cur.execute("SELECT wrapped FROM deks WHERE key_name = %s", (KEY,))
+            while True:
+                rows = cur.fetchmany(batch)
+                if not rows:
+                    break
+                start = time.perf_counter()
+                for (w,) in rows:
+                    aes_key_wrap_with_padding(kek_other, aes_key_unwrap_with_padding(kek_now, w))
+                seconds += time.perf_counter() - start
+                count += len(rows)
+    return seconds, count
+
+
+def software_run(n: int, batch: int) -> None:
+    from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
+
+    from kms_pipelines.core import envelope, lifecycle
+    from kms_pipelines.core.keystore.software import SoftwareKeyStore
+
+    bench = BenchDb()
+    try:
+        with tempfile.TemporaryDirectory(prefix="kms-bench-sweep-") as tmp:
+            store = SoftwareKeyStore(Path(tmp) / "keys", secrets.token_bytes(32))
+            ctx = make_context(bench.url, store, Path(tmp))
+            old, old_ref = active_ref(ctx)
+            kek_old = store._aes(old_ref)  # benchmark only: generate wrapped DEKs fast, outside the API
+            populate_s = populate(ctx, n, lambda: aes_key_wrap_with_padding(kek_old, os.urandom(32)))
+            clone_for_update_baseline(ctx)
+            new = lifecycle.rotate(ctx, KEY, reason="bench").new_version
+            rss_before = peak_rss_mb()
+            sweep = envelope.sweep(ctx, KEY, batch_size=batch)
+            sweep_rss = peak_rss_mb()
+            assert sweep.moved == n and sweep.remaining == 0, sweep.to_dict()
+            update_s = raw_update_seconds(ctx, n, batch, old, new)
+            kek_new = store._aes(active_ref(ctx)[1])
+            crypto_s, counted = raw_crypto_seconds(ctx, kek_new, kek_old, batch)
+            assert counted == n
+            common = {"batch_size": batch, "backend": "software", "database": "postgresql",
+                      "populate_seconds": round(populate_s, 2), "rss_before_sweep_mb": rss_before,
+                      "sweep_peak_rss_mb": sweep_rss}
+            emit(result("envelope.sweep.vs_raw_update", n, sweep.seconds, update_s, **common))
+            emit(result("envelope.sweep.vs_raw_crypto", n, sweep.seconds, crypto_s, **common))
+            slower = max(update_s, crypto_s)
+            emit(result("envelope.sweep", n, sweep.seconds, slower,
+                        baseline="raw_update" if slower == update_s else "raw_crypto",
+                        raw_update_rate=round(n / update_s, 1), raw_crypto_rate=round(n / crypto_s, 1), **common))
+            ctx.engine.dispose()
+    finally:
+        bench.drop()
+
+
+def _sweep_with(keystore, n: int, batch: int, home: Path) -> float:
+    from kms_pipelines.core import envelope, lifecycle
+
+    bench = BenchDb()
+    try:
+        ctx = make_context(bench.url, keystore, home)
+        _, ref = active_ref(ctx)
+        populate(ctx, n, lambda: keystore.new_wrapped_dek(ref))
+        lifecycle.rotate(ctx, KEY, reason="bench")
+        sweep = envelope.sweep(ctx, KEY, batch_size=batch)
+        assert sweep.moved == n and sweep.remaining == 0
+        ctx.engine.dispose()
+        return sweep.seconds
+    finally:
+        bench.drop()
+
+
+def pkcs11_run(n: int, batch: int) -> None:
+    from kms_pipelines.core.keystore.software import SoftwareKeyStore
+    from kms_pipelines.core.keystore.softhsm_setup import init_softhsm_token
+
+    with tempfile.TemporaryDirectory(prefix="kms-bench-sweep-hsm-") as tmp:
+        token = init_softhsm_token(Path(tmp) / "softhsm", "kms-bench-sweep", "1234", "5678")
+        from kms_pipelines.core.keystore.pkcs11 import Pkcs11KeyStore
+
+        software = SoftwareKeyStore(Path(tmp) / "keys", secrets.token_bytes(32))
+        hsm = Pkcs11KeyStore(token.lib_path, token.label, token.pin)
+        try:
+            base = _sweep_with(software, n, batch, Path(tmp) / "sw")
+            seconds = _sweep_with(hsm, n, batch, Path(tmp) / "hsm")
+            emit(result("envelope.sweep.pkcs11", n, seconds, base, baseline="software sweep, same n",
+                        batch_size=batch, backend="pkcs11 (SoftHSM2)", database="postgresql"))
+        finally:
+            hsm.close()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=None, help="one size (default: 100k; 100k and 1M with --full)")
+    parser.add_argument("--full", action="store_true", help="also run 1M DEKs")
+    parser.add_argument("--pkcs11", action="store_true", help="also record the PKCS#11 (SoftHSM2) sweep rate")
+    parser.add_argument("--pkcs11-n", type=int, default=5000)
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=["software", "pkcs11"], default="software", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        (pkcs11_run if args.mode == "pkcs11" else software_run)(args.n, args.batch_size)
+        return 0
+    sizes = [args.n] if args.n else ([100_000, 1_000_000] if args.full else [100_000])
+    extra = ["--batch-size", str(args.batch_size)]
+    run_sizes(__file__, sizes, extra + ["--mode", "software"])
+    if args.pkcs11:
+        run_sizes(__file__, [args.pkcs11_n], extra + ["--mode", "pkcs11"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
