@@ -28,6 +28,7 @@ import logging
 import struct
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -387,6 +388,9 @@ def _select_batch(conn, key_name: str, version: int, lo: int, hi: int, after: tu
     return conn.execute(q).all()
 
 
+_VERSION_STATES = text("SELECT kv.version, kv.state FROM keys AS k JOIN key_versions AS kv ON kv.key_id = k.id "
+                       "WHERE k.name = :key")
+_VERSION_STATES_PG = text(_VERSION_STATES.text + " FOR SHARE OF k")
 _PG_CAS = text(
     "UPDATE deks AS d SET wrapped = v.w, key_version = :new, rewrapped_at = :at "
     "FROM unnest(CAST(:ids AS bigint[]), CAST(:ws AS bytea[])) AS v(id, w) "
@@ -398,11 +402,13 @@ def _commit_batch(ctx: KmsContext, key_name: str, old: int, new: int, ids: list[
     """Compare-and-set the batch onto ``new``; None if the key's versions changed underneath."""
     now = ctx.now()
     with ctx.transaction() as session:
-        key = _lock_key_shared(session, key_name)
-        states = {v.version: v.state for v in key.versions}
+        conn = session.connection()
+        # Share-lock the key row (lifecycle takes FOR UPDATE to change versions) and read
+        # the version states in one round trip.
+        query = _VERSION_STATES_PG if conn.dialect.name == "postgresql" else _VERSION_STATES
+        states = dict(conn.execute(query, {"key": key_name}).all())
         if states.get(new) != ACTIVE or states.get(old) not in (ROTATED, REVOKED):
             return None  # the key rotated (or the old version was destroyed) meanwhile: re-plan
-        conn = session.connection()
         if conn.dialect.name == "postgresql":
             result = conn.execute(_PG_CAS, {"new": new, "at": now, "ids": ids, "ws": new_wrapped,
                                             "old": old, "key": key_name})
@@ -435,6 +441,9 @@ def sweep(ctx: KmsContext, key_name: str | None = None, *, shard: int | None = N
     all). Resumable and idempotent: each batch commits on its own with compare-and-set on
     the wrapping version. ``progress`` is called after every committed batch.
     ``max_batches`` stops early (tests, throttled runs); ``remaining`` says what is left.
+
+    Batches are pipelined one deep: while batch k commits (on a writer thread, waiting on
+    the database), batch k+1 is read and rewrapped. At most two batches are in memory.
     """
     if batch_size < 1:
         raise EnvelopeError(f"batch_size must be at least 1, got {batch_size}")
@@ -443,58 +452,88 @@ def sweep(ctx: KmsContext, key_name: str | None = None, *, shard: int | None = N
     started = time.perf_counter()
     replans = 0
     plan = _sweep_plan(ctx, key_name)
-    while plan:
-        stale = False
-        for name, new, new_ref, olds in plan:
-            stats = result.by_key.setdefault(name, {"to_version": new, "moved": 0, "skipped": 0, "failed": 0})
-            stats["to_version"] = new
-            for old, old_ref in olds:
-                after = (lo - 1, 0)
-                while True:
-                    if max_batches is not None and result.batches >= max_batches:
-                        return _finish(ctx, result, key_name, started)
-                    with ctx.engine.connect() as conn:
-                        rows = _select_batch(conn, name, old, lo, hi, after, batch_size)
-                    if not rows:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kms-sweep-commit") as writer:
+        while plan:
+            outcome = "done"
+            for name, new, new_ref, olds in plan:
+                stats = result.by_key.setdefault(name, {"to_version": new, "moved": 0, "skipped": 0, "failed": 0})
+                stats["to_version"] = new
+                for old, old_ref in olds:
+                    outcome = _sweep_version(ctx, writer, result, stats, name, old, old_ref, new, new_ref, lo, hi,
+                                             batch_size, progress, max_batches, started)
+                    if outcome != "done":
                         break
-                    after = (rows[-1].shard, rows[-1].id)
-                    try:
-                        pairs = list(zip((r.id for r in rows),
-                                         ctx.keystore.rewrap(old_ref, new_ref, [r.wrapped for r in rows])))
-                        bad: list[int] = []
-                    except DecryptionFailed:
-                        pairs, bad = _rewrap_isolating_failures(ctx, old_ref, new_ref, rows)
-                    moved = 0
-                    if pairs:
-                        moved = _commit_batch(ctx, name, old, new, [p[0] for p in pairs], [p[1] for p in pairs])
-                        if moved is None:
-                            stale = True
-                            break
-                    if bad:
-                        log.error("%d DEK(s) under %s v%d do not unwrap (ids %s); left in place",
-                                  len(bad), name, old, bad[:20])
-                        result.failed += len(bad)
-                        result.failed_ids.extend(bad)
-                        stats["failed"] += len(bad)
-                    result.batches += 1
-                    result.moved += moved
-                    result.skipped += len(pairs) - moved
-                    stats["moved"] += moved
-                    stats["skipped"] += len(pairs) - moved
-                    if progress is not None:
-                        progress(SweepProgress(name, old, new, result.batches, moved, result.moved,
-                                               time.perf_counter() - started))
-                if stale:
+                if outcome != "done":
                     break
-            if stale:
+            if outcome == "limit":
                 break
-        if not stale:
-            break
-        replans += 1
-        if replans > 10:
-            raise EnvelopeError("key versions kept changing during the sweep; re-run it")
-        plan = _sweep_plan(ctx, key_name)
+            if outcome == "done":
+                break
+            replans += 1
+            if replans > 10:
+                raise EnvelopeError("key versions kept changing during the sweep; re-run it")
+            plan = _sweep_plan(ctx, key_name)
     return _finish(ctx, result, key_name, started)
+
+
+def _sweep_version(ctx, writer, result: SweepResult, stats: dict, name: str, old: int, old_ref: str, new: int,
+                   new_ref: str, lo: int, hi: int, batch_size: int, progress, max_batches, started) -> str:
+    """Sweep one old version of one key in the shard range: "done", "stale" (re-plan) or "limit"."""
+    after = (lo - 1, 0)
+    pending = None  # (future | None, pairs count, bad ids) of the batch being committed
+
+    def settle() -> bool:
+        future, count, bad = pending
+        moved = future.result() if future is not None else 0
+        if moved is None:
+            return False
+        if bad:
+            log.error("%d DEK(s) under %s v%d do not unwrap (ids %s); left in place", len(bad), name, old, bad[:20])
+            result.failed += len(bad)
+            result.failed_ids.extend(bad)
+            stats["failed"] += len(bad)
+        result.batches += 1
+        result.moved += moved
+        result.skipped += count - moved
+        stats["moved"] += moved
+        stats["skipped"] += count - moved
+        if progress is not None:
+            progress(SweepProgress(name, old, new, result.batches, moved, result.moved,
+                                   time.perf_counter() - started))
+        return True
+
+    try:
+        while True:
+            if max_batches is not None and result.batches + (pending is not None) >= max_batches:
+                if pending is not None:
+                    ok, pending = settle(), None
+                    if not ok:
+                        return "stale"
+                return "limit"
+            with ctx.engine.connect() as conn:
+                rows = _select_batch(conn, name, old, lo, hi, after, batch_size)
+            pairs: list = []
+            bad: list[int] = []
+            if rows:
+                after = (rows[-1].shard, rows[-1].id)
+                try:
+                    pairs = list(zip((r.id for r in rows),
+                                     ctx.keystore.rewrap(old_ref, new_ref, [r.wrapped for r in rows])))
+                except DecryptionFailed:
+                    pairs, bad = _rewrap_isolating_failures(ctx, old_ref, new_ref, rows)
+                del rows
+            if pending is not None:
+                ok, pending = settle(), None
+                if not ok:
+                    return "stale"
+            if not pairs and not bad:
+                return "done"
+            future = writer.submit(_commit_batch, ctx, name, old, new, [p[0] for p in pairs],
+                                   [p[1] for p in pairs]) if pairs else None
+            pending = (future, len(pairs), bad)
+    finally:
+        if pending is not None and pending[0] is not None:
+            wait([pending[0]])  # never leave a commit running behind an exception
 
 
 def _finish(ctx: KmsContext, result: SweepResult, key_name: str | None, started: float) -> SweepResult:
