@@ -12,7 +12,7 @@ from sqlalchemy.exc import DBAPIError
 
 from kms_pipelines.core import access, audit, lifecycle
 from kms_pipelines.core.db.append_only import create_append_only_triggers, drop_append_only_triggers
-from kms_pipelines.core.db.models_access import AuditAnomaly, AuditEvent
+from kms_pipelines.core.db.models_access import AuditEvent
 
 
 def _events(kms):

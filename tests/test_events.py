@@ -11,7 +11,7 @@ import urllib.request
 import dagster as dg
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from kms_pipelines.core import compromise, envelope, events, ledger, lifecycle, service_keys
 from kms_pipelines.core.db.models import KeyVersion

@@ -6,7 +6,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 
 from kms_pipelines.core import ledger, lifecycle
-from kms_pipelines.core.db.models import Key, KeyVersion, LedgerEntry
+from kms_pipelines.core.db.models import Key, KeyVersion
 
 
 def snapshot(kms):

@@ -4,7 +4,6 @@
 import socket
 
 import dagster as dg
-import pytest
 
 from kms_pipelines.core import notifications
 from kms_pipelines.core.notify import CompositeNotifier, OutboxNotifier, RetryPolicy, SlackWebhookNotifier, SmtpNotifier

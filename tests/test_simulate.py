@@ -2,7 +2,7 @@
 logic, asserting every rotation on its cadence day, zero DEKs left on old versions after
 each night's sweep, and retention/destruction exactly when allowed."""
 
-from datetime import date, timedelta
+from datetime import date
 
 import pytest
 from click.testing import CliRunner

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Iterable, Iterator, Sequence
 
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -44,7 +44,7 @@ from .canonical import canonical_fast
 from .clock import utc
 from .db.models import LedgerEntry
 from .db.models_access import AuditAnomaly, AuditEvent
-from .ledger import GENESIS_HASH, VerifyResult, entry_hash, format_time
+from .ledger import GENESIS_HASH, VerifyResult, advisory_xact_lock, chain_head, entry_hash, format_time
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +87,8 @@ def _detail_json(detail: dict | str | None) -> str | None:
     return None if not detail else canonical_fast(_clean(detail)).decode()
 
 
-def _lock(session: Session) -> None:
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _AUDIT_LOCK_ID})
-
-
 def head(session_or_conn) -> tuple[int, str]:
-    row = session_or_conn.execute(
-        select(AuditEvent.seq, AuditEvent.entry_hash).order_by(AuditEvent.seq.desc()).limit(1)).first()
-    return (row[0], row[1]) if row else (0, GENESIS_HASH)
+    return chain_head(session_or_conn, AuditEvent.seq, AuditEvent.entry_hash)
 
 
 @dataclass(frozen=True)
@@ -116,7 +109,7 @@ def make_event(*, at: datetime, operation: str, actor: str, target: str | None, 
 
 
 def _append(session: Session, events: Sequence[Event]) -> list[AuditEvent]:
-    _lock(session)
+    advisory_xact_lock(session, _AUDIT_LOCK_ID)
     seq, prev = head(session)
     rows = []
     for e in events:

@@ -46,7 +46,7 @@ from . import lifecycle
 from .canonical import canonical_bytes
 from .clock import utc
 from .context import KmsContext
-from .db.models import ACTIVE, DESTROYED, REVOKED, ROTATED, Key, KeyVersion
+from .db.models import ACTIVE, REVOKED, ROTATED, Key, KeyVersion
 from .db.models_backup import (COMPLETE, FAILED, GOOD_STATUSES, PRUNED, UPLOADING, VERIFIED, Backup,
                                BackupKeyRef)
 from .keystore import fingerprint, verify_signature
@@ -485,7 +485,7 @@ def verify_archive(ctx: KmsContext, archive_id: str | None = None) -> dict:
     """Re-read an archive end to end: manifest signature, size and sha256; marks it verified."""
     with ctx.transaction() as session:
         row = get_backup(session, archive_id)
-        row_id, akey, mkey, aid = row.id, row.archive_key, row.manifest_key, row.archive_id
+        akey, mkey, aid = row.archive_key, row.manifest_key, row.archive_id
         if row.status not in GOOD_STATUSES:
             raise BackupError(f"backup {aid} is {row.status}, not complete")
     manifest = verify_manifest(ctx, ctx.objects.get_bytes(mkey))

@@ -873,7 +873,7 @@ def _check_md(checks: list[dict], run_url: Callable[[str], str] | None) -> str:
 
 def render_markdown(report: Report, *, run_url: Callable[[str], str] | None = None) -> str:
     c = report.counts()
-    lines = [f"# KMS policy compliance report",
+    lines = ["# KMS policy compliance report",
              "",
              f"**Overall: {BADGE[report.overall]}** — {c[PASS]} pass, {c[FAIL]} fail, {c[WARN]} warn, "
              f"{c[UNKNOWN]} unknown · generated {_iso(report.generated_at)}",

@@ -68,18 +68,28 @@ def row_canonical(seq, at, key_name, key_version, from_state, to_state, actor, a
                              "null" if key_version is None else int(key_version))).encode("utf-8")
 
 
-def _lock_ledger(session: Session) -> None:
-    # SQLite transactions here start with BEGIN IMMEDIATE (db.engine), which already
-    # serialises writers; PostgreSQL needs an explicit transaction-scoped lock.
+def advisory_xact_lock(session: Session, lock_id: int) -> None:
+    """Serialise appends to a hash chain for the rest of the transaction.
+
+    SQLite transactions here start with BEGIN IMMEDIATE (db.engine), which already
+    serialises writers; PostgreSQL needs an explicit transaction-scoped lock."""
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LEDGER_LOCK_ID})
+        session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": lock_id})
+
+
+def lock_ledger(session: Session) -> None:
+    advisory_xact_lock(session, _LEDGER_LOCK_ID)
+
+
+def chain_head(session_or_conn, seq_column, hash_column) -> tuple[int, str]:
+    """(seq, hash) of the newest row of a hash-chained table, or (0, GENESIS_HASH) when empty."""
+    row = session_or_conn.execute(select(seq_column, hash_column).order_by(seq_column.desc()).limit(1)).first()
+    return (row[0], row[1]) if row else (0, GENESIS_HASH)
 
 
 def head(session_or_conn) -> tuple[int, str]:
-    """(seq, entry_hash) of the newest entry, or (0, GENESIS_HASH) when empty."""
-    row = session_or_conn.execute(
-        select(LedgerEntry.seq, LedgerEntry.entry_hash).order_by(LedgerEntry.seq.desc()).limit(1)).first()
-    return (row[0], row[1]) if row else (0, GENESIS_HASH)
+    """(seq, entry_hash) of the newest ledger entry."""
+    return chain_head(session_or_conn, LedgerEntry.seq, LedgerEntry.entry_hash)
 
 
 def append(session: Session, *, at: datetime, key_name: str, key_version: int | None,
@@ -87,7 +97,7 @@ def append(session: Session, *, at: datetime, key_name: str, key_version: int | 
            change_ticket: str | None = None, reason: str | None = None,
            event_id: str | None = None) -> LedgerEntry:
     """Append one entry inside the caller's transaction (so it commits with the state change)."""
-    _lock_ledger(session)
+    lock_ledger(session)
     seq, prev = head(session)
     approvers = sorted(approvers)
     doc = entry_document(seq + 1, at, key_name, key_version, from_state, to_state, actor, approvers,

@@ -464,7 +464,7 @@ def issue_many(ctx: KmsContext, items: list[tuple[str, dict]]) -> list[str]:
                 head_seq, head_hash = head_seq + 1, rows[-1]["token_hash"]
             with ctx.transaction() as session:
                 current = _active_root(session)
-                ledger._lock_ledger(session)  # the ledger's lock: seq is assigned like ledger.append's
+                ledger.lock_ledger(session)  # the ledger's lock: seq is assigned like ledger.append's
                 moved = current.version_id != signer.version_id or _newest(session)[:2] != (seq, prev)
                 if not moved:
                     session.execute(insert(RegulatoryProofToken), rows)
