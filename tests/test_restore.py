@@ -7,7 +7,7 @@ import os
 import pytest
 from sqlalchemy import create_engine, inspect, select
 
-from kms_pipelines.core import backup, db, envelope, ledger, lifecycle, restore
+from kms_pipelines.core import backup, checkpoints, db, envelope, ledger, lifecycle, restore, rpt
 from kms_pipelines.core.db.models import KeyVersion
 from kms_pipelines.core.db.models_backup import Backup
 from kms_pipelines.core.objectstore.local import LocalObjectStore
@@ -41,24 +41,31 @@ def backed_up(kms_pg):
     envelope.encrypt(kms, "data:banking-attachments", "doc-1", b"statement")
     lifecycle.rotate(kms, "data:banking-attachments")
     envelope.encrypt(kms, "data:banking-attachments", "doc-2", b"statement 2")
+    for i in range(3):
+        rpt.issue(kms, f"deal-{i}", {"amount": i})
     return kms, backup.create(kms)
 
 
 def test_restore_into_a_new_database_passes_every_check(backed_up, pg_database, tmp_path):
     kms, info = backed_up
+    # The live chain moves on after the backup and is checkpointed: the restore point is
+    # older than the newest checkpoint and must still verify as what it is.
+    rpt.issue(kms, "deal-after-backup", {"amount": 9})
+    checkpoints.write_checkpoint(kms)
     target = pg_database()
     report = restore.restore(kms, info.archive_id, target, target_home=tmp_path / "staging")
     statuses = {c.name: c.status for c in report.checks}
     assert report.ok, report.summary()
     assert statuses == {"manifest_signature": "passed", "archive_sha256": "passed", "restore": "passed",
-                        "migrations": "passed", "ledger_chain": "passed",
-                        "rpt_chain": statuses["rpt_chain"], "canaries": "passed"}
-    assert statuses["rpt_chain"] in ("passed", "skipped")  # rpt is issue 5's module
+                        "migrations": "passed", "ledger_chain": "passed", "rpt_chain": "passed",
+                        "canaries": "passed"}
+    assert "3 recent RPTs" in {c.name: c.detail for c in report.checks}["rpt_chain"]
     # the restored database is the live one: same ledger head, same key versions
     restored = db.make_engine(target)
     try:
         with kms.engine.connect() as a, restored.connect() as b:
             assert ledger.head(a) == ledger.head(b)
+            assert rpt.chain_head(b)[0] == 3
             q = select(KeyVersion.wrap_ref, KeyVersion.state).order_by(KeyVersion.id)
             assert a.execute(q).all() == b.execute(q).all()
     finally:
