@@ -135,6 +135,20 @@ def keys_rotate(ctx, key, reason, if_due, actor, as_json):
     from .core import rotation
 
     kms = get_context(ctx)
+    if reason == "manual" and not if_due:
+        from .core.access import AccessDenied
+        from .core.lifecycle import validate_key_name
+
+        validate_key_name(kms, key)  # an unknown key is reported as such, not as missing approvals
+
+        # Policy A4: a manual rotation runs only under dual control (the --manual path that
+        # commands/access.py adds). Cadence rotations (--if-due) and the R2 emergency reasons
+        # rotate at once.
+        raise AccessDenied(
+            f"a manual rotation of {key} needs dual approval (policy A4): two other principals run "
+            f"`kms approve --ticket T --operation rotate --target {key} --as NAME --totp CODE`, then "
+            f"`kms keys rotate {key} --manual --ticket T --requested-by YOU`; --if-due rotates on the policy "
+            f"cadence, --reason compromise|tenant-rotation|ci-exposure rotates at once (R2)", reason="approval")
     actor = actor or os.environ.get("USER", "operator")
     # Through core.rotation so a root rotation publishes its manifest and notifies partners,
     # and a service rotation re-issues credentials (R1, R2); ci-exposure = policy ci-secret-exposure.

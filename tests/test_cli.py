@@ -56,7 +56,7 @@ def test_init_twice_changes_nothing_the_second_time(run, db_env):
 
 def test_rotate_and_list(run, db_env):
     run("init", env=db_env)
-    out = run("keys", "rotate", "service:api-gateway", env=db_env)
+    out = run("keys", "rotate", "service:api-gateway", "--reason", "tenant-rotation", env=db_env)
     assert out.exit_code == 0 and "v1 -> v2" in out.output
     listing = json.loads(run("keys", "list", "--json", env=db_env).output)
     states = {(r["key"], r["version"]): r["state"] for r in listing}
@@ -69,6 +69,8 @@ def test_rotate_and_list(run, db_env):
     (("keys", "rotate", "service:payroll"), 1, "unknown key 'service:payroll'"),
     (("keys", "rotate"), 2, "Missing argument"),
     (("keys", "rotate", "root", "--reason", "boredom"), 2, "Invalid value"),
+    (("keys", "rotate", "root"), 1, "needs dual approval (policy A4)"),
+    (("keys", "rotate", "data:postgres", "--reason", "manual"), 1, "kms keys rotate data:postgres --manual"),
     (("--at", "yesterday", "keys", "list"), 2, "not an ISO-8601"),
 ])
 def test_refusals_exit_nonzero_with_one_line_and_change_nothing(run, db_env, args, code, message):
