@@ -134,6 +134,7 @@ def test_failed_dump_leaves_no_archive_and_no_good_row(kms_pg, tmp_path, monkeyp
         backup.verify_archive(kms)
 
 
+@pytest.mark.slow
 def test_kill_9_during_upload_leaves_no_archive_marked_good(tmp_path, pg_url, s3_server, s3_bucket, s3_client):
     home = tmp_path / "home"
     big = home / "artifacts" / "kms" / "published"

@@ -59,6 +59,7 @@ print("RUN", result.run_id, result.success, flush=True)
 """
 
 
+@pytest.mark.slow
 def test_shards_fan_out_under_the_multiprocess_executor_on_postgres(kms_env, postgres_instance, tmp_path):
     """Three shard runs launched at once from separate processes (as separate hosts would),
     each executing its step in a child process (multiprocess executor), sharing the
