@@ -30,6 +30,20 @@ def emit_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=_json_default, sort_keys=True))
 
 
+def finish_verification(ctx: click.Context, result, as_json: bool, ok_line, failure_line) -> None:
+    """The common tail of every verifier command: JSON, or one line saying intact (stdout)
+    or broken (stderr), and exit 1 when broken. The line builders are called lazily so each
+    only reads fields that its outcome fills in."""
+    if as_json:
+        emit_json(result.to_dict())
+    elif result.ok:
+        click.echo(ok_line())
+    else:
+        click.echo(failure_line(), err=True)
+    if not result.ok:
+        ctx.exit(EXIT_FAILED)
+
+
 class KmsGroup(click.Group):
     """Turns domain errors into one-line messages and exit codes."""
 
@@ -177,14 +191,9 @@ def ledger_verify(ctx, as_json):
     from .core import ledger as ledger_mod
 
     result = ledger_mod.verify(get_context(ctx).engine)
-    if as_json:
-        emit_json(result.to_dict())
-    elif result.ok:
-        click.echo(f"ledger intact: {result.count} entries, head {result.head_hash[:16]}…")
-    else:
-        click.echo(f"ledger BROKEN at seq {result.first_bad_seq}: {result.problem}", err=True)
-    if not result.ok:
-        ctx.exit(EXIT_FAILED)
+    finish_verification(ctx, result, as_json,
+                        lambda: f"ledger intact: {result.count} entries, head {result.head_hash[:16]}…",
+                        lambda: f"ledger BROKEN at seq {result.first_bad_seq}: {result.problem}")
 
 
 def _register_areas() -> None:

@@ -11,7 +11,7 @@ def _actor() -> str:
 
 
 def register(cli) -> None:
-    from ..cli import EXIT_FAILED, emit_json, get_context
+    from ..cli import EXIT_FAILED, emit_json, finish_verification, get_context
 
     # ------------------------------------------------------------ principals
     @cli.group()
@@ -152,14 +152,9 @@ def register(cli) -> None:
         from ..core import audit as audit_mod
 
         result = audit_mod.verify(get_context(ctx))
-        if as_json:
-            emit_json(result.to_dict())
-        elif result.ok:
-            click.echo(f"audit log intact: {result.count} events, head {result.head_hash[:16]}…")
-        else:
-            click.echo(f"audit log BROKEN at seq {result.first_bad_seq}: {result.problem}", err=True)
-        if not result.ok:
-            ctx.exit(EXIT_FAILED)
+        finish_verification(ctx, result, as_json,
+                            lambda: f"audit log intact: {result.count} events, head {result.head_hash[:16]}…",
+                            lambda: f"audit log BROKEN at seq {result.first_bad_seq}: {result.problem}")
 
     @audit.command("events")
     @click.option("--limit", default=50, show_default=True)

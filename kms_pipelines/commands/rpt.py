@@ -18,7 +18,7 @@ import click
 
 def register(cli) -> None:
     """Attach this area's commands to the top-level `kms` group."""
-    from ..cli import EXIT_FAILED, emit_json, get_context
+    from ..cli import EXIT_FAILED, emit_json, finish_verification, get_context
 
     @cli.group("rpt")
     def rpt_group():
@@ -58,16 +58,12 @@ def register(cli) -> None:
         from ..core import rpt
 
         result = rpt.verify_chain(get_context(ctx), last=last, workers=workers)
-        if as_json:
-            emit_json(result.to_dict())
-        elif result.ok:
-            where = f" (head matches {result.checked_against})" if result.checked_against else ""
-            click.echo(f"RPT chain intact: {result.count} token(s) verified, seq {result.first_seq}..{result.head_seq}, "
-                       f"head {result.head_hash[:16]}…{where}")
-        else:
-            click.echo(f"RPT chain BROKEN at seq {result.first_bad_seq}: {result.problem}", err=True)
-        if not result.ok:
-            ctx.exit(EXIT_FAILED)
+        where = f" (head matches {result.checked_against})" if result.checked_against else ""
+        finish_verification(
+            ctx, result, as_json,
+            lambda: (f"RPT chain intact: {result.count} token(s) verified, seq {result.first_seq}..{result.head_seq}, "
+                     f"head {result.head_hash[:16]}…{where}"),
+            lambda: f"RPT chain BROKEN at seq {result.first_bad_seq}: {result.problem}")
 
     ledger = cli.commands["ledger"]
 
@@ -94,15 +90,10 @@ def register(cli) -> None:
         from ..core import checkpoints
 
         result = checkpoints.verify(get_context(ctx), rpt_signatures=rpt_signatures)
-        if as_json:
-            emit_json(result.to_dict())
-        elif result.ok:
-            click.echo(f"ledger matches {result.checkpoints} checkpoint(s): {result.ledger_size} entries, "
-                       f"{result.rpt_size} RPTs")
-        else:
-            click.echo(f"CHECKPOINT MISMATCH ({result.area}): {result.problem}", err=True)
-        if not result.ok:
-            ctx.exit(EXIT_FAILED)
+        finish_verification(ctx, result, as_json,
+                            lambda: (f"ledger matches {result.checkpoints} checkpoint(s): {result.ledger_size} "
+                                     f"entries, {result.rpt_size} RPTs"),
+                            lambda: f"CHECKPOINT MISMATCH ({result.area}): {result.problem}")
 
     @cli.group("evidence")
     def evidence_group():
@@ -139,12 +130,8 @@ def register(cli) -> None:
         from ..core import evidence
 
         result = evidence.verify_bundle(bundle, trusted_fingerprints=list(trusted))
-        if as_json:
-            emit_json(result.to_dict())
-        elif result.ok:
-            click.echo(f"evidence verifies: {result.ledger_entries} ledger entries, {result.rpts} RPTs, "
-                       f"{result.checkpoints} checkpoints, {len(result.root_keys)} root keys, sealed")
-        else:
-            click.echo(f"evidence FAILS ({result.area}): {result.problem}", err=True)
-        if not result.ok:
-            ctx.exit(EXIT_FAILED)
+        finish_verification(ctx, result, as_json,
+                            lambda: (f"evidence verifies: {result.ledger_entries} ledger entries, {result.rpts} "
+                                     f"RPTs, {result.checkpoints} checkpoints, {len(result.root_keys)} root keys, "
+                                     f"sealed"),
+                            lambda: f"evidence FAILS ({result.area}): {result.problem}")
