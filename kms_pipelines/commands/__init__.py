@@ -2,7 +2,7 @@
 
 from importlib import import_module
 
-AREAS = ("access", "envelope", "rotation", "rpt", "backup", "events", "report")
+AREAS = ("access", "envelope", "rotation", "rpt", "backup", "events", "report", "console")
 
 
 def register_all(cli) -> None:

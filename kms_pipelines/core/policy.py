@@ -21,7 +21,8 @@ CLAUSE_IDS = ("P1", "P2", "P3", "P4", "R1", "R2", "R3", "R4", "T1", "T2", "T3", 
 ALGORITHMS = ("aes256", "ed25519")
 ROLES = ("sre_oncall", "security_engineering", "compliance_officer")
 OPERATIONS = ("rotate", "revoke", "destroy", "decrypt", "export", "break-glass", "approve", "read",
-              "encrypt", "sign")
+              "encrypt", "sign", "console-registration")
+CONSOLE_PAGES = ("approvals", "principals", "anomalies", "followups", "report", "keys", "dagster")
 DEFAULT_POLICY_PATH = Path(__file__).resolve().parents[2] / "assets" / "policy.yaml"
 
 
@@ -110,7 +111,7 @@ class Access(_Strict):
         for name, ops in self.workload_principals.items():
             if not name.startswith("workload:"):
                 raise ValueError(f"workload_principals.{name}: workload principals are named workload:<name>")
-            bad = [op for op in ops if op not in OPERATIONS or op == "approve"]
+            bad = [op for op in ops if op not in OPERATIONS or op in ("approve", "console-registration")]
             if bad:
                 raise ValueError(f"workload_principals.{name}: unknown or non-delegable operations {bad}")
         bad = [op for op in self.manual_operations if op not in OPERATIONS]
@@ -205,6 +206,34 @@ class Checkpoints(_Strict):
     prefix: str = Field(default="checkpoints/ledger/", pattern=r"^[a-z0-9][a-z0-9_/-]*/$")
 
 
+class Console(_Strict):
+    """The browser console (``kms console``, A2): session lifetimes and who sees which page."""
+    session_idle_minutes: int = Field(default=15, gt=0, le=60)
+    session_absolute_hours: int = Field(default=8, gt=0, le=24)
+    registration_link_hours: int = Field(default=24, gt=0, le=168)
+    ceremony_seconds: int = Field(default=120, ge=30, le=600)
+    # page -> the roles that may open it; every other signed-in role gets 403.
+    pages: dict[str, list[str]] = {
+        "approvals": list(ROLES), "principals": ["security_engineering"],
+        "anomalies": ["security_engineering", "compliance_officer"],
+        "followups": ["sre_oncall", "compliance_officer"],
+        "report": ["security_engineering", "compliance_officer"], "keys": list(ROLES),
+        "dagster": ["sre_oncall", "security_engineering"]}
+
+    @model_validator(mode="after")
+    def _known_pages(self):
+        for page, roles in self.pages.items():
+            if page not in CONSOLE_PAGES:
+                raise ValueError(f"pages.{page}: unknown page (known: {list(CONSOLE_PAGES)})")
+            bad = [r for r in roles if r not in ROLES]
+            if bad:
+                raise ValueError(f"pages.{page}: unknown roles {bad}")
+        missing = [p for p in CONSOLE_PAGES if p not in self.pages]
+        if missing:
+            raise ValueError(f"pages missing {missing}")
+        return self
+
+
 class Policy(_Strict):
     version: Literal[1]
     key_classes: KeyClasses
@@ -220,6 +249,7 @@ class Policy(_Strict):
     events: Events = Events()
     rpt: Rpt = Rpt()
     checkpoints: Checkpoints = Checkpoints()
+    console: Console = Console()
 
     def key_class(self, name: str) -> KeyClass:
         """Policy block for a key class (``root``, ``service``, ``break-glass`` …)."""

@@ -1,0 +1,1 @@
+"""`kms console`: the browser door to the KMS (web layer only; logic lives in core)."""

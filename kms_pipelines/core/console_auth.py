@@ -1,0 +1,494 @@
+"""Console identity (clause A2): a human signs in to ``kms console`` with a FIDO2 security
+key *and* a TOTP code, and confirms each manual-operation action with a fresh assertion.
+
+* **Relying party** (Yubico ``fido2``): user verification is required on every ceremony and
+  the client origin must equal the console's configured origin exactly.
+* **Registration** happens once per key, through a link issued under dual control: the
+  manual operation ``console-registration`` on the principal, approved like any other
+  (``core.access``). The link is single-use and expires after ``console.registration_link_hours``.
+  Registering also proves the principal's TOTP, so the key is bound to the enrolled person.
+* **Sign-in** uses a discoverable credential: the key says which credential it holds and the
+  console refuses one it does not know, one of another principal, and a sign count that did
+  not grow (a cloned authenticator). The TOTP code is checked with the CLI's replay rule
+  (``check_totp`` is the one place that calls it).
+* **Step-up**: an approval or launch is confirmed by an assertion whose challenge is
+  SHA-256 over (principal, action, operation, target, ticket, nonce), so a stolen session
+  cookie cannot approve, and a confirmation for one action cannot be spent on another.
+* **Sessions** are random tokens held by the browser (only their hash is stored), ended
+  after ``console.session_idle_minutes`` idle or ``console.session_absolute_hours``.
+
+Every sign-in, refusal, registration, link and step-up is written to the audit chain. No
+secret is stored in clear or written to the audit: credentials are public keys, tokens are
+hashed, credential ids appear as a short hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from urllib.parse import urlparse
+
+from fido2.server import Fido2Server
+from fido2.utils import websafe_encode
+from fido2.webauthn import (AttestedCredentialData, AuthenticationResponse, PublicKeyCredentialRpEntity,
+                            PublicKeyCredentialUserEntity, RegistrationResponse, ResidentKeyRequirement,
+                            UserVerificationRequirement)
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from . import access, audit
+from .canonical import canonical_bytes
+from .clock import utc
+from .context import KmsContext
+from .db.models_access import Principal
+from .db.models_console import ConsoleCeremony, ConsoleCredential, ConsoleRegistrationLink, ConsoleSession
+
+REGISTRATION_OPERATION = "console-registration"
+_STEP_UP_CONTEXT = b"kms-console-step-up/1\n"
+_USER_HANDLE_CONTEXT = b"kms-console-user/1\n"
+
+
+class ConsoleDenied(access.AccessDenied):
+    """A refused console ceremony; the message says what was wrong. Nothing was changed."""
+
+
+# ---- relying party ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RelyingParty:
+    """The console as a WebAuthn relying party, at exactly one origin."""
+
+    origin: str
+
+    def __post_init__(self) -> None:
+        u = urlparse(self.origin)
+        secure = u.scheme == "https" or (u.scheme == "http" and u.hostname == "localhost")
+        if not secure or not u.hostname or u.path not in ("", "/") or u.query or u.fragment:
+            raise ValueError(f"console origin must be https://HOST[:PORT] (or http://localhost[:PORT] for local "
+                             f"development), got {self.origin!r}")
+        object.__setattr__(self, "origin", f"{u.scheme}://{u.netloc}")
+
+    @property
+    def rp_id(self) -> str:
+        return urlparse(self.origin).hostname
+
+    def server(self) -> Fido2Server:
+        return Fido2Server(PublicKeyCredentialRpEntity(name="KMS console", id=self.rp_id),
+                           verify_origin=lambda o: o == self.origin)
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _short(credential_id: bytes) -> str:
+    return hashlib.sha256(credential_id).hexdigest()[:16]
+
+
+def _state(challenge: bytes) -> dict:
+    return {"challenge": websafe_encode(challenge), "user_verification": UserVerificationRequirement.REQUIRED}
+
+
+def _options(opts) -> dict:
+    return dict(opts)
+
+
+def _denied(reason: str, message: str, principal: str | None = None) -> ConsoleDenied:
+    return ConsoleDenied(message, reason=reason, principal=principal)
+
+
+# ---- TOTP: the one call into the CLI's rule ------------------------------------------
+
+def check_totp(ctx: KmsContext, session: Session, name: str, code: str) -> int:
+    """Verify ``name``'s TOTP ``code`` with the CLI's replay rule (core.access), under the
+    principal's row lock, inside the caller's transaction."""
+    p = access._principal(session, name, lock=True)
+    if p is None:
+        raise _denied("permission", f"unknown principal {name!r}", name)
+    return access._verify_totp(ctx, p, code)
+
+
+def _console_principal(session: Session, name: str) -> Principal:
+    p = access._principal(session, name)
+    if p is None or p.kind != "human" or not p.roles:
+        raise _denied("permission", f"{name!r} is not an enrolled human principal with a role", name)
+    if p.disabled_at is not None:
+        raise _denied("permission", f"principal {name!r} is disabled", name)
+    return p
+
+
+# ---- ceremonies ---------------------------------------------------------------------
+
+def _new_ceremony(session: Session, ctx: KmsContext, purpose: str, principal: str | None, challenge: bytes,
+                  nonce: bytes = b"", binding: dict | None = None) -> str:
+    now = ctx.now()
+    handle = secrets.token_urlsafe(24)
+    session.add(ConsoleCeremony(handle=handle, purpose=purpose, principal=principal, binding=binding, nonce=nonce,
+                                challenge=challenge, created_at=now,
+                                expires_at=now + timedelta(seconds=ctx.policy.console.ceremony_seconds)))
+    return handle
+
+
+def _take_ceremony(ctx: KmsContext, handle: str, purpose: str, principal: str | None = None) -> ConsoleCeremony:
+    """Mark the ceremony used (in its own transaction: a failed answer cannot be retried)."""
+    now = ctx.now()
+    with ctx.transaction() as s:
+        c = s.scalars(select(ConsoleCeremony).where(ConsoleCeremony.handle == str(handle or ""))
+                      .with_for_update()).first()
+        if c is None or c.purpose != purpose or (principal is not None and c.principal != principal):
+            problem = "unknown security-key challenge"
+        elif c.used_at is not None:
+            problem = "security-key challenge already answered (replay refused)"
+        elif utc(c.expires_at) <= now:
+            problem = f"security-key challenge expired (answer within {ctx.policy.console.ceremony_seconds}s)"
+        else:
+            c.used_at = now
+            return c
+    raise _denied("ceremony", problem, principal)
+
+
+def _verify_assertion(session: Session, ctx: KmsContext, rp: RelyingParty, ceremony: ConsoleCeremony,
+                      response: dict, principal: str) -> ConsoleCredential:
+    """The principal's credential that signed ``response`` over the ceremony's challenge with
+    user verification and a grown sign count (updated here), or ConsoleDenied."""
+    try:
+        parsed = AuthenticationResponse.from_dict(response)
+    except (KeyError, TypeError, ValueError):
+        raise _denied("webauthn", "malformed security-key response", principal) from None
+    cred = session.scalars(select(ConsoleCredential).where(ConsoleCredential.credential_id == parsed.raw_id)
+                           .with_for_update()).first()
+    if cred is None or cred.principal != principal:
+        raise _denied("unknown_credential", f"this security key is not registered to {principal!r}", principal)
+    try:
+        rp.server().authenticate_complete(_state(ceremony.challenge),
+                                          [AttestedCredentialData(cred.credential_data)], parsed)
+    except ValueError as exc:
+        raise _denied("webauthn", f"security-key assertion refused: {exc}", principal) from None
+    count = parsed.response.authenticator_data.counter
+    if (count or cred.sign_count) and count <= cred.sign_count:
+        raise _denied("sign_count", f"security key sign count did not grow ({count} after {cred.sign_count}): "
+                      f"possibly a cloned authenticator; the key is refused", principal)
+    cred.sign_count, cred.last_used_at = count, ctx.now()
+    return cred
+
+
+def _audited(ctx: KmsContext, operation: str, actor: str | None, target: str | None, fn, detail: dict | None = None):
+    """Run ``fn``; on refusal, audit it (outside the rolled-back transaction) and re-raise."""
+    try:
+        return fn()
+    except access.AccessDenied as exc:
+        audit.emit(ctx, at=ctx.now(), operation=operation, actor=(actor or "anonymous")[:200], target_ref=target,
+                   outcome="denied", detail={"reason": exc.reason, "problem": str(exc), **(detail or {})})
+        raise
+
+
+# ---- registration links (dual control) ----------------------------------------------
+
+@dataclass
+class IssuedLink:
+    token: str  # shown once to the issuing admin; only its hash is stored
+    principal: str
+    ticket: str
+    approvers: list[str]
+    expires_at: datetime
+
+    def __repr__(self) -> str:
+        return f"IssuedLink(principal={self.principal!r}, ticket={self.ticket!r}, expires_at={self.expires_at})"
+
+    def url(self, origin: str) -> str:
+        return f"{origin.rstrip('/')}/register/{self.token}"
+
+
+def request_registration(ctx: KmsContext, principal: str, *, ticket: str, requested_by: str) -> int:
+    """Record the request for a registration link, so approvers find it (manual operation)."""
+    def run():
+        with ctx.transaction() as s:
+            _console_principal(s, principal)
+        access.require_permission(ctx, requested_by, REGISTRATION_OPERATION, target=principal)
+        return access.request_approval(ctx, operation=REGISTRATION_OPERATION, target=principal, ticket=ticket,
+                                       requester=requested_by)
+    return _audited(ctx, "console.link.request", requested_by, principal, run, {"ticket": ticket})
+
+
+def issue_registration_link(ctx: KmsContext, principal: str, *, ticket: str, requested_by: str) -> IssuedLink:
+    """A registration link for ``principal``, once ``approvals_required`` other principals
+    approved ``console-registration`` of them under ``ticket`` (the approvals are consumed)."""
+    request_registration(ctx, principal, ticket=ticket, requested_by=requested_by)
+    token = secrets.token_urlsafe(32)
+    now = ctx.now()
+    expires = now + timedelta(hours=ctx.policy.console.registration_link_hours)
+    with ctx.transaction() as s:
+        approvers = access.consume_approvals(s, ctx, operation=REGISTRATION_OPERATION, target=principal,
+                                             ticket=ticket, requester=requested_by)
+        row = ConsoleRegistrationLink(principal=principal, token_hash=_hash(token), ticket=ticket,
+                                      issued_by=requested_by, approvers=approvers, issued_at=now, expires_at=expires)
+        s.add(row)
+        s.flush()
+        audit.record(s, at=now, operation="console.link.issue", actor=requested_by, target=principal, outcome="ok",
+                     detail={"ticket": ticket, "approvers": approvers, "link": row.id, "expires_at": expires})
+    return IssuedLink(token, principal, ticket, approvers, expires)
+
+
+def _valid_link(session: Session, ctx: KmsContext, token: str, *, lock: bool = False) -> ConsoleRegistrationLink:
+    q = select(ConsoleRegistrationLink).where(ConsoleRegistrationLink.token_hash == _hash(str(token or "")))
+    link = session.scalars(q.with_for_update() if lock else q).first()
+    if link is None:
+        raise _denied("link", "unknown registration link")
+    if link.used_at is not None:
+        raise _denied("link", "this registration link was already used (links are single-use)", link.principal)
+    if utc(link.expires_at) <= ctx.now():
+        raise _denied("link", f"this registration link expired at {utc(link.expires_at).isoformat()}; ask for a "
+                      f"new one", link.principal)
+    return link
+
+
+def registration_link(ctx: KmsContext, token: str) -> str:
+    """The principal a valid link registers, or ConsoleDenied (audited)."""
+    def run():
+        with ctx.transaction() as s:
+            return _valid_link(s, ctx, token).principal
+    return _audited(ctx, "console.register", None, None, run)
+
+
+def _user_handle(name: str) -> bytes:
+    return hashlib.sha256(_USER_HANDLE_CONTEXT + name.encode()).digest()[:16]
+
+
+def begin_registration(ctx: KmsContext, rp: RelyingParty, token: str) -> tuple[str, dict]:
+    """(ceremony handle, PublicKeyCredentialCreationOptions as JSON) for the link's principal."""
+    def run():
+        with ctx.transaction() as s:
+            link = _valid_link(s, ctx, token)
+            existing = [AttestedCredentialData(c.credential_data) for c in s.scalars(
+                select(ConsoleCredential).where(ConsoleCredential.principal == link.principal))]
+            challenge = secrets.token_bytes(32)
+            opts, _ = rp.server().register_begin(
+                PublicKeyCredentialUserEntity(id=_user_handle(link.principal), name=link.principal,
+                                              display_name=link.principal),
+                credentials=existing, resident_key_requirement=ResidentKeyRequirement.REQUIRED,
+                user_verification=UserVerificationRequirement.REQUIRED, challenge=challenge)
+            handle = _new_ceremony(s, ctx, "register", link.principal, challenge, binding={"link": link.id})
+            return handle, _options(opts)
+    return _audited(ctx, "console.register", None, None, run)
+
+
+def complete_registration(ctx: KmsContext, rp: RelyingParty, token: str, *, handle: str, response: dict,
+                          totp: str) -> str:
+    """Store the new credential of the link's principal (who also proves their TOTP)."""
+    who: list[str] = []
+
+    def run():
+        with ctx.transaction() as s:
+            principal = _valid_link(s, ctx, token).principal
+            who.append(principal)
+        ceremony = _take_ceremony(ctx, handle, "register", principal)
+        now = ctx.now()
+        with ctx.transaction() as s:
+            link = _valid_link(s, ctx, token, lock=True)
+            if (ceremony.binding or {}).get("link") != link.id:
+                raise _denied("ceremony", "the security-key challenge belongs to another registration link", principal)
+            _console_principal(s, principal)
+            try:
+                auth = rp.server().register_complete(_state(ceremony.challenge), RegistrationResponse.from_dict(response))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise _denied("webauthn", f"security-key registration refused: {exc}", principal) from None
+            cd = auth.credential_data
+            if cd is None:
+                raise _denied("webauthn", "security-key registration carried no credential", principal)
+            if s.scalars(select(ConsoleCredential.id).where(ConsoleCredential.credential_id == cd.credential_id)).first():
+                raise _denied("webauthn", "this security key credential is already registered", principal)
+            check_totp(ctx, s, principal, totp)
+            s.add(ConsoleCredential(principal=principal, credential_id=cd.credential_id, credential_data=bytes(cd),
+                                    sign_count=auth.counter, registered_at=now, registration_link_id=link.id))
+            link.used_at = now
+            audit.record(s, at=now, operation="console.register", actor=principal, target=principal, outcome="ok",
+                         detail={"credential": _short(cd.credential_id), "link": link.id, "ticket": link.ticket})
+        return principal
+
+    try:
+        return run()
+    except access.AccessDenied as exc:
+        audit.emit(ctx, at=ctx.now(), operation="console.register", actor=(who[0] if who else "anonymous"),
+                   target_ref=who[0] if who else None, outcome="denied",
+                   detail={"reason": exc.reason, "problem": str(exc)})
+        raise
+
+
+# ---- sign-in and sessions -----------------------------------------------------------
+
+@dataclass
+class SignIn:
+    token: str  # the session cookie's value; only its hash is stored
+    principal: str
+    expires_at: datetime
+
+    def __repr__(self) -> str:
+        return f"SignIn(principal={self.principal!r}, expires_at={self.expires_at})"
+
+
+@dataclass
+class ConsoleUser:
+    principal: str
+    roles: list[str]
+    session_id: int
+    csrf: str
+    expires_at: datetime
+    idle_until: datetime
+
+
+def begin_signin(ctx: KmsContext, rp: RelyingParty) -> tuple[str, dict]:
+    """A sign-in challenge for a discoverable credential (the key names its credential)."""
+    challenge = secrets.token_bytes(32)
+    opts, _ = rp.server().authenticate_begin(None, user_verification=UserVerificationRequirement.REQUIRED,
+                                             challenge=challenge)
+    with ctx.transaction() as s:
+        handle = _new_ceremony(s, ctx, "signin", None, challenge)
+    return handle, _options(opts)
+
+
+def complete_signin(ctx: KmsContext, rp: RelyingParty, *, name: str, handle: str, response: dict,
+                    totp: str) -> SignIn:
+    """Both factors, or ConsoleDenied (audited as a failed sign-in)."""
+    name = (name or "").strip()
+
+    def run():
+        if not name:
+            raise _denied("invalid", "enter your principal name")
+        ceremony = _take_ceremony(ctx, handle, "signin")
+        now = ctx.now()
+        pol = ctx.policy.console
+        with ctx.transaction() as s:
+            _console_principal(s, name)
+            cred = _verify_assertion(s, ctx, rp, ceremony, response, name)
+            check_totp(ctx, s, name, totp)
+            token = secrets.token_urlsafe(32)
+            expires = now + timedelta(hours=pol.session_absolute_hours)
+            row = ConsoleSession(token_hash=_hash(token), principal=name, credential_id=cred.id, started_at=now,
+                                 last_seen_at=now, expires_at=expires)
+            s.add(row)
+            s.flush()
+            audit.record(s, at=now, operation="console.signin", actor=name, target=f"session:{row.id}", outcome="ok",
+                         detail={"credential": _short(cred.credential_id), "sign_count": cred.sign_count,
+                                 "factors": ["fido2", "totp"]})
+            return SignIn(token, name, expires)
+    return _audited(ctx, "console.signin", name, None, run)
+
+
+def csrf_token(session_token: str) -> str:
+    """Derived from the (HttpOnly) session token: a page can show it, another site cannot know it."""
+    return hmac.new(session_token.encode(), b"kms-console-csrf/1", hashlib.sha256).hexdigest()
+
+
+def current_user(ctx: KmsContext, token: str | None) -> ConsoleUser:
+    """The signed-in principal of session ``token`` (its idle timer restarted), or ConsoleDenied
+    with reason ``no_session`` or ``session_expired`` (the end is audited once)."""
+    if not token:
+        raise _denied("no_session", "not signed in")
+    now = ctx.now()
+    pol = ctx.policy.console
+    ended: tuple[str, str, int] | None = None
+    with ctx.transaction() as s:
+        row = s.scalars(select(ConsoleSession).where(ConsoleSession.token_hash == _hash(token))
+                        .with_for_update()).first()
+        if row is None or row.ended_at is not None:
+            raise _denied("no_session", "not signed in (unknown or ended session)")
+        idle_limit = utc(row.last_seen_at) + timedelta(minutes=pol.session_idle_minutes)
+        reason = ("absolute" if now >= utc(row.expires_at) else "idle" if now >= idle_limit else None)
+        p = access._principal(s, row.principal)
+        if reason is None and (p is None or p.disabled_at is not None or not p.roles):
+            reason = "principal_disabled"
+        if reason:
+            row.ended_at, row.ended_reason = now, reason
+            audit.record(s, at=now, operation="console.session", actor=row.principal, target=f"session:{row.id}",
+                         outcome="denied", detail={"reason": "session_expired", "limit": reason})
+            ended = (row.principal, reason, row.id)
+        else:
+            row.last_seen_at = now
+            return ConsoleUser(row.principal, sorted(p.roles), row.id, csrf_token(token), utc(row.expires_at),
+                               now + timedelta(minutes=pol.session_idle_minutes))
+    what = {"absolute": f"{pol.session_absolute_hours} h after sign-in",
+            "idle": f"after {pol.session_idle_minutes} min without activity",
+            "principal_disabled": "because the principal was disabled"}[ended[1]]
+    raise _denied("session_expired", f"your session ended {what}; sign in again", ended[0])
+
+
+def end_session(ctx: KmsContext, token: str | None) -> None:
+    if not token:
+        return
+    now = ctx.now()
+    with ctx.transaction() as s:
+        row = s.scalars(select(ConsoleSession).where(ConsoleSession.token_hash == _hash(token))
+                        .with_for_update()).first()
+        if row is not None and row.ended_at is None:
+            row.ended_at, row.ended_reason = now, "signout"
+            audit.record(s, at=now, operation="console.signout", actor=row.principal, target=f"session:{row.id}",
+                         outcome="ok")
+
+
+# ---- step-up: a fresh assertion bound to one action -------------------------------------
+
+def _bound_challenge(principal: str, binding: dict, nonce: bytes) -> bytes:
+    return hashlib.sha256(_STEP_UP_CONTEXT + canonical_bytes({"principal": principal, **binding}) + b"\n"
+                          + nonce).digest()
+
+
+def step_up_binding(action: str, operation: str, target: str, ticket: str) -> dict:
+    return {"action": action, "operation": operation, "target": target, "ticket": ticket}
+
+
+def begin_step_up(ctx: KmsContext, rp: RelyingParty, principal: str, binding: dict) -> tuple[str, dict]:
+    """A challenge derived from exactly ``binding``, answerable only by ``principal``'s keys."""
+    with ctx.transaction() as s:
+        creds = [AttestedCredentialData(c.credential_data) for c in s.scalars(
+            select(ConsoleCredential).where(ConsoleCredential.principal == principal))]
+        if not creds:
+            raise _denied("unknown_credential", f"{principal!r} has no registered security key", principal)
+        nonce = secrets.token_bytes(32)
+        challenge = _bound_challenge(principal, binding, nonce)
+        opts, _ = rp.server().authenticate_begin(creds, user_verification=UserVerificationRequirement.REQUIRED,
+                                                 challenge=challenge)
+        return _new_ceremony(s, ctx, "step-up", principal, challenge, nonce, binding), _options(opts)
+
+
+def verify_step_up(ctx: KmsContext, rp: RelyingParty, principal: str, binding: dict, *, handle: str,
+                   response: dict) -> None:
+    """Refuse (ConsoleDenied, audited) unless ``response`` is ``principal``'s fresh assertion over
+    the challenge derived from exactly ``binding``."""
+    def run():
+        ceremony = _take_ceremony(ctx, handle, "step-up", principal)
+        if not hmac.compare_digest(_bound_challenge(principal, binding, ceremony.nonce), ceremony.challenge):
+            raise _denied("binding", f"the security-key confirmation was given for {ceremony.binding}, not for "
+                          f"{binding}", principal)
+        now = ctx.now()
+        with ctx.transaction() as s:
+            cred = _verify_assertion(s, ctx, rp, ceremony, response, principal)
+            audit.record(s, at=now, operation="console.step-up", actor=principal, target=binding.get("target"),
+                         outcome="ok", detail={**binding, "credential": _short(cred.credential_id)})
+    _audited(ctx, "console.step-up", principal, binding.get("target"), run, binding)
+
+
+# ---- what A2 checks -----------------------------------------------------------------
+
+def credentials_by_principal(ctx: KmsContext) -> dict[str, int]:
+    with ctx.transaction() as s:
+        counts: dict[str, int] = {}
+        for name in s.scalars(select(ConsoleCredential.principal)):
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
+
+def missing_console_factors(ctx: KmsContext) -> dict[str, list[str]]:
+    """Every enabled human principal with a role -> the console factors it lacks
+    (``fido2``, ``totp``); principals lacking none are left out."""
+    creds = credentials_by_principal(ctx)
+    gaps: dict[str, list[str]] = {}
+    for p in access.list_principals(ctx):
+        if p["kind"] != "human" or p["disabled"] or not p["roles"]:
+            continue
+        missing = ([] if creds.get(p["name"]) else ["fido2"]) + ([] if p["totp_enrolled"] else ["totp"])
+        if missing:
+            gaps[p["name"]] = missing
+    return gaps
