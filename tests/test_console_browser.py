@@ -140,3 +140,121 @@ def test_register_then_sign_in_and_every_refusal(console):
         resp = alice.page.request.get(f"{base}/keys", max_redirects=0)
         assert resp.status == 303 and "/login" in resp.headers["location"]
         alice.context.close()
+
+
+def _team(kms, base):
+    """alice (security engineering), bob (SRE on call), carol (compliance), dave (security
+    engineering); each registers through a dual-approved link (the CLI bootstrap)."""
+    people = {n: enrol(kms, n, r, base) for n, r in (("alice", "security_engineering"), ("bob", "sre_oncall"),
+                                                    ("carol", "compliance_officer"), ("dave", "security_engineering"))}
+    a, b, c, d = people.values()
+    links = {"alice": issue_link(kms, a, requester=a, approvers=[b, c], origin=base),
+             "bob": issue_link(kms, b, requester=a, approvers=[c, d], origin=base),
+             "carol": issue_link(kms, c, requester=a, approvers=[b, d], origin=base),
+             "dave": issue_link(kms, d, requester=a, approvers=[b, c], origin=base)}
+    return people, links
+
+
+def _request_article(page, rid: int):
+    return page.get_by_role("article", name=re.compile(rf"^Request {rid}:"))
+
+
+def test_dual_control_in_two_browsers_followups_and_roles(console):
+    from kms_pipelines.core import backup, drills, ledger
+    from kms_pipelines.core.db.models import LedgerEntry
+    from kms_pipelines.core.db.models_access import Approval
+
+    kms, clock, base = console
+    chromium = chromium_path()
+    people, links = _team(kms, base)
+    alice, bob, carol = people["alice"], people["bob"], people["carol"]
+    backup.create(kms)
+    fu_title = "Rehearse the PKCS#11 token restore"
+    report = drills.run_drill(kms, participants=["bob (sre)"], extra_followups=[{"owner": "carol", "title": fu_title}])
+    fu_id = next(f["id"] for f in report.followups if f["title"] == fu_title)
+    key = "service:api-gateway"
+
+    with headless_chromium(chromium) as browser:
+        for p in (alice, bob, carol):
+            p.open(browser)
+            p.register(links[p.name])
+            p.sign_in()
+
+        # bob (SRE) requests a manual rotation under a change ticket.
+        bob.page.goto("/approvals")
+        bob.page.get_by_label("Key").select_option(key)
+        bob.page.get_by_label("Change ticket").fill("CHG-4242")
+        bob.page.get_by_role("button", name="Request rotation").click()
+        bob.page.get_by_text(re.compile(r"^Request \d+: manual rotation")).wait_for()
+        rid = int(re.search(r"Request (\d+):", bob.page.inner_text("main")).group(1))
+
+        # alice approves in her browser: security key (bound to this request) + fresh TOTP.
+        alice.page.goto("/approvals")
+        art = _request_article(alice.page, rid)
+        art.get_by_label("Your TOTP code").fill(alice.totp.fresh())
+        with alice.page.expect_navigation(url=f"{base}/approvals", timeout=30_000):
+            art.get_by_role("button", name="Approve with security key").click()
+        assert "1/2: alice" in _request_article(alice.page, rid).inner_text()
+        _shot(alice.page, "console-approvals")
+
+        # A stolen session cookie (carol's) with carol's TOTP but without her key cannot approve.
+        thief = browser.new_context(base_url=base)
+        thief.add_cookies([c for c in carol.context.cookies() if c["name"] == SESSION_COOKIE])
+        tpage = thief.new_page()
+        tpage.goto("/approvals")
+        csrf = tpage.locator('meta[name="csrf-token"]').get_attribute("content")
+        hdr = {"X-CSRF-Token": csrf, "Origin": base}
+        begin = tpage.request.post(f"{base}/approvals/{rid}/step-up", data={"action": "approve"}, headers=hdr)
+        assert begin.ok, begin.text()
+        with kms.engine.connect() as conn:
+            approvals_before = conn.execute(select(func.count()).select_from(Approval)).scalar()
+        forged = tpage.request.post(f"{base}/approvals/{rid}/approve", headers=hdr, data={
+            "handle": begin.json()["handle"], "totp": carol.totp.fresh(),
+            "credential": {"id": "AAAA", "rawId": "AAAA", "type": "public-key",
+                           "response": {"clientDataJSON": "e30", "authenticatorData": "AAAA", "signature": "AAAA"}}})
+        assert forged.status == 400 and "security-key" in forged.json()["error"]
+        with kms.engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(Approval)).scalar() == approvals_before
+        assert audit_rows(kms, "console.step-up", actor="carol", outcome="denied")
+        thief.close()
+
+        # carol approves with her own key and a fresh TOTP.
+        carol.page.goto("/approvals")
+        art = _request_article(carol.page, rid)
+        art.get_by_label("Your TOTP code").fill(carol.totp.fresh())
+        with carol.page.expect_navigation(url=f"{base}/approvals", timeout=30_000):
+            art.get_by_role("button", name="Approve with security key").click()
+        assert "2/2: alice, carol" in _request_article(carol.page, rid).inner_text()
+
+        # bob, the requester, launches it (confirmed with his key); the ledger names both approvers.
+        bob.page.goto("/approvals")
+        _request_article(bob.page, rid).get_by_role("button", name="Launch with security key").click()
+        bob.page.wait_for_url(f"{base}/keys")
+        with kms.engine.connect() as conn:
+            entries = conn.execute(select(LedgerEntry).where(LedgerEntry.key_name == key,
+                                                             LedgerEntry.change_ticket == "CHG-4242")).all()
+        assert entries and all(e.approvers == '["alice","carol"]' and e.actor == "bob" for e in entries)
+        assert ledger.verify(kms.engine).ok
+        assert "v2" in bob.page.inner_text("main")
+
+        # carol (compliance) closes the drill follow-up.
+        carol.page.goto("/followups")
+        fu = carol.page.get_by_role("article", name=re.compile(rf"^Follow-up {fu_id}:"))
+        _shot(carol.page, "console-followups")
+        fu.get_by_label("Resolution").fill("Token restore rehearsed on staging; runbook updated")
+        fu.get_by_role("button", name=f"Close follow-up {fu_id}").click()
+        carol.page.get_by_text(f"Follow-up {fu_id} closed").wait_for()
+        closed = [f for d in drills.list_drills(kms) for f in d["followups"] if f["id"] == fu_id]
+        assert closed[0]["status"] == "closed"
+        assert audit_rows(kms, "drill.followup.close", actor="carol", outcome="ok")
+
+        # Another role's page: 403, audited.
+        resp = carol.page.goto("/principals")
+        assert resp.status == 403 and "open to security_engineering" in carol.page.inner_text("main")
+        resp = bob.page.goto("/report")
+        assert resp.status == 403
+        assert audit_rows(kms, "console.page", actor="carol", outcome="denied", target="principals")
+        # ... and the pages of one's own role answer.
+        assert carol.page.goto("/report").status == 200
+        assert "A2" in carol.page.inner_text("body")
+        assert alice.page.goto("/principals").status == 200

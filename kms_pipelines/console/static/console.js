@@ -43,7 +43,7 @@ async function ceremony(form) {
   } catch (e) {
     throw new Error(`the security key did not answer (${e.name})`);
   }
-  return postJSON(form.action, {...fields, handle: begin.handle, credential: credential.toJSON()});
+  return postJSON(form.getAttribute("action"), {...fields, handle: begin.handle, credential: credential.toJSON()});
 }
 
 document.addEventListener("submit", async (event) => {
