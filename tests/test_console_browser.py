@@ -258,3 +258,76 @@ def test_dual_control_in_two_browsers_followups_and_roles(console):
         assert carol.page.goto("/report").status == 200
         assert "A2" in carol.page.inner_text("body")
         assert alice.page.goto("/principals").status == 200
+
+
+def test_dagster_ui_behind_the_console(make_kms, code_location, postgres_instance, tmp_path):
+    """dagster-webserver on loopback with --path-prefix /dagster, reached only through the
+    console: a run's page (GraphQL over HTTP and its websocket subscription) for an SRE,
+    a redirect to sign-in without a session, 403 for a role that may not operate runs."""
+    import os
+
+    import websockets.sync.client as ws_client
+    from websockets.exceptions import InvalidStatus
+
+    from tests.fixtures.dagster_defs import kms_resources, materialize_selection
+    from tests.ui_support import VENV_BIN, dagster_webserver
+
+    chromium = chromium_path()
+    clock = OffsetClock()
+    kms = make_kms("postgres", clock=clock)
+    kms_url = kms.engine.url.render_as_string(hide_password=False)
+    result = materialize_selection(code_location, ["key_inventory"], kms_resources(kms.home, kms_url),
+                                   postgres_instance)
+    assert result.success
+    run_id = result.run_id
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KMS_")}
+    env.update({"KMS_HOME": str(kms.home), "KMS_DATABASE_URL": kms_url, "DAGSTER_HOME": str(tmp_path / "dagster_home"),
+                "PATH": f"{VENV_BIN}:{env.get('PATH', '')}"})
+    with dagster_webserver(env, REPO / "test-artifacts" / "console" / "webserver.log", path_prefix="/dagster") as dagster:
+        dagster.wait_ready(timeout=150)
+        port = free_port()
+        base = f"http://localhost:{port}"
+        with ConsoleServer(create_app(ConsoleConfig(kms, base, dagster.root)), port):
+            bob = enrol(kms, "bob", "sre_oncall", base)
+            carol = enrol(kms, "carol", "compliance_officer", base)
+            dave = enrol(kms, "dave", "security_engineering", base)
+            alice = enrol(kms, "alice", "security_engineering", base)
+            links = {"bob": issue_link(kms, bob, requester=alice, approvers=[carol, dave], origin=base),
+                     "carol": issue_link(kms, carol, requester=alice, approvers=[bob, dave], origin=base)}
+            with headless_chromium(chromium) as browser:
+                # No session: the UI and its GraphQL endpoint send you to sign in; the websocket is refused.
+                anon = browser.new_context(base_url=base)
+                page = anon.new_page()
+                page.goto(f"/dagster/runs/{run_id}")
+                assert "/login" in page.url and "Sign in to open the Dagster UI" in page.inner_text("main")
+                resp = page.request.post(f"{base}/dagster/graphql", data={"query": "{ version }"},
+                                         headers={"Origin": base}, max_redirects=0)
+                assert resp.status == 401
+                with pytest.raises(InvalidStatus) as refused:
+                    ws_client.connect(f"ws://localhost:{port}/dagster/graphql", subprotocols=["graphql-ws"],
+                                      origin=base, open_timeout=10)
+                assert refused.value.response.status_code == 403
+                anon.close()
+
+                for p in (bob, carol):
+                    p.open(browser)
+                    p.context.add_init_script("window.localStorage.setItem('communityNux', JSON.stringify('1'))")
+                    p.register(links[p.name])
+                    p.sign_in()
+
+                # bob (SRE on call) opens the run's page through the console.
+                frames = []
+                bob.page.on("websocket", lambda ws: ws.on("framereceived", lambda f: frames.append((ws.url, f))))
+                bob.page.goto(f"/dagster/runs/{run_id}", wait_until="domcontentloaded")
+                bob.page.get_by_text(run_id[:8]).first.wait_for(timeout=90_000)
+                bob.page.get_by_text("key_inventory").first.wait_for(timeout=90_000)
+                bob.page.get_by_text(re.compile("^RUN_SUCCESS$")).first.wait_for(  # streamed over the websocket
+                    timeout=90_000)
+                assert any(url.startswith(f"ws://localhost:{port}/dagster/") for url, _ in frames), frames[:3]
+                _shot(bob.page, "console-dagster-run")
+
+                # carol (compliance) may not operate runs: 403, audited.
+                resp = carol.page.goto("/dagster/")
+                assert resp.status == 403
+                assert audit_rows(kms, "console.page", actor="carol", outcome="denied", target="dagster")

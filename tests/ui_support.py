@@ -59,9 +59,10 @@ def free_port() -> int:
 
 
 class Webserver:
-    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path):
+    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path, path_prefix: str = ""):
         self.proc, self.port, self.log_path = proc, port, log_path
-        self.url = f"http://127.0.0.1:{port}"
+        self.root = f"http://127.0.0.1:{port}"
+        self.url = self.root + path_prefix
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -104,18 +105,20 @@ class Webserver:
 
 
 @contextlib.contextmanager
-def dagster_webserver(env: dict, log_path: Path, *, workspace: Path = REPO / "workspace.yaml") -> Iterator[Webserver]:
-    """``dagster-webserver -w workspace.yaml -h 127.0.0.1 -p <free port>`` in its own session."""
+def dagster_webserver(env: dict, log_path: Path, *, workspace: Path = REPO / "workspace.yaml",
+                      path_prefix: str | None = None) -> Iterator[Webserver]:
+    """``dagster-webserver -w workspace.yaml -h 127.0.0.1 -p <free port> [--path-prefix P]`` in its own session."""
     port = free_port()
     exe = VENV_BIN / "dagster-webserver"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-c", _EXEC_WITH_DEFAULT_SIGNALS, str(exe),
-             "-w", str(workspace), "-h", "127.0.0.1", "-p", str(port)],
+             "-w", str(workspace), "-h", "127.0.0.1", "-p", str(port),
+             *(["--path-prefix", path_prefix] if path_prefix else [])],
             cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
-    server = Webserver(proc, port, log_path)
+    server = Webserver(proc, port, log_path, path_prefix or "")
     try:
         yield server
     finally:
