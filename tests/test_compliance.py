@@ -8,6 +8,7 @@ import json
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
+import pyotp
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import text
@@ -32,19 +33,43 @@ def _now() -> datetime:
 
 @pytest.fixture
 def exercised(make_kms, master_key, monkeypatch):
-    """Bootstrap + custodians sealed + two TOTP-enrolled approvers + one nightly run
+    """Bootstrap + custodians sealed + three approvers with TOTP and a console FIDO2 key + one nightly run
     (rotations, sweep, escrow, RPT verify, checkpoint, backup, retention, anomalies) +
     a passed restore drill: every clause has its evidence."""
     monkeypatch.setenv("KMS_MASTER_KEY", base64.b64encode(master_key).decode())
     kms = make_kms("sqlite", clock=SimulatedClock(_now()))
     for c in CUSTODIANS:
         escrow.enroll_custodian(kms, c)
-    for name, role in (("ann", "security_engineering"), ("bob", "compliance_officer")):
-        access.enroll_principal(kms, name, [role])
+    devices = {name: pyotp.parse_uri(access.enroll_principal(kms, name, [role]).provisioning_uri)
+               for name, role in (("ann", "security_engineering"), ("bob", "compliance_officer"),
+                                  ("cy", "sre_oncall"))}
+    _register_console_keys(kms, devices)
     nightly.run_nightly(kms)
     report = drills.run_drill(kms, participants=["ann", "bob"])
     assert report.outcome == "passed", report.findings
     return kms
+
+
+def _register_console_keys(kms, devices) -> None:
+    """A2: each principal registers a FIDO2 key (software authenticator) through a link that
+    ann requests and the two others approve with TOTP (the clock moves one step per code)."""
+    from kms_pipelines.core import console_auth
+    from tests.fido2_soft import SoftAuthenticator, register
+
+    rp = console_auth.RelyingParty("https://kms.example.test")
+
+    def code(name):
+        kms.clock.advance(timedelta(seconds=kms.policy.access.totp_interval_seconds))
+        return devices[name].at(kms.now())
+
+    for name in devices:
+        ticket = f"ONB-{name}"
+        console_auth.request_registration(kms, name, ticket=ticket, requested_by="ann")
+        for approver in ("bob", "cy"):
+            access.approve(kms, approver, ticket=ticket, operation=console_auth.REGISTRATION_OPERATION,
+                           totp=code(approver), target=name)
+        link = console_auth.issue_registration_link(kms, name, ticket=ticket, requested_by="ann")
+        register(kms, rp, link.token, code(name), SoftAuthenticator(rp.origin))
 
 
 def _statuses(report: compliance.Report) -> dict[str, str]:

@@ -579,8 +579,23 @@ def eval_a2(ctx: KmsContext) -> Finding:
         good.append(f"{len(approvers)} approver(s), all TOTP-enrolled")
     good.append(f"{len(issued)} token(s) issued in {ctx.policy.audit.baseline_days} d, none over the cap"
                 if not too_long else "")
+    console_problems, console_good = _a2_console_factors(ctx)
+    problems += console_problems
+    good += console_good
     return _finding(problems, good, {"cap_minutes": cap, "tokens_checked": len(issued), "approvers": len(approvers)},
                     warnings)
+
+
+def _a2_console_factors(ctx: KmsContext) -> tuple[list[str], list[str]]:
+    """A2's console half: every enabled human principal with a role has a registered FIDO2
+    security key and a TOTP enrolment (``kms console`` signs in with both)."""
+    from . import console_auth
+
+    gaps = console_auth.missing_console_factors(ctx)
+    if gaps:
+        return [f"console principals without both factors: "
+                + "; ".join(f"{name} lacks {' and '.join(m)}" for name, m in sorted(gaps.items()))], []
+    return [], ["every console principal with a role has a FIDO2 security key and TOTP"]
 
 
 def eval_a3(ctx: KmsContext) -> Finding:
@@ -787,7 +802,7 @@ CLAUSES: tuple[Clause, ...] = (
     Clause("A1", "Least privilege: only sre_oncall, security_engineering, compliance_officer",
            "roles + permission matrix from the policy", eval_a1),
     Clause("A2", "FIDO2 + TOTP console access; workload identities ≤ 15 min",
-           "TOTP on approvals; workload token TTL cap", eval_a2),
+           "kms console: FIDO2 key + TOTP per principal with a role; TOTP on approvals; workload token TTL cap", eval_a2),
     Clause("A3", "Every KMS operation logged, immutable, with anomaly detection",
            "hash-chained audit log + anomaly review", eval_a3,
            ("audit_anomalies/audit_chain_intact", "audit_anomalies/no_unreviewed_high_anomalies")),

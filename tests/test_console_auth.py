@@ -1,0 +1,249 @@
+"""Console identity in core (issue 13, clause A2), on SQLite and PostgreSQL, with a software
+FIDO2 authenticator (tests/fido2_soft.py: real keys and signatures): registration links under
+dual control that expire and work once; sign-in with both factors; each refusal audited and
+changing nothing; step-up assertions bound to exactly one action; session limits from the
+policy; A2 red while a principal with a role lacks a factor."""
+
+from __future__ import annotations
+
+import copy
+from datetime import timedelta
+
+import pyotp
+import pytest
+from sqlalchemy import func, select
+
+from kms_pipelines.core import access, audit, compliance, console_auth
+from kms_pipelines.core.db.models_access import AuditEvent, Principal
+from kms_pipelines.core.db.models_console import ConsoleCredential, ConsoleRegistrationLink, ConsoleSession
+from tests.fido2_soft import SoftAuthenticator, register
+
+ORIGIN = "https://kms.example.test"
+RP = console_auth.RelyingParty(ORIGIN)
+
+
+class Device:
+    """A TOTP device; the simulated clock moves one step before each code (the replay rule)."""
+
+    def __init__(self, kms, uri):
+        self.kms, self.totp = kms, pyotp.parse_uri(uri)
+
+    def code(self) -> str:
+        self.kms.clock.advance(timedelta(seconds=self.kms.policy.access.totp_interval_seconds))
+        return self.totp.at(self.kms.now())
+
+
+@pytest.fixture
+def team(kms):
+    devices = {}
+    for name, role in (("ann", "security_engineering"), ("bo", "sre_oncall"), ("cy", "compliance_officer")):
+        devices[name] = Device(kms, access.enroll_principal(kms, name, [role]).provisioning_uri)
+    return kms, devices
+
+
+def _link(kms, devices, target, requester="ann", approvers=None, ticket=None):
+    ticket = ticket or f"ONB-{target}"
+    approvers = approvers or [n for n in devices if n not in (requester,)][:2]
+    console_auth.request_registration(kms, target, ticket=ticket, requested_by=requester)
+    for a in approvers:
+        access.approve(kms, a, ticket=ticket, operation=console_auth.REGISTRATION_OPERATION,
+                       totp=devices[a].code(), target=target)
+    return console_auth.issue_registration_link(kms, target, ticket=ticket, requested_by=requester)
+
+
+def _state(kms):
+    audit.flush(kms)
+    with kms.engine.connect() as conn:
+        return (conn.execute(select(func.count()).select_from(ConsoleSession)).scalar(),
+                conn.execute(select(ConsoleCredential.id, ConsoleCredential.sign_count)
+                             .order_by(ConsoleCredential.id)).all(),
+                conn.execute(select(Principal.name, Principal.totp_last_step).order_by(Principal.name)).all(),
+                conn.execute(select(func.count()).select_from(ConsoleRegistrationLink)
+                             .where(ConsoleRegistrationLink.used_at.is_not(None))).scalar())
+
+
+def _denied(kms, operation, reason):
+    audit.flush(kms)
+    with kms.engine.connect() as conn:
+        rows = conn.execute(select(AuditEvent.detail).where(AuditEvent.operation == operation,
+                                                            AuditEvent.outcome == "denied")).scalars().all()
+    return [d for d in rows if f'"reason":"{reason}"' in (d or "")]
+
+
+def _sign_in(kms, key, name, code, **kw):
+    handle, options = console_auth.begin_signin(kms, RP)
+    return console_auth.complete_signin(kms, RP, name=name, handle=handle, response=key.get(options, **kw), totp=code)
+
+
+def test_registration_link_is_dual_controlled_single_use_and_expires(team):
+    kms, devices = team
+    # Without approvals: refused naming what is missing; no link exists.
+    console_auth.request_registration(kms, "bo", ticket="ONB-1", requested_by="ann")
+    with pytest.raises(access.AccessDenied, match="needs 2 approvals"):
+        console_auth.issue_registration_link(kms, "bo", ticket="ONB-1", requested_by="ann")
+    # Only a role holding console-registration may ask for one.
+    with pytest.raises(access.AccessDenied, match="lacks permission 'console-registration'"):
+        console_auth.request_registration(kms, "ann", ticket="ONB-2", requested_by="cy")
+    with kms.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(ConsoleRegistrationLink)).scalar() == 0
+
+    link = _link(kms, devices, "bo", ticket="ONB-1")
+    assert link.approvers == ["bo", "cy"] and link.url(ORIGIN).startswith(f"{ORIGIN}/register/")
+    assert link.token not in repr(link)
+    # The approvals were consumed: a second link needs a new round.
+    with pytest.raises(access.AccessDenied, match="already used"):
+        console_auth.issue_registration_link(kms, "bo", ticket="ONB-1", requested_by="ann")
+
+    # Expired: refused and audited, nothing registered.
+    kms.clock.advance(timedelta(hours=kms.policy.console.registration_link_hours, seconds=1))
+    before = _state(kms)
+    with pytest.raises(console_auth.ConsoleDenied, match="expired"):
+        register(kms, RP, link.token, devices["bo"].code(), SoftAuthenticator(ORIGIN))
+    assert _denied(kms, "console.register", "link") and _state(kms) == before
+
+    fresh = _link(kms, devices, "bo", ticket="ONB-3")
+    key = SoftAuthenticator(ORIGIN)
+    assert register(kms, RP, fresh.token, devices["bo"].code(), key) == "bo"
+    with pytest.raises(console_auth.ConsoleDenied, match="already used"):
+        register(kms, RP, fresh.token, devices["bo"].code(), SoftAuthenticator(ORIGIN))
+    # A wrong TOTP at registration stores nothing.
+    other = _link(kms, devices, "cy", ticket="ONB-4")
+    before = _state(kms)
+    with pytest.raises(access.AccessDenied, match="wrong or stale"):
+        register(kms, RP, other.token, "000000", SoftAuthenticator(ORIGIN))
+    assert _state(kms)[:2] == before[:2]
+
+
+def test_sign_in_needs_both_factors_and_each_refusal_changes_nothing(team):
+    kms, devices = team
+    key = SoftAuthenticator(ORIGIN)
+    register(kms, RP, _link(kms, devices, "bo").token, devices["bo"].code(), key)
+
+    grant = _sign_in(kms, key, "bo", devices["bo"].code())
+    user = console_auth.current_user(kms, grant.token)
+    assert user.principal == "bo" and user.roles == ["sre_oncall"] and len(user.csrf) == 64
+
+    cases = [
+        ("totp", "wrong or stale", lambda: _sign_in(kms, key, "bo", "000000")),
+        ("unknown_credential", "not registered to 'bo'",
+         lambda: _sign_in(kms, SoftAuthenticator(ORIGIN), "bo", devices["bo"].code())),
+        ("unknown_credential", "not registered to 'cy'", lambda: _sign_in(kms, key, "cy", devices["cy"].code())),
+        ("sign_count", "did not grow", lambda: _sign_in(kms, key, "bo", devices["bo"].code(), count=1)),
+        ("webauthn", "User verification required",
+         lambda: _sign_in(kms, _unverified(key), "bo", devices["bo"].code())),
+        ("webauthn", "Invalid origin", lambda: _sign_in(kms, _elsewhere(key), "bo", devices["bo"].code())),
+        ("webauthn", "Wrong RP ID hash",
+         lambda: _sign_in(kms, key, "bo", devices["bo"].code(), rp_id="evil.example.test")),
+    ]
+    for reason, message, attempt in cases:
+        before = _state(kms)
+        with pytest.raises(access.AccessDenied, match=message):
+            attempt()
+        after = _state(kms)
+        assert after[0] == before[0] and after[1] == before[1] and after[3] == before[3], reason
+        assert _denied(kms, "console.signin", reason), reason
+
+    # A replayed TOTP step and a replayed ceremony.
+    code = devices["bo"].code()
+    _sign_in(kms, key, "bo", code)
+    with pytest.raises(access.AccessDenied, match="already used"):
+        _sign_in(kms, key, "bo", code)
+    handle, options = console_auth.begin_signin(kms, RP)
+    answer = key.get(options)
+    console_auth.complete_signin(kms, RP, name="bo", handle=handle, response=answer, totp=devices["bo"].code())
+    with pytest.raises(console_auth.ConsoleDenied, match="already answered"):
+        console_auth.complete_signin(kms, RP, name="bo", handle=handle, response=answer, totp=devices["bo"].code())
+    # A challenge answered too late.
+    handle, options = console_auth.begin_signin(kms, RP)
+    kms.clock.advance(timedelta(seconds=kms.policy.console.ceremony_seconds + 1))
+    with pytest.raises(console_auth.ConsoleDenied, match="expired"):
+        console_auth.complete_signin(kms, RP, name="bo", handle=handle, response=key.get(options),
+                                     totp=devices["bo"].code())
+
+
+def _unverified(key):
+    clone = copy.copy(key)  # the same credential, answering without user verification
+    clone.user_verified = False
+    return clone
+
+
+def _elsewhere(key):
+    clone = copy.copy(key)  # the same credential, used from a phishing origin
+    clone.origin = "https://phish.example.test"
+    return clone
+
+
+def test_step_up_is_bound_to_exactly_one_action(team):
+    kms, devices = team
+    key = SoftAuthenticator(ORIGIN)
+    register(kms, RP, _link(kms, devices, "bo").token, devices["bo"].code(), key)
+    binding = console_auth.step_up_binding("approve", "rotate", "root", "CHG-1")
+    handle, options = console_auth.begin_step_up(kms, RP, "bo", binding)
+    answer = key.get(options)
+    for other in (console_auth.step_up_binding("approve", "rotate", "root", "CHG-2"),
+                  console_auth.step_up_binding("launch", "rotate", "root", "CHG-1"),
+                  console_auth.step_up_binding("approve", "destroy", "root", "CHG-1")):
+        h2, o2 = console_auth.begin_step_up(kms, RP, "bo", binding)
+        with pytest.raises(console_auth.ConsoleDenied, match="confirmation was given for"):
+            console_auth.verify_step_up(kms, RP, "bo", other, handle=h2, response=key.get(o2))
+    # The answer to one challenge does not fit another challenge of the same binding either.
+    h3, _ = console_auth.begin_step_up(kms, RP, "bo", binding)
+    with pytest.raises(console_auth.ConsoleDenied, match="Wrong challenge"):
+        console_auth.verify_step_up(kms, RP, "bo", binding, handle=h3, response=answer)
+    console_auth.verify_step_up(kms, RP, "bo", binding, handle=handle, response=answer)
+    with pytest.raises(console_auth.ConsoleDenied, match="already answered"):
+        console_auth.verify_step_up(kms, RP, "bo", binding, handle=handle, response=answer)
+    # Another principal cannot answer bo's challenge.
+    h4, o4 = console_auth.begin_step_up(kms, RP, "bo", binding)
+    with pytest.raises(console_auth.ConsoleDenied, match="unknown security-key challenge"):
+        console_auth.verify_step_up(kms, RP, "cy", binding, handle=h4, response=key.get(o4))
+    assert _denied(kms, "console.step-up", "binding")
+
+
+def test_sessions_end_idle_and_absolute_per_policy(team):
+    kms, devices = team
+    pol = kms.policy.console
+    key = SoftAuthenticator(ORIGIN)
+    register(kms, RP, _link(kms, devices, "bo").token, devices["bo"].code(), key)
+    grant = _sign_in(kms, key, "bo", devices["bo"].code())
+    kms.clock.advance(timedelta(minutes=pol.session_idle_minutes - 1))
+    console_auth.current_user(kms, grant.token)
+    kms.clock.advance(timedelta(minutes=pol.session_idle_minutes, seconds=1))
+    with pytest.raises(console_auth.ConsoleDenied, match="without activity"):
+        console_auth.current_user(kms, grant.token)
+    with pytest.raises(console_auth.ConsoleDenied, match="not signed in"):
+        console_auth.current_user(kms, grant.token)
+    assert _denied(kms, "console.session", "session_expired")
+
+    grant = _sign_in(kms, key, "bo", devices["bo"].code())
+    for _ in range(pol.session_absolute_hours * 60 // (pol.session_idle_minutes - 1) + 2):
+        kms.clock.advance(timedelta(minutes=pol.session_idle_minutes - 1))
+        try:
+            console_auth.current_user(kms, grant.token)
+        except console_auth.ConsoleDenied as exc:
+            assert f"{pol.session_absolute_hours} h after sign-in" in str(exc)
+            break
+    else:
+        pytest.fail("an active session outlived the absolute limit")
+    console_auth.end_session(kms, _sign_in(kms, key, "bo", devices["bo"].code()).token)
+
+
+def test_a2_is_red_while_a_principal_with_a_role_lacks_a_factor(team):
+    kms, devices = team
+    finding = compliance.evaluate(kms, compliance.clause("A2"))
+    assert finding.status == compliance.FAIL
+    assert "ann lacks fido2" in finding.evidence and "cy lacks fido2" in finding.evidence
+    keys = {}
+    for name in devices:
+        keys[name] = SoftAuthenticator(ORIGIN)
+        register(kms, RP, _link(kms, devices, name).token, devices[name].code(), keys[name])
+    finding = compliance.evaluate(kms, compliance.clause("A2"))
+    assert "console principals" not in finding.evidence, finding.evidence
+    assert "every console principal with a role has a FIDO2 security key and TOTP" in finding.evidence
+    # An insider deletes a principal's credential row: A2 turns red again, naming them.
+    from sqlalchemy import delete
+
+    with kms.engine.begin() as conn:
+        conn.execute(delete(ConsoleCredential).where(ConsoleCredential.principal == "cy"))
+    finding = compliance.evaluate(kms, compliance.clause("A2"))
+    assert finding.status == compliance.FAIL and "cy lacks fido2" in finding.evidence
