@@ -58,4 +58,5 @@ cat <<MSG
 Done. To browse this state in the Dagster UI:
   KMS_HOME=$KMS_HOME DAGSTER_HOME=$DAGSTER_HOME $VENV/bin/dg dev --host 127.0.0.1 --port 3000
 then open http://127.0.0.1:3000 (Runs shows the kms_nightly run that just finished).
+The KMS console (FIDO2 key + TOTP sign-in; README "The KMS console"): KMS_HOME=$KMS_HOME $VENV/bin/kms console serve --origin http://localhost:8443 --port 8443
 MSG

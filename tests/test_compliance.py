@@ -33,7 +33,7 @@ def _now() -> datetime:
 
 @pytest.fixture
 def exercised(make_kms, master_key, monkeypatch):
-    """Bootstrap + custodians sealed + three approvers with TOTP and a console FIDO2 key + one nightly run
+    """Bootstrap + custodians sealed + four approvers with TOTP and a console FIDO2 key + one nightly run
     (rotations, sweep, escrow, RPT verify, checkpoint, backup, retention, anomalies) +
     a passed restore drill: every clause has its evidence."""
     monkeypatch.setenv("KMS_MASTER_KEY", base64.b64encode(master_key).decode())
@@ -42,7 +42,7 @@ def exercised(make_kms, master_key, monkeypatch):
         escrow.enroll_custodian(kms, c)
     devices = {name: pyotp.parse_uri(access.enroll_principal(kms, name, [role]).provisioning_uri)
                for name, role in (("ann", "security_engineering"), ("bob", "compliance_officer"),
-                                  ("cy", "sre_oncall"))}
+                                  ("cy", "sre_oncall"), ("dee", "security_engineering"))}
     _register_console_keys(kms, devices)
     nightly.run_nightly(kms)
     report = drills.run_drill(kms, participants=["ann", "bob"])
@@ -52,7 +52,7 @@ def exercised(make_kms, master_key, monkeypatch):
 
 def _register_console_keys(kms, devices) -> None:
     """A2: each principal registers a FIDO2 key (software authenticator) through a link that
-    ann requests and the two others approve with TOTP (the clock moves one step per code)."""
+    ann requests and two others approve with TOTP (the clock moves one step per code)."""
     from kms_pipelines.core import console_auth
     from tests.fido2_soft import SoftAuthenticator, register
 
@@ -65,7 +65,7 @@ def _register_console_keys(kms, devices) -> None:
     for name in devices:
         ticket = f"ONB-{name}"
         console_auth.request_registration(kms, name, ticket=ticket, requested_by="ann")
-        for approver in ("bob", "cy"):
+        for approver in [n for n in devices if n not in ("ann", name)][:2]:
             access.approve(kms, approver, ticket=ticket, operation=console_auth.REGISTRATION_OPERATION,
                            totp=code(approver), target=name)
         link = console_auth.issue_registration_link(kms, name, ticket=ticket, requested_by="ann")

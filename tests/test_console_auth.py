@@ -13,7 +13,7 @@ import pyotp
 import pytest
 from sqlalchemy import func, select
 
-from kms_pipelines.core import access, audit, compliance, console_auth
+from kms_pipelines.core import access, approval_requests, audit, compliance, console_auth
 from kms_pipelines.core.db.models_access import AuditEvent, Principal
 from kms_pipelines.core.db.models_console import ConsoleCredential, ConsoleRegistrationLink, ConsoleSession
 from tests.fido2_soft import SoftAuthenticator, register
@@ -36,14 +36,15 @@ class Device:
 @pytest.fixture
 def team(kms):
     devices = {}
-    for name, role in (("ann", "security_engineering"), ("bo", "sre_oncall"), ("cy", "compliance_officer")):
+    for name, role in (("ann", "security_engineering"), ("bo", "sre_oncall"), ("cy", "compliance_officer"),
+                       ("dee", "security_engineering")):
         devices[name] = Device(kms, access.enroll_principal(kms, name, [role]).provisioning_uri)
     return kms, devices
 
 
 def _link(kms, devices, target, requester="ann", approvers=None, ticket=None):
     ticket = ticket or f"ONB-{target}"
-    approvers = approvers or [n for n in devices if n not in (requester,)][:2]
+    approvers = approvers or [n for n in devices if n not in (requester, target)][:2]
     console_auth.request_registration(kms, target, ticket=ticket, requested_by=requester)
     for a in approvers:
         access.approve(kms, a, ticket=ticket, operation=console_auth.REGISTRATION_OPERATION,
@@ -87,8 +88,14 @@ def test_registration_link_is_dual_controlled_single_use_and_expires(team):
     with kms.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(ConsoleRegistrationLink)).scalar() == 0
 
+    # The principal may not approve their own key's registration.
+    with pytest.raises(console_auth.ConsoleDenied, match="approved the registration of their own key"):
+        _link(kms, devices, "bo", ticket="ONB-1", approvers=["bo", "cy"])
+    approval_requests.reject(kms, approval_requests.pending(kms)[0].id, principal="dee", note="self-approved")
+    with kms.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(ConsoleRegistrationLink)).scalar() == 0
     link = _link(kms, devices, "bo", ticket="ONB-1")
-    assert link.approvers == ["bo", "cy"] and link.url(ORIGIN).startswith(f"{ORIGIN}/register/")
+    assert link.approvers == ["cy", "dee"] and link.url(ORIGIN).startswith(f"{ORIGIN}/register/")
     assert link.token not in repr(link)
     # The approvals were consumed: a second link needs a new round.
     with pytest.raises(access.AccessDenied, match="already used"):

@@ -120,7 +120,7 @@ def create_app(config: ConsoleConfig) -> Starlette:
                             return RedirectResponse(f"/login?m={_quote(exc.message)}", status_code=303)
                         return JSONResponse({"error": exc.message}, status_code=401, headers=headers())
                     return render(request, "refused.html", exc.status, message=exc.message, user=None)
-                except access.AccessDenied as exc:
+                except ValueError as exc:  # core refusals (AccessDenied, LifecycleError, …): nothing changed
                     return _json_or_page(request, render, exc, user)
             return endpoint
         return wrap
@@ -248,7 +248,9 @@ def create_app(config: ConsoleConfig) -> Starlette:
         act = body.get("action")
         if act not in ("approve", "launch"):
             raise Refused(400, "action must be approve or launch")
-        _, binding = await pending_binding(request, act)
+        r, binding = await pending_binding(request, act)
+        if act == "approve" and r.operation == console_auth.REGISTRATION_OPERATION and r.target == user.principal:
+            raise Refused(403, "you may not approve the registration of your own security key")
         handle, options = await run_in_threadpool(console_auth.begin_step_up, ctx, rp, user.principal, binding)
         return JSONResponse({"handle": handle, "options": options}, headers=headers())
 

@@ -223,6 +223,12 @@ def issue_registration_link(ctx: KmsContext, principal: str, *, ticket: str, req
     with ctx.transaction() as s:
         approvers = access.consume_approvals(s, ctx, operation=REGISTRATION_OPERATION, target=principal,
                                              ticket=ticket, requester=requested_by)
+        if principal in approvers:  # rolls the consumption back with the transaction
+            denied = _denied("self_approval", f"{principal!r} approved the registration of their own key; reject "
+                             f"request and ask two other principals", requested_by)
+            audit.emit(ctx, at=now, operation="console.link.issue", actor=requested_by, target_ref=principal,
+                       outcome="denied", detail={"reason": denied.reason, "ticket": ticket})
+            raise denied
         row = ConsoleRegistrationLink(principal=principal, token_hash=_hash(token), ticket=ticket,
                                       issued_by=requested_by, approvers=approvers, issued_at=now, expires_at=expires)
         s.add(row)
