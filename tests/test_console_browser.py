@@ -160,7 +160,7 @@ def _request_article(page, rid: int):
 
 
 def test_dual_control_in_two_browsers_followups_and_roles(console):
-    from kms_pipelines.core import backup, drills, ledger
+    from kms_pipelines.core import audit, backup, drills, ledger
     from kms_pipelines.core.db.models import LedgerEntry
     from kms_pipelines.core.db.models_access import Approval
 
@@ -258,6 +258,40 @@ def test_dual_control_in_two_browsers_followups_and_roles(console):
         assert carol.page.goto("/report").status == 200
         assert "A2" in carol.page.inner_text("body")
         assert alice.page.goto("/principals").status == 200
+
+        # carol's refused page raised a high anomaly; alice (security) reviews it in the browser.
+        audit.refresh_anomalies(kms)
+        pending = [a for a in audit.unreviewed(kms) if a.principal == "carol"]
+        assert pending and pending[0].kind == "operation_without_role"
+        alice.page.goto("/anomalies")
+        alice.page.get_by_label(f"Review note for anomaly {pending[0].id}").fill("carol tried the principals page; no harm")
+        alice.page.get_by_role("row", name=re.compile(rf"^{pending[0].id} ")).get_by_role(
+            "button", name="Mark reviewed").click()
+        alice.page.get_by_text(f"Anomaly {pending[0].id} (operation_without_role) reviewed.").wait_for()
+        assert pending[0].id not in {a.id for a in audit.unreviewed(kms)}
+
+        # A registration link issued entirely in the console: alice requests it for erin, bob and
+        # carol approve (key + TOTP), alice launches it and hands it over; erin registers, signs in.
+        erin = enrol(kms, "erin", "compliance_officer", base)
+        alice.page.goto("/principals")
+        alice.page.get_by_label("Principal").select_option("erin")
+        alice.page.get_by_label("Change ticket").fill("ONB-erin")
+        alice.page.get_by_role("button", name="Request registration link").click()
+        alice.page.get_by_text(re.compile(r"^Request \d+: registration link for erin")).wait_for()
+        reg_id = int(re.search(r"Request (\d+):", alice.page.inner_text("main")).group(1))
+        for p in (bob, carol):
+            p.page.goto("/approvals")
+            art = _request_article(p.page, reg_id)
+            art.get_by_label("Your TOTP code").fill(p.totp.fresh())
+            with p.page.expect_navigation(url=f"{base}/approvals", timeout=30_000):
+                art.get_by_role("button", name="Approve with security key").click()
+        alice.page.goto("/approvals")
+        _request_article(alice.page, reg_id).get_by_role("button", name="Launch with security key").click()
+        issued = alice.page.locator("#issued-link code")
+        issued.wait_for()
+        erin.open(browser)
+        erin.register(issued.inner_text())
+        assert "Signed in as erin" in erin.sign_in()
 
 
 def test_dagster_ui_behind_the_console(make_kms, code_location, postgres_instance, tmp_path):

@@ -49,7 +49,10 @@ def register(cli) -> None:
         by other principals, the second call prints the link once)."""
         from ..core import console_auth
 
-        rp = console_auth.RelyingParty(origin)
+        try:
+            rp = console_auth.RelyingParty(origin)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--origin") from None
         link = console_auth.issue_registration_link(get_context(ctx), principal, ticket=ticket,
                                                     requested_by=requested_by)
         click.echo(f"registration link for {link.principal} (approved by {', '.join(link.approvers)}), valid until "

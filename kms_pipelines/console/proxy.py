@@ -140,4 +140,14 @@ class DagsterProxy:
                 except RuntimeError:
                     pass  # already closed by the browser
 
-        await asyncio.gather(client_to_upstream(), upstream_to_client(), return_exceptions=True)
+        # A subscription outlives no session: it is cut at the session's absolute limit.
+        remaining = max((user.expires_at - self.ctx.now()).total_seconds(), 0.0)
+        try:
+            await asyncio.wait_for(asyncio.gather(client_to_upstream(), upstream_to_client(), return_exceptions=True),
+                                   timeout=remaining)
+        except asyncio.TimeoutError:
+            await upstream.close()
+            try:
+                await ws.close(code=4401)
+            except RuntimeError:
+                pass

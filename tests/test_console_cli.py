@@ -1,0 +1,43 @@
+"""`kms console registration-link|status` (issue 13): the CLI bootstrap of the first console
+keys, under dual control with `kms approve --operation console-registration`."""
+
+import base64
+
+import pyotp
+from click.testing import CliRunner
+
+from kms_pipelines.cli import cli
+from kms_pipelines.core import access
+from kms_pipelines.core.clock import SystemClock
+
+ORIGIN = "https://kms.example.test"
+
+
+def test_registration_link_bootstrap_from_the_cli(make_kms, master_key, monkeypatch):
+    monkeypatch.setenv("KMS_MASTER_KEY", base64.b64encode(master_key).decode())
+    kms = make_kms("sqlite", clock=SystemClock())
+    devices = {n: pyotp.parse_uri(access.enroll_principal(kms, n, [r]).provisioning_uri)
+               for n, r in (("ann", "security_engineering"), ("bo", "sre_oncall"), ("cy", "compliance_officer"),
+                            ("dee", "security_engineering"))}
+    env = {"KMS_HOME": str(kms.home), "KMS_DATABASE_URL": kms.engine.url.render_as_string(hide_password=False),
+           "KMS_OBJECT_STORE": str(kms.home / "objects"), "KMS_KEYSTORE": "software"}
+    run = lambda *args: CliRunner().invoke(cli, list(args), env=env)  # noqa: E731
+    link_cmd = ["console", "registration-link", "bo", "--ticket", "ONB-1", "--requested-by", "ann", "--origin", ORIGIN]
+
+    first = run(*link_cmd)
+    assert first.exit_code == 1 and "needs 2 approvals" in first.output and "/register/" not in first.output
+    for approver in ("cy", "dee"):
+        ok = run("approve", "--ticket", "ONB-1", "--operation", "console-registration", "--target", "bo",
+                 "--as", approver, "--totp", devices[approver].now())
+        assert ok.exit_code == 0, ok.output
+    second = run(*link_cmd)
+    assert second.exit_code == 0, second.output
+    assert "approved by cy, dee" in second.output and f"{ORIGIN}/register/" in second.output
+    again = run(*link_cmd)
+    assert again.exit_code == 1 and "already used" in again.output
+
+    status = run("console", "status")
+    assert status.exit_code == 1 and "bo: missing fido2" in status.output
+    bad = run("console", "registration-link", "bo", "--ticket", "ONB-2", "--requested-by", "ann", "--origin",
+              "http://kms.example.test")
+    assert bad.exit_code != 0 and "console origin must be https://" in bad.output
