@@ -254,3 +254,57 @@ def test_a2_is_red_while_a_principal_with_a_role_lacks_a_factor(team):
         conn.execute(delete(ConsoleCredential).where(ConsoleCredential.principal == "cy"))
     finding = compliance.evaluate(kms, compliance.clause("A2"))
     assert finding.status == compliance.FAIL and "cy lacks fido2" in finding.evidence
+
+
+def test_an_insider_with_database_access_cannot_forge_console_identity(team):
+    """Direct SQL, as an insider who can write the database but not use the keystore: a
+    rewound sign count (to pass a cloned key), a session moved to another principal, a minted
+    session, a planted credential. Each is refused; A2 stops counting the planted key."""
+    from sqlalchemy import insert, update
+
+    kms, devices = team
+    key = SoftAuthenticator(ORIGIN)
+    register(kms, RP, _link(kms, devices, "bo").token, devices["bo"].code(), key)
+    grant = _sign_in(kms, key, "bo", devices["bo"].code())
+    _sign_in(kms, key, "bo", devices["bo"].code())
+
+    # 1. Rewind the stored sign count so a clone's low counter passes: the row no longer verifies.
+    with kms.engine.begin() as conn:
+        conn.execute(update(ConsoleCredential).values(sign_count=0))
+    clone = copy.copy(key)
+    with pytest.raises(console_auth.ConsoleDenied, match="fails its integrity check"):
+        _sign_in(kms, clone, "bo", devices["bo"].code(), count=1)
+    assert _denied(kms, "console.signin", "integrity")
+    assert "bo" not in console_auth.credentials_by_principal(kms)
+    assert compliance.evaluate(kms, compliance.clause("A2")).status == compliance.FAIL
+
+    # 2. Move bo's live session to ann: refused and ended.
+    with kms.engine.begin() as conn:
+        conn.execute(update(ConsoleSession).where(ConsoleSession.ended_at.is_(None)).values(principal="ann"))
+    with pytest.raises(console_auth.ConsoleDenied, match="changed outside the console"):
+        console_auth.current_user(kms, grant.token)
+
+    # 3. Mint a session for ann with a token of the insider's choosing.
+    now = kms.now()
+    with kms.engine.begin() as conn:
+        conn.execute(insert(ConsoleSession).values(
+            token_hash=__import__("hashlib").sha256(b"insider-token").hexdigest(), principal="ann", credential_id=1,
+            started_at=now, last_seen_at=now, expires_at=now + timedelta(hours=1), mac="0" * 64))
+    with pytest.raises(console_auth.ConsoleDenied, match="not signed in"):
+        console_auth.current_user(kms, "insider-token")
+
+    # 4. Plant a credential row for cy (the insider's own key): A2 does not count it, sign-in refuses it.
+    planted = SoftAuthenticator(ORIGIN)
+    from fido2.cose import ES256
+    from fido2.webauthn import AttestedCredentialData
+
+    data = AttestedCredentialData.create(b"\0" * 16, planted.credential_id,
+                                         ES256.from_cryptography_key(planted.key.public_key()))
+    with kms.engine.begin() as conn:
+        conn.execute(insert(ConsoleCredential).values(
+            principal="cy", credential_id=planted.credential_id, credential_data=bytes(data), sign_count=0,
+            registered_at=now, registration_link_id=0, mac="0" * 64))
+    assert "cy" not in console_auth.credentials_by_principal(kms)
+    assert "cy lacks fido2" in compliance.evaluate(kms, compliance.clause("A2")).evidence
+    with pytest.raises(console_auth.ConsoleDenied, match="fails its integrity check"):
+        _sign_in(kms, planted, "cy", devices["cy"].code())

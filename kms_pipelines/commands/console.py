@@ -34,7 +34,8 @@ def register(cli) -> None:
             raise click.BadParameter(str(exc), param_hint="--origin/--dagster-url") from None
         click.echo(f"KMS console for {origin} on {host}:{port}" + (f", Dagster UI from {dagster_url}" if dagster_url else ""))
         uvicorn.run(app, host=host, port=port, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
-                    proxy_headers=False, server_header=False, log_level="info")
+                    proxy_headers=False, server_header=False, log_level="info",
+                    access_log=False)  # paths carry one-time registration tokens: never logged
 
     @console.command("registration-link")
     @click.argument("principal")

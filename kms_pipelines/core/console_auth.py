@@ -17,6 +17,12 @@ key *and* a TOTP code, and confirms each manual-operation action with a fresh as
 * **Sessions** are random tokens held by the browser (only their hash is stored), ended
   after ``console.session_idle_minutes`` idle or ``console.session_absolute_hours``.
 
+* **Integrity**: session and link tokens are stored as HMACs, and every credential and session
+  row carries an HMAC over its fields, under a key derived from an Ed25519 signature by the
+  keystore (``INTEGRITY_REF``). Someone who can write the database but not use the keystore
+  cannot mint a session, rewind a sign count, move a session to another principal or plant a
+  credential: such rows are refused, and A2 does not count them.
+
 Every sign-in, refusal, registration, link and step-up is written to the audit chain. No
 secret is stored in clear or written to the audit: credentials are public keys, tokens are
 hashed, credential ids appear as a short hash.
@@ -27,6 +33,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from urllib.parse import urlparse
@@ -45,8 +53,12 @@ from .clock import utc
 from .context import KmsContext
 from .db.models_access import Principal
 from .db.models_console import ConsoleCeremony, ConsoleCredential, ConsoleRegistrationLink, ConsoleSession
+from .keystore import ED25519, KeyExists
+from .keystore.audited import unwrap
 
 REGISTRATION_OPERATION = "console-registration"
+INTEGRITY_REF = "kms-console.integrity"
+_INTEGRITY_CONTEXT = b"kms-console-integrity/1"
 _STEP_UP_CONTEXT = b"kms-console-step-up/1\n"
 _USER_HANDLE_CONTEXT = b"kms-console-user/1\n"
 
@@ -80,8 +92,47 @@ class RelyingParty:
                            verify_origin=lambda o: o == self.origin)
 
 
-def _hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+_MAC_KEYS: "weakref.WeakKeyDictionary[object, bytes]" = weakref.WeakKeyDictionary()
+_MAC_LOCK = threading.Lock()
+
+
+def _mac_key(ctx: KmsContext) -> bytes:
+    """The integrity key: SHA-256 of the keystore's (deterministic) Ed25519 signature over a
+    fixed label, derived once per process and keystore."""
+    ks = ctx.keystore
+    backend = unwrap(ks)  # the cache follows the backend object, whichever context wraps it
+    with _MAC_LOCK:
+        key = _MAC_KEYS.get(backend)
+        if key is None:
+            if not ks.exists(INTEGRITY_REF):
+                try:
+                    ks.generate(INTEGRITY_REF, ED25519)
+                except KeyExists:
+                    pass  # created concurrently
+            key = _MAC_KEYS[backend] = hashlib.sha256(ks.sign(INTEGRITY_REF, _INTEGRITY_CONTEXT)).digest()
+        return key
+
+
+def _mac(ctx: KmsContext, kind: str, *fields) -> str:
+    doc = canonical_bytes([kind, *[bytes(f).hex() if isinstance(f, (bytes, memoryview)) else (utc(f).isoformat()
+                                   if isinstance(f, datetime) else f) for f in fields]])
+    return hmac.new(_mac_key(ctx), doc, hashlib.sha256).hexdigest()
+
+
+def _hash(ctx: KmsContext, kind: str, token: str) -> str:
+    return _mac(ctx, kind, token)
+
+
+def _credential_mac(ctx: KmsContext, c: ConsoleCredential) -> str:
+    return _mac(ctx, "credential", c.principal, c.credential_id, c.credential_data, c.sign_count)
+
+
+def _session_mac(ctx: KmsContext, row: ConsoleSession) -> str:
+    return _mac(ctx, "session", row.token_hash, row.principal, row.credential_id, row.started_at, row.expires_at)
+
+
+def credential_intact(ctx: KmsContext, c: ConsoleCredential) -> bool:
+    return hmac.compare_digest(c.mac or "", _credential_mac(ctx, c))
 
 
 def _short(credential_id: bytes) -> str:
@@ -162,6 +213,9 @@ def _verify_assertion(session: Session, ctx: KmsContext, rp: RelyingParty, cerem
                            .with_for_update()).first()
     if cred is None or cred.principal != principal:
         raise _denied("unknown_credential", f"this security key is not registered to {principal!r}", principal)
+    if not credential_intact(ctx, cred):
+        raise _denied("integrity", f"the stored security key of {principal!r} fails its integrity check (changed "
+                      f"outside the console); it is refused", principal)
     try:
         rp.server().authenticate_complete(_state(ceremony.challenge),
                                           [AttestedCredentialData(cred.credential_data)], parsed)
@@ -172,6 +226,7 @@ def _verify_assertion(session: Session, ctx: KmsContext, rp: RelyingParty, cerem
         raise _denied("sign_count", f"security key sign count did not grow ({count} after {cred.sign_count}): "
                       f"possibly a cloned authenticator; the key is refused", principal)
     cred.sign_count, cred.last_used_at = count, ctx.now()
+    cred.mac = _credential_mac(ctx, cred)
     return cred
 
 
@@ -229,7 +284,7 @@ def issue_registration_link(ctx: KmsContext, principal: str, *, ticket: str, req
             audit.emit(ctx, at=now, operation="console.link.issue", actor=requested_by, target_ref=principal,
                        outcome="denied", detail={"reason": denied.reason, "ticket": ticket})
             raise denied
-        row = ConsoleRegistrationLink(principal=principal, token_hash=_hash(token), ticket=ticket,
+        row = ConsoleRegistrationLink(principal=principal, token_hash=_hash(ctx, "link", token), ticket=ticket,
                                       issued_by=requested_by, approvers=approvers, issued_at=now, expires_at=expires)
         s.add(row)
         s.flush()
@@ -239,7 +294,7 @@ def issue_registration_link(ctx: KmsContext, principal: str, *, ticket: str, req
 
 
 def _valid_link(session: Session, ctx: KmsContext, token: str, *, lock: bool = False) -> ConsoleRegistrationLink:
-    q = select(ConsoleRegistrationLink).where(ConsoleRegistrationLink.token_hash == _hash(str(token or "")))
+    q = select(ConsoleRegistrationLink).where(ConsoleRegistrationLink.token_hash == _hash(ctx, "link", str(token or "")))
     link = session.scalars(q.with_for_update() if lock else q).first()
     if link is None:
         raise _denied("link", "unknown registration link")
@@ -307,8 +362,10 @@ def complete_registration(ctx: KmsContext, rp: RelyingParty, token: str, *, hand
             if s.scalars(select(ConsoleCredential.id).where(ConsoleCredential.credential_id == cd.credential_id)).first():
                 raise _denied("webauthn", "this security key credential is already registered", principal)
             check_totp(ctx, s, principal, totp)
-            s.add(ConsoleCredential(principal=principal, credential_id=cd.credential_id, credential_data=bytes(cd),
-                                    sign_count=auth.counter, registered_at=now, registration_link_id=link.id))
+            cred = ConsoleCredential(principal=principal, credential_id=cd.credential_id, credential_data=bytes(cd),
+                                     sign_count=auth.counter, registered_at=now, registration_link_id=link.id)
+            cred.mac = _credential_mac(ctx, cred)
+            s.add(cred)
             link.used_at = now
             audit.record(s, at=now, operation="console.register", actor=principal, target=principal, outcome="ok",
                          detail={"credential": _short(cd.credential_id), "link": link.id, "ticket": link.ticket})
@@ -372,8 +429,9 @@ def complete_signin(ctx: KmsContext, rp: RelyingParty, *, name: str, handle: str
             check_totp(ctx, s, name, totp)
             token = secrets.token_urlsafe(32)
             expires = now + timedelta(hours=pol.session_absolute_hours)
-            row = ConsoleSession(token_hash=_hash(token), principal=name, credential_id=cred.id, started_at=now,
-                                 last_seen_at=now, expires_at=expires)
+            row = ConsoleSession(token_hash=_hash(ctx, "session", token), principal=name, credential_id=cred.id,
+                                 started_at=now, last_seen_at=now, expires_at=expires)
+            row.mac = _session_mac(ctx, row)
             s.add(row)
             s.flush()
             audit.record(s, at=now, operation="console.signin", actor=name, target=f"session:{row.id}", outcome="ok",
@@ -395,29 +453,32 @@ def current_user(ctx: KmsContext, token: str | None) -> ConsoleUser:
         raise _denied("no_session", "not signed in")
     now = ctx.now()
     pol = ctx.policy.console
-    ended: tuple[str, str, int] | None = None
+    ended: tuple[str, str] | None = None
     with ctx.transaction() as s:
-        row = s.scalars(select(ConsoleSession).where(ConsoleSession.token_hash == _hash(token))
+        row = s.scalars(select(ConsoleSession).where(ConsoleSession.token_hash == _hash(ctx, "session", token))
                         .with_for_update()).first()
         if row is None or row.ended_at is not None:
             raise _denied("no_session", "not signed in (unknown or ended session)")
-        idle_limit = utc(row.last_seen_at) + timedelta(minutes=pol.session_idle_minutes)
-        reason = ("absolute" if now >= utc(row.expires_at) else "idle" if now >= idle_limit else None)
         p = access._principal(s, row.principal)
-        if reason is None and (p is None or p.disabled_at is not None or not p.roles):
-            reason = "principal_disabled"
-        if reason:
-            row.ended_at, row.ended_reason = now, reason
-            audit.record(s, at=now, operation="console.session", actor=row.principal, target=f"session:{row.id}",
-                         outcome="denied", detail={"reason": "session_expired", "limit": reason})
-            ended = (row.principal, reason, row.id)
+        if not hmac.compare_digest(row.mac or "", _session_mac(ctx, row)):
+            reason, detail = "integrity", {"reason": "integrity"}
         else:
+            idle_limit = utc(row.last_seen_at) + timedelta(minutes=pol.session_idle_minutes)
+            reason = ("absolute" if now >= utc(row.expires_at) else "idle" if now >= idle_limit
+                      else "principal_disabled" if p is None or p.disabled_at is not None or not p.roles else None)
+            detail = {"reason": "session_expired", "limit": reason}
+        if reason is None:
             row.last_seen_at = now
             return ConsoleUser(row.principal, sorted(p.roles), row.id, csrf_token(token), utc(row.expires_at),
                                now + timedelta(minutes=pol.session_idle_minutes))
+        row.ended_at, row.ended_reason = now, reason
+        audit.record(s, at=now, operation="console.session", actor=row.principal, target=f"session:{row.id}",
+                     outcome="denied", detail=detail)
+        ended = (row.principal, reason)
     what = {"absolute": f"{pol.session_absolute_hours} h after sign-in",
             "idle": f"after {pol.session_idle_minutes} min without activity",
-            "principal_disabled": "because the principal was disabled"}[ended[1]]
+            "principal_disabled": "because the principal was disabled",
+            "integrity": "because its stored record was changed outside the console"}[ended[1]]
     raise _denied("session_expired", f"your session ended {what}; sign in again", ended[0])
 
 
@@ -426,7 +487,7 @@ def end_session(ctx: KmsContext, token: str | None) -> None:
         return
     now = ctx.now()
     with ctx.transaction() as s:
-        row = s.scalars(select(ConsoleSession).where(ConsoleSession.token_hash == _hash(token))
+        row = s.scalars(select(ConsoleSession).where(ConsoleSession.token_hash == _hash(ctx, "session", token))
                         .with_for_update()).first()
         if row is not None and row.ended_at is None:
             row.ended_at, row.ended_reason = now, "signout"
@@ -479,10 +540,12 @@ def verify_step_up(ctx: KmsContext, rp: RelyingParty, principal: str, binding: d
 # ---- what A2 checks -----------------------------------------------------------------
 
 def credentials_by_principal(ctx: KmsContext) -> dict[str, int]:
+    """Registered credentials per principal, counting only rows whose integrity MAC verifies."""
     with ctx.transaction() as s:
         counts: dict[str, int] = {}
-        for name in s.scalars(select(ConsoleCredential.principal)):
-            counts[name] = counts.get(name, 0) + 1
+        for c in s.scalars(select(ConsoleCredential)):
+            if credential_intact(ctx, c):
+                counts[c.principal] = counts.get(c.principal, 0) + 1
         return counts
 
 

@@ -2,7 +2,8 @@
 credentials, dual-approved registration links, sign-in sessions and WebAuthn ceremonies.
 
 Nothing secret is stored in clear: credentials hold public keys only, and links and
-sessions are stored as SHA-256 hashes of the random token the browser holds.
+sessions are stored as keyed hashes of the random token the browser holds; credential and
+session rows carry an integrity MAC (core/console_auth.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class ConsoleCredential(Base):
     registered_at: Mapped[datetime] = mapped_column(TS)
     registration_link_id: Mapped[int] = mapped_column(Integer)
     last_used_at: Mapped[datetime | None] = mapped_column(TS)
+    mac: Mapped[str] = mapped_column(String(64))  # HMAC over principal, id, data, sign_count
 
 
 class ConsoleRegistrationLink(Base):
@@ -61,6 +63,7 @@ class ConsoleSession(Base):
     expires_at: Mapped[datetime] = mapped_column(TS)  # absolute limit
     ended_at: Mapped[datetime | None] = mapped_column(TS)
     ended_reason: Mapped[str | None] = mapped_column(String(32))
+    mac: Mapped[str] = mapped_column(String(64))  # HMAC over token hash, principal, credential, times
 
 
 class ConsoleCeremony(Base):

@@ -25,6 +25,7 @@ def upgrade() -> None:
         sa.Column("registered_at", TS, nullable=False),
         sa.Column("registration_link_id", sa.Integer, nullable=False),
         sa.Column("last_used_at", TS),
+        sa.Column("mac", sa.String(64), nullable=False),
     )
     op.create_index("ix_console_credentials_principal", "console_credentials", ["principal"])
     op.create_table(
@@ -51,6 +52,7 @@ def upgrade() -> None:
         sa.Column("expires_at", TS, nullable=False),
         sa.Column("ended_at", TS),
         sa.Column("ended_reason", sa.String(32)),
+        sa.Column("mac", sa.String(64), nullable=False),
     )
     op.create_index("ix_console_sessions_principal", "console_sessions", ["principal"])
     op.create_table(
