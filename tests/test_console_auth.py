@@ -308,3 +308,31 @@ def test_an_insider_with_database_access_cannot_forge_console_identity(team):
     assert "cy lacks fido2" in compliance.evaluate(kms, compliance.clause("A2")).evidence
     with pytest.raises(console_auth.ConsoleDenied, match="fails its integrity check"):
         _sign_in(kms, planted, "cy", devices["cy"].code())
+
+
+def test_reject_closes_a_request_and_voids_its_approvals(team):
+    from kms_pipelines.core.db.models_access import Approval
+
+    kms, devices = team
+    access.request_approval(kms, operation="rotate", target="root", ticket="CHG-9", requester="bo")
+    access.approve(kms, "ann", ticket="CHG-9", operation="rotate", totp=devices["ann"].code(), target="root")
+    (req,) = approval_requests.pending(kms)
+    assert req.approvers == ["ann"] and not req.ready
+    # Refused without a reason, and for a principal without 'approve' (nothing changes).
+    with pytest.raises(access.AccessDenied, match="needs a reason"):
+        approval_requests.reject(kms, req.id, principal="cy", note=" ")
+    with pytest.raises(access.AccessDenied, match="unknown principal"):
+        approval_requests.reject(kms, req.id, principal="mallory", note="no")
+    assert [r.id for r in approval_requests.pending(kms)] == [req.id]
+
+    approval_requests.reject(kms, req.id, principal="cy", note="wrong key")
+    assert approval_requests.pending(kms) == []
+    with kms.engine.connect() as conn:
+        assert conn.execute(select(Approval.used_by_request)).scalars().all() == ["rejected:cy"]
+    # The voided approval does not count: a second approver alone cannot complete it.
+    access.approve(kms, "dee", ticket="CHG-9", operation="rotate", totp=devices["dee"].code(), target="root")
+    with pytest.raises(access.AccessDenied, match="needs 2 approvals"):
+        access.manual_rotate(kms, "root", ticket="CHG-9", requested_by="bo")
+    with pytest.raises(access.AccessDenied, match="no open manual-operation request"):
+        approval_requests.reject(kms, req.id, principal="cy", note="again")
+    assert _denied(kms, "approval.reject", "invalid")

@@ -46,6 +46,14 @@ def console(make_kms):
         yield kms, clock, server.url
 
 
+def _assert_labelled(page) -> None:
+    """Every visible form control has a label (accessible name), and there is one h1."""
+    unlabelled = page.evaluate("""() => [...document.querySelectorAll('input:not([type=hidden]), select, textarea')]
+        .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')).map(e => e.name || e.id)""")
+    assert unlabelled == [], f"{page.url}: controls without a label: {unlabelled}"
+    assert page.locator("h1").count() == 1, page.url
+
+
 def _state(kms):
     """What a refused sign-in must leave untouched: sessions, sign counts, TOTP steps."""
     with kms.engine.connect() as conn:
@@ -74,7 +82,7 @@ def test_register_then_sign_in_and_every_refusal(console):
         assert "already used" in alice.page.get_by_role("alert").inner_text()
 
         # Sign-in with both factors.
-        main = alice.sign_in(screenshot=lambda p: _shot(p, "console-sign-in"))
+        main = alice.sign_in(screenshot=lambda p: (_assert_labelled(p), _shot(p, "console-sign-in")))
         assert "Signed in as alice" in main and "Manual operations" in main
         cookie = next(c for c in alice.context.cookies() if c["name"] == SESSION_COOKIE)
         assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"
@@ -195,6 +203,7 @@ def test_dual_control_in_two_browsers_followups_and_roles(console):
         with alice.page.expect_navigation(url=f"{base}/approvals", timeout=30_000):
             art.get_by_role("button", name="Approve with security key").click()
         assert "1/2: alice" in _request_article(alice.page, rid).inner_text()
+        _assert_labelled(alice.page)
         _shot(alice.page, "console-approvals")
 
         # A stolen session cookie (carol's) with carol's TOTP but without her key cannot approve.
@@ -240,6 +249,7 @@ def test_dual_control_in_two_browsers_followups_and_roles(console):
         # carol (compliance) closes the drill follow-up.
         carol.page.goto("/followups")
         fu = carol.page.get_by_role("article", name=re.compile(rf"^Follow-up {fu_id}:"))
+        _assert_labelled(carol.page)
         _shot(carol.page, "console-followups")
         fu.get_by_label("Resolution").fill("Token restore rehearsed on staging; runbook updated")
         fu.get_by_role("button", name=f"Close follow-up {fu_id}").click()
@@ -258,6 +268,10 @@ def test_dual_control_in_two_browsers_followups_and_roles(console):
         assert carol.page.goto("/report").status == 200
         assert "A2" in carol.page.inner_text("body")
         assert alice.page.goto("/principals").status == 200
+        _assert_labelled(alice.page)
+        for path in ("/anomalies", "/keys", "/"):
+            assert alice.page.goto(path).status == 200
+            _assert_labelled(alice.page)
 
         # carol's refused page raised a high anomaly; alice (security) reviews it in the browser.
         audit.refresh_anomalies(kms)
