@@ -251,6 +251,14 @@ def test_dual_control_in_two_browsers_followups_and_roles(console):
         fu = carol.page.get_by_role("article", name=re.compile(rf"^Follow-up {fu_id}:"))
         _assert_labelled(carol.page)
         _shot(carol.page, "console-followups")
+        # Forged form posts with carol's cookie: no CSRF token, or another origin: 403, still open.
+        no_csrf = carol.page.request.post(f"{base}/followups/{fu_id}/close", form={"resolution": "x"},
+                                          headers={"Origin": base})
+        csrf = carol.page.locator('meta[name="csrf-token"]').get_attribute("content")
+        cross = carol.page.request.post(f"{base}/followups/{fu_id}/close", headers={"Origin": "https://evil.example"},
+                                        form={"resolution": "x", "csrf": csrf})
+        assert no_csrf.status == 403 and "CSRF" in no_csrf.text() and cross.status == 403
+        assert [f for d in drills.list_drills(kms) for f in d["followups"] if f["id"] == fu_id][0]["status"] == "open"
         fu.get_by_label("Resolution").fill("Token restore rehearsed on staging; runbook updated")
         fu.get_by_role("button", name=f"Close follow-up {fu_id}").click()
         carol.page.get_by_text(f"Follow-up {fu_id} closed").wait_for()
