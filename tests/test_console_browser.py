@@ -81,6 +81,10 @@ def test_register_then_sign_in_and_every_refusal(console):
         alice.page.goto(link)
         assert "already used" in alice.page.get_by_role("alert").inner_text()
 
+        # Only notices the console wrote are shown: a crafted link cannot put text on its pages.
+        alice.page.goto("/login?m=Call+the+helpdesk+at+555-0100&t=0")
+        assert "555-0100" not in alice.page.inner_text("body")
+
         # Sign-in with both factors.
         main = alice.sign_in(screenshot=lambda p: (_assert_labelled(p), _shot(p, "console-sign-in")))
         assert "Signed in as alice" in main and "Manual operations" in main

@@ -7,6 +7,9 @@ Core calls are synchronous and run in the thread pool.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -117,16 +120,33 @@ def create_app(config: ConsoleConfig) -> Starlette:
                 except Refused as exc:
                     if exc.status == 401:
                         if request.method == "GET":
-                            return RedirectResponse(f"/login?m={_quote(exc.message)}", status_code=303)
+                            return RedirectResponse(f"/login?{signed(exc.message)}", status_code=303)
                         return JSONResponse({"error": exc.message}, status_code=401, headers=headers())
+                    if request.headers.get("content-type", "").startswith("application/json"):
+                        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers())
                     return render(request, "refused.html", exc.status, message=exc.message, user=None)
                 except ValueError as exc:  # core refusals (AccessDenied, LifecycleError, …): nothing changed
                     return _json_or_page(request, render, exc, user)
             return endpoint
         return wrap
 
+    notice_key = secrets.token_bytes(32)  # per process: a notice outlives no restart
+
+    def signed(message: str) -> str:
+        """Query string carrying a notice this console wrote (others' links cannot put text on its pages)."""
+        message = message[:300]
+        tag = hmac.new(notice_key, message.encode(), hashlib.sha256).hexdigest()[:32]
+        return f"m={_quote(message)}&t={tag}"
+
+    def notice(request: Request) -> str | None:
+        message, tag = request.query_params.get("m"), request.query_params.get("t") or ""
+        if not message:
+            return None
+        good = hmac.new(notice_key, message.encode(), hashlib.sha256).hexdigest()[:32]
+        return message if hmac.compare_digest(tag.encode(), good.encode()) else None
+
     def done(request: Request, where: str, message: str) -> RedirectResponse:
-        return RedirectResponse(f"{where}?m={_quote(message)}", status_code=303)
+        return RedirectResponse(f"{where}?{signed(message)}", status_code=303)
 
     def action(operation: str, user, target: str | None, detail: dict | None = None) -> None:
         audit.emit(ctx, at=ctx.now(), operation=operation, actor=user.principal, target_ref=target, outcome="ok",
@@ -134,7 +154,7 @@ def create_app(config: ConsoleConfig) -> Starlette:
 
     # ---------------------------------------------------------------- sign-in
     async def login_page(request: Request):
-        return render(request, "login.html", message=request.query_params.get("m"), user=None)
+        return render(request, "login.html", message=notice(request), user=None)
 
     async def login_begin(request: Request):
         try:
@@ -168,7 +188,7 @@ def create_app(config: ConsoleConfig) -> Starlette:
         except Refused:
             return RedirectResponse("/login", status_code=303)
         await run_in_threadpool(console_auth.end_session, ctx, request.cookies.get(SESSION_COOKIE))
-        resp = RedirectResponse("/login?m=Signed+out.", status_code=303)
+        resp = RedirectResponse(f"/login?{signed('Signed out.')}", status_code=303)
         resp.delete_cookie(SESSION_COOKIE, secure=True, httponly=True, samesite="strict", path="/")
         return resp
 
@@ -205,20 +225,20 @@ def create_app(config: ConsoleConfig) -> Starlette:
         except access.AccessDenied as exc:
             return JSONResponse({"error": f"registration refused: {exc}"}, status_code=400)
         return JSONResponse({"message": f"Security key registered for {name}. Sign in now.",
-                             "next": f"/login?m={_quote('Security key registered; sign in.')}"})
+                             "next": f"/login?{signed('Security key registered; sign in.')}"})
 
     # ---------------------------------------------------------------- pages
     @page(None)
     async def home(request, user):
         return render(request, "home.html", user=user, pages=allowed_pages(user),
-                      message=request.query_params.get("m"))
+                      message=notice(request))
 
     @page("approvals")
     async def approvals_page(request, user):
         rows = await run_in_threadpool(approval_requests.pending, ctx)
         keys = await run_in_threadpool(lambda: sorted({r.key for r in lifecycle.inventory(ctx)}))
         return render(request, "approvals.html", user=user, pages=allowed_pages(user), rows=rows, keys=keys,
-                      launchable=LAUNCHABLE, message=request.query_params.get("m"))
+                      launchable=LAUNCHABLE, message=notice(request))
 
     @page("approvals")
     async def request_rotation(request, user):
@@ -304,7 +324,7 @@ def create_app(config: ConsoleConfig) -> Starlette:
         rows = await run_in_threadpool(access.list_principals, ctx)
         creds = await run_in_threadpool(console_auth.credentials_by_principal, ctx)
         return render(request, "principals.html", user=user, pages=allowed_pages(user), rows=rows, creds=creds,
-                      message=request.query_params.get("m"))
+                      message=notice(request))
 
     @page("principals")
     async def request_registration(request, user):
@@ -319,7 +339,7 @@ def create_app(config: ConsoleConfig) -> Starlette:
     async def anomalies_page(request, user):
         rows = await run_in_threadpool(audit.list_anomalies, ctx)
         return render(request, "anomalies.html", user=user, pages=allowed_pages(user), rows=rows,
-                      review=set(ctx.policy.audit.review_severities), message=request.query_params.get("m"))
+                      review=set(ctx.policy.audit.review_severities), message=notice(request))
 
     @page("anomalies")
     async def review(request, user):
@@ -335,7 +355,7 @@ def create_app(config: ConsoleConfig) -> Starlette:
     async def followups_page(request, user):
         rows = await run_in_threadpool(drills.list_drills, ctx)
         return render(request, "followups.html", user=user, pages=allowed_pages(user), drills=rows,
-                      now=ctx.now(), message=request.query_params.get("m"))
+                      now=ctx.now(), message=notice(request))
 
     @page("followups")
     async def close_followup(request, user):
@@ -383,7 +403,8 @@ def create_app(config: ConsoleConfig) -> Starlette:
     if config.dagster_url:
         from .proxy import DagsterProxy
 
-        proxy = DagsterProxy(config.dagster_url, ctx=ctx, origin=rp.origin, authorize=lambda r: signed_in(r, "dagster"))
+        proxy = DagsterProxy(config.dagster_url, ctx=ctx, origin=rp.origin, authorize=lambda r: signed_in(r, "dagster"),
+                             signed=signed)
         routes += [WebSocketRoute("/dagster/{path:path}", proxy.websocket),
                    Route("/dagster", proxy.http, methods=proxy.METHODS),
                    Route("/dagster/{path:path}", proxy.http, methods=proxy.METHODS)]
@@ -393,8 +414,6 @@ def create_app(config: ConsoleConfig) -> Starlette:
 
 
 def _equal(a: Any, b: str) -> bool:
-    import hmac
-
     return isinstance(a, str) and bool(a) and hmac.compare_digest(a.encode(), b.encode())
 
 

@@ -33,13 +33,13 @@ _DROP_REQUEST = _HOP | {"cookie", "origin", "referer"}
 class DagsterProxy:
     METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
-    def __init__(self, upstream: str, *, ctx, origin: str, authorize):
+    def __init__(self, upstream: str, *, ctx, origin: str, authorize, signed):
         u = urlsplit(upstream)
         if u.hostname not in ("127.0.0.1", "::1", "localhost"):
             raise ValueError(f"the Dagster webserver must listen on loopback, got {upstream!r}")
         self.upstream = f"{u.scheme}://{u.netloc}"
         self.ws_upstream = ("wss" if u.scheme == "https" else "ws") + f"://{u.netloc}"
-        self.ctx, self.origin, self.authorize = ctx, origin, authorize
+        self.ctx, self.origin, self.authorize, self.signed = ctx, origin, authorize, signed
         self.client = httpx.AsyncClient(base_url=self.upstream, timeout=httpx.Timeout(60.0, connect=5.0))
 
     async def _user(self, request):
@@ -56,7 +56,7 @@ class DagsterProxy:
         user = await self._user(request)
         if isinstance(user, Refused):
             if user.status == 401 and request.method == "GET":
-                return RedirectResponse("/login?m=Sign+in+to+open+the+Dagster+UI.", status_code=303)
+                return RedirectResponse(f"/login?{self.signed('Sign in to open the Dagster UI.')}", status_code=303)
             return PlainTextResponse(user.message, status_code=user.status)
         if request.method not in ("GET", "HEAD", "OPTIONS"):
             origin = request.headers.get("origin")
