@@ -22,6 +22,7 @@ def test_packaged_policy_carries_the_policy_numbers():
     assert sorted(p.access.roles) == ["compliance_officer", "security_engineering", "sre_oncall"]
     assert p.backup.keep_nightly == 7 and p.backup.keep_weekly_days == 90
     assert p.drills.remediation_business_days == 5
+    assert p.console.session_idle_minutes == 15 and p.console.session_absolute_hours == 8
     assert set(p.key_class("service").rotate_immediately_on) == {"compromise", "tenant-rotation",
                                                                  "ci-secret-exposure"}
 
@@ -41,6 +42,10 @@ def test_every_key_class_names_known_clauses():
     (lambda d: d["key_classes"]["root"].__setitem__("rotaton_days", 90), "key_classes.root.rotaton_days"),
     (lambda d: d["partners"][0].__setitem__("email", "not-an-email"), "partners.0.email"),
     (lambda d: d["access"]["permissions"].__setitem__("rotate", ["janitor"]), "access"),
+    (lambda d: d["console"].__setitem__("session_idle_minutes", 0), "console.session_idle_minutes"),
+    (lambda d: d["console"].__setitem__("session_absolute_hours", 48), "console.session_absolute_hours"),
+    (lambda d: d["console"]["pages"].__setitem__("dagster", ["janitor"]), "pages.dagster: unknown roles"),
+    (lambda d: d["console"]["pages"].pop("approvals"), "pages missing ['approvals']"),
 ])
 def test_invalid_policy_is_refused_naming_the_field(mutate, field):
     data = _policy_dict()

@@ -238,6 +238,7 @@ def create_app(config: ConsoleConfig) -> Starlette:
         rows = await run_in_threadpool(approval_requests.pending, ctx)
         keys = await run_in_threadpool(lambda: sorted({r.key for r in lifecycle.inventory(ctx)}))
         return render(request, "approvals.html", user=user, pages=allowed_pages(user), rows=rows, keys=keys,
+                      can_request="rotate" in access.role_permissions(ctx, user.roles),
                       launchable=LAUNCHABLE, message=notice(request))
 
     @page("approvals")
