@@ -48,8 +48,9 @@ class KmsGroup(click.Group):
     """Turns domain errors into one-line messages and exit codes."""
 
     def invoke(self, ctx):
-        from .core.errors import known_errors
+        from .core.errors import fault_line, known_errors
 
+        command = _command_line([*getattr(ctx, "_protected_args", []), *ctx.args])
         try:
             return super().invoke(ctx)
         except known_errors() as exc:
@@ -57,6 +58,25 @@ class KmsGroup(click.Group):
                 raise
             click.echo(f"kms: error: {exc}", err=True)
             ctx.exit(EXIT_FAILED)
+        except Exception as exc:
+            # A database/S3/SMTP/HSM fault that no retried unit caught (core/retry.py):
+            # still one line and exit 1, never a traceback.
+            line = fault_line(exc, command)
+            if line is None or os.environ.get("KMS_DEBUG"):
+                raise
+            click.echo(f"kms: error: {line}", err=True)
+            ctx.exit(EXIT_FAILED)
+
+
+def _command_line(args: list[str]) -> str:
+    """``kms <group> <command>`` of this invocation, for the "re-run is safe" hint (only the
+    leading command words: option values may be secrets or tickets)."""
+    words = []
+    for arg in args[:2]:
+        if arg.startswith("-"):
+            break
+        words.append(arg)
+    return " ".join(["kms", *words])
 
 
 def get_context(ctx: click.Context):

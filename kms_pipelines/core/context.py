@@ -64,7 +64,7 @@ def context_from_env(env: dict | None = None, *, clock: Clock | None = None) -> 
     home = kms_home(env)
     home.mkdir(parents=True, exist_ok=True)
     policy = load_policy(env.get("KMS_POLICY"))
-    engine = db.make_engine(db.database_url_from_env(home, env))
+    engine = db.make_engine(db.database_url_from_env(home, env), retry_budget=policy.faults.database.budget())
     from .notify import notifier_from_env
     from .objectstore import objectstore_from_url
 

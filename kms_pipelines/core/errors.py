@@ -8,8 +8,10 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from .keystore import KeyStoreError
     from .lifecycle import LifecycleError
     from .policy import PolicyError
+    from .retry import DependencyUnavailable
 
-    errors: list[type[BaseException]] = [DatabaseError, KeyStoreError, LifecycleError, PolicyError]
+    errors: list[type[BaseException]] = [DatabaseError, KeyStoreError, LifecycleError, PolicyError,
+                                         DependencyUnavailable]
     for module, name in (("objectstore", "ObjectStoreError"), ("access", "AccessDenied"),
                          ("envelope", "EnvelopeError"), ("rpt", "RptError"), ("backup", "BackupError"),
                          ("escrow", "EscrowError"), ("events", "EventError")):
@@ -19,3 +21,16 @@ def known_errors() -> tuple[type[BaseException], ...]:
         except (ImportError, AttributeError):
             continue
     return tuple(errors)
+
+
+def fault_line(exc: BaseException, command: str | None = None) -> str | None:
+    """One line for a transient dependency fault that escaped every retried unit (a call
+    path with no retry of its own), else None. Every command is safe to re-run after a
+    fault: state changes commit whole or not at all (DESIGN §7)."""
+    from .retry import classify
+
+    fault = classify(exc)
+    if fault is None:
+        return None
+    rerun = f": {command}" if command else ""
+    return f"{fault.phrase()}; nothing was left half-done, re-run is safe{rerun}"

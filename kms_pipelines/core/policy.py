@@ -234,6 +234,27 @@ class Console(_Strict):
         return self
 
 
+class FaultBudget(_Strict):
+    """How long one unit of work rides out a failing dependency (operator choices)."""
+    attempts: int = Field(default=6, ge=1, le=100)               # tries in all, the first included
+    max_seconds: float = Field(default=60.0, ge=0, le=3600)      # no new attempt after this long
+    first_wait_seconds: float = Field(default=0.5, ge=0, le=600)  # doubles per retry, plus jitter
+    max_wait_seconds: float = Field(default=10.0, ge=0, le=600)   # cap on one wait
+
+    def budget(self):
+        from .retry import Budget
+
+        return Budget(self.attempts, self.max_seconds, self.first_wait_seconds, self.max_wait_seconds)
+
+
+class Faults(_Strict):
+    """Bounded retries per dependency (core/retry.py; README "Faults")."""
+    database: FaultBudget = FaultBudget()
+    object_store: FaultBudget = FaultBudget()
+    notifications: FaultBudget = FaultBudget(attempts=4, first_wait_seconds=1.0, max_wait_seconds=30.0)
+    hsm: FaultBudget = FaultBudget(attempts=3, max_seconds=30.0)
+
+
 class Policy(_Strict):
     version: Literal[1]
     key_classes: KeyClasses
@@ -250,6 +271,7 @@ class Policy(_Strict):
     rpt: Rpt = Rpt()
     checkpoints: Checkpoints = Checkpoints()
     console: Console = Console()
+    faults: Faults = Faults()
 
     def key_class(self, name: str) -> KeyClass:
         """Policy block for a key class (``root``, ``service``, ``break-glass`` …)."""

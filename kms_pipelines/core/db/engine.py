@@ -39,7 +39,9 @@ def redacted(url: str) -> str:
         return "<unparseable database URL>"
 
 
-def make_engine(url: str, *, pool_size: int = 5) -> Engine:
+def make_engine(url: str, *, pool_size: int = 5, retry_budget=None) -> Engine:
+    """``retry_budget`` (a core.retry.Budget, from ``policy.faults.database``) bounds how long a
+    new PostgreSQL connection is waited for during a restart or failover."""
     url = normalize_url(url)
     try:
         parsed = make_url(url)
@@ -68,8 +70,35 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
         return engine
     if parsed.get_backend_name() != "postgresql":
         raise DatabaseError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite or postgresql")
-    return create_engine(url, pool_size=pool_size, pool_pre_ping=True,
-                         connect_args={"connect_timeout": 10})
+    # pool_pre_ping: a pooled connection killed by a restart is noticed at checkout and
+    # replaced, so the next batch/transaction runs on a fresh one.
+    engine = create_engine(url, pool_size=pool_size, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+    _heal_connects(engine, retry_budget)
+    return engine
+
+
+def _heal_connects(engine: Engine, budget) -> None:
+    """Once an engine has connected, new connections wait out a restarting server (refused,
+    "the database system is starting up") within the budget, so a transaction that begins
+    mid-failover starts late instead of failing; transactions cut mid-flight are retried by
+    their callers. The very first connection is not retried: at start-up an unreachable
+    database is far more often a wrong URL than a failover, and says so at once."""
+    from .. import retry
+
+    if budget is not None:
+        retry.set_engine_budget(engine, budget)
+    state = {"connected": False}
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(dialect, _record, cargs, cparams):
+        def connect():
+            return dialect.loaded_dbapi.connect(*cargs, **cparams)
+
+        if not state["connected"]:
+            conn = connect()
+            state["connected"] = True
+            return conn
+        return retry.call(connect, budget=retry.engine_budget(engine), what="reconnecting to the KMS database")
 
 
 def check_reachable(engine: Engine) -> None:

@@ -30,6 +30,15 @@ class KeyNotFound(KeyStoreError):
     pass
 
 
+class KeyStoreSessionLost(KeyStoreError):
+    """The HSM session (or token connection) was lost mid-operation; nothing was done and
+    the next operation opens a fresh session, so the caller's unit may be retried."""
+
+    def __init__(self, message: str, cause: str):
+        super().__init__(message)
+        self.cause = cause
+
+
 class KeyExists(KeyStoreError):
     pass
 
