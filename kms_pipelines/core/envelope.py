@@ -36,7 +36,7 @@ from sqlalchemy import and_, bindparam, func, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from . import lifecycle, nightly
+from . import lifecycle, nightly, retry
 from .clock import utc
 from .context import KmsContext
 from .db.models import ACTIVE, DESTROYED, REVOKED, ROTATED, Key, KeyVersion
@@ -421,6 +421,20 @@ def _commit_batch(ctx: KmsContext, key_name: str, old: int, new: int, ids: list[
         return result.rowcount
 
 
+def _commit_batch_retrying(ctx: KmsContext, key_name: str, old: int, new: int, ids: list[int],
+                           new_wrapped: list[bytes]) -> int | None:
+    """The batch commit is compare-and-set on the wrapping version, so repeating it after a
+    lost connection is safe: rows the lost attempt did commit no longer match and count as
+    skipped, never twice."""
+    return retry.db_call(ctx, lambda: _commit_batch(ctx, key_name, old, new, ids, new_wrapped),
+                         what=f"committing a sweep batch of {key_name}")
+
+
+def _read_batch(ctx: KmsContext, key_name: str, version: int, lo: int, hi: int, after: tuple[int, int], limit: int):
+    with ctx.engine.connect() as conn:
+        return _select_batch(conn, key_name, version, lo, hi, after, limit)
+
+
 def _rewrap_isolating_failures(ctx: KmsContext, old_ref: str, new_ref: str, rows) -> tuple[list, list[int]]:
     """Rewrap one by one after a batch failed, so one corrupt DEK cannot block the rest."""
     good, bad = [], []
@@ -450,8 +464,23 @@ def sweep(ctx: KmsContext, key_name: str | None = None, *, shard: int | None = N
     lo, hi = shard_range(shard, shards)
     result = SweepResult(shard=shard, shards=shards, shard_range=(lo, hi))
     started = time.perf_counter()
+    rerun = "kms envelope sweep" + (f" --key {key_name}" if key_name else "") + (
+        f" --shard {shard} --shards {shards}" if shard is not None else "")
+    total: int | None = None
+    try:
+        total = retry.db_call(ctx, lambda: _left_to_sweep(ctx, result, key_name), what="counting DEKs to sweep")
+        return _sweep(ctx, result, key_name, batch_size, progress, max_batches, started)
+    except retry.DependencyUnavailable as exc:
+        # Every committed batch stays committed (compare-and-set): a re-run picks up the rest.
+        done = f"{result.moved:,} of {total:,} DEKs" if total is not None else "0 DEKs"
+        raise exc.annotate(done=done, rerun=rerun) from exc.__cause__
+
+
+def _sweep(ctx: KmsContext, result: SweepResult, key_name: str | None, batch_size: int, progress, max_batches,
+           started: float) -> SweepResult:
+    lo, hi = result.shard_range
     replans = 0
-    plan = _sweep_plan(ctx, key_name)
+    plan = retry.db_call(ctx, lambda: _sweep_plan(ctx, key_name), what="planning the sweep")
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kms-sweep-commit") as writer:
         while plan:
             outcome = "done"
@@ -472,7 +501,7 @@ def sweep(ctx: KmsContext, key_name: str | None = None, *, shard: int | None = N
             replans += 1
             if replans > 10:
                 raise EnvelopeError("key versions kept changing during the sweep; re-run it")
-            plan = _sweep_plan(ctx, key_name)
+            plan = retry.db_call(ctx, lambda: _sweep_plan(ctx, key_name), what="planning the sweep")
     return _finish(ctx, result, key_name, started)
 
 
@@ -510,15 +539,17 @@ def _sweep_version(ctx, writer, result: SweepResult, stats: dict, name: str, old
                     if not ok:
                         return "stale"
                 return "limit"
-            with ctx.engine.connect() as conn:
-                rows = _select_batch(conn, name, old, lo, hi, after, batch_size)
+            rows = retry.db_call(ctx, lambda: _read_batch(ctx, name, old, lo, hi, after, batch_size),
+                                 what=f"reading a sweep batch of {name}")
             pairs: list = []
             bad: list[int] = []
             if rows:
                 after = (rows[-1].shard, rows[-1].id)
                 try:
-                    pairs = list(zip((r.id for r in rows),
-                                     ctx.keystore.rewrap(old_ref, new_ref, [r.wrapped for r in rows])))
+                    wrapped = [r.wrapped for r in rows]
+                    pairs = list(zip((r.id for r in rows), retry.call(
+                        lambda: ctx.keystore.rewrap(old_ref, new_ref, wrapped),
+                        budget=ctx.policy.faults.hsm.budget(), what=f"rewrapping a sweep batch of {name}")))
                 except DecryptionFailed:
                     pairs, bad = _rewrap_isolating_failures(ctx, old_ref, new_ref, rows)
                 del rows
@@ -528,7 +559,7 @@ def _sweep_version(ctx, writer, result: SweepResult, stats: dict, name: str, old
                     return "stale"
             if not pairs and not bad:
                 return "done"
-            future = writer.submit(_commit_batch, ctx, name, old, new, [p[0] for p in pairs],
+            future = writer.submit(_commit_batch_retrying, ctx, name, old, new, [p[0] for p in pairs],
                                    [p[1] for p in pairs]) if pairs else None
             pending = (future, len(pairs), bad)
     finally:
@@ -536,7 +567,8 @@ def _sweep_version(ctx, writer, result: SweepResult, stats: dict, name: str, old
             wait([pending[0]])  # never leave a commit running behind an exception
 
 
-def _finish(ctx: KmsContext, result: SweepResult, key_name: str | None, started: float) -> SweepResult:
+def _left_to_sweep(ctx: KmsContext, result: SweepResult, key_name: str | None) -> int:
+    """Live DEKs of swept keys on rotated/revoked versions in the result's shard range."""
     lo, hi = result.shard_range
     q = (select(func.count()).select_from(Dek)
          .join(Key, Key.name == Dek.key_name)
@@ -546,7 +578,12 @@ def _finish(ctx: KmsContext, result: SweepResult, key_name: str | None, started:
     if key_name:
         q = q.where(Dek.key_name == key_name)
     with ctx.engine.connect() as conn:
-        result.remaining = int(conn.execute(q).scalar() or 0)
+        return int(conn.execute(q).scalar() or 0)
+
+
+def _finish(ctx: KmsContext, result: SweepResult, key_name: str | None, started: float) -> SweepResult:
+    result.remaining = retry.db_call(ctx, lambda: _left_to_sweep(ctx, result, key_name),
+                                     what="counting DEKs left to sweep")
     result.seconds = time.perf_counter() - started
     log.info("sweep shard %s/%d: moved %d DEK(s) in %d batch(es), %.1f/s; %d remaining, %d failed",
              "all" if result.shard is None else result.shard, result.shards, result.moved, result.batches,
