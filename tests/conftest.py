@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.smtp",
     "tests.fixtures.dagster_defs",
+    "tests.fixtures.faultproxy",
 ]

@@ -40,6 +40,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from . import retry
 from .canonical import canonical_fast
 from .clock import utc
 from .db.models import LedgerEntry
@@ -198,14 +199,20 @@ class AuditWriter:
                 for _ in batch:
                     self._q.task_done()
 
+    @staticmethod
+    def _append_once(engine: Engine, batch: list[Event]) -> None:
+        with Session(engine) as session, session.begin():
+            _append(session, batch)
+
     def _write(self, batch: list[Event]) -> None:
         for attempt in range(3):
             engine = self._engine_ref()
             if engine is None:
                 break
             try:
-                with Session(engine) as session, session.begin():
-                    _append(session, batch)
+                # A database fault is waited out within the engine's budget (core/retry.py)
+                # rather than dropping the batch after three quick tries.
+                retry.db_call(engine, lambda: self._append_once(engine, batch), what="writing audit events")
                 return
             except Exception as exc:  # noqa: BLE001 - reported below, never raised into callers
                 self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"

@@ -274,6 +274,7 @@ def engine_budget(engine) -> Budget:
 
 def db_call(ctx_or_engine, fn: Callable[[], T], *, what: str, done: Callable[[], str | None] | None = None,
             rerun: str | None = None) -> T:
-    """``call`` with the database budget of a KmsContext (or Engine)."""
-    engine = getattr(ctx_or_engine, "engine", ctx_or_engine)
-    return call(fn, budget=engine_budget(engine), what=what, done=done, rerun=rerun)
+    """``call`` with the database budget of a KmsContext's policy (or an Engine's)."""
+    policy = getattr(ctx_or_engine, "policy", None)
+    budget = policy.faults.database.budget() if policy is not None else engine_budget(ctx_or_engine)
+    return call(fn, budget=budget, what=what, done=done, rerun=rerun)
