@@ -44,7 +44,9 @@ def pg_proxy(pg_url, fault_proxy):
 def kms_via_proxy(make_kms, pg_proxy):
     """A bootstrapped context whose every database connection goes through the proxy."""
     url, proxy = pg_proxy
-    ctx = make_kms(url)  # the per-test database is migrated already (template)
+    from kms_pipelines.core.clock import SystemClock
+
+    ctx = make_kms(url, clock=SystemClock())  # the per-test database is migrated already (template)
     ctx.policy = fast_policy()
     retry.set_engine_budget(ctx.engine, ctx.policy.faults.database.budget())
     yield ctx, proxy
@@ -96,4 +98,86 @@ def test_sweep_rides_out_a_database_cut(kms_via_proxy, caplog):
     with ctx.engine.connect() as conn:
         versions = set(conn.execute(select(Dek.key_version).where(Dek.key_name == KEY)).scalars())
     assert versions == {2}
+    assert_intact(ctx, objects)
+
+
+def _cut_mid_operation(proxy, after=0.3, seconds=CUT_SECONDS):
+    """Slow every round trip so the operation is still running when the cut lands."""
+    import threading
+
+    def cut():
+        proxy.delay(0)
+        proxy.cut(seconds)
+
+    proxy.delay(0.02)
+    timer = threading.Timer(after, cut)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def _waited_out(timer, started):
+    timer.join()  # the cut really landed while the operation ran (or before it ended) ...
+    return time.monotonic() - started >= CUT_SECONDS  # ... and the operation waited it out
+
+
+def test_rotation_rides_out_a_database_cut(kms_via_proxy):
+    ctx, proxy = kms_via_proxy
+    objects = fill(ctx, 5)
+    started = time.monotonic()
+    timer = _cut_mid_operation(proxy, after=0.05)
+    results = [rotation.rotate_now(ctx, name, reason="compromise") for name in
+               ("service:api-gateway", "service:worker-pipelines", "service:reconciliation-engine")]
+    results.append(rotation.rotate_key(ctx, KEY, reason="cadence"))
+    assert _waited_out(timer, started) and proxy.resets_done >= 1
+    assert all(r.rotated and r.new_version == 2 for r in results), results
+    with ctx.transaction() as session:
+        for name in ("service:api-gateway", "service:worker-pipelines", "service:reconciliation-engine", KEY):
+            key = lifecycle.get_key(session, name)
+            assert sorted((v.version, v.state) for v in key.versions) == [(1, "rotated"), (2, "active")], name
+    assert_intact(ctx, objects)
+
+
+def test_checkpoint_rides_out_a_database_cut(kms_via_proxy):
+    from kms_pipelines.core import checkpoints
+
+    ctx, proxy = kms_via_proxy
+    rpt.issue(ctx, "subject-1", {"n": 1})
+    started = time.monotonic()
+    proxy.cut(CUT_SECONDS)  # the pooled connections die; the checkpoint starts mid-outage
+    cp = checkpoints.write_checkpoint(ctx)
+    assert time.monotonic() - started >= CUT_SECONDS - 0.5
+    assert cp["ledger_size"] > 0 and cp["rpt_size"] == 1
+    assert checkpoints.verify(ctx).ok
+    assert_intact(ctx)
+
+
+def test_report_rides_out_a_database_cut(kms_via_proxy):
+    from kms_pipelines.core import compliance
+
+    ctx, proxy = kms_via_proxy
+    baseline = {r.clause: r.status for r in compliance.build_report(ctx).rows}
+    started = time.monotonic()
+    timer = _cut_mid_operation(proxy, after=0.2)
+    report = compliance.build_report(ctx)
+    assert _waited_out(timer, started)
+    assert {r.clause: r.status for r in report.rows} == baseline
+    assert not any("evaluation failed" in r.evidence for r in report.rows)
+    assert_intact(ctx)
+
+
+def test_backup_rides_out_a_database_cut(kms_via_proxy):
+    from kms_pipelines.core import backup
+
+    ctx, proxy = kms_via_proxy
+    objects = fill(ctx, 20)
+    started = time.monotonic()
+    timer = _cut_mid_operation(proxy, after=0.3)
+    info = backup.create(ctx)
+    assert _waited_out(timer, started)
+    assert info.status == backup.COMPLETE
+    statuses = [b["status"] for b in backup.list_backups(ctx)]
+    assert statuses.count(backup.COMPLETE) == 1  # an interrupted attempt is never marked good
+    checked = backup.verify_archive(ctx, info.archive_id)
+    assert checked["manifest_verifies"] and checked["sha256"] == info.sha256
     assert_intact(ctx, objects)

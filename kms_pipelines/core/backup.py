@@ -42,7 +42,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import aliased
 
 from . import archive as archive_mod
-from . import lifecycle
+from . import lifecycle, retry
 from .canonical import canonical_bytes
 from .clock import utc
 from .context import KmsContext
@@ -296,7 +296,11 @@ def _produce(ctx: KmsContext, source: BackupSource, tmpdir: Path, procs: list):
             proc.stdout.close()
             err = proc.stderr.read().decode(errors="replace").strip()
             if proc.wait() != 0:
-                raise BackupError(f"pg_dump failed: {err.splitlines()[-1] if err else proc.returncode}")
+                failure = BackupError(f"pg_dump failed: {err.splitlines()[-1] if err else proc.returncode}")
+                fault = retry.dump_fault("pg_dump", err)
+                if fault is not None:
+                    raise failure from retry.TransientFault(fault)
+                raise failure
         else:
             snap = tmpdir / "kms.sqlite3"
             _sqlite_snapshot(source.engine, snap)
@@ -308,7 +312,18 @@ def _produce(ctx: KmsContext, source: BackupSource, tmpdir: Path, procs: list):
 
 def create(ctx: KmsContext, *, gfs_class: str | None = None, source: BackupSource | None = None,
            successor_of: str | None = None, retain_until: datetime | None = None) -> ArchiveInfo:
-    """Back up the KMS (or ``source``) into a locked, encrypted, signed archive."""
+    """Back up the KMS (or ``source``) into a locked, encrypted, signed archive.
+
+    The whole backup is the unit retried after a lost database connection (pg_dump cannot
+    resume): an interrupted attempt's archive is marked failed, never good, and the next
+    attempt writes a new one. Object-store faults are retried per part inside the upload."""
+    return retry.db_call(ctx, lambda: _create_once(ctx, gfs_class=gfs_class, source=source,
+                                                   successor_of=successor_of, retain_until=retain_until),
+                         what="the backup", rerun="kms backup create")
+
+
+def _create_once(ctx: KmsContext, *, gfs_class: str | None, source: BackupSource | None,
+                 successor_of: str | None, retain_until: datetime | None) -> ArchiveInfo:
     started = time.perf_counter()
     source = source or BackupSource(ctx.engine, ctx.home, ctx.keystore)
     if ctx.objects is None:

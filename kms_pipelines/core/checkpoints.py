@@ -270,7 +270,15 @@ def write_checkpoint(ctx: KmsContext) -> dict:
     """Verify the live state against every earlier checkpoint, then sign and write a new one.
 
     Refuses (RptError, nothing written) when verification fails: a checkpoint must never
-    anchor a broken or rewritten ledger. Idempotent for an unchanged state at the same time."""
+    anchor a broken or rewritten ledger. Idempotent for an unchanged state at the same time.
+    Retried whole after a lost database connection: a repeat re-verifies and signs anew."""
+    from . import retry
+
+    return retry.db_call(ctx, lambda: _write_checkpoint_once(ctx), what="the ledger checkpoint",
+                         rerun="kms ledger checkpoint")
+
+
+def _write_checkpoint_once(ctx: KmsContext) -> dict:
     store = _objects(ctx)
     result = verify(ctx)
     if not result.ok:

@@ -830,11 +830,17 @@ def clause(clause_id: str) -> Clause:
 
 def evaluate(ctx: KmsContext, c: Clause) -> Finding:
     """Run one evaluator; a crash is a failure naming the error, never a silent pass."""
+    from . import retry
+
     try:
-        finding = c.evaluate(ctx)
+        # Evaluators only read: one is the unit retried after a lost database connection.
+        finding = retry.db_call(ctx, lambda: c.evaluate(ctx), what=f"evaluating clause {c.id}",
+                                rerun="kms report")
         if not isinstance(finding, Finding):
             raise TypeError(f"evaluator returned {type(finding).__name__}, not Finding")
         return finding
+    except retry.DependencyUnavailable:
+        raise  # an unreachable database is not a policy failure: the report stops, saying so
     except Exception as exc:  # noqa: BLE001 -- reported as the clause's failure
         message = str(exc).splitlines()[0][:300] if str(exc) else ""
         return Finding(FAIL, f"evaluation failed: {type(exc).__name__}: {message}",

@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from . import ledger
+from . import ledger, retry
 from .clock import utc
 from .context import KmsContext
 from .db.models import ACTIVE, DESTROYED, PENDING, REVOKED, ROTATED, Key, KeyVersion
@@ -222,15 +222,28 @@ def rotate(ctx: KmsContext, name: str, *, actor: str | None = None, reason: str 
     """
     actor = actor or ctx.actor
     validate_key_name(ctx, name)
-    with ctx.transaction() as session:
-        key = get_key(session, name)
-        if only_if_due and not is_due(ctx, key):
-            return RotationResult(name, False, reason="not due")
-        next_version = max(v.version for v in key.versions) + 1
-    material = _generate_material(ctx, name, next_version)
-    try:
+
+    def plan() -> RotationResult | int:
+        with ctx.transaction() as session:
+            key = get_key(session, name)
+            if only_if_due and not is_due(ctx, key):
+                return RotationResult(name, False, reason="not due")
+            return max(v.version for v in key.versions) + 1
+
+    planned = retry.db_call(ctx, plan, what=f"the rotation of {name}")
+    if isinstance(planned, RotationResult):
+        return planned
+    material = _generate_material(ctx, name, planned)
+
+    def commit() -> RotationResult:
         with ctx.transaction() as session:
             key = get_key(session, name, lock=True)
+            mine = _version_holding(key, material)
+            if mine is not None:
+                # An earlier attempt committed but its acknowledgement was lost with the
+                # connection: the rotation happened once; report it, never rotate twice.
+                return RotationResult(name, True, mine.version - 1 if mine.version > 1 else None, mine.version,
+                                      reason, material.get("fingerprint"))
             if only_if_due and not is_due(ctx, key):
                 raise _NotDueAnymore()
             current = active_version(key)
@@ -248,12 +261,26 @@ def rotate(ctx: KmsContext, name: str, *, actor: str | None = None, reason: str 
                 after_rotate(session, key, new, current)
             return RotationResult(name, True, current.version if current else None, new_number, reason,
                                   material.get("fingerprint"))
+
+    try:
+        # The rotation's transaction is the unit retried after a lost connection: it either
+        # committed whole (found by its key refs on the next attempt) or not at all.
+        return retry.db_call(ctx, commit, what=f"the rotation of {name}")
     except _NotDueAnymore:
         _discard_material(ctx, material)
         return RotationResult(name, False, reason="not due")
+    except retry.DependencyUnavailable:
+        # Whether the last attempt committed is unknown: keep the new key material (an unused
+        # keystore object at worst) rather than risk destroying an active version's key.
+        raise
     except BaseException:
         _discard_material(ctx, material)
         raise
+
+
+def _version_holding(key: Key, material: dict) -> KeyVersion | None:
+    refs = {material.get("wrap_ref"), material.get("sign_ref")} - {None}
+    return next((v for v in key.versions if refs & {v.wrap_ref, v.sign_ref}), None)
 
 
 class _NotDueAnymore(Exception):
