@@ -69,8 +69,9 @@ def context_from_env(env: dict | None = None, *, clock: Clock | None = None) -> 
     from .objectstore import objectstore_from_url
 
     objects = objectstore_from_url(env.get("KMS_OBJECT_STORE") or str(home / "objects"),
-                                   endpoint_url=env.get("KMS_S3_ENDPOINT_URL"))
-    notifier = notifier_from_env(home, env)
+                                   endpoint_url=env.get("KMS_S3_ENDPOINT_URL"),
+                                   retry_budget=policy.faults.object_store.budget())
+    notifier = notifier_from_env(home, env, retry=policy.faults.notifications)
     return KmsContext(engine=engine, keystore=audited_keystore(keystore_from_env(home, env), env), policy=policy,
                       clock=clock or SystemClock(), objects=objects, notifier=notifier, home=home)
 

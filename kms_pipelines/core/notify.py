@@ -16,7 +16,8 @@ Backends (all implement ``Notifier.send(notification) -> list[DeliveryResult]``)
 * ``CompositeNotifier([...])``  sends to all; one channel failing never stops the others.
 
 SMTP and Slack retry transient failures (connection errors, SMTP 4xx, HTTP 429/5xx)
-with exponential backoff (tenacity), bounded by ``RetryPolicy``. Permanent failures
+with exponential backoff and jitter (core/retry.py, tenacity), bounded by ``RetryPolicy``
+(defaults: ``policy.faults.notifications``). Permanent failures
 (SMTP 5xx / auth, HTTP 4xx) are not retried.
 
 Environment read by ``notifier_from_env(home)``:
@@ -29,9 +30,9 @@ Environment read by ``notifier_from_env(home)``:
     KMS_SMTP_SECURITY       none | starttls | ssl (default none)
     KMS_SMTP_TIMEOUT        socket timeout in seconds (default 10)
     KMS_SLACK_WEBHOOK_URL   Slack incoming-webhook URL; Slack is enabled when set
-    KMS_NOTIFY_RETRY_ATTEMPTS   attempts per delivery, including the first (default 4)
-    KMS_NOTIFY_RETRY_WAIT       first backoff wait in seconds, doubling (default 1)
-    KMS_NOTIFY_RETRY_MAX_WAIT   cap on one backoff wait in seconds (default 30)
+    KMS_NOTIFY_RETRY_ATTEMPTS   attempts per delivery, including the first (default: policy faults.notifications)
+    KMS_NOTIFY_RETRY_WAIT       first backoff wait in seconds, doubling (default: policy)
+    KMS_NOTIFY_RETRY_MAX_WAIT   cap on one backoff wait in seconds (default: policy)
 
 With neither SMTP nor Slack configured the result is ``OutboxNotifier(home /
 "outbox.jsonl")``; otherwise a ``CompositeNotifier`` of the outbox plus the configured
@@ -64,7 +65,8 @@ from pathlib import Path
 from typing import Iterable, Mapping, Protocol, Sequence, runtime_checkable
 from urllib.parse import urlsplit
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from .retry import Budget, DependencyUnavailable, Fault, TransientFault
+from .retry import call as retry_call
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +85,12 @@ class KeyMaterialRefused(NotifyError, ValueError):
     """The notification text looks like it carries key material; it is not sent."""
 
 
-class _Transient(Exception):
-    """A delivery failure worth retrying."""
+class _Transient(TransientFault):
+    """A delivery failure worth retrying (core/retry.py's classifier sees it as transient)."""
+
+    def __init__(self, text: str):
+        super().__init__(Fault("notification channel", text, lost=False))
+        self.args = (text,)
 
 
 class _Permanent(Exception):
@@ -215,37 +221,46 @@ class Notifier(Protocol):
 
 @dataclass(frozen=True)
 class RetryPolicy:
+    """A delivery's retry budget (defaults: ``policy.faults.notifications``); the retrying
+    itself is core/retry.py's, shared with the database and the object store."""
+
     attempts: int = 4  # total tries, including the first
-    initial_wait: float = 1.0  # seconds; doubles each retry
+    initial_wait: float = 1.0  # seconds; doubles each retry, plus jitter
     max_wait: float = 30.0
+    max_seconds: float = 60.0  # no new attempt after this long
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise NotifyConfigError("retry attempts must be >= 1")
-        if self.initial_wait < 0 or self.max_wait < 0:
+        if self.initial_wait < 0 or self.max_wait < 0 or self.max_seconds < 0:
             raise NotifyConfigError("retry waits must be >= 0")
 
-    def retrying(self) -> Retrying:
-        return Retrying(
-            stop=stop_after_attempt(self.attempts),
-            wait=wait_exponential(multiplier=self.initial_wait, min=0, max=self.max_wait),
-            retry=retry_if_exception_type(_Transient),
-            reraise=True,
-        )
+    @classmethod
+    def from_policy(cls, budget) -> "RetryPolicy":
+        """From a ``policy.faults.notifications`` block."""
+        return cls(budget.attempts, budget.first_wait_seconds, budget.max_wait_seconds, budget.max_seconds)
+
+    def budget(self) -> Budget:
+        return Budget(self.attempts, self.max_seconds, self.initial_wait, self.max_wait)
 
 
-def _deliver_with_retry(policy: RetryPolicy, fn) -> tuple[int, str | None, object]:
-    """Run ``fn`` under the retry policy. Returns (attempts, error or None, fn's result)."""
+def _deliver_with_retry(policy: RetryPolicy, fn, what: str = "notification delivery") -> tuple[int, str | None, object]:
+    """Run ``fn`` under the retry policy. Returns (attempts, error or None, fn's result).
+    The notification carries its id (idempotency key), so a repeated delivery is recognisable."""
     attempts = 0
+
+    def attempt():
+        nonlocal attempts
+        attempts += 1
+        return fn()
+
     try:
-        for attempt in policy.retrying():
-            with attempt:
-                attempts = attempt.retry_state.attempt_number
-                result = fn()
+        result = retry_call(attempt, budget=policy.budget(), what=what)
         return attempts, None, result
-    except (_Transient, _Permanent) as exc:
-        kind = "gave up after" if isinstance(exc, _Transient) else "permanent failure on attempt"
-        return attempts, f"{kind} {attempts}: {exc}", None
+    except DependencyUnavailable as exc:
+        return attempts, f"gave up after {attempts}: {exc.__cause__ or exc.fault.cause}", None
+    except _Permanent as exc:
+        return attempts, f"permanent failure on attempt {attempts}: {exc}", None
     except Exception as exc:  # a bug or an unexpected library error: still a visible failure
         return attempts, f"unexpected {type(exc).__name__}: {exc}", None
 
@@ -390,7 +405,7 @@ class SmtpNotifier:
             return [DeliveryResult("email", True, None, self.target, 0, skipped=True)]
         msg = self.build_message(notification)
         attempts, error, refused = _deliver_with_retry(
-            self.retry, lambda: self._deliver(msg, notification.recipients)
+            self.retry, lambda: self._deliver(msg, notification.recipients), f"email {notification.id} via {self.target}"
         )
         if error is None and refused:
             error = f"refused recipients: {sorted(refused)}"  # partial delivery is still a failure
@@ -463,7 +478,8 @@ class SlackWebhookNotifier:
         results = []
         for ch in notification.slack_channels or [None]:
             payload = self.payload(notification, ch)
-            attempts, error, _ = _deliver_with_retry(self.retry, lambda: self._post(payload))
+            attempts, error, _ = _deliver_with_retry(self.retry, lambda: self._post(payload),
+                                                     f"Slack {notification.id} to {ch or 'webhook'}")
             if error:
                 log.warning("Slack notification %s to %s failed: %s", notification.id, ch or "webhook", error)
             results.append(DeliveryResult("slack", error is None, error, ch or f"webhook@{self._host}", attempts))
@@ -500,8 +516,9 @@ class CompositeNotifier:
 
 
 # --------------------------------------------------------------------------- factory
-def notifier_from_env(home: Path, env: Mapping[str, str] = os.environ) -> Notifier:
-    """Build the notifier from ``KMS_*`` variables (see module docstring)."""
+def notifier_from_env(home: Path, env: Mapping[str, str] = os.environ, *, retry=None) -> Notifier:
+    """Build the notifier from ``KMS_*`` variables (see module docstring). ``retry`` is the
+    policy's ``faults.notifications`` block; the ``KMS_NOTIFY_RETRY_*`` variables override it."""
     home = Path(home)
     outbox = OutboxNotifier(home / "outbox.jsonl")
 
@@ -514,10 +531,12 @@ def notifier_from_env(home: Path, env: Mapping[str, str] = os.environ) -> Notifi
         except ValueError:
             raise NotifyConfigError(f"{name} must be a number, got {raw!r}") from None
 
+    base = RetryPolicy.from_policy(retry) if retry is not None else RetryPolicy()
     retry = RetryPolicy(
-        attempts=num("KMS_NOTIFY_RETRY_ATTEMPTS", 4, int),
-        initial_wait=num("KMS_NOTIFY_RETRY_WAIT", 1.0),
-        max_wait=num("KMS_NOTIFY_RETRY_MAX_WAIT", 30.0),
+        attempts=num("KMS_NOTIFY_RETRY_ATTEMPTS", base.attempts, int),
+        initial_wait=num("KMS_NOTIFY_RETRY_WAIT", base.initial_wait),
+        max_wait=num("KMS_NOTIFY_RETRY_MAX_WAIT", base.max_wait),
+        max_seconds=base.max_seconds,
     )
     channels: list[Notifier] = []
     host = env.get("KMS_SMTP_HOST", "").strip()

@@ -112,15 +112,17 @@ class KmsResource(dg.ConfigurableResource):
         home = Path(self.home)
         home.mkdir(parents=True, exist_ok=True)
         env = self.keystore.env()
+        policy = load_policy(self.policy_path)
         return KmsContext(
-            engine=db.make_engine(self.database.resolved_url(home)),
+            engine=db.make_engine(self.database.resolved_url(home), retry_budget=policy.faults.database.budget()),
             # Audited (A3), and every operation checks this run's workload token (A2).
             keystore=AuditedKeyStore(keystore_from_env(home, env),
                                      credentials=WorkloadIdentity(self.workload_principal)),
-            policy=load_policy(self.policy_path),
+            policy=policy,
             objects=objectstore_from_url(self.objects.url or str(home / "objects"),
-                                         endpoint_url=self.objects.endpoint_url),
-            notifier=notifier_from_env(home, env),
+                                         endpoint_url=self.objects.endpoint_url,
+                                         retry_budget=policy.faults.object_store.budget()),
+            notifier=notifier_from_env(home, env, retry=policy.faults.notifications),
             home=home,
             actor="dagster",
         )

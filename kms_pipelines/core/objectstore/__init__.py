@@ -52,7 +52,7 @@ def __getattr__(name: str):  # import boto3 only when S3 is actually used
     raise AttributeError(name)
 
 
-def objectstore_from_url(url: str, *, endpoint_url: str | None = None, env=None) -> ObjectStore:
+def objectstore_from_url(url: str, *, endpoint_url: str | None = None, env=None, retry_budget=None) -> ObjectStore:
     env = os.environ if env is None else env
     if not isinstance(url, str) or not url.strip():
         raise InvalidObjectStoreURL("object store URL is empty (expected file:///path, a path, or s3://bucket/prefix)")
@@ -87,6 +87,7 @@ def objectstore_from_url(url: str, *, endpoint_url: str | None = None, env=None)
             prefix=unquote(parts.path).strip("/"),
             endpoint_url=endpoint_url or env.get("KMS_S3_ENDPOINT_URL") or None,
             region=env.get("KMS_S3_REGION") or None,
+            retry_budget=retry_budget,
         )
     raise InvalidObjectStoreURL(
         f"unsupported object store URL scheme {parts.scheme!r} in {url!r} (use file:// or s3://)"

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from datetime import datetime, timezone
 from typing import Any, BinaryIO, Iterator
@@ -78,6 +79,63 @@ def _utc(dt: datetime | None) -> datetime | None:
     return dt.astimezone(timezone.utc)
 
 
+class _FirstContact(Exception):
+    """A connection error before the store ever answered: surfaced at once, not retried."""
+
+    def __init__(self, inner: BaseException):
+        super().__init__(str(inner))
+        self.inner = inner
+
+
+class _ResumingBody(io.RawIOBase):
+    """An object's bytes; a read cut by a reset or timeout re-issues the GET from the offset
+    reached (``Range``), pinned to the same object version by its ETag (``IfMatch``)."""
+
+    def __init__(self, store: "S3ObjectStore", key: str, full: str, resp: dict):
+        self._store, self._key, self._full = store, key, full
+        self._etag = resp.get("ETag")
+        self._body = resp["Body"]
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        from .. import retry
+
+        def once() -> bytes:
+            if self._body is None:
+                extra = {"IfMatch": self._etag} if self._etag else {}
+                self._body = self._store.client.get_object(Bucket=self._store.bucket, Key=self._full,
+                                                           Range=f"bytes={self._pos}-", **extra)["Body"]
+            try:
+                return self._body.read(len(buffer))
+            except BaseException:
+                self._drop()
+                raise
+
+        try:
+            data = retry.call(once, budget=self._store.retry_budget, what=f"S3 read {self._key!r}")
+        except (ClientError, BotoCoreError) as exc:
+            raise self._store._error(exc, "read", self._key) from exc
+        n = len(data)
+        buffer[:n] = data
+        self._pos += n
+        return n
+
+    def _drop(self) -> None:
+        body, self._body = self._body, None
+        if body is not None:
+            try:
+                body.close()
+            except Exception:  # noqa: BLE001 - the connection is already broken
+                pass
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+
 class S3ObjectStore:
     backend = "s3"
 
@@ -93,7 +151,12 @@ class S3ObjectStore:
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
         max_attempts: int = 3,
+        retry_budget: Any = None,
     ):
+        """``retry_budget`` (a core.retry.Budget, from ``policy.faults.object_store``) makes every
+        request -- each multipart part on its own -- a unit retried on 5xx, SlowDown, timeouts
+        and connection resets; botocore then makes one attempt per call, so the retries are
+        counted and logged once. A download cut mid-stream resumes with a ranged GET."""
         if not bucket or "/" in bucket:
             raise ObjectStoreError(f"invalid S3 bucket name {bucket!r}")
         if part_size < MIN_PART_SIZE:
@@ -105,11 +168,14 @@ class S3ObjectStore:
         self.bucket = bucket
         self.prefix = prefix
         self.part_size = part_size
+        self.retry_budget = retry_budget
+        self._reached = False  # a store never reached is misconfigured, not failing over: no retries
         if client is None:
             cfg = Config(
                 connect_timeout=connect_timeout,
                 read_timeout=read_timeout,
-                retries={"max_attempts": max_attempts, "mode": "standard"},
+                retries={"total_max_attempts": 1, "mode": "standard"} if retry_budget is not None
+                else {"max_attempts": max_attempts, "mode": "standard"},
                 s3={"addressing_style": "path"} if endpoint_url else {},
             )
             client = boto3.session.Session().client(
@@ -159,9 +225,33 @@ class S3ObjectStore:
             return ObjectStoreError(f"S3 {what} failed in {self._where()}: {exc}")
         return ObjectStoreError(f"S3 {what} failed in {self._where()}: {exc!r}")
 
+    def _retrying(self, action: str, key: str | None, fn):
+        """Run ``fn`` (one request, safe to repeat) under the retry budget, if any."""
+        if self.retry_budget is None:
+            return fn()
+        from .. import retry
+
+        def once():
+            try:
+                out = fn()
+            except ClientError:
+                self._reached = True  # the server answered: a 5xx/SlowDown is worth waiting out
+                raise
+            except BotoCoreError as exc:
+                if not self._reached:
+                    raise _FirstContact(exc) from exc
+                raise
+            self._reached = True
+            return out
+
+        try:
+            return retry.call(once, budget=self.retry_budget, what=f"S3 {action} {key!r}" if key else f"S3 {action}")
+        except _FirstContact as exc:
+            raise exc.inner from exc.inner.__cause__
+
     def _call(self, action: str, key: str | None, fn, **kwargs):
         try:
-            return fn(**kwargs)
+            return self._retrying(action, key, lambda: fn(**kwargs))
         except (ClientError, BotoCoreError) as exc:
             if isinstance(exc, ClientError) and _status(exc) == 404 and _code(exc) in ("404", "NotFound") \
                     and key is not None:
@@ -327,8 +417,11 @@ class S3ObjectStore:
         return resp, size
 
     def open(self, key: str) -> BinaryIO:
-        resp = self._call("get", key, self.client.get_object, Bucket=self.bucket, Key=self._full(key))
-        return resp["Body"]
+        full = self._full(key)
+        resp = self._call("get", key, self.client.get_object, Bucket=self.bucket, Key=full)
+        if self.retry_budget is None:
+            return resp["Body"]
+        return io.BufferedReader(_ResumingBody(self, key, full, resp), buffer_size=1024 * 1024)
 
     def get_bytes(self, key: str) -> bytes:
         body = self.open(key)
