@@ -271,3 +271,77 @@ def test_kms_debug_shows_the_traceback_of_an_exhausted_fault(pg_proxy, tmp_path)
     done = subprocess.run(_kms_cmd("report", "--clause", "T3"), env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert "Traceback" in done.stderr and "DependencyUnavailable" in done.stderr
+
+
+# ---- S3 ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def s3_via_proxy(s3_server, s3_bucket, fault_proxy):
+    """An S3ObjectStore (5 MiB parts, small retry budget) whose every request goes through the proxy."""
+    from urllib.parse import urlsplit
+
+    from kms_pipelines.core.objectstore.s3 import MIN_PART_SIZE, S3ObjectStore
+
+    u = urlsplit(s3_server)
+    proxy = fault_proxy((u.hostname, u.port))
+    store = S3ObjectStore(s3_bucket, endpoint_url=f"http://127.0.0.1:{proxy.port}", region="us-east-1",
+                          part_size=MIN_PART_SIZE, read_timeout=10,
+                          retry_budget=fast_policy().faults.object_store.budget())
+    return store, proxy
+
+
+def _backed_up_context(make_kms, store, megabytes: int):
+    """A context whose backups are big enough for several multipart parts (incompressible artifacts)."""
+    import os
+
+    from kms_pipelines.core.clock import SystemClock
+
+    ctx = make_kms("sqlite", clock=SystemClock())
+    ctx.policy = fast_policy()
+    ctx.objects = store
+    artifacts = ctx.home / "artifacts" / "kms" / "bulk"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    (artifacts / "blob.bin").write_bytes(os.urandom(megabytes * 1024 * 1024))
+    return ctx
+
+
+def test_backup_completes_and_verifies_through_resets_during_a_multipart_upload(make_kms, s3_via_proxy, caplog,
+                                                                                 s3_client, s3_bucket):
+    from kms_pipelines.core import backup
+
+    store, proxy = s3_via_proxy
+    ctx = _backed_up_context(make_kms, store, megabytes=12)
+    objects = fill(ctx, 10)
+    caplog.set_level(logging.WARNING, logger="kms_pipelines.core.retry")
+    proxy.reset_midstream(7 * 1024 * 1024, direction="up", times=2)  # inside part 2, then again on its retry
+    info = backup.create(ctx)
+    assert proxy.resets_done == 2
+    assert info.status == backup.COMPLETE and info.size > 10 * 1024 * 1024
+    lines = retry_lines(caplog)
+    assert any("upload part" in x and "object store" in x for x in lines), lines
+    assert not s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")  # nothing left dangling
+    checked = backup.verify_archive(ctx, info.archive_id)
+    assert checked["manifest_verifies"] and checked["locked"] and checked["size"] == info.size
+    assert_intact(ctx, objects)
+
+
+def test_restore_completes_through_resets_while_reading_the_archive(make_kms, s3_via_proxy, tmp_path, caplog):
+    from kms_pipelines.core import backup, restore
+
+    store, proxy = s3_via_proxy
+    ctx = _backed_up_context(make_kms, store, megabytes=8)
+    objects = fill(ctx, 10)
+    info = backup.create(ctx)
+    caplog.set_level(logging.WARNING, logger="kms_pipelines.core.retry")
+    # the first read of the archive (its hash check) and the second (the restore itself) are each cut
+    proxy.reset_midstream(3 * 1024 * 1024, direction="down", times=1)
+    report = restore.restore(ctx, info.archive_id, f"sqlite:///{tmp_path / 'restored.db'}",
+                             target_home=tmp_path / "staging")
+    assert proxy.resets_done == 1
+    assert report.ok, report.summary()
+    assert any("S3 read" in x for x in retry_lines(caplog))
+    proxy.reset_midstream(6 * 1024 * 1024, direction="down", times=1)
+    again = restore.restore(ctx, info.archive_id, f"sqlite:///{tmp_path / 'restored2.db'}",
+                            target_home=tmp_path / "staging2")
+    assert proxy.resets_done == 2 and again.ok, again.summary()
+    assert_intact(ctx, objects)
