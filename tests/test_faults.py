@@ -345,3 +345,52 @@ def test_restore_completes_through_resets_while_reading_the_archive(make_kms, s3
                             target_home=tmp_path / "staging2")
     assert proxy.resets_done == 2 and again.ok, again.summary()
     assert_intact(ctx, objects)
+
+
+# ---- SMTP ----------------------------------------------------------------------------------
+
+def test_smtp_down_during_a_manual_operation_is_retried_then_recorded_as_failed(make_kms, smtp_server, fault_proxy,
+                                                                                caplog):
+    from datetime import timedelta
+
+    import pyotp
+
+    from kms_pipelines.core import access, notifications
+    from kms_pipelines.core.notify import CompositeNotifier, OutboxNotifier, RetryPolicy, SmtpNotifier
+
+    ctx = make_kms("sqlite")
+    proxy = fault_proxy((smtp_server.host, smtp_server.port))
+    budget = FaultBudget(attempts=3, max_seconds=10, first_wait_seconds=0.05, max_wait_seconds=0.1)
+    outbox = OutboxNotifier(ctx.home / "outbox.jsonl")
+    smtp = SmtpNotifier("127.0.0.1", proxy.port, "kms@example.com", timeout=2, retry=RetryPolicy.from_policy(budget))
+    ctx.notifier = CompositeNotifier([outbox, smtp], record_to=outbox)
+    devices = {name: pyotp.parse_uri(access.enroll_principal(ctx, name, [role]).provisioning_uri)
+               for name, role in (("alice", "sre_oncall"), ("bob", "security_engineering"),
+                                  ("carol", "compliance_officer"))}
+    with pytest.raises(access.AccessDenied):
+        access.manual_rotate(ctx, "service:api-gateway", ticket="CHG-19", requested_by="alice")  # opens the request
+    for name in ("bob", "carol"):
+        ctx.clock.advance(timedelta(seconds=30))
+        access.approve(ctx, name, ticket="CHG-19", operation="rotate", totp=devices[name].at(ctx.now()))
+
+    caplog.set_level(logging.WARNING, logger="kms_pipelines.core.retry")
+    proxy.down()  # the SMTP relay is gone for the whole operation
+    outcome = access.manual_rotate(ctx, "service:api-gateway", ticket="CHG-19", requested_by="alice")
+
+    assert outcome.result.rotated and outcome.result.new_version == 2  # the operation is not held up
+    assert len(outcome.notification_failures) == 1 and outcome.notification_failures[0].startswith("email: gave up")
+    assert sum("email" in x and "retry" in x for x in retry_lines(caplog)) == 2  # 3 attempts, 2 logged retries
+    assert smtp_server.messages == []
+    rows = [r for r in notifications.recent_deliveries(ctx) if r["ref"] == "CHG-19"]
+    email = [r for r in rows if r["channel"] == "email"]
+    assert len(email) == 1 and not email[0]["ok"] and email[0]["attempts"] == 3
+    status = notifications.delivery_status(ctx)
+    assert not status.ok and any(u["ref"] == "CHG-19" and u["channel"] == "email" for u in status.unresolved)
+
+    # the relay comes back: a later delivery of the same notification resolves the failure
+    proxy.up()
+    again = notifications.notify_manual_operation(ctx, operation="rotate", target="service:api-gateway",
+                                                  ticket="CHG-19", requester="alice", approvers=["bob", "carol"])
+    assert again.ok and len(smtp_server.messages) == 1
+    assert notifications.delivery_status(ctx).ok
+    assert_intact(ctx)

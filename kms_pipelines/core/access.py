@@ -497,25 +497,15 @@ def manual_rotate(ctx: KmsContext, key: str, *, ticket: str, requested_by: str, 
 
 
 def _notify_manual(ctx: KmsContext, o: ManualOutcome) -> list[str]:
-    """A4: tell the compliance lists. A failed delivery is reported, never raised."""
-    if ctx.notifier is None:
-        return ["no notifier configured"]
-    from .notify import Notification, failures
+    """A4: tell the compliance lists. A failed delivery is reported, never raised, and every
+    delivery -- failed ones included -- is recorded in ``notification_deliveries``."""
+    from . import notifications
 
-    n = ctx.policy.notifications
     r = o.result
-    body = (f"Manual {o.operation} of {o.target} under change ticket {o.ticket}.\n"
-            f"Requested by: {o.requester}\nApproved by: {', '.join(o.approvers)}\n"
-            + (f"Versions: v{r.old_version} -> v{r.new_version}\n" if getattr(r, "new_version", None) else "")
-            + f"At: {ctx.now().isoformat()}\n")
-    try:
-        results = ctx.notifier.send(Notification(
-            subject=f"KMS manual {o.operation}: {o.target} ({o.ticket})", body=body,
-            recipients=list(n.compliance_emails), slack_channels=list(n.slack_channels), severity="notice",
-            kind=f"manual_{o.operation.replace('-', '_')}", ref=o.ticket))
-    except Exception as exc:  # noqa: BLE001 - reported to the caller
-        return [f"{type(exc).__name__}: {exc}"]
-    return [f"{f.channel}: {f.error}" for f in failures(results)]
+    detail = f"Versions: v{r.old_version} -> v{r.new_version}" if getattr(r, "new_version", None) else ""
+    outcome = notifications.notify_manual_operation(ctx, operation=o.operation, target=o.target, ticket=o.ticket,
+                                                    requester=o.requester, approvers=o.approvers, detail=detail)
+    return [f"{f.channel}: {f.error}" for f in outcome.results if not f.ok]
 
 
 # ---- workload tokens ----------------------------------------------------------------

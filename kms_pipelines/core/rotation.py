@@ -192,19 +192,16 @@ def rotate_now(ctx: KmsContext, name: str, *, reason: str = "manual", actor: str
 
 
 def _notify_manual(ctx: KmsContext, name: str, result: RotationResult, actor: str, ticket: str | None) -> None:
-    if ctx.notifier is None:
-        return
-    from .notify import Notification
+    """Through notifications.notify_policy_event, so every delivery (a failed one too) is recorded."""
+    from . import notifications
 
-    n = ctx.policy.notifications
-    ctx.notifier.send(Notification(
-        subject=f"KMS: {name} rotated at once ({result.reason})",
-        body=(f"{name} was rotated from v{result.old_version} to v{result.new_version} by {actor} "
-              f"(reason: {result.reason}; ticket: {ticket or 'none'}). The old version stays verify-only "
-              f"until revoked or retired."),
-        recipients=list(n.compliance_emails) + list(n.security_emails), slack_channels=list(n.slack_channels),
-        severity="warning" if result.reason != "manual" else "notice", kind="manual_rotation",
-        ref=f"{name}#v{result.new_version}"))
+    notifications.notify_policy_event(
+        ctx, "manual_rotation", f"KMS: {name} rotated at once ({result.reason})",
+        (f"{name} was rotated from v{result.old_version} to v{result.new_version} by {actor} "
+         f"(reason: {result.reason}; ticket: {ticket or 'none'}). The old version stays verify-only "
+         f"until revoked or retired."),
+        ref=f"{name}#v{result.new_version}", audience=("compliance", "security"),
+        severity="warning" if result.reason != "manual" else "notice")
 
 
 # ---- partners (R1) ----------------------------------------------------------------
