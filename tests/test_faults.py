@@ -9,6 +9,7 @@ Budgets are shrunk through a policy override (``fast_policy``) so the tests stay
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 import pytest
@@ -394,3 +395,59 @@ def test_smtp_down_during_a_manual_operation_is_retried_then_recorded_as_failed(
     assert again.ok and len(smtp_server.messages) == 1
     assert notifications.delivery_status(ctx).ok
     assert_intact(ctx)
+
+
+# ---- Dagster -------------------------------------------------------------------------------
+
+def test_dagster_sweep_fails_with_one_line_and_metadata_and_may_be_retried(pg_proxy, tmp_path):
+    import dagster as dg
+
+    from kms_pipelines.defs import envelope as envelope_defs
+    from kms_pipelines.defs.failures import run_retry_policy
+    from tests.fixtures.dagster_defs import kms_resources
+
+    url, proxy = pg_proxy
+    resources = kms_resources(tmp_path / "home", url)
+    kms = resources["kms"].model_copy(update={"policy_path": str(_small_budget_policy(tmp_path))})
+    ctx = kms.context()
+    lifecycle.bootstrap(ctx)
+    objects = fill(ctx, 30)
+    lifecycle.rotate(ctx, KEY, reason="cadence")
+    audit.flush(ctx)
+    proxy.down()
+    with pytest.raises(dg.Failure) as failed, dg.build_asset_context(partition_key="0") as asset_context:
+        envelope_defs.dek_rewrap_sweep(context=asset_context, kms=kms)
+    failure = failed.value
+    assert "\n" not in failure.description and "Traceback" not in failure.description
+    assert re.match(r"database connection lost after 0( of [\d,]+)? DEKs \(retried 3× over \d+ s; last: ",
+                    failure.description), failure.description
+    assert failure.description.endswith(f"re-run is safe: kms envelope sweep --shard 0 --shards "
+                                        f"{len(envelope_defs.SHARD_KEYS)}")
+    assert failure.allow_retries
+    meta = {k: getattr(v, "value", v) for k, v in failure.metadata.items()}
+    assert meta["dependency"] == "database" and meta["attempts"] == 4
+    # the asset is re-run by Dagster after the budget, with the policy's numbers
+    policy = load_policy().faults.dagster
+    assert envelope_defs.dek_rewrap_sweep.op.retry_policy == run_retry_policy()
+    assert (run_retry_policy().max_retries, run_retry_policy().delay) == (policy.max_retries, policy.delay_seconds)
+
+    proxy.up()
+    for shard in envelope_defs.SHARD_KEYS:
+        with dg.build_asset_context(partition_key=shard) as asset_context:
+            assert envelope_defs.dek_rewrap_sweep(context=asset_context, kms=kms).metadata["failed"] == 0
+    assert not envelope.stranded(ctx)
+    assert_intact(ctx, objects)
+    audit.flush(ctx)
+
+
+def test_a_refused_operation_bypasses_the_dagster_retry_policy():
+    from kms_pipelines.core.envelope import EnvelopeError
+    from kms_pipelines.defs.failures import one_line_failures
+
+    import dagster as dg
+
+    with pytest.raises(dg.Failure) as failed, one_line_failures():
+        raise EnvelopeError("unknown key 'data:nope' (run `kms init`, or see `kms keys list`)")
+    assert failed.value.allow_retries is False and failed.value.description.startswith("unknown key")
+    with pytest.raises(ZeroDivisionError), one_line_failures():  # a bug keeps its traceback
+        1 / 0

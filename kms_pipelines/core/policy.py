@@ -247,12 +247,19 @@ class FaultBudget(_Strict):
         return Budget(self.attempts, self.max_seconds, self.first_wait_seconds, self.max_wait_seconds)
 
 
+class RunRetries(_Strict):
+    """Dagster re-runs of a safe-to-repeat asset whose in-process budget ran out."""
+    max_retries: int = Field(default=2, ge=0, le=10)
+    delay_seconds: int = Field(default=120, ge=0, le=86_400)
+
+
 class Faults(_Strict):
     """Bounded retries per dependency (core/retry.py; README "Faults")."""
     database: FaultBudget = FaultBudget()
     object_store: FaultBudget = FaultBudget()
     notifications: FaultBudget = FaultBudget(attempts=4, first_wait_seconds=1.0, max_wait_seconds=30.0)
     hsm: FaultBudget = FaultBudget(attempts=3, max_seconds=30.0)
+    dagster: RunRetries = RunRetries()
 
 
 class Policy(_Strict):

@@ -13,6 +13,7 @@ import dagster as dg
 
 from ..core import backup, drills
 from ..core.policy import load_policy
+from .failures import one_line_failures, run_retry_policy
 from .foundation import kms_state
 from .metadata import markdown_table
 from .resources import KmsResource
@@ -23,11 +24,13 @@ monthly = dg.MonthlyPartitionsDefinition(start_date="2026-01-01", timezone="UTC"
 
 
 @dg.asset(group_name="backup", deps=[kms_state], partitions_def=daily, kinds={"s3"},
-          description="Nightly encrypted archive of the KMS database + artifacts/kms under Object Lock (B1, B3).")
+          description="Nightly encrypted archive of the KMS database + artifacts/kms under Object Lock (B1, B3).",
+          retry_policy=run_retry_policy())  # an interrupted backup is never marked good: a re-run is safe
 def nightly_backup(context: dg.AssetExecutionContext, kms: KmsResource) -> dg.MaterializeResult:
     ctx = kms.context()
-    info = backup.create(ctx)
-    verified = backup.verify_archive(ctx, info.archive_id)
+    with one_line_failures("kms backup create"):
+        info = backup.create(ctx)
+        verified = backup.verify_archive(ctx, info.archive_id)
     context.log.info(f"backup {info.archive_id} ({info.gfs_class}) {info.size} bytes, verified")
     return dg.MaterializeResult(metadata={
         "archive_id": info.archive_id, "gfs_class": info.gfs_class, "size_bytes": info.size or 0,

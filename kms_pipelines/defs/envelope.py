@@ -13,6 +13,7 @@ import dagster as dg
 
 from ..core import envelope, export_keys
 from ..core.policy import load_policy
+from .failures import one_line_failures, run_retry_policy
 from .foundation import NIGHTLY, kms_state
 from .metadata import markdown_table
 from .resources import KmsResource
@@ -37,6 +38,7 @@ def _stranded_metadata(rows) -> dict:
                                                "destroyed key version (R3, T2).")],
     description="Rewrap every DEK of this shard still on a rotated/revoked data-key version onto the active "
                 "version (inside the HSM under PKCS#11). Resumable: batches commit with compare-and-set.",
+    retry_policy=run_retry_policy(),  # a re-run picks up where a lost database left the shard
 )
 def dek_rewrap_sweep(context: dg.AssetExecutionContext, kms: KmsResource) -> dg.MaterializeResult:
     ctx = kms.context()
@@ -47,8 +49,9 @@ def dek_rewrap_sweep(context: dg.AssetExecutionContext, kms: KmsResource) -> dg.
             context.log.info(f"shard {shard}: batch {p.batch}, {p.key} v{p.from_version}->v{p.to_version}, "
                              f"{p.total_moved} moved so far ({p.seconds:.1f}s)")
 
-    result = envelope.sweep(ctx, shard=shard, shards=shards, batch_size=ctx.policy.envelope.batch_size,
-                            progress=progress)
+    with one_line_failures():
+        result = envelope.sweep(ctx, shard=shard, shards=shards, batch_size=ctx.policy.envelope.batch_size,
+                                progress=progress)
     context.log.info(f"shard {shard}: moved {result.moved} DEK(s) in {result.batches} batch(es), "
                      f"{result.rate:.0f}/s; {result.remaining} remaining, {result.failed} failed")
     stranded = envelope.stranded(ctx, shard=shard, shards=shards)

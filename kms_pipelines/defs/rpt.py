@@ -7,6 +7,7 @@ counts, hashes, kids and object keys, never key material."""
 import dagster as dg
 
 from ..core import checkpoints, rpt
+from .failures import one_line_failures, run_retry_policy
 from .foundation import NIGHTLY, kms_state
 from .metadata import markdown_table
 from .resources import KmsResource
@@ -38,9 +39,11 @@ def rpt_chain_verifies(kms: KmsResource) -> dg.AssetCheckResult:
 
 
 @dg.asset(group_name="evidence", tags=NIGHTLY, deps=[kms_state, rpt_chain], kinds={"s3"},
-          description="Daily checkpoint (T3): ledger and RPT heads signed by the root key, written to WORM storage.")
+          description="Daily checkpoint (T3): ledger and RPT heads signed by the root key, written to WORM storage.",
+          retry_policy=run_retry_policy())  # a repeat re-verifies and signs anew
 def ledger_checkpoint(kms: KmsResource) -> dg.MaterializeResult:
-    cp = checkpoints.write_checkpoint(kms.context())
+    with one_line_failures("kms ledger checkpoint"):
+        cp = checkpoints.write_checkpoint(kms.context())
     return dg.MaterializeResult(metadata={
         "object": dg.MetadataValue.url(cp["url"]) if cp["url"].startswith(("s3://", "http")) else cp["url"],
         "ledger_size": cp["ledger_size"], "ledger_head_hash": cp["ledger_head_hash"],
