@@ -451,3 +451,30 @@ def test_a_refused_operation_bypasses_the_dagster_retry_policy():
     assert failed.value.allow_retries is False and failed.value.description.startswith("unknown key")
     with pytest.raises(ZeroDivisionError), one_line_failures():  # a bug keeps its traceback
         1 / 0
+
+
+# ---- HSM -----------------------------------------------------------------------------------
+
+def test_pkcs11_sessions_are_reopened_after_the_token_drops_them(pkcs11_keystore, caplog):
+    """The token forgets every session (as after CKR_DEVICE_REMOVED or an HSM restart): the
+    next operation fails with CKR_SESSION_HANDLE_INVALID inside, logs in again on a fresh
+    session and succeeds; nothing was lost."""
+    store = pkcs11_keystore
+    store.generate("kek-old", "aes256")
+    store.generate("kek-new", "aes256")
+    wrapped = [store.new_wrapped_dek("kek-old") for _ in range(3)]
+    blob = store.dek_encrypt("kek-old", wrapped[0], b"hello", b"aad")
+    state = store._token()
+    dropped = 0
+    for pooled in list(store._idle):  # behind the keystore's back: every session handle dies
+        pooled.session.close()
+        dropped += 1
+    if state.login_session is not None:
+        state.login_session.close()
+    assert dropped >= 1
+    caplog.set_level(logging.WARNING, logger="kms_pipelines.core.keystore.pkcs11")
+    moved = store.rewrap("kek-old", "kek-new", wrapped)
+    assert any("session lost" in r.getMessage() for r in caplog.records)
+    assert store._token() is not state  # a fresh login
+    assert store.dek_decrypt("kek-new", moved[0], blob, b"aad") == b"hello"
+    assert all(store.dek_encrypt("kek-new", w, b"x") for w in moved)

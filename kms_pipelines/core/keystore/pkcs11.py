@@ -30,8 +30,10 @@ lazily on first use. The parent is not affected.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import threading
@@ -46,8 +48,11 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11x
 from pkcs11.mechanisms import GCMParams
 
-from .base import AES_256, ALGORITHMS, ED25519, DecryptionFailed, GeneratedKey, KeyExists, KeyNotFound, KeyStoreError
+from .base import (AES_256, ALGORITHMS, ED25519, DecryptionFailed, GeneratedKey, KeyExists, KeyNotFound, KeyStoreError,
+                   KeyStoreSessionLost)
 from .software import validate_ref
+
+log = logging.getLogger(__name__)
 
 ED25519_EC_PARAMS = b"\x06\x03\x2b\x65\x70"  # DER OID 1.3.101.112 (id-Ed25519)
 _NONCE = 12
@@ -277,6 +282,19 @@ def _release_token(state: _TokenState) -> None:
 _HANDLE_CACHE_SIZE = 256
 
 
+def _on_a_fresh_session(method):
+    """Run a read-only/idempotent operation once more, on a fresh session and login, when its
+    session was lost (the lost attempt changed nothing on the token)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except KeyStoreSessionLost as exc:
+            log.warning("PKCS#11 %s: session lost (%s); retrying once on a new session", method.__name__, exc.cause)
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class _Pooled:
     """A pooled session plus its cache of key objects (python-pkcs11 objects are bound to the
     session that found them). C_FindObjects is the slowest step on many tokens, so a cached
@@ -374,6 +392,25 @@ class Pkcs11KeyStore:
                 except p11x.PKCS11Error:
                     pass
 
+    def _reset_token(self, state: _TokenState) -> None:
+        """Drop the pool and the login of a token whose sessions were lost; the next
+        ``_checkout`` logs in again (CKR_SESSION_HANDLE_INVALID, CKR_DEVICE_REMOVED, …)."""
+        with self._cond:
+            if self._token_state is not state:
+                return
+            idle, self._idle = self._idle, []
+            self._open = 0  # sessions still checked out belong to the old state: closed at check-in
+            self._token_state = None
+            self._cond.notify_all()
+        if state.lib.pid == os.getpid():
+            with state.lib.lock:
+                for session in idle:
+                    try:
+                        session.close()
+                    except p11x.PKCS11Error:
+                        pass
+        _release_token(state)
+
     @contextmanager
     def _session(self, what: str, ref: str) -> Iterator[Any]:
         """One pooled session, used under the library lock. Maps leftover PKCS#11 errors."""
@@ -386,7 +423,12 @@ class Pkcs11KeyStore:
             raise
         except _BROKEN_SESSION_ERRORS as exc:
             discard = True
-            raise KeyStoreError(f"PKCS#11 {what} for key {ref!r} failed: token/session lost ({type(exc).__name__})") from None
+            # Every session of this token may be dead with it (a removed device, a closed
+            # login): start over with a fresh login and pool on the next operation.
+            self._reset_token(state)
+            raise KeyStoreSessionLost(f"PKCS#11 {what} for key {ref!r} failed: token/session lost "
+                                      f"({type(exc).__name__}); the next operation opens a new session",
+                                      cause=type(exc).__name__) from None
         except p11x.KeyUnextractable:
             raise KeyStoreError(f"PKCS#11 {what} for key {ref!r} refused: key is not extractable") from None
         except p11x.PKCS11Error as exc:
@@ -477,14 +519,17 @@ class Pkcs11KeyStore:
             )
             return GeneratedKey(ref, algorithm, _raw_ed25519_point(public[Attribute.EC_POINT]))
 
+    @_on_a_fresh_session
     def exists(self, ref: str) -> bool:
         with self._session("lookup", ref) as s:
             return bool(self._objects(s, ref))
 
+    @_on_a_fresh_session
     def public_key(self, ref: str) -> bytes:
         with self._session("public-key read", ref) as s:
             return _raw_ed25519_point(self._public(s, ref)[Attribute.EC_POINT])
 
+    @_on_a_fresh_session
     def sign(self, ref: str, message: bytes) -> bytes:
         with self._session("sign", ref) as s:
             return bytes(self._private(s, ref).sign(bytes(message), mechanism=Mechanism.EDDSA))
@@ -501,10 +546,12 @@ class Pkcs11KeyStore:
         return bytes(key.decrypt(bytes(blob[_NONCE:]), mechanism=Mechanism.AES_GCM,
                                  mechanism_param=GCMParams(bytes(blob[:_NONCE]), bytes(aad), _TAG * 8)))
 
+    @_on_a_fresh_session
     def encrypt(self, ref: str, plaintext: bytes, aad: bytes = b"") -> bytes:
         with self._session("encrypt", ref) as s:
             return self._gcm_encrypt(self._aes(s, ref), plaintext, aad)
 
+    @_on_a_fresh_session
     def decrypt(self, ref: str, blob: bytes, aad: bytes = b"") -> bytes:
         with self._session("decrypt", ref) as s:
             key = self._aes(s, ref)
@@ -516,6 +563,7 @@ class Pkcs11KeyStore:
                 raise DecryptionFailed(f"ciphertext does not authenticate under key {ref!r}") from None
 
     # ---- envelope encryption -----------------------------------------------------------------
+    @_on_a_fresh_session
     def new_wrapped_dek(self, kek_ref: str) -> bytes:
         with self._session("DEK wrap", kek_ref) as s:
             kek = self._aes(s, kek_ref)
@@ -538,6 +586,7 @@ class Pkcs11KeyStore:
         except _UNWRAP_ERRORS:
             raise DecryptionFailed(f"{which} does not unwrap under key {kek_ref!r}") from None
 
+    @_on_a_fresh_session
     def dek_encrypt(self, kek_ref: str, wrapped_dek: bytes, plaintext: bytes, aad: bytes = b"") -> bytes:
         with self._session("DEK encrypt", kek_ref) as s:
             dek = self._unwrap(self._aes(s, kek_ref), kek_ref, wrapped_dek, _SESSION_DEK_FOR_CIPHER)
@@ -546,6 +595,7 @@ class Pkcs11KeyStore:
             finally:
                 self._must_destroy(dek)
 
+    @_on_a_fresh_session
     def dek_decrypt(self, kek_ref: str, wrapped_dek: bytes, blob: bytes, aad: bytes = b"") -> bytes:
         with self._session("DEK decrypt", kek_ref) as s:
             dek = self._unwrap(self._aes(s, kek_ref), kek_ref, wrapped_dek, _SESSION_DEK_FOR_CIPHER)
@@ -559,6 +609,7 @@ class Pkcs11KeyStore:
             finally:
                 self._must_destroy(dek)
 
+    @_on_a_fresh_session
     def rewrap(self, old_kek_ref: str, new_kek_ref: str, wrapped_deks: Sequence[bytes]) -> list[bytes]:
         out: list[bytes] = []
         with self._session("rewrap", old_kek_ref) as s:
@@ -624,6 +675,7 @@ class Pkcs11KeyStore:
             for obj in found:
                 obj.destroy()
 
+    @_on_a_fresh_session
     def refs(self) -> Iterable[str]:
         with self._session("listing", "*") as s:
             out: set[str] = set()
