@@ -18,6 +18,7 @@ parameters, which may be wrapped keys.
 from __future__ import annotations
 
 import logging
+import re
 import smtplib
 import socket
 import time
@@ -205,8 +206,14 @@ def classify(exc: BaseException) -> Fault | None:
 
 
 def _libpq_phrase(text: str) -> str | None:
+    """The libpq/server words that matched, to the end of their clause ("the database system
+    is shutting down"): fixed server text, never statement data."""
     low = text.lower()
-    return next((p for p in _LIBPQ_LOST if p in low), None)
+    phrase = next((p for p in _LIBPQ_LOST if p in low), None)
+    if phrase is None:
+        return None
+    tail = low[low.index(phrase):].splitlines()[0]
+    return re.split(r"[.:;(\n]", tail, maxsplit=1)[0].strip()[:80]
 
 
 def dump_fault(tool: str, stderr_text: str) -> Fault | None:
