@@ -478,3 +478,126 @@ def test_pkcs11_sessions_are_reopened_after_the_token_drops_them(pkcs11_keystore
     assert store._token() is not state  # a fresh login
     assert store.dek_decrypt("kek-new", moved[0], blob, b"aad") == b"hello"
     assert all(store.dek_encrypt("kek-new", w, b"x") for w in moved)
+
+
+# ---- what is NOT retried, and the control attacked -------------------------------------------
+
+def test_classifier_separates_transient_from_permanent_errors():
+    """Real library exception objects (no server needed to build them)."""
+    import smtplib
+
+    import psycopg
+    from botocore.exceptions import ClientError, EndpointConnectionError
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    def pg(sqlstate):
+        return OperationalError("SELECT 1", {}, psycopg.errors.lookup(sqlstate)())
+
+    def s3(code, status):
+        return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+    transient = [pg("40001"), pg("40P01"), pg("57P01"), pg("08006"), pg("57P03"),
+                 OperationalError("x", {}, psycopg.OperationalError("server closed the connection unexpectedly")),
+                 s3("SlowDown", 503), s3("InternalError", 500), s3("RequestTimeout", 400),
+                 EndpointConnectionError(endpoint_url="http://s3"), smtplib.SMTPResponseException(421, b"busy"),
+                 smtplib.SMTPServerDisconnected("gone"), ConnectionResetError()]
+    permanent = [pg("42P01"), pg("23505"), IntegrityError("INSERT", {}, psycopg.errors.lookup("23505")()),
+                 OperationalError("x", {}, psycopg.OperationalError('FATAL:  database "x" does not exist')),
+                 OperationalError("x", {}, psycopg.OperationalError("password authentication failed")),
+                 s3("AccessDenied", 403), s3("NoSuchBucket", 404), smtplib.SMTPResponseException(550, b"no"),
+                 ValueError("bad input")]
+    assert [e for e in transient if retry.classify(e) is None] == []
+    assert [e for e in permanent if retry.classify(e) is not None] == []
+    # a wrapped transient cause is found; an exhausted budget is never retried again by an outer unit
+    try:
+        try:
+            raise pg("57P01")
+        except OperationalError as inner:
+            raise RuntimeError("backup failed") from inner
+    except RuntimeError as outer:
+        assert retry.classify(outer).dependency == "database"
+    exhausted = retry.DependencyUnavailable(retry.Fault("database", "AdminShutdown"), 3, 1.0)
+    assert retry.classify(exhausted) is None
+
+
+def test_a_permanent_error_is_raised_at_once_and_a_transient_one_only_within_the_budget():
+    from sqlalchemy.exc import OperationalError
+    import psycopg
+
+    calls = []
+
+    def permanent():
+        calls.append(1)
+        raise ValueError("refused")
+
+    budget = retry.Budget(attempts=5, max_seconds=5, first_wait=0.01, max_wait=0.01)
+    with pytest.raises(ValueError):
+        retry.call(permanent, budget=budget, what="t")
+    assert len(calls) == 1
+
+    def transient():
+        calls.append(1)
+        raise OperationalError("SELECT 1", {"wrapped": b"\x00" * 40}, psycopg.errors.lookup("57P01")())
+
+    calls.clear()
+    with pytest.raises(retry.DependencyUnavailable) as failed:
+        retry.call(transient, budget=budget, what="t", done=lambda: "7 of 9 DEKs", rerun="kms envelope sweep")
+    assert len(calls) == 5
+    line = str(failed.value)
+    assert line.startswith("database connection lost after 7 of 9 DEKs (retried 4× over 0 s; last: AdminShutdown 57P01)")
+    assert line.endswith("re-run is safe: kms envelope sweep") and "\\x00" not in line and "wrapped" not in line
+
+
+def test_policy_refuses_a_nonsense_retry_budget(tmp_path):
+    import yaml
+
+    from kms_pipelines.core.policy import DEFAULT_POLICY_PATH, PolicyError, parse_policy
+
+    data = yaml.safe_load(DEFAULT_POLICY_PATH.read_text())
+    data["faults"]["database"]["attempts"] = 0
+    with pytest.raises(PolicyError, match=r"faults\.database\.attempts"):
+        parse_policy(yaml.safe_dump(data))
+    data["faults"]["database"]["attempts"] = 3
+    data["faults"]["s3"] = {"attempts": 3}
+    with pytest.raises(PolicyError, match=r"faults\.s3"):
+        parse_policy(yaml.safe_dump(data))
+
+
+def test_a_rotation_whose_commit_acknowledgement_is_lost_is_not_repeated(kms_pg, monkeypatch):
+    """The one fault the proxy cannot aim precisely: the COMMIT reaches the server but its
+    reply is lost. Simulated here by raising a real connection-loss error right after a real
+    commit (the only stand-in in this file); the retried unit must find its own rotation and
+    not rotate a second time."""
+    from contextlib import contextmanager
+
+    import psycopg
+    from sqlalchemy import event
+    from sqlalchemy.exc import OperationalError
+
+    ctx = kms_pg
+    ctx.policy = fast_policy()
+    real = type(ctx).transaction
+    seen = {"n": 0}
+
+    @contextmanager
+    def lossy(self):
+        flushed = []
+        with real(self) as session:
+            event.listen(session, "after_flush", lambda *_: flushed.append(1))
+            yield session
+        wrote = bool(flushed)
+        seen["n"] += 1
+        if wrote and not seen.get("lost"):  # the rotation's transaction committed: lose its reply
+            seen["lost"] = True
+            raise OperationalError("COMMIT", {}, psycopg.OperationalError("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(type(ctx), "transaction", lossy)
+    result = lifecycle.rotate(ctx, KEY, reason="cadence")
+    monkeypatch.undo()
+    assert seen.get("lost")
+    assert result.rotated and (result.old_version, result.new_version) == (1, 2)
+    with ctx.transaction() as session:
+        key = lifecycle.get_key(session, KEY)
+        assert sorted((v.version, v.state) for v in key.versions) == [(1, "rotated"), (2, "active")]
+        assert ctx.keystore.exists(lifecycle.active_version(key).wrap_ref)  # material kept, not discarded
+    assert_intact(ctx)
