@@ -48,7 +48,7 @@ class KmsGroup(click.Group):
     """Turns domain errors into one-line messages and exit codes."""
 
     def invoke(self, ctx):
-        from .core.errors import fault_line, known_errors
+        from .core.errors import connect_failure_line, fault_line, known_errors
 
         command = _command_line([*getattr(ctx, "_protected_args", []), *ctx.args])
         try:
@@ -61,7 +61,7 @@ class KmsGroup(click.Group):
         except Exception as exc:
             # A database/S3/SMTP/HSM fault that no retried unit caught (core/retry.py):
             # still one line and exit 1, never a traceback.
-            line = fault_line(exc, command)
+            line = fault_line(exc, command) or connect_failure_line(exc)
             if line is None or os.environ.get("KMS_DEBUG"):
                 raise
             click.echo(f"kms: error: {line}", err=True)

@@ -601,3 +601,28 @@ def test_a_rotation_whose_commit_acknowledgement_is_lost_is_not_repeated(kms_pg,
         assert sorted((v.version, v.state) for v in key.versions) == [(1, "rotated"), (2, "active")]
         assert ctx.keystore.exists(lifecycle.active_version(key).wrap_ref)  # material kept, not discarded
     assert_intact(ctx)
+
+
+def test_cli_database_errors_outside_any_retried_unit_are_one_line(tmp_path, fault_proxy, pg_admin):
+    """A fault on the first connection (not retried: more likely a wrong URL) and a database
+    that refuses for good both end in one line and exit 1, never a traceback."""
+    from click.testing import CliRunner
+
+    from kms_pipelines.cli import cli
+
+    proxy = fault_proxy(("127.0.0.1", 5432))
+    proxy.down()
+    env = {"KMS_HOME": str(tmp_path / "home"), "KMS_DEBUG": "", "KMS_POLICY": None}
+    down = CliRunner().invoke(cli, ["keys", "list"], env={**env, "KMS_DATABASE_URL": proxy.url_for(
+        "postgresql://postgres@127.0.0.1:5432/postgres")})
+    assert down.exit_code == 1
+    lines = down.output.strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch(
+        r"kms: error: database connection lost \(OperationalError: (connection refused|server closed the connection "
+        r"unexpectedly)\); nothing was left half-done, re-run is safe: kms keys list", lines[0]), lines
+    missing = CliRunner().invoke(cli, ["keys", "list"], env={
+        **env, "KMS_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/kms_no_such_database_19"})
+    assert missing.exit_code == 1
+    lines = missing.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kms: error: cannot connect to the KMS database: ")
+    assert "does not exist" in lines[0] and "Traceback" not in missing.output

@@ -34,3 +34,15 @@ def fault_line(exc: BaseException, command: str | None = None) -> str | None:
         return None
     rerun = f": {command}" if command else ""
     return f"{fault.phrase()}; nothing was left half-done, re-run is safe{rerun}"
+
+
+def connect_failure_line(exc: BaseException) -> str | None:
+    """One line for a database connection that was refused for good (no such database or
+    role, authentication): SQLAlchemy raises those with no statement, and the server's
+    message carries no data."""
+    from sqlalchemy.exc import OperationalError
+
+    if isinstance(exc, OperationalError) and exc.statement is None and exc.orig is not None:
+        text = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
+        return f"cannot connect to the KMS database: {text}"
+    return None

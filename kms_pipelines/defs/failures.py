@@ -17,7 +17,7 @@ from typing import Iterator
 
 import dagster as dg
 
-from ..core.errors import fault_line, known_errors
+from ..core.errors import connect_failure_line, fault_line, known_errors
 from ..core.policy import load_policy
 from ..core.retry import DependencyUnavailable
 
@@ -32,6 +32,9 @@ def failure_for(exc: BaseException, rerun: str | None = None) -> dg.Failure | No
     line = fault_line(exc, rerun)
     if line is not None:
         return dg.Failure(description=line, metadata={"error": type(exc).__name__}, allow_retries=True)
+    line = connect_failure_line(exc)
+    if line is not None:
+        return dg.Failure(description=line, metadata={"error": type(exc).__name__}, allow_retries=False)
     return None
 
 
