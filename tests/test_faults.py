@@ -626,3 +626,28 @@ def test_cli_database_errors_outside_any_retried_unit_are_one_line(tmp_path, fau
     lines = missing.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kms: error: cannot connect to the KMS database: ")
     assert "does not exist" in lines[0] and "Traceback" not in missing.output
+
+
+def test_s3_that_stops_answering_for_a_while_is_waited_out(s3_server, s3_bucket, fault_proxy, caplog):
+    import threading
+    from urllib.parse import urlsplit
+
+    from kms_pipelines.core.objectstore.s3 import S3ObjectStore
+
+    u = urlsplit(s3_server)
+    proxy = fault_proxy((u.hostname, u.port))
+    store = S3ObjectStore(s3_bucket, endpoint_url=f"http://127.0.0.1:{proxy.port}", region="us-east-1",
+                          connect_timeout=0.5, read_timeout=0.5,
+                          retry_budget=fast_policy().faults.object_store.budget())
+    store.put("before", b"reachable")  # the store has answered once: later faults are failovers
+    caplog.set_level(logging.WARNING, logger="kms_pipelines.core.retry")
+    proxy.stop_accepting()
+    proxy.reset_all()
+    timer = threading.Timer(2.0, proxy.resume_accepting)
+    timer.start()
+    started = time.monotonic()
+    store.put("during", b"written once the server answers again")
+    timer.join()
+    assert time.monotonic() - started >= 2.0
+    assert store.get_bytes("during") == b"written once the server answers again"
+    assert any("object store" in x and "retry" in x for x in retry_lines(caplog))

@@ -255,8 +255,8 @@ class RunRetries(_Strict):
 
 class Faults(_Strict):
     """Bounded retries per dependency (core/retry.py; README "Faults")."""
-    database: FaultBudget = FaultBudget()
-    object_store: FaultBudget = FaultBudget()
+    database: FaultBudget = FaultBudget(attempts=10)
+    object_store: FaultBudget = FaultBudget(attempts=8)
     notifications: FaultBudget = FaultBudget(attempts=4, first_wait_seconds=1.0, max_wait_seconds=30.0)
     hsm: FaultBudget = FaultBudget(attempts=3, max_seconds=30.0)
     dagster: RunRetries = RunRetries()
