@@ -651,3 +651,20 @@ def test_s3_that_stops_answering_for_a_while_is_waited_out(s3_server, s3_bucket,
     assert time.monotonic() - started >= 2.0
     assert store.get_bytes("during") == b"written once the server answers again"
     assert any("object store" in x and "retry" in x for x in retry_lines(caplog))
+
+
+def test_an_s3_endpoint_never_reached_fails_at_once_even_with_a_budget(fault_proxy, monkeypatch):
+    from kms_pipelines.core.objectstore import ObjectStoreUnreachable
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(var, "test")  # never a real account
+    from kms_pipelines.core.objectstore.s3 import S3ObjectStore
+
+    proxy = fault_proxy(("127.0.0.1", 9))
+    proxy.down()
+    store = S3ObjectStore("kms-archive", endpoint_url=f"http://127.0.0.1:{proxy.port}", region="us-east-1",
+                          connect_timeout=0.5, retry_budget=fast_policy().faults.object_store.budget())
+    started = time.monotonic()
+    with pytest.raises(ObjectStoreUnreachable, match="unreachable"):
+        store.put("k", b"x")
+    assert time.monotonic() - started < 3  # a wrong endpoint is not waited on for the whole budget

@@ -239,7 +239,7 @@ class S3ObjectStore:
                 raise
             except BotoCoreError as exc:
                 if not self._reached:
-                    raise _FirstContact(exc) from exc
+                    raise _FirstContact(exc) from None  # "from None": the classifier must not see a fault
                 raise
             self._reached = True
             return out
@@ -247,7 +247,7 @@ class S3ObjectStore:
         try:
             return retry.call(once, budget=self.retry_budget, what=f"S3 {action} {key!r}" if key else f"S3 {action}")
         except _FirstContact as exc:
-            raise exc.inner from exc.inner.__cause__
+            raise exc.inner from None
 
     def _call(self, action: str, key: str | None, fn, **kwargs):
         try:
