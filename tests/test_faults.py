@@ -70,6 +70,7 @@ def assert_intact(ctx, objects=None):
     assert chain.ok, chain.problem
     for object_id, (plain, blob) in (objects or {}).items():
         assert envelope.decrypt(ctx, blob, object_id=object_id) == plain
+    audit.flush(ctx, timeout=30)  # the decrypts' own audit events, before any proxy goes away
 
 
 def retry_lines(caplog):
@@ -215,8 +216,8 @@ def test_database_down_longer_than_the_budget_ends_in_one_line_and_a_rerun_compl
            "KMS_POLICY": str(_small_budget_policy(tmp_path)), "KMS_OBJECT_STORE": str(tmp_path / "objects")}
     for var in ("KMS_DEBUG", "KMS_KEYSTORE", "KMS_MASTER_KEY", "KMS_SMTP_HOST", "KMS_SLACK_WEBHOOK_URL"):
         env.pop(var, None)
-    assert subprocess.run(_kms_cmd("init"), env=env, capture_output=True).returncode == 0
     ctx = context_from_env(env)
+    lifecycle.bootstrap(ctx)  # what `kms init` does on this already migrated database
     objects = fill(ctx, 150)
     lifecycle.rotate(ctx, KEY, reason="cadence")
     audit.flush(ctx)
@@ -251,10 +252,9 @@ def test_database_down_longer_than_the_budget_ends_in_one_line_and_a_rerun_compl
     proxy.up()
     rerun = subprocess.run(_kms_cmd("envelope", "sweep", "--json"), env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
-    check = subprocess.run(_kms_cmd("envelope", "check"), env=env, capture_output=True, text=True)
-    assert check.returncode == 0, check.stderr
     ctx = context_from_env(env)
     try:
+        assert envelope.stranded(ctx) == []  # what `kms envelope check` checks
         assert_intact(ctx, objects)
     finally:
         ctx.engine.dispose()
