@@ -225,12 +225,12 @@ def dump_fault(tool: str, stderr_text: str) -> Fault | None:
 # ---- retrying -----------------------------------------------------------------------------
 
 def call(fn: Callable[[], T], *, budget: Budget, what: str, done: Callable[[], str | None] | None = None,
-         rerun: str | None = None, on_retry: Callable[[Fault], None] | None = None) -> T:
+         rerun: str | None = None) -> T:
     """Run ``fn`` (a unit that is safe to repeat); retry transient faults within ``budget``.
 
     A permanent error is raised at once, unchanged. When the budget runs out, raises
     ``DependencyUnavailable`` from the last error. ``done`` is called then to say what the
-    operation had finished; ``on_retry`` runs before each wait (e.g. to drop a dead pool).
+    operation had finished. Each retry logs one line: the unit, the dependency, the cause.
     """
     started = time.monotonic()
     last: list[Fault] = []
@@ -245,8 +245,6 @@ def call(fn: Callable[[], T], *, budget: Budget, what: str, done: Callable[[], s
         fault = last[0]
         log.warning("%s: %s; retry %d of %d in %.1f s", what, fault.phrase(), state.attempt_number,
                     budget.attempts - 1, state.upcoming_sleep)
-        if on_retry is not None:
-            on_retry(fault)
 
     retrying = Retrying(
         stop=stop_after_attempt(budget.attempts) | stop_before_delay(budget.max_seconds),

@@ -98,7 +98,7 @@ def _heal_connects(engine: Engine, budget) -> None:
             conn = connect()
             state["connected"] = True
             return conn
-        return retry.call(connect, budget=retry.engine_budget(engine), what="reconnecting to the KMS database")
+        return retry.call(connect, budget=retry.engine_budget(engine), what="a reconnect to the KMS database")
 
 
 def check_reachable(engine: Engine) -> None:
