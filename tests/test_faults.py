@@ -455,6 +455,9 @@ def test_a_refused_operation_bypasses_the_dagster_retry_policy():
 
 # ---- HSM -----------------------------------------------------------------------------------
 
+# python-pkcs11 finalises the dead session's object search in a __del__ that reports
+# CKR_SESSION_HANDLE_INVALID; that is the fault this test causes, not a failure.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_pkcs11_sessions_are_reopened_after_the_token_drops_them(pkcs11_keystore, caplog):
     """The token forgets every session (as after CKR_DEVICE_REMOVED or an HSM restart): the
     next operation fails with CKR_SESSION_HANDLE_INVALID inside, logs in again on a fresh
