@@ -401,9 +401,8 @@ def eval_t1(ctx: KmsContext) -> Finding:
     guards = lifecycle.destroy_guards()
     if "retention" not in guards:
         problems.append("the retention destroy guard is not registered")
-    pol = ctx.policy.retention
-    if not (pol.archive_dual_control and pol.destroy_requires_dual_approval):
-        problems.append("the policy file does not require dual control for archives and destruction")
+    if not ctx.policy.retention.destroy_requires_dual_approval:
+        problems.append("the policy file does not require dual control for destruction")
     need = ctx.policy.access.approvals_required
     retained = destroyed = 0
     with ctx.transaction() as session:
@@ -430,7 +429,18 @@ def eval_t1(ctx: KmsContext) -> Finding:
     if not problems:
         good.append(f"{retained} retired root/service version(s) retained with material; {destroyed} destroyed "
                     f"after {retention.retention_days(ctx, 'root')} d under dual approval")
-    return _finding(problems, good, {"retained": retained, "destroyed": destroyed})
+    archive_problems, archive_good, warnings, archive_details = _t1_archive(ctx)
+    return _finding(problems + archive_problems, good + archive_good,
+                    {"retained": retained, "destroyed": destroyed, **archive_details}, warnings)
+
+
+def _t1_archive(ctx: KmsContext):
+    """T1's second sentence, judged from the vault's copies and retrievals (core/vault.py)."""
+    from . import vault
+
+    if ctx.objects is None:
+        return ["no object store configured: the archive vault cannot be checked"], [], [], {}
+    return vault.t1_findings(ctx)
 
 
 def eval_t2(ctx: KmsContext) -> Finding:
@@ -790,7 +800,8 @@ CLAUSES: tuple[Clause, ...] = (
            "escrow rotation + destruction confirmations", eval_r4,
            ("break_glass_escrow/escrow_current", "break_glass_escrow/escrow_destruction_confirmed")),
     Clause("T1", "Expired root/service keys kept 365 d; archive copies under dual control",
-           "retention destroy guard + dual-approved destruction", eval_t1),
+           "retention destroy guard + dual-approved destruction + verified, locked archive copies and "
+           "dual-approved retrievals", eval_t1),
     Clause("T2", "Data keys kept until all ciphertext is re-keyed, then shredded",
            "deks destroy guard + keystore erase", eval_t2,
            ("dek_rewrap_sweep/no_deks_on_retired_versions",)),

@@ -135,13 +135,21 @@ def _new_refs(name: str, version: int, algorithms: Iterable[str]) -> dict[str, s
     return refs
 
 
+def _purpose(key_class: str) -> str:
+    """T1 vault: root/service AES material may leave the keystore only wrapped under an archive KEK."""
+    from .keystore import ARCHIVABLE, ARCHIVE_KEK, GENERAL
+
+    return {"root": ARCHIVABLE, "service": ARCHIVABLE, "archive": ARCHIVE_KEK}.get(key_class, GENERAL)
+
+
 def _generate_material(ctx: KmsContext, name: str, version: int) -> dict:
     kc = ctx.policy.key_class(key_class_of(name))
     refs = _new_refs(name, version, kc.algorithms)
     out: dict = dict(refs)
     if "wrap_ref" in refs:
         # Break-glass material must be escrowed, so it is the one class generated extractable.
-        ctx.keystore.generate(refs["wrap_ref"], AES_256, extractable=key_class_of(name) == "break-glass")
+        ctx.keystore.generate(refs["wrap_ref"], AES_256, extractable=key_class_of(name) == "break-glass",
+                              purpose=_purpose(key_class_of(name)))
     if "sign_ref" in refs:
         generated = ctx.keystore.generate(refs["sign_ref"], ED25519)
         from .keystore import fingerprint
@@ -358,7 +366,8 @@ def destroy_guard(name: str):
 # a guard can never be skipped because its module happened not to be loaded yet.
 GUARD_MODULES: tuple[str, ...] = ("kms_pipelines.core.retention", "kms_pipelines.core.dependents",
                                    "kms_pipelines.core.service_keys", "kms_pipelines.core.envelope",
-                                   "kms_pipelines.core.backup", "kms_pipelines.core.escrow")
+                                   "kms_pipelines.core.backup", "kms_pipelines.core.escrow",
+                                   "kms_pipelines.core.vault")
 
 
 def destroy_guards() -> dict[str, DestroyGuard]:

@@ -16,7 +16,7 @@ STEP_MODULES: tuple[str, ...] = ("kms_pipelines.core.envelope", "kms_pipelines.c
                                  "kms_pipelines.core.escrow", "kms_pipelines.core.notifications",
                                  "kms_pipelines.core.backup", "kms_pipelines.core.rotation",
                                  "kms_pipelines.core.retention", "kms_pipelines.core.checkpoints",
-                                 "kms_pipelines.core.audit")
+                                 "kms_pipelines.core.audit", "kms_pipelines.core.vault")
 
 
 @dataclass(frozen=True)

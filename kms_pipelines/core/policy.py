@@ -21,7 +21,7 @@ CLAUSE_IDS = ("P1", "P2", "P3", "P4", "R1", "R2", "R3", "R4", "T1", "T2", "T3", 
 ALGORITHMS = ("aes256", "ed25519")
 ROLES = ("sre_oncall", "security_engineering", "compliance_officer")
 OPERATIONS = ("rotate", "revoke", "destroy", "decrypt", "export", "break-glass", "approve", "read",
-              "encrypt", "sign", "console-registration")
+              "encrypt", "sign", "console-registration", "archive-retrieve")
 CONSOLE_PAGES = ("approvals", "principals", "anomalies", "followups", "report", "keys", "dagster")
 DEFAULT_POLICY_PATH = Path(__file__).resolve().parents[2] / "assets" / "policy.yaml"
 
@@ -77,6 +77,7 @@ class KeyClasses(_Strict):
     export: KeyClass
     backup: KeyClass
     break_glass: KeyClass = Field(alias="break-glass")
+    archive: KeyClass | None = None  # T1: the archive KEK of the vault (core/vault.py)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -85,6 +86,12 @@ class Retention(_Strict):
     expired_root_service_days: int = Field(gt=0)
     archive_dual_control: bool
     destroy_requires_dual_approval: bool
+
+
+class Vault(_Strict):
+    """The archive vault of retired root/service keys (T1, core/vault.py)."""
+    prefix: str = Field(default="vault/", pattern=r"^[a-z0-9][a-z0-9_/-]*/$")
+    forensic_ttl_hours: int = Field(default=24, gt=0)  # a forensic import erases itself after this
 
 
 class Partner(_Strict):
@@ -279,6 +286,7 @@ class Policy(_Strict):
     checkpoints: Checkpoints = Checkpoints()
     console: Console = Console()
     faults: Faults = Faults()
+    vault: Vault = Vault()
 
     def key_class(self, name: str) -> KeyClass:
         """Policy block for a key class (``root``, ``service``, ``break-glass`` …)."""
@@ -291,7 +299,8 @@ class Policy(_Strict):
         """Every key the policy requires to exist (export keys are created on demand)."""
         kc = self.key_classes
         return (["root"] + [f"service:{n}" for n in kc.service.names or []]
-                + [f"data:{n}" for n in kc.data.names or []] + ["backup", "break-glass"])
+                + [f"data:{n}" for n in kc.data.names or []] + ["backup", "break-glass"]
+                + (["archive"] if kc.archive is not None else []))
 
 
 def _format_error(source: str, exc: ValidationError) -> str:

@@ -142,6 +142,10 @@ def destroy_version(ctx: KmsContext, key_name: str, version: int, *, ticket: str
         return names
 
     lifecycle.destroy(ctx, key_name, version, actor=requester, reason=reason, ticket=ticket, authorize=authorize)
+    if ctx.objects is not None:
+        from . import vault
+
+        vault.on_destroyed(ctx, key_name, version)  # T1: the archive copy goes too (once its lock ends)
     return recorded
 
 
@@ -151,10 +155,11 @@ class RetireSummary:
     destroyed: list[dict] = field(default_factory=list)
     awaiting_approval: list[dict] = field(default_factory=list)
     refused: list[dict] = field(default_factory=list)
+    archive: dict = field(default_factory=dict)  # T1 vault: archive copies deleted / still locked
 
     def to_dict(self) -> dict:
         return {"due": [d.to_dict() for d in self.due], "destroyed": self.destroyed,
-                "awaiting_approval": self.awaiting_approval, "refused": self.refused}
+                "awaiting_approval": self.awaiting_approval, "refused": self.refused, "archive": self.archive}
 
 
 def _access_error() -> tuple[type[BaseException], ...]:
@@ -184,6 +189,10 @@ def retire_expired(ctx: KmsContext, *, actor: str = NIGHTLY_REQUESTER) -> Retire
         except denied as exc:  # type: ignore[misc]
             summary.awaiting_approval.append({**item, "missing": str(exc)})
             _request_approval(ctx, d, actor)
+    if ctx.objects is not None:
+        from . import vault
+
+        summary.archive = vault.delete_expired(ctx)
     return summary
 
 
@@ -214,4 +223,5 @@ def _retire_step(ctx: KmsContext) -> dict:
     s = retire_expired(ctx)
     return {"due": [d.target for d in s.due], "destroyed": [d["target"] for d in s.destroyed],
             "awaiting_approval": [d["target"] for d in s.awaiting_approval],
-            "refused": [f"{d['target']} ({d['guard']})" for d in s.refused]}
+            "refused": [f"{d['target']} ({d['guard']})" for d in s.refused],
+            "archive_deleted": s.archive.get("deleted", [])}

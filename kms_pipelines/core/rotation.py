@@ -45,7 +45,7 @@ from .db.models import ACTIVE, REVOKED, ROTATED, Key, KeyVersion
 from .db.models_rotation import PartnerNotice, RootManifest, ServiceSeed
 from .lifecycle import RotationResult
 
-RECONCILED_CLASSES = ("root", "service", "data", "backup")
+RECONCILED_CLASSES = ("root", "service", "data", "backup", "archive")
 # CLI spelling -> policy spelling (key_classes.service.rotate_immediately_on)
 IMMEDIATE_REASONS = {"compromise": "compromise", "tenant-rotation": "tenant-rotation",
                      "ci-exposure": "ci-secret-exposure", "ci-secret-exposure": "ci-secret-exposure"}
@@ -94,6 +94,10 @@ def follow_up(ctx: KmsContext, name: str) -> None:
             v = lifecycle.get_version(lifecycle.get_key(session, name), None)
             service_keys.ensure_seed(session, ctx, name, v.version)
         service_keys.reissue_credentials(ctx, name)
+    if lifecycle.key_class_of(name) in ("root", "service") and ctx.objects is not None:
+        from . import vault
+
+        vault.archive_pending(ctx)  # T1: the retired version's archive copy, in the run that rotated it
 
 
 def _pending_root_work(session, ctx: KmsContext) -> bool:

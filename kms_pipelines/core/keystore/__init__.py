@@ -7,6 +7,9 @@ from pathlib import Path
 
 from .base import (  # noqa: F401
     AES_256,
+    ARCHIVABLE,
+    ARCHIVE_KEK,
+    GENERAL,
     ED25519,
     DecryptionFailed,
     GeneratedKey,

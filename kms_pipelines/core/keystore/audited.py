@@ -24,6 +24,9 @@ AUDIT_NAMES = {
     "generate": "generate", "sign": "sign", "encrypt": "encrypt", "decrypt": "decrypt",
     "new_wrapped_dek": "wrap", "dek_encrypt": "encrypt", "dek_decrypt": "decrypt", "rewrap": "rewrap",
     "export_secret": "export", "import_secret": "import", "destroy": "destroy",
+    # archive vault (T1): an archive copy is a wrap, a forensic import an import
+    "archive_wrap": "wrap", "forensic_unwrap": "import", "forensic_decrypt": "decrypt",
+    "forensic_destroy": "destroy",
 }
 
 
@@ -100,9 +103,13 @@ class AuditedKeyStore:
         return result
 
     # ---- protocol ---------------------------------------------------------------------
-    def generate(self, ref: str, algorithm: str, *, extractable: bool = False) -> GeneratedKey:
-        return self._run("generate", ref, lambda: self._inner.generate(ref, algorithm, extractable=extractable),
-                         {"algorithm": algorithm, "extractable": bool(extractable)})
+    def generate(self, ref: str, algorithm: str, *, extractable: bool = False, purpose: str = "general") -> GeneratedKey:
+        if purpose == "general":  # backends written before the archive vault take no purpose
+            call = lambda: self._inner.generate(ref, algorithm, extractable=extractable)  # noqa: E731
+        else:
+            call = lambda: self._inner.generate(ref, algorithm, extractable=extractable, purpose=purpose)  # noqa: E731
+        return self._run("generate", ref, call, {"algorithm": algorithm, "extractable": bool(extractable),
+                                                 **({"purpose": purpose} if purpose != "general" else {})})
 
     def exists(self, ref: str) -> bool:
         return self._inner.exists(ref)
@@ -142,6 +149,24 @@ class AuditedKeyStore:
 
     def destroy(self, ref: str) -> None:
         return self._run("destroy", ref, lambda: self._inner.destroy(ref))
+
+    def archive_wrap(self, kek_ref: str, ref: str) -> bytes:
+        return self._run("archive_wrap", ref, lambda: self._inner.archive_wrap(kek_ref, ref),
+                         {"archive": True, "kek": kek_ref})
+
+    def forensic_unwrap(self, kek_ref: str, wrapped: bytes, ref: str) -> GeneratedKey:
+        return self._run("forensic_unwrap", ref, lambda: self._inner.forensic_unwrap(kek_ref, wrapped, ref),
+                         {"forensic": True, "kek": kek_ref})
+
+    def forensic_decrypt(self, ref: str, blob: bytes, aad: bytes = b"") -> bytes:
+        return self._run("forensic_decrypt", ref, lambda: self._inner.forensic_decrypt(ref, blob, aad),
+                         {"forensic": True})
+
+    def forensic_destroy(self, ref: str) -> None:
+        return self._run("forensic_destroy", ref, lambda: self._inner.forensic_destroy(ref), {"forensic": True})
+
+    def forensic_refs(self):
+        return self._inner.forensic_refs()
 
     def refs(self):
         return self._inner.refs()

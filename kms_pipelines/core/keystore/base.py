@@ -21,6 +21,12 @@ AES_256 = "aes256"
 ED25519 = "ed25519"
 ALGORITHMS = (AES_256, ED25519)
 
+# What an AES key object may do beyond its ordinary use (T1 archive vault):
+GENERAL = "general"
+ARCHIVE_KEK = "archive-kek"   # wraps archivable keys into the vault, and nothing else
+ARCHIVABLE = "archivable"     # may leave the keystore only wrapped under an archive KEK
+PURPOSES = (GENERAL, ARCHIVE_KEK, ARCHIVABLE)
+
 
 class KeyStoreError(Exception):
     """A keystore operation failed. Messages never contain key material."""
@@ -60,9 +66,10 @@ class KeyStore(Protocol):
 
     backend: str
 
-    def generate(self, ref: str, algorithm: str, *, extractable: bool = False) -> GeneratedKey:
+    def generate(self, ref: str, algorithm: str, *, extractable: bool = False, purpose: str = GENERAL) -> GeneratedKey:
         """Create a new key object. ``extractable`` is only honoured for AES keys that
-        must be escrowed (break-glass); it never applies to signing keys."""
+        must be escrowed (break-glass); it never applies to signing keys. ``purpose``
+        (AES only) marks an archive KEK or a key that may be archived under one."""
 
     def exists(self, ref: str) -> bool: ...
 
@@ -93,6 +100,21 @@ class KeyStore(Protocol):
 
     def import_secret(self, ref: str, value: bytes) -> GeneratedKey:
         """Store an AES key whose value came from escrow (unseal after break-glass)."""
+
+    # --- T1 archive vault: retired AES material leaves only wrapped under an archive KEK ---
+    def archive_wrap(self, kek_ref: str, ref: str) -> bytes:
+        """AES key wrap with padding of the ``archivable`` key ``ref`` under the ``archive-kek``
+        ``kek_ref``; refuses any other pairing."""
+
+    def forensic_unwrap(self, kek_ref: str, wrapped: bytes, ref: str) -> GeneratedKey:
+        """Unwrap an archived AES key into the forensic namespace: a separate, decrypt-only
+        object that no live operation can reach (sign/encrypt/wrap are impossible)."""
+
+    def forensic_decrypt(self, ref: str, blob: bytes, aad: bytes = b"") -> bytes: ...
+
+    def forensic_destroy(self, ref: str) -> None: ...
+
+    def forensic_refs(self) -> Iterable[str]: ...
 
     def destroy(self, ref: str) -> None:
         """Remove the key object for good (HSM object destroyed / file securely erased)."""

@@ -48,8 +48,8 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11x
 from pkcs11.mechanisms import GCMParams
 
-from .base import (AES_256, ALGORITHMS, ED25519, DecryptionFailed, GeneratedKey, KeyExists, KeyNotFound, KeyStoreError,
-                   KeyStoreSessionLost)
+from .base import (AES_256, ALGORITHMS, ARCHIVABLE, ARCHIVE_KEK, ED25519, GENERAL, PURPOSES, DecryptionFailed,
+                   GeneratedKey, KeyExists, KeyNotFound, KeyStoreError, KeyStoreSessionLost)
 from .software import validate_ref
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,27 @@ def _aes_kek_template(extractable: bool) -> dict:
         Attribute.WRAP: True,
         Attribute.UNWRAP: True,
     }
+
+
+def _aes_template(extractable: bool, purpose: str) -> dict:
+    if purpose == ARCHIVE_KEK:
+        # Wraps archivable keys into the vault and unwraps them for forensics; never encrypts data.
+        return {**_NO_USE, Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.MODIFIABLE: False,
+                Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.WRAP: True, Attribute.UNWRAP: True}
+    if purpose == ARCHIVABLE:
+        # CKA_SENSITIVE keeps the value unreadable; CKA_EXTRACTABLE lets C_WrapKey take it out wrapped.
+        return {**_aes_kek_template(False), Attribute.EXTRACTABLE: True}
+    return _aes_kek_template(extractable)
+
+
+# A key unwrapped from the vault for forensics: decrypt only, never leaves. SoftHSM2 2.6.1 refuses
+# CKA_MODIFIABLE in an unwrap template (CKR_ATTRIBUTE_READ_ONLY), and a modifiable object could be
+# switched to CKA_ENCRYPT later: so it is unwrapped as a session object and C_CopyObject'd to the
+# token with CKA_MODIFIABLE false, which the copy template may set (true -> false only).
+_FORENSIC_TEMPLATE = {**_NO_USE, Attribute.TOKEN: False, Attribute.PRIVATE: True,
+                      Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.DECRYPT: True}
+# CKA_ID prefix of forensic objects; '/' never occurs in a live ref, so no live lookup can reach them.
+_FORENSIC_ID = b"forensic/"
 
 
 def _kind(obj: Any) -> str:
@@ -494,9 +515,11 @@ class Pkcs11KeyStore:
             return False
 
     # ---- protocol ------------------------------------------------------------------------
-    def generate(self, ref: str, algorithm: str, *, extractable: bool = False) -> GeneratedKey:
+    def generate(self, ref: str, algorithm: str, *, extractable: bool = False, purpose: str = GENERAL) -> GeneratedKey:
         if algorithm not in ALGORITHMS:
             raise KeyStoreError(f"unsupported algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
+        if purpose not in PURPOSES or (purpose != GENERAL and algorithm != AES_256):
+            raise KeyStoreError(f"purpose {purpose!r} is not available for {algorithm} keys")
         key_id = self._id(ref)
         with self._session("generate", ref) as s:
             # Atomic within this process (library lock held); PKCS#11 itself does not enforce unique ids.
@@ -504,7 +527,7 @@ class Pkcs11KeyStore:
                 raise KeyExists(f"key {ref!r} already exists on PKCS#11 token {self.token_label!r}")
             if algorithm == AES_256:
                 s.generate_key(KeyType.AES, 256, id=key_id, label=ref, store=True,
-                               template=_aes_kek_template(bool(extractable)))
+                               template=_aes_template(bool(extractable), purpose))
                 return GeneratedKey(ref, algorithm)
             # Ed25519: ``extractable`` never applies to signing keys (as in the software backend).
             params = s.create_domain_parameters(KeyType.EC_EDWARDS, {Attribute.EC_PARAMS: ED25519_EC_PARAMS}, local=True)
@@ -663,6 +686,97 @@ class Pkcs11KeyStore:
             finally:
                 template.clear()
             return GeneratedKey(ref, AES_256)
+
+    # ---- archive vault (T1) ----------------------------------------------------------------
+    def _archive_kek(self, s: Any, kek_ref: str) -> Any:
+        kek = self._aes(s, kek_ref)
+        attrs = kek.get_attributes([Attribute.WRAP, Attribute.ENCRYPT, Attribute.DECRYPT, Attribute.EXTRACTABLE])
+        # The archive-KEK template is the only one that wraps but neither encrypts nor decrypts.
+        if not attrs[Attribute.WRAP] or attrs[Attribute.ENCRYPT] or attrs[Attribute.DECRYPT] or attrs[Attribute.EXTRACTABLE]:
+            raise KeyStoreError(f"key {kek_ref!r} is not an archive KEK")
+        return kek
+
+    @_on_a_fresh_session
+    def archive_wrap(self, kek_ref: str, ref: str) -> bytes:
+        with self._session("archive wrap", ref) as s:
+            kek = self._archive_kek(s, kek_ref)
+            key = self._aes(s, ref)
+            attrs = key.get_attributes([Attribute.EXTRACTABLE, Attribute.SENSITIVE])
+            if not attrs[Attribute.EXTRACTABLE] or not attrs[Attribute.SENSITIVE]:
+                raise KeyStoreError(f"key {ref!r} was not generated archivable; it cannot leave the keystore")
+            return bytes(kek.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP_PAD))
+
+    @staticmethod
+    def _forensic_id(ref: str) -> bytes:
+        return _FORENSIC_ID + validate_ref(ref).encode("utf-8")
+
+    def _forensic_objects(self, s: Any, ref: str) -> list[Any]:
+        return list(s.get_objects({Attribute.ID: self._forensic_id(ref), Attribute.TOKEN: True}))
+
+    def forensic_unwrap(self, kek_ref: str, wrapped: bytes, ref: str) -> GeneratedKey:
+        key_id = self._forensic_id(ref)
+        with self._session("forensic import", ref) as s:
+            kek = self._archive_kek(s, kek_ref)
+            if self._forensic_objects(s, ref):
+                raise KeyExists(f"key {ref!r} already exists in the forensic keystore")
+            try:
+                transient = kek.unwrap_key(ObjectClass.SECRET_KEY, KeyType.AES, bytes(wrapped), id=key_id,
+                                           label=f"forensic/{ref}", mechanism=Mechanism.AES_KEY_WRAP_PAD, store=False,
+                                           template=dict(_FORENSIC_TEMPLATE))
+            except _UNWRAP_ERRORS:
+                raise DecryptionFailed(f"archived key does not unwrap under archive KEK {kek_ref!r}") from None
+            try:
+                transient.copy({Attribute.TOKEN: True, Attribute.MODIFIABLE: False})
+            finally:
+                self._must_destroy(transient)
+            return GeneratedKey(ref, AES_256)
+
+    @_on_a_fresh_session
+    def forensic_decrypt(self, ref: str, blob: bytes, aad: bytes = b"") -> bytes:
+        with self._session("forensic decrypt", ref) as s:
+            found = [o for o in self._forensic_objects(s, ref) if o.object_class == ObjectClass.SECRET_KEY]
+            if not found:
+                raise KeyNotFound(f"key {ref!r} not found in the forensic keystore")
+            if len(blob) < _NONCE + _TAG:
+                raise DecryptionFailed(f"ciphertext does not authenticate under forensic key {ref!r}")
+            try:
+                return self._gcm_decrypt(found[0], blob, aad)
+            except _DECRYPT_ERRORS:
+                raise DecryptionFailed(f"ciphertext does not authenticate under forensic key {ref!r}") from None
+
+    def forensic_destroy(self, ref: str) -> None:
+        with self._session("forensic destroy", ref) as s:
+            found = self._forensic_objects(s, ref)
+            if not found:
+                raise KeyNotFound(f"key {ref!r} not found in the forensic keystore")
+            for obj in found:
+                obj.destroy()
+
+    @_on_a_fresh_session
+    def forensic_refs(self) -> Iterable[str]:
+        with self._session("forensic listing", "*") as s:
+            out = set()
+            for obj in s.get_objects({Attribute.TOKEN: True, Attribute.CLASS: ObjectClass.SECRET_KEY}):
+                try:
+                    raw = bytes(obj[Attribute.ID])
+                except p11x.PKCS11Error:
+                    continue
+                if raw.startswith(_FORENSIC_ID):
+                    out.add(raw[len(_FORENSIC_ID):].decode("utf-8", "replace"))
+            return sorted(out)
+
+    @_on_a_fresh_session
+    def forensic_attributes(self, ref: str) -> dict[str, bool]:
+        """What the token lets a forensic object do (tests and `kms archive forensic` show it)."""
+        names = {"sign": Attribute.SIGN, "encrypt": Attribute.ENCRYPT, "decrypt": Attribute.DECRYPT,
+                 "wrap": Attribute.WRAP, "unwrap": Attribute.UNWRAP, "extractable": Attribute.EXTRACTABLE,
+                 "sensitive": Attribute.SENSITIVE, "modifiable": Attribute.MODIFIABLE}
+        with self._session("forensic read", ref) as s:
+            found = self._forensic_objects(s, ref)
+            if not found:
+                raise KeyNotFound(f"key {ref!r} not found in the forensic keystore")
+            attrs = found[0].get_attributes(list(names.values()))
+            return {k: bool(attrs[a]) for k, a in names.items()}
 
     # ---- housekeeping ------------------------------------------------------------------------
     def destroy(self, ref: str) -> None:

@@ -26,10 +26,19 @@ from cryptography.hazmat.primitives.keywrap import (
     aes_key_wrap_with_padding,
 )
 
-from .base import AES_256, ALGORITHMS, ED25519, DecryptionFailed, GeneratedKey, KeyExists, KeyNotFound, KeyStoreError
+from .base import (AES_256, ALGORITHMS, ARCHIVABLE, ARCHIVE_KEK, ED25519, GENERAL, PURPOSES, DecryptionFailed,
+                   GeneratedKey, KeyExists, KeyNotFound, KeyStoreError)
 
 _REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}$")
 _FORMAT = "kms-software-key/1"
+FORENSIC = "forensic"  # purpose of keys imported from the archive vault (decrypt only)
+FORENSIC_DIR = "forensic"
+
+
+def _aad(ref: str, algorithm: str, extractable: bool, purpose: str) -> bytes:
+    # The purpose is bound only when it is not the default, so older key files still open.
+    tail = "" if purpose == GENERAL else f"|{purpose}"
+    return f"{_FORMAT}|{ref}|{algorithm}|{int(extractable)}{tail}".encode()
 
 
 def validate_ref(ref: str) -> str:
@@ -74,20 +83,24 @@ class SoftwareKeyStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         os.chmod(self.directory, 0o700)
         self._master = AESGCM(master_key if master_key is not None else load_master_key(self.directory.parent))
-        self._cache: dict[str, tuple[str, bytes, bool]] = {}
+        self._cache: dict[str, tuple[str, bytes, bool, str]] = {}
         self._lock = threading.Lock()
 
     # ---- files -----------------------------------------------------------------
-    def _path(self, ref: str) -> Path:
-        return self.directory / f"{validate_ref(ref)}.key"
+    def _path(self, ref: str, purpose: str = GENERAL) -> Path:
+        # Forensic imports live in their own directory, out of reach of every live lookup.
+        base = self.directory / FORENSIC_DIR if purpose == FORENSIC else self.directory
+        return base / f"{validate_ref(ref)}.key"
 
-    def _store(self, ref: str, algorithm: str, value: bytes, extractable: bool) -> None:
-        path = self._path(ref)
+    def _store(self, ref: str, algorithm: str, value: bytes, extractable: bool, purpose: str = GENERAL) -> None:
+        path = self._path(ref, purpose)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
         nonce = secrets.token_bytes(12)
-        aad = f"{_FORMAT}|{ref}|{algorithm}|{int(extractable)}".encode()
-        sealed = nonce + self._master.encrypt(nonce, value, aad)
+        sealed = nonce + self._master.encrypt(nonce, value, _aad(ref, algorithm, extractable, purpose))
         doc = {"format": _FORMAT, "algorithm": algorithm, "extractable": extractable,
                "sealed": base64.b64encode(sealed).decode()}
+        if purpose != GENERAL:
+            doc["purpose"] = purpose
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
@@ -97,45 +110,51 @@ class SoftwareKeyStore:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def _load(self, ref: str) -> tuple[str, bytes, bool]:
-        cached = self._cache.get(ref)
+    def _load(self, ref: str, forensic: bool = False) -> tuple[str, bytes, bool, str]:
+        slot = f"{FORENSIC}/{ref}" if forensic else ref
+        cached = self._cache.get(slot)
         if cached is not None:
             return cached
-        path = self._path(ref)
+        path = self._path(ref, FORENSIC if forensic else GENERAL)
         try:
             doc = json.loads(path.read_text())
         except FileNotFoundError:
-            raise KeyNotFound(f"key {ref!r} not found in the software keystore") from None
+            where = "forensic keystore" if forensic else "software keystore"
+            raise KeyNotFound(f"key {ref!r} not found in the {where}") from None
         algorithm, extractable = doc["algorithm"], bool(doc["extractable"])
+        purpose = doc.get("purpose", GENERAL)
+        if (purpose == FORENSIC) != forensic:
+            raise KeyStoreError(f"key file for {ref!r} is in the wrong namespace (tampered keystore directory)")
         sealed = base64.b64decode(doc["sealed"])
-        aad = f"{_FORMAT}|{ref}|{algorithm}|{int(extractable)}".encode()
         try:
-            value = self._master.decrypt(sealed[:12], sealed[12:], aad)
+            value = self._master.decrypt(sealed[:12], sealed[12:], _aad(ref, algorithm, extractable, purpose))
         except InvalidTag:
             raise KeyStoreError(f"key file for {ref!r} does not open under the master key (wrong KMS_MASTER_KEY or tampered file)") from None
-        entry = (algorithm, value, extractable)
+        entry = (algorithm, value, extractable, purpose)
         with self._lock:
-            self._cache[ref] = entry
+            self._cache[slot] = entry
         return entry
 
     def _aes(self, ref: str) -> bytes:
-        algorithm, value, _ = self._load(ref)
+        algorithm, value, _, _ = self._load(ref)
         if algorithm != AES_256:
             raise KeyStoreError(f"key {ref!r} is {algorithm}, not an AES-256 key")
         return value
 
     def _signer(self, ref: str) -> Ed25519PrivateKey:
-        algorithm, value, _ = self._load(ref)
+        algorithm, value, _, _ = self._load(ref)
         if algorithm != ED25519:
             raise KeyStoreError(f"key {ref!r} is {algorithm}, not a signing key")
         return Ed25519PrivateKey.from_private_bytes(value)
 
     # ---- protocol ----------------------------------------------------------------
-    def generate(self, ref: str, algorithm: str, *, extractable: bool = False) -> GeneratedKey:
+    def generate(self, ref: str, algorithm: str, *, extractable: bool = False, purpose: str = GENERAL) -> GeneratedKey:
         if algorithm not in ALGORITHMS:
             raise KeyStoreError(f"unsupported algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
+        if purpose not in PURPOSES or (purpose != GENERAL and algorithm != AES_256):
+            raise KeyStoreError(f"purpose {purpose!r} is not available for {algorithm} keys")
         if algorithm == AES_256:
-            self._store(ref, algorithm, AESGCM.generate_key(256), extractable)
+            self._store(ref, algorithm, AESGCM.generate_key(256), extractable, purpose)
             return GeneratedKey(ref, algorithm)
         private = Ed25519PrivateKey.generate()
         raw = private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
@@ -188,7 +207,7 @@ class SoftwareKeyStore:
         return [aes_key_wrap_with_padding(new, self._unwrap(old, old_kek_ref, w)) for w in wrapped_deks]
 
     def export_secret(self, ref: str) -> bytes:
-        algorithm, value, extractable = self._load(ref)
+        algorithm, value, extractable, _ = self._load(ref)
         if algorithm != AES_256 or not extractable:
             raise KeyStoreError(f"key {ref!r} is not extractable")
         return value
@@ -199,8 +218,45 @@ class SoftwareKeyStore:
         self._store(ref, AES_256, value, True)
         return GeneratedKey(ref, AES_256)
 
+    # ---- archive vault (T1) -----------------------------------------------------------
+    def _archive_kek(self, kek_ref: str) -> bytes:
+        algorithm, value, _, purpose = self._load(kek_ref)
+        if algorithm != AES_256 or purpose != ARCHIVE_KEK:
+            raise KeyStoreError(f"key {kek_ref!r} is not an archive KEK")
+        return value
+
+    def archive_wrap(self, kek_ref: str, ref: str) -> bytes:
+        kek = self._archive_kek(kek_ref)
+        algorithm, value, _, purpose = self._load(ref)
+        if algorithm != AES_256 or purpose != ARCHIVABLE:
+            raise KeyStoreError(f"key {ref!r} was not generated archivable; it cannot leave the keystore")
+        return aes_key_wrap_with_padding(kek, value)
+
+    def forensic_unwrap(self, kek_ref: str, wrapped: bytes, ref: str) -> GeneratedKey:
+        value = self._unwrap(self._archive_kek(kek_ref), kek_ref, wrapped)
+        try:
+            self._store(ref, AES_256, value, False, FORENSIC)
+        except KeyExists:
+            raise KeyExists(f"key {ref!r} already exists in the forensic keystore") from None
+        return GeneratedKey(ref, AES_256)
+
+    def forensic_decrypt(self, ref: str, blob: bytes, aad: bytes = b"") -> bytes:
+        _, value, _, _ = self._load(ref, forensic=True)
+        try:
+            return AESGCM(value).decrypt(blob[:12], blob[12:], aad)
+        except (InvalidTag, ValueError):
+            raise DecryptionFailed(f"ciphertext does not authenticate under forensic key {ref!r}") from None
+
+    def forensic_destroy(self, ref: str) -> None:
+        self._erase(self._path(ref, FORENSIC), ref, f"{FORENSIC}/{ref}")
+
+    def forensic_refs(self) -> Iterable[str]:
+        return sorted(p.name[:-4] for p in (self.directory / FORENSIC_DIR).glob("*.key"))
+
     def destroy(self, ref: str) -> None:
-        path = self._path(ref)
+        self._erase(self._path(ref), ref, ref)
+
+    def _erase(self, path: Path, ref: str, slot: str) -> None:
         try:
             size = path.stat().st_size
         except FileNotFoundError:
@@ -212,7 +268,7 @@ class SoftwareKeyStore:
             os.fsync(fh.fileno())
         path.unlink()
         with self._lock:
-            self._cache.pop(ref, None)
+            self._cache.pop(slot, None)
 
     def refs(self) -> Iterable[str]:
         return sorted(p.name[:-4] for p in self.directory.glob("*.key"))

@@ -1,0 +1,625 @@
+"""The archive vault of retired root and service keys (clause T1, second sentence).
+
+* **Archive on retirement.** When a root or service version leaves ``active``, the run
+  that rotated it (``rotation.follow_up``; the nightly step ``vault_archive`` catches up
+  manual and compromise rotations) writes an archive copy: the version's AES material,
+  wrapped by the keystore itself (``archive_wrap``: AES key wrap with padding, inside the
+  HSM under PKCS#11) under the active *archive KEK* (key class ``archive``), then sealed
+  with AES-GCM under a fresh DEK wrapped by the same KEK, with the copy's header
+  (key, version, fingerprint, times, KEK version) as associated data. The copy and a
+  manifest entry signed by the active root go to the object store under Object Lock until
+  retirement + ``retention.expired_root_service_days``; a ledger entry (``→ archived``)
+  names the object and its SHA-256.
+  Ed25519 signing keys are *not* archived: verifying historical RPTs needs only their
+  public key (kept in the header and in the signed manifest), and a vault that can give a
+  signing key back is a vault that can forge history.
+* **Retrieval under dual control** (``retrieve``): the manual operation
+  ``archive-retrieve`` needs ``access.approvals_required`` approvals from principals
+  other than the requester, bound to (operation, ``key#vN``, ticket), TOTP-proven,
+  single-use. The copy is verified first, then unwrapped into the *forensic* namespace of
+  the keystore (decrypt only; nothing there can sign, encrypt or wrap), audited, and the
+  compliance lists are told. Forensic material erases itself after
+  ``vault.forensic_ttl_hours`` (checked on every forensic use and by the nightly step).
+* **Destroy means destroy everywhere** (``on_destroyed``): after a version's keystore
+  material is erased, its archive copy and manifest are deleted as soon as their Object
+  Lock has expired (``retention.retire_expired`` retries every night until then); the ledger records
+  ``→ archive-deleted``.
+* **T1 evidence** (``t1_findings``): behaviour, not a policy flag — see the function.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from . import audit, ledger, lifecycle, nightly
+from .canonical import canonical_bytes
+from .clock import utc
+from .context import KmsContext
+from .db.models import ACTIVE, DESTROYED, REVOKED, ROTATED, Key, KeyVersion
+from .db.models_vault import ARCHIVED, DELETED, UNARCHIVABLE, ArchiveCopy, ForensicRetrieval
+from .keystore import KeyNotFound, KeyStoreError, verify_signature
+
+KEK_KEY = "archive"
+ARCHIVED_CLASSES = ("root", "service")
+RETRIEVE_OPERATION = "archive-retrieve"
+COPY_FORMAT = "kms-vault-copy/1"
+MANIFEST_FORMAT = "kms-vault-manifest/1"
+LEDGER_ARCHIVED = "archived"
+LEDGER_DELETED = "archive-deleted"
+
+
+class VaultError(lifecycle.LifecycleError):
+    """A refused or failed vault operation; the message says why. Nothing was changed."""
+
+
+def target_for(key_name: str, version: int) -> str:
+    return f"{key_name}#v{version}"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _time(at: datetime | None) -> str | None:
+    return ledger.format_time(utc(at)) if at is not None else None
+
+
+# ---- archiving ----------------------------------------------------------------------
+
+def _retention(ctx: KmsContext, key: Key, v: KeyVersion) -> tuple[datetime, datetime] | None:
+    from . import retention
+
+    start, end = retention.retired_at(v), retention.destroy_allowed_from(ctx, key, v)
+    return (start, end) if start is not None and end is not None else None
+
+
+def _active_kek(session: Session) -> KeyVersion:
+    try:
+        kek = lifecycle.active_version(lifecycle.get_key(session, KEK_KEY))
+    except lifecycle.UnknownKey:
+        kek = None
+    if kek is None or not kek.wrap_ref:
+        raise VaultError("no active archive KEK (key 'archive'): add key_classes.archive to the policy and run "
+                         "`kms init`")
+    return kek
+
+
+def _vault_since(session: Session) -> datetime | None:
+    """When the first archive KEK became active: versions created earlier were generated
+    non-archivable (under PKCS#11, non-extractable) and are the only ones excused."""
+    first = session.scalars(select(KeyVersion.activated_at).join(Key).where(
+        Key.name == KEK_KEY, KeyVersion.version == 1)).first()
+    return utc(first) if first is not None else None
+
+
+def _pending(ctx: KmsContext) -> list[tuple[str, int]]:
+    now = ctx.now()
+    with ctx.transaction() as session:
+        done = set(session.execute(select(ArchiveCopy.key_name, ArchiveCopy.key_version)).all())
+        out = []
+        for key in session.scalars(select(Key).where(Key.key_class.in_(ARCHIVED_CLASSES))
+                                   .options(selectinload(Key.versions)).order_by(Key.name)):
+            for v in key.versions:
+                span = _retention(ctx, key, v)
+                if v.state in (ROTATED, REVOKED) and (key.name, v.version) not in done and span and now < span[1]:
+                    out.append((key.name, v.version))
+    return out
+
+
+@dataclass
+class CopyInfo:
+    key: str
+    version: int
+    status: str
+    object_key: str | None = None
+    manifest_key: str | None = None
+    sha256: str | None = None
+    retain_until: datetime | None = None
+    kek_version: int | None = None
+    reason: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["retain_until"] = self.retain_until.isoformat() if self.retain_until else None
+        return d
+
+
+def archive_version(ctx: KmsContext, key_name: str, version: int) -> CopyInfo:
+    """Write the archive copy of one retired root/service version (idempotent per version)."""
+    if ctx.objects is None:
+        raise VaultError("no object store configured: the vault needs one (KMS_OBJECT_STORE)")
+    now = ctx.now()
+    with ctx.transaction() as session:
+        existing = session.scalars(select(ArchiveCopy).where(ArchiveCopy.key_name == key_name,
+                                                             ArchiveCopy.key_version == version)).first()
+        if existing is not None:
+            return _copy_info(existing)
+        key = lifecycle.get_key(session, key_name)
+        v = lifecycle.get_version(key, version)
+        if key.key_class not in ARCHIVED_CLASSES or v.state not in (ROTATED, REVOKED):
+            raise VaultError(f"{key_name} v{version} is a {v.state} {key.key_class} version; only retired root and "
+                             f"service versions are archived")
+        retired, retain_until = _retention(ctx, key, v)
+        kek = _active_kek(session)
+        root = lifecycle.active_version(lifecycle.get_key(session, "root"))
+        header = {
+            "format": COPY_FORMAT, "key": key_name, "version": version, "key_class": key.key_class,
+            "fingerprint": v.fingerprint, "public_key": _b64(v.public_key) if v.public_key else None,
+            "material": "aes256", "created_at": _time(v.created_at), "activated_at": _time(v.activated_at),
+            "retired_at": _time(retired), "retain_until": _time(retain_until), "archived_at": _time(now),
+            "kek": {"key": KEK_KEY, "version": kek.version},
+        }
+        wrap_ref, kek_ref, kek_version = v.wrap_ref, kek.wrap_ref, kek.version
+        signer = (root.version, root.sign_ref, root.fingerprint)
+    try:
+        wrapped_key = ctx.keystore.archive_wrap(kek_ref, wrap_ref)
+    except KeyNotFound:
+        raise VaultError(f"{key_name} v{version}: its keystore material is gone; nothing left to archive") from None
+    except KeyStoreError as exc:
+        # Generated before the vault existed (non-archivable): recorded, and judged by T1.
+        return _record(ctx, ArchiveCopy(key_name=key_name, key_version=version, status=UNARCHIVABLE,
+                                        retired_at=retired, retain_until=retain_until, archived_at=now,
+                                        fingerprint=header["fingerprint"], reason=str(exc)[:500]), None)
+    aad = canonical_bytes(header)
+    wrapped_dek = ctx.keystore.new_wrapped_dek(kek_ref)
+    sealed = ctx.keystore.dek_encrypt(kek_ref, wrapped_dek, wrapped_key, aad)
+    body = canonical_bytes({"header": header, "wrapped_dek": _b64(wrapped_dek), "sealed": _b64(sealed)})
+    digest = hashlib.sha256(body).hexdigest()
+    stem = (f"{ctx.policy.vault.prefix}{key_name.replace(':', '/')}/v{version}/"
+            f"{now.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(4)}")
+    object_key, manifest_key = f"{stem}.copy.json", f"{stem}.manifest.json"
+    entry = {"format": MANIFEST_FORMAT, "key": key_name, "version": version, "fingerprint": header["fingerprint"],
+             "object_key": object_key, "sha256": digest, "size": len(body), "retain_until": header["retain_until"],
+             "archived_at": header["archived_at"], "kek_version": kek_version,
+             "signer": {"key": "root", "version": signer[0], "fingerprint": signer[2]}}
+    signature = ctx.keystore.sign(signer[1], canonical_bytes(entry))
+    manifest_body = canonical_bytes({"entry": entry, "signature": _b64(signature)})
+    try:
+        ctx.objects.put(object_key, body, retain_until=retain_until, content_type="application/json",
+                        metadata={"sha256": digest})
+        ctx.objects.put(manifest_key, manifest_body, retain_until=retain_until, content_type="application/json")
+    except ValueError as exc:  # e.g. the retention already ended by the object store's clock
+        raise VaultError(f"{key_name} v{version}: archive copy not written: {exc}") from None
+    row = ArchiveCopy(key_name=key_name, key_version=version, status=ARCHIVED, kek_version=kek_version,
+                      object_key=object_key, manifest_key=manifest_key, sha256=digest, size=len(body),
+                      fingerprint=header["fingerprint"], retired_at=retired, retain_until=retain_until,
+                      archived_at=now)
+    return _record(ctx, row, f"archive copy {object_key} sha256={digest} (locked until {header['retain_until']})")
+
+
+def _record(ctx: KmsContext, row: ArchiveCopy, ledger_reason: str | None) -> CopyInfo:
+    with ctx.transaction() as session:
+        key = lifecycle.get_key(session, row.key_name, lock=True)
+        if session.scalars(select(ArchiveCopy.id).where(ArchiveCopy.key_name == row.key_name,
+                                                        ArchiveCopy.key_version == row.key_version)).first():
+            raise VaultError(f"{row.key_name} v{row.key_version} was archived concurrently; the other copy stands")
+        session.add(row)
+        v = lifecycle.get_version(key, row.key_version)
+        if ledger_reason is not None:
+            ledger.append(session, at=ctx.now(), key_name=row.key_name, key_version=row.key_version,
+                          from_state=v.state, to_state=LEDGER_ARCHIVED, actor=ctx.actor, approvers=(),
+                          change_ticket=None, reason=ledger_reason, event_id=None)
+        audit.record(session, at=ctx.now(), operation="archive", actor=ctx.actor,
+                     target=target_for(row.key_name, row.key_version), outcome="ok" if row.status == ARCHIVED
+                     else "error", detail={"status": row.status, "object": row.object_key, "sha256": row.sha256,
+                                           **({"reason": row.reason} if row.reason else {})})
+        session.flush()
+        return _copy_info(row)
+
+
+def _copy_info(row: ArchiveCopy) -> CopyInfo:
+    return CopyInfo(row.key_name, row.key_version, row.status, row.object_key, row.manifest_key, row.sha256,
+                    utc(row.retain_until), row.kek_version, row.reason)
+
+
+def archive_pending(ctx: KmsContext) -> list[CopyInfo]:
+    """Archive every retired root/service version within its retention that has no copy yet."""
+    return [archive_version(ctx, name, version) for name, version in _pending(ctx)]
+
+
+# ---- verification ---------------------------------------------------------------------
+
+def _signer_key(session: Session, version: int) -> bytes | None:
+    return session.scalars(select(KeyVersion.public_key).join(Key).where(
+        Key.name == "root", KeyVersion.version == version)).first()
+
+
+def verify_copy(ctx: KmsContext, row: ArchiveCopy, session: Session) -> list[str]:
+    """Problems with one archived copy: manifest signature, bytes against the hash, lock."""
+    name = target_for(row.key_name, row.key_version)
+    problems = []
+    try:
+        body = ctx.objects.get_bytes(row.object_key)
+        head = ctx.objects.head(row.object_key)
+    except Exception as exc:  # noqa: BLE001 - any failure to read it is the finding
+        return [f"{name}: archive copy {row.object_key} unreadable ({type(exc).__name__})"]
+    if hashlib.sha256(body).hexdigest() != row.sha256:
+        problems.append(f"{name}: archive copy bytes do not match the recorded SHA-256 (tampered)")
+    if head.retain_until is None or utc(head.retain_until) < utc(row.retain_until) or (
+            head.lock_mode not in (None, "COMPLIANCE")):
+        problems.append(f"{name}: archive copy is not locked until the end of retention "
+                        f"({_time(row.retain_until)}; object lock {_time(head.retain_until) or 'none'})")
+    try:
+        doc = json.loads(ctx.objects.get_bytes(row.manifest_key))
+        entry, signature = doc["entry"], base64.b64decode(doc["signature"])
+    except Exception as exc:  # noqa: BLE001
+        return problems + [f"{name}: manifest entry {row.manifest_key} unreadable ({type(exc).__name__})"]
+    public = _signer_key(session, int(entry.get("signer", {}).get("version", 0)))
+    if public is None or not verify_signature(public, canonical_bytes(entry), signature):
+        problems.append(f"{name}: manifest entry signature does not verify under the root version it names")
+    expected = {"key": row.key_name, "version": row.key_version, "object_key": row.object_key,
+                "sha256": row.sha256, "retain_until": _time(row.retain_until)}
+    wrong = [k for k, val in expected.items() if entry.get(k) != val]
+    if wrong:
+        problems.append(f"{name}: manifest entry disagrees with the vault record on {', '.join(wrong)}")
+    return problems
+
+
+def copies(ctx: KmsContext, *, verify: bool = True) -> list[CopyInfo]:
+    """Every vault record, verified (``kms archive list`` / ``kms archive verify``)."""
+    out = []
+    with ctx.transaction() as session:
+        for row in session.scalars(select(ArchiveCopy).order_by(ArchiveCopy.key_name, ArchiveCopy.key_version)):
+            info = _copy_info(row)
+            if verify and row.status == ARCHIVED:
+                info.problems = verify_copy(ctx, row, session)
+            out.append(info)
+    return out
+
+
+# ---- retrieval under dual control -------------------------------------------------------
+# Every call into the access area is in this section (the identity work may re-point it).
+
+def _require_retrieval(ctx: KmsContext, requester: str, target: str, ticket: str) -> None:
+    """Refuse unless the requester holds the permission and the approvals are complete
+    (read only: nothing is consumed; refusals are audited)."""
+    from . import access
+
+    access.require_permission(ctx, requester, RETRIEVE_OPERATION, target=target)
+    access.request_approval(ctx, operation=RETRIEVE_OPERATION, target=target, ticket=ticket, requester=requester)
+    with ctx.transaction() as s:
+        try:
+            access.check_approvals(s, ctx, operation=RETRIEVE_OPERATION, target=target, ticket=ticket,
+                                   requester=requester)
+            denied = None
+        except access.AccessDenied as exc:
+            denied = exc
+    if denied is not None:
+        audit.emit(ctx, at=ctx.now(), operation=RETRIEVE_OPERATION, actor=requester, target_ref=target,
+                   outcome="denied", detail={"reason": denied.reason, "ticket": ticket, "manual": True,
+                                             "problem": str(denied)})
+        raise denied
+
+
+def _consume_retrieval(session: Session, ctx: KmsContext, requester: str, target: str, ticket: str) -> list[str]:
+    from . import access
+
+    return list(access.consume_approvals(session, ctx, operation=RETRIEVE_OPERATION, target=target, ticket=ticket,
+                                         requester=requester))
+
+
+@dataclass
+class Retrieval:
+    id: int
+    key: str
+    version: int
+    ticket: str
+    requester: str
+    approvers: list[str]
+    refs: list[str]
+    expires_at: datetime
+    notification_failures: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "expires_at": self.expires_at.isoformat()}
+
+
+def retrieve(ctx: KmsContext, key_name: str, version: int, *, ticket: str, requested_by: str,
+             purpose: str = "investigation") -> Retrieval:
+    """Import an archived version into the forensic keystore, under dual control."""
+    lifecycle.validate_key_name(ctx, key_name)
+    target = target_for(key_name, version)
+    with ctx.transaction() as session:
+        row = session.scalars(select(ArchiveCopy).where(ArchiveCopy.key_name == key_name,
+                                                        ArchiveCopy.key_version == version)).first()
+        if row is None or row.status != ARCHIVED:
+            raise VaultError(f"no archive copy of {target} in the vault"
+                             + (f" (status {row.status})" if row is not None else "; see `kms archive list`"))
+        problems = verify_copy(ctx, row, session)
+        if problems:
+            raise VaultError(f"refusing to retrieve {target}: " + "; ".join(problems))
+        object_key = row.object_key
+        kek = lifecycle.get_version(lifecycle.get_key(session, KEK_KEY), row.kek_version)
+        if kek.state == DESTROYED or not kek.wrap_ref:
+            raise VaultError(f"archive KEK v{row.kek_version} of {target} is destroyed; the copy cannot be opened")
+        kek_ref = kek.wrap_ref
+    _require_retrieval(ctx, requested_by, target, ticket)
+    doc = json.loads(ctx.objects.get_bytes(object_key))
+    header = doc["header"]
+    if header.get("key") != key_name or header.get("version") != version:
+        raise VaultError(f"archive copy of {target} names {header.get('key')} v{header.get('version')}")
+    ttl = timedelta(hours=ctx.policy.vault.forensic_ttl_hours)
+    now = ctx.now()
+    ref = f"{key_name.replace(':', '.')}.v{version}.forensic.{secrets.token_hex(4)}"
+    imported = False
+    try:
+        with ctx.transaction() as session:
+            approvers = _consume_retrieval(session, ctx, requested_by, target, ticket)
+            wrapped_key = ctx.keystore.dek_decrypt(kek_ref, base64.b64decode(doc["wrapped_dek"]),
+                                                   base64.b64decode(doc["sealed"]), canonical_bytes(header))
+            ctx.keystore.forensic_unwrap(kek_ref, wrapped_key, ref)
+            imported = True
+            r = ForensicRetrieval(key_name=key_name, key_version=version, ticket=ticket, requester=requested_by,
+                                  approvers=json.dumps(approvers), refs=json.dumps([ref]), retrieved_at=now,
+                                  expires_at=now + ttl, purpose=purpose)
+            session.add(r)
+            session.flush()
+            audit.record(session, at=now, operation=RETRIEVE_OPERATION, actor=requested_by, target=target,
+                         outcome="ok", detail={"ticket": ticket, "approvers": approvers, "forensic_ref": ref,
+                                               "expires_at": _time(now + ttl), "purpose": purpose})
+            result = Retrieval(r.id, key_name, version, ticket, requested_by, approvers, [ref], now + ttl)
+    except BaseException:
+        if imported:
+            _erase(ctx, ref)
+        raise
+    result.notification_failures = _notify(ctx, result)
+    return result
+
+
+def _notify(ctx: KmsContext, r: Retrieval) -> list[str]:
+    """A4/T1: compliance hears of every retrieval. A failed delivery is reported, never raised."""
+    if ctx.notifier is None:
+        return ["no notifier configured"]
+    from .notify import Notification, failures
+
+    n = ctx.policy.notifications
+    body = (f"Archived key {r.key} v{r.version} was retrieved into the forensic keystore (decrypt/verify only).\n"
+            f"Change ticket: {r.ticket}\nRequested by: {r.requester}\nApproved by: {', '.join(r.approvers)}\n"
+            f"Erases itself at: {r.expires_at.isoformat()}\n")
+    try:
+        results = ctx.notifier.send(Notification(
+            subject=f"KMS archive retrieval: {r.key} v{r.version} ({r.ticket})", body=body,
+            recipients=list(n.compliance_emails), slack_channels=list(n.slack_channels), severity="notice",
+            kind="archive_retrieve", ref=r.ticket))
+    except Exception as exc:  # noqa: BLE001 - reported to the caller
+        return [f"{type(exc).__name__}: {exc}"]
+    return [f"{f.channel}: {f.error}" for f in failures(results)]
+
+
+def _erase(ctx: KmsContext, ref: str) -> None:
+    try:
+        ctx.keystore.forensic_destroy(ref)
+    except KeyNotFound:
+        pass
+
+
+def purge_expired(ctx: KmsContext) -> list[str]:
+    """Erase forensic material whose TTL has passed; returns the refs erased."""
+    now = ctx.now()
+    with ctx.transaction() as session:
+        due = [(r.id, json.loads(r.refs)) for r in session.scalars(select(ForensicRetrieval).where(
+            ForensicRetrieval.purged_at.is_(None), ForensicRetrieval.expires_at <= now))]
+    erased = []
+    for rid, refs in due:
+        for ref in refs:
+            _erase(ctx, ref)
+            erased.append(ref)
+        with ctx.transaction() as session:
+            row = session.get(ForensicRetrieval, rid)
+            row.purged_at = now
+            audit.record(session, at=now, operation="archive.forensic_expired", actor=ctx.actor,
+                         target=target_for(row.key_name, row.key_version), outcome="ok", detail={"refs": refs})
+    return erased
+
+
+class ForensicRefused(VaultError):
+    pass
+
+
+class ForensicKeyStore:
+    """The forensic keystore context: verify and decrypt only, and only until the TTL.
+
+    It exposes no sign, encrypt or wrap; the objects behind it are created decrypt-only
+    (PKCS#11: CKA_SIGN/ENCRYPT/WRAP false), so not even the backend could sign with them."""
+
+    def __init__(self, ctx: KmsContext):
+        self._ctx = ctx
+
+    def _live(self, ref: str) -> None:
+        purge_expired(self._ctx)
+        with self._ctx.transaction() as session:
+            rows = session.scalars(select(ForensicRetrieval).where(ForensicRetrieval.purged_at.is_(None)))
+            if not any(ref in json.loads(r.refs) for r in rows):
+                raise ForensicRefused(f"forensic key {ref!r} is not (or no longer) retrieved; its TTL may have ended")
+
+    def decrypt(self, ref: str, blob: bytes, aad: bytes = b"") -> bytes:
+        self._live(ref)
+        return self._ctx.keystore.forensic_decrypt(ref, blob, aad)
+
+    @staticmethod
+    def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
+        return verify_signature(public_key, message, signature)
+
+    def sign(self, ref: str, message: bytes) -> bytes:
+        audit.emit(self._ctx, at=self._ctx.now(), operation="sign", actor=self._ctx.actor, target_ref=ref,
+                   outcome="denied", detail={"forensic": True, "reason": "forensic keys never sign"})
+        raise ForensicRefused(f"the forensic keystore is read-only: {ref!r} may verify and decrypt, never sign")
+
+    def encrypt(self, ref: str, plaintext: bytes, aad: bytes = b"") -> bytes:
+        raise ForensicRefused(f"the forensic keystore is read-only: {ref!r} may verify and decrypt, never encrypt")
+
+
+# ---- destroy means destroy everywhere -------------------------------------------------
+
+def on_destroyed(ctx: KmsContext, key_name: str, version: int) -> str | None:
+    """Delete the archive copy of a destroyed version once its lock has expired.
+    Returns ``deleted``, ``locked`` (retried nightly) or None when there is no copy."""
+    with ctx.transaction() as session:
+        row = session.scalars(select(ArchiveCopy).where(ArchiveCopy.key_name == key_name,
+                                                        ArchiveCopy.key_version == version)).first()
+        if row is None or row.status != ARCHIVED:
+            return None
+        keys = [row.object_key, row.manifest_key]
+    from .objectstore import ObjectLocked, ObjectNotFound
+
+    try:
+        for k in keys:
+            try:
+                ctx.objects.delete(k)
+            except ObjectNotFound:
+                pass
+    except ObjectLocked:
+        return "locked"
+    with ctx.transaction() as session:
+        key = lifecycle.get_key(session, key_name, lock=True)
+        row = session.scalars(select(ArchiveCopy).where(ArchiveCopy.key_name == key_name,
+                                                        ArchiveCopy.key_version == version)).first()
+        row.status, row.deleted_at = DELETED, ctx.now()
+        ledger.append(session, at=ctx.now(), key_name=key_name, key_version=version,
+                      from_state=lifecycle.get_version(key, version).state, to_state=LEDGER_DELETED,
+                      actor=ctx.actor, approvers=(), change_ticket=None,
+                      reason=f"archive copy {keys[0]} and its manifest deleted after retention", event_id=None)
+    return "deleted"
+
+
+def delete_expired(ctx: KmsContext) -> dict[str, list[str]]:
+    """Retry the archive deletion of every destroyed version whose copy is still stored."""
+    with ctx.transaction() as session:
+        todo = session.execute(select(ArchiveCopy.key_name, ArchiveCopy.key_version).join(
+            Key, Key.name == ArchiveCopy.key_name).join(KeyVersion, (KeyVersion.key_id == Key.id) & (
+                KeyVersion.version == ArchiveCopy.key_version)).where(
+            ArchiveCopy.status == ARCHIVED, KeyVersion.state == DESTROYED)).all()
+    out: dict[str, list[str]] = {"deleted": [], "locked": []}
+    for name, version in todo:
+        outcome = on_destroyed(ctx, name, version)
+        if outcome:
+            out[outcome].append(target_for(name, version))
+    return out
+
+
+@lifecycle.destroy_guard("archive_copies")
+def _kek_guard(session: Session, ctx: KmsContext, key: Key, v: KeyVersion):
+    """An archive KEK version stays while any stored copy is wrapped under it."""
+    if key.name != KEK_KEY:
+        return None
+    n = len(session.scalars(select(ArchiveCopy.id).where(ArchiveCopy.kek_version == v.version,
+                                                         ArchiveCopy.status == ARCHIVED)).all())
+    return f"{n} archive cop{'y' if n == 1 else 'ies'} still wrapped under archive KEK v{v.version}" if n else None
+
+
+# ---- T1 evidence ------------------------------------------------------------------------
+
+def t1_findings(ctx: KmsContext) -> tuple[list[str], list[str], list[str], dict]:
+    """(problems, good, warnings, details) for clause T1's second sentence.
+
+    Red: a retired root/service version within retention with no copy, an unarchivable
+    one generated after the vault existed, a copy that fails verification (manifest
+    signature, bytes vs hash, lock until the end of retention) or was deleted early; a
+    destroyed version whose copy is still stored after its lock ended; a retrieval or
+    forensic import without the required distinct approvers; forensic material alive
+    past its TTL. Versions generated before the vault existed (non-archivable) are warned."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    need = ctx.policy.access.approvals_required
+    now = ctx.now()
+    verified = legacy = deleted = 0
+    with ctx.transaction() as session:
+        since = _vault_since(session)
+        if since is None:
+            problems.append("no archive KEK: the vault does not exist")
+        rows = {(r.key_name, r.key_version): r for r in session.scalars(select(ArchiveCopy))}
+        for key in session.scalars(select(Key).where(Key.key_class.in_(ARCHIVED_CLASSES))
+                                   .options(selectinload(Key.versions)).order_by(Key.name)):
+            for v in key.versions:
+                span = _retention(ctx, key, v)
+                if span is None:
+                    continue
+                name, row = target_for(key.name, v.version), rows.get((key.name, v.version))
+                if v.state in (ROTATED, REVOKED) and now < span[1]:
+                    if row is None:
+                        problems.append(f"{name}: retired {_time(span[0])} but has no archive copy")
+                    elif row.status == UNARCHIVABLE:
+                        if since is not None and utc(v.created_at) >= since:
+                            problems.append(f"{name}: generated after the vault existed but not archivable")
+                        else:
+                            legacy += 1
+                            warnings.append(f"{name}: generated before the vault, not archivable ({row.reason})")
+                    elif row.status == DELETED:
+                        problems.append(f"{name}: archive copy deleted {_time(row.deleted_at)}, within retention")
+                    else:
+                        found = verify_copy(ctx, row, session)
+                        problems += found
+                        verified += not found
+                elif v.state == DESTROYED and row is not None and row.object_key:
+                    stored = ctx.objects.exists(row.object_key)
+                    if row.status == DELETED:
+                        deleted += 1
+                        if stored:
+                            problems.append(f"{name}: archive copy recorded deleted but still stored")
+                    elif stored:
+                        try:
+                            lock = ctx.objects.head(row.object_key).retain_until
+                        except Exception:  # noqa: BLE001
+                            lock = None
+                        if lock is not None and utc(lock) > now:
+                            warnings.append(f"{name}: destroyed; archive copy deleted when its lock ends "
+                                            f"{_time(lock)}")
+                        else:
+                            problems.append(f"{name}: destroyed, but its archive copy is still stored after its "
+                                            f"lock ended")
+        retrievals = list(session.scalars(select(ForensicRetrieval)))
+        for r in retrievals:
+            names = set(json.loads(r.approvers)) - {r.requester}
+            if len(names) < need:
+                problems.append(f"retrieval #{r.id} of {target_for(r.key_name, r.key_version)} had {len(names)} "
+                                f"approver(s) other than the requester (dual control needs {need})")
+        retrieved_refs = {ref for r in retrievals for ref in json.loads(r.refs)}
+        alive_refs = {ref for r in retrievals if r.purged_at is None and utc(r.expires_at) > now
+                      for ref in json.loads(r.refs)}
+        from .db.models_access import AuditEvent
+
+        for target, detail in session.execute(select(AuditEvent.target, AuditEvent.detail).where(
+                AuditEvent.operation == "import", AuditEvent.outcome == "ok")):
+            if target not in retrieved_refs and _is_forensic(detail):
+                problems.append(f"forensic import of {target} has no dual-approved retrieval")
+    try:
+        stale = sorted(set(ctx.keystore.forensic_refs()) - alive_refs)
+    except AttributeError:
+        stale = []
+    if stale:
+        problems.append(f"forensic material alive without a live retrieval (TTL ended?): {', '.join(stale)}")
+    good = [f"{verified} retired root/service version(s) have verified, locked archive copies; {deleted} archive "
+            f"cop{'y' if deleted == 1 else 'ies'} deleted with their keys; {len(retrievals)} retrieval(s), each "
+            f"dual-approved"]
+    return problems, good, warnings, {"archived_verified": verified, "archive_deleted": deleted,
+                                      "legacy_unarchivable": legacy, "retrievals": len(retrievals)}
+
+
+def _is_forensic(detail: Any) -> bool:
+    if isinstance(detail, str):
+        try:
+            detail = json.loads(detail)
+        except ValueError:
+            return False
+    return isinstance(detail, dict) and bool(detail.get("forensic"))
+
+
+# ---- nightly ---------------------------------------------------------------------------
+
+@nightly.nightly_step("vault_archive", order=16)
+def _archive_step(ctx: KmsContext) -> dict:
+    made = archive_pending(ctx)
+    return {"archived": [target_for(c.key, c.version) for c in made if c.status == ARCHIVED],
+            "unarchivable": [target_for(c.key, c.version) for c in made if c.status == UNARCHIVABLE],
+            "forensic_expired": purge_expired(ctx)}
+

@@ -1,0 +1,410 @@
+"""The archive vault of retired root/service keys (T1): archive on rotation, dual-controlled
+retrieval into a read-only forensic keystore, destruction everywhere, and T1 read from
+behaviour. Real parts: SoftHSM2 and the software keystore, the moto S3 server on loopback
+(Object Lock), SQLite/PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timedelta, timezone
+
+import pyotp
+import pytest
+from sqlalchemy import delete, select, text
+
+from kms_pipelines.core import access, audit, compliance, dependents, ledger, lifecycle, retention, rotation, vault
+from kms_pipelines.core.db.models import LedgerEntry
+from kms_pipelines.core.db.models_access import Approval
+from kms_pipelines.core.db.models_vault import ArchiveCopy, ForensicRetrieval
+from kms_pipelines.core.keystore import KeyStoreError
+from kms_pipelines.core.objectstore.local import LocalObjectStore
+
+TICKET = "INC-4711"
+
+
+def enrol(kms, name, *roles):
+    return pyotp.parse_uri(access.enroll_principal(kms, name, list(roles)).provisioning_uri)
+
+
+def approve(kms, device, name, target, ticket=TICKET, operation=vault.RETRIEVE_OPERATION):
+    kms.clock.advance(timedelta(seconds=30))  # a fresh TOTP step for every approval
+    return access.approve(kms, name, ticket=ticket, operation=operation, target=target, totp=device.at(kms.now()))
+
+
+@pytest.fixture(params=["software", "pkcs11"])
+def vkms(request, make_kms, s3_store):
+    """A bootstrapped context on the requested keystore with the S3 server as object store."""
+    keystore = request.getfixturevalue("pkcs11_keystore") if request.param == "pkcs11" else None
+    kms = make_kms("sqlite", keystore=keystore)
+    kms.objects = s3_store
+    yield kms
+    _forget_forensic(kms)
+
+
+def _forget_forensic(kms):
+    # The SoftHSM2 token is shared by the whole test session; leave no forensic objects behind.
+    for ref in kms.keystore.forensic_refs():
+        kms.keystore.forensic_destroy(ref)
+
+
+@pytest.fixture
+def team(vkms):
+    """dave (compliance_officer) requests; bob (security_engineering) and carol (compliance_officer) approve."""
+    return vkms, {n: enrol(vkms, n, r) for n, r in (("dave", "compliance_officer"), ("bob", "security_engineering"),
+                                                     ("carol", "compliance_officer"))}
+
+
+def root_v1(kms):
+    with kms.transaction() as s:
+        return lifecycle.get_version(lifecycle.get_key(s, "root"), 1)
+
+
+def rotate_root(kms):
+    kms.clock.advance(timedelta(days=1))
+    return rotation.rotate_key(kms, "root", reason="cadence")
+
+
+def t1(kms):
+    audit.flush(kms)
+    return compliance.eval_t1(kms)
+
+
+def snapshot(kms):
+    audit.flush(kms)
+    with kms.engine.connect() as conn:
+        head = ledger.head(conn)
+        approvals = conn.execute(select(Approval.id, Approval.used_at).order_by(Approval.id)).all()
+        retrievals = conn.execute(select(ForensicRetrieval.id)).all()
+    return head, approvals, retrievals, sorted(kms.keystore.forensic_refs())
+
+
+# ---- archive on rotation, retrieval with approvals ---------------------------------------
+
+def test_rotation_archives_the_retired_root_and_dual_control_retrieves_it(team):
+    kms, d = team
+    v1 = root_v1(kms)
+    historic = kms.keystore.encrypt(v1.wrap_ref, b"sealed under root v1", b"case-17")
+    rotate_root(kms)
+
+    [copy] = vault.copies(kms)
+    assert (copy.key, copy.version, copy.status, copy.problems) == ("root", 1, "archived", [])
+    head = kms.objects.head(copy.object_key)
+    assert head.lock_mode == "COMPLIANCE" and head.retain_until == copy.retain_until
+    assert copy.retain_until == retention.destroy_allowed_from(kms, *_key_and_version(kms, "root", 1))
+    with kms.transaction() as s:
+        entry = s.scalars(select(LedgerEntry).where(LedgerEntry.to_state == vault.LEDGER_ARCHIVED)).one()
+    assert (entry.key_name, entry.key_version) == ("root", 1) and copy.object_key in entry.reason
+    assert ledger.verify(kms.engine).ok
+    body = kms.objects.get_bytes(copy.object_key)
+    assert b"sealed under root v1" not in body and v1.wrap_ref.encode() not in body
+
+    target = vault.target_for("root", 1)
+    approve(kms, d["bob"], "bob", target)
+    approve(kms, d["carol"], "carol", target)
+    r = vault.retrieve(kms, "root", 1, ticket=TICKET, requested_by="dave")
+    assert r.approvers == ["bob", "carol"] and r.notification_failures == []
+    forensic = vault.ForensicKeyStore(kms)
+    # The retrieved material is the real key: it opens what root v1 sealed a year ago.
+    assert forensic.decrypt(r.refs[0], historic, b"case-17") == b"sealed under root v1"
+    assert any(m.get("kind") == "archive_retrieve" and TICKET in m.get("subject", "") for m in kms.notifier.read())
+    audit.flush(kms)
+    assert audit.verify(kms).ok
+    assert compliance.eval_t1(kms).status == compliance.PASS, compliance.eval_t1(kms).evidence
+
+    # Approvals are single-use: a second retrieval under the same ticket needs new ones.
+    with pytest.raises(access.AccessDenied, match="single-use"):
+        vault.retrieve(kms, "root", 1, ticket=TICKET, requested_by="dave")
+
+    # The material erases itself after the policy TTL.
+    kms.clock.advance(timedelta(hours=kms.policy.vault.forensic_ttl_hours, seconds=1))
+    with pytest.raises(vault.ForensicRefused, match="TTL"):
+        forensic.decrypt(r.refs[0], historic, b"case-17")
+    assert r.refs[0] not in kms.keystore.forensic_refs()
+    assert t1(kms).status == compliance.PASS
+
+
+def _key_and_version(kms, name, version):
+    with kms.transaction() as s:
+        key = lifecycle.get_key(s, name)
+        return key, lifecycle.get_version(key, version)
+
+
+def test_forensic_context_refuses_to_sign_and_live_keystore_cannot_reach_it(team):
+    kms, d = team
+    rotate_root(kms)
+    target = vault.target_for("root", 1)
+    approve(kms, d["bob"], "bob", target)
+    approve(kms, d["carol"], "carol", target)
+    ref = vault.retrieve(kms, "root", 1, ticket=TICKET, requested_by="dave").refs[0]
+    forensic = vault.ForensicKeyStore(kms)
+    with pytest.raises(vault.ForensicRefused, match="never sign"):
+        forensic.sign(ref, b"backdated RPT")
+    with pytest.raises(vault.ForensicRefused, match="never encrypt"):
+        forensic.encrypt(ref, b"x")
+    for op in (lambda: kms.keystore.sign(ref, b"x"), lambda: kms.keystore.encrypt(ref, b"x"),
+               lambda: kms.keystore.export_secret(ref)):
+        with pytest.raises(KeyStoreError):  # not in the live namespace at all
+            op()
+    assert ref not in kms.keystore.refs()
+    if kms.keystore.backend == "pkcs11":  # the token itself forbids everything but decrypt
+        assert kms.keystore.forensic_attributes(ref) == {
+            "sign": False, "encrypt": False, "decrypt": True, "wrap": False, "unwrap": False,
+            "extractable": False, "sensitive": True, "modifiable": False}
+    audit.flush(kms)
+    with kms.engine.connect() as conn:
+        denied = conn.execute(text("SELECT count(*) FROM audit_events WHERE operation='sign' AND outcome='denied' "
+                                   "AND target=:t"), {"t": ref}).scalar()
+    assert denied == 1
+
+
+# ---- refusals change nothing ---------------------------------------------------------------
+
+def test_retrieval_refused_without_approvals_with_one_and_by_the_requester(team):
+    kms, d = team
+    rotate_root(kms)
+    target = vault.target_for("root", 1)
+
+    def refused(match, requester="dave"):
+        before = snapshot(kms)
+        with pytest.raises(access.AccessDenied, match=match):
+            vault.retrieve(kms, "root", 1, ticket=TICKET, requested_by=requester)
+        after = snapshot(kms)
+        assert after == before
+
+    refused(r"needs 2 approvals.*has 0")
+    approve(kms, d["bob"], "bob", target)
+    refused(r"has 1 \(bob\)")
+    with pytest.raises(access.AccessDenied, match="self-approval"):
+        approve(kms, d["dave"], "dave", target)
+    refused(r"has 1 \(bob\)")
+    # An approval bound to another ticket or target does not count either.
+    approve(kms, d["carol"], "carol", target, ticket="INC-other")
+    refused(r"has 1 \(bob\)")
+    # The requester's own approval (given before asking) is never counted.
+    approve(kms, d["dave"], "dave", target, ticket="INC-2")
+    approve(kms, d["bob"], "bob", target, ticket="INC-2")
+    before = snapshot(kms)
+    with pytest.raises(access.AccessDenied, match=r"dave \(the requester\)"):
+        vault.retrieve(kms, "root", 1, ticket="INC-2", requested_by="dave")
+    assert snapshot(kms)[:3] == before[:3]
+    # A principal without the role's permission may not even ask.
+    enrol(kms, "erin", "sre_oncall")
+    refused("archive-retrieve", requester="erin")
+    audit.flush(kms)
+    with kms.engine.connect() as conn:
+        n = conn.execute(text("SELECT count(*) FROM audit_events WHERE operation='archive-retrieve' "
+                              "AND outcome='denied'")).scalar()
+    assert n >= 4
+
+
+def test_unknown_version_is_refused_cleanly(vkms):
+    with pytest.raises(vault.VaultError, match="no archive copy of root#v7"):
+        vault.retrieve(vkms, "root", 7, ticket=TICKET, requested_by="dave")
+
+
+# ---- T1 red on tampering -----------------------------------------------------------------
+
+def _bucket_key(kms, object_key):
+    return kms.objects.bucket, kms.objects._full(object_key)
+
+
+def test_tampered_copy_turns_t1_red_and_cannot_be_retrieved(team, s3_client):
+    kms, d = team
+    rotate_root(kms)
+    assert t1(kms).status == compliance.PASS
+    [copy] = vault.copies(kms)
+    bucket, full = _bucket_key(kms, copy.object_key)
+    body = json.loads(kms.objects.get_bytes(copy.object_key))
+    body["header"]["retired_at"] = "2027-01-01T00:00:00.000000Z"  # an insider rewrites the times
+    # A versioned, locked bucket still accepts a new version over a locked one: that is the attack.
+    s3_client.put_object(Bucket=bucket, Key=full, Body=json.dumps(body).encode(), ObjectLockMode="COMPLIANCE",
+                         ObjectLockRetainUntilDate=copy.retain_until + timedelta(days=1))
+    finding = t1(kms)
+    assert finding.status == compliance.FAIL and "do not match the recorded SHA-256" in finding.evidence
+    approve(kms, d["bob"], "bob", vault.target_for("root", 1))
+    approve(kms, d["carol"], "carol", vault.target_for("root", 1))
+    before = snapshot(kms)
+    with pytest.raises(vault.VaultError, match="refusing to retrieve root#v1: .*tampered"):
+        vault.retrieve(kms, "root", 1, ticket=TICKET, requested_by="dave")
+    assert snapshot(kms) == before  # approvals not consumed
+
+
+def test_deleted_unlocked_or_forged_copy_turns_t1_red(vkms, s3_client):
+    kms = vkms
+    rotate_root(kms)
+    [copy] = vault.copies(kms)
+    bucket, full = _bucket_key(kms, copy.object_key)
+    # Unlocked: a new version with the same bytes but no retention.
+    s3_client.put_object(Bucket=bucket, Key=full, Body=kms.objects.get_bytes(copy.object_key))
+    assert "not locked until the end of retention" in t1(kms).evidence
+    # Deleted: a delete marker hides every version.
+    s3_client.delete_object(Bucket=bucket, Key=full)
+    assert "unreadable" in t1(kms).evidence and t1(kms).status == compliance.FAIL
+
+
+def test_forged_manifest_entry_turns_t1_red(vkms, s3_client):
+    kms = vkms
+    rotate_root(kms)
+    [copy] = vault.copies(kms)
+    doc = json.loads(kms.objects.get_bytes(copy.manifest_key))
+    doc["entry"]["retain_until"] = "2026-02-01T00:00:00.000000Z"
+    bucket, full = _bucket_key(kms, copy.manifest_key)
+    s3_client.put_object(Bucket=bucket, Key=full, Body=json.dumps(doc).encode())
+    finding = t1(kms)
+    assert finding.status == compliance.FAIL and "signature does not verify" in finding.evidence
+
+
+def test_missing_vault_record_or_single_approver_retrieval_is_red(vkms):
+    kms = vkms
+    rotate_root(kms)
+    with kms.transaction() as s:  # an insider removes the record (and so the copy) from the vault's view
+        s.execute(delete(ArchiveCopy))
+    assert "root#v1: retired" in t1(kms).evidence and t1(kms).status == compliance.FAIL
+    vault.archive_pending(kms)
+    assert t1(kms).status == compliance.PASS
+    with kms.transaction() as s:  # a retrieval recorded straight into the table with one approver
+        s.add(ForensicRetrieval(key_name="root", key_version=1, ticket="X", requester="mallory",
+                                approvers='["mallory","bob"]', refs='["r"]', retrieved_at=kms.now(),
+                                expires_at=kms.now(), purpose="investigation"))
+    finding = t1(kms)
+    assert finding.status == compliance.FAIL and "1 approver(s) other than the requester" in finding.evidence
+
+
+def test_forensic_import_outside_retrieve_is_red(vkms):
+    """Someone with keystore access unwraps a copy without going through dual control."""
+    kms = vkms
+    rotate_root(kms)
+    [copy] = vault.copies(kms)
+    doc = json.loads(kms.objects.get_bytes(copy.object_key))
+    with kms.transaction() as s:
+        kek = lifecycle.get_version(lifecycle.get_key(s, "archive"), copy.kek_version)
+    import base64
+
+    from kms_pipelines.core.canonical import canonical_bytes
+
+    wrapped = kms.keystore.dek_decrypt(kek.wrap_ref, base64.b64decode(doc["wrapped_dek"]),
+                                       base64.b64decode(doc["sealed"]), canonical_bytes(doc["header"]))
+    kms.keystore.forensic_unwrap(kek.wrap_ref, wrapped, "sneaky")
+    finding = t1(kms)
+    assert finding.status == compliance.FAIL
+    assert "forensic import of sneaky has no dual-approved retrieval" in finding.evidence
+
+
+def test_archive_wrap_refuses_anything_but_archivable_under_the_archive_kek(vkms):
+    kms = vkms
+    with kms.transaction() as s:
+        kek = lifecycle.active_version(lifecycle.get_key(s, "archive"))
+        data = lifecycle.active_version(lifecycle.get_key(s, "data:postgres"))
+        root = lifecycle.active_version(lifecycle.get_key(s, "root"))
+    with pytest.raises(KeyStoreError, match="cannot leave the keystore"):
+        kms.keystore.archive_wrap(kek.wrap_ref, data.wrap_ref)
+    with pytest.raises(KeyStoreError, match="not an archive KEK"):
+        kms.keystore.archive_wrap(data.wrap_ref, root.wrap_ref)
+
+
+# ---- destroy means destroy everywhere ----------------------------------------------------
+
+def _destroy_after_retention(kms, devices):
+    for service in kms.policy.dependents["root"]:
+        dependents.confirm(kms, "root", 2, service, actor=f"svc:{service}")
+    due = [x for x in retention.due_for_destruction(kms) if x.key == "root"]
+    assert [x.version for x in due] == [1]
+    for name in ("bob", "carol"):
+        approve(kms, devices[name], name, due[0].target, ticket=due[0].ticket, operation="destroy")
+    return retention.retire_expired(kms)
+
+
+@pytest.fixture
+def fresh_keystore(any_keystore):
+    yield any_keystore
+    for ref in any_keystore.forensic_refs():
+        any_keystore.forensic_destroy(ref)
+
+
+def test_destruction_at_day_365_removes_keystore_and_archive_copies(make_kms, fresh_keystore, tmp_path):
+    kms = make_kms("sqlite", keystore=fresh_keystore)
+    kms.objects = LocalObjectStore(tmp_path / "worm", now=kms.clock.now)  # WORM clock = simulated clock
+    devices = {n: enrol(kms, n, r) for n, r in (("bob", "security_engineering"), ("carol", "compliance_officer"))}
+    v1 = root_v1(kms)
+    rotate_root(kms)
+    [copy] = vault.copies(kms)
+    kms.clock.advance(timedelta(days=364))
+    assert retention.due_for_destruction(kms) == []
+    kms.clock.advance(timedelta(days=1))
+    summary = _destroy_after_retention(kms, devices)
+    assert [x["target"] for x in summary.destroyed] == ["root#v1"]
+    assert not kms.keystore.exists(v1.wrap_ref) and not kms.keystore.exists(v1.sign_ref)
+    assert not kms.objects.exists(copy.object_key) and not kms.objects.exists(copy.manifest_key)
+    with kms.transaction() as s:
+        states = [e.to_state for e in s.scalars(select(LedgerEntry).where(
+            LedgerEntry.key_name == "root", LedgerEntry.key_version == 1).order_by(LedgerEntry.seq))]
+        row = s.scalars(select(ArchiveCopy)).one()
+    assert states == ["active", "rotated", "archived", "destroyed", "archive-deleted"]
+    assert row.status == "deleted"
+    assert t1(kms).status == compliance.PASS, t1(kms).evidence
+
+
+def test_destroyed_key_with_a_surviving_copy_is_red(make_kms, tmp_path):
+    kms = make_kms("sqlite")
+    kms.objects = LocalObjectStore(tmp_path / "worm", now=kms.clock.now)
+    devices = {n: enrol(kms, n, r) for n, r in (("bob", "security_engineering"), ("carol", "compliance_officer"))}
+    rotate_root(kms)
+    [copy] = vault.copies(kms)
+    kms.clock.advance(timedelta(days=365))
+    saved = {k: kms.objects.get_bytes(k) for k in (copy.object_key, copy.manifest_key)}
+    _destroy_after_retention(kms, devices)
+    for k, body in saved.items():  # an insider keeps a copy back in the vault
+        kms.objects.put(k, body)
+    assert "recorded deleted but still stored" in t1(kms).evidence
+
+
+def test_s3_archive_copy_is_deleted_once_its_object_lock_ends(make_kms, s3_store):
+    """Object Lock on the S3 server runs on the wall clock: retire ~365 d before now so the
+    lock ends a few seconds from now, then destroy once it has."""
+    from kms_pipelines.core.clock import SimulatedClock
+
+    wall = datetime.now(timezone.utc)
+    clock = SimulatedClock(wall - timedelta(days=366))
+    kms = make_kms("sqlite", clock=clock)
+    kms.objects = s3_store
+    devices = {n: enrol(kms, n, r) for n, r in (("bob", "security_engineering"), ("carol", "compliance_officer"))}
+    clock.set(wall - timedelta(days=365) + timedelta(seconds=6))
+    rotation.rotate_key(kms, "root", reason="cadence")
+    [copy] = vault.copies(kms)
+    assert copy.retain_until > datetime.now(timezone.utc)
+    with pytest.raises(Exception, match="locked"):
+        s3_store.delete(copy.object_key)
+    time.sleep(max(0.0, (copy.retain_until - datetime.now(timezone.utc)).total_seconds()) + 1)
+    clock.set(copy.retain_until + timedelta(minutes=5))
+    _destroy_after_retention(kms, devices)
+    assert not s3_store.exists(copy.object_key) and not s3_store.exists(copy.manifest_key)
+    assert t1(kms).status == compliance.PASS, t1(kms).evidence
+
+
+# ---- simulated time ------------------------------------------------------------------------
+
+def test_simulated_400_days_show_the_archive_lifecycle():
+    from datetime import date
+
+    from kms_pipelines.core import simulate
+
+    seen = {}
+
+    def on_day(day, ctx, night):
+        if day in (59, 61, 400, 426):
+            seen[day] = (vault.copies(ctx), compliance.eval_t1(ctx))
+
+    result = simulate.simulate(426, date(2026, 1, 1), on_day=on_day, workload=False,
+                               steps=["rotate_root", "rotate_service", "rotate_archive", "vault_archive",
+                                      "retire_expired"])
+    archived = {(e.key, e.version): e.day for e in result.of("archived")}
+    assert archived[("service:api-gateway", 1)] == 60 and archived[("root", 1)] == 90
+    assert archived[("root", 4)] == 360 and seen[59][0] == [] and len(seen[61][0]) == 3
+    deleted = {(e.key, e.version): e.day for e in result.of("archive-deleted")}
+    assert deleted == {(f"service:{n}", 1): 425 for n in ("api-gateway", "worker-pipelines",
+                                                            "reconciliation-engine")}
+    for day in (61, 400, 426):
+        assert seen[day][1].status == compliance.PASS, (day, seen[day][1].evidence)
+        assert all(c.problems == [] for c in seen[day][0])
+    assert "archived root v1" in simulate.format_timeline(result)
