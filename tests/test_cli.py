@@ -47,7 +47,7 @@ def db_env(request, tmp_path):
 def test_init_twice_changes_nothing_the_second_time(run, db_env):
     first = run("init", "--json", env=db_env)
     assert first.exit_code == 0, first.output
-    assert len(json.loads(first.output)["created"]) == 10
+    assert len(json.loads(first.output)["created"]) == 11
     before = db_state(db_env["KMS_DATABASE_URL"])
     second = run("init", "--json", env=db_env)
     assert second.exit_code == 0 and json.loads(second.output)["created"] == []

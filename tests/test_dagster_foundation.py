@@ -24,9 +24,9 @@ def test_foundation_assets_materialize_on_postgres(code_location, postgres_insta
     assert result.success
     state = result.asset_materializations_for_node("kms_state")[0].metadata
     assert state["revision"].value == db.head_revision(db.make_engine(kms_url))
-    assert len(state["bootstrapped_keys"].value) == 10
+    assert len(state["bootstrapped_keys"].value) == 11
     inventory = result.asset_materializations_for_node("key_inventory")[0].metadata
-    assert inventory["active"].value == 10 and inventory["overdue"].value == 0
+    assert inventory["active"].value == 11 and inventory["overdue"].value == 0
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks["ledger_chain_intact"] and checks["keys_within_cadence"]
     # Second run: nothing to bootstrap, records land in the PostgreSQL-backed instance.

@@ -408,3 +408,61 @@ def test_simulated_400_days_show_the_archive_lifecycle():
         assert seen[day][1].status == compliance.PASS, (day, seen[day][1].evidence)
         assert all(c.problems == [] for c in seen[day][0])
     assert "archived root v1" in simulate.format_timeline(result)
+
+
+# ---- the command line ----------------------------------------------------------------------
+
+def test_cli_archive_verify_retrieve_and_refusals(tmp_path, monkeypatch):
+    import os
+
+    from click.testing import CliRunner
+
+    from kms_pipelines.cli import cli
+    from kms_pipelines.core.context import context_from_env
+
+    monkeypatch.setenv("KMS_HOME", str(tmp_path / "home"))
+    for var in ("KMS_DATABASE_URL", "KMS_POLICY", "KMS_KEYSTORE", "KMS_OBJECT_STORE", "KMS_MASTER_KEY",
+                "KMS_WORKLOAD_PRINCIPAL"):
+        monkeypatch.delenv(var, raising=False)
+
+    def run(*args):
+        return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+    assert run("init").exit_code == 0
+    out = run("archive", "verify")
+    assert out.exit_code == 0 and "0 archive copies checked, 0 broken" in out.output
+    later = (datetime.now(timezone.utc) + timedelta(days=91)).isoformat()
+    assert run("--at", later, "keys", "rotate", "root", "--if-due").exit_code == 0
+    out = run("archive", "list")
+    assert out.exit_code == 0 and "root v1  archived" in out.output and "locked until" in out.output
+    kms = context_from_env()
+    devices = {n: enrol(kms, n, r) for n, r in (("dave", "compliance_officer"), ("bob", "security_engineering"),
+                                                 ("carol", "compliance_officer"))}
+
+    def state():
+        audit.flush(kms)
+        with kms.engine.connect() as conn:
+            return (ledger.head(conn), conn.execute(select(ForensicRetrieval.id)).all(),
+                    conn.execute(select(Approval.id, Approval.used_at)).all(), sorted(kms.keystore.forensic_refs()))
+
+    before = state()
+    out = run("archive", "retrieve", "root", "1", "--ticket", TICKET, "--requested-by", "dave")
+    assert out.exit_code == 1 and out.output.count("\n") == 1 and "needs 2 approvals" in out.output
+    assert state() == before
+    code = devices["bob"].now()
+    assert run("approve", "--ticket", TICKET, "--operation", "archive-retrieve", "--target", "root#v1",
+               "--as", "bob", "--totp", code).exit_code == 0
+    code = devices["carol"].now()
+    assert run("approve", "--ticket", TICKET, "--operation", "archive-retrieve", "--target", "root#v1",
+               "--as", "carol", "--totp", code).exit_code == 0
+    out = run("archive", "retrieve", "root", "1", "--ticket", TICKET, "--requested-by", "dave", "--json")
+    assert out.exit_code == 0, out.output
+    got = json.loads(out.output)
+    assert got["approvers"] == ["bob", "carol"] and got["refs"][0] in kms.keystore.forensic_refs()
+
+    [copy] = vault.copies(kms)
+    path = tmp_path / "home" / "objects" / copy.object_key
+    os.chmod(path, 0o600)
+    path.write_bytes(path.read_bytes().replace(b'"root"', b'"r00t"'))  # an insider with disk access
+    out = run("archive", "verify")
+    assert out.exit_code == 1 and "1 broken" in out.output and "tampered" in out.output

@@ -2,7 +2,7 @@
 
 from importlib import import_module
 
-AREAS = ("access", "envelope", "rotation", "rpt", "backup", "events", "report", "console")
+AREAS = ("access", "envelope", "rotation", "rpt", "backup", "events", "report", "console", "vault")
 
 
 def register_all(cli) -> None:

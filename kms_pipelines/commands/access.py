@@ -55,7 +55,8 @@ def register(cli) -> None:
     @cli.command("approve")
     @click.option("--ticket", required=True, help="Change ticket the approval is bound to.")
     @click.option("--operation", required=True,
-                  type=click.Choice(["rotate", "revoke", "destroy", "break-glass", "export", "console-registration"]))
+                  type=click.Choice(["rotate", "revoke", "destroy", "break-glass", "export", "console-registration",
+                                     "archive-retrieve"]))
     @click.option("--target", default=None,
                   help="Key (or key#vN / package id). Default: the one open request for ticket+operation.")
     @click.option("--as", "approver", required=True, help="Approving principal.")

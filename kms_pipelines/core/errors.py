@@ -14,7 +14,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
                                          DependencyUnavailable]
     for module, name in (("objectstore", "ObjectStoreError"), ("access", "AccessDenied"),
                          ("envelope", "EnvelopeError"), ("rpt", "RptError"), ("backup", "BackupError"),
-                         ("escrow", "EscrowError"), ("events", "EventError")):
+                         ("escrow", "EscrowError"), ("events", "EventError"), ("vault", "VaultError")):
         try:
             mod = __import__(f"kms_pipelines.core.{module}", fromlist=[name])
             errors.append(getattr(mod, name))
