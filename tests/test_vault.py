@@ -466,3 +466,57 @@ def test_cli_archive_verify_retrieve_and_refusals(tmp_path, monkeypatch):
     path.write_bytes(path.read_bytes().replace(b'"root"', b'"r00t"'))  # an insider with disk access
     out = run("archive", "verify")
     assert out.exit_code == 1 and "1 broken" in out.output and "tampered" in out.output
+
+
+# ---- the forensic drill --------------------------------------------------------------------
+
+def test_monthly_drill_retrieves_an_archived_root_under_dual_control_and_verifies_old_rpts(make_kms):
+    from kms_pipelines.core import backup, drills, rpt
+
+    kms = make_kms("sqlite")
+    kms.objects = LocalObjectStore(kms.home / "objects-sim", now=kms.clock.now)
+    devices = {n: enrol(kms, n, r) for n, r in (("bob", "security_engineering"), ("carol", "compliance_officer"))}
+    for i in range(3):
+        rpt.issue(kms, f"subject-{i}", {"n": i})  # signed by root v1
+    rotate_root(kms)
+    rpt.issue(kms, "after", {"n": 9})  # signed by root v2
+    backup.create(kms)
+
+    # Without approvals the drill says so and owns a follow-up; nothing is retrieved.
+    report = drills.run_drill(kms)
+    assert report.outcome == "failed" and kms.keystore.forensic_refs() == []
+    assert "forensic_retrieval failed" in report.findings[0] and "needs 2 approvals" in report.findings[0]
+    assert "**Forensic retrieval (T1):** FAILED" in report.markdown
+
+    ticket = vault.drill_ticket(kms.now())
+    for name in ("bob", "carol"):
+        approve(kms, devices[name], name, "root#v1", ticket=ticket)
+    report = drills.run_drill(kms)
+    assert report.outcome == "passed", report.findings
+    line = next(x for x in report.markdown.splitlines() if x.startswith("- **Forensic retrieval (T1):** PASSED"))
+    assert "root v1 retrieved from the vault" in line and "approved by bob, carol" in line
+    assert "the 3 oldest retained RPT(s) it signed verify" in line
+    assert kms.keystore.forensic_refs() == []  # released when the drill is done
+    assert t1(kms).status == compliance.PASS, t1(kms).evidence
+
+
+def test_drill_detects_an_rpt_that_does_not_verify_under_the_archived_key(make_kms):
+    from kms_pipelines.core import backup, drills, rpt
+    from kms_pipelines.core.db.append_only import drop_append_only_triggers
+
+    kms = make_kms("sqlite")
+    kms.objects = LocalObjectStore(kms.home / "objects-sim", now=kms.clock.now)
+    devices = {n: enrol(kms, n, r) for n, r in (("bob", "security_engineering"), ("carol", "compliance_officer"))}
+    rpt.issue(kms, "subject", {"n": 1})
+    rotate_root(kms)
+    backup.create(kms)
+    with kms.engine.begin() as conn:  # an insider rewrites the oldest token's signature
+        drop_append_only_triggers(conn, "rpts")
+        token = conn.execute(text("SELECT token FROM rpts WHERE seq=1")).scalar()
+        h, p, s = token.split(".")
+        forged = f"{h}.{p}.{s[:-4]}AAAA"
+        conn.execute(text("UPDATE rpts SET token=:t WHERE seq=1"), {"t": forged})
+    for name in ("bob", "carol"):
+        approve(kms, devices[name], name, "root#v1", ticket=vault.drill_ticket(kms.now()))
+    report = drills.run_drill(kms)
+    assert any("RPT seq 1 does not verify under the archived key" in f for f in report.findings)

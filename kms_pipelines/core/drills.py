@@ -55,7 +55,7 @@ class DrillReport:
 
 def render_markdown(*, date: str, participants: list[str], outcome: str, archive_id: str | None, target: str,
                     restore_seconds: float | None, total_seconds: float | None, checks: list[dict],
-                    findings: list[str], followups: list[dict]) -> str:
+                    findings: list[str], followups: list[dict], forensic: dict | None = None) -> str:
     lines = [f"# Restore drill {date}", "",
              f"- **Date:** {date}",
              f"- **Participants:** {', '.join(participants) if participants else '(none recorded)'}",
@@ -63,8 +63,10 @@ def render_markdown(*, date: str, participants: list[str], outcome: str, archive
              f"- **Archive:** {archive_id or '(none)'}",
              f"- **Staging target:** {target}",
              f"- **Time to restore:** {restore_seconds if restore_seconds is not None else '-'} s"
-             + (f" (all checks: {total_seconds} s)" if total_seconds is not None else ""),
-             "", "## Checks", "", "| check | result | detail |", "|---|---|---|"]
+             + (f" (all checks: {total_seconds} s)" if total_seconds is not None else "")]
+    if forensic is not None:
+        lines.append(f"- **Forensic retrieval (T1):** {forensic['status'].upper()}: {forensic['detail']}")
+    lines += ["", "## Checks", "", "| check | result | detail |", "|---|---|---|"]
     for c in checks:
         lines.append(f"| {c['name']} | {c['status']} | {str(c.get('detail') or '').replace('|', '/')} |")
     lines += ["", "## Findings", ""]
@@ -79,8 +81,10 @@ def render_markdown(*, date: str, participants: list[str], outcome: str, archive
 
 def run_drill(ctx: KmsContext, *, target_url: str | None = None, participants: list[str] | None = None,
               staging_url: str | None = None, extra_followups: list[dict] | None = None,
-              archive: str | None = None) -> DrillReport:
-    """Restore the newest good archive into staging, check it, and document the drill."""
+              archive: str | None = None, forensic_requester: str = "workload:dagster") -> DrillReport:
+    """Restore the newest good archive into staging, check it, and document the drill.
+    The drill also retrieves the oldest archived root version from the vault under dual
+    control (ticket ``vault.drill_ticket``) and verifies the oldest RPTs it signed (T1)."""
     from . import restore as restore_mod
 
     started = ctx.now()
@@ -105,6 +109,14 @@ def run_drill(ctx: KmsContext, *, target_url: str | None = None, participants: l
     except BackupError as exc:
         checks.append({"name": "restore", "status": FAILED, "detail": str(exc)})
         findings.append(f"restore refused or failed: {exc}")
+    forensic = None
+    if ctx.objects is not None:
+        from . import vault
+
+        forensic = vault.drill_check(ctx, requested_by=forensic_requester)
+        checks.append(forensic)
+        if forensic["status"] != PASSED:
+            findings.append(f"check {forensic['name']} failed: {forensic['detail']}")
     outcome = PASSED if not findings else FAILED
     due = add_business_days(started, ctx.policy.drills.remediation_business_days)
     wanted = [{"title": f"Remediate: {f}", "owner": ctx.policy.drills.followup_owner} for f in findings]
@@ -132,7 +144,7 @@ def run_drill(ctx: KmsContext, *, target_url: str | None = None, participants: l
                         "status": "open"})
         md = render_markdown(date=date, participants=participants, outcome=outcome, archive_id=archive_id,
                              target=target_label, restore_seconds=restore_seconds, total_seconds=total_seconds,
-                             checks=checks, findings=findings, followups=fus)
+                             checks=checks, findings=findings, followups=fus, forensic=forensic)
         drill.report_sha256 = hashlib.sha256(md.encode()).hexdigest()
         drill_id = drill.id
     tmp = path.with_suffix(".md.tmp")

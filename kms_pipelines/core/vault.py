@@ -47,6 +47,7 @@ from .context import KmsContext
 from .db.models import ACTIVE, DESTROYED, REVOKED, ROTATED, Key, KeyVersion
 from .db.models_vault import ARCHIVED, DELETED, UNARCHIVABLE, ArchiveCopy, ForensicRetrieval
 from .keystore import KeyNotFound, KeyStoreError, verify_signature
+from .keystore import fingerprint as fingerprint_of
 
 KEK_KEY = "archive"
 ARCHIVED_CLASSES = ("root", "service")
@@ -318,10 +319,14 @@ class Retrieval:
     approvers: list[str]
     refs: list[str]
     expires_at: datetime
+    fingerprint: str | None = None
+    public_key: bytes | None = None  # from the copy's authenticated header (verify only)
     notification_failures: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "expires_at": self.expires_at.isoformat()}
+        d = {**asdict(self), "expires_at": self.expires_at.isoformat()}
+        d["public_key"] = _b64(self.public_key) if self.public_key else None
+        return d
 
 
 def retrieve(ctx: KmsContext, key_name: str, version: int, *, ticket: str, requested_by: str,
@@ -367,7 +372,9 @@ def retrieve(ctx: KmsContext, key_name: str, version: int, *, ticket: str, reque
             audit.record(session, at=now, operation=RETRIEVE_OPERATION, actor=requested_by, target=target,
                          outcome="ok", detail={"ticket": ticket, "approvers": approvers, "forensic_ref": ref,
                                                "expires_at": _time(now + ttl), "purpose": purpose})
-            result = Retrieval(r.id, key_name, version, ticket, requested_by, approvers, [ref], now + ttl)
+            result = Retrieval(r.id, key_name, version, ticket, requested_by, approvers, [ref], now + ttl,
+                               header.get("fingerprint"),
+                               base64.b64decode(header["public_key"]) if header.get("public_key") else None)
     except BaseException:
         if imported:
             _erase(ctx, ref)
@@ -457,6 +464,84 @@ class ForensicKeyStore:
 
     def encrypt(self, ref: str, plaintext: bytes, aad: bytes = b"") -> bytes:
         raise ForensicRefused(f"the forensic keystore is read-only: {ref!r} may verify and decrypt, never encrypt")
+
+
+def release(ctx: KmsContext, retrieval_id: int) -> list[str]:
+    """Erase a retrieval's forensic material before its TTL (e.g. when a drill is done)."""
+    with ctx.transaction() as session:
+        row = session.get(ForensicRetrieval, retrieval_id)
+        if row is None or row.purged_at is not None:
+            return []
+        refs = json.loads(row.refs)
+    for ref in refs:
+        _erase(ctx, ref)
+    with ctx.transaction() as session:
+        row = session.get(ForensicRetrieval, retrieval_id)
+        row.purged_at = ctx.now()
+        audit.record(session, at=ctx.now(), operation="archive.forensic_released", actor=ctx.actor,
+                     target=target_for(row.key_name, row.key_version), outcome="ok", detail={"refs": refs})
+    return refs
+
+
+# ---- the forensic drill (B2 restore drill, T1) ---------------------------------------------
+
+def drill_ticket(at: datetime) -> str:
+    """The change ticket of a month's forensic drill retrieval, known in advance to approvers."""
+    return f"drill-forensic-{at:%Y-%m}"
+
+
+def drill_check(ctx: KmsContext, *, requested_by: str, ticket: str | None = None) -> dict:
+    """Retrieve the oldest archived root version under dual control and verify the oldest
+    retained RPTs it signed with the public key the archive copy carries (authenticated as
+    the copy's associated data). Returns a drill check ``{name, status, detail}``."""
+    from . import access, rpt
+
+    name = "forensic_retrieval"
+    with ctx.transaction() as session:
+        row = session.scalars(select(ArchiveCopy).where(ArchiveCopy.key_name == "root", ArchiveCopy.status == ARCHIVED)
+                              .order_by(ArchiveCopy.key_version)).first()
+        version = row.key_version if row is not None else None
+    if version is None:
+        return {"name": name, "status": "passed", "detail": "no archived root version yet: nothing to retrieve"}
+    ticket = ticket or drill_ticket(ctx.now())
+    try:
+        r = retrieve(ctx, "root", version, ticket=ticket, requested_by=requested_by, purpose="drill")
+    except (access.AccessDenied, VaultError) as exc:
+        return {"name": name, "status": "failed", "detail": f"root v{version} not retrieved under ticket {ticket}: {exc}"}
+    try:
+        public, fp = r.public_key, r.fingerprint
+        if not public or fingerprint_of(public) != fp:
+            return {"name": name, "status": "failed", "detail": f"root v{version}: archived public key does not match "
+                                                                f"its fingerprint"}
+        kid = rpt.make_kid(version, fp)
+        limit = ctx.policy.drills.recent_rpts_to_verify
+        from .db.models_rpt import RegulatoryProofToken
+
+        with ctx.transaction() as session:
+            tokens = session.execute(select(RegulatoryProofToken.seq, RegulatoryProofToken.token).where(
+                RegulatoryProofToken.kid == kid).order_by(RegulatoryProofToken.seq).limit(limit)).all()
+        bad = [seq for seq, token in tokens if not _rpt_signed_by(token, kid, public)]
+        if bad:
+            return {"name": name, "status": "failed",
+                    "detail": f"root v{version} retrieved (approved by {', '.join(r.approvers)}); RPT seq "
+                              f"{bad[0]} does not verify under the archived key ({len(bad)} of {len(tokens)})"}
+        return {"name": name, "status": "passed",
+                "detail": f"root v{version} retrieved from the vault under ticket {ticket} (requested by "
+                          f"{requested_by}, approved by {', '.join(r.approvers)}); the {len(tokens)} oldest "
+                          f"retained RPT(s) it signed verify under the archived key {fp}"}
+    finally:
+        release(ctx, r.id)
+
+
+def _rpt_signed_by(token: str, kid: str, public: bytes) -> bool:
+    from . import rpt
+
+    try:
+        header, _payload, signature = rpt.decode(token)
+    except rpt.RptError:
+        return False
+    signing_input = token.rsplit(".", 1)[0].encode("ascii")
+    return header.get("kid") == kid and verify_signature(public, signing_input, signature)
 
 
 # ---- destroy means destroy everywhere -------------------------------------------------
