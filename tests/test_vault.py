@@ -520,3 +520,45 @@ def test_drill_detects_an_rpt_that_does_not_verify_under_the_archived_key(make_k
         approve(kms, devices[name], name, "root#v1", ticket=vault.drill_ticket(kms.now()))
     report = drills.run_drill(kms)
     assert any("RPT seq 1 does not verify under the archived key" in f for f in report.findings)
+
+
+# ---- Dagster ---------------------------------------------------------------------------------
+
+def test_dagster_key_vault_asset_and_check_in_the_nightly_run(tmp_path):
+    import dagster as dg
+
+    from kms_pipelines.defs import rotation as rdefs
+    from kms_pipelines.defs.foundation import kms_state
+    from kms_pipelines.defs.resources import (ClockResource, DatabaseResource, KeyStoreResource, KmsResource,
+                                              ObjectStoreResource)
+
+    home = tmp_path / "home"
+
+    def resources(at):
+        return {"kms": KmsResource(home=str(home), database=DatabaseResource(url=f"sqlite:///{home}/kms.db"),
+                                   keystore=KeyStoreResource(kind="software"),
+                                   objects=ObjectStoreResource(url=str(home / "objects")),
+                                   clock=ClockResource(fixed_time=at))}
+
+    assets = [kms_state, rdefs.keys_root, rdefs.keys_service, rdefs.keys_archive, rdefs.key_vault,
+              rdefs.archive_copies_verify]
+
+    def run(at):
+        r = dg.materialize(assets, instance=dg.DagsterInstance.ephemeral(), resources=resources(at),
+                           raise_on_error=False)
+        return r, {e.check_name: e for e in r.get_asset_check_evaluations()}
+
+    r, checks = run("2030-01-01T02:00:00Z")
+    assert r.success and checks["archive_copies_verify"].passed
+    r, checks = run("2030-04-02T02:00:00Z")  # root and every service key rotate: four copies
+    assert r.success and checks["archive_copies_verify"].passed
+    assert checks["archive_copies_verify"].metadata["copies"].value == 4
+    table = r.asset_materializations_for_node("key_vault")[0].metadata["copies"].value
+    assert "root#v1" in table and "service:api-gateway#v1" in table
+    copy = next(c for c in vault.copies(resources("2030-04-02T03:00:00Z")["kms"].context()) if c.key == "root")
+    path = home / "objects" / copy.object_key
+    path.chmod(0o600)
+    path.write_bytes(path.read_bytes() + b" ")
+    r, checks = run("2030-04-02T03:00:00Z")
+    assert not checks["archive_copies_verify"].passed
+    assert "tampered" in json.dumps(checks["archive_copies_verify"].metadata["problems"].value)

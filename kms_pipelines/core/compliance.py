@@ -801,7 +801,7 @@ CLAUSES: tuple[Clause, ...] = (
            ("break_glass_escrow/escrow_current", "break_glass_escrow/escrow_destruction_confirmed")),
     Clause("T1", "Expired root/service keys kept 365 d; archive copies under dual control",
            "retention destroy guard + dual-approved destruction + verified, locked archive copies and "
-           "dual-approved retrievals", eval_t1),
+           "dual-approved retrievals", eval_t1, ("key_vault/archive_copies_verify",)),
     Clause("T2", "Data keys kept until all ciphertext is re-keyed, then shredded",
            "deks destroy guard + keystore erase", eval_t2,
            ("dek_rewrap_sweep/no_deks_on_retired_versions",)),

@@ -29,6 +29,7 @@ ASSET = "policy_compliance_report"
 CHECK = "policy_compliant"
 # Every other kms_nightly asset, so the report runs last and reads what they produced.
 UPSTREAM = ["kms_state", "key_inventory", "keys_root", "keys_service", "keys_data", "keys_backup", "key_retirement",
+            "keys_archive", "key_vault",
             "rpt_chain", "ledger_checkpoint", "dek_inventory", "break_glass_escrow", "audit_anomalies",
             "notification_deliveries"]
 

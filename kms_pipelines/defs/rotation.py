@@ -4,7 +4,7 @@ retirement. Asset bodies only call ``core.rotation`` / ``core.retention``."""
 
 import dagster as dg
 
-from ..core import manifest, retention, rotation
+from ..core import manifest, retention, rotation, vault
 from .foundation import NIGHTLY
 from .metadata import markdown_table
 from .resources import KmsResource
@@ -38,6 +38,8 @@ def _class_asset(key_class: str, description: str):
 keys_service = _class_asset("service", "Service keys rotated every 60 days (R2); rotation re-issues API credentials.")
 keys_data = _class_asset("data", "Data keys rotated every 180 days (R3); the DEK sweep moves ciphertext off old versions.")
 keys_backup = _class_asset("backup", "The rotating object-storage key of backup archives (B3).")
+keys_archive = _class_asset("archive", "The archive KEK of the vault (T1), rotated on its policy cadence; "
+                                       "it only wraps archive copies of retired root/service keys.")
 
 
 @dg.asset(group_name="keys", tags=NIGHTLY, deps=["kms_state"], kinds={"sql", "s3"},
@@ -107,3 +109,32 @@ def key_retirement(kms: KmsResource) -> dg.MaterializeResult:
         "refused": dg.MetadataValue.md(markdown_table(
             ["target", "guard", "reason"], [[d["target"], d["guard"], d["reason"]] for d in s.refused])),
     })
+
+
+@dg.asset(group_name="keys", tags=NIGHTLY, deps=[keys_root, keys_service, keys_archive], kinds={"sql", "s3"},
+          description="Archive vault (T1): every retired root/service version has an archive copy wrapped under "
+                      "the archive KEK, under Object Lock until retirement + 365 days, with a root-signed manifest "
+                      "entry; forensic material past its TTL is erased.")
+def key_vault(kms: KmsResource) -> dg.MaterializeResult:
+    ctx = kms.context()
+    made = vault.archive_pending(ctx)
+    erased = vault.purge_expired(ctx)
+    rows = vault.copies(ctx)
+    return dg.MaterializeResult(metadata={
+        "archived_now": dg.MetadataValue.json([vault.target_for(c.key, c.version) for c in made]),
+        "forensic_erased": len(erased),
+        "copies": dg.MetadataValue.md(markdown_table(
+            ["key", "status", "locked until", "problems"],
+            [[vault.target_for(c.key, c.version), c.status,
+              c.retain_until.isoformat() if c.retain_until else "-", "; ".join(c.problems) or "none"]
+             for c in rows])),
+    })
+
+
+@dg.asset_check(asset=key_vault, description="Every archive copy verifies: root-signed manifest entry, bytes "
+                                              "against the recorded SHA-256, Object Lock until the end of retention.")
+def archive_copies_verify(kms: KmsResource) -> dg.AssetCheckResult:
+    rows = vault.copies(kms.context())
+    broken = [p for c in rows for p in c.problems]
+    return dg.AssetCheckResult(passed=not broken, metadata={
+        "copies": sum(c.status == "archived" for c in rows), "problems": dg.MetadataValue.json(broken[:50])})
