@@ -86,7 +86,7 @@ def validate(ctx: KmsContext, *, inventory=None, deks=None) -> list[SuiteResult]
             gxe.ExpectColumnValuesToBeBetween(column="version", min_value=1),
             gxe.ExpectColumnValuesToBeInSet(column="state", value_set=list(STATES)),
             gxe.ExpectColumnValuesToBeInSet(column="key_class",
-                                            value_set=["root", "service", "data", "export", "backup", "break-glass"]),
+                                            value_set=["root", "service", "data", "export", "backup", "break-glass", "archive"]),
             gxe.ExpectColumnValuesToBeUnique(column="key_version"),
             gxe.ExpectCompoundColumnsToBeUnique(column_list=["key", "version"]),
         ]),

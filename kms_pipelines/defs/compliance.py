@@ -82,7 +82,7 @@ def _overview(ctx) -> dict:
     from ..core import backup, drills, envelope, lifecycle
 
     cadence = {name: ctx.policy.key_class(name).rotation_days
-               for name in ("root", "service", "data", "backup", "break-glass", "export")}
+               for name in ("root", "service", "data", "backup", "break-glass", "export", "archive")}
     inventory = lifecycle.inventory(ctx)
     backups = backup.list_backups(ctx)
     drill_rows = drills.list_drills(ctx)

@@ -62,7 +62,7 @@ def _age_chart(kms: KmsResource, rows) -> str:
 
     policy = kms.context().policy
     return key_age_chart(rows, {c: policy.key_class(c).rotation_days
-                                for c in ("root", "service", "data", "backup", "break-glass", "export")})
+                                for c in ("root", "service", "data", "backup", "break-glass", "export", "archive")})
 
 
 @dg.asset_check(asset=key_inventory, description="Keys within cadence (R1–R4): no active version past its due date.")
