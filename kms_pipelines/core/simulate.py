@@ -231,6 +231,8 @@ def _ledger_events(ctx: KmsContext, after_seq: int, day: int) -> tuple[list[Even
         else:
             kind = {"rotated": "rotated", "revoked": "revoked", "destroyed": "destroyed"}.get(to, to)
         detail = reason or ""
+        if kind in ("archived", "archive-deleted"):  # the ledger reason names the object; the timeline, the lock
+            detail = "locked until " + detail.split("locked until ")[1][:10] if "locked until " in detail else ""
         if approvers and approvers != "[]":
             detail += f" approvers={approvers}"
         events.append(Event(day, "", kind, key, version, detail.strip() or None))
