@@ -562,3 +562,42 @@ def test_dagster_key_vault_asset_and_check_in_the_nightly_run(tmp_path):
     r, checks = run("2030-04-02T03:00:00Z")
     assert not checks["archive_copies_verify"].passed
     assert "tampered" in json.dumps(checks["archive_copies_verify"].metadata["problems"].value)
+
+
+# ---- versions from before the vault --------------------------------------------------------
+
+def test_versions_generated_before_the_vault_warn_and_later_unarchivable_ones_are_red(make_kms, monkeypatch):
+    from kms_pipelines.core.db.models import Key, KeyVersion
+    from kms_pipelines.core.keystore import GENERAL
+
+    real = lifecycle._purpose
+    # Root material generated the way it was before this vault existed (not archivable).
+    monkeypatch.setattr(lifecycle, "_purpose", lambda cls: GENERAL if cls == "root" else real(cls))
+    kms = make_kms("sqlite")
+    with kms.transaction() as s:  # the vault (archive KEK v1) was installed a day after root v1
+        kek_id = s.scalars(select(Key.id).where(Key.name == "archive")).one()
+        s.execute(KeyVersion.__table__.update().where(KeyVersion.key_id == kek_id).values(
+            activated_at=kms.now() + timedelta(hours=12)))
+    rotate_root(kms)
+    [copy] = vault.copies(kms)
+    assert copy.status == "unarchivable" and "not generated archivable" in copy.reason
+    finding = t1(kms)
+    assert finding.status == compliance.WARN and "generated before the vault" in finding.evidence
+    rotate_root(kms)  # root v2 was generated after the vault existed, and still is not archivable
+    finding = t1(kms)
+    assert finding.status == compliance.FAIL and "root#v2: generated after the vault existed" in finding.evidence
+
+
+def test_forensic_material_left_a_day_past_its_ttl_is_red(team):
+    kms, d = team
+    rotate_root(kms)
+    approve(kms, d["bob"], "bob", "root#v1")
+    approve(kms, d["carol"], "carol", "root#v1")
+    ref = vault.retrieve(kms, "root", 1, ticket=TICKET, requested_by="dave").refs[0]
+    kms.clock.advance(timedelta(hours=kms.policy.vault.forensic_ttl_hours + 1))
+    assert t1(kms).status == compliance.PASS  # within a night of the TTL: the nightly purge is due
+    kms.clock.advance(timedelta(days=1))
+    finding = t1(kms)
+    assert finding.status == compliance.FAIL and ref in finding.evidence
+    assert vault.purge_expired(kms) == [ref]
+    assert t1(kms).status == compliance.PASS and ref not in kms.keystore.forensic_refs()

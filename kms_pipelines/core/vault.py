@@ -46,7 +46,7 @@ from .clock import utc
 from .context import KmsContext
 from .db.models import ACTIVE, DESTROYED, REVOKED, ROTATED, Key, KeyVersion
 from .db.models_vault import ARCHIVED, DELETED, UNARCHIVABLE, ArchiveCopy, ForensicRetrieval
-from .keystore import KeyNotFound, KeyStoreError, verify_signature
+from .keystore import KeyNotFound, NotArchivable, verify_signature
 from .keystore import fingerprint as fingerprint_of
 
 KEK_KEY = "archive"
@@ -166,7 +166,7 @@ def archive_version(ctx: KmsContext, key_name: str, version: int) -> CopyInfo:
         wrapped_key = ctx.keystore.archive_wrap(kek_ref, wrap_ref)
     except KeyNotFound:
         raise VaultError(f"{key_name} v{version}: its keystore material is gone; nothing left to archive") from None
-    except KeyStoreError as exc:
+    except NotArchivable as exc:
         # Generated before the vault existed (non-archivable): recorded, and judged by T1.
         return _record(ctx, ArchiveCopy(key_name=key_name, key_version=version, status=UNARCHIVABLE,
                                         retired_at=retired, retain_until=retain_until, archived_at=now,
@@ -669,7 +669,9 @@ def t1_findings(ctx: KmsContext) -> tuple[list[str], list[str], list[str], dict]
                 problems.append(f"retrieval #{r.id} of {target_for(r.key_name, r.key_version)} had {len(names)} "
                                 f"approver(s) other than the requester (dual control needs {need})")
         retrieved_refs = {ref for r in retrievals for ref in json.loads(r.refs)}
-        alive_refs = {ref for r in retrievals if r.purged_at is None and utc(r.expires_at) > now
+        # Erasure runs on use, `kms archive purge` and nightly: one night of grace before it is red.
+        grace = timedelta(days=1)
+        alive_refs = {ref for r in retrievals if r.purged_at is None and utc(r.expires_at) + grace > now
                       for ref in json.loads(r.refs)}
         from .db.models_access import AuditEvent
 

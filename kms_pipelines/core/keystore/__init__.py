@@ -17,6 +17,7 @@ from .base import (  # noqa: F401
     KeyNotFound,
     KeyStore,
     KeyStoreError,
+    NotArchivable,
     fingerprint,
     verify_signature,
 )

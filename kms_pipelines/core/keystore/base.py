@@ -49,6 +49,10 @@ class KeyExists(KeyStoreError):
     pass
 
 
+class NotArchivable(KeyStoreError):
+    """The key was not generated archivable (e.g. before the archive vault existed)."""
+
+
 class DecryptionFailed(KeyStoreError):
     """Ciphertext or associated data did not authenticate under the named key."""
 

@@ -49,7 +49,7 @@ from pkcs11 import exceptions as p11x
 from pkcs11.mechanisms import GCMParams
 
 from .base import (AES_256, ALGORITHMS, ARCHIVABLE, ARCHIVE_KEK, ED25519, GENERAL, PURPOSES, DecryptionFailed,
-                   GeneratedKey, KeyExists, KeyNotFound, KeyStoreError, KeyStoreSessionLost)
+                   GeneratedKey, KeyExists, KeyNotFound, KeyStoreError, KeyStoreSessionLost, NotArchivable)
 from .software import validate_ref
 
 log = logging.getLogger(__name__)
@@ -703,7 +703,7 @@ class Pkcs11KeyStore:
             key = self._aes(s, ref)
             attrs = key.get_attributes([Attribute.EXTRACTABLE, Attribute.SENSITIVE])
             if not attrs[Attribute.EXTRACTABLE] or not attrs[Attribute.SENSITIVE]:
-                raise KeyStoreError(f"key {ref!r} was not generated archivable; it cannot leave the keystore")
+                raise NotArchivable(f"key {ref!r} was not generated archivable; it cannot leave the keystore")
             return bytes(kek.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP_PAD))
 
     @staticmethod

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.keywrap import (
 )
 
 from .base import (AES_256, ALGORITHMS, ARCHIVABLE, ARCHIVE_KEK, ED25519, GENERAL, PURPOSES, DecryptionFailed,
-                   GeneratedKey, KeyExists, KeyNotFound, KeyStoreError)
+                   GeneratedKey, KeyExists, KeyNotFound, KeyStoreError, NotArchivable)
 
 _REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}$")
 _FORMAT = "kms-software-key/1"
@@ -229,7 +229,7 @@ class SoftwareKeyStore:
         kek = self._archive_kek(kek_ref)
         algorithm, value, _, purpose = self._load(ref)
         if algorithm != AES_256 or purpose != ARCHIVABLE:
-            raise KeyStoreError(f"key {ref!r} was not generated archivable; it cannot leave the keystore")
+            raise NotArchivable(f"key {ref!r} was not generated archivable; it cannot leave the keystore")
         return aes_key_wrap_with_padding(kek, value)
 
     def forensic_unwrap(self, kek_ref: str, wrapped: bytes, ref: str) -> GeneratedKey:
