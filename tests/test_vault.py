@@ -459,6 +459,8 @@ def test_cli_archive_verify_retrieve_and_refusals(tmp_path, monkeypatch):
     assert out.exit_code == 0, out.output
     got = json.loads(out.output)
     assert got["approvers"] == ["bob", "carol"] and got["refs"][0] in kms.keystore.forensic_refs()
+    # The retrieval ran as dave, who holds archive-retrieve but not decrypt or break-glass: no A3 anomaly.
+    assert [a for a in audit.detect(kms, datetime.now(timezone.utc)) if a.kind == "operation_without_role"] == []
 
     [copy] = vault.copies(kms)
     path = tmp_path / "home" / "objects" / copy.object_key

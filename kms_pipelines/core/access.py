@@ -61,6 +61,7 @@ _PERMISSION_FOR = {
     "decrypt": "decrypt", "sign": "sign",
     "export": "export", "import": "break-glass", "break-glass": "break-glass",
     "destroy": "destroy", "revoke": "revoke", "approve": "approve", "read": "read",
+    "archive-retrieve": "archive-retrieve",
 }
 
 

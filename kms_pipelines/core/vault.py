@@ -360,8 +360,7 @@ def retrieve(ctx: KmsContext, key_name: str, version: int, *, ticket: str, reque
     try:
         with ctx.transaction() as session:
             approvers = _consume_retrieval(session, ctx, requested_by, target, ticket)
-            wrapped_key = ctx.keystore.dek_decrypt(kek_ref, base64.b64decode(doc["wrapped_dek"]),
-                                                   base64.b64decode(doc["sealed"]), canonical_bytes(header))
+            wrapped_key = _open(ctx, kek_ref, doc)
             ctx.keystore.forensic_unwrap(kek_ref, wrapped_key, ref)
             imported = True
             r = ForensicRetrieval(key_name=key_name, key_version=version, ticket=ticket, requester=requested_by,
@@ -381,6 +380,15 @@ def retrieve(ctx: KmsContext, key_name: str, version: int, *, ticket: str, reque
         raise
     result.notification_failures = _notify(ctx, result)
     return result
+
+
+def _open(ctx: KmsContext, kek_ref: str, doc: dict) -> bytes:
+    """The copy's wrapped key; the header must authenticate as the seal's associated data."""
+    wrapped_dek, sealed, aad = (base64.b64decode(doc["wrapped_dek"]), base64.b64decode(doc["sealed"]),
+                                canonical_bytes(doc["header"]))
+    opener = getattr(ctx.keystore, "archive_open", None)  # audited as archive-retrieve when wrapped
+    return opener(kek_ref, wrapped_dek, sealed, aad) if opener else ctx.keystore.dek_decrypt(
+        kek_ref, wrapped_dek, sealed, aad)
 
 
 def _notify(ctx: KmsContext, r: Retrieval) -> list[str]:
@@ -676,7 +684,7 @@ def t1_findings(ctx: KmsContext) -> tuple[list[str], list[str], list[str], dict]
         from .db.models_access import AuditEvent
 
         for target, detail in session.execute(select(AuditEvent.target, AuditEvent.detail).where(
-                AuditEvent.operation == "import", AuditEvent.outcome == "ok")):
+                AuditEvent.operation == RETRIEVE_OPERATION, AuditEvent.outcome == "ok")):
             if target not in retrieved_refs and _is_forensic(detail):
                 problems.append(f"forensic import of {target} has no dual-approved retrieval")
     try:

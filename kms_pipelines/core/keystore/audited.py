@@ -24,9 +24,10 @@ AUDIT_NAMES = {
     "generate": "generate", "sign": "sign", "encrypt": "encrypt", "decrypt": "decrypt",
     "new_wrapped_dek": "wrap", "dek_encrypt": "encrypt", "dek_decrypt": "decrypt", "rewrap": "rewrap",
     "export_secret": "export", "import_secret": "import", "destroy": "destroy",
-    # archive vault (T1): an archive copy is a wrap, a forensic import an import
-    "archive_wrap": "wrap", "forensic_unwrap": "import", "forensic_decrypt": "decrypt",
-    "forensic_destroy": "destroy",
+    # archive vault (T1): an archive copy is a wrap; opening one and importing it into the
+    # forensic keystore is the dual-controlled manual operation archive-retrieve
+    "archive_wrap": "wrap", "archive_open": "archive-retrieve", "forensic_unwrap": "archive-retrieve",
+    "forensic_decrypt": "decrypt", "forensic_destroy": "destroy",
 }
 
 
@@ -153,6 +154,11 @@ class AuditedKeyStore:
     def archive_wrap(self, kek_ref: str, ref: str) -> bytes:
         return self._run("archive_wrap", ref, lambda: self._inner.archive_wrap(kek_ref, ref),
                          {"archive": True, "kek": kek_ref})
+
+    def archive_open(self, kek_ref: str, wrapped_dek: bytes, blob: bytes, aad: bytes) -> bytes:
+        """``dek_decrypt`` of an archive copy's sealed payload, audited as part of archive-retrieve."""
+        return self._run("archive_open", kek_ref, lambda: self._inner.dek_decrypt(kek_ref, wrapped_dek, blob, aad),
+                         {"archive": True})
 
     def forensic_unwrap(self, kek_ref: str, wrapped: bytes, ref: str) -> GeneratedKey:
         return self._run("forensic_unwrap", ref, lambda: self._inner.forensic_unwrap(kek_ref, wrapped, ref),
