@@ -603,3 +603,17 @@ def test_forensic_material_left_a_day_past_its_ttl_is_red(team):
     assert finding.status == compliance.FAIL and ref in finding.evidence
     assert vault.purge_expired(kms) == [ref]
     assert t1(kms).status == compliance.PASS and ref not in kms.keystore.forensic_refs()
+
+
+def test_a_version_whose_material_vanished_is_reported_and_does_not_block_the_others(vkms):
+    kms = vkms
+    with kms.transaction() as s:
+        v1 = lifecycle.get_version(lifecycle.get_key(s, "service:api-gateway"), 1)
+    kms.clock.advance(timedelta(days=1))
+    for name in ("service:api-gateway", "service:worker-pipelines"):
+        lifecycle.rotate(kms, name)  # straight through lifecycle: nothing archived yet
+    kms.keystore.destroy(v1.wrap_ref)  # an insider erases a retained version's material
+    made = {(c.key, c.status) for c in vault.archive_pending(kms)}
+    assert made == {("service:api-gateway", "failed"), ("service:worker-pipelines", "archived")}
+    finding = t1(kms)
+    assert finding.status == compliance.FAIL and "service:api-gateway#v1: retired" in finding.evidence

@@ -223,9 +223,19 @@ def _copy_info(row: ArchiveCopy) -> CopyInfo:
                     utc(row.retain_until), row.kek_version, row.reason)
 
 
+FAILED = "failed"  # not recorded: the next run tries again, and T1 is red meanwhile
+
+
 def archive_pending(ctx: KmsContext) -> list[CopyInfo]:
-    """Archive every retired root/service version within its retention that has no copy yet."""
-    return [archive_version(ctx, name, version) for name, version in _pending(ctx)]
+    """Archive every retired root/service version within its retention that has no copy yet.
+    One version that cannot be archived does not stop the others (nor the rotation run)."""
+    out = []
+    for name, version in _pending(ctx):
+        try:
+            out.append(archive_version(ctx, name, version))
+        except VaultError as exc:
+            out.append(CopyInfo(name, version, FAILED, reason=str(exc)))
+    return out
 
 
 # ---- verification ---------------------------------------------------------------------
@@ -716,5 +726,6 @@ def _archive_step(ctx: KmsContext) -> dict:
     made = archive_pending(ctx)
     return {"archived": [target_for(c.key, c.version) for c in made if c.status == ARCHIVED],
             "unarchivable": [target_for(c.key, c.version) for c in made if c.status == UNARCHIVABLE],
+            "failed": [f"{target_for(c.key, c.version)}: {c.reason}" for c in made if c.status == FAILED],
             "forensic_expired": purge_expired(ctx)}
 
