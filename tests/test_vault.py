@@ -617,3 +617,19 @@ def test_a_version_whose_material_vanished_is_reported_and_does_not_block_the_ot
     assert made == {("service:api-gateway", "failed"), ("service:worker-pipelines", "archived")}
     finding = t1(kms)
     assert finding.status == compliance.FAIL and "service:api-gateway#v1: retired" in finding.evidence
+
+
+def test_archive_and_retrieve_on_postgresql(make_kms, s3_store):
+    kms = make_kms("postgres")
+    kms.objects = s3_store
+    devices = {n: enrol(kms, n, r) for n, r in (("dave", "compliance_officer"), ("bob", "security_engineering"),
+                                                 ("carol", "compliance_officer"))}
+    v1 = root_v1(kms)
+    historic = kms.keystore.encrypt(v1.wrap_ref, b"pg", b"")
+    rotate_root(kms)
+    for name in ("bob", "carol"):
+        approve(kms, devices[name], name, "root#v1")
+    r = vault.retrieve(kms, "root", 1, ticket=TICKET, requested_by="dave")
+    assert vault.ForensicKeyStore(kms).decrypt(r.refs[0], historic) == b"pg"
+    assert t1(kms).status == compliance.PASS, t1(kms).evidence
+    assert ledger.verify(kms.engine).ok and audit.verify(kms).ok
