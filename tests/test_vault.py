@@ -301,6 +301,10 @@ def test_archive_wrap_refuses_anything_but_archivable_under_the_archive_kek(vkms
         kms.keystore.archive_wrap(kek.wrap_ref, data.wrap_ref)
     with pytest.raises(KeyStoreError, match="not an archive KEK"):
         kms.keystore.archive_wrap(data.wrap_ref, root.wrap_ref)
+    with pytest.raises(KeyStoreError, match="not an archive KEK"):
+        kms.keystore.archive_wrap(root.wrap_ref, root.wrap_ref)
+    with pytest.raises(KeyStoreError, match="not extractable"):  # archivable never means readable
+        kms.keystore.export_secret(root.wrap_ref)
 
 
 # ---- destroy means destroy everywhere ----------------------------------------------------
