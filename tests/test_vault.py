@@ -13,7 +13,8 @@ import pyotp
 import pytest
 from sqlalchemy import delete, select, text
 
-from kms_pipelines.core import access, audit, compliance, dependents, ledger, lifecycle, retention, rotation, vault
+from kms_pipelines.core import (access, audit, compliance, dependents, forensic, ledger, lifecycle, retention, rotation,
+                                 vault)
 from kms_pipelines.core.db.models import LedgerEntry
 from kms_pipelines.core.db.models_access import Approval
 from kms_pipelines.core.db.models_vault import ArchiveCopy, ForensicRetrieval
@@ -102,11 +103,11 @@ def test_rotation_archives_the_retired_root_and_dual_control_retrieves_it(team):
     target = vault.target_for("root", 1)
     approve(kms, d["bob"], "bob", target)
     approve(kms, d["carol"], "carol", target)
-    r = vault.retrieve(kms, "root", 1, ticket=TICKET, requested_by="dave")
+    r = forensic.retrieve(kms, "root", 1, ticket=TICKET, requested_by="dave")
     assert r.approvers == ["bob", "carol"] and r.notification_failures == []
-    forensic = vault.ForensicKeyStore(kms)
+    fks = forensic.ForensicKeyStore(kms)
     # The retrieved material is the real key: it opens what root v1 sealed a year ago.
-    assert forensic.decrypt(r.refs[0], historic, b"case-17") == b"sealed under root v1"
+    assert fks.decrypt(r.refs[0], historic, b"case-17") == b"sealed under root v1"
     assert any(m.get("kind") == "archive_retrieve" and TICKET in m.get("subject", "") for m in kms.notifier.read())
     audit.flush(kms)
     assert audit.verify(kms).ok
@@ -114,12 +115,12 @@ def test_rotation_archives_the_retired_root_and_dual_control_retrieves_it(team):
 
     # Approvals are single-use: a second retrieval under the same ticket needs new ones.
     with pytest.raises(access.AccessDenied, match="single-use"):
-        vault.retrieve(kms, "root", 1, ticket=TICKET, requested_by="dave")
+        forensic.retrieve(kms, "root", 1, ticket=TICKET, requested_by="dave")
 
     # The material erases itself after the policy TTL.
     kms.clock.advance(timedelta(hours=kms.policy.vault.forensic_ttl_hours, seconds=1))
-    with pytest.raises(vault.ForensicRefused, match="TTL"):
-        forensic.decrypt(r.refs[0], historic, b"case-17")
+    with pytest.raises(forensic.ForensicRefused, match="TTL"):
+        fks.decrypt(r.refs[0], historic, b"case-17")
     assert r.refs[0] not in kms.keystore.forensic_refs()
     assert t1(kms).status == compliance.PASS
 
@@ -136,12 +137,12 @@ def test_forensic_context_refuses_to_sign_and_live_keystore_cannot_reach_it(team
     target = vault.target_for("root", 1)
     approve(kms, d["bob"], "bob", target)
     approve(kms, d["carol"], "carol", target)
-    ref = vault.retrieve(kms, "root", 1, ticket=TICKET, requested_by="dave").refs[0]
-    forensic = vault.ForensicKeyStore(kms)
-    with pytest.raises(vault.ForensicRefused, match="never sign"):
-        forensic.sign(ref, b"backdated RPT")
-    with pytest.raises(vault.ForensicRefused, match="never encrypt"):
-        forensic.encrypt(ref, b"x")
+    ref = forensic.retrieve(kms, "root", 1, ticket=TICKET, requested_by="dave").refs[0]
+    fks = forensic.ForensicKeyStore(kms)
+    with pytest.raises(forensic.ForensicRefused, match="never sign"):
+        fks.sign(ref, b"backdated RPT")
+    with pytest.raises(forensic.ForensicRefused, match="never encrypt"):
+        fks.encrypt(ref, b"x")
     for op in (lambda: kms.keystore.sign(ref, b"x"), lambda: kms.keystore.encrypt(ref, b"x"),
                lambda: kms.keystore.export_secret(ref)):
         with pytest.raises(KeyStoreError):  # not in the live namespace at all
@@ -168,7 +169,7 @@ def test_retrieval_refused_without_approvals_with_one_and_by_the_requester(team)
     def refused(match, requester="dave"):
         before = snapshot(kms)
         with pytest.raises(access.AccessDenied, match=match):
-            vault.retrieve(kms, "root", 1, ticket=TICKET, requested_by=requester)
+            forensic.retrieve(kms, "root", 1, ticket=TICKET, requested_by=requester)
         after = snapshot(kms)
         assert after == before
 
@@ -186,7 +187,7 @@ def test_retrieval_refused_without_approvals_with_one_and_by_the_requester(team)
     approve(kms, d["bob"], "bob", target, ticket="INC-2")
     before = snapshot(kms)
     with pytest.raises(access.AccessDenied, match=r"dave \(the requester\)"):
-        vault.retrieve(kms, "root", 1, ticket="INC-2", requested_by="dave")
+        forensic.retrieve(kms, "root", 1, ticket="INC-2", requested_by="dave")
     assert snapshot(kms)[:3] == before[:3]
     # A principal without the role's permission may not even ask.
     enrol(kms, "erin", "sre_oncall")
@@ -200,7 +201,7 @@ def test_retrieval_refused_without_approvals_with_one_and_by_the_requester(team)
 
 def test_unknown_version_is_refused_cleanly(vkms):
     with pytest.raises(vault.VaultError, match="no archive copy of root#v7"):
-        vault.retrieve(vkms, "root", 7, ticket=TICKET, requested_by="dave")
+        forensic.retrieve(vkms, "root", 7, ticket=TICKET, requested_by="dave")
 
 
 # ---- T1 red on tampering -----------------------------------------------------------------
@@ -226,7 +227,7 @@ def test_tampered_copy_turns_t1_red_and_cannot_be_retrieved(team, s3_client):
     approve(kms, d["carol"], "carol", vault.target_for("root", 1))
     before = snapshot(kms)
     with pytest.raises(vault.VaultError, match="refusing to retrieve root#v1: .*tampered"):
-        vault.retrieve(kms, "root", 1, ticket=TICKET, requested_by="dave")
+        forensic.retrieve(kms, "root", 1, ticket=TICKET, requested_by="dave")
     assert snapshot(kms) == before  # approvals not consumed
 
 
@@ -494,7 +495,7 @@ def test_monthly_drill_retrieves_an_archived_root_under_dual_control_and_verifie
     assert "forensic_retrieval failed" in report.findings[0] and "needs 2 approvals" in report.findings[0]
     assert "**Forensic retrieval (T1):** FAILED" in report.markdown
 
-    ticket = vault.drill_ticket(kms.now())
+    ticket = forensic.drill_ticket(kms.now())
     for name in ("bob", "carol"):
         approve(kms, devices[name], name, "root#v1", ticket=ticket)
     report = drills.run_drill(kms)
@@ -523,7 +524,7 @@ def test_drill_detects_an_rpt_that_does_not_verify_under_the_archived_key(make_k
         forged = f"{h}.{p}.{s[:-4]}AAAA"
         conn.execute(text("UPDATE rpts SET token=:t WHERE seq=1"), {"t": forged})
     for name in ("bob", "carol"):
-        approve(kms, devices[name], name, "root#v1", ticket=vault.drill_ticket(kms.now()))
+        approve(kms, devices[name], name, "root#v1", ticket=forensic.drill_ticket(kms.now()))
     report = drills.run_drill(kms)
     assert any("RPT seq 1 does not verify under the archived key" in f for f in report.findings)
 
@@ -599,13 +600,13 @@ def test_forensic_material_left_a_day_past_its_ttl_is_red(team):
     rotate_root(kms)
     approve(kms, d["bob"], "bob", "root#v1")
     approve(kms, d["carol"], "carol", "root#v1")
-    ref = vault.retrieve(kms, "root", 1, ticket=TICKET, requested_by="dave").refs[0]
+    ref = forensic.retrieve(kms, "root", 1, ticket=TICKET, requested_by="dave").refs[0]
     kms.clock.advance(timedelta(hours=kms.policy.vault.forensic_ttl_hours + 1))
     assert t1(kms).status == compliance.PASS  # within a night of the TTL: the nightly purge is due
     kms.clock.advance(timedelta(days=1))
     finding = t1(kms)
     assert finding.status == compliance.FAIL and ref in finding.evidence
-    assert vault.purge_expired(kms) == [ref]
+    assert forensic.purge_expired(kms) == [ref]
     assert t1(kms).status == compliance.PASS and ref not in kms.keystore.forensic_refs()
 
 
@@ -633,7 +634,7 @@ def test_archive_and_retrieve_on_postgresql(make_kms, s3_store):
     rotate_root(kms)
     for name in ("bob", "carol"):
         approve(kms, devices[name], name, "root#v1")
-    r = vault.retrieve(kms, "root", 1, ticket=TICKET, requested_by="dave")
-    assert vault.ForensicKeyStore(kms).decrypt(r.refs[0], historic) == b"pg"
+    r = forensic.retrieve(kms, "root", 1, ticket=TICKET, requested_by="dave")
+    assert forensic.ForensicKeyStore(kms).decrypt(r.refs[0], historic) == b"pg"
     assert t1(kms).status == compliance.PASS, t1(kms).evidence
     assert ledger.verify(kms.engine).ok and audit.verify(kms).ok

@@ -63,9 +63,9 @@ def register(cli) -> None:
         """Import archived KEY VERSION into the forensic keystore (decrypt/verify only, erased after the
         policy TTL). Runs only once two principals other than the requester have approved
         `--operation archive-retrieve --target KEY#vVERSION` for this ticket (`kms approve`)."""
-        from ..core import vault
+        from ..core import forensic
 
-        r = vault.retrieve(get_context(ctx).as_actor(requested_by), key, version, ticket=ticket,
+        r = forensic.retrieve(get_context(ctx).as_actor(requested_by), key, version, ticket=ticket,
                            requested_by=requested_by)
         if as_json:
             emit_json(r.to_dict())
@@ -80,7 +80,7 @@ def register(cli) -> None:
     @click.pass_context
     def archive_purge(ctx):
         """Erase forensic material whose TTL has passed (the nightly run does this too)."""
-        from ..core import vault
+        from ..core import forensic
 
-        erased = vault.purge_expired(get_context(ctx))
+        erased = forensic.purge_expired(get_context(ctx))
         click.echo(f"erased {len(erased)} forensic key(s)" + (f": {', '.join(erased)}" if erased else ""))

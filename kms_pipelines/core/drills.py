@@ -84,7 +84,7 @@ def run_drill(ctx: KmsContext, *, target_url: str | None = None, participants: l
               archive: str | None = None, forensic_requester: str = "workload:dagster") -> DrillReport:
     """Restore the newest good archive into staging, check it, and document the drill.
     The drill also retrieves the oldest archived root version from the vault under dual
-    control (ticket ``vault.drill_ticket``) and verifies the oldest RPTs it signed (T1)."""
+    control (ticket ``forensic.drill_ticket``) and verifies the oldest RPTs it signed (T1)."""
     from . import restore as restore_mod
 
     started = ctx.now()
@@ -111,9 +111,9 @@ def run_drill(ctx: KmsContext, *, target_url: str | None = None, participants: l
         findings.append(f"restore refused or failed: {exc}")
     forensic = None
     if ctx.objects is not None:
-        from . import vault
+        from .forensic import drill_check
 
-        forensic = vault.drill_check(ctx, requested_by=forensic_requester)
+        forensic = drill_check(ctx, requested_by=forensic_requester)
         checks.append(forensic)
         if forensic["status"] != PASSED:
             findings.append(f"check {forensic['name']} failed: {forensic['detail']}")

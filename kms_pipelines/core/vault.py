@@ -13,13 +13,8 @@
   Ed25519 signing keys are *not* archived: verifying historical RPTs needs only their
   public key (kept in the header and in the signed manifest), and a vault that can give a
   signing key back is a vault that can forge history.
-* **Retrieval under dual control** (``retrieve``): the manual operation
-  ``archive-retrieve`` needs ``access.approvals_required`` approvals from principals
-  other than the requester, bound to (operation, ``key#vN``, ticket), TOTP-proven,
-  single-use. The copy is verified first, then unwrapped into the *forensic* namespace of
-  the keystore (decrypt only; nothing there can sign, encrypt or wrap), audited, and the
-  compliance lists are told. Forensic material erases itself after
-  ``vault.forensic_ttl_hours`` (checked on every forensic use and by the nightly step).
+* **Retrieval under dual control** lives in ``core/forensic.py`` (the manual operation
+  ``archive-retrieve``, the read-only forensic keystore, its TTL, the forensic drill).
 * **Destroy means destroy everywhere** (``on_destroyed``): after a version's keystore
   material is erased, its archive copy and manifest are deleted as soon as their Object
   Lock has expired (``retention.retire_expired`` retries every night until then); the ledger records
@@ -44,10 +39,9 @@ from . import audit, ledger, lifecycle, nightly
 from .canonical import canonical_bytes
 from .clock import utc
 from .context import KmsContext
-from .db.models import ACTIVE, DESTROYED, REVOKED, ROTATED, Key, KeyVersion
+from .db.models import DESTROYED, REVOKED, ROTATED, Key, KeyVersion
 from .db.models_vault import ARCHIVED, DELETED, UNARCHIVABLE, ArchiveCopy, ForensicRetrieval
 from .keystore import KeyNotFound, NotArchivable, verify_signature
-from .keystore import fingerprint as fingerprint_of
 
 KEK_KEY = "archive"
 ARCHIVED_CLASSES = ("root", "service")
@@ -66,11 +60,11 @@ def target_for(key_name: str, version: int) -> str:
     return f"{key_name}#v{version}"
 
 
-def _b64(data: bytes) -> str:
+def b64text(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _time(at: datetime | None) -> str | None:
+def stamp(at: datetime | None) -> str | None:
     return ledger.format_time(utc(at)) if at is not None else None
 
 
@@ -155,9 +149,9 @@ def archive_version(ctx: KmsContext, key_name: str, version: int) -> CopyInfo:
         root = lifecycle.active_version(lifecycle.get_key(session, "root"))
         header = {
             "format": COPY_FORMAT, "key": key_name, "version": version, "key_class": key.key_class,
-            "fingerprint": v.fingerprint, "public_key": _b64(v.public_key) if v.public_key else None,
-            "material": "aes256", "created_at": _time(v.created_at), "activated_at": _time(v.activated_at),
-            "retired_at": _time(retired), "retain_until": _time(retain_until), "archived_at": _time(now),
+            "fingerprint": v.fingerprint, "public_key": b64text(v.public_key) if v.public_key else None,
+            "material": "aes256", "created_at": stamp(v.created_at), "activated_at": stamp(v.activated_at),
+            "retired_at": stamp(retired), "retain_until": stamp(retain_until), "archived_at": stamp(now),
             "kek": {"key": KEK_KEY, "version": kek.version},
         }
         wrap_ref, kek_ref, kek_version = v.wrap_ref, kek.wrap_ref, kek.version
@@ -174,7 +168,7 @@ def archive_version(ctx: KmsContext, key_name: str, version: int) -> CopyInfo:
     aad = canonical_bytes(header)
     wrapped_dek = ctx.keystore.new_wrapped_dek(kek_ref)
     sealed = ctx.keystore.dek_encrypt(kek_ref, wrapped_dek, wrapped_key, aad)
-    body = canonical_bytes({"header": header, "wrapped_dek": _b64(wrapped_dek), "sealed": _b64(sealed)})
+    body = canonical_bytes({"header": header, "wrapped_dek": b64text(wrapped_dek), "sealed": b64text(sealed)})
     digest = hashlib.sha256(body).hexdigest()
     stem = (f"{ctx.policy.vault.prefix}{key_name.replace(':', '/')}/v{version}/"
             f"{now.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(4)}")
@@ -184,7 +178,7 @@ def archive_version(ctx: KmsContext, key_name: str, version: int) -> CopyInfo:
              "archived_at": header["archived_at"], "kek_version": kek_version,
              "signer": {"key": "root", "version": signer[0], "fingerprint": signer[2]}}
     signature = ctx.keystore.sign(signer[1], canonical_bytes(entry))
-    manifest_body = canonical_bytes({"entry": entry, "signature": _b64(signature)})
+    manifest_body = canonical_bytes({"entry": entry, "signature": b64text(signature)})
     try:
         ctx.objects.put(object_key, body, retain_until=retain_until, content_type="application/json",
                         metadata={"sha256": digest})
@@ -259,7 +253,7 @@ def verify_copy(ctx: KmsContext, row: ArchiveCopy, session: Session) -> list[str
     if head.retain_until is None or utc(head.retain_until) < utc(row.retain_until) or (
             head.lock_mode not in (None, "COMPLIANCE")):
         problems.append(f"{name}: archive copy is not locked until the end of retention "
-                        f"({_time(row.retain_until)}; object lock {_time(head.retain_until) or 'none'})")
+                        f"({stamp(row.retain_until)}; object lock {stamp(head.retain_until) or 'none'})")
     try:
         doc = json.loads(ctx.objects.get_bytes(row.manifest_key))
         entry, signature = doc["entry"], base64.b64decode(doc["signature"])
@@ -269,7 +263,7 @@ def verify_copy(ctx: KmsContext, row: ArchiveCopy, session: Session) -> list[str
     if public is None or not verify_signature(public, canonical_bytes(entry), signature):
         problems.append(f"{name}: manifest entry signature does not verify under the root version it names")
     expected = {"key": row.key_name, "version": row.key_version, "object_key": row.object_key,
-                "sha256": row.sha256, "retain_until": _time(row.retain_until)}
+                "sha256": row.sha256, "retain_until": stamp(row.retain_until)}
     wrong = [k for k, val in expected.items() if entry.get(k) != val]
     if wrong:
         problems.append(f"{name}: manifest entry disagrees with the vault record on {', '.join(wrong)}")
@@ -286,280 +280,6 @@ def copies(ctx: KmsContext, *, verify: bool = True) -> list[CopyInfo]:
                 info.problems = verify_copy(ctx, row, session)
             out.append(info)
     return out
-
-
-# ---- retrieval under dual control -------------------------------------------------------
-# Every call into the access area is in this section (the identity work may re-point it).
-
-def _require_retrieval(ctx: KmsContext, requester: str, target: str, ticket: str) -> None:
-    """Refuse unless the requester holds the permission and the approvals are complete
-    (read only: nothing is consumed; refusals are audited)."""
-    from . import access
-
-    access.require_permission(ctx, requester, RETRIEVE_OPERATION, target=target)
-    access.request_approval(ctx, operation=RETRIEVE_OPERATION, target=target, ticket=ticket, requester=requester)
-    with ctx.transaction() as s:
-        try:
-            access.check_approvals(s, ctx, operation=RETRIEVE_OPERATION, target=target, ticket=ticket,
-                                   requester=requester)
-            denied = None
-        except access.AccessDenied as exc:
-            denied = exc
-    if denied is not None:
-        audit.emit(ctx, at=ctx.now(), operation=RETRIEVE_OPERATION, actor=requester, target_ref=target,
-                   outcome="denied", detail={"reason": denied.reason, "ticket": ticket, "manual": True,
-                                             "problem": str(denied)})
-        raise denied
-
-
-def _consume_retrieval(session: Session, ctx: KmsContext, requester: str, target: str, ticket: str) -> list[str]:
-    from . import access
-
-    return list(access.consume_approvals(session, ctx, operation=RETRIEVE_OPERATION, target=target, ticket=ticket,
-                                         requester=requester))
-
-
-@dataclass
-class Retrieval:
-    id: int
-    key: str
-    version: int
-    ticket: str
-    requester: str
-    approvers: list[str]
-    refs: list[str]
-    expires_at: datetime
-    fingerprint: str | None = None
-    public_key: bytes | None = None  # from the copy's authenticated header (verify only)
-    notification_failures: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        d = {**asdict(self), "expires_at": self.expires_at.isoformat()}
-        d["public_key"] = _b64(self.public_key) if self.public_key else None
-        return d
-
-
-def retrieve(ctx: KmsContext, key_name: str, version: int, *, ticket: str, requested_by: str,
-             purpose: str = "investigation") -> Retrieval:
-    """Import an archived version into the forensic keystore, under dual control."""
-    lifecycle.validate_key_name(ctx, key_name)
-    target = target_for(key_name, version)
-    with ctx.transaction() as session:
-        row = session.scalars(select(ArchiveCopy).where(ArchiveCopy.key_name == key_name,
-                                                        ArchiveCopy.key_version == version)).first()
-        if row is None or row.status != ARCHIVED:
-            raise VaultError(f"no archive copy of {target} in the vault"
-                             + (f" (status {row.status})" if row is not None else "; see `kms archive list`"))
-        problems = verify_copy(ctx, row, session)
-        if problems:
-            raise VaultError(f"refusing to retrieve {target}: " + "; ".join(problems))
-        object_key = row.object_key
-        kek = lifecycle.get_version(lifecycle.get_key(session, KEK_KEY), row.kek_version)
-        if kek.state == DESTROYED or not kek.wrap_ref:
-            raise VaultError(f"archive KEK v{row.kek_version} of {target} is destroyed; the copy cannot be opened")
-        kek_ref = kek.wrap_ref
-    _require_retrieval(ctx, requested_by, target, ticket)
-    doc = json.loads(ctx.objects.get_bytes(object_key))
-    header = doc["header"]
-    if header.get("key") != key_name or header.get("version") != version:
-        raise VaultError(f"archive copy of {target} names {header.get('key')} v{header.get('version')}")
-    ttl = timedelta(hours=ctx.policy.vault.forensic_ttl_hours)
-    now = ctx.now()
-    ref = f"{key_name.replace(':', '.')}.v{version}.forensic.{secrets.token_hex(4)}"
-    imported = False
-    try:
-        with ctx.transaction() as session:
-            approvers = _consume_retrieval(session, ctx, requested_by, target, ticket)
-            wrapped_key = _open(ctx, kek_ref, doc)
-            ctx.keystore.forensic_unwrap(kek_ref, wrapped_key, ref)
-            imported = True
-            r = ForensicRetrieval(key_name=key_name, key_version=version, ticket=ticket, requester=requested_by,
-                                  approvers=json.dumps(approvers), refs=json.dumps([ref]), retrieved_at=now,
-                                  expires_at=now + ttl, purpose=purpose)
-            session.add(r)
-            session.flush()
-            audit.record(session, at=now, operation=RETRIEVE_OPERATION, actor=requested_by, target=target,
-                         outcome="ok", detail={"ticket": ticket, "approvers": approvers, "forensic_ref": ref,
-                                               "expires_at": _time(now + ttl), "purpose": purpose})
-            result = Retrieval(r.id, key_name, version, ticket, requested_by, approvers, [ref], now + ttl,
-                               header.get("fingerprint"),
-                               base64.b64decode(header["public_key"]) if header.get("public_key") else None)
-    except BaseException:
-        if imported:
-            _erase(ctx, ref)
-        raise
-    result.notification_failures = _notify(ctx, result)
-    return result
-
-
-def _open(ctx: KmsContext, kek_ref: str, doc: dict) -> bytes:
-    """The copy's wrapped key; the header must authenticate as the seal's associated data."""
-    wrapped_dek, sealed, aad = (base64.b64decode(doc["wrapped_dek"]), base64.b64decode(doc["sealed"]),
-                                canonical_bytes(doc["header"]))
-    opener = getattr(ctx.keystore, "archive_open", None)  # audited as archive-retrieve when wrapped
-    return opener(kek_ref, wrapped_dek, sealed, aad) if opener else ctx.keystore.dek_decrypt(
-        kek_ref, wrapped_dek, sealed, aad)
-
-
-def _notify(ctx: KmsContext, r: Retrieval) -> list[str]:
-    """A4/T1: compliance hears of every retrieval. A failed delivery is reported, never raised."""
-    if ctx.notifier is None:
-        return ["no notifier configured"]
-    from .notify import Notification, failures
-
-    n = ctx.policy.notifications
-    body = (f"Archived key {r.key} v{r.version} was retrieved into the forensic keystore (decrypt/verify only).\n"
-            f"Change ticket: {r.ticket}\nRequested by: {r.requester}\nApproved by: {', '.join(r.approvers)}\n"
-            f"Erases itself at: {r.expires_at.isoformat()}\n")
-    try:
-        results = ctx.notifier.send(Notification(
-            subject=f"KMS archive retrieval: {r.key} v{r.version} ({r.ticket})", body=body,
-            recipients=list(n.compliance_emails), slack_channels=list(n.slack_channels), severity="notice",
-            kind="archive_retrieve", ref=r.ticket))
-    except Exception as exc:  # noqa: BLE001 - reported to the caller
-        return [f"{type(exc).__name__}: {exc}"]
-    return [f"{f.channel}: {f.error}" for f in failures(results)]
-
-
-def _erase(ctx: KmsContext, ref: str) -> None:
-    try:
-        ctx.keystore.forensic_destroy(ref)
-    except KeyNotFound:
-        pass
-
-
-def purge_expired(ctx: KmsContext) -> list[str]:
-    """Erase forensic material whose TTL has passed; returns the refs erased."""
-    now = ctx.now()
-    with ctx.transaction() as session:
-        due = [(r.id, json.loads(r.refs)) for r in session.scalars(select(ForensicRetrieval).where(
-            ForensicRetrieval.purged_at.is_(None), ForensicRetrieval.expires_at <= now))]
-    erased = []
-    for rid, refs in due:
-        for ref in refs:
-            _erase(ctx, ref)
-            erased.append(ref)
-        with ctx.transaction() as session:
-            row = session.get(ForensicRetrieval, rid)
-            row.purged_at = now
-            audit.record(session, at=now, operation="archive.forensic_expired", actor=ctx.actor,
-                         target=target_for(row.key_name, row.key_version), outcome="ok", detail={"refs": refs})
-    return erased
-
-
-class ForensicRefused(VaultError):
-    pass
-
-
-class ForensicKeyStore:
-    """The forensic keystore context: verify and decrypt only, and only until the TTL.
-
-    It exposes no sign, encrypt or wrap; the objects behind it are created decrypt-only
-    (PKCS#11: CKA_SIGN/ENCRYPT/WRAP false), so not even the backend could sign with them."""
-
-    def __init__(self, ctx: KmsContext):
-        self._ctx = ctx
-
-    def _live(self, ref: str) -> None:
-        purge_expired(self._ctx)
-        with self._ctx.transaction() as session:
-            rows = session.scalars(select(ForensicRetrieval).where(ForensicRetrieval.purged_at.is_(None)))
-            if not any(ref in json.loads(r.refs) for r in rows):
-                raise ForensicRefused(f"forensic key {ref!r} is not (or no longer) retrieved; its TTL may have ended")
-
-    def decrypt(self, ref: str, blob: bytes, aad: bytes = b"") -> bytes:
-        self._live(ref)
-        return self._ctx.keystore.forensic_decrypt(ref, blob, aad)
-
-    @staticmethod
-    def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
-        return verify_signature(public_key, message, signature)
-
-    def sign(self, ref: str, message: bytes) -> bytes:
-        audit.emit(self._ctx, at=self._ctx.now(), operation="sign", actor=self._ctx.actor, target_ref=ref,
-                   outcome="denied", detail={"forensic": True, "reason": "forensic keys never sign"})
-        raise ForensicRefused(f"the forensic keystore is read-only: {ref!r} may verify and decrypt, never sign")
-
-    def encrypt(self, ref: str, plaintext: bytes, aad: bytes = b"") -> bytes:
-        raise ForensicRefused(f"the forensic keystore is read-only: {ref!r} may verify and decrypt, never encrypt")
-
-
-def release(ctx: KmsContext, retrieval_id: int) -> list[str]:
-    """Erase a retrieval's forensic material before its TTL (e.g. when a drill is done)."""
-    with ctx.transaction() as session:
-        row = session.get(ForensicRetrieval, retrieval_id)
-        if row is None or row.purged_at is not None:
-            return []
-        refs = json.loads(row.refs)
-    for ref in refs:
-        _erase(ctx, ref)
-    with ctx.transaction() as session:
-        row = session.get(ForensicRetrieval, retrieval_id)
-        row.purged_at = ctx.now()
-        audit.record(session, at=ctx.now(), operation="archive.forensic_released", actor=ctx.actor,
-                     target=target_for(row.key_name, row.key_version), outcome="ok", detail={"refs": refs})
-    return refs
-
-
-# ---- the forensic drill (B2 restore drill, T1) ---------------------------------------------
-
-def drill_ticket(at: datetime) -> str:
-    """The change ticket of a month's forensic drill retrieval, known in advance to approvers."""
-    return f"drill-forensic-{at:%Y-%m}"
-
-
-def drill_check(ctx: KmsContext, *, requested_by: str, ticket: str | None = None) -> dict:
-    """Retrieve the oldest archived root version under dual control and verify the oldest
-    retained RPTs it signed with the public key the archive copy carries (authenticated as
-    the copy's associated data). Returns a drill check ``{name, status, detail}``."""
-    from . import access, rpt
-
-    name = "forensic_retrieval"
-    with ctx.transaction() as session:
-        row = session.scalars(select(ArchiveCopy).where(ArchiveCopy.key_name == "root", ArchiveCopy.status == ARCHIVED)
-                              .order_by(ArchiveCopy.key_version)).first()
-        version = row.key_version if row is not None else None
-    if version is None:
-        return {"name": name, "status": "passed", "detail": "no archived root version yet: nothing to retrieve"}
-    ticket = ticket or drill_ticket(ctx.now())
-    try:
-        r = retrieve(ctx, "root", version, ticket=ticket, requested_by=requested_by, purpose="drill")
-    except (access.AccessDenied, VaultError) as exc:
-        return {"name": name, "status": "failed", "detail": f"root v{version} not retrieved under ticket {ticket}: {exc}"}
-    try:
-        public, fp = r.public_key, r.fingerprint
-        if not public or fingerprint_of(public) != fp:
-            return {"name": name, "status": "failed", "detail": f"root v{version}: archived public key does not match "
-                                                                f"its fingerprint"}
-        kid = rpt.make_kid(version, fp)
-        limit = ctx.policy.drills.recent_rpts_to_verify
-        from .db.models_rpt import RegulatoryProofToken
-
-        with ctx.transaction() as session:
-            tokens = session.execute(select(RegulatoryProofToken.seq, RegulatoryProofToken.token).where(
-                RegulatoryProofToken.kid == kid).order_by(RegulatoryProofToken.seq).limit(limit)).all()
-        bad = [seq for seq, token in tokens if not _rpt_signed_by(token, kid, public)]
-        if bad:
-            return {"name": name, "status": "failed",
-                    "detail": f"root v{version} retrieved (approved by {', '.join(r.approvers)}); RPT seq "
-                              f"{bad[0]} does not verify under the archived key ({len(bad)} of {len(tokens)})"}
-        return {"name": name, "status": "passed",
-                "detail": f"root v{version} retrieved from the vault under ticket {ticket} (requested by "
-                          f"{requested_by}, approved by {', '.join(r.approvers)}); the {len(tokens)} oldest "
-                          f"retained RPT(s) it signed verify under the archived key {fp}"}
-    finally:
-        release(ctx, r.id)
-
-
-def _rpt_signed_by(token: str, kid: str, public: bytes) -> bool:
-    from . import rpt
-
-    try:
-        header, _payload, signature = rpt.decode(token)
-    except rpt.RptError:
-        return False
-    signing_input = token.rsplit(".", 1)[0].encode("ascii")
-    return header.get("kid") == kid and verify_signature(public, signing_input, signature)
 
 
 # ---- destroy means destroy everywhere -------------------------------------------------
@@ -650,7 +370,7 @@ def t1_findings(ctx: KmsContext) -> tuple[list[str], list[str], list[str], dict]
                 name, row = target_for(key.name, v.version), rows.get((key.name, v.version))
                 if v.state in (ROTATED, REVOKED) and now < span[1]:
                     if row is None:
-                        problems.append(f"{name}: retired {_time(span[0])} but has no archive copy")
+                        problems.append(f"{name}: retired {stamp(span[0])} but has no archive copy")
                     elif row.status == UNARCHIVABLE:
                         if since is not None and utc(v.created_at) >= since:
                             problems.append(f"{name}: generated after the vault existed but not archivable")
@@ -658,7 +378,7 @@ def t1_findings(ctx: KmsContext) -> tuple[list[str], list[str], list[str], dict]
                             legacy += 1
                             warnings.append(f"{name}: generated before the vault, not archivable ({row.reason})")
                     elif row.status == DELETED:
-                        problems.append(f"{name}: archive copy deleted {_time(row.deleted_at)}, within retention")
+                        problems.append(f"{name}: archive copy deleted {stamp(row.deleted_at)}, within retention")
                     else:
                         found = verify_copy(ctx, row, session)
                         problems += found
@@ -676,7 +396,7 @@ def t1_findings(ctx: KmsContext) -> tuple[list[str], list[str], list[str], dict]
                             lock = None
                         if lock is not None and utc(lock) > now:
                             warnings.append(f"{name}: destroyed; archive copy deleted when its lock ends "
-                                            f"{_time(lock)}")
+                                            f"{stamp(lock)}")
                         else:
                             problems.append(f"{name}: destroyed, but its archive copy is still stored after its "
                                             f"lock ended")
@@ -723,6 +443,8 @@ def _is_forensic(detail: Any) -> bool:
 
 @nightly.nightly_step("vault_archive", order=16)
 def _archive_step(ctx: KmsContext) -> dict:
+    from .forensic import purge_expired
+
     made = archive_pending(ctx)
     return {"archived": [target_for(c.key, c.version) for c in made if c.status == ARCHIVED],
             "unarchivable": [target_for(c.key, c.version) for c in made if c.status == UNARCHIVABLE],

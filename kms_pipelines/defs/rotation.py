@@ -4,7 +4,7 @@ retirement. Asset bodies only call ``core.rotation`` / ``core.retention``."""
 
 import dagster as dg
 
-from ..core import manifest, retention, rotation, vault
+from ..core import forensic, manifest, retention, rotation, vault
 from .foundation import NIGHTLY
 from .metadata import markdown_table
 from .resources import KmsResource
@@ -118,7 +118,7 @@ def key_retirement(kms: KmsResource) -> dg.MaterializeResult:
 def key_vault(kms: KmsResource) -> dg.MaterializeResult:
     ctx = kms.context()
     made = vault.archive_pending(ctx)
-    erased = vault.purge_expired(ctx)
+    erased = forensic.purge_expired(ctx)
     rows = vault.copies(ctx)
     return dg.MaterializeResult(metadata={
         "archived_now": dg.MetadataValue.json([vault.target_for(c.key, c.version) for c in made]),
