@@ -108,7 +108,8 @@ def test_rotation_archives_the_retired_root_and_dual_control_retrieves_it(team):
     fks = forensic.ForensicKeyStore(kms)
     # The retrieved material is the real key: it opens what root v1 sealed a year ago.
     assert fks.decrypt(r.refs[0], historic, b"case-17") == b"sealed under root v1"
-    assert any(m.get("kind") == "archive_retrieve" and TICKET in m.get("subject", "") for m in kms.notifier.read())
+    assert any(m.get("kind") == "manual_operation" and m.get("subject") == f"Manual archive-retrieve of root#v1 ({TICKET})"
+               for m in kms.notifier.read())
     audit.flush(kms)
     assert audit.verify(kms).ok
     assert compliance.eval_t1(kms).status == compliance.PASS, compliance.eval_t1(kms).evidence

@@ -143,23 +143,16 @@ def _open(ctx: KmsContext, kek_ref: str, doc: dict) -> bytes:
 
 
 def _notify(ctx: KmsContext, r: Retrieval) -> list[str]:
-    """A4/T1: compliance hears of every retrieval. A failed delivery is reported, never raised."""
-    if ctx.notifier is None:
-        return ["no notifier configured"]
-    from .notify import Notification, failures
+    """A4/T1: compliance hears of every retrieval. A failed delivery is reported, never raised,
+    and every delivery is recorded (``notification_deliveries``)."""
+    from . import notifications
 
-    n = ctx.policy.notifications
-    body = (f"Archived key {r.key} v{r.version} was retrieved into the forensic keystore (decrypt/verify only).\n"
-            f"Change ticket: {r.ticket}\nRequested by: {r.requester}\nApproved by: {', '.join(r.approvers)}\n"
-            f"Erases itself at: {r.expires_at.isoformat()}\n")
-    try:
-        results = ctx.notifier.send(Notification(
-            subject=f"KMS archive retrieval: {r.key} v{r.version} ({r.ticket})", body=body,
-            recipients=list(n.compliance_emails), slack_channels=list(n.slack_channels), severity="notice",
-            kind="archive_retrieve", ref=r.ticket))
-    except Exception as exc:  # noqa: BLE001 - reported to the caller
-        return [f"{type(exc).__name__}: {exc}"]
-    return [f"{f.channel}: {f.error}" for f in failures(results)]
+    outcome = notifications.notify_manual_operation(
+        ctx, operation=RETRIEVE_OPERATION, target=target_for(r.key, r.version), ticket=r.ticket,
+        requester=r.requester, approvers=r.approvers,
+        detail=f"Imported into the forensic keystore (verify/decrypt only); erases itself at "
+               f"{r.expires_at.isoformat()}.")
+    return [f"{f.channel}: {f.error}" for f in outcome.results if not f.ok]
 
 
 def _erase(ctx: KmsContext, ref: str) -> None:
