@@ -79,11 +79,17 @@ def _command_line(args: list[str]) -> str:
     return " ".join(["kms", *words])
 
 
-def get_context(ctx: click.Context):
-    """Build the KmsContext lazily, once per command."""
+def get_context(ctx: click.Context, *, create: bool = False):
+    """Build the KmsContext lazily, once per command. Only ``create=True`` (``kms init``)
+    may bring state into being; every other command first checks that it exists."""
     obj = ctx.ensure_object(dict)
     if "kms" not in obj:
         from .core.context import context_from_env
+
+        if not create:
+            from .core.state import require_initialized
+
+            require_initialized()
 
         clock = FixedClock(parse_time(obj["at"])) if obj.get("at") else None
         obj["kms"] = context_from_env(clock=clock)
@@ -116,7 +122,7 @@ def init(ctx, as_json):
     """Run database migrations and bootstrap one active version of every policy key."""
     from .core import db, lifecycle
 
-    kms = get_context(ctx)
+    kms = get_context(ctx, create=True)
     db.upgrade(kms.engine)
     results = lifecycle.bootstrap(kms)
     created = [r.key for r in results if r.rotated]

@@ -9,9 +9,10 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from .lifecycle import LifecycleError
     from .policy import PolicyError
     from .retry import DependencyUnavailable
+    from .state import StateMissing
 
     errors: list[type[BaseException]] = [DatabaseError, KeyStoreError, LifecycleError, PolicyError,
-                                         DependencyUnavailable]
+                                         DependencyUnavailable, StateMissing]
     for module, name in (("objectstore", "ObjectStoreError"), ("access", "AccessDenied"),
                          ("envelope", "EnvelopeError"), ("rpt", "RptError"), ("backup", "BackupError"),
                          ("escrow", "EscrowError"), ("events", "EventError"), ("vault", "VaultError")):
@@ -26,7 +27,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
 def fault_line(exc: BaseException, command: str | None = None) -> str | None:
     """One line for a transient dependency fault that escaped every retried unit (a call
     path with no retry of its own), else None. Every command is safe to re-run after a
-    fault: state changes commit whole or not at all (DESIGN §7)."""
+    fault: state changes commit whole or not at all (docs/architecture.md)."""
     from .retry import classify
 
     fault = classify(exc)
