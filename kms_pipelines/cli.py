@@ -144,7 +144,8 @@ def keys():
 @click.option("--all", "show_all", is_flag=True, help="Include destroyed versions.")
 @click.pass_context
 def keys_list(ctx, as_json, show_all):
-    """Every key version with its state, age and rotation due date."""
+    """Every key version with its state, age, rotation due date and full public-key
+    fingerprint (what `kms evidence verify --trust` takes)."""
     from dataclasses import asdict
 
     from .core import lifecycle
@@ -157,7 +158,7 @@ def keys_list(ctx, as_json, show_all):
     for r in rows:
         due = r.due_at.strftime("%Y-%m-%d %H:%M") + ("  OVERDUE" if r.overdue else "") if r.due_at else "-"
         age = f"{r.age_days:.1f}" if r.age_days is not None else "-"
-        click.echo(f"{r.key:34} {r.version:>3} {r.state:9} {age:>7} {due:20} {(r.fingerprint or '-')[:23]}")
+        click.echo(f"{r.key:34} {r.version:>3} {r.state:9} {age:>7} {due:20} {r.fingerprint or '-'}")
 
 
 @keys.command("rotate")

@@ -6,5 +6,5 @@
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 KMS="${KMS_BIN:-$REPO_ROOT/.venv/bin/kms}"
-[ $# -ge 1 ] || { echo "usage: $0 ARCHIVE --target URL [--trust FILE]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: $0 ARCHIVE --target URL [--trust FILE]   (ARCHIVE: a .tar.zst.age file, an archive id or an object key)" >&2; exit 2; }
 exec "$KMS" restore "$@"

@@ -231,7 +231,7 @@ def _closed_port() -> int:
     return port
 
 
-def test_s3_unreachable_endpoint_is_clear_and_quick():
+def test_s3_unreachable_endpoint_is_clear_and_quick(dummy_aws_credentials):
     endpoint = f"http://127.0.0.1:{_closed_port()}"
     st = S3ObjectStore("kms-archive", endpoint_url=endpoint, connect_timeout=0.5, max_attempts=1)
     t0 = time.monotonic()

@@ -137,7 +137,7 @@ def register(cli) -> None:
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context
     def restore_cmd(ctx, archive, target_url, target_home, trust, as_json):
-        """Verify ARCHIVE (id or object key), restore it into --target and check it."""
+        """Verify ARCHIVE (archive file path, id or object key), restore it into --target and check it."""
         from ..core import restore as r
 
         report = r.restore(_ctx(ctx), archive, target_url, target_home=target_home, trust=trust)

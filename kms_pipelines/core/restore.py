@@ -78,11 +78,64 @@ class RestoreReport:
         return d
 
 
+ARCHIVE_SUFFIX = ".tar.zst.age"
+
+
 def _manifest_key_for(archive_key: str) -> str:
-    suffix = ".tar.zst.age"
+    suffix = ARCHIVE_SUFFIX
     if not archive_key.endswith(suffix):
         raise BackupError(f"{archive_key!r} is not an archive key (…{suffix})")
     return archive_key[: -len(suffix)] + ".manifest.json"
+
+
+class _CopiedArchive:
+    """A read-only view of an archive file and its manifest copied out of the store, under
+    the object keys the signed manifest names, so they are verified like stored objects."""
+
+    def __init__(self, files: dict[str, Path]):
+        self._files = files
+
+    def _path(self, key: str) -> Path:
+        from .objectstore import ObjectNotFound
+
+        if key not in self._files:
+            raise ObjectNotFound(f"{key} is not among the copied files")
+        return self._files[key]
+
+    def get_bytes(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def open(self, key: str):
+        return self._path(key).open("rb")
+
+
+def archive_from_path(ctx: KmsContext, archive: str) -> tuple[KmsContext, str]:
+    """Accept a path to an archive file, the way the policy spells `scripts/restore.sh <archive>`.
+    Inside the local object store it is that object. Elsewhere (a copy fetched out of S3)
+    it is read where it lies, with its signed manifest beside it, and verified exactly as
+    a stored object would be. Anything else (an id, an object key) is returned unchanged."""
+    import json
+    from dataclasses import replace
+
+    path = Path(archive)
+    if not archive.endswith(ARCHIVE_SUFFIX) or not path.is_file():
+        return ctx, archive
+    real = path.resolve()
+    root = getattr(ctx.objects, "root", None)
+    if root is not None and real.is_relative_to(Path(root).resolve()):
+        return ctx, real.relative_to(Path(root).resolve()).as_posix()
+    manifest = real.with_name(real.name[: -len(ARCHIVE_SUFFIX)] + ".manifest.json")
+    if not manifest.is_file():
+        raise BackupError(f"{archive}: its signed manifest {manifest.name} is not beside it; "
+                          f"copy both, or pass the archive id (`kms backup list`)")
+    try:
+        archive_key = json.loads(manifest.read_bytes())["manifest"]["archive_key"]  # a name only: verified next
+    except (ValueError, KeyError, TypeError):
+        raise BackupError(f"{manifest}: not a backup manifest") from None
+    if not isinstance(archive_key, str) or not archive_key.endswith(ARCHIVE_SUFFIX):
+        raise BackupError(f"{manifest}: not a backup manifest")
+    view = _CopiedArchive({archive_key: real, _manifest_key_for(archive_key): manifest})
+    return replace(ctx, objects=view), archive_key
 
 
 def _locate(ctx: KmsContext, archive: str) -> tuple[str, str]:
@@ -217,8 +270,9 @@ def staging_context(ctx: KmsContext, url: str, home: Path) -> KmsContext:
 
 def restore(ctx: KmsContext, archive: str, target_url: str, *, target_home: str | os.PathLike | None = None,
             trust: list[bytes] | str | None = None) -> RestoreReport:
-    """Verify, then restore ``archive`` (id or object key) into ``target_url`` and check it."""
+    """Verify, then restore ``archive`` (file path, id or object key) into ``target_url`` and check it."""
     started, t0 = ctx.now(), time.perf_counter()
+    ctx, archive = archive_from_path(ctx, archive)
     if isinstance(trust, (str, os.PathLike)):
         trust = load_trust(trust)
     manifest, archive_key = verify_before_restore(ctx, archive, trust=trust)
