@@ -114,3 +114,14 @@ def test_dagster_backup_and_drill_assets(make_kms, monkeypatch, master_key):
     ctx = dg.build_schedule_context(scheduled_execution_time=datetime(2026, 3, 1, 6, tzinfo=timezone.utc))
     req = backup_defs.restore_drill_schedule(ctx)
     assert req.partition_key == "2026-03-01"
+
+
+def test_a_drill_for_an_earlier_month_is_titled_by_that_month_and_the_day_it_ran():
+    from kms_pipelines.core import drills
+
+    common = dict(participants=["dana"], outcome="passed", archive_id="a", target="t", restore_seconds=1.0,
+                  total_seconds=2.0, checks=[], findings=[], followups=[])
+    assert drills.render_markdown(date="2026-11-29", period="2026-10", **common).startswith(
+        "# Restore drill for 2026-10 (performed 2026-11-29)\n")
+    assert drills.render_markdown(date="2026-11-02", period="2026-11", **common).startswith("# Restore drill 2026-11-02\n")
+    assert drills.render_markdown(date="2026-11-02", **common).startswith("# Restore drill 2026-11-02\n")

@@ -2,7 +2,7 @@
 
 After a demo-equivalent run (``kms init``, then the ``kms_nightly`` job, a nightly backup,
 the monthly restore drill and the policy compliance report, all recorded in a
-PostgreSQL-backed Dagster instance built from the repo's dagster.yaml), the test starts
+PostgreSQL-backed Dagster instance built from the repo's deploy/dagster.yaml), the test starts
 ``dagster-webserver`` on loopback with the project's workspace.yaml and drives Debian's
 headless Chromium through Playwright: the asset catalog, the drill report's asset page and
 the compliance report's asset page must show their content. Screenshots are saved to

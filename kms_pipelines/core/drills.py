@@ -55,8 +55,11 @@ class DrillReport:
 
 def render_markdown(*, date: str, participants: list[str], outcome: str, archive_id: str | None, target: str,
                     restore_seconds: float | None, total_seconds: float | None, checks: list[dict],
-                    findings: list[str], followups: list[dict], forensic: dict | None = None) -> str:
-    lines = [f"# Restore drill {date}", "",
+                    findings: list[str], followups: list[dict], forensic: dict | None = None, period: str | None = None) -> str:
+    # A drill for another month (a re-run of an old partition) says so; one in its own month is titled by its date.
+    late = period and not date.startswith(period)
+    title = f"Restore drill for {period} (performed {date})" if late else f"Restore drill {date}"
+    lines = [f"# {title}", "",
              f"- **Date:** {date}",
              f"- **Participants:** {', '.join(participants) if participants else '(none recorded)'}",
              f"- **Outcome:** {outcome.upper()}",
@@ -81,10 +84,13 @@ def render_markdown(*, date: str, participants: list[str], outcome: str, archive
 
 def run_drill(ctx: KmsContext, *, target_url: str | None = None, participants: list[str] | None = None,
               staging_url: str | None = None, extra_followups: list[dict] | None = None,
-              archive: str | None = None, forensic_requester: str = "workload:dagster") -> DrillReport:
+              archive: str | None = None, forensic_requester: str = "workload:dagster",
+              period: str | None = None) -> DrillReport:
     """Restore the newest good archive into staging, check it, and document the drill.
     The drill also retrieves the oldest archived root version from the vault under dual
-    control (ticket ``forensic.drill_ticket``) and verifies the oldest RPTs it signed (T1)."""
+    control (ticket ``forensic.drill_ticket``) and verifies the oldest RPTs it signed (T1).
+    ``period`` names what the drill is for (the Dagster partition, e.g. ``2026-10``) when
+    that differs from the day it is performed."""
     from . import restore as restore_mod
 
     started = ctx.now()
@@ -144,7 +150,7 @@ def run_drill(ctx: KmsContext, *, target_url: str | None = None, participants: l
                         "status": "open"})
         md = render_markdown(date=date, participants=participants, outcome=outcome, archive_id=archive_id,
                              target=target_label, restore_seconds=restore_seconds, total_seconds=total_seconds,
-                             checks=checks, findings=findings, followups=fus, forensic=forensic)
+                             checks=checks, findings=findings, followups=fus, forensic=forensic, period=period)
         drill.report_sha256 = hashlib.sha256(md.encode()).hexdigest()
         drill_id = drill.id
     tmp = path.with_suffix(".md.tmp")

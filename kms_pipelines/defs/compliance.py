@@ -31,7 +31,7 @@ CHECK = "policy_compliant"
 UPSTREAM = ["kms_state", "key_inventory", "keys_root", "keys_service", "keys_data", "keys_backup", "key_retirement",
             "keys_archive", "key_vault",
             "rpt_chain", "ledger_checkpoint", "dek_inventory", "break_glass_escrow", "audit_anomalies",
-            "notification_deliveries"]
+            "notification_deliveries", "security_events"]
 
 
 def run_url(run_id: str) -> str:

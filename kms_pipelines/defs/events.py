@@ -112,7 +112,7 @@ def _already_launched(context, event_id: str) -> bool:
     return bool(runs)
 
 
-@dg.asset(group_name="events", deps=["kms_state"], kinds={"sql"},
+@dg.asset(group_name="events", deps=["kms_state"], kinds={"sql"}, tags={"kms_nightly": ""},
           description="Security events (R2) and how each was answered.")
 def security_events(kms: KmsResource) -> dg.MaterializeResult:
     from ..core import events

@@ -35,21 +35,50 @@ ensure_system_packages() {
   [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 }
 
+# pip is silent for minutes on a fresh machine; print a line per phase and a running count.
+pip_with_progress() {
+  local t0=$SECONDS
+  "$VENV/bin/pip" install --progress-bar off "$@" 2>&1 | awk '
+    /^Collecting / { n++; if (n % 20 == 1) { printf "    resolving: %d packages so far (%s)\n", n, $2; fflush() } }
+    /^Installing collected packages/ { printf "    installing %d packages (the longest step: 1-3 min on a fresh machine)...\n", n; fflush() }
+    /^(ERROR|error):/ { print; fflush() }'
+  local status="${PIPESTATUS[0]}"
+  [ "$status" = 0 ] && printf '    installed in %ds\n' "$((SECONDS - t0))"
+  return "$status"
+}
+
 ensure_venv() {
   if [ ! -x "$VENV/bin/python" ]; then
     log "creating virtual environment $VENV"
     "$PYTHON" -m venv "$VENV" || die "python3 -m venv failed (apt-get install python3-venv?)"
+    log "upgrading pip"
     "$VENV/bin/pip" install -q --upgrade pip >/dev/null
   fi
   # Reinstall only when the dependency list changed.
   local stamp="$VENV/.kms-installed" want
   want="$(sha256sum "$REPO_ROOT/pyproject.toml" | cut -d' ' -f1)-${1:-base}"
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    log "installing kms_pipelines${1:+[$1]} into $VENV"
-    "$VENV/bin/pip" install -q -e "$REPO_ROOT${1:+[$1]}" || die "pip install failed"
+    log "installing kms_pipelines${1:+[$1]} and its dependencies into $VENV"
+    pip_with_progress -e "$REPO_ROOT${1:+[$1]}" || die "pip install failed"
     echo "$want" > "$stamp"
   fi
   export PATH="$VENV/bin:$PATH"
+}
+
+# The development Dagster instance (demo, UI, `dg`): SQLite storage under DAGSTER_HOME, runs
+# launched at once (no queue, so a run needs no daemon), no telemetry. Production uses
+# deploy/dagster.yaml instead.
+ensure_dev_instance() {
+  local home="$1"
+  mkdir -p "$home"
+  [ -f "$home/dagster.yaml" ] && grep -q DefaultRunCoordinator "$home/dagster.yaml" && return
+  cat > "$home/dagster.yaml" <<'YAML'
+telemetry:
+  enabled: false
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: DefaultRunCoordinator
+YAML
 }
 
 pg_answers() { # host port
