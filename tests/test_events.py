@@ -66,6 +66,25 @@ def _tick(instance, cursor, kms_res):
         return security_event_sensor.evaluate_tick(ctx)
 
 
+def _refresh_shows_the_revocation(instance, response, kms_res):
+    """The UI's key_inventory must not show a revoked version as active until the next nightly run."""
+    from kms_pipelines.definitions import defs
+    from kms_pipelines.defs.events import refresh_after_compromise_response
+
+    with dg.build_run_status_sensor_context(
+            sensor_name=refresh_after_compromise_response.name, dagster_instance=instance,
+            dagster_run=response.dagster_run, dagster_event=response.get_run_success_event()) as ctx:
+        request = refresh_after_compromise_response(ctx)
+    assert request.run_key == f"refresh-after-{response.run_id}"
+    job = defs().resolve_job_def("key_state_refresh")
+    refreshed = job.execute_in_process(instance=instance, resources={"kms": kms_res})
+    assert refreshed.success
+    [mat] = [m for m in refreshed.asset_materializations_for_node("key_inventory")]
+    rows = {(r.data["key"], r.data["version"]): r.data["state"] for r in mat.metadata["inventory"].value.records}
+    assert rows[("data:postgres", 1)] == "revoked" and rows[("data:postgres", 2)] == "active"
+    assert refreshed.asset_materializations_for_node("security_events")[0].metadata["open"].value == 0
+
+
 def test_end_to_end_cli_report_sensor_one_run_then_none(e2e_env, smtp_server, slack_receiver):
     from kms_pipelines.cli import cli
     from kms_pipelines.core.context import context_from_env
@@ -97,6 +116,7 @@ def test_end_to_end_cli_report_sensor_one_run_then_none(e2e_env, smtp_server, sl
     assert lost_cursor.run_requests == []  # the event is resolved and its run key was used
 
     assert states(kms, "data:postgres") == [(1, "revoked"), (2, "active")]
+    _refresh_shows_the_revocation(instance, result, kms_res)
     for object_id, blob in blobs.items():
         assert envelope.decrypt(kms, blob, object_id=object_id) == f"row {object_id[4:]}".encode()
         assert envelope.describe(kms, blob).key_version == 2

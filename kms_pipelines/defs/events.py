@@ -137,3 +137,18 @@ def security_events_answered(kms: KmsResource) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(passed=not late, metadata={
         "unanswered": dg.MetadataValue.json([{"id": e.id, "type": e.type, "key": e.key, "status": e.status,
                                               "reported_at": e.reported_at.isoformat()} for e in late])})
+
+
+key_state_refresh = dg.define_asset_job(
+    "key_state_refresh", selection=["key_inventory", "security_events", "policy_compliance_report"],
+    executor_def=dg.in_process_executor,
+    description="Re-read key states, security events and the compliance report, so the UI shows a revoked or "
+                "rotated version as it is right after a compromise response instead of at the next nightly run.")
+
+
+@dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, monitored_jobs=[compromise_response],
+                      request_job=key_state_refresh, default_status=dg.DefaultSensorStatus.RUNNING,
+                      description="After every successful compromise_response, refreshes key_inventory, "
+                                  "security_events and the compliance report.")
+def refresh_after_compromise_response(context: dg.RunStatusSensorContext):
+    return dg.RunRequest(run_key=f"refresh-after-{context.dagster_run.run_id}")
