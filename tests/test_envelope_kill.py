@@ -1,4 +1,4 @@
-"""DESIGN §7: a sweep killed with SIGKILL mid-way, then re-run, leaves every DEK readable
+"""docs/architecture.md ("Bad input and faults"): a sweep killed with SIGKILL mid-way, then re-run, leaves every DEK readable
 and every object decrypting to its original bytes (PostgreSQL, thousands of DEKs)."""
 
 import base64

@@ -22,7 +22,7 @@ def register(cli) -> None:
                   help="Also show each clause's latest asset-check run from the Dagster instance ($DAGSTER_HOME).")
     @click.pass_context
     def report(ctx, fmt, out, clauses, dagster_evidence):
-        """Evaluate every policy clause (DESIGN §6) against the live state; exit 1 if any fails."""
+        """Evaluate every policy clause (P1–B4, docs/policy.md) against the live state; exit 1 if any fails."""
         from ..core import compliance
 
         known = {c.id for c in compliance.CLAUSES}

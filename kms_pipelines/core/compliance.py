@@ -1,4 +1,4 @@
-"""The clause-by-clause compliance report (DESIGN §6): one row per policy clause id,
+"""The clause-by-clause compliance report (clauses in docs/policy.md): one row per policy clause id,
 the control that enforces it, the evidence read from the live state, and a status.
 
 Each clause has an evaluator ``fn(ctx) -> Finding`` that checks the live state through

@@ -11,7 +11,7 @@ Guards (both named ``dependents``):
   confirmed a live (active or rotated) version newer than *v*. An emergency revocation
   (a compromise: ``event_id`` set, or ``reason`` starting with ``compromise``) is not held
   back: waiting for confirmations would keep compromised material trusted.
-* destroy guard: the same condition before destruction (DESIGN §3), with no exemption.
+* destroy guard: the same condition before destruction (docs/architecture.md, "Keys, versions and states"), with no exemption.
 """
 
 from __future__ import annotations

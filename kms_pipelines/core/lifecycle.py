@@ -1,4 +1,4 @@
-"""Keys, versions and the state machine of DESIGN §3.
+"""Keys, versions and their state machine (docs/architecture.md, "Keys, versions and states").
 
 ``pending → active → rotated → (revoked) → destroyed``; ``revoked`` is reachable from
 active/rotated (compromise). Exactly one active version per key (a partial unique

@@ -101,8 +101,8 @@ def _overview(ctx) -> dict:
 @dg.asset(
     name=ASSET, group_name="evidence", tags=NIGHTLY, deps=UPSTREAM, kinds={"python"},
     check_specs=[dg.AssetCheckSpec(CHECK, asset=ASSET, blocking=False,
-                                   description="Every clause of DESIGN §6 passes (fails naming the failing clauses).")],
-    description="Clause-by-clause policy compliance report (DESIGN §6): for each clause id the control that "
+                                   description="Every policy clause (docs/policy.md) passes; fails naming the failing clauses.")],
+    description="Clause-by-clause policy compliance report (clauses P1–B4, docs/policy.md): for each clause id the control that "
                 "enforces it, its latest evidence (live state + latest asset-check run) and its status. "
                 "Same content as `kms report --format md|html|json`.",
 )

@@ -27,7 +27,7 @@ class Base(DeclarativeBase):
 
 TS = DateTime(timezone=True)
 
-# Key version states (DESIGN §3).
+# Key version states (docs/architecture.md, "Keys, versions and states").
 PENDING, ACTIVE, ROTATED, REVOKED, DESTROYED = "pending", "active", "rotated", "revoked", "destroyed"
 STATES = (PENDING, ACTIVE, ROTATED, REVOKED, DESTROYED)
 

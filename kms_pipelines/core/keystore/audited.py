@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from .base import GeneratedKey, KeyStoreError
 
-# keystore method -> the audit operation name (DESIGN §4 vocabulary)
+# keystore method -> the audit operation name (the audit vocabulary of docs/architecture.md)
 AUDIT_NAMES = {
     "generate": "generate", "sign": "sign", "encrypt": "encrypt", "decrypt": "decrypt",
     "new_wrapped_dek": "wrap", "dek_encrypt": "encrypt", "dek_decrypt": "decrypt", "rewrap": "rewrap",
