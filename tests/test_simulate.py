@@ -87,8 +87,12 @@ def test_cli_simulate_prints_a_timeline():
     res = CliRunner().invoke(cli, ["simulate", "--days", "61", "--from", "2026-01-01", "--steps",
                                    "rotate_service,rotate_backup"])
     assert res.exit_code == 0, res.output
-    lines = res.output.splitlines()
+    lines = res.stdout.splitlines()
     assert lines[0].startswith("simulated 61 day(s) from 2026-01-01")
+    # progress and the one-line verdict go to stderr, so the timeline (and --json) stay clean
+    progress = res.stderr.splitlines()
+    assert progress[-2].startswith("simulate: day 61 of 61")
+    assert progress[-1].startswith("simulated 61 day(s) in ") and "rotated" in progress[-1]
     day60 = next(line for line in lines if line.startswith("day   60"))
     assert "rotated service:api-gateway v1" in day60 and "2026-03-02" in day60
     res = CliRunner().invoke(cli, ["simulate", "--days", "3", "--steps", "nope"])

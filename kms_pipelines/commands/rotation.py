@@ -39,13 +39,30 @@ def register(cli) -> None:
             unknown = [s for s in wanted if s not in known]
             if unknown:
                 raise click.BadParameter(f"unknown step(s) {unknown}; known: {sorted(known)}", param_hint="--steps")
-        result = simulate.simulate(days, start_day, home=home, steps=wanted, actors=not no_actors)
+        import time
+        from collections import Counter
+
+        started = last = time.monotonic()
+
+        def progress(day, _ctx, _night):
+            # A year takes minutes: say where it is at least every 10 s (stderr, so --json stays clean).
+            nonlocal last
+            now = time.monotonic()
+            if now - last >= 10 or day == days:
+                click.echo(f"simulate: day {day} of {days} ({now - started:.0f} s)", err=True)
+                last = now
+
+        result = simulate.simulate(days, start_day, home=home, steps=wanted, actors=not no_actors, on_day=progress)
         if as_json:
             emit_json(result.to_dict())
         else:
             click.echo(simulate.format_timeline(result))
             if home:
                 click.echo(f"state kept in {result.home}")
+        kinds = Counter(e.kind for e in result.events)
+        click.echo(f"simulated {days} day(s) in {time.monotonic() - started:.0f} s: "
+                   + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) if kinds else
+                   f"simulated {days} day(s) in {time.monotonic() - started:.0f} s: nothing happened", err=True)
 
     # ------------------------------------------------------------------ partners
     @cli.group()
