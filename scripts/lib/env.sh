@@ -48,6 +48,13 @@ pip_with_progress() {
 }
 
 ensure_venv() {
+  # KMS_SKIP_INSTALL=1: the caller manages the environment (the browser test runs the demo
+  # from an already-installed venv, possibly one made for another checkout).
+  if [ -n "${KMS_SKIP_INSTALL:-}" ]; then
+    [ -x "$VENV/bin/python" ] || die "KMS_SKIP_INSTALL is set but $VENV/bin/python does not exist"
+    export PATH="$VENV/bin:$PATH"
+    return
+  fi
   if [ ! -x "$VENV/bin/python" ]; then
     log "creating virtual environment $VENV"
     "$PYTHON" -m venv "$VENV" || die "python3 -m venv failed (apt-get install python3-venv?)"
