@@ -62,6 +62,9 @@ def test_manual_rotation_job_enforces_the_same_approvals(dagster_kms):
     assert not result.success
     failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
     assert "needs 2 approvals" in failure.step_failure_data.error.to_string()
+    # a dg.Failure: one line in the run view (and the failure email), not a traceback
+    assert failure.step_failure_data.user_failure_data.description.startswith("rotate of root under ticket")
+    assert "\n" not in failure.step_failure_data.user_failure_data.description
     assert _snapshot(ctx) == before
     access.approve(ctx, "bob", ticket="CHG-42", operation="rotate", totp=devices["bob"].at(AT))
     result = manual_rotation.execute_in_process(run_config=_config(), resources={"kms": res}, instance=instance,
@@ -86,6 +89,21 @@ def test_manual_rotation_config_is_typed_for_the_launchpad():
         "manual_rotate_key"].config_type.fields["config"].config_type.fields
     assert set(fields) == {"key", "ticket", "requester"}
     assert all(f.is_required for f in fields.values())
+    assert "Approvals must exist first" in manual_rotation.description
+
+
+@pytest.mark.parametrize("blank", ["key", "ticket", "requester"])
+def test_manual_rotation_refuses_an_empty_field_and_changes_nothing(dagster_kms, blank):
+    res, instance = dagster_kms
+    ctx = res.context()
+    before = _snapshot(ctx)
+    config = {"key": "root", "ticket": "CHG-42", "requester": "alice", blank: ""}
+    result = manual_rotation.execute_in_process(run_config={"ops": {"manual_rotate_key": {"config": config}}},
+                                                resources={"kms": res}, instance=instance, raise_on_error=False)
+    assert not result.success
+    failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
+    assert blank in failure.step_failure_data.error.to_string()
+    assert _snapshot(ctx) == before
 
 
 def test_audit_anomalies_asset_and_checks(dagster_kms):

@@ -115,8 +115,8 @@ def _assert_red(kms, broken: str, untouched: str) -> None:
     assert broken in doc["failing"] and doc["overall"] == "fail"
 
     meta, rows, check = _dagster_report(kms)
-    assert rows[broken]["status"] == "fail" and rows[broken]["red"] is True
-    assert rows[untouched]["status"] == "pass"
+    assert rows[broken]["status"] == "🔴 FAIL" and rows[untouched]["status"] == "🟢 PASS"
+    assert "red" not in rows[broken]  # colour, not a true/false column
     assert not check.passed and broken in check.metadata["failing"].value
     assert meta["failing_clauses"].value >= 1 and meta["overall"].value == "fail"
     assert f"| **{broken}** | 🔴 FAIL |" in meta["report"].value
@@ -142,11 +142,12 @@ def test_fully_exercised_state_passes_every_clause(exercised):
     instance = dg.DagsterInstance.ephemeral()
     first = _materialize(kms, foundation.kms_state, foundation.ledger_chain_intact, instance=instance)
     meta, rows, check = _dagster_report(kms, instance=instance)
-    assert all(r["status"] == "pass" for r in rows.values()), {k: r["evidence"] for k, r in rows.items()
-                                                              if r["status"] != "pass"}
+    assert all(r["status"] == "🟢 PASS" for r in rows.values()), {k: r["evidence"] for k, r in rows.items()
+                                                                 if r["status"] != "🟢 PASS"}
     assert check.passed and meta["overall"].value == "pass" and meta["failing_clauses"].value == 0
     assert rows["T3"]["latest_check"] == "kms_state/ledger_chain_intact"
-    assert rows["T3"]["check_passed"] == "passed" and rows["T3"]["check_run"] == f"/runs/{first.run_id}"
+    assert rows["T3"]["check_passed"] == "✅ passed" and rows["T3"]["check_run"] == f"/runs/{first.run_id}"
+    assert meta["latest_check_run"].value == f"/runs/{first.run_id}"  # a link in the UI
     assert f"(/runs/{first.run_id})" in meta["report"].value
     # item 2: pictures and tables alongside the report
     assert "root v1" in meta["key_age_vs_cadence"].value and "│" in meta["key_age_vs_cadence"].value

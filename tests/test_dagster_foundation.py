@@ -51,7 +51,7 @@ def test_a_broken_ledger_blocks_everything_downstream(code_location, pg_database
     assert not result.success
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert not checks["ledger_chain_intact"].passed
-    assert checks["ledger_chain_intact"].metadata["first_bad_seq"].value == 2
+    assert checks["ledger_chain_intact"].metadata["first_bad_seq"].value == "2"  # text: a seq is not a plot
     assert result.asset_materializations_for_node("key_inventory") == []
 
 
@@ -65,3 +65,18 @@ def test_keys_out_of_cadence_fail_their_check(code_location, tmp_path):
     check = {e.check_name: e for e in result.get_asset_check_evaluations()}["keys_within_cadence"]
     assert not check.passed
     assert any(item["key"] == "root" for item in check.metadata["overdue"].value)
+
+
+def test_every_job_schedule_sensor_and_resource_explains_itself_in_plain_text():
+    """What the UI shows in its lists: a description for each, and no raw reST markup."""
+    from kms_pipelines.definitions import defs
+
+    d = defs()
+    repo = d.get_repository_def()
+    missing = [j.name for j in repo.get_all_jobs() if not j.name.startswith("__") and not j.description]
+    missing += [s.name for s in repo.schedule_defs if not s.description]
+    missing += [s.name for s in repo.sensor_defs if not s.description]
+    assert missing == []
+    for name, resource in (d.resources or {}).items():
+        description = type(resource).__doc__ or ""
+        assert description.strip() and "``" not in description and "\n" not in description.strip(), name

@@ -58,6 +58,8 @@ def test_refused_content_and_missing_notifier_are_visible(kms):
 def test_run_failure_sensor_notifies(kms_pg, smtp_server, slack_receiver, monkeypatch):
     from kms_pipelines.defs.notifications import run_failure_notify
 
+    monkeypatch.delenv("KMS_DAGSTER_UI_URL", raising=False)
+
     @dg.op
     def boom():
         raise RuntimeError("rotation step failed")
@@ -67,7 +69,8 @@ def test_run_failure_sensor_notifies(kms_pg, smtp_server, slack_receiver, monkey
         boom()
 
     instance = dg.DagsterInstance.ephemeral()
-    result = failing_job.execute_in_process(instance=instance, raise_on_error=False)
+    result = failing_job.execute_in_process(instance=instance, raise_on_error=False,
+                                            tags={".dagster/grpc_info": '{"host": "localhost", "port": 4000}'})
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "PIPELINE_FAILURE")
     _wire(kms_pg, smtp_server.port, slack_receiver.url)
@@ -81,6 +84,11 @@ def test_run_failure_sensor_notifies(kms_pg, smtp_server, slack_receiver, monkey
     run_failure_notify._run_status_sensor_fn(ctx.for_run_failure(), kms=FakeKms())
     mails = [m for m in smtp_server.messages if m.message["X-KMS-Kind"] == "run_failure"]
     assert len(mails) == 1 and "failing_job" in mails[0].message["Subject"]
+    # why it failed (the step's own error, not "Steps failed"), where to look, no internal tags
+    assert "boom: RuntimeError: rotation step failed" in mails[0].message["Subject"]
+    body = mails[0].message.get_content()
+    assert f"http://127.0.0.1:3000/runs/{result.run_id}" in body and "- boom: RuntimeError: rotation step failed" in body
+    assert ".dagster" not in body and "grpc_info" not in body
     assert any("failing_job" in p["text"] for p in slack_receiver.payloads)
     assert notifications.delivery_status(kms_pg).ok
 

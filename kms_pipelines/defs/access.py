@@ -6,7 +6,8 @@ import dagster as dg
 from pydantic import Field
 
 from ..core import access, audit
-from .metadata import markdown_table
+from .failures import one_line_failures
+from .metadata import markdown_table, seq_text
 from .resources import KmsResource
 
 NIGHTLY = {"kms_nightly": ""}
@@ -46,7 +47,7 @@ def audit_chain_intact(kms: KmsResource) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=result.ok, severity=dg.AssetCheckSeverity.ERROR,
         metadata={"events": result.count, "head_hash": result.head_hash,
-                  "first_bad_seq": result.first_bad_seq or 0, "problem": result.problem or "none"})
+                  "first_bad_seq": seq_text(result.first_bad_seq), "problem": result.problem or "none"})
 
 
 @dg.asset_check(asset=audit_anomalies,
@@ -61,14 +62,19 @@ def no_unreviewed_high_anomalies(kms: KmsResource) -> dg.AssetCheckResult:
 
 
 class ManualRotationConfig(dg.Config):
-    key: str = Field(description="Key to rotate, e.g. service:api-gateway")
-    ticket: str = Field(description="Change ticket the approvals are bound to")
-    requester: str = Field(description="Requesting principal (may not approve it)")
+    """Approvals must exist first: two other principals run `kms approve --ticket T --operation
+    rotate --target KEY --as NAME --totp CODE`; only then launch with the same key and ticket."""
+
+    key: str = Field(min_length=1, description="Key to rotate, e.g. service:api-gateway (required)")
+    ticket: str = Field(min_length=1, description="Change ticket the two approvals were recorded under (required)")
+    requester: str = Field(min_length=1, description="Enrolled principal requesting it; may not be an approver "
+                                                     "(required)")
 
 
 @dg.op(description="Rotate a key as a manual operation: runs only with complete dual-control approvals (A4).")
 def manual_rotate_key(context: dg.OpExecutionContext, config: ManualRotationConfig, kms: KmsResource) -> dict:
-    o = access.manual_rotate(kms.context(), config.key, ticket=config.ticket, requested_by=config.requester)
+    with one_line_failures():
+        o = access.manual_rotate(kms.context(), config.key, ticket=config.ticket, requested_by=config.requester)
     r = o.result
     context.add_output_metadata({
         "key": r.key, "old_version": r.old_version or 0, "new_version": r.new_version or 0,
@@ -77,7 +83,8 @@ def manual_rotate_key(context: dg.OpExecutionContext, config: ManualRotationConf
     return {"key": r.key, "new_version": r.new_version, "approvers": o.approvers}
 
 
-@dg.job(description="Manual rotation under dual control: approvals via `kms approve`, then launch with "
-                    "key, ticket and requester.")
+@dg.job(description="Manual rotation under dual control (A4). Approvals must exist first: two other "
+                    "principals approve with `kms approve --ticket T --operation rotate --target KEY` and their "
+                    "TOTP codes; then launch here with the same key and ticket and the requester.")
 def manual_rotation():
     manual_rotate_key()

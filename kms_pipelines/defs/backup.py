@@ -153,7 +153,8 @@ restore_drill = dg.define_asset_job("restore_drill", selection=[restore_drill_re
 
 
 @dg.schedule(job=restore_drill, cron_schedule=_POLICY.drills.cron, execution_timezone="UTC",
-             default_status=dg.DefaultScheduleStatus.RUNNING)
+             default_status=dg.DefaultScheduleStatus.RUNNING,
+             description="Monthly (policy drills.cron, UTC): the restore drill for the current month's partition (B2).")
 def restore_drill_schedule(context: dg.ScheduleEvaluationContext):
     partition = context.scheduled_execution_time.strftime("%Y-%m-01")
     return dg.RunRequest(run_key=f"restore_drill_{partition}", partition_key=partition)
@@ -166,4 +167,6 @@ backup_nightly = dg.define_asset_job("backup_nightly", selection=[nightly_backup
 backup_nightly_schedule = dg.build_schedule_from_partitioned_job(
     backup_nightly, hour_of_day=int(_POLICY.backup.nightly_cron.split()[1]),
     minute_of_hour=int(_POLICY.backup.nightly_cron.split()[0]),
-    default_status=dg.DefaultScheduleStatus.RUNNING, name="backup_nightly_schedule")
+    default_status=dg.DefaultScheduleStatus.RUNNING, name="backup_nightly_schedule",
+    description="Every night (policy backup.nightly_cron, UTC): back up the previous day's partition, then apply "
+                "GFS retention (B1, B3).")

@@ -7,6 +7,7 @@ from typing import Optional
 import dagster as dg
 
 from ..core.policy import load_policy
+from .failures import one_line_failures
 from .resources import KmsResource
 
 EVENT_TAG = "kms/security-event"
@@ -41,24 +42,25 @@ def respond_to_security_event(context: dg.OpExecutionContext, config: Compromise
     tags = context.run.tags
     from_sensor = bool(config.event_id) and tags.get(EVENT_TAG) == config.event_id \
         and tags.get(TRIGGER_TAG) == "sensor"
-    approvers: list = []
-    event_id = config.event_id
-    if not from_sensor:
-        actor_ctx = ctx.as_actor(config.requested_by or "dagster-ui")
-        if event_id:
-            approvers = compromise.authorize_existing(actor_ctx, event_id, ticket=config.ticket or "",
-                                                      requested_by=config.requested_by or "")
-        else:
-            if not config.key or not config.type:
-                raise dg.Failure("config needs event_id, or key + type (+ ticket, requested_by)")
-            info, approvers = compromise.report_manual(actor_ctx, key=config.key, type=config.type,
-                                                       ticket=config.ticket or "",
-                                                       requested_by=config.requested_by or "",
-                                                       source=config.source, detail=config.detail)
-            event_id = info.id
-    result = compromise.respond(ctx.as_actor("dagster:compromise_response" if from_sensor
-                                             else (config.requested_by or "dagster-ui")),
-                                event_id, approvers=approvers, ticket=config.ticket, run_id=context.run_id)
+    with one_line_failures():
+        approvers: list = []
+        event_id = config.event_id
+        if not from_sensor:
+            actor_ctx = ctx.as_actor(config.requested_by or "dagster-ui")
+            if event_id:
+                approvers = compromise.authorize_existing(actor_ctx, event_id, ticket=config.ticket or "",
+                                                          requested_by=config.requested_by or "")
+            else:
+                if not config.key or not config.type:
+                    raise dg.Failure("config needs event_id, or key + type (+ ticket, requested_by)")
+                info, approvers = compromise.report_manual(actor_ctx, key=config.key, type=config.type,
+                                                           ticket=config.ticket or "",
+                                                           requested_by=config.requested_by or "",
+                                                           source=config.source, detail=config.detail)
+                event_id = info.id
+        result = compromise.respond(ctx.as_actor("dagster:compromise_response" if from_sensor
+                                                 else (config.requested_by or "dagster-ui")),
+                                    event_id, approvers=approvers, ticket=config.ticket, run_id=context.run_id)
     for step in result.steps:
         context.log.info(step)
     return dg.Output(result.event_id, metadata={

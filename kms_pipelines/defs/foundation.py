@@ -4,7 +4,7 @@
 import dagster as dg
 
 from ..core import db, ledger, lifecycle
-from .metadata import inventory_table, markdown_table
+from .metadata import inventory_table, markdown_table, seq_text
 from .resources import KmsResource
 
 NIGHTLY = {"kms_nightly": ""}
@@ -35,7 +35,7 @@ def ledger_chain_intact(kms: KmsResource) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=result.ok, severity=dg.AssetCheckSeverity.ERROR,
         metadata={"entries": result.count, "head_hash": result.head_hash,
-                  "first_bad_seq": result.first_bad_seq or 0, "problem": result.problem or "none"})
+                  "first_bad_seq": seq_text(result.first_bad_seq), "problem": result.problem or "none"})
 
 
 @dg.asset(group_name="keys", tags=NIGHTLY, deps=[kms_state], kinds={"sql"},

@@ -19,4 +19,6 @@ kms_nightly = dg.define_asset_job(
 kms_nightly_schedule = dg.ScheduleDefinition(
     name="kms_nightly_schedule", job=kms_nightly, cron_schedule=load_policy().backup.nightly_cron,
     execution_timezone="UTC", default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Every night (policy backup.nightly_cron, UTC): reconcile keys to the policy and write the "
+                "compliance report.",
 )

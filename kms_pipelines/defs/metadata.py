@@ -7,6 +7,12 @@ from typing import Iterable, Sequence
 import dagster as dg
 
 
+def seq_text(seq: int | None) -> dg.TextMetadataValue:
+    """A chain position as text: a number would be plotted over time by the UI, which means
+    nothing for "where the chain broke"."""
+    return dg.MetadataValue.text(str(seq) if seq else "none")
+
+
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:

@@ -41,15 +41,45 @@ def notifications_delivered(kms: KmsResource) -> dg.AssetCheckResult:
         "undelivered": dg.MetadataValue.json(st.unresolved)})
 
 
+def ui_base_url() -> str:
+    """Where people open the Dagster UI, for links in notifications (KMS_DAGSTER_UI_URL)."""
+    import os
+
+    return (os.environ.get("KMS_DAGSTER_UI_URL") or "http://127.0.0.1:3000").rstrip("/")
+
+
+def _why(event) -> str:
+    """One line saying why a step failed: a dg.Failure's description, else the error's message."""
+    data = event.event_specific_data
+    user = getattr(data, "user_failure_data", None)
+    if user is not None and user.description:
+        return user.description.strip().splitlines()[0]
+    error = getattr(data, "error", None)
+    while error is not None and error.cause is not None and "dagster" in (error.cls_name or "").lower():
+        error = error.cause  # past Dagster's wrappers to the error the step raised
+    if error is None:
+        return event.message or "failed"
+    lines = [ln for ln in error.message.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else error.cls_name or "failed"
+
+
+def _public_tags(tags) -> list[str]:
+    # Dagster's own tags (dagster/…, .dagster/grpc_info with host and port) are not for the mail.
+    return [f"{k}={v}" for k, v in sorted(tags.items()) if not k.startswith(("dagster/", ".dagster"))]
+
+
 @dg.run_failure_sensor(name="run_failure_notify", default_status=dg.DefaultSensorStatus.RUNNING,
-                       description="A4: a failed run notifies security and compliance.")
+                       description="A4: a failed run notifies security and compliance, with why and a link to the run.")
 def run_failure_notify(context: dg.RunFailureSensorContext, kms: KmsResource):
     from ..core import notifications
 
     run = context.dagster_run
-    message = (context.failure_event.message or "")[:1500] if context.failure_event else ""
+    steps = [f"{e.step_key}: {_why(e)}"[:300] for e in context.get_step_failure_events()]
+    headline = steps[0] if steps else ((context.failure_event.message or "run failed") if context.failure_event
+                                       else "run failed")
+    tags = _public_tags(run.tags)
     notifications.notify_policy_event(
-        kms.context(), "run_failure", f"Dagster run of {run.job_name} failed",
-        f"job: {run.job_name}\nrun id: {run.run_id}\ntags: "
-        + ", ".join(f"{k}={v}" for k, v in sorted(run.tags.items()) if not k.startswith("dagster/"))
-        + f"\n\n{message}\n", ref=f"run:{run.run_id}")
+        kms.context(), "run_failure", f"Dagster run of {run.job_name} failed: {headline}"[:200],
+        f"job: {run.job_name}\nrun: {ui_base_url()}/runs/{run.run_id}\n"
+        + (f"tags: {', '.join(tags)}\n" if tags else "")
+        + "\n" + ("\n".join(f"- {s}" for s in steps) or headline) + "\n", ref=f"run:{run.run_id}")

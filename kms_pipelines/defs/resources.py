@@ -36,7 +36,7 @@ class DatabaseResource(dg.ConfigurableResource):
 
 
 class KeyStoreResource(dg.ConfigurableResource):
-    """Key material: ``software`` (files sealed under the master key) or ``pkcs11`` (HSM)."""
+    """Key material: software (files sealed under the master key) or pkcs11 (an HSM)."""
 
     kind: str = Field(default_factory=lambda: _env("KMS_KEYSTORE") or "software")
     pkcs11_lib: str | None = Field(default_factory=lambda: _env("KMS_PKCS11_LIB"))
@@ -53,7 +53,7 @@ class KeyStoreResource(dg.ConfigurableResource):
 
 
 class ObjectStoreResource(dg.ConfigurableResource):
-    """Evidence and archives: ``file:///path`` or ``s3://bucket/prefix`` (Object Lock)."""
+    """Evidence and archives: a local directory (file:///path) or S3 with Object Lock (s3://bucket/prefix)."""
 
     url: str | None = Field(default_factory=lambda: _env("KMS_OBJECT_STORE"))
     endpoint_url: str | None = Field(default_factory=lambda: _env("KMS_S3_ENDPOINT_URL"))
@@ -71,7 +71,7 @@ class ClockResource(dg.ConfigurableResource):
 
 
 class KmsResource(dg.ConfigurableResource):
-    """Everything core needs, as one ``KmsContext`` (built once per process and config)."""
+    """Everything the KMS code needs (database, keystore, objects, notifier, clock, policy), built once per process."""
 
     home: str = Field(default_factory=lambda: str(kms_home()))
     policy_path: str | None = Field(default_factory=lambda: _env("KMS_POLICY"))

@@ -9,7 +9,7 @@ import dagster as dg
 from ..core import checkpoints, rpt
 from .failures import one_line_failures, run_retry_policy
 from .foundation import NIGHTLY, kms_state
-from .metadata import markdown_table
+from .metadata import markdown_table, seq_text
 from .resources import KmsResource
 
 
@@ -35,7 +35,7 @@ def rpt_chain_verifies(kms: KmsResource) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=result.ok, severity=dg.AssetCheckSeverity.ERROR,
         metadata={"verified": result.count, "head_seq": result.head_seq, "head_hash": result.head_hash,
-                  "first_bad_seq": result.first_bad_seq or 0, "problem": result.problem or "none"})
+                  "first_bad_seq": seq_text(result.first_bad_seq), "problem": result.problem or "none"})
 
 
 @dg.asset(group_name="evidence", tags=NIGHTLY, deps=[kms_state, rpt_chain], kinds={"s3"},
@@ -65,5 +65,5 @@ def ledger_matches_checkpoints(kms: KmsResource) -> dg.AssetCheckResult:
         passed=result.ok, severity=dg.AssetCheckSeverity.ERROR,
         metadata={"checkpoints": result.checkpoints, "ledger_size": result.ledger_size,
                   "rpt_size": result.rpt_size, "latest": result.latest_checkpoint or "none",
-                  "area": result.area or "none", "first_bad_seq": result.first_bad_seq or 0,
+                  "area": result.area or "none", "first_bad_seq": seq_text(result.first_bad_seq),
                   "problem": result.problem or "none"})

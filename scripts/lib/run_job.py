@@ -82,6 +82,12 @@ def wait(instance, job: str, run_id: str, started: float) -> tuple[bool, dict]:
                 counts["checks_passed" if event.dagster_event.event_specific_data.passed else "checks_failed"] += 1
             elif kind == "STEP_FAILURE" and not counts["failure"]:
                 counts["failure"] = (line or "").strip()
+            elif kind in ("RUN_FAILURE", "PIPELINE_FAILURE", "ENGINE_EVENT") and not counts["failure"]:
+                # A run that fails outside any step (the worker could not start, a storage error).
+                error = getattr(event.dagster_event.event_specific_data, "error", None)
+                if error is not None or kind != "ENGINE_EVENT":
+                    why = (error.message.strip().splitlines() or [""])[-1] if error else (event.message or "")
+                    counts["failure"] = f"{kind.lower()}: {why[:300]}"
             if line:
                 print(line, flush=True)
                 last_line = time.monotonic()
