@@ -117,3 +117,18 @@ def test_ledger_verify_names_the_first_bad_seq(run, db_env):
     assert report["ok"] is False and report["first_bad_seq"] == 3
     plain = CliRunner().invoke(cli, ["ledger", "verify"], env=db_env)
     assert plain.exit_code == 1 and "seq 3" in plain.output
+
+
+def test_keys_list_prints_the_full_fingerprint_that_evidence_verify_trusts(run, tmp_path):
+    from kms_pipelines.core import evidence
+    from kms_pipelines.core.context import context_from_env
+
+    assert run("init").exit_code == 0
+    listed = run("keys", "list")
+    root_line = next(line for line in listed.output.splitlines() if line.startswith("root "))
+    printed = root_line.split()[-1]
+    as_json = next(r for r in json.loads(run("keys", "list", "--json").output) if r["key"] == "root")
+    assert printed == as_json["fingerprint"] and len(printed) == len("SHA256:") + 64
+    bundle = tmp_path / "evidence.kmsev"
+    evidence.export(context_from_env(), bundle)
+    assert evidence.verify_bundle(bundle, trusted_fingerprints=[printed]).ok  # pasted as printed
