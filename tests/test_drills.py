@@ -66,7 +66,7 @@ def test_failed_drill_records_findings_and_owned_followups(make_kms):
     path.write_bytes(path.read_bytes()[:-10])  # truncated archive
     report = drills.run_drill(kms)
     assert report.outcome == "failed"
-    assert report.participants == kms.policy.drills.on_call
+    assert report.participants == [f"{r} (rotation)" for r in kms.policy.drills.on_call]  # nobody enrolled
     assert report.findings and "restore refused" in report.findings[0]
     assert report.followups[0]["owner"] == kms.policy.drills.followup_owner
     assert "**Outcome:** FAILED" in report.markdown
@@ -125,3 +125,14 @@ def test_a_drill_for_an_earlier_month_is_titled_by_that_month_and_the_day_it_ran
         "# Restore drill for 2026-10 (performed 2026-11-29)\n")
     assert drills.render_markdown(date="2026-11-02", period="2026-11", **common).startswith("# Restore drill 2026-11-02\n")
     assert drills.render_markdown(date="2026-11-02", **common).startswith("# Restore drill 2026-11-02\n")
+
+
+def test_default_participants_are_enrolled_people_not_role_names(kms):
+    from kms_pipelines.core import access, drills
+
+    before = drills.default_participants(kms)
+    assert before == [f"{r} (rotation)" for r in kms.policy.drills.on_call]  # nobody enrolled yet, and it says so
+    access.enroll_principal(kms, "dana", ["sre_oncall"])
+    access.enroll_principal(kms, "lee", ["security_engineering"])
+    access.enroll_principal(kms, "cora", ["compliance_officer"])  # not a drill role
+    assert drills.default_participants(kms) == ["dana", "lee"]

@@ -82,6 +82,20 @@ def render_markdown(*, date: str, participants: list[str], outcome: str, archive
     return "\n".join(lines) + "\n"
 
 
+DRILL_ROLES = ("sre_oncall", "security_engineering")
+
+
+def default_participants(ctx: KmsContext) -> list[str]:
+    """The people who would run a drill: enrolled, enabled humans holding an on-call or
+    security role. Before anyone is enrolled, the policy's on-call list (rotations, not
+    names) stands in, marked as such so the report does not pass it off as attendance."""
+    from .access import list_principals
+
+    people = [p["name"] for p in list_principals(ctx)
+              if p["kind"] == "human" and not p["disabled"] and set(p["roles"]) & set(DRILL_ROLES)]
+    return people or [f"{r} (rotation)" for r in ctx.policy.drills.on_call]
+
+
 def run_drill(ctx: KmsContext, *, target_url: str | None = None, participants: list[str] | None = None,
               staging_url: str | None = None, extra_followups: list[dict] | None = None,
               archive: str | None = None, forensic_requester: str = "workload:dagster",
@@ -95,7 +109,7 @@ def run_drill(ctx: KmsContext, *, target_url: str | None = None, participants: l
 
     started = ctx.now()
     date = started.strftime("%Y-%m-%d")
-    participants = list(participants or ctx.policy.drills.on_call)
+    participants = list(participants or default_participants(ctx))
     checks: list[dict] = []
     findings: list[str] = []
     archive_id, restore_seconds, total_seconds, target_label = None, None, None, "(not created)"
