@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from datetime import datetime
 
 import click
@@ -42,6 +43,29 @@ def finish_verification(ctx: click.Context, result, as_json: bool, ok_line, fail
         click.echo(failure_line(), err=True)
     if not result.ok:
         ctx.exit(EXIT_FAILED)
+
+
+@contextmanager
+def heartbeat(label: str, every: float = 10.0):
+    """For commands that can run for minutes (backup, restore, drill): a line on stderr every
+    ``every`` seconds while the work runs, so a user can tell it is alive. Quick commands
+    (and quick refusals) print nothing extra."""
+    import threading
+    import time
+
+    stop, started = threading.Event(), time.monotonic()
+
+    def tick():
+        while not stop.wait(every):
+            click.echo(f"{label}: still running ({time.monotonic() - started:.0f} s)", err=True)
+
+    thread = threading.Thread(target=tick, name=f"heartbeat-{label}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 class KmsGroup(click.Group):

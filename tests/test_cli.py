@@ -132,3 +132,23 @@ def test_keys_list_prints_the_full_fingerprint_that_evidence_verify_trusts(run, 
     bundle = tmp_path / "evidence.kmsev"
     evidence.export(context_from_env(), bundle)
     assert evidence.verify_bundle(bundle, trusted_fingerprints=[printed]).ok  # pasted as printed
+
+
+def test_long_commands_say_they_are_alive_on_stderr_and_quick_ones_stay_quiet():
+    import time
+
+    import click
+
+    from kms_pipelines.cli import heartbeat
+
+    @click.command()
+    @click.argument("seconds", type=float)
+    def work(seconds):
+        with heartbeat("backup", every=0.2):
+            time.sleep(seconds)
+        click.echo("done")
+
+    slow = CliRunner().invoke(work, ["0.7"])
+    assert slow.stdout == "done\n" and slow.stderr.count("backup: still running (") >= 2
+    quick = CliRunner().invoke(work, ["0"])
+    assert quick.stdout == "done\n" and quick.stderr == ""

@@ -19,7 +19,7 @@ def _fail(ctx, message: str):
 
 def register(cli) -> None:
     """Attach this area's commands to the top-level `kms` group."""
-    from ..cli import emit_json
+    from ..cli import emit_json, heartbeat
 
     @cli.group()
     def backup():
@@ -37,10 +37,11 @@ def register(cli) -> None:
         from ..core import backup as b
 
         kms = _ctx(ctx)
-        info = b.create(kms, gfs_class=gfs_class)
-        out = info.as_dict()
-        if verify:
-            out["verified"] = b.verify_archive(kms, info.archive_id)["manifest_verifies"]
+        with heartbeat("backup"):
+            info = b.create(kms, gfs_class=gfs_class)
+            out = info.as_dict()
+            if verify:
+                out["verified"] = b.verify_archive(kms, info.archive_id)["manifest_verifies"]
         if as_json:
             emit_json(out)
         else:
@@ -140,7 +141,9 @@ def register(cli) -> None:
         """Verify ARCHIVE (archive file path, id or object key), restore it into --target and check it."""
         from ..core import restore as r
 
-        report = r.restore(_ctx(ctx), archive, target_url, target_home=target_home, trust=trust)
+        kms = _ctx(ctx)
+        with heartbeat("restore"):
+            report = r.restore(kms, archive, target_url, target_home=target_home, trust=trust)
         if as_json:
             emit_json(report.as_dict())
         else:
@@ -170,13 +173,15 @@ def register(cli) -> None:
             if not sep or not title.strip():
                 raise click.BadParameter("use OWNER:TITLE", param_hint="--followup")
             extra.append({"owner": owner.strip(), "title": title.strip()})
-        report = drills.run_drill(_ctx(ctx), participants=list(participants) or None, staging_url=staging_url,
-                                  extra_followups=extra)
+        kms = _ctx(ctx)
+        with heartbeat("drill"):
+            report = drills.run_drill(kms, participants=list(participants) or None, staging_url=staging_url,
+                                      extra_followups=extra)
         if as_json:
             emit_json(report.as_dict())
         else:
             click.echo(report.markdown)
-            click.echo(f"report written to {report.report_path}")
+            click.echo(f"drill {report.outcome.upper()}: {len(report.followups)} follow-up(s); report written to {report.report_path}")
         if report.outcome != "passed":
             ctx.exit(1)
 
