@@ -120,7 +120,8 @@ def test_dagster_ui_after_the_demo_shows_its_runs_and_a_report_without_fail(tmp_
 
             # 2. Asset catalog: the real code location's assets, materialized by the demo.
             page.goto(f"{server.url}/assets", wait_until="domcontentloaded")
-            for name in ("key_inventory", "kms_state", "break_glass_escrow", "security_events", "nightly_backup"):
+            for name in ("key_inventory", "kms_state", "break_glass_escrow"):  # the list is virtualised: the rest
+                # are below the fold; _assert_instance_state checked every asset
                 _wait_text(page, re.compile(rf"^{name}$"))
             _wait_text(page, re.compile(r"^Materialized$"))
             assert page.get_by_text(re.compile(r"^Materialized$")).count() >= 5, _body_text(page)[:1500]

@@ -900,7 +900,8 @@ def _check_md(checks: list[dict], run_url: Callable[[str], str] | None) -> str:
         run = ch.get("run_id") or ""
         link = f"[{run[:8]}]({run_url(run) if run_url else '/runs/' + run})" if run else "-"
         parts.append(f"{ch['check']}: {'✅' if ch['passed'] else '❌'} {link} {ch.get('at', '')}".strip())
-    return "<br>".join(_md_cell(p) for p in parts) or "-"
+    # Dagster's Markdown viewer drops raw HTML such as <br>, which ran the checks together.
+    return " · ".join(_md_cell(p) for p in parts) or "-"
 
 
 def render_markdown(report: Report, *, run_url: Callable[[str], str] | None = None) -> str:
