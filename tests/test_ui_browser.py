@@ -130,11 +130,13 @@ def test_dagster_ui_after_the_demo_shows_its_runs_and_a_report_without_fail(tmp_
             # 3. The drill report's asset page: the demo's drill, rendered from its Markdown.
             page.goto(f"{server.url}/assets/restore_drill_report", wait_until="domcontentloaded")
             _wait_text(page, "Latest materialization")
-            title = _wait_heading(page, re.compile(r"^Restore drill \d{4}-\d{2}-\d{2}$"))
+            _wait_text(page, "[Show Markdown]").click()
+            dialog = page.get_by_role("dialog")
+            title = _wait_heading(dialog, re.compile(r"^Restore drill \d{4}-\d{2}-\d{2}$"))
             for heading in ("Checks", "Findings", "Follow-ups"):
-                _wait_heading(page, heading)
+                _wait_heading(dialog, heading)
             for text in ("Participants:", "PASSED", "None: every check passed."):
-                _wait_text(page, text)
+                _wait_text(dialog, text)
             title.evaluate("e => e.scrollIntoView({block: 'start'})")
             _shot(page, "restore-drill-report")
 
