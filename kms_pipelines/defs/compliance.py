@@ -60,14 +60,15 @@ def check_evidence(instance, clause: compliance.Clause) -> list[dict]:
 
 
 def _report_table(report: compliance.Report) -> dg.TableMetadataValue:
-    """One row per clause, narrow enough for a 1600 px screen: status as a coloured mark
-    (the Markdown report beside it has the control and the full evidence with run links)."""
+    """One row per clause, narrow enough for the metadata panel at 1600 px: status as a coloured
+    mark and the latest check with its run. The control and the full evidence of each clause
+    are in the Markdown report beside it (and `kms report`)."""
     schema = dg.TableSchema(columns=[
         dg.TableColumn("clause", "string", description="policy clause id (docs/policy.md)"),
         dg.TableColumn("status", "string", description="🟢 PASS, 🟠 WARN, ⚪ UNKNOWN or 🔴 FAIL"),
-        dg.TableColumn("policy", "string"), dg.TableColumn("evidence", "string"),
+        dg.TableColumn("policy", "string"),
         dg.TableColumn("latest_check", "string"), dg.TableColumn("check_passed", "string"),
-        dg.TableColumn("check_run", "string", description="the run that evaluated latest_check: /runs/<id>"),
+        dg.TableColumn("check_run", "string", description="id of the run that evaluated latest_check"),
         dg.TableColumn("checked_at", "string")])
     records = []
     for r in report.rows:
@@ -75,9 +76,9 @@ def _report_table(report: compliance.Report) -> dg.TableMetadataValue:
         latest = max(ran, key=lambda c: c["at"]) if ran else None
         records.append(dg.TableRecord({
             "clause": r.clause, "status": compliance.BADGE[r.status], "policy": r.text,
-            "evidence": r.evidence, "latest_check": latest["check"] if latest else "",
+            "latest_check": latest["check"] if latest else "",
             "check_passed": ("" if latest is None else "✅ passed" if latest["passed"] else "❌ FAILED"),
-            "check_run": latest["run_url"] if latest else "", "checked_at": latest["at"] if latest else ""}))
+            "check_run": latest["run_id"][:8] if latest else "", "checked_at": latest["at"] if latest else ""}))
     return dg.MetadataValue.table(records=records, schema=schema)
 
 
