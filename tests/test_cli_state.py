@@ -59,6 +59,16 @@ def test_kms_home_pointing_at_an_empty_database_is_refused_without_migrating(tmp
     assert sorted(p.name for p in home.iterdir()) == ["kms.db"] and (home / "kms.db").stat().st_size == 0
 
 
+def test_a_file_that_is_not_a_database_is_named_in_one_line(tmp_path, bare_env):
+    home = tmp_path / "state"
+    home.mkdir()
+    (home / "kms.db").write_bytes(b"not a database at all, just text" * 10)
+    bare_env["KMS_HOME"] = str(home)
+    out = _kms(["ledger", "verify"], tmp_path, bare_env)
+    assert out.returncode == 1 and "is not a KMS database" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
 def test_missing_master_key_is_named_not_regenerated(tmp_path, bare_env):
     bare_env["KMS_HOME"] = str(tmp_path / "state")
     assert _kms(["init"], tmp_path, bare_env).returncode == 0

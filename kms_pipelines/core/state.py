@@ -37,10 +37,13 @@ def require_initialized(env: dict | None = None) -> None:
         path = Path(parsed.database)
         if not path.is_file():
             raise StateMissing(f"no KMS state in {home} (no database {path}): {FIX}")
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
-            initialised = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'alembic_version'").fetchone()
-            if initialised:
-                initialised = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+                initialised = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'alembic_version'").fetchone()
+                if initialised:
+                    initialised = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise StateMissing(f"{path} is not a KMS database ({exc}): {FIX}") from None
     else:
         engine = db.make_engine(url)
         try:
