@@ -82,3 +82,20 @@ def test_after_init_the_same_read_works(tmp_path, bare_env):
     assert _kms(["init"], tmp_path, bare_env).returncode == 0
     out = _kms(["keys", "list"], tmp_path, bare_env)
     assert out.returncode == 0 and "root" in out.stdout
+
+
+def test_an_uninitialised_postgresql_database_is_named_and_left_empty(tmp_path, bare_env, pg_database):
+    from sqlalchemy import create_engine, inspect
+
+    url = pg_database()
+    bare_env["KMS_DATABASE_URL"] = url
+    bare_env["KMS_HOME"] = str(tmp_path / "state")
+    out = _kms(["keys", "list"], tmp_path, bare_env)
+    assert out.returncode == 1 and "is not initialised" in out.stderr and "kms init" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        assert inspect(engine).get_table_names() == []
+    finally:
+        engine.dispose()
+    assert not (tmp_path / "state").exists()

@@ -45,10 +45,15 @@ def require_initialized(env: dict | None = None) -> None:
         except sqlite3.DatabaseError as exc:
             raise StateMissing(f"{path} is not a KMS database ({exc}): {FIX}") from None
     else:
+        from sqlalchemy.exc import OperationalError
+
         engine = db.make_engine(url)
         try:
-            db.check_reachable(engine)
             initialised = db.current_revision(engine)
+        except OperationalError:
+            # Unreachable or refusing: not a question of missing state. The command itself meets
+            # the same fault and reports it the way every command does (retries, one line).
+            return
         finally:
             engine.dispose()
     if not initialised:
