@@ -167,8 +167,21 @@ def verify_rows(rows, expected_head: tuple[int, str] | None = None) -> VerifyRes
     return VerifyResult(True, count, count, prev)
 
 
-def verify(engine: Engine, batch_size: int = 5000) -> VerifyResult:
-    """Verify the whole ledger, streaming, naming the first bad seq."""
+def verify(engine: Engine, batch_size: int = 5000, *, workers: int = 1,
+           min_entries_per_worker: int = 1) -> VerifyResult:
+    """Verify the whole ledger, streaming, naming the first bad seq.
+
+    PostgreSQL goes over COPY, split over up to ``workers`` processes (``ledger_copy``);
+    SQLite streams rows through SQLAlchemy (``verify_rows``)."""
+    if engine.dialect.name == "postgresql":
+        from . import ledger_copy
+
+        return ledger_copy.verify(engine, workers=workers, min_entries_per_worker=min_entries_per_worker)
+    return verify_streamed(engine, batch_size)
+
+
+def verify_streamed(engine: Engine, batch_size: int = 5000) -> VerifyResult:
+    """The row-by-row verifier on any database (the reference the COPY path is tested against)."""
     with engine.connect() as conn:
         return verify_rows(iter_rows(conn, batch_size))
 

@@ -537,16 +537,11 @@ def verify_chain(ctx: KmsContext, last: int | None = None, *, workers: int = 1,
 
 
 def _verify_parallel(ctx, keys, windows, start, max_seq, workers, batch, marks) -> ChainResult:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from .partitions import map_in_processes, seq_bounds
 
     url = ctx.engine.url.render_as_string(hide_password=False)
-    step = -(-(max_seq - start) // workers)
-    bounds = [(lo, min(lo + step, max_seq)) for lo in range(start, max_seq, step)]
-    with ProcessPoolExecutor(max_workers=len(bounds), mp_context=multiprocessing.get_context("fork")) as pool:
-        parts = list(pool.map(_partition_worker, [url] * len(bounds), [keys] * len(bounds),
-                              [windows] * len(bounds), [lo for lo, _ in bounds], [hi for _, hi in bounds],
-                              [batch] * len(bounds)))
+    bounds = seq_bounds(start, max_seq, workers)
+    parts = map_in_processes(_partition_worker, [(url, keys, windows, lo, hi, batch) for lo, hi in bounds])
     total = 0
     for (lo, hi), part in zip(bounds, parts):
         if not part.ok:
