@@ -1,14 +1,16 @@
-"""Ledger verification vs raw hashlib over the same canonical bytes.
+"""Ledger verification vs the raw read of the same rows (psycopg 3 binary COPY).
 
-    python benchmarks/bench_ledger.py              # 100k entries
-    python benchmarks/bench_ledger.py --full       # 100k and 1M entries
+    python benchmarks/bench_ledger.py                     # 100k entries
+    python benchmarks/bench_ledger.py --full              # 100k and 1M entries
+    python benchmarks/bench_ledger.py --n 20000 --repeat 3
     KMS_BENCH_DATABASE_URL=postgresql://... selects the server (default 127.0.0.1:5432).
 
 Builds a throwaway PostgreSQL database holding a valid chain of N entries (bulk COPY),
-then in the same process times ``ledger.verify`` (stream rows, rebuild canonical
-documents, hash, compare links) against two baselines over the same data: raw
-``hashlib.sha256`` over the same canonical bytes (in memory; the hash floor) and
-streaming the same rows out of the database (the read floor)."""
+then, in the same process and interleaved (median of ``--repeat`` runs each), times
+``ledger.verify`` with the policy's workers against the raw limit: ``COPY (SELECT <every
+ledger column> ORDER BY seq) TO STDOUT (FORMAT binary)`` read to the end by psycopg 3,
+doing nothing with the rows. Also reported: the 1-process COPY verifier, the old
+row-by-row verifier (SQLAlchemy stream, once) and hashlib alone over the same bytes."""
 
 from __future__ import annotations
 
@@ -26,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-from benchmarks.harness import emit, peak_rss_mb, result, run_sizes, timed  # noqa: E402
-from kms_pipelines.core import db, ledger  # noqa: E402
+from benchmarks.harness import emit, interleaved, load_average, peak_rss_mb, result, run_sizes, timed  # noqa: E402
+from kms_pipelines.core import db, ledger, ledger_copy  # noqa: E402
+from kms_pipelines.core.policy import load_policy  # noqa: E402
 from kms_pipelines.core.canonical import canonical_fast  # noqa: E402
 
 ADMIN = db.normalize_url(os.environ.get("KMS_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
@@ -87,33 +90,47 @@ def hash_baseline_seconds(n: int, chunk: int = 10_000) -> float:
     return total + flush()
 
 
-def child(n: int) -> None:
+RAW_COPY = ("COPY (SELECT seq, at, key_name, key_version, from_state, to_state, actor, approvers, change_ticket, "
+            "reason, event_id, prev_hash, entry_hash FROM ledger_entries ORDER BY seq) TO STDOUT (FORMAT binary)")
+
+
+def raw_copy_read(dsn: str) -> None:
+    import psycopg
+
+    with psycopg.connect(dsn) as conn, conn.cursor().copy(RAW_COPY) as copy:
+        for _ in copy:
+            pass
+
+
+def child(n: int, repeat: int) -> None:
     admin = create_engine(ADMIN, isolation_level="AUTOCOMMIT")
     name = f"kms_bench_{uuid.uuid4().hex[:8]}"
     with admin.connect() as c:
         c.execute(text(f'CREATE DATABASE "{name}"'))
     url = make_url(ADMIN).set(database=name).render_as_string(hide_password=False)
     try:
-        # Verification runs first, so the recorded peak RSS is population + verification;
-        # both stream, and the baselines afterwards hold at most one chunk.
         populate(url, n)
         engine = db.make_engine(url)
-
-        def read_only():
-            with engine.connect() as conn:
-                for _ in ledger.iter_rows(conn):
-                    pass
-
+        dsn = ledger_copy.conninfo(engine)
+        p = load_policy().ledger
         outcome = {}
-        seconds = timed(lambda: outcome.setdefault("r", ledger.verify(engine)))
+
+        def ours():
+            outcome["r"] = ledger.verify(engine, workers=p.verify_workers,
+                                         min_entries_per_worker=p.verify_min_entries_per_worker)
+
+        seconds, raw_seconds, runs = interleaved(ours, lambda: raw_copy_read(dsn), repeat)
         assert outcome["r"].ok and outcome["r"].count == n, outcome["r"]
-        verify_peak = peak_rss_mb()
-        read_seconds = timed(read_only)
-        baseline = hash_baseline_seconds(n)
-        rec = result("ledger_verify", n, seconds, baseline,
-                     baseline="hashlib.sha256 over the same canonical bytes (in memory)",
-                     db_read_rate=round(n / read_seconds, 1),
-                     ratio_vs_db_read=round(read_seconds / seconds, 4))
+        verify_peak = peak_rss_mb()  # population + the verifier (workers fork from here)
+        one_seconds = timed(lambda: ledger.verify(engine, workers=1))
+        streamed = timed(lambda: ledger.verify_streamed(engine)) if n <= 200_000 else None
+        hash_seconds = hash_baseline_seconds(n)
+        rec = result("ledger_verify", n, seconds, raw_seconds,
+                     baseline="psycopg 3 COPY (SELECT every ledger column) TO STDOUT (FORMAT binary), rows discarded",
+                     workers=p.verify_workers if n >= 2 * p.verify_min_entries_per_worker else 1,
+                     one_process_rate=round(n / one_seconds, 1),
+                     row_by_row_rate=round(n / streamed, 1) if streamed else None,
+                     hashlib_rate=round(n / hash_seconds, 1), load_avg=load_average(), **runs)
         rec["peak_rss_mb"] = verify_peak
         emit(rec)
         engine.dispose()
@@ -126,13 +143,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int)
     ap.add_argument("--full", action="store_true", help="also run 1,000,000 entries")
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved runs of each side (median reported)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.n)
+        child(args.n, args.repeat)
         return
     sizes = [args.n] if args.n else ([100_000, 1_000_000] if args.full else [100_000])
-    run_sizes(__file__, sizes, [])
+    run_sizes(__file__, sizes, ["--repeat", str(args.repeat)])
 
 
 if __name__ == "__main__":

@@ -52,3 +52,25 @@ def run_sizes(script: str, sizes: list[int], extra_args: list[str]) -> None:
                               env=os.environ.copy(), check=False)
         if proc.returncode != 0:
             sys.exit(proc.returncode)
+
+
+def load_average() -> list[float]:
+    """1-, 5- and 15-minute load averages, recorded with every result (a busy machine depresses both sides)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def interleaved(ours: Callable[[], object], raw: Callable[[], object], repeat: int = 3) -> tuple[float, float, dict]:
+    """Median seconds of ``ours`` and of ``raw``, run alternately ``repeat`` times each.
+
+    Alternating means a burst of load from elsewhere hits both sides; the third value
+    holds every run's seconds and the load average before and after."""
+    import statistics
+
+    before = load_average()
+    a, b = [], []
+    for _ in range(max(1, repeat)):
+        b.append(timed(raw))
+        a.append(timed(ours))
+    return statistics.median(a), statistics.median(b), {
+        "runs_ours_s": [round(x, 4) for x in a], "runs_raw_s": [round(x, 4) for x in b],
+        "repeat": len(a), "load_before": before, "load_after": load_average()}

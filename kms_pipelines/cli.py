@@ -235,13 +235,19 @@ def ledger():
 
 
 @ledger.command("verify")
+@click.option("--workers", type=click.IntRange(min=1, max=64), default=None,
+              help="Processes verifying seq ranges in parallel on PostgreSQL (default: policy ledger.verify_workers).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def ledger_verify(ctx, as_json):
+def ledger_verify(ctx, workers, as_json):
     """Recompute the ledger chain; exit 1 naming the first bad seq."""
     from .core import ledger as ledger_mod
 
-    result = ledger_mod.verify(get_context(ctx).engine)
+    kms = get_context(ctx)
+    if workers is None:
+        result = ledger_mod.verify_with_policy(kms)
+    else:
+        result = ledger_mod.verify(kms.engine, workers=workers, min_entries_per_worker=1)
     finish_verification(ctx, result, as_json,
                         lambda: f"ledger intact: {result.count} entries, head {result.head_hash[:16]}…",
                         lambda: f"ledger BROKEN at seq {result.first_bad_seq}: {result.problem}")

@@ -470,7 +470,7 @@ def eval_t3(ctx: KmsContext) -> Finding:
     from . import checkpoints, ledger
 
     problems, good = [], []
-    result = ledger.verify(ctx.engine)
+    result = ledger.verify_with_policy(ctx)
     if result.ok:
         good.append(f"ledger chain verifies ({result.count} entries, head {result.head_hash[:12]}…)")
     else:

@@ -180,6 +180,12 @@ def verify(engine: Engine, batch_size: int = 5000, *, workers: int = 1,
     return verify_streamed(engine, batch_size)
 
 
+def verify_with_policy(ctx) -> VerifyResult:
+    """``verify`` with the policy's parallelism (``ledger.verify_workers``)."""
+    p = ctx.policy.ledger
+    return verify(ctx.engine, workers=p.verify_workers, min_entries_per_worker=p.verify_min_entries_per_worker)
+
+
 def verify_streamed(engine: Engine, batch_size: int = 5000) -> VerifyResult:
     """The row-by-row verifier on any database (the reference the COPY path is tested against)."""
     with engine.connect() as conn:

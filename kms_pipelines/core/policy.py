@@ -207,6 +207,12 @@ class Rpt(_Strict):
     verify_batch_size: int = Field(default=5000, gt=0)
 
 
+class Ledger(_Strict):
+    """Ledger verification (T3): PostgreSQL splits long chains over processes."""
+    verify_workers: int = Field(default=2, ge=1, le=64)
+    verify_min_entries_per_worker: int = Field(default=100_000, gt=0)  # below this, one process is faster
+
+
 class Checkpoints(_Strict):
     """Signed ledger checkpoints in WORM object storage (T3, rpt area)."""
     retain_days: int = Field(default=2555, gt=0)
@@ -283,6 +289,7 @@ class Policy(_Strict):
     envelope: Envelope = Envelope()
     events: Events = Events()
     rpt: Rpt = Rpt()
+    ledger: Ledger = Ledger()
     checkpoints: Checkpoints = Checkpoints()
     console: Console = Console()
     faults: Faults = Faults()

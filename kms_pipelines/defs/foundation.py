@@ -31,7 +31,7 @@ def kms_state(context: dg.AssetExecutionContext, kms: KmsResource) -> dg.Materia
 
 @dg.asset_check(asset=kms_state, blocking=True, description="Ledger chain intact (T3): recomputes every hash.")
 def ledger_chain_intact(kms: KmsResource) -> dg.AssetCheckResult:
-    result = ledger.verify(kms.context().engine)
+    result = ledger.verify_with_policy(kms.context())
     return dg.AssetCheckResult(
         passed=result.ok, severity=dg.AssetCheckSeverity.ERROR,
         metadata={"entries": result.count, "head_hash": result.head_hash,
