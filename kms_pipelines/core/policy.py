@@ -210,7 +210,7 @@ class Rpt(_Strict):
 class Ledger(_Strict):
     """Ledger verification (T3): PostgreSQL splits long chains over processes."""
     verify_workers: int = Field(default=2, ge=1, le=64)
-    verify_min_entries_per_worker: int = Field(default=100_000, gt=0)  # below this, one process is faster
+    verify_min_entries_per_worker: int = Field(default=25_000, gt=0)  # below this, one process is faster
 
 
 class Checkpoints(_Strict):
