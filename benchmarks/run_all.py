@@ -91,6 +91,8 @@ def render_table(doc: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|")
     lines = [f"Run {doc['finished']} on {doc['machine']} ({'quick' if doc['quick'] else 'full'} sizes).", "", head]
     for rec in doc["records"]:
+        if "rate" not in rec:
+            continue
         label, goal = ROWS.get(rec["name"], (rec["name"], None))
         ratio = rec.get("ratio")
         met = "" if goal is None or ratio is None else (" ✓" if ratio >= goal else " ✗")
@@ -99,6 +101,19 @@ def render_table(doc: dict) -> str:
             _fmt_rate(rec, "rate"), _fmt_rate(rec, "baseline_rate"),
             "—" if ratio is None else f"{ratio:.3f}", met, "record" if goal is None else f"≥ {goal}",
             rec.get("peak_rss_mb", "—"), rec["load_avg_before"][0], rec["load_avg_after"][0]))
+    storage = [r for r in doc["records"] if r["name"] == "backup_storage_per_year"]
+    for r in storage:
+        mb = lambda b: f"{b / 1e6:,.1f} MB"  # noqa: E731
+        lines += ["", f"Backup storage, {r['n']:,} DEKs, {r['daily_change']:.0%} rewrapped a day, GFS "
+                      f"{r['gfs_keep_nightly']} nightly + {r['gfs_weekly']} weekly (`{r.get('command', '')}`): "
+                      f"full archive {mb(r['full_archive_bytes'])}; one night's delta {mb(r['patch_delta_bytes'])} "
+                      f"(zstd --patch-from), changed rows alone {mb(r['row_delta_bytes'])}, unchanged night "
+                      f"{mb(r['unchanged_night_patch_bytes'])}.", "",
+                  "| Scheme | held at any time | uploaded per year |", "|---|---|---|"]
+        for key, label in (("full_scheme", "full archive every night (today)"),
+                           ("delta_scheme", "weekly full + nightly patch"),
+                           ("forever_incremental", "one full + a patch per night")):
+            lines.append(f"| {label} | {mb(r[key]['held_bytes'])} | {mb(r[key]['uploaded_per_year_bytes'])} |")
     return "\n".join(lines)
 
 
