@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import emit, peak_rss_mb, result, run_sizes  # noqa: E402
+from benchmarks.harness import emit, load_average, peak_rss_mb, result, run_sizes  # noqa: E402
 
 ADMIN_URL = os.environ.get("KMS_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 KEY = "data:postgres"
@@ -180,14 +180,20 @@ def software_run(n: int, batch: int) -> None:
             clone_for_update_baseline(ctx)
             new = lifecycle.rotate(ctx, KEY, reason="bench").new_version
             rss_before = peak_rss_mb()
-            sweep = envelope.sweep(ctx, KEY, batch_size=batch)
+            sizes: list[int] = []
+            # --batch-size 0 (default): the policy's adaptive sizing; N: a constant N
+            sizing = envelope.policy_batching(ctx) if not batch else {"batch_size": batch}
+            sweep = envelope.sweep(ctx, KEY, **sizing, progress=lambda p: sizes.append(p.moved))
             sweep_rss = peak_rss_mb()
             assert sweep.moved == n and sweep.remaining == 0, sweep.to_dict()
+            # the raw UPDATE runs at the largest batch the sweep used (its best case)
+            batch = max(sizes)
             update_s = raw_update_seconds(ctx, n, batch, old, new)
             kek_new = store._aes(active_ref(ctx)[1])
             crypto_s, counted = raw_crypto_seconds(ctx, kek_new, kek_old, batch)
             assert counted == n
-            common = {"batch_size": batch, "backend": "software", "database": "postgresql",
+            common = {"batch_size": batch, "adaptive": "batch_target_seconds" in sizing,
+                      "batches": len(sizes), "load_avg": load_average(), "backend": "software", "database": "postgresql",
                       "populate_seconds": round(populate_s, 2), "rss_before_sweep_mb": rss_before,
                       "sweep_peak_rss_mb": sweep_rss}
             emit(result("envelope.sweep.vs_raw_update", n, sweep.seconds, update_s, **common))
@@ -210,7 +216,7 @@ def _sweep_with(keystore, n: int, batch: int, home: Path) -> float:
         _, ref = active_ref(ctx)
         populate(ctx, n, lambda: keystore.new_wrapped_dek(ref))
         lifecycle.rotate(ctx, KEY, reason="bench")
-        sweep = envelope.sweep(ctx, KEY, batch_size=batch)
+        sweep = envelope.sweep(ctx, KEY, batch_size=batch or 1000)
         assert sweep.moved == n and sweep.remaining == 0
         ctx.engine.dispose()
         return sweep.seconds
@@ -243,7 +249,8 @@ def main(argv=None) -> int:
     parser.add_argument("--full", action="store_true", help="also run 1M DEKs")
     parser.add_argument("--pkcs11", action="store_true", help="also record the PKCS#11 (SoftHSM2) sweep rate")
     parser.add_argument("--pkcs11-n", type=int, default=5000)
-    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="constant DEKs per batch (default 0: policy envelope sizing, adaptive)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=["software", "pkcs11"], default="software", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

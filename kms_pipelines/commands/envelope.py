@@ -68,7 +68,9 @@ def decrypt_cmd(ctx, infile, outfile, aad, object_id):
 @click.option("--key", "key_name", default=None, help="Only this data key (default: every data key).")
 @click.option("--shard", type=int, default=None, help="Only this shard (0-based) of --shards.")
 @click.option("--shards", type=int, default=1, show_default=True)
-@click.option("--batch-size", type=int, default=None, help="DEKs per batch (default: policy envelope.batch_size).")
+@click.option("--batch-size", type=int, default=None,
+              help="DEKs per batch, constant (default: policy envelope.batch_size, then sized to "
+                   "envelope.batch_target_commit_ms).")
 @click.option("--progress", "show_progress", is_flag=True, help="One line per committed batch on stderr.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -84,8 +86,8 @@ def sweep_cmd(ctx, key_name, shard, shards, batch_size, show_progress, as_json):
         click.echo(f"batch {p.batch}: {p.key} v{p.from_version}->v{p.to_version} moved {p.moved} "
                    f"(total {p.total_moved}, {p.seconds:.1f}s)", err=True)
 
-    result = env.sweep(kms, key_name, shard=shard, shards=shards,
-                       batch_size=batch_size or kms.policy.envelope.batch_size,
+    sizing = {"batch_size": batch_size} if batch_size is not None else env.policy_batching(kms)
+    result = env.sweep(kms, key_name, shard=shard, shards=shards, **sizing,
                        progress=progress if show_progress else None)
     if as_json:
         _emit(result.to_dict())

@@ -37,6 +37,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from . import lifecycle, nightly, retry
+from .batching import AdaptiveBatch
 from .clock import utc
 from .context import KmsContext
 from .db.models import ACTIVE, DESTROYED, REVOKED, ROTATED, Key, KeyVersion
@@ -430,6 +431,21 @@ def _commit_batch_retrying(ctx: KmsContext, key_name: str, old: int, new: int, i
                          what=f"committing a sweep batch of {key_name}")
 
 
+def _commit_batch_timed(sizer: AdaptiveBatch, ctx: KmsContext, key_name: str, old: int, new: int, ids: list[int],
+                        new_wrapped: list[bytes]) -> int | None:
+    start = time.perf_counter()
+    moved = _commit_batch_retrying(ctx, key_name, old, new, ids, new_wrapped)
+    sizer.observe(len(ids), time.perf_counter() - start)
+    return moved
+
+
+def policy_batching(ctx: KmsContext) -> dict:
+    """``sweep`` keyword arguments for the policy's batch sizing (envelope section)."""
+    p = ctx.policy.envelope
+    return {"batch_size": p.batch_size, "batch_target_seconds": p.batch_target_commit_ms / 1000 or None,
+            "max_batch_size": p.batch_size_max}
+
+
 def _read_batch(ctx: KmsContext, key_name: str, version: int, lo: int, hi: int, after: tuple[int, int], limit: int):
     with ctx.engine.connect() as conn:
         return _select_batch(conn, key_name, version, lo, hi, after, limit)
@@ -448,7 +464,8 @@ def _rewrap_isolating_failures(ctx: KmsContext, old_ref: str, new_ref: str, rows
 
 def sweep(ctx: KmsContext, key_name: str | None = None, *, shard: int | None = None, shards: int = 1,
           batch_size: int = 1000, progress: Callable[[SweepProgress], None] | None = None,
-          max_batches: int | None = None) -> SweepResult:
+          max_batches: int | None = None, batch_target_seconds: float | None = None,
+          max_batch_size: int | None = None) -> SweepResult:
     """Move every live DEK off rotated/revoked versions onto the key's active version.
 
     ``shard``/``shards`` restrict the sweep to one partition of the shard space (None =
@@ -458,6 +475,8 @@ def sweep(ctx: KmsContext, key_name: str | None = None, *, shard: int | None = N
 
     Batches are pipelined one deep: while batch k commits (on a writer thread, waiting on
     the database), batch k+1 is read and rewrapped. At most two batches are in memory.
+    With ``batch_target_seconds`` the size starts at ``batch_size`` and follows the commit
+    time (``batching.AdaptiveBatch``), up to ``max_batch_size``; without it, it is constant.
     """
     if batch_size < 1:
         raise EnvelopeError(f"batch_size must be at least 1, got {batch_size}")
@@ -469,14 +488,16 @@ def sweep(ctx: KmsContext, key_name: str | None = None, *, shard: int | None = N
     total: int | None = None
     try:
         total = retry.db_call(ctx, lambda: _left_to_sweep(ctx, result, key_name), what="counting DEKs to sweep")
-        return _sweep(ctx, result, key_name, batch_size, progress, max_batches, started)
+        sizer = AdaptiveBatch(batch_size, target_seconds=batch_target_seconds, min_size=min(batch_size, 100),
+                              max_size=max_batch_size)
+        return _sweep(ctx, result, key_name, sizer, progress, max_batches, started)
     except retry.DependencyUnavailable as exc:
         # Every committed batch stays committed (compare-and-set): a re-run picks up the rest.
         done = f"{result.moved:,} of {total:,} DEKs" if total is not None else "0 DEKs"
         raise exc.annotate(done=done, rerun=rerun) from exc.__cause__
 
 
-def _sweep(ctx: KmsContext, result: SweepResult, key_name: str | None, batch_size: int, progress, max_batches,
+def _sweep(ctx: KmsContext, result: SweepResult, key_name: str | None, sizer: AdaptiveBatch, progress, max_batches,
            started: float) -> SweepResult:
     lo, hi = result.shard_range
     replans = 0
@@ -489,7 +510,7 @@ def _sweep(ctx: KmsContext, result: SweepResult, key_name: str | None, batch_siz
                 stats["to_version"] = new
                 for old, old_ref in olds:
                     outcome = _sweep_version(ctx, writer, result, stats, name, old, old_ref, new, new_ref, lo, hi,
-                                             batch_size, progress, max_batches, started)
+                                             sizer, progress, max_batches, started)
                     if outcome != "done":
                         break
                 if outcome != "done":
@@ -506,7 +527,7 @@ def _sweep(ctx: KmsContext, result: SweepResult, key_name: str | None, batch_siz
 
 
 def _sweep_version(ctx, writer, result: SweepResult, stats: dict, name: str, old: int, old_ref: str, new: int,
-                   new_ref: str, lo: int, hi: int, batch_size: int, progress, max_batches, started) -> str:
+                   new_ref: str, lo: int, hi: int, sizer: AdaptiveBatch, progress, max_batches, started) -> str:
     """Sweep one old version of one key in the shard range: "done", "stale" (re-plan) or "limit"."""
     after = (lo - 1, 0)
     pending = None  # (future | None, pairs count, bad ids) of the batch being committed
@@ -539,7 +560,8 @@ def _sweep_version(ctx, writer, result: SweepResult, stats: dict, name: str, old
                     if not ok:
                         return "stale"
                 return "limit"
-            rows = retry.db_call(ctx, lambda: _read_batch(ctx, name, old, lo, hi, after, batch_size),
+            limit = sizer.size
+            rows = retry.db_call(ctx, lambda: _read_batch(ctx, name, old, lo, hi, after, limit),
                                  what=f"reading a sweep batch of {name}")
             pairs: list = []
             bad: list[int] = []
@@ -559,7 +581,7 @@ def _sweep_version(ctx, writer, result: SweepResult, stats: dict, name: str, old
                     return "stale"
             if not pairs and not bad:
                 return "done"
-            future = writer.submit(_commit_batch_retrying, ctx, name, old, new, [p[0] for p in pairs],
+            future = writer.submit(_commit_batch_timed, sizer, ctx, name, old, new, [p[0] for p in pairs],
                                    [p[1] for p in pairs]) if pairs else None
             pending = (future, len(pairs), bad)
     finally:
@@ -594,7 +616,7 @@ def _finish(ctx: KmsContext, result: SweepResult, key_name: str | None, started:
 @nightly.nightly_step("envelope_sweep", order=20)
 def nightly_sweep(ctx: KmsContext) -> dict:
     """Nightly: sweep every data key (all shards in this process); fail loudly if DEKs remain."""
-    result = sweep(ctx, batch_size=ctx.policy.envelope.batch_size)
+    result = sweep(ctx, **policy_batching(ctx))
     if result.remaining:
         raise EnvelopeError(f"envelope sweep left {result.remaining} DEK(s) on retired or revoked versions "
                             f"({result.failed} failed to unwrap)")

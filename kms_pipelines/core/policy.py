@@ -194,7 +194,9 @@ class Envelope(_Strict):
     """Envelope encryption (P3, R3): the DEK rewrap sweep and export-key expiry."""
 
     shards: int = Field(default=8, ge=1, le=1024)          # sweep partitions (Dagster fans them out)
-    batch_size: int = Field(default=1000, ge=1, le=100_000)  # DEKs per rewrap call and per commit
+    batch_size: int = Field(default=1000, ge=1, le=100_000)  # DEKs per rewrap call and per commit (the first)
+    batch_target_commit_ms: int = Field(default=250, ge=0, le=60_000)  # later batches sized to this; 0 = constant
+    batch_size_max: int = Field(default=20_000, ge=1, le=100_000)  # bounds memory whatever the table size
     sweep_cron: str = "30 2 * * *"                          # after kms_nightly's rotations at 02:00
     export_expiry_check_seconds: int = Field(default=60, gt=0)  # export-expiry sensor interval
 

@@ -50,7 +50,7 @@ def dek_rewrap_sweep(context: dg.AssetExecutionContext, kms: KmsResource) -> dg.
                              f"{p.total_moved} moved so far ({p.seconds:.1f}s)")
 
     with one_line_failures():
-        result = envelope.sweep(ctx, shard=shard, shards=shards, batch_size=ctx.policy.envelope.batch_size,
+        result = envelope.sweep(ctx, shard=shard, shards=shards, **envelope.policy_batching(ctx),
                                 progress=progress)
     context.log.info(f"shard {shard}: moved {result.moved} DEK(s) in {result.batches} batch(es), "
                      f"{result.rate:.0f}/s; {result.remaining} remaining, {result.failed} failed")
