@@ -48,7 +48,11 @@ ROWS = {
     "envelope.sweep.pkcs11": ("DEK rewrap sweep, PKCS#11 (SoftHSM2) vs software", None),
     "rpt_verify_chain": ("RPT verifyChain, 1 process", 0.7),
     "rpt_verify_chain_2proc": ("RPT verifyChain, 2 processes", None),
-    "backup_create_vs_pg_dump_zstd": ("Backup create vs pg_dump -Fc | zstd -3", 0.7),
+    "backup_create_vs_pg_dump_zstd": ("Backup create vs `pg_dump -Fc \\| zstd -3`", 0.7),
+    "keystore.wrap_new_dek": ("Keystore: new wrapped DEK, PKCS#11 vs software", None),
+    "keystore.unwrap_decrypt": ("Keystore: unwrap + decrypt, PKCS#11 vs software", None),
+    "keystore.rewrap": ("Keystore: rewrap, PKCS#11 vs software", None),
+    "keystore.sign_ed25519": ("Keystore: Ed25519 sign, PKCS#11 vs software", None),
 }
 
 
@@ -75,13 +79,20 @@ def run(names: list[str], quick: bool) -> list[dict]:
     return records
 
 
+def _bytes_rate(rec: dict) -> bool:
+    return rec.get("unit", "").endswith("bytes/s")
+
+
 def _fmt_rate(rec: dict, key: str) -> str:
     v = rec.get(key)
-    unit = "MB/s" if rec.get("name", "").startswith("backup") else "/s"
-    return "—" if v is None else f"{v:,.0f}{unit}"
+    if v is None:
+        return "—"
+    return f"{v / 1e6:,.1f} MB/s" if _bytes_rate(rec) else f"{v:,.0f}/s"
 
 
-def _fmt_n(n: int) -> str:
+def _fmt_n(n: int, rec: dict | None = None) -> str:
+    if rec is not None and _bytes_rate(rec):
+        return f"{n / 1e9:.2f} GB"
     return f"{n // 1_000_000}M" if n >= 1_000_000 and n % 1_000_000 == 0 else (
         f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else f"{n:,}")
 
@@ -97,13 +108,13 @@ def render_table(doc: dict) -> str:
         ratio = rec.get("ratio")
         met = "" if goal is None or ratio is None else (" ✓" if ratio >= goal else " ✗")
         lines.append("| {} | `{}` | {} | {} | {} | **{}**{} | {} | {} MB | {} → {} |".format(
-            label, rec.get("command", ""), _fmt_n(rec["n"]) if isinstance(rec.get("n"), int) else rec.get("n"),
+            label, rec.get("command", ""), _fmt_n(rec["n"], rec) if isinstance(rec.get("n"), int) else rec.get("n"),
             _fmt_rate(rec, "rate"), _fmt_rate(rec, "baseline_rate"),
             "—" if ratio is None else f"{ratio:.3f}", met, "record" if goal is None else f"≥ {goal}",
             rec.get("peak_rss_mb", "—"), rec["load_avg_before"][0], rec["load_avg_after"][0]))
     storage = [r for r in doc["records"] if r["name"] == "backup_storage_per_year"]
     for r in storage:
-        mb = lambda b: f"{b / 1e6:,.1f} MB"  # noqa: E731
+        mb = lambda b: f"{b / 1e6:,.3f} MB" if b < 10e6 else f"{b / 1e6:,.1f} MB"  # noqa: E731
         lines += ["", f"Backup storage, {r['n']:,} DEKs, {r['daily_change']:.0%} rewrapped a day, GFS "
                       f"{r['gfs_keep_nightly']} nightly + {r['gfs_weekly']} weekly (`{r.get('command', '')}`): "
                       f"full archive {mb(r['full_archive_bytes'])}; one night's delta {mb(r['patch_delta_bytes'])} "
@@ -112,7 +123,7 @@ def render_table(doc: dict) -> str:
                   "| Scheme | held at any time | uploaded per year |", "|---|---|---|"]
         for key, label in (("full_scheme", "full archive every night (today)"),
                            ("delta_scheme", "weekly full + nightly patch"),
-                           ("forever_incremental", "one full + a patch per night")):
+                           ("forever_incremental", "one full + every nightly patch for 91 days")):
             lines.append(f"| {label} | {mb(r[key]['held_bytes'])} | {mb(r[key]['uploaded_per_year_bytes'])} |")
     return "\n".join(lines)
 

@@ -1,0 +1,41 @@
+"""benchmarks/run_all.py renders BENCHMARKS.md's table from results JSON and touches nothing else."""
+
+import pytest
+
+from benchmarks import run_all
+
+DOC = {"finished": "2026-11-29 14:00 UTC", "quick": True, "machine": "2 CPU x86_64, Python 3.11.7", "records": [
+    {"name": "ledger_verify", "n": 100000, "rate": 250000.0, "baseline_rate": 600000.0, "ratio": 0.4167,
+     "peak_rss_mb": 80.1, "command": "benchmarks/bench_ledger.py --n 100000", "load_avg_before": [5.1, 5, 5],
+     "load_avg_after": [5.3, 5, 5]},
+    {"name": "envelope.sweep.vs_raw_update", "n": 1000000, "rate": 45000.0, "baseline_rate": 50000.0, "ratio": 0.9,
+     "peak_rss_mb": 99.0, "command": "benchmarks/bench_sweep.py --full", "load_avg_before": [0.4, 1, 1],
+     "load_avg_after": [0.9, 1, 1]},
+]}
+
+
+def test_the_table_is_regenerated_between_the_markers_only(tmp_path):
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text(f"# Benchmarks\n\nintro\n\n{run_all.BEGIN}\nold table | 1 |\n{run_all.END}\n\n## Reading\nkept\n")
+    run_all.rewrite(DOC, doc)
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nintro\n\n") and text.endswith("\n## Reading\nkept\n")
+    assert "old table" not in text
+    assert "| Ledger verification (PostgreSQL, COPY) | `benchmarks/bench_ledger.py --n 100000` | 100k | 250,000/s | " \
+           "600,000/s | **0.417** ✗ | ≥ 0.5 | 80.1 MB | 5.1 → 5.3 |" in text
+    assert "| 1M | 45,000/s | 50,000/s | **0.900** ✓ | ≥ 0.8 |" in text
+    run_all.rewrite(DOC, doc)
+    assert doc.read_text() == text  # idempotent
+
+
+def test_a_document_without_markers_is_refused_and_unchanged(tmp_path):
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# hand-written\n")
+    with pytest.raises(SystemExit, match="markers are missing"):
+        run_all.rewrite(DOC, doc)
+    assert doc.read_text() == "# hand-written\n"
+
+
+def test_the_repository_document_has_the_markers():
+    text = run_all.DOC.read_text()
+    assert text.count(run_all.BEGIN) == 1 and text.count(run_all.END) == 1
