@@ -15,6 +15,7 @@ row-by-row verifier (SQLAlchemy stream, once) and hashlib alone over the same by
 from __future__ import annotations
 
 import argparse
+import resource
 import hashlib
 import os
 import sys
@@ -132,6 +133,8 @@ def child(n: int, repeat: int) -> None:
                      row_by_row_rate=round(n / streamed, 1) if streamed else None,
                      hashlib_rate=round(n / hash_seconds, 1), load_avg=load_average(), **runs)
         rec["peak_rss_mb"] = verify_peak
+        # the verifier's worker processes (forked, each streaming its own COPY)
+        rec["workers_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
         emit(rec)
         engine.dispose()
     finally:
