@@ -68,10 +68,48 @@ def _workloads(store, n: int, rewrap_batch: int):
             ("keystore.rewrap", rewrap), ("keystore.sign_ed25519", sign)]
 
 
+def _rewrap_vs_raw_calls(hsm, n: int, batch: int, repeat: int) -> None:
+    """``Pkcs11KeyStore.rewrap`` (raw-handle path) against the three PKCS#11 calls alone
+    (C_UnwrapKey, C_WrapKey into a preallocated buffer, C_DestroyObject) on the same
+    handles, interleaved; python-pkcs11's object path is recorded beside them."""
+    from benchmarks.harness import interleaved, load_average, result
+    from kms_pipelines.core.keystore.pkcs11 import _SESSION_DEK_FOR_WRAPPING
+    from kms_pipelines.core.keystore.pkcs11_raw import RawRewrap
+
+    old, new = f"bench-rw-{secrets.token_hex(4)}", f"bench-rw2-{secrets.token_hex(4)}"
+    hsm.generate(old, AES_256)
+    hsm.generate(new, AES_256)
+    wrapped = [hsm.new_wrapped_dek(old) for _ in range(n)]
+    state = hsm._token()
+    with hsm._session("bench", old) as s:
+        h_old, h_new = hsm._aes(s, old).handle, hsm._aes(s, new).handle
+    raw = RawRewrap(state.lib.path)
+
+    def ours():
+        for i in range(0, n, batch):
+            hsm.rewrap(old, new, wrapped[i:i + batch])
+
+    def three_calls():
+        with state.lib.lock:
+            for i in range(0, n, batch):
+                raw.rewrap(state.token.slot.slot_id, h_old, h_new, wrapped[i:i + batch],
+                           _SESSION_DEK_FOR_WRAPPING, lambda index, exc: None)
+
+    seconds, raw_seconds, runs = interleaved(ours, three_calls, repeat)
+    hsm.raw_rewrap = False
+    objects_seconds = _timed(ours)
+    hsm.raw_rewrap = True
+    print(json.dumps(result("keystore.rewrap_pkcs11_vs_raw_calls", n, seconds, raw_seconds, batch=batch,
+                            baseline="C_UnwrapKey + C_WrapKey (preallocated) + C_DestroyObject on raw handles",
+                            python_pkcs11_rate=round(n / objects_seconds, 1), load_avg=load_average(), **runs)),
+          flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000, help="operations per workload (default 2000)")
     parser.add_argument("--rewrap-batch", type=int, default=500, help="DEKs per rewrap call (default 500)")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved runs for the rewrap vs raw calls")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="kms-bench-") as tmp:
@@ -91,6 +129,7 @@ def main(argv=None) -> int:
                     "baseline_rate": round(base_rate, 1), "ratio": round(rate / base_rate, 4),
                     "peak_rss_mb": _peak_rss_mb(),
                 }), flush=True)
+            _rewrap_vs_raw_calls(hsm, args.n, args.rewrap_batch, args.repeat)
         finally:
             hsm.close()
             software.close()

@@ -53,6 +53,7 @@ ROWS = {
     "keystore.unwrap_decrypt": ("Keystore: unwrap + decrypt, PKCS#11 vs software", None),
     "keystore.rewrap": ("Keystore: rewrap, PKCS#11 vs software", None),
     "keystore.sign_ed25519": ("Keystore: Ed25519 sign, PKCS#11 vs software", None),
+    "keystore.rewrap_pkcs11_vs_raw_calls": ("PKCS#11 rewrap per DEK vs 3 raw calls (SoftHSM2)", 0.8),
 }
 
 

@@ -362,6 +362,8 @@ class Pkcs11KeyStore:
         self._idle: list[Any] = []
         self._open = 0
         self._token_state: _TokenState | None = None
+        self.raw_rewrap = True  # bulk rewrap on raw handles (pkcs11_raw); False: python-pkcs11 objects
+        self._raw = None
 
     def _token(self) -> _TokenState:
         if self._pid != os.getpid():  # forked without os.register_at_fork hooks running
@@ -634,6 +636,28 @@ class Pkcs11KeyStore:
 
     @_on_a_fresh_session
     def rewrap(self, old_kek_ref: str, new_kek_ref: str, wrapped_deks: Sequence[bytes]) -> list[bytes]:
+        if self.raw_rewrap:
+            return self._rewrap_raw(old_kek_ref, new_kek_ref, wrapped_deks)
+        return self._rewrap_objects(old_kek_ref, new_kek_ref, wrapped_deks)
+
+    def _rewrap_raw(self, old_kek_ref: str, new_kek_ref: str, wrapped_deks: Sequence[bytes]) -> list[bytes]:
+        """The bulk path: three PKCS#11 calls per DEK on raw handles (``pkcs11_raw``)."""
+        from .pkcs11_raw import RawRewrap
+
+        def unwrap_failed(index, exc):
+            if isinstance(exc, _UNWRAP_ERRORS):
+                raise DecryptionFailed(f"wrapped DEK #{index} does not unwrap under key {old_kek_ref!r}") from None
+
+        with self._session("rewrap", old_kek_ref) as s:
+            old, new = self._aes(s, old_kek_ref), self._aes(s, new_kek_ref)
+            state = self._token()
+            if self._raw is None or self._raw[0] is not state.lib:
+                self._raw = (state.lib, RawRewrap(state.lib.path))
+            return self._raw[1].rewrap(state.token.slot.slot_id, old.handle, new.handle, wrapped_deks,
+                                       _SESSION_DEK_FOR_WRAPPING, unwrap_failed)
+
+    def _rewrap_objects(self, old_kek_ref: str, new_kek_ref: str, wrapped_deks: Sequence[bytes]) -> list[bytes]:
+        """The python-pkcs11 path (the reference the raw path is tested against)."""
         out: list[bytes] = []
         with self._session("rewrap", old_kek_ref) as s:
             old, new = self._aes(s, old_kek_ref), self._aes(s, new_kek_ref)
