@@ -23,7 +23,7 @@ import hashlib
 import re
 from json.encoder import encode_basestring as _enc  # C-accelerated, = ledger's encoder
 
-import psycopg
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from .ledger import GENESIS_HASH, VerifyResult
@@ -79,14 +79,14 @@ def _segment_query(lo: int, hi: int | None) -> str:
     return f"COPY (SELECT {COLUMNS_SQL} FROM ledger_entries WHERE seq > {int(lo)} ORDER BY seq{limit}) TO STDOUT"
 
 
-def verify_lines(lines, expected_seq: int = 1, prev: str = GENESIS_HASH) -> VerifyResult:
+def verify_lines(lines, expected_seq: int = 1, prev: str = GENESIS_HASH, encoding: str = "utf-8") -> VerifyResult:
     """Check COPY text lines of ``COLUMNS_SQL``; the same results as ``ledger.verify_rows``."""
     count = 0
     # Hot loop (one pass per entry): names bound locally, the common line shape inlined;
     # anything unusual (escapes, NULL in a required column) goes through ``document``.
     sha, enc, template, has_escape = _sha256, _enc, _TEMPLATE, _HAS_ESCAPE
     for line in lines:
-        line = str(line, "utf-8")[:-1]
+        line = str(line, encoding)[:-1]
         if has_escape(line):
             fields, null = split_line(line)
             seq_s, prev_hash, stored = fields[0], fields[7], fields[12]
@@ -117,11 +117,12 @@ def verify_lines(lines, expected_seq: int = 1, prev: str = GENESIS_HASH) -> Veri
     return VerifyResult(True, count, expected_seq - 1, prev)
 
 
-def verify_segment(dsn: str, lo: int, hi: int | None) -> VerifyResult:
-    """Verify entries (lo, hi] (to the end when ``hi`` is None), anchored at entry ``lo``'s stored hash."""
-    conn = psycopg.connect(dsn, autocommit=True)
+def _verify_range(engine: Engine, lo: int, hi: int | None) -> VerifyResult:
+    # A pooled connection, so the engine's connect behaviour (timeouts, healing) applies.
+    raw = engine.raw_connection()
+    finished = False
     try:
-        conn.execute("SET client_encoding TO 'UTF8'")
+        conn = raw.driver_connection
         prev = GENESIS_HASH
         if lo > 0:
             row = conn.execute("SELECT entry_hash FROM ledger_entries WHERE seq = %s", (lo,)).fetchone()
@@ -129,27 +130,38 @@ def verify_segment(dsn: str, lo: int, hi: int | None) -> VerifyResult:
                 return VerifyResult(False, 0, lo - 1, "", lo, f"entry seq {lo} is missing")
             prev = row[0]
         copy_cm = conn.cursor().copy(_segment_query(lo, hi))
-        copy = copy_cm.__enter__()
-        result = verify_lines(copy, lo + 1, prev)
+        result = verify_lines(copy_cm.__enter__(), lo + 1, prev, conn.info.encoding)
         if result.ok:  # read to the end: finish the COPY normally
             copy_cm.__exit__(None, None, None)
-        # on a bad entry the rest of the stream is not wanted: closing the connection drops it
+            finished = True
         return result
     finally:
-        conn.close()
+        # A COPY stopped at a bad entry leaves the connection mid-stream: drop it, never pool it.
+        raw.close() if finished else raw.invalidate()
+
+
+def verify_segment(url: str, lo: int, hi: int | None) -> VerifyResult:
+    """Verify entries (lo, hi] (to the end when ``hi`` is None), anchored at entry ``lo``'s stored hash."""
+    from .db import make_engine
+
+    engine = make_engine(url, pool_size=1)
+    try:
+        return _verify_range(engine, lo, hi)
+    finally:
+        engine.dispose()
 
 
 def verify(engine: Engine, *, workers: int = 1, min_entries_per_worker: int = 1) -> VerifyResult:
     """Verify the whole ledger over COPY, in up to ``workers`` processes."""
-    dsn = conninfo(engine)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        max_seq = conn.execute("SELECT coalesce(max(seq), 0) FROM ledger_entries").fetchone()[0]
+    with engine.connect() as conn:
+        max_seq = conn.execute(text("SELECT coalesce(max(seq), 0) FROM ledger_entries")).scalar_one()
     parts = min(workers, max(1, max_seq // max(1, min_entries_per_worker)))
     if parts <= 1:
-        return verify_segment(dsn, 0, None)
+        return _verify_range(engine, 0, None)
+    url = engine.url.render_as_string(hide_password=False)
     bounds = seq_bounds(0, max_seq, parts)
     # the last range runs to the end, as a single pass would
-    results = map_in_processes(verify_segment, [(dsn, lo, hi if hi < max_seq else None) for lo, hi in bounds])
+    results = map_in_processes(verify_segment, [(url, lo, hi if hi < max_seq else None) for lo, hi in bounds])
     total = 0
     for (lo, hi), part in zip(bounds, results):
         part.count += total
