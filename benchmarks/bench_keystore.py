@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import secrets
 import sys
@@ -105,11 +106,54 @@ def _rewrap_vs_raw_calls(hsm, n: int, batch: int, repeat: int) -> None:
           flush=True)
 
 
+def _scaling_worker(lib_path, label, pin, old, new, wrapped, batch, start_at):
+    from kms_pipelines.core.keystore.pkcs11 import Pkcs11KeyStore
+
+    store = Pkcs11KeyStore(lib_path, label, pin)
+    try:
+        store.rewrap(old, new, wrapped[:1])  # log in and find the keys before the clock starts
+        while time.time() < start_at:
+            time.sleep(0.001)
+        t0 = time.perf_counter()
+        for i in range(0, len(wrapped), batch):
+            store.rewrap(old, new, wrapped[i:i + batch])
+        return time.perf_counter() - t0
+    finally:
+        store.close()
+
+
+def _rewrap_scaling(token, hsm, n: int, batch: int, processes: int) -> None:
+    """The raw-handle rewrap of n DEKs by 1 process and shared by ``processes`` (the sweep's shards)."""
+    import multiprocessing
+
+    from benchmarks.harness import load_average
+
+    old, new = f"bench-sc-{secrets.token_hex(4)}", f"bench-sc2-{secrets.token_hex(4)}"
+    hsm.generate(old, AES_256)
+    hsm.generate(new, AES_256)
+    wrapped = [hsm.new_wrapped_dek(old) for _ in range(n)]
+    rates = {}
+    ctx = multiprocessing.get_context("spawn")
+    for procs in (1, processes):
+        share = -(-n // procs)
+        start_at = time.time() + 3.0
+        with ctx.Pool(procs) as pool:
+            seconds = pool.starmap(_scaling_worker, [(token.lib_path, token.label, token.pin, old, new,
+                                                      wrapped[i * share:(i + 1) * share], batch, start_at)
+                                                     for i in range(procs)])
+        rates[procs] = n / max(seconds)
+    print(json.dumps({"name": "keystore.rewrap_pkcs11_scaling", "n": n, "processes": processes,
+                      "rate_1_process": round(rates[1], 1), f"rate_{processes}_processes": round(rates[processes], 1),
+                      "speedup": round(rates[processes] / rates[1], 3), "cpus": os.cpu_count(),
+                      "load_avg": load_average()}), flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000, help="operations per workload (default 2000)")
     parser.add_argument("--rewrap-batch", type=int, default=500, help="DEKs per rewrap call (default 500)")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs for the rewrap vs raw calls")
+    parser.add_argument("--processes", type=int, default=2, help="processes sharing a rewrap (scaling record)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="kms-bench-") as tmp:
@@ -130,6 +174,8 @@ def main(argv=None) -> int:
                     "peak_rss_mb": _peak_rss_mb(),
                 }), flush=True)
             _rewrap_vs_raw_calls(hsm, args.n, args.rewrap_batch, args.repeat)
+            if args.processes > 1:
+                _rewrap_scaling(token, hsm, args.n, args.rewrap_batch, args.processes)
         finally:
             hsm.close()
             software.close()

@@ -113,6 +113,12 @@ def render_table(doc: dict) -> str:
             _fmt_rate(rec, "rate"), _fmt_rate(rec, "baseline_rate"),
             "—" if ratio is None else f"{ratio:.3f}", met, "record" if goal is None else f"≥ {goal}",
             rec.get("peak_rss_mb", "—"), rec["load_avg_before"][0], rec["load_avg_after"][0]))
+    for r in doc["records"]:
+        if r["name"] == "keystore.rewrap_pkcs11_scaling":
+            p = r["processes"]
+            lines += ["", f"PKCS#11 rewrap shared by {p} processes (the sweep's shards, `{r.get('command', '')}`): "
+                          f"{r[f'rate_{p}_processes']:,.0f}/s vs {r['rate_1_process']:,.0f}/s in 1 process, "
+                          f"{r['speedup']:.2f}× on {r['cpus']} CPUs at load {r['load_avg'][0]}."]
     storage = [r for r in doc["records"] if r["name"] == "backup_storage_per_year"]
     for r in storage:
         mb = lambda b: f"{b / 1e6:,.3f} MB" if b < 10e6 else f"{b / 1e6:,.1f} MB"  # noqa: E731
