@@ -70,7 +70,7 @@ def _rewrite(path, edit):
     records = [json.loads(line) for line in lines]
     records = edit(records)
     body = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
-    path.write_bytes(zstandard.ZstdCompressor().compress(body))
+    path.write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(body))  # a careful attacker
 
 
 def _token_edit(records):

@@ -122,7 +122,9 @@ def register(cli) -> None:
     @evidence_group.command("verify")
     @click.argument("bundle", type=click.Path(dir_okay=False))
     @click.option("--trust", "trusted", multiple=True, metavar="FINGERPRINT",
-                  help="A root fingerprint obtained out of band (SHA256:…); must be among the bundle's keys.")
+                  help="A root fingerprint obtained out of band (SHA256:…). Every signing key must be this root "
+                       "or reached from it by old-signs-new root manifests. Without it the bundle is only "
+                       "checked for self-consistency.")
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context
     def evidence_verify(ctx, bundle, trusted, as_json):
@@ -133,5 +135,8 @@ def register(cli) -> None:
         finish_verification(ctx, result, as_json,
                             lambda: (f"evidence verifies: {result.ledger_entries} ledger entries, {result.rpts} "
                                      f"RPTs, {result.checkpoints} checkpoints, {len(result.root_keys)} root keys, "
-                                     f"sealed"),
+                                     f"sealed; " + ("anchored to the pinned root " + ", ".join(result.anchors)
+                                                    if result.anchored else
+                                                    "NOT anchored to a pinned root (self-consistent only; "
+                                                    "pass --trust FINGERPRINT)")),
                             lambda: f"evidence FAILS ({result.area}): {result.problem}")

@@ -16,7 +16,7 @@ is used for the live database (``verify``) and for offline evidence bundles
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Iterable, Iterator
 
@@ -53,6 +53,17 @@ class Checkpoint:
     @property
     def at_time(self) -> datetime:
         return parse_time(self.at)
+
+
+@dataclass(frozen=True)
+class Seal(Checkpoint):
+    """An evidence bundle's seal: a checkpoint document plus what binds it to the bundle's
+    bytes (``extra``: header, per-record digests, content hash, counts), all under one signature."""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def document(self) -> dict:
+        return {**self.extra, **{f: getattr(self, f) for f in FIELDS}}
 
 
 def encode(document: dict, signature: bytes) -> bytes:
@@ -116,11 +127,12 @@ def _tap(rows: Iterable[tuple], marks: set[int], seen: dict[int, str]) -> Iterat
 
 def verify_streams(checkpoints: list[Checkpoint], keys: dict[str, RootKey], ledger_rows: Iterable[tuple],
                    rpt_rows: Iterable[tuple[int, str]], *, rpt_signatures: bool = False,
-                   seal: Checkpoint | None = None) -> AuditResult:
+                   seal: Checkpoint | None = None, refused: dict[str, str] | None = None) -> AuditResult:
     """Check checkpoint signatures, the ledger chain, the ledger against every checkpoint,
     and the RPT chain against every checkpoint, in one pass over each row stream.
 
     ``seal`` is a signed head that must match the streams *exactly* (evidence bundles).
+    ``refused`` maps kids of keys that are present but not trusted to the reason (bundles).
     The ledger is consumed before the RPT rows (bundle order)."""
     res = AuditResult(False, checkpoints=len(checkpoints), rpt_signatures_checked=rpt_signatures)
     ordered = sorted(checkpoints, key=lambda c: (c.at_time, c.key))
@@ -132,7 +144,8 @@ def verify_streams(checkpoints: list[Checkpoint], keys: dict[str, RootKey], ledg
         return res
 
     for cp in signed:
-        problem = signature_problem(cp, keys)
+        problem = (f"{cp.key}: {refused[cp.kid]}" if refused and cp.kid in refused
+                   else signature_problem(cp, keys))
         if problem:
             return bad("checkpoint", problem)
     for earlier, later in zip(ordered, ordered[1:]):
@@ -172,7 +185,7 @@ def verify_streams(checkpoints: list[Checkpoint], keys: dict[str, RootKey], ledg
 
     # 2. the RPT chain: links (and signatures when asked) and the head at every checkpoint
     cres = rpt.verify_token_rows(rpt_rows, keys, windows.windows, signatures=rpt_signatures,
-                                 marks=[cp.rpt_size for cp in signed])
+                                 marks=[cp.rpt_size for cp in signed], refused=refused)
     res.rpt_size, res.rpt_head_hash = cres.head_seq, cres.head_hash
     if not cres.ok:
         return bad("rpt", cres.problem, cres.first_bad_seq)
@@ -259,9 +272,9 @@ def _signer(ctx: KmsContext) -> tuple[str, str]:
 
 
 def sign_document(ctx: KmsContext, ledger_size: int, ledger_head: str, rpt_size: int, rpt_head: str,
-                  at: datetime) -> tuple[dict, bytes]:
+                  at: datetime, extra: dict | None = None) -> tuple[dict, bytes]:
     sign_ref, kid = _signer(ctx)
-    doc = {"ledger_size": ledger_size, "ledger_head_hash": ledger_head, "rpt_size": rpt_size,
+    doc = {**(extra or {}), "ledger_size": ledger_size, "ledger_head_hash": ledger_head, "rpt_size": rpt_size,
            "rpt_head_hash": rpt_head, "at": ledger.format_time(at), "kid": kid}
     return doc, ctx.keystore.sign(sign_ref, canonical_bytes(doc))
 

@@ -1,45 +1,56 @@
 """Self-contained evidence bundles for auditors and regulators (P1, T3).
 
-``export`` writes one file: zstandard-compressed JSON lines, in this order
+``export`` writes one file: one zstandard frame (with its content checksum) of JSON lines,
+in this order
 
-    {"t": "bundle", "format": "kms-evidence/1", "exported_at": …, "source": …}
+    {"t": "bundle", "format": "kms-evidence/2", "exported_at": …, "source": …}
     {"t": "root_key", "version", "public_key" (base64url), "fingerprint", "state"}   per root version
-    {"t": "manifest", "key", "data" (base64url)}      published manifests/root/* objects, if any
+    {"t": "manifest", "key", "data" (base64url)}      every published manifests/root/v<N>.json
     {"t": "checkpoint", "key", "data" (the stored JSON object, verbatim)}
     {"t": "L", "r": [seq, at, key, version, from, to, actor, approvers, ticket, reason, event, prev, hash]}
     {"t": "R", "s": seq, "k": token}
-    {"t": "seal", "data": …}   a checkpoint-format document over exactly the exported heads,
-                               signed by the active root at export time (absent if the live
+    {"t": "seal", "data": …}   signed by the active root at export time (absent if the live
                                state failed verification while exporting)
     {"t": "end", "counts": {…}}
 
-``verify_bundle`` needs nothing but the file (no database, no keystore, no object store):
-it runs ``checkpoints.verify_streams`` -- the same code the live verifiers run -- over the
-bundle's rows, with full RPT signature checks, plus the seal, the public-key manifests and
-optionally fingerprints the auditor trusts out of band. Memory stays bounded: rows stream.
+The seal is a checkpoint document (the exported ledger and RPT heads) extended with the
+SHA-256 of every byte before the seal line, the digest of each header/key/manifest/
+checkpoint record (so a refusal can name the record), and the count of every record kind;
+one Ed25519 signature covers all of it.
+
+``verify_bundle`` needs nothing but the file (no database, no keystore, no object store).
+Trust starts from fingerprints pinned out of band (``--trust``): a root key counts only if
+it is pinned or its manifest carries the signature of a root already trusted (old signs
+new). Every signature in the bundle -- checkpoints, RPTs, the seal -- must come from such a
+key, inside that key's activity window in the ledger. Rows stream through
+``checkpoints.verify_streams``, the same code the live verifiers run; memory stays bounded.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import zstandard
 from sqlalchemy import select
 
-from . import checkpoints, ledger, rpt
+from . import checkpoints, ledger, manifest, rpt
 from .clock import parse_time
 from .context import KmsContext
-from .db.models import Key, KeyVersion
+from .db.models import PENDING, Key, KeyVersion
 from .keystore import fingerprint as key_fingerprint
 from .rpt import RootKey, RptError
 
-FORMAT = "kms-evidence/1"
-MANIFEST_PREFIX = "manifests/root/"
+FORMAT = "kms-evidence/2"
+SEAL_FORMAT = "kms-evidence-seal/1"
+MANIFEST_PREFIX = manifest.PREFIX
+META = ("bundle", "root_key", "manifest", "checkpoint")  # records listed one by one in the seal
+KINDS = (*META, "L", "R")
 
 
 @dataclass
@@ -59,49 +70,83 @@ class ExportReport:
         return asdict(self)
 
 
-def _line(fh, record: dict) -> None:
-    fh.write(json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n")
+def encode_record(record: dict) -> bytes:
+    """The one encoding of a bundle record (the verifier refuses any other spelling)."""
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+def _label(record: dict) -> str:
+    t = record["t"]
+    if t == "root_key":
+        return f"v{record['version']}"
+    return record["key"] if t in ("manifest", "checkpoint") else t
+
+
+class _Writer:
+    """Writes records and keeps what the seal signs: content hash, per-record digests, counts."""
+
+    def __init__(self, fh):
+        self.fh, self.content, self.records = fh, hashlib.sha256(), []
+        self.counts = {k: 0 for k in KINDS}
+
+    def __call__(self, record: dict) -> None:
+        data = encode_record(record)
+        self.fh.write(data)
+        self.content.update(data)
+        if record["t"] in META:
+            self.records.append([record["t"], _label(record), hashlib.sha256(data).hexdigest()])
+        self.counts[record["t"]] += 1
+
+    def seal_extra(self) -> dict:
+        return {"bundle_format": FORMAT, "content_sha256": self.content.hexdigest(), "records": self.records,
+                "counts": dict(self.counts)}
 
 
 def export(ctx: KmsContext, out: str | os.PathLike) -> ExportReport:
     """Write the evidence bundle to ``out`` (atomically: a temporary file, then rename).
 
-    The rows are exported from one consistent database snapshot and, as they stream out,
-    checked by the same verifier the auditor will run; the bundle is sealed with the active
-    root key only if that check passes (otherwise it is written unsealed and the report
-    names the problem, so the auditor still gets the evidence)."""
+    Root manifests not yet published are published first (idempotent): a bundle without the
+    manifest of every root key cannot be verified from a pinned root. The rows are exported
+    from one consistent database snapshot and, as they stream out, checked by the same
+    verifier the auditor will run; the bundle is sealed with the active root key only if
+    that check passes (otherwise it is written unsealed and the report names the problem,
+    so the auditor still gets the evidence)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
-    counts = {"root_key": 0, "manifest": 0, "checkpoint": 0, "L": 0, "R": 0}
     store = ctx.objects
-    with open(tmp, "wb") as raw, zstandard.ZstdCompressor(level=6).stream_writer(raw) as fh:
-        _line(fh, {"t": "bundle", "format": FORMAT, "exported_at": ledger.format_time(ctx.now()),
-                   "source": ctx.engine.url.render_as_string(hide_password=True)})
+    problem = None
+    if store is not None:
+        try:
+            manifest.publish_pending(ctx)
+        except manifest.ManifestError as exc:
+            problem = f"root manifests could not be published: {exc}"
+    with open(tmp, "wb") as raw, \
+            zstandard.ZstdCompressor(level=6, write_checksum=True).stream_writer(raw) as fh:
+        line = _Writer(fh)
+        line({"t": "bundle", "format": FORMAT, "exported_at": ledger.format_time(ctx.now()),
+              "source": ctx.engine.url.render_as_string(hide_password=True)})
         isolation = {"isolation_level": "REPEATABLE READ"} if ctx.engine.dialect.name == "postgresql" else {}
         with ctx.engine.connect().execution_options(**isolation) as conn, conn.begin():
             keys = {}
             for version, public_key, fp, state in conn.execute(
                     select(KeyVersion.version, KeyVersion.public_key, KeyVersion.fingerprint, KeyVersion.state)
                     .join(Key, Key.id == KeyVersion.key_id).where(Key.name == rpt.ROOT).order_by(KeyVersion.version)):
-                if public_key is None:
-                    continue
-                _line(fh, {"t": "root_key", "version": version, "public_key": rpt.b64url(bytes(public_key)),
-                           "fingerprint": fp, "state": state})
-                counts["root_key"] += 1
+                if public_key is None or state == PENDING:
+                    continue  # a pending root has signed nothing and has no manifest yet
+                line({"t": "root_key", "version": version, "public_key": rpt.b64url(bytes(public_key)),
+                      "fingerprint": fp, "state": state})
                 keys[rpt.make_kid(version, fp)] = RootKey(version, bytes(public_key), fp)
             keys = rpt.key_map(keys.values())
             cps = []
             if store is not None:
                 for info in store.list(MANIFEST_PREFIX):
-                    _line(fh, {"t": "manifest", "key": info.key, "data": rpt.b64url(store.get_bytes(info.key))})
-                    counts["manifest"] += 1
+                    line({"t": "manifest", "key": info.key, "data": rpt.b64url(store.get_bytes(info.key))})
                 for info in store.list(ctx.policy.checkpoints.prefix):
                     if not info.key.endswith(".json"):
                         continue
                     data = store.get_bytes(info.key)
-                    _line(fh, {"t": "checkpoint", "key": info.key, "data": data.decode("utf-8")})
-                    counts["checkpoint"] += 1
+                    line({"t": "checkpoint", "key": info.key, "data": data.decode("utf-8")})
                     cps.append(checkpoints.parse(info.key, data))
             batch = ctx.policy.rpt.verify_batch_size
 
@@ -109,14 +154,12 @@ def export(ctx: KmsContext, out: str | os.PathLike) -> ExportReport:
                 for row in ledger.iter_rows(conn, batch):
                     r = list(row)
                     r[1] = ledger.format_time(row[1])
-                    _line(fh, {"t": "L", "r": r})
-                    counts["L"] += 1
+                    line({"t": "L", "r": r})
                     yield row
 
             def rpt_rows():
                 for seq, token in rpt.iter_tokens(conn, batch_size=batch):
-                    _line(fh, {"t": "R", "s": seq, "k": token})
-                    counts["R"] += 1
+                    line({"t": "R", "s": seq, "k": token})
                     yield seq, token
 
             lrows, rrows = ledger_rows(), rpt_rows()
@@ -125,16 +168,46 @@ def export(ctx: KmsContext, out: str | os.PathLike) -> ExportReport:
                 pass
             for _ in rrows:
                 pass
+        problem = problem or result.problem
         sealed = False
-        if result.ok:
+        if problem is None:
             doc, signature = checkpoints.sign_document(ctx, result.ledger_size, result.ledger_head_hash,
-                                                       result.rpt_size, result.rpt_head_hash, ctx.now())
-            _line(fh, {"t": "seal", "data": checkpoints.encode(doc, signature).decode("utf-8")})
+                                                       result.rpt_size, result.rpt_head_hash, ctx.now(),
+                                                       extra=line.seal_extra())
+            fh.write(encode_record({"t": "seal", "data": _encode_seal(doc, signature)}))
             sealed = True
-        _line(fh, {"t": "end", "counts": counts})
+        fh.write(encode_record({"t": "end", "counts": line.counts}))
     os.replace(tmp, out)
-    return ExportReport(str(out), counts["L"], counts["R"], counts["checkpoint"], counts["manifest"],
-                        counts["root_key"], sealed, result.ok, result.problem, out.stat().st_size)
+    c = line.counts
+    return ExportReport(str(out), c["L"], c["R"], c["checkpoint"], c["manifest"], c["root_key"], sealed,
+                        problem is None, problem, out.stat().st_size)
+
+
+def _encode_seal(doc: dict, signature: bytes) -> str:
+    return json.dumps({"format": SEAL_FORMAT, "document": doc, "signature": rpt.b64url(signature)},
+                      separators=(",", ":"), sort_keys=True)
+
+
+_SEAL_EXTRA = {"bundle_format", "content_sha256", "records", "counts"}
+
+
+def _parse_seal(text: str) -> checkpoints.Seal:
+    try:
+        obj = json.loads(text)
+        doc = dict(obj["document"])
+        if obj.get("format") != SEAL_FORMAT or set(doc) != set(checkpoints.FIELDS) | _SEAL_EXTRA:
+            raise ValueError("unexpected fields")
+        extra = {k: doc.pop(k) for k in _SEAL_EXTRA}
+        if extra["bundle_format"] != FORMAT or not isinstance(extra["records"], list) \
+                or not isinstance(extra["counts"], dict) or set(extra["counts"]) != set(KINDS):
+            raise ValueError("unexpected seal contents")
+        seal = checkpoints.Seal("the evidence seal", **doc, signature=obj["signature"], extra=extra)
+        if not all(type(getattr(seal, f)) is int for f in ("ledger_size", "rpt_size")):
+            raise ValueError("sizes must be integers")
+        parse_time(seal.at)
+        return seal
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RptError(f"the evidence seal is malformed ({exc.__class__.__name__})") from None
 
 
 # ---- offline verification -----------------------------------------------------------------
@@ -150,6 +223,8 @@ class BundleResult:
     checkpoints: int = 0
     manifests: int = 0
     sealed: bool = False
+    anchored: bool = False  # trust started from a fingerprint the caller pinned
+    anchors: list = field(default_factory=list)
     exported_at: str | None = None
     root_keys: list = field(default_factory=list)
 
@@ -158,76 +233,77 @@ class BundleResult:
 
 
 class _Reader:
-    """Records of a bundle, one at a time, with one record of look-ahead."""
+    """Records of a bundle, one at a time (raw line kept), with one record of look-ahead.
+    Reads across frames so bytes appended after the bundle's frame are seen, not ignored."""
 
     def __init__(self, fh):
-        self._lines = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(fh), encoding="utf-8")
+        self._lines = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True))
         self._peeked = None
         self.line = 0
+        self.content = hashlib.sha256()  # every byte before the seal line
 
-    def peek(self) -> dict | None:
+    def peek(self) -> tuple[dict, bytes] | None:
         if self._peeked is None:
-            text = self._lines.readline()
-            if not text:
+            raw = self._lines.readline()
+            if not raw:
                 return None
             self.line += 1
             try:
-                self._peeked = json.loads(text)
+                rec = json.loads(raw)
             except ValueError:
                 raise RptError(f"evidence bundle line {self.line} is not JSON (file damaged)") from None
-            if not isinstance(self._peeked, dict) or "t" not in self._peeked:
+            if not isinstance(rec, dict) or rec.get("t") not in (*KINDS, "seal", "end"):
                 raise RptError(f"evidence bundle line {self.line} is not a bundle record")
+            if raw != encode_record(rec):
+                raise RptError(f"evidence bundle line {self.line} ({rec['t']} record) is not in the bundle's "
+                               f"encoding (re-written by hand)")
+            if rec["t"] not in ("seal", "end"):
+                self.content.update(raw)
+            self._peeked = (rec, raw)
         return self._peeked
 
-    def take(self) -> dict | None:
-        rec = self.peek()
+    def take(self) -> tuple[dict, bytes] | None:
+        item = self.peek()
         self._peeked = None
-        return rec
+        return item
 
-    def run(self, kind: str) -> Iterator[dict]:
-        while (rec := self.peek()) is not None and rec["t"] == kind:
+    def run(self, kind: str):
+        while (item := self.peek()) is not None and item[0]["t"] == kind:
             yield self.take()
 
 
-def _manifest_problem(key: str, data: bytes, keys_by_version: dict[int, RootKey]) -> str | None:
-    """A published manifest that names a root version's fingerprint must agree with the key."""
+def _check_frame(path: Path) -> str | None:
+    with open(path, "rb") as fh:
+        head = fh.read(zstandard.FRAME_HEADER_SIZE_MAX if hasattr(zstandard, "FRAME_HEADER_SIZE_MAX") else 18)
     try:
-        doc = json.loads(data)
-    except ValueError:
-        return None  # not a JSON manifest: carried as evidence, nothing to cross-check
-    docs = doc if isinstance(doc, list) else [doc.get("document", doc)] if isinstance(doc, dict) else []
-    for d in docs:
-        if not isinstance(d, dict):
-            continue
-        version, fp = d.get("version"), d.get("fingerprint")
-        if isinstance(version, int) and isinstance(fp, str) and (d.get("key") in (None, rpt.ROOT)):
-            held = keys_by_version.get(version)
-            if held is None or held.fingerprint != fp:
-                return (f"manifest {key} publishes fingerprint {fp[:23]}… for root v{version}, "
-                        f"which the bundle's public keys do not match")
+        params = zstandard.get_frame_parameters(head)
+    except zstandard.ZstdError:
+        return f"{path.name} is not a zstd-compressed evidence bundle"
+    if not params.has_checksum:
+        return "the bundle's zstd frame carries no content checksum (rewritten outside `kms evidence export`)"
     return None
 
 
-def _manifest_chain_problem(docs: list[dict]) -> str | None:
-    """The published manifests' own chain (each root fingerprint signed by the previous root),
-    checked by the rotation area's offline verifier when it is installed. A previous root
-    that was revoked (compromise) does not sign its successor; that is reported by the
-    manifest check itself, not treated as tampering here."""
-    docs = [d for d in docs if isinstance(d, dict) and d.get("key") == rpt.ROOT and "version" in d]
-    if not docs:
-        return None
-    try:
-        from .manifest import verify_documents
-    except ImportError:  # pragma: no cover - rotation area absent
-        return None
-    check = verify_documents(docs)
-    if check.ok or "did not sign" in (check.problem or ""):
-        return None
-    return f"published root manifests do not verify: {check.problem}"
+def _read_seal(path: Path) -> checkpoints.Seal | None:
+    """The seal record (written last, needed first): a raw line scan that also checks every
+    frame's content checksum (ZstdError on damage)."""
+    seal = None
+    with open(path, "rb") as fh:
+        lines = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True))
+        for raw in lines:
+            if raw.startswith(b'{"t":"seal"'):
+                if seal is not None:
+                    raise RptError("the bundle holds two seals")
+                seal = _parse_seal(json.loads(raw)["data"])
+    return seal
 
 
 def verify_bundle(path: str | os.PathLike, *, trusted_fingerprints: list[str] | None = None) -> BundleResult:
-    """Verify an evidence bundle using only the file (what an auditor runs)."""
+    """Verify an evidence bundle using only the file (what an auditor runs).
+
+    With ``trusted_fingerprints`` the bundle must reach every signing key from one of them
+    (``anchored``); without, the oldest root manifest in the bundle is the anchor, which
+    proves only that the bundle is self-consistent."""
     path = Path(path)
     if not path.is_file():
         raise RptError(f"evidence bundle {path} not found")
@@ -237,90 +313,147 @@ def verify_bundle(path: str | os.PathLike, *, trusted_fingerprints: list[str] | 
         res.ok, res.area, res.problem, res.first_bad_seq = False, area, problem, seq
         return res
 
+    problem = _check_frame(path)
+    if problem:
+        return bad("bundle", problem)
+    reader = None
     try:
+        seal = _read_seal(path)
+        res.sealed = seal is not None
         with open(path, "rb") as fh:
             reader = _Reader(fh)
-            head = reader.take()
+            item = reader.take()
+            head = item[0] if item else None
             if head is None or head.get("t") != "bundle" or head.get("format") != FORMAT:
                 return bad("bundle", f"{path.name} is not a {FORMAT} evidence bundle")
             res.exported_at = head.get("exported_at")
+            meta = [item]  # every record the seal lists one by one, in file order
             all_keys = []
-            for rec in reader.run("root_key"):
+            for rec, raw in reader.run("root_key"):
+                meta.append((rec, raw))
                 k = RootKey(int(rec["version"]), rpt.b64url_decode(rec["public_key"]), rec["fingerprint"])
                 if key_fingerprint(k.public_key) != k.fingerprint:
-                    return bad("keys", f"root v{k.version}: public key does not match its fingerprint")
+                    return bad("keys", f"root_key v{k.version} (line {reader.line}): public key does not match "
+                                       f"its fingerprint")
                 all_keys.append(k)
                 res.root_keys.append({"version": k.version, "fingerprint": k.fingerprint, "state": rec.get("state")})
-            keys = rpt.key_map(all_keys)
-            by_version = {k.version: k for k in all_keys}
-            if trusted_fingerprints:
-                held = {k.fingerprint for k in all_keys}
-                missing = [fp for fp in trusted_fingerprints if fp not in held]
-                if missing:
-                    return bad("keys", f"trusted fingerprint {missing[0][:23]}… is not among the bundle's root keys")
-            manifest_docs = []
-            for rec in reader.run("manifest"):
+            docs = {}
+            for rec, raw in reader.run("manifest"):
+                meta.append((rec, raw))
                 res.manifests += 1
-                data = rpt.b64url_decode(rec["data"])
-                problem = _manifest_problem(rec["key"], data, by_version)
-                if problem:
-                    return bad("manifest", problem)
                 try:
-                    manifest_docs.append(json.loads(data))
+                    doc = json.loads(rpt.b64url_decode(rec["data"]))
                 except ValueError:
-                    pass
-            problem = _manifest_chain_problem(manifest_docs)
-            if problem:
-                return bad("manifest", problem)
-            cps = [checkpoints.parse(rec["key"], rec["data"].encode("utf-8")) for rec in reader.run("checkpoint")]
+                    doc = None
+                problem = manifest.document_problem(doc)
+                if problem is None and rec["key"] != manifest.object_key(doc["version"]):
+                    problem = f"stored as {rec['key']}, not {manifest.object_key(doc['version'])}"
+                if problem is None and doc["version"] in docs:
+                    problem = f"a second manifest of root v{doc['version']}"
+                if problem:
+                    return bad("manifest", f"manifest {rec['key']} (line {reader.line}) does not verify: {problem}")
+                docs[doc["version"]] = doc
+            cp_items = list(reader.run("checkpoint"))
+            meta.extend(cp_items)
+
+            # 1. trust: pinned fingerprints, then old-signs-new manifests only
+            anchors = set(trusted_fingerprints or [])
+            res.anchored = bool(anchors)
+            if not anchors and docs:
+                anchors = {docs[min(docs)]["fingerprint"]}
+            res.anchors = sorted(anchors)
+            for fp in trusted_fingerprints or []:
+                if not any(d["fingerprint"] == fp for d in docs.values()):
+                    return bad("keys", f"trusted fingerprint {fp[:23]}… is not the fingerprint of any root manifest "
+                                       f"in the bundle")
+            reached = manifest.reached_from(list(docs.values()), anchors)
+            refused = {}
+            for k in all_keys:
+                doc = docs.get(k.version)
+                if doc is None:
+                    return bad("manifest", f"root_key v{k.version}: the bundle holds no manifest of root v{k.version} "
+                                           f"(root manifests missing), so it cannot be traced to a pinned root")
+                if doc["fingerprint"] != k.fingerprint or base64.b64decode(doc["public_key"]) != k.public_key:
+                    return bad("manifest", f"root_key v{k.version}: its public key differs from manifest "
+                                           f"{manifest.object_key(k.version)}")
+                if k.version not in reached:
+                    refused[k.kid] = (f"signed by root v{k.version} ({k.fingerprint[:23]}…), which is not the pinned "
+                                      f"root nor reached from it by old-signs-new root manifests")
+            keys = rpt.key_map(all_keys)
+
+            # 2. the seal: signed by a reached key, over exactly these records
+            if seal is not None:
+                if seal.kid not in keys:
+                    return bad("seal", "the evidence seal is signed by a key that is not among the bundle's root keys")
+                if seal.kid in refused:
+                    return bad("seal", f"the evidence seal: {refused[seal.kid]}")
+                problem = checkpoints.signature_problem(seal, keys)
+                if problem:
+                    return bad("seal", problem.replace("checkpoint the evidence seal", "the evidence seal")
+                               .replace("checkpoint altered", "seal altered"))
+                listed = seal.extra["records"]
+                for i, (rec, raw) in enumerate(meta):
+                    entry = [rec["t"], _label(rec), hashlib.sha256(raw).hexdigest()]
+                    if i >= len(listed) or listed[i] != entry:
+                        return bad(rec["t"] if rec["t"] != "bundle" else "bundle",
+                                   f"{rec['t']} record {entry[1]} (line {i + 1}) is not the record the seal signed "
+                                   f"(added, altered or reordered)")
+                if len(listed) > len(meta):
+                    kind, label, _ = listed[len(meta)]
+                    return bad(kind, f"{kind} record {label} that the seal signed is missing from the bundle")
+
+            cps = [checkpoints.parse(rec["key"], rec["data"].encode("utf-8")) for rec, _ in cp_items]
             res.checkpoints = len(cps)
 
+            # 3. the rows: chains, checkpoints, windows, signatures (the live verifier's code)
             def ledger_rows():
-                for rec in reader.run("L"):
+                for rec, _ in reader.run("L"):
                     r = rec["r"]
                     r[1] = parse_time(r[1])
                     res.ledger_entries += 1
                     yield tuple(r)
 
             def rpt_rows():
-                for rec in ledger_rows():
+                for _ in ledger_rows():
                     pass  # the ledger verifier may stop early; skip to the tokens
-                for rec in reader.run("R"):
+                for rec, _ in reader.run("R"):
                     res.rpts += 1
                     yield rec["s"], rec["k"]
 
-            # The seal comes after the rows; read it first from a second, cheap pass.
-            seal = _read_seal(path)
-            res.sealed = seal is not None
-            result = checkpoints.verify_streams(cps, keys, ledger_rows(), rpt_rows(), rpt_signatures=True, seal=seal)
+            result = checkpoints.verify_streams(cps, keys, ledger_rows(), rpt_rows(), rpt_signatures=True,
+                                                seal=seal, refused=refused)
             if not result.ok:
                 return bad(result.area, result.problem, result.first_bad_seq)
             for _ in rpt_rows():
                 pass
-            while (rec := reader.take()) is not None and rec["t"] != "end":
-                if rec["t"] not in ("seal",):
-                    return bad("bundle", f"unexpected record {rec['t']!r} at line {reader.line} (bundle reordered)")
-            if rec is None:
+            item = reader.take()
+            if item is not None and item[0]["t"] == "seal":
+                item = reader.take()
+            if item is None:
                 return bad("bundle", "the bundle is truncated (no end record)")
-            counts = rec.get("counts", {})
-            if (counts.get("L"), counts.get("R")) != (res.ledger_entries, res.rpts):
-                return bad("bundle", f"the end record counts {counts.get('L')} ledger entries and {counts.get('R')} "
-                                     f"RPTs, the bundle holds {res.ledger_entries} and {res.rpts}")
+            if item[0]["t"] != "end":
+                return bad("bundle", f"unexpected record {item[0]['t']!r} at line {reader.line} (bundle reordered)")
+            end_line = reader.line
+            if reader.take() is not None:
+                return bad("bundle", f"records after the end record (line {end_line}): bytes appended to the bundle")
+            counts = item[0].get("counts", {})
+            held = {"bundle": 1, "root_key": len(all_keys), "manifest": res.manifests, "checkpoint": len(cps),
+                    "L": res.ledger_entries, "R": res.rpts}
+            if counts != held:
+                diff = next(k for k in KINDS if counts.get(k) != held[k])
+                return bad("bundle", f"the end record counts {counts.get(diff)} {diff} record(s), "
+                                     f"the bundle holds {held[diff]}")
             if seal is None:
                 return bad("bundle", "the bundle is not sealed: the live state failed verification at export")
+            if seal.extra["counts"] != held:
+                return bad("seal", "the record counts differ from those the seal signed")
+            if seal.extra["content_sha256"] != reader.content.hexdigest():
+                return bad("seal", "the bundle's content differs from the SHA-256 the seal signed")
     except zstandard.ZstdError as exc:
-        return bad("bundle", f"the bundle does not decompress ({exc.__class__.__name__}): file damaged or truncated")
-    except (KeyError, TypeError, IndexError) as exc:
-        return bad("bundle", f"malformed record at line {reader.line} ({exc.__class__.__name__})")
+        return bad("bundle", f"the bundle does not decompress ({exc}): file damaged or truncated")
+    except RptError as exc:
+        return bad("bundle", str(exc))
+    except (KeyError, TypeError, IndexError, ValueError, AttributeError) as exc:
+        return bad("bundle", f"malformed record at line {reader.line if reader else 0} ({exc.__class__.__name__})")
     res.ok = True
     return res
-
-
-def _read_seal(path: Path) -> checkpoints.Checkpoint | None:
-    """The seal record (written last, read first): a raw line scan, parsing only the seal."""
-    with open(path, "rb") as fh:
-        lines = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(fh), encoding="utf-8")
-        for text in lines:
-            if text.startswith('{"t":"seal"'):
-                return checkpoints.parse("evidence seal", json.loads(text)["data"].encode("utf-8"))
-    return None

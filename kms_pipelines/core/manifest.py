@@ -226,3 +226,65 @@ def verify_chain(ctx: KmsContext) -> ChainCheck:
         docs.append(json.loads(body))
     return verify_documents(docs)
 
+
+
+_DOC_FIELDS = {"format", "key", "version", "kid", "algorithm", "public_key", "fingerprint", "valid_from", "previous"}
+_PREV_FIELDS = {"version", "kid", "fingerprint", "status", "signature"}
+
+
+def document_problem(d) -> str | None:
+    """Field-by-field schema check of one manifest document (what an offline verifier needs
+    before it trusts any field); None when it is well formed and self-consistent."""
+    from .clock import parse_time
+
+    if not isinstance(d, dict):
+        return "not a JSON object"
+    if set(d) != _DOC_FIELDS:
+        return f"fields {sorted(set(d) ^ _DOC_FIELDS)} missing or unexpected"
+    n = d["version"]
+    if type(n) is not int or n < 1:
+        return "version is not a positive integer"
+    if d["format"] != FORMAT or d["key"] != "root" or d["kid"] != kid(n) or d["algorithm"] != "Ed25519":
+        return f"v{n}: format, key, kid or algorithm is not a {FORMAT} root manifest's"
+    try:
+        pub = base64.b64decode(d["public_key"], validate=True)
+        parse_time(d["valid_from"])
+    except (ValueError, TypeError):
+        return f"v{n}: public key or valid_from malformed"
+    if len(pub) != 32 or fingerprint_of(pub) != d["fingerprint"]:
+        return f"v{n}: fingerprint does not match the public key"
+    prev = d["previous"]
+    if prev is not None:
+        if not isinstance(prev, dict) or set(prev) != _PREV_FIELDS:
+            return f"v{n}: previous is not a {sorted(_PREV_FIELDS)} object"
+        if type(prev["version"]) is not int or not 0 < prev["version"] < n or prev["kid"] != kid(prev["version"]):
+            return f"v{n}: previous version or kid malformed"
+        if prev["signature"] is not None:
+            try:
+                base64.b64decode(prev["signature"], validate=True)
+            except (ValueError, TypeError):
+                return f"v{n}: previous signature is not base64"
+    return None
+
+
+def reached_from(docs: list[dict], anchors: set[str]) -> dict[int, dict]:
+    """The manifests trusted from pinned fingerprints: an anchor itself, or a manifest whose
+    previous root (itself reached) signed its fingerprint -- old signs new, never backwards.
+    ``docs`` must already pass ``document_problem``."""
+    reached: dict[int, dict] = {}
+    by_version = {d["version"]: d for d in docs}
+    for n in sorted(by_version):
+        d = by_version[n]
+        if d["fingerprint"] in anchors:
+            reached[n] = d
+            continue
+        prev = d["previous"]
+        if not prev or prev["signature"] is None:
+            continue
+        pdoc = reached.get(prev["version"])
+        if pdoc is None or pdoc["fingerprint"] != prev["fingerprint"]:
+            continue
+        if verify_signature(base64.b64decode(pdoc["public_key"]), signed_message(d["fingerprint"]),
+                            base64.b64decode(prev["signature"])):
+            reached[n] = d
+    return reached

@@ -202,14 +202,15 @@ class Anchor:
 
 def verify_token_rows(rows: Iterable[tuple[int, str]], keys: dict[str, RootKey], windows: dict[int, Window], *,
                       anchor: Anchor = Anchor(), end_seq: int | None = None, signatures: bool = True,
-                      marks: Iterable[int] = ()) -> ChainResult:
+                      marks: Iterable[int] = (), refused: dict[str, str] | None = None) -> ChainResult:
     """Verify ``(seq, token)`` rows in seq order, naming the first bad seq and why.
 
     Checks, per token: its position (no gap, no reorder), that ``prev`` links to the previous
     token, the header (alg, known kid), the Ed25519 signature under the kid's public key, that
     the kid's root version was active at ``iat`` (ledger windows), and that ``iat`` never goes
     backwards. ``end_seq`` demands the rows reach that seq (partitioned runs). ``marks`` lists
-    seqs whose token hashes are returned in ``seen`` (checkpoint comparisons).
+    seqs whose token hashes are returned in ``seen`` (checkpoint comparisons). ``refused`` maps
+    kids that are known but not trusted (not reached from a pinned root) to the reason.
     With ``signatures=False`` only the hash chain is checked (cheap; checkpoint verification).
     """
     expected, prev, prev_iat, count = anchor.seq + 1, anchor.hash, anchor.iat, 0
@@ -248,6 +249,8 @@ def verify_token_rows(rows: Iterable[tuple[int, str]], keys: dict[str, RootKey],
                 why = (f"unknown kid {str(kid)[:40]!r}" if parsed is None else
                        f"unknown kid: no retained public key of root v{parsed[0]} has fingerprint {parsed[1][:23]}…")
                 return fail(seq, why)
+            if refused and kid in refused:
+                return fail(seq, refused[kid])
             pub = pubs.get(kid)
             if pub is None:
                 pub = pubs[kid] = Ed25519PublicKey.from_public_bytes(key.public_key)
