@@ -133,8 +133,10 @@ def register(cli) -> None:
     @click.option("--target", "target_url", required=True, help="URL of a NEW, empty database to restore into.")
     @click.option("--target-home", default=None, type=click.Path(file_okay=False),
                   help="Where to unpack artifacts/kms (default: a temp dir).")
-    @click.option("--trust", default=None, type=click.Path(exists=True, dir_okay=False),
-                  help="Pinned root public keys (offline restore); default: this KMS's root keys.")
+    @click.option("--trust", default=None, metavar="FINGERPRINT|FILE",
+                  help="Pin the root (offline restore): a SHA256:… fingerprint obtained out of band, or a file "
+                       "of root public keys (`kms backup trust-export`). The manifest's signer must be pinned or "
+                       "reached from a pinned root by old-signs-new root manifests. Default: this KMS's root keys.")
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context
     def restore_cmd(ctx, archive, target_url, target_home, trust, as_json):

@@ -42,6 +42,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import aliased
 
 from . import archive as archive_mod
+from . import backup_manifest_schema as manifest_schema
 from . import lifecycle, retry
 from .canonical import canonical_bytes
 from .clock import utc
@@ -51,8 +52,8 @@ from .db.models_backup import (COMPLETE, FAILED, GOOD_STATUSES, PRUNED, UPLOADIN
                                BackupKeyRef)
 from .keystore import fingerprint, verify_signature
 
-MANIFEST_FORMAT = "kms-backup-manifest/1"
-ARCHIVE_FORMAT = "tar+zstd+age/1"
+MANIFEST_FORMAT = manifest_schema.FORMAT
+ARCHIVE_FORMAT = manifest_schema.ARCHIVE_FORMAT
 NIGHTLY, WEEKLY = "nightly", "weekly"
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 
@@ -187,25 +188,28 @@ def _data_key_refs(engine: Engine) -> list[dict]:
 
 def _sign(ctx: KmsContext, session, manifest: dict) -> dict:
     root = _active(session, "root")
-    body = canonical_bytes(manifest)
-    sig = ctx.keystore.sign(root.sign_ref, body)
-    return {"format": MANIFEST_FORMAT, "kid": root.fingerprint, "alg": "Ed25519",
-            "signature": base64.b64encode(sig).decode(), "manifest": manifest}
+    doc = {"format": MANIFEST_FORMAT, "kid": root.fingerprint, "alg": "Ed25519", "manifest": manifest}
+    sig = ctx.keystore.sign(root.sign_ref, canonical_bytes(manifest_schema.signed_part(doc)))
+    return {**doc, "signature": base64.b64encode(sig).decode()}
 
 
-def load_trust(path: str | os.PathLike) -> list[bytes]:
-    """Pinned root public keys for offline restore: a JSON file holding a list of base64
-    raw Ed25519 public keys, or ``{"root_public_keys": [...]}`` (what ``kms backup
-    trust-export`` writes)."""
+def load_trust(spec: str | os.PathLike) -> list[bytes] | list[str]:
+    """What an offline restore pins: a root fingerprint (``SHA256:<hex>``, obtained out of
+    band), or a JSON file holding base64 raw Ed25519 public keys, as a list or as
+    ``{"root_public_keys": [...]}`` (what ``kms backup trust-export`` writes)."""
+    if isinstance(spec, str) and spec.startswith("SHA256:"):
+        if len(spec) != 71 or any(c not in "0123456789abcdef" for c in spec[7:]):
+            raise BackupError(f"--trust {spec[:30]}… is not a SHA256:<64 hex> root fingerprint")
+        return [spec]
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(spec).read_text())
     except (OSError, ValueError) as exc:
-        raise BackupError(f"cannot read trust file {path}: {exc}") from None
+        raise BackupError(f"cannot read trust file {spec}: {exc}") from None
     keys = data.get("root_public_keys") if isinstance(data, dict) else data
     try:
         return [base64.b64decode(k["public_key"] if isinstance(k, dict) else k) for k in keys or []]
     except (ValueError, TypeError, KeyError):
-        raise BackupError(f"trust file {path} does not hold base64 public keys") from None
+        raise BackupError(f"trust file {spec} does not hold base64 public keys") from None
 
 
 def trusted_root_keys(ctx: KmsContext) -> dict[str, bytes]:
@@ -219,27 +223,53 @@ def trusted_root_keys(ctx: KmsContext) -> dict[str, bytes]:
     return {fp: bytes(pk) for fp, pk in rows}
 
 
-def verify_manifest(ctx: KmsContext, raw: bytes, *, trust: list[bytes] | None = None) -> dict:
-    """Parse and verify a signed manifest; returns the inner manifest or raises BackupError."""
+def pinned_root_keys(ctx: KmsContext, trust: list[bytes] | list[str]) -> dict[str, bytes]:
+    """fingerprint → public key of the pinned roots and of every root reached from them by
+    the published old-signs-new manifests (``manifests/root/`` in the object store). A root
+    whose successor's manifest records it as revoked is left out."""
+    from . import manifest as root_manifest
+
+    pinned = {k: None for k in trust if isinstance(k, str)}
+    pinned.update({fingerprint(k): k for k in trust if isinstance(k, bytes)})
+    docs = []
+    if ctx.objects is not None:
+        for info in ctx.objects.list(root_manifest.PREFIX):
+            try:
+                doc = json.loads(ctx.objects.get_bytes(info.key))
+            except ValueError:
+                continue  # not a manifest: it cannot extend trust
+            if root_manifest.document_problem(doc) is None:
+                docs.append(doc)
+    reached = root_manifest.reached_from(docs, set(pinned))
+    revoked = {d["previous"]["version"] for d in docs if d["previous"] and d["previous"]["status"] == REVOKED}
+    out = {fp: pk for fp, pk in pinned.items() if pk is not None}
+    for n, d in reached.items():
+        if n not in revoked:
+            out[d["fingerprint"]] = base64.b64decode(d["public_key"])
+    return out
+
+
+def verify_manifest(ctx: KmsContext, raw: bytes, *, trust: list[bytes] | list[str] | None = None) -> dict:
+    """Parse, schema-check field by field, and verify a signed manifest; returns the inner
+    manifest or raises BackupError naming the first bad field or the untrusted key."""
     try:
         doc = json.loads(raw)
-        manifest, kid = doc["manifest"], doc["kid"]
-        sig = base64.b64decode(doc["signature"], validate=True)
-        if doc.get("format") != MANIFEST_FORMAT:
-            raise ValueError("unknown format")
-    except (ValueError, KeyError, TypeError):
-        raise BackupError("manifest is malformed (not a signed kms backup manifest)") from None
-    if trust is not None:
-        keys = {fingerprint(k): k for k in trust}
-    else:
-        keys = trusted_root_keys(ctx)
+    except ValueError:
+        raise BackupError("manifest is malformed (not JSON)") from None
+    problem = manifest_schema.schema_problem(doc)
+    if problem:
+        raise BackupError(f"manifest does not match the {MANIFEST_FORMAT} schema: {problem}")
+    kid = doc["kid"]
+    keys = pinned_root_keys(ctx, trust) if trust is not None else trusted_root_keys(ctx)
     public = keys.get(kid)
     if public is None:
         raise BackupError(f"manifest is signed by {kid}, which is not a trusted root key"
-                          + (" in the trust file" if trust is not None else " of this KMS (pass --trust)"))
-    if not verify_signature(public, canonical_bytes(manifest), sig):
+                          + (" (neither pinned nor reached from the pinned root by root manifests)"
+                             if trust is not None else " of this KMS (pass --trust)"))
+    sig = base64.b64decode(doc["signature"])
+    if not verify_signature(public, canonical_bytes(manifest_schema.signed_part(doc)), sig):
         raise BackupError("manifest signature does not verify: the manifest was altered or not signed by the root key")
-    return manifest
+    return doc["manifest"]
 
 
 # ---------------------------------------------------------------------------- create
@@ -338,6 +368,11 @@ def _create_once(ctx: KmsContext, *, gfs_class: str | None, source: BackupSource
     archive_key, manifest_key = prefix + ".tar.zst.age", prefix + ".manifest.json"
     kind = _db_kind(source.engine)
     refs = _data_key_refs(source.engine)
+    from . import manifest as root_manifest
+
+    # An offline restore pinned to a root fingerprint reaches the signing root only
+    # through published root manifests: make sure every root version has one.
+    root_manifest.publish_pending(ctx)
 
     with ctx.transaction() as session:
         bkey = _active(session, "backup")

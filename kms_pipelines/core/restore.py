@@ -185,7 +185,7 @@ def _check_target(ctx: KmsContext, target_url: str, db_kind: str) -> None:
         engine.dispose()
 
 
-def verify_before_restore(ctx: KmsContext, archive: str, *, trust: list[bytes] | None = None) -> tuple[dict, str]:
+def verify_before_restore(ctx: KmsContext, archive: str, *, trust: list[bytes] | list[str] | None = None) -> tuple[dict, str]:
     """Steps (1) and (2): signed manifest, then the archive's size and sha256. Returns
     (manifest, archive_key); raises BackupError naming what does not match."""
     from .objectstore import ObjectNotFound
@@ -269,7 +269,7 @@ def staging_context(ctx: KmsContext, url: str, home: Path) -> KmsContext:
 
 
 def restore(ctx: KmsContext, archive: str, target_url: str, *, target_home: str | os.PathLike | None = None,
-            trust: list[bytes] | str | None = None) -> RestoreReport:
+            trust: list[bytes] | list[str] | str | None = None) -> RestoreReport:
     """Verify, then restore ``archive`` (file path, id or object key) into ``target_url`` and check it."""
     started, t0 = ctx.now(), time.perf_counter()
     ctx, archive = archive_from_path(ctx, archive)
