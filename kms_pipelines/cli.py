@@ -90,6 +90,33 @@ class KmsGroup(click.Group):
                 raise
             click.echo(f"kms: error: {line}", err=True)
             ctx.exit(EXIT_FAILED)
+        finally:
+            _finish_command(ctx)
+
+
+def _finish_command(ctx: click.Context) -> None:
+    """Make the command's audit events durable, and end every command that moved the ledger
+    or the RPT chain with a signed checkpoint in WORM storage (T3), so a later cut of the
+    tail is caught; commands that changed nothing write none."""
+    obj = ctx.obj or {}
+    kms, before = obj.get("kms"), obj.get("heads")
+    if kms is None:
+        return
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .core import audit, checkpoints
+    from .core.errors import known_errors
+
+    audit.flush(kms)
+    if before is None or kms.objects is None:
+        return
+    try:
+        checkpoints.checkpoint_if_changed(kms, before)
+    except known_errors() as exc:
+        click.echo(f"kms: error: the state changed but no checkpoint could be signed: {exc}", err=True)
+        ctx.exit(EXIT_FAILED)
+    except (SQLAlchemyError, OSError):
+        return  # the database or store is unreachable: the command's own error already said so
 
 
 def _command_line(args: list[str]) -> str:
@@ -117,7 +144,20 @@ def get_context(ctx: click.Context, *, create: bool = False):
 
         clock = FixedClock(parse_time(obj["at"])) if obj.get("at") else None
         obj["kms"] = context_from_env(clock=clock)
+        obj["heads"] = _heads(obj["kms"])
     return obj["kms"]
+
+
+def _heads(kms):
+    """The ledger and RPT heads before the command (None: no schema yet, e.g. before init)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .core import checkpoints
+
+    try:
+        return checkpoints.heads(kms)
+    except SQLAlchemyError:
+        return (0, None, 0, None)
 
 
 def _parse_at(_ctx, _param, value):
@@ -240,7 +280,9 @@ def ledger():
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def ledger_verify(ctx, workers, as_json):
-    """Recompute the ledger chain; exit 1 naming the first bad seq."""
+    """Recompute the ledger chain, then replay it against key_versions and the audit log;
+    exit 1 naming the first bad seq or the first disagreement."""
+    from .core import crosscheck
     from .core import ledger as ledger_mod
 
     kms = get_context(ctx)
@@ -248,9 +290,20 @@ def ledger_verify(ctx, workers, as_json):
         result = ledger_mod.verify_with_policy(kms)
     else:
         result = ledger_mod.verify(kms.engine, workers=workers, min_entries_per_worker=1)
-    finish_verification(ctx, result, as_json,
-                        lambda: f"ledger intact: {result.count} entries, head {result.head_hash[:16]}…",
-                        lambda: f"ledger BROKEN at seq {result.first_bad_seq}: {result.problem}")
+    cross = crosscheck.verify(kms) if result.ok else None
+    if as_json:
+        emit_json({**result.to_dict(), "crosscheck": cross.to_dict() if cross else None,
+                   "ok": result.ok and cross is not None and cross.ok})
+    elif not result.ok:
+        click.echo(f"ledger BROKEN at seq {result.first_bad_seq}: {result.problem}", err=True)
+    elif not cross.ok:
+        click.echo(f"ledger DISAGREES with {' / '.join(cross.sources)}: {cross.problem}"
+                   + (f" (+{len(cross.problems) - 1} more)" if len(cross.problems) > 1 else ""), err=True)
+    else:
+        click.echo(f"ledger intact: {result.count} entries, head {result.head_hash[:16]}…; replay matches "
+                   f"{cross.versions} key version(s) and {cross.audit_events} audit event(s)")
+    if not (result.ok and cross.ok):
+        ctx.exit(EXIT_FAILED)
 
 
 def _register_areas() -> None:

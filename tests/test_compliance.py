@@ -182,14 +182,17 @@ def test_t_ledger_tampered_behind_the_triggers_is_red(exercised):
 
 def test_a_manual_rotation_without_approvers_inserted_by_bypass_is_red(exercised):
     """A: a 'manual' ledger entry with no approvers and no ticket, appended around the
-    access controls. The chain stays valid (T3 green): only A4 sees the breach."""
+    access controls. The chain stays valid, but the entry moved no key_versions row, so the
+    ledger replay turns T3 red as well (issue 12); A4 names the missing approvals."""
     kms = exercised
     with kms.transaction() as session:
         ledger.append(session, at=kms.now(), key_name="service:api-gateway", key_version=1, from_state="active",
                       to_state="rotated", actor="mallory", reason="manual")
     evidence = compliance.build_report(kms, only=["A4"]).row("A4").evidence
     assert "0 approver(s) and ticket none" in evidence
-    _assert_red(kms, "A4", "T3")
+    _assert_red(kms, "A4", "B3")
+    t3 = compliance.build_report(kms, only=["T3"]).row("T3")
+    assert t3.status == "fail" and "ledger replay disagrees with key_versions" in t3.evidence
 
 
 def test_b_no_backup_within_freshness_hours_is_red(exercised):

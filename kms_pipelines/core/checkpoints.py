@@ -252,14 +252,42 @@ def latest(ctx: KmsContext, keys: dict[str, RootKey] | None = None) -> Checkpoin
     return cp
 
 
-def verify(ctx: KmsContext, *, rpt_signatures: bool = False) -> AuditResult:
-    """Check the live ledger (and RPT chain) against every checkpoint in the object store."""
+def verify(ctx: KmsContext, *, rpt_signatures: bool = False, require_checkpoint: bool = True) -> AuditResult:
+    """Check the live ledger (and RPT chain) against every checkpoint in the object store.
+
+    State with no checkpoint at all fails (``require_checkpoint``): without one, a cut of
+    the ledger's tail cannot be told from a ledger that never had those rows."""
     checkpoints = load_all(ctx)
     batch = ctx.policy.rpt.verify_batch_size
     with ctx.engine.connect() as conn:
         keys = rpt.root_keys(conn)
-        return verify_streams(checkpoints, keys, ledger.iter_rows(conn, batch),
-                              rpt.iter_tokens(conn, batch_size=batch), rpt_signatures=rpt_signatures)
+        result = verify_streams(checkpoints, keys, ledger.iter_rows(conn, batch),
+                                rpt.iter_tokens(conn, batch_size=batch), rpt_signatures=rpt_signatures)
+    if result.ok and require_checkpoint and not checkpoints and (result.ledger_size or result.rpt_size):
+        result.ok, result.area = False, "checkpoint"
+        result.problem = (f"no signed checkpoint in WORM storage although the ledger holds {result.ledger_size} "
+                          f"entries and the RPT chain {result.rpt_size} tokens: nothing bounds a cut of their tail")
+    return result
+
+
+def heads(ctx: KmsContext) -> tuple[int, str, int, str]:
+    """(ledger size, ledger head hash, RPT size, RPT head hash) of the live state."""
+    with ctx.engine.connect() as conn:
+        return (*ledger.head(conn), *rpt.chain_head(conn))
+
+
+def checkpoint_if_changed(ctx: KmsContext, before: tuple | None = None) -> dict | None:
+    """Write a checkpoint when the ledger or RPT heads moved (since ``before``, and past the
+    newest checkpoint), so every state change is bounded by a WORM checkpoint and no state
+    change gets two. None when nothing changed."""
+    now_heads = heads(ctx)
+    if before is not None and tuple(before) == now_heads:
+        return None
+    newest = latest(ctx)
+    if newest is not None and (newest.ledger_size, newest.ledger_head_hash, newest.rpt_size,
+                               newest.rpt_head_hash) == now_heads:
+        return None
+    return write_checkpoint(ctx)
 
 
 def _signer(ctx: KmsContext) -> tuple[str, str]:
@@ -293,7 +321,7 @@ def write_checkpoint(ctx: KmsContext) -> dict:
 
 def _write_checkpoint_once(ctx: KmsContext) -> dict:
     store = _objects(ctx)
-    result = verify(ctx)
+    result = verify(ctx, require_checkpoint=False)
     if not result.ok:
         raise RptError(f"refusing to sign a checkpoint: {result.problem}")
     now = ctx.now()

@@ -467,7 +467,8 @@ def eval_t2(ctx: KmsContext) -> Finding:
 
 
 def eval_t3(ctx: KmsContext) -> Finding:
-    from . import checkpoints, ledger
+    """Ledger chain, signed WORM checkpoints, and the ledger replayed against key_versions."""
+    from . import checkpoints, crosscheck, ledger
 
     problems, good = [], []
     result = ledger.verify_with_policy(ctx)
@@ -482,8 +483,16 @@ def eval_t3(ctx: KmsContext) -> Finding:
         problems.append("no signed ledger checkpoint in WORM storage yet")
     else:
         good.append(f"matches {audit_result.checkpoints} signed checkpoint(s), latest {audit_result.latest_checkpoint}")
+    with ctx.engine.connect() as conn:
+        replay = crosscheck.replay(conn)
+    if replay.ok:
+        good.append(f"ledger replay reproduces key_versions ({replay.versions} version(s): states and times)")
+    else:
+        problems.append("ledger replay disagrees with key_versions: " + _join(replay.problems[:3]))
     return _finding(problems, good, {"entries": result.count, "checkpoints": audit_result.checkpoints,
-                                     "first_bad_seq": result.first_bad_seq or audit_result.first_bad_seq})
+                                     "first_bad_seq": result.first_bad_seq or audit_result.first_bad_seq,
+                                     "replay_problems": replay.problems,
+                                     "records": ["ledger_entries", "checkpoint objects (WORM)", "key_versions"]})
 
 
 def eval_t4(ctx: KmsContext) -> Finding:

@@ -169,9 +169,16 @@ def _transition(session: Session, ctx: KmsContext, key: Key, version: KeyVersion
     stamp = {ACTIVE: "activated_at", ROTATED: "rotated_at", REVOKED: "revoked_at", DESTROYED: "destroyed_at"}
     setattr(version, stamp[to_state], now)
     session.flush()
-    ledger.append(session, at=now, key_name=key.name, key_version=version.version, from_state=from_state,
-                  to_state=to_state, actor=actor, approvers=approvers, change_ticket=ticket, reason=reason,
-                  event_id=event_id)
+    entry = ledger.append(session, at=now, key_name=key.name, key_version=version.version, from_state=from_state,
+                          to_state=to_state, actor=actor, approvers=approvers, change_ticket=ticket, reason=reason,
+                          event_id=event_id)
+    # The audit log's own record of the state change, in the same transaction: the ledger and
+    # the audit chain must agree event for event (core/crosscheck.py).
+    from . import audit, crosscheck
+
+    audit.record(session, at=now, operation=crosscheck.TRANSITION_OP, actor=actor,
+                 target=f"{key.name}#v{version.version}", outcome="ok",
+                 detail={"seq": entry.seq, "from": from_state, "to": to_state})
 
 
 @dataclass
