@@ -22,8 +22,9 @@ def register(cli) -> None:
                   help="Also show each clause's latest asset-check run from the Dagster instance ($DAGSTER_HOME).")
     @click.pass_context
     def report(ctx, fmt, out, clauses, dagster_evidence):
-        """Evaluate every policy clause (P1–B4, docs/policy.md) against the live state; exit 1 if any fails."""
-        from ..core import compliance
+        """Run anomaly detection, then evaluate every policy clause (P1–B4, docs/policy.md) against the
+        live state; exit 1 if any fails."""
+        from ..core import audit, compliance
 
         known = {c.id for c in compliance.CLAUSES}
         unknown = sorted({c.upper() for c in clauses} - known)
@@ -38,7 +39,10 @@ def register(cli) -> None:
 
             instance = dg.DagsterInstance.get()
             evidence = lambda c: check_evidence(instance, c)  # noqa: E731
-        result = compliance.build_report(get_context(ctx), evidence=evidence,
+        kms = get_context(ctx)
+        # A3 judges the anomalies: detect first, over every event since the last run
+        audit.refresh_anomalies(kms)
+        result = compliance.build_report(kms, evidence=evidence,
                                          only=[c.upper() for c in clauses] or None)
         text = compliance.render(result, fmt)
         if out:

@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session
 
 from . import retry
 from .canonical import canonical_fast
-from .clock import utc
+from .clock import parse_time, utc
 from .db.models import LedgerEntry
 from .db.models_access import AuditAnomaly, AuditEvent
 from .ledger import GENESIS_HASH, VerifyResult, advisory_xact_lock, chain_head, entry_hash, format_time
@@ -418,15 +418,49 @@ class AnomalyReport:
     unreviewed: list[AuditAnomaly]  # of the severities the policy says must be reviewed
 
 
+DETECTION_OP = "audit.anomalies"
+
+
+def detection_cursor(ctx) -> datetime | None:
+    """Where the last detection run ended: kept in the audit chain itself (each run's
+    ``audit.anomalies`` event records ``through``), so the cursor is tamper-evident."""
+    flush(ctx)
+    with ctx.engine.connect() as conn:
+        details = conn.execute(select(AuditEvent.detail).where(AuditEvent.operation == DETECTION_OP)
+                               .order_by(AuditEvent.seq.desc()).limit(20)).scalars().all()
+    for detail in details:
+        try:
+            return utc(parse_time(json.loads(detail or "{}")["through"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # an older event without a cursor
+    return None
+
+
 def refresh_anomalies(ctx, at: datetime | None = None) -> AnomalyReport:
-    """Detect and persist anomalies (idempotent: one row per fingerprint)."""
+    """Detect and persist anomalies over every event since the last run, however long ago
+    (window by window from the stored cursor), then move the cursor (idempotent: one row
+    per fingerprint)."""
     end = utc(at or ctx.now())
-    found = detect(ctx, end)
+    window = timedelta(hours=ctx.policy.audit.anomaly_window_hours)
+    cursor = detection_cursor(ctx)
+    if cursor is None:  # the first run reads the whole log, not only the last window
+        with ctx.engine.connect() as conn:
+            first = conn.execute(select(func.min(AuditEvent.at))).scalar()
+        cursor = utc(first) if first is not None and utc(first) < end - window else None
+    found: dict[str, Anomaly] = {}
+    step_end = end if cursor is None or cursor >= end - window else cursor + window
+    while True:
+        for a in detect(ctx, min(step_end, end)):
+            found.setdefault(a.fingerprint, a)
+        if step_end >= end:
+            break
+        step_end += window
+    start_covered = (cursor if cursor is not None and cursor < end - window else end - window)
     with ctx.transaction() as session:
         existing = set(session.scalars(select(AuditAnomaly.fingerprint).where(
-            AuditAnomaly.fingerprint.in_([a.fingerprint for a in found]))))
+            AuditAnomaly.fingerprint.in_(list(found)))))
         new = []
-        for a in found:
+        for a in found.values():
             if a.fingerprint in existing:
                 continue
             existing.add(a.fingerprint)
@@ -436,11 +470,31 @@ def refresh_anomalies(ctx, at: datetime | None = None) -> AnomalyReport:
             session.add(row)
             new.append(row)
         session.flush()
-        if new:
-            record(session, at=end, operation="audit.anomalies", actor=ctx.actor, target=None, outcome="ok",
-                   detail={"new": len(new), "kinds": sorted({r.kind for r in new})})
-    start = end - timedelta(hours=ctx.policy.audit.anomaly_window_hours)
+        if cursor is None or end > cursor:
+            record(session, at=end, operation=DETECTION_OP, actor=ctx.actor, target=None, outcome="ok",
+                   detail={"new": len(new), "kinds": sorted({r.kind for r in new}),
+                           "from": format_time(start_covered), "through": format_time(end)})
+    start = end - window
     return AnomalyReport(new, list_anomalies(ctx, since=start), unreviewed(ctx))
+
+
+def detection_coverage(ctx) -> dict:
+    """A3: has detection looked at every event older than one window? ``gap`` names the
+    events it has not seen (detection skipped for longer than its window)."""
+    cursor = detection_cursor(ctx)
+    limit = utc(ctx.now()) - timedelta(hours=ctx.policy.audit.anomaly_window_hours)
+    q = select(func.count(), func.min(AuditEvent.at)).where(AuditEvent.at < limit,
+                                                             AuditEvent.operation != DETECTION_OP)
+    if cursor is not None:
+        q = q.where(AuditEvent.at > cursor)
+    with ctx.engine.connect() as conn:
+        n, oldest = conn.execute(q).one()
+    gap = None
+    if n:
+        gap = (f"anomaly detection has not covered {n} audit event(s) since "
+               f"{format_time(utc(oldest)) if oldest else '-'} (last run through "
+               f"{format_time(cursor) if cursor else 'never'})")
+    return {"through": cursor, "unseen": int(n or 0), "gap": gap}
 
 
 def list_anomalies(ctx, *, since: datetime | None = None, only_unreviewed: bool = False) -> list[AuditAnomaly]:

@@ -288,9 +288,12 @@ def eval_p4(ctx: KmsContext) -> Finding:
 # ---- R: rotation --------------------------------------------------------------------
 
 def eval_r1(ctx: KmsContext) -> Finding:
+    """Root cadence (key_versions), published manifest (object store), partner notices
+    (partner_notices) confirmed by channel deliveries (notification_deliveries)."""
     from . import manifest, rotation
 
     problems, good, details = _cadence(ctx, "root")
+    warnings = []
     active = next((k for k in details["keys"]), None)
     latest = manifest.latest(ctx)
     if active is not None:
@@ -305,12 +308,42 @@ def eval_r1(ctx: KmsContext) -> Finding:
                         + ", ".join(f"{r.partner}@v{r.version} (due {_iso(r.deadline)})" for r in check.overdue))
     if check.late:
         problems.append("partners notified late: " + ", ".join(f"{r.partner}@v{r.version}" for r in check.late))
-    if check.rows and not check.overdue and not check.late:
+    channel_ok, p, w = _r1_channel_deliveries(ctx, check.rows)
+    problems += p
+    warnings += w
+    if check.rows and not check.overdue and not check.late and not p:
         hours = ctx.policy.key_class("root").partner_notice_hours
-        good.append(f"{sum(r.notified_at is not None for r in check.rows)}/{len(check.rows)} partner notice(s) "
-                    f"delivered within {hours} h; {len(check.unacked)} awaiting ack")
+        good.append(f"{channel_ok}/{len(check.rows)} partner notice(s) delivered by email/Slack within {hours} h; "
+                    f"{len(check.unacked)} awaiting ack")
     details["partner_notices"] = len(check.rows)
-    return _finding(problems, good, details)
+    details["channel_deliveries"] = channel_ok
+    details["records"] = ["key_versions", "root manifests (object store)", "partner_notices",
+                          "notification_deliveries"]
+    return _finding(problems, good, details, warnings)
+
+
+def _r1_channel_deliveries(ctx: KmsContext, rows) -> tuple[int, list[str], list[str]]:
+    """A partner notice counts as delivered only through a real channel (email or Slack);
+    one that reached only the local outbox is a warning, a notice marked sent with no
+    delivery record at all is a failure."""
+    from . import manifest, notifications
+
+    sent = [r for r in rows if r.notified_at is not None]
+    refs = {f"{r.partner}:{manifest.kid(r.version)}": r for r in sent}
+    found = notifications.deliveries_by_ref(ctx, ("root_rotation_partner_notice",), refs)
+    problems, warnings, ok = [], [], 0
+    for ref, d in found.items():
+        r = refs[ref]
+        if not d.recorded:
+            problems.append(f"partner notice {r.partner}@v{r.version} is marked sent but no delivery is recorded")
+        elif d.delivered:
+            ok += 1
+        elif d.outbox_only:
+            warnings.append(f"partner notice {r.partner}@v{r.version} went only to the local outbox (no SMTP or "
+                            f"Slack configured): not delivered to the partner")
+        else:
+            problems.append(f"partner notice {r.partner}@v{r.version} failed: {', '.join(d.failed[:2])}")
+    return ok, problems[:10], warnings[:10]
 
 
 def eval_r2(ctx: KmsContext) -> Finding:
@@ -328,8 +361,41 @@ def eval_r2(ctx: KmsContext) -> Finding:
         warnings.append(f"{len(open_)} security event(s) being answered (within the {sla} h SLA)")
     else:
         good.append("no open security events")
+    resolved, unlinked = _r2_linked_responses(ctx)
+    problems += unlinked
+    if resolved and not unlinked:
+        good.append(f"{resolved} resolved security event(s), each with its response in the ledger")
     details["open_events"] = [e.id for e in open_]
+    details["records"] = ["security_events", "ledger_entries", "notification_deliveries"]
     return _finding(problems, good, details, warnings)
+
+
+def _r2_linked_responses(ctx: KmsContext) -> tuple[int, list[str]]:
+    """A resolved event must show its response in records other than its own status: a
+    ledger rotation (or revocation) linked to the event, or of the reported version after it
+    was reported; a compromise must leave the reported version revoked or destroyed."""
+    from .db.models import LedgerEntry
+    from .db.models_events import EVENT_RESOLVED, SecurityEvent
+
+    problems, n = [], 0
+    with ctx.transaction() as session:
+        resolved = session.scalars(select(SecurityEvent).where(SecurityEvent.status == EVENT_RESOLVED)
+                                   .order_by(SecurityEvent.seq)).all()
+        for ev in resolved:
+            n += 1
+            linked = session.scalars(select(LedgerEntry.to_state).where(LedgerEntry.event_id == ev.id)).all()
+            later = session.execute(select(LedgerEntry.to_state).where(
+                LedgerEntry.key_name == ev.key_name, LedgerEntry.key_version == ev.key_version,
+                LedgerEntry.to_state.in_(("rotated", "revoked", "destroyed")),
+                LedgerEntry.at >= ev.reported_at)).scalars().all()
+            ended = set(linked) | set(later)
+            if not ev.response or not (linked or later):
+                problems.append(f"security event {ev.id[:12]} ({ev.type} on {ev.key_name}) is resolved but no "
+                                f"ledger entry shows a response (no rotation or revocation linked to it)")
+            elif ev.type == "compromise" and not ({"revoked", "destroyed"} & ended):
+                problems.append(f"compromise event {ev.id[:12]} is resolved but {ev.key_name} v{ev.key_version} "
+                                f"was never revoked")
+    return n, problems[:10]
 
 
 def eval_r3(ctx: KmsContext) -> Finding:
@@ -444,6 +510,8 @@ def _t1_archive(ctx: KmsContext):
 
 
 def eval_t2(ctx: KmsContext) -> Finding:
+    """Destroyed versions hold no live DEK and no material (key_versions, deks, keystore);
+    every version that still has live DEKs still has its key material (deks, keystore)."""
     from . import envelope, lifecycle
     from .db.models import DESTROYED, Key, KeyVersion
 
@@ -461,9 +529,32 @@ def eval_t2(ctx: KmsContext) -> Finding:
     for name, _cls, version, ref in rows:
         if ref and ctx.keystore.exists(ref):
             problems.append(f"{name} v{version} is destroyed but its key material was not erased")
+    live, lost = _t2_material_under_live_deks(ctx)
+    problems += lost
     if not problems:
-        good.append(f"{len(rows)} destroyed data/export/backup version(s), none with live DEKs, material erased")
-    return _finding(problems, good, {"destroyed": len(rows)})
+        good.append(f"{len(rows)} destroyed data/export/backup version(s), none with live DEKs, material erased; "
+                    f"{live} version(s) with live DEKs all hold their key material")
+    return _finding(problems, good, {"destroyed": len(rows), "versions_with_live_deks": live,
+                                     "records": ["key_versions", "deks", "keystore objects"]})
+
+
+def _t2_material_under_live_deks(ctx: KmsContext) -> tuple[int, list[str]]:
+    """Ciphertext is only retained if its key is: a version with live DEKs whose wrapping
+    material is gone from the keystore (erased out of band) has made that data unreadable."""
+    from . import envelope
+    from .db.models import Key, KeyVersion
+
+    counts = [c for c in envelope.inventory_counts(ctx) if c.deks]
+    with ctx.transaction() as session:
+        refs = {(k, v): ref for k, v, ref in session.execute(
+            select(Key.name, KeyVersion.version, KeyVersion.wrap_ref).join(KeyVersion))}
+    lost = []
+    for c in counts:
+        ref = refs.get((c.key, c.version))
+        if not ref or not ctx.keystore.exists(ref):
+            lost.append(f"{c.key} v{c.version} ({c.state}) still wraps {c.deks} live DEK(s) but its key material "
+                        f"is gone from the keystore")
+    return len(counts), lost[:10]
 
 
 def eval_t3(ctx: KmsContext) -> Finding:
@@ -626,13 +717,33 @@ def eval_a3(ctx: KmsContext) -> Finding:
         good.append(f"audit chain verifies ({result.count} events)")
     else:
         problems.append(f"audit chain broken at seq {result.first_bad_seq}: {result.problem}")
+    problems += _a3_ledger_matches_audit(ctx, good)
+    coverage = audit.detection_coverage(ctx)
+    if coverage["gap"]:
+        problems.append(coverage["gap"])
+    else:
+        good.append(f"anomaly detection covers every event through {_iso(coverage['through'])}")
     pending = audit.unreviewed(ctx)
     if pending:
         problems.append(f"{len(pending)} unreviewed {'/'.join(ctx.policy.audit.review_severities)} anomaly(ies): "
                         + ", ".join(f"#{a.id} {a.kind}" for a in pending[:5]))
     else:
         good.append("no unreviewed high-severity anomaly")
-    return _finding(problems, good, {"events": result.count, "unreviewed": [a.id for a in pending]})
+    return _finding(problems, good, {"events": result.count, "unreviewed": [a.id for a in pending],
+                                     "records": ["audit_events", "ledger_entries", "key_versions", "audit cursor"]})
+
+
+def _a3_ledger_matches_audit(ctx: KmsContext, good: list[str]) -> list[str]:
+    """Every key-state change is in both the ledger and the audit log, and every new
+    version's material was generated through the audited keystore."""
+    from . import audit, crosscheck
+
+    audit.flush(ctx)
+    with ctx.engine.connect() as conn:
+        cross = crosscheck.ledger_vs_audit(conn)
+    if cross.ok:
+        good.append(f"ledger and audit log agree event for event ({cross.entries} ledger entries)")
+    return cross.problems[:5]
 
 
 def _is_manual(ctx: KmsContext, key_name: str, to_state: str, reason: str | None, event_id: str | None) -> bool:
@@ -646,12 +757,15 @@ def _is_manual(ctx: KmsContext, key_name: str, to_state: str, reason: str | None
 
 
 def eval_a4(ctx: KmsContext) -> Finding:
-    from . import notifications
+    """Manual ops: dual approval and a ticket (ledger), a delivered compliance notification
+    per ticket (notification_deliveries), state changes only through the ledger (key_versions)."""
+    from . import crosscheck, notifications
     from .db.models import LedgerEntry
 
-    problems, good = [], []
+    problems, good, warnings = [], [], []
     need = ctx.policy.access.approvals_required
     manual = bad = 0
+    tickets: dict[str, int] = {}
     with ctx.engine.connect() as conn:
         rows = conn.execution_options(stream_results=True, yield_per=5000).execute(
             select(LedgerEntry.seq, LedgerEntry.key_name, LedgerEntry.key_version, LedgerEntry.to_state,
@@ -661,23 +775,63 @@ def eval_a4(ctx: KmsContext) -> Finding:
             if not _is_manual(ctx, key, to_state, reason, event_id):
                 continue
             manual += 1
+            if ticket:
+                tickets.setdefault(ticket, seq)
             names = json.loads(approvers or "[]")
             if len(set(names)) < need or not ticket:
                 bad += 1
                 if bad <= 5:
                     problems.append(f"ledger seq {seq} ({key} v{version} → {to_state}) has {len(set(names))} "
                                     f"approver(s) and ticket {ticket or 'none'}")
+        replay = crosscheck.replay(conn)
     if bad > 5:
         problems.append(f"… {bad} manual ledger entries without dual approval in all")
+    problems += _a4_state_outside_ledger(replay)
+    notified, p, w = _a4_notifications(ctx, tickets)
+    problems += p
+    warnings += w
     st = notifications.delivery_status(ctx)
     if not st.ok:
         problems.append(f"{len(st.unresolved)} notification(s) undelivered in {st.window_hours} h: "
                         + ", ".join(f"{u['kind']} via {u['channel']}" for u in st.unresolved[:5]))
     if not problems:
         good.append(f"{manual} manual ledger operation(s), each with ≥{need} approvers and a ticket; "
-                    f"{st.delivered} notification(s) delivered in {st.window_hours} h, none failed")
+                    f"{notified}/{len(tickets)} ticket(s) notified by email/Slack; "
+                    f"{st.delivered} notification(s) delivered in {st.window_hours} h, none failed; "
+                    f"key_versions changed only through the ledger")
     return _finding(problems, good, {"manual_ops": manual, "without_dual_approval": bad,
-                                     "undelivered": len(st.unresolved)})
+                                     "undelivered": len(st.unresolved), "tickets": len(tickets),
+                                     "tickets_notified": notified,
+                                     "records": ["ledger_entries", "notification_deliveries", "key_versions"]},
+                    warnings)
+
+
+def _a4_state_outside_ledger(replay) -> list[str]:
+    """A state change that bypassed the ledger bypassed the approvals too."""
+    edits = [p for p in replay.problems if p.startswith("key_versions:")]
+    return [f"key state changed with no ledger entry (so no approval): {_join(edits[:3])}"] if edits else []
+
+
+def _a4_notifications(ctx: KmsContext, tickets: dict[str, int]) -> tuple[int, list[str], list[str]]:
+    """(tickets notified, problems, warnings): a manual operation counts as notified only
+    when its compliance notification reached a real channel and none of its channels failed."""
+    from . import notifications
+
+    found = notifications.deliveries_by_ref(ctx, ("manual_operation",), tickets)
+    problems, warnings, notified = [], [], 0
+    for ticket, d in found.items():
+        seq = tickets[ticket]
+        if not d.recorded:
+            problems.append(f"manual operation {ticket} (ledger seq {seq}): no compliance notification recorded")
+        elif d.failed:
+            problems.append(f"manual operation {ticket} (ledger seq {seq}) not notified: "
+                            f"delivery failed on {', '.join(d.failed[:2])}")
+        elif d.outbox_only:
+            warnings.append(f"manual operation {ticket}: notification written only to the local outbox "
+                            f"(no SMTP or Slack configured)")
+        else:
+            notified += 1
+    return notified, problems[:10], warnings[:5]
 
 
 # ---- B: backup, restore, drills -----------------------------------------------------
@@ -699,14 +853,34 @@ def eval_b1(ctx: KmsContext) -> Finding:
     if not (head.locked_at(ctx.now()) and head.lock_mode == "COMPLIANCE"):
         problems.append(f"archive {fresh['archive_id']} is not under a COMPLIANCE retention lock "
                         f"(retain until {_iso(head.retain_until)}, mode {head.lock_mode or 'none'})")
+    manifest = None
     try:
-        backup.verify_manifest(ctx, ctx.objects.get_bytes(mkey))
+        manifest = backup.verify_manifest(ctx, ctx.objects.get_bytes(mkey))
     except backup.BackupError as exc:
         problems.append(f"manifest of {fresh['archive_id']} does not verify: {exc}")
+    if manifest is not None:
+        problems += _b1_archive_bytes(ctx, fresh["archive_id"], akey, manifest)
     if not problems:
         good.append(f"newest backup {fresh['archive_id']} is {fresh['age_hours']} h old (≤ {limit} h), signed "
-                    f"manifest verifies, locked until {_iso(head.retain_until)}")
-    return _finding(problems, good, {"archive_id": fresh["archive_id"], "age_hours": fresh["age_hours"]})
+                    f"manifest verifies, archive bytes match its sha256 and size, locked until "
+                    f"{_iso(head.retain_until)}")
+    return _finding(problems, good, {"archive_id": fresh["archive_id"], "age_hours": fresh["age_hours"],
+                                     "records": ["backups catalogue", "signed manifest object", "archive object bytes"]})
+
+
+def _b1_archive_bytes(ctx: KmsContext, archive_id: str, archive_key: str, manifest: dict) -> list[str]:
+    """Stream the archive object and compare it with the signed manifest: a manifest that
+    verifies says nothing about bytes overwritten underneath it."""
+    from . import archive
+
+    with ctx.objects.open(archive_key) as f:
+        sha, size = archive.hash_stream(f)
+    if size != manifest["archive_size"]:
+        return [f"archive {archive_id} is {size} bytes, its signed manifest says {manifest['archive_size']}"]
+    if sha != manifest["archive_sha256"]:
+        return [f"archive {archive_id} bytes do not match the sha256 in its signed manifest (overwritten or "
+                f"corrupted)"]
+    return []
 
 
 def eval_b2(ctx: KmsContext) -> Finding:

@@ -95,7 +95,7 @@ def notify_policy_event(ctx: KmsContext, kind: str, subject: str, body: str, ref
                             severity=severity or default_severity, kind=kind, ref=ref)
     except ValueError as exc:  # KeyMaterialRefused or malformed text: visible, not raised
         results = [DeliveryResult("none", False, f"notification refused: {exc}", "", 0)]
-        _record(ctx, None, kind, ref, subject, audience, results)
+        record_deliveries(ctx, None, kind, ref, subject, audience, results)
         log.warning("notification %s (%s) refused: %s", kind, ref, exc)
         return NotifyOutcome(None, kind, False, results, str(exc))
     if ctx.notifier is None:
@@ -106,7 +106,7 @@ def notify_policy_event(ctx: KmsContext, kind: str, subject: str, body: str, ref
         except Exception as exc:  # noqa: BLE001 -- a notifier bug is still only a failed delivery
             results = [DeliveryResult(getattr(ctx.notifier, "channel", "notifier"), False,
                                       f"unexpected {type(exc).__name__}: {exc}", "", 0)]
-    _record(ctx, note.id, kind, ref, subject, audience, results)
+    record_deliveries(ctx, note.id, kind, ref, subject, audience, results)
     ok = all(r.ok for r in results)
     if not ok:
         log.warning("notification %s (%s) had failed deliveries: %s", kind, ref,
@@ -114,7 +114,8 @@ def notify_policy_event(ctx: KmsContext, kind: str, subject: str, body: str, ref
     return NotifyOutcome(note.id, kind, ok, results)
 
 
-def _record(ctx: KmsContext, notification_id, kind, ref, subject, audience, results) -> None:
+def record_deliveries(ctx: KmsContext, notification_id, kind, ref, subject, audience, results) -> None:
+    """Append one ``notification_deliveries`` row per channel outcome (never raises)."""
     now = ctx.now()
     try:
         with ctx.transaction() as session:
@@ -250,3 +251,43 @@ from . import nightly  # noqa: E402
 @nightly.nightly_step("overdue_notifications", order=75)
 def _nightly_overdue(ctx: KmsContext) -> dict:
     return notify_overdue(ctx)
+
+
+# ---- per-reference delivery evidence (A4, R1) -----------------------------------------
+
+CHANNELS = ("email", "slack")  # real channels; "outbox" is a local file, not a delivery
+
+
+@dataclass
+class RefDelivery:
+    ref: str
+    recorded: bool = False
+    delivered: list[str] = field(default_factory=list)  # "email:addr" reached (last outcome ok)
+    failed: list[str] = field(default_factory=list)  # "email:addr (error)" whose last outcome failed
+    outbox_only: bool = False
+
+
+def deliveries_by_ref(ctx: KmsContext, kinds: Iterable[str], refs: Iterable[str]) -> dict[str, RefDelivery]:
+    """For each ref, the last outcome per (channel, target) of its notifications of ``kinds``,
+    over the whole history (not a window: an old failure stays a failure until resent)."""
+    refs = sorted(set(refs))
+    out = {r: RefDelivery(r) for r in refs}
+    if not refs:
+        return out
+    last: dict[tuple, NotificationDelivery] = {}
+    with ctx.transaction() as session:
+        for i in range(0, len(refs), 500):
+            for row in session.scalars(select(NotificationDelivery).where(
+                    NotificationDelivery.kind.in_(list(kinds)), NotificationDelivery.ref.in_(refs[i:i + 500]))
+                    .order_by(NotificationDelivery.id)):
+                last[(row.ref, row.channel, row.target)] = row
+    for (ref, channel, target), row in last.items():
+        d = out[ref]
+        d.recorded = True
+        if not row.ok:
+            d.failed.append(f"{channel}:{target} ({(row.error or 'failed')[:120]})")
+        elif channel in CHANNELS and not row.skipped:
+            d.delivered.append(f"{channel}:{target}")
+    for d in out.values():
+        d.outbox_only = d.recorded and not d.failed and not d.delivered
+    return out

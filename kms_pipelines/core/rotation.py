@@ -204,7 +204,7 @@ def _notify_manual(ctx: KmsContext, name: str, result: RotationResult, actor: st
         (f"{name} was rotated from v{result.old_version} to v{result.new_version} by {actor} "
          f"(reason: {result.reason}; ticket: {ticket or 'none'}). The old version stays verify-only "
          f"until revoked or retired."),
-        ref=f"{name}#v{result.new_version}", audience=("compliance", "security"),
+        ref=ticket or f"{name}#v{result.new_version}", audience=("compliance", "security"),
         severity="warning" if result.reason != "manual" else "notice")
 
 
@@ -228,6 +228,7 @@ def notify_partners(ctx: KmsContext) -> list[str]:
     """Deliver every pending partner notice (at least once); returns ``partner@vN`` sent."""
     if ctx.notifier is None:
         return []
+    from . import notifications
     from .notify import Notification, failures
 
     with ctx.transaction() as session:
@@ -238,6 +239,7 @@ def notify_partners(ctx: KmsContext) -> list[str]:
     manifests = {m.version: m for m in manifest.manifests(ctx)} if ctx.objects is not None else {}
     sent = []
     for notice_id in pending:
+        results = None
         with ctx.transaction() as session:
             q = select(PartnerNotice).where(PartnerNotice.id == notice_id)
             if session.get_bind().dialect.name == "postgresql":
@@ -265,6 +267,11 @@ def notify_partners(ctx: KmsContext) -> list[str]:
             else:
                 notice.notified_at, notice.notification_id, notice.last_error = ctx.now(), message.id, None
                 sent.append(f"{notice.partner}@v{notice.root_version}")
+        # per channel (after the notice's transaction: SQLite has one writer), so R1 can tell
+        # a partner reached by email from one whose notice only reached the local outbox
+        if results is not None:
+            notifications.record_deliveries(ctx, message.id, message.kind, message.ref, message.subject,
+                                            ("partners",), results)
     return sent
 
 
