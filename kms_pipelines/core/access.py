@@ -484,14 +484,24 @@ def manual_rotate(ctx: KmsContext, key: str, *, ticket: str, requested_by: str, 
                    detail={"reason": denied.reason, "ticket": ticket, "manual": True, "problem": str(denied)})
         raise denied
 
+    from . import rotation
+
+    actor_ctx = ctx.as_actor(requested_by)
+    # The same in-transaction work as a nightly rotation of this class (root: seeds re-wrapped
+    # under the new root, partner notices created), so a manual rotation is never half done.
+    class_work = rotation._after_rotate(actor_ctx)
+
     def consume(session, _key, _new, _old):
         got = consume_approvals(session, ctx, operation="rotate", target=key, ticket=ticket, requester=requested_by)
         if got != approvers:
             raise AccessDenied(f"approvals for {key} under {ticket!r} changed while rotating; run it again",
                                reason="approval", principal=requested_by)
+        class_work(session, _key, _new, _old)
 
-    result = lifecycle.rotate(ctx.as_actor(requested_by), key, actor=requested_by, reason=reason,
+    result = lifecycle.rotate(actor_ctx, key, actor=requested_by, reason=reason,
                               approvers=approvers, ticket=ticket, after_rotate=consume)
+    if result.rotated:  # after commit, as nightly: manifests published, partners notified, credentials
+        rotation.follow_up(actor_ctx, key)
     outcome = ManualOutcome("rotate", key, ticket, requested_by, approvers, result)
     outcome.notification_failures = _notify_manual(ctx, outcome)
     return outcome

@@ -817,7 +817,7 @@ def _a4_notifications(ctx: KmsContext, tickets: dict[str, int]) -> tuple[int, li
     when its compliance notification reached a real channel and none of its channels failed."""
     from . import notifications
 
-    found = notifications.deliveries_by_ref(ctx, ("manual_operation",), tickets)
+    found = notifications.deliveries_by_ref(ctx, notifications.MANUAL_KINDS, tickets)
     problems, warnings, notified = [], [], 0
     for ticket, d in found.items():
         seq = tickets[ticket]
@@ -941,7 +941,7 @@ def eval_b4(ctx: KmsContext) -> Finding:
     if last is None:
         return Finding(FAIL, "no drill has been documented", {})
     problems, good = [], []
-    p = Path(path) if path else None
+    p = drills.report_file(ctx, path)
     if p is None or not p.exists():
         problems.append(f"drill report of {date} is missing ({path})")
     elif digest and hashlib.sha256(p.read_bytes()).hexdigest() != digest:

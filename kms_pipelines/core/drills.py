@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import select
 
@@ -152,7 +153,7 @@ def run_drill(ctx: KmsContext, *, target_url: str | None = None, participants: l
     with ctx.transaction() as session:
         drill = Drill(drill_date=date, started_at=started, finished_at=ctx.now(), archive_id=archive_id,
                       outcome=outcome, restore_seconds=restore_seconds, participants=participants,
-                      findings=findings, report_path=str(path))
+                      findings=findings, report_path=path.relative_to(ctx.home).as_posix())
         session.add(drill)
         session.flush()
         fus = []
@@ -172,6 +173,26 @@ def run_drill(ctx: KmsContext, *, target_url: str | None = None, participants: l
     tmp.replace(path)
     return DrillReport(drill_id, date, participants, outcome, archive_id, restore_seconds, findings, fus, checks,
                        str(path), md)
+
+
+RUNBOOK_DIR = ("runbook", "drills")
+
+
+def report_file(ctx: KmsContext, stored: str | None) -> Path | None:
+    """Where a drill report lives. Paths are stored relative to KMS_HOME so a moved home
+    keeps its reports; rows written before that hold absolute paths, which are re-anchored
+    under the current home by their ``runbook/drills/…`` tail."""
+    if not stored:
+        return None
+    p = Path(stored)
+    if not p.is_absolute():
+        return ctx.home / p
+    parts = p.parts
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i - 1:i + 1] == RUNBOOK_DIR:
+            moved = ctx.home.joinpath(*parts[i - 1:])
+            return moved if moved.exists() or not p.exists() else p
+    return p
 
 
 def close_followup(ctx: KmsContext, followup_id: int, *, actor: str | None = None, resolution: str) -> dict:
@@ -196,7 +217,7 @@ def list_drills(ctx: KmsContext) -> list[dict]:
         for d in drills:
             out.append({"id": d.id, "date": d.drill_date, "outcome": d.outcome, "archive_id": d.archive_id,
                         "restore_seconds": d.restore_seconds, "participants": d.participants,
-                        "findings": d.findings, "report_path": d.report_path,
+                        "findings": d.findings, "report_path": str(report_file(ctx, d.report_path)),
                         "followups": [{"id": f.id, "title": f.title, "owner": f.owner,
                                        "due_at": utc(f.due_at), "status": f.status}
                                       for f in fus if f.drill_id == d.id]})

@@ -256,6 +256,7 @@ def _nightly_overdue(ctx: KmsContext) -> dict:
 # ---- per-reference delivery evidence (A4, R1) -----------------------------------------
 
 CHANNELS = ("email", "slack")  # real channels; "outbox" is a local file, not a delivery
+MANUAL_KINDS = ("manual_operation", "manual_rotation")  # what announces a manual operation (A4)
 
 
 @dataclass
