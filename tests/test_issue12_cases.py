@@ -268,3 +268,15 @@ def test_case4_manual_root_rotation_does_the_root_follow_ups(state):
     assert manifest.latest(kms).version == new and manifest.verify_chain(kms).ok
     p1 = compliance.build_report(kms, only=["P1"]).row("P1")
     assert p1.status == "pass", p1.evidence
+
+
+def test_case4_a1_an_unenrolled_actor_decrypting_and_signing_through_the_library(state):
+    from kms_pipelines.core import rpt
+
+    kms = state
+    green_first(kms, "A1")
+    blob = envelope.encrypt(kms, "data:identity-documents", "passport-1", b"scan")
+    mallory = kms.as_actor("mallory")  # a free-text name: never enrolled, no role, no workload
+    assert envelope.decrypt(mallory, blob, object_id="passport-1") == b"scan"
+    rpt.issue(mallory, "deal-x", {"amount": "1"})
+    red(kms, "A1", "audit actor 'mallory' is no enrolled principal or declared workload")

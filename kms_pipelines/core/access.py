@@ -489,7 +489,9 @@ def manual_rotate(ctx: KmsContext, key: str, *, ticket: str, requested_by: str, 
     actor_ctx = ctx.as_actor(requested_by)
     # The same in-transaction work as a nightly rotation of this class (root: seeds re-wrapped
     # under the new root, partner notices created), so a manual rotation is never half done.
-    class_work = rotation._after_rotate(actor_ctx)
+    # It is the KMS's own follow-up work, done under the context's service actor exactly as
+    # the nightly run does it, not under the requester's role.
+    class_work = rotation._after_rotate(ctx)
 
     def consume(session, _key, _new, _old):
         got = consume_approvals(session, ctx, operation="rotate", target=key, ticket=ticket, requester=requested_by)
@@ -501,7 +503,7 @@ def manual_rotate(ctx: KmsContext, key: str, *, ticket: str, requested_by: str, 
     result = lifecycle.rotate(actor_ctx, key, actor=requested_by, reason=reason,
                               approvers=approvers, ticket=ticket, after_rotate=consume)
     if result.rotated:  # after commit, as nightly: manifests published, partners notified, credentials
-        rotation.follow_up(actor_ctx, key)
+        rotation.follow_up(ctx, key)
     outcome = ManualOutcome("rotate", key, ticket, requested_by, approvers, result)
     outcome.notification_failures = _notify_manual(ctx, outcome)
     return outcome

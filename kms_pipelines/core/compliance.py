@@ -643,10 +643,37 @@ def eval_a1(ctx: KmsContext) -> Finding:
         if p["kind"] == "workload" and p["name"] not in pol.workload_principals:
             problems.append(f"workload principal {p['name']} is not declared in the policy")
     humans = [p for p in principals if p["kind"] == "human"]
+    actors, strangers = _a1_audit_actors(ctx, principals)
+    problems += strangers
     if not problems:
         good.append(f"roles {sorted(pol.roles)}; matrix of {len(pol.permissions)} permissions; "
-                    f"{len(humans)} human and {len(pol.workload_principals)} workload principal(s) within it")
-    return _finding(problems, good, {"principals": [{k: p[k] for k in ("name", "kind", "roles")} for p in principals]})
+                    f"{len(humans)} human and {len(pol.workload_principals)} workload principal(s) within it; "
+                    f"all {actors} audit actor(s) enrolled or declared")
+    return _finding(problems, good, {"principals": [{k: p[k] for k in ("name", "kind", "roles")} for p in principals],
+                                     "records": ["policy roles", "principals", "audit_events actors"]})
+
+
+def _a1_audit_actors(ctx: KmsContext, principals: list[dict]) -> tuple[int, list[str]]:
+    """Who really acted: every actor of a successful operation in the audit log must be an
+    enrolled principal, an escrow custodian, a declared workload or one of the KMS's own
+    declared service actors -- a name nobody enrolled is access outside the role model."""
+    from sqlalchemy import func
+
+    from . import audit
+    from .db.models_access import AuditEvent
+    from .db.models_events import EscrowCustodian
+
+    pol = ctx.policy.access
+    audit.flush(ctx)
+    with ctx.engine.connect() as conn:
+        rows = conn.execute(select(AuditEvent.actor, func.count(), func.min(AuditEvent.seq))
+                            .where(AuditEvent.outcome == "ok").group_by(AuditEvent.actor)).all()
+        custodians = set(conn.execute(select(EscrowCustodian.name)).scalars())
+    known = ({p["name"] for p in principals} | set(pol.workload_principals) | set(pol.service_actors)
+             | custodians)
+    strangers = sorted((seq, actor, n) for actor, n, seq in rows if actor not in known)
+    return len(rows), [f"audit actor {actor!r} is no enrolled principal or declared workload ({n} operation(s), "
+                       f"first at audit seq {seq})" for seq, actor, n in strangers[:5]]
 
 
 def eval_a2(ctx: KmsContext) -> Finding:

@@ -112,6 +112,10 @@ class Access(_Strict):
     # A2: workload principal -> the operations it may perform programmatically.
     workload_principals: dict[str, list[str]] = {}
     workload_token_refresh_seconds: int = Field(default=60, ge=0)
+    # A1: the KMS's own automated processes that act under a fixed name (nightly jobs, the
+    # init ceremony, the Dagster code location). Any other audit actor must be an enrolled
+    # principal or a declared workload.
+    service_actors: list[str] = []
 
     @model_validator(mode="after")
     def _workloads_and_manual_ops(self):
