@@ -669,9 +669,11 @@ def _a1_audit_actors(ctx: KmsContext, principals: list[dict]) -> tuple[int, list
         rows = conn.execute(select(AuditEvent.actor, func.count(), func.min(AuditEvent.seq))
                             .where(AuditEvent.outcome == "ok").group_by(AuditEvent.actor)).all()
         custodians = set(conn.execute(select(EscrowCustodian.name)).scalars())
-    known = ({p["name"] for p in principals} | set(pol.workload_principals) | set(pol.service_actors)
-             | custodians)
-    strangers = sorted((seq, actor, n) for actor, n, seq in rows if actor not in known)
+    known = ({p["name"] for p in principals} | set(pol.workload_principals) | custodians
+             | {a for a in pol.service_actors if not a.endswith("*")})
+    families = tuple(a[:-1] for a in pol.service_actors if a.endswith("*"))
+    strangers = sorted((seq, actor, n) for actor, n, seq in rows
+                       if actor not in known and not (families and actor.startswith(families)))
     return len(rows), [f"audit actor {actor!r} is no enrolled principal or declared workload ({n} operation(s), "
                        f"first at audit seq {seq})" for seq, actor, n in strangers[:5]]
 

@@ -128,6 +128,9 @@ class Access(_Strict):
         bad = [op for op in self.manual_operations if op not in OPERATIONS]
         if bad:
             raise ValueError(f"manual_operations: unknown operations {bad}")
+        wild = [a for a in self.service_actors if "*" in a[:-1] or (a.endswith("*") and not a[:-1].endswith(":"))]
+        if wild or any(not a.strip() for a in self.service_actors):
+            raise ValueError(f"service_actors: names, or families written <prefix>:* only (got {wild or 'empty'})")
         if self.workload_token_refresh_seconds >= self.workload_token_ttl_minutes * 60:
             raise ValueError("workload_token_refresh_seconds must be shorter than the token TTL")
         return self
