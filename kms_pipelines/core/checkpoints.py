@@ -354,3 +354,11 @@ def _nightly_rpt_verify(ctx: KmsContext) -> dict:
     if not result.ok:
         raise RptError(f"RPT chain broken at seq {result.first_bad_seq}: {result.problem}")
     return {"verified": result.count, "head_seq": result.head_seq}
+
+
+@nightly.nightly_step("final_checkpoint", order=99)
+def _nightly_final_checkpoint(ctx: KmsContext) -> dict:
+    """Steps after ``ledger_checkpoint`` (retirement, retention) may move the ledger: end the
+    night under a checkpoint too (none when nothing moved)."""
+    cp = checkpoint_if_changed(ctx)
+    return {"key": cp["key"] if cp else None}

@@ -5,7 +5,7 @@ checks, and the ``manual_rotation`` job launched from the Launchpad under dual c
 import dagster as dg
 from pydantic import Field
 
-from ..core import access, audit
+from ..core import access, audit, checkpoints
 from .failures import one_line_failures
 from .metadata import markdown_table, seq_text
 from .resources import KmsResource
@@ -73,10 +73,13 @@ class ManualRotationConfig(dg.Config):
 
 @dg.op(description="Rotate a key as a manual operation: runs only with complete dual-control approvals (A4).")
 def manual_rotate_key(context: dg.OpExecutionContext, config: ManualRotationConfig, kms: KmsResource) -> dict:
+    ctx = kms.context()
     with one_line_failures():
-        o = access.manual_rotate(kms.context(), config.key, ticket=config.ticket, requested_by=config.requester)
+        o = access.manual_rotate(ctx, config.key, ticket=config.ticket, requested_by=config.requester)
+        cp = checkpoints.checkpoint_if_changed(ctx)  # every state change ends bounded by a WORM checkpoint
     r = o.result
     context.add_output_metadata({
+        "checkpoint": cp["key"] if cp else "unchanged",
         "key": r.key, "old_version": r.old_version or 0, "new_version": r.new_version or 0,
         "ticket": o.ticket, "requester": o.requester, "approvers": dg.MetadataValue.json(o.approvers),
         "notification_failures": dg.MetadataValue.json(o.notification_failures)})

@@ -118,7 +118,11 @@ class ExportExpiryConfig(dg.Config):
 
 @dg.op(description="Rotate and destroy expired export keys: their objects become unreadable (R3).")
 def expire_export_keys(context: dg.OpExecutionContext, config: ExportExpiryConfig, kms: KmsResource) -> dg.Output:
-    results = export_keys.expire_due(kms.context(), config.key_name, actor="dagster:export_key_expiry")
+    ctx = kms.context()
+    results = export_keys.expire_due(ctx, config.key_name, actor="dagster:export_key_expiry")
+    from ..core import checkpoints
+
+    checkpoints.checkpoint_if_changed(ctx)  # the shredding's state changes end under a WORM checkpoint
     for r in results:
         context.log.info(f"{r.key}: expired {r.expired_at.isoformat()}, rotated_to={r.rotated_to}, "
                          f"destroyed={r.destroyed}, shredded {r.shredded_deks} DEK(s)")

@@ -63,7 +63,11 @@ def respond_to_security_event(context: dg.OpExecutionContext, config: Compromise
                                     event_id, approvers=approvers, ticket=config.ticket, run_id=context.run_id)
     for step in result.steps:
         context.log.info(step)
+    from ..core import checkpoints
+
+    cp = checkpoints.checkpoint_if_changed(ctx)  # the response's state changes end under a WORM checkpoint
     return dg.Output(result.event_id, metadata={
+        "checkpoint": cp["key"] if cp else "unchanged",
         "event_id": result.event_id, "key": result.key, "type": result.type,
         "compromised_version": result.compromised_version, "new_version": result.new_version or 0,
         "revoked": result.revoked, "deks_moved": result.deks_moved,

@@ -4,7 +4,7 @@ retirement. Asset bodies only call ``core.rotation`` / ``core.retention``."""
 
 import dagster as dg
 
-from ..core import forensic, manifest, retention, rotation, vault
+from ..core import checkpoints, forensic, manifest, retention, rotation, vault
 from .foundation import NIGHTLY
 from .metadata import markdown_table
 from .resources import KmsResource
@@ -100,8 +100,11 @@ def root_manifest_chain_verifies(kms: KmsResource) -> dg.AssetCheckResult:
           description="Retirement (T1, T4): root/service versions kept 365 days verify-only, then destroyed "
                       "under dual approval; lists what is due and what awaits approval.")
 def key_retirement(kms: KmsResource) -> dg.MaterializeResult:
-    s = retention.retire_expired(kms.context())
+    ctx = kms.context()
+    s = retention.retire_expired(ctx)
+    cp = checkpoints.checkpoint_if_changed(ctx) if s.destroyed else None  # destroys after the nightly checkpoint
     return dg.MaterializeResult(metadata={
+        "checkpoint": cp["key"] if cp else "unchanged",
         "due": len(s.due), "destroyed": dg.MetadataValue.json([d["target"] for d in s.destroyed]),
         "awaiting_approval": dg.MetadataValue.md(markdown_table(
             ["target", "ticket", "missing"], [[d["target"], d["ticket"], d["missing"][:200]]
