@@ -54,6 +54,21 @@ def red(kms, clause, fragment, *, dagster=True):
     return row
 
 
+def t3_check_red(kms, fragment):
+    """The blocking ``ledger_chain_intact`` check (T3) fails naming the cross-check problem."""
+    import dagster as dg
+
+    from kms_pipelines.defs import foundation
+    from tests.fixtures.dagster_defs import kms_resources
+
+    resources = kms_resources(kms.home, kms.engine.url.render_as_string(hide_password=False),
+                              fixed_time=kms.now().isoformat())
+    result = dg.materialize([foundation.kms_state, foundation.ledger_chain_intact], resources=resources,
+                            instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    check = {e.check_name: e for e in result.get_asset_check_evaluations()}["ledger_chain_intact"]
+    assert not check.passed and fragment in check.metadata["problem"].value, check.metadata
+
+
 def green_first(kms, *clauses):
     statuses = {r.clause: r.status for r in compliance.build_report(kms, only=list(clauses)).rows}
     assert all(s == "pass" for s in statuses.values()), statuses
@@ -92,6 +107,7 @@ def test_case3_tail_cut_after_a_rotation_is_red_everywhere(state):
     assert "service:api-gateway v1 is rotated but the ledger (seq 2) leaves it active" in verify.stderr
     assert _cli(kms, "ledger", "verify-checkpoints").exit_code == 1
     red(kms, "T3", "ledger truncated")
+    t3_check_red(kms, "service:api-gateway v1 is rotated but the ledger (seq 2) leaves it active")
     red(kms, "A3", "has no ledger entry (ledger entries deleted)", dagster=False)
 
 
@@ -200,6 +216,7 @@ def test_case4_t3_a4_key_state_edited_without_a_ledger_entry(state):
                           "(SELECT id FROM keys WHERE name = 'data:postgres')"))
     red(kms, "T3", "ledger replay disagrees with key_versions: key_versions: data:postgres v1 is revoked but the "
                    "ledger")
+    t3_check_red(kms, "key_versions: data:postgres v1 is revoked but the ledger")
     red(kms, "A4", "key state changed with no ledger entry (so no approval)", dagster=False)
 
 
