@@ -94,3 +94,34 @@ def test_restore_trust_does_not_pass_a_broken_manifest_chain(make_kms):
     path.write_bytes(b"removed by an attacker")
     with pytest.raises(backup.BackupError, match="neither pinned nor reached"):
         backup.verify_manifest(kms, kms.objects.get_bytes(info.manifest_key), trust=[genesis])
+
+
+def test_manifest_signed_by_a_root_after_it_was_replaced_is_refused(make_kms):
+    """A retired (but retained, not revoked) root can still sign: a manifest it signs after
+    its successor took over is refused, as is one naming another root than its signer."""
+    import base64 as b64
+    from datetime import timedelta
+
+    from kms_pipelines.core.canonical import canonical_bytes
+    from kms_pipelines.core import backup_manifest_schema as schema
+
+    kms = make_kms("postgres")
+    sim_store(kms)
+    info = backup.create(kms)
+    doc = json.loads(kms.objects.get_bytes(info.manifest_key))
+    with kms.transaction() as s:
+        old = lifecycle.get_version(lifecycle.get_key(s, "root"), 1)
+    kms.clock.advance(timedelta(days=1))
+    lifecycle.rotate(kms, "root")
+    manifest.publish_pending(kms)  # as the nightly root follow-up does
+    kms.clock.advance(timedelta(days=1))
+    doc["manifest"]["created_at"] = kms.now().isoformat()  # "made today" by the replaced root v1
+    doc["signature"] = b64.b64encode(kms.keystore.sign(old.sign_ref, canonical_bytes(schema.signed_part(doc)))).decode()
+    with pytest.raises(backup.BackupError, match="after that root was replaced"):
+        backup.verify_manifest(kms, json.dumps(doc).encode())
+    with pytest.raises(backup.BackupError, match="after that root was replaced"):
+        backup.verify_manifest(kms, json.dumps(doc).encode(), trust=[old.fingerprint])
+    doc["manifest"]["root_kid"] = "SHA256:" + "cd" * 32
+    doc["signature"] = b64.b64encode(kms.keystore.sign(old.sign_ref, canonical_bytes(schema.signed_part(doc)))).decode()
+    with pytest.raises(backup.BackupError, match="but is signed by"):
+        backup.verify_manifest(kms, json.dumps(doc).encode())

@@ -269,7 +269,58 @@ def verify_manifest(ctx: KmsContext, raw: bytes, *, trust: list[bytes] | list[st
     sig = base64.b64decode(doc["signature"])
     if not verify_signature(public, canonical_bytes(manifest_schema.signed_part(doc)), sig):
         raise BackupError("manifest signature does not verify: the manifest was altered or not signed by the root key")
-    return doc["manifest"]
+    manifest = doc["manifest"]
+    if manifest["root_kid"] != kid:
+        raise BackupError(f"manifest names root {manifest['root_kid'][:23]}… but is signed by {kid[:23]}…")
+    problem = _signed_outside_window(ctx, trust, kid, manifest["created_at"])
+    if problem:
+        raise BackupError(f"manifest signed by {kid[:23]}… {problem}")
+    return manifest
+
+
+def _signed_outside_window(ctx: KmsContext, trust, kid: str, created_at: str) -> str | None:
+    """A root signs backups only while it is the active root: from its activation to the
+    activation of its successor (or its revocation). The window comes from this KMS's
+    key_versions, or, for a pinned restore, from the published root manifests."""
+    from . import manifest as root_manifest
+    from .clock import parse_time
+
+    try:
+        at = utc(parse_time(created_at))
+    except ValueError:
+        return f"with an unreadable creation time {created_at!r}"
+    start = end = None
+    if trust is None:
+        with ctx.transaction() as session:
+            v = session.scalars(select(KeyVersion).join(Key, KeyVersion.key_id == Key.id)
+                                .where(Key.name == "root", KeyVersion.fingerprint == kid)).first()
+            if v is None:
+                return None
+            start = v.activated_at
+            ends = [t for t in (v.rotated_at, v.revoked_at, v.destroyed_at) if t is not None]
+            end = min(ends) if ends else None
+    elif ctx.objects is not None:
+        docs = []
+        for info in ctx.objects.list(root_manifest.PREFIX):
+            try:
+                d = json.loads(ctx.objects.get_bytes(info.key))
+            except ValueError:
+                continue
+            if root_manifest.document_problem(d) is None:
+                docs.append(d)
+        mine = next((d for d in docs if d["fingerprint"] == kid), None)
+        if mine is None:
+            return None  # pinned by public key alone: no published window to hold it to
+        start = parse_time(mine["valid_from"])
+        nxt = [parse_time(d["valid_from"]) for d in docs
+               if d["previous"] and d["previous"]["fingerprint"] == kid]
+        end = min(nxt) if nxt else None
+    slack = timedelta(seconds=1)
+    if start is None or at < utc(start) - slack:
+        return f"at {at.isoformat()}, before that root was active"
+    if end is not None and at > utc(end) + slack:
+        return f"at {at.isoformat()}, after that root was replaced at {utc(end).isoformat()}"
+    return None
 
 
 # ---------------------------------------------------------------------------- create

@@ -901,9 +901,13 @@ def _b1_archive_bytes(ctx: KmsContext, archive_id: str, archive_key: str, manife
     """Stream the archive object and compare it with the signed manifest: a manifest that
     verifies says nothing about bytes overwritten underneath it."""
     from . import archive
+    from .objectstore import ObjectNotFound
 
-    with ctx.objects.open(archive_key) as f:
-        sha, size = archive.hash_stream(f)
+    try:
+        with ctx.objects.open(archive_key) as f:
+            sha, size = archive.hash_stream(f)
+    except ObjectNotFound:
+        return [f"archive {archive_id} object is missing from the store ({archive_key})"]
     if size != manifest["archive_size"]:
         return [f"archive {archive_id} is {size} bytes, its signed manifest says {manifest['archive_size']}"]
     if sha != manifest["archive_sha256"]:
