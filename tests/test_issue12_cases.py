@@ -297,3 +297,22 @@ def test_case4_a1_an_unenrolled_actor_decrypting_and_signing_through_the_library
     assert envelope.decrypt(mallory, blob, object_id="passport-1") == b"scan"
     rpt.issue(mallory, "deal-x", {"amount": "1"})
     red(kms, "A1", "audit actor 'mallory' is no enrolled principal or declared workload")
+
+
+def test_case3_audit_log_tail_cut_after_the_newest_checkpoint(state):
+    """The same class of defect in the audit chain: its head is now in every checkpoint."""
+    kms = state
+    for i in range(3):
+        envelope.encrypt(kms, "data:postgres", f"row-{i}", b"x")
+    rotation.rotate_now(kms, "service:api-gateway", reason="tenant-rotation")
+    cp = checkpoints.checkpoint_if_changed(kms)
+    assert cp["audit_size"] > 0
+    green_first(kms, "A3", "T3")
+    admin(kms, "audit_events", f"DELETE FROM audit_events WHERE seq > {cp['audit_size'] - 3}")
+    assert audit.verify(kms).ok  # the chain alone cannot see a cut tail
+    red(kms, "A3", f"audit log truncated: checkpoint {cp['key']} recorded {cp['audit_size']} audit events",
+        dagster=False)
+    red(kms, "T3", "audit log truncated", dagster=False)
+    # new events re-use the cut seqs, so from here on the signed head shows a rewrite instead
+    red(kms, "A3", f"checkpoint {cp['key']}")
+    assert _cli(kms, "ledger", "verify-checkpoints").exit_code == 1

@@ -33,6 +33,9 @@ from .rpt import RootKey, RptError, WindowCollector
 
 FORMAT = "kms-checkpoint/1"
 FIELDS = ("ledger_size", "ledger_head_hash", "rpt_size", "rpt_head_hash", "at", "kid")
+# The audit chain's head, signed too (checkpoints written before it have none): a cut of the
+# audit log's tail is then bounded by a checkpoint like the ledger's.
+AUDIT_FIELDS = ("audit_size", "audit_head_hash")
 
 
 @dataclass(frozen=True)
@@ -45,10 +48,13 @@ class Checkpoint:
     at: str
     kid: str
     signature: str  # base64url
+    audit_size: int | None = None
+    audit_head_hash: str | None = None
 
     @property
     def document(self) -> dict:
-        return {f: getattr(self, f) for f in FIELDS}
+        fields = FIELDS + (AUDIT_FIELDS if self.audit_size is not None else ())
+        return {f: getattr(self, f) for f in fields}
 
     @property
     def at_time(self) -> datetime:
@@ -75,11 +81,13 @@ def parse(key: str, data: bytes) -> Checkpoint:
     try:
         obj = json.loads(data)
         doc = obj["document"]
-        if obj.get("format") != FORMAT or set(doc) != set(FIELDS):
+        if obj.get("format") != FORMAT or set(doc) not in (set(FIELDS), set(FIELDS + AUDIT_FIELDS)):
             raise ValueError("unexpected fields")
         cp = Checkpoint(key, **doc, signature=obj["signature"])
         if not all(isinstance(getattr(cp, f), int) for f in ("ledger_size", "rpt_size")):
             raise ValueError("sizes must be integers")
+        if "audit_size" in doc and (type(cp.audit_size) is not int or not isinstance(cp.audit_head_hash, str)):
+            raise ValueError("audit head malformed")
         parse_time(cp.at)
         return cp
     except (ValueError, KeyError, TypeError) as exc:
@@ -263,11 +271,36 @@ def verify(ctx: KmsContext, *, rpt_signatures: bool = False, require_checkpoint:
         keys = rpt.root_keys(conn)
         result = verify_streams(checkpoints, keys, ledger.iter_rows(conn, batch),
                                 rpt.iter_tokens(conn, batch_size=batch), rpt_signatures=rpt_signatures)
+    if result.ok:
+        problem = audit_problem(ctx, checkpoints)
+        if problem:
+            result.ok, result.area, result.problem = False, "audit", problem
     if result.ok and require_checkpoint and not checkpoints and (result.ledger_size or result.rpt_size):
         result.ok, result.area = False, "checkpoint"
         result.problem = (f"no signed checkpoint in WORM storage although the ledger holds {result.ledger_size} "
                           f"entries and the RPT chain {result.rpt_size} tokens: nothing bounds a cut of their tail")
     return result
+
+
+def audit_problem(ctx: KmsContext, checkpoints: list[Checkpoint] | None = None) -> str | None:
+    """The audit log against the audit heads the checkpoints signed: an entry missing at a
+    signed size is a cut tail; another hash there is a rewrite (the chain itself is
+    ``audit.verify``'s)."""
+    from .db.models_access import AuditEvent
+
+    cps = [c for c in (load_all(ctx) if checkpoints is None else checkpoints) if c.audit_size]
+    if not cps:
+        return None
+    marks = {c.audit_size for c in cps}
+    with ctx.engine.connect() as conn:
+        held = dict(conn.execute(select(AuditEvent.seq, AuditEvent.entry_hash).where(AuditEvent.seq.in_(marks))).all())
+    for cp in sorted(cps, key=lambda c: c.audit_size):
+        if cp.audit_size not in held:
+            return (f"audit log truncated: checkpoint {cp.key} recorded {cp.audit_size} audit events, "
+                    f"audit seq {cp.audit_size} is gone")
+        if held[cp.audit_size] != cp.audit_head_hash:
+            return f"audit log rewritten: the event hash at audit seq {cp.audit_size} differs from checkpoint {cp.key}"
+    return None
 
 
 def heads(ctx: KmsContext) -> tuple[int, str, int, str]:
@@ -325,8 +358,14 @@ def _write_checkpoint_once(ctx: KmsContext) -> dict:
     if not result.ok:
         raise RptError(f"refusing to sign a checkpoint: {result.problem}")
     now = ctx.now()
+    from . import audit
+
+    audit.flush(ctx)
+    with ctx.engine.connect() as conn:
+        audit_size, audit_head = audit.head(conn)
     doc, signature = sign_document(ctx, result.ledger_size, result.ledger_head_hash, result.rpt_size,
-                                   result.rpt_head_hash, now)
+                                   result.rpt_head_hash, now,
+                                   extra={"audit_size": audit_size, "audit_head_hash": audit_head})
     stamp = now.strftime("%Y%m%dT%H%M%S.%fZ")
     key = f"{_prefix(ctx)}{stamp}-L{result.ledger_size}-R{result.rpt_size}.json"
     retain_until = now + timedelta(days=ctx.policy.checkpoints.retain_days)

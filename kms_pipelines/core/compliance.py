@@ -747,6 +747,7 @@ def eval_a3(ctx: KmsContext) -> Finding:
     else:
         problems.append(f"audit chain broken at seq {result.first_bad_seq}: {result.problem}")
     problems += _a3_ledger_matches_audit(ctx, good)
+    problems += _a3_audit_matches_checkpoints(ctx, good)
     coverage = audit.detection_coverage(ctx)
     if coverage["gap"]:
         problems.append(coverage["gap"])
@@ -760,6 +761,20 @@ def eval_a3(ctx: KmsContext) -> Finding:
         good.append("no unreviewed high-severity anomaly")
     return _finding(problems, good, {"events": result.count, "unreviewed": [a.id for a in pending],
                                      "records": ["audit_events", "ledger_entries", "key_versions", "audit cursor"]})
+
+
+def _a3_audit_matches_checkpoints(ctx: KmsContext, good: list[str]) -> list[str]:
+    """The audit log is immutable only if a cut of its tail shows: its head is signed into
+    every checkpoint in WORM storage."""
+    from . import checkpoints
+
+    if ctx.objects is None:
+        return []
+    problem = checkpoints.audit_problem(ctx)
+    if problem:
+        return [problem]
+    good.append("audit log holds every event the signed checkpoints recorded")
+    return []
 
 
 def _a3_ledger_matches_audit(ctx: KmsContext, good: list[str]) -> list[str]:
