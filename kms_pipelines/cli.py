@@ -75,8 +75,11 @@ class KmsGroup(click.Group):
         from .core.errors import connect_failure_line, fault_line, known_errors
 
         command = _command_line([*getattr(ctx, "_protected_args", []), *ctx.args])
+        failed = True
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            failed = False
+            return result
         except known_errors() as exc:
             if os.environ.get("KMS_DEBUG"):
                 raise
@@ -91,32 +94,32 @@ class KmsGroup(click.Group):
             click.echo(f"kms: error: {line}", err=True)
             ctx.exit(EXIT_FAILED)
         finally:
-            _finish_command(ctx)
+            _finish_command(ctx, failed=failed)
 
 
-def _finish_command(ctx: click.Context) -> None:
+def _finish_command(ctx: click.Context, *, failed: bool) -> None:
     """Make the command's audit events durable, and end every command that moved the ledger
     or the RPT chain with a signed checkpoint in WORM storage (T3), so a later cut of the
-    tail is caught; commands that changed nothing write none."""
+    tail is caught; commands that changed nothing write none. After a failed command this
+    is best effort and silent: the command's own one-line error (or traceback) stands."""
     obj = ctx.obj or {}
     kms, before = obj.get("kms"), obj.get("heads")
     if kms is None:
         return
-    from sqlalchemy.exc import SQLAlchemyError
-
     from .core import audit, checkpoints
-    from .core.errors import known_errors
 
-    audit.flush(kms)
-    if before is None or kms.objects is None:
-        return
     try:
-        checkpoints.checkpoint_if_changed(kms, before)
-    except known_errors() as exc:
-        click.echo(f"kms: error: the state changed but no checkpoint could be signed: {exc}", err=True)
+        audit.flush(kms)
+        if before is not None and kms.objects is not None:
+            checkpoints.checkpoint_if_changed(kms, before)
+    except Exception as exc:  # noqa: BLE001 - reported below only when the command itself succeeded
+        if failed or os.environ.get("KMS_DEBUG"):
+            if failed:
+                return
+            raise
+        click.echo(f"kms: error: the state changed but no checkpoint could be signed: "
+                   f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}", err=True)
         ctx.exit(EXIT_FAILED)
-    except (SQLAlchemyError, OSError):
-        return  # the database or store is unreachable: the command's own error already said so
 
 
 def _command_line(args: list[str]) -> str:

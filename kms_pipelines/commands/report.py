@@ -24,7 +24,7 @@ def register(cli) -> None:
     def report(ctx, fmt, out, clauses, dagster_evidence):
         """Run anomaly detection, then evaluate every policy clause (P1–B4, docs/policy.md) against the
         live state; exit 1 if any fails."""
-        from ..core import audit, compliance
+        from ..core import audit, compliance, retry
 
         known = {c.id for c in compliance.CLAUSES}
         unknown = sorted({c.upper() for c in clauses} - known)
@@ -41,7 +41,7 @@ def register(cli) -> None:
             evidence = lambda c: check_evidence(instance, c)  # noqa: E731
         kms = get_context(ctx)
         # A3 judges the anomalies: detect first, over every event since the last run
-        audit.refresh_anomalies(kms)
+        retry.db_call(kms, lambda: audit.refresh_anomalies(kms), what="running anomaly detection")
         result = compliance.build_report(kms, evidence=evidence,
                                          only=[c.upper() for c in clauses] or None)
         text = compliance.render(result, fmt)
