@@ -48,8 +48,9 @@ def red(kms, clause, fragment, *, dagster=True):
     row = compliance.build_report(kms, only=[clause]).row(clause)
     assert row.status == "fail" and fragment in row.evidence, (row.status, row.evidence)
     if dagster:
-        _meta, rows, check = _dagster_report(kms)
-        assert rows[clause]["status"] == "fail" and fragment in rows[clause]["evidence"], rows[clause]
+        meta, rows, check = _dagster_report(kms)
+        assert rows[clause]["status"] == "🔴 FAIL", rows[clause]
+        assert fragment in meta["report"].value, meta["report"].value  # the evidence, in the Markdown report
         assert not check.passed and clause in check.metadata["failing"].value
     return row
 
