@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select
 
 from kms_pipelines.core import access, audit, ledger, lifecycle
-from kms_pipelines.core.db.models import KeyVersion
+from kms_pipelines.core.db.models import STATES, KeyVersion
 from kms_pipelines.core.db.models_access import Approval, AuditEvent, Principal
 
 TICKET = "CHG-1001"
@@ -106,7 +106,8 @@ def test_manual_rotation_runs_with_two_approvals_and_records_them(team):
     assert o.result.rotated and (o.result.old_version, o.result.new_version) == (1, 2)
     assert o.approvers == ["bob", "carol"] and o.notification_failures == []
     with kms.transaction() as s:
-        entries = ledger.entries_for(s, "service:api-gateway")[-2:]
+        # the two state changes (the nightly-equivalent follow-up may add the vault's "archived" record)
+        entries = [e for e in ledger.entries_for(s, "service:api-gateway") if e.to_state in STATES][-2:]
         assert {(e.actor, e.approvers, e.change_ticket) for e in entries} == {("alice", '["bob","carol"]', TICKET)}
         assert all(a.used_at is not None for a in s.scalars(select(Approval)))
     assert ledger.verify(kms.engine).ok and audit.verify(kms).ok
