@@ -18,6 +18,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from playwright.sync_api import expect
 
 from tests.ui_support import REPO, VENV_BIN, chromium_path, dagster_webserver, headless_chromium
 
@@ -116,7 +117,14 @@ def test_dagster_ui_after_the_demo_shows_its_runs_and_a_report_without_fail(tmp_
             page.goto(f"{server.url}/runs/{run_ids['kms_nightly']}", wait_until="domcontentloaded")
             reexecute = page.get_by_role("button", name=re.compile("Re-execute")).first
             reexecute.wait_for(state="visible", timeout=UI_TIMEOUT_MS)
-            assert reexecute.is_enabled(), "Re-execute is disabled on the demo's kms_nightly run"
+            # The button is drawn disabled until the UI has matched the run to the loaded code
+            # location, which takes seconds on a busy machine: wait for it, and fail if it never comes.
+            try:
+                expect(reexecute).to_be_enabled(timeout=UI_TIMEOUT_MS)
+            except AssertionError:
+                _shot(page, "failure-reexecute-disabled")
+                pytest.fail("Re-execute stayed disabled on the demo's kms_nightly run "
+                            f"for {UI_TIMEOUT_MS // 1000}s", pytrace=False)
 
             # 2. Asset catalog: the real code location's assets, materialized by the demo.
             page.goto(f"{server.url}/assets", wait_until="domcontentloaded")
