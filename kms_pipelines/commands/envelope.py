@@ -72,9 +72,11 @@ def decrypt_cmd(ctx, infile, outfile, aad, object_id):
               help="DEKs per batch, constant (default: policy envelope.batch_size, then sized to "
                    "envelope.batch_target_commit_ms).")
 @click.option("--progress", "show_progress", is_flag=True, help="One line per committed batch on stderr.")
+@click.option("--lease", "leased", is_flag=True,
+              help="Sweep range by range under PostgreSQL leases, so several workers can share a shard.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def sweep_cmd(ctx, key_name, shard, shards, batch_size, show_progress, as_json):
+def sweep_cmd(ctx, key_name, shard, shards, batch_size, show_progress, leased, as_json):
     """Rewrap every DEK on a rotated/revoked version onto the active one. Exit 1 if any remain."""
     from ..core import envelope as env
 
@@ -87,7 +89,11 @@ def sweep_cmd(ctx, key_name, shard, shards, batch_size, show_progress, as_json):
                    f"(total {p.total_moved}, {p.seconds:.1f}s)", err=True)
 
     sizing = {"batch_size": batch_size} if batch_size is not None else env.policy_batching(kms)
-    result = env.sweep(kms, key_name, shard=shard, shards=shards, **sizing,
+    if leased:
+        from ..core.leases import leased_sweep as run_sweep
+    else:
+        run_sweep = env.sweep
+    result = run_sweep(kms, key_name, shard=shard, shards=shards, **sizing,
                        progress=progress if show_progress else None)
     if as_json:
         _emit(result.to_dict())

@@ -11,7 +11,7 @@ shards run on separate workers. Each shard's run checks its own range
 
 import dagster as dg
 
-from ..core import envelope, export_keys
+from ..core import envelope, export_keys, leases
 from ..core.policy import load_policy
 from .failures import one_line_failures, run_retry_policy
 from .foundation import NIGHTLY, kms_state
@@ -50,8 +50,10 @@ def dek_rewrap_sweep(context: dg.AssetExecutionContext, kms: KmsResource) -> dg.
                              f"{p.total_moved} moved so far ({p.seconds:.1f}s)")
 
     with one_line_failures():
-        result = envelope.sweep(ctx, shard=shard, shards=shards, **envelope.policy_batching(ctx),
-                                progress=progress)
+        # Leased range by range: workers on other hosts running the same shard (a retry,
+        # a duplicate launch) never rewrap the same DEKs at once (core/leases.py).
+        result = leases.leased_sweep(ctx, shard=shard, shards=shards, **envelope.policy_batching(ctx),
+                                     progress=progress)
     context.log.info(f"shard {shard}: moved {result.moved} DEK(s) in {result.batches} batch(es), "
                      f"{result.rate:.0f}/s; {result.remaining} remaining, {result.failed} failed")
     stranded = envelope.stranded(ctx, shard=shard, shards=shards)
