@@ -547,6 +547,9 @@ def _signing_key(ctx: KmsContext, create: bool = True) -> tuple[object, bytes]:
     if not ks.exists(SIGNING_REF):
         if not create:
             raise KeyNotFound("no workload signing key")
+        if getattr(ctx, "role", "control") == "worker":  # scale-out: one key in the HSM/database, never per host
+            raise KeyNotFound("no workload signing key in the shared keystore; a worker never creates one "
+                              "(`kms token issue` on the control host creates it)")
         try:
             ks.generate(SIGNING_REF, ED25519)
             audit.emit(ctx, at=ctx.now(), operation="generate", actor=ctx.actor, target_ref=SIGNING_REF,

@@ -32,6 +32,7 @@ class KmsContext:
     notifier: Any = None  # notify.Notifier
     home: Path = field(default_factory=kms_home)
     actor: str = "system"
+    role: str = "control"  # "worker" (KMS_ROLE): never generates keys, see core/worker.py
 
     def __post_init__(self) -> None:
         # An audited keystore (core/keystore/audited.py) is re-bound to every context copy
@@ -60,8 +61,13 @@ def context_from_env(env: dict | None = None, *, clock: Clock | None = None) -> 
     from . import db
     from .keystore import keystore_from_env
 
+    from .worker import is_worker, require_worker_env
+
     env = os.environ if env is None else env
     home = kms_home(env)
+    worker = is_worker(env)
+    if worker:
+        require_worker_env(env, home)  # before anything is opened or created on this host
     home.mkdir(parents=True, exist_ok=True)
     policy = load_policy(env.get("KMS_POLICY"))
     engine = db.make_engine(db.database_url_from_env(home, env), retry_budget=policy.faults.database.budget())
@@ -73,7 +79,8 @@ def context_from_env(env: dict | None = None, *, clock: Clock | None = None) -> 
                                    retry_budget=policy.faults.object_store.budget())
     notifier = notifier_from_env(home, env, retry=policy.faults.notifications)
     return KmsContext(engine=engine, keystore=audited_keystore(keystore_from_env(home, env), env), policy=policy,
-                      clock=clock or SystemClock(), objects=objects, notifier=notifier, home=home)
+                      clock=clock or SystemClock(), objects=objects, notifier=notifier, home=home,
+                      role="worker" if worker else "control")
 
 
 def audited_keystore(keystore: Any, env: dict | None = None) -> Any:

@@ -15,7 +15,8 @@ def known_errors() -> tuple[type[BaseException], ...]:
                                          DependencyUnavailable, StateMissing]
     for module, name in (("objectstore", "ObjectStoreError"), ("access", "AccessDenied"),
                          ("envelope", "EnvelopeError"), ("rpt", "RptError"), ("backup", "BackupError"),
-                         ("escrow", "EscrowError"), ("events", "EventError"), ("vault", "VaultError")):
+                         ("escrow", "EscrowError"), ("events", "EventError"), ("vault", "VaultError"),
+                         ("worker", "WorkerConfigError")):
         try:
             mod = __import__(f"kms_pipelines.core.{module}", fromlist=[name])
             errors.append(getattr(mod, name))

@@ -210,6 +210,7 @@ class Envelope(_Strict):
     # not renewed within lease_seconds (a dead worker) is taken over by another worker.
     lease_ranges_per_shard: int = Field(default=4, ge=1, le=64)
     lease_seconds: int = Field(default=60, ge=5, le=3600)
+    fanout_steps: int = Field(default=4, ge=1, le=256)  # steps of dek_rewrap_fanout_job (one per worker slot)
 
 
 class Rpt(_Strict):

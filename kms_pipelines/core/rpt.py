@@ -527,7 +527,10 @@ def verify_chain(ctx: KmsContext, last: int | None = None, *, workers: int = 1,
 
         checkpoint = checkpoints.latest(ctx, keys)
     marks = [checkpoint.rpt_size] if checkpoint else []
-    if workers <= 1 or max_seq - start < 2 * workers:
+    import multiprocessing
+
+    # A daemonic process (a Celery prefork worker) may not fork a pool: verify in this process.
+    if workers <= 1 or max_seq - start < 2 * workers or multiprocessing.current_process().daemon:
         with ctx.engine.connect() as conn:
             anchor = anchor_at(conn, start)
             result = verify_token_rows(iter_tokens(conn, after_seq=start, batch_size=batch), keys, windows,

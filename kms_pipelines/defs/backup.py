@@ -13,6 +13,7 @@ import dagster as dg
 
 from ..core import backup, drills
 from ..core.policy import load_policy
+from ..scaleout import executors
 from .failures import one_line_failures, run_retry_policy
 from .foundation import kms_state
 from .metadata import markdown_table
@@ -146,9 +147,10 @@ def drill_followups_on_time(kms: KmsResource) -> dg.AssetCheckResult:
         "overdue": dg.MetadataValue.json([{k: str(v) for k, v in f.items()} for f in st["overdue_followups"]])})
 
 
-# One or two steps each: a process per step would only add the code location's import time.
+# One or two steps each: a process per step would only add the code location's import time,
+# so multiprocess falls back to in-process; on celery the steps go to the workers.
 restore_drill = dg.define_asset_job("restore_drill", selection=[restore_drill_report], partitions_def=monthly,
-                                    executor_def=dg.in_process_executor,
+                                    executor_def=executors.for_job(("in_process", "celery")),
                                     description="Restore the newest archive into staging and write the drill report.")
 
 
@@ -161,7 +163,7 @@ def restore_drill_schedule(context: dg.ScheduleEvaluationContext):
 
 
 backup_nightly = dg.define_asset_job("backup_nightly", selection=[nightly_backup, backup_retention],
-                                     partitions_def=daily, executor_def=dg.in_process_executor,
+                                     partitions_def=daily, executor_def=executors.for_job(("in_process", "celery")),
                                      description="Nightly backup then GFS retention (B1, B3).")
 
 backup_nightly_schedule = dg.build_schedule_from_partitioned_job(

@@ -13,6 +13,7 @@ import dagster as dg
 
 from ..core import envelope, export_keys, leases
 from ..core.policy import load_policy
+from ..scaleout import executors
 from .failures import one_line_failures, run_retry_policy
 from .foundation import NIGHTLY, kms_state
 from .metadata import markdown_table
@@ -77,6 +78,7 @@ def dek_rewrap_sweep(context: dg.AssetExecutionContext, kms: KmsResource) -> dg.
 dek_rewrap_sweep_job = dg.define_asset_job(
     "dek_rewrap_sweep_job", selection=dg.AssetSelection.assets(dek_rewrap_sweep), partitions_def=shard_partitions,
     tags={"kms/sweep": "rewrap"},  # dagster.yaml caps concurrent sweep runs on this tag (HSM load)
+    executor_def=executors.for_job(executors.ALL),  # leased ranges: safe on any executor, any host
     description="DEK rewrap sweep, one run per shard (R3): fans out across run workers.")
 
 

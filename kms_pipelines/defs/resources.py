@@ -109,7 +109,13 @@ class KmsResource(dg.ConfigurableResource):
         from ..core.access import WorkloadIdentity
         from ..core.keystore.audited import AuditedKeyStore
 
+        from ..core.worker import is_worker, require_worker_env
+
         home = Path(self.home)
+        worker = is_worker()
+        if worker:  # a run or step on a host of its own: refuse before anything is created here
+            require_worker_env({**self.keystore.env(), "KMS_DATABASE_URL": self.database.url or "",
+                                "KMS_OBJECT_STORE": self.objects.url or ""}, home)
         home.mkdir(parents=True, exist_ok=True)
         env = self.keystore.env()
         policy = load_policy(self.policy_path)
@@ -125,6 +131,7 @@ class KmsResource(dg.ConfigurableResource):
             notifier=notifier_from_env(home, env, retry=policy.faults.notifications),
             home=home,
             actor="dagster",
+            role="worker" if worker else "control",
         )
 
 

@@ -23,6 +23,19 @@ from .base import (  # noqa: F401
 )
 
 
+def _master_key_value(env) -> str | None:
+    """KMS_MASTER_KEY, or the contents of KMS_MASTER_KEY_FILE (a mounted secret shared by every host)."""
+    if env.get("KMS_MASTER_KEY"):
+        return env["KMS_MASTER_KEY"]
+    path = env.get("KMS_MASTER_KEY_FILE")
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise KeyStoreError(f"KMS_MASTER_KEY_FILE {path} cannot be read ({exc.strerror})") from None
+    return None
+
+
 def keystore_from_env(home: Path, env: dict | None = None) -> KeyStore:
     """Build the keystore the environment asks for (``KMS_KEYSTORE=software|pkcs11``)."""
     env = os.environ if env is None else env
@@ -30,7 +43,7 @@ def keystore_from_env(home: Path, env: dict | None = None) -> KeyStore:
     if kind == "software":
         from .software import SoftwareKeyStore, load_master_key
 
-        return SoftwareKeyStore(home / "artifacts" / "kms" / "keys", load_master_key(home, env.get("KMS_MASTER_KEY")))
+        return SoftwareKeyStore(home / "artifacts" / "kms" / "keys", load_master_key(home, _master_key_value(env)))
     if kind == "pkcs11":
         from .pkcs11 import Pkcs11KeyStore
 
