@@ -28,6 +28,8 @@ ensure_system_packages() {
   [ -e /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util >/dev/null || missing+=(softhsm2)
   command -v zstd >/dev/null || missing+=(zstd)
   command -v pg_dump >/dev/null || missing+=(postgresql-client)
+  # The celery scale-out tests start their own Redis broker if none answers on 6379.
+  command -v redis-server >/dev/null || missing+=(redis-server)
   # The browser test drives Debian's Chromium through Playwright (its own browser downloads
   # are never used); the emoji font renders the compliance report's status marks.
   command -v chromium >/dev/null || missing+=(chromium)
