@@ -1,0 +1,154 @@
+"""Where does a celery fan-out of the rewrap sweep beat one ``kms envelope sweep`` process?
+
+For each N (and W workers), on one PostgreSQL database, software keystore (shared master
+key, sealed key files copied to each worker home as a mounted secret would be):
+
+* ``sweep.single``: wall time of ``kms envelope sweep`` (a fresh process, start-up included);
+* ``sweep.fanout``: wall time of ``dagster job execute -j dek_rewrap_fanout_job`` with
+  KMS_EXECUTOR=celery and W already-running ``kms worker start`` workers (one process each,
+  every step sweeping shards through leases), the same N DEKs moved;
+* ``sweep.fanout_inprocess``: the same job with KMS_EXECUTOR=in_process (Dagster's own
+  run overhead without celery).
+
+``ratio`` = single seconds / fan-out seconds (> 1: the fan-out pays). Needs Redis
+(KMS_BENCH_REDIS_URL, default redis://127.0.0.1:6379/9) and PostgreSQL (KMS_BENCH_DATABASE_URL).
+
+    .venv/bin/python benchmarks/bench_fanout.py --sizes 20000 100000 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.bench_sweep import BenchDb, populate  # noqa: E402
+from benchmarks.harness import emit, result  # noqa: E402
+
+KEY = "data:identity-documents"
+REDIS = os.environ.get("KMS_BENCH_REDIS_URL", "redis://127.0.0.1:6379/9")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[20_000])
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    import yaml
+    from moto.server import ThreadedMotoServer
+    from sqlalchemy.engine import make_url
+
+    from kms_pipelines.core import lifecycle
+    from kms_pipelines.core.context import context_from_env
+
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    s3.start()
+    host, port = s3.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
+                 aws_secret_access_key="test").create_bucket(Bucket="bench")
+    for n in args.sizes:
+        kms_db, dagster_db = BenchDb(), BenchDb()
+        tmp = Path(tempfile.mkdtemp(prefix="kms-fanout-"))
+        workers = []
+        try:
+            policy = yaml.safe_load((REPO / "assets" / "policy.yaml").read_text())
+            policy["envelope"]["fanout_steps"] = args.workers
+            (tmp / "policy.yaml").write_text(yaml.safe_dump(policy))
+            (tmp / "dagster").mkdir()
+            cfg = yaml.safe_load((REPO / "dagster.yaml").read_text())
+            cfg.pop("compute_logs")
+            (tmp / "dagster" / "dagster.yaml").write_text(yaml.safe_dump(cfg))
+            d = make_url(dagster_db.url)
+            base = {k: v for k, v in os.environ.items() if not k.startswith(("KMS_", "DAGSTER_"))}
+            base.update(PYTHONPATH=str(REPO), KMS_POLICY=str(tmp / "policy.yaml"), KMS_DATABASE_URL=kms_db.url,
+                        KMS_OBJECT_STORE="s3://bench/kms", KMS_S3_ENDPOINT_URL=endpoint, KMS_KEYSTORE="software",
+                        KMS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode(),
+                        KMS_CELERY_BROKER=REDIS, DAGSTER_HOME=str(tmp / "dagster"),
+                        DAGSTER_PG_HOST=d.host or "127.0.0.1", DAGSTER_PG_PORT=str(d.port or 5432),
+                        DAGSTER_PG_USER=d.username or "postgres", DAGSTER_PG_PASSWORD=d.password or "",
+                        DAGSTER_PG_DB=d.database, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
+                        AWS_DEFAULT_REGION="us-east-1")
+            control = dict(base, KMS_HOME=str(tmp / "control"))
+            run = lambda cmd, env=control: subprocess.run(cmd, env=env, check=True, capture_output=True,  # noqa: E731
+                                                          text=True, cwd=str(REPO))
+            run([sys.executable, "-m", "kms_pipelines.cli", "init"])
+            run([sys.executable, "-m", "kms_pipelines.cli", "token", "issue", "workload:dagster"])
+            ctx = context_from_env(control)
+            with ctx.transaction() as s:
+                ref = lifecycle.active_version(lifecycle.get_key(s, KEY)).wrap_ref
+            from kms_pipelines.core.keystore.audited import unwrap
+
+            raw = unwrap(ctx.keystore)
+            populate_ctx(ctx, n, lambda: raw.new_wrapped_dek(ref))
+
+            def rotate_and_share():
+                lifecycle.rotate(ctx, KEY)
+                for w in range(args.workers):  # the sealed key files, as a mounted secret would hold them
+                    dst = tmp / f"home-{w}" / "artifacts" / "kms" / "keys"
+                    shutil.rmtree(dst, ignore_errors=True)
+                    shutil.copytree(tmp / "control" / "artifacts" / "kms" / "keys", dst)
+
+            rotate_and_share()
+            started = time.perf_counter()
+            run([sys.executable, "-m", "kms_pipelines.cli", "envelope", "sweep"])
+            single = time.perf_counter() - started
+
+            rotate_and_share()
+            started = time.perf_counter()
+            run([sys.executable, "-m", "dagster", "job", "execute", "-m", "kms_pipelines.definitions", "-j",
+                 "dek_rewrap_fanout_job"], dict(control, KMS_EXECUTOR="in_process"))
+            inprocess = time.perf_counter() - started
+
+            rotate_and_share()
+            for w in range(args.workers):
+                env = dict(base, KMS_HOME=str(tmp / f"home-{w}"), KMS_ROLE="worker", KMS_EXECUTOR="celery")
+                workers.append(subprocess.Popen(
+                    [sys.executable, "-m", "kms_pipelines.cli", "worker", "start", "--name", f"bench{w}@%h"],
+                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+            from celery import Celery
+
+            app = Celery(broker=REDIS, backend=REDIS)
+            while len(app.control.ping(timeout=1.0) or []) < args.workers:
+                pass
+            started = time.perf_counter()
+            run([sys.executable, "-m", "dagster", "job", "execute", "-m", "kms_pipelines.definitions", "-j",
+                 "dek_rewrap_fanout_job"], dict(control, KMS_EXECUTOR="celery"))
+            fanout = time.perf_counter() - started
+            load = os.getloadavg()
+            emit(result("sweep.fanout", n, fanout, single, workers=args.workers,
+                        single_seconds=round(single, 2), inprocess_job_seconds=round(inprocess, 2),
+                        load_average=[round(x, 2) for x in load]))
+        finally:
+            for p in workers:
+                os.killpg(p.pid, signal.SIGTERM)
+            for p in workers:
+                p.wait(timeout=30)
+            kms_db.drop()
+            dagster_db.drop()
+            shutil.rmtree(tmp, ignore_errors=True)
+    s3.stop()
+
+
+def populate_ctx(ctx, n, wrap_one):
+    import benchmarks.bench_sweep as bench_sweep
+
+    bench_sweep.KEY = KEY  # a key the policy declares, so `kms init` made it
+    populate(ctx, n, wrap_one)
+
+
+if __name__ == "__main__":
+    main()
