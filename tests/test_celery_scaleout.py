@@ -317,3 +317,37 @@ def test_kill_9_of_a_worker_mid_shard_is_retried_and_nothing_is_lost_or_doubled(
     result = json.loads(c.python(DECRYPT_ALL.replace("sys.argv[1]", repr(str(blobs)))))
     assert result == {"checked": 600, "bad": []}
     assert c.kms("envelope", "check", check=False).returncode == 0
+
+
+def test_celery_run_launcher_runs_the_job_on_a_worker_without_daemonic_process_errors(cluster, pg_url):
+    """CeleryRunLauncher: the whole run executes inside a worker's (daemonic) pool process; with
+    KMS_EXECUTOR=multiprocess its steps run in that process instead of failing to fork."""
+    c = cluster(batch_size=50, fanout_steps=2)
+    blobs = fill(c, 100)
+    cfg = yaml.safe_load((c.dagster_home / "dagster.yaml").read_text())
+    cfg["run_coordinator"] = {"module": "dagster._core.run_coordinator", "class": "DefaultRunCoordinator"}
+    cfg["run_launcher"] = {"module": "dagster_celery.launcher", "class": "CeleryRunLauncher",
+                           "config": {"default_queue": "dagster", "broker": c.redis, "backend": c.redis,
+                                      "config_source": {"task_acks_late": True, "task_reject_on_worker_lost": True,
+                                                        "worker_prefetch_multiplier": 1}}}
+    (c.dagster_home / "dagster.yaml").write_text(yaml.safe_dump(cfg))
+    c.base["KMS_EXECUTOR"] = "multiprocess"
+    c.start_worker("w1")
+    c.wait_workers_ready(1)
+    launch = subprocess.run([sys.executable, "-m", "dagster", "job", "launch", "-m", "kms_pipelines.definitions",
+                             "-j", "dek_rewrap_fanout_job"], env=c.control_env(), capture_output=True, text=True,
+                            timeout=300, cwd=str(REPO))
+    assert launch.returncode == 0, launch.stderr[-3000:]
+    deadline = time.monotonic() + 300
+    while True:
+        run, records = run_events(c)
+        if run.status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE):
+            break
+        assert time.monotonic() < deadline, f"run stuck in {run.status}: {c.worker_log('w1')[-3000:]}"
+        time.sleep(1)
+    text_log = "\n".join(r.user_message or "" for r in records) + c.worker_log("w1")
+    assert "daemonic processes are not allowed to have children" not in text_log
+    assert run.status == dg.DagsterRunStatus.SUCCESS, text_log[-4000:]
+    assert versions(pg_url) == {2: 100}
+    result = json.loads(c.python(DECRYPT_ALL.replace("sys.argv[1]", repr(str(blobs)))))
+    assert result == {"checked": 100, "bad": []}
