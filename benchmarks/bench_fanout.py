@@ -44,6 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--pkcs11", action="store_true", help="keys in a SoftHSM2 token shared by every process")
     args = parser.parse_args()
     import yaml
     from moto.server import ThreadedMotoServer
@@ -82,6 +83,12 @@ def main() -> None:
                         DAGSTER_PG_USER=d.username or "postgres", DAGSTER_PG_PASSWORD=d.password or "",
                         DAGSTER_PG_DB=d.database, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
                         AWS_DEFAULT_REGION="us-east-1")
+            if args.pkcs11:
+                from kms_pipelines.core.keystore.softhsm_setup import init_softhsm_token
+
+                token = init_softhsm_token(tmp / "hsm", "kms-bench", "1234", "5678")
+                base.update(KMS_KEYSTORE="pkcs11", KMS_PKCS11_LIB=token.lib_path, KMS_PKCS11_TOKEN=token.label,
+                            KMS_PKCS11_PIN=token.pin, SOFTHSM2_CONF=token.conf_path)
             control = dict(base, KMS_HOME=str(tmp / "control"))
             run = lambda cmd, env=control: subprocess.run(cmd, env=env, check=True, capture_output=True,  # noqa: E731
                                                           text=True, cwd=str(REPO))
@@ -97,7 +104,7 @@ def main() -> None:
 
             def rotate_and_share():
                 lifecycle.rotate(ctx, KEY)
-                for w in range(args.workers):  # the sealed key files, as a mounted secret would hold them
+                for w in range(args.workers if not args.pkcs11 else 0):  # the sealed key files, as a mounted secret would hold them
                     dst = tmp / f"home-{w}" / "artifacts" / "kms" / "keys"
                     shutil.rmtree(dst, ignore_errors=True)
                     shutil.copytree(tmp / "control" / "artifacts" / "kms" / "keys", dst)
@@ -129,7 +136,7 @@ def main() -> None:
                  "dek_rewrap_fanout_job"], dict(control, KMS_EXECUTOR="celery"))
             fanout = time.perf_counter() - started
             load = os.getloadavg()
-            emit(result("sweep.fanout", n, fanout, single, workers=args.workers,
+            emit(result("sweep.fanout.pkcs11" if args.pkcs11 else "sweep.fanout", n, fanout, single, workers=args.workers,
                         single_seconds=round(single, 2), inprocess_job_seconds=round(inprocess, 2),
                         load_average=[round(x, 2) for x in load]))
         finally:

@@ -1,13 +1,13 @@
 """Sweep leases: which worker holds which range of the DEK shard space, until when.
 
-Revision ID: 0009_sweep_leases
-Revises: 0008_console
+Revision ID: 0010_sweep_leases
+Revises: 0009_vault
 """
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0009_sweep_leases"
-down_revision = "0008_console"
+revision = "0010_sweep_leases"
+down_revision = "0009_vault"
 branch_labels = None
 depends_on = None
 
