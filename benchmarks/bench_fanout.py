@@ -14,6 +14,7 @@ key, sealed key files copied to each worker home as a mounted secret would be):
 (KMS_BENCH_REDIS_URL, default redis://127.0.0.1:6379/9) and PostgreSQL (KMS_BENCH_DATABASE_URL).
 
     .venv/bin/python benchmarks/bench_fanout.py --sizes 20000 100000 --workers 2
+    .venv/bin/python benchmarks/bench_fanout.py --pkcs11 --sizes 20000   # one size per run: one SoftHSM token per process
 """
 
 from __future__ import annotations

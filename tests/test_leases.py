@@ -193,3 +193,24 @@ def test_kill_9_of_a_worker_mid_range_is_taken_over_within_the_lease(tmp_path, p
     assert_all_decrypt(ctx, objects)
     audit.flush(ctx)
     ctx.engine.dispose()
+
+
+def test_cli_sweep_with_lease_moves_everything_and_leaves_leases_free(tmp_path, pg_url):
+    env = dict(os.environ, KMS_HOME=str(tmp_path / "home"), KMS_DATABASE_URL=pg_url, KMS_KEYSTORE="software",
+               KMS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode())
+    env.pop("KMS_POLICY", None)
+    ctx = context_from_env(env)
+    lifecycle.bootstrap(ctx)
+    objects = fill(ctx, 30)
+    lifecycle.rotate(ctx, KEY)
+    out = subprocess.run([sys.executable, "-m", "kms_pipelines.cli", "envelope", "sweep", "--lease", "--shard", "0",
+                          "--shards", "1", "--batch-size", "7", "--json"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["moved"] == 30 and result["skipped"] == 0 and result["remaining"] == 0
+    rows = leases.lease_rows(ctx)
+    assert len(rows) == ctx.policy.envelope.lease_ranges_per_shard and all(r["holder"] is None for r in rows)
+    assert_all_decrypt(ctx, objects)
+    audit.flush(ctx)
+    ctx.engine.dispose()

@@ -159,7 +159,7 @@ def leased_sweep(ctx: KmsContext, key_name: str | None = None, *, shard: int | N
 
 
 def lease_rows(ctx: KmsContext) -> list[dict]:
-    """Every lease row (for tests and `kms envelope leases`): range, holder, expiry, claims, takeovers."""
+    """Every lease row: range, holder, expiry, claims, takeovers (operators: `SELECT * FROM sweep_leases`)."""
     with ctx.engine.connect() as conn:
         return [dict(r) for r in conn.execute(text(
             "SELECT range_lo, range_hi, holder, expires_at, claims, takeovers FROM sweep_leases "
