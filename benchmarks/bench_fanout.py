@@ -71,7 +71,7 @@ def main() -> None:
             policy["envelope"]["fanout_steps"] = args.workers
             (tmp / "policy.yaml").write_text(yaml.safe_dump(policy))
             (tmp / "dagster").mkdir()
-            cfg = yaml.safe_load((REPO / "dagster.yaml").read_text())
+            cfg = yaml.safe_load((REPO / "deploy" / "dagster.yaml").read_text())
             cfg.pop("compute_logs")
             (tmp / "dagster" / "dagster.yaml").write_text(yaml.safe_dump(cfg))
             d = make_url(dagster_db.url)

@@ -72,7 +72,7 @@ def test_every_job_runs_on_the_configured_executor():
 
 
 def test_dagster_yaml_has_run_monitoring_retries_and_s3_compute_logs():
-    cfg = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "deploy" / "dagster.yaml").read_text())
     assert cfg["run_monitoring"]["enabled"] is True and cfg["run_monitoring"]["max_runtime_seconds"] > 0
     assert cfg["run_monitoring"]["start_timeout_seconds"] > 0
     assert cfg["run_retries"]["enabled"] is True and cfg["run_retries"]["max_retries"] >= 1
