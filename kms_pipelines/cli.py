@@ -139,7 +139,10 @@ def get_context(ctx: click.Context, *, create: bool = False):
     obj = ctx.ensure_object(dict)
     if "kms" not in obj:
         from .core.context import context_from_env
+        from .core.worker import is_worker, require_worker_env
 
+        if is_worker():
+            require_worker_env()  # a worker's missing pieces first: they are why its state looks absent
         if not create:
             from .core.state import require_initialized
 

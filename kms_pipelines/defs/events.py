@@ -7,6 +7,7 @@ from typing import Optional
 import dagster as dg
 
 from ..core.policy import load_policy
+from ..scaleout import executors
 from .failures import one_line_failures
 from .resources import KmsResource
 
@@ -147,7 +148,7 @@ def security_events_answered(kms: KmsResource) -> dg.AssetCheckResult:
 
 key_state_refresh = dg.define_asset_job(
     "key_state_refresh", selection=["key_inventory", "security_events", "policy_compliance_report"],
-    executor_def=dg.in_process_executor,
+    executor_def=executors.for_job(("in_process",)),  # three quick reads: never worth a worker round trip
     description="Re-read key states, security events and the compliance report, so the UI shows a revoked or "
                 "rotated version as it is right after a compromise response instead of at the next nightly run.")
 

@@ -4,6 +4,7 @@
 import dagster as dg
 
 from ..core.policy import load_policy
+from ..scaleout import executors
 
 kms_nightly = dg.define_asset_job(
     "kms_nightly",
@@ -13,7 +14,9 @@ kms_nightly = dg.define_asset_job(
                 "the compliance report. The backup, the rewrap sweep and the drill are their own jobs.",
     # Its ~26 steps are short and share one KMS context: one process runs them in seconds,
     # where a process per step spends ~12 s each importing the code location (BENCHMARKS.md).
-    executor_def=dg.in_process_executor,
+    # Supports in-process only: on celery each short step would pay a task round trip and a
+    # context build on a worker, for nothing.
+    executor_def=executors.for_job(("in_process",)),
 )
 
 kms_nightly_schedule = dg.ScheduleDefinition(
