@@ -87,7 +87,7 @@ def main() -> None:
             if args.pkcs11:
                 from kms_pipelines.core.keystore.softhsm_setup import init_softhsm_token
 
-                token = init_softhsm_token(tmp / "hsm", "kms-bench", "1234", "5678")
+                token = init_softhsm_token(tmp / "hsm", "kms-bench", "1234", "5678", for_subprocesses=True)
                 base.update(KMS_KEYSTORE="pkcs11", KMS_PKCS11_LIB=token.lib_path, KMS_PKCS11_TOKEN=token.label,
                             KMS_PKCS11_PIN=token.pin, SOFTHSM2_CONF=token.conf_path)
             control = dict(base, KMS_HOME=str(tmp / "control"))

@@ -56,8 +56,9 @@ phase_jobs() {
   log "dek_rewrap_sweep_job: one run per shard"
   for shard in $(python -c "from kms_pipelines.core.policy import load_policy
 print(' '.join(str(i) for i in range(load_policy().envelope.shards)))"); do
-    # One shard's sweep is one step: running it in the run's own process saves a second start-up.
-    run_job dek_rewrap_sweep_job --partition "$shard" --config-json '{"execution": {"config": {"in_process": {}}}}' \
+    # The job's own executor (KMS_EXECUTOR, default multiprocess), so a re-execution from the UI
+    # validates against the same run config.
+    run_job dek_rewrap_sweep_job --partition "$shard" \
       | grep -v '^  ' || return 1
   done
   run_job kms_nightly

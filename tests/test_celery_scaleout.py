@@ -73,7 +73,7 @@ class Cluster:
     def __init__(self, tmp: Path, pg_url: str, dagster_db_url: str, s3_server: str, s3_client, bucket: str,
                  redis: str, policy_overrides: dict):
         self.tmp = tmp
-        token = init_softhsm_token(tmp / "hsm", "kms-scaleout", "1234", "5678")
+        token = init_softhsm_token(tmp / "hsm", "kms-scaleout", "1234", "5678", for_subprocesses=True)
         policy = yaml.safe_load((REPO / "assets" / "policy.yaml").read_text())
         policy["envelope"].update(policy_overrides)
         (tmp / "policy.yaml").write_text(yaml.safe_dump(policy))

@@ -494,6 +494,7 @@ def sweep(ctx: KmsContext, key_name: str | None = None, *, shard: int | None = N
     except retry.DependencyUnavailable as exc:
         # Every committed batch stays committed (compare-and-set): a re-run picks up the rest.
         done = f"{result.moved:,} of {total:,} DEKs" if total is not None else "0 DEKs"
+        exc.moved = result.moved  # type: ignore[attr-defined]  # for callers that sweep range by range
         raise exc.annotate(done=done, rerun=rerun) from exc.__cause__
 
 

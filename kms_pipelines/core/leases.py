@@ -26,7 +26,7 @@ from typing import Callable
 
 from sqlalchemy import text
 
-from . import envelope
+from . import envelope, retry
 from .context import KmsContext
 from .db.models_envelope import SHARD_SPACE
 
@@ -128,32 +128,41 @@ def leased_sweep(ctx: KmsContext, key_name: str | None = None, *, shard: int | N
     started = time.perf_counter()
     todo = lease_ranges(shard, shards, cfg.lease_ranges_per_shard)
     leased = _is_pg(ctx)
-    while todo:
-        waiting = []
-        for sub, subs in todo:
-            r_lo, r_hi = envelope.shard_range(sub, subs)
-            if leased and not claim(ctx, r_lo, r_hi, holder, cfg.lease_seconds):
-                waiting.append((sub, subs))  # another live worker has it
-                continue
+    try:
+        while todo:
+            waiting = []
+            for sub, subs in todo:
+                r_lo, r_hi = envelope.shard_range(sub, subs)
+                if leased and not claim(ctx, r_lo, r_hi, holder, cfg.lease_seconds):
+                    waiting.append((sub, subs))  # another live worker has it
+                    continue
 
-            def renewing(p: envelope.SweepProgress, r_lo=r_lo, r_hi=r_hi) -> None:
+                def renewing(p: envelope.SweepProgress, r_lo=r_lo, r_hi=r_hi) -> None:
+                    if leased:
+                        renew(ctx, r_lo, r_hi, holder, cfg.lease_seconds)
+                    if progress is not None:
+                        progress(p)
+
+                try:
+                    part = envelope.sweep(ctx, key_name, shard=sub, shards=subs, progress=renewing, **sizing)
+                except LeaseLost as exc:
+                    log.warning("%s; waiting for it to be released", exc)
+                    waiting.append((sub, subs))
+                    continue
                 if leased:
-                    renew(ctx, r_lo, r_hi, holder, cfg.lease_seconds)
-                if progress is not None:
-                    progress(p)
-
-            try:
-                part = envelope.sweep(ctx, key_name, shard=sub, shards=subs, progress=renewing, **sizing)
-            except LeaseLost as exc:
-                log.warning("%s; waiting for it to be released", exc)
-                waiting.append((sub, subs))
-                continue
-            if leased:
-                release(ctx, r_lo, r_hi, holder)
-            _merge(total, part)
-        if waiting and waiting == todo:
-            time.sleep(poll_seconds)
-        todo = waiting
+                    release(ctx, r_lo, r_hi, holder)
+                _merge(total, part)
+            if waiting and waiting == todo:
+                time.sleep(poll_seconds)
+            todo = waiting
+    except retry.DependencyUnavailable as exc:
+        # Name the shard as the user launched it, not the lease range that was running: every
+        # committed batch stays committed, so re-running the shard picks up the rest.
+        moved = total.moved + getattr(exc, "moved", 0)
+        exc.done = exc.rerun = None
+        raise exc.annotate(done=f"{moved:,} DEKs", rerun="kms envelope sweep" + (
+            f" --key {key_name}" if key_name else "") + (
+            f" --shard {shard} --shards {shards}" if shard is not None else "")) from exc.__cause__
     total.seconds = time.perf_counter() - started
     return total
 

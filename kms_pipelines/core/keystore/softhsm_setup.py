@@ -49,9 +49,13 @@ def find_softhsm_lib() -> str:
     )
 
 
-def init_softhsm_token(directory: str | os.PathLike, label: str, pin: str, so_pin: str) -> SoftHsmToken:
+def init_softhsm_token(directory: str | os.PathLike, label: str, pin: str, so_pin: str, *,
+                       for_subprocesses: bool = False) -> SoftHsmToken:
     """Write ``<directory>/softhsm2.conf`` with its own token directory, point
-    ``SOFTHSM2_CONF`` at it and initialise a fresh token ``label`` in the first free slot."""
+    ``SOFTHSM2_CONF`` at it and initialise a fresh token ``label`` in the first free slot.
+
+    ``for_subprocesses``: the token is only for other processes (given ``conf_path`` in their
+    environment), so this process's ``SOFTHSM2_CONF`` and its loaded library are left alone."""
     util = shutil.which("softhsm2-util")
     if util is None:
         raise SoftHsmUnavailable("softhsm2-util not found on PATH; install the Debian package softhsm2")
@@ -70,9 +74,10 @@ def init_softhsm_token(directory: str | os.PathLike, label: str, pin: str, so_pi
     )
 
     previous = os.environ.get("SOFTHSM2_CONF")
-    if previous and previous != str(conf):
-        _refuse_if_library_already_initialised(lib_path, previous)
-    os.environ["SOFTHSM2_CONF"] = str(conf)
+    if not for_subprocesses:
+        if previous and previous != str(conf):
+            _refuse_if_library_already_initialised(lib_path, previous)
+        os.environ["SOFTHSM2_CONF"] = str(conf)
 
     proc = subprocess.run(
         [util, "--init-token", "--free", "--label", label, "--pin", pin, "--so-pin", so_pin],
