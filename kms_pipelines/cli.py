@@ -68,6 +68,27 @@ def heartbeat(label: str, every: float = 10.0):
         thread.join()
 
 
+# The only commands `--at` may drive: they read state and change nothing. Every other
+# command changes state, and the clock is not an input for changes (it runs on the wall
+# clock); under --at the database connection is also read-only, so a read that tried to
+# write would fail rather than record a chosen time.
+READ_ONLY_COMMANDS = frozenset({
+    "keys list", "ledger verify", "ledger verify-checkpoints", "audit verify", "audit events",
+    "principals list", "token verify", "report", "rpt verify-chain", "manifest list", "manifest verify",
+    "retention due", "partners status", "dependents status", "envelope inventory", "export due",
+    "backup list", "drill list", "events list", "escrow custodian list", "escrow status",
+    "notifications status", "evidence verify", "simulate",
+})
+
+
+class ClockRefused(ValueError):
+    """--at given to a command that changes state."""
+
+
+def _subcommand_path(ctx: click.Context) -> str:
+    return " ".join(ctx.command_path.split()[1:])
+
+
 class KmsGroup(click.Group):
     """Turns domain errors into one-line messages and exit codes."""
 
@@ -80,12 +101,17 @@ class KmsGroup(click.Group):
             result = super().invoke(ctx)
             failed = False
             return result
-        except known_errors() as exc:
+        except (*known_errors(), ClockRefused) as exc:
             if os.environ.get("KMS_DEBUG"):
                 raise
             click.echo(f"kms: error: {exc}", err=True)
             ctx.exit(EXIT_FAILED)
         except Exception as exc:
+            from sqlalchemy.exc import DBAPIError
+
+            if isinstance(exc, DBAPIError) and (ctx.obj or {}).get("at") and not os.environ.get("KMS_DEBUG"):
+                click.echo("kms: error: --at is read-only: this command tried to change state", err=True)
+                ctx.exit(EXIT_FAILED)
             # A database/S3/SMTP/HSM fault that no retried unit caught (core/retry.py):
             # still one line and exit 1, never a traceback.
             line = fault_line(exc, command) or connect_failure_line(exc)
@@ -135,7 +161,8 @@ def _command_line(args: list[str]) -> str:
 
 def get_context(ctx: click.Context, *, create: bool = False):
     """Build the KmsContext lazily, once per command. Only ``create=True`` (``kms init``)
-    may bring state into being; every other command first checks that it exists."""
+    may bring state into being; every other command first checks that it exists. ``--at``
+    only for read-only commands."""
     obj = ctx.ensure_object(dict)
     if "kms" not in obj:
         from .core.context import context_from_env
@@ -143,13 +170,20 @@ def get_context(ctx: click.Context, *, create: bool = False):
 
         if is_worker():
             require_worker_env()  # a worker's missing pieces first: they are why its state looks absent
+        at = obj.get("at")
+        if at:
+            current = click.get_current_context()
+            path = _subcommand_path(current)
+            read_only = path in READ_ONLY_COMMANDS or (path == "audit anomalies" and not current.params["refresh"])
+            if not read_only:
+                raise ClockRefused(f"--at is refused for `kms {path}`: it changes state, and changes run on the "
+                                   "wall clock (--at serves read-only commands: reports, verify, list)")
         if not create:
             from .core.state import require_initialized
 
             require_initialized()
 
-        clock = FixedClock(parse_time(obj["at"])) if obj.get("at") else None
-        obj["kms"] = context_from_env(clock=clock)
+        obj["kms"] = context_from_env(clock=FixedClock(parse_time(at)) if at else None, read_only=bool(at))
         obj["heads"] = _heads(obj["kms"])
     return obj["kms"]
 
@@ -178,30 +212,56 @@ def _parse_at(_ctx, _param, value):
 
 @click.group(cls=KmsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--at", metavar="TIME", callback=_parse_at,
-              help="Act as if the time were TIME (ISO-8601); for drills and replays.")
+              help="Evaluate as if the time were TIME (ISO-8601), for read-only commands only (reports, "
+                   "verify, list); refused by commands that change state.")
 @click.pass_context
 def cli(ctx, at):
     """Run the KMS policy: keys, ledger, envelopes, backups, drills."""
     ctx.ensure_object(dict)["at"] = at
 
 
+def _admin(value: str) -> tuple[str, list[str]]:
+    name, _, roles = value.partition("=")
+    return name, [r for r in roles.split(",") if r] or ["security_engineering"]
+
+
 @cli.command()
+@click.option("--admin", "admins", multiple=True, metavar="NAME[=ROLE,...]",
+              help="First-run ceremony: enrol this principal (repeatable; default role security_engineering). "
+                   "Only while no human principal exists; at least approvals_required + 1 of them must hold "
+                   "'principals' (security_engineering).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
-def init(ctx, as_json):
-    """Run database migrations and bootstrap one active version of every policy key."""
+def init(ctx, admins, as_json):
+    """Run database migrations and bootstrap one active version of every policy key; with
+    --admin, enrol the first principals and print each one's TOTP provisioning URI once."""
     from .core import db, lifecycle
 
     kms = get_context(ctx, create=True)
     db.upgrade(kms.engine)
     results = lifecycle.bootstrap(kms)
     created = [r.key for r in results if r.rotated]
+    enrolled = []
+    if admins:
+        from .core import access
+
+        parsed = dict(_admin(a) for a in admins)
+        if len(parsed) != len(admins):
+            raise click.UsageError("--admin names must be distinct")
+        enrolled = access.init_principals(kms, parsed)
     if as_json:
         emit_json({"revision": db.current_revision(kms.engine), "created": created,
-                   "existing": [r.key for r in results if not r.rotated]})
+                   "existing": [r.key for r in results if not r.rotated],
+                   "enrolled": [{"name": e.name, "roles": e.roles, "provisioning_uri": e.provisioning_uri}
+                                for e in enrolled]})
         return
     click.echo(f"database at revision {db.current_revision(kms.engine)}")
     click.echo(f"created {len(created)} key(s)" + (f": {', '.join(created)}" if created else "; all keys exist"))
+    if enrolled:
+        # The only time the secrets are shown: to this terminal, never to a log or the database.
+        click.echo("TOTP provisioning URIs (shown once; each goes to that principal's authenticator):")
+        for e in enrolled:
+            click.echo(f"{e.name} {e.provisioning_uri}")
 
 
 @cli.group()
@@ -233,38 +293,46 @@ def keys_list(ctx, as_json, show_all):
 
 @keys.command("rotate")
 @click.argument("key")
-@click.option("--reason", default="manual", show_default=True,
-              type=click.Choice(["manual", "cadence", "compromise", "tenant-rotation", "ci-exposure"]))
-@click.option("--if-due", is_flag=True, help="Rotate only when the policy cadence says it is due.")
-@click.option("--actor", default=None, help="Who is rotating (default: $USER).")
+@click.option("--reason", default=None,
+              type=click.Choice(["manual", "cadence", "compromise", "tenant-rotation", "ci-exposure"]),
+              help="compromise|tenant-rotation|ci-exposure (R2) rotate a service key at once, without "
+                   "approvals; cadence is --if-due; manual needs --manual (dual control).")
+@click.option("--if-due", is_flag=True, help="Rotate only when the policy cadence says it is due (reason cadence).")
+@click.option("--actor", default=None, help="Label recorded for an --if-due rotation (default: $USER).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def keys_rotate(ctx, key, reason, if_due, actor, as_json):
-    """Rotate KEY now (or only when due with --if-due)."""
+    """Rotate KEY: on the cadence (--if-due), a service key at once (R2 --reason), or any key
+    under dual control (--manual)."""
     from dataclasses import asdict
 
     from .core import rotation
+    from .core.lifecycle import validate_key_name
 
     kms = get_context(ctx)
-    if reason == "manual" and not if_due:
+    validate_key_name(kms, key)
+    if reason == "cadence":
+        if_due, reason = True, None
+    elif if_due and reason:
+        raise click.UsageError("--if-due and --reason exclude each other")
+    if not if_due and reason in (None, "manual"):
         from .core.access import AccessDenied
-        from .core.lifecycle import validate_key_name
 
-        validate_key_name(kms, key)  # an unknown key is reported as such, not as missing approvals
-
-        # Policy A4: a manual rotation runs only under dual control (the --manual path that
-        # commands/access.py adds). Cadence rotations (--if-due) and the R2 emergency reasons
-        # rotate at once.
+        # Policy A4: a manual rotation runs only under dual control (--manual).
         raise AccessDenied(
             f"a manual rotation of {key} needs dual approval (policy A4): two other principals run "
             f"`kms approve --ticket T --operation rotate --target {key} --as NAME --totp CODE`, then "
-            f"`kms keys rotate {key} --manual --ticket T --requested-by YOU`; --if-due rotates on the policy "
-            f"cadence, --reason compromise|tenant-rotation|ci-exposure rotates at once (R2)", reason="approval")
+            f"`kms keys rotate {key} --manual --ticket T --requested-by YOU --totp CODE`; --if-due rotates on the "
+            f"policy cadence, --reason compromise|tenant-rotation|ci-exposure rotates a service key at once (R2)",
+            reason="approval")
     actor = actor or os.environ.get("USER", "operator")
+    from .core import limits
+
+    limits.text(actor, "--actor", 200)
     # Through core.rotation so a root rotation publishes its manifest and notifies partners,
-    # and a service rotation re-issues credentials (R1, R2); ci-exposure = policy ci-secret-exposure.
+    # and a service rotation re-issues credentials (R1, R2).
     if if_due:
-        result = rotation.rotate_key(kms, key, actor=actor, reason=reason, only_if_due=True)
+        result = rotation.rotate_key(kms, key, actor=actor, reason="cadence", only_if_due=True)
     else:
         result = rotation.rotate_now(kms, key, actor=actor, reason=reason)
     if as_json:

@@ -17,6 +17,7 @@ import pyotp
 import pytest
 
 from kms_pipelines.core import access, audit, console_auth
+from tests.fixtures.kms import enrol_direct
 
 TICKET_PREFIX = "ONB"
 
@@ -148,8 +149,7 @@ class Person:
 
 
 def enrol(kms, name: str, role: str, base: str) -> Person:
-    e = access.enroll_principal(kms, name, [role], actor="test-admin")
-    return Person(name, [role], Totp(kms, e.provisioning_uri), base)
+    return Person(name, [role], Totp(kms, enrol_direct(kms, name, role)), base)
 
 
 def issue_link(kms, target: Person, requester: Person, approvers: list[Person], origin: str) -> str:

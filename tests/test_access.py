@@ -4,32 +4,35 @@ asserts that nothing changed: key versions, ledger, keystore, approvals, TOTP st
 from dataclasses import replace
 from datetime import timedelta
 
-import pyotp
 import pytest
 from sqlalchemy import select
 
 from kms_pipelines.core import access, audit, ledger, lifecycle
 from kms_pipelines.core.db.models import STATES, KeyVersion
 from kms_pipelines.core.db.models_access import Approval, AuditEvent, Principal
+from tests.fixtures.kms import ceremony
 
 TICKET = "CHG-1001"
 
 
-def snapshot(kms):
-    """Everything a refused operation must leave untouched."""
+def snapshot(kms, requester=None):
+    """Everything a refused operation must leave untouched (but the requester's TOTP step:
+    a verified code is spent even when the operation is then refused)."""
     with kms.engine.connect() as conn:
         versions = conn.execute(select(KeyVersion.key_id, KeyVersion.version, KeyVersion.state,
                                        KeyVersion.wrap_ref, KeyVersion.sign_ref).order_by(KeyVersion.id)).all()
         head = ledger.head(conn)
         approvals = conn.execute(select(Approval.id, Approval.used_at, Approval.used_by_request)
                                  .order_by(Approval.id)).all()
-        totp = conn.execute(select(Principal.name, Principal.totp_last_step).order_by(Principal.name)).all()
+        totp = conn.execute(select(Principal.name, Principal.totp_last_step).where(Principal.name != requester)
+                            .order_by(Principal.name)).all()
     return versions, head, sorted(kms.keystore.refs()), approvals, totp
 
 
-def enrol(kms, name, *roles):
-    e = access.enroll_principal(kms, name, roles or ["security_engineering"])
-    return pyotp.parse_uri(e.provisioning_uri)
+def rotate_as(kms, d, key, requester="alice", ticket=TICKET):
+    """A manual rotation by ``requester`` with a fresh code (the clock moves one time-step)."""
+    _tick(kms)
+    return access.manual_rotate(kms, key, ticket=ticket, requested_by=requester, totp=code(kms, d[requester]))
 
 
 def code(kms, device, steps=0):
@@ -48,8 +51,8 @@ def denied_events(kms, **match):
 @pytest.fixture
 def team(kms):
     """alice (sre_oncall) requests; bob (security_engineering) and carol (compliance_officer) approve."""
-    devices = {"alice": enrol(kms, "alice", "sre_oncall"), "bob": enrol(kms, "bob", "security_engineering"),
-               "carol": enrol(kms, "carol", "compliance_officer")}
+    devices = ceremony(kms, {"alice": "sre_oncall", "bob": "security_engineering", "carol": "compliance_officer",
+                             "sam": "sre_oncall"})
     return kms, devices
 
 
@@ -59,17 +62,16 @@ def _tick(kms, seconds=30):
 
 # ---- principals and permissions (A1) ------------------------------------------------
 
-def test_totp_secret_is_stored_sealed_never_in_clear(kms):
-    device = enrol(kms, "bob")
+def test_totp_secret_is_stored_sealed_never_in_clear(team):
+    kms, d = team
     with kms.engine.connect() as conn:
         sealed = conn.execute(select(Principal.totp_sealed).where(Principal.name == "bob")).scalar_one()
-    assert sealed and device.secret.encode() not in sealed
-    assert repr(access.enroll_principal(kms, "dora", ["sre_oncall"])).count("otpauth") == 0
+    assert sealed and d["bob"].secret.encode() not in sealed
+    assert "otpauth" not in repr(access.Enrolment("dora", "human", ["sre_oncall"], d["bob"].provisioning_uri(name="x")))
 
 
-def test_permission_matrix_comes_from_the_policy(kms):
-    enrol(kms, "carol", "compliance_officer")
-    enrol(kms, "sam", "sre_oncall")
+def test_permission_matrix_comes_from_the_policy(team):
+    kms, _ = team
     access.require_permission(kms, "carol", "export")
     access.require_permission(kms, "sam", "rotate")
     access.require_permission(kms, "workload:api-gateway", "decrypt")
@@ -81,12 +83,21 @@ def test_permission_matrix_comes_from_the_policy(kms):
         assert denied_events(kms, actor=who, operation=op), f"refusal of {who}/{op} not audited"
 
 
-def test_enrolment_refuses_unknown_roles_and_duplicates(kms):
-    enrol(kms, "bob")
+def test_the_ceremony_refuses_unknown_roles_too_few_principals_and_a_second_run(kms):
+    for admins, match in (({"a": ["janitor"], "b": ["sre_oncall"], "c": ["sre_oncall"]}, "roles from"),
+                          ({"a": [], "b": ["sre_oncall"], "c": ["sre_oncall"]}, "roles from"),
+                          ({"a": ["sre_oncall"], "b": ["sre_oncall"]}, "at least 3"),
+                          ({"a\x1b[31m": ["sre_oncall"], "b": ["sre_oncall"], "c": ["sre_oncall"]}, "invalid"),
+                          ({"a": ["security_engineering"], "b": ["security_engineering"], "c": ["sre_oncall"]},
+                           "at least 3 principals holding 'principals'")):
+        before = snapshot(kms)
+        with pytest.raises(ValueError, match=match):
+            access.init_principals(kms, admins)
+        assert snapshot(kms) == before
+    ceremony(kms, {"a": "security_engineering", "b": "security_engineering", "c": "sre_oncall"})
     before = snapshot(kms)
-    for args in (("bob", ["sre_oncall"]), ("eve", ["janitor"]), ("eve", []), ("workload:eve", ["sre_oncall"])):
-        with pytest.raises(access.AccessDenied):
-            access.enroll_principal(kms, *args)
+    with pytest.raises(access.AccessDenied, match="already ran"):
+        access.init_principals(kms, {"x": ["sre_oncall"], "y": ["sre_oncall"], "z": ["sre_oncall"]})
     assert snapshot(kms) == before
 
 
@@ -94,15 +105,15 @@ def test_enrolment_refuses_unknown_roles_and_duplicates(kms):
 
 def test_manual_rotation_runs_with_two_approvals_and_records_them(team):
     kms, d = team
-    before = snapshot(kms)
+    before = snapshot(kms, "alice")
     with pytest.raises(access.AccessDenied, match="needs 2 approvals"):
-        access.manual_rotate(kms, "service:api-gateway", ticket=TICKET, requested_by="alice")
-    assert snapshot(kms) == before
+        rotate_as(kms, d, "service:api-gateway")
+    assert snapshot(kms, "alice") == before
     # approvers find the open request by ticket + operation (no --target needed)
     info = access.approve(kms, "bob", ticket=TICKET, operation="rotate", totp=code(kms, d["bob"]))
     assert (info.target, info.have, info.required) == ("service:api-gateway", 1, 2)
     access.approve(kms, "carol", ticket=TICKET, operation="rotate", totp=code(kms, d["carol"]))
-    o = access.manual_rotate(kms, "service:api-gateway", ticket=TICKET, requested_by="alice")
+    o = rotate_as(kms, d, "service:api-gateway")
     assert o.result.rotated and (o.result.old_version, o.result.new_version) == (1, 2)
     assert o.approvers == ["bob", "carol"] and o.notification_failures == []
     with kms.transaction() as s:
@@ -120,18 +131,18 @@ def _approve_both(kms, d, target="root", ticket=TICKET, who=("bob", "carol")):
         access.approve(kms, name, ticket=ticket, operation="rotate", target=target, totp=code(kms, d[name]))
 
 
-def _refused_rotation(kms, match, key="root", ticket=TICKET, requester="alice"):
-    before = snapshot(kms)
+def _refused_rotation(kms, d, match, key="root", ticket=TICKET, requester="alice"):
+    before = snapshot(kms, requester)
     with pytest.raises(access.AccessDenied, match=match):
-        access.manual_rotate(kms, key, ticket=ticket, requested_by=requester)
-    assert snapshot(kms) == before
+        rotate_as(kms, d, key, requester, ticket)
+    assert snapshot(kms, requester) == before
     assert denied_events(kms, operation="rotate", actor=requester, target=key)
 
 
 def test_missing_approval_is_refused(team):
     kms, d = team
     _approve_both(kms, d, who=("bob",))
-    _refused_rotation(kms, r"has 1 \(bob\).*missing 1")
+    _refused_rotation(kms, d, r"has 1 \(bob\).*missing 1")
 
 
 def test_one_approver_twice_counts_once(team):
@@ -142,13 +153,13 @@ def test_one_approver_twice_counts_once(team):
     with pytest.raises(access.AccessDenied, match="already approved"):
         access.approve(kms, "bob", ticket=TICKET, operation="rotate", target="root", totp=code(kms, d["bob"]))
     assert snapshot(kms) == before
-    _refused_rotation(kms, "has 1")
+    _refused_rotation(kms, d, "has 1")
 
 
 def test_self_approval_is_refused(team):
     kms, d = team
     with pytest.raises(access.AccessDenied):
-        access.manual_rotate(kms, "root", ticket=TICKET, requested_by="alice")  # opens the request
+        rotate_as(kms, d, "root")  # opens the request
     before = snapshot(kms)
     with pytest.raises(access.AccessDenied, match="self-approval"):
         access.approve(kms, "alice", ticket=TICKET, operation="rotate", totp=code(kms, d["alice"]))
@@ -160,18 +171,18 @@ def test_an_approval_by_the_requester_is_never_counted(team):
     kms, d = team
     # alice approved before anyone asked; then she requests it herself
     _approve_both(kms, d, who=("alice", "bob"))
-    _refused_rotation(kms, r"alice \(the requester\)")
+    _refused_rotation(kms, d, r"alice \(the requester\)")
 
 
 def test_wrong_role_requester_and_approver_are_refused(team):
     kms, d = team
     _approve_both(kms, d)
-    _refused_rotation(kms, "'carol' lacks permission 'rotate'", requester="carol")
+    _refused_rotation(kms, d, "'carol' lacks permission 'rotate'", requester="carol")
     # a policy in which compliance officers may not approve: carol's approval stops counting
     acc = kms.policy.access
     strict = replace(kms, policy=kms.policy.model_copy(update={"access": acc.model_copy(update={
         "permissions": {**acc.permissions, "approve": ["sre_oncall", "security_engineering"]}})}))
-    _refused_rotation(strict, r"carol \(lacks permission 'approve'\)")
+    _refused_rotation(strict, d, r"carol \(lacks permission 'approve'\)")
     _tick(strict)
     before = snapshot(strict)
     with pytest.raises(access.AccessDenied, match="lacks permission 'approve'"):
@@ -208,20 +219,20 @@ def test_a_replayed_totp_code_is_refused(team):
 def test_a_replayed_approval_is_refused(team):
     kms, d = team
     _approve_both(kms, d)
-    access.manual_rotate(kms, "root", ticket=TICKET, requested_by="alice")
-    _refused_rotation(kms, "already used")
+    rotate_as(kms, d, "root")
+    _refused_rotation(kms, d, "already used")
 
 
 def test_approvals_expire_and_bind_to_operation_target_and_ticket(team):
     kms, d = team
     _approve_both(kms, d, target="root", ticket=TICKET)
-    _refused_rotation(kms, "has 0", key="data:postgres")           # other target
-    _refused_rotation(kms, "has 0", ticket="CHG-9999")             # other ticket
+    _refused_rotation(kms, d, "has 0", key="data:postgres")           # other target
+    _refused_rotation(kms, d, "has 0", ticket="CHG-9999")             # other ticket
     with kms.transaction() as s:
         with pytest.raises(access.AccessDenied):                   # other operation
             access.consume_approvals(s, kms, operation="destroy", target="root", ticket=TICKET, requester="alice")
     kms.clock.advance(timedelta(minutes=kms.policy.access.approval_ttl_minutes))
-    _refused_rotation(kms, r"bob \(expired\)")
+    _refused_rotation(kms, d, r"bob \(expired\)")
 
 
 def test_consume_approvals_marks_used_only_with_the_callers_transaction(team):
@@ -245,7 +256,7 @@ def test_consume_approvals_marks_used_only_with_the_callers_transaction(team):
 def test_a_failed_rotation_consumes_no_approval(team):
     kms, d = team
     _approve_both(kms, d)
-    before = snapshot(kms)
+    before = snapshot(kms, "alice")
     orig = lifecycle._transition
 
     def boom(*a, **k):
@@ -254,8 +265,8 @@ def test_a_failed_rotation_consumes_no_approval(team):
     lifecycle._transition = boom
     try:
         with pytest.raises(RuntimeError):
-            access.manual_rotate(kms, "root", ticket=TICKET, requested_by="alice")
+            rotate_as(kms, d, "root")
     finally:
         lifecycle._transition = orig
-    assert snapshot(kms) == before
-    assert access.manual_rotate(kms, "root", ticket=TICKET, requested_by="alice").result.rotated
+    assert snapshot(kms, "alice") == before
+    assert rotate_as(kms, d, "root").result.rotated

@@ -4,7 +4,6 @@ audit_anomalies asset with its checks; resources run under a workload token (A2)
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
-import pyotp
 import pytest
 from sqlalchemy import select
 
@@ -14,8 +13,10 @@ from kms_pipelines.core.db.models_access import AuditEvent
 from kms_pipelines.defs.access import audit_anomalies, audit_chain_intact, manual_rotation, \
     no_unreviewed_high_anomalies
 from kms_pipelines.defs.foundation import kms_state
-from kms_pipelines.defs.resources import (ClockResource, DatabaseResource, KeyStoreResource, KmsResource,
+from kms_pipelines.defs.resources import (DatabaseResource, KeyStoreResource, KmsResource,
                                           ObjectStoreResource)
+from tests.fixtures.dagster_defs import FixedClockResource
+from tests.fixtures.kms import ceremony
 
 AT = datetime(2026, 2, 1, 9, 0, tzinfo=timezone.utc)
 
@@ -24,7 +25,7 @@ def make_resource(tmp_path, url, at=AT):
     return KmsResource(home=str(tmp_path / "home"), database=DatabaseResource(url=url),
                        keystore=KeyStoreResource(kind="software"),
                        objects=ObjectStoreResource(url=str(tmp_path / "objects")),
-                       clock=ClockResource(fixed_time=at.isoformat()))
+                       clock=FixedClockResource(fixed_time=at.isoformat()))
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -43,13 +44,19 @@ def _snapshot(ctx):
                              .order_by(KeyVersion.id)).all(), ledger.head(conn))
 
 
-def _config(key="root", ticket="CHG-42", requester="alice"):
-    return {"ops": {"manual_rotate_key": {"config": {"key": key, "ticket": ticket, "requester": requester}}}}
+def _config(code, key="root", ticket="CHG-42", requester="alice"):
+    return {"ops": {"manual_rotate_key": {"config": {"key": key, "ticket": ticket, "requester": requester,
+                                                     "requester_totp": code}}}}
 
 
 def _team(ctx):
-    return {n: pyotp.parse_uri(access.enroll_principal(ctx, n, [r]).provisioning_uri)
-            for n, r in (("alice", "sre_oncall"), ("bob", "security_engineering"), ("carol", "compliance_officer"))}
+    return ceremony(ctx, {"alice": "sre_oncall", "bob": "security_engineering", "carol": "compliance_officer"})
+
+
+def _alice(devices, step):
+    """alice's code for time-step ``step`` around AT (the run's fixed clock accepts ±1 step):
+    each launch proves her with a newer step, as the replay rule wants."""
+    return devices["alice"].at(AT + timedelta(seconds=30 * step))
 
 
 def test_manual_rotation_job_enforces_the_same_approvals(dagster_kms):
@@ -57,8 +64,8 @@ def test_manual_rotation_job_enforces_the_same_approvals(dagster_kms):
     ctx = res.context()
     devices = _team(ctx)
     before = _snapshot(ctx)
-    result = manual_rotation.execute_in_process(run_config=_config(), resources={"kms": res}, instance=instance,
-                                                raise_on_error=False)
+    result = manual_rotation.execute_in_process(run_config=_config(_alice(devices, -1)), resources={"kms": res},
+                                                instance=instance, raise_on_error=False)
     assert not result.success
     failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
     assert "needs 2 approvals" in failure.step_failure_data.error.to_string()
@@ -67,11 +74,12 @@ def test_manual_rotation_job_enforces_the_same_approvals(dagster_kms):
     assert "\n" not in failure.step_failure_data.user_failure_data.description
     assert _snapshot(ctx) == before
     access.approve(ctx, "bob", ticket="CHG-42", operation="rotate", totp=devices["bob"].at(AT))
-    result = manual_rotation.execute_in_process(run_config=_config(), resources={"kms": res}, instance=instance,
-                                                raise_on_error=False)
+    result = manual_rotation.execute_in_process(run_config=_config(_alice(devices, 0)), resources={"kms": res},
+                                                instance=instance, raise_on_error=False)
     assert not result.success and _snapshot(ctx) == before
     access.approve(ctx, "carol", ticket="CHG-42", operation="rotate", totp=devices["carol"].at(AT))
-    result = manual_rotation.execute_in_process(run_config=_config(), resources={"kms": res}, instance=instance)
+    result = manual_rotation.execute_in_process(run_config=_config(_alice(devices, 1)), resources={"kms": res},
+                                                instance=instance)
     assert result.success
     assert result.output_for_node("manual_rotate_key")["approvers"] == ["bob", "carol"]
     with ctx.transaction() as s:
@@ -87,7 +95,7 @@ def test_manual_rotation_job_enforces_the_same_approvals(dagster_kms):
 def test_manual_rotation_config_is_typed_for_the_launchpad():
     fields = manual_rotation.run_config_schema.config_type.fields["ops"].config_type.fields[
         "manual_rotate_key"].config_type.fields["config"].config_type.fields
-    assert set(fields) == {"key", "ticket", "requester"}
+    assert set(fields) == {"key", "ticket", "requester", "requester_totp"}
     assert all(f.is_required for f in fields.values())
     assert "Approvals must exist first" in manual_rotation.description
 
@@ -109,8 +117,7 @@ def test_manual_rotation_refuses_an_empty_field_and_changes_nothing(dagster_kms,
 def test_audit_anomalies_asset_and_checks(dagster_kms):
     res, instance = dagster_kms
     ctx = res.context()
-    sam = access.enroll_principal(ctx, "sam", ["security_engineering"])
-    assert sam.provisioning_uri
+    devices = ceremony(ctx, {"sam": "security_engineering", "sue": "security_engineering", "sid": "sre_oncall"})
     # a plain (undual-controlled) manual rotation: a high-severity anomaly
     from kms_pipelines.core import lifecycle
 
@@ -121,8 +128,8 @@ def test_audit_anomalies_asset_and_checks(dagster_kms):
     assert checks == {"audit_chain_intact": True, "no_unreviewed_high_anomalies": False}
     mat = result.asset_materializations_for_node("audit_anomalies")[0]
     assert mat.metadata["unreviewed_high"].value == 1
-    for a in audit.unreviewed(ctx):
-        audit.review(ctx, a.id, "sam", "planned drill")
+    for step, a in enumerate(audit.unreviewed(ctx)):
+        audit.review(ctx, a.id, "sam", "planned drill", totp=devices["sam"].at(AT + timedelta(seconds=30 * step)))
     result = dg.materialize([audit_anomalies, audit_chain_intact, no_unreviewed_high_anomalies],
                             resources={"kms": res}, instance=instance)
     assert all(c.passed for c in result.get_asset_check_evaluations())

@@ -55,8 +55,14 @@ def test_init_twice_changes_nothing_the_second_time(run, db_env):
 
 
 def test_rotate_and_list(run, db_env):
-    run("init", env=db_env)
+    import pyotp
+
+    init = run("init", "--admin", "sre=sre_oncall", "--admin", "b", "--admin", "c", "--admin", "d", "--json", env=db_env)
+    sre = pyotp.parse_uri(json.loads(init.output)["enrolled"][0]["provisioning_uri"])
     out = run("keys", "rotate", "service:api-gateway", "--reason", "tenant-rotation", env=db_env)
+    assert out.exit_code == 2 and "needs --requested-by and --totp" in out.output  # R2 names a proven human
+    out = run("keys", "rotate", "service:api-gateway", "--reason", "tenant-rotation", "--requested-by", "sre",
+              "--totp", sre.now(), env=db_env)
     assert out.exit_code == 0 and "v1 -> v2" in out.output
     listing = json.loads(run("keys", "list", "--json", env=db_env).output)
     states = {(r["key"], r["version"]): r["state"] for r in listing}

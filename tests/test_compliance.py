@@ -20,6 +20,7 @@ from kms_pipelines.core.db.append_only import create_append_only_triggers, drop_
 from kms_pipelines.defs import compliance as compliance_defs
 from kms_pipelines.defs import foundation
 from tests.fixtures.dagster_defs import kms_resources
+from tests.fixtures.kms import ceremony
 
 CUSTODIANS = ["custodian-a", "custodian-b", "custodian-c"]
 ALL = [c.id for c in compliance.CLAUSES]
@@ -40,9 +41,8 @@ def exercised(make_kms, master_key, monkeypatch):
     kms = make_kms("sqlite", clock=SimulatedClock(_now()))
     for c in CUSTODIANS:
         escrow.enroll_custodian(kms, c)
-    devices = {name: pyotp.parse_uri(access.enroll_principal(kms, name, [role]).provisioning_uri)
-               for name, role in (("ann", "security_engineering"), ("bob", "compliance_officer"),
-                                  ("cy", "sre_oncall"), ("dee", "security_engineering"))}
+    devices = ceremony(kms, {"ann": "security_engineering", "bob": "compliance_officer", "cy": "sre_oncall",
+                             "dee": "security_engineering"})
     _register_console_keys(kms, devices)
     nightly.run_nightly(kms)
     report = drills.run_drill(kms, participants=["ann", "bob"])

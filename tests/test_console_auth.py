@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from kms_pipelines.core import access, approval_requests, audit, compliance, console_auth
 from kms_pipelines.core.db.models_access import AuditEvent, Principal
 from kms_pipelines.core.db.models_console import ConsoleCredential, ConsoleRegistrationLink, ConsoleSession
+from tests.fixtures.kms import enrol_direct
 from tests.fido2_soft import SoftAuthenticator, register
 
 ORIGIN = "https://kms.example.test"
@@ -38,7 +39,7 @@ def team(kms):
     devices = {}
     for name, role in (("ann", "security_engineering"), ("bo", "sre_oncall"), ("cy", "compliance_officer"),
                        ("dee", "security_engineering")):
-        devices[name] = Device(kms, access.enroll_principal(kms, name, [role]).provisioning_uri)
+        devices[name] = Device(kms, enrol_direct(kms, name, role))
     return kms, devices
 
 
@@ -332,7 +333,7 @@ def test_reject_closes_a_request_and_voids_its_approvals(team):
     # The voided approval does not count: a second approver alone cannot complete it.
     access.approve(kms, "dee", ticket="CHG-9", operation="rotate", totp=devices["dee"].code(), target="root")
     with pytest.raises(access.AccessDenied, match="needs 2 approvals"):
-        access.manual_rotate(kms, "root", ticket="CHG-9", requested_by="bo")
+        access.manual_rotate(kms, "root", ticket="CHG-9", requested_by="bo", totp=devices["bo"].code())
     with pytest.raises(access.AccessDenied, match="no open manual-operation request"):
         approval_requests.reject(kms, req.id, principal="cy", note="again")
     assert _denied(kms, "approval.reject", "invalid")

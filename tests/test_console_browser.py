@@ -241,6 +241,7 @@ def test_dual_control_in_two_browsers_followups_and_roles(console):
 
         # bob, the requester, launches it (confirmed with his key); the ledger names both approvers.
         bob.page.goto("/approvals")
+        _request_article(bob.page, rid).get_by_label("Your TOTP code").fill(bob.totp.fresh())
         _request_article(bob.page, rid).get_by_role("button", name="Launch with security key").click()
         bob.page.wait_for_url(f"{base}/keys")
         with kms.engine.connect() as conn:
@@ -291,6 +292,7 @@ def test_dual_control_in_two_browsers_followups_and_roles(console):
         assert pending and pending[0].kind == "operation_without_role"
         alice.page.goto("/anomalies")
         alice.page.get_by_label(f"Review note for anomaly {pending[0].id}").fill("carol tried the principals page; no harm")
+        alice.page.get_by_label(f"Your TOTP code for anomaly {pending[0].id}").fill(alice.totp.fresh())
         alice.page.get_by_role("row", name=re.compile(rf"^{pending[0].id} ")).get_by_role(
             "button", name="Mark reviewed").click()
         alice.page.get_by_text(f"Anomaly {pending[0].id} (operation_without_role) reviewed.").wait_for()

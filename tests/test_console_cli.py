@@ -2,13 +2,14 @@
 keys, under dual control with `kms approve --operation console-registration`."""
 
 import base64
+import time
 
 import pyotp
 from click.testing import CliRunner
 
 from kms_pipelines.cli import cli
-from kms_pipelines.core import access
 from kms_pipelines.core.clock import SystemClock
+from tests.fixtures.kms import enrol_direct
 
 ORIGIN = "https://kms.example.test"
 
@@ -16,28 +17,35 @@ ORIGIN = "https://kms.example.test"
 def test_registration_link_bootstrap_from_the_cli(make_kms, master_key, monkeypatch):
     monkeypatch.setenv("KMS_MASTER_KEY", base64.b64encode(master_key).decode())
     kms = make_kms("sqlite", clock=SystemClock())
-    devices = {n: pyotp.parse_uri(access.enroll_principal(kms, n, [r]).provisioning_uri)
+    devices = {n: pyotp.parse_uri(enrol_direct(kms, n, r))
                for n, r in (("ann", "security_engineering"), ("bo", "sre_oncall"), ("cy", "compliance_officer"),
                             ("dee", "security_engineering"))}
     env = {"KMS_HOME": str(kms.home), "KMS_DATABASE_URL": kms.engine.url.render_as_string(hide_password=False),
            "KMS_OBJECT_STORE": str(kms.home / "objects"), "KMS_KEYSTORE": "software"}
     run = lambda *args: CliRunner().invoke(cli, list(args), env=env)  # noqa: E731
     link_cmd = ["console", "registration-link", "bo", "--ticket", "ONB-1", "--requested-by", "ann", "--origin", ORIGIN]
+    step = kms.policy.access.totp_interval_seconds
 
-    first = run(*link_cmd)
+    def ann(steps=0):  # ann's code for this or the next time-step (both inside the ±1 window)
+        return devices["ann"].at(int(time.time()) + step * steps)
+
+    refused = run(*link_cmd, "--totp", "000000" if ann() != "000000" else "000001")
+    assert refused.exit_code == 1 and "TOTP code for 'ann' is wrong" in refused.output
+    first = run(*link_cmd, "--totp", ann())
     assert first.exit_code == 1 and "needs 2 approvals" in first.output and "/register/" not in first.output
     for approver in ("cy", "dee"):
         ok = run("approve", "--ticket", "ONB-1", "--operation", "console-registration", "--target", "bo",
                  "--as", approver, "--totp", devices[approver].now())
         assert ok.exit_code == 0, ok.output
-    second = run(*link_cmd)
+    next_code = ann(1)
+    second = run(*link_cmd, "--totp", next_code)
     assert second.exit_code == 0, second.output
     assert "approved by cy, dee" in second.output and f"{ORIGIN}/register/" in second.output
-    again = run(*link_cmd)
-    assert again.exit_code == 1 and "already used" in again.output
+    again = run(*link_cmd, "--totp", next_code)
+    assert again.exit_code == 1 and "replayed code refused" in again.output
 
     status = run("console", "status")
     assert status.exit_code == 1 and "bo: missing fido2" in status.output
-    bad = run("console", "registration-link", "bo", "--ticket", "ONB-2", "--requested-by", "ann", "--origin",
-              "http://kms.example.test")
+    bad = run("console", "registration-link", "bo", "--ticket", "ONB-2", "--requested-by", "ann", "--totp", ann(),
+              "--origin", "http://kms.example.test")
     assert bad.exit_code != 0 and "console origin must be https://" in bad.output

@@ -75,12 +75,12 @@ def test_failed_drill_records_findings_and_owned_followups(make_kms):
 
 
 def _resources(kms, fixed):
-    from kms_pipelines.defs.resources import (ClockResource, DatabaseResource, KeyStoreResource, KmsResource,
-                                              ObjectStoreResource)
+    from kms_pipelines.defs.resources import DatabaseResource, KeyStoreResource, KmsResource, ObjectStoreResource
+    from tests.fixtures.dagster_defs import FixedClockResource
 
     database = DatabaseResource(url=kms.engine.url.render_as_string(hide_password=False))
     objects = ObjectStoreResource(url=f"file://{kms.home / 'objects'}")
-    clock = ClockResource(fixed_time=fixed)
+    clock = FixedClockResource(fixed_time=fixed)
     keystore = KeyStoreResource(kind="software")
     return {"kms": KmsResource(home=str(kms.home), database=database, keystore=keystore, objects=objects, clock=clock)}
 

@@ -56,7 +56,7 @@ def e2e_env(request, tmp_path, monkeypatch, smtp_server, slack_receiver):
 
 def _resource(env) -> KmsResource:
     database, keystore = DatabaseResource(url=env["KMS_DATABASE_URL"]), KeyStoreResource(kind="software")
-    objects, clock = ObjectStoreResource(url=env["KMS_OBJECT_STORE"]), ClockResource(fixed_time=None)
+    objects, clock = ObjectStoreResource(url=env["KMS_OBJECT_STORE"]), ClockResource()
     return KmsResource(home=env["KMS_HOME"], policy_path=None, database=database, keystore=keystore,
                        objects=objects, clock=clock)
 
@@ -203,10 +203,16 @@ def test_ci_secret_exposure_rotates_without_revoking(kms):
 def test_manual_launch_without_approvals_is_refused_and_changes_nothing(kms_pg, tmp_path):
     from kms_pipelines.core import access
 
+    from tests.fixtures.kms import ceremony, totp_now
+
+    d = ceremony(kms_pg, {"lead": "security_engineering", "b": "security_engineering", "c": "compliance_officer"})
     before = snapshot(kms_pg)
+    with pytest.raises(access.AccessDenied, match="TOTP code for 'lead' is wrong"):
+        compromise.report_manual(kms_pg, key="service:api-gateway", type="compromise", ticket="INC-9",
+                                 requested_by="lead", totp="000000")
     with pytest.raises(access.AccessDenied, match="needs 2 approvals"):
         compromise.report_manual(kms_pg, key="service:api-gateway", type="compromise", ticket="INC-9",
-                                 requested_by="someone")
+                                 requested_by="lead", totp=totp_now(kms_pg, d["lead"]))
     assert snapshot(kms_pg) == before
 
 
@@ -218,13 +224,19 @@ def test_manual_launch_with_dual_approval(kms):
     # approvals are bound to the ticket: another ticket is refused and nothing changes
     from kms_pipelines.core import access
 
+    from datetime import timedelta
+
+    from tests.fixtures.kms import totp_now
+
+    device = kms.__dict__["_test_devices"][requester]
     before = snapshot(kms)
     with pytest.raises(access.AccessDenied):
         compromise.report_manual(kms, key="service:api-gateway", type="compromise", ticket="INC-9",
-                                 requested_by=requester)
+                                 requested_by=requester, totp=totp_now(kms, device))
     assert snapshot(kms) == before
+    kms.clock.advance(timedelta(seconds=30))
     info, approvers = compromise.report_manual(kms, key="service:api-gateway", type="compromise",
-                                               ticket="INC-8", requested_by=requester)
+                                               ticket="INC-8", requested_by=requester, totp=totp_now(kms, device))
     assert approvers == ["appr-comp", "appr-sec"]
     r = compromise.respond(kms, info.id, approvers=approvers, ticket="INC-8")
     with kms.transaction() as s:

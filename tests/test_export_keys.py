@@ -81,7 +81,7 @@ def test_an_interrupted_expiry_is_finished_by_the_next_run(kms):
     envelope.encrypt(kms, info.key, "a", b"1")
     kms.clock.advance(timedelta(days=2))
     # Crash after rotate + destroy, before the DEK rows were marked shredded.
-    lifecycle.rotate(kms, info.key, reason="export-expired")
+    lifecycle.rotate(kms, info.key, reason="export-expiry")
     lifecycle.destroy(kms, info.key, 1, reason="test crash", skip_guards=("deks",))
     [due] = export_keys.due(kms)
     assert (due.rotate_needed, due.versions_to_destroy, due.unshredded_deks) == (False, [], 1)

@@ -31,13 +31,13 @@ def test_dagster_check_runs_the_suites(tmp_path):
 
     from kms_pipelines.defs.foundation import key_inventory, kms_state
     from kms_pipelines.defs.quality import inventory_frames_valid
-    from kms_pipelines.defs.resources import (ClockResource, DatabaseResource, KeyStoreResource, KmsResource,
-                                              ObjectStoreResource)
+    from kms_pipelines.defs.resources import DatabaseResource, KeyStoreResource, KmsResource, ObjectStoreResource
+    from tests.fixtures.dagster_defs import FixedClockResource
 
     home = tmp_path / "h"
     kms = KmsResource(home=str(home), database=DatabaseResource(url=f"sqlite:///{home}/kms.db"),
                       keystore=KeyStoreResource(kind="software"), objects=ObjectStoreResource(url=str(home / "o")),
-                      clock=ClockResource(fixed_time="2030-01-01T02:00:00Z"))
+                      clock=FixedClockResource(fixed_time="2030-01-01T02:00:00Z"))
     r = dg.materialize([kms_state, key_inventory, inventory_frames_valid], instance=dg.DagsterInstance.ephemeral(),
                        resources={"kms": kms})
     assert r.success

@@ -3,23 +3,22 @@ and destroy, dual-approved destruction (real access API), nightly retire_expired
 
 from datetime import timedelta
 
-import pyotp
 import pytest
 from click.testing import CliRunner
 
 from kms_pipelines.core import access, dependents, lifecycle, retention, rotation, service_keys
 from tests.test_rotation import full_snapshot
+from tests.fixtures.kms import ceremony
 
 SVC = "service:api-gateway"
 
 
 @pytest.fixture
 def approvers(kms):
-    out = {}
-    for name in ("sec-a", "sec-b"):
-        e = access.enroll_principal(kms, name, ["security_engineering"], actor="test")
-        out[name] = pyotp.parse_uri(e.provisioning_uri)
-    return out
+    devices = ceremony(kms, {"sec-a": "security_engineering", "sec-b": "security_engineering",
+                             "sec-c": "security_engineering"})
+    kms.__dict__["_requester_device"] = devices.pop("sec-c")
+    return devices
 
 
 def approve(kms, approvers, target, ticket, operation="destroy"):
@@ -30,7 +29,7 @@ def approve(kms, approvers, target, ticket, operation="destroy"):
 
 def retire_service_v1(kms):
     cred = service_keys.issue_credential(kms, "api-gateway", "client")
-    r = rotation.rotate_now(kms, SVC, reason="manual")
+    r = rotation.rotate_key(kms, SVC, reason="manual")
     rotated_at = kms.now()
     return cred, r, rotated_at
 
@@ -121,6 +120,12 @@ def test_nightly_retire_expired_waits_for_approvals_then_destroys(kms, approvers
     assert retention.retire_expired(kms).due == []
 
 
+def _code(kms):
+    """A fresh code of the requester sec-c (the clock moves one time-step first)."""
+    kms.clock.advance(timedelta(seconds=31))
+    return kms.__dict__["_requester_device"].at(kms.now())
+
+
 def test_cli_keys_destroy_and_revoke_name_the_refusing_guard(kms, approvers):
     from kms_pipelines.cli import cli
 
@@ -129,17 +134,17 @@ def test_cli_keys_destroy_and_revoke_name_the_refusing_guard(kms, approvers):
 
     retire_service_v1(kms)
     before = full_snapshot(kms)
-    res = run("keys", "revoke", SVC, "--version", "1", "--ticket", "T-9", "--requested-by", "sec-a")
+    res = run("keys", "revoke", SVC, "--version", "1", "--ticket", "T-9", "--requested-by", "sec-c", "--totp", _code(kms))
     assert res.exit_code == 1 and "revoke refused by guard 'dependents'" in res.output, res.output
     assert full_snapshot(kms) == before
     res = run("dependents", "confirm", SVC, "--version", "2", "--service", "api-gateway")
     assert res.exit_code == 0, res.output
     before = full_snapshot(kms)
-    res = run("keys", "destroy", SVC, "--version", "1", "--requested-by", "sec-a")
+    res = run("keys", "destroy", SVC, "--version", "1", "--requested-by", "sec-c", "--totp", _code(kms))
     assert res.exit_code == 1 and "destroy refused by guard 'retention'" in res.output, res.output
     assert full_snapshot(kms) == before
     approve(kms, {"sec-b": approvers["sec-b"]}, f"{SVC}#v1", "T-9", operation="revoke")
-    res = run("keys", "revoke", SVC, "--version", "1", "--ticket", "T-9", "--requested-by", "sec-a")
+    res = run("keys", "revoke", SVC, "--version", "1", "--ticket", "T-9", "--requested-by", "sec-c", "--totp", _code(kms))
     assert res.exit_code == 1 and "needs 2 approvals" in res.output, res.output
     assert full_snapshot(kms)[0] == before[0]
     res = run("retention", "due")

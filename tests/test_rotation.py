@@ -129,7 +129,7 @@ def test_refusals_change_nothing(kms, op):
 def test_service_rotates_at_once_on_the_policy_reasons_and_credentials_are_reissued(kms):
     cred = service_keys.issue_credential(kms, "api-gateway", "partner-app")
     r = rotation.rotate_now(kms, "service:api-gateway", reason="ci-exposure", actor="sec-eng")
-    assert r.rotated and r.reason == "ci-secret-exposure"
+    assert r.rotated and r.reason == "ci-exposure"
     assert service_keys.verify_credential(kms, "api-gateway", cred).valid        # old stays valid
     new = service_keys.pickup_credential(kms, "api-gateway", "partner-app")
     check = service_keys.verify_credential(kms, "api-gateway", new)
@@ -169,8 +169,11 @@ def test_cli_partners_and_keys_rotate(kms, monkeypatch):
     assert res.exit_code == 1 and "unknown partner 'nobody'" in res.output
     res = runner.invoke(cli, ["partners", "status", "--json"], obj=obj)
     assert res.exit_code == 0 and len(json.loads(res.output)) == len(kms.policy.partners)
-    res = runner.invoke(cli, ["keys", "rotate", "service:reconciliation-engine", "--reason", "tenant-rotation"],
-                        obj=obj)
+    from tests.fixtures.kms import ceremony, totp_now
+
+    d = ceremony(kms, {"sre": "sre_oncall", "b": "security_engineering", "c": "security_engineering"})
+    res = runner.invoke(cli, ["keys", "rotate", "service:reconciliation-engine", "--reason", "tenant-rotation",
+                              "--requested-by", "sre", "--totp", totp_now(kms, d["sre"])], obj=obj)
     assert res.exit_code == 0 and "v1 -> v2" in res.output, res.output
     res = runner.invoke(cli, ["keys", "rotate", "service:api-gateway", "--reason", "bogus"], obj=obj)
     assert res.exit_code == 2
@@ -183,8 +186,8 @@ def test_dagster_key_assets_and_partner_check(tmp_path):
 
     from kms_pipelines.defs import rotation as rdefs
     from kms_pipelines.defs.foundation import kms_state
-    from kms_pipelines.defs.resources import (ClockResource, DatabaseResource, KeyStoreResource, KmsResource,
-                                              ObjectStoreResource)
+    from kms_pipelines.defs.resources import DatabaseResource, KeyStoreResource, KmsResource, ObjectStoreResource
+    from tests.fixtures.dagster_defs import FixedClockResource
 
     home = tmp_path / "home"
 
@@ -192,7 +195,7 @@ def test_dagster_key_assets_and_partner_check(tmp_path):
         return {"kms": KmsResource(home=str(home), database=DatabaseResource(url=f"sqlite:///{home}/kms.db"),
                                    keystore=KeyStoreResource(kind="software"),
                                    objects=ObjectStoreResource(url=str(home / "objects")),
-                                   clock=ClockResource(fixed_time=at))}
+                                   clock=FixedClockResource(fixed_time=at))}
 
     assets = [kms_state, rdefs.keys_root, rdefs.keys_service, rdefs.keys_data, rdefs.keys_backup]
     checks = [rdefs.partners_notified_within_24h, rdefs.root_manifest_chain_verifies]

@@ -19,8 +19,10 @@ from kms_pipelines.core.db.models_access import AuditAnomaly, AuditEvent, Princi
 from kms_pipelines.core.keystore.audited import unwrap
 from kms_pipelines.defs.access import audit_anomalies, audit_chain_intact, manual_rotation
 from kms_pipelines.defs.foundation import kms_state
-from kms_pipelines.defs.resources import (ClockResource, DatabaseResource, KeyStoreResource, KmsResource,
+from kms_pipelines.defs.resources import (DatabaseResource, KeyStoreResource, KmsResource,
                                           ObjectStoreResource)
+from tests.fixtures.dagster_defs import FixedClockResource
+from tests.fixtures.kms import ceremony
 
 AT = datetime(2026, 4, 1, 12, 0, tzinfo=timezone.utc)
 MASTER = base64.b64encode(bytes(range(32))).decode()
@@ -39,18 +41,19 @@ def test_no_key_material_in_audit_rows_event_log_or_logs(tmp_path, monkeypatch, 
     res = KmsResource(home=str(tmp_path / "home"), database=DatabaseResource(url=f"sqlite:///{tmp_path / 'kms.db'}"),
                       keystore=KeyStoreResource(kind="software"),
                       objects=ObjectStoreResource(url=str(tmp_path / "objects")),
-                      clock=ClockResource(fixed_time=AT.isoformat()))
+                      clock=FixedClockResource(fixed_time=AT.isoformat()))
     instance = dg.DagsterInstance.ephemeral()
     runs = [dg.materialize([kms_state], resources={"kms": res}, instance=instance)]
     ctx = res.context()
-    uris = {n: access.enroll_principal(ctx, n, [r]).provisioning_uri
-            for n, r in (("alice", "sre_oncall"), ("bob", "security_engineering"), ("carol", "compliance_officer"))}
+    devices = ceremony(ctx, {"alice": "sre_oncall", "bob": "security_engineering", "carol": "compliance_officer"})
+    uris = {n: d.provisioning_uri(name=n) for n, d in devices.items()}
     for n in ("bob", "carol"):
         access.approve(ctx, n, ticket="CHG-S", operation="rotate", target="service:api-gateway",
                        totp=pyotp.parse_uri(uris[n]).at(AT))
     runs.append(manual_rotation.execute_in_process(
         run_config={"ops": {"manual_rotate_key": {"config": {"key": "service:api-gateway", "ticket": "CHG-S",
-                                                             "requester": "alice"}}}},
+                                                             "requester": "alice",
+                                                             "requester_totp": devices["alice"].at(AT)}}}},
         resources={"kms": res}, instance=instance))
     ks = ctx.keystore
     blob = ks.encrypt(_wrap_ref(ctx), b"customer secret 0123456789abcdef")

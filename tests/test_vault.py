@@ -20,12 +20,13 @@ from kms_pipelines.core.db.models_access import Approval
 from kms_pipelines.core.db.models_vault import ArchiveCopy, ForensicRetrieval
 from kms_pipelines.core.keystore import KeyStoreError
 from kms_pipelines.core.objectstore.local import LocalObjectStore
+from tests.fixtures.kms import enrol_direct
 
 TICKET = "INC-4711"
 
 
 def enrol(kms, name, *roles):
-    return pyotp.parse_uri(access.enroll_principal(kms, name, list(roles)).provisioning_uri)
+    return pyotp.parse_uri(enrol_direct(kms, name, list(roles)))
 
 
 def approve(kms, device, name, target, ticket=TICKET, operation=vault.RETRIEVE_OPERATION):
@@ -437,8 +438,12 @@ def test_cli_archive_verify_retrieve_and_refusals(tmp_path, monkeypatch):
     assert run("init").exit_code == 0
     out = run("archive", "verify")
     assert out.exit_code == 0 and "0 archive copies checked, 0 broken" in out.output
-    later = (datetime.now(timezone.utc) + timedelta(days=91)).isoformat()
-    assert run("--at", later, "keys", "rotate", "root", "--if-due").exit_code == 0
+    # root v1 is due: it was activated 91 days ago (`kms --at` is refused by a command that writes)
+    with context_from_env().engine.begin() as conn:
+        conn.execute(text("UPDATE key_versions SET activated_at = :t WHERE key_id = "
+                          "(SELECT id FROM keys WHERE name = 'root')"),
+                     {"t": datetime.now(timezone.utc) - timedelta(days=91)})
+    assert run("keys", "rotate", "root", "--if-due").exit_code == 0
     out = run("archive", "list")
     assert out.exit_code == 0 and "root v1  archived" in out.output and "locked until" in out.output
     kms = context_from_env()
@@ -452,7 +457,9 @@ def test_cli_archive_verify_retrieve_and_refusals(tmp_path, monkeypatch):
                     conn.execute(select(Approval.id, Approval.used_at)).all(), sorted(kms.keystore.forensic_refs()))
 
     before = state()
-    out = run("archive", "retrieve", "root", "1", "--ticket", TICKET, "--requested-by", "dave")
+    dave_next = devices["dave"].at(int(time.time()) + kms.policy.access.totp_interval_seconds)
+    out = run("archive", "retrieve", "root", "1", "--ticket", TICKET, "--requested-by", "dave",
+              "--totp", devices["dave"].now())
     assert out.exit_code == 1 and out.output.count("\n") == 1 and "needs 2 approvals" in out.output
     assert state() == before
     code = devices["bob"].now()
@@ -461,7 +468,8 @@ def test_cli_archive_verify_retrieve_and_refusals(tmp_path, monkeypatch):
     code = devices["carol"].now()
     assert run("approve", "--ticket", TICKET, "--operation", "archive-retrieve", "--target", "root#v1",
                "--as", "carol", "--totp", code).exit_code == 0
-    out = run("archive", "retrieve", "root", "1", "--ticket", TICKET, "--requested-by", "dave", "--json")
+    out = run("archive", "retrieve", "root", "1", "--ticket", TICKET, "--requested-by", "dave", "--totp", dave_next,
+              "--json")
     assert out.exit_code == 0, out.output
     got = json.loads(out.output)
     assert got["approvers"] == ["bob", "carol"] and got["refs"][0] in kms.keystore.forensic_refs()

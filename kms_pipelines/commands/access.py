@@ -1,6 +1,7 @@
 """`kms principals …`, `kms approve`, `kms keys rotate --manual`, `kms token …`, `kms audit …`
 (issue 3: A1–A4). Thin wrappers over core.access / core.audit."""
 
+import inspect
 import os
 
 import click
@@ -8,6 +9,13 @@ import click
 
 def _actor() -> str:
     return os.environ.get("KMS_ACTOR") or os.environ.get("USER") or "operator"
+
+
+def requester_options(f):
+    """--ticket, --requested-by and --totp: a human requester proves the claimed name."""
+    f = click.option("--totp", required=True, help="The requester's current TOTP code.")(f)
+    f = click.option("--requested-by", "requested_by", required=True, help="Requesting principal.")(f)
+    return click.option("--ticket", required=True, help="Change ticket the approvals are bound to.")(f)
 
 
 def register(cli) -> None:
@@ -18,24 +26,56 @@ def register(cli) -> None:
     def principals():
         """Human and workload principals, their roles and TOTP enrolment (A1, A2)."""
 
+    roles_option = click.option("--role", "roles", multiple=True,
+                                type=click.Choice(["sre_oncall", "security_engineering", "compliance_officer"]),
+                                help="Role of a human principal (repeatable).")
+
     @principals.command("add")
     @click.argument("name")
-    @click.option("--role", "roles", multiple=True,
-                  type=click.Choice(["sre_oncall", "security_engineering", "compliance_officer"]),
-                  help="Role of a human principal (repeatable).")
+    @roles_option
     @click.option("--workload", is_flag=True, help="Register a workload principal declared in the policy.")
+    @requester_options
     @click.pass_context
-    def principals_add(ctx, name, roles, workload):
-        """Enrol NAME. For a human, prints the TOTP provisioning URI once: scan it now."""
+    def principals_add(ctx, name, roles, workload, ticket, requested_by, totp):
+        """Enrol NAME (a manual operation: two other principals holding 'approve' and 'principals'
+        approve `--operation principal-add --target NAME=ROLE,...` first). For a human, prints
+        the TOTP provisioning URI once: scan it now."""
         from ..core import access
 
         kms = get_context(ctx)
-        e = access.enroll_principal(kms, name, roles, kind="workload" if workload else "human", actor=_actor())
+        e = access.enroll_principal(kms, name, roles, kind="workload" if workload else "human",
+                                    requested_by=requested_by, totp=totp, ticket=ticket)
         click.echo(f"enrolled {e.kind} principal {e.name}" + (f" with roles {', '.join(e.roles)}" if e.roles else ""))
         if e.provisioning_uri:
             # The only time the secret is shown: to this terminal, never to a log or the database.
             click.echo("TOTP provisioning URI (shown once; add it to the principal's authenticator):")
             click.echo(e.provisioning_uri)
+
+    @principals.command("roles")
+    @click.argument("name")
+    @roles_option
+    @requester_options
+    @click.pass_context
+    def principals_roles(ctx, name, roles, ticket, requested_by, totp):
+        """Replace NAME's roles (manual operation principal-roles, target NAME=ROLE,...)."""
+        from ..core import access
+
+        approvers = access.change_roles(get_context(ctx), name, roles, requested_by=requested_by, totp=totp,
+                                        ticket=ticket)
+        click.echo(f"{name} now holds {', '.join(sorted(set(roles)))} (approved by {', '.join(approvers)}); "
+                   "it approves again after the cooling-off")
+
+    @principals.command("remove")
+    @click.argument("name")
+    @requester_options
+    @click.pass_context
+    def principals_remove(ctx, name, ticket, requested_by, totp):
+        """Disable NAME (manual operation principal-remove, target NAME)."""
+        from ..core import access
+
+        approvers = access.remove_principal(get_context(ctx), name, requested_by=requested_by, totp=totp,
+                                            ticket=ticket)
+        click.echo(f"removed {name} (approved by {', '.join(approvers)})")
 
     @principals.command("list")
     @click.option("--json", "as_json", is_flag=True)
@@ -56,9 +96,11 @@ def register(cli) -> None:
     @click.option("--ticket", required=True, help="Change ticket the approval is bound to.")
     @click.option("--operation", required=True,
                   type=click.Choice(["rotate", "revoke", "destroy", "break-glass", "export", "console-registration",
-                                     "archive-retrieve"]))
+                                     "archive-retrieve", "principal-add", "principal-roles", "principal-remove"]))
     @click.option("--target", default=None,
-                  help="Key (or key#vN / package id). Default: the one open request for ticket+operation.")
+                  help="An existing key, key#vN or escrow package id, or an open request's target (NAME=ROLE,... for "
+                       "principal-add/-roles, NAME for principal-remove). Default: the one open request for "
+                       "ticket+operation.")
     @click.option("--as", "approver", required=True, help="Approving principal.")
     @click.option("--totp", required=True, help="Current TOTP code of the approving principal.")
     @click.option("--json", "as_json", is_flag=True)
@@ -80,20 +122,34 @@ def register(cli) -> None:
     plain_rotate = keys_group.commands["rotate"]
 
     @click.pass_context
-    def rotate(ctx, manual, ticket, requested_by, **kwargs):
+    def rotate(ctx, manual, ticket, requested_by, totp, **kwargs):
+        from ..core.lifecycle import EMERGENCY_REASONS
+
         if not manual:
-            if ticket or requested_by:
-                raise click.UsageError("--ticket/--requested-by go with --manual")
+            if kwargs.get("reason") in EMERGENCY_REASONS:
+                # R2: no approvals, but the human who rotates proves who they are
+                from ..core import access, rotation
+
+                kms = get_context(ctx)
+                rotation.check_immediate(kms, kwargs["key"], kwargs["reason"])
+                if not requested_by or not totp or ticket:
+                    raise click.UsageError(f"--reason {kwargs['reason']} needs --requested-by and --totp "
+                                           "(and takes no --ticket)")
+                access.prove_principal(kms, requested_by, totp)
+                access.require_permission(kms, requested_by, "rotate", target=kwargs["key"])
+                return ctx.invoke(plain_rotate.callback, **{**kwargs, "actor": requested_by})
+            if ticket or requested_by or totp:
+                raise click.UsageError("--ticket/--requested-by/--totp go with --manual (or an R2 --reason)")
             return ctx.invoke(plain_rotate.callback, **kwargs)
-        if not ticket or not requested_by:
-            raise click.UsageError("--manual needs --ticket and --requested-by")
-        if kwargs.get("if_due"):
-            raise click.UsageError("--manual and --if-due exclude each other")
+        if not ticket or not requested_by or not totp:
+            raise click.UsageError("--manual needs --ticket, --requested-by and --totp")
+        if kwargs.get("if_due") or kwargs.get("reason"):
+            raise click.UsageError("--manual excludes --if-due and --reason")
         from dataclasses import asdict
 
         from ..core import access
 
-        o = access.manual_rotate(get_context(ctx), kwargs["key"], ticket=ticket, requested_by=requested_by)
+        o = access.manual_rotate(get_context(ctx), kwargs["key"], ticket=ticket, requested_by=requested_by, totp=totp)
         if kwargs.get("as_json"):
             emit_json({**asdict(o.result), "approvers": o.approvers, "ticket": o.ticket, "requester": o.requester,
                        "notification_failures": o.notification_failures})
@@ -105,13 +161,15 @@ def register(cli) -> None:
             click.echo(f"warning: compliance notification failed: {f}", err=True)
 
     manual_rotate_cmd = click.Command(
-        "rotate", callback=rotate, help=(plain_rotate.help or "") +
+        "rotate", callback=rotate, help=inspect.cleandoc(plain_rotate.help or "") +
         "\n\nWith --manual the rotation is a dual-controlled manual operation (A4): it runs only once two "
         "distinct principals other than the requester have approved it for this ticket (`kms approve`).",
         params=list(plain_rotate.params) + [
             click.Option(["--manual"], is_flag=True, help="Manual rotation under dual control."),
             click.Option(["--ticket"], default=None, help="Change ticket (with --manual)."),
-            click.Option(["--requested-by"], "requested_by", default=None, help="Requesting principal (with --manual)."),
+            click.Option(["--requested-by", "requested_by"], default=None,
+                         help="Requesting principal (with --manual or an R2 --reason)."),
+            click.Option(["--totp"], default=None, help="The requester's current TOTP code (with --requested-by)."),
         ])
     keys_group.add_command(manual_rotate_cmd, "rotate")
 
@@ -201,14 +259,16 @@ def register(cli) -> None:
 
     @audit.command("review")
     @click.argument("anomaly_id", type=int)
-    @click.option("--as", "principal", required=True, help="Reviewing principal (needs 'read').")
+    @click.option("--as", "principal", required=True,
+                  help="Reviewing principal (needs 'review'; not the anomaly's own principal).")
+    @click.option("--totp", required=True, help="The reviewer's current TOTP code.")
     @click.option("--note", default=None)
     @click.pass_context
-    def audit_review(ctx, anomaly_id, principal, note):
-        """Mark anomaly ANOMALY_ID reviewed."""
+    def audit_review(ctx, anomaly_id, principal, totp, note):
+        """Mark anomaly ANOMALY_ID reviewed, proven by the reviewer's TOTP code."""
         from ..core import audit as audit_mod
 
-        row = audit_mod.review(get_context(ctx), anomaly_id, principal, note)
+        row = audit_mod.review(get_context(ctx), anomaly_id, principal, note, totp=totp)
         click.echo(f"anomaly {row.id} ({row.kind}, {row.severity}) reviewed by {row.reviewed_by}")
 
 

@@ -42,9 +42,10 @@ def register(cli) -> None:
     @click.option("--ticket", required=True, help="Change ticket the approvals are bound to.")
     @click.option("--requested-by", "requested_by", required=True,
                   help="Principal holding 'console-registration' who hands the link over.")
+    @click.option("--totp", required=True, help="The requester's current TOTP code.")
     @click.option("--origin", envvar="KMS_CONSOLE_ORIGIN", required=True, help="The console's origin [env KMS_CONSOLE_ORIGIN].")
     @click.pass_context
-    def registration_link(ctx, principal, ticket, requested_by, origin):
+    def registration_link(ctx, principal, ticket, requested_by, totp, origin):
         """Issue PRINCIPAL's one-time security-key registration link (dual control: the first call
         records the request; after two `kms approve --operation console-registration --target PRINCIPAL`
         by other principals, the second call prints the link once)."""
@@ -54,8 +55,11 @@ def register(cli) -> None:
             rp = console_auth.RelyingParty(origin)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--origin") from None
-        link = console_auth.issue_registration_link(get_context(ctx), principal, ticket=ticket,
-                                                    requested_by=requested_by)
+        from ..core import access
+
+        kms = get_context(ctx)
+        access.prove_principal(kms, requested_by, totp)  # the requester proves the claimed name
+        link = console_auth.issue_registration_link(kms, principal, ticket=ticket, requested_by=requested_by)
         click.echo(f"registration link for {link.principal} (approved by {', '.join(link.approvers)}), valid until "
                    f"{link.expires_at.isoformat()}; shown once:")
         click.echo(link.url(rp.origin))

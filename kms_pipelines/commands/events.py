@@ -62,14 +62,15 @@ def register(cli) -> None:
     @click.argument("event_id")
     @click.option("--ticket", required=True, help="Change ticket the approvals are bound to.")
     @click.option("--requested-by", required=True, help="Principal launching the response.")
+    @click.option("--totp", required=True, help="The requester's current TOTP code.")
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context
-    def events_respond(ctx, event_id, ticket, requested_by, as_json):
+    def events_respond(ctx, event_id, ticket, requested_by, totp, as_json):
         """Run the compromise response by hand (needs dual approval; the sensor needs none)."""
         from ..core import compromise
 
         kms = get_context(ctx).as_actor(requested_by)
-        approvers = compromise.authorize_existing(kms, event_id, ticket=ticket, requested_by=requested_by)
+        approvers = compromise.authorize_existing(kms, event_id, ticket=ticket, requested_by=requested_by, totp=totp)
         result = compromise.respond(kms, event_id, approvers=approvers, ticket=ticket)
         if as_json:
             emit_json(result.to_dict())
@@ -206,10 +207,11 @@ def register(cli) -> None:
                   help="A custodian's age identity (or decrypted share) file; repeat for M custodians.")
     @click.option("--ticket", required=True)
     @click.option("--requester", required=True)
+    @click.option("--totp", required=True, help="The requester's current TOTP code.")
     @click.option("--out", "out", type=click.Path(dir_okay=False), default=None,
                   help="Also write the recovered key here (mode 0600).")
     @click.pass_context
-    def escrow_unseal(ctx, package_id, shares, ticket, requester, out):
+    def escrow_unseal(ctx, package_id, shares, ticket, requester, totp, out):
         """Break glass: M shares + dual approval; then rotate and re-seal at once."""
         from ..core import escrow as esc
 
@@ -222,7 +224,11 @@ def register(cli) -> None:
                 given[name] = Path(path).read_text()
             except OSError as exc:
                 raise click.UsageError(f"cannot read share file for {name}: {exc.strerror}")
-        r = esc.unseal(get_context(ctx).as_actor(requester), package_id, given, ticket=ticket,
+        from ..core import access
+
+        kms = get_context(ctx)
+        access.prove_principal(kms, requester, totp)
+        r = esc.unseal(kms.as_actor(requester), package_id, given, ticket=ticket,
                        requester=requester, out_path=out)
         click.echo(f"unsealed {r.package_id} (break-glass v{r.key_version}) with shares of {', '.join(r.custodians)}; "
                    f"approved by {', '.join(r.approvers)}")

@@ -215,15 +215,16 @@ def register(cli) -> None:
     @click.option("--ticket", default=None, help="Change ticket the approvals are bound to "
                                                  "(default: the retirement ticket retire-<key>-v<N>).")
     @click.option("--requested-by", "requested_by", required=True, help="Requesting principal.")
+    @click.option("--totp", required=True, help="The requester's current TOTP code.")
     @click.option("--reason", default="retention ended (T1)", show_default=True)
     @click.pass_context
-    def keys_destroy(ctx, key, version, ticket, requested_by, reason):
+    def keys_destroy(ctx, key, version, ticket, requested_by, totp, reason):
         """Destroy KEY VERSION: every guard must agree (the refusal names the guard), then two
         approvals for (destroy, KEY#vN, ticket) are consumed with the destruction."""
         from ..core import retention as ret
 
         kms = get_context(ctx)
-        _require(kms, requested_by, "destroy", f"{key}#v{version}")
+        _require(kms, requested_by, totp, "destroy", f"{key}#v{version}")
         approvers = ret.destroy_version(kms, key, version, ticket=ticket, requester=requested_by, reason=reason)
         click.echo(f"destroyed {key} v{version} (approved by {', '.join(approvers)})")
 
@@ -232,16 +233,17 @@ def register(cli) -> None:
     @click.option("--version", "version", type=int, required=True)
     @click.option("--ticket", required=True, help="Change ticket the approvals are bound to.")
     @click.option("--requested-by", "requested_by", required=True, help="Requesting principal.")
+    @click.option("--totp", required=True, help="The requester's current TOTP code.")
     @click.option("--reason", default="retired", show_default=True)
     @click.pass_context
-    def keys_revoke(ctx, key, version, ticket, requested_by, reason):
+    def keys_revoke(ctx, key, version, ticket, requested_by, totp, reason):
         """Revoke KEY VERSION (it stops verifying and decrypting). Dependents must have confirmed
         a newer version (T4); two approvals for (revoke, KEY#vN, ticket) are consumed."""
         from ..core import lifecycle
 
         kms = get_context(ctx)
         target = f"{key}#v{version}"
-        _require(kms, requested_by, "revoke", target)
+        _require(kms, requested_by, totp, "revoke", target)
 
         def authorize(session):
             from ..core import access
@@ -253,7 +255,10 @@ def register(cli) -> None:
         click.echo(f"revoked {key} v{version}")
 
 
-def _require(kms, principal: str, operation: str, target: str) -> None:
-    from ..core import access
+def _require(kms, principal: str, totp: str, operation: str, target: str) -> None:
+    """The requester proves the claimed name (TOTP), then must hold the permission."""
+    from ..core import access, limits
 
+    limits.text(target, "target", limits.MAX_TARGET)
+    access.prove_principal(kms, principal, totp)
     access.require_permission(kms, principal, operation, target=target)

@@ -57,16 +57,18 @@ def register(cli) -> None:
     @click.argument("version", type=click.IntRange(min=1))
     @click.option("--ticket", required=True, help="Change ticket the approvals are bound to.")
     @click.option("--requested-by", "requested_by", required=True, help="Requesting principal.")
+    @click.option("--totp", required=True, help="The requester's current TOTP code.")
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context
-    def archive_retrieve(ctx, key, version, ticket, requested_by, as_json):
+    def archive_retrieve(ctx, key, version, ticket, requested_by, totp, as_json):
         """Import archived KEY VERSION into the forensic keystore (decrypt/verify only, erased after the
         policy TTL). Runs only once two principals other than the requester have approved
         `--operation archive-retrieve --target KEY#vVERSION` for this ticket (`kms approve`)."""
-        from ..core import forensic
+        from ..core import access, forensic
 
-        r = forensic.retrieve(get_context(ctx).as_actor(requested_by), key, version, ticket=ticket,
-                           requested_by=requested_by)
+        kms = get_context(ctx)
+        access.prove_principal(kms, requested_by, totp)  # the requester proves the claimed name
+        r = forensic.retrieve(kms.as_actor(requested_by), key, version, ticket=ticket, requested_by=requested_by)
         if as_json:
             emit_json(r.to_dict())
             return

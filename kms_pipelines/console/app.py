@@ -303,7 +303,7 @@ def create_app(config: ConsoleConfig) -> Starlette:
                                         response=body.get("credential") or {})
             if r.operation == "rotate":
                 o = access.manual_rotate(ctx.as_actor(user.principal), r.target, ticket=r.ticket,
-                                         requested_by=user.principal)
+                                         requested_by=user.principal, totp=str(body.get("totp", "")))
                 return {"message": f"Rotated {r.target}: v{o.result.old_version} -> v{o.result.new_version}, "
                                    f"approved by {', '.join(o.approvers)}.", "next": "/keys"}
             link = console_auth.issue_registration_link(ctx, r.target, ticket=r.ticket, requested_by=user.principal)
@@ -347,7 +347,8 @@ def create_app(config: ConsoleConfig) -> Starlette:
         form = await checked_form(request, user)
         aid = int(request.path_params["aid"])
         try:
-            row = await run_in_threadpool(audit.review, ctx, aid, user.principal, form.get("note") or None)
+            row = await run_in_threadpool(lambda: audit.review(ctx, aid, user.principal, form.get("note") or None,
+                                                               totp=form.get("totp", "")))
         except audit.AuditError as exc:
             raise access.AccessDenied(str(exc), reason="invalid") from None
         return done(request, "/anomalies", f"Anomaly {row.id} ({row.kind}) reviewed.")

@@ -1,26 +1,33 @@
 """Principals, roles, dual-control approvals with TOTP, and short-lived workload identities
 (policy clauses A1, A2, A4).
 
+* **Identity is proven, never asserted** (A2): ``prove_principal(ctx, name, code)`` is the
+  one check that human ``name`` is acting — ``code`` must be their current TOTP code, for a
+  time-step newer than any they used (a replayed code is refused). Every human action calls
+  it: approvals, the requester of a manual operation, anomaly review, principal changes.
 * **Principals** (A1): humans hold roles from the policy (``sre_oncall``,
   ``security_engineering``, ``compliance_officer``); the permission matrix
   ``access.permissions`` maps each operation to the roles that may perform it. Workload
   principals (``workload:<name>``) are declared in ``access.workload_principals`` with the
   operations each may perform. A refusal names the missing permission and is audited.
-* **TOTP** (A2): each human is enrolled with a TOTP secret (pyotp), stored *sealed* by the
+  The first principals come from the first-run ceremony (``init_principals``); afterwards
+  enrolment, role change and removal are manual operations under dual control, and a new
+  (or re-roled) principal approves nothing for ``cooling_off_hours``.
+* **TOTP**: each human is enrolled with a TOTP secret (pyotp), stored *sealed* by the
   keystore (``SEAL_REF``, AES-GCM, bound to the principal's name) — never in clear in the
-  database. A code is accepted within ``totp_window_steps`` steps of now, and only for a
-  time-step newer than the last one accepted (a replayed code is refused). FIDO2 cannot run
-  on this machine (no authenticator); approvals enforce TOTP.
+  database. A code is accepted within ``totp_window_steps`` steps of now.
 * **Dual control** (A4): a manual operation runs only with ``approvals_required`` approvals
-  from distinct principals holding ``approve``, none of them the requester, each bound to
-  exactly (operation, target, ticket), unexpired (``approval_ttl_minutes``) and single-use.
-  ``consume_approvals`` marks them used in the caller's transaction.
+  from distinct principals holding ``approve`` and past their cooling-off, none of them the
+  requester, each bound to exactly (operation, target, ticket) with an existing target,
+  unexpired (``approval_ttl_minutes``) and single-use. ``consume_approvals`` marks them used
+  in the caller's transaction.
 * **Workload tokens** (A2): ``issue_workload_token`` signs canonical JSON claims
   (sub, iat, exp, jti) with an Ed25519 key held in the keystore (``SIGNING_REF``); TTL is
-  capped by ``workload_token_ttl_minutes``. The audited keystore checks the token before
-  each operation and a ``WorkloadIdentity`` re-issues it before expiry.
+  capped by ``workload_token_ttl_minutes``; verification accepts only the canonical
+  encoding. The audited keystore checks the token before each operation and a
+  ``WorkloadIdentity`` re-issues it before expiry.
 
-Every time comes from ``ctx.clock``.
+Every time comes from ``ctx.clock``; entry points that change state run on the wall clock.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import pyotp
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from . import audit
+from . import audit, limits
 from .canonical import canonical_bytes
 from .clock import utc
 from .context import KmsContext
@@ -105,43 +112,184 @@ def _unseal(ctx: KmsContext, p: Principal) -> str:
     return ctx.keystore.decrypt(SEAL_REF, p.totp_sealed, aad=f"kms-totp|{p.name}".encode()).decode()
 
 
-def enroll_principal(ctx: KmsContext, name: str, roles: Sequence[str] = (), *, kind: str = "human",
-                     actor: str | None = None) -> Enrolment:
-    """Add a principal. Humans get roles and a TOTP enrolment whose provisioning URI is
-    returned once; workloads must be declared in the policy and get no secret."""
-    actor = actor or ctx.actor
+PRINCIPAL_OPERATIONS = ("principal-add", "principal-roles", "principal-remove")
+
+
+def _check_roles(ctx: KmsContext, roles: Sequence[str]) -> list[str]:
+    pol = ctx.policy.access
     roles = sorted(set(roles))
+    bad = [r for r in roles if r not in pol.roles]
+    if not roles or bad:
+        raise AccessDenied(f"human principals need roles from {pol.roles}; got {roles}", reason="invalid")
+    return roles
+
+
+def _new_human(ctx: KmsContext, session: Session, name: str, roles: list[str], *, actor: str, now: datetime,
+               approve_after: datetime, detail: dict) -> str:
+    """Insert a human principal with a fresh sealed TOTP secret; the provisioning URI is returned once."""
+    limits.principal_name(name)
+    if name.startswith("workload:"):
+        raise AccessDenied("human principals may not be named workload:*", reason="invalid")
+    if _principal(session, name) is not None:
+        raise AccessDenied(f"principal {name!r} already exists", reason="invalid")
+    secret = pyotp.random_base32()
+    session.add(Principal(name=name, kind="human", roles=roles, totp_sealed=_seal(ctx, name, secret), created_at=now,
+                          approve_after=approve_after))
+    session.flush()
+    audit.record(session, at=now, operation="principal.add", actor=actor, target=name, outcome="ok",
+                 detail={"kind": "human", "roles": roles, "approve_after": approve_after.isoformat(), **detail})
+    return pyotp.TOTP(secret, interval=ctx.policy.access.totp_interval_seconds).provisioning_uri(
+        name=name, issuer_name=ISSUER)
+
+
+def init_principals(ctx: KmsContext, admins: dict[str, Sequence[str]], *, actor: str = "kms-init") -> list[Enrolment]:
+    """The first-run ceremony: enrol the first human principals while none exists.
+
+    It needs at least ``approvals_required + 1`` principals (a requester and a quorum of
+    approvers for the next enrolment) and may run once: afterwards every enrolment, role
+    change and removal is a dual-controlled manual operation (``enroll_principal`` …).
+    Ceremony principals are the root of trust and are not subject to the cooling-off."""
+    need = ctx.policy.access.approvals_required + 1
+    _refuse_second_ceremony(ctx)
+    if len(admins) < need:
+        raise AccessDenied(f"the first-run ceremony enrols at least {need} principals (a requester and "
+                           f"{need - 1} approvers for every later enrolment); got {len(admins)}", reason="invalid")
+    checked = {limits.principal_name(n): _check_roles(ctx, r) for n, r in admins.items()}
+    admins_of_principals = [n for n, r in checked.items() if "principals" in role_permissions(ctx, r)]
+    if len(admins_of_principals) < need:
+        raise AccessDenied(f"the first-run ceremony needs at least {need} principals holding 'principals' (roles "
+                           f"{', '.join(ctx.policy.access.permissions.get('principals', []))}): a requester and "
+                           f"{need - 1} approvers for every later enrolment; got {admins_of_principals}",
+                           reason="invalid")
+    now = ctx.now()
+    out = []
+    with ctx.transaction() as s:
+        _refuse_second_ceremony(ctx, s)
+        for name, roles in checked.items():
+            uri = _new_human(ctx, s, name, roles, actor=actor, now=now, approve_after=now,
+                             detail={"ceremony": True})
+            out.append(Enrolment(name, "human", roles, uri))
+    return out
+
+
+def _refuse_second_ceremony(ctx: KmsContext, session: Session | None = None) -> None:
+    if session is None:
+        with ctx.transaction() as s:
+            return _refuse_second_ceremony(ctx, s)
+    if session.scalars(select(Principal.name).where(Principal.kind == "human")).first() is not None:
+        raise AccessDenied("the first-run ceremony already ran (human principals exist); enrol more with "
+                           "`kms principals add NAME --role R --ticket T --requested-by YOU --totp CODE` "
+                           "and two approvals", reason="invalid")
+
+
+def _principal_target(name: str, roles: Sequence[str] | None = None) -> str:
+    """The approval target of a principal operation: ``NAME`` or ``NAME=role1,role2``."""
+    return name if roles is None else f"{name}={','.join(sorted(set(roles)))}"
+
+
+def _principal_change(ctx: KmsContext, operation: str, name: str, roles: Sequence[str] | None, *, ticket: str,
+                      requested_by: str, totp: str, apply) -> list[str]:
+    """Run ``apply(session, now, approvers)`` as the dual-controlled manual ``operation`` on
+    principal ``name``: requester proven by TOTP and holding ``principals``; approvals consumed
+    in the change's own transaction. Returns the approvers."""
+    limits.principal_name(name)
+    limits.ticket(ticket)
+    prove_principal(ctx, requested_by, totp)
+    require_permission(ctx, requested_by, "principals", target=name)
+    target = _principal_target(name, roles)
+    request_approval(ctx, operation=operation, target=target, ticket=ticket, requester=requested_by)
+    with ctx.transaction() as s:
+        approvers = consume_approvals(s, ctx, operation=operation, target=target, ticket=ticket,
+                                      requester=requested_by)
+        apply(s, ctx.now(), approvers)
+    return approvers
+
+
+def enroll_principal(ctx: KmsContext, name: str, roles: Sequence[str] = (), *, requested_by: str, totp: str,
+                     ticket: str, kind: str = "human") -> Enrolment:
+    """Add a principal as a manual operation (dual control, A4). Humans get roles, a TOTP
+    enrolment whose provisioning URI is returned once, and the policy's cooling-off before
+    their approvals count; workloads must be declared in the policy and get no secret."""
     pol = ctx.policy.access
     if kind not in ("human", "workload"):
         raise AccessDenied(f"principal kind must be human or workload, got {kind!r}", reason="invalid")
-    if not name or name != name.strip() or len(name) > 200:
-        raise AccessDenied(f"invalid principal name {name!r}", reason="invalid")
-    if kind == "human":
-        if name.startswith("workload:"):
-            raise AccessDenied("human principals may not be named workload:*", reason="invalid")
-        bad = [r for r in roles if r not in pol.roles]
-        if not roles or bad:
-            raise AccessDenied(f"human principals need roles from {pol.roles}; got {roles}", reason="invalid")
-    else:
+    if kind == "workload":
         if name not in pol.workload_principals:
             raise AccessDenied(f"workload principal {name!r} is not declared in the policy "
                                f"(access.workload_principals)", reason="invalid")
         if roles:
             raise AccessDenied("workload principals take their operations from the policy, not roles",
                                reason="invalid")
-    secret = pyotp.random_base32() if kind == "human" else None
-    sealed = _seal(ctx, name, secret) if secret else None
-    now = ctx.now()
+        limits.ticket(ticket)
+        prove_principal(ctx, requested_by, totp)
+        require_permission(ctx, requested_by, "principals", target=name)
+        now = ctx.now()
+        with ctx.transaction() as s:  # grants nothing the policy does not already: no approvals
+            if _principal(s, name) is not None:
+                raise AccessDenied(f"principal {name!r} already exists", reason="invalid")
+            s.add(Principal(name=name, kind="workload", roles=[], created_at=now))
+            s.flush()
+            audit.record(s, at=now, operation="principal.add", actor=requested_by, target=name, outcome="ok",
+                         detail={"kind": "workload", "ticket": ticket})
+        return Enrolment(name, "workload", [], None)
+    limits.principal_name(name)
+    roles = _check_roles(ctx, roles)
     with ctx.transaction() as s:
-        if s.scalars(select(Principal).where(Principal.name == name)).first() is not None:
+        if _principal(s, name) is not None:
             raise AccessDenied(f"principal {name!r} already exists", reason="invalid")
-        s.add(Principal(name=name, kind=kind, roles=roles, totp_sealed=sealed, created_at=now))
-        s.flush()
-        audit.record(s, at=now, operation="principal.add", actor=actor, target=name, outcome="ok",
-                     detail={"kind": kind, "roles": roles})
-    uri = (pyotp.TOTP(secret, interval=pol.totp_interval_seconds).provisioning_uri(name=name, issuer_name=ISSUER)
-           if secret else None)
-    return Enrolment(name, kind, roles, uri)
+    uri: list[str] = []
+
+    def apply(s, now, approvers):
+        after = now + timedelta(hours=pol.cooling_off_hours)
+        uri.append(_new_human(ctx, s, name, roles, actor=requested_by, now=now, approve_after=after,
+                              detail={"ticket": ticket, "approvers": approvers}))
+
+    _principal_change(ctx, "principal-add", name, roles, ticket=ticket, requested_by=requested_by, totp=totp,
+                      apply=apply)
+    return Enrolment(name, "human", roles, uri[0])
+
+
+def change_roles(ctx: KmsContext, name: str, roles: Sequence[str], *, requested_by: str, totp: str,
+                 ticket: str) -> list[str]:
+    """Replace ``name``'s roles (dual control); its approvals count again only after the cooling-off."""
+    roles = _check_roles(ctx, roles)
+
+    def apply(s, now, approvers):
+        p = _principal(s, name, lock=True)
+        if p is None or p.kind != "human" or p.disabled_at is not None:
+            raise AccessDenied(f"no active human principal {name!r}", reason="invalid")
+        old = list(p.roles)
+        p.roles = roles
+        p.approve_after = now + timedelta(hours=ctx.policy.access.cooling_off_hours)
+        audit.record(s, at=now, operation="principal.roles", actor=requested_by, target=name, outcome="ok",
+                     detail={"from": old, "to": roles, "ticket": ticket, "approvers": approvers})
+
+    _require_active(ctx, name)
+    return _principal_change(ctx, "principal-roles", name, roles, ticket=ticket, requested_by=requested_by,
+                             totp=totp, apply=apply)
+
+
+def remove_principal(ctx: KmsContext, name: str, *, requested_by: str, totp: str, ticket: str) -> list[str]:
+    """Disable ``name`` (dual control). The row stays, so its history keeps naming it."""
+    def apply(s, now, approvers):
+        p = _principal(s, name, lock=True)
+        if p is None or p.kind != "human" or p.disabled_at is not None:
+            raise AccessDenied(f"no active human principal {name!r}", reason="invalid")
+        p.disabled_at = now
+        audit.record(s, at=now, operation="principal.remove", actor=requested_by, target=name, outcome="ok",
+                     detail={"ticket": ticket, "approvers": approvers})
+
+    _require_active(ctx, name)
+    return _principal_change(ctx, "principal-remove", name, None, ticket=ticket, requested_by=requested_by,
+                             totp=totp, apply=apply)
+
+
+def _require_active(ctx: KmsContext, name: str) -> None:
+    limits.principal_name(name)
+    with ctx.transaction() as s:
+        p = _principal(s, name)
+        if p is None or p.kind != "human" or p.disabled_at is not None:
+            raise AccessDenied(f"no active human principal {name!r}", reason="invalid")
 
 
 def _principal(session: Session, name: str, *, lock: bool = False) -> Principal | None:
@@ -202,13 +350,14 @@ def list_principals(ctx: KmsContext) -> list[dict]:
         rows = [{"name": p.name, "kind": p.kind, "roles": list(p.roles),
                  "permissions": sorted(role_permissions(ctx, p.roles)) if p.kind == "human" else
                  sorted(ctx.policy.access.workload_principals.get(p.name, [])),
-                 "totp_enrolled": p.totp_sealed is not None, "disabled": p.disabled_at is not None}
+                 "totp_enrolled": p.totp_sealed is not None, "disabled": p.disabled_at is not None,
+                 "approve_after": utc(p.approve_after) if p.approve_after else None}
                 for p in s.scalars(select(Principal).order_by(Principal.name))]
     enrolled = {r["name"] for r in rows}
     for name, ops in sorted(ctx.policy.access.workload_principals.items()):
         if name not in enrolled:
             rows.append({"name": name, "kind": "workload", "roles": [], "permissions": sorted(ops),
-                         "totp_enrolled": False, "disabled": False})
+                         "totp_enrolled": False, "disabled": False, "approve_after": None})
     return rows
 
 
@@ -220,6 +369,9 @@ def _verify_totp(ctx: KmsContext, p: Principal, code: str) -> int:
     pol = ctx.policy.access
     if p.totp_sealed is None:
         raise AccessDenied(f"{p.name!r} has no TOTP enrolment", reason="totp", principal=p.name)
+    if p.totp_locked_until is not None and utc(p.totp_locked_until) > ctx.now():
+        raise AccessDenied(f"TOTP for {p.name!r} is locked until {utc(p.totp_locked_until).isoformat()} after "
+                           f"{pol.totp_max_failures} wrong codes in a row", reason="totp_locked", principal=p.name)
     code = (code or "").strip()
     if not code.isdigit():
         raise AccessDenied(f"TOTP code for {p.name!r} must be digits", reason="totp", principal=p.name)
@@ -238,29 +390,56 @@ def _verify_totp(ctx: KmsContext, p: Principal, code: str) -> int:
         raise AccessDenied(f"TOTP code for {p.name!r} was already used (replayed code refused)",
                            reason="totp_replay", principal=p.name)
     p.totp_last_step = matched
+    p.totp_failures = 0
     return matched
 
 
-# ---- simulation ---------------------------------------------------------------------
-
-_SIMULATED: set[tuple[str, str]] = set()
-
-
-def _is_simulated(ctx: KmsContext, name: str) -> bool:
-    return (str(ctx.engine.url), name) in _SIMULATED
-
-
-def simulation_approvers(ctx: KmsContext, names: Sequence[str], role: str = "security_engineering") -> None:
-    """Enrol ``names`` (if needed) as approvers for ``kms simulate``. Only this process may
-    approve as them without a TOTP code (simulated days approve many operations in one
-    time-step); the exemption lives in memory, never in the database, and each such
-    approval is audited as simulated."""
+def _count_totp_failure(ctx: KmsContext, name: str, exc: AccessDenied) -> None:
+    """After a wrong or stale code (its own transaction: the refused one rolled back), count
+    it; ``totp_max_failures`` in a row lock the principal's TOTP for ``totp_lockout_minutes``."""
+    if exc.reason != "totp" or not isinstance(name, str):
+        return
+    pol = ctx.policy.access
     with ctx.transaction() as s:
-        existing = set(s.scalars(select(Principal.name).where(Principal.name.in_(list(names)))))
-    for name in names:
-        if name not in existing:
-            enroll_principal(ctx, name, [role], actor="kms-simulate")
-        _SIMULATED.add((str(ctx.engine.url), name))
+        p = _principal(s, name, lock=True)
+        if p is None or p.kind != "human" or p.totp_sealed is None:
+            return
+        p.totp_failures = (p.totp_failures or 0) + 1
+        if p.totp_failures >= pol.totp_max_failures:
+            p.totp_failures, p.totp_locked_until = 0, ctx.now() + timedelta(minutes=pol.totp_lockout_minutes)
+            audit.record(s, at=ctx.now(), operation="totp.lockout", actor=name, target=name, outcome="denied",
+                         detail={"until": utc(p.totp_locked_until).isoformat()})
+
+
+def prove_principal(ctx: KmsContext, name: str, code: str | None, *, session: Session | None = None) -> str:
+    """Prove that human principal ``name`` is the one acting: ``code`` must be their current
+    TOTP code, for a time-step newer than any they used before (the replay rule). Returns
+    ``name``; otherwise AccessDenied (audited as ``authenticate``/denied). Every human action
+    calls this; a claimed name (``--as``, ``--requested-by``, ``KMS_ACTOR``) is never trusted alone.
+
+    Wrong codes count towards the lockout (``totp_max_failures``) only without ``session``:
+    with it, the check (and the used time-step) commits or rolls back with the caller's change."""
+    if session is None:
+        try:
+            with ctx.transaction() as s:
+                return prove_principal(ctx, name, code, session=s)
+        except AccessDenied as exc:
+            audit.emit(ctx, at=ctx.now(), operation="authenticate", actor=str(name)[:200], target_ref=None,
+                       outcome="denied", detail={"reason": exc.reason, "problem": str(exc)})
+            _count_totp_failure(ctx, name, exc)
+            raise
+    try:
+        limits.principal_name(name)
+    except limits.InputError as exc:
+        raise AccessDenied(str(exc), reason="invalid", principal=None) from None
+    p = _principal(session, name, lock=True)
+    if p is None or p.kind != "human":
+        raise AccessDenied(f"unknown principal {name!r}: only enrolled humans can prove themselves with TOTP",
+                           reason="totp", principal=name)
+    if p.disabled_at is not None:
+        raise AccessDenied(f"principal {name!r} was removed", reason="totp", principal=name)
+    _verify_totp(ctx, p, code or "")
+    return name
 
 
 # ---- approvals ----------------------------------------------------------------------
@@ -278,12 +457,13 @@ class ApprovalInfo:
 
 
 def _check_binding(ctx: KmsContext, operation: str, ticket: str) -> None:
-    ops = ctx.policy.access.manual_operations
+    ops = list(ctx.policy.access.manual_operations) + list(PRINCIPAL_OPERATIONS)
     if operation not in ops:
         raise AccessDenied(f"operation {operation!r} takes no approvals; manual operations are {ops}",
                            reason="invalid")
     if not ticket or not ticket.strip():
         raise AccessDenied("a change ticket is required", reason="invalid")
+    limits.ticket(ticket)
 
 
 def _open_requests(session: Session, operation: str, ticket: str, target: str | None = None) -> list[ApprovalRequest]:
@@ -298,6 +478,8 @@ def request_approval(ctx: KmsContext, *, operation: str, target: str, ticket: st
     """Record (idempotently) that ``requester`` asks to run ``operation`` on ``target`` under
     ``ticket``, so approvers can find it by ticket and operation."""
     _check_binding(ctx, operation, ticket)
+    limits.target(target)
+    limits.text(requester, "requester", 200)
     now = ctx.now()
     with ctx.transaction() as s:
         for r in _open_requests(s, operation, ticket, target):
@@ -317,11 +499,16 @@ def approve(ctx: KmsContext, approver: str | None = None, *, ticket: str, operat
     """Record ``approver``'s TOTP-verified approval of (operation, target, ticket).
 
     Without ``target`` the approval binds to the one open request for (operation, ticket).
-    A TOTP code is required, except for principals this very process enrolled through
-    ``simulation_approvers`` (``kms simulate``).
+    The approver proves themself with a TOTP code (replay rule), holds ``approve`` (and
+    ``principals`` for a principal operation), is past their cooling-off, and the target
+    exists (a key, key#vN, escrow package, or an open request).
     """
     if not approver:
         raise AccessDenied("an approval names its approver (--as)", reason="invalid")
+    limits.principal_name(approver, "approver")
+    limits.ticket(ticket)
+    if target is not None:
+        limits.target(target)
     now = ctx.now()
     pol = ctx.policy.access
     try:
@@ -332,9 +519,12 @@ def approve(ctx: KmsContext, approver: str | None = None, *, ticket: str, operat
                 raise AccessDenied(f"unknown principal {approver!r}: approvals come from enrolled humans",
                                    reason="permission", principal=approver)
             granted = known_permissions(s, ctx, approver)
-            if "approve" not in granted:
-                raise AccessDenied(_missing_permission(ctx, approver, "approve", granted), reason="permission",
-                                   principal=approver)
+            for needed in _approver_permissions(operation):
+                if needed not in granted:
+                    raise AccessDenied(_missing_permission(ctx, approver, needed, granted), reason="permission",
+                                       principal=approver)
+            if p.approve_after is None or utc(p.approve_after) > now:
+                raise AccessDenied(_cooling_off_message(ctx, p), reason="cooling_off", principal=approver)
             requests = _open_requests(s, operation, ticket, target)
             if target is None:
                 targets = sorted({r.target for r in requests})
@@ -344,6 +534,12 @@ def approve(ctx: KmsContext, approver: str | None = None, *, ticket: str, operat
                         if not targets else f"ticket {ticket!r} has requests for {targets}; name one with --target",
                         reason="invalid", principal=approver)
                 target = targets[0]
+            if operation in PRINCIPAL_OPERATIONS and target.split("=", 1)[0] == approver:
+                raise AccessDenied(f"{approver!r} may not approve a change to their own principal",
+                                   reason="self_approval", principal=approver)
+            if target is not None and not requests and not _target_exists(s, operation, target):
+                raise AccessDenied(f"no {operation} target {target!r}: approvals name an existing key (or key#vN), "
+                                   f"escrow package, or an open request", reason="invalid", principal=approver)
             if any(r.requester == approver for r in requests if r.target == target):
                 raise AccessDenied(f"{approver!r} requested {operation} of {target} and may not approve it "
                                    f"(self-approval refused)", reason="self_approval", principal=approver)
@@ -353,10 +549,7 @@ def approve(ctx: KmsContext, approver: str | None = None, *, ticket: str, operat
             if mine is not None:
                 raise AccessDenied(f"{approver!r} has already approved {operation} of {target} under {ticket!r} "
                                    f"(one approver counts once)", reason="duplicate", principal=approver)
-            if totp is None and _is_simulated(ctx, approver):
-                step = -1
-            else:
-                step = _verify_totp(ctx, p, totp or "")
+            step = _verify_totp(ctx, p, totp or "")
             row = Approval(operation=operation, target=target, ticket=ticket, approver=approver, approved_at=now,
                            expires_at=now + timedelta(minutes=pol.approval_ttl_minutes), totp_step=step)
             s.add(row)
@@ -365,14 +558,45 @@ def approve(ctx: KmsContext, approver: str | None = None, *, ticket: str, operat
                 Approval.operation == operation, Approval.target == target, Approval.ticket == ticket,
                 Approval.used_at.is_(None), Approval.expires_at > now))))
             audit.record(s, at=now, operation="approve", actor=approver, target=target, outcome="ok",
-                         detail={"ticket": ticket, "for": operation, "approval_id": row.id,
-                                 **({"simulated": True} if step == -1 else {})})
+                         detail={"ticket": ticket, "for": operation, "approval_id": row.id})
             return ApprovalInfo(row.id, operation, target, ticket, approver, utc(row.expires_at), have,
                                 pol.approvals_required)
     except AccessDenied as exc:
         audit.emit(ctx, at=now, operation="approve", actor=approver, target_ref=target, outcome="denied",
                    detail={"reason": exc.reason, "ticket": ticket, "for": operation, "problem": str(exc)})
+        _count_totp_failure(ctx, approver, exc)
         raise
+
+
+def _approver_permissions(operation: str) -> tuple[str, ...]:
+    return ("approve", "principals") if operation in PRINCIPAL_OPERATIONS else ("approve",)
+
+
+def _cooling_off_message(ctx: KmsContext, p: Principal) -> str:
+    if p.approve_after is None:
+        return f"{p.name!r} may not approve (no cooling-off end recorded)"
+    return (f"{p.name!r} is in the cooling-off period until {utc(p.approve_after).isoformat()} "
+            f"(access.cooling_off_hours: {ctx.policy.access.cooling_off_hours:g} h) and may not approve yet")
+
+
+def _target_exists(session: Session, operation: str, target: str) -> bool:
+    from .db.models import Key, KeyVersion
+
+    if operation in PRINCIPAL_OPERATIONS:
+        return False  # only an open request names a principal change
+    name, _, version = target.partition("#v")
+    q = select(Key.id).where(Key.name == name)
+    if version:
+        if not version.isdigit():
+            return False
+        q = q.join(KeyVersion, KeyVersion.key_id == Key.id).where(KeyVersion.version == int(version))
+    if session.scalars(q).first() is not None:
+        return True
+    if operation == "break-glass":
+        from .db.models_events import EscrowPackage
+
+        return session.get(EscrowPackage, target) is not None
+    return False
 
 
 def _usable_approvals(session: Session, ctx: KmsContext, *, operation: str, target: str, ticket: str,
@@ -395,11 +619,19 @@ def _usable_approvals(session: Session, ctx: KmsContext, *, operation: str, targ
             ignored.append(f"{a.approver} (the requester)")
         elif any(v.approver == a.approver for v in valid):
             ignored.append(f"{a.approver} (counted once)")
-        elif "approve" not in (known_permissions(session, ctx, a.approver) or frozenset()):
-            ignored.append(f"{a.approver} (lacks permission 'approve')")
+        elif missing := [n for n in _approver_permissions(operation)
+                         if n not in (known_permissions(session, ctx, a.approver) or frozenset())]:
+            ignored.append(f"{a.approver} (lacks permission '{missing[0]}')")
+        elif not _past_cooling_off(session, a):
+            ignored.append(f"{a.approver} (approved during their cooling-off)")
         else:
             valid.append(a)
     return valid, ignored, used
+
+
+def _past_cooling_off(session: Session, a: Approval) -> bool:
+    p = _principal(session, a.approver)
+    return p is not None and p.approve_after is not None and utc(p.approve_after) <= utc(a.approved_at)
 
 
 def check_approvals(session: Session, ctx: KmsContext, *, operation: str, target: str, ticket: str,
@@ -460,15 +692,18 @@ class ManualOutcome:
     notification_failures: list[str] = field(default_factory=list)
 
 
-def manual_rotate(ctx: KmsContext, key: str, *, ticket: str, requested_by: str, reason: str = "manual"
-                  ) -> ManualOutcome:
-    """Rotate ``key`` as a manual operation: only with complete approvals, which are consumed
-    in the rotation's own transaction; the ledger entries record requester, approvers, ticket."""
+def manual_rotate(ctx: KmsContext, key: str, *, ticket: str, requested_by: str, totp: str | None,
+                  reason: str = "manual") -> ManualOutcome:
+    """Rotate ``key`` as a manual operation: the requester proves themself with TOTP, and the
+    rotation runs only with complete approvals, consumed in the rotation's own transaction;
+    the ledger entries record requester, approvers, ticket."""
     from . import lifecycle
 
     lifecycle.validate_key_name(ctx, key)
+    limits.ticket(ticket)
     with ctx.transaction() as s:
         lifecycle.get_key(s, key)
+    prove_principal(ctx, requested_by, totp)
     require_permission(ctx, requested_by, "rotate", target=key)
     request_approval(ctx, operation="rotate", target=key, ticket=ticket, requester=requested_by)
     with ctx.transaction() as s:
@@ -539,7 +774,12 @@ def _b64u(data: bytes) -> str:
 
 
 def _unb64u(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """Strict: only the exact unpadded encoding ``_b64u`` produces is accepted, so a token
+    has one spelling (no padding, no stray or non-canonical trailing bits)."""
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64u(data) != text:
+        raise binascii.Error("non-canonical base64")
+    return data
 
 
 def _signing_key(ctx: KmsContext, create: bool = True) -> tuple[object, bytes]:

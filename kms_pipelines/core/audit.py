@@ -32,8 +32,8 @@ import threading
 import time
 import weakref
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
 from typing import Iterable, Iterator, Sequence
 
 from sqlalchemy import func, select
@@ -45,7 +45,8 @@ from .canonical import canonical_fast
 from .clock import parse_time, utc
 from .db.models import LedgerEntry
 from .db.models_access import AuditAnomaly, AuditEvent
-from .ledger import GENESIS_HASH, VerifyResult, advisory_xact_lock, chain_head, entry_hash, format_time
+from .ledger import (GENESIS_HASH, VerifyResult, advisory_xact_lock, chain_head, entry_hash, format_time,
+                     newest_time, require_in_order)
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +110,22 @@ def make_event(*, at: datetime, operation: str, actor: str, target: str | None, 
     return Event(utc(at), actor or "unknown", operation, target, outcome, _detail_json(detail))
 
 
-def _append(session: Session, events: Sequence[Event]) -> list[AuditEvent]:
+def _append(session: Session, events: Sequence[Event], *, queued: bool = False) -> list[AuditEvent]:
+    """Chain ``events``. The chain's time never goes back: a synchronous ``record`` older than
+    the newest event by more than ``ledger.RACE_TOLERANCE`` is refused (ChainOrderError, so
+    the caller's change rolls back), one that merely lost a race is chained at the newest
+    event's time; an event queued by ``emit`` happened already and is never dropped: it is
+    chained at the newest event's time (``queued``)."""
     advisory_xact_lock(session, _AUDIT_LOCK_ID)
     seq, prev = head(session)
+    newest = newest_time(session, AuditEvent.seq, AuditEvent.at)
     rows = []
     for e in events:
+        if newest is not None and e.at < newest:
+            if not queued:
+                require_in_order(session, AuditEvent.seq, AuditEvent.at, e.at, "audit log")  # or refused
+            e = replace(e, at=newest)
+        newest = e.at
         seq += 1
         h = entry_hash(event_document(seq, e.at, e.actor, e.operation, e.target, e.outcome, e.detail, prev))
         rows.append(AuditEvent(seq=seq, at=e.at, actor=e.actor, operation=e.operation, target=e.target,
@@ -202,7 +214,7 @@ class AuditWriter:
     @staticmethod
     def _append_once(engine: Engine, batch: list[Event]) -> None:
         with Session(engine) as session, session.begin():
-            _append(session, batch)
+            _append(session, batch, queued=True)
 
     def _write(self, batch: list[Event]) -> None:
         for attempt in range(3):
@@ -235,13 +247,32 @@ def writer(engine: Engine) -> AuditWriter:
         return w
 
 
+_WRITABLE: "weakref.WeakKeyDictionary[Engine, Engine]" = weakref.WeakKeyDictionary()
+
+
 def _engine_of(target) -> Engine:
-    return target if isinstance(target, Engine) else target.engine
+    """The engine events for ``target`` go to. A read-only context (``kms --at``) changes
+    nothing, yet what it really does (keystore probes of a report) is still audited, through
+    a writable twin of its engine and at the wall-clock time (see ``emit``)."""
+    if isinstance(target, Engine):
+        return target
+    if not getattr(target, "read_only", False):
+        return target.engine
+    from . import db
+
+    with _WRITERS_LOCK:
+        twin = _WRITABLE.get(target.engine)
+        if twin is None:
+            twin = _WRITABLE[target.engine] = db.make_engine(
+                target.engine.url.render_as_string(hide_password=False))
+        return twin
 
 
 def emit(target, *, at: datetime, operation: str, actor: str, target_ref: str | None, outcome: str,
          detail: dict | None = None) -> None:
     """Queue one event for ``target`` (a KmsContext or Engine); see the module docstring."""
+    if getattr(target, "read_only", False):
+        at = datetime.now(timezone.utc)  # the chosen --at time is never written anywhere
     writer(_engine_of(target)).put(make_event(at=at, operation=operation, actor=actor, target=target_ref,
                                               outcome=outcome, detail=detail))
 
@@ -513,24 +544,37 @@ def unreviewed(ctx) -> list[AuditAnomaly]:
     return [a for a in list_anomalies(ctx, only_unreviewed=True) if a.severity in sev]
 
 
-def review(ctx, anomaly_id: int, principal: str, note: str | None = None) -> AuditAnomaly:
-    """Mark an anomaly reviewed by ``principal`` (who needs the ``read`` permission)."""
-    from . import access
+def review(ctx, anomaly_id: int, principal: str, note: str | None = None, *, totp: str | None) -> AuditAnomaly:
+    """Mark an anomaly reviewed by ``principal``, proven by their TOTP code, who holds
+    ``review`` and is not the principal whose actions raised the anomaly."""
+    from . import access, limits
 
-    access.require_permission(ctx, principal, "read", target=f"anomaly:{anomaly_id}")
+    limits.text(note, "review note", required=False)
+    target = f"anomaly:{anomaly_id}"
     now = ctx.now()
+    problem = None
+    with ctx.transaction() as session:
+        row = session.get(AuditAnomaly, anomaly_id)
+        if row is None:
+            problem = f"no audit anomaly with id {anomaly_id}"
+        elif row.reviewed_at:
+            problem = f"anomaly {anomaly_id} was already reviewed by {row.reviewed_by}"
+        elif row.principal == principal:
+            problem = f"{principal!r} raised anomaly {anomaly_id} and may not review it (another reviewer is needed)"
+    if problem is not None:
+        emit(ctx, at=now, operation="audit.review", actor=str(principal)[:200], target_ref=target,
+             outcome="denied", detail={"reason": "invalid", "problem": problem})
+        raise AuditError(problem)
+    access.prove_principal(ctx, principal, totp)
+    access.require_permission(ctx, principal, "review", target=target)
     with ctx.transaction() as session:
         row = session.get(AuditAnomaly, anomaly_id, with_for_update=True)
-        problem = (f"no audit anomaly with id {anomaly_id}" if row is None
-                   else f"anomaly {anomaly_id} was already reviewed by {row.reviewed_by}" if row.reviewed_at else None)
-        if problem is None:
-            row.reviewed_at, row.reviewed_by, row.review_note = now, principal, note
-            record(session, at=now, operation="audit.review", actor=principal, target=f"anomaly:{anomaly_id}",
-                   outcome="ok", detail={"kind": row.kind, "severity": row.severity})
-            return row
-    emit(ctx, at=now, operation="audit.review", actor=principal, target_ref=f"anomaly:{anomaly_id}",
-         outcome="denied", detail={"reason": "invalid", "problem": problem})
-    raise AuditError(problem)
+        if row.reviewed_at:  # reviewed concurrently
+            raise AuditError(f"anomaly {anomaly_id} was already reviewed by {row.reviewed_by}")
+        row.reviewed_at, row.reviewed_by, row.review_note = now, principal, note
+        record(session, at=now, operation="audit.review", actor=principal, target=target,
+               outcome="ok", detail={"kind": row.kind, "severity": row.severity})
+        return row
 
 
 def events(ctx, *, limit: int = 100, actor: str | None = None) -> list[AuditEvent]:

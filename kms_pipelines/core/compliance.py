@@ -226,9 +226,10 @@ def eval_p2(ctx: KmsContext) -> Finding:
     problems, good, per = [], [], {}
     for service in ctx.policy.key_class("service").names or []:
         steps = []
-        cred = service_keys.issue_credential(ctx, service, PROBE_CLIENT)
-        check = service_keys.verify_credential(ctx, service, cred)
-        steps.append(("credential", bool(check), check.problem))
+        if not ctx.read_only:  # issuing a probe credential writes; an --at evaluation writes nothing
+            cred = service_keys.issue_credential(ctx, service, PROBE_CLIENT)
+            check = service_keys.verify_credential(ctx, service, cred)
+            steps.append(("credential", bool(check), check.problem))
         blob = service_keys.encrypt_secret(ctx, service, "compliance-probe", b"compliance-probe")
         ok = service_keys.decrypt_secret(ctx, service, "compliance-probe", blob) == b"compliance-probe"
         steps.append(("app secret", ok, None if ok else "decrypted value differs"))
@@ -240,7 +241,9 @@ def eval_p2(ctx: KmsContext) -> Finding:
             if not ok:
                 problems.append(f"{service}: {name} round trip failed ({why})")
     if not problems:
-        good.append(f"credential, app-secret and audit-signature round trips pass for {len(per)} service(s)")
+        probes = ("app-secret and audit-signature (credential probe skipped: read-only --at evaluation)"
+                  if ctx.read_only else "credential, app-secret and audit-signature")
+        good.append(f"{probes} round trips pass for {len(per)} service(s)")
     return _finding(problems, good, {"services": per})
 
 
@@ -707,15 +710,24 @@ def eval_a2(ctx: KmsContext) -> Finding:
             continue
     if too_long:
         problems.append(f"{too_long} workload token(s) issued with a lifetime over {cap} min")
-    approvers = [p for p in access.list_principals(ctx)
-                 if p["kind"] == "human" and not p["disabled"] and "approve" in p["permissions"]]
+    humans = [p for p in access.list_principals(ctx) if p["kind"] == "human" and not p["disabled"]]
+    approvers = [p for p in humans if "approve" in p["permissions"]]
     no_totp = [p["name"] for p in approvers if not p["totp_enrolled"]]
+    now = ctx.now()
+    able = [p for p in approvers if p["totp_enrolled"] and p["approve_after"] is not None and p["approve_after"] <= now]
+    need = ctx.policy.access.approvals_required
     if no_totp:
         problems.append(f"approvers without TOTP enrolment: {', '.join(no_totp)}")
-    elif not approvers:
-        warnings.append("no human approver is enrolled, so no manual operation can be approved")
+    elif len(able) < need or len(humans) < need + 1:
+        warnings.append(f"cannot approve any manual operation: dual control needs {need} approvers besides a "
+                        f"requester; {len(able)} principal(s) may approve now (past the cooling-off) of "
+                        f"{len(humans)} active human principal(s)")
     else:
-        good.append(f"{len(approvers)} approver(s), all TOTP-enrolled")
+        good.append(f"{len(able)} approver(s) past the cooling-off, all TOTP-enrolled")
+    admins = [p for p in able if "principals" in p["permissions"]]
+    if humans and len(admins) < need + 1:
+        warnings.append(f"no principal can be enrolled, re-roled or removed: that needs {need + 1} principals "
+                        f"holding 'principals' (a requester and {need} approvers); {len(admins)} can act now")
     good.append(f"{len(issued)} token(s) issued in {ctx.policy.audit.baseline_days} d, none over the cap"
                 if not too_long else "")
     console_problems, console_good = _a2_console_factors(ctx)

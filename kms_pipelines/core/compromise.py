@@ -39,6 +39,9 @@ from .context import KmsContext
 from .db.models import DESTROYED, REVOKED, LedgerEntry
 from .db.models_events import EVENT_RESOLVED, SecurityEvent
 
+# security event type -> ledger rotation reason (lifecycle.ROTATION_REASONS)
+EVENT_REASONS = {"compromise": "compromise", "ci-secret-exposure": "ci-exposure", "tenant-rotation": "tenant-rotation"}
+
 log = logging.getLogger(__name__)
 
 
@@ -80,9 +83,21 @@ def manual_operation(event_type: str) -> str:
     return "revoke" if event_type == "compromise" else "rotate"
 
 
+def prove_requester(ctx: KmsContext, ticket: str, requester: str, totp: str | None) -> None:
+    """A manual launch names a ticket and a requester proven by TOTP (before any change)."""
+    if not ticket or not requester or not totp:
+        raise events.EventError("a manual compromise response needs --ticket, --requested-by and --totp "
+                                "(dual approval is bound to the change ticket)")
+    access = _optional("access")
+    if access is None or not hasattr(access, "prove_principal"):
+        raise events.EventError("manual launch refused: access control (core.access) is not available")
+    access.prove_principal(ctx, requester, totp)
+
+
 def authorize_manual(session, ctx: KmsContext, *, key: str, event_type: str, ticket: str,
                      requester: str) -> list[str]:
-    """Consume dual approvals for a manual compromise response inside ``session``."""
+    """Consume dual approvals for a manual compromise response inside ``session`` (the
+    requester was proven by ``prove_requester``)."""
     if not ticket or not requester:
         raise events.EventError("a manual compromise response needs --ticket and --requested-by "
                                 "(dual approval is bound to the change ticket)")
@@ -93,11 +108,12 @@ def authorize_manual(session, ctx: KmsContext, *, key: str, event_type: str, tic
                                          ticket=ticket, requester=requester))
 
 
-def report_manual(ctx: KmsContext, *, key: str, type: str, ticket: str, requested_by: str,
+def report_manual(ctx: KmsContext, *, key: str, type: str, ticket: str, requested_by: str, totp: str | None,
                   source: str = "manual", detail: str = "") -> tuple[events.EventInfo, list[str]]:
     """Record a manually launched event after consuming dual approvals, in one transaction:
     refused approvals leave no event and consume nothing."""
     events._validate(ctx, type, key, source, detail)
+    prove_requester(ctx, ticket, requested_by, totp)
     with ctx.transaction() as session:
         approvers = authorize_manual(session, ctx, key=key, event_type=type, ticket=ticket, requester=requested_by)
         info = events._create(session, ctx.as_actor(requested_by), type, key, source,
@@ -106,9 +122,11 @@ def report_manual(ctx: KmsContext, *, key: str, type: str, ticket: str, requeste
     return info, approvers
 
 
-def authorize_existing(ctx: KmsContext, event_id: str, *, ticket: str, requested_by: str) -> list[str]:
+def authorize_existing(ctx: KmsContext, event_id: str, *, ticket: str, requested_by: str,
+                       totp: str | None) -> list[str]:
     """Dual approval for launching the response to an already reported event by hand."""
     info = events.get(ctx, event_id)
+    prove_requester(ctx, ticket, requested_by, totp)
     with ctx.transaction() as session:
         return authorize_manual(session, ctx, key=info.key, event_type=info.type, ticket=ticket,
                                 requester=requested_by)
@@ -134,7 +152,7 @@ def respond(ctx: KmsContext, event_id: str, *, approvers: Iterable[str] = (), ti
         result.new_version = (ev.response or {}).get("new_version")
         return result
     events.mark_responding(ctx, event_id, run_id)
-    reason = f"{ev.type} (security event {ev.id} from {ev.source})"
+    reason = EVENT_REASONS[ev.type]  # the event id is on the ledger entry (event_id)
 
     # 1. rotate (at most once per event: the ledger remembers)
     done = [e for e in _event_ledger(ctx, ev.key, ev.id) if e.to_state == "active"]

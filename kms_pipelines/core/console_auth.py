@@ -153,13 +153,10 @@ def _denied(reason: str, message: str, principal: str | None = None) -> ConsoleD
 
 # ---- TOTP: the one call into the CLI's rule ------------------------------------------
 
-def check_totp(ctx: KmsContext, session: Session, name: str, code: str) -> int:
-    """Verify ``name``'s TOTP ``code`` with the CLI's replay rule (core.access), under the
-    principal's row lock, inside the caller's transaction."""
-    p = access._principal(session, name, lock=True)
-    if p is None:
-        raise _denied("permission", f"unknown principal {name!r}", name)
-    return access._verify_totp(ctx, p, code)
+def check_totp(ctx: KmsContext, session: Session, name: str, code: str) -> str:
+    """Verify ``name``'s TOTP ``code`` with the CLI's replay rule, inside the caller's
+    transaction: ``access.prove_principal``, the one identity check of core."""
+    return access.prove_principal(ctx, name, code, session=session)
 
 
 def _console_principal(session: Session, name: str) -> Principal:

@@ -33,6 +33,7 @@ class KmsContext:
     home: Path = field(default_factory=kms_home)
     actor: str = "system"
     role: str = "control"  # "worker" (KMS_ROLE): never generates keys, see core/worker.py
+    read_only: bool = False  # `kms --at`: the database refuses writes; audit goes to the wall clock
 
     def __post_init__(self) -> None:
         # An audited keystore (core/keystore/audited.py) is re-bound to every context copy
@@ -56,8 +57,9 @@ class KmsContext:
         return replace(self, actor=actor)
 
 
-def context_from_env(env: dict | None = None, *, clock: Clock | None = None) -> KmsContext:
-    """Build every boundary from ``KMS_*`` environment variables (README, "Configuration")."""
+def context_from_env(env: dict | None = None, *, clock: Clock | None = None, read_only: bool = False) -> KmsContext:
+    """Build every boundary from ``KMS_*`` environment variables (README, "Configuration").
+    ``read_only``: the database refuses every write (for ``kms --at``)."""
     from . import db
     from .keystore import keystore_from_env
 
@@ -70,7 +72,8 @@ def context_from_env(env: dict | None = None, *, clock: Clock | None = None) -> 
         require_worker_env(env, home)  # before anything is opened or created on this host
     home.mkdir(parents=True, exist_ok=True)
     policy = load_policy(env.get("KMS_POLICY"))
-    engine = db.make_engine(db.database_url_from_env(home, env), retry_budget=policy.faults.database.budget())
+    engine = db.make_engine(db.database_url_from_env(home, env), retry_budget=policy.faults.database.budget(),
+                            read_only=read_only)
     from .notify import notifier_from_env
     from .objectstore import objectstore_from_url
 
@@ -80,7 +83,7 @@ def context_from_env(env: dict | None = None, *, clock: Clock | None = None) -> 
     notifier = notifier_from_env(home, env, retry=policy.faults.notifications)
     return KmsContext(engine=engine, keystore=audited_keystore(keystore_from_env(home, env), env), policy=policy,
                       clock=clock or SystemClock(), objects=objects, notifier=notifier, home=home,
-                      role="worker" if worker else "control")
+                      role="worker" if worker else "control", read_only=read_only)
 
 
 def audited_keystore(keystore: Any, env: dict | None = None) -> Any:

@@ -16,7 +16,9 @@ def known_errors() -> tuple[type[BaseException], ...]:
     for module, name in (("objectstore", "ObjectStoreError"), ("access", "AccessDenied"),
                          ("envelope", "EnvelopeError"), ("rpt", "RptError"), ("backup", "BackupError"),
                          ("escrow", "EscrowError"), ("events", "EventError"), ("vault", "VaultError"),
-                         ("worker", "WorkerConfigError")):
+                         ("worker", "WorkerConfigError"),
+                         ("limits", "InputError"), ("ledger", "ChainOrderError"), ("audit", "AuditError"),
+                         ("simulate", "LiveStateError")):
         try:
             mod = __import__(f"kms_pipelines.core.{module}", fromlist=[name])
             errors.append(getattr(mod, name))

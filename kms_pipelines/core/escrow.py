@@ -508,7 +508,7 @@ def unseal(ctx: KmsContext, package_id: str, shares: Mapping[str, object], *, ti
         f"requested by: {requester}\napproved by: {', '.join(sorted(approvers))}\nticket: {ticket}\n"
         f"custodian shares used: {', '.join(used)}\n"
         f"The break-glass key is rotated and re-sealed immediately.", ref=ticket)
-    r = lifecycle.rotate(ctx, KEY_NAME, actor=requester, reason=f"break-glass used (package {package_id})",
+    r = lifecycle.rotate(ctx, KEY_NAME, actor=requester, reason="break-glass",
                          approvers=approvers, ticket=ticket)
     new_pkg = None
     try:

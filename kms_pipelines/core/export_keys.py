@@ -118,7 +118,7 @@ def expire_due(ctx: KmsContext, key_name: str | None = None, *, actor: str = "ex
     for item in due(ctx, key_name):
         res = ExpiryResult(item.key, item.expired_at)
         if item.rotate_needed:
-            r = lifecycle.rotate(ctx, item.key, actor=actor, reason="export-expired", only_if_due=True)
+            r = lifecycle.rotate(ctx, item.key, actor=actor, reason="export-expiry", only_if_due=True)
             if r.rotated:
                 res.rotated_to = r.new_version
         with ctx.transaction() as session:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from json.encoder import encode_basestring as _encode_str  # C-accelerated
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Iterator, Sequence
 
 from sqlalchemy import select, text
@@ -87,6 +87,33 @@ def chain_head(session_or_conn, seq_column, hash_column) -> tuple[int, str]:
     return (row[0], row[1]) if row else (0, GENESIS_HASH)
 
 
+class ChainOrderError(ValueError):
+    """An entry older than its chain's newest entry: a chain's time only moves forward."""
+
+
+# Writers that read the clock before they got the chain's lock may lose a race by a moment
+# (another process appended in between): such an entry is chained at the newest entry's
+# time. Anything older than this is a rewound clock and is refused.
+RACE_TOLERANCE = timedelta(seconds=60)
+
+
+def newest_time(session_or_conn, seq_column, at_column) -> datetime | None:
+    at = session_or_conn.execute(select(at_column).order_by(seq_column.desc()).limit(1)).scalar()
+    return None if at is None else utc(at)
+
+
+def require_in_order(session_or_conn, seq_column, at_column, at: datetime, chain: str) -> datetime:
+    """The time to chain an entry stamped ``at`` with: ``at``, or the newest entry's time if
+    ``at`` lost a race by less than ``RACE_TOLERANCE``; ChainOrderError if it is older."""
+    newest = newest_time(session_or_conn, seq_column, at_column)
+    if newest is None or utc(at) >= newest:
+        return utc(at)
+    if newest - utc(at) <= RACE_TOLERANCE:
+        return newest
+    raise ChainOrderError(f"the {chain} refuses an entry at {format_time(at)}: it is older than the previous "
+                          f"entry ({format_time(newest)}); time in the {chain} only moves forward")
+
+
 def head(session_or_conn) -> tuple[int, str]:
     """(seq, entry_hash) of the newest ledger entry."""
     return chain_head(session_or_conn, LedgerEntry.seq, LedgerEntry.entry_hash)
@@ -98,6 +125,7 @@ def append(session: Session, *, at: datetime, key_name: str, key_version: int | 
            event_id: str | None = None) -> LedgerEntry:
     """Append one entry inside the caller's transaction (so it commits with the state change)."""
     lock_ledger(session)
+    at = require_in_order(session, LedgerEntry.seq, LedgerEntry.at, at, "ledger")
     seq, prev = head(session)
     approvers = sorted(approvers)
     doc = entry_document(seq + 1, at, key_name, key_version, from_state, to_state, actor, approvers,

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, selectinload
 from . import ledger, retry
 from .clock import utc
 from .context import KmsContext
-from .db.models import ACTIVE, DESTROYED, PENDING, REVOKED, ROTATED, Key, KeyVersion
+from .db.models import ACTIVE, DESTROYED, PENDING, REVOKED, ROTATED, Key, KeyVersion, LedgerEntry
 from .keystore import AES_256, ED25519, KeyNotFound
 
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -31,6 +31,13 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     REVOKED: frozenset({DESTROYED}),
     DESTROYED: frozenset(),
 }
+
+
+# The one vocabulary of rotation reasons, whichever path rotates (CLI, Dagster, events, expiry).
+ROTATION_REASONS = ("cadence", "manual", "compromise", "tenant-rotation", "ci-exposure", "export-expiry",
+                    "break-glass")
+# R2: the reasons that rotate a service key at once, without approvals.
+EMERGENCY_REASONS = ("compromise", "tenant-rotation", "ci-exposure")
 
 
 class LifecycleError(ValueError):
@@ -112,7 +119,10 @@ def due_at(ctx: KmsContext, key_name: str, version: KeyVersion) -> datetime | No
     days = rotation_days(ctx, key_name)
     if days is None or version.activated_at is None:
         return None
-    return utc(version.activated_at) + timedelta(days=days)
+    try:
+        return utc(version.activated_at) + timedelta(days=days)
+    except OverflowError:  # a version activated near datetime.max (refused since; see rotate)
+        return None
 
 
 def is_due(ctx: KmsContext, key: Key, at: datetime | None = None) -> bool:
@@ -237,9 +247,14 @@ def rotate(ctx: KmsContext, name: str, *, actor: str | None = None, reason: str 
     """
     actor = actor or ctx.actor
     validate_key_name(ctx, name)
+    if reason not in ROTATION_REASONS:
+        raise LifecycleError(f"unknown rotation reason {reason!r}; reasons are {', '.join(ROTATION_REASONS)}")
+    _check_representable(ctx, name)
 
     def plan() -> RotationResult | int:
         with ctx.transaction() as session:
+            # refused before any key material is made; ledger.append checks again under its lock
+            ledger.require_in_order(session, LedgerEntry.seq, LedgerEntry.at, ctx.now(), "ledger")
             key = get_key(session, name)
             if only_if_due and not is_due(ctx, key):
                 return RotationResult(name, False, reason="not due")
@@ -296,6 +311,15 @@ def rotate(ctx: KmsContext, name: str, *, actor: str | None = None, reason: str 
 def _version_holding(key: Key, material: dict) -> KeyVersion | None:
     refs = {material.get("wrap_ref"), material.get("sign_ref")} - {None}
     return next((v for v in key.versions if refs & {v.wrap_ref, v.sign_ref}), None)
+
+
+def _check_representable(ctx: KmsContext, name: str) -> None:
+    """Refuse a time whose next due date cannot be represented (e.g. 9999-12-31)."""
+    try:
+        ctx.now() + timedelta(days=(rotation_days(ctx, name) or 0) + 366)
+    except OverflowError:
+        raise LifecycleError(f"time {ctx.now().isoformat()} is out of range: the next rotation of {name} "
+                             "would fall after year 9999") from None
 
 
 class _NotDueAnymore(Exception):

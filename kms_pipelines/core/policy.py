@@ -21,7 +21,7 @@ CLAUSE_IDS = ("P1", "P2", "P3", "P4", "R1", "R2", "R3", "R4", "T1", "T2", "T3", 
 ALGORITHMS = ("aes256", "ed25519")
 ROLES = ("sre_oncall", "security_engineering", "compliance_officer")
 OPERATIONS = ("rotate", "revoke", "destroy", "decrypt", "export", "break-glass", "approve", "read",
-              "encrypt", "sign", "console-registration", "archive-retrieve")
+              "encrypt", "sign", "console-registration", "archive-retrieve", "review", "principals")
 CONSOLE_PAGES = ("approvals", "principals", "anomalies", "followups", "report", "keys", "dagster")
 DEFAULT_POLICY_PATH = Path(__file__).resolve().parents[2] / "assets" / "policy.yaml"
 
@@ -109,6 +109,9 @@ class Access(_Strict):
     # A4: operations that run only with dual-control approvals.
     manual_operations: list[str] = Field(min_length=1)
     totp_interval_seconds: int = Field(default=30, gt=0)
+    cooling_off_hours: float = Field(default=24, ge=0)
+    totp_max_failures: int = Field(default=5, gt=0)  # wrong codes in a row before the lockout
+    totp_lockout_minutes: int = Field(default=15, gt=0)
     # A2: workload principal -> the operations it may perform programmatically.
     workload_principals: dict[str, list[str]] = {}
     workload_token_refresh_seconds: int = Field(default=60, ge=0)
@@ -122,7 +125,8 @@ class Access(_Strict):
         for name, ops in self.workload_principals.items():
             if not name.startswith("workload:"):
                 raise ValueError(f"workload_principals.{name}: workload principals are named workload:<name>")
-            bad = [op for op in ops if op not in OPERATIONS or op in ("approve", "console-registration")]
+            bad = [op for op in ops if op not in OPERATIONS or op in ("approve", "console-registration", "review",
+                                                                     "principals")]
             if bad:
                 raise ValueError(f"workload_principals.{name}: unknown or non-delegable operations {bad}")
         bad = [op for op in self.manual_operations if op not in OPERATIONS]

@@ -46,9 +46,8 @@ from .db.models_rotation import PartnerNotice, RootManifest, ServiceSeed
 from .lifecycle import RotationResult
 
 RECONCILED_CLASSES = ("root", "service", "data", "backup", "archive")
-# CLI spelling -> policy spelling (key_classes.service.rotate_immediately_on)
-IMMEDIATE_REASONS = {"compromise": "compromise", "tenant-rotation": "tenant-rotation",
-                     "ci-exposure": "ci-secret-exposure", "ci-secret-exposure": "ci-secret-exposure"}
+# rotation reason -> policy spelling (key_classes.service.rotate_immediately_on)
+POLICY_REASONS = {"compromise": "compromise", "tenant-rotation": "tenant-rotation", "ci-exposure": "ci-secret-exposure"}
 
 
 class RotationError(lifecycle.LifecycleError):
@@ -178,21 +177,32 @@ def reconcile(ctx: KmsContext, key_class: str | None = None, *, actor: str | Non
     return results
 
 
-def rotate_now(ctx: KmsContext, name: str, *, reason: str = "manual", actor: str | None = None, approvers=(),
+def rotate_now(ctx: KmsContext, name: str, *, reason: str, actor: str | None = None, approvers=(),
                ticket: str | None = None, event_id: str | None = None) -> RotationResult:
-    """Rotate at once (manual, or a service key on compromise / tenant rotation / CI exposure)."""
-    lifecycle.validate_key_name(ctx, name)
-    policy_reason = IMMEDIATE_REASONS.get(reason)
-    if policy_reason is not None and lifecycle.key_class_of(name) == "service":
-        allowed = ctx.policy.key_class("service").rotate_immediately_on
-        if policy_reason not in allowed:
-            raise RotationError(f"the policy does not list {policy_reason!r} as a reason to rotate service keys "
-                                f"at once (rotate_immediately_on: {allowed})")
-    result = rotate_key(ctx, name, reason=policy_reason or reason, actor=actor, approvers=approvers,
-                        ticket=ticket, event_id=event_id)
+    """Rotate a service key at once for an R2 reason (compromise, tenant-rotation,
+    ci-exposure), without approvals. Every other class and reason goes through dual control
+    (``access.manual_rotate``); a security event's key rotates through ``compromise``."""
+    check_immediate(ctx, name, reason)
+    result = rotate_key(ctx, name, reason=reason, actor=actor, approvers=approvers, ticket=ticket, event_id=event_id)
     if result.rotated:
         _notify_manual(ctx, name, result, actor or ctx.actor, ticket)
     return result
+
+
+def check_immediate(ctx: KmsContext, name: str, reason: str) -> None:
+    """Refuse (RotationError) unless ``reason`` may rotate ``name`` at once (R2)."""
+    lifecycle.validate_key_name(ctx, name)
+    if reason not in lifecycle.EMERGENCY_REASONS:
+        raise RotationError(f"an immediate rotation needs an R2 reason ({', '.join(lifecycle.EMERGENCY_REASONS)}); "
+                            f"a manual rotation of {name} needs dual approval (keys rotate --manual)")
+    if lifecycle.key_class_of(name) != "service":
+        raise RotationError(f"--reason {reason} rotates service keys only (R2); {name} is a "
+                            f"{lifecycle.key_class_of(name)} key: rotate it with dual approval "
+                            f"(`kms keys rotate {name} --manual --ticket T --requested-by YOU --totp CODE`)")
+    allowed = ctx.policy.key_class("service").rotate_immediately_on
+    if POLICY_REASONS[reason] not in allowed:
+        raise RotationError(f"the policy does not list {POLICY_REASONS[reason]!r} as a reason to rotate service keys "
+                            f"at once (rotate_immediately_on: {allowed})")
 
 
 def _notify_manual(ctx: KmsContext, name: str, result: RotationResult, actor: str, ticket: str | None) -> None:

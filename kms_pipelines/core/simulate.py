@@ -19,6 +19,7 @@ issues API credentials, so sweeps and re-issues have something to move.
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import tempfile
@@ -106,6 +107,7 @@ class Actors:
     """Dependents, partners and approvers acting on simulated days."""
 
     APPROVERS = ("sim-approver-a", "sim-approver-b")
+    REQUESTER = "sim-requester"  # completes the ceremony's quorum (a requester + the approvers)
 
     def __init__(self, ctx: KmsContext, *, confirm: bool = True, ack: bool = True, approve: bool = True):
         self.ctx, self.confirm, self.ack, self.approve = ctx, confirm, ack, approve
@@ -123,16 +125,18 @@ class Actors:
         return self._access
 
     def enroll(self) -> None:
-        """Enrol the two simulated approvers (security engineering) with TOTP."""
+        """Enrol the simulated approvers and a requester (security engineering, TOTP) in the
+        first-run ceremony of the scratch state."""
         import pyotp
 
         access = self._access_api()
         if not access or self._enrolled:
             return
         self._totp = {}
-        for name in self.APPROVERS:
-            enrolment = access.enroll_principal(self.ctx, name, ["security_engineering"], actor="simulator")
-            self._totp[name] = pyotp.parse_uri(enrolment.provisioning_uri)
+        names = (*self.APPROVERS, self.REQUESTER)
+        for enrolment in access.init_principals(self.ctx, {n: ["security_engineering"] for n in names},
+                                                actor="simulator"):
+            self._totp[enrolment.name] = pyotp.parse_uri(enrolment.provisioning_uri)
         self._enrolled = True
 
     def before_night(self, day: int, run_at: datetime) -> list[Event]:
@@ -148,9 +152,10 @@ class Actors:
         due = retention.due_for_destruction(self.ctx, at=run_at)
         if not due:
             return []
-        self.enroll()
         clock = self.ctx.clock
         at = run_at - timedelta(minutes=30)
+        clock.set(at)  # time only moves forward: enrolment (on first need) comes before the approvals
+        self.enroll()
         events = []
         for d in due:
             for approver in self.APPROVERS:
@@ -254,6 +259,31 @@ def _step_events(day: int, night: dict) -> list[Event]:
     return events
 
 
+class LiveStateError(ValueError):
+    """``kms simulate --home`` named a directory that holds live KMS state."""
+
+
+def refuse_live_home(home: Path, env: dict | None = None) -> None:
+    """Simulated time may only touch scratch state: refuse a directory that is the configured
+    KMS home, holds a master key, or whose database is the configured one."""
+    from . import db
+    from .context import kms_home
+
+    env = os.environ if env is None else env
+    home = home.resolve()
+    live_home = kms_home(env)
+    live_db = db.database_url_from_env(live_home, env)
+    problem = None
+    if home == live_home:
+        problem = "it is the configured KMS home (KMS_HOME)"
+    elif (home / "master.key").exists():
+        problem = "it holds a master key"
+    elif live_db == db.normalize_url(db.default_url(home)):
+        problem = "its database is the configured KMS database"
+    if problem:
+        raise LiveStateError(f"kms simulate --home {home} refused: {problem}; simulate on a scratch directory")
+
+
 def simulate(days: int, start: date | datetime | None = None, *, home: str | Path | None = None,
              keep: bool = False, actors: bool = True, workload: bool = True,
              steps: Iterable[str] | None = None, policy_path: str | None = None,
@@ -273,6 +303,8 @@ def simulate(days: int, start: date | datetime | None = None, *, home: str | Pat
     else:
         start_day = start or datetime.now(timezone.utc).date()
     scratch = context is None and home is None
+    if context is None and home is not None:
+        refuse_live_home(Path(home))
     root_dir = Path(tempfile.mkdtemp(prefix="kms-sim-")) if home is None else Path(home)
     try:
         if context is not None:

@@ -69,13 +69,16 @@ class ManualRotationConfig(dg.Config):
     ticket: str = Field(min_length=1, description="Change ticket the two approvals were recorded under (required)")
     requester: str = Field(min_length=1, description="Enrolled principal requesting it; may not be an approver "
                                                      "(required)")
+    requester_totp: str = Field(min_length=1, description="The requester's current TOTP code (proves the "
+                                                          "requester; required)")
 
 
 @dg.op(description="Rotate a key as a manual operation: runs only with complete dual-control approvals (A4).")
 def manual_rotate_key(context: dg.OpExecutionContext, config: ManualRotationConfig, kms: KmsResource) -> dict:
     ctx = kms.context()
     with one_line_failures():
-        o = access.manual_rotate(ctx, config.key, ticket=config.ticket, requested_by=config.requester)
+        o = access.manual_rotate(ctx, config.key, ticket=config.ticket, requested_by=config.requester,
+                                 totp=config.requester_totp)
         cp = checkpoints.checkpoint_if_changed(ctx)  # every state change ends bounded by a WORM checkpoint
     r = o.result
     context.add_output_metadata({
@@ -88,6 +91,6 @@ def manual_rotate_key(context: dg.OpExecutionContext, config: ManualRotationConf
 
 @dg.job(description="Manual rotation under dual control (A4). Approvals must exist first: two other "
                     "principals approve with `kms approve --ticket T --operation rotate --target KEY` and their "
-                    "TOTP codes; then launch here with the same key and ticket and the requester.")
+                    "TOTP codes; then launch here with the same key and ticket, the requester and their TOTP code.")
 def manual_rotation():
     manual_rotate_key()

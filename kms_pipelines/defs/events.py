@@ -22,7 +22,8 @@ def run_key_for(event_id: str) -> str:
 
 class CompromiseResponseConfig(dg.Config):
     """Launch for an existing event (``event_id``), or report one by hand (``key`` + ``type``).
-    A manual launch (not from the sensor) needs ``ticket`` and ``requested_by``: dual approval
+    A manual launch (not from the sensor) needs ``ticket``, ``requested_by`` and the
+    requester's ``requester_totp`` code: dual approval
     is consumed for (revoke|rotate, key, ticket) before anything changes."""
 
     event_id: Optional[str] = None
@@ -30,6 +31,7 @@ class CompromiseResponseConfig(dg.Config):
     type: Optional[str] = None  # compromise | ci-secret-exposure | tenant-rotation
     ticket: Optional[str] = None
     requested_by: Optional[str] = None
+    requester_totp: Optional[str] = None  # the requester's current TOTP code (manual launches)
     source: str = "dagster-ui"
     detail: str = ""
 
@@ -50,14 +52,15 @@ def respond_to_security_event(context: dg.OpExecutionContext, config: Compromise
             actor_ctx = ctx.as_actor(config.requested_by or "dagster-ui")
             if event_id:
                 approvers = compromise.authorize_existing(actor_ctx, event_id, ticket=config.ticket or "",
-                                                          requested_by=config.requested_by or "")
+                                                          requested_by=config.requested_by or "",
+                                                          totp=config.requester_totp)
             else:
                 if not config.key or not config.type:
                     raise dg.Failure("config needs event_id, or key + type (+ ticket, requested_by)")
                 info, approvers = compromise.report_manual(actor_ctx, key=config.key, type=config.type,
                                                            ticket=config.ticket or "",
                                                            requested_by=config.requested_by or "",
-                                                           source=config.source, detail=config.detail)
+                                                           totp=config.requester_totp, source=config.source, detail=config.detail)
                 event_id = info.id
         result = compromise.respond(ctx.as_actor("dagster:compromise_response" if from_sensor
                                                  else (config.requested_by or "dagster-ui")),

@@ -60,14 +60,17 @@ class ObjectStoreResource(dg.ConfigurableResource):
 
 
 class ClockResource(dg.ConfigurableResource):
-    """System time, or a fixed instant (ISO-8601) for replays, drills and tests."""
-
-    fixed_time: str | None = Field(default_factory=lambda: _env("KMS_FIXED_TIME"))
+    """The wall clock. Dagster runs change state, and the clock is not an input for changes:
+    there is no fixed-time setting (run config or Launchpad), and ``KMS_FIXED_TIME`` is
+    refused. Replays of past days use ``kms --at`` (read-only) or ``kms simulate`` (scratch)."""
 
     def clock(self):
-        from ..core.clock import FixedClock, SystemClock, parse_time
+        from ..core.clock import SystemClock
 
-        return FixedClock(parse_time(self.fixed_time)) if self.fixed_time else SystemClock()
+        if os.environ.get("KMS_FIXED_TIME"):
+            raise dg.Failure("KMS_FIXED_TIME is refused: Dagster runs change state and run on the wall clock "
+                             "(use `kms --at` for read-only reports or `kms simulate` on scratch state)")
+        return SystemClock()
 
 
 class KmsResource(dg.ConfigurableResource):
@@ -96,7 +99,7 @@ class KmsResource(dg.ConfigurableResource):
             base = _CACHE.get(key)
             if base is None:
                 base = _CACHE[key] = self._build()
-        # The clock is cheap and may differ per run (fixed_time), so it is not cached.
+        # The clock is cheap and may differ per run (a test's fixed clock), so it is not cached.
         return replace(base, clock=self.clock.clock())
 
     def _build(self) -> KmsContext:

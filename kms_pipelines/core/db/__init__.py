@@ -12,6 +12,8 @@ from sqlalchemy.engine import Engine
 
 from .engine import DatabaseError, check_reachable, database_url_from_env, default_url, make_engine, normalize_url  # noqa: F401
 
+from . import lengths  # noqa: F401,E402 - the VARCHAR length rule, for every session
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 

@@ -39,9 +39,11 @@ def redacted(url: str) -> str:
         return "<unparseable database URL>"
 
 
-def make_engine(url: str, *, pool_size: int = 5, retry_budget=None) -> Engine:
+def make_engine(url: str, *, pool_size: int = 5, retry_budget=None, read_only: bool = False) -> Engine:
     """``retry_budget`` (a core.retry.Budget, from ``policy.faults.database``) bounds how long a
-    new PostgreSQL connection is waited for during a restart or failover."""
+    new PostgreSQL connection is waited for during a restart or failover. ``read_only``: every
+    connection refuses writes (``kms --at``): SQLite's query_only pragma with deferred
+    transactions, PostgreSQL's read-only default transaction mode."""
     url = normalize_url(url)
     try:
         parsed = make_url(url)
@@ -58,6 +60,8 @@ def make_engine(url: str, *, pool_size: int = 5, retry_budget=None) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA busy_timeout=30000")
+            if read_only:
+                cur.execute("PRAGMA query_only=ON")
             cur.close()
             # pysqlite's own transaction handling defers BEGIN; take it over so that
             # "BEGIN IMMEDIATE" serialises writers the way row locks do on PostgreSQL.
@@ -65,14 +69,17 @@ def make_engine(url: str, *, pool_size: int = 5, retry_budget=None) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     if parsed.get_backend_name() != "postgresql":
         raise DatabaseError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite or postgresql")
     # pool_pre_ping: a pooled connection killed by a restart is noticed at checkout and
     # replaced, so the next batch/transaction runs on a fresh one.
-    engine = create_engine(url, pool_size=pool_size, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+    connect_args = {"connect_timeout": 10}
+    if read_only:
+        connect_args["options"] = "-c default_transaction_read_only=on"
+    engine = create_engine(url, pool_size=pool_size, pool_pre_ping=True, connect_args=connect_args)
     _heal_connects(engine, retry_budget)
     return engine
 

@@ -27,6 +27,11 @@ class Principal(Base):
     totp_last_step: Mapped[int | None] = mapped_column(BigInteger)  # newest accepted time-step (replay refusal)
     created_at: Mapped[datetime] = mapped_column(TS)
     disabled_at: Mapped[datetime | None] = mapped_column(TS)
+    # A4 cooling-off: approvals by this principal count only from this time on (None: never).
+    approve_after: Mapped[datetime | None] = mapped_column(TS)
+    # Online guessing of 6-digit codes: wrong codes in a row lock TOTP for a while.
+    totp_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    totp_locked_until: Mapped[datetime | None] = mapped_column(TS)
 
 
 class ApprovalRequest(Base):
