@@ -354,8 +354,6 @@ def test_smtp_down_during_a_manual_operation_is_retried_then_recorded_as_failed(
                                                                                 caplog):
     from datetime import timedelta
 
-    import pyotp
-
     from kms_pipelines.core import access, notifications
     from kms_pipelines.core.notify import CompositeNotifier, OutboxNotifier, RetryPolicy, SmtpNotifier
 
@@ -365,18 +363,21 @@ def test_smtp_down_during_a_manual_operation_is_retried_then_recorded_as_failed(
     outbox = OutboxNotifier(ctx.home / "outbox.jsonl")
     smtp = SmtpNotifier("127.0.0.1", proxy.port, "kms@example.com", timeout=2, retry=RetryPolicy.from_policy(budget))
     ctx.notifier = CompositeNotifier([outbox, smtp], record_to=outbox)
-    devices = {name: pyotp.parse_uri(access.enroll_principal(ctx, name, [role]).provisioning_uri)
-               for name, role in (("alice", "sre_oncall"), ("bob", "security_engineering"),
-                                  ("carol", "compliance_officer"))}
-    with pytest.raises(access.AccessDenied):
-        access.manual_rotate(ctx, "service:api-gateway", ticket="CHG-19", requested_by="alice")  # opens the request
+    from tests.fixtures.kms import ceremony
+
+    devices = ceremony(ctx, {"alice": "sre_oncall", "bob": "security_engineering", "carol": "compliance_officer"})
+    with pytest.raises(access.AccessDenied):  # opens the request
+        access.manual_rotate(ctx, "service:api-gateway", ticket="CHG-19", requested_by="alice",
+                             totp=devices["alice"].at(ctx.now()))
     for name in ("bob", "carol"):
         ctx.clock.advance(timedelta(seconds=30))
         access.approve(ctx, name, ticket="CHG-19", operation="rotate", totp=devices[name].at(ctx.now()))
 
     caplog.set_level(logging.WARNING, logger="kms_pipelines.core.retry")
     proxy.down()  # the SMTP relay is gone for the whole operation
-    outcome = access.manual_rotate(ctx, "service:api-gateway", ticket="CHG-19", requested_by="alice")
+    ctx.clock.advance(timedelta(seconds=30))
+    outcome = access.manual_rotate(ctx, "service:api-gateway", ticket="CHG-19", requested_by="alice",
+                                   totp=devices["alice"].at(ctx.now()))
 
     assert outcome.result.rotated and outcome.result.new_version == 2  # the operation is not held up
     assert len(outcome.notification_failures) == 1 and outcome.notification_failures[0].startswith("email: gave up")
