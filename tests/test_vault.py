@@ -545,8 +545,8 @@ def test_dagster_key_vault_asset_and_check_in_the_nightly_run(tmp_path):
 
     from kms_pipelines.defs import rotation as rdefs
     from kms_pipelines.defs.foundation import kms_state
-    from kms_pipelines.defs.resources import (ClockResource, DatabaseResource, KeyStoreResource, KmsResource,
-                                              ObjectStoreResource)
+    from kms_pipelines.defs.resources import DatabaseResource, KeyStoreResource, KmsResource, ObjectStoreResource
+    from tests.fixtures.dagster_defs import FixedClockResource
 
     home = tmp_path / "home"
 
@@ -554,7 +554,7 @@ def test_dagster_key_vault_asset_and_check_in_the_nightly_run(tmp_path):
         return {"kms": KmsResource(home=str(home), database=DatabaseResource(url=f"sqlite:///{home}/kms.db"),
                                    keystore=KeyStoreResource(kind="software"),
                                    objects=ObjectStoreResource(url=str(home / "objects")),
-                                   clock=ClockResource(fixed_time=at))}
+                                   clock=FixedClockResource(fixed_time=at))}
 
     assets = [kms_state, rdefs.keys_root, rdefs.keys_service, rdefs.keys_archive, rdefs.key_vault,
               rdefs.archive_copies_verify]

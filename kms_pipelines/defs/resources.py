@@ -61,15 +61,18 @@ class ObjectStoreResource(dg.ConfigurableResource):
 
 class ClockResource(dg.ConfigurableResource):
     """The wall clock. Dagster runs change state, and the clock is not an input for changes:
-    there is no fixed-time setting (run config or Launchpad), and ``KMS_FIXED_TIME`` is
-    refused. Replays of past days use ``kms --at`` (read-only) or ``kms simulate`` (scratch)."""
+    a fixed time from run config (the Launchpad) or ``KMS_FIXED_TIME`` is refused. Replays of
+    past days use ``kms --at`` (read-only) or ``kms simulate`` (scratch state)."""
+
+    fixed_time: str | None = Field(default=None, description="Refused if set: runs use the wall clock.")
 
     def clock(self):
         from ..core.clock import SystemClock
 
-        if os.environ.get("KMS_FIXED_TIME"):
-            raise dg.Failure("KMS_FIXED_TIME is refused: Dagster runs change state and run on the wall clock "
-                             "(use `kms --at` for read-only reports or `kms simulate` on scratch state)")
+        if self.fixed_time or os.environ.get("KMS_FIXED_TIME"):
+            raise dg.Failure("a fixed time (KMS_FIXED_TIME or clock.fixed_time) is refused: Dagster runs change "
+                             "state and run on the wall clock (use `kms --at` for read-only reports or "
+                             "`kms simulate` on scratch state)")
         return SystemClock()
 
 
