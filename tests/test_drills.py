@@ -132,7 +132,9 @@ def test_default_participants_are_enrolled_people_not_role_names(kms):
 
     before = drills.default_participants(kms)
     assert before == [f"{r} (rotation)" for r in kms.policy.drills.on_call]  # nobody enrolled yet, and it says so
-    access.enroll_principal(kms, "dana", ["sre_oncall"])
-    access.enroll_principal(kms, "lee", ["security_engineering"])
-    access.enroll_principal(kms, "cora", ["compliance_officer"])  # not a drill role
+    from tests.fixtures.kms import enrol_direct
+
+    enrol_direct(kms, "dana", ["sre_oncall"])
+    enrol_direct(kms, "lee", ["security_engineering"])
+    enrol_direct(kms, "cora", ["compliance_officer"])  # not a drill role
     assert drills.default_participants(kms) == ["dana", "lee"]
