@@ -100,12 +100,12 @@ def test_manual_rotation_config_is_typed_for_the_launchpad():
     assert "Approvals must exist first" in manual_rotation.description
 
 
-@pytest.mark.parametrize("blank", ["key", "ticket", "requester"])
+@pytest.mark.parametrize("blank", ["key", "ticket", "requester", "requester_totp"])
 def test_manual_rotation_refuses_an_empty_field_and_changes_nothing(dagster_kms, blank):
     res, instance = dagster_kms
     ctx = res.context()
     before = _snapshot(ctx)
-    config = {"key": "root", "ticket": "CHG-42", "requester": "alice", blank: ""}
+    config = {"key": "root", "ticket": "CHG-42", "requester": "alice", "requester_totp": "123456", blank: ""}
     result = manual_rotation.execute_in_process(run_config={"ops": {"manual_rotate_key": {"config": config}}},
                                                 resources={"kms": res}, instance=instance, raise_on_error=False)
     assert not result.success
