@@ -60,9 +60,10 @@ class ObjectStoreResource(dg.ConfigurableResource):
 
 
 class ClockResource(dg.ConfigurableResource):
-    """The wall clock. Dagster runs change state, and the clock is not an input for changes:
-    a fixed time from run config (the Launchpad) or ``KMS_FIXED_TIME`` is refused. Replays of
-    past days use ``kms --at`` (read-only) or ``kms simulate`` (scratch state)."""
+    """The wall clock; a fixed time (Launchpad run config or KMS_FIXED_TIME) is refused."""
+
+    # Dagster runs change state, and the clock is not an input for changes. Replays of past
+    # days use `kms --at` (read-only) or `kms simulate` (scratch state).
 
     fixed_time: str | None = Field(default=None, description="Refused if set: runs use the wall clock.")
 
