@@ -21,6 +21,7 @@ from kms_pipelines.core import (access, audit, checkpoints, compliance, crossche
                                 lifecycle, manifest, nightly, rotation)
 from kms_pipelines.core.clock import SimulatedClock
 from kms_pipelines.core.db.models_rotation import PartnerNotice, ServiceSeed
+from tests.fixtures.kms import ceremony, totp_now
 from tests.test_compliance import CUSTODIANS, _dagster_report, _now
 from tests.test_rpt import admin
 
@@ -32,9 +33,7 @@ def state(make_kms, master_key, monkeypatch):
     kms = make_kms("postgres", clock=SimulatedClock(_now()))
     for c in CUSTODIANS:
         escrow.enroll_custodian(kms, c)
-    devices = {name: pyotp.parse_uri(access.enroll_principal(kms, name, [role]).provisioning_uri)
-               for name, role in (("ann", "security_engineering"), ("bob", "compliance_officer"),
-                                  ("sam", "sre_oncall"))}
+    devices = ceremony(kms, {"ann": "security_engineering", "bob": "compliance_officer", "sam": "sre_oncall"})
     nightly.run_nightly(kms)
     report = drills.run_drill(kms, participants=["ann", "bob"])
     assert report.outcome == "passed", report.findings
@@ -127,9 +126,12 @@ def test_case3_cli_checkpoints_each_state_change_once_and_zero_checkpoints_fail(
         d = home / "objects" / "checkpoints"
         return sorted(p.name for p in d.rglob("*.json")) if d.exists() else []
 
-    assert kms("init").exit_code == 0
+    init = kms("init", "--admin", "sre=sre_oncall", "--admin", "b", "--admin", "c", "--admin", "d", "--json")
+    assert init.exit_code == 0
+    sre = pyotp.parse_uri(json.loads(init.output)["enrolled"][0]["provisioning_uri"])
     assert len(cps()) == 1  # init moved the ledger
-    assert kms("keys", "rotate", "service:api-gateway", "--reason", "tenant-rotation").exit_code == 0
+    assert kms("keys", "rotate", "service:api-gateway", "--reason", "tenant-rotation", "--requested-by", "sre",
+               "--totp", sre.now()).exit_code == 0
     assert len(cps()) == 2
     assert kms("keys", "list").exit_code == 0 and kms("ledger", "verify").exit_code == 0
     assert len(cps()) == 2  # reading changes nothing
@@ -202,8 +204,9 @@ def test_case4_a4_manual_operation_whose_compliance_email_failed(state):
     access.request_approval(kms, operation="rotate", target="service:api-gateway", ticket="CHG-7", requester="sam")
     for name in ("ann", "bob"):
         access.approve(kms, name, ticket="CHG-7", operation="rotate", target="service:api-gateway",
-                       totp=d[name].at(kms.now()))
-    outcome = access.manual_rotate(kms, "service:api-gateway", ticket="CHG-7", requested_by="sam")
+                       totp=totp_now(kms, d[name]))
+    outcome = access.manual_rotate(kms, "service:api-gateway", ticket="CHG-7", requested_by="sam",
+                                   totp=totp_now(kms, d["sam"]))
     assert outcome.notification_failures  # the email really failed (connection refused on loopback)
     red(kms, "A4", "manual operation CHG-7 (ledger seq")
     assert "not notified: delivery failed on email" in compliance.build_report(kms, only=["A4"]).row("A4").evidence
@@ -244,11 +247,20 @@ def test_case4_a3_detection_covers_a_skipped_night_and_report_detects_first(stat
     kms.clock.advance(timedelta(hours=80))  # the nightly runs in between were skipped
     row = compliance.build_report(kms, only=["A3"]).row("A3")
     assert row.status == "fail" and "anomaly detection has not covered" in row.evidence
+
+    def written():
+        with kms.engine.connect() as conn:
+            return (tuple(conn.execute(text("SELECT count(*), max(seq) FROM audit_events")).one()),
+                    conn.execute(text("SELECT count(*) FROM audit_anomalies")).scalar())
+
+    before = written()
     out = CliRunner().invoke(cli, ["--at", kms.now().isoformat(), "report", "--clause", "A3", "--format", "json"],
                              env=_env(kms), catch_exceptions=False)
     a3 = json.loads(out.stdout)["rows"][0]
     assert out.exit_code == 1 and a3["status"] == "fail" and "failure_burst" in a3["evidence"], a3
     assert "anomaly detection has not covered" not in a3["evidence"]  # the report ran detection first
+    # --at is read-only (issue 11): the detection ran in memory; no anomaly row, no cursor event at a chosen time
+    assert written() == before
 
 
 def test_case4_b4_moved_kms_home_keeps_its_drill_report(state, tmp_path):
@@ -275,8 +287,8 @@ def test_case4_manual_root_rotation_does_the_root_follow_ups(state):
     d = kms.devices
     access.request_approval(kms, operation="rotate", target="root", ticket="CHG-ROOT", requester="sam")
     for name in ("ann", "bob"):
-        access.approve(kms, name, ticket="CHG-ROOT", operation="rotate", target="root", totp=d[name].at(kms.now()))
-    outcome = access.manual_rotate(kms, "root", ticket="CHG-ROOT", requested_by="sam")
+        access.approve(kms, name, ticket="CHG-ROOT", operation="rotate", target="root", totp=totp_now(kms, d[name]))
+    outcome = access.manual_rotate(kms, "root", ticket="CHG-ROOT", requested_by="sam", totp=totp_now(kms, d["sam"]))
     new = outcome.result.new_version
     with kms.transaction() as s:
         seeds = s.execute(select(ServiceSeed.key_name, ServiceSeed.root_version)).all()

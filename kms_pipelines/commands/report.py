@@ -23,7 +23,9 @@ def register(cli) -> None:
     @click.pass_context
     def report(ctx, fmt, out, clauses, dagster_evidence):
         """Run anomaly detection, then evaluate every policy clause (P1–B4, docs/policy.md) against the
-        live state; exit 1 if any fails."""
+        live state; exit 1 if any fails. Under --at the detection is not stored (read-only)."""
+        from dataclasses import replace
+
         from ..core import audit, compliance, retry
 
         known = {c.id for c in compliance.CLAUSES}
@@ -40,8 +42,14 @@ def register(cli) -> None:
             instance = dg.DagsterInstance.get()
             evidence = lambda c: check_evidence(instance, c)  # noqa: E731
         kms = get_context(ctx)
-        # A3 judges the anomalies: detect first, over every event since the last run
-        retry.db_call(kms, lambda: audit.refresh_anomalies(kms), what="running anomaly detection")
+        # A3 judges the anomalies: detect first, over every event since the last run. Under
+        # --at nothing may be written (no anomaly row, no cursor event at a chosen time): the
+        # detection runs in memory and A3 judges its findings as unreviewed.
+        if kms.read_only:
+            preview = retry.db_call(kms, lambda: audit.preview_anomalies(kms), what="running anomaly detection")
+            kms = replace(kms, detection=preview)
+        else:
+            retry.db_call(kms, lambda: audit.refresh_anomalies(kms), what="running anomaly detection")
         result = compliance.build_report(kms, evidence=evidence,
                                          only=[c.upper() for c in clauses] or None)
         text = compliance.render(result, fmt)

@@ -467,11 +467,17 @@ def detection_cursor(ctx) -> datetime | None:
     return None
 
 
-def refresh_anomalies(ctx, at: datetime | None = None) -> AnomalyReport:
-    """Detect and persist anomalies over every event since the last run, however long ago
-    (window by window from the stored cursor), then move the cursor (idempotent: one row
-    per fingerprint)."""
-    end = utc(at or ctx.now())
+@dataclass
+class DetectionPreview:
+    """Detection run in memory through ``through`` and not stored (``kms report --at``:
+    the database is read-only there, and nothing may be recorded at a chosen time)."""
+    through: datetime
+    new: list[Anomaly]  # found, and not yet stored as an audit_anomalies row
+
+
+def _scan(ctx, end: datetime) -> tuple[dict[str, Anomaly], datetime | None, datetime]:
+    """Every anomaly in the windows from the stored cursor through ``end`` (by fingerprint),
+    the cursor, and where the scanned span starts."""
     window = timedelta(hours=ctx.policy.audit.anomaly_window_hours)
     cursor = detection_cursor(ctx)
     if cursor is None:  # the first run reads the whole log, not only the last window
@@ -486,7 +492,26 @@ def refresh_anomalies(ctx, at: datetime | None = None) -> AnomalyReport:
         if step_end >= end:
             break
         step_end += window
-    start_covered = (cursor if cursor is not None and cursor < end - window else end - window)
+    return found, cursor, (cursor if cursor is not None and cursor < end - window else end - window)
+
+
+def preview_anomalies(ctx, at: datetime | None = None) -> DetectionPreview:
+    """What ``refresh_anomalies`` would find through ``at``, computed without writing."""
+    end = utc(at or ctx.now())
+    found, _cursor, _start = _scan(ctx, end)
+    with ctx.engine.connect() as conn:
+        stored = set(conn.execute(select(AuditAnomaly.fingerprint).where(
+            AuditAnomaly.fingerprint.in_(list(found)))).scalars()) if found else set()
+    return DetectionPreview(end, [a for fp, a in found.items() if fp not in stored])
+
+
+def refresh_anomalies(ctx, at: datetime | None = None) -> AnomalyReport:
+    """Detect and persist anomalies over every event since the last run, however long ago
+    (window by window from the stored cursor), then move the cursor (idempotent: one row
+    per fingerprint)."""
+    end = utc(at or ctx.now())
+    window = timedelta(hours=ctx.policy.audit.anomaly_window_hours)
+    found, cursor, start_covered = _scan(ctx, end)
     with ctx.transaction() as session:
         existing = set(session.scalars(select(AuditAnomaly.fingerprint).where(
             AuditAnomaly.fingerprint.in_(list(found)))))
@@ -511,8 +536,12 @@ def refresh_anomalies(ctx, at: datetime | None = None) -> AnomalyReport:
 
 def detection_coverage(ctx) -> dict:
     """A3: has detection looked at every event older than one window? ``gap`` names the
-    events it has not seen (detection skipped for longer than its window)."""
+    events it has not seen (detection skipped for longer than its window). A detection run
+    held in memory (``ctx.detection``, ``kms report --at``) counts as having looked."""
     cursor = detection_cursor(ctx)
+    preview = ctx.detection
+    if preview is not None and (cursor is None or preview.through > cursor):
+        cursor = preview.through
     limit = utc(ctx.now()) - timedelta(hours=ctx.policy.audit.anomaly_window_hours)
     q = select(func.count(), func.min(AuditEvent.at)).where(AuditEvent.at < limit,
                                                              AuditEvent.operation != DETECTION_OP)

@@ -766,9 +766,13 @@ def eval_a3(ctx: KmsContext) -> Finding:
     else:
         good.append(f"anomaly detection covers every event through {_iso(coverage['through'])}")
     pending = audit.unreviewed(ctx)
-    if pending:
-        problems.append(f"{len(pending)} unreviewed {'/'.join(ctx.policy.audit.review_severities)} anomaly(ies): "
-                        + ", ".join(f"#{a.id} {a.kind}" for a in pending[:5]))
+    # found by a detection run held in memory (kms report --at) and so never reviewed
+    unstored = [a for a in (ctx.detection.new if ctx.detection is not None else [])
+                if a.severity in ctx.policy.audit.review_severities]
+    names = [f"#{a.id} {a.kind}" for a in pending] + [f"{a.kind} (found by this report, not stored)" for a in unstored]
+    if names:
+        problems.append(f"{len(names)} unreviewed {'/'.join(ctx.policy.audit.review_severities)} anomaly(ies): "
+                        + ", ".join(names[:5]))
     else:
         good.append("no unreviewed high-severity anomaly")
     return _finding(problems, good, {"events": result.count, "unreviewed": [a.id for a in pending],

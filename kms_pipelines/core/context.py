@@ -34,6 +34,7 @@ class KmsContext:
     actor: str = "system"
     role: str = "control"  # "worker" (KMS_ROLE): never generates keys, see core/worker.py
     read_only: bool = False  # `kms --at`: the database refuses writes; audit goes to the wall clock
+    detection: Any = None  # audit.DetectionPreview: anomaly detection run in memory (`kms report --at`)
 
     def __post_init__(self) -> None:
         # An audited keystore (core/keystore/audited.py) is re-bound to every context copy
