@@ -21,6 +21,13 @@ def seq_bounds(start: int, end: int, parts: int) -> list[tuple[int, int]]:
 
 
 def map_in_processes(fn: Callable[..., T], argsets: Sequence[tuple]) -> list[T]:
-    """``[fn(*args) for args in argsets]``, one forked process per argset, results in order."""
-    with ProcessPoolExecutor(max_workers=len(argsets), mp_context=multiprocessing.get_context("fork")) as pool:
+    """``[fn(*args) for args in argsets]``, one process per argset, results in order.
+
+    Workers come from a fork server, never from a plain fork of the caller: the caller has
+    threads (the audit writer, the sweep's commit thread, Dagster's) and a fork copies any
+    lock one of them holds, which hung a worker for good in a CI run. The server process is
+    single-threaded and imports the verifiers once (``fn``'s module is preloaded)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([fn.__module__])
+    with ProcessPoolExecutor(max_workers=len(argsets), mp_context=ctx) as pool:
         return list(pool.map(fn, *zip(*argsets)))
