@@ -541,35 +541,60 @@ def _child_work(store, kek, sig, blob, queue):
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
-def test_use_after_fork(softhsm_token):
+def _fork_scenario(lib_path, label, pin, report):
+    """A parent that uses the keystore, forks twice, and checks what each child made.
+
+    Runs in a freshly spawned, single-threaded interpreter: forking the pytest process itself
+    would copy whatever lock another test's leftover thread holds at that instant (inside
+    SoftHSM or Python), and the child could hang on it; that is a property of fork() in a
+    threaded process, not of the keystore under test."""
     from kms_pipelines.core.keystore.pkcs11 import Pkcs11KeyStore
 
-    store = Pkcs11KeyStore(softhsm_token.lib_path, softhsm_token.label, softhsm_token.pin)
-    kek, sig = unique_ref("kek"), unique_ref("sig")
-    store.generate(kek, AES_256)
-    public = store.generate(sig, ED25519).public_key
-    blob = store.encrypt(kek, b"made by the parent", b"fork")  # parent is logged in, sessions pooled
+    try:
+        store = Pkcs11KeyStore(lib_path, label, pin)
+        kek, sig = unique_ref("kek"), unique_ref("sig")
+        store.generate(kek, AES_256)
+        public = store.generate(sig, ED25519).public_key
+        blob = store.encrypt(kek, b"made by the parent", b"fork")  # parent is logged in, sessions pooled
 
-    ctx = multiprocessing.get_context("fork")
-    results = []
-    for _ in range(2):
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_child_work, args=(store, kek, sig, blob, queue))
-        proc.start()
-        status, payload = queue.get(timeout=60)
-        proc.join(timeout=60)
-        assert proc.exitcode == 0
-        assert status == "ok", payload
-        results.append(payload)
+        ctx = multiprocessing.get_context("fork")
+        children = []
+        for _ in range(2):
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_child_work, args=(store, kek, sig, blob, queue))
+            proc.start()
+            status, payload = queue.get(timeout=60)
+            proc.join(timeout=60)
+            children.append({"exitcode": proc.exitcode, "status": status, "pid": payload["pid"] if status == "ok" else None,
+                             "error": None if status == "ok" else payload,
+                             "decrypted": status == "ok" and payload["decrypted"] == b"made by the parent",
+                             # what the child made opens in the parent, whose sessions still work after the fork
+                             "opens_in_parent": status == "ok" and store.dek_decrypt(
+                                 kek, payload["wrapped"], payload["blob"], b"fork") == b"from the child",
+                             "signature_verifies": status == "ok" and verify_signature(public, b"child", payload["sig"])})
+        parent_still_works = store.decrypt(kek, blob, b"fork") == b"made by the parent"
+        store.close()
+        report.put(("ok", {"parent_pid": os.getpid(), "children": children, "parent_still_works": parent_still_works}))
+    except BaseException as exc:  # noqa: BLE001
+        report.put(("error", f"{type(exc).__name__}: {exc}"))
 
-    for out in results:
-        assert out["pid"] != os.getpid()
-        assert out["decrypted"] == b"made by the parent"
-        # what the child made opens in the parent, whose sessions still work after the fork
-        assert store.dek_decrypt(kek, out["wrapped"], out["blob"], b"fork") == b"from the child"
-        assert verify_signature(public, b"child", out["sig"])
-    assert store.decrypt(kek, blob, b"fork") == b"made by the parent"
-    store.close()
+
+def test_use_after_fork(softhsm_token):
+    spawn = multiprocessing.get_context("spawn")
+    report = spawn.Queue()
+    proc = spawn.Process(target=_fork_scenario,
+                         args=(softhsm_token.lib_path, softhsm_token.label, softhsm_token.pin, report))
+    proc.start()
+    status, payload = report.get(timeout=180)
+    proc.join(timeout=60)
+    assert proc.exitcode == 0
+    assert status == "ok", payload
+    assert len(payload["children"]) == 2
+    for child in payload["children"]:
+        assert child["exitcode"] == 0 and child["status"] == "ok", child["error"]
+        assert child["pid"] != payload["parent_pid"]
+        assert child["decrypted"] and child["opens_in_parent"] and child["signature_verifies"], child
+    assert payload["parent_still_works"]
 
 
 def test_cached_handles_follow_destroy_by_another_instance(softhsm_token):
