@@ -166,23 +166,37 @@ def iter_rows(conn: Connection, batch_size: int = 5000, after_seq: int = 0) -> I
         yield from partition
 
 
+def seq_gap(count: int, prev: str, expected_seq: int, seq: int) -> VerifyResult:
+    """The first bad seq when ``seq`` came where ``expected_seq`` should have (every verifier
+    words a failure the same way, so they name the same first bad seq in the same words)."""
+    problem = (f"entry seq {expected_seq} is missing (next present is {seq})" if seq > expected_seq
+               else f"entry seq {seq} is out of order")
+    return VerifyResult(False, count, expected_seq - 1, prev, expected_seq, problem)
+
+
+def broken_link(count: int, prev: str, seq: int) -> VerifyResult:
+    return VerifyResult(False, count, seq - 1, prev, seq,
+                        f"entry seq {seq} does not link to seq {seq - 1} (prev_hash mismatch)")
+
+
+def altered(count: int, prev: str, seq: int) -> VerifyResult:
+    return VerifyResult(False, count, seq - 1, prev, seq,
+                        f"entry seq {seq} was altered (its content does not match its hash)")
+
+
 def verify_rows(rows, expected_head: tuple[int, str] | None = None) -> VerifyResult:
     """Recompute the chain over ledger rows (tuples in ``_COLUMNS`` order)."""
     prev, expected_seq, count = GENESIS_HASH, 1, 0
     for (seq, at, key_name, key_version, from_state, to_state, actor, approvers, ticket, reason,
          event_id, prev_hash, stored_hash) in rows:
         if seq != expected_seq:
-            problem = (f"entry seq {expected_seq} is missing (next present is {seq})" if seq > expected_seq
-                       else f"entry seq {seq} is out of order")
-            return VerifyResult(False, count, expected_seq - 1, prev, expected_seq, problem)
+            return seq_gap(count, prev, expected_seq, seq)
         if prev_hash != prev:
-            return VerifyResult(False, count, seq - 1, prev, seq,
-                                f"entry seq {seq} does not link to seq {seq - 1} (prev_hash mismatch)")
+            return broken_link(count, prev, seq)
         raw = row_canonical(seq, at, key_name, key_version, from_state, to_state, actor, approvers,
                             ticket, reason, event_id, prev_hash)
         if _sha256(raw).hexdigest() != stored_hash:
-            return VerifyResult(False, count, seq - 1, prev, seq,
-                                f"entry seq {seq} was altered (its content does not match its hash)")
+            return altered(count, prev, seq)
         prev, expected_seq, count = stored_hash, seq + 1, count + 1
     if expected_head is not None and (count, prev) != tuple(expected_head):
         exp_seq, exp_hash = expected_head

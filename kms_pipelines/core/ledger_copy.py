@@ -26,7 +26,7 @@ from json.encoder import encode_basestring as _enc  # C-accelerated, = ledger's 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from .ledger import GENESIS_HASH, VerifyResult
+from .ledger import GENESIS_HASH, VerifyResult, altered, broken_link, seq_gap
 from .partitions import map_in_processes, seq_bounds
 
 # In the order the template uses them, so a line unpacks straight into it.
@@ -104,15 +104,11 @@ def verify_lines(lines, expected_seq: int = 1, prev: str = GENESIS_HASH, encodin
                                    "null" if version == "\\N" else version)).encode()
         seq = int(seq_s)
         if seq != expected_seq:
-            problem = (f"entry seq {expected_seq} is missing (next present is {seq})" if seq > expected_seq
-                       else f"entry seq {seq} is out of order")
-            return VerifyResult(False, count, expected_seq - 1, prev, expected_seq, problem)
+            return seq_gap(count, prev, expected_seq, seq)
         if prev_hash != prev:
-            return VerifyResult(False, count, seq - 1, prev, seq,
-                                f"entry seq {seq} does not link to seq {seq - 1} (prev_hash mismatch)")
+            return broken_link(count, prev, seq)
         if raw is None or sha(raw).hexdigest() != stored:
-            return VerifyResult(False, count, seq - 1, prev, seq,
-                                f"entry seq {seq} was altered (its content does not match its hash)")
+            return altered(count, prev, seq)
         prev, expected_seq, count = stored, seq + 1, count + 1
     return VerifyResult(True, count, expected_seq - 1, prev)
 
