@@ -229,6 +229,16 @@ def _lib_state(path: str) -> _LibState:
     return state
 
 
+def _close_sessions(state: _TokenState, sessions: list) -> None:
+    """Close pooled sessions under the library lock; one already gone on the token is fine."""
+    with state.lib.lock:
+        for session in sessions:
+            try:
+                session.close()
+            except p11x.PKCS11Error:
+                pass
+
+
 def _pin_digest(pin: str) -> bytes:
     return hashlib.sha256(b"kms-pkcs11-pin|" + pin.encode("utf-8")).digest()
 
@@ -426,12 +436,7 @@ class Pkcs11KeyStore:
             self._token_state = None
             self._cond.notify_all()
         if state.lib.pid == os.getpid():
-            with state.lib.lock:
-                for session in idle:
-                    try:
-                        session.close()
-                    except p11x.PKCS11Error:
-                        pass
+            _close_sessions(state, idle)
         _release_token(state)
 
     @contextmanager
@@ -843,12 +848,7 @@ class Pkcs11KeyStore:
                 self._cond.notify_all()
             if state is None:
                 return
-            with state.lib.lock:
-                for session in idle:
-                    try:
-                        session.close()
-                    except p11x.PKCS11Error:
-                        pass
+            _close_sessions(state, idle)
             _release_token(state)
 
     def __enter__(self) -> "Pkcs11KeyStore":
