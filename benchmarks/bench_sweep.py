@@ -184,7 +184,7 @@ def software_run(n: int, batch: int, repeat: int = 3) -> None:
             # raw UPDATE of the same rows (on the clone) at the largest batch that sweep used.
             sweep_runs, update_runs, sizes = [], [], []
             for _ in range(repeat):
-                new = lifecycle.rotate(ctx, KEY, reason="bench").new_version
+                new = lifecycle.rotate(ctx, KEY, reason="cadence").new_version
                 sizes = []
                 sweep = envelope.sweep(ctx, KEY, **sizing, progress=lambda p: sizes.append(p.moved))
                 assert sweep.moved == n and sweep.remaining == 0, sweep.to_dict()
@@ -222,7 +222,7 @@ def _sweep_with(keystore, n: int, batch: int, home: Path) -> float:
         ctx = make_context(bench.url, keystore, home)
         _, ref = active_ref(ctx)
         populate(ctx, n, lambda: keystore.new_wrapped_dek(ref))
-        lifecycle.rotate(ctx, KEY, reason="bench")
+        lifecycle.rotate(ctx, KEY, reason="cadence")
         sweep = envelope.sweep(ctx, KEY, batch_size=batch or 1000)
         assert sweep.moved == n and sweep.remaining == 0
         ctx.engine.dispose()
