@@ -23,6 +23,8 @@ import hashlib
 import re
 from json.encoder import encode_basestring as _enc  # C-accelerated, = ledger's encoder
 
+import psycopg2  # its copy_expert loops over COPY rows in C (see _verify_range)
+
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
@@ -161,8 +163,6 @@ def _verify_range(dsn: str, lo: int, hi: int | None) -> VerifyResult:
     # psycopg2's copy_expert, not psycopg 3's COPY iterator: psycopg 3 hands each row
     # (one CopyData message) through Python generators, about 1 µs a row, as much as the
     # whole raw read; psycopg2 loops in C and calls ``write`` once per row.
-    import psycopg2
-
     conn = psycopg2.connect(dsn, connect_timeout=10, client_encoding="UTF8",
                             options="-c default_transaction_read_only=on")
     try:

@@ -28,16 +28,17 @@ def map_in_processes(fn: Callable[..., T], argsets: Sequence[tuple], *, first_in
     Workers come from a fork server, never from a plain fork of the caller: the caller has
     threads (the audit writer, the sweep's commit thread, Dagster's) and a fork copies any
     lock one of them holds, which hung a worker for good in a CI run. The server process is
-    single-threaded and imports the verifiers once (``fn``'s module is preloaded), and the
-    caller's main module too: otherwise every worker re-imports it before it starts
-    (multiprocessing's spawn preparation), which cost more than verifying 50k entries."""
+    single-threaded and imports the verifiers once (``fn``'s module is preloaded). The server
+    stays up for the life of the caller, so only the first call pays its start; each worker
+    still re-runs the caller's main script before it starts (multiprocessing's spawn
+    preparation; Python 3.11's forkserver cannot preload ``__main__``)."""
     if not argsets:
         return []
     local, remote = (argsets[0], argsets[1:]) if first_in_caller else (None, argsets)
     if not remote:
         return [fn(*local)]
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["__main__", fn.__module__])
+    ctx.set_forkserver_preload([fn.__module__])
     with ProcessPoolExecutor(max_workers=len(remote), mp_context=ctx) as pool:
         futures = [pool.submit(fn, *args) for args in remote]
         first = [fn(*local)] if local is not None else []
