@@ -1,11 +1,13 @@
 """Ledger verification on PostgreSQL over ``COPY (SELECT …) TO STDOUT``.
 
 The same checks as ``ledger.verify_rows`` (seq order, prev link, RFC 8785 bytes, SHA-256),
-with less work per row: COPY's text lines are split rather than parsed into Python
-objects, PostgreSQL formats the timestamp (``to_char``), and the canonical document is
-filled in from the column text with the C-accelerated JSON string encoder. Building the
-whole document in SQL was measured slower: the server's ``to_json`` calls cost more than
-the client saves.
+with less work per row: psycopg2's ``copy_expert`` pushes each COPY text row, as bytes,
+into a coroutine (psycopg 3's COPY iterator spent about as much per row in Python as the
+whole raw read); PostgreSQL formats the timestamp (``to_char``); a row needing no escape
+(the common case, two regex searches decide) becomes its canonical document with one
+bytes ``%``, any other through ``document`` and the C-accelerated JSON string encoder.
+Building the whole document in SQL was measured slower: the server's ``to_json`` calls
+cost more than the client saves.
 
 ``tests/test_ledger_copy.py`` proves ``document`` byte-identical to ``ledger.row_canonical``
 for every row PostgreSQL can hold (a property test over timestamps in years 1–9999,
@@ -14,7 +16,8 @@ RFC 3339 form ('infinity', year 10000+) is reported as altered.
 
 Long ledgers are split into seq ranges verified in parallel processes (``partitions``):
 each range starts from the stored hash of the entry before it, and the ranges are read
-back in order, so the first bad seq is the one a single pass names.
+back in order, so the first bad seq is the one a single pass names. The caller verifies
+the first range itself while worker processes take the others.
 """
 
 from __future__ import annotations
