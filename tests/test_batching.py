@@ -19,8 +19,22 @@ def test_size_moves_towards_the_target_at_most_doubling_or_halving():
         b.observe(b.size, 0.001)
     assert b.size == 20_000          # capped: memory stays bounded whatever n is
     for _ in range(20):
-        b.observe(b.size, 100.0)
+        b.observe(b.size, b.size * 0.01)   # slow in proportion to the rows: shrinks
     assert b.size == 100             # floored
+
+
+def test_commits_slow_whatever_their_size_make_batches_grow_not_shrink():
+    """A loaded server where every commit waits ~0.3 s (WAL flush, lock waits) beyond a tiny
+    per-row cost: halving towards a 0.25 s target would only multiply the commits."""
+    b = AdaptiveBatch(1000, target_seconds=0.25, min_size=100, max_size=20_000)
+    for _ in range(12):
+        b.observe(b.size, 0.3 + b.size * 1e-6)
+    assert b.size == 20_000 and min(b.history) >= 800   # one proportional step before two sizes are known
+    assert b.fixed_seconds() == pytest.approx(0.3, abs=0.01)
+    # and once the per-row part dominates again, it shrinks towards the target
+    for _ in range(20):
+        b.observe(b.size, b.size * 0.001)
+    assert b.size == 250
 
 
 def test_a_short_last_batch_or_no_target_leaves_the_size_alone():
