@@ -114,6 +114,17 @@ def render_table(doc: dict) -> str:
             "—" if ratio is None else f"{ratio:.3f}", met, "record" if goal is None else f"≥ {goal}",
             rec.get("peak_rss_mb", "—"), rec["load_avg_before"][0], rec["load_avg_after"][0]))
     for r in doc["records"]:
+        # which raw ways were measured: the table's raw limit is the fastest of them
+        if r["name"] == "ledger_verify" and r.get("raw_rates"):
+            ways = "; ".join(f"{k} {v:,.0f}/s" for k, v in sorted(r["raw_rates"].items(), key=lambda kv: -kv[1]))
+            one = f" One process: {r['one_process_rate']:,.0f}/s." if r.get("one_process_rate") else ""
+            lines += ["", f"Ledger raw reads at {_fmt_n(r['n'])} (the fastest is the raw limit): {ways}.{one}"]
+        if r["name"] == "envelope.sweep.vs_raw_update" and r.get("raw_update_rates"):
+            ways = "; ".join(f"{k.replace('_', ' ')} {v:,.0f}/s" for k, v in r["raw_update_rates"].items())
+            lines += ["", f"Sweep raw UPDATE at {_fmt_n(r['n'])} (the faster is the raw limit): {ways} "
+                          f"(sweep's largest batch {r.get('batch_size')}, policy cap {r.get('policy_max_batch')}; "
+                          f"the sweep's last run committed {r.get('sweep_commits_last_run')} batches)."]
+    for r in doc["records"]:
         if r["name"] == "keystore.rewrap_pkcs11_scaling":
             p = r["processes"]
             lines += ["", f"PKCS#11 rewrap shared by {p} processes (the sweep's shards, `{r.get('command', '')}`): "
