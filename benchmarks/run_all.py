@@ -102,6 +102,12 @@ def render_table(doc: dict) -> str:
     head = ("| Workload | Command | n | rate | raw limit (same run) | ratio | goal | peak RSS | load avg (1 min) before → after |\n"
             "|---|---|---|---|---|---|---|---|---|")
     lines = [f"Run {doc['finished']} on {doc['machine']} ({'quick' if doc['quick'] else 'full'} sizes).", "", head]
+    cpus = doc.get("cpus") or int(doc["machine"].split(" CPU")[0])
+    loads = [x for r in doc["records"] for x in (r.get("load_avg_before", [0])[0], r.get("load_avg_after", [0])[0])]
+    if loads and max(loads) > cpus:
+        # both sides of a ratio slow down under load, but not equally: such a run judges no goal
+        lines[1:1] = ["", f"**Shared machine: the 1-minute load average reached {max(loads):g} on {cpus} CPUs during "
+                          "this run; its ratios judge no goal. Re-run on a quiet machine.**"]
     for rec in doc["records"]:
         if "rate" not in rec:
             continue

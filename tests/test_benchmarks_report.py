@@ -28,8 +28,18 @@ def test_the_table_is_regenerated_between_the_markers_only(tmp_path):
     # every raw way measured is named, fastest first
     assert ("Ledger raw reads at 100k (the fastest is the raw limit): psycopg2 copy_expert text 600,000/s; "
             "psycopg3 COPY binary 500,000/s. One process: 180,000/s.") in text
+    assert "Shared machine: the 1-minute load average reached 5.3 on 2 CPUs" in text  # 5.3 > 2 cores
     run_all.rewrite(DOC, doc)
     assert doc.read_text() == text  # idempotent
+
+
+def test_a_quiet_run_carries_no_load_warning(tmp_path):
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text(f"{run_all.BEGIN}\n{run_all.END}\n")
+    quiet = {**DOC, "records": [{**r, "load_avg_before": [0.4, 1, 1], "load_avg_after": [0.6, 1, 1]}
+                                for r in DOC["records"]]}
+    run_all.rewrite(quiet, doc)
+    assert "Shared machine" not in doc.read_text()
 
 
 def test_a_document_without_markers_is_refused_and_unchanged(tmp_path):
