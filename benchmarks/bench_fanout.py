@@ -93,8 +93,16 @@ def main() -> None:
             control = dict(base, KMS_HOME=str(tmp / "control"))
             run = lambda cmd, env=control: subprocess.run(cmd, env=env, check=True, capture_output=True,  # noqa: E731
                                                           text=True, cwd=str(REPO))
-            run([sys.executable, "-m", "kms_pipelines.cli", "init"])
-            run([sys.executable, "-m", "kms_pipelines.cli", "token", "issue", "workload:dagster"])
+            out = run([sys.executable, "-m", "kms_pipelines.cli", "init", "--admin", "sec-1", "--admin", "sec-2",
+                       "--admin", "sec-3", "--json"])
+            import json
+
+            import pyotp
+
+            issuer = pyotp.parse_uri(json.loads(out.stdout)["enrolled"][0]["provisioning_uri"])
+            # the workload signing key is created by the first token a proven human issues
+            run([sys.executable, "-m", "kms_pipelines.cli", "token", "issue", "workload:dagster", "--as", "sec-1",
+                 "--totp", issuer.now()])
             ctx = context_from_env(control)
             with ctx.transaction() as s:
                 ref = lifecycle.active_version(lifecycle.get_key(s, KEY)).wrap_ref

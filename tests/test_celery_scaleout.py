@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import pyotp
 import pytest
 import yaml
 from sqlalchemy import create_engine, text
@@ -187,8 +188,10 @@ def cluster(tmp_path, pg_url, pg_database, s3_server, s3_client, s3_bucket, redi
     def make(**policy_overrides) -> Cluster:
         c = Cluster(tmp_path, pg_url, pg_database(), s3_server, s3_client, s3_bucket, redis_url, policy_overrides)
         made.append(c)
-        c.kms("init")
-        c.kms("token", "issue", "workload:dagster")  # the signing key is created once, in the HSM
+        out = c.kms("init", "--admin", "sec-1", "--admin", "sec-2", "--admin", "sec-3", "--json")
+        issuer = pyotp.parse_uri(json.loads(out.stdout)["enrolled"][0]["provisioning_uri"])
+        # the signing key is created once, in the HSM, by the first token a proven human issues
+        c.kms("token", "issue", "workload:dagster", "--as", "sec-1", "--totp", issuer.now())
         return c
 
     made: list[Cluster] = []

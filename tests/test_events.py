@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 
 import dagster as dg
+import pyotp
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
@@ -90,12 +91,16 @@ def test_end_to_end_cli_report_sensor_one_run_then_none(e2e_env, smtp_server, sl
     from kms_pipelines.core.context import context_from_env
 
     runner = CliRunner()
-    assert runner.invoke(cli, ["init"]).exit_code == 0
+    res = runner.invoke(cli, ["init", "--admin", "sec", "--admin", "sec2", "--admin", "sec3", "--json"])
+    assert res.exit_code == 0, res.output
+    sec = pyotp.parse_uri(json.loads(res.output)["enrolled"][0]["provisioning_uri"])
     kms = context_from_env()
     blobs = {f"doc-{i}": envelope.encrypt(kms, "data:postgres", f"doc-{i}", f"row {i}".encode()) for i in range(25)}
 
+    # the reporter proves themself (security_engineering: a compromise's response revokes)
     res = runner.invoke(cli, ["events", "report", "--type", "compromise", "--key", "data:postgres",
-                              "--source", "gitleaks", "--detail", "DEK backup found in a public bucket", "--json"])
+                              "--source", "gitleaks", "--detail", "DEK backup found in a public bucket",
+                              "--as", "sec", "--totp", sec.now(), "--json"])
     assert res.exit_code == 0, res.output
     event_id = json.loads(res.output)["id"]
 
@@ -171,9 +176,11 @@ def test_cli_report_refusal_is_one_line_exit_1(tmp_path, monkeypatch):
     monkeypatch.delenv("KMS_DATABASE_URL", raising=False)
     runner = CliRunner()
     assert runner.invoke(cli, ["init"]).exit_code == 0
-    res = runner.invoke(cli, ["events", "report", "--type", "compromise", "--key", "service:nope", "--source", "x"])
+    res = runner.invoke(cli, ["events", "report", "--type", "compromise", "--key", "service:nope", "--source", "x",
+                              "--as", "sec", "--totp", "123456"])
     assert res.exit_code == 1 and res.output.count("\n") == 1 and "unknown key" in res.output
-    res = runner.invoke(cli, ["events", "report", "--type", "nope", "--key", "root", "--source", "x"])
+    res = runner.invoke(cli, ["events", "report", "--type", "nope", "--key", "root", "--source", "x",
+                              "--as", "sec", "--totp", "123456"])
     assert res.exit_code == 2
 
 

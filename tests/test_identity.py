@@ -245,7 +245,7 @@ def test_at_is_refused_by_every_command_that_writes(cli):
                   "--as", "bob", "--totp", cli.code("bob")),
                  ("--at", "9999-12-31T23:59:59Z", "keys", "rotate", "backup", "--if-due"),
                  ("--at", "2030-01-01", "rpt", "issue", "--subject", "deal-1"),
-                 ("--at", soon, "token", "issue", "workload:api-gateway"),
+                 ("--at", soon, "token", "issue", "workload:api-gateway", "--as", "bob", "--totp", cli.code("bob")),
                  ("--at", past, "keys", "rotate", "root", "--manual", "--ticket", "C1", "--requested-by", "alice",
                   "--totp", cli.code("alice")),
                  ("--at", past, "init")):
@@ -353,7 +353,7 @@ def test_simulate_refuses_a_directory_holding_live_state(cli, tmp_path):
 
 
 def test_token_lifetime_is_capped_from_the_wall_clock_issue_time(cli):
-    r = cli("token", "issue", "workload:api-gateway")
+    r = cli("token", "issue", "workload:api-gateway", "--as", "bob", "--totp", cli.code("bob"))
     assert r.exit_code == 0, r.output
     token = r.output.strip()
     claims = json.loads(access._unb64u(token.split(".")[1]))
@@ -382,8 +382,8 @@ def test_r2_reasons_rotate_service_keys_only(cli, reason):
 
 
 def test_tokens_only_for_declared_workloads(cli):
-    cli.refused("not a workload principal declared", "token", "issue", "workload:undeclared")
-    cli.refused("not a workload principal declared", "token", "issue", "alice")
+    for name in ("workload:undeclared", "alice"):
+        cli.refused("not a workload principal declared", "token", "issue", name, "--as", "bob", "--totp", "123456")
 
 
 # ---- 5. one reason vocabulary ----------------------------------------------------------
@@ -433,7 +433,7 @@ def test_a2_warns_until_two_approvers_besides_a_requester_exist(kms):
 # ---- 7. smaller defects ------------------------------------------------------------------
 
 def test_a_token_with_non_canonical_base64_is_refused(cli):
-    token = cli("token", "issue", "workload:api-gateway").output.strip()
+    token = cli("token", "issue", "workload:api-gateway", "--as", "bob", "--totp", cli.code("bob")).output.strip()
     assert cli("token", "verify", token).exit_code == 0
     for forged in (token + "==", token + "=", token[:-1] + ("B" if token[-1] != "B" else "C")):
         cli.refused("workload token refused", "token", "verify", forged)

@@ -2,13 +2,8 @@
 (issue 3: A1–A4). Thin wrappers over core.access / core.audit."""
 
 import inspect
-import os
 
 import click
-
-
-def _actor() -> str:
-    return os.environ.get("KMS_ACTOR") or os.environ.get("USER") or "operator"
 
 
 def requester_options(f):
@@ -96,10 +91,12 @@ def register(cli) -> None:
     @click.option("--ticket", required=True, help="Change ticket the approval is bound to.")
     @click.option("--operation", required=True,
                   type=click.Choice(["rotate", "revoke", "destroy", "break-glass", "export", "console-registration",
-                                     "archive-retrieve", "principal-add", "principal-roles", "principal-remove"]))
+                                     "archive-retrieve", "principal-add", "principal-roles", "principal-remove",
+                                     "custodian-add"]))
     @click.option("--target", default=None,
                   help="An existing key, key#vN or escrow package id, or an open request's target (NAME=ROLE,... for "
-                       "principal-add/-roles, NAME for principal-remove). Default: the one open request for "
+                       "principal-add/-roles, NAME for principal-remove, CUSTODIAN=age1… or CUSTODIAN=new-keypair "
+                       "for custodian-add). Default: the one open request for "
                        "ticket+operation.")
     @click.option("--as", "approver", required=True, help="Approving principal.")
     @click.option("--totp", required=True, help="Current TOTP code of the approving principal.")
@@ -181,12 +178,17 @@ def register(cli) -> None:
     @token.command("issue")
     @click.argument("principal")
     @click.option("--ttl-minutes", type=float, default=None, help="Lifetime (default and maximum: the policy cap).")
+    @click.option("--as", "issuer", required=True,
+                  help="Issuing principal: holds every operation the workload is declared with.")
+    @click.option("--totp", required=True, help="The issuer's current TOTP code.")
     @click.pass_context
-    def token_issue(ctx, principal, ttl_minutes):
-        """Print a signed token for workload PRINCIPAL (a bearer credential: handle it as a secret)."""
+    def token_issue(ctx, principal, ttl_minutes, issuer, totp):
+        """Print a signed token for workload PRINCIPAL (a bearer credential: handle it as a secret).
+        The issuer proves themself by TOTP; the token's subject is the workload."""
         from ..core import access
 
-        click.echo(access.issue_workload_token(get_context(ctx).as_actor(_actor()), principal, ttl_minutes))
+        click.echo(access.issue_token_by(get_context(ctx), principal, issued_by=issuer, totp=totp,
+                                         ttl_minutes=ttl_minutes))
 
     @token.command("verify")
     @click.argument("token_text", metavar="TOKEN")

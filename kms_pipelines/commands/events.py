@@ -6,10 +6,6 @@ from pathlib import Path
 import click
 
 
-def _actor() -> str:
-    return os.environ.get("KMS_ACTOR") or os.environ.get("USER") or "operator"
-
-
 def register(cli) -> None:
     from ..cli import EXIT_FAILED, emit_json, get_context
 
@@ -24,14 +20,17 @@ def register(cli) -> None:
     @click.option("--key", required=True, help="Affected key, e.g. service:api-gateway.")
     @click.option("--source", required=True, help="Who/what detected it (scanner, CI system, person).")
     @click.option("--detail", default="", help="What happened (never paste the secret itself).")
+    @click.option("--as", "principal", required=True,
+                  help="Reporting principal (needs 'revoke' for a compromise, 'rotate' otherwise).")
+    @click.option("--totp", required=True, help="The reporter's current TOTP code.")
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context
-    def events_report(ctx, type_, key, source, detail, as_json):
-        """Record a security event; the sensor launches compromise_response for it."""
+    def events_report(ctx, type_, key, source, detail, principal, totp, as_json):
+        """Record a security event; the sensor launches compromise_response for it (no further
+        approval), so the reporter proves themself and holds what the response does."""
         from ..core import events as ev
 
-        kms = get_context(ctx)
-        info = ev.report(kms.as_actor(_actor()), type_, key, source, detail, reported_by=_actor())
+        info = ev.report_by(get_context(ctx), type_, key, source, detail, principal=principal, totp=totp)
         if as_json:
             emit_json(info.to_dict())
         elif info.duplicate_of:
@@ -112,17 +111,29 @@ def register(cli) -> None:
                   help="Write a newly generated age identity here (mode 0600) for the custodian to keep.")
     @click.option("--recipient", default=None, help="The custodian's own age1… public key instead.")
     @click.option("--replace", is_flag=True, help="Replace an enrolled custodian's key.")
+    @click.option("--ticket", default=None, help="Change ticket the approvals are bound to.")
+    @click.option("--requested-by", "requested_by", default=None,
+                  help="Requesting principal (holds 'principals'); proven by --totp.")
+    @click.option("--totp", default=None, help="The requester's current TOTP code.")
     @click.pass_context
-    def custodian_add(ctx, name, out, recipient, replace):
-        """Enroll custodian NAME (a generated keypair with --out, or their own --recipient)."""
+    def custodian_add(ctx, name, out, recipient, replace, ticket, requested_by, totp):
+        """Enroll custodian NAME (a generated keypair with --out, or their own --recipient).
+
+        A manual operation like principal enrolment: two other principals holding 'approve' and
+        'principals' approve `--operation custodian-add --target NAME=age1…` (NAME=new-keypair with
+        --out) first; then the requester runs this with --ticket, --requested-by and --totp. Only
+        before the first-run ceremony (`kms init --admin`) are custodians enrolled without it."""
         from ..core import escrow as esc
 
         if bool(out) == bool(recipient):
             raise click.UsageError("give exactly one of --out FILE or --recipient age1…")
         if out and Path(out).exists():
             raise click.UsageError(f"{out} exists; refusing to overwrite an identity file")
+        if any((ticket, requested_by, totp)) and not all((ticket, requested_by, totp)):
+            raise click.UsageError("--ticket, --requested-by and --totp go together")
         kms = get_context(ctx)
-        rcpt, identity = esc.enroll_custodian(kms, name, recipient=recipient, replace=replace, actor=_actor())
+        rcpt, identity = esc.enroll_custodian(kms, name, recipient=recipient, replace=replace, ticket=ticket,
+                                              requested_by=requested_by, totp=totp)
         if identity:
             fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as fh:
@@ -145,13 +156,16 @@ def register(cli) -> None:
             click.echo(f"{r['name']:20} {'enrolled ' + r['recipient'] if r['enrolled'] else 'NOT ENROLLED'}")
 
     @escrow.command("seal")
+    @click.option("--as", "principal", required=True,
+                  help="Sealing principal (needs 'break-glass' and 'export'), proven by --totp.")
+    @click.option("--totp", required=True, help="The principal's current TOTP code.")
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context
-    def escrow_seal(ctx, as_json):
+    def escrow_seal(ctx, principal, totp, as_json):
         """Seal the active break-glass version now (supersedes the current package)."""
         from ..core import escrow as esc
 
-        info = esc.seal(get_context(ctx).as_actor(_actor()), reason="manual seal", actor=_actor())
+        info = esc.manual_seal(get_context(ctx), principal=principal, totp=totp)
         if as_json:
             emit_json(info.to_dict())
         else:

@@ -112,7 +112,10 @@ def _unseal(ctx: KmsContext, p: Principal) -> str:
     return ctx.keystore.decrypt(SEAL_REF, p.totp_sealed, aad=f"kms-totp|{p.name}".encode()).decode()
 
 
-PRINCIPAL_OPERATIONS = ("principal-add", "principal-roles", "principal-remove")
+# Identity operations: who may act (principals) and who holds a break-glass share (escrow
+# custodians). Each is dual-controlled; approving one needs 'approve' and 'principals'.
+CUSTODIAN_OPERATION = "custodian-add"
+PRINCIPAL_OPERATIONS = ("principal-add", "principal-roles", "principal-remove", CUSTODIAN_OPERATION)
 
 
 def _check_roles(ctx: KmsContext, roles: Sequence[str]) -> list[str]:
@@ -172,6 +175,15 @@ def init_principals(ctx: KmsContext, admins: dict[str, Sequence[str]], *, actor:
     return out
 
 
+def first_run(ctx: KmsContext, session: Session | None = None) -> bool:
+    """True until the first-run ceremony has enrolled a human principal (removed ones count:
+    their rows stay), i.e. while nobody could yet prove themselves."""
+    if session is None:
+        with ctx.transaction() as s:
+            return first_run(ctx, s)
+    return session.scalars(select(Principal.name).where(Principal.kind == "human")).first() is None
+
+
 def _refuse_second_ceremony(ctx: KmsContext, session: Session | None = None) -> None:
     if session is None:
         with ctx.transaction() as s:
@@ -188,15 +200,16 @@ def _principal_target(name: str, roles: Sequence[str] | None = None) -> str:
 
 
 def _principal_change(ctx: KmsContext, operation: str, name: str, roles: Sequence[str] | None, *, ticket: str,
-                      requested_by: str, totp: str, apply) -> list[str]:
+                      requested_by: str, totp: str, apply, target: str | None = None) -> list[str]:
     """Run ``apply(session, now, approvers)`` as the dual-controlled manual ``operation`` on
-    principal ``name``: requester proven by TOTP and holding ``principals``; approvals consumed
-    in the change's own transaction. Returns the approvers."""
+    principal (or escrow custodian) ``name``: requester proven by TOTP and holding
+    ``principals``; approvals consumed in the change's own transaction. The approvals bind to
+    ``target`` (default ``NAME`` or ``NAME=ROLES``). Returns the approvers."""
     limits.principal_name(name)
     limits.ticket(ticket)
     prove_principal(ctx, requested_by, totp)
     require_permission(ctx, requested_by, "principals", target=name)
-    target = _principal_target(name, roles)
+    target = target or _principal_target(name, roles)
     request_approval(ctx, operation=operation, target=target, ticket=ticket, requester=requested_by)
     with ctx.transaction() as s:
         approvers = consume_approvals(s, ctx, operation=operation, target=target, ticket=ticket,
@@ -799,11 +812,31 @@ def _signing_key(ctx: KmsContext, create: bool = True) -> tuple[object, bytes]:
     return ks, ks.public_key(SIGNING_REF)
 
 
-def issue_workload_token(ctx: KmsContext, principal: str, ttl_minutes: float | None = None) -> str:
-    """A signed token for ``principal`` valid ``ttl_minutes`` (default and maximum: the policy cap)."""
+def issue_token_by(ctx: KmsContext, principal: str, *, issued_by: str, totp: str | None,
+                   ttl_minutes: float | None = None) -> str:
+    """``kms token issue``: a human hands workload ``principal`` a token. The issuer proves
+    themself by TOTP and must hold every operation the workload is declared with, so a token
+    never carries more than its issuer may do (A1); the token's subject is the workload, the
+    audit event names the issuer. Refused requests change nothing but the audit log."""
+    _check_token_request(ctx, principal, ttl_minutes)
+    prove_principal(ctx, issued_by, totp)
+    granted = known_permissions(None, ctx, issued_by) or frozenset()
+    declared = sorted(ctx.policy.access.workload_principals[principal])
+    missing = [op for op in declared if op not in granted]
+    if missing:
+        problem = (f"{issued_by!r} lacks permission '{missing[0]}' to issue a token for {principal} "
+                   f"(declared operations: {', '.join(declared)}; a token never carries more than its issuer "
+                   f"holds)")
+        audit.emit(ctx, at=ctx.now(), operation="token.issue", actor=issued_by, target_ref=principal,
+                   outcome="denied", detail={"reason": "permission", "missing": missing[0], "problem": problem})
+        raise AccessDenied(problem, reason="permission", principal=issued_by)
+    return issue_workload_token(ctx.as_actor(issued_by), principal, ttl_minutes)
+
+
+def _check_token_request(ctx: KmsContext, principal: str, ttl_minutes: float | None) -> float:
+    """The TTL to issue ``principal``'s token with, or AccessDenied (audited)."""
     cap = ctx.policy.access.workload_token_ttl_minutes
     ttl = cap if ttl_minutes is None else ttl_minutes
-    now = ctx.now()
     try:
         if principal not in ctx.policy.access.workload_principals:
             raise AccessDenied(f"{principal!r} is not a workload principal declared in the policy",
@@ -813,9 +846,18 @@ def issue_workload_token(ctx: KmsContext, principal: str, ttl_minutes: float | N
                                if ttl > cap else f"token TTL must be positive, got {ttl:g}",
                                reason="token_ttl", principal=principal)
     except AccessDenied as exc:
-        audit.emit(ctx, at=now, operation="token.issue", actor=ctx.actor, target_ref=principal, outcome="denied",
-                   detail={"reason": exc.reason, "ttl_minutes": str(ttl)})
+        audit.emit(ctx, at=ctx.now(), operation="token.issue", actor=ctx.actor, target_ref=principal,
+                   outcome="denied", detail={"reason": exc.reason, "ttl_minutes": str(ttl)})
         raise
+    return ttl
+
+
+def issue_workload_token(ctx: KmsContext, principal: str, ttl_minutes: float | None = None) -> str:
+    """A signed token for ``principal`` valid ``ttl_minutes`` (default and maximum: the policy cap).
+    Callers that act for a human go through ``issue_token_by``; this is the workload identity's
+    own refresh (``WorkloadIdentity``) under the context's actor."""
+    ttl = _check_token_request(ctx, principal, ttl_minutes)
+    now = ctx.now()
     ks, _ = _signing_key(ctx)
     iat = int(now.timestamp())
     claims = {"iss": ISSUER, "sub": principal, "iat": iat, "exp": iat + int(ttl * 60), "jti": secrets.token_hex(8),

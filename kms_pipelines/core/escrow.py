@@ -82,36 +82,86 @@ def _audit(session, ctx: KmsContext, operation: str, target: str, outcome: str, 
 # ---- custodians ---------------------------------------------------------------------------
 
 def enroll_custodian(ctx: KmsContext, name: str, *, recipient: str | None = None, replace: bool = False,
-                     actor: str | None = None) -> tuple[str, str | None]:
+                     actor: str | None = None, requested_by: str | None = None, totp: str | None = None,
+                     ticket: str | None = None) -> tuple[str, str | None]:
     """Enroll a policy custodian. With ``recipient`` (their own ``age1…`` key) nothing secret is
     made here; without it a keypair is generated and its identity (``AGE-SECRET-KEY-…``) is
-    returned once for the custodian to keep. Returns (recipient, identity or None)."""
+    returned once for the custodian to keep. Returns (recipient, identity or None).
+
+    Who holds a share of the break-glass key is an identity decision, dual-controlled like
+    principal enrolment: the manual operation ``custodian-add`` on target ``NAME=age1…`` (or
+    ``NAME=new-keypair``), requested by ``requested_by`` proven by ``totp`` and holding
+    ``principals``, approved by two other principals holding ``approve`` and ``principals``.
+    Only before the first-run ceremony (no human principal yet, so nobody could request or
+    approve) may the first custodians be enrolled without it, as part of that set-up, and
+    never by replacing a key."""
     import pyrage
+
+    from . import access
 
     esc = escrow_policy(ctx)
     if name not in esc.custodians:
         raise EscrowError(f"{name!r} is not a custodian in the policy (custodians: {esc.custodians})")
-    identity = None
-    if recipient is None:
-        ident = pyrage.x25519.Identity.generate()
-        identity, recipient = str(ident), str(ident.to_public())
-    else:
+    if recipient is not None:
         try:
             pyrage.x25519.Recipient.from_str(recipient)
         except Exception:  # noqa: BLE001
             raise EscrowError(f"not an age X25519 recipient (age1…): {recipient[:12]!r}…") from None
+    _refuse_enrolled(ctx, name, replace)
+    manual = (requested_by, totp, ticket) != (None, None, None)
+    if not manual and (replace or not access.first_run(ctx)):
+        raise EscrowError(f"enrolling escrow custodian {name} is a manual operation under dual control: give "
+                          f"--ticket, --requested-by and --totp, after two other principals holding 'approve' and "
+                          f"'principals' ran `kms approve --operation {access.CUSTODIAN_OPERATION} --target "
+                          f"{_custodian_target(name, recipient)} …` (only the first custodians, before "
+                          f"`kms init --admin`, are enrolled without it)")
+    made: list[str] = []
+
+    def apply(session, now, approvers, who):
+        rcpt = recipient
+        if rcpt is None:
+            ident = pyrage.x25519.Identity.generate()
+            made.append(str(ident))
+            rcpt = str(ident.to_public())
+        existing = session.get(EscrowCustodian, name, with_for_update=True)
+        if existing is not None and not replace:  # enrolled since the check above
+            raise EscrowError(f"custodian {name!r} is already enrolled")
+        if existing is None:
+            session.add(EscrowCustodian(name=name, recipient=rcpt, enrolled_at=now, enrolled_by=who))
+        else:
+            existing.recipient, existing.enrolled_at, existing.enrolled_by = rcpt, now, who
+        session.flush()
+        from . import audit
+
+        audit.record(session, at=now, operation="escrow.custodian.enroll", actor=who, target=name, outcome="ok",
+                     detail={"note": "replaced" if existing else "enrolled", "recipient": rcpt,
+                             **({"ticket": ticket, "approvers": approvers} if manual else {"first_run": True})})
+        made.insert(0, rcpt)
+
+    if manual:
+        access._principal_change(ctx, access.CUSTODIAN_OPERATION, name, None, ticket=ticket or "",
+                                 requested_by=requested_by or "", totp=totp,
+                                 target=_custodian_target(name, recipient),
+                                 apply=lambda s, now, approvers: apply(s, now, approvers, requested_by))
+    else:
+        with ctx.transaction() as session:
+            if not access.first_run(ctx, session):  # the ceremony ran meanwhile
+                raise EscrowError("principals were enrolled meanwhile: custodian enrolment now needs dual control")
+            apply(session, ctx.now(), [], actor or "kms-init")
+    return made[0], (made[1] if len(made) > 1 else None)
+
+
+def _custodian_target(name: str, recipient: str | None) -> str:
+    """The approval target of a custodian enrolment: the name and the exact key approved (a
+    generated keypair is approved as such), so approvals never carry over to another key."""
+    return f"{name}={recipient or 'new-keypair'}"
+
+
+def _refuse_enrolled(ctx: KmsContext, name: str, replace: bool) -> None:
     with ctx.transaction() as session:
-        existing = session.get(EscrowCustodian, name)
-        if existing is not None and not replace:
+        if session.get(EscrowCustodian, name) is not None and not replace:
             raise EscrowError(f"custodian {name!r} is already enrolled (use --replace to change their key; "
                               f"the next package is sealed to the new key)")
-        if existing is None:
-            session.add(EscrowCustodian(name=name, recipient=recipient, enrolled_at=ctx.now(),
-                                        enrolled_by=actor or ctx.actor))
-        else:
-            existing.recipient, existing.enrolled_at, existing.enrolled_by = recipient, ctx.now(), actor or ctx.actor
-        _audit(session, ctx, "escrow.custodian.enroll", name, "ok", "replaced" if existing else "enrolled")
-    return recipient, identity
 
 
 def custodians(ctx: KmsContext) -> list[dict]:
@@ -246,6 +296,23 @@ def seal(ctx: KmsContext, *, reason: str = "rotation", actor: str | None = None)
            f"{esc.destruction_confirm_days} days (`kms escrow confirm-destroyed`).\n" if current else ""),
         ref=package_id)
     return result
+
+
+SEAL_PERMISSIONS = ("break-glass", "export")
+
+
+def manual_seal(ctx: KmsContext, *, principal: str, totp: str | None) -> PackageInfo:
+    """``kms escrow seal``: a human seals the active break-glass version now. They prove
+    themselves by TOTP and hold ``break-glass`` and ``export`` (sealing exports the key's value
+    into the package; security_engineering in the shipped policy). The nightly step seals under
+    its service actor instead (``nightly_escrow``)."""
+    from . import access
+
+    escrow_policy(ctx)
+    access.prove_principal(ctx, principal, totp)
+    for permission in SEAL_PERMISSIONS:
+        access.require_permission(ctx, principal, permission, target=KEY_NAME)
+    return seal(ctx.as_actor(principal), reason="manual seal", actor=principal)
 
 
 def current_package(ctx: KmsContext) -> PackageInfo | None:

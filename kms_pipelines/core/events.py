@@ -106,6 +106,24 @@ def report(ctx: KmsContext, type: str, key: str, source: str, detail: str = "", 
         return _create(session, ctx, type, key, source, detail or "", reported_by=reported_by, dedupe=dedupe)
 
 
+def report_by(ctx: KmsContext, type: str, key: str, source: str, detail: str = "", *, principal: str,
+              totp: str | None) -> EventInfo:
+    """``kms events report``: a human reports an event. The sensor answers it without further
+    approval (R2), so the reporter proves themselves by TOTP and holds what the response does:
+    ``revoke`` for a compromise (the reported version is revoked), ``rotate`` otherwise
+    (``compromise.manual_operation``). CI systems report through the intake under a bearer
+    token instead (actor ``intake:<source>``)."""
+    from . import access
+    from .compromise import manual_operation
+
+    _validate(ctx, type, key, source, detail or "")
+    with ctx.transaction() as session:
+        lifecycle.get_key(session, key)  # an unknown key is named before any code is spent
+    access.prove_principal(ctx, principal, totp)
+    access.require_permission(ctx, principal, manual_operation(type), target=key)
+    return report(ctx.as_actor(principal), type, key, source, detail, reported_by=principal)
+
+
 def _create(session, ctx: KmsContext, type: str, key: str, source: str, detail: str, *,
             reported_by: str | None, dedupe: bool) -> EventInfo:
     now = ctx.now()
