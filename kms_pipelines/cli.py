@@ -298,7 +298,9 @@ def keys_list(ctx, as_json, show_all):
               help="compromise|tenant-rotation|ci-exposure (R2) rotate a service key at once, without "
                    "approvals; cadence is --if-due; manual needs --manual (dual control).")
 @click.option("--if-due", is_flag=True, help="Rotate only when the policy cadence says it is due (reason cadence).")
-@click.option("--actor", default=None, help="Label recorded for an --if-due rotation (default: $USER).")
+@click.option("--actor", default="kms-reconcile", show_default=True,
+              help="Service actor recorded for an --if-due rotation (one of access.service_actors): the "
+                   "policy cadence decides, not a person.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def keys_rotate(ctx, key, reason, if_due, actor, as_json):
@@ -325,10 +327,13 @@ def keys_rotate(ctx, key, reason, if_due, actor, as_json):
             f"`kms keys rotate {key} --manual --ticket T --requested-by YOU --totp CODE`; --if-due rotates on the "
             f"policy cadence, --reason compromise|tenant-rotation|ci-exposure rotates a service key at once (R2)",
             reason="approval")
-    actor = actor or os.environ.get("USER", "operator")
-    from .core import limits
+    from .core import access, limits
 
     limits.text(actor, "--actor", 200)
+    if if_due and not access.is_service_actor(kms, actor):  # (an R2 rotation arrives with its proven requester)
+        # a person's name here would be claimed, not proven: people use --manual or --requested-by
+        raise access.AccessDenied(f"--actor {actor!r} is not a service actor (access.service_actors); a person "
+                                  f"rotates with --requested-by NAME --totp CODE (R2) or --manual", reason="invalid")
     # Through core.rotation so a root rotation publishes its manifest and notifies partners,
     # and a service rotation re-issues credentials (R1, R2).
     if if_due:

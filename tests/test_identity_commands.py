@@ -19,7 +19,9 @@ from sqlalchemy import select
 from kms_pipelines.core import access, audit
 from kms_pipelines.core.context import context_from_env
 from kms_pipelines.core.db.models_access import Approval, AuditEvent
+from kms_pipelines.core.db.models_backup import Drill, DrillFollowup
 from kms_pipelines.core.db.models_events import EscrowCustodian, EscrowPackage, SecurityEvent
+from kms_pipelines.core.db.models_rotation import DependentConfirmation
 from tests.test_identity import ADMINS, Cli
 
 CUSTODIANS = ("custodian-a", "custodian-b", "custodian-c")
@@ -54,6 +56,10 @@ class OpsCli(Cli):
             out["packages"] = conn.execute(select(EscrowPackage.id, EscrowPackage.superseded_at)
                                            .order_by(EscrowPackage.id)).all()
             out["events"] = conn.execute(select(SecurityEvent.id, SecurityEvent.status).order_by(SecurityEvent.seq)).all()
+            out["confirmations"] = conn.execute(select(DependentConfirmation.service, DependentConfirmation.actor)
+                                                .order_by(DependentConfirmation.id)).all()
+            out["followups"] = conn.execute(select(DrillFollowup.id, DrillFollowup.status, DrillFollowup.closed_by)
+                                            .order_by(DrillFollowup.id)).all()
         ctx.engine.dispose()
         return out
 
@@ -284,3 +290,57 @@ def test_token_issue_acts_for_a_proven_principal_who_holds_every_operation_of_th
     ops.refused("already used (replayed code refused)", *issue, "--as", "bob", "--totp", code)
     assert ops.audit_actor("token.issue", "workload:api-gateway") == ["bob"]
     assert ops("token", "verify", token).exit_code == 0
+
+
+# ---- the other human verbs that recorded a claimed name ------------------------------------
+
+def test_dependent_confirmations_and_drill_closures_record_a_proven_principal(ops):
+    confirm = ("dependents", "confirm", "service:api-gateway", "--version", "1", "--service", "api-gateway")
+    ops.usage_refused("Missing option '--totp'", *confirm, "--as", "alice")
+    ops.refused("TOTP code for 'alice' is wrong", *confirm, "--as", "alice", "--totp", "000000")
+    ops.refused("unknown principal 'mallory'", *confirm, "--as", "mallory", "--totp", "123456")
+    r = ops(*confirm, "--as", "alice", "--totp", ops.fresh("alice"))
+    assert r.exit_code == 0, r.output
+    assert ops.state()["confirmations"] == [("api-gateway", "alice")]
+
+    ctx = ops.context()
+    with ctx.transaction() as s:  # a drill that left one gap to fix
+        drill = Drill(drill_date="2026-01-01", started_at=ctx.now(), outcome="failed")
+        s.add(drill)
+        s.flush()
+        s.add(DrillFollowup(drill_id=drill.id, title="restore took too long", owner="alice", due_at=ctx.now(),
+                            status="open"))
+    ctx.engine.dispose()
+    followup = str(ops.state()["followups"][0][0])
+    close = ("drill", "close-followup", followup, "--resolution", "faster restore path")
+    ops.usage_refused("Missing option '--as'", *close, "--totp", "123456")
+    ops.refused("TOTP code for 'carol' is wrong", *close, "--as", "carol", "--totp", "000000")
+    ops.refused("unknown principal 'mallory'", *close, "--as", "mallory", "--totp", "123456")
+    code = ops.fresh("carol")
+    r = ops(*close, "--as", "carol", "--totp", code)
+    assert r.exit_code == 0 and f"closed follow-up {followup}" in r.output, r.output
+    assert ops.state()["followups"][0][1:] == ("closed", "carol")
+
+
+def test_a_cadence_rotation_is_recorded_as_the_service_not_a_claimed_person(ops):
+    from datetime import datetime, timezone
+
+    from sqlalchemy import update
+
+    from kms_pipelines.core import ledger
+    from kms_pipelines.core.db.models import Key, KeyVersion
+
+    ops.refused("--actor 'alice' is not a service actor", "keys", "rotate", "backup", "--if-due", "--actor", "alice")
+    ctx = ops.context()
+    with ctx.transaction() as s:  # make backup due
+        key_id = s.scalars(select(Key.id).where(Key.name == "backup")).one()
+        s.execute(update(KeyVersion).where(KeyVersion.key_id == key_id)
+                  .values(activated_at=datetime(2020, 1, 1, tzinfo=timezone.utc)))
+    ctx.engine.dispose()
+    r = ops("keys", "rotate", "backup", "--if-due")  # KMS_ACTOR=alice in the environment: ignored
+    assert r.exit_code == 0 and "rotated backup" in r.output, r.output
+    ctx = ops.context()
+    with ctx.transaction() as s:
+        moves = [e for e in ledger.entries_for(s, "backup") if e.to_state in ("active", "rotated")]
+        assert {(e.actor, e.reason) for e in moves[-2:]} == {("kms-reconcile", "cadence")}
+    ctx.engine.dispose()

@@ -137,7 +137,8 @@ def test_cli_keys_destroy_and_revoke_name_the_refusing_guard(kms, approvers):
     res = run("keys", "revoke", SVC, "--version", "1", "--ticket", "T-9", "--requested-by", "sec-c", "--totp", _code(kms))
     assert res.exit_code == 1 and "revoke refused by guard 'dependents'" in res.output, res.output
     assert full_snapshot(kms) == before
-    res = run("dependents", "confirm", SVC, "--version", "2", "--service", "api-gateway")
+    res = run("dependents", "confirm", SVC, "--version", "2", "--service", "api-gateway", "--as", "sec-c",
+              "--totp", _code(kms))
     assert res.exit_code == 0, res.output
     before = full_snapshot(kms)
     res = run("keys", "destroy", SVC, "--version", "1", "--requested-by", "sec-c", "--totp", _code(kms))

@@ -162,16 +162,23 @@ def test_cli_partners_and_keys_rotate(kms, monkeypatch):
     rotation.reconcile(kms, "root")
     runner = CliRunner()
     obj = {"kms": kms, "at": None}
-    res = runner.invoke(cli, ["partners", "ack", "regulator-feed", "--version", "2"], obj=obj)
-    assert res.exit_code == 0, res.output
-    assert "regulator-feed acknowledged root v2" in res.output
-    res = runner.invoke(cli, ["partners", "ack", "nobody", "--version", "2"], obj=obj)
-    assert res.exit_code == 1 and "unknown partner 'nobody'" in res.output
-    res = runner.invoke(cli, ["partners", "status", "--json"], obj=obj)
-    assert res.exit_code == 0 and len(json.loads(res.output)) == len(kms.policy.partners)
     from tests.fixtures.kms import ceremony, totp_now
 
     d = ceremony(kms, {"sre": "sre_oncall", "b": "security_engineering", "c": "security_engineering"})
+    # the acknowledgement is recorded by a proven principal, never a claimed name
+    res = runner.invoke(cli, ["partners", "ack", "regulator-feed", "--version", "2", "--as", "b", "--totp", "000000"],
+                        obj=obj)
+    assert res.exit_code == 1 and "TOTP code for 'b' is wrong" in res.output, res.output
+    res = runner.invoke(cli, ["partners", "ack", "regulator-feed", "--version", "2", "--as", "b",
+                              "--totp", totp_now(kms, d["b"])], obj=obj)
+    assert res.exit_code == 0, res.output
+    assert "regulator-feed acknowledged root v2" in res.output
+    assert [a.acked_by for a in rotation.partner_status(kms, 2) if a.partner == "regulator-feed"] == ["b"]
+    res = runner.invoke(cli, ["partners", "ack", "nobody", "--version", "2", "--as", "c",
+                              "--totp", totp_now(kms, d["c"])], obj=obj)
+    assert res.exit_code == 1 and "unknown partner 'nobody'" in res.output
+    res = runner.invoke(cli, ["partners", "status", "--json"], obj=obj)
+    assert res.exit_code == 0 and len(json.loads(res.output)) == len(kms.policy.partners)
     res = runner.invoke(cli, ["keys", "rotate", "service:reconciliation-engine", "--reason", "tenant-rotation",
                               "--requested-by", "sre", "--totp", totp_now(kms, d["sre"])], obj=obj)
     assert res.exit_code == 0 and "v1 -> v2" in res.output, res.output

@@ -6,6 +6,16 @@ import inspect
 import click
 
 
+def acting_principal(needs: str):
+    """--as and --totp: the human performing the command, proven by their current TOTP code
+    (``access.prove_principal``); ``needs`` says which permission the command requires."""
+    def decorate(f):
+        f = click.option("--totp", required=True, help="The principal's current TOTP code.")(f)
+        return click.option("--as", "principal", required=True,
+                            help=f"Acting principal ({needs}), proven by --totp.")(f)
+    return decorate
+
+
 def requester_options(f):
     """--ticket, --requested-by and --totp: a human requester proves the claimed name."""
     f = click.option("--totp", required=True, help="The requester's current TOTP code.")(f)
@@ -176,18 +186,16 @@ def register(cli) -> None:
         """Short-lived workload tokens (A2)."""
 
     @token.command("issue")
-    @click.argument("principal")
+    @click.argument("workload")
     @click.option("--ttl-minutes", type=float, default=None, help="Lifetime (default and maximum: the policy cap).")
-    @click.option("--as", "issuer", required=True,
-                  help="Issuing principal: holds every operation the workload is declared with.")
-    @click.option("--totp", required=True, help="The issuer's current TOTP code.")
+    @acting_principal("holds every operation the workload is declared with")
     @click.pass_context
-    def token_issue(ctx, principal, ttl_minutes, issuer, totp):
-        """Print a signed token for workload PRINCIPAL (a bearer credential: handle it as a secret).
+    def token_issue(ctx, workload, ttl_minutes, principal, totp):
+        """Print a signed token for workload WORKLOAD (a bearer credential: handle it as a secret).
         The issuer proves themself by TOTP; the token's subject is the workload."""
         from ..core import access
 
-        click.echo(access.issue_token_by(get_context(ctx), principal, issued_by=issuer, totp=totp,
+        click.echo(access.issue_token_by(get_context(ctx), workload, issued_by=principal, totp=totp,
                                          ttl_minutes=ttl_minutes))
 
     @token.command("verify")

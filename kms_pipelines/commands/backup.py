@@ -1,9 +1,10 @@
 """`kms backup create|list|prune|verify|rekey|trust-export`, `kms restore`, `kms drill run|close-followup|list`."""
 
 import json
-import os
 
 import click
+
+from .access import acting_principal
 
 
 def _ctx(ctx):
@@ -190,14 +191,15 @@ def register(cli) -> None:
     @drill.command("close-followup")
     @click.argument("followup_id", type=int)
     @click.option("--resolution", required=True, help="What was done.")
-    @click.option("--actor", default=None, help="Who closes it (default: $USER).")
+    @acting_principal("who closes it")
     @click.pass_context
-    def drill_close(ctx, followup_id, resolution, actor):
-        """Close a drill follow-up."""
-        from ..core import drills
+    def drill_close(ctx, followup_id, resolution, principal, totp):
+        """Close a drill follow-up (B4 evidence), as a proven principal."""
+        from ..core import access, drills
 
-        out = drills.close_followup(_ctx(ctx), followup_id, actor=actor or os.environ.get("USER", "operator"),
-                                    resolution=resolution)
+        kms = _ctx(ctx)
+        access.prove_principal(kms, principal, totp)
+        out = drills.close_followup(kms.as_actor(principal), followup_id, actor=principal, resolution=resolution)
         click.echo(f"closed follow-up {out['id']}" + (" (after its due date)" if out["late"] else ""))
 
     @drill.command("list")

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import click
 
+from .access import acting_principal
+
 
 def register(cli) -> None:
     from ..cli import EXIT_FAILED, emit_json, get_context
@@ -20,9 +22,7 @@ def register(cli) -> None:
     @click.option("--key", required=True, help="Affected key, e.g. service:api-gateway.")
     @click.option("--source", required=True, help="Who/what detected it (scanner, CI system, person).")
     @click.option("--detail", default="", help="What happened (never paste the secret itself).")
-    @click.option("--as", "principal", required=True,
-                  help="Reporting principal (needs 'revoke' for a compromise, 'rotate' otherwise).")
-    @click.option("--totp", required=True, help="The reporter's current TOTP code.")
+    @acting_principal("needs 'revoke' for a compromise, 'rotate' otherwise")
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context
     def events_report(ctx, type_, key, source, detail, principal, totp, as_json):
@@ -156,9 +156,7 @@ def register(cli) -> None:
             click.echo(f"{r['name']:20} {'enrolled ' + r['recipient'] if r['enrolled'] else 'NOT ENROLLED'}")
 
     @escrow.command("seal")
-    @click.option("--as", "principal", required=True,
-                  help="Sealing principal (needs 'break-glass' and 'export'), proven by --totp.")
-    @click.option("--totp", required=True, help="The principal's current TOTP code.")
+    @acting_principal("needs 'break-glass' and 'export'")
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context
     def escrow_seal(ctx, principal, totp, as_json):

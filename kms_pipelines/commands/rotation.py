@@ -3,9 +3,9 @@ retention, and the dual-controlled `keys destroy` / `keys revoke`."""
 
 from __future__ import annotations
 
-import os
-
 import click
+
+from .access import acting_principal
 
 
 def register(cli) -> None:
@@ -72,14 +72,16 @@ def register(cli) -> None:
     @partners.command("ack")
     @click.argument("partner")
     @click.option("--version", "version", type=int, required=True, help="Root version acknowledged.")
-    @click.option("--actor", default=None, help="Who records the acknowledgement (default: $USER).")
+    @acting_principal("who records the acknowledgement")
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context
-    def partners_ack(ctx, partner, version, actor, as_json):
-        """Record PARTNER's acknowledgement of root VERSION."""
-        from ..core import rotation
+    def partners_ack(ctx, partner, version, principal, totp, as_json):
+        """Record PARTNER's acknowledgement of root VERSION (R1 evidence), by a proven principal."""
+        from ..core import access, rotation
 
-        a = rotation.ack(get_context(ctx), partner, version, actor=actor or os.environ.get("USER", "operator"))
+        kms = get_context(ctx)
+        access.prove_principal(kms, principal, totp)
+        a = rotation.ack(kms.as_actor(principal), partner, version, actor=principal)
         if as_json:
             emit_json(a.__dict__)
         elif a.new:
@@ -126,14 +128,17 @@ def register(cli) -> None:
     @click.argument("key")
     @click.option("--version", "version", type=int, required=True)
     @click.option("--service", required=True, help="The dependent service confirming.")
-    @click.option("--actor", default=None)
+    @acting_principal("who records the service's confirmation")
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context
-    def dependents_confirm(ctx, key, version, service, actor, as_json):
-        """SERVICE confirms it uses KEY VERSION."""
+    def dependents_confirm(ctx, key, version, service, principal, totp, as_json):
+        """SERVICE confirms it uses KEY VERSION (T4: revocation waits for it), recorded by a proven principal."""
+        from ..core import access
         from ..core import dependents as dep
 
-        c = dep.confirm(get_context(ctx), key, version, service, actor=actor or os.environ.get("USER", "operator"))
+        kms = get_context(ctx)
+        access.prove_principal(kms, principal, totp)
+        c = dep.confirm(kms.as_actor(principal), key, version, service, actor=principal)
         if as_json:
             emit_json(c.__dict__)
         else:

@@ -358,6 +358,14 @@ def require_permission(ctx: KmsContext, principal: str, operation: str, *, targe
     raise AccessDenied(message, reason="permission", principal=principal)
 
 
+def is_service_actor(ctx: KmsContext, name: str) -> bool:
+    """``name`` is one of the KMS's own processes (``access.service_actors``, ``prefix:*``
+    families included): a label for automation, never a person."""
+    declared = ctx.policy.access.service_actors
+    return name in declared or any(a.endswith("*") and name.startswith(a[:-1]) and len(name) > len(a) - 1
+                                   for a in declared)
+
+
 def list_principals(ctx: KmsContext) -> list[dict]:
     with ctx.transaction() as s:
         rows = [{"name": p.name, "kind": p.kind, "roles": list(p.roles),
