@@ -22,6 +22,9 @@ from kms_pipelines.core.db.models_access import Approval, AuditEvent
 from kms_pipelines.core.db.models_backup import Drill, DrillFollowup
 from kms_pipelines.core.db.models_events import EscrowCustodian, EscrowPackage, SecurityEvent
 from kms_pipelines.core.db.models_rotation import DependentConfirmation
+from kms_pipelines.core.db.models import KeyVersion
+from tests.fixtures.kms import ceremony
+from tests.test_access_dagster import dagster_kms  # noqa: F401 -- the fixture, on SQLite and PostgreSQL
 from tests.test_identity import ADMINS, Cli
 
 CUSTODIANS = ("custodian-a", "custodian-b", "custodian-c")
@@ -344,3 +347,41 @@ def test_a_cadence_rotation_is_recorded_as_the_service_not_a_claimed_person(ops)
         moves = [e for e in ledger.entries_for(s, "backup") if e.to_state in ("active", "rotated")]
         assert {(e.actor, e.reason) for e in moves[-2:]} == {("kms-reconcile", "cadence")}
     ctx.engine.dispose()
+
+
+# ---- Dagster: a compromise response launched by a person proves them like the CLI ----------
+
+def test_a_manual_compromise_response_from_the_launchpad_proves_its_requester(dagster_kms):
+    """The Launchpad's `compromise_response` without the sensor's launch is a person's manual
+    operation: a claimed `requested_by` without that principal's TOTP code changes nothing."""
+    from kms_pipelines.defs.events import OP_NAME, compromise_response
+    from tests.test_access_dagster import AT
+
+    res, instance = dagster_kms
+    ctx = res.context()
+    devices = ceremony(ctx, {"lead": "security_engineering", "b": "security_engineering", "c": "security_engineering"})
+
+    def state():
+        audit.flush(ctx)
+        with ctx.engine.connect() as conn:
+            return (conn.execute(select(SecurityEvent.id)).all(),
+                    conn.execute(select(KeyVersion.key_id, KeyVersion.version, KeyVersion.state)
+                                 .order_by(KeyVersion.id)).all(),
+                    conn.execute(select(AuditEvent.seq).where(AuditEvent.outcome == "ok",
+                                                              AuditEvent.target.is_distinct_from(access.SEAL_REF),
+                                                              AuditEvent.operation != "approval.request")).all(),
+                    conn.execute(select(Approval.id, Approval.used_at)).all())
+
+    base = {"key": "service:api-gateway", "type": "compromise", "ticket": "INC-1", "requested_by": "lead"}
+    before = state()
+    for extra, match in (({}, "needs --ticket, --requested-by and --totp"),
+                         ({"requester_totp": "000000"}, "TOTP code for 'lead' is wrong"),
+                         ({"requested_by": "mallory", "requester_totp": "123456"}, "unknown principal 'mallory'"),
+                         ({"requester_totp": devices["lead"].at(AT)}, "needs 2 approvals")):
+        result = compromise_response.execute_in_process(
+            run_config={"ops": {OP_NAME: {"config": {**base, **extra}}}}, resources={"kms": res}, instance=instance,
+            raise_on_error=False)
+        assert not result.success
+        failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
+        assert match in failure.step_failure_data.error.to_string(), failure.step_failure_data.error.to_string()
+        assert state() == before

@@ -11,6 +11,10 @@ to ``escrow_packages``. Sealing a new package supersedes the current one.
 Custodians (``policy.key_classes.break-glass.escrow.custodians``) are enrolled with
 ``enroll_custodian``: either their own ``age1…`` recipient, or a generated keypair whose
 private identity goes to the custodian (``kms escrow custodian add NAME --out FILE``).
+Enrolment is the dual-controlled manual operation ``custodian-add`` (approvals bound to the
+custodian and the exact key); only before the first-run ceremony are the first custodians
+enrolled without it. A person seals by hand with ``manual_seal`` (proven by TOTP, holding
+``break-glass`` and ``export``).
 
 R4: the nightly step ``escrow`` (order 30) rotates break-glass when its 30-day cadence is
 due — even unused — and seals the new version. Every custodian confirms the superseded
