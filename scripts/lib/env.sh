@@ -63,15 +63,20 @@ ensure_venv() {
     log "upgrading pip"
     "$VENV/bin/pip" install -q --upgrade pip >/dev/null
   fi
-  # Reinstall only when the dependency list changed.
+  # Exactly the versions CI tested: requirements*.txt, hash-locked by ./scripts/lock.sh from
+  # pyproject.toml. Reinstall only when pyproject.toml or a lock file changed.
+  local lock="$REPO_ROOT/requirements${1:+-$1}.txt"
+  [ -f "$lock" ] || die "missing $lock (regenerate it with ./scripts/lock.sh)"
   local stamp="$VENV/.kms-installed" want have hash
-  hash="$(sha256sum "$REPO_ROOT/pyproject.toml" | cut -d' ' -f1)"
+  hash="$(cat "$REPO_ROOT/pyproject.toml" "$REPO_ROOT"/requirements*.txt | sha256sum | cut -d' ' -f1)"
   want="$hash-${1:-base}"
   have="$(cat "$stamp" 2>/dev/null || true)"
   # An install with the test extras also satisfies a plain one (demo after test.sh).
   if [ "$have" != "$want" ] && ! { [ -z "${1:-}" ] && [ "$have" = "$hash-test" ]; }; then
-    log "installing kms_pipelines${1:+[$1]} and its dependencies into $VENV"
-    pip_with_progress -e "$REPO_ROOT${1:+[$1]}" || die "pip install failed"
+    log "installing the locked dependencies ($(basename "$lock")) into $VENV"
+    pip_with_progress --require-hashes -r "$lock" || die "pip install -r $lock failed"
+    log "installing kms_pipelines (editable, dependencies already locked)"
+    pip_with_progress --no-deps -e "$REPO_ROOT" || die "pip install -e $REPO_ROOT failed"
     echo "$want" > "$stamp"
   fi
   export PATH="$VENV/bin:$PATH"
