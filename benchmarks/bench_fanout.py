@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import os
 import secrets
 import shutil
@@ -109,9 +110,9 @@ def main() -> None:
             from kms_pipelines.core.keystore.audited import unwrap
 
             raw = unwrap(ctx.keystore)
-            populate_ctx(ctx, n, lambda: raw.new_wrapped_dek(ref))
+            populate_ctx(ctx, n, functools.partial(raw.new_wrapped_dek, ref))
 
-            def rotate_and_share():
+            def rotate_and_share(ctx=ctx, tmp=tmp):  # bound now: this loop's context and directory
                 lifecycle.rotate(ctx, KEY)
                 for w in range(args.workers if not args.pkcs11 else 0):  # the sealed key files, as a mounted secret would hold them
                     dst = tmp / f"home-{w}" / "artifacts" / "kms" / "keys"

@@ -192,7 +192,7 @@ def software_run(n: int, batch: int, repeat: int = 3) -> None:
             for r in range(repeat):
                 new = lifecycle.rotate(ctx, KEY, reason="cadence").new_version
                 sizes = []
-                sweep = envelope.sweep(ctx, KEY, **sizing, progress=lambda p: sizes.append(p.moved))
+                sweep = envelope.sweep(ctx, KEY, **sizing, progress=lambda p, sizes=sizes: sizes.append(p.moved))
                 assert sweep.moved == n and sweep.remaining == 0, sweep.to_dict()
                 sweep_runs.append(sweep.seconds)
                 batch = max(sizes)

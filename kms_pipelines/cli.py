@@ -398,7 +398,7 @@ def main(argv=None) -> None:
     try:
         cli.main(args=argv, prog_name="kms", standalone_mode=True)
     except SystemExit as exc:
-        raise SystemExit(exc.code)
+        raise SystemExit(exc.code) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

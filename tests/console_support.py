@@ -100,7 +100,7 @@ class Person:
     authenticator: str | None = None
     cookies: list = field(default_factory=list)
 
-    def open(self, browser, *, authenticator: bool = True) -> "Person":
+    def open(self, browser, *, authenticator: bool = True) -> Person:
         self.context = browser.new_context(base_url=self.base, viewport={"width": 1200, "height": 860})
         self.page = self.context.new_page()
         self.page.set_default_timeout(30_000)
@@ -137,7 +137,7 @@ class Person:
         self.page.get_by_role("button", name="Sign in with security key").click()
         if expect_ok:
             self.page.wait_for_url(f"{self.base}/")
-            self.page.get_by_text(f"Signed in as").first.wait_for()
+            self.page.get_by_text("Signed in as").first.wait_for()
             return self.page.inner_text("body")
         alert = self.page.get_by_role("alert")
         alert.wait_for()

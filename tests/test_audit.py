@@ -11,6 +11,7 @@ from sqlalchemy.exc import DBAPIError
 from kms_pipelines.core import access, audit, lifecycle
 from kms_pipelines.core.db.append_only import create_append_only_triggers, drop_append_only_triggers
 from kms_pipelines.core.db.models_access import AuditEvent
+from kms_pipelines.core.keystore import DecryptionFailed
 from tests.fixtures.kms import ceremony, totp_now
 
 
@@ -33,7 +34,7 @@ def test_every_keystore_operation_is_audited_with_the_actor(kms):
     ks.dek_decrypt("t.aes", w, ct)
     ks.rewrap("t.aes", "t.aes", [w])
     ks.sign("t.sig", b"m")
-    with pytest.raises(Exception):
+    with pytest.raises(DecryptionFailed):
         ks.decrypt("t.aes", b"\0" * 40)
     ks.destroy("t.sig")
     ev = _events(kms)[n0:]

@@ -76,7 +76,7 @@ def test_100_simulated_days_leave_exactly_the_gfs_set(make_kms):
     kms = make_kms("sqlite", clock=SimulatedClock(start))
     store = sim_store(kms)
     created = []
-    for day in range(100):
+    for _ in range(100):
         info = backup.create(kms)
         created.append(info)
         backup.prune(kms)

@@ -14,7 +14,7 @@ def _random_text(rng: random.Random) -> str:
 
 def test_fast_encoder_matches_rfc8785_on_ledger_shaped_documents():
     rng = random.Random(8785)
-    for i in range(3000):
+    for _ in range(3000):
         doc = entry_document(
             rng.randint(1, 10**12), "2026-01-01T00:00:00.000000Z", _random_text(rng),
             rng.choice([None, rng.randint(0, 10**6)]), rng.choice([None, "active", _random_text(rng)]),
@@ -36,7 +36,7 @@ def test_verifier_row_encoding_matches_the_document_encoding():
 
     rng = random.Random(42)
     t0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
-    for i in range(2000):
+    for _ in range(2000):
         approvers = sorted(_random_text(rng) for _ in range(rng.randint(0, 3)))
         fields = (rng.randint(1, 10**9), t0 + timedelta(microseconds=rng.randint(0, 10**12)), _random_text(rng),
                   rng.choice([None, rng.randint(1, 99)]), rng.choice([None, _random_text(rng)]), _random_text(rng),

@@ -170,7 +170,7 @@ for i in range(n):
     out[f"o-{i}"] = envelope.encrypt(ctx, "%s", f"o-{i}", f"payload {i}".encode()).hex()
 lifecycle.rotate(ctx, "%s")
 json.dump(out, open(sys.argv[2], "w"))
-""" % (KEY, KEY)
+""" % (KEY, KEY)  # noqa: UP031 - the script's own f-string braces rule out str.format
 
 DECRYPT_ALL = r"""
 import json, sys

@@ -8,7 +8,6 @@ import json
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
-import pyotp
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import text

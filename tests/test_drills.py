@@ -128,7 +128,7 @@ def test_a_drill_for_an_earlier_month_is_titled_by_that_month_and_the_day_it_ran
 
 
 def test_default_participants_are_enrolled_people_not_role_names(kms):
-    from kms_pipelines.core import access, drills
+    from kms_pipelines.core import drills
 
     before = drills.default_participants(kms)
     assert before == [f"{r} (rotation)" for r in kms.policy.drills.on_call]  # nobody enrolled yet, and it says so

@@ -1,6 +1,7 @@
 """Envelope encryption (P3, R3, T2): one DEK per object, the DEK inventory, the rewrap
 sweep (batched, sharded, compare-and-set, resumable) and the ``deks`` destroy guard."""
 
+import itertools
 import threading
 
 import pytest
@@ -174,7 +175,7 @@ def test_shards_partition_the_work(kms):
     lifecycle.rotate(kms, KEY)
     ranges = [envelope.shard_range(i, 3) for i in range(3)]
     assert ranges[0][0] == 0 and ranges[-1][1] == SHARD_SPACE
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
     moved = []
     for i in range(3):
         r = envelope.sweep(kms, shard=i, shards=3, batch_size=4)

@@ -81,13 +81,13 @@ def test_shards_fan_out_under_the_multiprocess_executor_on_postgres(kms_env, pos
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for shard in run_shards]
     outputs = [p.communicate(timeout=300) for p in procs]
     run_ids = []
-    for (out, err), proc in zip(outputs, procs):
+    for (out, err), proc in zip(outputs, procs, strict=True):
         line = next((ln for ln in out.splitlines() if ln.startswith("RUN ")), None)
         assert proc.returncode == 0 and line and line.endswith(" True"), err[-3000:]
         run_ids.append(line.split()[1])
 
     moved = {}
-    for shard, run_id in zip(run_shards, run_ids):
+    for shard, run_id in zip(run_shards, run_ids, strict=True):
         logs = [e for e in postgres_instance.all_logs(run_id) if e.dagster_event]
         assert "STEP_WORKER_STARTING" in {e.dagster_event.event_type_value for e in logs}  # own process
         assert postgres_instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.SUCCESS

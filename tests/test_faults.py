@@ -451,7 +451,7 @@ def test_a_refused_operation_bypasses_the_dagster_retry_policy():
         raise EnvelopeError("unknown key 'data:nope' (run `kms init`, or see `kms keys list`)")
     assert failed.value.allow_retries is False and failed.value.description.startswith("unknown key")
     with pytest.raises(ZeroDivisionError), one_line_failures():  # a bug keeps its traceback
-        1 / 0
+        _ = 1 / 0
 
 
 # ---- HSM -----------------------------------------------------------------------------------

@@ -171,10 +171,10 @@ def test_rewrap_then_old_kek_not_needed(any_keystore):
     blobs = [any_keystore.dek_encrypt(old, w, f"record {i}".encode(), b"aad") for i, w in enumerate(wrapped)]
     rewrapped = any_keystore.rewrap(old, new, wrapped)
     assert len(rewrapped) == len(wrapped)
-    assert all(a != b for a, b in zip(wrapped, rewrapped))
+    assert all(a != b for a, b in zip(wrapped, rewrapped, strict=True))
     assert any_keystore.rewrap(old, new, []) == []
     any_keystore.destroy(old)
-    for i, (w, blob) in enumerate(zip(rewrapped, blobs)):
+    for i, (w, blob) in enumerate(zip(rewrapped, blobs, strict=True)):
         assert any_keystore.dek_decrypt(new, w, blob, b"aad") == f"record {i}".encode()
     with pytest.raises(KeyNotFound):
         any_keystore.dek_decrypt(old, wrapped[0], blobs[0], b"aad")

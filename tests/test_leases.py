@@ -2,6 +2,7 @@
 and a dead worker's range is taken over once its lease expires. PostgreSQL, real processes."""
 
 import base64
+import itertools
 import json
 import os
 import secrets
@@ -51,7 +52,7 @@ def test_lease_ranges_tile_the_shard_exactly():
             ranges = [envelope.shard_range(s, n) for s, n in leases.lease_ranges(shard, shards, 4)]
             assert ranges[0][0] == envelope.shard_range(shard, shards)[0]
             assert ranges[-1][1] == envelope.shard_range(shard, shards)[1]
-            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, no overlap
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))  # contiguous, no overlap
 
 
 def test_three_workers_on_one_shard_rewrap_every_dek_exactly_once(kms_pg):

@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import pytest
@@ -22,7 +23,7 @@ def test_bootstrap_writes_a_verifiable_chain(kms):
     assert after.ok and after.count == result.count + 2
     rows = _rows(kms)
     assert [r.seq for r in rows] == list(range(1, after.count + 1))
-    assert all(r.prev_hash == p.entry_hash for p, r in zip(rows, rows[1:]))
+    assert all(r.prev_hash == p.entry_hash for p, r in itertools.pairwise(rows))
 
 
 @pytest.mark.parametrize("statement", [

@@ -34,10 +34,10 @@ _moments = st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12
 _row = st.tuples(st.integers(1, 2**63 - 1), _moments, _text, st.none() | st.integers(-2**31, 2**31 - 1), _opt,
                  _text, _text, _text, _opt, _opt, _opt, st.text("0123456789abcdef", max_size=64))
 
-_ROW_SQL = ("SELECT {cols} FROM (SELECT (%s)::bigint AS seq, %s::timestamptz AS at, %s::varchar AS key_name, "
+_ROW_SQL = (f"SELECT {ledger_copy.COLUMNS_SQL} FROM (SELECT (%s)::bigint AS seq, %s::timestamptz AS at, %s::varchar AS key_name, "
             "(%s)::integer AS key_version, %s::varchar AS from_state, %s::varchar AS to_state, %s::varchar AS actor, "
             "%s::text AS approvers, %s::varchar AS change_ticket, %s::text AS reason, %s::varchar AS event_id, "
-            "%s::varchar AS prev_hash, %s::varchar AS entry_hash) t").format(cols=ledger_copy.COLUMNS_SQL)
+            "%s::varchar AS prev_hash, %s::varchar AS entry_hash) t")
 
 
 @pytest.fixture

@@ -125,7 +125,7 @@ def test_slack_always_failing_but_email_still_delivered(tmp_path, smtp_server, s
     assert len(smtp_server.messages) == 1
     # the failure to notify is itself recorded
     lines = outbox.read()
-    assert [l["type"] for l in lines] == ["notification", "delivery"]
+    assert [line["type"] for line in lines] == ["notification", "delivery"]
     assert lines[1]["notification_id"] == n.id and lines[1]["ok"] is False
     assert {r["channel"]: r["ok"] for r in lines[1]["results"]} == {"outbox": True, "email": True, "slack": False}
 
@@ -212,7 +212,7 @@ def test_notifier_from_env(tmp_path, smtp_server, slack_receiver):
     res = both.send(_note())
     assert all(r.ok for r in res), res
     assert len(smtp_server.messages) == 1 and len(slack_receiver.payloads) == 1
-    assert [l["type"] for l in OutboxNotifier(tmp_path / "outbox.jsonl").read()] == ["notification", "delivery"]
+    assert [line["type"] for line in OutboxNotifier(tmp_path / "outbox.jsonl").read()] == ["notification", "delivery"]
 
     slack_only = notifier_from_env(tmp_path, env={"KMS_SLACK_WEBHOOK_URL": slack_receiver.url})
     assert [type(n) for n in slack_only.notifiers] == [OutboxNotifier, SlackWebhookNotifier]

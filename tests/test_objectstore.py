@@ -61,7 +61,7 @@ class GeneratedStream(io.RawIOBase):
             n = self.size - self.pos
         self.max_request = max(self.max_request, n)
         if self.fail_after is not None and self.pos >= self.fail_after:
-            raise IOError("source stream broke mid-way (simulated)")
+            raise OSError("source stream broke mid-way (simulated)")
         n = min(n, self.size - self.pos, 1 * MiB)
         if n <= 0:
             return b""

@@ -31,8 +31,8 @@ def test_raw_rewrap_is_byte_identical_to_python_pkcs11(pkcs11_keystore, keks):
     pkcs11_keystore.raw_rewrap = False
     reference = pkcs11_keystore.rewrap(old, new, wrapped)
     assert raw == reference and len(raw) == 40 and all(len(w) == 40 for w in raw)
-    assert all(a != b for a, b in zip(wrapped, raw))
-    for i, (w, blob) in enumerate(zip(raw, blobs)):
+    assert all(a != b for a, b in zip(wrapped, raw, strict=True))
+    for i, (w, blob) in enumerate(zip(raw, blobs, strict=True)):
         assert pkcs11_keystore.dek_decrypt(new, w, blob, b"aad") == f"record {i}".encode()
     assert _session_objects(pkcs11_keystore) == 0  # every unwrapped DEK was destroyed
 

@@ -235,7 +235,7 @@ def register(cli) -> None:
             try:
                 given[name] = Path(path).read_text()
             except OSError as exc:
-                raise click.UsageError(f"cannot read share file for {name}: {exc.strerror}")
+                raise click.UsageError(f"cannot read share file for {name}: {exc.strerror}") from exc
         from ..core import access
 
         kms = get_context(ctx)

@@ -108,7 +108,7 @@ class DagsterProxy:
         try:
             upstream = await websockets.connect(url, subprotocols=protocols or None, open_timeout=10,
                                                 additional_headers={"x-forwarded-user": user.principal})
-        except (OSError, websockets.WebSocketException, asyncio.TimeoutError):
+        except (TimeoutError, OSError, websockets.WebSocketException):
             await ws.close(code=1011)
             return
         await ws.accept(subprotocol=upstream.subprotocol)
@@ -145,7 +145,7 @@ class DagsterProxy:
         try:
             await asyncio.wait_for(asyncio.gather(client_to_upstream(), upstream_to_client(), return_exceptions=True),
                                    timeout=remaining)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await upstream.close()
             try:
                 await ws.close(code=4401)

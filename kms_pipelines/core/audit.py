@@ -24,6 +24,7 @@ Two ways in:
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import os
@@ -224,7 +225,7 @@ class AuditWriter:
             try:
                 # A database fault is waited out within the engine's budget (core/retry.py)
                 # rather than dropping the batch after three quick tries.
-                retry.db_call(engine, lambda: self._append_once(engine, batch), what="writing audit events")
+                retry.db_call(engine, functools.partial(self._append_once, engine, batch), what="writing audit events")
                 return
             except Exception as exc:  # noqa: BLE001 - reported below, never raised into callers
                 self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
@@ -235,7 +236,7 @@ class AuditWriter:
         log.error("audit writer could not append %d event(s): %s", len(batch), self.last_error)
 
 
-_WRITERS: "weakref.WeakKeyDictionary[Engine, AuditWriter]" = weakref.WeakKeyDictionary()
+_WRITERS: weakref.WeakKeyDictionary[Engine, AuditWriter] = weakref.WeakKeyDictionary()
 _WRITERS_LOCK = threading.Lock()
 
 
@@ -247,7 +248,7 @@ def writer(engine: Engine) -> AuditWriter:
         return w
 
 
-_WRITABLE: "weakref.WeakKeyDictionary[Engine, Engine]" = weakref.WeakKeyDictionary()
+_WRITABLE: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
 
 
 def _engine_of(target) -> Engine:

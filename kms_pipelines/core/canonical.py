@@ -10,17 +10,18 @@ escaping, same key order); ``tests/test_canonical.py`` checks the two agree.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import rfc8785
 
 
-def canonical_bytes(obj) -> bytes:
+def canonical_bytes(obj: Any) -> bytes:
     return rfc8785.dumps(obj)
 
 
 _fast = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
-def canonical_fast(obj) -> bytes:
+def canonical_fast(obj: Any) -> bytes:
     """RFC 8785 bytes for float-free documents with ASCII keys (see module docstring)."""
     return _fast(obj).encode("utf-8")

@@ -15,6 +15,7 @@ is used for the live database (``verify``) and for offline evidence bundles
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -156,7 +157,7 @@ def verify_streams(checkpoints: list[Checkpoint], keys: dict[str, RootKey], ledg
                    else signature_problem(cp, keys))
         if problem:
             return bad("checkpoint", problem)
-    for earlier, later in zip(ordered, ordered[1:]):
+    for earlier, later in itertools.pairwise(ordered):
         if later.ledger_size < earlier.ledger_size or later.rpt_size < earlier.rpt_size:
             return bad("checkpoint", f"checkpoint {later.key} records fewer entries than the earlier {earlier.key} "
                                      f"(a truncated state was signed)")

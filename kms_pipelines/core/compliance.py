@@ -744,7 +744,7 @@ def _a2_console_factors(ctx: KmsContext) -> tuple[list[str], list[str]]:
 
     gaps = console_auth.missing_console_factors(ctx)
     if gaps:
-        return [f"console principals without both factors: "
+        return ["console principals without both factors: "
                 + "; ".join(f"{name} lacks {' and '.join(m)}" for name, m in sorted(gaps.items()))], []
     return [], ["every console principal with a role has a FIDO2 security key and TOTP"]
 

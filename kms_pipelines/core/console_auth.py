@@ -92,7 +92,7 @@ class RelyingParty:
                            verify_origin=lambda o: o == self.origin)
 
 
-_MAC_KEYS: "weakref.WeakKeyDictionary[object, bytes]" = weakref.WeakKeyDictionary()
+_MAC_KEYS: weakref.WeakKeyDictionary[object, bytes] = weakref.WeakKeyDictionary()
 _MAC_LOCK = threading.Lock()
 
 

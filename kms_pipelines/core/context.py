@@ -5,6 +5,7 @@ and tests each build one; core functions take it instead of reaching for globals
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from .clock import Clock, SystemClock
 from .policy import Policy, load_policy
 
 
-def kms_home(env: dict | None = None) -> Path:
+def kms_home(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     return Path(env.get("KMS_HOME") or Path.cwd() / ".kms").resolve()
 
@@ -52,13 +53,13 @@ class KmsContext:
     def now(self):
         return self.clock.now()
 
-    def as_actor(self, actor: str) -> "KmsContext":
+    def as_actor(self, actor: str) -> KmsContext:
         from dataclasses import replace
 
         return replace(self, actor=actor)
 
 
-def context_from_env(env: dict | None = None, *, clock: Clock | None = None, read_only: bool = False) -> KmsContext:
+def context_from_env(env: Mapping[str, str] | None = None, *, clock: Clock | None = None, read_only: bool = False) -> KmsContext:
     """Build every boundary from ``KMS_*`` environment variables (README, "Configuration").
     ``read_only``: the database refuses every write (for ``kms --at``)."""
     from . import db
@@ -87,7 +88,7 @@ def context_from_env(env: dict | None = None, *, clock: Clock | None = None, rea
                       role="worker" if worker else "control", read_only=read_only)
 
 
-def audited_keystore(keystore: Any, env: dict | None = None) -> Any:
+def audited_keystore(keystore: Any, env: Mapping[str, str] | None = None) -> Any:
     """Wrap a backend so every operation is audited (A3); with ``KMS_WORKLOAD_PRINCIPAL``
     set, every operation also runs under that principal's short-lived token (A2)."""
     from .keystore.audited import AuditedKeyStore

@@ -90,7 +90,7 @@ def replay(conn) -> CrossCheck:
             res.problems.append(f"key_versions: {name} v{version} is {state} but the ledger (seq {v['seq']}) leaves "
                                 f"it {v['state']} (state edited outside the ledger, or ledger entries deleted)")
             continue
-        for column, stamp in zip(STAMP.values(), stamps):
+        for column, stamp in zip(STAMP.values(), stamps, strict=True):
             if not _same_time(v.get(column), stamp):
                 res.problems.append(f"key_versions: {name} v{version} {column} is "
                                     f"{utc(stamp).isoformat() if stamp else 'empty'} but the ledger says "

@@ -24,6 +24,7 @@ Export keys are never swept: their DEKs are meant to die with the key at export 
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 import time
@@ -418,7 +419,7 @@ def _commit_batch(ctx: KmsContext, key_name: str, old: int, new: int, ids: list[
         result = conn.execute(
             update(t).where(t.c.id == bindparam("b_id"), t.c.key_version == old, t.c.key_name == key_name)
             .values(wrapped=bindparam("b_w"), key_version=new, rewrapped_at=now),
-            [{"b_id": i, "b_w": w} for i, w in zip(ids, new_wrapped)])
+            [{"b_id": i, "b_w": w} for i, w in zip(ids, new_wrapped, strict=True)])
         return result.rowcount
 
 
@@ -562,7 +563,7 @@ def _sweep_version(ctx, writer, result: SweepResult, stats: dict, name: str, old
                         return "stale"
                 return "limit"
             limit = sizer.size
-            rows = retry.db_call(ctx, lambda: _read_batch(ctx, name, old, lo, hi, after, limit),
+            rows = retry.db_call(ctx, functools.partial(_read_batch, ctx, name, old, lo, hi, after, limit),
                                  what=f"reading a sweep batch of {name}")
             pairs: list = []
             bad: list[int] = []
@@ -571,8 +572,8 @@ def _sweep_version(ctx, writer, result: SweepResult, stats: dict, name: str, old
                 try:
                     wrapped = [r.wrapped for r in rows]
                     pairs = list(zip((r.id for r in rows), retry.call(
-                        lambda: ctx.keystore.rewrap(old_ref, new_ref, wrapped),
-                        budget=ctx.policy.faults.hsm.budget(), what=f"rewrapping a sweep batch of {name}")))
+                        functools.partial(ctx.keystore.rewrap, old_ref, new_ref, wrapped),
+                        budget=ctx.policy.faults.hsm.budget(), what=f"rewrapping a sweep batch of {name}"), strict=True))
                 except DecryptionFailed:
                     pairs, bad = _rewrap_isolating_failures(ctx, old_ref, new_ref, rows)
                 del rows

@@ -239,7 +239,7 @@ def build_package(ctx: KmsContext, package_id: str, version: int, value: bytes, 
     sealed = nonce + AESGCM(kek).encrypt(nonce, value, header)
     shares = Shamir.split(threshold, len(names), kek)
     out = {}
-    for name, (index, share) in zip(names, shares):
+    for name, (index, share) in zip(names, shares, strict=True):
         plain = json.dumps({"format": SHARE_FORMAT, "package_id": package_id, "custodian": name, "index": index,
                             "share": _b64(share)}, sort_keys=True).encode()
         ct = pyrage.encrypt(plain, [pyrage.x25519.Recipient.from_str(recipients[name])])

@@ -13,7 +13,7 @@ import hashlib
 from json.encoder import encode_basestring as _encode_str  # C-accelerated
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from sqlalchemy import select, text
 from sqlalchemy.engine import Connection, Engine
@@ -22,6 +22,12 @@ from sqlalchemy.orm import Session
 from .canonical import canonical_fast
 from .clock import utc
 from .db.models import LedgerEntry
+
+if TYPE_CHECKING:
+    from .context import KmsContext
+
+# A mapped column of a hash-chained table (``LedgerEntry.seq``, ``RptEntry.entry_hash``...).
+Column = Any
 
 _sha256 = hashlib.sha256
 GENESIS_HASH = "0" * 64
@@ -37,7 +43,7 @@ def format_time(at: datetime) -> str:
 def entry_document(seq: int, at: datetime | str, key_name: str, key_version: int | None,
                    from_state: str | None, to_state: str, actor: str, approvers: Sequence[str],
                    change_ticket: str | None, reason: str | None, event_id: str | None,
-                   prev_hash: str) -> dict:
+                   prev_hash: str) -> dict[str, Any]:
     return {
         "seq": seq, "at": at if isinstance(at, str) else format_time(at), "key": key_name,
         "version": key_version, "from": from_state, "to": to_state, "actor": actor,
@@ -46,7 +52,7 @@ def entry_document(seq: int, at: datetime | str, key_name: str, key_version: int
     }
 
 
-def entry_hash(document: dict) -> str:
+def entry_hash(document: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_fast(document)).hexdigest()
 
 
@@ -57,12 +63,13 @@ _ROW_TEMPLATE = ('{"actor":%s,"approvers":%s,"at":"%s","event":%s,"from":%s,"key
                  '"reason":%s,"seq":%d,"ticket":%s,"to":%s,"version":%s}')
 
 
-def _q(value) -> str:
+def _q(value: str | None) -> str:
     return "null" if value is None else _encode_str(value)
 
 
-def row_canonical(seq, at, key_name, key_version, from_state, to_state, actor, approvers_json,
-                  ticket, reason, event_id, prev_hash) -> bytes:
+def row_canonical(seq: int, at: datetime, key_name: str, key_version: int | None, from_state: str | None,
+                  to_state: str, actor: str, approvers_json: str, ticket: str | None, reason: str | None,
+                  event_id: str | None, prev_hash: str) -> bytes:
     return (_ROW_TEMPLATE % (_encode_str(actor), approvers_json, format_time(at), _q(event_id), _q(from_state),
                              _encode_str(key_name), prev_hash, _q(reason), seq, _q(ticket), _encode_str(to_state),
                              "null" if key_version is None else int(key_version))).encode("utf-8")
@@ -81,7 +88,7 @@ def lock_ledger(session: Session) -> None:
     advisory_xact_lock(session, _LEDGER_LOCK_ID)
 
 
-def chain_head(session_or_conn, seq_column, hash_column) -> tuple[int, str]:
+def chain_head(session_or_conn: Session | Connection, seq_column: Column, hash_column: Column) -> tuple[int, str]:
     """(seq, hash) of the newest row of a hash-chained table, or (0, GENESIS_HASH) when empty."""
     row = session_or_conn.execute(select(seq_column, hash_column).order_by(seq_column.desc()).limit(1)).first()
     return (row[0], row[1]) if row else (0, GENESIS_HASH)
@@ -97,12 +104,13 @@ class ChainOrderError(ValueError):
 RACE_TOLERANCE = timedelta(seconds=60)
 
 
-def newest_time(session_or_conn, seq_column, at_column) -> datetime | None:
+def newest_time(session_or_conn: Session | Connection, seq_column: Column, at_column: Column) -> datetime | None:
     at = session_or_conn.execute(select(at_column).order_by(seq_column.desc()).limit(1)).scalar()
     return None if at is None else utc(at)
 
 
-def require_in_order(session_or_conn, seq_column, at_column, at: datetime, chain: str) -> datetime:
+def require_in_order(session_or_conn: Session | Connection, seq_column: Column, at_column: Column, at: datetime,
+                     chain: str) -> datetime:
     """The time to chain an entry stamped ``at`` with: ``at``, or the newest entry's time if
     ``at`` lost a race by less than ``RACE_TOLERANCE``; ChainOrderError if it is older."""
     newest = newest_time(session_or_conn, seq_column, at_column)
@@ -114,7 +122,7 @@ def require_in_order(session_or_conn, seq_column, at_column, at: datetime, chain
                           f"entry ({format_time(newest)}); time in the {chain} only moves forward")
 
 
-def head(session_or_conn) -> tuple[int, str]:
+def head(session_or_conn: Session | Connection) -> tuple[int, str]:
     """(seq, entry_hash) of the newest ledger entry."""
     return chain_head(session_or_conn, LedgerEntry.seq, LedgerEntry.entry_hash)
 
@@ -148,7 +156,7 @@ class VerifyResult:
     first_bad_seq: int | None = None
     problem: str | None = None
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -158,7 +166,7 @@ _COLUMNS = (LedgerEntry.seq, LedgerEntry.at, LedgerEntry.key_name, LedgerEntry.k
             LedgerEntry.prev_hash, LedgerEntry.entry_hash)
 
 
-def iter_rows(conn: Connection, batch_size: int = 5000, after_seq: int = 0) -> Iterator[tuple]:
+def iter_rows(conn: Connection, batch_size: int = 5000, after_seq: int = 0) -> Iterator[tuple[Any, ...]]:
     """Stream ledger rows in seq order with bounded memory (server-side cursor on PostgreSQL)."""
     result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(
         select(*_COLUMNS).where(LedgerEntry.seq > after_seq).order_by(LedgerEntry.seq))
@@ -184,7 +192,7 @@ def altered(count: int, prev: str, seq: int) -> VerifyResult:
                         f"entry seq {seq} was altered (its content does not match its hash)")
 
 
-def verify_rows(rows, expected_head: tuple[int, str] | None = None) -> VerifyResult:
+def verify_rows(rows: Iterable[Sequence[Any]], expected_head: tuple[int, str] | None = None) -> VerifyResult:
     """Recompute the chain over ledger rows (tuples in ``_COLUMNS`` order)."""
     prev, expected_seq, count = GENESIS_HASH, 1, 0
     for (seq, at, key_name, key_version, from_state, to_state, actor, approvers, ticket, reason,
@@ -222,7 +230,7 @@ def verify(engine: Engine, batch_size: int = 5000, *, workers: int = 1,
     return verify_streamed(engine, batch_size)
 
 
-def verify_with_policy(ctx) -> VerifyResult:
+def verify_with_policy(ctx: KmsContext) -> VerifyResult:
     """``verify`` with the policy's parallelism (``ledger.verify_workers``)."""
     p = ctx.policy.ledger
     return verify(ctx.engine, workers=p.verify_workers, min_entries_per_worker=p.verify_min_entries_per_worker)

@@ -113,7 +113,7 @@ def _chain(expected_seq: int, prev: str):
         if copy_escape(row) or json_escape(row, row.find(b"\t")):
             fields, none = split_line(str(row, "utf-8")[:-1])
             seq_s, prev_hash, stored = fields[1], _utf8(fields[7]), _utf8(fields[12])
-            raw = document(*fields[:12], none)
+            raw = document(*fields[:12] + [none])
         else:
             (approvers, seq_s, actor, at, event, frm, key, prev_hash, reason, ticket, to, version,
              stored) = row[:-1].split(b"\t")
@@ -210,7 +210,7 @@ def verify(engine: Engine, *, workers: int = 1, min_entries_per_worker: int = 1)
     results = map_in_processes(verify_segment, [(dsn, lo, hi if hi < max_seq else None) for lo, hi in bounds],
                                first_in_caller=True)
     total = 0
-    for (lo, hi), part in zip(bounds, results):
+    for (_lo, hi), part in zip(bounds, results, strict=True):
         part.count += total
         if not part.ok:
             return part

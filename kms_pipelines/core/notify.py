@@ -48,6 +48,8 @@ fingerprints is what R1 requires. So: fingerprints/hashes in hex, never base64.
 from __future__ import annotations
 
 import fcntl
+import functools
+import itertools
 import json
 import logging
 import math
@@ -110,7 +112,7 @@ _CLASS_CHANGE_RATIO = 0.4
 def _class_changes(s: str) -> float:
     s = re.sub(r"[/+_-]", "", s)  # path/identifier separators don't count as switches
     cls = ["u" if c.isupper() else "l" if c.islower() else "d" if c.isdigit() else "o" for c in s]
-    return sum(a != b for a, b in zip(cls, cls[1:])) / max(1, len(s) - 1)
+    return sum(a != b for a, b in itertools.pairwise(cls)) / max(1, len(s) - 1)
 
 
 def _entropy(s: str) -> float:
@@ -236,7 +238,7 @@ class RetryPolicy:
             raise NotifyConfigError("retry waits must be >= 0")
 
     @classmethod
-    def from_policy(cls, budget) -> "RetryPolicy":
+    def from_policy(cls, budget) -> RetryPolicy:
         """From a ``policy.faults.notifications`` block."""
         return cls(budget.attempts, budget.first_wait_seconds, budget.max_wait_seconds, budget.max_seconds)
 
@@ -478,7 +480,7 @@ class SlackWebhookNotifier:
         results = []
         for ch in notification.slack_channels or [None]:
             payload = self.payload(notification, ch)
-            attempts, error, _ = _deliver_with_retry(self.retry, lambda: self._post(payload),
+            attempts, error, _ = _deliver_with_retry(self.retry, functools.partial(self._post, payload),
                                                      f"Slack {notification.id} to {ch or 'webhook'}")
             if error:
                 log.warning("Slack notification %s to %s failed: %s", notification.id, ch or "webhook", error)

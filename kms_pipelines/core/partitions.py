@@ -35,7 +35,7 @@ def map_in_processes(fn: Callable[..., T], argsets: Sequence[tuple], *, first_in
     if not argsets:
         return []
     local, remote = (argsets[0], argsets[1:]) if first_in_caller else (None, argsets)
-    if not remote:
+    if local is not None and not remote:
         return [fn(*local)]
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([fn.__module__])

@@ -11,10 +11,13 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    from .retry import Budget
 
 CLAUSE_IDS = ("P1", "P2", "P3", "P4", "R1", "R2", "R3", "R4", "T1", "T2", "T3", "T4",
               "A1", "A2", "A3", "A4", "B1", "B2", "B3", "B4")
@@ -40,7 +43,7 @@ class Escrow(_Strict):
     destruction_confirm_days: int = Field(gt=0)
 
     @model_validator(mode="after")
-    def _threshold_fits(self):
+    def _threshold_fits(self) -> Self:
         if self.threshold > len(self.custodians):
             raise ValueError(f"threshold {self.threshold} exceeds the {len(self.custodians)} custodians")
         if len(set(self.custodians)) != len(self.custodians):
@@ -63,7 +66,7 @@ class KeyClass(_Strict):
     escrow: Escrow | None = None
 
     @model_validator(mode="after")
-    def _known_clauses(self):
+    def _known_clauses(self) -> Self:
         unknown = [c for c in self.clauses if c not in CLAUSE_IDS]
         if unknown:
             raise ValueError(f"unknown clause ids {unknown}")
@@ -121,7 +124,7 @@ class Access(_Strict):
     service_actors: list[str] = []
 
     @model_validator(mode="after")
-    def _workloads_and_manual_ops(self):
+    def _workloads_and_manual_ops(self) -> Self:
         for name, ops in self.workload_principals.items():
             if not name.startswith("workload:"):
                 raise ValueError(f"workload_principals.{name}: workload principals are named workload:<name>")
@@ -140,7 +143,7 @@ class Access(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _roles_and_ops(self):
+    def _roles_and_ops(self) -> Self:
         if sorted(self.roles) != sorted(ROLES):
             raise ValueError(f"roles must be exactly {list(ROLES)} (clause A1)")
         missing = [op for op in OPERATIONS if op not in self.permissions]
@@ -252,7 +255,7 @@ class Console(_Strict):
         "dagster": ["sre_oncall", "security_engineering"]}
 
     @model_validator(mode="after")
-    def _known_pages(self):
+    def _known_pages(self) -> Self:
         for page, roles in self.pages.items():
             if page not in CONSOLE_PAGES:
                 raise ValueError(f"pages.{page}: unknown page (known: {list(CONSOLE_PAGES)})")
@@ -272,7 +275,7 @@ class FaultBudget(_Strict):
     first_wait_seconds: float = Field(default=0.5, ge=0, le=600)  # doubles per retry, plus jitter
     max_wait_seconds: float = Field(default=10.0, ge=0, le=600)   # cap on one wait
 
-    def budget(self):
+    def budget(self) -> Budget:
         from .retry import Budget
 
         return Budget(self.attempts, self.max_seconds, self.first_wait_seconds, self.max_wait_seconds)
@@ -318,7 +321,8 @@ class Policy(_Strict):
         attr = name.replace("-", "_")
         if not hasattr(self.key_classes, attr):
             raise PolicyError(f"unknown key class {name!r}")
-        return getattr(self.key_classes, attr)
+        block: KeyClass = getattr(self.key_classes, attr)
+        return block
 
     def bootstrap_key_names(self) -> list[str]:
         """Every key the policy requires to exist (export keys are created on demand)."""
@@ -349,7 +353,7 @@ def parse_policy(text: str, source: str = "policy.yaml") -> Policy:
         raise PolicyError(_format_error(source, exc)) from None
 
 
-def load_policy(path: str | os.PathLike | None = None) -> Policy:
+def load_policy(path: str | os.PathLike[str] | None = None) -> Policy:
     """Load the policy from ``path``, ``$KMS_POLICY`` or the packaged ``assets/policy.yaml``."""
     path = Path(path or os.environ.get("KMS_POLICY") or DEFAULT_POLICY_PATH)
     return _load_cached(str(path.resolve()), path.stat().st_mtime_ns if path.exists() else 0)

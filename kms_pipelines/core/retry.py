@@ -88,7 +88,7 @@ class DependencyUnavailable(RuntimeError):
         return (f"{head}{where} (retried {max(0, self.attempts - 1)}× over {self.seconds:.0f} s; "
                 f"last: {self.fault.cause}){tail}")
 
-    def annotate(self, *, done: str | None = None, rerun: str | None = None) -> "DependencyUnavailable":
+    def annotate(self, *, done: str | None = None, rerun: str | None = None) -> DependencyUnavailable:
         """Add what the interrupted operation had finished, and the command that resumes it."""
         if done is not None and self.done is None:
             self.done = done
@@ -266,7 +266,7 @@ def call(fn: Callable[[], T], *, budget: Budget, what: str, done: Callable[[], s
 
 
 # Each engine carries the database budget of the policy it was made for (tests shrink it).
-_ENGINE_BUDGETS: "weakref.WeakKeyDictionary[object, Budget]" = weakref.WeakKeyDictionary()
+_ENGINE_BUDGETS: weakref.WeakKeyDictionary[object, Budget] = weakref.WeakKeyDictionary()
 
 
 def set_engine_budget(engine, budget: Budget) -> None:

@@ -549,7 +549,7 @@ def _verify_parallel(ctx, keys, windows, start, max_seq, workers, batch, marks) 
     bounds = seq_bounds(start, max_seq, workers)
     parts = map_in_processes(_partition_worker, [(url, keys, windows, lo, hi, batch) for lo, hi in bounds])
     total = 0
-    for (lo, hi), part in zip(bounds, parts):
+    for part in parts:
         if not part.ok:
             part.count += total
             part.first_seq = start + 1

@@ -129,7 +129,7 @@ def rewrap_seeds(session: Session, ctx: KmsContext, new_root: KeyVersion) -> int
     for root_version, group in by_root.items():
         new_wrapped = ctx.keystore.rewrap(_root_ref(session, root_version), new_root.wrap_ref,
                                           [s.wrapped for s in group])
-        for s, w in zip(group, new_wrapped):
+        for s, w in zip(group, new_wrapped, strict=True):
             s.wrapped, s.root_version, s.rewrapped_at = w, new_root.version, ctx.now()
             moved += 1
     session.flush()

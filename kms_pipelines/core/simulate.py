@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
@@ -263,7 +264,7 @@ class LiveStateError(ValueError):
     """``kms simulate --home`` named a directory that holds live KMS state."""
 
 
-def refuse_live_home(home: Path, env: dict | None = None) -> None:
+def refuse_live_home(home: Path, env: Mapping[str, str] | None = None) -> None:
     """Simulated time may only touch scratch state: refuse a directory that is the configured
     KMS home, holds a master key, or whose database is the configured one."""
     from . import db

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+from collections.abc import Mapping
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
@@ -20,7 +21,7 @@ class StateMissing(RuntimeError):
 FIX = "run `kms init` to create it, or set KMS_HOME to your state directory"
 
 
-def require_initialized(env: dict | None = None) -> None:
+def require_initialized(env: Mapping[str, str] | None = None) -> None:
     """Raise StateMissing unless the KMS database has been migrated and, for the software
     keystore, its master key exists. Creates nothing."""
     from . import db

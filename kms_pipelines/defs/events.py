@@ -2,7 +2,6 @@
 exactly once per reported event. Business logic lives in core/events.py and
 core/compromise.py; this module only wires them to Dagster."""
 
-from typing import Optional
 
 import dagster as dg
 
@@ -26,12 +25,12 @@ class CompromiseResponseConfig(dg.Config):
     requester's ``requester_totp`` code: dual approval
     is consumed for (revoke|rotate, key, ticket) before anything changes."""
 
-    event_id: Optional[str] = None
-    key: Optional[str] = None
-    type: Optional[str] = None  # compromise | ci-secret-exposure | tenant-rotation
-    ticket: Optional[str] = None
-    requested_by: Optional[str] = None
-    requester_totp: Optional[str] = None  # the requester's current TOTP code (manual launches)
+    event_id: str | None = None
+    key: str | None = None
+    type: str | None = None  # compromise | ci-secret-exposure | tenant-rotation
+    ticket: str | None = None
+    requested_by: str | None = None
+    requester_totp: str | None = None  # the requester's current TOTP code (manual launches)
     source: str = "dagster-ui"
     detail: str = ""
 

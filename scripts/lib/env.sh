@@ -42,7 +42,8 @@ pip_with_progress() {
   local t0=$SECONDS
   "$VENV/bin/pip" install --progress-bar off "$@" 2>&1 | awk '
     /^Collecting / { n++; if (n % 20 == 1) { printf "    resolving: %d packages so far (%s)\n", n, $2; fflush() } }
-    /^Installing collected packages/ { printf "    installing %d packages (the longest step: 1-3 min on a fresh machine)...\n", n; fflush() }
+    /^Installing collected packages/ { if (n) printf "    installing %d packages (the longest step: 1-3 min on a fresh machine)...\n", n
+                                       else printf "    installing...\n"; fflush() }
     /^(ERROR|error):/ { print; fflush() }'
   local status="${PIPESTATUS[0]}"
   [ "$status" = 0 ] && printf '    installed in %ds\n' "$((SECONDS - t0))"

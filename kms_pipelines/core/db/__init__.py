@@ -10,9 +10,22 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
-from .engine import DatabaseError, check_reachable, database_url_from_env, default_url, make_engine, normalize_url  # noqa: F401
+from .engine import DatabaseError, check_reachable, database_url_from_env, default_url, make_engine, normalize_url
 
 from . import lengths  # noqa: F401,E402 - the VARCHAR length rule, for every session
+
+__all__ = [
+    "DatabaseError",
+    "alembic_config",
+    "check_reachable",
+    "current_revision",
+    "database_url_from_env",
+    "default_url",
+    "head_revision",
+    "make_engine",
+    "normalize_url",
+    "upgrade",
+]
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -39,4 +52,7 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def head_revision(engine: Engine) -> str:
-    return ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+    head = ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+    if head is None:
+        raise DatabaseError(f"no Alembic migrations found in {MIGRATIONS}")
+    return head

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
+
+if TYPE_CHECKING:
+    from ..retry import Budget
 
 
 class DatabaseError(RuntimeError):
@@ -27,7 +32,7 @@ def default_url(home: Path) -> str:
     return f"sqlite:///{home / 'kms.db'}"
 
 
-def database_url_from_env(home: Path, env: dict | None = None) -> str:
+def database_url_from_env(home: Path, env: Mapping[str, str] | None = None) -> str:
     env = os.environ if env is None else env
     return normalize_url(env.get("KMS_DATABASE_URL") or default_url(home))
 
@@ -39,7 +44,8 @@ def redacted(url: str) -> str:
         return "<unparseable database URL>"
 
 
-def make_engine(url: str, *, pool_size: int = 5, retry_budget=None, read_only: bool = False) -> Engine:
+def make_engine(url: str, *, pool_size: int = 5, retry_budget: Budget | None = None,
+                read_only: bool = False) -> Engine:
     """``retry_budget`` (a core.retry.Budget, from ``policy.faults.database``) bounds how long a
     new PostgreSQL connection is waited for during a restart or failover. ``read_only``: every
     connection refuses writes (``kms --at``): SQLite's query_only pragma with deferred
@@ -55,7 +61,7 @@ def make_engine(url: str, *, pool_size: int = 5, retry_budget=None, read_only: b
         engine = create_engine(url, connect_args={"timeout": 30})
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):
+        def _sqlite_pragmas(dbapi_conn: Any, _record: object) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA journal_mode=WAL")
@@ -68,7 +74,7 @@ def make_engine(url: str, *, pool_size: int = 5, retry_budget=None, read_only: b
             dbapi_conn.isolation_level = None
 
         @event.listens_for(engine, "begin")
-        def _sqlite_begin(conn):
+        def _sqlite_begin(conn: Connection) -> None:
             conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
@@ -76,7 +82,7 @@ def make_engine(url: str, *, pool_size: int = 5, retry_budget=None, read_only: b
         raise DatabaseError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite or postgresql")
     # pool_pre_ping: a pooled connection killed by a restart is noticed at checkout and
     # replaced, so the next batch/transaction runs on a fresh one.
-    connect_args = {"connect_timeout": 10}
+    connect_args: dict[str, Any] = {"connect_timeout": 10}
     if read_only:
         connect_args["options"] = "-c default_transaction_read_only=on"
     engine = create_engine(url, pool_size=pool_size, pool_pre_ping=True, connect_args=connect_args)
@@ -84,7 +90,7 @@ def make_engine(url: str, *, pool_size: int = 5, retry_budget=None, read_only: b
     return engine
 
 
-def _heal_connects(engine: Engine, budget) -> None:
+def _heal_connects(engine: Engine, budget: Budget | None) -> None:
     """Once an engine has connected, new connections wait out a restarting server (refused,
     "the database system is starting up") within the budget, so a transaction that begins
     mid-failover starts late instead of failing; transactions cut mid-flight are retried by
@@ -97,8 +103,8 @@ def _heal_connects(engine: Engine, budget) -> None:
     state = {"connected": False}
 
     @event.listens_for(engine, "do_connect")
-    def _connect(dialect, _record, cargs, cparams):
-        def connect():
+    def _connect(dialect: Any, _record: object, cargs: list[Any], cparams: dict[str, Any]) -> Any:
+        def connect() -> Any:
             return dialect.loaded_dbapi.connect(*cargs, **cparams)
 
         if not state["connected"]:

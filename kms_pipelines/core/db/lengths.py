@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from ..limits import InputError
 
 
-def _check(session: Session, _context, _instances) -> None:
+def _check(session: Session, _context: object, _instances: object) -> None:
     for obj in list(session.new) + list(session.dirty):
         mapper = inspect(obj).mapper
         for column in mapper.columns:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -39,9 +40,9 @@ class Key(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     key_class: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(TS)
-    attributes: Mapped[dict] = mapped_column(JSON, default=dict)
+    attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
-    versions: Mapped[list["KeyVersion"]] = relationship(back_populates="key", order_by="KeyVersion.version")
+    versions: Mapped[list[KeyVersion]] = relationship(back_populates="key", order_by="KeyVersion.version")
 
 
 class KeyVersion(Base):

@@ -22,7 +22,7 @@ class Principal(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     kind: Mapped[str] = mapped_column(String(16))  # human | workload
-    roles: Mapped[list] = mapped_column(JSON, default=list)
+    roles: Mapped[list[str]] = mapped_column(JSON, default=list)
     totp_sealed: Mapped[bytes | None] = mapped_column(LargeBinary)  # keystore-sealed base32 secret
     totp_last_step: Mapped[int | None] = mapped_column(BigInteger)  # newest accepted time-step (replay refusal)
     created_at: Mapped[datetime] = mapped_column(TS)

@@ -10,6 +10,7 @@ evidence compliance reads.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
@@ -67,8 +68,8 @@ class Drill(Base):
     archive_id: Mapped[str | None] = mapped_column(String(80))
     outcome: Mapped[str] = mapped_column(String(16))  # passed | failed
     restore_seconds: Mapped[float | None] = mapped_column(Float)
-    participants: Mapped[list] = mapped_column(JSON, default=list)
-    findings: Mapped[list] = mapped_column(JSON, default=list)
+    participants: Mapped[list[str]] = mapped_column(JSON, default=list)
+    findings: Mapped[list[Any]] = mapped_column(JSON, default=list)
     report_path: Mapped[str | None] = mapped_column(String(500))
     report_sha256: Mapped[str | None] = mapped_column(String(64))
 

@@ -9,6 +9,7 @@ session rows carry an integrity MAC (core/console_auth.py).
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Integer, LargeBinary, String
 from sqlalchemy.orm import Mapped, mapped_column
@@ -43,7 +44,7 @@ class ConsoleRegistrationLink(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     ticket: Mapped[str] = mapped_column(String(200))
     issued_by: Mapped[str] = mapped_column(String(200))
-    approvers: Mapped[list] = mapped_column(JSON)
+    approvers: Mapped[list[str]] = mapped_column(JSON)
     issued_at: Mapped[datetime] = mapped_column(TS)
     expires_at: Mapped[datetime] = mapped_column(TS)
     used_at: Mapped[datetime | None] = mapped_column(TS)
@@ -75,7 +76,7 @@ class ConsoleCeremony(Base):
     handle: Mapped[str] = mapped_column(String(64), unique=True)
     purpose: Mapped[str] = mapped_column(String(16))  # register | signin | step-up
     principal: Mapped[str | None] = mapped_column(String(200))
-    binding: Mapped[dict | None] = mapped_column(JSON)  # step-up: the exact action it authorises
+    binding: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # step-up: the exact action it authorises
     nonce: Mapped[bytes] = mapped_column(LargeBinary)
     challenge: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(TS)

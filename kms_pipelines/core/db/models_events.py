@@ -6,6 +6,7 @@ Schema changes go through migration ``0007_events_escrow``."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import JSON, Boolean, CheckConstraint, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
@@ -39,7 +40,7 @@ class SecurityEvent(Base):
     status: Mapped[str] = mapped_column(String(16), default=EVENT_NEW)
     response_run_id: Mapped[str | None] = mapped_column(String(200))
     resolved_at: Mapped[datetime | None] = mapped_column(TS)
-    response: Mapped[dict | None] = mapped_column(JSON)  # summary of what the response did (no key material)
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # summary of what the response did (no key material)
 
 
 class NotificationDelivery(Base):
@@ -90,7 +91,7 @@ class EscrowPackage(Base):
     created_at: Mapped[datetime] = mapped_column(TS)
     superseded_at: Mapped[datetime | None] = mapped_column(TS)
     threshold: Mapped[int] = mapped_column(Integer)
-    custodians: Mapped[list] = mapped_column(JSON)
+    custodians: Mapped[list[str]] = mapped_column(JSON)
     object_key: Mapped[str] = mapped_column(String(300))
     sha256: Mapped[str] = mapped_column(String(64))
     erased_at: Mapped[datetime | None] = mapped_column(TS)  # our stored copy deleted
@@ -121,6 +122,6 @@ class EscrowUnseal(Base):
     at: Mapped[datetime] = mapped_column(TS)
     requester: Mapped[str] = mapped_column(String(200))
     ticket: Mapped[str] = mapped_column(String(200))
-    approvers: Mapped[list] = mapped_column(JSON)
-    custodians: Mapped[list] = mapped_column(JSON)
+    approvers: Mapped[list[str]] = mapped_column(JSON)
+    custodians: Mapped[list[str]] = mapped_column(JSON)
     key_version: Mapped[int] = mapped_column(Integer)

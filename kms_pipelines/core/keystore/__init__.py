@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
-from .base import (  # noqa: F401
+from .base import (
     AES_256,
     ARCHIVABLE,
     ARCHIVE_KEK,
@@ -22,8 +23,26 @@ from .base import (  # noqa: F401
     verify_signature,
 )
 
+__all__ = [
+    "AES_256",
+    "ARCHIVABLE",
+    "ARCHIVE_KEK",
+    "ED25519",
+    "GENERAL",
+    "DecryptionFailed",
+    "GeneratedKey",
+    "KeyExists",
+    "KeyNotFound",
+    "KeyStore",
+    "KeyStoreError",
+    "NotArchivable",
+    "fingerprint",
+    "keystore_from_env",
+    "verify_signature",
+]
 
-def _master_key_value(env) -> str | None:
+
+def _master_key_value(env: Mapping[str, str]) -> str | None:
     """KMS_MASTER_KEY, or the contents of KMS_MASTER_KEY_FILE (a mounted secret shared by every host)."""
     if env.get("KMS_MASTER_KEY"):
         return env["KMS_MASTER_KEY"]
@@ -36,7 +55,7 @@ def _master_key_value(env) -> str | None:
     return None
 
 
-def keystore_from_env(home: Path, env: dict | None = None) -> KeyStore:
+def keystore_from_env(home: Path, env: Mapping[str, str] | None = None) -> KeyStore:
     """Build the keystore the environment asks for (``KMS_KEYSTORE=software|pkcs11``)."""
     env = os.environ if env is None else env
     kind = env.get("KMS_KEYSTORE", "software")

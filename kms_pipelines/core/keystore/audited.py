@@ -55,13 +55,13 @@ class AuditedKeyStore:
     def backend(self) -> str:
         return self._inner.backend
 
-    def bind_context(self, ctx: Any) -> "AuditedKeyStore":
+    def bind_context(self, ctx: Any) -> AuditedKeyStore:
         """The same wrapper, auditing with ``ctx``'s actor, clock and database."""
         if ctx is self._ctx:
             return self
         return AuditedKeyStore(self._inner, credentials=self._credentials, context=ctx)
 
-    def with_credentials(self, credentials: Any) -> "AuditedKeyStore":
+    def with_credentials(self, credentials: Any) -> AuditedKeyStore:
         return AuditedKeyStore(self._inner, credentials=credentials, context=self._ctx)
 
     def __getattr__(self, name: str) -> Any:  # backend-specific extras (directory, pool size …)
@@ -180,7 +180,7 @@ class AuditedKeyStore:
     def close(self) -> None:
         self._inner.close()
 
-    def __enter__(self) -> "AuditedKeyStore":
+    def __enter__(self) -> AuditedKeyStore:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -41,7 +41,7 @@ import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
@@ -51,6 +51,9 @@ from pkcs11.mechanisms import GCMParams
 from .base import (AES_256, ALGORITHMS, ARCHIVABLE, ARCHIVE_KEK, ED25519, GENERAL, PURPOSES, DecryptionFailed,
                    GeneratedKey, KeyExists, KeyNotFound, KeyStoreError, KeyStoreSessionLost, NotArchivable)
 from .software import validate_ref
+
+if TYPE_CHECKING:
+    from .pkcs11_raw import RawRewrap
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +184,7 @@ _registry_lock = threading.Lock()
 _libs: dict[str, _LibState] = {}
 _tokens: dict[tuple[int, str, str], _TokenState] = {}
 _inherited_lib_paths: set[str] = set()
-_instances: "weakref.WeakSet[Pkcs11KeyStore]" = weakref.WeakSet()
+_instances: weakref.WeakSet[Pkcs11KeyStore] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
@@ -373,7 +376,7 @@ class Pkcs11KeyStore:
         self._open = 0
         self._token_state: _TokenState | None = None
         self.raw_rewrap = True  # bulk rewrap on raw handles (pkcs11_raw); False: python-pkcs11 objects
-        self._raw = None
+        self._raw: tuple[Any, RawRewrap] | None = None
 
     def _token(self) -> _TokenState:
         if self._pid != os.getpid():  # forked without os.register_at_fork hooks running
@@ -851,7 +854,7 @@ class Pkcs11KeyStore:
             _close_sessions(state, idle)
             _release_token(state)
 
-    def __enter__(self) -> "Pkcs11KeyStore":
+    def __enter__(self) -> Pkcs11KeyStore:
         return self
 
     def __exit__(self, *exc: object) -> None:

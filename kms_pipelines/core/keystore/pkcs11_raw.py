@@ -15,7 +15,7 @@ handling (lost sessions, unwrap failures) treats both paths alike.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import pkcs11.exceptions as p11x
 from cffi import FFI
@@ -62,13 +62,15 @@ class RawRewrap:
     """The three calls on one PKCS#11 module. Callers serialise access (the keystore's library lock)."""
 
     def __init__(self, lib_path: str):
-        self._lib = _ffi.dlopen(lib_path)  # the module python-pkcs11 loaded: same handle, same state
+        # the module python-pkcs11 loaded: same handle, same state. Any: cffi's ABI mode makes the
+        # C_* functions attributes at run time, from the cdef above, which no stub can know.
+        self._lib: Any = _ffi.dlopen(lib_path)
 
     def _template(self, attrs: dict) -> tuple:
         """A CK_ATTRIBUTE array (and the buffers it points into) for an unwrap template."""
         keep, arr = [], _ffi.new("CK_ATTRIBUTE[]", len(attrs) + 2)
         items = [(Attribute.CLASS, ObjectClass.SECRET_KEY), (Attribute.KEY_TYPE, KeyType.AES), *attrs.items()]
-        for slot, (attr, value) in zip(arr, items):
+        for slot, (attr, value) in zip(arr, items, strict=True):
             buf = (_ffi.new("CK_ULONG *", int(value)) if attr in (Attribute.CLASS, Attribute.KEY_TYPE)
                    else _ffi.new("unsigned char *", 1 if value else 0))
             keep.append(buf)

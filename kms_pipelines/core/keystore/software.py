@@ -65,10 +65,10 @@ def load_master_key(home: Path, env_value: str | None = None) -> bytes:
     except FileExistsError:
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:
-            raise KeyStoreError(f"{path} is readable by group/other (mode {mode:o}); chmod 600 it")
+            raise KeyStoreError(f"{path} is readable by group/other (mode {mode:o}); chmod 600 it") from None
         key = base64.b64decode(path.read_bytes().strip())
         if len(key) != 32:
-            raise KeyStoreError(f"{path} does not hold a 32-byte base64 key")
+            raise KeyStoreError(f"{path} does not hold a 32-byte base64 key") from None
         return key
     with os.fdopen(fd, "wb") as fh:
         fh.write(base64.b64encode(secrets.token_bytes(32)) + b"\n")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from .base import (
@@ -27,6 +29,9 @@ from .base import (
     ObjectStoreUnreachable,
 )
 from .local import LocalObjectStore
+
+if TYPE_CHECKING:
+    from ..retry import Budget
 
 __all__ = [
     "InvalidKey",
@@ -44,7 +49,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # import boto3 only when S3 is actually used
+def __getattr__(name: str) -> type[ObjectStore]:  # import boto3 only when S3 is actually used
     if name == "S3ObjectStore":
         from .s3 import S3ObjectStore
 
@@ -52,7 +57,8 @@ def __getattr__(name: str):  # import boto3 only when S3 is actually used
     raise AttributeError(name)
 
 
-def objectstore_from_url(url: str, *, endpoint_url: str | None = None, env=None, retry_budget=None) -> ObjectStore:
+def objectstore_from_url(url: str, *, endpoint_url: str | None = None, env: Mapping[str, str] | None = None,
+                         retry_budget: Budget | None = None) -> ObjectStore:
     env = os.environ if env is None else env
     if not isinstance(url, str) or not url.strip():
         raise InvalidObjectStoreURL("object store URL is empty (expected file:///path, a path, or s3://bucket/prefix)")

@@ -28,9 +28,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import BinaryIO, Iterator, Mapping, Protocol, Union, runtime_checkable
+from typing import BinaryIO, Iterator, Mapping, Protocol, runtime_checkable
 
-Body = Union[bytes, bytearray, memoryview, BinaryIO]
+Body = bytes | bytearray | memoryview | BinaryIO
 
 #: Chunk size used when copying streams (local store, hashing).
 COPY_CHUNK = 1024 * 1024
@@ -57,7 +57,7 @@ class ObjectNotFound(ObjectStoreError, KeyError):
         super().__init__(f"object not found: {key!r}" + (f" in {where}" if where else ""))
 
     def __str__(self) -> str:  # KeyError would repr() the message otherwise
-        return self.args[0]
+        return str(self.args[0])
 
 
 class ObjectLocked(ObjectStoreError):
@@ -200,7 +200,7 @@ def as_stream(data: Body) -> BinaryIO:
         return io.BytesIO(bytes(data))
     if not hasattr(data, "read"):
         raise TypeError(f"object body must be bytes or a binary file-like, got {type(data).__name__}")
-    return data  # type: ignore[return-value]
+    return data
 
 
 def read_full(stream: BinaryIO, n: int) -> bytes:

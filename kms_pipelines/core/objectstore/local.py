@@ -26,7 +26,7 @@ import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from .base import (
     COPY_CHUNK,
@@ -92,7 +92,7 @@ class LocalObjectStore:
         return self.root / META_DIR / (self._key(key) + ".json")
 
     @contextlib.contextmanager
-    def _locked(self):
+    def _locked(self) -> Iterator[None]:
         fd = os.open(self.root / META_DIR / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -101,9 +101,10 @@ class LocalObjectStore:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    def _read_meta(self, key: str) -> dict:
+    def _read_meta(self, key: str) -> dict[str, Any]:
         try:
-            return json.loads(self._meta_path(key).read_text())
+            meta: dict[str, Any] = json.loads(self._meta_path(key).read_text())
+            return meta
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
@@ -165,7 +166,7 @@ class LocalObjectStore:
             raise
 
         digest = sha.hexdigest()
-        sidecar = {
+        sidecar: dict[str, Any] = {
             "version": 1,
             "key": key,
             "size": size,

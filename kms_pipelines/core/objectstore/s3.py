@@ -23,7 +23,7 @@ import hashlib
 import io
 import logging
 from datetime import datetime, timezone
-from typing import Any, BinaryIO, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 
 import boto3
 from botocore.config import Config
@@ -36,6 +36,9 @@ from botocore.exceptions import (
     NoCredentialsError,
     ReadTimeoutError,
 )
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
 
 from .base import (
     LOCK_MODE_COMPLIANCE,
@@ -91,7 +94,7 @@ class _ResumingBody(io.RawIOBase):
     """An object's bytes; a read cut by a reset or timeout re-issues the GET from the offset
     reached (``Range``), pinned to the same object version by its ETag (``IfMatch``)."""
 
-    def __init__(self, store: "S3ObjectStore", key: str, full: str, resp: dict):
+    def __init__(self, store: S3ObjectStore, key: str, full: str, resp: dict[str, Any]):
         self._store, self._key, self._full = store, key, full
         self._etag = resp.get("ETag")
         self._body = resp["Body"]
@@ -100,7 +103,7 @@ class _ResumingBody(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: Any) -> int:
         from .. import retry
 
         def once() -> bytes:
@@ -109,7 +112,8 @@ class _ResumingBody(io.RawIOBase):
                 self._body = self._store.client.get_object(Bucket=self._store.bucket, Key=self._full,
                                                            Range=f"bytes={self._pos}-", **extra)["Body"]
             try:
-                return self._body.read(len(buffer))
+                chunk: bytes = self._body.read(len(buffer))
+                return chunk
             except BaseException:
                 self._drop()
                 raise
@@ -225,13 +229,13 @@ class S3ObjectStore:
             return ObjectStoreError(f"S3 {what} failed in {self._where()}: {exc}")
         return ObjectStoreError(f"S3 {what} failed in {self._where()}: {exc!r}")
 
-    def _retrying(self, action: str, key: str | None, fn):
+    def _retrying(self, action: str, key: str | None, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` (one request, safe to repeat) under the retry budget, if any."""
         if self.retry_budget is None:
             return fn()
         from .. import retry
 
-        def once():
+        def once() -> Any:
             try:
                 out = fn()
             except ClientError:
@@ -249,7 +253,7 @@ class S3ObjectStore:
         except _FirstContact as exc:
             raise exc.inner from None
 
-    def _call(self, action: str, key: str | None, fn, **kwargs):
+    def _call(self, action: str, key: str | None, fn: Callable[..., Any], **kwargs: Any) -> Any:
         try:
             return self._retrying(action, key, lambda: fn(**kwargs))
         except (ClientError, BotoCoreError) as exc:
@@ -299,7 +303,7 @@ class S3ObjectStore:
             self._versioned = resp.get("Status") in ("Enabled", "Suspended")
         return self._versioned
 
-    def _info_from_head(self, key: str, h: dict) -> ObjectInfo:
+    def _info_from_head(self, key: str, h: dict[str, Any]) -> ObjectInfo:
         return ObjectInfo(
             key=key,
             size=int(h.get("ContentLength", 0)),
@@ -380,11 +384,12 @@ class S3ObjectStore:
                 f"Object Lock could not be confirmed on {key!r} in {self._where()} after writing it"
             )
 
-    def _multipart(self, key: str, extra: dict, stream: BinaryIO, first: bytes, sha) -> tuple[dict, int]:
+    def _multipart(self, key: str, extra: dict[str, Any], stream: BinaryIO, first: bytes,
+                   sha: _Hash) -> tuple[dict[str, Any], int]:
         mpu = self._call("start multipart upload of", key, self.client.create_multipart_upload, **extra)
         upload_id = mpu["UploadId"]
         ids = {"Bucket": self.bucket, "Key": extra["Key"], "UploadId": upload_id}
-        parts: list[dict] = []
+        parts: list[dict[str, Any]] = []
         size = 0
         try:
             chunk = first
@@ -420,7 +425,8 @@ class S3ObjectStore:
         full = self._full(key)
         resp = self._call("get", key, self.client.get_object, Bucket=self.bucket, Key=full)
         if self.retry_budget is None:
-            return resp["Body"]
+            body: BinaryIO = resp["Body"]
+            return body
         return io.BufferedReader(_ResumingBody(self, key, full, resp), buffer_size=1024 * 1024)
 
     def get_bytes(self, key: str) -> bytes:
