@@ -92,8 +92,9 @@ def main() -> None:
                 base.update(KMS_KEYSTORE="pkcs11", KMS_PKCS11_LIB=token.lib_path, KMS_PKCS11_TOKEN=token.label,
                             KMS_PKCS11_PIN=token.pin, SOFTHSM2_CONF=token.conf_path)
             control = dict(base, KMS_HOME=str(tmp / "control"))
-            run = lambda cmd, env=control: subprocess.run(cmd, env=env, check=True, capture_output=True,  # noqa: E731
-                                                          text=True, cwd=str(REPO))
+            def run(cmd, env=control):
+                return subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, cwd=str(REPO))
+
             out = run([sys.executable, "-m", "kms_pipelines.cli", "init", "--admin", "sec-1", "--admin", "sec-2",
                        "--admin", "sec-3", "--json"])
             import json

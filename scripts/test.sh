@@ -11,7 +11,7 @@ ensure_system_packages
 ensure_venv test
 
 # Static checks before the suite, with the venv's pinned ruff and mypy (settings in pyproject.toml).
-# Seconds, not minutes: ruff well under one, mypy about 40 cold and a few with its cache.
+# Seconds, not minutes: ruff well under one; mypy about 40 s of CPU cold, a few with .mypy_cache.
 t0=$SECONDS
 log "ruff check"
 # ISSUE-17-FORMAT: once issue 17's restructure has landed, the import order (I) and `ruff format`
