@@ -64,13 +64,15 @@ from datetime import datetime, timezone
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
-from typing import Iterable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Callable, Iterable, Mapping, Protocol, Sequence, TypeVar, runtime_checkable
 from urllib.parse import urlsplit
 
 from .retry import Budget, DependencyUnavailable, Fault, TransientFault
 from .retry import call as retry_call
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SECURITY_MODES = ("none", "starttls", "ssl")
 
@@ -246,12 +248,13 @@ class RetryPolicy:
         return Budget(self.attempts, self.max_seconds, self.initial_wait, self.max_wait)
 
 
-def _deliver_with_retry(policy: RetryPolicy, fn, what: str = "notification delivery") -> tuple[int, str | None, object]:
+def _deliver_with_retry(policy: RetryPolicy, fn: Callable[[], T], what: str = "notification delivery",
+                        ) -> tuple[int, str | None, T | None]:
     """Run ``fn`` under the retry policy. Returns (attempts, error or None, fn's result).
     The notification carries its id (idempotency key), so a repeated delivery is recognisable."""
     attempts = 0
 
-    def attempt():
+    def attempt() -> T:
         nonlocal attempts
         attempts += 1
         return fn()
@@ -478,7 +481,8 @@ class SlackWebhookNotifier:
 
     def send(self, notification: Notification) -> list[DeliveryResult]:
         results = []
-        for ch in notification.slack_channels or [None]:
+        channels: list[str | None] = [*notification.slack_channels] or [None]  # None: the webhook's own channel
+        for ch in channels:
             payload = self.payload(notification, ch)
             attempts, error, _ = _deliver_with_retry(self.retry, functools.partial(self._post, payload),
                                                      f"Slack {notification.id} to {ch or 'webhook'}")
