@@ -80,8 +80,8 @@ ensure_venv() {
     pip_with_progress --no-deps -e "$REPO_ROOT" || die "pip install -e $REPO_ROOT failed"
     # --no-deps trusts the lock: a dependency added to pyproject.toml without ./scripts/lock.sh
     # would be missing, so say so now rather than as an ImportError mid-suite.
-    "$VENV/bin/pip" check >/dev/null 2>&1 || die "$(basename "$lock") does not satisfy pyproject.toml: \
-$("$VENV/bin/pip" check 2>/dev/null | head -n1); run ./scripts/lock.sh and commit the lock files"
+    "$VENV/bin/pip" check >/dev/null 2>&1 || die "$(basename "$lock") is older than pyproject.toml \
+($("$VENV/bin/pip" check 2>/dev/null | head -n1 | sed 's/\.$//')): run ./scripts/lock.sh and commit the lock files"
     echo "$want" > "$stamp"
   fi
   export PATH="$VENV/bin:$PATH"
