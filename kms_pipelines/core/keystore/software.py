@@ -75,6 +75,35 @@ def load_master_key(home: Path, env_value: str | None = None) -> bytes:
     return load_master_key(home, env_value="")
 
 
+def _unseal(master: AESGCM, ref: str, doc: dict) -> tuple[str, bytes, bool, str]:
+    """(algorithm, value, extractable, purpose) of one key file's JSON, opened under ``master``."""
+    algorithm, extractable = doc["algorithm"], bool(doc["extractable"])
+    purpose = doc.get("purpose", GENERAL)
+    sealed = base64.b64decode(doc["sealed"])
+    try:
+        value = master.decrypt(sealed[:12], sealed[12:], _aad(ref, algorithm, extractable, purpose))
+    except InvalidTag:
+        raise KeyStoreError(f"key file for {ref!r} does not open under the master key (wrong KMS_MASTER_KEY or tampered file)") from None
+    return algorithm, value, extractable, purpose
+
+
+def key_file_problems(directory: Path, master_key: bytes) -> list[str]:
+    """Each key file in ``directory`` that cannot be read or does not open under ``master_key``,
+    as ``name (why)``; empty when every one opens. Reads only: nothing is created, changed or
+    cached, and no opened value outlives this call (a worker's preflight, core/worker.py)."""
+    master, bad = AESGCM(master_key), []
+    for path in sorted(directory.glob("*.key")):
+        try:
+            _unseal(master, path.name[:-4], json.loads(path.read_text()))
+        except OSError as exc:
+            bad.append(f"{path.name} (cannot be read: {exc.strerror})")
+        except KeyStoreError:
+            bad.append(f"{path.name} (does not open under the master key)")
+        except (ValueError, KeyError, TypeError):
+            bad.append(f"{path.name} (not a sealed key file)")
+    return bad
+
+
 class SoftwareKeyStore:
     backend = "software"
 
@@ -121,16 +150,9 @@ class SoftwareKeyStore:
         except FileNotFoundError:
             where = "forensic keystore" if forensic else "software keystore"
             raise KeyNotFound(f"key {ref!r} not found in the {where}") from None
-        algorithm, extractable = doc["algorithm"], bool(doc["extractable"])
-        purpose = doc.get("purpose", GENERAL)
-        if (purpose == FORENSIC) != forensic:
+        entry = _unseal(self._master, ref, doc)
+        if (entry[3] == FORENSIC) != forensic:
             raise KeyStoreError(f"key file for {ref!r} is in the wrong namespace (tampered keystore directory)")
-        sealed = base64.b64decode(doc["sealed"])
-        try:
-            value = self._master.decrypt(sealed[:12], sealed[12:], _aad(ref, algorithm, extractable, purpose))
-        except InvalidTag:
-            raise KeyStoreError(f"key file for {ref!r} does not open under the master key (wrong KMS_MASTER_KEY or tampered file)") from None
-        entry = (algorithm, value, extractable, purpose)
         with self._lock:
             self._cache[slot] = entry
         return entry
