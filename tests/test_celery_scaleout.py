@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -72,7 +73,7 @@ class Cluster:
     """A control host and celery workers sharing PostgreSQL, an HSM, S3 and Redis only."""
 
     def __init__(self, tmp: Path, pg_url: str, dagster_db_url: str, s3_server: str, s3_client, bucket: str,
-                 redis: str, policy_overrides: dict):
+                 redis: str, policy_overrides: dict, smtp):
         self.tmp = tmp
         token = init_softhsm_token(tmp / "hsm", "kms-scaleout", "1234", "5678", for_subprocesses=True)
         policy = yaml.safe_load((REPO / "assets" / "policy.yaml").read_text())
@@ -96,6 +97,8 @@ class Cluster:
             "DAGSTER_PG_PASSWORD": d.password or "", "DAGSTER_PG_DB": d.database,
             "DAGSTER_COMPUTE_LOG_BUCKET": f"{bucket}-logs", "DAGSTER_S3_ENDPOINT_URL": s3_server,
             "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+            # A worker refuses to start without SMTP or Slack (its outbox is on a host nobody reads).
+            "KMS_SMTP_HOST": smtp.host, "KMS_SMTP_PORT": str(smtp.port), "KMS_SMTP_SENDER": "kms@example.com",
         })
         self.redis = redis
         self.workers: dict[str, subprocess.Popen] = {}
@@ -184,14 +187,16 @@ print(json.dumps({"checked": len(blobs), "bad": bad}))
 
 
 @pytest.fixture
-def cluster(tmp_path, pg_url, pg_database, s3_server, s3_client, s3_bucket, redis_url):
-    def make(**policy_overrides) -> Cluster:
-        c = Cluster(tmp_path, pg_url, pg_database(), s3_server, s3_client, s3_bucket, redis_url, policy_overrides)
+def cluster(tmp_path, pg_url, pg_database, s3_server, s3_client, s3_bucket, redis_url, smtp_server):
+    def make(init: bool = True, **policy_overrides) -> Cluster:
+        c = Cluster(tmp_path, pg_url, pg_database(), s3_server, s3_client, s3_bucket, redis_url, policy_overrides,
+                    smtp_server)
         made.append(c)
-        out = c.kms("init", "--admin", "sec-1", "--admin", "sec-2", "--admin", "sec-3", "--json")
-        issuer = pyotp.parse_uri(json.loads(out.stdout)["enrolled"][0]["provisioning_uri"])
-        # the signing key is created once, in the HSM, by the first token a proven human issues
-        c.kms("token", "issue", "workload:dagster", "--as", "sec-1", "--totp", issuer.now())
+        if init:
+            out = c.kms("init", "--admin", "sec-1", "--admin", "sec-2", "--admin", "sec-3", "--json")
+            issuer = pyotp.parse_uri(json.loads(out.stdout)["enrolled"][0]["provisioning_uri"])
+            # the signing key is created once, in the HSM, by the first token a proven human issues
+            c.kms("token", "issue", "workload:dagster", "--as", "sec-1", "--totp", issuer.now())
         return c
 
     made: list[Cluster] = []
@@ -354,3 +359,96 @@ def test_celery_run_launcher_runs_the_job_on_a_worker_without_daemonic_process_e
     assert versions(pg_url) == {2: 100}
     result = json.loads(c.python(DECRYPT_ALL.replace("sys.argv[1]", repr(str(blobs)))))
     assert result == {"checked": 100, "bad": []}
+
+
+def _instance_runs(c: Cluster):
+    """Every run (newest first) and a function from run id to its event records."""
+    saved = dict(os.environ)
+    os.environ.update({k: v for k, v in c.base.items() if k.startswith(("DAGSTER_", "AWS_"))})
+    try:
+        instance = dg.DagsterInstance.from_config(str(c.dagster_home))
+        try:
+            runs = instance.get_runs()
+            return runs, {r.run_id: instance.all_logs(r.run_id) for r in runs}
+        finally:
+            instance.dispose()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_run_monitoring_fails_a_run_whose_worker_was_killed_and_run_retries_relaunch_it(cluster):
+    """A real dagster-daemon (run monitoring every second, run retries on) and CeleryRunLauncher,
+    whose run workers the daemon can health-check (DefaultRunLauncher cannot: a dead run worker
+    there is only caught by max_runtime_seconds). The run's worker process is killed with
+    kill -9 mid-op: the daemon marks the run FAILURE and run retries launch a new run, which
+    succeeds on the same celery worker, all within a bounded time."""
+    from kms_pipelines.scaleout.celery_settings import settings
+
+    c = cluster(init=False)  # the held job touches no KMS state; the worker still passes the preflight
+    hold = c.tmp / "hold"
+    hold.write_text("")
+    c.base["KMS_TEST_HOLD_FILE"] = str(hold)
+    cfg = yaml.safe_load((c.dagster_home / "dagster.yaml").read_text())
+    cfg["run_launcher"] = {"module": "dagster_celery.launcher", "class": "CeleryRunLauncher",
+                           "config": {"default_queue": "dagster", "broker": c.redis, "backend": c.redis,
+                                      "config_source": settings(c.base)}}
+    cfg["run_monitoring"].update(poll_interval_seconds=1, start_timeout_seconds=60)
+    cfg["run_retries"]["max_retries"] = 1
+    (c.dagster_home / "dagster.yaml").write_text(yaml.safe_dump(cfg))
+    c.start_worker("w1")
+    c.wait_workers_ready(1)
+    daemon_log = open(c.tmp / "daemon.log", "w")
+    daemon = subprocess.Popen([sys.executable, "-m", "dagster._daemon", "run", "-m", "tests.fixtures.held_job"],
+                              env=c.control_env(), cwd=str(REPO), stdout=daemon_log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        launch = subprocess.run([sys.executable, "-m", "dagster", "job", "launch", "-m", "tests.fixtures.held_job",
+                                 "-j", "held_job"], env=c.control_env(), capture_output=True, text=True,
+                                timeout=120, cwd=str(REPO))
+        assert launch.returncode == 0, launch.stderr[-3000:]
+        deadline, pid = time.monotonic() + 90, None
+        while pid is None:  # the run worker (a celery pool process) records its pid when it starts
+            assert time.monotonic() < deadline, (c.tmp / "daemon.log").read_text()[-3000:] + c.worker_log("w1")[-3000:]
+            runs, logs = _instance_runs(c)
+            for r in logs.get(runs[0].run_id, []) if runs else []:
+                found = re.match(r"Executing steps in process \(pid: (\d+)\)", r.user_message or "")
+                pid = int(found.group(1)) if found else pid
+            time.sleep(0.5)
+        first = runs[0]
+        assert first.status == dg.DagsterRunStatus.STARTED
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while True:
+            runs, logs = _instance_runs(c)
+            run = next(r for r in runs if r.run_id == first.run_id)
+            if run.is_finished:
+                break
+            assert time.monotonic() - killed < 45, f"run still {run.status} 45 s after kill -9: " + \
+                (c.tmp / "daemon.log").read_text()[-3000:]
+            time.sleep(0.5)
+        failed_after = time.monotonic() - killed
+        text_log = "\n".join((r.dagster_event.message if r.dagster_event else None) or r.user_message or ""
+                             for r in logs[first.run_id])
+        assert run.status == dg.DagsterRunStatus.FAILURE, text_log[-3000:]
+        assert "Detected run worker status" in text_log  # failed by run monitoring, not by the run itself
+        hold.unlink()  # let the retry through
+        while True:
+            runs, logs = _instance_runs(c)
+            retries = [r for r in runs if r.tags.get("dagster/parent_run_id") == first.run_id]
+            if retries and retries[0].is_finished:
+                break
+            assert time.monotonic() - killed < 90, f"no finished retry run: {[(r.run_id, r.status) for r in runs]} " + \
+                (c.tmp / "daemon.log").read_text()[-3000:]
+            time.sleep(0.5)
+        assert len(retries) == 1 and retries[0].tags.get("dagster/retry_number") == "1"
+        assert retries[0].status == dg.DagsterRunStatus.SUCCESS, c.worker_log("w1")[-3000:]
+        assert failed_after < 45
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        try:
+            daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait(timeout=10)
+        daemon_log.close()

@@ -17,5 +17,10 @@ app = make_app(app_args={"broker": broker_url(), "backend": backend_url()})
 app.conf.update(settings())
 
 execute_plan = create_task(app)
-execute_job = create_execute_job_task(app)
-resume_job = create_resume_job_task(app)
+# A whole run (CeleryRunLauncher) is not redeliverable like a step: requeued after its pool process
+# was killed, the task finds the run already STARTED, Dagster skips it, the task "succeeds", and the
+# daemon's health check then reports a healthy worker for a run nobody executes, so it hangs until
+# max_runtime_seconds (measured: tests/test_celery_scaleout.py, run monitoring). Without requeue the
+# lost task is recorded as FAILURE, run monitoring fails the run and run retries launch a new one.
+execute_job = create_execute_job_task(app, reject_on_worker_lost=False)
+resume_job = create_resume_job_task(app, reject_on_worker_lost=False)
