@@ -189,3 +189,20 @@ def test_a_worker_never_creates_the_workload_signing_key(make_kms):
     assert not access.unwrap(ctx.keystore).exists(access.SIGNING_REF)  # nothing generated
     token = access.issue_workload_token(ctx, "workload:dagster")  # the control host creates it once
     assert access.verify_workload_token(worker, token).sub == "workload:dagster"  # and the worker uses it
+
+
+def test_a_drill_on_a_worker_is_refused_before_it_restores_or_writes_anything(make_kms):
+    """A drill's runbook report is a file under KMS_HOME; written on a worker, the control host
+    (and compliance, which checks its SHA-256) would never find it. Nothing is recorded."""
+    from sqlalchemy import func, select
+
+    from kms_pipelines.core import drills
+    from kms_pipelines.core.backup import BackupError
+    from kms_pipelines.core.db.models_backup import Drill
+
+    ctx = make_kms("sqlite")
+    with pytest.raises(BackupError, match="run restore_drill on the control host, not on a worker"):
+        drills.run_drill(replace(ctx, role="worker"))
+    with ctx.transaction() as s:
+        assert s.scalar(select(func.count()).select_from(Drill)) == 0
+    assert not (ctx.home / "runbook").exists()

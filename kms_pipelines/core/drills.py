@@ -108,6 +108,9 @@ def run_drill(ctx: KmsContext, *, target_url: str | None = None, participants: l
     that differs from the day it is performed."""
     from . import restore as restore_mod
 
+    if ctx.role == "worker":  # the report below is a file on this host: on a worker, nobody would find it
+        raise BackupError("a drill writes its runbook report under KMS_HOME on the host that runs it: "
+                          "run restore_drill on the control host, not on a worker (KMS_ROLE=worker)")
     started = ctx.now()
     date = started.strftime("%Y-%m-%d")
     participants = list(participants or default_participants(ctx))
