@@ -22,5 +22,5 @@ execute_plan = create_task(app)
 # daemon's health check then reports a healthy worker for a run nobody executes, so it hangs until
 # max_runtime_seconds (measured: tests/test_celery_scaleout.py, run monitoring). Without requeue the
 # lost task is recorded as FAILURE, run monitoring fails the run and run retries launch a new one.
-execute_job = create_execute_job_task(app, reject_on_worker_lost=False)
-resume_job = create_resume_job_task(app, reject_on_worker_lost=False)
+execute_job = create_execute_job_task(app, reject_on_worker_lost=False)  # type: ignore[arg-type]  # dagster_celery annotates **task_kwargs as dict; celery takes a bool
+resume_job = create_resume_job_task(app, reject_on_worker_lost=False)  # type: ignore[arg-type]  # same
