@@ -144,14 +144,16 @@ def test_fully_exercised_state_passes_every_clause(exercised):
     assert all(r["status"] == "🟢 PASS" for r in rows.values()), {k: r["policy"] for k, r in rows.items()
                                                                  if r["status"] != "🟢 PASS"}
     assert check.passed and meta["overall"].value == "pass" and meta["failing_clauses"].value == 0
-    assert rows["T3"]["latest_check"] == "kms_state/ledger_chain_intact"
-    assert rows["T3"]["check_passed"] == "✅ passed" and rows["T3"]["check_run"] == first.run_id[:8]
+    # T3's two checks: ledger_chain_intact ran (in `first`), ledger_matches_checkpoints never did
+    assert rows["T3"]["checks"] == "⚪ 1/2" and rows["T3"]["run"] == first.run_id[:8]
+    assert rows["T3"]["checked"] and rows["P2"]["checks"] == "–"  # P2: no asset check maps to it
     assert meta["latest_check_run"].value == f"/runs/{first.run_id}"  # a link in the UI
     assert f"(/runs/{first.run_id})" in meta["report"].value
+    assert "`kms_state/ledger_chain_intact`: ✅ passed in run" in meta["report"].value
     # item 2: pictures and tables alongside the report
     assert "root v1" in meta["key_age_vs_cadence"].value and "│" in meta["key_age_vs_cadence"].value
     assert {r.data["key"] for r in meta["key_ages"].value.records} >= {"root", "backup", "break-glass"}
-    assert [r.data["gfs_class"] for r in meta["backups"].value.records] in (["nightly"], ["weekly"])
+    assert [r.data["class"] for r in meta["backups"].value.records] in (["nightly"], ["weekly"])
     assert "passed" in meta["drill_history"].value and meta["open_followups"].value == "no open follow-ups"
     text_meta = str({k: v.value for k, v in meta.items() if k != "clauses"})
     assert "AGE-SECRET-KEY" not in text_meta and "kmsc1." not in text_meta
@@ -262,11 +264,12 @@ def test_richer_metadata_on_the_areas_assets(exercised):
     chart = inv["age_vs_cadence"].value
     assert "root v1" in chart and "/ 90 d" in chart and "/ 60 d" in chart and "OVERDUE" not in chart
     deks = result.asset_materializations_for_node("dek_inventory")[0].metadata["dek_counts"].value.records
-    assert [(r.data["key"], r.data["version"], r.data["live_deks"]) for r in deks] == [("data:postgres", 1, 2)]
+    assert [(r.data["key"], r.data["v"], r.data["live"]) for r in deks] == [("data:postgres", 1, 2)]
     ret = result.asset_materializations_for_node("backup_retention")[0].metadata
     (archive,) = ret["backup_list"].value.records
-    assert archive.data["locked"] is True and archive.data["gfs_class"] in ("nightly", "weekly")
-    assert ("W" if archive.data["gfs_class"] == "weekly" else "N") in ret["timeline"].value
+    assert archive.data["locked_until"] > kms.now().strftime("%Y-%m-%d") and archive.data["class"] in ("nightly", "weekly")
+    assert archive.data["state"] == "✅ verified" and archive.data["archive"] in ret["archives"].value
+    assert ("W" if archive.data["class"] == "weekly" else "N") in ret["timeline"].value  # upper case: locked
     assert "secret row" not in str(inv) + str(ret)
 
     # past its cadence the chart marks the key

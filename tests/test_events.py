@@ -81,7 +81,7 @@ def _refresh_shows_the_revocation(instance, response, kms_res):
     refreshed = job.execute_in_process(instance=instance, resources={"kms": kms_res})
     assert refreshed.success
     [mat] = [m for m in refreshed.asset_materializations_for_node("key_inventory")]
-    rows = {(r.data["key"], r.data["version"]): r.data["state"] for r in mat.metadata["inventory"].value.records}
+    rows = {(r.data["key"], r.data["v"]): r.data["state"] for r in mat.metadata["inventory"].value.records}
     assert rows[("data:postgres", 1)] == "revoked" and rows[("data:postgres", 2)] == "active"
     assert refreshed.asset_materializations_for_node("security_events")[0].metadata["open"].value == 0
 

@@ -91,81 +91,92 @@ def _wait_text(scope, text: str | re.Pattern, timeout: int = UI_TIMEOUT_MS):
     return locator
 
 
-def test_dagster_ui_after_the_demo_shows_its_runs_and_a_report_without_fail(tmp_path):
+@pytest.fixture(scope="module")
+def after_demo(tmp_path_factory):
+    """The demo run once for this module's tests, and a webserver over its instance."""
     chromium = chromium_path()  # before the slow demo: a missing browser fails at once, never skips
-    env, demo_output = _run_demo(tmp_path)
+    env, demo_output = _run_demo(tmp_path_factory.mktemp("demo"))
     overall = next(line for line in demo_output.splitlines() if "Overall:" in line)
-    assert "FAIL" not in overall, overall
     run_ids = _assert_instance_state(env["DAGSTER_HOME"])
-
     with dagster_webserver(env, ARTIFACTS / "webserver.log") as server:
         info = server.wait_ready(timeout=150)
         assert "dagster_webserver_version" in info
-        with headless_chromium(chromium) as browser:
-            context = browser.new_context(viewport={"width": 1280, "height": 800})
-            # Dagster shows a "join the community" dialog on loopback until dismissed once;
-            # mark it dismissed (as "Skip" would) so it does not cover the pages under test.
-            context.add_init_script("window.localStorage.setItem('communityNux', JSON.stringify('1'))")
-            page = context.new_page()
-            page.set_default_timeout(UI_TIMEOUT_MS)
+        yield {"chromium": chromium, "env": env, "overall": overall, "run_ids": run_ids, "server": server}
 
-            # 1. The demo's runs are the UI's runs: listed, and re-executable from their page.
-            page.goto(f"{server.url}/runs", wait_until="domcontentloaded")
-            for job in DEMO_JOBS:
-                _wait_text(page, re.compile(rf"^{job}$"))
-            _shot(page, "runs")
-            page.goto(f"{server.url}/runs/{run_ids['kms_nightly']}", wait_until="domcontentloaded")
-            reexecute = page.get_by_role("button", name=re.compile("Re-execute")).first
-            reexecute.wait_for(state="visible", timeout=UI_TIMEOUT_MS)
-            # The button is drawn disabled until the UI has matched the run to the loaded code
-            # location, which takes seconds on a busy machine: wait for it, and fail if it never comes.
-            try:
-                expect(reexecute).to_be_enabled(timeout=UI_TIMEOUT_MS)
-            except AssertionError:
-                _shot(page, "failure-reexecute-disabled")
-                pytest.fail("Re-execute stayed disabled on the demo's kms_nightly run "
-                            f"for {UI_TIMEOUT_MS // 1000}s", pytrace=False)
 
-            # 2. Asset catalog: the real code location's assets, materialized by the demo.
-            page.goto(f"{server.url}/assets", wait_until="domcontentloaded")
-            for name in ("key_inventory", "kms_state", "break_glass_escrow"):  # the list is virtualised: the rest
-                # are below the fold; _assert_instance_state checked every asset
-                _wait_text(page, re.compile(rf"^{name}$"))
-            _wait_text(page, re.compile(r"^Materialized$"))
-            assert page.get_by_text(re.compile(r"^Materialized$")).count() >= 5, _body_text(page)[:1500]
-            _shot(page, "asset-catalog")
+def _new_page(browser, width: int, height: int):
+    context = browser.new_context(viewport={"width": width, "height": height})
+    # Dagster shows a "join the community" dialog on loopback until dismissed once;
+    # mark it dismissed (as "Skip" would) so it does not cover the pages under test.
+    context.add_init_script("window.localStorage.setItem('communityNux', JSON.stringify('1'))")
+    page = context.new_page()
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    return context, page
 
-            # 3. The drill report's asset page: the demo's drill, rendered from its Markdown.
-            page.goto(f"{server.url}/assets/restore_drill_report", wait_until="domcontentloaded")
-            _wait_text(page, "Latest materialization")
-            _wait_text(page, "[Show Markdown]").click()
-            dialog = page.get_by_role("dialog")
-            title = _wait_heading(dialog, re.compile(r"^Restore drill \d{4}-\d{2}-\d{2}$"))
-            for heading in ("Checks", "Findings", "Follow-ups"):
-                _wait_heading(dialog, heading)
-            for text in ("Participants:", "PASSED", "None: every check passed."):
-                _wait_text(dialog, text)
-            title.evaluate("e => e.scrollIntoView({block: 'start'})")
-            _shot(page, "restore-drill-report")
 
-            # 4. The compliance report's asset page: the clause table in the metadata, and the
-            #    Markdown report (behind "[Show Markdown]") with one row per policy clause and
-            #    the same verdict as the terminal: nothing the demo did is red.
-            page.goto(f"{server.url}/assets/{COMPLIANCE_ASSET}", wait_until="domcontentloaded")
-            _wait_text(page, "Latest materialization")
-            for clause in ("R1", "T3"):
-                _wait_text(page, re.compile(rf"^{clause}$"))
-            page.get_by_text("[Show Markdown]").first.click()
-            dialog = page.get_by_role("dialog")
-            report = _wait_heading(dialog, "KMS policy compliance report")
-            for clause in ("P1", "R1", "B2", "T3"):
-                _wait_text(dialog, re.compile(rf"^{clause}$"))
-            verdict = _wait_text(dialog, re.compile(r"^Overall:")).locator("xpath=..").inner_text()
-            assert "FAIL" not in verdict and verdict.split("—")[0].split(":")[1].strip() in overall, (verdict, overall)
-            assert "🔴" not in dialog.inner_text(), "a clause is red in the UI after the demo"
-            report.evaluate("e => e.scrollIntoView({block: 'start'})")
-            _shot(page, "compliance-report")
-            context.close()
+def test_dagster_ui_after_the_demo_shows_its_runs_and_a_report_without_fail(after_demo):
+    overall, run_ids, server = after_demo["overall"], after_demo["run_ids"], after_demo["server"]
+    assert "FAIL" not in overall, overall
+    with headless_chromium(after_demo["chromium"]) as browser:
+        context, page = _new_page(browser, 1280, 800)
+
+        # 1. The demo's runs are the UI's runs: listed, and re-executable from their page.
+        page.goto(f"{server.url}/runs", wait_until="domcontentloaded")
+        for job in DEMO_JOBS:
+            _wait_text(page, re.compile(rf"^{job}$"))
+        _shot(page, "runs")
+        page.goto(f"{server.url}/runs/{run_ids['kms_nightly']}", wait_until="domcontentloaded")
+        reexecute = page.get_by_role("button", name=re.compile("Re-execute")).first
+        reexecute.wait_for(state="visible", timeout=UI_TIMEOUT_MS)
+        # The button is drawn disabled until the UI has matched the run to the loaded code
+        # location, which takes seconds on a busy machine: wait for it, and fail if it never comes.
+        try:
+            expect(reexecute).to_be_enabled(timeout=UI_TIMEOUT_MS)
+        except AssertionError:
+            _shot(page, "failure-reexecute-disabled")
+            pytest.fail("Re-execute stayed disabled on the demo's kms_nightly run "
+                        f"for {UI_TIMEOUT_MS // 1000}s", pytrace=False)
+
+        # 2. Asset catalog: the real code location's assets, materialized by the demo.
+        page.goto(f"{server.url}/assets", wait_until="domcontentloaded")
+        for name in ("key_inventory", "kms_state", "break_glass_escrow"):  # the list is virtualised: the rest
+            # are below the fold; _assert_instance_state checked every asset
+            _wait_text(page, re.compile(rf"^{name}$"))
+        _wait_text(page, re.compile(r"^Materialized$"))
+        assert page.get_by_text(re.compile(r"^Materialized$")).count() >= 5, _body_text(page)[:1500]
+        _shot(page, "asset-catalog")
+
+        # 3. The drill report's asset page: the demo's drill, rendered from its Markdown.
+        page.goto(f"{server.url}/assets/restore_drill_report", wait_until="domcontentloaded")
+        _wait_text(page, "Latest materialization")
+        _wait_text(page, "[Show Markdown]").click()
+        dialog = page.get_by_role("dialog")
+        title = _wait_heading(dialog, re.compile(r"^Restore drill \d{4}-\d{2}-\d{2}$"))
+        for heading in ("Checks", "Findings", "Follow-ups"):
+            _wait_heading(dialog, heading)
+        for text in ("Participants:", "PASSED", "None: every check passed."):
+            _wait_text(dialog, text)
+        title.evaluate("e => e.scrollIntoView({block: 'start'})")
+        _shot(page, "restore-drill-report")
+
+        # 4. The compliance report's asset page: the clause table in the metadata, and the
+        #    Markdown report (behind "[Show Markdown]") with one row per policy clause and
+        #    the same verdict as the terminal: nothing the demo did is red.
+        page.goto(f"{server.url}/assets/{COMPLIANCE_ASSET}", wait_until="domcontentloaded")
+        _wait_text(page, "Latest materialization")
+        for clause in ("R1", "T3"):
+            _wait_text(page, re.compile(rf"^{clause}$"))
+        page.get_by_text("[Show Markdown]").first.click()
+        dialog = page.get_by_role("dialog")
+        report = _wait_heading(dialog, "KMS policy compliance report")
+        for clause in ("P1", "R1", "B2", "T3"):
+            _wait_text(dialog, re.compile(rf"^{clause}$"))
+        verdict = _wait_text(dialog, re.compile(r"^Overall:")).locator("xpath=..").inner_text()
+        assert "FAIL" not in verdict and verdict.split("—")[0].split(":")[1].strip() in overall, (verdict, overall)
+        assert "🔴" not in dialog.inner_text(), "a clause is red in the UI after the demo"
+        report.evaluate("e => e.scrollIntoView({block: 'start'})")
+        _shot(page, "compliance-report")
+        context.close()
 
 
 def _wait_heading(scope, name):
@@ -180,3 +191,95 @@ def _wait_heading(scope, name):
         pytest.fail(f"{page.url}: heading {name!r} not shown within {UI_TIMEOUT_MS // 1000}s; page text starts:\n"
                     f"{_body_text(page)[:1500]}", pytrace=False)
     return heading
+
+
+# The asset page's metadata panel (dagster-webserver 1.13): a Key | Timestamp | Value table in a
+# container that scrolls horizontally when a value is wider than its column.
+METADATA_PANEL = "[class*='assetEventMetadataScrollContainer']"
+
+# Lets only tables and charts set the panel's width: every other value cell may break its text
+# anywhere (a long hash or path in a plain text entry is not what this test is about), then
+# reports the panel's widths and every table or chart (<pre>) that ends past its right edge.
+_MEASURE_PANEL = """
+(panel) => {
+  const outer = panel.querySelector('table');
+  for (const tr of outer.querySelectorAll(':scope > tbody > tr')) {
+    const value = tr.querySelector(':scope > td:last-child');
+    if (value && !value.querySelector('table, pre')) value.style.wordBreak = 'break-all';
+  }
+  const right = panel.getBoundingClientRect().left + panel.clientWidth;
+  const items = Array.from(outer.querySelectorAll('td table, td pre')).map((el) => {
+    const key = el.closest('td').closest('tr').querySelector(':scope > td').innerText.trim();
+    const header = Array.from(el.querySelectorAll('th')).map((h) => h.innerText.trim()).join(' | ');
+    return {key, what: el.tagName === 'PRE' ? 'chart' : `table [${header.slice(0, 120)}]`,
+            width: Math.round(el.getBoundingClientRect().width), past: Math.round(el.getBoundingClientRect().right - right)};
+  });
+  return {scroll_width: panel.scrollWidth, client_width: panel.clientWidth, items};
+}
+"""
+
+# The same for an open "[Show Markdown]" dialog: its content box scrolls when a table is too wide.
+_MEASURE_DIALOG = """
+(dialog) => Array.from(dialog.querySelectorAll('table, pre')).map((el) => {
+  let box = el.parentElement;
+  while (box && !['auto', 'scroll', 'hidden', 'clip'].includes(getComputedStyle(box).overflowX)) box = box.parentElement;
+  box = box || document.documentElement;
+  const header = Array.from(el.querySelectorAll('th')).map((h) => h.innerText.trim()).join(' | ');
+  return {what: el.tagName === 'PRE' ? 'chart' : `table [${header.slice(0, 120)}]`,
+          width: Math.round(el.getBoundingClientRect().width), scroll_width: box.scrollWidth, client_width: box.clientWidth};
+})
+"""
+
+
+def test_metadata_tables_fit_the_asset_page_at_1600px(after_demo):
+    """Issue 14: at a 1600x1000 window no table or chart in any asset's metadata (table metadata,
+    inline Markdown, and the tables of every "[Show Markdown]" dialog) is clipped or needs
+    horizontal scrolling. Every asset is visited: the demo materialized each one."""
+    from playwright.sync_api import TimeoutError as PwTimeout
+
+    from kms_pipelines.definitions import defs
+
+    server = after_demo["server"]
+    assets = sorted(k.to_user_string() for k in defs().get_repository_def().asset_graph.get_all_asset_keys())
+    measured, too_wide = 0, []
+    with headless_chromium(after_demo["chromium"]) as browser:
+        context, page = _new_page(browser, 1600, 1000)
+        for asset in assets:
+            page.goto(f"{server.url}/assets/{asset}", wait_until="domcontentloaded")
+            panel = page.locator(METADATA_PANEL).first
+            try:
+                panel.locator("tbody tr").first.wait_for(state="visible", timeout=UI_TIMEOUT_MS)
+            except PwTimeout:
+                _shot(page, f"failure-metadata-{asset}")
+                pytest.fail(f"{asset}: no metadata panel ({METADATA_PANEL}) within {UI_TIMEOUT_MS // 1000}s; "
+                            f"page text starts:\n{_body_text(page)[:1500]}", pytrace=False)
+            if asset == COMPLIANCE_ASSET:
+                _wait_text(panel, re.compile(r"^B4$"))  # the clause table's last row is drawn
+            # Dialogs first: the panel measurement below restyles the page.
+            links = panel.get_by_text("[Show Markdown]")
+            for i in range(links.count()):
+                label = links.nth(i).locator("xpath=ancestor::tr[1]/td[1]").inner_text().strip()
+                links.nth(i).click()
+                dialog = page.get_by_role("dialog")
+                dialog.wait_for(state="visible")
+                for item in page.evaluate(_MEASURE_DIALOG, dialog.element_handle()):
+                    measured += 1
+                    if item["scroll_width"] > item["client_width"] + 1:
+                        too_wide.append(f"{asset} [Show Markdown] {label}: {item['what']} is {item['width']} px, its "
+                                        f"dialog shows {item['client_width']} of {item['scroll_width']} px")
+                page.keyboard.press("Escape")
+                dialog.wait_for(state="hidden")
+            if asset == COMPLIANCE_ASSET:
+                panel.get_by_text(re.compile(r"^clauses$")).first.scroll_into_view_if_needed()
+                _shot(page, "compliance-clauses-1600")
+            got = page.evaluate(_MEASURE_PANEL, panel.element_handle())
+            measured += len(got["items"])
+            if got["scroll_width"] > got["client_width"] + 1:
+                wide = [f"{i['key']}: {i['what']} is {i['width']} px, {i['past']} px past the edge"
+                        for i in got["items"] if i["past"] > 1]
+                too_wide.append(f"{asset}: the metadata panel shows {got['client_width']} of {got['scroll_width']} px; "
+                                + ("; ".join(wide) or "(no table or chart past the edge)"))
+                _shot(page, f"failure-wide-{asset}")
+        context.close()
+    assert measured >= 20, f"only {measured} tables and charts found: the selectors no longer match the UI"
+    assert too_wide == [], "\n".join(too_wide)

@@ -1138,20 +1138,29 @@ def _md_cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _check_md(checks: list[dict], run_url: Callable[[str], str] | None) -> str:
-    parts = []
-    for ch in checks:
-        if ch.get("passed") is None:
-            parts.append(f"{ch.get('check')}: never run")
-            continue
-        run = ch.get("run_id") or ""
-        link = f"[{run[:8]}]({run_url(run) if run_url else '/runs/' + run})" if run else "-"
-        parts.append(f"{ch['check']}: {'✅' if ch['passed'] else '❌'} {link} {ch.get('at', '')}".strip())
-    # Dagster's Markdown viewer drops raw HTML such as <br>, which ran the checks together.
-    return " · ".join(_md_cell(p) for p in parts) or "-"
+def _check_md(ch: dict, run_url: Callable[[str], str] | None) -> str:
+    if ch.get("passed") is None:
+        return f"`{ch.get('check')}`: never run"
+    run = ch.get("run_id") or ""
+    link = f"[{run[:8]}]({run_url(run) if run_url else '/runs/' + run})" if run else "-"
+    return f"`{ch['check']}`: {'✅ passed' if ch['passed'] else '❌ FAILED'} in run {link} at {ch.get('at', '')}".strip()
+
+
+def checks_summary(checks: list[dict]) -> str:
+    """A clause's asset checks in a few characters: ✅ all passed, ❌ N failed, ⚪ some never ran."""
+    if not checks:
+        return "–"
+    passed = sum(c.get("passed") is True for c in checks)
+    failed = sum(c.get("passed") is False for c in checks)
+    if failed:
+        return f"❌ {failed}/{len(checks)} failed"
+    return f"{'✅' if passed == len(checks) else '⚪'} {passed}/{len(checks)}"
 
 
 def render_markdown(report: Report, *, run_url: Callable[[str], str] | None = None) -> str:
+    """A narrow summary table (one row per clause), then one section per clause with its
+    control, evidence and checks. The evidence and check columns of a single wide table ran
+    past the right edge of Dagster's Markdown dialog; list items wrap instead."""
     c = report.counts()
     lines = ["# KMS policy compliance report",
              "",
@@ -1161,16 +1170,22 @@ def render_markdown(report: Report, *, run_url: Callable[[str], str] | None = No
     if report.failing:
         lines += ["**Failing clauses:** " + ", ".join(f"{r.clause}" for r in report.failing), ""]
     has_checks = any(r.checks for r in report.rows)
-    header = ["clause", "status", "policy (short)", "control", "evidence"] + (["latest check (run, time)"]
-                                                                               if has_checks else [])
+    header = ["clause", "status", "policy (short)"] + (["checks"] if has_checks else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in report.rows:
-        cells = [f"**{r.clause}**", BADGE[r.status], r.text, r.control, r.evidence]
-        if has_checks:
-            cells.append(_check_md(r.checks, run_url))
-        lines.append("| " + " | ".join(_md_cell(x) if i != len(cells) - 1 or not has_checks else x
-                                       for i, x in enumerate(cells)) + " |")
-    return "\n".join(lines) + "\n"
+        cells = [f"**{r.clause}**", BADGE[r.status], r.text] + ([checks_summary(r.checks)] if has_checks else [])
+        lines.append("| " + " | ".join(_md_cell(x) for x in cells) + " |")
+    lines += ["", "## Evidence by clause", ""]
+    for r in report.rows:
+        lines += [f"### {r.clause} · {BADGE[r.status]}", "",
+                  f"{_md_cell(r.text)}", "",
+                  f"- **Control:** {_md_cell(r.control)}",
+                  f"- **Evidence:** {_md_cell(r.evidence)}"]
+        if r.checks:
+            lines.append("- **Checks:**")
+            lines += [f"  - {_check_md(ch, run_url)}" for ch in r.checks]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _row_html(r: Row) -> str:

@@ -60,25 +60,28 @@ def check_evidence(instance, clause: compliance.Clause) -> list[dict]:
 
 
 def _report_table(report: compliance.Report) -> dg.TableMetadataValue:
-    """One row per clause, narrow enough for the metadata panel at 1600 px: status as a coloured
-    mark and the latest check with its run. The control and the full evidence of each clause
-    are in the Markdown report beside it (and `kms report`)."""
+    """One row per clause, narrow enough for the asset page's metadata column at a 1600 px
+    window (tests/test_ui_browser.py measures it): short headers, a coloured status mark, the
+    clause's checks as one mark and count, the newest check run's short id and time. What each
+    clause says, its control, its evidence and a link to each check's run are in the ``report``
+    Markdown beside it (and `kms report`, docs/policy.md)."""
     schema = dg.TableSchema(columns=[
         dg.TableColumn("clause", "string", description="policy clause id (docs/policy.md)"),
         dg.TableColumn("status", "string", description="🟢 PASS, 🟠 WARN, ⚪ UNKNOWN or 🔴 FAIL"),
-        dg.TableColumn("policy", "string"),
-        dg.TableColumn("latest_check", "string"), dg.TableColumn("check_passed", "string"),
-        dg.TableColumn("check_run", "string", description="id of the run that evaluated latest_check"),
-        dg.TableColumn("checked_at", "string")])
+        dg.TableColumn("checks", "string", description="the clause's asset checks, latest evaluation of each: "
+                                                       "✅ all passed, ❌ N failed, ⚪ some never ran, – none mapped"),
+        dg.TableColumn("run", "string", description="first 8 characters of the id of the run that evaluated the "
+                                                    "newest check (open it from latest_check_run or the report)"),
+        dg.TableColumn("checked", "string", description="when that run evaluated it (UTC)")])
     records = []
     for r in report.rows:
         ran = [c for c in r.checks if c.get("passed") is not None]
         latest = max(ran, key=lambda c: c["at"]) if ran else None
         records.append(dg.TableRecord({
-            "clause": r.clause, "status": compliance.BADGE[r.status], "policy": r.text,
-            "latest_check": latest["check"] if latest else "",
-            "check_passed": ("" if latest is None else "✅ passed" if latest["passed"] else "❌ FAILED"),
-            "check_run": latest["run_id"][:8] if latest else "", "checked_at": latest["at"] if latest else ""}))
+            "clause": r.clause, "status": compliance.BADGE[r.status], "checks": compliance.checks_summary(r.checks),
+            "run": latest["run_id"][:8] if latest else "",
+            # "YYYY-MM-DD HH:MM UTC" -> "MM-DD HH:MM": the column header says UTC
+            "checked": latest["at"][5:16] if latest else ""}))
     return dg.MetadataValue.table(records=records, schema=schema)
 
 

@@ -4,7 +4,7 @@ superseded packages were confirmed destroyed. Logic: core/escrow.py."""
 
 import dagster as dg
 
-from .metadata import markdown_table
+from .metadata import markdown_table, shorten
 from .resources import KmsResource
 
 NIGHTLY = {"kms_nightly": ""}
@@ -36,7 +36,9 @@ def break_glass_escrow(context: dg.AssetExecutionContext, kms: KmsResource) -> d
              for p in st["packages"][-20:]])),
         "custodians": dg.MetadataValue.md(markdown_table(
             ["custodian", "enrolled", "recipient"],
-            [[c["name"], "yes" if c["enrolled"] else "**NO**", c["recipient"] or "-"] for c in st["custodians"]])),
+            # the age recipient shortened (full: `kms escrow status`), so the table fits the metadata column
+            [[c["name"], "yes" if c["enrolled"] else "**NO**", shorten(c["recipient"], 16) or "-"]
+             for c in st["custodians"]])),
     })
 
 

@@ -4,7 +4,7 @@
 import dagster as dg
 
 from ..core import crosscheck, db, ledger, lifecycle
-from .metadata import inventory_table, markdown_table, seq_text
+from .metadata import inventory_table, seq_text
 from .resources import KmsResource
 
 NIGHTLY = {"kms_nightly": ""}
@@ -55,10 +55,6 @@ def key_inventory(kms: KmsResource) -> dg.MaterializeResult:
         "active": sum(r.state == "active" for r in rows),
         "overdue": sum(r.overdue for r in rows),
         "inventory": inventory_table(live),
-        "summary": dg.MetadataValue.md(markdown_table(
-            ["key", "version", "state", "age (days)", "due", "overdue"],
-            [[r.key, r.version, r.state, r.age_days, r.due_at.date() if r.due_at else "-",
-              "**OVERDUE**" if r.overdue else ""] for r in live])),
         # issue 8 item 2: the active versions' age against their class cadence, as a bar chart
         "age_vs_cadence": dg.MetadataValue.md(_age_chart(kms, rows)),
     })

@@ -20,15 +20,35 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
     return "\n".join(lines)
 
 
+def shorten(value: str | None, keep: int = 12) -> str:
+    """A long unbreakable token (hash, fingerprint, age recipient) cut to ``keep`` characters and an
+    ellipsis, so a table cell stays narrow; the ellipsis says it is not the whole value."""
+    if not value:
+        return ""
+    return value if len(value) <= keep + 1 else value[:keep] + "…"
+
+
+def short_fingerprint(fingerprint: str | None) -> str:
+    """``SHA256:<64 hex>`` as its first 8 hex digits and an ellipsis: enough to tell versions apart
+    in a narrow table. The full value is in ``kms keys list`` and, for root keys, keys_root's
+    ``manifest_fingerprint``."""
+    return shorten((fingerprint or "").removeprefix("SHA256:"), 8)
+
+
 def inventory_table(rows) -> dg.TableMetadataValue:
+    """Every key version, narrow enough for the metadata column at a 1600 px window
+    (tests/test_ui_browser.py measures it): an overdue version is marked in its state. The ages of
+    the active versions are the ``age_vs_cadence`` chart beside it."""
     schema = dg.TableSchema(columns=[
-        dg.TableColumn("key", "string"), dg.TableColumn("version", "int"), dg.TableColumn("state", "string"),
-        dg.TableColumn("age_days", "float"), dg.TableColumn("due_at", "string"),
-        dg.TableColumn("overdue", "bool"), dg.TableColumn("fingerprint", "string")])
+        dg.TableColumn("key", "string"), dg.TableColumn("v", "int", description="key version"),
+        dg.TableColumn("state", "string", description="lifecycle state; 🔴 overdue: active past its rotation due date"),
+        dg.TableColumn("due", "string", description="rotation due date (UTC) of an active version"),
+        dg.TableColumn("fingerprint", "string", description="SHA256 of the public key, first 8 hex digits (full: "
+                                                            "`kms keys list`)")])
     return dg.MetadataValue.table(
-        records=[dg.TableRecord({"key": r.key, "version": r.version, "state": r.state,
-                                 "age_days": float(r.age_days) if r.age_days is not None else None,
-                                 "due_at": r.due_at.isoformat() if r.due_at else None,
-                                 "overdue": bool(r.overdue), "fingerprint": r.fingerprint})
+        records=[dg.TableRecord({"key": r.key, "v": r.version,
+                                 "state": f"{r.state} 🔴 overdue" if r.overdue else r.state,
+                                 "due": f"{r.due_at:%Y-%m-%d}" if r.due_at and r.state == "active" else "",
+                                 "fingerprint": short_fingerprint(r.fingerprint)})
                  for r in rows],
         schema=schema)

@@ -23,9 +23,11 @@ def notification_deliveries(kms: KmsResource) -> dg.MaterializeResult:
         "delivered_in_window": st.delivered, "failed_in_window": st.failed,
         "undelivered": len(st.unresolved),
         "recent": dg.MetadataValue.md(markdown_table(
-            ["at", "kind", "ref", "channel", "target", "outcome"],
-            [[f"{r['at']:%Y-%m-%d %H:%M}", r["kind"], r["ref"] or "", r["channel"], r["target"],
-              "skipped" if r["skipped"] else ("ok" if r["ok"] else f"FAILED: {(r['error'] or '')[:80]}")]
+            # narrow for the metadata column: the outbox's file path is configuration, not news
+            ["at (UTC)", "what", "to", "outcome"],
+            [[f"{r['at']:%m-%d %H:%M}", f"{r['kind']} {r['ref'] or ''}".strip(),
+              r["channel"] if r["channel"] == "outbox" else f"{r['channel']} {r['target']}",
+              "⏭ skipped" if r["skipped"] else ("✅ ok" if r["ok"] else f"❌ FAILED: {(r['error'] or '')[:80]}")]
              for r in recent])),
     })
 

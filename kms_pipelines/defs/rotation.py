@@ -6,7 +6,7 @@ import dagster as dg
 
 from ..core import checkpoints, forensic, manifest, retention, rotation, vault
 from .foundation import NIGHTLY
-from .metadata import markdown_table
+from .metadata import markdown_table, short_fingerprint
 from .resources import KmsResource
 
 
@@ -59,14 +59,18 @@ def keys_root(context: dg.AssetExecutionContext, kms: KmsResource) -> dg.Materia
             "manifest_sha256": latest.sha256,
             "previous_fingerprint": latest.previous_fingerprint or "none",
         })
+    # Narrow for the metadata column: fingerprints shortened (the latest in full above, every one
+    # in `kms manifest list`), the object key is manifests/root/v<N>.json.
     meta["manifests"] = dg.MetadataValue.md(markdown_table(
-        ["kid", "fingerprint", "signed by previous", "object"],
-        [[m.kid, m.fingerprint, m.previous_fingerprint or "-", m.object_key] for m in rows]))
+        ["kid", "fingerprint", "signed by"],
+        [[m.kid, short_fingerprint(m.fingerprint),
+          f"previous root {short_fingerprint(m.previous_fingerprint)}" if m.previous_fingerprint else "first root"]
+         for m in rows]))
     partners = rotation.partner_status(ctx, latest.version if latest else None)
     meta["partners"] = dg.MetadataValue.md(markdown_table(
         ["partner", "root", "deadline", "notified", "acked", "status"],
-        [[p.partner, f"v{p.version}", p.deadline.isoformat(), p.notified_at.isoformat() if p.notified_at else "-",
-          p.acked_at.isoformat() if p.acked_at else "-", p.status] for p in partners]))
+        [[p.partner, f"v{p.version}", f"{p.deadline:%Y-%m-%d %H:%M}", f"{p.notified_at:%Y-%m-%d %H:%M}" if p.notified_at
+          else "-", f"{p.acked_at:%Y-%m-%d %H:%M}" if p.acked_at else "-", p.status] for p in partners]))
     return dg.MaterializeResult(metadata=meta)
 
 
