@@ -36,7 +36,7 @@ def break_glass_escrow(context: dg.AssetExecutionContext, kms: KmsResource) -> d
              for p in st["packages"][-20:]])),
         "custodians": dg.MetadataValue.md(markdown_table(
             ["custodian", "enrolled", "recipient"],
-            # the age recipient shortened (full: `kms escrow status`), so the table fits the metadata column
+            # the age recipient shortened (full: `kms escrow custodian list`), so the table fits the metadata column
             [[c["name"], "yes" if c["enrolled"] else "**NO**", shorten(c["recipient"], 16) or "-"]
              for c in st["custodians"]])),
     })
