@@ -182,6 +182,10 @@ def test_dagster_assets_checkpoint_and_block_on_a_broken_chain(code_location, tm
     assert meta["count"].value == 5 and meta["verified_ok"].value is True
     cp_meta = result.asset_materializations_for_node("ledger_checkpoint")[0].metadata
     assert cp_meta["rpt_size"].value == 5 and cp_meta["lock_mode"].value == "COMPLIANCE"
+    # heads and kid shortened for the panel, whole in full_values
+    head = rpt.token_hash(_last_token(ctx))
+    assert cp_meta["rpt_head_hash"].value == head[:16] + "…" and f"`{head}`" in cp_meta["full_values"].value
+    assert cp_meta["kid"].value.startswith("root#v1:SHA256:") and cp_meta["kid"].value.endswith("…")
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks["rpt_chain_verifies"] and checks["ledger_matches_checkpoints"]
     with ctx.engine.begin() as conn:

@@ -101,6 +101,12 @@ def test_dagster_backup_and_drill_assets(make_kms, monkeypatch, master_key):
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"backup_fresh": True, "backup_manifest_verifies": True, "backup_locked": True}
+    backup_md = result.asset_materializations_for_node("nightly_backup")[0].metadata
+    sha256 = backup.list_backups(kms)[0]["sha256"]  # shortened for the panel, whole in full_values
+    assert backup_md["sha256"].value == sha256[:16] + "…" and f"`{sha256}`" in backup_md["full_values"].value
+    root_kid = backup_md["root_kid"].value
+    assert root_kid.endswith("…") and f"`{root_kid[:-1]}" in backup_md["full_values"].value
+    assert backup_md["archive"].value.startswith("…/") and len(backup_md["full_values"].value) >= 1000
     md = result.asset_materializations_for_node("backup_retention")[0].metadata["archives"].value
     assert "nightly" in md or "weekly" in md
     drill = dg.materialize([backup_defs.restore_drill_report, backup_defs.drill_within_cadence,

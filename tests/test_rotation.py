@@ -216,11 +216,17 @@ def test_dagster_key_assets_and_partner_check(tmp_path):
     assert r.success
     md = r.asset_materializations_for_node("keys_root")[0].metadata
     assert md["rotated"].value == ["root v1->v2"] and md["manifest_kid"].value == "root.v2"
-    assert "SHA256:" in md["manifest_fingerprint"].value
+    # the panel shows a short fingerprint; the full one (what `evidence verify --trust` takes) is in
+    # full_values, a Markdown long enough for Dagster's "[Show Markdown]" dialog
+    short = md["manifest_fingerprint"].value
+    assert short.startswith("SHA256:") and short.endswith("…") and len(short) == len("SHA256:") + 17
+    full_values = md["full_values"].value
+    assert len(full_values) >= 1000 and f"`{short[:-1]}" in full_values
     svc = r.asset_materializations_for_node("keys_service")[0].metadata
     assert svc["rotated_count"].value == 3
     evals = {e.check_name: e.passed for e in r.get_asset_check_evaluations()}
     assert evals == {"partners_notified_within_24h": True, "root_manifest_chain_verifies": True}
     doc = json.loads((home / "objects" / "manifests/root/v2.json").read_bytes())
+    assert f"`{doc['fingerprint']}`" in full_values          # whole, in code: selected and copied as one
     text = json.dumps({k: str(v.value) for k, v in md.items()})
     assert doc["public_key"] not in text                     # fingerprints only, never key bytes

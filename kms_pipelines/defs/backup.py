@@ -16,6 +16,7 @@ from ..core.policy import load_policy
 from ..scaleout import executors
 from .failures import one_line_failures, run_retry_policy
 from .foundation import kms_state
+from .metadata import full_values_md, short_hash, short_path
 from .resources import KmsResource
 
 _POLICY = load_policy()
@@ -34,13 +35,20 @@ def nightly_backup(context: dg.AssetExecutionContext, kms: KmsResource) -> dg.Ma
         info = backup.create(ctx)
         verified = backup.verify_archive(ctx, info.archive_id)
     context.log.info(f"backup {info.archive_id} ({info.gfs_class}) {info.size} bytes, verified")
+    archive = ctx.objects.url(info.archive_key)
+    # Hashes and the path shortened so the panel fits a 1600 px window; full values in full_values.
     return dg.MaterializeResult(metadata={
         "archive_id": info.archive_id, "gfs_class": info.gfs_class, "size_bytes": info.size or 0,
-        "sha256": info.sha256 or "", "retain_until": info.retain_until.isoformat(),
-        "backup_key_version": info.backup_key_version, "root_kid": info.root_kid or "",
+        "sha256": short_hash(info.sha256), "retain_until": info.retain_until.isoformat(),
+        "backup_key_version": info.backup_key_version, "root_kid": short_hash(info.root_kid),
         "seconds": info.seconds or 0.0, "verified": verified["manifest_verifies"],
-        "archive": dg.MetadataValue.path(ctx.objects.url(info.archive_key)),
+        "archive": short_path(archive),
         "data_key_versions": dg.MetadataValue.json(info.data_key_refs),
+        "full_values": full_values_md([
+            ("sha256", info.sha256 or "", "SHA-256 of the archive object, checked by `kms backup verify`"),
+            ("root_kid", info.root_kid or "", "fingerprint of the root key that signed the archive's manifest; "
+                                              "`kms restore ARCHIVE --trust` takes it"),
+            ("archive", archive, "where the archive object is stored")]),
     })
 
 

@@ -6,7 +6,7 @@ import dagster as dg
 
 from ..core import checkpoints, forensic, manifest, retention, rotation, vault
 from .foundation import NIGHTLY
-from .metadata import markdown_table, short_fingerprint
+from .metadata import full_values_md, markdown_table, short_fingerprint, short_hash, short_path
 from .resources import KmsResource
 
 
@@ -52,12 +52,21 @@ def keys_root(context: dg.AssetExecutionContext, kms: KmsResource) -> dg.Materia
     latest = manifest.latest(ctx)
     rows = manifest.manifests(ctx)
     if latest is not None:
+        # Shortened so the panel fits a 1600 px window; full values (the fingerprint an operator pins
+        # with `kms evidence verify --trust`) in full_values, and in `kms keys list`.
         meta.update({
-            "manifest_kid": latest.kid, "manifest_fingerprint": latest.fingerprint,
-            "manifest_url": dg.MetadataValue.url(latest.url) if latest.url.startswith(("http", "s3", "file"))
-            else latest.url,
-            "manifest_sha256": latest.sha256,
-            "previous_fingerprint": latest.previous_fingerprint or "none",
+            "manifest_kid": latest.kid, "manifest_fingerprint": short_hash(latest.fingerprint),
+            "manifest_url": short_path(latest.url),
+            "manifest_sha256": short_hash(latest.sha256),
+            "previous_fingerprint": short_hash(latest.previous_fingerprint) or "none",
+            "full_values": full_values_md([
+                ("manifest_fingerprint", latest.fingerprint,
+                 "the current root's fingerprint: `kms evidence verify FILE --trust` and `kms restore --trust` take it "
+                 "(also printed by `kms keys list`)"),
+                ("manifest_url", latest.url, "the signed public-key manifest"),
+                ("manifest_sha256", latest.sha256, "SHA-256 of the manifest object"),
+                ("previous_fingerprint", latest.previous_fingerprint or "none",
+                 "the root that signed this manifest")]),
         })
     # Narrow for the metadata column: fingerprints shortened (the latest in full above, every one
     # in `kms manifest list`), the object key is manifests/root/v<N>.json.

@@ -9,7 +9,7 @@ import dagster as dg
 from ..core import checkpoints, rpt
 from .failures import one_line_failures, run_retry_policy
 from .foundation import NIGHTLY, kms_state
-from .metadata import markdown_table, seq_text
+from .metadata import full_values_md, markdown_table, seq_text, short_hash, short_kid, short_path
 from .resources import KmsResource
 
 
@@ -44,11 +44,17 @@ def rpt_chain_verifies(kms: KmsResource) -> dg.AssetCheckResult:
 def ledger_checkpoint(kms: KmsResource) -> dg.MaterializeResult:
     with one_line_failures("kms ledger checkpoint"):
         cp = checkpoints.write_checkpoint(kms.context())
+    # The object, the heads and the kid shortened so the panel fits a 1600 px window; full in full_values.
     return dg.MaterializeResult(metadata={
-        "object": dg.MetadataValue.url(cp["url"]) if cp["url"].startswith(("s3://", "http")) else cp["url"],
-        "ledger_size": cp["ledger_size"], "ledger_head_hash": cp["ledger_head_hash"],
-        "rpt_size": cp["rpt_size"], "rpt_head_hash": cp["rpt_head_hash"],
-        "signed_by": cp["kid"].split(":")[0], "kid": cp["kid"], "at": cp["at"],
+        "object": short_path(cp["url"]),
+        "ledger_size": cp["ledger_size"], "ledger_head_hash": short_hash(cp["ledger_head_hash"]),
+        "rpt_size": cp["rpt_size"], "rpt_head_hash": short_hash(cp["rpt_head_hash"]),
+        "signed_by": cp["kid"].split(":")[0], "kid": short_kid(cp["kid"]), "at": cp["at"],
+        "full_values": full_values_md([
+            ("object", cp["url"], "the signed checkpoint in WORM storage"),
+            ("ledger_head_hash", cp["ledger_head_hash"], "hash of the ledger's last entry, as signed"),
+            ("rpt_head_hash", cp["rpt_head_hash"], "hash of the last regulatory proof token, as signed"),
+            ("kid", cp["kid"], "the root key version and fingerprint that signed the checkpoint")]),
         "retain_until": str(cp["retain_until"]), "lock_mode": cp["lock_mode"] or "none",
         "summary": dg.MetadataValue.md(markdown_table(
             ["field", "value"],
