@@ -30,8 +30,8 @@ def shorten(value: str | None, keep: int = 12) -> str:
 
 def short_fingerprint(fingerprint: str | None) -> str:
     """``SHA256:<64 hex>`` as its first 8 hex digits and an ellipsis: enough to tell versions apart
-    in a narrow table. The full value is in ``kms keys list`` and, for root keys, keys_root's
-    ``manifest_fingerprint``."""
+    in a narrow table. The full value is in ``kms keys list`` and, for the current root, in keys_root's
+    ``full_values``."""
     return shorten((fingerprint or "").removeprefix("SHA256:"), 8)
 
 

@@ -44,7 +44,9 @@ keys_archive = _class_asset("archive", "The archive KEK of the vault (T1), rotat
 
 @dg.asset(group_name="keys", tags=NIGHTLY, deps=["kms_state"], kinds={"sql", "s3"},
           description="Root key rotated every 90 days (R1): publishes the public-key manifest signed by the "
-                      "previous root and notifies the policy's partners.")
+                      "previous root and notifies the policy's partners. The full root fingerprint "
+                      "(for `kms evidence verify --trust`) is in full_values ([Show Markdown]) and in "
+                      "`kms keys list`.")
 def keys_root(context: dg.AssetExecutionContext, kms: KmsResource) -> dg.MaterializeResult:
     ctx = kms.context()
     results = rotation.reconcile(ctx, "root", actor="dagster:reconcile")
