@@ -230,11 +230,19 @@ def _admin(value: str) -> tuple[str, list[str]]:
               help="First-run ceremony: enrol this principal (repeatable; default role security_engineering). "
                    "Only while no human principal exists; at least approvals_required + 1 of them must hold "
                    "'principals' (security_engineering).")
+@click.option("--console-origin", envvar="KMS_CONSOLE_ORIGIN", default=None,
+              help="With --admin: the console's origin (e.g. https://kms.example.com), the relying party each "
+                   "admin's security key is registered for [env KMS_CONSOLE_ORIGIN].")
+@click.option("--software-keys", "software_keys", type=click.Path(file_okay=False), default=None,
+              help="With --admin: create a software FIDO2 authenticator per admin in this directory "
+                   "(NAME.fido2.json) instead of asking each admin to touch their security key (demo and tests: "
+                   "refused at approval unless the policy sets console.allow_software_authenticators).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
-def init(ctx, admins, as_json):
+def init(ctx, admins, console_origin, software_keys, as_json):
     """Run database migrations and bootstrap one active version of every policy key; with
-    --admin, enrol the first principals and print each one's TOTP provisioning URI once."""
+    --admin, enrol the first principals, register a FIDO2 security key for each (every approval
+    needs the key and a TOTP code), and print each one's TOTP provisioning URI once."""
     from .core import db, lifecycle
 
     kms = get_context(ctx, create=True)
@@ -248,7 +256,11 @@ def init(ctx, admins, as_json):
         parsed = dict(_admin(a) for a in admins)
         if len(parsed) != len(admins):
             raise click.UsageError("--admin names must be distinct")
-        enrolled = access.init_principals(kms, parsed)
+        if not console_origin:
+            raise click.UsageError("--admin needs --console-origin (or KMS_CONSOLE_ORIGIN): each admin registers "
+                                   "a security key for the console's origin")
+        enrolled = access.init_principals(kms, parsed, keys=(console_origin, _ceremony_keys(console_origin,
+                                                                                          software_keys)))
     if as_json:
         emit_json({"revision": db.current_revision(kms.engine), "created": created,
                    "existing": [r.key for r in results if not r.rotated],
@@ -262,6 +274,23 @@ def init(ctx, admins, as_json):
         click.echo("TOTP provisioning URIs (shown once; each goes to that principal's authenticator):")
         for e in enrolled:
             click.echo(f"{e.name} {e.provisioning_uri}")
+
+
+def _ceremony_keys(origin: str, software_keys: str | None):
+    """make_credential(name, options) for the first-run ceremony: each admin's security key in
+    turn (or a new software authenticator file per admin)."""
+    from pathlib import Path
+
+    from .commands.access import _ask_pin
+    from .fido2_client import authenticator
+
+    def make(name: str, options: dict) -> dict:
+        if software_keys:
+            return authenticator(origin, Path(software_keys) / f"{name}.fido2.json", create=True).create(options)
+        click.echo(f"{name}: plug in your security key (only yours) and press Enter", err=True)
+        click.prompt("", default="", show_default=False, prompt_suffix="", err=True)
+        return authenticator(origin, prompt=lambda m: click.echo(m, err=True), ask_pin=_ask_pin).create(options)
+    return make
 
 
 @cli.group()

@@ -17,7 +17,7 @@ import pyotp
 import pytest
 
 from kms_pipelines.core import access, audit, console_auth
-from tests.fixtures.kms import enrol_direct
+from tests.fixtures.kms import enrol_direct, approve_both
 
 TICKET_PREFIX = "ONB"
 
@@ -157,7 +157,7 @@ def issue_link(kms, target: Person, requester: Person, approvers: list[Person], 
     ticket = f"{TICKET_PREFIX}-{target.name}"
     console_auth.request_registration(kms, target.name, ticket=ticket, requested_by=requester.name)
     for a in approvers:
-        access.approve(kms, a.name, ticket=ticket, operation=console_auth.REGISTRATION_OPERATION,
+        approve_both(kms, a.name, ticket=ticket, operation=console_auth.REGISTRATION_OPERATION,
                        totp=a.totp.fresh(), target=target.name)
     return console_auth.issue_registration_link(kms, target.name, ticket=ticket, requested_by=requester.name).url(origin)
 

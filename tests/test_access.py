@@ -10,7 +10,7 @@ from sqlalchemy import select
 from kms_pipelines.core import access, audit, ledger, lifecycle
 from kms_pipelines.core.db.models import STATES, KeyVersion
 from kms_pipelines.core.db.models_access import Approval, AuditEvent, Principal
-from tests.fixtures.kms import ceremony
+from tests.fixtures.kms import ceremony, approve_both
 
 TICKET = "CHG-1001"
 
@@ -110,9 +110,9 @@ def test_manual_rotation_runs_with_two_approvals_and_records_them(team):
         rotate_as(kms, d, "service:api-gateway")
     assert snapshot(kms, "alice") == before
     # approvers find the open request by ticket + operation (no --target needed)
-    info = access.approve(kms, "bob", ticket=TICKET, operation="rotate", totp=code(kms, d["bob"]))
+    info = approve_both(kms, "bob", ticket=TICKET, operation="rotate", totp=code(kms, d["bob"]))
     assert (info.target, info.have, info.required) == ("service:api-gateway", 1, 2)
-    access.approve(kms, "carol", ticket=TICKET, operation="rotate", totp=code(kms, d["carol"]))
+    approve_both(kms, "carol", ticket=TICKET, operation="rotate", totp=code(kms, d["carol"]))
     o = rotate_as(kms, d, "service:api-gateway")
     assert o.result.rotated and (o.result.old_version, o.result.new_version) == (1, 2)
     assert o.approvers == ["bob", "carol"] and o.notification_failures == []
@@ -128,7 +128,7 @@ def test_manual_rotation_runs_with_two_approvals_and_records_them(team):
 
 def _approve_both(kms, d, target="root", ticket=TICKET, who=("bob", "carol")):
     for name in who:
-        access.approve(kms, name, ticket=ticket, operation="rotate", target=target, totp=code(kms, d[name]))
+        approve_both(kms, name, ticket=ticket, operation="rotate", target=target, totp=code(kms, d[name]))
 
 
 def _refused_rotation(kms, d, match, key="root", ticket=TICKET, requester="alice"):
@@ -151,7 +151,7 @@ def test_one_approver_twice_counts_once(team):
     _tick(kms)
     before = snapshot(kms)
     with pytest.raises(access.AccessDenied, match="already approved"):
-        access.approve(kms, "bob", ticket=TICKET, operation="rotate", target="root", totp=code(kms, d["bob"]))
+        approve_both(kms, "bob", ticket=TICKET, operation="rotate", target="root", totp=code(kms, d["bob"]))
     assert snapshot(kms) == before
     _refused_rotation(kms, d, "has 1")
 
@@ -162,7 +162,7 @@ def test_self_approval_is_refused(team):
         rotate_as(kms, d, "root")  # opens the request
     before = snapshot(kms)
     with pytest.raises(access.AccessDenied, match="self-approval"):
-        access.approve(kms, "alice", ticket=TICKET, operation="rotate", totp=code(kms, d["alice"]))
+        approve_both(kms, "alice", ticket=TICKET, operation="rotate", totp=code(kms, d["alice"]))
     assert snapshot(kms) == before
     assert denied_events(kms, operation="approve", actor="alice")
 
@@ -186,7 +186,7 @@ def test_wrong_role_requester_and_approver_are_refused(team):
     _tick(strict)
     before = snapshot(strict)
     with pytest.raises(access.AccessDenied, match="lacks permission 'approve'"):
-        access.approve(strict, "carol", ticket="CHG-2", operation="rotate", target="root",
+        approve_both(strict, "carol", ticket="CHG-2", operation="rotate", target="root",
                        totp=code(strict, d["carol"]))
     assert snapshot(strict) == before
 
@@ -198,22 +198,22 @@ def test_stale_and_wrong_totp_codes_are_refused(team):
             continue
         before = snapshot(kms)
         with pytest.raises(access.AccessDenied, match="TOTP"):
-            access.approve(kms, "bob", ticket=TICKET, operation="rotate", target="root", totp=bad)
+            approve_both(kms, "bob", ticket=TICKET, operation="rotate", target="root", totp=bad)
         assert snapshot(kms) == before
     # within the policy window (±1 step) a code from the previous step still works
-    access.approve(kms, "bob", ticket=TICKET, operation="rotate", target="root", totp=code(kms, d["bob"], steps=-1))
+    approve_both(kms, "bob", ticket=TICKET, operation="rotate", target="root", totp=code(kms, d["bob"], steps=-1))
 
 
 def test_a_replayed_totp_code_is_refused(team):
     kms, d = team
     c = code(kms, d["bob"])
-    access.approve(kms, "bob", ticket=TICKET, operation="rotate", target="root", totp=c)
+    approve_both(kms, "bob", ticket=TICKET, operation="rotate", target="root", totp=c)
     before = snapshot(kms)
     with pytest.raises(access.AccessDenied, match="already used"):
-        access.approve(kms, "bob", ticket="CHG-OTHER", operation="rotate", target="root", totp=c)
+        approve_both(kms, "bob", ticket="CHG-OTHER", operation="rotate", target="root", totp=c)
     assert snapshot(kms) == before
     _tick(kms)
-    access.approve(kms, "bob", ticket="CHG-OTHER", operation="rotate", target="root", totp=code(kms, d["bob"]))
+    approve_both(kms, "bob", ticket="CHG-OTHER", operation="rotate", target="root", totp=code(kms, d["bob"]))
 
 
 def test_a_replayed_approval_is_refused(team):
@@ -238,7 +238,7 @@ def test_approvals_expire_and_bind_to_operation_target_and_ticket(team):
 def test_consume_approvals_marks_used_only_with_the_callers_transaction(team):
     kms, d = team
     for name in ("bob", "carol"):
-        access.approve(kms, name, ticket=TICKET, operation="destroy", target="data:postgres#v1",
+        approve_both(kms, name, ticket=TICKET, operation="destroy", target="data:postgres#v1",
                        totp=code(kms, d[name]))
     with pytest.raises(RuntimeError):
         with kms.transaction() as s:

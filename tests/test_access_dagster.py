@@ -16,7 +16,7 @@ from kms_pipelines.defs.foundation import kms_state
 from kms_pipelines.defs.resources import (DatabaseResource, KeyStoreResource, KmsResource,
                                           ObjectStoreResource)
 from tests.fixtures.dagster_defs import FixedClockResource
-from tests.fixtures.kms import ceremony
+from tests.fixtures.kms import ceremony, approve_both
 
 AT = datetime(2026, 2, 1, 9, 0, tzinfo=timezone.utc)
 
@@ -73,11 +73,11 @@ def test_manual_rotation_job_enforces_the_same_approvals(dagster_kms):
     assert failure.step_failure_data.user_failure_data.description.startswith("rotate of root under ticket")
     assert "\n" not in failure.step_failure_data.user_failure_data.description
     assert _snapshot(ctx) == before
-    access.approve(ctx, "bob", ticket="CHG-42", operation="rotate", totp=devices["bob"].at(AT))
+    approve_both(ctx, "bob", ticket="CHG-42", operation="rotate", totp=devices["bob"].at(AT))
     result = manual_rotation.execute_in_process(run_config=_config(_alice(devices, 0)), resources={"kms": res},
                                                 instance=instance, raise_on_error=False)
     assert not result.success and _snapshot(ctx) == before
-    access.approve(ctx, "carol", ticket="CHG-42", operation="rotate", totp=devices["carol"].at(AT))
+    approve_both(ctx, "carol", ticket="CHG-42", operation="rotate", totp=devices["carol"].at(AT))
     result = manual_rotation.execute_in_process(run_config=_config(_alice(devices, 1)), resources={"kms": res},
                                                 instance=instance)
     assert result.success

@@ -19,7 +19,7 @@ from kms_pipelines.core.db.append_only import create_append_only_triggers, drop_
 from kms_pipelines.defs import compliance as compliance_defs
 from kms_pipelines.defs import foundation
 from tests.fixtures.dagster_defs import kms_resources
-from tests.fixtures.kms import ceremony
+from tests.fixtures.kms import ceremony, approve_both
 
 CUSTODIANS = ["custodian-a", "custodian-b", "custodian-c"]
 ALL = [c.id for c in compliance.CLAUSES]
@@ -65,7 +65,7 @@ def _register_console_keys(kms, devices) -> None:
         ticket = f"ONB-{name}"
         console_auth.request_registration(kms, name, ticket=ticket, requested_by="ann")
         for approver in [n for n in devices if n not in ("ann", name)][:2]:
-            access.approve(kms, approver, ticket=ticket, operation=console_auth.REGISTRATION_OPERATION,
+            approve_both(kms, approver, ticket=ticket, operation=console_auth.REGISTRATION_OPERATION,
                            totp=code(approver), target=name)
         link = console_auth.issue_registration_link(kms, name, ticket=ticket, requested_by="ann")
         register(kms, rp, link.token, code(name), SoftAuthenticator(rp.origin))

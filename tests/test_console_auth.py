@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from kms_pipelines.core import access, approval_requests, audit, compliance, console_auth
 from kms_pipelines.core.db.models_access import AuditEvent, Principal
 from kms_pipelines.core.db.models_console import ConsoleCredential, ConsoleRegistrationLink, ConsoleSession
-from tests.fixtures.kms import enrol_direct
+from tests.fixtures.kms import enrol_direct, approve_both
 from tests.fido2_soft import SoftAuthenticator, register
 
 ORIGIN = "https://kms.example.test"
@@ -48,7 +48,7 @@ def _link(kms, devices, target, requester="ann", approvers=None, ticket=None):
     approvers = approvers or [n for n in devices if n not in (requester, target)][:2]
     console_auth.request_registration(kms, target, ticket=ticket, requested_by=requester)
     for a in approvers:
-        access.approve(kms, a, ticket=ticket, operation=console_auth.REGISTRATION_OPERATION,
+        approve_both(kms, a, ticket=ticket, operation=console_auth.REGISTRATION_OPERATION,
                        totp=devices[a].code(), target=target)
     return console_auth.issue_registration_link(kms, target, ticket=ticket, requested_by=requester)
 
@@ -316,7 +316,7 @@ def test_reject_closes_a_request_and_voids_its_approvals(team):
 
     kms, devices = team
     access.request_approval(kms, operation="rotate", target="root", ticket="CHG-9", requester="bo")
-    access.approve(kms, "ann", ticket="CHG-9", operation="rotate", totp=devices["ann"].code(), target="root")
+    approve_both(kms, "ann", ticket="CHG-9", operation="rotate", totp=devices["ann"].code(), target="root")
     (req,) = approval_requests.pending(kms)
     assert req.approvers == ["ann"] and not req.ready
     # Refused without a reason, and for a principal without 'approve' (nothing changes).
@@ -331,7 +331,7 @@ def test_reject_closes_a_request_and_voids_its_approvals(team):
     with kms.engine.connect() as conn:
         assert conn.execute(select(Approval.used_by_request)).scalars().all() == ["rejected:cy"]
     # The voided approval does not count: a second approver alone cannot complete it.
-    access.approve(kms, "dee", ticket="CHG-9", operation="rotate", totp=devices["dee"].code(), target="root")
+    approve_both(kms, "dee", ticket="CHG-9", operation="rotate", totp=devices["dee"].code(), target="root")
     with pytest.raises(access.AccessDenied, match="needs 2 approvals"):
         access.manual_rotate(kms, "root", ticket="CHG-9", requested_by="bo", totp=devices["bo"].code())
     with pytest.raises(access.AccessDenied, match="no open manual-operation request"):

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from kms_pipelines.core import access, escrow, ledger, lifecycle, nightly
 from kms_pipelines.core.db.models import KeyVersion
 from kms_pipelines.core.db.models_events import EscrowDestruction, EscrowPackage, EscrowUnseal
-from tests.fixtures.kms import ceremony
+from tests.fixtures.kms import ceremony, approve_both
 
 CUSTODIANS = ["custodian-a", "custodian-b", "custodian-c"]
 
@@ -62,7 +62,7 @@ def approvals(kms, *, operation, target, ticket, requester="req-sre", requester_
         if name == requester:
             continue
         code = pyotp.TOTP(secret, interval=kms.policy.access.totp_interval_seconds).at(kms.now())
-        access.approve(kms, ticket=ticket, operation=operation, approver=name, totp=code, target=target)
+        approve_both(kms, ticket=ticket, operation=operation, approver=name, totp=code, target=target)
     return requester
 
 

@@ -363,7 +363,7 @@ def test_smtp_down_during_a_manual_operation_is_retried_then_recorded_as_failed(
     outbox = OutboxNotifier(ctx.home / "outbox.jsonl")
     smtp = SmtpNotifier("127.0.0.1", proxy.port, "kms@example.com", timeout=2, retry=RetryPolicy.from_policy(budget))
     ctx.notifier = CompositeNotifier([outbox, smtp], record_to=outbox)
-    from tests.fixtures.kms import ceremony
+    from tests.fixtures.kms import approve_both, ceremony
 
     devices = ceremony(ctx, {"alice": "sre_oncall", "bob": "security_engineering", "carol": "compliance_officer"})
     with pytest.raises(access.AccessDenied):  # opens the request
@@ -371,7 +371,7 @@ def test_smtp_down_during_a_manual_operation_is_retried_then_recorded_as_failed(
                              totp=devices["alice"].at(ctx.now()))
     for name in ("bob", "carol"):
         ctx.clock.advance(timedelta(seconds=30))
-        access.approve(ctx, name, ticket="CHG-19", operation="rotate", totp=devices[name].at(ctx.now()))
+        approve_both(ctx, name, ticket="CHG-19", operation="rotate", totp=devices[name].at(ctx.now()))
 
     caplog.set_level(logging.WARNING, logger="kms_pipelines.core.retry")
     proxy.down()  # the SMTP relay is gone for the whole operation

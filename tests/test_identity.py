@@ -13,13 +13,13 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select, text, update
 
-from kms_pipelines.core import access, audit, ledger, lifecycle
+from kms_pipelines.core import access, audit, console_auth, ledger, lifecycle
 from kms_pipelines.core.clock import FixedClock
 from kms_pipelines.core.compliance import eval_a2
 from kms_pipelines.core.context import context_from_env
 from kms_pipelines.core.db.models import STATES, Key, KeyVersion, LedgerEntry
 from kms_pipelines.core.db.models_access import Approval, AuditEvent, Principal
-from tests.fixtures.kms import ceremony, totp_now
+from tests.fixtures.kms import KEY_ORIGIN, approve_both, ceremony, register_key_by_link, totp_now, write_test_policy
 
 ADMINS = ("alice=sre_oncall", "bob=security_engineering", "carol=compliance_officer",
           "dan=security_engineering", "erin=security_engineering")
@@ -28,13 +28,16 @@ ADMINS = ("alice=sre_oncall", "bob=security_engineering", "carol=compliance_offi
 # ---- a CLI on each database, on the wall clock ------------------------------------------
 
 class Cli:
-    def __init__(self, runner: CliRunner):
+    def __init__(self, runner: CliRunner, keys=None):
         self.runner = runner
         self.devices: dict[str, pyotp.TOTP] = {}
+        self.keys = keys  # the directory of the principals' software security keys (kms init --software-keys)
 
     def __call__(self, *args, env=None):
         from kms_pipelines.cli import cli
 
+        if "approve" in args and "--as" in args and "--software-key" not in args:  # the approver's own key
+            args = (*args, "--software-key", str(self.keys / f"{args[args.index('--as') + 1]}.fido2.json"))
         try:
             return self.runner.invoke(cli, list(args), catch_exceptions=False, env=env)
         finally:
@@ -53,9 +56,11 @@ class Cli:
         with ctx.engine.connect() as conn:
             out = {
                 "ledger": conn.execute(select(LedgerEntry.seq, LedgerEntry.entry_hash).order_by(LedgerEntry.seq)).all(),
-                # a TOTP check reads the sealed secret (an audited keystore decrypt): not a change
+                # a TOTP check reads the sealed secret, a security-key check derives the credential
+                # MAC key (audited keystore decrypt, sign): not changes
                 "audit_ok": conn.execute(select(AuditEvent.seq, AuditEvent.operation).where(
                     AuditEvent.outcome == "ok", AuditEvent.target.is_distinct_from(access.SEAL_REF),
+                    AuditEvent.target.is_distinct_from(console_auth.INTEGRITY_REF),
                     # a refused manual operation leaves its request on record for the approvers
                     AuditEvent.operation != "approval.request")
                     .order_by(AuditEvent.seq)).all(),
@@ -88,9 +93,10 @@ def cli(request, tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     if request.param == "postgres":
         monkeypatch.setenv("KMS_DATABASE_URL", request.getfixturevalue("pg_url"))
-    c = Cli(CliRunner())
+    monkeypatch.setenv("KMS_POLICY", write_test_policy(tmp_path))  # software security keys allowed
+    c = Cli(CliRunner(), tmp_path / "keys")
     args = [a for admin in ADMINS for a in ("--admin", admin)]
-    r = c("init", *args, "--json")
+    r = c("init", *args, "--console-origin", KEY_ORIGIN, "--software-keys", str(c.keys), "--json")
     assert r.exit_code == 0, r.output
     enrolled = json.loads(r.output)["enrolled"]
     assert [e["name"] for e in enrolled] == ["alice", "bob", "carol", "dan", "erin"]
@@ -156,29 +162,36 @@ def test_a_new_principal_approves_nothing_during_the_cooling_off(kms):
     cooling-off (core, on a simulated clock: the CLI runs on the wall clock)."""
     d = ceremony(kms, {"alice": "security_engineering", "bob": "security_engineering", "carol": "security_engineering"})
     with pytest.raises(access.AccessDenied, match="no principal-add target"):  # no request yet
-        access.approve(kms, "bob", ticket="HR-1", operation="principal-add", target="dave=security_engineering",
+        approve_both(kms, "bob", ticket="HR-1", operation="principal-add", target="dave=security_engineering",
                        totp=totp_now(kms, d["bob"]))
     kms.clock.advance(timedelta(seconds=30))
     with pytest.raises(access.AccessDenied, match="needs 2 approvals"):  # opens the request
         access.enroll_principal(kms, "dave", ["security_engineering"], requested_by="alice",
                                 totp=totp_now(kms, d["alice"]), ticket="HR-1")
     for name in ("bob", "carol"):
-        access.approve(kms, name, ticket="HR-1", operation="principal-add", totp=totp_now(kms, d[name]))
+        approve_both(kms, name, ticket="HR-1", operation="principal-add", totp=totp_now(kms, d[name]))
     kms.clock.advance(timedelta(seconds=30))
     e = access.enroll_principal(kms, "dave", ["security_engineering"], requested_by="alice",
                                 totp=totp_now(kms, d["alice"]), ticket="HR-1")
     dave = pyotp.parse_uri(e.provisioning_uri)
     with pytest.raises(access.AccessDenied, match="cooling-off"):
-        access.approve(kms, "dave", ticket="CHG-1", operation="rotate", target="root", totp=totp_now(kms, dave))
+        approve_both(kms, "dave", ticket="CHG-1", operation="rotate", target="root", totp=totp_now(kms, dave))
     with kms.transaction() as s:
         assert s.scalars(select(Principal.approve_after).where(Principal.name == "dave")).one() is not None
     kms.clock.advance(timedelta(hours=kms.policy.access.cooling_off_hours, seconds=30))
-    assert access.approve(kms, "dave", ticket="CHG-1", operation="rotate", target="root",
+    # past the cooling-off dave still approves nothing without a security key (TOTP alone is not enough)...
+    with pytest.raises(access.AccessDenied, match="security-key assertion"):
+        approve_both(kms, "dave", ticket="CHG-1", operation="rotate", target="root", totp=totp_now(kms, dave))
+    # ...until he registers one through a dual-approved registration link
+    kms.clock.advance(timedelta(seconds=30))
+    register_key_by_link(kms, "dave", lambda n: totp_now(kms, dave if n == "dave" else d[n]), requester="alice")
+    kms.clock.advance(timedelta(seconds=30))
+    assert approve_both(kms, "dave", ticket="CHG-1", operation="rotate", target="root",
                           totp=totp_now(kms, dave)).approver == "dave"
     # nobody approves a change to themself
     kms.clock.advance(timedelta(seconds=30))
     with pytest.raises(access.AccessDenied, match="own principal"):
-        access.approve(kms, "dave", ticket="HR-2", operation="principal-roles", target="dave=sre_oncall",
+        approve_both(kms, "dave", ticket="HR-2", operation="principal-roles", target="dave=sre_oncall",
                        totp=totp_now(kms, dave))
 
     def dual(operation, call, ticket):
@@ -186,7 +199,7 @@ def test_a_new_principal_approves_nothing_during_the_cooling_off(kms):
         with pytest.raises(access.AccessDenied, match="needs 2 approvals"):
             call(totp_now(kms, d["alice"]))
         for name in ("bob", "carol"):
-            access.approve(kms, name, ticket=ticket, operation=operation, totp=totp_now(kms, d[name]))
+            approve_both(kms, name, ticket=ticket, operation=operation, totp=totp_now(kms, d[name]))
         kms.clock.advance(timedelta(seconds=30))
         return call(totp_now(kms, d["alice"]))
 
@@ -195,7 +208,7 @@ def test_a_new_principal_approves_nothing_during_the_cooling_off(kms):
         kms, "dave", ["sre_oncall"], requested_by="alice", totp=c, ticket="HR-2"), "HR-2") == ["bob", "carol"]
     kms.clock.advance(timedelta(seconds=30))
     with pytest.raises(access.AccessDenied, match="cooling-off"):
-        access.approve(kms, "dave", ticket="CHG-3", operation="rotate", target="root", totp=totp_now(kms, dave))
+        approve_both(kms, "dave", ticket="CHG-3", operation="rotate", target="root", totp=totp_now(kms, dave))
     # a removed principal can no longer prove itself
     dual("principal-remove", lambda c: access.remove_principal(kms, "dave", requested_by="alice", totp=c,
                                                                ticket="HR-3"), "HR-3")
@@ -207,7 +220,7 @@ def test_a_new_principal_approves_nothing_during_the_cooling_off(kms):
 def test_enrolment_role_change_and_removal_need_the_principals_permission_to_approve(kms):
     d = ceremony(kms, {"alice": "security_engineering", "bob": "security_engineering", "carol": "compliance_officer"})
     with pytest.raises(access.AccessDenied, match="lacks permission 'principals'"):
-        access.approve(kms, "carol", ticket="HR-3", operation="principal-remove", target="bob",
+        approve_both(kms, "carol", ticket="HR-3", operation="principal-remove", target="bob",
                        totp=totp_now(kms, d["carol"]))
 
 
@@ -521,7 +534,7 @@ def test_repeated_wrong_codes_lock_totp_for_a_while(kms):
     with pytest.raises(access.AccessDenied, match="locked until"):
         access.prove_principal(kms, "alice", right)
     with pytest.raises(access.AccessDenied, match="locked until"):  # approvals too
-        access.approve(kms, "alice", ticket="C1", operation="rotate", target="root", totp=right)
+        approve_both(kms, "alice", ticket="C1", operation="rotate", target="root", totp=right)
     assert _core_state(kms)[0::2] == before[0::2]  # ledger and keys unchanged
     kms.clock.advance(timedelta(minutes=pol.totp_lockout_minutes, seconds=30))
     assert access.prove_principal(kms, "alice", totp_now(kms, d["alice"])) == "alice"

@@ -21,7 +21,7 @@ from kms_pipelines.core import (access, audit, checkpoints, compliance, crossche
                                 lifecycle, manifest, nightly, rotation)
 from kms_pipelines.core.clock import SimulatedClock
 from kms_pipelines.core.db.models_rotation import PartnerNotice, ServiceSeed
-from tests.fixtures.kms import ceremony, totp_now
+from tests.fixtures.kms import ceremony, totp_now, approve_both
 from tests.test_compliance import CUSTODIANS, _dagster_report, _now
 from tests.test_rpt import admin
 
@@ -203,7 +203,7 @@ def test_case4_a4_manual_operation_whose_compliance_email_failed(state):
     d = kms.devices
     access.request_approval(kms, operation="rotate", target="service:api-gateway", ticket="CHG-7", requester="sam")
     for name in ("ann", "bob"):
-        access.approve(kms, name, ticket="CHG-7", operation="rotate", target="service:api-gateway",
+        approve_both(kms, name, ticket="CHG-7", operation="rotate", target="service:api-gateway",
                        totp=totp_now(kms, d[name]))
     outcome = access.manual_rotate(kms, "service:api-gateway", ticket="CHG-7", requested_by="sam",
                                    totp=totp_now(kms, d["sam"]))
@@ -287,7 +287,7 @@ def test_case4_manual_root_rotation_does_the_root_follow_ups(state):
     d = kms.devices
     access.request_approval(kms, operation="rotate", target="root", ticket="CHG-ROOT", requester="sam")
     for name in ("ann", "bob"):
-        access.approve(kms, name, ticket="CHG-ROOT", operation="rotate", target="root", totp=totp_now(kms, d[name]))
+        approve_both(kms, name, ticket="CHG-ROOT", operation="rotate", target="root", totp=totp_now(kms, d[name]))
     outcome = access.manual_rotate(kms, "root", ticket="CHG-ROOT", requested_by="sam", totp=totp_now(kms, d["sam"]))
     new = outcome.result.new_version
     with kms.transaction() as s:

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from kms_pipelines.core import access, dependents, lifecycle, retention, rotation, service_keys
 from tests.test_rotation import full_snapshot
-from tests.fixtures.kms import ceremony
+from tests.fixtures.kms import ceremony, approve_both
 
 SVC = "service:api-gateway"
 
@@ -24,7 +24,7 @@ def approvers(kms):
 def approve(kms, approvers, target, ticket, operation="destroy"):
     for name, totp in approvers.items():
         kms.clock.advance(timedelta(seconds=31))
-        access.approve(kms, ticket=ticket, operation=operation, approver=name, totp=totp.at(kms.now()), target=target)
+        approve_both(kms, ticket=ticket, operation=operation, approver=name, totp=totp.at(kms.now()), target=target)
 
 
 def retire_service_v1(kms):

@@ -22,7 +22,7 @@ from kms_pipelines.defs.foundation import kms_state
 from kms_pipelines.defs.resources import (DatabaseResource, KeyStoreResource, KmsResource,
                                           ObjectStoreResource)
 from tests.fixtures.dagster_defs import FixedClockResource
-from tests.fixtures.kms import ceremony
+from tests.fixtures.kms import ceremony, approve_both
 
 AT = datetime(2026, 4, 1, 12, 0, tzinfo=timezone.utc)
 MASTER = base64.b64encode(bytes(range(32))).decode()
@@ -48,7 +48,7 @@ def test_no_key_material_in_audit_rows_event_log_or_logs(tmp_path, monkeypatch, 
     devices = ceremony(ctx, {"alice": "sre_oncall", "bob": "security_engineering", "carol": "compliance_officer"})
     uris = {n: d.provisioning_uri(name=n) for n, d in devices.items()}
     for n in ("bob", "carol"):
-        access.approve(ctx, n, ticket="CHG-S", operation="rotate", target="service:api-gateway",
+        approve_both(ctx, n, ticket="CHG-S", operation="rotate", target="service:api-gateway",
                        totp=pyotp.parse_uri(uris[n]).at(AT))
     runs.append(manual_rotation.execute_in_process(
         run_config={"ops": {"manual_rotate_key": {"config": {"key": "service:api-gateway", "ticket": "CHG-S",

@@ -20,7 +20,7 @@ from kms_pipelines.core.db.models_access import Approval
 from kms_pipelines.core.db.models_vault import ArchiveCopy, ForensicRetrieval
 from kms_pipelines.core.keystore import KeyStoreError
 from kms_pipelines.core.objectstore.local import LocalObjectStore
-from tests.fixtures.kms import enrol_direct
+from tests.fixtures.kms import approve_both, enrol_direct, security_key_file, write_test_policy
 
 TICKET = "INC-4711"
 
@@ -31,7 +31,7 @@ def enrol(kms, name, *roles):
 
 def approve(kms, device, name, target, ticket=TICKET, operation=vault.RETRIEVE_OPERATION):
     kms.clock.advance(timedelta(seconds=30))  # a fresh TOTP step for every approval
-    return access.approve(kms, name, ticket=ticket, operation=operation, target=target, totp=device.at(kms.now()))
+    return approve_both(kms, name, ticket=ticket, operation=operation, target=target, totp=device.at(kms.now()))
 
 
 @pytest.fixture(params=["software", "pkcs11"])
@@ -428,9 +428,10 @@ def test_cli_archive_verify_retrieve_and_refusals(tmp_path, monkeypatch):
     from kms_pipelines.core.context import context_from_env
 
     monkeypatch.setenv("KMS_HOME", str(tmp_path / "home"))
-    for var in ("KMS_DATABASE_URL", "KMS_POLICY", "KMS_KEYSTORE", "KMS_OBJECT_STORE", "KMS_MASTER_KEY",
+    for var in ("KMS_DATABASE_URL", "KMS_KEYSTORE", "KMS_OBJECT_STORE", "KMS_MASTER_KEY",
                 "KMS_WORKLOAD_PRINCIPAL"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("KMS_POLICY", write_test_policy(tmp_path))  # the approvers' keys are software ones
 
     def run(*args):
         return CliRunner().invoke(cli, list(args), catch_exceptions=False)
@@ -464,10 +465,10 @@ def test_cli_archive_verify_retrieve_and_refusals(tmp_path, monkeypatch):
     assert state() == before
     code = devices["bob"].now()
     assert run("approve", "--ticket", TICKET, "--operation", "archive-retrieve", "--target", "root#v1",
-               "--as", "bob", "--totp", code).exit_code == 0
+               "--as", "bob", "--totp", code, "--software-key", security_key_file(kms, "bob", tmp_path)).exit_code == 0
     code = devices["carol"].now()
     assert run("approve", "--ticket", TICKET, "--operation", "archive-retrieve", "--target", "root#v1",
-               "--as", "carol", "--totp", code).exit_code == 0
+               "--as", "carol", "--totp", code, "--software-key", security_key_file(kms, "carol", tmp_path)).exit_code == 0
     out = run("archive", "retrieve", "root", "1", "--ticket", TICKET, "--requested-by", "dave", "--totp", dave_next,
               "--json")
     assert out.exit_code == 0, out.output

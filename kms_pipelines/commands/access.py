@@ -23,6 +23,16 @@ def requester_options(f):
     return click.option("--ticket", required=True, help="Change ticket the approvals are bound to.")(f)
 
 
+software_key_option = click.option(
+    "--software-key", "software_key", type=click.Path(dir_okay=False), default=None,
+    help="Use the software FIDO2 authenticator in this file instead of a plugged-in security key (demo and "
+         "tests: refused unless the policy sets console.allow_software_authenticators).")
+
+
+def _ask_pin() -> str:
+    return click.prompt("Security key PIN", hide_input=True, err=True)
+
+
 def register(cli) -> None:
     from ..cli import EXIT_FAILED, emit_json, finish_verification, get_context
 
@@ -55,6 +65,8 @@ def register(cli) -> None:
             # The only time the secret is shown: to this terminal, never to a log or the database.
             click.echo("TOTP provisioning URI (shown once; add it to the principal's authenticator):")
             click.echo(e.provisioning_uri)
+            click.echo(f"next: {e.name} registers a security key (approvals need it): `kms console registration-link "
+                       f"{e.name} ...` under dual control, then `kms console register LINK` or the link in a browser")
 
     @principals.command("roles")
     @click.argument("name")
@@ -110,14 +122,22 @@ def register(cli) -> None:
                        "ticket+operation.")
     @click.option("--as", "approver", required=True, help="Approving principal.")
     @click.option("--totp", required=True, help="Current TOTP code of the approving principal.")
+    @software_key_option
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context
-    def approve(ctx, ticket, operation, target, approver, totp, as_json):
-        """Record a dual-control approval (A4), verified by the approver's TOTP code."""
-        from ..core import access
+    def approve(ctx, ticket, operation, target, approver, totp, software_key, as_json):
+        """Record a dual-control approval (A4), proven by both of the approver's factors: their
+        security key signs a challenge bound to exactly (operation, target, ticket) -- touch it
+        when asked -- and their TOTP code."""
+        from ..core import access, console_auth
+        from ..fido2_client import authenticator
 
-        info = access.approve(get_context(ctx), approver, ticket=ticket, operation=operation, totp=totp,
-                              target=target)
+        kms = get_context(ctx)
+        challenge = console_auth.begin_approval(kms, approver, operation=operation, ticket=ticket, target=target)
+        key = authenticator(challenge.origin, software_key, prompt=lambda m: click.echo(m, err=True),
+                            **({} if software_key else {"ask_pin": _ask_pin}))
+        info = access.approve(kms, approver, ticket=ticket, operation=operation, totp=totp, target=challenge.target,
+                              assertion={"handle": challenge.handle, "credential": key.get(challenge.options)})
         if as_json:
             emit_json(info.__dict__)
         else:

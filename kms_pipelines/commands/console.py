@@ -64,6 +64,42 @@ def register(cli) -> None:
                    f"{link.expires_at.isoformat()}; shown once:")
         click.echo(link.url(rp.origin))
 
+    @console.command("register")
+    @click.argument("link")
+    @click.option("--totp", required=True, help="Your current TOTP code.")
+    @click.option("--software-key", "software_key", type=click.Path(dir_okay=False), default=None,
+                  help="Create a software FIDO2 authenticator in this (new) file instead of using a plugged-in "
+                       "security key (demo and tests; refused unless console.allow_software_authenticators).")
+    @click.pass_context
+    def register_key(ctx, link, totp, software_key):
+        """Register your security key through LINK, the one-time registration link an admin issued
+        under dual control (`kms console registration-link`), from the terminal instead of the
+        browser: the key is registered for the link's origin and then approves in the console and
+        with `kms approve`."""
+        from urllib.parse import urlparse
+
+        from ..core import console_auth
+        from ..fido2_client import authenticator
+        from .access import _ask_pin
+
+        u = urlparse(link)
+        token = u.path.rsplit("/register/", 1)[-1] if "/register/" in u.path else ""
+        if not token:
+            raise click.BadParameter("expected https://HOST/register/TOKEN, as `kms console registration-link` "
+                                     "printed it", param_hint="LINK")
+        try:
+            rp = console_auth.RelyingParty(f"{u.scheme}://{u.netloc}")
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="LINK") from None
+        kms = get_context(ctx)
+        handle, options = console_auth.begin_registration(kms, rp, token)
+        key = authenticator(rp.origin, software_key, create=bool(software_key),
+                            **({} if software_key else {"prompt": lambda m: click.echo(m, err=True),
+                                                        "ask_pin": _ask_pin}))
+        name = console_auth.complete_registration(kms, rp, token, handle=handle, response=key.create(options),
+                                                  totp=totp)
+        click.echo(f"security key registered for {name} at {rp.origin}")
+
     @console.command("status")
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context

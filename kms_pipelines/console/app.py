@@ -261,6 +261,8 @@ def create_app(config: ConsoleConfig) -> Starlette:
     async def pending_binding(request, action_name: str):
         rid = int(request.path_params["rid"])
         r = await run_in_threadpool(approval_requests.get_pending, ctx, rid)
+        if action_name == "approve":  # the binding access.approve checks
+            return r, console_auth.approval_binding(r.operation, r.target, r.ticket)
         return r, console_auth.step_up_binding(action_name, r.operation, r.target, r.ticket)
 
     @page("approvals")
@@ -280,11 +282,11 @@ def create_app(config: ConsoleConfig) -> Starlette:
         body = await checked_json(request, user)
         r, binding = await pending_binding(request, "approve")
 
-        def run():
-            console_auth.verify_step_up(ctx, rp, user.principal, binding, handle=str(body.get("handle", "")),
-                                        response=body.get("credential") or {})
+        def run():  # core checks the assertion (bound to this request's operation, target, ticket) and TOTP
             return access.approve(ctx, user.principal, ticket=r.ticket, operation=r.operation,
-                                  totp=str(body.get("totp", "")), target=r.target)
+                                  totp=str(body.get("totp", "")), target=r.target,
+                                  assertion={"handle": str(body.get("handle", "")),
+                                             "credential": body.get("credential") or {}})
         info = await run_in_threadpool(run)
         return JSONResponse({"message": f"Approved {info.operation} of {info.target} under {info.ticket} "
                                         f"({info.have}/{info.required}).", "next": "/approvals"})

@@ -1,6 +1,8 @@
 """Principals, roles, dual-control approvals with TOTP, and short-lived workload identities
 (policy clauses A1, A2, A4).
 
+* **Approvals take both factors** (A2): ``approve`` needs the approver's FIDO2 assertion over
+  exactly (operation, target, ticket) (``console_auth.verify_approval``) and their TOTP code.
 * **Identity is proven, never asserted** (A2): ``prove_principal(ctx, name, code)`` is the
   one check that human ``name`` is acting — ``code`` must be their current TOTP code, for a
   time-step newer than any they used (a replayed code is refused). Every human action calls
@@ -145,8 +147,13 @@ def _new_human(ctx: KmsContext, session: Session, name: str, roles: list[str], *
         name=name, issuer_name=ISSUER)
 
 
-def init_principals(ctx: KmsContext, admins: dict[str, Sequence[str]], *, actor: str = "kms-init") -> list[Enrolment]:
+def init_principals(ctx: KmsContext, admins: dict[str, Sequence[str]], *, actor: str = "kms-init",
+                    keys: tuple | None = None) -> list[Enrolment]:
     """The first-run ceremony: enrol the first human principals while none exists.
+
+    ``keys = (origin, make_credential)`` registers a FIDO2 security key for each of them in the
+    same transaction (``console_auth.register_ceremony_keys``; ``make_credential(name, options)``
+    is the CLI's FIDO2 client), so they can approve: every approval needs the key and TOTP.
 
     It needs at least ``approvals_required + 1`` principals (a requester and a quorum of
     approvers for the next enrolment) and may run once: afterwards every enrolment, role
@@ -172,6 +179,12 @@ def init_principals(ctx: KmsContext, admins: dict[str, Sequence[str]], *, actor:
             uri = _new_human(ctx, s, name, roles, actor=actor, now=now, approve_after=now,
                              detail={"ceremony": True})
             out.append(Enrolment(name, "human", roles, uri))
+        if keys is not None:
+            from . import console_auth
+
+            origin, make_credential = keys
+            console_auth.register_ceremony_keys(s, ctx, console_auth.RelyingParty(origin), list(checked),
+                                                make_credential, actor=actor)
     return out
 
 
@@ -515,15 +528,44 @@ def request_approval(ctx: KmsContext, *, operation: str, target: str, ticket: st
         return row.id
 
 
+def _resolve_target(session: Session, operation: str, ticket: str, target: str | None,
+                    approver: str) -> tuple[str, list[ApprovalRequest]]:
+    requests = _open_requests(session, operation, ticket, target)
+    if target is None:
+        targets = sorted({r.target for r in requests})
+        if len(targets) != 1:
+            raise AccessDenied(
+                f"no open request for {operation} under ticket {ticket!r}; name the target with --target"
+                if not targets else f"ticket {ticket!r} has requests for {targets}; name one with --target",
+                reason="invalid", principal=approver)
+        target = targets[0]
+    return target, requests
+
+
+def approval_target(ctx: KmsContext, operation: str, ticket: str, target: str | None, approver: str) -> str:
+    """The target an approval of (operation, ticket) binds to: ``target``, or the one open request's."""
+    _check_binding(ctx, operation, ticket)
+    if target is not None:
+        limits.target(target)
+    with ctx.transaction() as s:
+        return _resolve_target(s, operation, ticket, target, approver)[0]
+
+
 def approve(ctx: KmsContext, approver: str | None = None, *, ticket: str, operation: str,
-            totp: str | None = None, target: str | None = None) -> ApprovalInfo:
-    """Record ``approver``'s TOTP-verified approval of (operation, target, ticket).
+            totp: str | None = None, target: str | None = None, assertion: dict | None = None) -> ApprovalInfo:
+    """Record ``approver``'s approval of (operation, target, ticket), proven by both factors.
 
     Without ``target`` the approval binds to the one open request for (operation, ticket).
-    The approver proves themself with a TOTP code (replay rule), holds ``approve`` (and
-    ``principals`` for a principal operation), is past their cooling-off, and the target
-    exists (a key, key#vN, escrow package, or an open request).
+    The approver proves themself with a FIDO2 assertion *and* a TOTP code (replay rule):
+    ``assertion`` is ``{"handle", "credential"}``, the answer to
+    ``console_auth.begin_approval`` -- the registered key's signature (user verification,
+    grown sign count) over a challenge bound to exactly (operation, target, ticket). The
+    approver holds ``approve`` (and ``principals`` for a principal operation), is past their
+    cooling-off, and the target exists (a key, key#vN, escrow package, or an open request).
+    There is no other way to approve: the console and ``kms approve`` both call this.
     """
+    from . import console_auth
+
     if not approver:
         raise AccessDenied("an approval names its approver (--as)", reason="invalid")
     limits.principal_name(approver, "approver")
@@ -534,6 +576,8 @@ def approve(ctx: KmsContext, approver: str | None = None, *, ticket: str, operat
     pol = ctx.policy.access
     try:
         _check_binding(ctx, operation, ticket)
+        assertion = assertion if isinstance(assertion, dict) else {}
+        ceremony = console_auth.take_approval_ceremony(ctx, approver, str(assertion.get("handle") or ""))
         with ctx.transaction() as s:
             p = _principal(s, approver, lock=True)
             if p is None or p.kind != "human":
@@ -546,15 +590,7 @@ def approve(ctx: KmsContext, approver: str | None = None, *, ticket: str, operat
                                        principal=approver)
             if p.approve_after is None or utc(p.approve_after) > now:
                 raise AccessDenied(_cooling_off_message(ctx, p), reason="cooling_off", principal=approver)
-            requests = _open_requests(s, operation, ticket, target)
-            if target is None:
-                targets = sorted({r.target for r in requests})
-                if len(targets) != 1:
-                    raise AccessDenied(
-                        f"no open request for {operation} under ticket {ticket!r}; name the target with --target"
-                        if not targets else f"ticket {ticket!r} has requests for {targets}; name one with --target",
-                        reason="invalid", principal=approver)
-                target = targets[0]
+            target, requests = _resolve_target(s, operation, ticket, target, approver)
             if operation in PRINCIPAL_OPERATIONS and target.split("=", 1)[0] == approver:
                 raise AccessDenied(f"{approver!r} may not approve a change to their own principal",
                                    reason="self_approval", principal=approver)
@@ -570,6 +606,8 @@ def approve(ctx: KmsContext, approver: str | None = None, *, ticket: str, operat
             if mine is not None:
                 raise AccessDenied(f"{approver!r} has already approved {operation} of {target} under {ticket!r} "
                                    f"(one approver counts once)", reason="duplicate", principal=approver)
+            cred = console_auth.verify_approval(s, ctx, ceremony, approver, operation=operation, target=target,
+                                                ticket=ticket, response=assertion.get("credential"))
             step = _verify_totp(ctx, p, totp or "")
             row = Approval(operation=operation, target=target, ticket=ticket, approver=approver, approved_at=now,
                            expires_at=now + timedelta(minutes=pol.approval_ttl_minutes), totp_step=step)
@@ -579,7 +617,8 @@ def approve(ctx: KmsContext, approver: str | None = None, *, ticket: str, operat
                 Approval.operation == operation, Approval.target == target, Approval.ticket == ticket,
                 Approval.used_at.is_(None), Approval.expires_at > now))))
             audit.record(s, at=now, operation="approve", actor=approver, target=target, outcome="ok",
-                         detail={"ticket": ticket, "for": operation, "approval_id": row.id})
+                         detail={"ticket": ticket, "for": operation, "approval_id": row.id,
+                                 "factors": ["fido2", "totp"], **console_auth._provenance(cred)})
             return ApprovalInfo(row.id, operation, target, ticket, approver, utc(row.expires_at), have,
                                 pol.approvals_required)
     except AccessDenied as exc:
@@ -671,7 +710,7 @@ def check_approvals(session: Session, ctx: KmsContext, *, operation: str, target
         if used:
             parts.append(f"{used} approval(s) for this ticket were already used (approvals are single-use)")
         parts.append(f"missing {need - len(valid)}: `kms approve --ticket {ticket} --operation {operation} "
-                     f"--target {target} --as PRINCIPAL --totp CODE`")
+                     f"--target {target} --as PRINCIPAL --totp CODE` (with the approver's security key)")
         raise AccessDenied("; ".join(parts), reason="approval", principal=requester)
     return valid[:need]
 

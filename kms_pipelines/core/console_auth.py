@@ -14,6 +14,15 @@ key *and* a TOTP code, and confirms each manual-operation action with a fresh as
 * **Step-up**: an approval or launch is confirmed by an assertion whose challenge is
   SHA-256 over (principal, action, operation, target, ticket, nonce), so a stolen session
   cookie cannot approve, and a confirmation for one action cannot be spent on another.
+  ``access.approve`` itself demands such an assertion (``verify_approval``) besides the TOTP
+  code, so the console and ``kms approve`` (a FIDO2 client: ``kms_pipelines/fido2_client.py``)
+  take the same path and no approval rests on TOTP alone.
+* **Software authenticators**: a credential counts as a hardware token only when its
+  registration carried an attestation that verifies to a CA in
+  ``console.attestation_ca_files``; any other credential (the KMS software authenticator, a
+  key registered with "none" attestation) is recorded as software, refused at sign-in and
+  approval unless ``console.allow_software_authenticators`` (the demo's and tests' policies),
+  and named by A2. Each credential records its origin, AAGUID and attestation format.
 * **Sessions** are random tokens held by the browser (only their hash is stored), ended
   after ``console.session_idle_minutes`` idle or ``console.session_absolute_hours``.
 
@@ -34,16 +43,19 @@ import hashlib
 import hmac
 import secrets
 import threading
+import uuid
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from datetime import datetime, timedelta
 from urllib.parse import urlparse
 
+from fido2.attestation import Attestation, InvalidData, InvalidSignature, UnsupportedType, verify_x509_chain
 from fido2.server import Fido2Server
 from fido2.utils import websafe_encode
-from fido2.webauthn import (AttestedCredentialData, AuthenticationResponse, PublicKeyCredentialRpEntity,
-                            PublicKeyCredentialUserEntity, RegistrationResponse, ResidentKeyRequirement,
-                            UserVerificationRequirement)
+from fido2.webauthn import (AttestationConveyancePreference, AttestedCredentialData, AuthenticationResponse,
+                            PublicKeyCredentialRpEntity, PublicKeyCredentialUserEntity, RegistrationResponse,
+                            ResidentKeyRequirement, UserVerificationRequirement)
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -61,6 +73,9 @@ INTEGRITY_REF = "kms-console.integrity"
 _INTEGRITY_CONTEXT = b"kms-console-integrity/1"
 _STEP_UP_CONTEXT = b"kms-console-step-up/1\n"
 _USER_HANDLE_CONTEXT = b"kms-console-user/1\n"
+# The AAGUID the KMS software authenticator (kms_pipelines/fido2_client.py) states: a label,
+# not a proof (anyone can state any AAGUID); only a verified attestation makes a credential hardware.
+SOFTWARE_AAGUID = uuid.UUID("6b6d732d-736f-6674-7761-72652d666964")
 
 
 class ConsoleDenied(access.AccessDenied):
@@ -87,9 +102,12 @@ class RelyingParty:
     def rp_id(self) -> str:
         return urlparse(self.origin).hostname
 
-    def server(self) -> Fido2Server:
+    def server(self, attestation: bool = False) -> Fido2Server:
+        # With ``attestation`` the key is asked for its attestation statement, which
+        # ``_hardware_attested`` checks against the policy's CAs (the server itself ignores it).
         return Fido2Server(PublicKeyCredentialRpEntity(name="KMS console", id=self.rp_id),
-                           verify_origin=lambda o: o == self.origin)
+                           attestation=AttestationConveyancePreference.DIRECT if attestation else None,
+                           verify_origin=lambda o: o == self.origin, verify_attestation=lambda *_: None)
 
 
 _MAC_KEYS: weakref.WeakKeyDictionary[object, bytes] = weakref.WeakKeyDictionary()
@@ -124,7 +142,10 @@ def _hash(ctx: KmsContext, kind: str, token: str) -> str:
 
 
 def _credential_mac(ctx: KmsContext, c: ConsoleCredential) -> str:
-    return _mac(ctx, "credential", c.principal, c.credential_id, c.credential_data, c.sign_count)
+    # The origin and a hardware verdict are covered when present (rows from before they existed
+    # keep their MAC), so a database writer can neither move a key nor promote a software one.
+    extra = ([f"origin={c.origin}"] if c.origin else []) + ([] if c.software is not False else ["hardware"])
+    return _mac(ctx, "credential", c.principal, c.credential_id, c.credential_data, c.sign_count, *extra)
 
 
 def _session_mac(ctx: KmsContext, row: ConsoleSession) -> str:
@@ -198,10 +219,12 @@ def _take_ceremony(ctx: KmsContext, handle: str, purpose: str, principal: str | 
     raise _denied("ceremony", problem, principal)
 
 
-def _verify_assertion(session: Session, ctx: KmsContext, rp: RelyingParty, ceremony: ConsoleCeremony,
+def _verify_assertion(session: Session, ctx: KmsContext, rp: RelyingParty | None, ceremony: ConsoleCeremony,
                       response: dict, principal: str) -> ConsoleCredential:
     """The principal's credential that signed ``response`` over the ceremony's challenge with
-    user verification and a grown sign count (updated here), or ConsoleDenied."""
+    user verification and a grown sign count (updated here), or ConsoleDenied. The assertion is
+    checked against the origin the credential was registered at (``rp``, the console, for
+    credentials from before origins were recorded); a console at another origin refuses it."""
     try:
         parsed = AuthenticationResponse.from_dict(response)
     except (KeyError, TypeError, ValueError):
@@ -213,9 +236,17 @@ def _verify_assertion(session: Session, ctx: KmsContext, rp: RelyingParty, cerem
     if not credential_intact(ctx, cred):
         raise _denied("integrity", f"the stored security key of {principal!r} fails its integrity check (changed "
                       f"outside the console); it is refused", principal)
+    if cred.software is not False and not ctx.policy.console.allow_software_authenticators:
+        raise _denied("software_authenticator", f"the security key of {principal!r} is a software authenticator "
+                      f"(no attestation verified to console.attestation_ca_files); the policy does not allow "
+                      f"software authenticators (console.allow_software_authenticators)", principal)
+    expected = RelyingParty(cred.origin) if cred.origin else rp
+    if expected is None or (rp is not None and rp.origin != expected.origin):
+        raise _denied("webauthn", f"this security key was registered at {cred.origin}, not at "
+                      f"{rp.origin if rp else 'an unknown origin'}", principal)
     try:
-        rp.server().authenticate_complete(_state(ceremony.challenge),
-                                          [AttestedCredentialData(cred.credential_data)], parsed)
+        expected.server().authenticate_complete(_state(ceremony.challenge),
+                                                [AttestedCredentialData(cred.credential_data)], parsed)
     except ValueError as exc:
         raise _denied("webauthn", f"security-key assertion refused: {exc}", principal) from None
     count = parsed.response.authenticator_data.counter
@@ -225,6 +256,63 @@ def _verify_assertion(session: Session, ctx: KmsContext, rp: RelyingParty, cerem
     cred.sign_count, cred.last_used_at = count, ctx.now()
     cred.mac = _credential_mac(ctx, cred)
     return cred
+
+
+def _hardware_attested(ctx: KmsContext, registration: RegistrationResponse) -> bool:
+    """True when the registration's attestation statement verifies and chains to one of the
+    policy's CAs (``console.attestation_ca_files``, PEM). Self and "none" attestation prove
+    nothing about where the key lives."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    files = ctx.policy.console.attestation_ca_files
+    att = registration.response.attestation_object
+    if not files or att.fmt == "none":
+        return False
+    try:
+        result = Attestation.for_type(att.fmt)().verify(att.att_stmt, att.auth_data,
+                                                         registration.response.client_data.hash)
+    except (InvalidData, InvalidSignature, UnsupportedType, ValueError):
+        return False
+    if not result.trust_path:
+        return False
+    for f in files:
+        for ca in x509.load_pem_x509_certificates(Path(f).read_bytes()):
+            try:
+                verify_x509_chain(result.trust_path + [ca.public_bytes(Encoding.DER)])
+                return True
+            except (InvalidSignature, ValueError):
+                continue
+    return False
+
+
+def _store_credential(session: Session, ctx: KmsContext, rp: RelyingParty, principal: str, state_challenge: bytes,
+                      response: dict, *, link_id: int | None) -> ConsoleCredential:
+    """Verify a registration ``response`` (UV required, exact origin) and add the credential
+    with its origin, AAGUID, attestation format and hardware verdict."""
+    try:
+        registration = RegistrationResponse.from_dict(response)
+        auth = rp.server(attestation=True).register_complete(_state(state_challenge), registration)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _denied("webauthn", f"security-key registration refused: {exc}", principal) from None
+    cd = auth.credential_data
+    if cd is None:
+        raise _denied("webauthn", "security-key registration carried no credential", principal)
+    if session.scalars(select(ConsoleCredential.id).where(ConsoleCredential.credential_id == cd.credential_id)).first():
+        raise _denied("webauthn", "this security key credential is already registered", principal)
+    cred = ConsoleCredential(principal=principal, credential_id=cd.credential_id, credential_data=bytes(cd),
+                             sign_count=auth.counter, registered_at=ctx.now(), registration_link_id=link_id,
+                             origin=rp.origin, aaguid=str(cd.aaguid),
+                             attestation=str(registration.response.attestation_object.fmt)[:32],
+                             software=not _hardware_attested(ctx, registration))
+    cred.mac = _credential_mac(ctx, cred)
+    session.add(cred)
+    return cred
+
+
+def _provenance(cred: ConsoleCredential) -> dict:
+    return {"credential": _short(cred.credential_id), "aaguid": cred.aaguid, "attestation": cred.attestation,
+            "authenticator": "software" if cred.software else "hardware", "origin": cred.origin}
 
 
 def _audited(ctx: KmsContext, operation: str, actor: str | None, target: str | None, fn, detail: dict | None = None):
@@ -315,6 +403,15 @@ def _user_handle(name: str) -> bytes:
     return hashlib.sha256(_USER_HANDLE_CONTEXT + name.encode()).digest()[:16]
 
 
+def _registration_options(ctx: KmsContext, rp: RelyingParty, principal: str, existing: list, challenge: bytes) -> dict:
+    # attestation is asked for only where the policy can verify it (CAs configured)
+    opts, _ = rp.server(attestation=bool(ctx.policy.console.attestation_ca_files)).register_begin(
+        PublicKeyCredentialUserEntity(id=_user_handle(principal), name=principal, display_name=principal),
+        credentials=existing, resident_key_requirement=ResidentKeyRequirement.REQUIRED,
+        user_verification=UserVerificationRequirement.REQUIRED, challenge=challenge)
+    return _options(opts)
+
+
 def begin_registration(ctx: KmsContext, rp: RelyingParty, token: str) -> tuple[str, dict]:
     """(ceremony handle, PublicKeyCredentialCreationOptions as JSON) for the link's principal."""
     def run():
@@ -323,13 +420,9 @@ def begin_registration(ctx: KmsContext, rp: RelyingParty, token: str) -> tuple[s
             existing = [AttestedCredentialData(c.credential_data) for c in s.scalars(
                 select(ConsoleCredential).where(ConsoleCredential.principal == link.principal))]
             challenge = secrets.token_bytes(32)
-            opts, _ = rp.server().register_begin(
-                PublicKeyCredentialUserEntity(id=_user_handle(link.principal), name=link.principal,
-                                              display_name=link.principal),
-                credentials=existing, resident_key_requirement=ResidentKeyRequirement.REQUIRED,
-                user_verification=UserVerificationRequirement.REQUIRED, challenge=challenge)
+            opts = _registration_options(ctx, rp, link.principal, existing, challenge)
             handle = _new_ceremony(s, ctx, "register", link.principal, challenge, binding={"link": link.id})
-            return handle, _options(opts)
+            return handle, opts
     return _audited(ctx, "console.register", None, None, run)
 
 
@@ -349,23 +442,11 @@ def complete_registration(ctx: KmsContext, rp: RelyingParty, token: str, *, hand
             if (ceremony.binding or {}).get("link") != link.id:
                 raise _denied("ceremony", "the security-key challenge belongs to another registration link", principal)
             _console_principal(s, principal)
-            try:
-                auth = rp.server().register_complete(_state(ceremony.challenge), RegistrationResponse.from_dict(response))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise _denied("webauthn", f"security-key registration refused: {exc}", principal) from None
-            cd = auth.credential_data
-            if cd is None:
-                raise _denied("webauthn", "security-key registration carried no credential", principal)
-            if s.scalars(select(ConsoleCredential.id).where(ConsoleCredential.credential_id == cd.credential_id)).first():
-                raise _denied("webauthn", "this security key credential is already registered", principal)
+            cred = _store_credential(s, ctx, rp, principal, ceremony.challenge, response, link_id=link.id)
             check_totp(ctx, s, principal, totp)
-            cred = ConsoleCredential(principal=principal, credential_id=cd.credential_id, credential_data=bytes(cd),
-                                     sign_count=auth.counter, registered_at=now, registration_link_id=link.id)
-            cred.mac = _credential_mac(ctx, cred)
-            s.add(cred)
             link.used_at = now
             audit.record(s, at=now, operation="console.register", actor=principal, target=principal, outcome="ok",
-                         detail={"credential": _short(cd.credential_id), "link": link.id, "ticket": link.ticket})
+                         detail={**_provenance(cred), "link": link.id, "ticket": link.ticket})
         return principal
 
     try:
@@ -503,11 +584,16 @@ def step_up_binding(action: str, operation: str, target: str, ticket: str) -> di
     return {"action": action, "operation": operation, "target": target, "ticket": ticket}
 
 
-def begin_step_up(ctx: KmsContext, rp: RelyingParty, principal: str, binding: dict) -> tuple[str, dict]:
-    """A challenge derived from exactly ``binding``, answerable only by ``principal``'s keys."""
+def begin_step_up(ctx: KmsContext, rp: RelyingParty | None, principal: str, binding: dict) -> tuple[str, dict]:
+    """A challenge derived from exactly ``binding``, answerable only by ``principal``'s keys.
+    Without ``rp`` (the CLI) the relying party is the origin of the principal's newest key."""
     with ctx.transaction() as s:
-        creds = [AttestedCredentialData(c.credential_data) for c in s.scalars(
-            select(ConsoleCredential).where(ConsoleCredential.principal == principal))]
+        rows = list(s.scalars(select(ConsoleCredential).where(ConsoleCredential.principal == principal)
+                              .order_by(ConsoleCredential.id.desc())))
+        if rp is None and rows:
+            rp = next((RelyingParty(c.origin) for c in rows if c.origin), None)
+        creds = [AttestedCredentialData(c.credential_data) for c in rows
+                 if rp is not None and (c.origin or rp.origin) == rp.origin]
         if not creds:
             raise _denied("unknown_credential", f"{principal!r} has no registered security key", principal)
         nonce = secrets.token_bytes(32)
@@ -517,15 +603,20 @@ def begin_step_up(ctx: KmsContext, rp: RelyingParty, principal: str, binding: di
         return _new_ceremony(s, ctx, "step-up", principal, challenge, nonce, binding), _options(opts)
 
 
+def _bound_ceremony(ctx: KmsContext, principal: str, binding: dict, handle: str) -> ConsoleCeremony:
+    ceremony = _take_ceremony(ctx, handle, "step-up", principal)
+    if not hmac.compare_digest(_bound_challenge(principal, binding, ceremony.nonce), ceremony.challenge):
+        raise _denied("binding", f"the security-key confirmation was given for {ceremony.binding}, not for "
+                      f"{binding}", principal)
+    return ceremony
+
+
 def verify_step_up(ctx: KmsContext, rp: RelyingParty, principal: str, binding: dict, *, handle: str,
                    response: dict) -> None:
     """Refuse (ConsoleDenied, audited) unless ``response`` is ``principal``'s fresh assertion over
     the challenge derived from exactly ``binding``."""
     def run():
-        ceremony = _take_ceremony(ctx, handle, "step-up", principal)
-        if not hmac.compare_digest(_bound_challenge(principal, binding, ceremony.nonce), ceremony.challenge):
-            raise _denied("binding", f"the security-key confirmation was given for {ceremony.binding}, not for "
-                          f"{binding}", principal)
+        ceremony = _bound_ceremony(ctx, principal, binding, handle)
         now = ctx.now()
         with ctx.transaction() as s:
             cred = _verify_assertion(s, ctx, rp, ceremony, response, principal)
@@ -534,27 +625,108 @@ def verify_step_up(ctx: KmsContext, rp: RelyingParty, principal: str, binding: d
     _audited(ctx, "console.step-up", principal, binding.get("target"), run, binding)
 
 
+# ---- approvals: the FIDO2 half of every human approval (access.approve) ---------------------
+
+@dataclass
+class ApprovalChallenge:
+    """What a FIDO2 client signs to approve (operation, target, ticket): ``options`` are
+    PublicKeyCredentialRequestOptions (JSON), ``origin`` the relying party's origin."""
+    handle: str
+    options: dict
+    origin: str
+    target: str
+
+
+def approval_binding(operation: str, target: str, ticket: str) -> dict:
+    return step_up_binding("approve", operation, target, ticket)
+
+
+def begin_approval(ctx: KmsContext, principal: str, *, operation: str, ticket: str, target: str | None = None,
+                   rp: RelyingParty | None = None) -> ApprovalChallenge:
+    """The challenge ``principal``'s security key signs to approve exactly (operation, target,
+    ticket); without ``target``, the one open request's (as ``access.approve``). Audited on refusal."""
+    def run():
+        resolved = access.approval_target(ctx, operation, ticket, target, principal)
+        handle, options = begin_step_up(ctx, rp, principal, approval_binding(operation, resolved, ticket))
+        rp_id = options["publicKey"]["rpId"]
+        with ctx.transaction() as s:
+            origins = {c.origin for c in s.scalars(select(ConsoleCredential).where(
+                ConsoleCredential.principal == principal)) if c.origin}
+        origin = rp.origin if rp else next(o for o in sorted(origins) if RelyingParty(o).rp_id == rp_id)
+        return ApprovalChallenge(handle, options, origin, resolved)
+    return _audited(ctx, "approve", principal, target, run, {"ticket": ticket, "for": operation})
+
+
+def verify_approval(session: Session, ctx: KmsContext, ceremony: ConsoleCeremony | None, principal: str, *,
+                    operation: str, target: str, ticket: str, response: dict | None) -> ConsoleCredential:
+    """Inside ``access.approve``'s transaction: ``response`` must be ``principal``'s assertion
+    (UV, grown sign count, a registered credential) over the challenge bound to exactly
+    (operation, target, ticket). ``ceremony`` is ``take_approval_ceremony``'s."""
+    if ceremony is None or not response:
+        raise _denied("fido2", f"an approval needs {principal!r}'s security-key assertion over ({operation}, "
+                      f"{target}, {ticket}) besides the TOTP code (`kms approve` asks the key)", principal)
+    binding = approval_binding(operation, target, ticket)
+    if ceremony.binding != binding:
+        raise _denied("binding", f"the security-key confirmation was given for {ceremony.binding}, not for "
+                      f"{binding}", principal)
+    return _verify_assertion(session, ctx, None, ceremony, response, principal)
+
+
+def take_approval_ceremony(ctx: KmsContext, principal: str, handle: str | None) -> ConsoleCeremony | None:
+    """Mark the approval's challenge answered (its own transaction: a failed answer is not retried)."""
+    if not handle:
+        return None
+    ceremony = _take_ceremony(ctx, handle, "step-up", principal)
+    if not hmac.compare_digest(_bound_challenge(principal, ceremony.binding or {}, ceremony.nonce),
+                               ceremony.challenge):
+        raise _denied("binding", "the security-key challenge does not match its recorded binding", principal)
+    return ceremony
+
+
+# ---- the first-run ceremony's keys ------------------------------------------------------
+
+def register_ceremony_keys(session: Session, ctx: KmsContext, rp: RelyingParty, principals: list[str],
+                           make_credential, *, actor: str) -> None:
+    """In the first-run ceremony's transaction (``access.init_principals``): register one security
+    key for each new principal, ``make_credential(name, options) -> registration response`` being
+    the CLI's FIDO2 client. The ceremony is the root of trust, so no link; a refusal rolls the
+    whole ceremony back."""
+    for name in principals:
+        challenge = secrets.token_bytes(32)
+        options = _registration_options(ctx, rp, name, [], challenge)
+        cred = _store_credential(session, ctx, rp, name, challenge, make_credential(name, options), link_id=None)
+        session.flush()
+        audit.record(session, at=ctx.now(), operation="console.register", actor=actor, target=name, outcome="ok",
+                     detail={**_provenance(cred), "ceremony": True})
+
+
 # ---- what A2 checks -----------------------------------------------------------------
 
-def credentials_by_principal(ctx: KmsContext) -> dict[str, int]:
-    """Registered credentials per principal, counting only rows whose integrity MAC verifies."""
+def credentials_by_principal(ctx: KmsContext, *, hardware_only: bool = False) -> dict[str, int]:
+    """Registered credentials per principal, counting only rows whose integrity MAC verifies
+    (and, with ``hardware_only``, only attested hardware keys)."""
     with ctx.transaction() as s:
         counts: dict[str, int] = {}
         for c in s.scalars(select(ConsoleCredential)):
-            if credential_intact(ctx, c):
+            if credential_intact(ctx, c) and not (hardware_only and c.software is not False):
                 counts[c.principal] = counts.get(c.principal, 0) + 1
         return counts
 
 
 def missing_console_factors(ctx: KmsContext) -> dict[str, list[str]]:
-    """Every enabled human principal with a role -> the console factors it lacks
-    (``fido2``, ``totp``); principals lacking none are left out."""
+    """Every enabled human principal with a role -> the console factors it lacks (``fido2``,
+    ``totp``, or ``fido2-hardware`` when its only keys are software authenticators and the
+    policy does not allow them); principals lacking none are left out."""
     creds = credentials_by_principal(ctx)
+    hardware = (creds if ctx.policy.console.allow_software_authenticators
+                else credentials_by_principal(ctx, hardware_only=True))
     gaps: dict[str, list[str]] = {}
     for p in access.list_principals(ctx):
         if p["kind"] != "human" or p["disabled"] or not p["roles"]:
             continue
-        missing = ([] if creds.get(p["name"]) else ["fido2"]) + ([] if p["totp_enrolled"] else ["totp"])
+        name = p["name"]
+        missing = (["fido2"] if not creds.get(name) else ["fido2-hardware"] if not hardware.get(name) else []) \
+            + ([] if p["totp_enrolled"] else ["totp"])
         if missing:
-            gaps[p["name"]] = missing
+            gaps[name] = missing
     return gaps

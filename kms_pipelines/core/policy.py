@@ -246,6 +246,11 @@ class Console(_Strict):
     session_absolute_hours: int = Field(default=8, gt=0, le=24)
     registration_link_hours: int = Field(default=24, gt=0, le=168)
     ceremony_seconds: int = Field(default=120, ge=30, le=600)
+    # A2: a security key counts as hardware only when its attestation chains to one of these
+    # PEM CA files (the vendors' attestation roots); any other is a software authenticator,
+    # refused at sign-in and approval and named by A2 unless allowed here (demo, tests).
+    attestation_ca_files: list[str] = []
+    allow_software_authenticators: bool = False
     # page -> the roles that may open it; every other signed-in role gets 403.
     pages: dict[str, list[str]] = {
         "approvals": list(ROLES), "principals": ["security_engineering"],

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Integer, LargeBinary, String
+from sqlalchemy import JSON, BigInteger, Boolean, Integer, LargeBinary, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from .models import TS, Base
@@ -28,9 +28,15 @@ class ConsoleCredential(Base):
     credential_data: Mapped[bytes] = mapped_column(LargeBinary)  # AAGUID, id and COSE public key
     sign_count: Mapped[int] = mapped_column(BigInteger)  # newest counter seen; must only grow
     registered_at: Mapped[datetime] = mapped_column(TS)
-    registration_link_id: Mapped[int] = mapped_column(Integer)
+    registration_link_id: Mapped[int | None] = mapped_column(Integer)  # None: registered by the CLI
     last_used_at: Mapped[datetime | None] = mapped_column(TS)
-    mac: Mapped[str] = mapped_column(String(64))  # HMAC over principal, id, data, sign_count
+    mac: Mapped[str] = mapped_column(String(64))  # HMAC over principal, id, data, sign_count (+ origin, hardware)
+    origin: Mapped[str | None] = mapped_column(String(300))  # the RP origin it was registered at
+    aaguid: Mapped[str | None] = mapped_column(String(36))  # authenticator model, as the key stated it
+    attestation: Mapped[str | None] = mapped_column(String(32))  # attestation format ("none", "packed", ...)
+    # True unless the attestation verified to a CA in console.attestation_ca_files: nothing else
+    # proves the credential lives in a hardware token.
+    software: Mapped[bool] = mapped_column(Boolean, default=True)
 
 
 class ConsoleRegistrationLink(Base):
