@@ -12,12 +12,46 @@ set -euo pipefail
 source "$(dirname "$0")/lib/env.sh"
 cd "$REPO_ROOT"
 START=$SECONDS
+DEMO_CONSOLE_ORIGIN="http://localhost:8443"
 
 phase_setup() {
   ensure_venv
   export KMS_HOME="${KMS_HOME:-$REPO_ROOT/.kms}"
   export DAGSTER_HOME="${DAGSTER_HOME:-$KMS_HOME/dagster}"
   ensure_dev_instance "$DAGSTER_HOME"
+  # The demo's policy: the packaged one, but software FIDO2 authenticators allowed (its
+  # principals' security keys are files under $KMS_HOME/principals; production's policy
+  # refuses such keys and A2 names any principal holding only one).
+  mkdir -p "$KMS_HOME"
+  sed 's/allow_software_authenticators: false/allow_software_authenticators: true/' \
+    "$REPO_ROOT/assets/policy.yaml" >"$KMS_HOME/policy.yaml"
+  grep -q "allow_software_authenticators: true" "$KMS_HOME/policy.yaml" || die "demo policy: no software-key switch"
+  export KMS_POLICY="${KMS_POLICY:-$KMS_HOME/policy.yaml}"
+}
+
+# The first-run ceremony, once: five principals with generated TOTP secrets and software
+# security keys kept under $KMS_HOME/principals (each person holds their own in production).
+phase_principals() {
+  local dir="$KMS_HOME/principals"
+  if [ -f "$dir/enrolled.json" ]; then
+    log "principals already enrolled ($dir)"
+    return
+  fi
+  mkdir -p "$dir" && chmod 700 "$dir"
+  kms init --console-origin "$DEMO_CONSOLE_ORIGIN" --software-keys "$dir" --json \
+    --admin alice=security_engineering --admin bob=security_engineering --admin carol=security_engineering \
+    --admin dave=sre_oncall --admin erin=compliance_officer >"$dir/enrolled.json.tmp"
+  chmod 600 "$dir/enrolled.json.tmp" && mv "$dir/enrolled.json.tmp" "$dir/enrolled.json"
+  python - "$dir" <<'PY'
+import json, os, sys
+d = sys.argv[1]
+for e in json.load(open(os.path.join(d, "enrolled.json")))["enrolled"]:
+    path = os.path.join(d, e["name"] + ".totp")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.write(fd, (e["provisioning_uri"] + "\n").encode())
+    os.close(fd)
+PY
+  log "enrolled alice, bob, carol, dave, erin: TOTP URIs and software security keys in $dir"
 }
 
 phase_state() {
@@ -78,7 +112,11 @@ phase_summary() {
 To browse this state in the Dagster UI (Runs lists the runs above; each can be re-executed):
   ./scripts/ui.sh        # = KMS_HOME=$KMS_HOME DAGSTER_HOME=$DAGSTER_HOME $VENV/bin/dg dev --host 127.0.0.1 --port 3000
 then open http://127.0.0.1:3000.
-The KMS console (FIDO2 key + TOTP sign-in; README "The KMS console"): KMS_HOME=$KMS_HOME $VENV/bin/kms console serve --origin http://localhost:8443 --port 8443
+The KMS console (FIDO2 key + TOTP sign-in; README "The KMS console"): KMS_HOME=$KMS_HOME KMS_POLICY=$KMS_POLICY $VENV/bin/kms console serve --origin $DEMO_CONSOLE_ORIGIN --port 8443
+The demo's principals (alice, bob, carol, dave, erin) approve from the CLI with both factors, e.g.
+  kms approve --ticket CHG-1 --operation rotate --target root --as bob \
+    --totp "\$(python -c 'import pyotp;print(pyotp.parse_uri(open("$KMS_HOME/principals/bob.totp").read()).now())')" \
+    --software-key $KMS_HOME/principals/bob.fido2.json
 MSG
   if grep -q "FAIL" <<<"$overall"; then
     die "demo finished in $((SECONDS - START)) s, but the compliance report FAILS (above); nothing the demo does should cause that"
@@ -88,5 +126,6 @@ MSG
 
 phase_setup
 phase_state
+phase_principals
 phase_jobs
 phase_summary

@@ -237,14 +237,12 @@ def test_sessions_end_idle_and_absolute_per_policy(team):
 
 
 def test_a2_is_red_while_a_principal_with_a_role_lacks_a_factor(team):
-    kms, devices = team
+    kms, devices = team  # the team's keys came with their enrolment; eve has none yet
+    devices["eve"] = Device(kms, enrol_direct(kms, "eve", "compliance_officer", key=False))
     finding = compliance.evaluate(kms, compliance.clause("A2"))
     assert finding.status == compliance.FAIL
-    assert "ann lacks fido2" in finding.evidence and "cy lacks fido2" in finding.evidence
-    keys = {}
-    for name in devices:
-        keys[name] = SoftAuthenticator(ORIGIN)
-        register(kms, RP, _link(kms, devices, name).token, devices[name].code(), keys[name])
+    assert "eve lacks fido2" in finding.evidence and "ann lacks" not in finding.evidence
+    register(kms, RP, _link(kms, devices, "eve").token, devices["eve"].code(), SoftAuthenticator(ORIGIN))
     finding = compliance.evaluate(kms, compliance.clause("A2"))
     assert "console principals" not in finding.evidence, finding.evidence
     assert "every console principal with a role has a FIDO2 security key and TOTP" in finding.evidence
@@ -261,9 +259,11 @@ def test_an_insider_with_database_access_cannot_forge_console_identity(team):
     """Direct SQL, as an insider who can write the database but not use the keystore: a
     rewound sign count (to pass a cloned key), a session moved to another principal, a minted
     session, a planted credential. Each is refused; A2 stops counting the planted key."""
-    from sqlalchemy import insert, update
+    from sqlalchemy import delete, insert, update
 
     kms, devices = team
+    with kms.engine.begin() as conn:  # set-up: bo starts without the key of their enrolment
+        conn.execute(delete(ConsoleCredential).where(ConsoleCredential.principal == "bo"))
     key = SoftAuthenticator(ORIGIN)
     register(kms, RP, _link(kms, devices, "bo").token, devices["bo"].code(), key)
     grant = _sign_in(kms, key, "bo", devices["bo"].code())
@@ -271,7 +271,7 @@ def test_an_insider_with_database_access_cannot_forge_console_identity(team):
 
     # 1. Rewind the stored sign count so a clone's low counter passes: the row no longer verifies.
     with kms.engine.begin() as conn:
-        conn.execute(update(ConsoleCredential).values(sign_count=0))
+        conn.execute(update(ConsoleCredential).where(ConsoleCredential.principal == "bo").values(sign_count=0))
     clone = copy.copy(key)
     with pytest.raises(console_auth.ConsoleDenied, match="fails its integrity check"):
         _sign_in(kms, clone, "bo", devices["bo"].code(), count=1)
@@ -301,7 +301,8 @@ def test_an_insider_with_database_access_cannot_forge_console_identity(team):
 
     data = AttestedCredentialData.create(b"\0" * 16, planted.credential_id,
                                          ES256.from_cryptography_key(planted.key.public_key()))
-    with kms.engine.begin() as conn:
+    with kms.engine.begin() as conn:  # in place of cy's own key
+        conn.execute(delete(ConsoleCredential).where(ConsoleCredential.principal == "cy"))
         conn.execute(insert(ConsoleCredential).values(
             principal="cy", credential_id=planted.credential_id, credential_data=bytes(data), sign_count=0,
             registered_at=now, registration_link_id=0, mac="0" * 64))

@@ -737,6 +737,10 @@ def eval_a2(ctx: KmsContext) -> Finding:
                     warnings)
 
 
+_FACTOR_NAMES = {"fido2-hardware": "a hardware FIDO2 key (its keys are software authenticators, which the policy "
+                                   "does not allow: console.allow_software_authenticators)"}
+
+
 def _a2_console_factors(ctx: KmsContext) -> tuple[list[str], list[str]]:
     """A2's console half: every enabled human principal with a role has a registered FIDO2
     security key and a TOTP enrolment (``kms console`` signs in with both)."""
@@ -745,7 +749,8 @@ def _a2_console_factors(ctx: KmsContext) -> tuple[list[str], list[str]]:
     gaps = console_auth.missing_console_factors(ctx)
     if gaps:
         return ["console principals without both factors: "
-                + "; ".join(f"{name} lacks {' and '.join(m)}" for name, m in sorted(gaps.items()))], []
+                + "; ".join(f"{name} lacks {' and '.join(_FACTOR_NAMES.get(f, f) for f in m)}"
+                            for name, m in sorted(gaps.items()))], []
     return [], ["every console principal with a role has a FIDO2 security key and TOTP"]
 
 
