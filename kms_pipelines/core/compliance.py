@@ -1065,7 +1065,7 @@ CLAUSES: tuple[Clause, ...] = (
     Clause("A1", "Least privilege: only sre_oncall, security_engineering, compliance_officer",
            "roles + permission matrix from the policy", eval_a1),
     Clause("A2", "FIDO2 + TOTP console access; workload identities ≤ 15 min",
-           "kms console: FIDO2 key + TOTP per principal with a role; TOTP on approvals; workload token TTL cap", eval_a2),
+           "kms console: FIDO2 key + TOTP per principal with a role; FIDO2 + TOTP on approvals; workload token TTL cap", eval_a2),
     Clause("A3", "Every KMS operation logged, immutable, with anomaly detection",
            "hash-chained audit log + anomaly review", eval_a3,
            ("audit_anomalies/audit_chain_intact", "audit_anomalies/no_unreviewed_high_anomalies")),
