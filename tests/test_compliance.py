@@ -19,7 +19,7 @@ from kms_pipelines.core.db.append_only import create_append_only_triggers, drop_
 from kms_pipelines.defs import compliance as compliance_defs
 from kms_pipelines.defs import foundation
 from tests.fixtures.dagster_defs import kms_resources
-from tests.fixtures.kms import ceremony, approve_both
+from tests.fixtures.kms import approve_both, ceremony, write_test_policy
 
 CUSTODIANS = ["custodian-a", "custodian-b", "custodian-c"]
 ALL = [c.id for c in compliance.CLAUSES]
@@ -32,11 +32,13 @@ def _now() -> datetime:
 
 
 @pytest.fixture
-def exercised(make_kms, master_key, monkeypatch):
+def exercised(make_kms, master_key, monkeypatch, tmp_path):
     """Bootstrap + custodians sealed + four approvers with TOTP and a console FIDO2 key + one nightly run
     (rotations, sweep, escrow, RPT verify, checkpoint, backup, retention, anomalies) +
     a passed restore drill: every clause has its evidence."""
     monkeypatch.setenv("KMS_MASTER_KEY", base64.b64encode(master_key).decode())
+    # the CLI and Dagster reports load the policy too: the tests' one (software security keys allowed)
+    monkeypatch.setenv("KMS_POLICY", write_test_policy(tmp_path))
     kms = make_kms("sqlite", clock=SimulatedClock(_now()))
     for c in CUSTODIANS:
         escrow.enroll_custodian(kms, c)
@@ -51,7 +53,7 @@ def exercised(make_kms, master_key, monkeypatch):
 
 def _register_console_keys(kms, devices) -> None:
     """A2: each principal registers a FIDO2 key (software authenticator) through a link that
-    ann requests and two others approve with TOTP (the clock moves one step per code)."""
+    ann requests and two others approve with both factors (the clock moves one step per code)."""
     from kms_pipelines.core import console_auth
     from tests.fido2_soft import SoftAuthenticator, register
 

@@ -96,7 +96,12 @@ def scratch_context(home: Path, clock: SimulatedClock, policy_path: str | None =
     from .keystore.audited import AuditedKeyStore
 
     keystore = AuditedKeyStore(SoftwareKeyStore(home / "artifacts" / "kms" / "keys", secrets.token_bytes(32)))
-    ctx = KmsContext(engine=engine, keystore=keystore, policy=load_policy(policy_path), clock=clock,
+    policy = load_policy(policy_path)
+    # The simulated approvers hold software security keys (fido2_client.SoftwareAuthenticator):
+    # allowed here, on scratch state only, whatever the live policy says.
+    policy = policy.model_copy(update={"console": policy.console.model_copy(
+        update={"allow_software_authenticators": True})})
+    ctx = KmsContext(engine=engine, keystore=keystore, policy=policy, clock=clock,
                      objects=LocalObjectStore(home / "objects", now=clock.now),
                      notifier=OutboxNotifier(home / "outbox.jsonl"), home=home, actor="simulator")
     return ctx
@@ -109,6 +114,7 @@ class Actors:
 
     APPROVERS = ("sim-approver-a", "sim-approver-b")
     REQUESTER = "sim-requester"  # completes the ceremony's quorum (a requester + the approvers)
+    SIM_ORIGIN = "https://kms-simulation.invalid"  # the relying party their software keys registered at
 
     def __init__(self, ctx: KmsContext, *, confirm: bool = True, ack: bool = True, approve: bool = True):
         self.ctx, self.confirm, self.ack, self.approve = ctx, confirm, ack, approve
@@ -133,10 +139,16 @@ class Actors:
         access = self._access_api()
         if not access or self._enrolled:
             return
-        self._totp = {}
+        from ..fido2_client import SoftwareAuthenticator
+
+        self._totp, self._keys = {}, {}
         names = (*self.APPROVERS, self.REQUESTER)
+
+        def make_credential(name, options):
+            self._keys[name] = SoftwareAuthenticator(self.SIM_ORIGIN)
+            return self._keys[name].create(options)
         for enrolment in access.init_principals(self.ctx, {n: ["security_engineering"] for n in names},
-                                                actor="simulator"):
+                                                actor="simulator", keys=(self.SIM_ORIGIN, make_credential)):
             self._totp[enrolment.name] = pyotp.parse_uri(enrolment.provisioning_uri)
         self._enrolled = True
 
@@ -162,8 +174,13 @@ class Actors:
             for approver in self.APPROVERS:
                 at += timedelta(seconds=self.ctx.policy.access.totp_interval_seconds)  # a fresh TOTP step
                 clock.set(at)
+                from . import console_auth
+
+                ch = console_auth.begin_approval(self.ctx, approver, operation=retention.DESTROY_OPERATION,
+                                                 ticket=d.ticket, target=d.target)
                 access.approve(self.ctx, ticket=d.ticket, operation=retention.DESTROY_OPERATION, approver=approver,
-                               totp=self._totp[approver].at(at), target=d.target)
+                               totp=self._totp[approver].at(at), target=d.target,
+                               assertion={"handle": ch.handle, "credential": self._keys[approver].get(ch.options)})
             events.append(Event(day, "", "approved", d.key, d.version, f"{' + '.join(self.APPROVERS)} on {d.ticket}"))
         clock.set(run_at)
         return events
