@@ -131,7 +131,8 @@ def test_register_then_sign_in_and_every_refusal(console):
         # A cloned authenticator: alice's own credential with a sign count below the one seen.
         cred = alice.credentials()[0]
         with kms.engine.connect() as conn:
-            seen = conn.execute(select(ConsoleCredential.sign_count)).scalar()
+            seen = conn.execute(select(ConsoleCredential.sign_count).where(  # the browser's key, not the CLI one
+                ConsoleCredential.principal == "alice", ConsoleCredential.origin == base)).scalar()
         assert seen >= 2
         alice.replace_credential({**cred, "signCount": 0})
         before = _state(kms)

@@ -36,7 +36,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
        "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 # The compliance report is core's rendering (``kms report --format html``), with its own inline style.
 REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'; base-uri 'none'"
-LAUNCHABLE = ("rotate", console_auth.REGISTRATION_OPERATION)
+LAUNCHABLE = ("rotate", console_auth.REGISTRATION_OPERATION, "principal-add")
 
 
 @dataclass
@@ -303,6 +303,14 @@ def create_app(config: ConsoleConfig) -> Starlette:
         def run():
             console_auth.verify_step_up(ctx, rp, user.principal, binding, handle=str(body.get("handle", "")),
                                         response=body.get("credential") or {})
+            if r.operation == "principal-add":  # target NAME=ROLE,...; the TOTP URI is shown once, here
+                name, _, roles = r.target.partition("=")
+                e = access.enroll_principal(ctx, name, roles.split(","), requested_by=user.principal,
+                                            totp=str(body.get("totp", "")), ticket=r.ticket)
+                return {"message": f"Enrolled {e.name} ({', '.join(e.roles)}). Hand {e.name} the TOTP URI below "
+                                   f"(shown once); next, request {e.name}'s security-key registration link "
+                                   f"(Principals page): approvals need the key.",
+                        "link": e.provisioning_uri}
             if r.operation == "rotate":
                 o = access.manual_rotate(ctx.as_actor(user.principal), r.target, ticket=r.ticket,
                                          requested_by=user.principal, totp=str(body.get("totp", "")))
@@ -327,7 +335,7 @@ def create_app(config: ConsoleConfig) -> Starlette:
         rows = await run_in_threadpool(access.list_principals, ctx)
         creds = await run_in_threadpool(console_auth.credentials_by_principal, ctx)
         return render(request, "principals.html", user=user, pages=allowed_pages(user), rows=rows, creds=creds,
-                      message=notice(request))
+                      roles=ctx.policy.access.roles, message=notice(request))
 
     @page("principals")
     async def request_registration(request, user):
@@ -336,6 +344,20 @@ def create_app(config: ConsoleConfig) -> Starlette:
         rid = await run_in_threadpool(lambda: console_auth.request_registration(ctx, name, ticket=ticket,
                                                                                 requested_by=user.principal))
         return done(request, "/approvals", f"Request {rid}: registration link for {name} awaits "
+                                           f"{ctx.policy.access.approvals_required} approvals.")
+
+    @page("principals")
+    async def request_enrolment(request, user):
+        """Enrolment is the manual operation principal-add (target NAME=ROLE,...): two other
+        principals holding 'principals' approve it on the Manual operations page, then the
+        requester launches it there with their key and TOTP code."""
+        form = await checked_form(request, user)
+        name, ticket = form.get("name", "").strip(), form.get("ticket", "").strip()
+        roles = [r for r in (await request.form()).getlist("roles") if r]
+
+        rid = await run_in_threadpool(lambda: access.request_enrolment(ctx, name, roles, ticket=ticket,
+                                                                       requester=user.principal))
+        return done(request, "/approvals", f"Request {rid}: enrolment of {name} awaits "
                                            f"{ctx.policy.access.approvals_required} approvals.")
 
     @page("anomalies")
@@ -399,6 +421,7 @@ def create_app(config: ConsoleConfig) -> Starlette:
         Route("/approvals/{rid:int}/launch", launch, methods=["POST"]),
         Route("/approvals/{rid:int}/reject", reject, methods=["POST"]),
         Route("/principals", principals_page), Route("/principals/registration", request_registration, methods=["POST"]),
+        Route("/principals/enrolment", request_enrolment, methods=["POST"]),
         Route("/anomalies", anomalies_page), Route("/anomalies/{aid:int}/review", review, methods=["POST"]),
         Route("/followups", followups_page), Route("/followups/{fid:int}/close", close_followup, methods=["POST"]),
         Route("/report", report_page), Route("/keys", keys_page),

@@ -275,6 +275,20 @@ def enroll_principal(ctx: KmsContext, name: str, roles: Sequence[str] = (), *, r
     return Enrolment(name, "human", roles, uri[0])
 
 
+def request_enrolment(ctx: KmsContext, name: str, roles: Sequence[str], *, ticket: str, requester: str) -> int:
+    """Record (for the approvers) the request to enrol human ``name`` with ``roles``: the manual
+    operation principal-add on ``NAME=ROLE,...`` (the console's enrolment form; the requester is
+    already proven by their session). ``enroll_principal`` later consumes the approvals."""
+    limits.principal_name(name)
+    roles = _check_roles(ctx, roles)
+    require_permission(ctx, requester, "principals", target=name)
+    with ctx.transaction() as s:
+        if _principal(s, name) is not None:
+            raise AccessDenied(f"principal {name!r} already exists", reason="invalid")
+    return request_approval(ctx, operation="principal-add", target=_principal_target(name, roles), ticket=ticket,
+                            requester=requester)
+
+
 def change_roles(ctx: KmsContext, name: str, roles: Sequence[str], *, requested_by: str, totp: str,
                  ticket: str) -> list[str]:
     """Replace ``name``'s roles (dual control); its approvals count again only after the cooling-off."""
