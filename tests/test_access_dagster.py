@@ -16,7 +16,7 @@ from kms_pipelines.defs.foundation import kms_state
 from kms_pipelines.defs.resources import (DatabaseResource, KeyStoreResource, KmsResource,
                                           ObjectStoreResource)
 from tests.fixtures.dagster_defs import FixedClockResource
-from tests.fixtures.kms import ceremony, approve_both
+from tests.fixtures.kms import approve_both, ceremony, write_test_policy
 
 AT = datetime(2026, 2, 1, 9, 0, tzinfo=timezone.utc)
 
@@ -31,6 +31,7 @@ def make_resource(tmp_path, url, at=AT):
 @pytest.fixture(params=["sqlite", "postgres"])
 def dagster_kms(request, tmp_path, monkeypatch):
     monkeypatch.setenv("KMS_MASTER_KEY", "B" * 43 + "=")
+    monkeypatch.setenv("KMS_POLICY", write_test_policy(tmp_path))  # the approvers' keys are software ones
     url = f"sqlite:///{tmp_path / 'kms.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
     res = make_resource(tmp_path, url)
     instance = dg.DagsterInstance.ephemeral()

@@ -21,7 +21,7 @@ from kms_pipelines.core import (access, audit, checkpoints, compliance, crossche
                                 lifecycle, manifest, nightly, rotation)
 from kms_pipelines.core.clock import SimulatedClock
 from kms_pipelines.core.db.models_rotation import PartnerNotice, ServiceSeed
-from tests.fixtures.kms import ceremony, totp_now, approve_both
+from tests.fixtures.kms import KEY_ORIGIN, approve_both, ceremony, totp_now
 from tests.test_compliance import CUSTODIANS, _dagster_report, _now
 from tests.test_rpt import admin
 
@@ -126,7 +126,8 @@ def test_case3_cli_checkpoints_each_state_change_once_and_zero_checkpoints_fail(
         d = home / "objects" / "checkpoints"
         return sorted(p.name for p in d.rglob("*.json")) if d.exists() else []
 
-    init = kms("init", "--admin", "sre=sre_oncall", "--admin", "b", "--admin", "c", "--admin", "d", "--json")
+    init = kms("init", "--admin", "sre=sre_oncall", "--admin", "b", "--admin", "c", "--admin", "d", "--json",
+               "--console-origin", KEY_ORIGIN, "--software-keys", str(tmp_path / "keys"))
     assert init.exit_code == 0
     sre = pyotp.parse_uri(json.loads(init.output)["enrolled"][0]["provisioning_uri"])
     assert len(cps()) == 1  # init moved the ledger

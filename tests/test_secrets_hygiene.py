@@ -22,7 +22,7 @@ from kms_pipelines.defs.foundation import kms_state
 from kms_pipelines.defs.resources import (DatabaseResource, KeyStoreResource, KmsResource,
                                           ObjectStoreResource)
 from tests.fixtures.dagster_defs import FixedClockResource
-from tests.fixtures.kms import ceremony, approve_both
+from tests.fixtures.kms import approve_both, ceremony, write_test_policy
 
 AT = datetime(2026, 4, 1, 12, 0, tzinfo=timezone.utc)
 MASTER = base64.b64encode(bytes(range(32))).decode()
@@ -38,6 +38,7 @@ def _encodings(secret: bytes) -> set[str]:
 def test_no_key_material_in_audit_rows_event_log_or_logs(tmp_path, monkeypatch, caplog, capfd):
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("KMS_MASTER_KEY", MASTER)
+    monkeypatch.setenv("KMS_POLICY", write_test_policy(tmp_path))  # the approvers' keys are software ones
     res = KmsResource(home=str(tmp_path / "home"), database=DatabaseResource(url=f"sqlite:///{tmp_path / 'kms.db'}"),
                       keystore=KeyStoreResource(kind="software"),
                       objects=ObjectStoreResource(url=str(tmp_path / "objects")),

@@ -69,7 +69,8 @@ def no_unreviewed_high_anomalies(kms: KmsResource) -> dg.AssetCheckResult:
 
 class ManualRotationConfig(dg.Config):
     """Approvals must exist first: two other principals run `kms approve --ticket T --operation
-    rotate --target KEY --as NAME --totp CODE`; only then launch with the same key and ticket."""
+    rotate --target KEY --as NAME --totp CODE` (with their security keys); only then launch with the same key
+    and ticket."""
 
     key: str = Field(min_length=1, description="Key to rotate, e.g. service:api-gateway (required)")
     ticket: str = Field(min_length=1, description="Change ticket the two approvals were recorded under (required)")
@@ -96,7 +97,8 @@ def manual_rotate_key(context: dg.OpExecutionContext, config: ManualRotationConf
 
 
 @dg.job(description="Manual rotation under dual control (A4). Approvals must exist first: two other "
-                    "principals approve with `kms approve --ticket T --operation rotate --target KEY` and their "
-                    "TOTP codes; then launch here with the same key and ticket, the requester and their TOTP code.")
+                    "principals approve with `kms approve --ticket T --operation rotate --target KEY`, their security "
+                    "keys and TOTP codes; then launch here with the same key and ticket, the requester and their TOTP "
+                    "code.")
 def manual_rotation():
     manual_rotate_key()
