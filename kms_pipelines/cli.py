@@ -245,6 +245,9 @@ def init(ctx, admins, console_origin, software_keys, as_json):
     needs the key and a TOTP code), and print each one's TOTP provisioning URI once."""
     from .core import db, lifecycle
 
+    if admins and not console_origin:  # before anything is created
+        raise click.UsageError("--admin needs --console-origin (or KMS_CONSOLE_ORIGIN): each admin registers "
+                               "a security key for the console's origin")
     kms = get_context(ctx, create=True)
     db.upgrade(kms.engine)
     results = lifecycle.bootstrap(kms)
@@ -256,9 +259,6 @@ def init(ctx, admins, console_origin, software_keys, as_json):
         parsed = dict(_admin(a) for a in admins)
         if len(parsed) != len(admins):
             raise click.UsageError("--admin names must be distinct")
-        if not console_origin:
-            raise click.UsageError("--admin needs --console-origin (or KMS_CONSOLE_ORIGIN): each admin registers "
-                                   "a security key for the console's origin")
         enrolled = access.init_principals(kms, parsed, keys=(console_origin, _ceremony_keys(console_origin,
                                                                                           software_keys)))
     if as_json:

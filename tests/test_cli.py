@@ -1,6 +1,7 @@
 """The `kms` command as operators use it: exit codes, one-line errors, no change on refusal."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -22,6 +23,7 @@ def run(tmp_path, monkeypatch):
     def invoke(*args, env=None):
         return CliRunner().invoke(cli, list(args), env=env or {}, catch_exceptions=False)
 
+    invoke.home = tmp_path / "home"
     return invoke
 
 
@@ -57,7 +59,15 @@ def test_init_twice_changes_nothing_the_second_time(run, db_env):
 def test_rotate_and_list(run, db_env):
     import pyotp
 
-    init = run("init", "--admin", "sre=sre_oncall", "--admin", "b", "--admin", "c", "--admin", "d", "--json", env=db_env)
+    admins = ("init", "--admin", "sre=sre_oncall", "--admin", "b", "--admin", "c", "--admin", "d", "--json")
+    refused = run(*admins, env=db_env)  # every admin registers a security key: for which console?
+    assert refused.exit_code == 2 and "--admin needs --console-origin" in refused.output
+    if db_env["KMS_DATABASE_URL"].startswith("sqlite:///"):  # refused before anything was created
+        assert not Path(db_env["KMS_DATABASE_URL"].removeprefix("sqlite:///")).exists()
+    init = run(*admins, "--console-origin", "https://kms.example.test", "--software-keys",
+               str(run.home / "keys"), env=db_env)
+    assert init.exit_code == 0, init.output
+    assert sorted(p.name for p in (run.home / "keys").iterdir()) == [f"{n}.fido2.json" for n in ("b", "c", "d", "sre")]
     sre = pyotp.parse_uri(json.loads(init.output)["enrolled"][0]["provisioning_uri"])
     out = run("keys", "rotate", "service:api-gateway", "--reason", "tenant-rotation", env=db_env)
     assert out.exit_code == 2 and "needs --requested-by and --totp" in out.output  # R2 names a proven human
