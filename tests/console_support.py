@@ -16,7 +16,7 @@ from datetime import datetime, timedelta, timezone
 import pyotp
 import pytest
 
-from kms_pipelines.core import access, audit, console_auth
+from kms_pipelines.core import audit, console_auth
 from tests.fixtures.kms import enrol_direct, approve_both
 
 TICKET_PREFIX = "ONB"

@@ -7,7 +7,7 @@ import dagster as dg
 import pytest
 from sqlalchemy import select
 
-from kms_pipelines.core import access, audit, ledger
+from kms_pipelines.core import audit, ledger
 from kms_pipelines.core.db.models import STATES, KeyVersion
 from kms_pipelines.core.db.models_access import AuditEvent
 from kms_pipelines.defs.access import audit_anomalies, audit_chain_intact, manual_rotation, \

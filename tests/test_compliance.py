@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from sqlalchemy import text
 
 from kms_pipelines.cli import cli
-from kms_pipelines.core import access, compliance, drills, escrow, ledger, nightly, rpt
+from kms_pipelines.core import compliance, drills, escrow, ledger, nightly, rpt
 from kms_pipelines.core.clock import SimulatedClock
 from kms_pipelines.core.db.append_only import create_append_only_triggers, drop_append_only_triggers
 from kms_pipelines.defs import compliance as compliance_defs

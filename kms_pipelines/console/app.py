@@ -280,7 +280,8 @@ def create_app(config: ConsoleConfig) -> Starlette:
     @page("approvals")
     async def approve(request, user):
         body = await checked_json(request, user)
-        r, binding = await pending_binding(request, "approve")
+        rid = int(request.path_params["rid"])
+        r = await run_in_threadpool(approval_requests.get_pending, ctx, rid)
 
         def run():  # core checks the assertion (bound to this request's operation, target, ticket) and TOTP
             return access.approve(ctx, user.principal, ticket=r.ticket, operation=r.operation,
