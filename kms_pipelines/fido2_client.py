@@ -55,7 +55,7 @@ class SoftwareAuthenticator:
 
     # -- the credential file (0600: it holds the private key) -----------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SoftwareAuthenticator":
+    def load(cls, path: str | os.PathLike) -> SoftwareAuthenticator:
         path = Path(path)
         try:
             doc = json.loads(path.read_text())
@@ -64,7 +64,10 @@ class SoftwareAuthenticator:
             me = cls.__new__(cls)
             me.origin, me.user_verified, me.path = doc["origin"], True, path
             me.aaguid = bytes.fromhex(doc["aaguid"])
-            me.key = serialization.load_pem_private_key(doc["private_key"].encode(), password=None)
+            key = serialization.load_pem_private_key(doc["private_key"].encode(), password=None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise ValueError("private_key is not an EC key")
+            me.key = key
             me.credential_id = websafe_decode(doc["credential_id"])
             me.sign_count = int(doc["sign_count"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
