@@ -43,6 +43,17 @@ class Cli:
         finally:
             audit._flush_all_at_exit()  # what the `kms` process does when it exits
 
+    def init_admins(self, *admins: str) -> list[dict]:
+        """The first-run ceremony (`kms init --admin ...`): each admin registers a software
+        security key (in ``self.keys``) at the tests' console origin, which the tests' policy
+        allows (KMS_POLICY, ``write_test_policy``); their TOTP devices join ``self.devices``."""
+        r = self("init", *[a for admin in admins for a in ("--admin", admin)], "--console-origin", KEY_ORIGIN,
+                 "--software-keys", str(self.keys), "--json")
+        assert r.exit_code == 0, r.output
+        enrolled = json.loads(r.output)["enrolled"]
+        self.devices.update({e["name"]: pyotp.parse_uri(e["provisioning_uri"]) for e in enrolled})
+        return enrolled
+
     def code(self, name: str) -> str:
         return self.devices[name].now()
 
@@ -95,12 +106,8 @@ def cli(request, tmp_path, monkeypatch):
         monkeypatch.setenv("KMS_DATABASE_URL", request.getfixturevalue("pg_url"))
     monkeypatch.setenv("KMS_POLICY", write_test_policy(tmp_path))  # software security keys allowed
     c = Cli(CliRunner(), tmp_path / "keys")
-    args = [a for admin in ADMINS for a in ("--admin", admin)]
-    r = c("init", *args, "--console-origin", KEY_ORIGIN, "--software-keys", str(c.keys), "--json")
-    assert r.exit_code == 0, r.output
-    enrolled = json.loads(r.output)["enrolled"]
+    enrolled = c.init_admins(*ADMINS)
     assert [e["name"] for e in enrolled] == ["alice", "bob", "carol", "dan", "erin"]
-    c.devices = {e["name"]: pyotp.parse_uri(e["provisioning_uri"]) for e in enrolled}
     yield c
     audit.flush(context_from_env())
 

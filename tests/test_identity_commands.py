@@ -23,7 +23,7 @@ from kms_pipelines.core.db.models_backup import Drill, DrillFollowup
 from kms_pipelines.core.db.models_events import EscrowCustodian, EscrowPackage, SecurityEvent
 from kms_pipelines.core.db.models_rotation import DependentConfirmation
 from kms_pipelines.core.db.models import KeyVersion
-from tests.fixtures.kms import ceremony
+from tests.fixtures.kms import ceremony, enrol_direct, security_key_file, write_test_policy
 from tests.test_access_dagster import dagster_kms  # noqa: F401 -- the fixture, on SQLite and PostgreSQL
 from tests.test_identity import ADMINS, Cli
 
@@ -34,8 +34,8 @@ class OpsCli(Cli):
     """test_identity's CLI, whose "nothing changed" also covers escrow and security events,
     and which hands each principal a fresh code (the replay rule accepts a time-step once)."""
 
-    def __init__(self, runner: CliRunner):
-        super().__init__(runner)
+    def __init__(self, runner: CliRunner, keys):
+        super().__init__(runner, keys)
         self.used: dict[str, int] = {}
 
     def fresh(self, name: str) -> str:
@@ -94,10 +94,9 @@ def ops(request, tmp_path, monkeypatch):
     monkeypatch.setenv("KMS_ACTOR", "alice")  # claimed by the shell: must decide nothing
     if request.param == "postgres":
         monkeypatch.setenv("KMS_DATABASE_URL", request.getfixturevalue("pg_url"))
-    c = OpsCli(CliRunner())
-    r = c("init", *[a for admin in ADMINS for a in ("--admin", admin)], "--json")
-    assert r.exit_code == 0, r.output
-    c.devices = {e["name"]: pyotp.parse_uri(e["provisioning_uri"]) for e in json.loads(r.output)["enrolled"]}
+    monkeypatch.setenv("KMS_POLICY", write_test_policy(tmp_path))  # software security keys allowed
+    c = OpsCli(CliRunner(), tmp_path / "keys")
+    c.init_admins(*ADMINS)  # `kms approve --as NAME` then answers with NAME's key (test_identity's Cli)
     yield c
     audit.flush(context_from_env())
 
@@ -108,16 +107,12 @@ def _recipient() -> str:
 
 def _cooling_off_principal(ops: OpsCli, name: str) -> None:
     """Test set-up: a security engineer enrolled just now (approvals count only after the
-    cooling-off), as a dual-controlled enrolment leaves them."""
-    from datetime import timedelta
-
+    cooling-off), as a dual-controlled enrolment leaves them, with a security key of their
+    own, so that the cooling-off is what refuses them."""
     ctx = ops.context()
-    with ctx.transaction() as s:
-        uri = access._new_human(ctx, s, name, ["security_engineering"], actor="test-setup", now=ctx.now(),
-                                approve_after=ctx.now() + timedelta(hours=ctx.policy.access.cooling_off_hours),
-                                detail={"test_setup": True})
+    ops.devices[name] = pyotp.parse_uri(enrol_direct(ctx, name, "security_engineering", cooling_off=True))
+    security_key_file(ctx, name, ops.keys)  # where `kms approve --as NAME` finds it
     ctx.engine.dispose()
-    ops.devices[name] = pyotp.parse_uri(uri)
 
 
 def _custodians_enrolled(ops: OpsCli) -> None:
@@ -211,15 +206,15 @@ def test_the_first_custodians_are_enrolled_before_the_ceremony_only(database, re
         monkeypatch.delenv(var, raising=False)
     if database == "postgres":
         monkeypatch.setenv("KMS_DATABASE_URL", request.getfixturevalue("pg_url"))
-    ops = OpsCli(CliRunner())
+    monkeypatch.setenv("KMS_POLICY", write_test_policy(tmp_path))  # software security keys allowed
+    ops = OpsCli(CliRunner(), tmp_path / "keys")
     assert ops("init").exit_code == 0
     r = ops("escrow", "custodian", "add", "custodian-a", "--out", str(tmp_path / "a.age"))
     assert r.exit_code == 0, r.output
     assert ops.audit_actor("escrow.custodian.enroll") == ["kms-init"]
     ops.refused("is a manual operation under dual control", "escrow", "custodian", "add", "custodian-a",
                 "--recipient", _recipient(), "--replace")
-    r = ops("init", "--admin", "ann", "--admin", "ben", "--admin", "cid")
-    assert r.exit_code == 0, r.output
+    ops.init_admins("ann", "ben", "cid")
     ops.refused("is a manual operation under dual control", "escrow", "custodian", "add", "custodian-b",
                 "--recipient", _recipient())
     audit.flush(context_from_env())
