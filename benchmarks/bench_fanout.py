@@ -45,6 +45,7 @@ from benchmarks.harness import emit, result  # noqa: E402
 
 KEY = "data:identity-documents"
 REDIS = os.environ.get("KMS_BENCH_REDIS_URL", "redis://127.0.0.1:6379/9")
+CONSOLE_ORIGIN = "https://kms.bench.test"  # the admins' keys are registered for it; nothing serves it
 
 
 def main() -> None:
@@ -83,6 +84,9 @@ def main() -> None:
         try:
             policy = yaml.safe_load((REPO / "assets" / "policy.yaml").read_text())
             policy["envelope"]["fanout_steps"] = args.workers
+            # the ceremony's admins register software security keys (kms init --software-keys),
+            # which only a policy allowing software authenticators accepts
+            policy["console"]["allow_software_authenticators"] = True
             (tmp / "policy.yaml").write_text(yaml.safe_dump(policy))
             (tmp / "dagster").mkdir()
             cfg = yaml.safe_load((REPO / "deploy" / "dagster.yaml").read_text())
@@ -115,7 +119,8 @@ def main() -> None:
                 return out
 
             out = run([sys.executable, "-m", "kms_pipelines.cli", "init", "--admin", "sec-1", "--admin", "sec-2",
-                       "--admin", "sec-3", "--json"])
+                       "--admin", "sec-3", "--json", "--console-origin", CONSOLE_ORIGIN,
+                       "--software-keys", str(tmp / "keys")])
             import json
 
             import pyotp

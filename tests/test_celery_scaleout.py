@@ -28,6 +28,7 @@ from sqlalchemy.engine import make_url
 from kms_pipelines.core.keystore.softhsm_setup import init_softhsm_token
 
 from .fixtures.dagster_defs import write_instance_yaml
+from .fixtures.kms import KEY_ORIGIN
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -78,6 +79,9 @@ class Cluster:
         token = init_softhsm_token(tmp / "hsm", "kms-scaleout", "1234", "5678", for_subprocesses=True)
         policy = yaml.safe_load((REPO / "assets" / "policy.yaml").read_text())
         policy["envelope"].update(policy_overrides)
+        # the ceremony's admins register software security keys (kms init --software-keys): the
+        # tests' policy allows them, production's does not
+        policy["console"]["allow_software_authenticators"] = True
         (tmp / "policy.yaml").write_text(yaml.safe_dump(policy))
         s3_client.create_bucket(Bucket=f"{bucket}-logs")
         self.dagster_home = tmp / "dagster_home"
@@ -193,7 +197,8 @@ def cluster(tmp_path, pg_url, pg_database, s3_server, s3_client, s3_bucket, redi
                     smtp_server)
         made.append(c)
         if init:
-            out = c.kms("init", "--admin", "sec-1", "--admin", "sec-2", "--admin", "sec-3", "--json")
+            out = c.kms("init", "--admin", "sec-1", "--admin", "sec-2", "--admin", "sec-3", "--json",
+                        "--console-origin", KEY_ORIGIN, "--software-keys", str(c.tmp / "keys"))
             issuer = pyotp.parse_uri(json.loads(out.stdout)["enrolled"][0]["provisioning_uri"])
             # the signing key is created once, in the HSM, by the first token a proven human issues
             c.kms("token", "issue", "workload:dagster", "--as", "sec-1", "--totp", issuer.now())

@@ -20,6 +20,7 @@ from kms_pipelines.core.db.models_events import SecurityEvent
 from kms_pipelines.defs.events import compromise_response, security_event_sensor
 from kms_pipelines.defs.resources import (ClockResource, DatabaseResource, KeyStoreResource, KmsResource,
                                           ObjectStoreResource)
+from tests.fixtures.kms import KEY_ORIGIN, write_test_policy
 
 
 def snapshot(kms):
@@ -47,11 +48,12 @@ def e2e_env(request, tmp_path, monkeypatch, smtp_server, slack_receiver):
            "KMS_OBJECT_STORE": str(home / "objects"),
            "KMS_SMTP_HOST": smtp_server.host, "KMS_SMTP_PORT": str(smtp_server.port),
            "KMS_SMTP_SENDER": "kms@example.com", "KMS_SLACK_WEBHOOK_URL": slack_receiver.url,
-           "KMS_NOTIFY_RETRY_WAIT": "0.01", "KMS_NOTIFY_RETRY_MAX_WAIT": "0.05", "USER": "sec-oncall"}
+           "KMS_NOTIFY_RETRY_WAIT": "0.01", "KMS_NOTIFY_RETRY_MAX_WAIT": "0.05", "USER": "sec-oncall",
+           # the tests' policy: the ceremony's admins register software security keys
+           "KMS_POLICY": write_test_policy(tmp_path)}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("KMS_FIXED_TIME", raising=False)
-    monkeypatch.delenv("KMS_POLICY", raising=False)
     return env
 
 
@@ -86,12 +88,13 @@ def _refresh_shows_the_revocation(instance, response, kms_res):
     assert refreshed.asset_materializations_for_node("security_events")[0].metadata["open"].value == 0
 
 
-def test_end_to_end_cli_report_sensor_one_run_then_none(e2e_env, smtp_server, slack_receiver):
+def test_end_to_end_cli_report_sensor_one_run_then_none(e2e_env, smtp_server, slack_receiver, tmp_path):
     from kms_pipelines.cli import cli
     from kms_pipelines.core.context import context_from_env
 
     runner = CliRunner()
-    res = runner.invoke(cli, ["init", "--admin", "sec", "--admin", "sec2", "--admin", "sec3", "--json"])
+    res = runner.invoke(cli, ["init", "--admin", "sec", "--admin", "sec2", "--admin", "sec3", "--json",
+                              "--console-origin", KEY_ORIGIN, "--software-keys", str(tmp_path / "keys")])
     assert res.exit_code == 0, res.output
     sec = pyotp.parse_uri(json.loads(res.output)["enrolled"][0]["provisioning_uri"])
     kms = context_from_env()
