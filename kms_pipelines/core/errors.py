@@ -11,16 +11,31 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from .retry import DependencyUnavailable
     from .state import StateMissing
 
-    errors: list[type[BaseException]] = [DatabaseError, KeyStoreError, LifecycleError, PolicyError,
-                                         DependencyUnavailable, StateMissing]
-    for module, name in (("objectstore", "ObjectStoreError"), ("access", "AccessDenied"),
-                         ("envelope", "EnvelopeError"), ("rpt", "RptError"), ("backup", "BackupError"),
-                         ("escrow", "EscrowError"), ("events", "EventError"), ("vault", "VaultError"),
-                         ("worker", "WorkerConfigError"),
-                         ("limits", "InputError"), ("ledger", "ChainOrderError"), ("audit", "AuditError"),
-                         ("simulate", "LiveStateError")):
+    errors: list[type[BaseException]] = [
+        DatabaseError,
+        KeyStoreError,
+        LifecycleError,
+        PolicyError,
+        DependencyUnavailable,
+        StateMissing,
+    ]
+    for module, name in (
+        ("kms_pipelines.core.objectstore", "ObjectStoreError"),
+        ("kms_pipelines.core.access", "AccessDenied"),
+        ("kms_pipelines.core.envelope", "EnvelopeError"),
+        ("kms_pipelines.core.rpt", "RptError"),
+        ("kms_pipelines.core.backup", "BackupError"),
+        ("kms_pipelines.core.escrow", "EscrowError"),
+        ("kms_pipelines.core.events", "EventError"),
+        ("kms_pipelines.core.vault", "VaultError"),
+        ("kms_pipelines.core.worker", "WorkerConfigError"),
+        ("kms_pipelines.core.limits", "InputError"),
+        ("kms_pipelines.core.ledger", "ChainOrderError"),
+        ("kms_pipelines.core.audit", "AuditError"),
+        ("kms_pipelines.core.simulate", "LiveStateError"),
+    ):
         try:
-            mod = __import__(f"kms_pipelines.core.{module}", fromlist=[name])
+            mod = __import__(module, fromlist=[name])
             errors.append(getattr(mod, name))
         except (ImportError, AttributeError):
             continue
