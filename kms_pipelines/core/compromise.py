@@ -52,7 +52,7 @@ class ResponseResult:
     type: str
     compromised_version: int
     new_version: int | None = None
-    rotated: bool = False           # this call (or an earlier run for the same event) rotated
+    rotated: bool = False  # this call (or an earlier run for the same event) rotated
     rotation_note: str = ""
     revoked: bool = False
     revocation_note: str = ""
@@ -73,7 +73,7 @@ class ResponseResult:
 
 def _optional(module: str):
     try:
-        return importlib.import_module(f"kms_pipelines.core.{module}")
+        return importlib.import_module(module)
     except ImportError:
         return None
 
@@ -86,61 +86,94 @@ def manual_operation(event_type: str) -> str:
 def prove_requester(ctx: KmsContext, ticket: str, requester: str, totp: str | None) -> None:
     """A manual launch names a ticket and a requester proven by TOTP (before any change)."""
     if not ticket or not requester or not totp:
-        raise events.EventError("a manual compromise response needs --ticket, --requested-by and --totp "
-                                "(dual approval is bound to the change ticket)")
-    access = _optional("access")
+        raise events.EventError(
+            "a manual compromise response needs --ticket, --requested-by and --totp "
+            "(dual approval is bound to the change ticket)"
+        )
+    access = _optional("kms_pipelines.core.access")
     if access is None or not hasattr(access, "prove_principal"):
         raise events.EventError("manual launch refused: access control (core.access) is not available")
     access.prove_principal(ctx, requester, totp)
 
 
-def authorize_manual(session, ctx: KmsContext, *, key: str, event_type: str, ticket: str,
-                     requester: str) -> list[str]:
+def authorize_manual(session, ctx: KmsContext, *, key: str, event_type: str, ticket: str, requester: str) -> list[str]:
     """Consume dual approvals for a manual compromise response inside ``session`` (the
     requester was proven by ``prove_requester``)."""
     if not ticket or not requester:
-        raise events.EventError("a manual compromise response needs --ticket and --requested-by "
-                                "(dual approval is bound to the change ticket)")
-    access = _optional("access")
+        raise events.EventError(
+            "a manual compromise response needs --ticket and --requested-by "
+            "(dual approval is bound to the change ticket)"
+        )
+    access = _optional("kms_pipelines.core.access")
     if access is None or not hasattr(access, "consume_approvals"):
         raise events.EventError("manual launch refused: dual approval (core.access) is not available")
-    return list(access.consume_approvals(session, ctx, operation=manual_operation(event_type), target=key,
-                                         ticket=ticket, requester=requester))
+    return list(
+        access.consume_approvals(
+            session, ctx, operation=manual_operation(event_type), target=key, ticket=ticket, requester=requester
+        )
+    )
 
 
-def report_manual(ctx: KmsContext, *, key: str, type: str, ticket: str, requested_by: str, totp: str | None,
-                  source: str = "manual", detail: str = "") -> tuple[events.EventInfo, list[str]]:
+def report_manual(
+    ctx: KmsContext,
+    *,
+    key: str,
+    type: str,
+    ticket: str,
+    requested_by: str,
+    totp: str | None,
+    source: str = "manual",
+    detail: str = "",
+) -> tuple[events.EventInfo, list[str]]:
     """Record a manually launched event after consuming dual approvals, in one transaction:
     refused approvals leave no event and consume nothing."""
     events._validate(ctx, type, key, source, detail)
     prove_requester(ctx, ticket, requested_by, totp)
     with ctx.transaction() as session:
         approvers = authorize_manual(session, ctx, key=key, event_type=type, ticket=ticket, requester=requested_by)
-        info = events._create(session, ctx.as_actor(requested_by), type, key, source,
-                              detail or f"manual launch, ticket {ticket}", reported_by=requested_by,
-                              dedupe=False)
+        info = events._create(
+            session,
+            ctx.as_actor(requested_by),
+            type,
+            key,
+            source,
+            detail or f"manual launch, ticket {ticket}",
+            reported_by=requested_by,
+            dedupe=False,
+        )
     return info, approvers
 
 
-def authorize_existing(ctx: KmsContext, event_id: str, *, ticket: str, requested_by: str,
-                       totp: str | None) -> list[str]:
+def authorize_existing(
+    ctx: KmsContext, event_id: str, *, ticket: str, requested_by: str, totp: str | None
+) -> list[str]:
     """Dual approval for launching the response to an already reported event by hand."""
     info = events.get(ctx, event_id)
     prove_requester(ctx, ticket, requested_by, totp)
     with ctx.transaction() as session:
-        return authorize_manual(session, ctx, key=info.key, event_type=info.type, ticket=ticket,
-                                requester=requested_by)
+        return authorize_manual(session, ctx, key=info.key, event_type=info.type, ticket=ticket, requester=requested_by)
 
 
 def _event_ledger(ctx: KmsContext, key: str, event_id: str) -> list[LedgerEntry]:
     with ctx.transaction() as session:
-        return list(session.scalars(select(LedgerEntry).where(LedgerEntry.key_name == key,
-                                                              LedgerEntry.event_id == event_id)
-                                    .order_by(LedgerEntry.seq)))
+        return list(
+            session.scalars(
+                select(LedgerEntry)
+                .where(LedgerEntry.key_name == key, LedgerEntry.event_id == event_id)
+                .order_by(LedgerEntry.seq)
+            )
+        )
 
 
-def respond(ctx: KmsContext, event_id: str, *, approvers: Iterable[str] = (), ticket: str | None = None,
-            run_id: str | None = None, actor: str | None = None) -> ResponseResult:
+def respond(
+    ctx: KmsContext,
+    event_id: str,
+    *,
+    approvers: Iterable[str] = (),
+    ticket: str | None = None,
+    run_id: str | None = None,
+    actor: str | None = None,
+) -> ResponseResult:
     """Respond to a security event (see module docstring). Safe to re-run."""
     actor = actor or ctx.actor
     approvers = sorted(set(approvers))
@@ -163,14 +196,16 @@ def respond(ctx: KmsContext, event_id: str, *, approvers: Iterable[str] = (), ti
         with ctx.transaction() as session:
             active = lifecycle.active_version(lifecycle.get_key(session, ev.key))
         if active is not None and active.version == ev.key_version:
-            r = lifecycle.rotate(ctx, ev.key, actor=actor, reason=reason, approvers=approvers, ticket=ticket,
-                                 event_id=ev.id)
+            r = lifecycle.rotate(
+                ctx, ev.key, actor=actor, reason=reason, approvers=approvers, ticket=ticket, event_id=ev.id
+            )
             result.rotated, result.new_version = r.rotated, r.new_version
             result.rotation_note = f"rotated v{r.old_version} -> v{r.new_version}"
         else:
             result.new_version = active.version if active else None
-            result.rotation_note = (f"v{ev.key_version} was no longer active (active: v{result.new_version}); "
-                                    f"no extra rotation")
+            result.rotation_note = (
+                f"v{ev.key_version} was no longer active (active: v{result.new_version}); no extra rotation"
+            )
     result.steps.append(result.rotation_note)
 
     # 2. revoke the reported version (compromise only)
@@ -182,10 +217,17 @@ def respond(ctx: KmsContext, event_id: str, *, approvers: Iterable[str] = (), ti
             result.revoked = state == REVOKED
             result.revocation_note = f"v{ev.key_version} already {state}"
         else:
-            lifecycle.revoke(ctx, ev.key, ev.key_version, actor=actor,
-                             reason=f"compromise (security event {ev.id}); dependents confirmation overridden "
-                                    f"by compromise response (T4 emergency exemption)",
-                             approvers=approvers, ticket=ticket, event_id=ev.id)
+            lifecycle.revoke(
+                ctx,
+                ev.key,
+                ev.key_version,
+                actor=actor,
+                reason=f"compromise (security event {ev.id}); dependents confirmation overridden "
+                f"by compromise response (T4 emergency exemption)",
+                approvers=approvers,
+                ticket=ticket,
+                event_id=ev.id,
+            )
             result.revoked = True
             result.revocation_note = f"revoked v{ev.key_version}"
     else:
@@ -194,17 +236,19 @@ def respond(ctx: KmsContext, event_id: str, *, approvers: Iterable[str] = (), ti
 
     key_class = lifecycle.key_class_of(ev.key)
     # 3. rewrap DEKs
-    envelope = _optional("envelope")
+    envelope = _optional("kms_pipelines.core.envelope")
     if envelope is not None and key_class in getattr(envelope, "SWEPT_CLASSES", ("data",)):
         sweep = envelope.sweep(ctx, ev.key)
         result.deks_moved, result.deks_remaining = sweep.moved, sweep.remaining
         result.steps.append(f"swept {sweep.moved} DEKs ({sweep.remaining} remaining)")
         if sweep.remaining:
-            raise events.EventError(f"{sweep.remaining} DEKs of {ev.key} are still on old versions after the "
-                                    f"sweep; re-run the response (event {ev.id})")
+            raise events.EventError(
+                f"{sweep.remaining} DEKs of {ev.key} are still on old versions after the "
+                f"sweep; re-run the response (event {ev.id})"
+            )
     # 4. re-issue service credentials
     if key_class == "service":
-        service_keys = _optional("service_keys")
+        service_keys = _optional("kms_pipelines.core.service_keys")
         if service_keys is not None and hasattr(service_keys, "reissue_credentials"):
             result.credentials_reissued = service_keys.reissue_credentials(ctx, ev.key.split(":", 1)[1])
             result.steps.append(f"re-issued {result.credentials_reissued} credentials")
@@ -221,14 +265,21 @@ def respond(ctx: KmsContext, event_id: str, *, approvers: Iterable[str] = (), ti
             result.steps.append(f"escrow NOT re-sealed: {exc}")
 
     # 6. notify
-    body = (f"Security event {ev.id}: {ev.type} of {ev.key} v{ev.key_version}\n"
-            f"source: {ev.source}\nreported at {ev.reported_at.isoformat()} by {ev.reported_by}\n"
-            f"detail: {ev.detail or '-'}\n\nResponse:\n" + "\n".join(f"- {s}" for s in result.steps)
-            + (f"\n\napprovers: {', '.join(approvers)}\nticket: {ticket}" if approvers or ticket else "")
-            + (f"\nDagster run: {run_id}" if run_id else ""))
+    body = (
+        f"Security event {ev.id}: {ev.type} of {ev.key} v{ev.key_version}\n"
+        f"source: {ev.source}\nreported at {ev.reported_at.isoformat()} by {ev.reported_by}\n"
+        f"detail: {ev.detail or '-'}\n\nResponse:\n"
+        + "\n".join(f"- {s}" for s in result.steps)
+        + (f"\n\napprovers: {', '.join(approvers)}\nticket: {ticket}" if approvers or ticket else "")
+        + (f"\nDagster run: {run_id}" if run_id else "")
+    )
     outcome = notifications.notify_policy_event(
-        ctx, "compromise_response", f"{ev.type} response for {ev.key}: v{ev.key_version} -> v{result.new_version}",
-        body, ref=f"event:{ev.id}")
+        ctx,
+        "compromise_response",
+        f"{ev.type} response for {ev.key}: v{ev.key_version} -> v{result.new_version}",
+        body,
+        ref=f"event:{ev.id}",
+    )
     result.notified = outcome.ok
     result.notification_failures = [f"{r.channel}:{r.target}: {r.error}" for r in outcome.results if not r.ok]
 
@@ -252,5 +303,13 @@ def response_overdue(ctx: KmsContext, hours: int = 1) -> list[events.EventInfo]:
     return [e for e in open_events(ctx) if e.reported_at <= limit]
 
 
-__all__ = ["ResponseResult", "respond", "report_manual", "authorize_manual", "authorize_existing",
-           "manual_operation", "open_events", "SecurityEvent"]
+__all__ = [
+    "ResponseResult",
+    "respond",
+    "report_manual",
+    "authorize_manual",
+    "authorize_existing",
+    "manual_operation",
+    "open_events",
+    "SecurityEvent",
+]
