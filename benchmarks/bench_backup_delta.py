@@ -51,8 +51,9 @@ def _zstd_size(path: Path, *extra: str) -> int:
 
 def _patch_size(old: Path, new: Path) -> int:
     out = new.with_suffix(".patch.zst")
-    subprocess.run(["zstd", "-q", "-f", "-3", "-T0", "--long=31", f"--patch-from={old}", str(new), "-o", str(out)],
-                   check=True)
+    subprocess.run(
+        ["zstd", "-q", "-f", "-3", "-T0", "--long=31", f"--patch-from={old}", str(new), "-o", str(out)], check=True
+    )
     size = out.stat().st_size
     out.unlink()
     return size
@@ -64,8 +65,11 @@ def _rewrap(url: str, n: int, fraction: float, out: Path) -> int:
 
     ids = sorted(secrets.SystemRandom().sample(range(1, n + 1), int(n * fraction)))
     with psycopg.connect(url) as conn, conn.cursor() as cur:
-        cur.execute("UPDATE deks SET wrapped = w, key_version = key_version + 1 FROM unnest(%s::bigint[], %s::bytea[]) "
-                    "AS u(i, w) WHERE deks.id = u.i", (ids, [secrets.token_bytes(40) for _ in ids]))
+        cur.execute(
+            "UPDATE deks SET wrapped = w, key_version = key_version + 1 FROM unnest(%s::bigint[], %s::bytea[]) "
+            "AS u(i, w) WHERE deks.id = u.i",
+            (ids, [secrets.token_bytes(40) for _ in ids]),
+        )
         conn.commit()
         with out.open("wb") as f, cur.copy("COPY (SELECT * FROM deks WHERE id = ANY(%s)) TO STDOUT", (ids,)) as copy:
             for block in copy:
@@ -78,8 +82,8 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--change", type=float, default=0.01, help="fraction of DEKs changed per day")
     args = ap.parse_args()
-    from kms_pipelines.core.keystore.software import SoftwareKeyStore
-    from kms_pipelines.core.policy import load_policy
+    from kms_pipelines.core.foundation.keystore.software import SoftwareKeyStore
+    from kms_pipelines.core.foundation.policy import load_policy
 
     backup = load_policy().backup
     bench = BenchDb()
@@ -101,22 +105,35 @@ def main() -> int:
     finally:
         bench.drop()
     weeks = -(-backup.keep_weekly_days // 7)
-    kept_full = backup.keep_nightly + weeks          # GFS: every restore point is a full archive
+    kept_full = backup.keep_nightly + weeks  # GFS: every restore point is a full archive
     held_full = kept_full * full
     # delta scheme: a full per retained week (the weekly restore points), one patch per night since
     # the newest weekly full, and each retained week's nightly patches until that week ages out.
-    weekly_patch = patch * 7                          # upper bound: rows changed on different days add up
+    weekly_patch = patch * 7  # upper bound: rows changed on different days add up
     held_delta = weeks * full + backup.keep_nightly * patch
-    rec = {"name": "backup_storage_per_year", "n": args.n, "daily_change": args.change,
-           "dump_bytes": raw_size, "full_archive_bytes": full, "row_delta_bytes": row_delta,
-           "patch_delta_bytes": patch, "unchanged_night_patch_bytes": unchanged,
-           "gfs_keep_nightly": backup.keep_nightly, "gfs_weekly": weeks,
-           "full_scheme": {"held_bytes": held_full, "uploaded_per_year_bytes": 365 * full},
-           "delta_scheme": {"held_bytes": held_delta, "uploaded_per_year_bytes": 52 * full + (365 - 52) * patch,
-                            "weekly_patch_upper_bytes": weekly_patch},
-           "forever_incremental": {"held_bytes": full + (7 * weeks) * patch,
-                                   "uploaded_per_year_bytes": full + 365 * patch},
-           "load_avg": load_average()}
+    rec = {
+        "name": "backup_storage_per_year",
+        "n": args.n,
+        "daily_change": args.change,
+        "dump_bytes": raw_size,
+        "full_archive_bytes": full,
+        "row_delta_bytes": row_delta,
+        "patch_delta_bytes": patch,
+        "unchanged_night_patch_bytes": unchanged,
+        "gfs_keep_nightly": backup.keep_nightly,
+        "gfs_weekly": weeks,
+        "full_scheme": {"held_bytes": held_full, "uploaded_per_year_bytes": 365 * full},
+        "delta_scheme": {
+            "held_bytes": held_delta,
+            "uploaded_per_year_bytes": 52 * full + (365 - 52) * patch,
+            "weekly_patch_upper_bytes": weekly_patch,
+        },
+        "forever_incremental": {
+            "held_bytes": full + (7 * weeks) * patch,
+            "uploaded_per_year_bytes": full + 365 * patch,
+        },
+        "load_avg": load_average(),
+    }
     print(json.dumps(rec), flush=True)
     return 0
 

@@ -57,14 +57,14 @@ def main() -> None:
     args = parser.parse_args()
     import statistics
 
+    import yaml
     from aiosmtpd.controller import Controller
     from aiosmtpd.handlers import Sink
-    import yaml
     from moto.server import ThreadedMotoServer
     from sqlalchemy.engine import make_url
 
     from kms_pipelines.core import lifecycle
-    from kms_pipelines.core.context import context_from_env
+    from kms_pipelines.core.foundation.context import context_from_env
 
     # A worker refuses to start without SMTP or Slack (its outbox is on a host nobody reads).
     smtp = Controller(Sink(), hostname="127.0.0.1", port=_free_port())
@@ -75,8 +75,9 @@ def main() -> None:
     endpoint = f"http://{host}:{port}"
     import boto3
 
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
-                 aws_secret_access_key="test").create_bucket(Bucket="bench", ObjectLockEnabledForBucket=True)
+    boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
+    ).create_bucket(Bucket="bench", ObjectLockEnabledForBucket=True)
     for n in args.sizes:
         kms_db, dagster_db = BenchDb(), BenchDb()
         tmp = Path(tempfile.mkdtemp(prefix="kms-fanout-"))
@@ -94,22 +95,40 @@ def main() -> None:
             (tmp / "dagster" / "dagster.yaml").write_text(yaml.safe_dump(cfg))
             d = make_url(dagster_db.url)
             base = {k: v for k, v in os.environ.items() if not k.startswith(("KMS_", "DAGSTER_"))}
-            base.update(PYTHONPATH=str(REPO), KMS_POLICY=str(tmp / "policy.yaml"), KMS_DATABASE_URL=kms_db.url,
-                        KMS_OBJECT_STORE=f"s3://bench/kms-{n}", KMS_S3_ENDPOINT_URL=endpoint, KMS_KEYSTORE="software",
-                        KMS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode(),
-                        KMS_CELERY_BROKER=REDIS, DAGSTER_HOME=str(tmp / "dagster"),
-                        DAGSTER_PG_HOST=d.host or "127.0.0.1", DAGSTER_PG_PORT=str(d.port or 5432),
-                        DAGSTER_PG_USER=d.username or "postgres", DAGSTER_PG_PASSWORD=d.password or "",
-                        DAGSTER_PG_DB=d.database, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
-                        AWS_DEFAULT_REGION="us-east-1", KMS_SMTP_HOST="127.0.0.1", KMS_SMTP_PORT=str(smtp.port),
-                        KMS_SMTP_SENDER="kms-bench@example.com")
+            base.update(
+                PYTHONPATH=str(REPO),
+                KMS_POLICY=str(tmp / "policy.yaml"),
+                KMS_DATABASE_URL=kms_db.url,
+                KMS_OBJECT_STORE=f"s3://bench/kms-{n}",
+                KMS_S3_ENDPOINT_URL=endpoint,
+                KMS_KEYSTORE="software",
+                KMS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode(),
+                KMS_CELERY_BROKER=REDIS,
+                DAGSTER_HOME=str(tmp / "dagster"),
+                DAGSTER_PG_HOST=d.host or "127.0.0.1",
+                DAGSTER_PG_PORT=str(d.port or 5432),
+                DAGSTER_PG_USER=d.username or "postgres",
+                DAGSTER_PG_PASSWORD=d.password or "",
+                DAGSTER_PG_DB=d.database,
+                AWS_ACCESS_KEY_ID="test",
+                AWS_SECRET_ACCESS_KEY="test",
+                AWS_DEFAULT_REGION="us-east-1",
+                KMS_SMTP_HOST="127.0.0.1",
+                KMS_SMTP_PORT=str(smtp.port),
+                KMS_SMTP_SENDER="kms-bench@example.com",
+            )
             if args.pkcs11:
-                from kms_pipelines.core.keystore.softhsm_setup import init_softhsm_token
+                from kms_pipelines.core.foundation.keystore.softhsm_setup import init_softhsm_token
 
                 token = init_softhsm_token(tmp / "hsm", "kms-bench", "1234", "5678", for_subprocesses=True)
                 os.environ["SOFTHSM2_CONF"] = token.conf_path  # this process populates and rotates through it too
-                base.update(KMS_KEYSTORE="pkcs11", KMS_PKCS11_LIB=token.lib_path, KMS_PKCS11_TOKEN=token.label,
-                            KMS_PKCS11_PIN=token.pin, SOFTHSM2_CONF=token.conf_path)
+                base.update(
+                    KMS_KEYSTORE="pkcs11",
+                    KMS_PKCS11_LIB=token.lib_path,
+                    KMS_PKCS11_TOKEN=token.label,
+                    KMS_PKCS11_PIN=token.pin,
+                    SOFTHSM2_CONF=token.conf_path,
+                )
             control = dict(base, KMS_HOME=str(tmp / "control"))
 
             def run(cmd, env=control):
@@ -118,28 +137,58 @@ def main() -> None:
                     raise SystemExit(f"{' '.join(cmd[2:5])} exited {out.returncode}: {out.stderr[-1500:]}")
                 return out
 
-            out = run([sys.executable, "-m", "kms_pipelines.cli", "init", "--admin", "sec-1", "--admin", "sec-2",
-                       "--admin", "sec-3", "--json", "--console-origin", CONSOLE_ORIGIN,
-                       "--software-keys", str(tmp / "keys")])
+            out = run(
+                [
+                    sys.executable,
+                    "-m",
+                    "kms_pipelines.cli",
+                    "init",
+                    "--admin",
+                    "sec-1",
+                    "--admin",
+                    "sec-2",
+                    "--admin",
+                    "sec-3",
+                    "--json",
+                    "--console-origin",
+                    CONSOLE_ORIGIN,
+                    "--software-keys",
+                    str(tmp / "keys"),
+                ]
+            )
             import json
 
             import pyotp
 
             issuer = pyotp.parse_uri(json.loads(out.stdout)["enrolled"][0]["provisioning_uri"])
             # the workload signing key is created by the first token a proven human issues
-            run([sys.executable, "-m", "kms_pipelines.cli", "token", "issue", "workload:dagster", "--as", "sec-1",
-                 "--totp", issuer.now()])
+            run(
+                [
+                    sys.executable,
+                    "-m",
+                    "kms_pipelines.cli",
+                    "token",
+                    "issue",
+                    "workload:dagster",
+                    "--as",
+                    "sec-1",
+                    "--totp",
+                    issuer.now(),
+                ]
+            )
             ctx = context_from_env(control)
             with ctx.transaction() as s:
                 ref = lifecycle.active_version(lifecycle.get_key(s, KEY)).wrap_ref
-            from kms_pipelines.core.keystore.audited import unwrap
+            from kms_pipelines.core.foundation.keystore.audited import unwrap
 
             raw = unwrap(ctx.keystore)
             populate_ctx(ctx, n, functools.partial(raw.new_wrapped_dek, ref))
 
             def rotate_and_share(ctx=ctx, tmp=tmp):  # bound now: this loop's context and directory
                 lifecycle.rotate(ctx, KEY, reason="cadence")
-                for w in range(args.workers if not args.pkcs11 else 0):  # the sealed key files, as a mounted secret would hold them
+                for w in range(
+                    args.workers if not args.pkcs11 else 0
+                ):  # the sealed key files, as a mounted secret would hold them
                     dst = tmp / f"home-{w}" / "artifacts" / "kms" / "keys"
                     shutil.rmtree(dst, ignore_errors=True)
                     shutil.copytree(tmp / "control" / "artifacts" / "kms" / "keys", dst)
@@ -147,16 +196,24 @@ def main() -> None:
             rotate_and_share()  # the workers' key files exist before they start (preflight)
             for w in range(args.workers):
                 env = dict(base, KMS_HOME=str(tmp / f"home-{w}"), KMS_ROLE="worker", KMS_EXECUTOR="celery")
-                workers.append(subprocess.Popen(
-                    [sys.executable, "-m", "kms_pipelines.cli", "worker", "start", "--name", f"bench{w}@%h"],
-                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+                workers.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "kms_pipelines.cli", "worker", "start", "--name", f"bench{w}@%h"],
+                        env=env,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )
+                )
             from celery import Celery
 
             app = Celery(broker=REDIS, backend=REDIS)
             while len(app.control.ping(timeout=1.0) or []) < args.workers:
                 for p in workers:
                     if p.poll() is not None:
-                        raise SystemExit(f"bench worker exited with {p.returncode} (run `kms worker check` with its env)")
+                        raise SystemExit(
+                            f"bench worker exited with {p.returncode} (run `kms worker check` with its env)"
+                        )
 
             def timed_run(cmd, env=control):
                 rotate_and_share()
@@ -164,8 +221,17 @@ def main() -> None:
                 run(cmd, env)
                 return time.perf_counter() - started
 
-            job = [sys.executable, "-m", "dagster", "job", "execute", "-m", "kms_pipelines.definitions", "-j",
-                   "dek_rewrap_fanout_job"]
+            job = [
+                sys.executable,
+                "-m",
+                "dagster",
+                "job",
+                "execute",
+                "-m",
+                "kms_pipelines.definitions",
+                "-j",
+                "dek_rewrap_fanout_job",
+            ]
             singles, inprocs, fanouts, loads = [], [], [], [os.getloadavg()]
             for _ in range(max(1, args.repeat)):
                 singles.append(timed_run([sys.executable, "-m", "kms_pipelines.cli", "envelope", "sweep"]))
@@ -173,13 +239,24 @@ def main() -> None:
                 fanouts.append(timed_run(job, dict(control, KMS_EXECUTOR="celery")))
                 loads.append(os.getloadavg())
             single, inprocess, fanout = (statistics.median(x) for x in (singles, inprocs, fanouts))
-            emit(result("sweep.fanout.pkcs11" if args.pkcs11 else "sweep.fanout", n, fanout, single, workers=args.workers,
-                        single_seconds=round(single, 2), inprocess_job_seconds=round(inprocess, 2),
-                        runs_single_s=[round(x, 2) for x in singles], runs_inprocess_s=[round(x, 2) for x in inprocs],
-                        runs_fanout_s=[round(x, 2) for x in fanouts], repeat=len(fanouts),
-                        load_average=[round(x, 2) for x in loads[-1]],
-                        load_before=[round(x, 2) for x in loads[0]],
-                        load_per_round=[[round(x, 2) for x in la] for la in loads[1:]]))
+            emit(
+                result(
+                    "sweep.fanout.pkcs11" if args.pkcs11 else "sweep.fanout",
+                    n,
+                    fanout,
+                    single,
+                    workers=args.workers,
+                    single_seconds=round(single, 2),
+                    inprocess_job_seconds=round(inprocess, 2),
+                    runs_single_s=[round(x, 2) for x in singles],
+                    runs_inprocess_s=[round(x, 2) for x in inprocs],
+                    runs_fanout_s=[round(x, 2) for x in fanouts],
+                    repeat=len(fanouts),
+                    load_average=[round(x, 2) for x in loads[-1]],
+                    load_before=[round(x, 2) for x in loads[0]],
+                    load_per_round=[[round(x, 2) for x in la] for la in loads[1:]],
+                )
+            )
         finally:
             for p in workers:
                 os.killpg(p.pid, signal.SIGTERM)

@@ -6,7 +6,7 @@ baseline = the software backend doing the same work; ratio = pkcs11 rate / softw
 
     .venv/bin/python benchmarks/bench_keystore.py [--n 2000]
 
-Sets up its own throwaway SoftHSM2 token (kms_pipelines.core.keystore.softhsm_setup), so it
+Sets up its own throwaway SoftHSM2 token (kms_pipelines.core.foundation.keystore.softhsm_setup), so it
 must run in a fresh process (SOFTHSM2_CONF is read when the library is first initialised).
 """
 
@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kms_pipelines.core.keystore import AES_256, ED25519  # noqa: E402
-from kms_pipelines.core.keystore.software import SoftwareKeyStore  # noqa: E402
-from kms_pipelines.core.keystore.softhsm_setup import init_softhsm_token  # noqa: E402
+from kms_pipelines.core.foundation.keystore import AES_256, ED25519  # noqa: E402
+from kms_pipelines.core.foundation.keystore.softhsm_setup import init_softhsm_token  # noqa: E402
+from kms_pipelines.core.foundation.keystore.software import SoftwareKeyStore  # noqa: E402
 
 
 def _peak_rss_mb() -> float:
@@ -40,7 +40,11 @@ def _timed(fn) -> float:
 
 
 def _workloads(store, n: int, rewrap_batch: int):
-    kek, kek2, sig = f"bench-kek-{secrets.token_hex(4)}", f"bench-kek2-{secrets.token_hex(4)}", f"bench-sig-{secrets.token_hex(4)}"
+    kek, kek2, sig = (
+        f"bench-kek-{secrets.token_hex(4)}",
+        f"bench-kek2-{secrets.token_hex(4)}",
+        f"bench-sig-{secrets.token_hex(4)}",
+    )
     store.generate(kek, AES_256)
     store.generate(kek2, AES_256)
     store.generate(sig, ED25519)
@@ -59,14 +63,18 @@ def _workloads(store, n: int, rewrap_batch: int):
     def rewrap():
         src = state["wrapped"]
         for i in range(0, len(src), rewrap_batch):
-            store.rewrap(kek, kek2, src[i:i + rewrap_batch])
+            store.rewrap(kek, kek2, src[i : i + rewrap_batch])
 
     def sign():
         for _ in range(n):
             store.sign(sig, message)
 
-    return [("keystore.wrap_new_dek", wrap), ("keystore.unwrap_decrypt", unwrap_decrypt),
-            ("keystore.rewrap", rewrap), ("keystore.sign_ed25519", sign)]
+    return [
+        ("keystore.wrap_new_dek", wrap),
+        ("keystore.unwrap_decrypt", unwrap_decrypt),
+        ("keystore.rewrap", rewrap),
+        ("keystore.sign_ed25519", sign),
+    ]
 
 
 def _rewrap_vs_raw_calls(hsm, n: int, batch: int, repeat: int) -> None:
@@ -74,8 +82,8 @@ def _rewrap_vs_raw_calls(hsm, n: int, batch: int, repeat: int) -> None:
     (C_UnwrapKey, C_WrapKey into a preallocated buffer, C_DestroyObject) on the same
     handles, interleaved; python-pkcs11's object path is recorded beside them."""
     from benchmarks.harness import interleaved, load_average, result
-    from kms_pipelines.core.keystore.pkcs11 import _SESSION_DEK_FOR_WRAPPING
-    from kms_pipelines.core.keystore.pkcs11_raw import RawRewrap
+    from kms_pipelines.core.foundation.keystore.pkcs11 import _SESSION_DEK_FOR_WRAPPING
+    from kms_pipelines.core.foundation.keystore.pkcs11_raw import RawRewrap
 
     old, new = f"bench-rw-{secrets.token_hex(4)}", f"bench-rw2-{secrets.token_hex(4)}"
     hsm.generate(old, AES_256)
@@ -88,26 +96,44 @@ def _rewrap_vs_raw_calls(hsm, n: int, batch: int, repeat: int) -> None:
 
     def ours():
         for i in range(0, n, batch):
-            hsm.rewrap(old, new, wrapped[i:i + batch])
+            hsm.rewrap(old, new, wrapped[i : i + batch])
 
     def three_calls():
         with state.lib.lock:
             for i in range(0, n, batch):
-                raw.rewrap(state.token.slot.slot_id, h_old, h_new, wrapped[i:i + batch],
-                           _SESSION_DEK_FOR_WRAPPING, lambda index, exc: None)
+                raw.rewrap(
+                    state.token.slot.slot_id,
+                    h_old,
+                    h_new,
+                    wrapped[i : i + batch],
+                    _SESSION_DEK_FOR_WRAPPING,
+                    lambda index, exc: None,
+                )
 
     seconds, raw_seconds, runs = interleaved(ours, three_calls, repeat)
     hsm.raw_rewrap = False
     objects_seconds = _timed(ours)
     hsm.raw_rewrap = True
-    print(json.dumps(result("keystore.rewrap_pkcs11_vs_raw_calls", n, seconds, raw_seconds, batch=batch,
-                            baseline="C_UnwrapKey + C_WrapKey (preallocated) + C_DestroyObject on raw handles",
-                            python_pkcs11_rate=round(n / objects_seconds, 1), load_avg=load_average(), **runs)),
-          flush=True)
+    print(
+        json.dumps(
+            result(
+                "keystore.rewrap_pkcs11_vs_raw_calls",
+                n,
+                seconds,
+                raw_seconds,
+                batch=batch,
+                baseline="C_UnwrapKey + C_WrapKey (preallocated) + C_DestroyObject on raw handles",
+                python_pkcs11_rate=round(n / objects_seconds, 1),
+                load_avg=load_average(),
+                **runs,
+            )
+        ),
+        flush=True,
+    )
 
 
 def _scaling_worker(lib_path, label, pin, old, new, wrapped, batch, start_at):
-    from kms_pipelines.core.keystore.pkcs11 import Pkcs11KeyStore
+    from kms_pipelines.core.foundation.keystore.pkcs11 import Pkcs11KeyStore
 
     store = Pkcs11KeyStore(lib_path, label, pin)
     try:
@@ -116,7 +142,7 @@ def _scaling_worker(lib_path, label, pin, old, new, wrapped, batch, start_at):
             time.sleep(0.001)
         t0 = time.perf_counter()
         for i in range(0, len(wrapped), batch):
-            store.rewrap(old, new, wrapped[i:i + batch])
+            store.rewrap(old, new, wrapped[i : i + batch])
         return time.perf_counter() - t0
     finally:
         store.close()
@@ -138,14 +164,38 @@ def _rewrap_scaling(token, hsm, n: int, batch: int, processes: int) -> None:
         share = -(-n // procs)
         start_at = time.time() + 3.0
         with ctx.Pool(procs) as pool:
-            seconds = pool.starmap(_scaling_worker, [(token.lib_path, token.label, token.pin, old, new,
-                                                      wrapped[i * share:(i + 1) * share], batch, start_at)
-                                                     for i in range(procs)])
+            seconds = pool.starmap(
+                _scaling_worker,
+                [
+                    (
+                        token.lib_path,
+                        token.label,
+                        token.pin,
+                        old,
+                        new,
+                        wrapped[i * share : (i + 1) * share],
+                        batch,
+                        start_at,
+                    )
+                    for i in range(procs)
+                ],
+            )
         rates[procs] = n / max(seconds)
-    print(json.dumps({"name": "keystore.rewrap_pkcs11_scaling", "n": n, "processes": processes,
-                      "rate_1_process": round(rates[1], 1), f"rate_{processes}_processes": round(rates[processes], 1),
-                      "speedup": round(rates[processes] / rates[1], 3), "cpus": os.cpu_count(),
-                      "load_avg": load_average()}), flush=True)
+    print(
+        json.dumps(
+            {
+                "name": "keystore.rewrap_pkcs11_scaling",
+                "n": n,
+                "processes": processes,
+                "rate_1_process": round(rates[1], 1),
+                f"rate_{processes}_processes": round(rates[processes], 1),
+                "speedup": round(rates[processes] / rates[1], 3),
+                "cpus": os.cpu_count(),
+                "load_avg": load_average(),
+            }
+        ),
+        flush=True,
+    )
 
 
 def main(argv=None) -> int:
@@ -158,7 +208,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="kms-bench-") as tmp:
         token = init_softhsm_token(Path(tmp) / "softhsm", "kms-bench", "1234", "5678")
-        from kms_pipelines.core.keystore.pkcs11 import Pkcs11KeyStore
+        from kms_pipelines.core.foundation.keystore.pkcs11 import Pkcs11KeyStore
 
         software = SoftwareKeyStore(Path(tmp) / "keys", secrets.token_bytes(32))
         hsm = Pkcs11KeyStore(token.lib_path, token.label, token.pin)
@@ -168,11 +218,20 @@ def main(argv=None) -> int:
                 seconds = _timed(fn)
                 rate = args.n / seconds
                 base_rate = args.n / baseline[name]
-                print(json.dumps({
-                    "name": name, "n": args.n, "seconds": round(seconds, 4), "rate": round(rate, 1),
-                    "baseline_rate": round(base_rate, 1), "ratio": round(rate / base_rate, 4),
-                    "peak_rss_mb": _peak_rss_mb(),
-                }), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "name": name,
+                            "n": args.n,
+                            "seconds": round(seconds, 4),
+                            "rate": round(rate, 1),
+                            "baseline_rate": round(base_rate, 1),
+                            "ratio": round(rate / base_rate, 4),
+                            "peak_rss_mb": _peak_rss_mb(),
+                        }
+                    ),
+                    flush=True,
+                )
             _rewrap_vs_raw_calls(hsm, args.n, args.rewrap_batch, args.repeat)
             if args.processes > 1:
                 _rewrap_scaling(token, hsm, args.n, args.rewrap_batch, args.processes)

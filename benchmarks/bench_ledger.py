@@ -33,9 +33,10 @@ from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from benchmarks.harness import emit, load_average, peak_rss_mb, result, run_sizes, timed  # noqa: E402
-from kms_pipelines.core import db, ledger, ledger_copy  # noqa: E402
-from kms_pipelines.core.policy import load_policy  # noqa: E402
-from kms_pipelines.core.canonical import canonical_fast  # noqa: E402
+from kms_pipelines.core import ledger, ledger_copy  # noqa: E402
+from kms_pipelines.core.foundation import db
+from kms_pipelines.core.foundation.canonical import canonical_fast  # noqa: E402
+from kms_pipelines.core.foundation.policy import load_policy  # noqa: E402
 
 ADMIN = db.normalize_url(os.environ.get("KMS_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
 STATES = ["active", "rotated", "revoked", "destroyed"]
@@ -48,13 +49,40 @@ def build_chain(n: int):
     for seq in range(1, n + 1):
         at = t0 + timedelta(seconds=seq)
         approvers = ["alice", "bob"] if seq % 7 == 0 else []
-        doc = ledger.entry_document(seq, at, f"service:svc-{seq % 50}", seq % 9 + 1, STATES[seq % 3],
-                                    STATES[(seq + 1) % 4], "dagster", approvers,
-                                    f"CHG-{seq}" if approvers else None, "cadence", None, prev)
+        doc = ledger.entry_document(
+            seq,
+            at,
+            f"service:svc-{seq % 50}",
+            seq % 9 + 1,
+            STATES[seq % 3],
+            STATES[(seq + 1) % 4],
+            "dagster",
+            approvers,
+            f"CHG-{seq}" if approvers else None,
+            "cadence",
+            None,
+            prev,
+        )
         raw = canonical_fast(doc)
         h = hashlib.sha256(raw).hexdigest()
-        yield (seq, at.isoformat(), doc["key"], doc["version"], doc["from"], doc["to"], "dagster",
-               canonical_fast(approvers).decode(), doc["ticket"], "cadence", None, prev, h), raw
+        yield (
+            (
+                seq,
+                at.isoformat(),
+                doc["key"],
+                doc["version"],
+                doc["from"],
+                doc["to"],
+                "dagster",
+                canonical_fast(approvers).decode(),
+                doc["ticket"],
+                "cadence",
+                None,
+                prev,
+                h,
+            ),
+            raw,
+        )
         prev = h
 
 
@@ -64,8 +92,10 @@ def populate(url: str, n: int) -> None:
     conn = engine.raw_connection()
     try:
         cur = conn.cursor()
-        cols = ("seq, at, key_name, key_version, from_state, to_state, actor, approvers, change_ticket, "
-                "reason, event_id, prev_hash, entry_hash")
+        cols = (
+            "seq, at, key_name, key_version, from_state, to_state, actor, approvers, change_ticket, "
+            "reason, event_id, prev_hash, entry_hash"
+        )
         with cur.copy(f"COPY ledger_entries ({cols}) FROM STDIN") as copy:
             for row, _raw in build_chain(n):
                 copy.write_row(row)
@@ -94,8 +124,10 @@ def hash_baseline_seconds(n: int, chunk: int = 10_000) -> float:
     return total + flush()
 
 
-RAW_COLUMNS = ("seq, at, key_name, key_version, from_state, to_state, actor, approvers, change_ticket, "
-               "reason, event_id, prev_hash, entry_hash")
+RAW_COLUMNS = (
+    "seq, at, key_name, key_version, from_state, to_state, actor, approvers, change_ticket, "
+    "reason, event_id, prev_hash, entry_hash"
+)
 RAW_COPY = f"COPY (SELECT {RAW_COLUMNS} FROM ledger_entries ORDER BY seq) TO STDOUT"
 
 
@@ -126,8 +158,10 @@ def _pg2_read_halves(dsn: str, n: int) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     half = n // 2
-    sqls = [f"COPY (SELECT {RAW_COLUMNS} FROM ledger_entries WHERE seq <= {half} ORDER BY seq) TO STDOUT",
-            f"COPY (SELECT {RAW_COLUMNS} FROM ledger_entries WHERE seq > {half} ORDER BY seq) TO STDOUT"]
+    sqls = [
+        f"COPY (SELECT {RAW_COLUMNS} FROM ledger_entries WHERE seq <= {half} ORDER BY seq) TO STDOUT",
+        f"COPY (SELECT {RAW_COLUMNS} FROM ledger_entries WHERE seq > {half} ORDER BY seq) TO STDOUT",
+    ]
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda sql: _pg2_read(dsn, sql), sqls))
 
@@ -142,8 +176,9 @@ def raw_reads(dsn: str, n: int) -> dict:
         "psycopg2 copy_expert binary": lambda: _pg2_read(dsn, RAW_COPY + " (FORMAT binary)"),
         "psycopg2 copy_expert text, 2 connections in parallel": lambda: _pg2_read_halves(dsn, n),
         # the table in its physical order: no index scan, no sort (a verifier needs seq order)
-        "psycopg2 copy_expert text, COPY ledger_entries (table order)":
-            lambda: _pg2_read(dsn, "COPY ledger_entries TO STDOUT"),
+        "psycopg2 copy_expert text, COPY ledger_entries (table order)": lambda: _pg2_read(
+            dsn, "COPY ledger_entries TO STDOUT"
+        ),
     }
 
 
@@ -165,8 +200,9 @@ def child(n: int, repeat: int) -> None:
         outcome = {}
 
         def ours():
-            outcome["r"] = ledger.verify(engine, workers=p.verify_workers,
-                                         min_entries_per_worker=p.verify_min_entries_per_worker)
+            outcome["r"] = ledger.verify(
+                engine, workers=p.verify_workers, min_entries_per_worker=p.verify_min_entries_per_worker
+            )
 
         raws = raw_reads(dsn, n)
         # Interleaved: each round times every raw way, then ours; medians per side.
@@ -186,17 +222,26 @@ def child(n: int, repeat: int) -> None:
         streamed = timed(lambda: ledger.verify_streamed(engine)) if n <= 200_000 else None
         hash_seconds = hash_baseline_seconds(n)
         parts = min(p.verify_workers, max(1, n // p.verify_min_entries_per_worker))
-        rec = result("ledger_verify", n, seconds, raw_seconds,
-                     baseline=f"{fastest}: COPY (SELECT every ledger column) TO STDOUT, rows discarded "
-                              "(the fastest raw read measured in this run)",
-                     raw_rates={k: round(n / v, 1) for k, v in raw_medians.items()},
-                     workers=parts, one_process_rate=round(n / one_seconds, 1),
-                     one_process_ratio=round(raw_seconds / one_seconds, 4),
-                     row_by_row_rate=round(n / streamed, 1) if streamed else None,
-                     hashlib_rate=round(n / hash_seconds, 1), load_avg=load_average(),
-                     runs_ours_s=[round(x, 4) for x in ours_runs],
-                     runs_raw_s=[round(x, 4) for x in raw_runs[fastest]], repeat=len(ours_runs),
-                     load_before=before, load_after=load_average())
+        rec = result(
+            "ledger_verify",
+            n,
+            seconds,
+            raw_seconds,
+            baseline=f"{fastest}: COPY (SELECT every ledger column) TO STDOUT, rows discarded "
+            "(the fastest raw read measured in this run)",
+            raw_rates={k: round(n / v, 1) for k, v in raw_medians.items()},
+            workers=parts,
+            one_process_rate=round(n / one_seconds, 1),
+            one_process_ratio=round(raw_seconds / one_seconds, 4),
+            row_by_row_rate=round(n / streamed, 1) if streamed else None,
+            hashlib_rate=round(n / hash_seconds, 1),
+            load_avg=load_average(),
+            runs_ours_s=[round(x, 4) for x in ours_runs],
+            runs_raw_s=[round(x, 4) for x in raw_runs[fastest]],
+            repeat=len(ours_runs),
+            load_before=before,
+            load_after=load_average(),
+        )
         # This process verifies the first segment itself, so its peak covers one segment's
         # memory (the workers' are alike; they are the fork server's children, not ours).
         rec["peak_rss_mb"] = verify_peak

@@ -36,12 +36,13 @@ from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from benchmarks.harness import emit, peak_rss_mb, result, run_sizes, timed  # noqa: E402
-from kms_pipelines.core import db, lifecycle, rpt  # noqa: E402
-from kms_pipelines.core.canonical import canonical_fast  # noqa: E402
-from kms_pipelines.core.clock import SimulatedClock  # noqa: E402
-from kms_pipelines.core.context import KmsContext  # noqa: E402
-from kms_pipelines.core.keystore.software import SoftwareKeyStore  # noqa: E402
-from kms_pipelines.core.policy import load_policy  # noqa: E402
+from kms_pipelines.core import lifecycle, rpt  # noqa: E402
+from kms_pipelines.core.foundation import db
+from kms_pipelines.core.foundation.canonical import canonical_fast  # noqa: E402
+from kms_pipelines.core.foundation.clock import SimulatedClock  # noqa: E402
+from kms_pipelines.core.foundation.context import KmsContext  # noqa: E402
+from kms_pipelines.core.foundation.keystore.software import SoftwareKeyStore  # noqa: E402
+from kms_pipelines.core.foundation.policy import load_policy  # noqa: E402
 
 ADMIN = db.normalize_url(os.environ.get("KMS_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -69,14 +70,20 @@ def populate(ctx: KmsContext, n: int) -> list[tuple[bytes, bytes, bytes]]:
                 for i in range(size):
                     seq += 1
                     iat = base_iat + i // 100
-                    payload = {"seq": seq, "prev": prev, "iat": iat, "subject": f"issuer-{seq % 97}",
-                               "claims": {"deal": f"D-{seq}", "amount": str(seq * 10)}}
+                    payload = {
+                        "seq": seq,
+                        "prev": prev,
+                        "iat": iat,
+                        "subject": f"issuer-{seq % 97}",
+                        "claims": {"deal": f"D-{seq}", "amount": str(seq * 10)},
+                    }
                     data = (header64 + "." + rpt.b64url(canonical_fast(payload))).encode("ascii")
                     sig = signer.sign(data)
                     token = data.decode() + "." + rpt.b64url(sig)
                     h = rpt.token_hash(token)
-                    copy.write_row((seq, token, kid, datetime.fromtimestamp(iat, timezone.utc),
-                                    payload["subject"], prev, h))
+                    copy.write_row(
+                        (seq, token, kid, datetime.fromtimestamp(iat, timezone.utc), payload["subject"], prev, h)
+                    )
                     pairs.append((bytes(v.public_key), sig, data))
                     prev = h
             conn.commit()
@@ -94,6 +101,7 @@ def raw_loop(pairs) -> float:
     def loop():
         for pk, sig, data in pairs:
             keys[pk].verify(sig, data)
+
     return timed(loop)
 
 
@@ -107,28 +115,51 @@ def child(n: int, repeat: int) -> None:
     engine = db.make_engine(url)
     try:
         db.upgrade(engine)
-        ctx = KmsContext(engine=engine, keystore=SoftwareKeyStore(home / "keys", secrets.token_bytes(32)),
-                         policy=load_policy(), clock=SimulatedClock(T0), home=home, actor="bench")
+        ctx = KmsContext(
+            engine=engine,
+            keystore=SoftwareKeyStore(home / "keys", secrets.token_bytes(32)),
+            policy=load_policy(),
+            clock=SimulatedClock(T0),
+            home=home,
+            actor="bench",
+        )
         pairs = populate(ctx, n)
         outcome, ones, twos, bases = {}, [], [], []
         for _ in range(repeat):  # interleaved, so a shared machine's load hits all three alike
             ones.append(timed(lambda: outcome.__setitem__("r", rpt.verify_chain(ctx, against_checkpoint=False))))
             assert outcome["r"].ok and outcome["r"].count == n, outcome["r"]
-            twos.append(timed(lambda: outcome.__setitem__("r", rpt.verify_chain(ctx, workers=2,
-                                                                                against_checkpoint=False))))
+            twos.append(
+                timed(lambda: outcome.__setitem__("r", rpt.verify_chain(ctx, workers=2, against_checkpoint=False)))
+            )
             assert outcome["r"].ok and outcome["r"].count == n, outcome["r"]
             bases.append(raw_loop(pairs))
         one, two, baseline = min(ones), min(twos), min(bases)
         verify_peak = peak_rss_mb()
-        rec = result("rpt_verify_chain", n, one, baseline, workers=1, cpus=os.cpu_count(),
-                     baseline="raw Ed25519PublicKey.verify loop over the same (sig, input) pairs, in memory, 1 process",
-                     source="PostgreSQL (streamed)", root_versions=3)
+        rec = result(
+            "rpt_verify_chain",
+            n,
+            one,
+            baseline,
+            workers=1,
+            cpus=os.cpu_count(),
+            baseline="raw Ed25519PublicKey.verify loop over the same (sig, input) pairs, in memory, 1 process",
+            source="PostgreSQL (streamed)",
+            root_versions=3,
+        )
         rec["peak_rss_mb"] = verify_peak
         emit(rec)
-        rec2 = result("rpt_verify_chain_2proc", n, two, baseline, workers=2, cpus=os.cpu_count(),
-                      speedup_vs_1proc=round(one / two, 3),
-                      baseline="raw Ed25519PublicKey.verify loop over the same (sig, input) pairs, in memory, 1 process",
-                      source="PostgreSQL (streamed)", root_versions=3)
+        rec2 = result(
+            "rpt_verify_chain_2proc",
+            n,
+            two,
+            baseline,
+            workers=2,
+            cpus=os.cpu_count(),
+            speedup_vs_1proc=round(one / two, 3),
+            baseline="raw Ed25519PublicKey.verify loop over the same (sig, input) pairs, in memory, 1 process",
+            source="PostgreSQL (streamed)",
+            root_versions=3,
+        )
         rec2["peak_rss_mb"] = verify_peak
         emit(rec2)
     finally:

@@ -66,15 +66,17 @@ class BenchDb:
 
 
 def make_context(url: str, keystore, home: Path):
-    from kms_pipelines.core import db, lifecycle
-    from kms_pipelines.core.clock import SystemClock
-    from kms_pipelines.core.context import KmsContext
-    from kms_pipelines.core.policy import load_policy
+    from kms_pipelines.core import lifecycle
+    from kms_pipelines.core.foundation import db
+    from kms_pipelines.core.foundation.clock import SystemClock
+    from kms_pipelines.core.foundation.context import KmsContext
+    from kms_pipelines.core.foundation.policy import load_policy
 
     engine = db.make_engine(url)
     db.upgrade(engine)
-    ctx = KmsContext(engine=engine, keystore=keystore, policy=load_policy(), clock=SystemClock(), home=home,
-                     actor="bench")
+    ctx = KmsContext(
+        engine=engine, keystore=keystore, policy=load_policy(), clock=SystemClock(), home=home, actor="bench"
+    )
     lifecycle.ensure_key(ctx, KEY)
     return ctx
 
@@ -99,8 +101,9 @@ def populate(ctx, n: int, wrap_one) -> float:
     with psycopg.connect(_psycopg_url(ctx.engine.url.render_as_string(hide_password=False))) as conn:
         with conn.cursor() as cur:
             for lo in range(1, n + 1, COPY_CHUNK):
-                with cur.copy("COPY deks (id, key_name, key_version, wrapped, object_id, shard, created_at) "
-                              "FROM STDIN") as copy:
+                with cur.copy(
+                    "COPY deks (id, key_name, key_version, wrapped, object_id, shard, created_at) FROM STDIN"
+                ) as copy:
                     for i in range(lo, min(lo + COPY_CHUNK, n + 1)):
                         oid = f"obj-{i}"
                         copy.write_row((i, KEY, version, wrap_one(), oid, shard_of(KEY, oid), now))
@@ -114,8 +117,7 @@ def populate(ctx, n: int, wrap_one) -> float:
 def clone_for_update_baseline(ctx) -> None:
     import psycopg
 
-    with psycopg.connect(_psycopg_url(ctx.engine.url.render_as_string(hide_password=False)),
-                         autocommit=True) as conn:
+    with psycopg.connect(_psycopg_url(ctx.engine.url.render_as_string(hide_password=False)), autocommit=True) as conn:
         conn.execute("CREATE TABLE deks_baseline (LIKE deks INCLUDING ALL)")
         conn.execute("INSERT INTO deks_baseline SELECT * FROM deks")
         conn.execute("VACUUM ANALYZE deks_baseline")
@@ -126,14 +128,16 @@ def raw_update_seconds(ctx, n: int, batch: int, old: int, new: int) -> float:
     import psycopg
 
     filler = [secrets.token_bytes(40)] * batch
-    sql = ("UPDATE deks_baseline AS d SET wrapped = v.w, key_version = %s, rewrapped_at = now() "
-           "FROM unnest(%s::bigint[], %s::bytea[]) AS v(id, w) WHERE d.id = v.id AND d.key_version = %s "
-           "AND d.key_name = %s")
+    sql = (
+        "UPDATE deks_baseline AS d SET wrapped = v.w, key_version = %s, rewrapped_at = now() "
+        "FROM unnest(%s::bigint[], %s::bytea[]) AS v(id, w) WHERE d.id = v.id AND d.key_version = %s "
+        "AND d.key_name = %s"
+    )
     with psycopg.connect(_psycopg_url(ctx.engine.url.render_as_string(hide_password=False))) as conn:
         start = time.perf_counter()
         for lo in range(1, n + 1, batch):
             ids = list(range(lo, min(lo + batch, n + 1)))
-            conn.execute(sql, (new, ids, filler[:len(ids)], old, KEY))
+            conn.execute(sql, (new, ids, filler[: len(ids)], old, KEY))
             conn.commit()
         seconds = time.perf_counter() - start
         assert conn.execute("SELECT count(*) FROM deks_baseline WHERE key_version = %s", (new,)).fetchone()[0] == n
@@ -167,7 +171,7 @@ def software_run(n: int, batch: int, repeat: int = 3) -> None:
     from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
 
     from kms_pipelines.core import envelope, lifecycle
-    from kms_pipelines.core.keystore.software import SoftwareKeyStore
+    from kms_pipelines.core.foundation.keystore.software import SoftwareKeyStore
 
     bench = BenchDb()
     try:
@@ -197,7 +201,7 @@ def software_run(n: int, batch: int, repeat: int = 3) -> None:
                 sweep_runs.append(sweep.seconds)
                 batch = max(sizes)
                 # the first raw run moves the clone old -> new, the second rewrites it in place (new -> new)
-                order = [("sweep_max_batch", batch), ("policy_max_batch", cap)][::1 if r % 2 == 0 else -1]
+                order = [("sweep_max_batch", batch), ("policy_max_batch", cap)][:: 1 if r % 2 == 0 else -1]
                 for i, (label, size) in enumerate(order):
                     update_runs[label].append(raw_update_seconds(ctx, n, size, old if i == 0 else new, new))
                 old = new
@@ -208,20 +212,39 @@ def software_run(n: int, batch: int, repeat: int = 3) -> None:
             # any second KEK will do for the wrap side: only the crypto is timed
             crypto_s, counted = raw_crypto_seconds(ctx, store._aes(active_ref(ctx)[1]), kek_old, batch)
             assert counted == n
-            common = {"batch_size": batch, "adaptive": "batch_target_seconds" in sizing,
-                      "batches": len(sizes), "load_avg": load_average(), "repeat": repeat,
-                      "runs_sweep_s": [round(x, 3) for x in sweep_runs], "raw_update_batch": raw_label,
-                      "policy_max_batch": cap, "sweep_commits_last_run": len(sizes),
-                      "raw_update_rates": {k: round(n / v, 1) for k, v in update_medians.items()},
-                      "runs_raw_update_s": [round(x, 3) for x in update_runs[raw_label]], "backend": "software", "database": "postgresql",
-                      "populate_seconds": round(populate_s, 2), "rss_before_sweep_mb": rss_before,
-                      "sweep_peak_rss_mb": sweep_rss}
+            common = {
+                "batch_size": batch,
+                "adaptive": "batch_target_seconds" in sizing,
+                "batches": len(sizes),
+                "load_avg": load_average(),
+                "repeat": repeat,
+                "runs_sweep_s": [round(x, 3) for x in sweep_runs],
+                "raw_update_batch": raw_label,
+                "policy_max_batch": cap,
+                "sweep_commits_last_run": len(sizes),
+                "raw_update_rates": {k: round(n / v, 1) for k, v in update_medians.items()},
+                "runs_raw_update_s": [round(x, 3) for x in update_runs[raw_label]],
+                "backend": "software",
+                "database": "postgresql",
+                "populate_seconds": round(populate_s, 2),
+                "rss_before_sweep_mb": rss_before,
+                "sweep_peak_rss_mb": sweep_rss,
+            }
             emit(result("envelope.sweep.vs_raw_update", n, sweep_s, update_s, **common))
             emit(result("envelope.sweep.vs_raw_crypto", n, sweep_s, crypto_s, **common))
             slower = max(update_s, crypto_s)
-            emit(result("envelope.sweep", n, sweep_s, slower,
-                        baseline="raw_update" if slower == update_s else "raw_crypto",
-                        raw_update_rate=round(n / update_s, 1), raw_crypto_rate=round(n / crypto_s, 1), **common))
+            emit(
+                result(
+                    "envelope.sweep",
+                    n,
+                    sweep_s,
+                    slower,
+                    baseline="raw_update" if slower == update_s else "raw_crypto",
+                    raw_update_rate=round(n / update_s, 1),
+                    raw_crypto_rate=round(n / crypto_s, 1),
+                    **common,
+                )
+            )
             ctx.engine.dispose()
     finally:
         bench.drop()
@@ -245,20 +268,30 @@ def _sweep_with(keystore, n: int, batch: int, home: Path) -> float:
 
 
 def pkcs11_run(n: int, batch: int) -> None:
-    from kms_pipelines.core.keystore.software import SoftwareKeyStore
-    from kms_pipelines.core.keystore.softhsm_setup import init_softhsm_token
+    from kms_pipelines.core.foundation.keystore.softhsm_setup import init_softhsm_token
+    from kms_pipelines.core.foundation.keystore.software import SoftwareKeyStore
 
     with tempfile.TemporaryDirectory(prefix="kms-bench-sweep-hsm-") as tmp:
         token = init_softhsm_token(Path(tmp) / "softhsm", "kms-bench-sweep", "1234", "5678")
-        from kms_pipelines.core.keystore.pkcs11 import Pkcs11KeyStore
+        from kms_pipelines.core.foundation.keystore.pkcs11 import Pkcs11KeyStore
 
         software = SoftwareKeyStore(Path(tmp) / "keys", secrets.token_bytes(32))
         hsm = Pkcs11KeyStore(token.lib_path, token.label, token.pin)
         try:
             base = _sweep_with(software, n, batch, Path(tmp) / "sw")
             seconds = _sweep_with(hsm, n, batch, Path(tmp) / "hsm")
-            emit(result("envelope.sweep.pkcs11", n, seconds, base, baseline="software sweep, same n",
-                        batch_size=batch, backend="pkcs11 (SoftHSM2)", database="postgresql"))
+            emit(
+                result(
+                    "envelope.sweep.pkcs11",
+                    n,
+                    seconds,
+                    base,
+                    baseline="software sweep, same n",
+                    batch_size=batch,
+                    backend="pkcs11 (SoftHSM2)",
+                    database="postgresql",
+                )
+            )
         finally:
             hsm.close()
 
@@ -269,8 +302,12 @@ def main(argv=None) -> int:
     parser.add_argument("--full", action="store_true", help="also run 1M DEKs")
     parser.add_argument("--pkcs11", action="store_true", help="also record the PKCS#11 (SoftHSM2) sweep rate")
     parser.add_argument("--pkcs11-n", type=int, default=5000)
-    parser.add_argument("--batch-size", type=int, default=0,
-                        help="constant DEKs per batch (default 0: policy envelope sizing, adaptive)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=0,
+        help="constant DEKs per batch (default 0: policy envelope sizing, adaptive)",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="interleaved sweep / raw UPDATE runs (median)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=["software", "pkcs11"], default="software", help=argparse.SUPPRESS)

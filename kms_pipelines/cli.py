@@ -14,7 +14,7 @@ from datetime import datetime
 
 import click
 
-from .core.clock import FixedClock, parse_time
+from .core.foundation.clock import FixedClock, parse_time
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
@@ -72,13 +72,34 @@ def heartbeat(label: str, every: float = 10.0):
 # command changes state, and the clock is not an input for changes (it runs on the wall
 # clock); under --at the database connection is also read-only, so a read that tried to
 # write would fail rather than record a chosen time.
-READ_ONLY_COMMANDS = frozenset({
-    "keys list", "ledger verify", "ledger verify-checkpoints", "audit verify", "audit events",
-    "principals list", "token verify", "report", "rpt verify-chain", "manifest list", "manifest verify",
-    "retention due", "partners status", "dependents status", "envelope inventory", "export due",
-    "backup list", "drill list", "events list", "escrow custodian list", "escrow status",
-    "notifications status", "evidence verify", "simulate",
-})
+READ_ONLY_COMMANDS = frozenset(
+    {
+        "keys list",
+        "ledger verify",
+        "ledger verify-checkpoints",
+        "audit verify",
+        "audit events",
+        "principals list",
+        "token verify",
+        "report",
+        "rpt verify-chain",
+        "manifest list",
+        "manifest verify",
+        "retention due",
+        "partners status",
+        "dependents status",
+        "envelope inventory",
+        "export due",
+        "backup list",
+        "drill list",
+        "events list",
+        "escrow custodian list",
+        "escrow status",
+        "notifications status",
+        "evidence verify",
+        "simulate",
+    }
+)
 
 
 class ClockRefused(ValueError):
@@ -112,7 +133,7 @@ class KmsGroup(click.Group):
             if isinstance(exc, DBAPIError) and (ctx.obj or {}).get("at") and not os.environ.get("KMS_DEBUG"):
                 click.echo("kms: error: --at is read-only: this command tried to change state", err=True)
                 ctx.exit(EXIT_FAILED)
-            # A database/S3/SMTP/HSM fault that no retried unit caught (core/retry.py):
+            # A database/S3/SMTP/HSM fault that no retried unit caught (core/foundation/retry.py):
             # still one line and exit 1, never a traceback.
             line = fault_line(exc, command) or connect_failure_line(exc)
             if line is None or os.environ.get("KMS_DEBUG"):
@@ -143,8 +164,11 @@ def _finish_command(ctx: click.Context, *, failed: bool) -> None:
             if failed:
                 return
             raise
-        click.echo(f"kms: error: the state changed but no checkpoint could be signed: "
-                   f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}", err=True)
+        click.echo(
+            f"kms: error: the state changed but no checkpoint could be signed: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
+            err=True,
+        )
         ctx.exit(EXIT_FAILED)
 
 
@@ -165,8 +189,8 @@ def get_context(ctx: click.Context, *, create: bool = False):
     only for read-only commands."""
     obj = ctx.ensure_object(dict)
     if "kms" not in obj:
-        from .core.context import context_from_env
-        from .core.worker import is_worker, require_worker_env
+        from .core.foundation.context import context_from_env
+        from .core.foundation.worker import is_worker, require_worker_env
 
         if is_worker():
             require_worker_env()  # a worker's missing pieces first: they are why its state looks absent
@@ -176,10 +200,12 @@ def get_context(ctx: click.Context, *, create: bool = False):
             path = _subcommand_path(current)
             read_only = path in READ_ONLY_COMMANDS or (path == "audit anomalies" and not current.params["refresh"])
             if not read_only:
-                raise ClockRefused(f"--at is refused for `kms {path}`: it changes state, and changes run on the "
-                                   "wall clock (--at serves read-only commands: reports, verify, list)")
+                raise ClockRefused(
+                    f"--at is refused for `kms {path}`: it changes state, and changes run on the "
+                    "wall clock (--at serves read-only commands: reports, verify, list)"
+                )
         if not create:
-            from .core.state import require_initialized
+            from .core.foundation.state import require_initialized
 
             require_initialized()
 
@@ -211,9 +237,13 @@ def _parse_at(_ctx, _param, value):
 
 
 @click.group(cls=KmsGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--at", metavar="TIME", callback=_parse_at,
-              help="Evaluate as if the time were TIME (ISO-8601), for read-only commands only (reports, "
-                   "verify, list); refused by commands that change state.")
+@click.option(
+    "--at",
+    metavar="TIME",
+    callback=_parse_at,
+    help="Evaluate as if the time were TIME (ISO-8601), for read-only commands only (reports, "
+    "verify, list); refused by commands that change state.",
+)
 @click.pass_context
 def cli(ctx, at):
     """Run the KMS policy: keys, ledger, envelopes, backups, drills."""
@@ -226,28 +256,45 @@ def _admin(value: str) -> tuple[str, list[str]]:
 
 
 @cli.command()
-@click.option("--admin", "admins", multiple=True, metavar="NAME[=ROLE,...]",
-              help="First-run ceremony: enrol this principal (repeatable; default role security_engineering). "
-                   "Only while no human principal exists; at least approvals_required + 1 of them must hold "
-                   "'principals' (security_engineering).")
-@click.option("--console-origin", envvar="KMS_CONSOLE_ORIGIN", default=None,
-              help="With --admin: the console's origin (e.g. https://kms.example.com), the relying party each "
-                   "admin's security key is registered for [env KMS_CONSOLE_ORIGIN].")
-@click.option("--software-keys", "software_keys", type=click.Path(file_okay=False), default=None,
-              help="With --admin: create a software FIDO2 authenticator per admin in this directory "
-                   "(NAME.fido2.json) instead of asking each admin to touch their security key (demo and tests: "
-                   "refused at approval unless the policy sets console.allow_software_authenticators).")
+@click.option(
+    "--admin",
+    "admins",
+    multiple=True,
+    metavar="NAME[=ROLE,...]",
+    help="First-run ceremony: enrol this principal (repeatable; default role security_engineering). "
+    "Only while no human principal exists; at least approvals_required + 1 of them must hold "
+    "'principals' (security_engineering).",
+)
+@click.option(
+    "--console-origin",
+    envvar="KMS_CONSOLE_ORIGIN",
+    default=None,
+    help="With --admin: the console's origin (e.g. https://kms.example.com), the relying party each "
+    "admin's security key is registered for [env KMS_CONSOLE_ORIGIN].",
+)
+@click.option(
+    "--software-keys",
+    "software_keys",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="With --admin: create a software FIDO2 authenticator per admin in this directory "
+    "(NAME.fido2.json) instead of asking each admin to touch their security key (demo and tests: "
+    "refused at approval unless the policy sets console.allow_software_authenticators).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def init(ctx, admins, console_origin, software_keys, as_json):
     """Run database migrations and bootstrap one active version of every policy key; with
     --admin, enrol the first principals, register a FIDO2 security key for each (every approval
     needs the key and a TOTP code), and print each one's TOTP provisioning URI once."""
-    from .core import db, lifecycle
+    from .core import lifecycle
+    from .core.foundation import db
 
     if admins and not console_origin:  # before anything is created
-        raise click.UsageError("--admin needs --console-origin (or KMS_CONSOLE_ORIGIN): each admin registers "
-                               "a security key for the console's origin")
+        raise click.UsageError(
+            "--admin needs --console-origin (or KMS_CONSOLE_ORIGIN): each admin registers "
+            "a security key for the console's origin"
+        )
     kms = get_context(ctx, create=True)
     db.upgrade(kms.engine)
     results = lifecycle.bootstrap(kms)
@@ -259,13 +306,20 @@ def init(ctx, admins, console_origin, software_keys, as_json):
         parsed = dict(_admin(a) for a in admins)
         if len(parsed) != len(admins):
             raise click.UsageError("--admin names must be distinct")
-        enrolled = access.init_principals(kms, parsed, keys=(console_origin, _ceremony_keys(console_origin,
-                                                                                          software_keys)))
+        enrolled = access.init_principals(
+            kms, parsed, keys=(console_origin, _ceremony_keys(console_origin, software_keys))
+        )
     if as_json:
-        emit_json({"revision": db.current_revision(kms.engine), "created": created,
-                   "existing": [r.key for r in results if not r.rotated],
-                   "enrolled": [{"name": e.name, "roles": e.roles, "provisioning_uri": e.provisioning_uri}
-                                for e in enrolled]})
+        emit_json(
+            {
+                "revision": db.current_revision(kms.engine),
+                "created": created,
+                "existing": [r.key for r in results if not r.rotated],
+                "enrolled": [
+                    {"name": e.name, "roles": e.roles, "provisioning_uri": e.provisioning_uri} for e in enrolled
+                ],
+            }
+        )
         return
     click.echo(f"database at revision {db.current_revision(kms.engine)}")
     click.echo(f"created {len(created)} key(s)" + (f": {', '.join(created)}" if created else "; all keys exist"))
@@ -290,6 +344,7 @@ def _ceremony_keys(origin: str, software_keys: str | None):
         click.echo(f"{name}: plug in your security key (only yours) and press Enter", err=True)
         click.prompt("", default="", show_default=False, prompt_suffix="", err=True)
         return authenticator(origin, prompt=lambda m: click.echo(m, err=True), ask_pin=_ask_pin).create(options)
+
     return make
 
 
@@ -322,14 +377,21 @@ def keys_list(ctx, as_json, show_all):
 
 @keys.command("rotate")
 @click.argument("key")
-@click.option("--reason", default=None,
-              type=click.Choice(["manual", "cadence", "compromise", "tenant-rotation", "ci-exposure"]),
-              help="compromise|tenant-rotation|ci-exposure (R2) rotate a service key at once, without "
-                   "approvals; cadence is --if-due; manual needs --manual (dual control).")
+@click.option(
+    "--reason",
+    default=None,
+    type=click.Choice(["manual", "cadence", "compromise", "tenant-rotation", "ci-exposure"]),
+    help="compromise|tenant-rotation|ci-exposure (R2) rotate a service key at once, without "
+    "approvals; cadence is --if-due; manual needs --manual (dual control).",
+)
 @click.option("--if-due", is_flag=True, help="Rotate only when the policy cadence says it is due (reason cadence).")
-@click.option("--actor", default="kms-reconcile", show_default=True,
-              help="Service actor recorded for an --if-due rotation (one of access.service_actors): the "
-                   "policy cadence decides, not a person.")
+@click.option(
+    "--actor",
+    default="kms-reconcile",
+    show_default=True,
+    help="Service actor recorded for an --if-due rotation (one of access.service_actors): the "
+    "policy cadence decides, not a person.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def keys_rotate(ctx, key, reason, if_due, actor, as_json):
@@ -355,14 +417,19 @@ def keys_rotate(ctx, key, reason, if_due, actor, as_json):
             f"`kms approve --ticket T --operation rotate --target {key} --as NAME --totp CODE`, then "
             f"`kms keys rotate {key} --manual --ticket T --requested-by YOU --totp CODE`; --if-due rotates on the "
             f"policy cadence, --reason compromise|tenant-rotation|ci-exposure rotates a service key at once (R2)",
-            reason="approval")
-    from .core import access, limits
+            reason="approval",
+        )
+    from .core import access
+    from .core.foundation import limits
 
     limits.text(actor, "--actor", 200)
     if if_due and not access.is_service_actor(kms, actor):  # (an R2 rotation arrives with its proven requester)
         # a person's name here would be claimed, not proven: people use --manual or --requested-by
-        raise access.AccessDenied(f"--actor {actor!r} is not a service actor (access.service_actors); a person "
-                                  f"rotates with --requested-by NAME --totp CODE (R2) or --manual", reason="invalid")
+        raise access.AccessDenied(
+            f"--actor {actor!r} is not a service actor (access.service_actors); a person "
+            f"rotates with --requested-by NAME --totp CODE (R2) or --manual",
+            reason="invalid",
+        )
     # Through core.rotation so a root rotation publishes its manifest and notifies partners,
     # and a service rotation re-issues credentials (R1, R2).
     if if_due:
@@ -383,8 +450,12 @@ def ledger():
 
 
 @ledger.command("verify")
-@click.option("--workers", type=click.IntRange(min=1, max=64), default=None,
-              help="Processes verifying seq ranges in parallel on PostgreSQL (default: policy ledger.verify_workers).")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1, max=64),
+    default=None,
+    help="Processes verifying seq ranges in parallel on PostgreSQL (default: policy ledger.verify_workers).",
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def ledger_verify(ctx, workers, as_json):
@@ -400,16 +471,26 @@ def ledger_verify(ctx, workers, as_json):
         result = ledger_mod.verify(kms.engine, workers=workers, min_entries_per_worker=1)
     cross = crosscheck.verify(kms) if result.ok else None
     if as_json:
-        emit_json({**result.to_dict(), "crosscheck": cross.to_dict() if cross else None,
-                   "ok": result.ok and cross is not None and cross.ok})
+        emit_json(
+            {
+                **result.to_dict(),
+                "crosscheck": cross.to_dict() if cross else None,
+                "ok": result.ok and cross is not None and cross.ok,
+            }
+        )
     elif not result.ok:
         click.echo(f"ledger BROKEN at seq {result.first_bad_seq}: {result.problem}", err=True)
     elif not cross.ok:
-        click.echo(f"ledger DISAGREES with {' / '.join(cross.sources)}: {cross.problem}"
-                   + (f" (+{len(cross.problems) - 1} more)" if len(cross.problems) > 1 else ""), err=True)
+        click.echo(
+            f"ledger DISAGREES with {' / '.join(cross.sources)}: {cross.problem}"
+            + (f" (+{len(cross.problems) - 1} more)" if len(cross.problems) > 1 else ""),
+            err=True,
+        )
     else:
-        click.echo(f"ledger intact: {result.count} entries, head {result.head_hash[:16]}…; replay matches "
-                   f"{cross.versions} key version(s) and {cross.audit_events} audit event(s)")
+        click.echo(
+            f"ledger intact: {result.count} entries, head {result.head_hash[:16]}…; replay matches "
+            f"{cross.versions} key version(s) and {cross.audit_events} audit event(s)"
+        )
     if not (result.ok and cross.ok):
         ctx.exit(EXIT_FAILED)
 

@@ -61,7 +61,7 @@ phase_state() {
   # In the demo their age identities are kept under $KMS_HOME/custodians (each custodian
   # keeps their own in production).
   mkdir -p "$KMS_HOME/custodians"
-  for custodian in $(python -c "from kms_pipelines.core.policy import load_policy
+  for custodian in $(python -c "from kms_pipelines.core.foundation.policy import load_policy
 print(' '.join(load_policy().key_class('break-glass').escrow.custodians))"); do
     if [ ! -f "$KMS_HOME/custodians/$custodian.age" ]; then
       kms escrow custodian add "$custodian" --out "$KMS_HOME/custodians/$custodian.age" >/dev/null
@@ -88,7 +88,7 @@ phase_jobs() {
   run_job backup_nightly --partition "$yesterday"
   run_job restore_drill --partition "$this_month"
   log "dek_rewrap_sweep_job: one run per shard"
-  for shard in $(python -c "from kms_pipelines.core.policy import load_policy
+  for shard in $(python -c "from kms_pipelines.core.foundation.policy import load_policy
 print(' '.join(str(i) for i in range(load_policy().envelope.shards)))"); do
     # The job's own executor (KMS_EXECUTOR, default multiprocess), so a re-execution from the UI
     # validates against the same run config.

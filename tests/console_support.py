@@ -17,7 +17,7 @@ import pyotp
 import pytest
 
 from kms_pipelines.core import audit, console_auth
-from tests.fixtures.kms import enrol_direct, approve_both
+from tests.fixtures.kms import approve_both, enrol_direct
 
 TICKET_PREFIX = "ONB"
 
@@ -39,8 +39,11 @@ class ConsoleServer:
     def __init__(self, app, port: int):
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                                    lifespan="off", ws="websockets-sansio"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", ws="websockets-sansio"
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         # WebAuthn needs a secure context: http://localhost is one, http://127.0.0.1 is not.
         self.url = f"http://localhost:{port}"
@@ -84,7 +87,9 @@ class Totp:
         return self.device.at(self.last * self.kms.policy.access.totp_interval_seconds)
 
     def wrong(self) -> str:
-        valid = {self.device.at((self._step() + d) * self.kms.policy.access.totp_interval_seconds) for d in (-2, -1, 0, 1, 2)}
+        valid = {
+            self.device.at((self._step() + d) * self.kms.policy.access.totp_interval_seconds) for d in (-2, -1, 0, 1, 2)
+        }
         return next(c for c in (f"{n:06d}" for n in range(0, 1000000, 7919)) if c not in valid)
 
 
@@ -107,9 +112,19 @@ class Person:
         if authenticator:
             self.cdp = self.context.new_cdp_session(self.page)
             self.cdp.send("WebAuthn.enable")
-            self.authenticator = self.cdp.send("WebAuthn.addVirtualAuthenticator", {"options": {
-                "protocol": "ctap2", "transport": "usb", "hasResidentKey": True, "hasUserVerification": True,
-                "isUserVerified": True, "automaticPresenceSimulation": True}})["authenticatorId"]
+            self.authenticator = self.cdp.send(
+                "WebAuthn.addVirtualAuthenticator",
+                {
+                    "options": {
+                        "protocol": "ctap2",
+                        "transport": "usb",
+                        "hasResidentKey": True,
+                        "hasUserVerification": True,
+                        "isUserVerified": True,
+                        "automaticPresenceSimulation": True,
+                    }
+                },
+            )["authenticatorId"]
         return self
 
     # -- the virtual authenticator's credentials
@@ -117,8 +132,10 @@ class Person:
         return self.cdp.send("WebAuthn.getCredentials", {"authenticatorId": self.authenticator})["credentials"]
 
     def replace_credential(self, credential: dict) -> None:
-        self.cdp.send("WebAuthn.removeCredential", {"authenticatorId": self.authenticator,
-                                                    "credentialId": credential["credentialId"]})
+        self.cdp.send(
+            "WebAuthn.removeCredential",
+            {"authenticatorId": self.authenticator, "credentialId": credential["credentialId"]},
+        )
         self.cdp.send("WebAuthn.addCredential", {"authenticatorId": self.authenticator, "credential": credential})
 
     # -- pages
@@ -157,15 +174,23 @@ def issue_link(kms, target: Person, requester: Person, approvers: list[Person], 
     ticket = f"{TICKET_PREFIX}-{target.name}"
     console_auth.request_registration(kms, target.name, ticket=ticket, requested_by=requester.name)
     for a in approvers:
-        approve_both(kms, a.name, ticket=ticket, operation=console_auth.REGISTRATION_OPERATION,
-                       totp=a.totp.fresh(), target=target.name)
-    return console_auth.issue_registration_link(kms, target.name, ticket=ticket, requested_by=requester.name).url(origin)
+        approve_both(
+            kms,
+            a.name,
+            ticket=ticket,
+            operation=console_auth.REGISTRATION_OPERATION,
+            totp=a.totp.fresh(),
+            target=target.name,
+        )
+    return console_auth.issue_registration_link(kms, target.name, ticket=ticket, requested_by=requester.name).url(
+        origin
+    )
 
 
 def audit_rows(kms, operation: str, **match) -> list:
     from sqlalchemy import select
 
-    from kms_pipelines.core.db.models_access import AuditEvent
+    from kms_pipelines.core.foundation.db.models_access import AuditEvent
 
     audit.flush(kms)
     with kms.engine.connect() as conn:

@@ -8,9 +8,9 @@ import pytest
 from sqlalchemy import select
 
 from kms_pipelines.core import access, audit, ledger, lifecycle
-from kms_pipelines.core.db.models import STATES, KeyVersion
-from kms_pipelines.core.db.models_access import Approval, AuditEvent, Principal
-from tests.fixtures.kms import ceremony, approve_both
+from kms_pipelines.core.foundation.db.models import STATES, KeyVersion
+from kms_pipelines.core.foundation.db.models_access import Approval, AuditEvent, Principal
+from tests.fixtures.kms import approve_both, ceremony
 
 TICKET = "CHG-1001"
 
@@ -19,13 +19,18 @@ def snapshot(kms, requester=None):
     """Everything a refused operation must leave untouched (but the requester's TOTP step:
     a verified code is spent even when the operation is then refused)."""
     with kms.engine.connect() as conn:
-        versions = conn.execute(select(KeyVersion.key_id, KeyVersion.version, KeyVersion.state,
-                                       KeyVersion.wrap_ref, KeyVersion.sign_ref).order_by(KeyVersion.id)).all()
+        versions = conn.execute(
+            select(
+                KeyVersion.key_id, KeyVersion.version, KeyVersion.state, KeyVersion.wrap_ref, KeyVersion.sign_ref
+            ).order_by(KeyVersion.id)
+        ).all()
         head = ledger.head(conn)
-        approvals = conn.execute(select(Approval.id, Approval.used_at, Approval.used_by_request)
-                                 .order_by(Approval.id)).all()
-        totp = conn.execute(select(Principal.name, Principal.totp_last_step).where(Principal.name != requester)
-                            .order_by(Principal.name)).all()
+        approvals = conn.execute(
+            select(Approval.id, Approval.used_at, Approval.used_by_request).order_by(Approval.id)
+        ).all()
+        totp = conn.execute(
+            select(Principal.name, Principal.totp_last_step).where(Principal.name != requester).order_by(Principal.name)
+        ).all()
     return versions, head, sorted(kms.keystore.refs()), approvals, totp
 
 
@@ -42,17 +47,16 @@ def code(kms, device, steps=0):
 def denied_events(kms, **match):
     audit.flush(kms)
     with kms.engine.connect() as conn:
-        rows = conn.execute(select(AuditEvent).where(AuditEvent.outcome == "denied")
-                            .order_by(AuditEvent.seq)).all()
-    return [r for (r,) in [(row,) for row in rows]
-            if all(getattr(r, k) == v for k, v in match.items())]
+        rows = conn.execute(select(AuditEvent).where(AuditEvent.outcome == "denied").order_by(AuditEvent.seq)).all()
+    return [r for (r,) in [(row,) for row in rows] if all(getattr(r, k) == v for k, v in match.items())]
 
 
 @pytest.fixture
 def team(kms):
     """alice (sre_oncall) requests; bob (security_engineering) and carol (compliance_officer) approve."""
-    devices = ceremony(kms, {"alice": "sre_oncall", "bob": "security_engineering", "carol": "compliance_officer",
-                             "sam": "sre_oncall"})
+    devices = ceremony(
+        kms, {"alice": "sre_oncall", "bob": "security_engineering", "carol": "compliance_officer", "sam": "sre_oncall"}
+    )
     return kms, devices
 
 
@@ -61,6 +65,7 @@ def _tick(kms, seconds=30):
 
 
 # ---- principals and permissions (A1) ------------------------------------------------
+
 
 def test_totp_secret_is_stored_sealed_never_in_clear(team):
     kms, d = team
@@ -84,12 +89,16 @@ def test_permission_matrix_comes_from_the_policy(team):
 
 
 def test_the_ceremony_refuses_unknown_roles_too_few_principals_and_a_second_run(kms):
-    for admins, match in (({"a": ["janitor"], "b": ["sre_oncall"], "c": ["sre_oncall"]}, "roles from"),
-                          ({"a": [], "b": ["sre_oncall"], "c": ["sre_oncall"]}, "roles from"),
-                          ({"a": ["sre_oncall"], "b": ["sre_oncall"]}, "at least 3"),
-                          ({"a\x1b[31m": ["sre_oncall"], "b": ["sre_oncall"], "c": ["sre_oncall"]}, "invalid"),
-                          ({"a": ["security_engineering"], "b": ["security_engineering"], "c": ["sre_oncall"]},
-                           "at least 3 principals holding 'principals'")):
+    for admins, match in (
+        ({"a": ["janitor"], "b": ["sre_oncall"], "c": ["sre_oncall"]}, "roles from"),
+        ({"a": [], "b": ["sre_oncall"], "c": ["sre_oncall"]}, "roles from"),
+        ({"a": ["sre_oncall"], "b": ["sre_oncall"]}, "at least 3"),
+        ({"a\x1b[31m": ["sre_oncall"], "b": ["sre_oncall"], "c": ["sre_oncall"]}, "invalid"),
+        (
+            {"a": ["security_engineering"], "b": ["security_engineering"], "c": ["sre_oncall"]},
+            "at least 3 principals holding 'principals'",
+        ),
+    ):
         before = snapshot(kms)
         with pytest.raises(ValueError, match=match):
             access.init_principals(kms, admins)
@@ -102,6 +111,7 @@ def test_the_ceremony_refuses_unknown_roles_too_few_principals_and_a_second_run(
 
 
 # ---- dual control (A4) --------------------------------------------------------------
+
 
 def test_manual_rotation_runs_with_two_approvals_and_records_them(team):
     kms, d = team
@@ -180,14 +190,21 @@ def test_wrong_role_requester_and_approver_are_refused(team):
     _refused_rotation(kms, d, "'carol' lacks permission 'rotate'", requester="carol")
     # a policy in which compliance officers may not approve: carol's approval stops counting
     acc = kms.policy.access
-    strict = replace(kms, policy=kms.policy.model_copy(update={"access": acc.model_copy(update={
-        "permissions": {**acc.permissions, "approve": ["sre_oncall", "security_engineering"]}})}))
+    strict = replace(
+        kms,
+        policy=kms.policy.model_copy(
+            update={
+                "access": acc.model_copy(
+                    update={"permissions": {**acc.permissions, "approve": ["sre_oncall", "security_engineering"]}}
+                )
+            }
+        ),
+    )
     _refused_rotation(strict, d, r"carol \(lacks permission 'approve'\)")
     _tick(strict)
     before = snapshot(strict)
     with pytest.raises(access.AccessDenied, match="lacks permission 'approve'"):
-        approve_both(strict, "carol", ticket="CHG-2", operation="rotate", target="root",
-                       totp=code(strict, d["carol"]))
+        approve_both(strict, "carol", ticket="CHG-2", operation="rotate", target="root", totp=code(strict, d["carol"]))
     assert snapshot(strict) == before
 
 
@@ -226,10 +243,10 @@ def test_a_replayed_approval_is_refused(team):
 def test_approvals_expire_and_bind_to_operation_target_and_ticket(team):
     kms, d = team
     _approve_both(kms, d, target="root", ticket=TICKET)
-    _refused_rotation(kms, d, "has 0", key="data:postgres")           # other target
-    _refused_rotation(kms, d, "has 0", ticket="CHG-9999")             # other ticket
+    _refused_rotation(kms, d, "has 0", key="data:postgres")  # other target
+    _refused_rotation(kms, d, "has 0", ticket="CHG-9999")  # other ticket
     with kms.transaction() as s:
-        with pytest.raises(access.AccessDenied):                   # other operation
+        with pytest.raises(access.AccessDenied):  # other operation
             access.consume_approvals(s, kms, operation="destroy", target="root", ticket=TICKET, requester="alice")
     kms.clock.advance(timedelta(minutes=kms.policy.access.approval_ttl_minutes))
     _refused_rotation(kms, d, r"bob \(expired\)")
@@ -238,19 +255,21 @@ def test_approvals_expire_and_bind_to_operation_target_and_ticket(team):
 def test_consume_approvals_marks_used_only_with_the_callers_transaction(team):
     kms, d = team
     for name in ("bob", "carol"):
-        approve_both(kms, name, ticket=TICKET, operation="destroy", target="data:postgres#v1",
-                       totp=code(kms, d[name]))
+        approve_both(kms, name, ticket=TICKET, operation="destroy", target="data:postgres#v1", totp=code(kms, d[name]))
     with pytest.raises(RuntimeError):
         with kms.transaction() as s:
-            assert access.consume_approvals(s, kms, operation="destroy", target="data:postgres#v1",
-                                            ticket=TICKET, requester="kms-nightly") == ["bob", "carol"]
+            assert access.consume_approvals(
+                s, kms, operation="destroy", target="data:postgres#v1", ticket=TICKET, requester="kms-nightly"
+            ) == ["bob", "carol"]
             raise RuntimeError("the destroy failed")
     with kms.transaction() as s:  # rolled back: still usable, once
-        assert access.consume_approvals(s, kms, operation="destroy", target="data:postgres#v1",
-                                        ticket=TICKET, requester="kms-nightly") == ["bob", "carol"]
+        assert access.consume_approvals(
+            s, kms, operation="destroy", target="data:postgres#v1", ticket=TICKET, requester="kms-nightly"
+        ) == ["bob", "carol"]
     with kms.transaction() as s, pytest.raises(access.AccessDenied, match="single-use"):
-        access.consume_approvals(s, kms, operation="destroy", target="data:postgres#v1", ticket=TICKET,
-                                 requester="kms-nightly")
+        access.consume_approvals(
+            s, kms, operation="destroy", target="data:postgres#v1", ticket=TICKET, requester="kms-nightly"
+        )
 
 
 def test_a_failed_rotation_consumes_no_approval(team):

@@ -8,13 +8,11 @@ import pytest
 from sqlalchemy import select
 
 from kms_pipelines.core import audit, ledger
-from kms_pipelines.core.db.models import STATES, KeyVersion
-from kms_pipelines.core.db.models_access import AuditEvent
-from kms_pipelines.defs.access import audit_anomalies, audit_chain_intact, manual_rotation, \
-    no_unreviewed_high_anomalies
+from kms_pipelines.core.foundation.db.models import STATES, KeyVersion
+from kms_pipelines.core.foundation.db.models_access import AuditEvent
+from kms_pipelines.defs.access import audit_anomalies, audit_chain_intact, manual_rotation, no_unreviewed_high_anomalies
 from kms_pipelines.defs.foundation import kms_state
-from kms_pipelines.defs.resources import (DatabaseResource, KeyStoreResource, KmsResource,
-                                          ObjectStoreResource)
+from kms_pipelines.defs.resources import DatabaseResource, KeyStoreResource, KmsResource, ObjectStoreResource
 from tests.fixtures.dagster_defs import FixedClockResource
 from tests.fixtures.kms import approve_both, ceremony, write_test_policy
 
@@ -22,10 +20,13 @@ AT = datetime(2026, 2, 1, 9, 0, tzinfo=timezone.utc)
 
 
 def make_resource(tmp_path, url, at=AT):
-    return KmsResource(home=str(tmp_path / "home"), database=DatabaseResource(url=url),
-                       keystore=KeyStoreResource(kind="software"),
-                       objects=ObjectStoreResource(url=str(tmp_path / "objects")),
-                       clock=FixedClockResource(fixed_time=at.isoformat()))
+    return KmsResource(
+        home=str(tmp_path / "home"),
+        database=DatabaseResource(url=url),
+        keystore=KeyStoreResource(kind="software"),
+        objects=ObjectStoreResource(url=str(tmp_path / "objects")),
+        clock=FixedClockResource(fixed_time=at.isoformat()),
+    )
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -41,13 +42,20 @@ def dagster_kms(request, tmp_path, monkeypatch):
 
 def _snapshot(ctx):
     with ctx.engine.connect() as conn:
-        return (conn.execute(select(KeyVersion.key_id, KeyVersion.version, KeyVersion.state)
-                             .order_by(KeyVersion.id)).all(), ledger.head(conn))
+        return (
+            conn.execute(select(KeyVersion.key_id, KeyVersion.version, KeyVersion.state).order_by(KeyVersion.id)).all(),
+            ledger.head(conn),
+        )
 
 
 def _config(code, key="root", ticket="CHG-42", requester="alice"):
-    return {"ops": {"manual_rotate_key": {"config": {"key": key, "ticket": ticket, "requester": requester,
-                                                     "requester_totp": code}}}}
+    return {
+        "ops": {
+            "manual_rotate_key": {
+                "config": {"key": key, "ticket": ticket, "requester": requester, "requester_totp": code}
+            }
+        }
+    }
 
 
 def _team(ctx):
@@ -65,8 +73,9 @@ def test_manual_rotation_job_enforces_the_same_approvals(dagster_kms):
     ctx = res.context()
     devices = _team(ctx)
     before = _snapshot(ctx)
-    result = manual_rotation.execute_in_process(run_config=_config(_alice(devices, -1)), resources={"kms": res},
-                                                instance=instance, raise_on_error=False)
+    result = manual_rotation.execute_in_process(
+        run_config=_config(_alice(devices, -1)), resources={"kms": res}, instance=instance, raise_on_error=False
+    )
     assert not result.success
     failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
     assert "needs 2 approvals" in failure.step_failure_data.error.to_string()
@@ -75,12 +84,14 @@ def test_manual_rotation_job_enforces_the_same_approvals(dagster_kms):
     assert "\n" not in failure.step_failure_data.user_failure_data.description
     assert _snapshot(ctx) == before
     approve_both(ctx, "bob", ticket="CHG-42", operation="rotate", totp=devices["bob"].at(AT))
-    result = manual_rotation.execute_in_process(run_config=_config(_alice(devices, 0)), resources={"kms": res},
-                                                instance=instance, raise_on_error=False)
+    result = manual_rotation.execute_in_process(
+        run_config=_config(_alice(devices, 0)), resources={"kms": res}, instance=instance, raise_on_error=False
+    )
     assert not result.success and _snapshot(ctx) == before
     approve_both(ctx, "carol", ticket="CHG-42", operation="rotate", totp=devices["carol"].at(AT))
-    result = manual_rotation.execute_in_process(run_config=_config(_alice(devices, 1)), resources={"kms": res},
-                                                instance=instance)
+    result = manual_rotation.execute_in_process(
+        run_config=_config(_alice(devices, 1)), resources={"kms": res}, instance=instance
+    )
     assert result.success
     assert result.output_for_node("manual_rotate_key")["approvers"] == ["bob", "carol"]
     with ctx.transaction() as s:
@@ -95,8 +106,12 @@ def test_manual_rotation_job_enforces_the_same_approvals(dagster_kms):
 
 
 def test_manual_rotation_config_is_typed_for_the_launchpad():
-    fields = manual_rotation.run_config_schema.config_type.fields["ops"].config_type.fields[
-        "manual_rotate_key"].config_type.fields["config"].config_type.fields
+    fields = (
+        manual_rotation.run_config_schema.config_type.fields["ops"]
+        .config_type.fields["manual_rotate_key"]
+        .config_type.fields["config"]
+        .config_type.fields
+    )
     assert set(fields) == {"key", "ticket", "requester", "requester_totp"}
     assert all(f.is_required for f in fields.values())
     assert "Approvals must exist first" in manual_rotation.description
@@ -108,8 +123,12 @@ def test_manual_rotation_refuses_an_empty_field_and_changes_nothing(dagster_kms,
     ctx = res.context()
     before = _snapshot(ctx)
     config = {"key": "root", "ticket": "CHG-42", "requester": "alice", "requester_totp": "123456", blank: ""}
-    result = manual_rotation.execute_in_process(run_config={"ops": {"manual_rotate_key": {"config": config}}},
-                                                resources={"kms": res}, instance=instance, raise_on_error=False)
+    result = manual_rotation.execute_in_process(
+        run_config={"ops": {"manual_rotate_key": {"config": config}}},
+        resources={"kms": res},
+        instance=instance,
+        raise_on_error=False,
+    )
     assert not result.success
     failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
     assert blank in failure.step_failure_data.error.to_string()
@@ -124,16 +143,21 @@ def test_audit_anomalies_asset_and_checks(dagster_kms):
     from kms_pipelines.core import lifecycle
 
     lifecycle.rotate(ctx, "data:postgres")
-    result = dg.materialize([audit_anomalies, audit_chain_intact, no_unreviewed_high_anomalies],
-                            resources={"kms": res}, instance=instance, raise_on_error=False)
+    result = dg.materialize(
+        [audit_anomalies, audit_chain_intact, no_unreviewed_high_anomalies],
+        resources={"kms": res},
+        instance=instance,
+        raise_on_error=False,
+    )
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
     assert checks == {"audit_chain_intact": True, "no_unreviewed_high_anomalies": False}
     mat = result.asset_materializations_for_node("audit_anomalies")[0]
     assert mat.metadata["unreviewed_high"].value == 1
     for step, a in enumerate(audit.unreviewed(ctx)):
         audit.review(ctx, a.id, "sam", "planned drill", totp=devices["sam"].at(AT + timedelta(seconds=30 * step)))
-    result = dg.materialize([audit_anomalies, audit_chain_intact, no_unreviewed_high_anomalies],
-                            resources={"kms": res}, instance=instance)
+    result = dg.materialize(
+        [audit_anomalies, audit_chain_intact, no_unreviewed_high_anomalies], resources={"kms": res}, instance=instance
+    )
     assert all(c.passed for c in result.get_asset_check_evaluations())
 
 

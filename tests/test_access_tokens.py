@@ -8,16 +8,17 @@ import pytest
 from sqlalchemy import select
 
 from kms_pipelines.core import access, audit, ledger, lifecycle
-from kms_pipelines.core.canonical import canonical_bytes
-from kms_pipelines.core.db.models import KeyVersion
-from kms_pipelines.core.db.models_access import AuditEvent
-from kms_pipelines.core.keystore.audited import unwrap
+from kms_pipelines.core.foundation.canonical import canonical_bytes
+from kms_pipelines.core.foundation.db.models import KeyVersion
+from kms_pipelines.core.foundation.db.models_access import AuditEvent
+from kms_pipelines.core.foundation.keystore.audited import unwrap
 
 
 def snapshot(kms):
     with kms.engine.connect() as conn:
-        versions = conn.execute(select(KeyVersion.key_id, KeyVersion.version, KeyVersion.state)
-                                .order_by(KeyVersion.id)).all()
+        versions = conn.execute(
+            select(KeyVersion.key_id, KeyVersion.version, KeyVersion.state).order_by(KeyVersion.id)
+        ).all()
         head = ledger.head(conn)
     return versions, head, sorted(kms.keystore.refs())
 
@@ -55,8 +56,9 @@ def test_a_token_of_the_policy_ttl_works_and_every_operation_is_checked(kms):
     assert lifecycle.rotate(wctx, "data:postgres").rotated
     audit.flush(kms)
     with kms.engine.connect() as conn:
-        actors = conn.execute(select(AuditEvent.actor).where(AuditEvent.operation == "generate")
-                              .order_by(AuditEvent.seq.desc()).limit(1)).scalar_one()
+        actors = conn.execute(
+            select(AuditEvent.actor).where(AuditEvent.operation == "generate").order_by(AuditEvent.seq.desc()).limit(1)
+        ).scalar_one()
     assert actors == "workload:dagster"
 
 
@@ -70,8 +72,13 @@ def test_a_16_minute_token_is_refused(kms):
     c = _claims(ok)
     long_lived = {**c, "exp": c["iat"] + 16 * 60}
     ks = unwrap(kms.keystore)
-    signed = ".".join([access.TOKEN_PREFIX, access._b64u(canonical_bytes(long_lived)),
-                       access._b64u(ks.sign(access.SIGNING_REF, access._TOKEN_CONTEXT + canonical_bytes(long_lived)))])
+    signed = ".".join(
+        [
+            access.TOKEN_PREFIX,
+            access._b64u(canonical_bytes(long_lived)),
+            access._b64u(ks.sign(access.SIGNING_REF, access._TOKEN_CONTEXT + canonical_bytes(long_lived))),
+        ]
+    )
     _refused(kms, access.with_workload_token(kms, signed), "exceeds the policy cap", "token_ttl")
 
 

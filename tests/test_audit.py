@@ -9,17 +9,20 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 
 from kms_pipelines.core import access, audit, lifecycle
-from kms_pipelines.core.db.append_only import create_append_only_triggers, drop_append_only_triggers
-from kms_pipelines.core.db.models_access import AuditEvent
-from kms_pipelines.core.keystore import DecryptionFailed
+from kms_pipelines.core.foundation.db.append_only import create_append_only_triggers, drop_append_only_triggers
+from kms_pipelines.core.foundation.db.models_access import AuditEvent
+from kms_pipelines.core.foundation.keystore import DecryptionFailed
 from tests.fixtures.kms import ceremony, totp_now
 
 
 def _events(kms):
     audit.flush(kms)
     with kms.engine.connect() as conn:
-        return conn.execute(select(AuditEvent.actor, AuditEvent.operation, AuditEvent.target, AuditEvent.outcome,
-                                   AuditEvent.detail).order_by(AuditEvent.seq)).all()
+        return conn.execute(
+            select(
+                AuditEvent.actor, AuditEvent.operation, AuditEvent.target, AuditEvent.outcome, AuditEvent.detail
+            ).order_by(AuditEvent.seq)
+        ).all()
 
 
 def test_every_keystore_operation_is_audited_with_the_actor(kms):
@@ -39,9 +42,18 @@ def test_every_keystore_operation_is_audited_with_the_actor(kms):
     ks.destroy("t.sig")
     ev = _events(kms)[n0:]
     assert [(e.operation, e.outcome) for e in ev] == [
-        ("generate", "ok"), ("generate", "ok"), ("encrypt", "ok"), ("decrypt", "ok"), ("wrap", "ok"),
-        ("encrypt", "ok"), ("decrypt", "ok"), ("rewrap", "ok"), ("sign", "ok"), ("decrypt", "error"),
-        ("destroy", "ok")]
+        ("generate", "ok"),
+        ("generate", "ok"),
+        ("encrypt", "ok"),
+        ("decrypt", "ok"),
+        ("wrap", "ok"),
+        ("encrypt", "ok"),
+        ("decrypt", "ok"),
+        ("rewrap", "ok"),
+        ("sign", "ok"),
+        ("decrypt", "error"),
+        ("destroy", "ok"),
+    ]
     assert {e.actor for e in ev} == {"svc-owner"}
     assert audit.verify(kms).ok
 
@@ -79,8 +91,7 @@ def test_audit_events_are_append_only_and_tampering_is_named(kms):
 
 def test_audit_detail_refuses_bytes(kms):
     with kms.transaction() as s, pytest.raises(TypeError):
-        audit.record(s, at=kms.now(), operation="x", actor="a", target=None, outcome="ok",
-                     detail={"key": b"\x01" * 32})
+        audit.record(s, at=kms.now(), operation="x", actor="a", target=None, outcome="ok", detail={"key": b"\x01" * 32})
 
 
 def _strict_audit(kms, **update):
@@ -97,22 +108,31 @@ def test_anomalies_are_detected_persisted_once_and_reviewed(kms):
     ks = strict.as_actor("workload:api-gateway").keystore
     ref = _wrap_ref(strict, "data:postgres")
     blob = strict.keystore.encrypt(ref, b"x")
-    for _ in range(35):                                    # decrypt burst (and a rate spike: no baseline)
+    for _ in range(35):  # decrypt burst (and a rate spike: no baseline)
         ks.decrypt(ref, blob)
-    for _ in range(6):                                     # failure burst + operations without the role
+    for _ in range(6):  # failure burst + operations without the role
         with pytest.raises(access.AccessDenied):
             access.require_permission(strict, "carol", "rotate", target="root")
-    lifecycle.rotate(strict, "data:postgres")              # a manual rotation without approvals
+    lifecycle.rotate(strict, "data:postgres")  # a manual rotation without approvals
     report = audit.refresh_anomalies(strict)
-    assert _kinds(report) == ["decrypt_burst", "failure_burst", "manual_without_approvals",
-                              "operation_without_role", "rate_spike"]
+    assert _kinds(report) == [
+        "decrypt_burst",
+        "failure_burst",
+        "manual_without_approvals",
+        "operation_without_role",
+        "rate_spike",
+    ]
     by_kind = {a.kind: a for a in report.new}
     assert by_kind["decrypt_burst"].principal == "workload:api-gateway"
     assert by_kind["operation_without_role"].principal == "carol"
     assert "data:postgres" in by_kind["manual_without_approvals"].detail
-    assert {a.kind for a in report.unreviewed} == {"decrypt_burst", "failure_burst", "manual_without_approvals",
-                                                   "operation_without_role"}
-    assert audit.refresh_anomalies(strict).new == []       # idempotent
+    assert {a.kind for a in report.unreviewed} == {
+        "decrypt_burst",
+        "failure_burst",
+        "manual_without_approvals",
+        "operation_without_role",
+    }
+    assert audit.refresh_anomalies(strict).new == []  # idempotent
     before = len(audit.unreviewed(strict))
     with pytest.raises(access.AccessDenied, match="unknown principal 'mallory'"):
         audit.review(strict, by_kind["decrypt_burst"].id, "mallory", totp="123456")
@@ -142,5 +162,3 @@ def test_a_quiet_day_has_no_anomalies_and_the_window_moves(kms):
 def _wrap_ref(kms, key):
     with kms.transaction() as s:
         return lifecycle.active_version(lifecycle.get_key(s, key)).wrap_ref
-
-

@@ -12,10 +12,10 @@ import pytest
 from sqlalchemy import create_engine, select, text
 
 from kms_pipelines.core import backup, lifecycle
-from kms_pipelines.core.clock import SimulatedClock
-from kms_pipelines.core.db.models_backup import Backup
-from kms_pipelines.core.objectstore import ObjectLocked
-from kms_pipelines.core.objectstore.local import LocalObjectStore
+from kms_pipelines.core.foundation.clock import SimulatedClock
+from kms_pipelines.core.foundation.db.models_backup import Backup
+from kms_pipelines.core.foundation.objectstore import ObjectLocked
+from kms_pipelines.core.foundation.objectstore.local import LocalObjectStore
 
 
 def catalogue(kms):
@@ -84,14 +84,19 @@ def test_100_simulated_days_leave_exactly_the_gfs_set(make_kms):
     kms.clock.advance(timedelta(days=-1))  # back to the last night
     now = kms.now()
     p = kms.policy.backup
-    expected = {i.archive_id for i in created[-p.keep_nightly:]}
-    expected |= {i.archive_id for i in created
-                 if i.gfs_class == "weekly" and i.created_at > now - timedelta(days=p.keep_weekly_days)}
+    expected = {i.archive_id for i in created[-p.keep_nightly :]}
+    expected |= {
+        i.archive_id
+        for i in created
+        if i.gfs_class == "weekly" and i.created_at > now - timedelta(days=p.keep_weekly_days)
+    }
     remaining = {r.archive_id for r in catalogue(kms) if r.status != "pruned"}
     assert remaining == expected
     assert len(expected) == 7 + 12  # 7 nightlies (one a Sunday) + the other Sundays of 90 days
-    assert {o[0] for o in objects(store)} == ({i.archive_key for i in created if i.archive_id in expected}
-                                              | {i.manifest_key for i in created if i.archive_id in expected})
+    assert {o[0] for o in objects(store)} == (
+        {i.archive_key for i in created if i.archive_id in expected}
+        | {i.manifest_key for i in created if i.archive_id in expected}
+    )
     assert all(i.gfs_class == ("weekly" if i.created_at.weekday() == 6 else "nightly") for i in created)
 
 
@@ -123,7 +128,9 @@ def test_failed_dump_leaves_no_archive_and_no_good_row(kms_pg, tmp_path, monkeyp
     # a pg_dump that writes part of a dump and then fails: the pipeline must abort the upload
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "pg_dump").write_text("#!/bin/sh\nhead -c 20000000 /dev/urandom\necho 'pg_dump: error: lost connection' >&2\nexit 1\n")
+    (fake / "pg_dump").write_text(
+        "#!/bin/sh\nhead -c 20000000 /dev/urandom\necho 'pg_dump: error: lost connection' >&2\nexit 1\n"
+    )
     (fake / "pg_dump").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
     with pytest.raises(backup.BackupError, match="lost connection"):
@@ -142,8 +149,14 @@ def test_kill_9_during_upload_leaves_no_archive_marked_good(tmp_path, pg_url, s3
     with open(big / "bulk.bin", "wb") as f:  # incompressible, so the upload takes a while
         for _ in range(12):
             f.write(os.urandom(8 << 20))
-    env = dict(os.environ, KMS_HOME=str(home), KMS_DATABASE_URL=pg_url, KMS_OBJECT_STORE=f"s3://{s3_bucket}",
-               KMS_S3_ENDPOINT_URL=s3_server, KMS_MASTER_KEY="MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=")
+    env = dict(
+        os.environ,
+        KMS_HOME=str(home),
+        KMS_DATABASE_URL=pg_url,
+        KMS_OBJECT_STORE=f"s3://{s3_bucket}",
+        KMS_S3_ENDPOINT_URL=s3_server,
+        KMS_MASTER_KEY="MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+    )
     kms_bin = os.path.join(os.path.dirname(sys.executable), "kms")
     subprocess.run([kms_bin, "init"], env=env, check=True, capture_output=True)
     proc = subprocess.Popen([kms_bin, "backup", "create"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select
 
 from kms_pipelines.core import backup, lifecycle, manifest, restore
-from kms_pipelines.core.db.models_backup import Backup
+from kms_pipelines.core.foundation.db.models_backup import Backup
 from tests.test_restore import backed_up, sim_store, tables  # noqa: F401 - fixture re-used
 
 
@@ -26,14 +26,17 @@ def _root_fp(kms, n):
         return lifecycle.get_version(lifecycle.get_key(s, "root"), n).fingerprint
 
 
-@pytest.mark.parametrize("edit,fragment", [
-    (lambda d: d.update(alg="amg"), "field 'alg': Input should be 'Ed25519'"),
-    (lambda d: d.update(format="kms-backup-manifest/9"), "field 'format'"),
-    (lambda d: d["manifest"].update(gfs_class="yearly"), "field 'manifest.gfs_class'"),
-    (lambda d: d["manifest"].update(extra_field="rides along"), "field 'manifest.extra_field': Extra inputs"),
-    (lambda d: d["manifest"]["database"].update(kind="mysql"), "field 'manifest.database.kind'"),
-    (lambda d: d["manifest"].update(archive_size="12"), "field 'manifest.archive_size'"),
-])
+@pytest.mark.parametrize(
+    "edit,fragment",
+    [
+        (lambda d: d.update(alg="amg"), "field 'alg': Input should be 'Ed25519'"),
+        (lambda d: d.update(format="kms-backup-manifest/9"), "field 'format'"),
+        (lambda d: d["manifest"].update(gfs_class="yearly"), "field 'manifest.gfs_class'"),
+        (lambda d: d["manifest"].update(extra_field="rides along"), "field 'manifest.extra_field': Extra inputs"),
+        (lambda d: d["manifest"]["database"].update(kind="mysql"), "field 'manifest.database.kind'"),
+        (lambda d: d["manifest"].update(archive_size="12"), "field 'manifest.archive_size'"),
+    ],
+)
 def test_case2_malformed_manifest_fields_are_refused_and_nothing_restored(backed_up, pg_database, edit, fragment):
     kms, info = backed_up
     target = pg_database()
@@ -102,8 +105,8 @@ def test_manifest_signed_by_a_root_after_it_was_replaced_is_refused(make_kms):
     import base64 as b64
     from datetime import timedelta
 
-    from kms_pipelines.core.canonical import canonical_bytes
     from kms_pipelines.core import backup_manifest_schema as schema
+    from kms_pipelines.core.foundation.canonical import canonical_bytes
 
     kms = make_kms("postgres")
     sim_store(kms)

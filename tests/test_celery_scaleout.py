@@ -25,7 +25,7 @@ import yaml
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from kms_pipelines.core.keystore.softhsm_setup import init_softhsm_token
+from kms_pipelines.core.foundation.keystore.softhsm_setup import init_softhsm_token
 
 from .fixtures.dagster_defs import write_instance_yaml
 from .fixtures.kms import KEY_ORIGIN
@@ -57,8 +57,11 @@ def redis_url():
         yield f"redis://127.0.0.1:6379/{11 + os.getpid() % 4}"
         return
     port = _free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 10
         while not _redis_answers(port):
@@ -73,8 +76,18 @@ def redis_url():
 class Cluster:
     """A control host and celery workers sharing PostgreSQL, an HSM, S3 and Redis only."""
 
-    def __init__(self, tmp: Path, pg_url: str, dagster_db_url: str, s3_server: str, s3_client, bucket: str,
-                 redis: str, policy_overrides: dict, smtp):
+    def __init__(
+        self,
+        tmp: Path,
+        pg_url: str,
+        dagster_db_url: str,
+        s3_server: str,
+        s3_client,
+        bucket: str,
+        redis: str,
+        policy_overrides: dict,
+        smtp,
+    ):
         self.tmp = tmp
         token = init_softhsm_token(tmp / "hsm", "kms-scaleout", "1234", "5678", for_subprocesses=True)
         policy = yaml.safe_load((REPO / "assets" / "policy.yaml").read_text())
@@ -89,21 +102,39 @@ class Cluster:
         write_instance_yaml(self.dagster_home, s3_compute_logs=True)
         d = make_url(dagster_db_url)
         self.base = {k: v for k, v in os.environ.items() if not k.startswith(("KMS_", "DAGSTER_"))}
-        self.base.update({
-            "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1",
-            "KMS_POLICY": str(tmp / "policy.yaml"), "KMS_DATABASE_URL": pg_url,
-            "KMS_OBJECT_STORE": f"s3://{bucket}/kms", "KMS_S3_ENDPOINT_URL": s3_server,
-            "KMS_KEYSTORE": "pkcs11", "KMS_PKCS11_LIB": token.lib_path, "KMS_PKCS11_TOKEN": token.label,
-            "KMS_PKCS11_PIN": token.pin, "SOFTHSM2_CONF": token.conf_path,
-            "KMS_EXECUTOR": "celery", "KMS_CELERY_BROKER": redis, "KMS_CELERY_VISIBILITY_TIMEOUT": "10",
-            "DAGSTER_HOME": str(self.dagster_home), "DAGSTER_PG_HOST": d.host or "127.0.0.1",
-            "DAGSTER_PG_PORT": str(d.port or 5432), "DAGSTER_PG_USER": d.username or "postgres",
-            "DAGSTER_PG_PASSWORD": d.password or "", "DAGSTER_PG_DB": d.database,
-            "DAGSTER_COMPUTE_LOG_BUCKET": f"{bucket}-logs", "DAGSTER_S3_ENDPOINT_URL": s3_server,
-            "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-            # A worker refuses to start without SMTP or Slack (its outbox is on a host nobody reads).
-            "KMS_SMTP_HOST": smtp.host, "KMS_SMTP_PORT": str(smtp.port), "KMS_SMTP_SENDER": "kms@example.com",
-        })
+        self.base.update(
+            {
+                "PYTHONPATH": str(REPO),
+                "PYTHONUNBUFFERED": "1",
+                "KMS_POLICY": str(tmp / "policy.yaml"),
+                "KMS_DATABASE_URL": pg_url,
+                "KMS_OBJECT_STORE": f"s3://{bucket}/kms",
+                "KMS_S3_ENDPOINT_URL": s3_server,
+                "KMS_KEYSTORE": "pkcs11",
+                "KMS_PKCS11_LIB": token.lib_path,
+                "KMS_PKCS11_TOKEN": token.label,
+                "KMS_PKCS11_PIN": token.pin,
+                "SOFTHSM2_CONF": token.conf_path,
+                "KMS_EXECUTOR": "celery",
+                "KMS_CELERY_BROKER": redis,
+                "KMS_CELERY_VISIBILITY_TIMEOUT": "10",
+                "DAGSTER_HOME": str(self.dagster_home),
+                "DAGSTER_PG_HOST": d.host or "127.0.0.1",
+                "DAGSTER_PG_PORT": str(d.port or 5432),
+                "DAGSTER_PG_USER": d.username or "postgres",
+                "DAGSTER_PG_PASSWORD": d.password or "",
+                "DAGSTER_PG_DB": d.database,
+                "DAGSTER_COMPUTE_LOG_BUCKET": f"{bucket}-logs",
+                "DAGSTER_S3_ENDPOINT_URL": s3_server,
+                "AWS_ACCESS_KEY_ID": "test",
+                "AWS_SECRET_ACCESS_KEY": "test",
+                "AWS_DEFAULT_REGION": "us-east-1",
+                # A worker refuses to start without SMTP or Slack (its outbox is on a host nobody reads).
+                "KMS_SMTP_HOST": smtp.host,
+                "KMS_SMTP_PORT": str(smtp.port),
+                "KMS_SMTP_SENDER": "kms@example.com",
+            }
+        )
         self.redis = redis
         self.workers: dict[str, subprocess.Popen] = {}
 
@@ -111,15 +142,21 @@ class Cluster:
         return dict(self.base, KMS_HOME=str(self.tmp / "control"))
 
     def kms(self, *args, check=True) -> subprocess.CompletedProcess:
-        out = subprocess.run([sys.executable, "-m", "kms_pipelines.cli", *args], env=self.control_env(),
-                             capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-m", "kms_pipelines.cli", *args],
+            env=self.control_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if check:
             assert out.returncode == 0, out.stderr[-2000:]
         return out
 
     def python(self, code: str) -> str:
-        out = subprocess.run([sys.executable, "-c", code], env=self.control_env(), capture_output=True, text=True,
-                             timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=self.control_env(), capture_output=True, text=True, timeout=300
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         return out.stdout
 
@@ -127,8 +164,22 @@ class Cluster:
         env = dict(self.base, KMS_HOME=str(self.tmp / f"home-{name}"), KMS_ROLE="worker")
         log = open(self.tmp / f"{name}.log", "w")
         self.workers[name] = subprocess.Popen(
-            [sys.executable, "-m", "kms_pipelines.cli", "worker", "start", "--concurrency", "1",
-             "--name", f"{name}@%h"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "kms_pipelines.cli",
+                "worker",
+                "start",
+                "--concurrency",
+                "1",
+                "--name",
+                f"{name}@%h",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_workers_ready(self, n: int, timeout: float = 90) -> None:
         from celery import Celery
@@ -161,15 +212,30 @@ class Cluster:
                 proc.wait(timeout=10)
 
     def launch_fanout(self) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "dagster", "job", "execute", "-m", "kms_pipelines.definitions",
-                                 "-j", "dek_rewrap_fanout_job"], env=self.control_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, cwd=str(REPO))
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dagster",
+                "job",
+                "execute",
+                "-m",
+                "kms_pipelines.definitions",
+                "-j",
+                "dek_rewrap_fanout_job",
+            ],
+            env=self.control_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=str(REPO),
+        )
 
 
 FILL = r"""
 import json, sys
 from kms_pipelines.core import envelope, lifecycle
-from kms_pipelines.core.context import context_from_env
+from kms_pipelines.core.foundation.context import context_from_env
 ctx = context_from_env()
 n = int(sys.argv[1])
 out = {}
@@ -182,7 +248,7 @@ json.dump(out, open(sys.argv[2], "w"))
 DECRYPT_ALL = r"""
 import json, sys
 from kms_pipelines.core import envelope
-from kms_pipelines.core.context import context_from_env
+from kms_pipelines.core.foundation.context import context_from_env
 ctx = context_from_env()
 blobs = json.load(open(sys.argv[1]))
 bad = [o for o, b in blobs.items() if envelope.decrypt(ctx, bytes.fromhex(b), object_id=o) != f"payload {o[2:]}".encode()]
@@ -193,12 +259,25 @@ print(json.dumps({"checked": len(blobs), "bad": bad}))
 @pytest.fixture
 def cluster(tmp_path, pg_url, pg_database, s3_server, s3_client, s3_bucket, redis_url, smtp_server):
     def make(init: bool = True, **policy_overrides) -> Cluster:
-        c = Cluster(tmp_path, pg_url, pg_database(), s3_server, s3_client, s3_bucket, redis_url, policy_overrides,
-                    smtp_server)
+        c = Cluster(
+            tmp_path, pg_url, pg_database(), s3_server, s3_client, s3_bucket, redis_url, policy_overrides, smtp_server
+        )
         made.append(c)
         if init:
-            out = c.kms("init", "--admin", "sec-1", "--admin", "sec-2", "--admin", "sec-3", "--json",
-                        "--console-origin", KEY_ORIGIN, "--software-keys", str(c.tmp / "keys"))
+            out = c.kms(
+                "init",
+                "--admin",
+                "sec-1",
+                "--admin",
+                "sec-2",
+                "--admin",
+                "sec-3",
+                "--json",
+                "--console-origin",
+                KEY_ORIGIN,
+                "--software-keys",
+                str(c.tmp / "keys"),
+            )
             issuer = pyotp.parse_uri(json.loads(out.stdout)["enrolled"][0]["provisioning_uri"])
             # the signing key is created once, in the HSM, by the first token a proven human issues
             c.kms("token", "issue", "workload:dagster", "--as", "sec-1", "--totp", issuer.now())
@@ -217,11 +296,15 @@ def fill(c: Cluster, n: int) -> Path:
 
 
 def versions(pg_url: str) -> dict:
-    engine = create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://", 1)
-                           if pg_url.startswith("postgresql://") else pg_url)
+    engine = create_engine(
+        pg_url.replace("postgresql://", "postgresql+psycopg://", 1) if pg_url.startswith("postgresql://") else pg_url
+    )
     with engine.connect() as conn:
-        rows = dict(conn.execute(text("SELECT key_version, count(*) FROM deks WHERE key_name = :k GROUP BY 1"),
-                                 {"k": KEY}).all())
+        rows = dict(
+            conn.execute(
+                text("SELECT key_version, count(*) FROM deks WHERE key_name = :k GROUP BY 1"), {"k": KEY}
+            ).all()
+        )
     engine.dispose()
     return rows
 
@@ -300,8 +383,9 @@ def test_kill_9_of_a_worker_mid_shard_is_retried_and_nothing_is_lost_or_doubled(
     run = c.launch_fanout()
     # Wait until w1 holds a lease and has committed some batches, then kill it (and its pool).
     deadline = time.monotonic() + 240
-    engine = create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://", 1)
-                           if pg_url.startswith("postgresql://") else pg_url)
+    engine = create_engine(
+        pg_url.replace("postgresql://", "postgresql+psycopg://", 1) if pg_url.startswith("postgresql://") else pg_url
+    )
     try:
         while True:
             assert time.monotonic() < deadline, "w1 never started sweeping"
@@ -339,17 +423,42 @@ def test_celery_run_launcher_runs_the_job_on_a_worker_without_daemonic_process_e
     blobs = fill(c, 100)
     cfg = yaml.safe_load((c.dagster_home / "dagster.yaml").read_text())
     cfg["run_coordinator"] = {"module": "dagster._core.run_coordinator", "class": "DefaultRunCoordinator"}
-    cfg["run_launcher"] = {"module": "dagster_celery.launcher", "class": "CeleryRunLauncher",
-                           "config": {"default_queue": "dagster", "broker": c.redis, "backend": c.redis,
-                                      "config_source": {"task_acks_late": True, "task_reject_on_worker_lost": True,
-                                                        "worker_prefetch_multiplier": 1}}}
+    cfg["run_launcher"] = {
+        "module": "dagster_celery.launcher",
+        "class": "CeleryRunLauncher",
+        "config": {
+            "default_queue": "dagster",
+            "broker": c.redis,
+            "backend": c.redis,
+            "config_source": {
+                "task_acks_late": True,
+                "task_reject_on_worker_lost": True,
+                "worker_prefetch_multiplier": 1,
+            },
+        },
+    }
     (c.dagster_home / "dagster.yaml").write_text(yaml.safe_dump(cfg))
     c.base["KMS_EXECUTOR"] = "multiprocess"
     c.start_worker("w1")
     c.wait_workers_ready(1)
-    launch = subprocess.run([sys.executable, "-m", "dagster", "job", "launch", "-m", "kms_pipelines.definitions",
-                             "-j", "dek_rewrap_fanout_job"], env=c.control_env(), capture_output=True, text=True,
-                            timeout=300, cwd=str(REPO))
+    launch = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dagster",
+            "job",
+            "launch",
+            "-m",
+            "kms_pipelines.definitions",
+            "-j",
+            "dek_rewrap_fanout_job",
+        ],
+        env=c.control_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(REPO),
+    )
     assert launch.returncode == 0, launch.stderr[-3000:]
     deadline = time.monotonic() + 300
     while True:
@@ -395,22 +504,39 @@ def test_run_monitoring_fails_a_run_whose_worker_was_killed_and_run_retries_rela
     hold.write_text("")
     c.base["KMS_TEST_HOLD_FILE"] = str(hold)
     cfg = yaml.safe_load((c.dagster_home / "dagster.yaml").read_text())
-    cfg["run_launcher"] = {"module": "dagster_celery.launcher", "class": "CeleryRunLauncher",
-                           "config": {"default_queue": "dagster", "broker": c.redis, "backend": c.redis,
-                                      "config_source": settings(c.base)}}
+    cfg["run_launcher"] = {
+        "module": "dagster_celery.launcher",
+        "class": "CeleryRunLauncher",
+        "config": {
+            "default_queue": "dagster",
+            "broker": c.redis,
+            "backend": c.redis,
+            "config_source": settings(c.base),
+        },
+    }
     cfg["run_monitoring"].update(poll_interval_seconds=1, start_timeout_seconds=60)
     cfg["run_retries"]["max_retries"] = 1
     (c.dagster_home / "dagster.yaml").write_text(yaml.safe_dump(cfg))
     c.start_worker("w1")
     c.wait_workers_ready(1)
     daemon_log = open(c.tmp / "daemon.log", "w")
-    daemon = subprocess.Popen([sys.executable, "-m", "dagster._daemon", "run", "-m", "tests.fixtures.held_job"],
-                              env=c.control_env(), cwd=str(REPO), stdout=daemon_log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "dagster._daemon", "run", "-m", "tests.fixtures.held_job"],
+        env=c.control_env(),
+        cwd=str(REPO),
+        stdout=daemon_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
-        launch = subprocess.run([sys.executable, "-m", "dagster", "job", "launch", "-m", "tests.fixtures.held_job",
-                                 "-j", "held_job"], env=c.control_env(), capture_output=True, text=True,
-                                timeout=120, cwd=str(REPO))
+        launch = subprocess.run(
+            [sys.executable, "-m", "dagster", "job", "launch", "-m", "tests.fixtures.held_job", "-j", "held_job"],
+            env=c.control_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=str(REPO),
+        )
         assert launch.returncode == 0, launch.stderr[-3000:]
         deadline, pid = time.monotonic() + 90, None
         while pid is None:  # the run worker (a celery pool process) records its pid when it starts
@@ -429,12 +555,14 @@ def test_run_monitoring_fails_a_run_whose_worker_was_killed_and_run_retries_rela
             run = next(r for r in runs if r.run_id == first.run_id)
             if run.is_finished:
                 break
-            assert time.monotonic() - killed < 45, f"run still {run.status} 45 s after kill -9: " + \
-                (c.tmp / "daemon.log").read_text()[-3000:]
+            assert time.monotonic() - killed < 45, (
+                f"run still {run.status} 45 s after kill -9: " + (c.tmp / "daemon.log").read_text()[-3000:]
+            )
             time.sleep(0.5)
         failed_after = time.monotonic() - killed
-        text_log = "\n".join((r.dagster_event.message if r.dagster_event else None) or r.user_message or ""
-                             for r in logs[first.run_id])
+        text_log = "\n".join(
+            (r.dagster_event.message if r.dagster_event else None) or r.user_message or "" for r in logs[first.run_id]
+        )
         assert run.status == dg.DagsterRunStatus.FAILURE, text_log[-3000:]
         assert "Detected run worker status" in text_log  # failed by run monitoring, not by the run itself
         hold.unlink()  # let the retry through
@@ -443,8 +571,10 @@ def test_run_monitoring_fails_a_run_whose_worker_was_killed_and_run_retries_rela
             retries = [r for r in runs if r.tags.get("dagster/parent_run_id") == first.run_id]
             if retries and retries[0].is_finished:
                 break
-            assert time.monotonic() - killed < 90, f"no finished retry run: {[(r.run_id, r.status) for r in runs]} " + \
-                (c.tmp / "daemon.log").read_text()[-3000:]
+            assert time.monotonic() - killed < 90, (
+                f"no finished retry run: {[(r.run_id, r.status) for r in runs]} "
+                + (c.tmp / "daemon.log").read_text()[-3000:]
+            )
             time.sleep(0.5)
         assert len(retries) == 1 and retries[0].tags.get("dagster/retry_number") == "1"
         assert retries[0].status == dg.DagsterRunStatus.SUCCESS, c.worker_log("w1")[-3000:]

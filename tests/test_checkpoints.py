@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import select, text
 
 from kms_pipelines.core import checkpoints, ledger, lifecycle, nightly, rpt
-from kms_pipelines.core.db.models import LedgerEntry
+from kms_pipelines.core.foundation.db.models import LedgerEntry
 from tests.fixtures.dagster_defs import kms_resources, materialize_selection
 from tests.test_rpt import admin, issue_n, snapshot
 
@@ -18,26 +18,51 @@ def rewrite_ledger(kms, seq, **changes):
         entries = conn.execute(select(LedgerEntry).order_by(LedgerEntry.seq)).all()
     prev = entries[seq - 2].entry_hash if seq > 1 else ledger.GENESIS_HASH
     statements, params = [], {}
-    for e in entries[seq - 1:]:
-        f = {"key_name": e.key_name, "key_version": e.key_version, "from_state": e.from_state,
-             "to_state": e.to_state, "actor": e.actor, "at": e.at, "change_ticket": e.change_ticket,
-             "reason": e.reason, "event_id": e.event_id}
+    for e in entries[seq - 1 :]:
+        f = {
+            "key_name": e.key_name,
+            "key_version": e.key_version,
+            "from_state": e.from_state,
+            "to_state": e.to_state,
+            "actor": e.actor,
+            "at": e.at,
+            "change_ticket": e.change_ticket,
+            "reason": e.reason,
+            "event_id": e.event_id,
+        }
         if e.seq == seq:
             f.update(changes)
-        doc = ledger.entry_document(e.seq, f["at"], f["key_name"], f["key_version"], f["from_state"], f["to_state"],
-                                    f["actor"], json.loads(e.approvers), f["change_ticket"], f["reason"],
-                                    f["event_id"], prev)
+        doc = ledger.entry_document(
+            e.seq,
+            f["at"],
+            f["key_name"],
+            f["key_version"],
+            f["from_state"],
+            f["to_state"],
+            f["actor"],
+            json.loads(e.approvers),
+            f["change_ticket"],
+            f["reason"],
+            f["event_id"],
+            prev,
+        )
         h = ledger.entry_hash(doc)
         sets = ", ".join(f"{k} = :{k}_{e.seq}" for k in changes) + ", " if e.seq == seq else ""
-        statements.append(f"UPDATE ledger_entries SET {sets}prev_hash = :p_{e.seq}, entry_hash = :h_{e.seq} "
-                          f"WHERE seq = {e.seq}")
+        statements.append(
+            f"UPDATE ledger_entries SET {sets}prev_hash = :p_{e.seq}, entry_hash = :h_{e.seq} WHERE seq = {e.seq}"
+        )
         params.update({f"p_{e.seq}": prev, f"h_{e.seq}": h})
         if e.seq == seq:
             params.update({f"{k}_{e.seq}": v for k, v in changes.items()})
         prev = h
     # entry_hash is unique: clear the recomputed range first, then write the new hashes
-    admin(kms, "ledger_entries", f"UPDATE ledger_entries SET entry_hash = 'x' || seq WHERE seq >= {seq}",
-          *statements, params=params)
+    admin(
+        kms,
+        "ledger_entries",
+        f"UPDATE ledger_entries SET entry_hash = 'x' || seq WHERE seq >= {seq}",
+        *statements,
+        params=params,
+    )
 
 
 @pytest.fixture
@@ -102,8 +127,9 @@ def test_a_rewrite_after_the_first_checkpoint_names_the_second(checkpointed):
 def test_rewriting_the_root_rotation_time_to_legitimise_a_forged_token_is_caught(checkpointed):
     kms, first, second = checkpointed
     with kms.engine.connect() as conn:
-        rotated = conn.execute(select(LedgerEntry.seq).where(LedgerEntry.key_name == "root",
-                                                             LedgerEntry.to_state == "rotated")).scalar_one()
+        rotated = conn.execute(
+            select(LedgerEntry.seq).where(LedgerEntry.key_name == "root", LedgerEntry.to_state == "rotated")
+        ).scalar_one()
     rewrite_ledger(kms, rotated, at=kms.now() + timedelta(days=30))
     assert ledger.verify(kms.engine).ok
     assert not checkpoints.verify(kms).ok
@@ -175,8 +201,7 @@ def test_dagster_assets_checkpoint_and_block_on_a_broken_chain(code_location, tm
     assert first.success
     ctx = resources["kms"].context()
     rpt.issue_many(ctx, [("s", {"i": i}) for i in range(5)])
-    result = materialize_selection(code_location, RPT_ASSETS, resources, instance,
-                                   tags={"run": "2"})
+    result = materialize_selection(code_location, RPT_ASSETS, resources, instance, tags={"run": "2"})
     assert result.success
     meta = result.asset_materializations_for_node("rpt_chain")[0].metadata
     assert meta["count"].value == 5 and meta["verified_ok"].value is True
@@ -189,7 +214,7 @@ def test_dagster_assets_checkpoint_and_block_on_a_broken_chain(code_location, tm
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks["rpt_chain_verifies"] and checks["ledger_matches_checkpoints"]
     with ctx.engine.begin() as conn:
-        from kms_pipelines.core.db.append_only import create_append_only_triggers, drop_append_only_triggers
+        from kms_pipelines.core.foundation.db.append_only import create_append_only_triggers, drop_append_only_triggers
 
         drop_append_only_triggers(conn, "rpts")
         conn.execute(text("DELETE FROM rpts WHERE seq = 5"))
@@ -197,5 +222,8 @@ def test_dagster_assets_checkpoint_and_block_on_a_broken_chain(code_location, tm
     broken = materialize_selection(code_location, RPT_ASSETS, resources, instance)
     assert not broken.success
     checks = {e.check_name: e for e in broken.get_asset_check_evaluations()}
-    assert not checks["rpt_chain_verifies"].passed and "truncated" in checks["rpt_chain_verifies"].metadata["problem"].value
+    assert (
+        not checks["rpt_chain_verifies"].passed
+        and "truncated" in checks["rpt_chain_verifies"].metadata["problem"].value
+    )
     assert broken.asset_materializations_for_node("ledger_checkpoint") == []  # blocked: nothing signed

@@ -9,9 +9,9 @@ from click.testing import CliRunner
 from sqlalchemy import create_engine, select, text
 
 from kms_pipelines.cli import cli
-from kms_pipelines.core.db.append_only import create_append_only_triggers, drop_append_only_triggers
-from kms_pipelines.core.db.models import KeyVersion, LedgerEntry
-from kms_pipelines.core.policy import DEFAULT_POLICY_PATH
+from kms_pipelines.core.foundation.db.append_only import create_append_only_triggers, drop_append_only_triggers
+from kms_pipelines.core.foundation.db.models import KeyVersion, LedgerEntry
+from kms_pipelines.core.foundation.policy import DEFAULT_POLICY_PATH
 
 
 @pytest.fixture
@@ -30,8 +30,9 @@ def run(tmp_path, monkeypatch):
 def db_state(url):
     engine = create_engine(url)
     with engine.connect() as conn:
-        versions = conn.execute(select(KeyVersion.key_id, KeyVersion.version, KeyVersion.state)
-                                .order_by(KeyVersion.id)).all()
+        versions = conn.execute(
+            select(KeyVersion.key_id, KeyVersion.version, KeyVersion.state).order_by(KeyVersion.id)
+        ).all()
         ledger = conn.execute(select(LedgerEntry.seq, LedgerEntry.entry_hash).order_by(LedgerEntry.seq)).all()
     engine.dispose()
     return versions, ledger
@@ -64,15 +65,26 @@ def test_rotate_and_list(run, db_env):
     assert refused.exit_code == 2 and "--admin needs --console-origin" in refused.output
     if db_env["KMS_DATABASE_URL"].startswith("sqlite:///"):  # refused before anything was created
         assert not Path(db_env["KMS_DATABASE_URL"].removeprefix("sqlite:///")).exists()
-    init = run(*admins, "--console-origin", "https://kms.example.test", "--software-keys",
-               str(run.home / "keys"), env=db_env)
+    init = run(
+        *admins, "--console-origin", "https://kms.example.test", "--software-keys", str(run.home / "keys"), env=db_env
+    )
     assert init.exit_code == 0, init.output
     assert sorted(p.name for p in (run.home / "keys").iterdir()) == [f"{n}.fido2.json" for n in ("b", "c", "d", "sre")]
     sre = pyotp.parse_uri(json.loads(init.output)["enrolled"][0]["provisioning_uri"])
     out = run("keys", "rotate", "service:api-gateway", "--reason", "tenant-rotation", env=db_env)
     assert out.exit_code == 2 and "needs --requested-by and --totp" in out.output  # R2 names a proven human
-    out = run("keys", "rotate", "service:api-gateway", "--reason", "tenant-rotation", "--requested-by", "sre",
-              "--totp", sre.now(), env=db_env)
+    out = run(
+        "keys",
+        "rotate",
+        "service:api-gateway",
+        "--reason",
+        "tenant-rotation",
+        "--requested-by",
+        "sre",
+        "--totp",
+        sre.now(),
+        env=db_env,
+    )
     assert out.exit_code == 0 and "v1 -> v2" in out.output
     listing = json.loads(run("keys", "list", "--json", env=db_env).output)
     states = {(r["key"], r["version"]): r["state"] for r in listing}
@@ -80,15 +92,18 @@ def test_rotate_and_list(run, db_env):
     assert run("ledger", "verify", env=db_env).exit_code == 0
 
 
-@pytest.mark.parametrize("args, code, message", [
-    (("keys", "rotate", "nope"), 1, "unknown key 'nope'"),
-    (("keys", "rotate", "service:payroll"), 1, "unknown key 'service:payroll'"),
-    (("keys", "rotate"), 2, "Missing argument"),
-    (("keys", "rotate", "root", "--reason", "boredom"), 2, "Invalid value"),
-    (("keys", "rotate", "root"), 1, "needs dual approval (policy A4)"),
-    (("keys", "rotate", "data:postgres", "--reason", "manual"), 1, "kms keys rotate data:postgres --manual"),
-    (("--at", "yesterday", "keys", "list"), 2, "not an ISO-8601"),
-])
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (("keys", "rotate", "nope"), 1, "unknown key 'nope'"),
+        (("keys", "rotate", "service:payroll"), 1, "unknown key 'service:payroll'"),
+        (("keys", "rotate"), 2, "Missing argument"),
+        (("keys", "rotate", "root", "--reason", "boredom"), 2, "Invalid value"),
+        (("keys", "rotate", "root"), 1, "needs dual approval (policy A4)"),
+        (("keys", "rotate", "data:postgres", "--reason", "manual"), 1, "kms keys rotate data:postgres --manual"),
+        (("--at", "yesterday", "keys", "list"), 2, "not an ISO-8601"),
+    ],
+)
 def test_refusals_exit_nonzero_with_one_line_and_change_nothing(run, db_env, args, code, message):
     run("init", env=db_env)
     before = db_state(db_env["KMS_DATABASE_URL"])
@@ -137,7 +152,7 @@ def test_ledger_verify_names_the_first_bad_seq(run, db_env):
 
 def test_keys_list_prints_the_full_fingerprint_that_evidence_verify_trusts(run, tmp_path):
     from kms_pipelines.core import evidence
-    from kms_pipelines.core.context import context_from_env
+    from kms_pipelines.core.foundation.context import context_from_env
 
     assert run("init").exit_code == 0
     listed = run("keys", "list")

@@ -14,8 +14,8 @@ from sqlalchemy import text
 
 from kms_pipelines.cli import cli
 from kms_pipelines.core import compliance, drills, escrow, ledger, nightly, rpt
-from kms_pipelines.core.clock import SimulatedClock
-from kms_pipelines.core.db.append_only import create_append_only_triggers, drop_append_only_triggers
+from kms_pipelines.core.foundation.clock import SimulatedClock
+from kms_pipelines.core.foundation.db.append_only import create_append_only_triggers, drop_append_only_triggers
 from kms_pipelines.defs import compliance as compliance_defs
 from kms_pipelines.defs import foundation
 from tests.fixtures.dagster_defs import kms_resources
@@ -42,8 +42,10 @@ def exercised(make_kms, master_key, monkeypatch, tmp_path):
     kms = make_kms("sqlite", clock=SimulatedClock(_now()))
     for c in CUSTODIANS:
         escrow.enroll_custodian(kms, c)
-    devices = ceremony(kms, {"ann": "security_engineering", "bob": "compliance_officer", "cy": "sre_oncall",
-                             "dee": "security_engineering"})
+    devices = ceremony(
+        kms,
+        {"ann": "security_engineering", "bob": "compliance_officer", "cy": "sre_oncall", "dee": "security_engineering"},
+    )
     _register_console_keys(kms, devices)
     nightly.run_nightly(kms)
     report = drills.run_drill(kms, participants=["ann", "bob"])
@@ -67,8 +69,14 @@ def _register_console_keys(kms, devices) -> None:
         ticket = f"ONB-{name}"
         console_auth.request_registration(kms, name, ticket=ticket, requested_by="ann")
         for approver in [n for n in devices if n not in ("ann", name)][:2]:
-            approve_both(kms, approver, ticket=ticket, operation=console_auth.REGISTRATION_OPERATION,
-                           totp=code(approver), target=name)
+            approve_both(
+                kms,
+                approver,
+                ticket=ticket,
+                operation=console_auth.REGISTRATION_OPERATION,
+                totp=code(approver),
+                target=name,
+            )
         link = console_auth.issue_registration_link(kms, name, ticket=ticket, requested_by="ann")
         register(kms, rp, link.token, code(name), SoftAuthenticator(rp.origin))
 
@@ -78,16 +86,20 @@ def _statuses(report: compliance.Report) -> dict[str, str]:
 
 
 def _cli_report(kms, *args):
-    env = {"KMS_HOME": str(kms.home), "KMS_DATABASE_URL": kms.engine.url.render_as_string(hide_password=False),
-           "KMS_OBJECT_STORE": str(kms.home / "objects"), "KMS_KEYSTORE": "software"}
-    return CliRunner().invoke(cli, ["--at", kms.now().isoformat(), "report", *args], env=env,
-                              catch_exceptions=False)
+    env = {
+        "KMS_HOME": str(kms.home),
+        "KMS_DATABASE_URL": kms.engine.url.render_as_string(hide_password=False),
+        "KMS_OBJECT_STORE": str(kms.home / "objects"),
+        "KMS_KEYSTORE": "software",
+    }
+    return CliRunner().invoke(cli, ["--at", kms.now().isoformat(), "report", *args], env=env, catch_exceptions=False)
 
 
 def _materialize(kms, *assets, instance=None):
     instance = instance or dg.DagsterInstance.ephemeral()
-    resources = kms_resources(kms.home, kms.engine.url.render_as_string(hide_password=False),
-                              fixed_time=kms.now().isoformat())
+    resources = kms_resources(
+        kms.home, kms.engine.url.render_as_string(hide_password=False), fixed_time=kms.now().isoformat()
+    )
     result = dg.materialize(list(assets), instance=instance, resources=resources, raise_on_error=False)
     assert result.success, [e.message for e in result.all_events if e.is_failure]
     return result
@@ -143,8 +155,9 @@ def test_fully_exercised_state_passes_every_clause(exercised):
     instance = dg.DagsterInstance.ephemeral()
     first = _materialize(kms, foundation.kms_state, foundation.ledger_chain_intact, instance=instance)
     meta, rows, check = _dagster_report(kms, instance=instance)
-    assert all(r["status"] == "🟢 PASS" for r in rows.values()), {k: r["policy"] for k, r in rows.items()
-                                                                 if r["status"] != "🟢 PASS"}
+    assert all(r["status"] == "🟢 PASS" for r in rows.values()), {
+        k: r["policy"] for k, r in rows.items() if r["status"] != "🟢 PASS"
+    }
     assert check.passed and meta["overall"].value == "pass" and meta["failing_clauses"].value == 0
     # T3's two checks: ledger_chain_intact ran (in `first`), ledger_matches_checkpoints never did
     assert rows["T3"]["checks"] == "⚪ 1/2" and rows["T3"]["run"] == first.run_id[:8]
@@ -189,8 +202,16 @@ def test_a_manual_rotation_without_approvers_inserted_by_bypass_is_red(exercised
     ledger replay turns T3 red as well (issue 12); A4 names the missing approvals."""
     kms = exercised
     with kms.transaction() as session:
-        ledger.append(session, at=kms.now(), key_name="service:api-gateway", key_version=1, from_state="active",
-                      to_state="rotated", actor="mallory", reason="manual")
+        ledger.append(
+            session,
+            at=kms.now(),
+            key_name="service:api-gateway",
+            key_version=1,
+            from_state="active",
+            to_state="rotated",
+            actor="mallory",
+            reason="manual",
+        )
     evidence = compliance.build_report(kms, only=["A4"]).row("A4").evidence
     assert "0 approver(s) and ticket none" in evidence
     _assert_red(kms, "A4", "B3")
@@ -224,9 +245,14 @@ def test_an_evaluator_that_crashes_fails_its_clause_and_names_the_error(exercise
     def boom(ctx):
         raise RuntimeError("backend unreachable")
 
-    monkeypatch.setattr(compliance, "CLAUSES", tuple(
-        compliance.Clause(c.id, c.text, c.control, boom if c.id == "T2" else c.evaluate, c.checks)
-        for c in compliance.CLAUSES))
+    monkeypatch.setattr(
+        compliance,
+        "CLAUSES",
+        tuple(
+            compliance.Clause(c.id, c.text, c.control, boom if c.id == "T2" else c.evaluate, c.checks)
+            for c in compliance.CLAUSES
+        ),
+    )
     report = compliance.build_report(kms, only=["T2", "A1"])
     assert report.row("T2").status == "fail"
     assert report.row("T2").evidence == "evaluation failed: RuntimeError: backend unreachable"
@@ -269,7 +295,10 @@ def test_richer_metadata_on_the_areas_assets(exercised):
     assert [(r.data["key"], r.data["v"], r.data["live"]) for r in deks] == [("data:postgres", 1, 2)]
     ret = result.asset_materializations_for_node("backup_retention")[0].metadata
     (archive,) = ret["backup_list"].value.records
-    assert archive.data["locked_until"] > kms.now().strftime("%Y-%m-%d") and archive.data["class"] in ("nightly", "weekly")
+    assert archive.data["locked_until"] > kms.now().strftime("%Y-%m-%d") and archive.data["class"] in (
+        "nightly",
+        "weekly",
+    )
     assert archive.data["state"] == "✅ verified" and archive.data["archive"] in ret["archives"].value
     assert ("W" if archive.data["class"] == "weekly" else "N") in ret["timeline"].value  # upper case: locked
     assert "secret row" not in str(inv) + str(ret)

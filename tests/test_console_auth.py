@@ -14,10 +14,10 @@ import pytest
 from sqlalchemy import func, select
 
 from kms_pipelines.core import access, approval_requests, audit, compliance, console_auth
-from kms_pipelines.core.db.models_access import AuditEvent, Principal
-from kms_pipelines.core.db.models_console import ConsoleCredential, ConsoleRegistrationLink, ConsoleSession
-from tests.fixtures.kms import enrol_direct, approve_both
+from kms_pipelines.core.foundation.db.models_access import AuditEvent, Principal
+from kms_pipelines.core.foundation.db.models_console import ConsoleCredential, ConsoleRegistrationLink, ConsoleSession
 from tests.fido2_soft import SoftAuthenticator, register
+from tests.fixtures.kms import approve_both, enrol_direct
 
 ORIGIN = "https://kms.example.test"
 RP = console_auth.RelyingParty(ORIGIN)
@@ -37,8 +37,12 @@ class Device:
 @pytest.fixture
 def team(kms):
     devices = {}
-    for name, role in (("ann", "security_engineering"), ("bo", "sre_oncall"), ("cy", "compliance_officer"),
-                       ("dee", "security_engineering")):
+    for name, role in (
+        ("ann", "security_engineering"),
+        ("bo", "sre_oncall"),
+        ("cy", "compliance_officer"),
+        ("dee", "security_engineering"),
+    ):
         devices[name] = Device(kms, enrol_direct(kms, name, role))
     return kms, devices
 
@@ -48,27 +52,39 @@ def _link(kms, devices, target, requester="ann", approvers=None, ticket=None):
     approvers = approvers or [n for n in devices if n not in (requester, target)][:2]
     console_auth.request_registration(kms, target, ticket=ticket, requested_by=requester)
     for a in approvers:
-        approve_both(kms, a, ticket=ticket, operation=console_auth.REGISTRATION_OPERATION,
-                       totp=devices[a].code(), target=target)
+        approve_both(
+            kms, a, ticket=ticket, operation=console_auth.REGISTRATION_OPERATION, totp=devices[a].code(), target=target
+        )
     return console_auth.issue_registration_link(kms, target, ticket=ticket, requested_by=requester)
 
 
 def _state(kms):
     audit.flush(kms)
     with kms.engine.connect() as conn:
-        return (conn.execute(select(func.count()).select_from(ConsoleSession)).scalar(),
-                conn.execute(select(ConsoleCredential.id, ConsoleCredential.sign_count)
-                             .order_by(ConsoleCredential.id)).all(),
-                conn.execute(select(Principal.name, Principal.totp_last_step).order_by(Principal.name)).all(),
-                conn.execute(select(func.count()).select_from(ConsoleRegistrationLink)
-                             .where(ConsoleRegistrationLink.used_at.is_not(None))).scalar())
+        return (
+            conn.execute(select(func.count()).select_from(ConsoleSession)).scalar(),
+            conn.execute(
+                select(ConsoleCredential.id, ConsoleCredential.sign_count).order_by(ConsoleCredential.id)
+            ).all(),
+            conn.execute(select(Principal.name, Principal.totp_last_step).order_by(Principal.name)).all(),
+            conn.execute(
+                select(func.count())
+                .select_from(ConsoleRegistrationLink)
+                .where(ConsoleRegistrationLink.used_at.is_not(None))
+            ).scalar(),
+        )
 
 
 def _denied(kms, operation, reason):
     audit.flush(kms)
     with kms.engine.connect() as conn:
-        rows = conn.execute(select(AuditEvent.detail).where(AuditEvent.operation == operation,
-                                                            AuditEvent.outcome == "denied")).scalars().all()
+        rows = (
+            conn.execute(
+                select(AuditEvent.detail).where(AuditEvent.operation == operation, AuditEvent.outcome == "denied")
+            )
+            .scalars()
+            .all()
+        )
     return [d for d in rows if f'"reason":"{reason}"' in (d or "")]
 
 
@@ -133,15 +149,20 @@ def test_sign_in_needs_both_factors_and_each_refusal_changes_nothing(team):
 
     cases = [
         ("totp", "wrong or stale", lambda: _sign_in(kms, key, "bo", "000000")),
-        ("unknown_credential", "not registered to 'bo'",
-         lambda: _sign_in(kms, SoftAuthenticator(ORIGIN), "bo", devices["bo"].code())),
+        (
+            "unknown_credential",
+            "not registered to 'bo'",
+            lambda: _sign_in(kms, SoftAuthenticator(ORIGIN), "bo", devices["bo"].code()),
+        ),
         ("unknown_credential", "not registered to 'cy'", lambda: _sign_in(kms, key, "cy", devices["cy"].code())),
         ("sign_count", "did not grow", lambda: _sign_in(kms, key, "bo", devices["bo"].code(), count=1)),
-        ("webauthn", "User verification required",
-         lambda: _sign_in(kms, _unverified(key), "bo", devices["bo"].code())),
+        ("webauthn", "User verification required", lambda: _sign_in(kms, _unverified(key), "bo", devices["bo"].code())),
         ("webauthn", "Invalid origin", lambda: _sign_in(kms, _elsewhere(key), "bo", devices["bo"].code())),
-        ("webauthn", "Wrong RP ID hash",
-         lambda: _sign_in(kms, key, "bo", devices["bo"].code(), rp_id="evil.example.test")),
+        (
+            "webauthn",
+            "Wrong RP ID hash",
+            lambda: _sign_in(kms, key, "bo", devices["bo"].code(), rp_id="evil.example.test"),
+        ),
     ]
     for reason, message, attempt in cases:
         before = _state(kms)
@@ -165,8 +186,9 @@ def test_sign_in_needs_both_factors_and_each_refusal_changes_nothing(team):
     handle, options = console_auth.begin_signin(kms, RP)
     kms.clock.advance(timedelta(seconds=kms.policy.console.ceremony_seconds + 1))
     with pytest.raises(console_auth.ConsoleDenied, match="expired"):
-        console_auth.complete_signin(kms, RP, name="bo", handle=handle, response=key.get(options),
-                                     totp=devices["bo"].code())
+        console_auth.complete_signin(
+            kms, RP, name="bo", handle=handle, response=key.get(options), totp=devices["bo"].code()
+        )
 
 
 def _unverified(key):
@@ -188,9 +210,11 @@ def test_step_up_is_bound_to_exactly_one_action(team):
     binding = console_auth.step_up_binding("approve", "rotate", "root", "CHG-1")
     handle, options = console_auth.begin_step_up(kms, RP, "bo", binding)
     answer = key.get(options)
-    for other in (console_auth.step_up_binding("approve", "rotate", "root", "CHG-2"),
-                  console_auth.step_up_binding("launch", "rotate", "root", "CHG-1"),
-                  console_auth.step_up_binding("approve", "destroy", "root", "CHG-1")):
+    for other in (
+        console_auth.step_up_binding("approve", "rotate", "root", "CHG-2"),
+        console_auth.step_up_binding("launch", "rotate", "root", "CHG-1"),
+        console_auth.step_up_binding("approve", "destroy", "root", "CHG-1"),
+    ):
         h2, o2 = console_auth.begin_step_up(kms, RP, "bo", binding)
         with pytest.raises(console_auth.ConsoleDenied, match="confirmation was given for"):
             console_auth.verify_step_up(kms, RP, "bo", other, handle=h2, response=key.get(o2))
@@ -288,9 +312,17 @@ def test_an_insider_with_database_access_cannot_forge_console_identity(team):
     # 3. Mint a session for ann with a token of the insider's choosing.
     now = kms.now()
     with kms.engine.begin() as conn:
-        conn.execute(insert(ConsoleSession).values(
-            token_hash=__import__("hashlib").sha256(b"insider-token").hexdigest(), principal="ann", credential_id=1,
-            started_at=now, last_seen_at=now, expires_at=now + timedelta(hours=1), mac="0" * 64))
+        conn.execute(
+            insert(ConsoleSession).values(
+                token_hash=__import__("hashlib").sha256(b"insider-token").hexdigest(),
+                principal="ann",
+                credential_id=1,
+                started_at=now,
+                last_seen_at=now,
+                expires_at=now + timedelta(hours=1),
+                mac="0" * 64,
+            )
+        )
     with pytest.raises(console_auth.ConsoleDenied, match="not signed in"):
         console_auth.current_user(kms, "insider-token")
 
@@ -299,13 +331,22 @@ def test_an_insider_with_database_access_cannot_forge_console_identity(team):
     from fido2.cose import ES256
     from fido2.webauthn import AttestedCredentialData
 
-    data = AttestedCredentialData.create(b"\0" * 16, planted.credential_id,
-                                         ES256.from_cryptography_key(planted.key.public_key()))
+    data = AttestedCredentialData.create(
+        b"\0" * 16, planted.credential_id, ES256.from_cryptography_key(planted.key.public_key())
+    )
     with kms.engine.begin() as conn:  # in place of cy's own key
         conn.execute(delete(ConsoleCredential).where(ConsoleCredential.principal == "cy"))
-        conn.execute(insert(ConsoleCredential).values(
-            principal="cy", credential_id=planted.credential_id, credential_data=bytes(data), sign_count=0,
-            registered_at=now, registration_link_id=0, mac="0" * 64))
+        conn.execute(
+            insert(ConsoleCredential).values(
+                principal="cy",
+                credential_id=planted.credential_id,
+                credential_data=bytes(data),
+                sign_count=0,
+                registered_at=now,
+                registration_link_id=0,
+                mac="0" * 64,
+            )
+        )
     assert "cy" not in console_auth.credentials_by_principal(kms)
     assert "cy lacks fido2" in compliance.evaluate(kms, compliance.clause("A2")).evidence
     with pytest.raises(console_auth.ConsoleDenied, match="fails its integrity check"):
@@ -313,7 +354,7 @@ def test_an_insider_with_database_access_cannot_forge_console_identity(team):
 
 
 def test_reject_closes_a_request_and_voids_its_approvals(team):
-    from kms_pipelines.core.db.models_access import Approval
+    from kms_pipelines.core.foundation.db.models_access import Approval
 
     kms, devices = team
     access.request_approval(kms, operation="rotate", target="root", ticket="CHG-9", requester="bo")

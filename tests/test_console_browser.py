@@ -18,8 +18,8 @@ import pytest
 from sqlalchemy import func, select
 
 from kms_pipelines.console.app import SESSION_COOKIE, ConsoleConfig, create_app
-from kms_pipelines.core.db.models_access import Principal
-from kms_pipelines.core.db.models_console import ConsoleCredential, ConsoleSession
+from kms_pipelines.core.foundation.db.models_access import Principal
+from kms_pipelines.core.foundation.db.models_console import ConsoleCredential, ConsoleSession
 from tests.console_support import ConsoleServer, OffsetClock, audit_rows, enrol, issue_link
 from tests.ui_support import REPO, chromium_path, free_port, headless_chromium
 
@@ -57,10 +57,13 @@ def _assert_labelled(page) -> None:
 def _state(kms):
     """What a refused sign-in must leave untouched: sessions, sign counts, TOTP steps."""
     with kms.engine.connect() as conn:
-        return (conn.execute(select(func.count()).select_from(ConsoleSession)).scalar(),
-                conn.execute(select(ConsoleCredential.principal, ConsoleCredential.sign_count)
-                             .order_by(ConsoleCredential.id)).all(),
-                conn.execute(select(Principal.name, Principal.totp_last_step).order_by(Principal.name)).all())
+        return (
+            conn.execute(select(func.count()).select_from(ConsoleSession)).scalar(),
+            conn.execute(
+                select(ConsoleCredential.principal, ConsoleCredential.sign_count).order_by(ConsoleCredential.id)
+            ).all(),
+            conn.execute(select(Principal.name, Principal.totp_last_step).order_by(Principal.name)).all(),
+        )
 
 
 def test_register_then_sign_in_and_every_refusal(console):
@@ -116,11 +119,22 @@ def test_register_then_sign_in_and_every_refusal(console):
 
         mallory = enrol.__globals__["Person"]("alice", ["security_engineering"], alice.totp, base).open(browser)
         pkcs8 = ec.generate_private_key(ec.SECP256R1()).private_bytes(
-            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        mallory.cdp.send("WebAuthn.addCredential", {"authenticatorId": mallory.authenticator, "credential": {
-            "credentialId": base64.b64encode(b"not-registered-credential-id-01").decode(), "isResidentCredential": True,
-            "rpId": "localhost", "privateKey": base64.b64encode(pkcs8).decode(),
-            "userHandle": base64.b64encode(b"alice-user-handl").decode(), "signCount": 10}})
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        mallory.cdp.send(
+            "WebAuthn.addCredential",
+            {
+                "authenticatorId": mallory.authenticator,
+                "credential": {
+                    "credentialId": base64.b64encode(b"not-registered-credential-id-01").decode(),
+                    "isResidentCredential": True,
+                    "rpId": "localhost",
+                    "privateKey": base64.b64encode(pkcs8).decode(),
+                    "userHandle": base64.b64encode(b"alice-user-handl").decode(),
+                    "signCount": 10,
+                },
+            },
+        )
         before = _state(kms)
         msg = mallory.sign_in(expect_ok=False)
         assert "this security key is not registered to 'alice'" in msg
@@ -131,8 +145,11 @@ def test_register_then_sign_in_and_every_refusal(console):
         # A cloned authenticator: alice's own credential with a sign count below the one seen.
         cred = alice.credentials()[0]
         with kms.engine.connect() as conn:
-            seen = conn.execute(select(ConsoleCredential.sign_count).where(  # the browser's key, not the CLI one
-                ConsoleCredential.principal == "alice", ConsoleCredential.origin == base)).scalar()
+            seen = conn.execute(
+                select(ConsoleCredential.sign_count).where(  # the browser's key, not the CLI one
+                    ConsoleCredential.principal == "alice", ConsoleCredential.origin == base
+                )
+            ).scalar()
         assert seen >= 2
         alice.replace_credential({**cred, "signCount": 0})
         before = _state(kms)
@@ -158,13 +175,22 @@ def test_register_then_sign_in_and_every_refusal(console):
 def _team(kms, base):
     """alice (security engineering), bob (SRE on call), carol (compliance), dave (security
     engineering); each registers through a dual-approved link (the CLI bootstrap)."""
-    people = {n: enrol(kms, n, r, base) for n, r in (("alice", "security_engineering"), ("bob", "sre_oncall"),
-                                                    ("carol", "compliance_officer"), ("dave", "security_engineering"))}
+    people = {
+        n: enrol(kms, n, r, base)
+        for n, r in (
+            ("alice", "security_engineering"),
+            ("bob", "sre_oncall"),
+            ("carol", "compliance_officer"),
+            ("dave", "security_engineering"),
+        )
+    }
     a, b, c, d = people.values()
-    links = {"alice": issue_link(kms, a, requester=a, approvers=[b, c], origin=base),
-             "bob": issue_link(kms, b, requester=a, approvers=[c, d], origin=base),
-             "carol": issue_link(kms, c, requester=a, approvers=[b, d], origin=base),
-             "dave": issue_link(kms, d, requester=a, approvers=[b, c], origin=base)}
+    links = {
+        "alice": issue_link(kms, a, requester=a, approvers=[b, c], origin=base),
+        "bob": issue_link(kms, b, requester=a, approvers=[c, d], origin=base),
+        "carol": issue_link(kms, c, requester=a, approvers=[b, d], origin=base),
+        "dave": issue_link(kms, d, requester=a, approvers=[b, c], origin=base),
+    }
     return people, links
 
 
@@ -174,8 +200,8 @@ def _request_article(page, rid: int):
 
 def test_dual_control_in_two_browsers_followups_and_roles(console):
     from kms_pipelines.core import audit, backup, drills, ledger
-    from kms_pipelines.core.db.models import LedgerEntry
-    from kms_pipelines.core.db.models_access import Approval
+    from kms_pipelines.core.foundation.db.models import LedgerEntry
+    from kms_pipelines.core.foundation.db.models_access import Approval
 
     kms, clock, base = console
     chromium = chromium_path()
@@ -222,10 +248,20 @@ def test_dual_control_in_two_browsers_followups_and_roles(console):
         assert begin.ok, begin.text()
         with kms.engine.connect() as conn:
             approvals_before = conn.execute(select(func.count()).select_from(Approval)).scalar()
-        forged = tpage.request.post(f"{base}/approvals/{rid}/approve", headers=hdr, data={
-            "handle": begin.json()["handle"], "totp": carol.totp.fresh(),
-            "credential": {"id": "AAAA", "rawId": "AAAA", "type": "public-key",
-                           "response": {"clientDataJSON": "e30", "authenticatorData": "AAAA", "signature": "AAAA"}}})
+        forged = tpage.request.post(
+            f"{base}/approvals/{rid}/approve",
+            headers=hdr,
+            data={
+                "handle": begin.json()["handle"],
+                "totp": carol.totp.fresh(),
+                "credential": {
+                    "id": "AAAA",
+                    "rawId": "AAAA",
+                    "type": "public-key",
+                    "response": {"clientDataJSON": "e30", "authenticatorData": "AAAA", "signature": "AAAA"},
+                },
+            },
+        )
         assert forged.status == 400 and "security-key" in forged.json()["error"]
         with kms.engine.connect() as conn:
             assert conn.execute(select(func.count()).select_from(Approval)).scalar() == approvals_before
@@ -247,8 +283,9 @@ def test_dual_control_in_two_browsers_followups_and_roles(console):
         _request_article(bob.page, rid).get_by_role("button", name="Launch with security key").click()
         bob.page.wait_for_url(f"{base}/keys")
         with kms.engine.connect() as conn:
-            entries = conn.execute(select(LedgerEntry).where(LedgerEntry.key_name == key,
-                                                             LedgerEntry.change_ticket == "CHG-4242")).all()
+            entries = conn.execute(
+                select(LedgerEntry).where(LedgerEntry.key_name == key, LedgerEntry.change_ticket == "CHG-4242")
+            ).all()
         assert entries and all(e.approvers == '["alice","carol"]' and e.actor == "bob" for e in entries)
         assert ledger.verify(kms.engine).ok
         assert "v2" in bob.page.inner_text("main")
@@ -259,11 +296,15 @@ def test_dual_control_in_two_browsers_followups_and_roles(console):
         _assert_labelled(carol.page)
         _shot(carol.page, "console-followups")
         # Forged form posts with carol's cookie: no CSRF token, or another origin: 403, still open.
-        no_csrf = carol.page.request.post(f"{base}/followups/{fu_id}/close", form={"resolution": "x"},
-                                          headers={"Origin": base})
+        no_csrf = carol.page.request.post(
+            f"{base}/followups/{fu_id}/close", form={"resolution": "x"}, headers={"Origin": base}
+        )
         csrf = carol.page.locator('meta[name="csrf-token"]').get_attribute("content")
-        cross = carol.page.request.post(f"{base}/followups/{fu_id}/close", headers={"Origin": "https://evil.example"},
-                                        form={"resolution": "x", "csrf": csrf})
+        cross = carol.page.request.post(
+            f"{base}/followups/{fu_id}/close",
+            headers={"Origin": "https://evil.example"},
+            form={"resolution": "x", "csrf": csrf},
+        )
         assert no_csrf.status == 403 and "CSRF" in no_csrf.text() and cross.status == 403
         assert [f for d in drills.list_drills(kms) for f in d["followups"] if f["id"] == fu_id][0]["status"] == "open"
         fu.get_by_label("Resolution").fill("Token restore rehearsed on staging; runbook updated")
@@ -293,10 +334,13 @@ def test_dual_control_in_two_browsers_followups_and_roles(console):
         pending = [a for a in audit.unreviewed(kms) if a.principal == "carol"]
         assert pending and pending[0].kind == "operation_without_role"
         alice.page.goto("/anomalies")
-        alice.page.get_by_label(f"Review note for anomaly {pending[0].id}").fill("carol tried the principals page; no harm")
+        alice.page.get_by_label(f"Review note for anomaly {pending[0].id}").fill(
+            "carol tried the principals page; no harm"
+        )
         alice.page.get_by_label(f"Your TOTP code for anomaly {pending[0].id}").fill(alice.totp.fresh())
         alice.page.get_by_role("row", name=re.compile(rf"^{pending[0].id} ")).get_by_role(
-            "button", name="Mark reviewed").click()
+            "button", name="Mark reviewed"
+        ).click()
         alice.page.get_by_text(f"Anomaly {pending[0].id} (operation_without_role) reviewed.").wait_for()
         assert pending[0].id not in {a.id for a in audit.unreviewed(kms)}
 
@@ -340,15 +384,24 @@ def test_dagster_ui_behind_the_console(make_kms, code_location, postgres_instanc
     clock = OffsetClock()
     kms = make_kms("postgres", clock=clock)
     kms_url = kms.engine.url.render_as_string(hide_password=False)
-    result = materialize_selection(code_location, ["key_inventory"], kms_resources(kms.home, kms_url),
-                                   postgres_instance)
+    result = materialize_selection(
+        code_location, ["key_inventory"], kms_resources(kms.home, kms_url), postgres_instance
+    )
     assert result.success
     run_id = result.run_id
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("KMS_")}
-    env.update({"KMS_HOME": str(kms.home), "KMS_DATABASE_URL": kms_url, "DAGSTER_HOME": str(tmp_path / "dagster_home"),
-                "PATH": f"{VENV_BIN}:{env.get('PATH', '')}"})
-    with dagster_webserver(env, REPO / "test-artifacts" / "console" / "webserver.log", path_prefix="/dagster") as dagster:
+    env.update(
+        {
+            "KMS_HOME": str(kms.home),
+            "KMS_DATABASE_URL": kms_url,
+            "DAGSTER_HOME": str(tmp_path / "dagster_home"),
+            "PATH": f"{VENV_BIN}:{env.get('PATH', '')}",
+        }
+    )
+    with dagster_webserver(
+        env, REPO / "test-artifacts" / "console" / "webserver.log", path_prefix="/dagster"
+    ) as dagster:
         dagster.wait_ready(timeout=150)
         port = free_port()
         base = f"http://localhost:{port}"
@@ -357,20 +410,27 @@ def test_dagster_ui_behind_the_console(make_kms, code_location, postgres_instanc
             carol = enrol(kms, "carol", "compliance_officer", base)
             dave = enrol(kms, "dave", "security_engineering", base)
             alice = enrol(kms, "alice", "security_engineering", base)
-            links = {"bob": issue_link(kms, bob, requester=alice, approvers=[carol, dave], origin=base),
-                     "carol": issue_link(kms, carol, requester=alice, approvers=[bob, dave], origin=base)}
+            links = {
+                "bob": issue_link(kms, bob, requester=alice, approvers=[carol, dave], origin=base),
+                "carol": issue_link(kms, carol, requester=alice, approvers=[bob, dave], origin=base),
+            }
             with headless_chromium(chromium) as browser:
                 # No session: the UI and its GraphQL endpoint send you to sign in; the websocket is refused.
                 anon = browser.new_context(base_url=base)
                 page = anon.new_page()
                 page.goto(f"/dagster/runs/{run_id}")
                 assert "/login" in page.url and "Sign in to open the Dagster UI" in page.inner_text("main")
-                resp = page.request.post(f"{base}/dagster/graphql", data={"query": "{ version }"},
-                                         headers={"Origin": base}, max_redirects=0)
+                resp = page.request.post(
+                    f"{base}/dagster/graphql", data={"query": "{ version }"}, headers={"Origin": base}, max_redirects=0
+                )
                 assert resp.status == 401
                 with pytest.raises(InvalidStatus) as refused:
-                    ws_client.connect(f"ws://localhost:{port}/dagster/graphql", subprotocols=["graphql-ws"],
-                                      origin=base, open_timeout=10)
+                    ws_client.connect(
+                        f"ws://localhost:{port}/dagster/graphql",
+                        subprotocols=["graphql-ws"],
+                        origin=base,
+                        open_timeout=10,
+                    )
                 assert refused.value.response.status_code == 403
                 anon.close()
 
@@ -387,7 +447,8 @@ def test_dagster_ui_behind_the_console(make_kms, code_location, postgres_instanc
                 bob.page.get_by_text(run_id[:8]).first.wait_for(timeout=90_000)
                 bob.page.get_by_text("key_inventory").first.wait_for(timeout=90_000)
                 bob.page.get_by_text(re.compile("^RUN_SUCCESS$")).first.wait_for(  # streamed over the websocket
-                    timeout=90_000)
+                    timeout=90_000
+                )
                 assert any(url.startswith(f"ws://localhost:{port}/dagster/") for url, _ in frames), frames[:3]
                 _shot(bob.page, "console-dagster-run")
 

@@ -15,8 +15,8 @@ from starlette.testclient import TestClient
 
 from kms_pipelines.console.app import SESSION_COOKIE, ConsoleConfig, create_app
 from kms_pipelines.core import approval_requests, console_auth
-from kms_pipelines.core.clock import utc
-from kms_pipelines.core.db.models_access import Approval, Principal
+from kms_pipelines.core.foundation.clock import utc
+from kms_pipelines.core.foundation.db.models_access import Approval, Principal
 from tests.fixtures.kms import KEY_ORIGIN, enrol_direct, security_key
 
 
@@ -33,8 +33,15 @@ class Person:
 
     def sign_in(self) -> None:
         begin = self.http.post("/login/begin", json={}).json()
-        r = self.http.post("/login/complete", json={"name": self.name, "handle": begin["handle"],
-                                                    "credential": self.key.get(begin["options"]), "totp": self.code()})
+        r = self.http.post(
+            "/login/complete",
+            json={
+                "name": self.name,
+                "handle": begin["handle"],
+                "credential": self.key.get(begin["options"]),
+                "totp": self.code(),
+            },
+        )
         assert r.status_code == 200, r.text
         self.csrf = console_auth.csrf_token(self.http.cookies[SESSION_COOKIE])
 
@@ -42,8 +49,11 @@ class Person:
         """A step-up for ``action`` on request ``rid``, answered by this person's key."""
         h = {"x-csrf-token": self.csrf}
         begin = self.http.post(f"/approvals/{rid}/step-up", json={"action": action}, headers=h).json()
-        return self.http.post(f"/approvals/{rid}/{action}", headers=h, json={
-            "handle": begin["handle"], "credential": self.key.get(begin["options"]), **body})
+        return self.http.post(
+            f"/approvals/{rid}/{action}",
+            headers=h,
+            json={"handle": begin["handle"], "credential": self.key.get(begin["options"]), **body},
+        )
 
 
 @pytest.fixture
@@ -59,8 +69,11 @@ def people(make_kms):
 def test_enrolment_from_the_principals_page_takes_two_approvals_with_both_factors(people):
     kms, p = people
     ann, bo, cy = p["ann"], p["bo"], p["cy"]
-    r = ann.http.post("/principals/enrolment", data={"csrf": ann.csrf, "name": "fay", "roles": ["sre_oncall"],
-                                                     "ticket": "HR-9"}, follow_redirects=False)
+    r = ann.http.post(
+        "/principals/enrolment",
+        data={"csrf": ann.csrf, "name": "fay", "roles": ["sre_oncall"], "ticket": "HR-9"},
+        follow_redirects=False,
+    )
     assert r.status_code == 303 and "enrolment+of+fay" in r.headers["location"]
     (rid,) = [r.id for r in approval_requests.pending(kms) if r.target == "fay=sre_oncall"]
 

@@ -4,8 +4,8 @@
 import dagster as dg
 from sqlalchemy import text
 
-from kms_pipelines.core import db
-from kms_pipelines.core.db.append_only import create_append_only_triggers, drop_append_only_triggers
+from kms_pipelines.core.foundation import db
+from kms_pipelines.core.foundation.db.append_only import create_append_only_triggers, drop_append_only_triggers
 from tests.fixtures.dagster_defs import kms_resources, materialize_selection
 
 FOUNDATION = dg.AssetSelection.assets("kms_state", "key_inventory")
@@ -92,8 +92,14 @@ def test_dg_check_defs_as_the_readme_words_it():
 
     repo = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "KMS_"))}
-    out = subprocess.run([str(Path(sys.executable).parent / "dg"), "check", "defs"], cwd=repo, env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "dg"), "check", "defs"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "All definitions loaded successfully" in out.stdout + out.stderr
     assert "Traceback" not in out.stderr and "DagsterInvalidConfigError" not in out.stderr

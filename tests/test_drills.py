@@ -8,9 +8,9 @@ import pytest
 from sqlalchemy import func, select
 
 from kms_pipelines.core import backup, drills
-from kms_pipelines.core.clock import SimulatedClock
-from kms_pipelines.core.db.models_backup import Drill, DrillFollowup
-from kms_pipelines.core.objectstore.local import LocalObjectStore
+from kms_pipelines.core.foundation.clock import SimulatedClock
+from kms_pipelines.core.foundation.db.models_backup import Drill, DrillFollowup
+from kms_pipelines.core.foundation.objectstore.local import LocalObjectStore
 
 
 def test_business_days():
@@ -24,14 +24,24 @@ def test_drill_report_has_every_required_field(kms_pg):
     kms = kms_pg
     kms.objects = LocalObjectStore(kms.home / "objects-sim", now=kms.clock.now)
     info = backup.create(kms)
-    report = drills.run_drill(kms, participants=["alice (sre)", "bob (security)"],
-                              extra_followups=[{"owner": "carol", "title": "Shorten restore runbook step 3"}])
+    report = drills.run_drill(
+        kms,
+        participants=["alice (sre)", "bob (security)"],
+        extra_followups=[{"owner": "carol", "title": "Shorten restore runbook step 3"}],
+    )
     assert report.outcome == "passed", report.findings
     assert report.archive_id == info.archive_id and report.restore_seconds > 0
     md = report.markdown
-    for field in ("**Date:** 2026-01-01", "**Participants:** alice (sre), bob (security)", "**Outcome:** PASSED",
-                  "## Findings", "## Follow-ups", "Time to restore", "| canaries | passed |",
-                  "| Shorten restore runbook step 3 | carol | 2026-01-08 | open |"):
+    for field in (
+        "**Date:** 2026-01-01",
+        "**Participants:** alice (sre), bob (security)",
+        "**Outcome:** PASSED",
+        "## Findings",
+        "## Follow-ups",
+        "Time to restore",
+        "| canaries | passed |",
+        "| Shorten restore runbook step 3 | carol | 2026-01-08 | open |",
+    ):
         assert field in md, field
     path = kms.home / "runbook" / "drills" / "2026-01-01.md"
     assert path.read_text() == md
@@ -46,9 +56,11 @@ def test_drill_report_has_every_required_field(kms_pg):
     assert closed["late"] and not drills.status(kms)["overdue_followups"]
     with kms.engine.connect() as conn:
         before = conn.execute(select(DrillFollowup.id, DrillFollowup.status, DrillFollowup.closed_by)).all()
-    for bad in (lambda: drills.close_followup(kms, fu_id, resolution="again"),
-                lambda: drills.close_followup(kms, 9999, resolution="x"),
-                lambda: drills.close_followup(kms, fu_id, resolution=" ")):
+    for bad in (
+        lambda: drills.close_followup(kms, fu_id, resolution="again"),
+        lambda: drills.close_followup(kms, 9999, resolution="x"),
+        lambda: drills.close_followup(kms, fu_id, resolution=" "),
+    ):
         with pytest.raises(backup.BackupError):
             bad()
     with kms.engine.connect() as conn:
@@ -95,9 +107,18 @@ def test_dagster_backup_and_drill_assets(make_kms, monkeypatch, master_key):
     kms = make_kms("sqlite", clock=SimulatedClock(now))
     resources = _resources(kms, now.isoformat())
     instance = dg.DagsterInstance.ephemeral()
-    result = dg.materialize([backup_defs.nightly_backup, backup_defs.backup_retention, backup_defs.backup_fresh,
-                             backup_defs.backup_manifest_verifies, backup_defs.backup_locked],
-                            instance=instance, resources=resources, partition_key=(now - timedelta(days=1)).strftime("%Y-%m-%d"))
+    result = dg.materialize(
+        [
+            backup_defs.nightly_backup,
+            backup_defs.backup_retention,
+            backup_defs.backup_fresh,
+            backup_defs.backup_manifest_verifies,
+            backup_defs.backup_locked,
+        ],
+        instance=instance,
+        resources=resources,
+        partition_key=(now - timedelta(days=1)).strftime("%Y-%m-%d"),
+    )
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"backup_fresh": True, "backup_manifest_verifies": True, "backup_locked": True}
@@ -109,10 +130,13 @@ def test_dagster_backup_and_drill_assets(make_kms, monkeypatch, master_key):
     assert backup_md["archive"].value.startswith("…/") and len(backup_md["full_values"].value) >= 1000
     md = result.asset_materializations_for_node("backup_retention")[0].metadata["archives"].value
     assert "nightly" in md or "weekly" in md
-    drill = dg.materialize([backup_defs.restore_drill_report, backup_defs.drill_within_cadence,
-                            backup_defs.drill_followups_on_time], instance=instance, resources=resources,
-                           partition_key=(now.replace(day=1) - timedelta(days=1)).strftime("%Y-%m-01"),
-                           run_config={"ops": {"restore_drill_report": {"config": {"participants": ["dana"]}}}})
+    drill = dg.materialize(
+        [backup_defs.restore_drill_report, backup_defs.drill_within_cadence, backup_defs.drill_followups_on_time],
+        instance=instance,
+        resources=resources,
+        partition_key=(now.replace(day=1) - timedelta(days=1)).strftime("%Y-%m-01"),
+        run_config={"ops": {"restore_drill_report": {"config": {"participants": ["dana"]}}}},
+    )
     assert drill.success
     meta = drill.asset_materializations_for_node("restore_drill_report")[0].metadata
     assert "**Participants:** dana" in meta["report"].value and meta["outcome"].value == "passed"
@@ -125,11 +149,23 @@ def test_dagster_backup_and_drill_assets(make_kms, monkeypatch, master_key):
 def test_a_drill_for_an_earlier_month_is_titled_by_that_month_and_the_day_it_ran():
     from kms_pipelines.core import drills
 
-    common = dict(participants=["dana"], outcome="passed", archive_id="a", target="t", restore_seconds=1.0,
-                  total_seconds=2.0, checks=[], findings=[], followups=[])
+    common = dict(
+        participants=["dana"],
+        outcome="passed",
+        archive_id="a",
+        target="t",
+        restore_seconds=1.0,
+        total_seconds=2.0,
+        checks=[],
+        findings=[],
+        followups=[],
+    )
     assert drills.render_markdown(date="2026-11-29", period="2026-10", **common).startswith(
-        "# Restore drill for 2026-10 (performed 2026-11-29)\n")
-    assert drills.render_markdown(date="2026-11-02", period="2026-11", **common).startswith("# Restore drill 2026-11-02\n")
+        "# Restore drill for 2026-10 (performed 2026-11-29)\n"
+    )
+    assert drills.render_markdown(date="2026-11-02", period="2026-11", **common).startswith(
+        "# Restore drill 2026-11-02\n"
+    )
     assert drills.render_markdown(date="2026-11-02", **common).startswith("# Restore drill 2026-11-02\n")
 
 

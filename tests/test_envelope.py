@@ -8,8 +8,8 @@ import pytest
 from sqlalchemy import select, text
 
 from kms_pipelines.core import envelope, ledger, lifecycle, nightly
-from kms_pipelines.core.db.models import KeyVersion
-from kms_pipelines.core.db.models_envelope import SHARD_SPACE, Dek
+from kms_pipelines.core.foundation.db.models import KeyVersion
+from kms_pipelines.core.foundation.db.models_envelope import SHARD_SPACE, Dek
 
 KEY = "data:postgres"
 
@@ -17,18 +17,24 @@ KEY = "data:postgres"
 def snapshot(kms):
     """What a refused operation must leave untouched: DEK rows, versions, ledger, keystore."""
     with kms.engine.connect() as conn:
-        deks = conn.execute(select(Dek.id, Dek.key_name, Dek.key_version, Dek.wrapped, Dek.object_id,
-                                   Dek.shredded_at).order_by(Dek.id)).all()
-        versions = conn.execute(select(KeyVersion.key_id, KeyVersion.version, KeyVersion.state)
-                                .order_by(KeyVersion.id)).all()
+        deks = conn.execute(
+            select(Dek.id, Dek.key_name, Dek.key_version, Dek.wrapped, Dek.object_id, Dek.shredded_at).order_by(Dek.id)
+        ).all()
+        versions = conn.execute(
+            select(KeyVersion.key_id, KeyVersion.version, KeyVersion.state).order_by(KeyVersion.id)
+        ).all()
         head = ledger.head(conn)
     return deks, versions, head, sorted(kms.keystore.refs())
 
 
 def fill(kms, n, key=KEY, prefix="obj"):
-    return {f"{prefix}-{i}": (f"payload {i} ".encode() * (i % 5 + 1),
-                              envelope.encrypt(kms, key, f"{prefix}-{i}", f"payload {i} ".encode() * (i % 5 + 1)))
-            for i in range(n)}
+    return {
+        f"{prefix}-{i}": (
+            f"payload {i} ".encode() * (i % 5 + 1),
+            envelope.encrypt(kms, key, f"{prefix}-{i}", f"payload {i} ".encode() * (i % 5 + 1)),
+        )
+        for i in range(n)
+    }
 
 
 def assert_all_decrypt(kms, objects):
@@ -38,11 +44,15 @@ def assert_all_decrypt(kms, objects):
 
 def versions_of(kms, key=KEY):
     with kms.engine.connect() as conn:
-        return dict(conn.execute(select(Dek.key_version, text("count(*)")).where(Dek.key_name == key)
-                                 .group_by(Dek.key_version)).all())
+        return dict(
+            conn.execute(
+                select(Dek.key_version, text("count(*)")).where(Dek.key_name == key).group_by(Dek.key_version)
+            ).all()
+        )
 
 
 # ---- encrypt / decrypt -------------------------------------------------------------------
+
 
 def test_encrypt_makes_one_dek_per_object_and_a_self_describing_blob(kms):
     plain = b"investor identity document \x00\xff" * 10
@@ -60,7 +70,7 @@ def test_encrypt_makes_one_dek_per_object_and_a_self_describing_blob(kms):
     info = envelope.describe(kms, blob)
     assert (info.dek_id, info.key_name, info.key_version, info.version_state) == (dek_id, KEY, 1, "active")
     other = envelope.encrypt(kms, KEY, "doc-2", plain, b"tenant-7")
-    assert envelope.parse_header(other) != dek_id and other[envelope.HEADER_SIZE:] != blob[envelope.HEADER_SIZE:]
+    assert envelope.parse_header(other) != dek_id and other[envelope.HEADER_SIZE :] != blob[envelope.HEADER_SIZE :]
     assert count_on(kms, 1) == 2
 
 
@@ -69,14 +79,17 @@ def count_on(kms, version, key=KEY):
         return envelope.deks_on(session, key, version)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda b: b[:-1] + bytes([b[-1] ^ 1]), "does not authenticate"),
-    (lambda b: b[:20] + bytes([b[20] ^ 1]) + b[21:], "does not authenticate"),
-    (lambda b: b"XXXX" + b[4:], "bad magic"),
-    (lambda b: b[:4] + b"\x09" + b[5:], "unsupported envelope format 9"),
-    (lambda b: b[:12], "too short"),
-    (lambda b: b[:5] + (10**9).to_bytes(8, "big") + b[13:], "not in the inventory"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda b: b[:-1] + bytes([b[-1] ^ 1]), "does not authenticate"),
+        (lambda b: b[:20] + bytes([b[20] ^ 1]) + b[21:], "does not authenticate"),
+        (lambda b: b"XXXX" + b[4:], "bad magic"),
+        (lambda b: b[:4] + b"\x09" + b[5:], "unsupported envelope format 9"),
+        (lambda b: b[:12], "too short"),
+        (lambda b: b[:5] + (10**9).to_bytes(8, "big") + b[13:], "not in the inventory"),
+    ],
+)
 def test_tampered_or_foreign_blobs_are_refused(kms, mutate, message):
     blob = envelope.encrypt(kms, KEY, "o", b"secret bytes")
     with pytest.raises(envelope.EnvelopeError, match=message) as err:
@@ -97,20 +110,23 @@ def test_aad_binds_the_caller_data_and_the_object(kms):
         envelope.decrypt(kms, blob, b"ctx-1")
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda k: envelope.encrypt(k, "data:nope", "o", b"x"), "unknown key"),
-    (lambda k: envelope.encrypt(k, "root", "o", b"x"), "root key"),
-    (lambda k: envelope.encrypt(k, "service:api-gateway", "o", b"x"), "service key"),
-    (lambda k: envelope.encrypt(k, KEY, "", b"x"), "object_id"),
-    (lambda k: envelope.encrypt(k, KEY, "o" * 501, b"x"), "object_id"),
-    (lambda k: envelope.encrypt(k, KEY, "o", "text"), "bytes"),
-    (lambda k: envelope.encrypt(k, KEY, "existing", b"again"), "already has a DEK"),
-    (lambda k: envelope.sweep(k, "data:nope"), "unknown key"),
-    (lambda k: envelope.sweep(k, "export:x"), "never swept"),
-    (lambda k: envelope.sweep(k, shard=4, shards=4), "out of range"),
-    (lambda k: envelope.sweep(k, shards=0), "shards must be"),
-    (lambda k: envelope.sweep(k, batch_size=0), "batch_size"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda k: envelope.encrypt(k, "data:nope", "o", b"x"), "unknown key"),
+        (lambda k: envelope.encrypt(k, "root", "o", b"x"), "root key"),
+        (lambda k: envelope.encrypt(k, "service:api-gateway", "o", b"x"), "service key"),
+        (lambda k: envelope.encrypt(k, KEY, "", b"x"), "object_id"),
+        (lambda k: envelope.encrypt(k, KEY, "o" * 501, b"x"), "object_id"),
+        (lambda k: envelope.encrypt(k, KEY, "o", "text"), "bytes"),
+        (lambda k: envelope.encrypt(k, KEY, "existing", b"again"), "already has a DEK"),
+        (lambda k: envelope.sweep(k, "data:nope"), "unknown key"),
+        (lambda k: envelope.sweep(k, "export:x"), "never swept"),
+        (lambda k: envelope.sweep(k, shard=4, shards=4), "out of range"),
+        (lambda k: envelope.sweep(k, shards=0), "shards must be"),
+        (lambda k: envelope.sweep(k, batch_size=0), "batch_size"),
+    ],
+)
 def test_refusals_change_nothing(kms, call, message):
     envelope.encrypt(kms, KEY, "existing", b"first")
     lifecycle.rotate(kms, KEY)
@@ -131,6 +147,7 @@ def test_replace_retires_the_old_dek(kms):
 
 # ---- the sweep ---------------------------------------------------------------------------
 
+
 def test_sweep_moves_every_dek_to_the_active_version_in_batches(kms):
     objects = fill(kms, 13, prefix="v1")
     lifecycle.rotate(kms, KEY)
@@ -144,7 +161,10 @@ def test_sweep_moves_every_dek_to_the_active_version_in_batches(kms):
     result = envelope.sweep(kms, KEY, batch_size=5, progress=seen.append)
     assert (result.moved, result.remaining, result.failed, result.skipped) == (22, 0, 0, 0)
     assert result.batches == 3 + 2 and len(seen) == 5
-    assert [p.total_moved for p in seen][-1] == 22 and {(p.from_version, p.to_version) for p in seen} == {(1, 3), (2, 3)}
+    assert [p.total_moved for p in seen][-1] == 22 and {(p.from_version, p.to_version) for p in seen} == {
+        (1, 3),
+        (2, 3),
+    }
     assert versions_of(kms) == {3: 26}
     assert versions_of(kms, "data:identity-documents") == {1: 5}  # only the named key
     assert_all_decrypt(kms, objects | other)
@@ -274,12 +294,14 @@ def test_sweep_under_pkcs11_rewraps_inside_the_token(make_kms, pkcs11_keystore):
 
 # ---- destroy guard, inventory, nightly ---------------------------------------------------
 
+
 def test_destroy_is_refused_while_deks_remain_and_names_the_guard(kms):
     objects = fill(kms, 3)
     lifecycle.rotate(kms, KEY)
     before = snapshot(kms)
-    with pytest.raises(lifecycle.GuardRefused, match="guard 'deks': 3 DEK\\(s\\) are still wrapped under "
-                                                     "data:postgres v1") as err:
+    with pytest.raises(
+        lifecycle.GuardRefused, match="guard 'deks': 3 DEK\\(s\\) are still wrapped under data:postgres v1"
+    ) as err:
         lifecycle.destroy(kms, KEY, 1, reason="retire")
     assert err.value.guard == "deks"
     assert snapshot(kms) == before
@@ -296,8 +318,19 @@ def test_inventory_frame_has_no_key_material(kms):
     lifecycle.rotate(kms, KEY)
     fill(kms, 2, prefix="new")
     frame = envelope.dek_inventory_frame(kms)
-    assert list(frame.columns) == ["dek_id", "key_name", "key_class", "key_version", "version_state", "object_id",
-                                   "shard", "created_at", "rewrapped_at", "shredded_at", "wrapped_len"]
+    assert list(frame.columns) == [
+        "dek_id",
+        "key_name",
+        "key_class",
+        "key_version",
+        "version_state",
+        "object_id",
+        "shard",
+        "created_at",
+        "rewrapped_at",
+        "shredded_at",
+        "wrapped_len",
+    ]
     assert len(frame) == 6 and set(frame["key_class"]) == {"data"}
     assert sorted(frame["version_state"].unique()) == ["active", "rotated"]
     assert (frame["wrapped_len"] == 40).all()

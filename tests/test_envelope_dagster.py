@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import text
 
 from kms_pipelines.core import envelope, export_keys, lifecycle
-from kms_pipelines.core.context import context_from_env
-from kms_pipelines.core.policy import load_policy
+from kms_pipelines.core.foundation.context import context_from_env
+from kms_pipelines.core.foundation.policy import load_policy
 from kms_pipelines.defs import envelope as envelope_defs
 from tests.fixtures.dagster_defs import REPO, kms_resources
 
@@ -32,9 +32,13 @@ def sweep_job():
 @pytest.fixture
 def kms_env(tmp_path, monkeypatch, pg_url):
     """KMS_* environment (inherited by run/step subprocesses) on a migrated PostgreSQL DB."""
-    env = {"KMS_HOME": str(tmp_path / "home"), "KMS_DATABASE_URL": pg_url, "KMS_KEYSTORE": "software",
-           "KMS_MASTER_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
-           "KMS_OBJECT_STORE": str(tmp_path / "home" / "objects")}
+    env = {
+        "KMS_HOME": str(tmp_path / "home"),
+        "KMS_DATABASE_URL": pg_url,
+        "KMS_KEYSTORE": "software",
+        "KMS_MASTER_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+        "KMS_OBJECT_STORE": str(tmp_path / "home" / "objects"),
+    }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     for name in ("KMS_POLICY", "KMS_FIXED_TIME"):
@@ -77,8 +81,17 @@ def test_shards_fan_out_under_the_multiprocess_executor_on_postgres(kms_env, pos
     assert sum(r.deks for r in envelope.stranded(ctx)) == 60
 
     env = dict(os.environ, DAGSTER_HOME=str(tmp_path / "dagster_home"))
-    procs = [subprocess.Popen([sys.executable, "-c", RUN_ONE_SHARD, shard], env=env, cwd=str(REPO),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for shard in run_shards]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RUN_ONE_SHARD, shard],
+            env=env,
+            cwd=str(REPO),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for shard in run_shards
+    ]
     outputs = [p.communicate(timeout=300) for p in procs]
     run_ids = []
     for (out, err), proc in zip(outputs, procs, strict=True):
@@ -91,12 +104,18 @@ def test_shards_fan_out_under_the_multiprocess_executor_on_postgres(kms_env, pos
         logs = [e for e in postgres_instance.all_logs(run_id) if e.dagster_event]
         assert "STEP_WORKER_STARTING" in {e.dagster_event.event_type_value for e in logs}  # own process
         assert postgres_instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.SUCCESS
-        [mat] = [e.dagster_event.event_specific_data.materialization for e in logs
-                 if e.dagster_event.event_type_value == "ASSET_MATERIALIZATION"]
+        [mat] = [
+            e.dagster_event.event_specific_data.materialization
+            for e in logs
+            if e.dagster_event.event_type_value == "ASSET_MATERIALIZATION"
+        ]
         assert mat.partition == shard and mat.metadata["remaining"].value == 0
         moved[shard] = mat.metadata["moved"].value
-        [check] = [e.dagster_event.event_specific_data for e in logs
-                   if e.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION"]
+        [check] = [
+            e.dagster_event.event_specific_data
+            for e in logs
+            if e.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION"
+        ]
         assert check.check_name == "no_deks_on_retired_versions" and check.passed
         assert postgres_instance.get_run_by_id(run_id).tags["kms/sweep"] == "rewrap"
     assert sum(moved.values()) == 60 and moved[run_shards[0]] > 0 and moved[run_shards[1]] > 0
@@ -110,7 +129,7 @@ def test_the_check_fails_when_a_shard_keeps_a_dek_on_a_retired_version(tmp_path)
     home = tmp_path / "home"
     resources = kms_resources(home, f"sqlite:///{home / 'kms.db'}")
     ctx = resources["kms"].context()
-    from kms_pipelines.core import db
+    from kms_pipelines.core.foundation import db
 
     db.upgrade(ctx.engine)
     lifecycle.bootstrap(ctx)
@@ -119,11 +138,20 @@ def test_the_check_fails_when_a_shard_keeps_a_dek_on_a_retired_version(tmp_path)
     with ctx.engine.begin() as conn:
         shard = conn.execute(text("SELECT shard FROM deks")).scalar()
         conn.execute(text("UPDATE deks SET wrapped = :w"), {"w": b"\x02" * 40})
-    partition = next(k for k in envelope_defs.SHARD_KEYS
-                     if envelope.shard_range(int(k), len(envelope_defs.SHARD_KEYS))[0] <= shard
-                     < envelope.shard_range(int(k), len(envelope_defs.SHARD_KEYS))[1])
-    result = dg.materialize([envelope_defs.dek_rewrap_sweep], partition_key=partition, resources=resources,
-                            instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    partition = next(
+        k
+        for k in envelope_defs.SHARD_KEYS
+        if envelope.shard_range(int(k), len(envelope_defs.SHARD_KEYS))[0]
+        <= shard
+        < envelope.shard_range(int(k), len(envelope_defs.SHARD_KEYS))[1]
+    )
+    result = dg.materialize(
+        [envelope_defs.dek_rewrap_sweep],
+        partition_key=partition,
+        resources=resources,
+        instance=dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
     [check] = result.get_asset_check_evaluations()
     assert not check.passed and check.metadata["stranded_deks"].value == 1
     [mat] = result.asset_materializations_for_node("dek_rewrap_sweep")
@@ -131,8 +159,13 @@ def test_the_check_fails_when_a_shard_keeps_a_dek_on_a_retired_version(tmp_path)
     for value in mat.metadata.values():
         assert "\\x02" not in str(value) and "0202" not in str(value)
     other = next(k for k in envelope_defs.SHARD_KEYS if k != partition)
-    ok = dg.materialize([envelope_defs.dek_rewrap_sweep], partition_key=other, resources=resources,
-                        instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    ok = dg.materialize(
+        [envelope_defs.dek_rewrap_sweep],
+        partition_key=other,
+        resources=resources,
+        instance=dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
     assert ok.get_asset_check_evaluations()[0].passed
 
 
@@ -159,7 +192,7 @@ def test_export_expiry_sensor_launches_an_idempotent_shredding_run(tmp_path):
     url = f"sqlite:///{home / 'kms.db'}"
     now = kms_resources(home, url)
     ctx = now["kms"].context()
-    from kms_pipelines.core import db
+    from kms_pipelines.core.foundation import db
 
     db.upgrade(ctx.engine)
     lifecycle.bootstrap(ctx)
@@ -180,7 +213,8 @@ def test_export_expiry_sensor_launches_an_idempotent_shredding_run(tmp_path):
     assert request.tags["kms/export_key"] == info.key
 
     result = envelope_defs.export_key_expiry_job.execute_in_process(
-        run_config=request.run_config, resources={"kms": later["kms"]}, instance=dg.DagsterInstance.ephemeral())
+        run_config=request.run_config, resources={"kms": later["kms"]}, instance=dg.DagsterInstance.ephemeral()
+    )
     assert result.success
     assert result.output_for_node("expire_export_keys") == 1
     with pytest.raises(envelope.CryptoShredded, match="data crypto-shredded"):

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import text
 
 from kms_pipelines.core import envelope, lifecycle
-from kms_pipelines.core.context import context_from_env
+from kms_pipelines.core.foundation.context import context_from_env
 
 KEY = "data:identity-documents"
 N = 2000
@@ -22,7 +22,7 @@ N = 2000
 CHILD = r"""
 import json, sys, time
 from kms_pipelines.core import envelope
-from kms_pipelines.core.context import context_from_env
+from kms_pipelines.core.foundation.context import context_from_env
 
 ctx = context_from_env()
 
@@ -37,8 +37,14 @@ print("DONE", flush=True)
 
 @pytest.mark.slow
 def test_kill_9_mid_sweep_then_rerun_leaves_every_object_readable(tmp_path, pg_url):
-    env = dict(os.environ, KMS_HOME=str(tmp_path / "home"), KMS_DATABASE_URL=pg_url, KMS_KEYSTORE="software",
-               KMS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode(), PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        KMS_HOME=str(tmp_path / "home"),
+        KMS_DATABASE_URL=pg_url,
+        KMS_KEYSTORE="software",
+        KMS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode(),
+        PYTHONUNBUFFERED="1",
+    )
     env.pop("KMS_POLICY", None)
     ctx = context_from_env(env)
     lifecycle.bootstrap(ctx)
@@ -48,8 +54,14 @@ def test_kill_9_mid_sweep_then_rerun_leaves_every_object_readable(tmp_path, pg_u
         originals[f"id-{i}"] = (plain, envelope.encrypt(ctx, KEY, f"id-{i}", plain))
     lifecycle.rotate(ctx, KEY)
 
-    child = subprocess.Popen([sys.executable, "-c", CHILD], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, cwd=os.getcwd())
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=os.getcwd(),
+    )
     seen = 0
     deadline = time.monotonic() + 120
     try:
@@ -67,8 +79,11 @@ def test_kill_9_mid_sweep_then_rerun_leaves_every_object_readable(tmp_path, pg_u
     assert child.returncode == -signal.SIGKILL
 
     with ctx.engine.connect() as conn:
-        by_version = dict(conn.execute(text("SELECT key_version, count(*) FROM deks WHERE key_name = :k "
-                                            "GROUP BY key_version"), {"k": KEY}).all())
+        by_version = dict(
+            conn.execute(
+                text("SELECT key_version, count(*) FROM deks WHERE key_name = :k GROUP BY key_version"), {"k": KEY}
+            ).all()
+        )
     assert by_version.get(2, 0) >= 10 * 25 and by_version.get(1, 0) > 0, by_version  # killed mid-way
     assert sum(by_version.values()) == N
 

@@ -10,20 +10,22 @@ import pytest
 from sqlalchemy import func, select
 
 from kms_pipelines.core import access, escrow, ledger, lifecycle, nightly
-from kms_pipelines.core.db.models import KeyVersion
-from kms_pipelines.core.db.models_events import EscrowDestruction, EscrowPackage, EscrowUnseal
-from tests.fixtures.kms import ceremony, approve_both
+from kms_pipelines.core.foundation.db.models import KeyVersion
+from kms_pipelines.core.foundation.db.models_events import EscrowDestruction, EscrowPackage, EscrowUnseal
+from tests.fixtures.kms import approve_both, ceremony
 
 CUSTODIANS = ["custodian-a", "custodian-b", "custodian-c"]
 
 
 def snapshot(kms):
     with kms.engine.connect() as conn:
-        versions = conn.execute(select(KeyVersion.key_id, KeyVersion.version, KeyVersion.state)
-                                .order_by(KeyVersion.id)).all()
+        versions = conn.execute(
+            select(KeyVersion.key_id, KeyVersion.version, KeyVersion.state).order_by(KeyVersion.id)
+        ).all()
         head = ledger.head(conn)
-        pkgs = conn.execute(select(EscrowPackage.id, EscrowPackage.superseded_at, EscrowPackage.erased_at)
-                            .order_by(EscrowPackage.id)).all()
+        pkgs = conn.execute(
+            select(EscrowPackage.id, EscrowPackage.superseded_at, EscrowPackage.erased_at).order_by(EscrowPackage.id)
+        ).all()
         confs = conn.scalar(select(func.count()).select_from(EscrowDestruction))
         unseals = conn.scalar(select(func.count()).select_from(EscrowUnseal))
     return versions, head, pkgs, confs, unseals, sorted(kms.keystore.refs())
@@ -48,13 +50,15 @@ def _seal_all(kms):
 
 def approvals(kms, *, operation, target, ticket, requester="req-sre", requester_roles=("sre_oncall",)):
     """Two TOTP-verified approvals from distinct principals (the access area's API)."""
-    from kms_pipelines.core.db.models_access import Principal
+    from kms_pipelines.core.foundation.db.models_access import Principal
 
     with kms.transaction() as s:
         enrolled = s.scalars(select(Principal.name).where(Principal.kind == "human")).first() is not None
     if not enrolled:  # the first-run ceremony, once per test
-        devices = ceremony(kms, {requester: list(requester_roles), "appr-sec": "security_engineering",
-                                 "appr-comp": "compliance_officer"})
+        devices = ceremony(
+            kms,
+            {requester: list(requester_roles), "appr-sec": "security_engineering", "appr-comp": "compliance_officer"},
+        )
         kms.__dict__.setdefault("_test_devices", {}).update(devices)
     secrets_ = {n: d.secret for n, d in kms.__dict__["_test_devices"].items()}
     access.request_approval(kms, operation=operation, target=target, ticket=ticket, requester=requester)
@@ -90,10 +94,18 @@ def test_unseal_refusals_change_nothing(sealed_sqlite, bad):
     shares = {
         "m_minus_1": {"custodian-a": ids["custodian-a"]},
         "wrong_identity": {"custodian-a": ids["custodian-a"], "custodian-b": ids["custodian-c"]},
-        "foreign_share": {"custodian-a": ids["custodian-a"],
-                          "custodian-b": json.dumps({"format": "kms-escrow-share/1", "package_id": "other",
-                                                     "custodian": "custodian-b", "index": 2,
-                                                     "share": base64.b64encode(b"x" * 16).decode()})},
+        "foreign_share": {
+            "custodian-a": ids["custodian-a"],
+            "custodian-b": json.dumps(
+                {
+                    "format": "kms-escrow-share/1",
+                    "package_id": "other",
+                    "custodian": "custodian-b",
+                    "index": 2,
+                    "share": base64.b64encode(b"x" * 16).decode(),
+                }
+            ),
+        },
         "unknown_custodian": {"custodian-a": ids["custodian-a"], "mallory": ids["custodian-b"]},
     }[bad]
     before = snapshot(kms)
@@ -109,8 +121,7 @@ def test_unseal_without_dual_approval_is_refused(sealed):
     kms, ids, pkg = sealed
     before = snapshot(kms)
     with pytest.raises(access.AccessDenied, match="needs 2 approvals"):
-        escrow.unseal(kms, pkg.package_id, {c: ids[c] for c in CUSTODIANS[:2]}, ticket="CHG-NONE",
-                      requester="nobody")
+        escrow.unseal(kms, pkg.package_id, {c: ids[c] for c in CUSTODIANS[:2]}, ticket="CHG-NONE", requester="nobody")
     assert snapshot(kms) == before
 
 
@@ -123,8 +134,14 @@ def test_unseal_with_m_shares_and_approvals_rotates_and_reseals(sealed, tmp_path
     value = kms.keystore.export_secret(ref)
     kms.keystore.destroy(ref)  # the HSM lost it: unseal must import it back
     out = tmp_path / "bg.key"
-    r = escrow.unseal(kms, pkg.package_id, {c: ids[c] for c in ("custodian-b", "custodian-c")}, ticket=ticket,
-                      requester=requester, out_path=out)
+    r = escrow.unseal(
+        kms,
+        pkg.package_id,
+        {c: ids[c] for c in ("custodian-b", "custodian-c")},
+        ticket=ticket,
+        requester=requester,
+        out_path=out,
+    )
     assert r.imported and kms.keystore.export_secret(ref) == value
     assert out.read_bytes() == value and (out.stat().st_mode & 0o777) == 0o600
     assert r.approvers == ["appr-comp", "appr-sec"] and r.rotated_to == pkg.key_version + 1
@@ -139,8 +156,7 @@ def test_unseal_with_m_shares_and_approvals_rotates_and_reseals(sealed, tmp_path
     assert any(n.get("kind") == "escrow_unsealed" and "compliance@example.com" in n["recipients"] for n in outbox)
     # approvals are single-use: a second unseal of the new package under the same ticket is refused
     with pytest.raises(access.AccessDenied):
-        escrow.unseal(kms, cur.package_id, {c: ids[c] for c in CUSTODIANS[:2]}, ticket=ticket,
-                      requester=requester)
+        escrow.unseal(kms, cur.package_id, {c: ids[c] for c in CUSTODIANS[:2]}, ticket=ticket, requester=requester)
 
 
 def test_escrow_rotates_every_30_days_over_simulated_days(sealed):
@@ -187,10 +203,12 @@ def test_confirm_destroyed_refusals_change_nothing(sealed_sqlite, bad):
     lifecycle.rotate(kms, "break-glass", reason="manual")
     escrow.ensure_sealed(kms)
     cur = escrow.current_package(kms)
-    args = {"current_package": (cur.package_id, "custodian-a", ids["custodian-a"]),
-            "wrong_identity": (old.package_id, "custodian-a", ids["custodian-b"]),
-            "not_custodian": (old.package_id, "mallory", ids["custodian-b"]),
-            "unknown_package": ("bg-nope", "custodian-a", ids["custodian-a"])}[bad]
+    args = {
+        "current_package": (cur.package_id, "custodian-a", ids["custodian-a"]),
+        "wrong_identity": (old.package_id, "custodian-a", ids["custodian-b"]),
+        "not_custodian": (old.package_id, "mallory", ids["custodian-b"]),
+        "unknown_package": ("bg-nope", "custodian-a", ids["custodian-a"]),
+    }[bad]
     before = snapshot(kms)
     with pytest.raises(escrow.EscrowError):
         escrow.confirm_destroyed(kms, *args)

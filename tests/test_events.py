@@ -15,18 +15,24 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from kms_pipelines.core import compromise, envelope, events, ledger, lifecycle, service_keys
-from kms_pipelines.core.db.models import KeyVersion
-from kms_pipelines.core.db.models_events import SecurityEvent
+from kms_pipelines.core.foundation.db.models import KeyVersion
+from kms_pipelines.core.foundation.db.models_events import SecurityEvent
 from kms_pipelines.defs.events import compromise_response, security_event_sensor
-from kms_pipelines.defs.resources import (ClockResource, DatabaseResource, KeyStoreResource, KmsResource,
-                                          ObjectStoreResource)
+from kms_pipelines.defs.resources import (
+    ClockResource,
+    DatabaseResource,
+    KeyStoreResource,
+    KmsResource,
+    ObjectStoreResource,
+)
 from tests.fixtures.kms import KEY_ORIGIN, write_test_policy
 
 
 def snapshot(kms):
     with kms.engine.connect() as conn:
-        versions = conn.execute(select(KeyVersion.key_id, KeyVersion.version, KeyVersion.state)
-                                .order_by(KeyVersion.id)).all()
+        versions = conn.execute(
+            select(KeyVersion.key_id, KeyVersion.version, KeyVersion.state).order_by(KeyVersion.id)
+        ).all()
         evs = conn.execute(select(SecurityEvent.id, SecurityEvent.status).order_by(SecurityEvent.seq)).all()
         head = ledger.head(conn)
     return versions, evs, head, sorted(kms.keystore.refs())
@@ -39,18 +45,27 @@ def states(kms, key):
 
 # ---- the end-to-end "done when" ------------------------------------------------------
 
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def e2e_env(request, tmp_path, monkeypatch, smtp_server, slack_receiver):
     home = tmp_path / "kmshome"
     url = request.getfixturevalue("pg_url") if request.param == "postgres" else f"sqlite:///{home / 'kms.db'}"
-    env = {"KMS_HOME": str(home), "KMS_DATABASE_URL": url, "KMS_KEYSTORE": "software",
-           "KMS_MASTER_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
-           "KMS_OBJECT_STORE": str(home / "objects"),
-           "KMS_SMTP_HOST": smtp_server.host, "KMS_SMTP_PORT": str(smtp_server.port),
-           "KMS_SMTP_SENDER": "kms@example.com", "KMS_SLACK_WEBHOOK_URL": slack_receiver.url,
-           "KMS_NOTIFY_RETRY_WAIT": "0.01", "KMS_NOTIFY_RETRY_MAX_WAIT": "0.05", "USER": "sec-oncall",
-           # the tests' policy: the ceremony's admins register software security keys
-           "KMS_POLICY": write_test_policy(tmp_path)}
+    env = {
+        "KMS_HOME": str(home),
+        "KMS_DATABASE_URL": url,
+        "KMS_KEYSTORE": "software",
+        "KMS_MASTER_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+        "KMS_OBJECT_STORE": str(home / "objects"),
+        "KMS_SMTP_HOST": smtp_server.host,
+        "KMS_SMTP_PORT": str(smtp_server.port),
+        "KMS_SMTP_SENDER": "kms@example.com",
+        "KMS_SLACK_WEBHOOK_URL": slack_receiver.url,
+        "KMS_NOTIFY_RETRY_WAIT": "0.01",
+        "KMS_NOTIFY_RETRY_MAX_WAIT": "0.05",
+        "USER": "sec-oncall",
+        # the tests' policy: the ceremony's admins register software security keys
+        "KMS_POLICY": write_test_policy(tmp_path),
+    }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("KMS_FIXED_TIME", raising=False)
@@ -60,8 +75,9 @@ def e2e_env(request, tmp_path, monkeypatch, smtp_server, slack_receiver):
 def _resource(env) -> KmsResource:
     database, keystore = DatabaseResource(url=env["KMS_DATABASE_URL"]), KeyStoreResource(kind="software")
     objects, clock = ObjectStoreResource(url=env["KMS_OBJECT_STORE"]), ClockResource()
-    return KmsResource(home=env["KMS_HOME"], policy_path=None, database=database, keystore=keystore,
-                       objects=objects, clock=clock)
+    return KmsResource(
+        home=env["KMS_HOME"], policy_path=None, database=database, keystore=keystore, objects=objects, clock=clock
+    )
 
 
 def _tick(instance, cursor, kms_res):
@@ -75,8 +91,11 @@ def _refresh_shows_the_revocation(instance, response, kms_res):
     from kms_pipelines.defs.events import refresh_after_compromise_response
 
     with dg.build_run_status_sensor_context(
-            sensor_name=refresh_after_compromise_response.name, dagster_instance=instance,
-            dagster_run=response.dagster_run, dagster_event=response.get_run_success_event()) as ctx:
+        sensor_name=refresh_after_compromise_response.name,
+        dagster_instance=instance,
+        dagster_run=response.dagster_run,
+        dagster_event=response.get_run_success_event(),
+    ) as ctx:
         request = refresh_after_compromise_response(ctx)
     assert request.run_key == f"refresh-after-{response.run_id}"
     job = defs().resolve_job_def("key_state_refresh")
@@ -90,20 +109,52 @@ def _refresh_shows_the_revocation(instance, response, kms_res):
 
 def test_end_to_end_cli_report_sensor_one_run_then_none(e2e_env, smtp_server, slack_receiver, tmp_path):
     from kms_pipelines.cli import cli
-    from kms_pipelines.core.context import context_from_env
+    from kms_pipelines.core.foundation.context import context_from_env
 
     runner = CliRunner()
-    res = runner.invoke(cli, ["init", "--admin", "sec", "--admin", "sec2", "--admin", "sec3", "--json",
-                              "--console-origin", KEY_ORIGIN, "--software-keys", str(tmp_path / "keys")])
+    res = runner.invoke(
+        cli,
+        [
+            "init",
+            "--admin",
+            "sec",
+            "--admin",
+            "sec2",
+            "--admin",
+            "sec3",
+            "--json",
+            "--console-origin",
+            KEY_ORIGIN,
+            "--software-keys",
+            str(tmp_path / "keys"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     sec = pyotp.parse_uri(json.loads(res.output)["enrolled"][0]["provisioning_uri"])
     kms = context_from_env()
     blobs = {f"doc-{i}": envelope.encrypt(kms, "data:postgres", f"doc-{i}", f"row {i}".encode()) for i in range(25)}
 
     # the reporter proves themself (security_engineering: a compromise's response revokes)
-    res = runner.invoke(cli, ["events", "report", "--type", "compromise", "--key", "data:postgres",
-                              "--source", "gitleaks", "--detail", "DEK backup found in a public bucket",
-                              "--as", "sec", "--totp", sec.now(), "--json"])
+    res = runner.invoke(
+        cli,
+        [
+            "events",
+            "report",
+            "--type",
+            "compromise",
+            "--key",
+            "data:postgres",
+            "--source",
+            "gitleaks",
+            "--detail",
+            "DEK backup found in a public bucket",
+            "--as",
+            "sec",
+            "--totp",
+            sec.now(),
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     event_id = json.loads(res.output)["id"]
 
@@ -114,8 +165,11 @@ def test_end_to_end_cli_report_sensor_one_run_then_none(e2e_env, smtp_server, sl
     rr = tick.run_requests[0]
     assert rr.run_key == f"security-event-{event_id}"
     result = compromise_response.execute_in_process(
-        run_config=rr.run_config, instance=instance, resources={"kms": kms_res},
-        tags={**rr.tags, "dagster/run_key": rr.run_key})
+        run_config=rr.run_config,
+        instance=instance,
+        resources={"kms": kms_res},
+        tags={**rr.tags, "dagster/run_key": rr.run_key},
+    )
     assert result.success
 
     again = _tick(instance, tick.cursor, kms_res)
@@ -144,15 +198,26 @@ def test_end_to_end_cli_report_sensor_one_run_then_none(e2e_env, smtp_server, sl
 
 # ---- reporting ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args, match", [
-    (("exfiltration", "service:api-gateway", "scanner", ""), "unknown event type"),
-    (("compromise", "service:nope", "scanner", ""), "unknown key"),
-    (("compromise", "nope", "scanner", ""), "unknown key"),
-    (("tenant-rotation", "data:postgres", "scanner", ""), "compromise instead"),
-    (("compromise", "service:api-gateway", "", ""), "source"),
-    (("ci-secret-exposure", "service:api-gateway", "ci", "token " + base64.b64encode(secrets.token_bytes(32)).decode()),
-     "key material"),
-])
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (("exfiltration", "service:api-gateway", "scanner", ""), "unknown event type"),
+        (("compromise", "service:nope", "scanner", ""), "unknown key"),
+        (("compromise", "nope", "scanner", ""), "unknown key"),
+        (("tenant-rotation", "data:postgres", "scanner", ""), "compromise instead"),
+        (("compromise", "service:api-gateway", "", ""), "source"),
+        (
+            (
+                "ci-secret-exposure",
+                "service:api-gateway",
+                "ci",
+                "token " + base64.b64encode(secrets.token_bytes(32)).decode(),
+            ),
+            "key material",
+        ),
+    ],
+)
 def test_report_refusals_change_nothing(make_kms, args, match):
     kms = make_kms("sqlite")
     before = snapshot(kms)
@@ -179,15 +244,32 @@ def test_cli_report_refusal_is_one_line_exit_1(tmp_path, monkeypatch):
     monkeypatch.delenv("KMS_DATABASE_URL", raising=False)
     runner = CliRunner()
     assert runner.invoke(cli, ["init"]).exit_code == 0
-    res = runner.invoke(cli, ["events", "report", "--type", "compromise", "--key", "service:nope", "--source", "x",
-                              "--as", "sec", "--totp", "123456"])
+    res = runner.invoke(
+        cli,
+        [
+            "events",
+            "report",
+            "--type",
+            "compromise",
+            "--key",
+            "service:nope",
+            "--source",
+            "x",
+            "--as",
+            "sec",
+            "--totp",
+            "123456",
+        ],
+    )
     assert res.exit_code == 1 and res.output.count("\n") == 1 and "unknown key" in res.output
-    res = runner.invoke(cli, ["events", "report", "--type", "nope", "--key", "root", "--source", "x",
-                              "--as", "sec", "--totp", "123456"])
+    res = runner.invoke(
+        cli, ["events", "report", "--type", "nope", "--key", "root", "--source", "x", "--as", "sec", "--totp", "123456"]
+    )
     assert res.exit_code == 2
 
 
 # ---- the response ---------------------------------------------------------------------
+
 
 def test_respond_is_idempotent_and_never_rotates_twice(kms):
     service_keys.issue_credential(kms, "api-gateway", "client-1")
@@ -212,41 +294,64 @@ def test_ci_secret_exposure_rotates_without_revoking(kms):
 
 def test_manual_launch_without_approvals_is_refused_and_changes_nothing(kms_pg, tmp_path):
     from kms_pipelines.core import access
-
     from tests.fixtures.kms import ceremony, totp_now
 
     d = ceremony(kms_pg, {"lead": "security_engineering", "b": "security_engineering", "c": "compliance_officer"})
     before = snapshot(kms_pg)
     with pytest.raises(access.AccessDenied, match="TOTP code for 'lead' is wrong"):
-        compromise.report_manual(kms_pg, key="service:api-gateway", type="compromise", ticket="INC-9",
-                                 requested_by="lead", totp="000000")
+        compromise.report_manual(
+            kms_pg, key="service:api-gateway", type="compromise", ticket="INC-9", requested_by="lead", totp="000000"
+        )
     with pytest.raises(access.AccessDenied, match="needs 2 approvals"):
-        compromise.report_manual(kms_pg, key="service:api-gateway", type="compromise", ticket="INC-9",
-                                 requested_by="lead", totp=totp_now(kms_pg, d["lead"]))
+        compromise.report_manual(
+            kms_pg,
+            key="service:api-gateway",
+            type="compromise",
+            ticket="INC-9",
+            requested_by="lead",
+            totp=totp_now(kms_pg, d["lead"]),
+        )
     assert snapshot(kms_pg) == before
 
 
 def test_manual_launch_with_dual_approval(kms):
     from tests.test_escrow import approvals
 
-    requester = approvals(kms, operation="revoke", target="service:api-gateway", ticket="INC-8",
-                          requester="sec-lead", requester_roles=["security_engineering"])
+    requester = approvals(
+        kms,
+        operation="revoke",
+        target="service:api-gateway",
+        ticket="INC-8",
+        requester="sec-lead",
+        requester_roles=["security_engineering"],
+    )
     # approvals are bound to the ticket: another ticket is refused and nothing changes
-    from kms_pipelines.core import access
-
     from datetime import timedelta
 
+    from kms_pipelines.core import access
     from tests.fixtures.kms import totp_now
 
     device = kms.__dict__["_test_devices"][requester]
     before = snapshot(kms)
     with pytest.raises(access.AccessDenied):
-        compromise.report_manual(kms, key="service:api-gateway", type="compromise", ticket="INC-9",
-                                 requested_by=requester, totp=totp_now(kms, device))
+        compromise.report_manual(
+            kms,
+            key="service:api-gateway",
+            type="compromise",
+            ticket="INC-9",
+            requested_by=requester,
+            totp=totp_now(kms, device),
+        )
     assert snapshot(kms) == before
     kms.clock.advance(timedelta(seconds=30))
-    info, approvers = compromise.report_manual(kms, key="service:api-gateway", type="compromise",
-                                               ticket="INC-8", requested_by=requester, totp=totp_now(kms, device))
+    info, approvers = compromise.report_manual(
+        kms,
+        key="service:api-gateway",
+        type="compromise",
+        ticket="INC-8",
+        requested_by=requester,
+        totp=totp_now(kms, device),
+    )
     assert approvers == ["appr-comp", "appr-sec"]
     r = compromise.respond(kms, info.id, approvers=approvers, ticket="INC-8")
     with kms.transaction() as s:
@@ -257,6 +362,7 @@ def test_manual_launch_with_dual_approval(kms):
 
 # ---- HTTP intake ----------------------------------------------------------------------
 
+
 def test_http_intake_requires_token_and_reports(kms):
     token = secrets.token_urlsafe(24)
     server = events.make_intake_server(kms, token)
@@ -265,9 +371,12 @@ def test_http_intake_requires_token_and_reports(kms):
     url = f"http://127.0.0.1:{server.server_address[1]}/events"
 
     def post(body, auth=None):
-        req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json",
-                                              **({"Authorization": f"Bearer {auth}"} if auth else {})})
+        req = urllib.request.Request(
+            url,
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {auth}"} if auth else {})},
+        )
         try:
             with urllib.request.urlopen(req, timeout=5) as resp:
                 return resp.status, json.loads(resp.read())

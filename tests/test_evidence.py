@@ -33,14 +33,20 @@ def bundle(make_kms, tmp_path):
 def _offline_env(tmp_path):
     """A machine state with no database and no keystore: the KMS URL points nowhere."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KMS_")}
-    env.update(KMS_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none", KMS_HOME=str(tmp_path / "empty-home"),
-               KMS_KEYSTORE="pkcs11", KMS_OBJECT_STORE="s3://no-such-bucket", KMS_S3_ENDPOINT_URL="http://127.0.0.1:1")
+    env.update(
+        KMS_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none",
+        KMS_HOME=str(tmp_path / "empty-home"),
+        KMS_KEYSTORE="pkcs11",
+        KMS_OBJECT_STORE="s3://no-such-bucket",
+        KMS_S3_ENDPOINT_URL="http://127.0.0.1:1",
+    )
     return env
 
 
 def _kms(args, env):
-    return subprocess.run([sys.executable, "-m", "kms_pipelines.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "kms_pipelines.cli", *args], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_bundle_verifies_offline_with_no_database_or_keystore(kms, tmp_path):
@@ -96,12 +102,15 @@ def _drop_end(records):
     return records[:-1]
 
 
-@pytest.mark.parametrize("edit,area,fragment", [
-    (_token_edit, "rpt", "token seq 7: payload altered"),
-    (_drop_newest_tokens, "rpt", "RPT chain truncated"),
-    (_drop_newest_ledger, "ledger", "ledger truncated"),
-    (_drop_end, "bundle", "truncated (no end record)"),
-])
+@pytest.mark.parametrize(
+    "edit,area,fragment",
+    [
+        (_token_edit, "rpt", "token seq 7: payload altered"),
+        (_drop_newest_tokens, "rpt", "RPT chain truncated"),
+        (_drop_newest_ledger, "ledger", "ledger truncated"),
+        (_drop_end, "bundle", "truncated (no end record)"),
+    ],
+)
 def test_tampered_bundles_fail_offline(bundle, edit, area, fragment, tmp_path):
     _, path = bundle
     _rewrite(path, edit)
@@ -138,7 +147,7 @@ def test_cli_issue_verify_checkpoint_export(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from kms_pipelines.cli import cli
-    from kms_pipelines.core import db
+    from kms_pipelines.core.foundation import db
 
     home = tmp_path / "home"
     for k in [k for k in os.environ if k.startswith("KMS_")]:
@@ -170,7 +179,7 @@ def test_cli_issue_verify_checkpoint_export(tmp_path, monkeypatch):
     broken = kms("rpt", "verify-chain")
     assert broken.exit_code == 1 and "RPT chain BROKEN at seq 1" in broken.stderr and "truncated" in broken.stderr
     assert kms("ledger", "verify-checkpoints").exit_code == 1
-    assert kms("ledger", "checkpoint").exit_code == 1   # refuses to sign the truncated state
+    assert kms("ledger", "checkpoint").exit_code == 1  # refuses to sign the truncated state
     assert kms("evidence", "verify", str(tmp_path / "b.zst")).exit_code == 0  # the bundle predates the deletion
     assert kms("evidence", "export", "--out", str(tmp_path / "c.zst")).exit_code == 1
     assert kms("evidence", "verify", str(tmp_path / "c.zst")).exit_code == 1

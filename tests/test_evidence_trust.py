@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from kms_pipelines.core import evidence, ledger, lifecycle, manifest, rpt
-from kms_pipelines.core.canonical import canonical_bytes
-from kms_pipelines.core.clock import parse_time
-from kms_pipelines.core.keystore import fingerprint
+from kms_pipelines.core.foundation.canonical import canonical_bytes
+from kms_pipelines.core.foundation.clock import parse_time
+from kms_pipelines.core.foundation.keystore import fingerprint
 from tests.test_evidence import _make_bundle, _offline_env
 
 
@@ -47,8 +47,9 @@ def _relink(rows, start_index):
     for rec in rows[start_index:]:
         r = rec["r"]
         r[11] = prev
-        doc = ledger.entry_document(r[0], parse_time(r[1]), r[2], r[3], r[4], r[5], r[6], json.loads(r[7]),
-                                    r[8], r[9], r[10], prev)
+        doc = ledger.entry_document(
+            r[0], parse_time(r[1]), r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), r[8], r[9], r[10], prev
+        )
         r[12] = prev = ledger.entry_hash(doc)
 
 
@@ -66,17 +67,31 @@ def forge(path, out, *, manifests="drop"):
     if manifests == "drop":
         records = [r for r in records if r["t"] != "manifest"]
     elif manifests == "own-v3":  # a manifest for v3 whose "previous" signature is the attacker's own
-        v2 = json.loads(rpt.b64url_decode(next(r for r in records if r["t"] == "manifest"
-                                                and r["key"].endswith("v2.json"))["data"]))
-        doc = {"format": manifest.FORMAT, "key": "root", "version": 3, "kid": manifest.kid(3),
-               "algorithm": "Ed25519", "public_key": base64.b64encode(pub).decode(), "fingerprint": fp,
-               "valid_from": v2["valid_from"],
-               "previous": {"version": 2, "kid": manifest.kid(2), "fingerprint": v2["fingerprint"],
-                            "status": "rotated",
-                            "signature": base64.b64encode(own.sign(manifest.signed_message(fp))).decode()}}
+        v2 = json.loads(
+            rpt.b64url_decode(next(r for r in records if r["t"] == "manifest" and r["key"].endswith("v2.json"))["data"])
+        )
+        doc = {
+            "format": manifest.FORMAT,
+            "key": "root",
+            "version": 3,
+            "kid": manifest.kid(3),
+            "algorithm": "Ed25519",
+            "public_key": base64.b64encode(pub).decode(),
+            "fingerprint": fp,
+            "valid_from": v2["valid_from"],
+            "previous": {
+                "version": 2,
+                "kid": manifest.kid(2),
+                "fingerprint": v2["fingerprint"],
+                "status": "rotated",
+                "signature": base64.b64encode(own.sign(manifest.signed_message(fp))).decode(),
+            },
+        }
         last_manifest = [r for r in records if r["t"] == "manifest"][-1]
-        records.insert(records.index(last_manifest) + 1,
-                       {"t": "manifest", "key": manifest.object_key(3), "data": rpt.b64url(canonical_bytes(doc))})
+        records.insert(
+            records.index(last_manifest) + 1,
+            {"t": "manifest", "key": manifest.object_key(3), "data": rpt.b64url(canonical_bytes(doc))},
+        )
     rows = [r for r in records if r["t"] == "L"]
     target = next(i for i, r in enumerate(rows) if r["r"][2] != "root")
     rows[target]["r"][6], rows[target]["r"][8] = "alice (approved: bob, carol)", "CHG-FORGED"
@@ -85,10 +100,44 @@ def forge(path, out, *, manifests="drop"):
     iat = rpt.decode(newest_token)[1]["iat"]
     when = max(last_at, datetime.fromtimestamp(iat, timezone.utc)) + timedelta(seconds=5)
     n = rows[-1]["r"][0]
-    extra_rows = [{"t": "L", "r": [n + 1, ledger.format_time(when), "root", 2, "active", "rotated", "mallory", "[]",
-                                   None, "rotation", None, "", ""]},
-                  {"t": "L", "r": [n + 2, ledger.format_time(when), "root", 3, None, "active", "mallory", "[]",
-                                   None, "rotation", None, "", ""]}]
+    extra_rows = [
+        {
+            "t": "L",
+            "r": [
+                n + 1,
+                ledger.format_time(when),
+                "root",
+                2,
+                "active",
+                "rotated",
+                "mallory",
+                "[]",
+                None,
+                "rotation",
+                None,
+                "",
+                "",
+            ],
+        },
+        {
+            "t": "L",
+            "r": [
+                n + 2,
+                ledger.format_time(when),
+                "root",
+                3,
+                None,
+                "active",
+                "mallory",
+                "[]",
+                None,
+                "rotation",
+                None,
+                "",
+                "",
+            ],
+        },
+    ]
     records.insert(records.index(rows[-1]) + 1, extra_rows[0])
     records.insert(records.index(rows[-1]) + 2, extra_rows[1])
     rows = [r for r in records if r["t"] == "L"]
@@ -98,17 +147,28 @@ def forge(path, out, *, manifests="drop"):
     for r in records:
         writer(r)
     tokens = [r for r in records if r["t"] == "R"]
-    doc = {**writer.seal_extra(), "ledger_size": len(rows), "ledger_head_hash": rows[-1]["r"][12],
-           "rpt_size": tokens[-1]["s"], "rpt_head_hash": rpt.token_hash(tokens[-1]["k"]),
-           "at": ledger.format_time(when + timedelta(seconds=1)), "kid": rpt.make_kid(3, fp)}
+    doc = {
+        **writer.seal_extra(),
+        "ledger_size": len(rows),
+        "ledger_head_hash": rows[-1]["r"][12],
+        "rpt_size": tokens[-1]["s"],
+        "rpt_head_hash": rpt.token_hash(tokens[-1]["k"]),
+        "at": ledger.format_time(when + timedelta(seconds=1)),
+        "kid": rpt.make_kid(3, fp),
+    }
     seal = {"t": "seal", "data": evidence._encode_seal(doc, own.sign(canonical_bytes(doc)))}
     write_records(out, records + [seal, {"t": "end", "counts": writer.counts}])
     return fp
 
 
 def _cli(args, tmp_path):
-    return subprocess.run([sys.executable, "-m", "kms_pipelines.cli", *args], env=_offline_env(tmp_path),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "kms_pipelines.cli", *args],
+        env=_offline_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_genuine_bundle_verifies_anchored_to_the_pinned_root(genuine, tmp_path):
@@ -165,6 +225,7 @@ def _edit(path, edit):
 def _set(kind, field, value):
     def edit(records):
         next(r for r in records if r["t"] == kind)[field] = value
+
     return edit
 
 
@@ -172,16 +233,32 @@ def _drop_checkpoint(records):
     records.remove(next(r for r in records if r["t"] == "checkpoint"))
 
 
-@pytest.mark.parametrize("edit,area,fragment", [
-    (_set("bundle", "exported_at", "2020-01-01T00:00:00.000000Z"), "bundle",
-     "bundle record bundle (line 1) is not the record the seal signed"),
-    (_set("bundle", "source", "postgresql://elsewhere/db"), "bundle",
-     "bundle record bundle (line 1) is not the record the seal signed"),
-    (_set("root_key", "state", "revoked"), "root_key", "root_key record v1 (line 2) is not the record the seal signed"),
-    (_set("manifest", "data", rpt.b64url(b"not json at all")), "manifest",
-     "manifest manifests/root/v1.json (line 4) does not verify: not a JSON object"),
-    (_drop_checkpoint, "checkpoint", "is not the record the seal signed"),
-])
+@pytest.mark.parametrize(
+    "edit,area,fragment",
+    [
+        (
+            _set("bundle", "exported_at", "2020-01-01T00:00:00.000000Z"),
+            "bundle",
+            "bundle record bundle (line 1) is not the record the seal signed",
+        ),
+        (
+            _set("bundle", "source", "postgresql://elsewhere/db"),
+            "bundle",
+            "bundle record bundle (line 1) is not the record the seal signed",
+        ),
+        (
+            _set("root_key", "state", "revoked"),
+            "root_key",
+            "root_key record v1 (line 2) is not the record the seal signed",
+        ),
+        (
+            _set("manifest", "data", rpt.b64url(b"not json at all")),
+            "manifest",
+            "manifest manifests/root/v1.json (line 4) does not verify: not a JSON object",
+        ),
+        (_drop_checkpoint, "checkpoint", "is not the record the seal signed"),
+    ],
+)
 def test_case2_unsigned_fields_are_now_signed(genuine, edit, area, fragment, tmp_path):
     _, path, pinned = genuine
     _edit(path, edit)
@@ -204,8 +281,10 @@ def test_case2_flipped_compressed_byte_and_checksumless_frame_are_refused(genuin
     result = evidence.verify_bundle(flipped, trusted_fingerprints=[pinned])
     assert not result.ok and "carries no content checksum" in result.problem
     appended = tmp_path / "appended"
-    appended.write_bytes(path.read_bytes() + zstandard.ZstdCompressor(write_checksum=True).compress(
-        evidence.encode_record({"t": "end", "counts": {}})))
+    appended.write_bytes(
+        path.read_bytes()
+        + zstandard.ZstdCompressor(write_checksum=True).compress(evidence.encode_record({"t": "end", "counts": {}}))
+    )
     result = evidence.verify_bundle(appended, trusted_fingerprints=[pinned])
     assert not result.ok and "records after the end record" in result.problem
 

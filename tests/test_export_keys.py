@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import select
 
 from kms_pipelines.core import envelope, export_keys, ledger, lifecycle
-from kms_pipelines.core.db.models_envelope import Dek
+from kms_pipelines.core.foundation.db.models_envelope import Dek
 from tests.test_envelope import snapshot
 
 
@@ -23,10 +23,17 @@ def test_create_sets_the_expiry_from_the_policy_and_is_idempotent(kms):
     assert export_keys.create(kms, "short", ttl_days=2).expires_at == kms.now() + timedelta(days=2)
 
 
-@pytest.mark.parametrize("export_id, ttl, message", [
-    ("", None, "invalid export id"), ("../etc", None, "invalid export id"), ("a b", None, "invalid export id"),
-    ("x" * 101, None, "invalid export id"), ("ok", 0, "ttl_days"), ("ok", -3, "ttl_days"),
-])
+@pytest.mark.parametrize(
+    "export_id, ttl, message",
+    [
+        ("", None, "invalid export id"),
+        ("../etc", None, "invalid export id"),
+        ("a b", None, "invalid export id"),
+        ("x" * 101, None, "invalid export id"),
+        ("ok", 0, "ttl_days"),
+        ("ok", -3, "ttl_days"),
+    ],
+)
 def test_bad_exports_are_refused_without_change(kms, export_id, ttl, message):
     before = snapshot(kms)
     with pytest.raises(envelope.EnvelopeError, match=message):
@@ -48,8 +55,9 @@ def test_expiry_rotates_destroys_and_crypto_shreds(kms):
     [result] = export_keys.expire_due(kms)
     assert (result.rotated_to, result.destroyed, result.shredded_deks, result.refused) == (2, [1], 4, {})
     for blob in blobs.values():
-        with pytest.raises(envelope.CryptoShredded,
-                           match=r"export key export:exp-7 v1 was destroyed at .*: data crypto-shredded"):
+        with pytest.raises(
+            envelope.CryptoShredded, match=r"export key export:exp-7 v1 was destroyed at .*: data crypto-shredded"
+        ):
             envelope.decrypt(kms, blob)
     assert envelope.decrypt(kms, data_blob) == b"keep me"
     with kms.engine.connect() as conn:

@@ -15,9 +15,10 @@ import time
 import pytest
 from sqlalchemy import select
 
-from kms_pipelines.core import audit, envelope, ledger, lifecycle, retry, rotation, rpt
-from kms_pipelines.core.db.models_envelope import Dek
-from kms_pipelines.core.policy import FaultBudget, Faults, load_policy
+from kms_pipelines.core import audit, envelope, ledger, lifecycle, rotation, rpt
+from kms_pipelines.core.foundation import retry
+from kms_pipelines.core.foundation.db.models_envelope import Dek
+from kms_pipelines.core.foundation.policy import FaultBudget, Faults, load_policy
 
 KEY = "data:postgres"
 CUT_SECONDS = 5.0
@@ -26,8 +27,7 @@ CUT_SECONDS = 5.0
 def fast_policy(**budgets):
     """The packaged policy with small retry budgets (waits of 0.1 s doubling to 1 s)."""
     quick = FaultBudget(attempts=30, max_seconds=20, first_wait_seconds=0.1, max_wait_seconds=1.0)
-    faults = Faults(**{name: budgets.get(name, quick) for name in ("database", "object_store", "notifications",
-                                                                    "hsm")})
+    faults = Faults(**{name: budgets.get(name, quick) for name in ("database", "object_store", "notifications", "hsm")})
     return load_policy().model_copy(update={"faults": faults})
 
 
@@ -45,7 +45,7 @@ def pg_proxy(pg_url, fault_proxy):
 def kms_via_proxy(make_kms, pg_proxy):
     """A bootstrapped context whose every database connection goes through the proxy."""
     url, proxy = pg_proxy
-    from kms_pipelines.core.clock import SystemClock
+    from kms_pipelines.core.foundation.clock import SystemClock
 
     ctx = make_kms(url, clock=SystemClock())  # the per-test database is migrated already (template)
     ctx.policy = fast_policy()
@@ -57,8 +57,10 @@ def kms_via_proxy(make_kms, pg_proxy):
 
 
 def fill(ctx, n, key=KEY):
-    return {f"obj-{i}": (f"payload {i}".encode(), envelope.encrypt(ctx, key, f"obj-{i}", f"payload {i}".encode()))
-            for i in range(n)}
+    return {
+        f"obj-{i}": (f"payload {i}".encode(), envelope.encrypt(ctx, key, f"obj-{i}", f"payload {i}".encode()))
+        for i in range(n)
+    }
 
 
 def assert_intact(ctx, objects=None):
@@ -74,10 +76,11 @@ def assert_intact(ctx, objects=None):
 
 
 def retry_lines(caplog):
-    return [r.getMessage() for r in caplog.records if r.name == "kms_pipelines.core.retry"]
+    return [r.getMessage() for r in caplog.records if r.name == "kms_pipelines.core.foundation.retry"]
 
 
 # ---- PostgreSQL ----------------------------------------------------------------------------
+
 
 def test_sweep_rides_out_a_database_cut(kms_via_proxy, caplog):
     ctx, proxy = kms_via_proxy
@@ -90,7 +93,7 @@ def test_sweep_rides_out_a_database_cut(kms_via_proxy, caplog):
             cut_at["t"] = time.monotonic()
             proxy.cut(CUT_SECONDS)
 
-    caplog.set_level(logging.WARNING, logger="kms_pipelines.core.retry")
+    caplog.set_level(logging.WARNING, logger="kms_pipelines.core.foundation.retry")
     result = envelope.sweep(ctx, KEY, batch_size=10, progress=progress)
     assert cut_at and time.monotonic() - cut_at["t"] >= CUT_SECONDS - 0.5  # it really waited the cut out
     assert result.remaining == 0 and result.failed == 0
@@ -128,8 +131,10 @@ def test_rotation_rides_out_a_database_cut(kms_via_proxy):
     objects = fill(ctx, 5)
     started = time.monotonic()
     timer = _cut_mid_operation(proxy, after=0.05)
-    results = [rotation.rotate_now(ctx, name, reason="compromise") for name in
-               ("service:api-gateway", "service:worker-pipelines", "service:reconciliation-engine")]
+    results = [
+        rotation.rotate_now(ctx, name, reason="compromise")
+        for name in ("service:api-gateway", "service:worker-pipelines", "service:reconciliation-engine")
+    ]
     results.append(rotation.rotate_key(ctx, KEY, reason="cadence"))
     assert _waited_out(timer, started) and proxy.resets_done >= 1
     assert all(r.rotated and r.new_version == 2 for r in results), results
@@ -187,10 +192,11 @@ def test_backup_rides_out_a_database_cut(kms_via_proxy):
 
 # ---- a fault that outlasts the budget --------------------------------------------------------
 
+
 def _small_budget_policy(tmp_path):
     import yaml
 
-    from kms_pipelines.core.policy import DEFAULT_POLICY_PATH
+    from kms_pipelines.core.foundation.policy import DEFAULT_POLICY_PATH
 
     data = yaml.safe_load(DEFAULT_POLICY_PATH.read_text())
     data["faults"]["database"] = {"attempts": 4, "max_seconds": 2, "first_wait_seconds": 0.2, "max_wait_seconds": 0.5}
@@ -209,11 +215,16 @@ def test_database_down_longer_than_the_budget_ends_in_one_line_and_a_rerun_compl
     import os
     import subprocess
 
-    from kms_pipelines.core.context import context_from_env
+    from kms_pipelines.core.foundation.context import context_from_env
 
     url, proxy = pg_proxy
-    env = {**os.environ, "KMS_HOME": str(tmp_path / "home"), "KMS_DATABASE_URL": url,
-           "KMS_POLICY": str(_small_budget_policy(tmp_path)), "KMS_OBJECT_STORE": str(tmp_path / "objects")}
+    env = {
+        **os.environ,
+        "KMS_HOME": str(tmp_path / "home"),
+        "KMS_DATABASE_URL": url,
+        "KMS_POLICY": str(_small_budget_policy(tmp_path)),
+        "KMS_OBJECT_STORE": str(tmp_path / "objects"),
+    }
     for var in ("KMS_DEBUG", "KMS_KEYSTORE", "KMS_MASTER_KEY", "KMS_SMTP_HOST", "KMS_SLACK_WEBHOOK_URL"):
         env.pop(var, None)
     ctx = context_from_env(env)
@@ -224,8 +235,13 @@ def test_database_down_longer_than_the_budget_ends_in_one_line_and_a_rerun_compl
     ctx.engine.dispose()
 
     proxy.delay(0.03)  # slow batches, so the cut lands mid-sweep
-    sweep = subprocess.Popen(_kms_cmd("envelope", "sweep", "--batch-size", "10", "--progress"), env=env,
-                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    sweep = subprocess.Popen(
+        _kms_cmd("envelope", "sweep", "--batch-size", "10", "--progress"),
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     lines = []
     for line in sweep.stderr:
         lines.append(line.rstrip("\n"))
@@ -265,8 +281,13 @@ def test_kms_debug_shows_the_traceback_of_an_exhausted_fault(pg_proxy, tmp_path)
     import subprocess
 
     url, proxy = pg_proxy
-    env = {**os.environ, "KMS_HOME": str(tmp_path / "home"), "KMS_DATABASE_URL": url,
-           "KMS_POLICY": str(_small_budget_policy(tmp_path)), "KMS_DEBUG": "1"}
+    env = {
+        **os.environ,
+        "KMS_HOME": str(tmp_path / "home"),
+        "KMS_DATABASE_URL": url,
+        "KMS_POLICY": str(_small_budget_policy(tmp_path)),
+        "KMS_DEBUG": "1",
+    }
     assert subprocess.run(_kms_cmd("init"), env={**env, "KMS_DEBUG": ""}, capture_output=True).returncode == 0
     proxy.down()
     done = subprocess.run(_kms_cmd("report", "--clause", "T3"), env=env, capture_output=True, text=True, timeout=120)
@@ -276,18 +297,24 @@ def test_kms_debug_shows_the_traceback_of_an_exhausted_fault(pg_proxy, tmp_path)
 
 # ---- S3 ------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def s3_via_proxy(s3_server, s3_bucket, fault_proxy):
     """An S3ObjectStore (5 MiB parts, small retry budget) whose every request goes through the proxy."""
     from urllib.parse import urlsplit
 
-    from kms_pipelines.core.objectstore.s3 import MIN_PART_SIZE, S3ObjectStore
+    from kms_pipelines.core.foundation.objectstore.s3 import MIN_PART_SIZE, S3ObjectStore
 
     u = urlsplit(s3_server)
     proxy = fault_proxy((u.hostname, u.port))
-    store = S3ObjectStore(s3_bucket, endpoint_url=f"http://127.0.0.1:{proxy.port}", region="us-east-1",
-                          part_size=MIN_PART_SIZE, read_timeout=10,
-                          retry_budget=fast_policy().faults.object_store.budget())
+    store = S3ObjectStore(
+        s3_bucket,
+        endpoint_url=f"http://127.0.0.1:{proxy.port}",
+        region="us-east-1",
+        part_size=MIN_PART_SIZE,
+        read_timeout=10,
+        retry_budget=fast_policy().faults.object_store.budget(),
+    )
     return store, proxy
 
 
@@ -295,7 +322,7 @@ def _backed_up_context(make_kms, store, megabytes: int):
     """A context whose backups are big enough for several multipart parts (incompressible artifacts)."""
     import os
 
-    from kms_pipelines.core.clock import SystemClock
+    from kms_pipelines.core.foundation.clock import SystemClock
 
     ctx = make_kms("sqlite", clock=SystemClock())
     ctx.policy = fast_policy()
@@ -306,14 +333,15 @@ def _backed_up_context(make_kms, store, megabytes: int):
     return ctx
 
 
-def test_backup_completes_and_verifies_through_resets_during_a_multipart_upload(make_kms, s3_via_proxy, caplog,
-                                                                                 s3_client, s3_bucket):
+def test_backup_completes_and_verifies_through_resets_during_a_multipart_upload(
+    make_kms, s3_via_proxy, caplog, s3_client, s3_bucket
+):
     from kms_pipelines.core import backup
 
     store, proxy = s3_via_proxy
     ctx = _backed_up_context(make_kms, store, megabytes=12)
     objects = fill(ctx, 10)
-    caplog.set_level(logging.WARNING, logger="kms_pipelines.core.retry")
+    caplog.set_level(logging.WARNING, logger="kms_pipelines.core.foundation.retry")
     proxy.reset_midstream(7 * 1024 * 1024, direction="up", times=2)  # inside part 2, then again on its retry
     info = backup.create(ctx)
     assert proxy.resets_done == 2
@@ -333,29 +361,33 @@ def test_restore_completes_through_resets_while_reading_the_archive(make_kms, s3
     ctx = _backed_up_context(make_kms, store, megabytes=8)
     objects = fill(ctx, 10)
     info = backup.create(ctx)
-    caplog.set_level(logging.WARNING, logger="kms_pipelines.core.retry")
+    caplog.set_level(logging.WARNING, logger="kms_pipelines.core.foundation.retry")
     # the first read of the archive (its hash check) and the second (the restore itself) are each cut
     proxy.reset_midstream(3 * 1024 * 1024, direction="down", times=1)
-    report = restore.restore(ctx, info.archive_id, f"sqlite:///{tmp_path / 'restored.db'}",
-                             target_home=tmp_path / "staging")
+    report = restore.restore(
+        ctx, info.archive_id, f"sqlite:///{tmp_path / 'restored.db'}", target_home=tmp_path / "staging"
+    )
     assert proxy.resets_done == 1
     assert report.ok, report.summary()
     assert any("S3 read" in x for x in retry_lines(caplog))
     proxy.reset_midstream(6 * 1024 * 1024, direction="down", times=1)
-    again = restore.restore(ctx, info.archive_id, f"sqlite:///{tmp_path / 'restored2.db'}",
-                            target_home=tmp_path / "staging2")
+    again = restore.restore(
+        ctx, info.archive_id, f"sqlite:///{tmp_path / 'restored2.db'}", target_home=tmp_path / "staging2"
+    )
     assert proxy.resets_done == 2 and again.ok, again.summary()
     assert_intact(ctx, objects)
 
 
 # ---- SMTP ----------------------------------------------------------------------------------
 
-def test_smtp_down_during_a_manual_operation_is_retried_then_recorded_as_failed(make_kms, smtp_server, fault_proxy,
-                                                                                caplog):
+
+def test_smtp_down_during_a_manual_operation_is_retried_then_recorded_as_failed(
+    make_kms, smtp_server, fault_proxy, caplog
+):
     from datetime import timedelta
 
     from kms_pipelines.core import access, notifications
-    from kms_pipelines.core.notify import CompositeNotifier, OutboxNotifier, RetryPolicy, SmtpNotifier
+    from kms_pipelines.core.foundation.transports import CompositeNotifier, OutboxNotifier, RetryPolicy, SmtpNotifier
 
     ctx = make_kms("sqlite")
     proxy = fault_proxy((smtp_server.host, smtp_server.port))
@@ -367,17 +399,19 @@ def test_smtp_down_during_a_manual_operation_is_retried_then_recorded_as_failed(
 
     devices = ceremony(ctx, {"alice": "sre_oncall", "bob": "security_engineering", "carol": "compliance_officer"})
     with pytest.raises(access.AccessDenied):  # opens the request
-        access.manual_rotate(ctx, "service:api-gateway", ticket="CHG-19", requested_by="alice",
-                             totp=devices["alice"].at(ctx.now()))
+        access.manual_rotate(
+            ctx, "service:api-gateway", ticket="CHG-19", requested_by="alice", totp=devices["alice"].at(ctx.now())
+        )
     for name in ("bob", "carol"):
         ctx.clock.advance(timedelta(seconds=30))
         approve_both(ctx, name, ticket="CHG-19", operation="rotate", totp=devices[name].at(ctx.now()))
 
-    caplog.set_level(logging.WARNING, logger="kms_pipelines.core.retry")
+    caplog.set_level(logging.WARNING, logger="kms_pipelines.core.foundation.retry")
     proxy.down()  # the SMTP relay is gone for the whole operation
     ctx.clock.advance(timedelta(seconds=30))
-    outcome = access.manual_rotate(ctx, "service:api-gateway", ticket="CHG-19", requested_by="alice",
-                                   totp=devices["alice"].at(ctx.now()))
+    outcome = access.manual_rotate(
+        ctx, "service:api-gateway", ticket="CHG-19", requested_by="alice", totp=devices["alice"].at(ctx.now())
+    )
 
     assert outcome.result.rotated and outcome.result.new_version == 2  # the operation is not held up
     assert len(outcome.notification_failures) == 1 and outcome.notification_failures[0].startswith("email: gave up")
@@ -391,14 +425,21 @@ def test_smtp_down_during_a_manual_operation_is_retried_then_recorded_as_failed(
 
     # the relay comes back: a later delivery of the same notification resolves the failure
     proxy.up()
-    again = notifications.notify_manual_operation(ctx, operation="rotate", target="service:api-gateway",
-                                                  ticket="CHG-19", requester="alice", approvers=["bob", "carol"])
+    again = notifications.notify_manual_operation(
+        ctx,
+        operation="rotate",
+        target="service:api-gateway",
+        ticket="CHG-19",
+        requester="alice",
+        approvers=["bob", "carol"],
+    )
     assert again.ok and len(smtp_server.messages) == 1
     assert notifications.delivery_status(ctx).ok
     assert_intact(ctx)
 
 
 # ---- Dagster -------------------------------------------------------------------------------
+
 
 def test_dagster_sweep_fails_with_one_line_and_metadata_and_may_be_retried(pg_proxy, tmp_path):
     import dagster as dg
@@ -420,10 +461,12 @@ def test_dagster_sweep_fails_with_one_line_and_metadata_and_may_be_retried(pg_pr
         envelope_defs.dek_rewrap_sweep(context=asset_context, kms=kms)
     failure = failed.value
     assert "\n" not in failure.description and "Traceback" not in failure.description
-    assert re.match(r"database connection lost after 0( of [\d,]+)? DEKs \(retried 3× over \d+ s; last: ",
-                    failure.description), failure.description
-    assert failure.description.endswith(f"re-run is safe: kms envelope sweep --shard 0 --shards "
-                                        f"{len(envelope_defs.SHARD_KEYS)}")
+    assert re.match(
+        r"database connection lost after 0( of [\d,]+)? DEKs \(retried 3× over \d+ s; last: ", failure.description
+    ), failure.description
+    assert failure.description.endswith(
+        f"re-run is safe: kms envelope sweep --shard 0 --shards {len(envelope_defs.SHARD_KEYS)}"
+    )
     assert failure.allow_retries
     meta = {k: getattr(v, "value", v) for k, v in failure.metadata.items()}
     assert meta["dependency"] == "database" and meta["attempts"] == 4
@@ -442,10 +485,10 @@ def test_dagster_sweep_fails_with_one_line_and_metadata_and_may_be_retried(pg_pr
 
 
 def test_a_refused_operation_bypasses_the_dagster_retry_policy():
+    import dagster as dg
+
     from kms_pipelines.core.envelope import EnvelopeError
     from kms_pipelines.defs.failures import one_line_failures
-
-    import dagster as dg
 
     with pytest.raises(dg.Failure) as failed, one_line_failures():
         raise EnvelopeError("unknown key 'data:nope' (run `kms init`, or see `kms keys list`)")
@@ -455,6 +498,7 @@ def test_a_refused_operation_bypasses_the_dagster_retry_policy():
 
 
 # ---- HSM -----------------------------------------------------------------------------------
+
 
 # python-pkcs11 finalises the dead session's object search in a __del__ that reports
 # CKR_SESSION_HANDLE_INVALID; that is the fault this test causes, not a failure.
@@ -476,7 +520,7 @@ def test_pkcs11_sessions_are_reopened_after_the_token_drops_them(pkcs11_keystore
     if state.login_session is not None:
         state.login_session.close()
     assert dropped >= 1
-    caplog.set_level(logging.WARNING, logger="kms_pipelines.core.keystore.pkcs11")
+    caplog.set_level(logging.WARNING, logger="kms_pipelines.core.foundation.keystore.pkcs11")
     moved = store.rewrap("kek-old", "kek-new", wrapped)
     assert any("session lost" in r.getMessage() for r in caplog.records)
     assert store._token() is not state  # a fresh login
@@ -485,6 +529,7 @@ def test_pkcs11_sessions_are_reopened_after_the_token_drops_them(pkcs11_keystore
 
 
 # ---- what is NOT retried, and the control attacked -------------------------------------------
+
 
 def test_classifier_separates_transient_from_permanent_errors():
     """Real library exception objects (no server needed to build them)."""
@@ -500,16 +545,32 @@ def test_classifier_separates_transient_from_permanent_errors():
     def s3(code, status):
         return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
 
-    transient = [pg("40001"), pg("40P01"), pg("57P01"), pg("08006"), pg("57P03"),
-                 OperationalError("x", {}, psycopg.OperationalError("server closed the connection unexpectedly")),
-                 s3("SlowDown", 503), s3("InternalError", 500), s3("RequestTimeout", 400),
-                 EndpointConnectionError(endpoint_url="http://s3"), smtplib.SMTPResponseException(421, b"busy"),
-                 smtplib.SMTPServerDisconnected("gone"), ConnectionResetError()]
-    permanent = [pg("42P01"), pg("23505"), IntegrityError("INSERT", {}, psycopg.errors.lookup("23505")()),
-                 OperationalError("x", {}, psycopg.OperationalError('FATAL:  database "x" does not exist')),
-                 OperationalError("x", {}, psycopg.OperationalError("password authentication failed")),
-                 s3("AccessDenied", 403), s3("NoSuchBucket", 404), smtplib.SMTPResponseException(550, b"no"),
-                 ValueError("bad input")]
+    transient = [
+        pg("40001"),
+        pg("40P01"),
+        pg("57P01"),
+        pg("08006"),
+        pg("57P03"),
+        OperationalError("x", {}, psycopg.OperationalError("server closed the connection unexpectedly")),
+        s3("SlowDown", 503),
+        s3("InternalError", 500),
+        s3("RequestTimeout", 400),
+        EndpointConnectionError(endpoint_url="http://s3"),
+        smtplib.SMTPResponseException(421, b"busy"),
+        smtplib.SMTPServerDisconnected("gone"),
+        ConnectionResetError(),
+    ]
+    permanent = [
+        pg("42P01"),
+        pg("23505"),
+        IntegrityError("INSERT", {}, psycopg.errors.lookup("23505")()),
+        OperationalError("x", {}, psycopg.OperationalError('FATAL:  database "x" does not exist')),
+        OperationalError("x", {}, psycopg.OperationalError("password authentication failed")),
+        s3("AccessDenied", 403),
+        s3("NoSuchBucket", 404),
+        smtplib.SMTPResponseException(550, b"no"),
+        ValueError("bad input"),
+    ]
     assert [e for e in transient if retry.classify(e) is None] == []
     assert [e for e in permanent if retry.classify(e) is not None] == []
     # a wrapped transient cause is found; an exhausted budget is never retried again by an outer unit
@@ -525,8 +586,8 @@ def test_classifier_separates_transient_from_permanent_errors():
 
 
 def test_a_permanent_error_is_raised_at_once_and_a_transient_one_only_within_the_budget():
-    from sqlalchemy.exc import OperationalError
     import psycopg
+    from sqlalchemy.exc import OperationalError
 
     calls = []
 
@@ -548,14 +609,16 @@ def test_a_permanent_error_is_raised_at_once_and_a_transient_one_only_within_the
         retry.call(transient, budget=budget, what="t", done=lambda: "7 of 9 DEKs", rerun="kms envelope sweep")
     assert len(calls) == 5
     line = str(failed.value)
-    assert line.startswith("database connection lost after 7 of 9 DEKs (retried 4× over 0 s; last: AdminShutdown 57P01)")
+    assert line.startswith(
+        "database connection lost after 7 of 9 DEKs (retried 4× over 0 s; last: AdminShutdown 57P01)"
+    )
     assert line.endswith("re-run is safe: kms envelope sweep") and "\\x00" not in line and "wrapped" not in line
 
 
 def test_policy_refuses_a_nonsense_retry_budget(tmp_path):
     import yaml
 
-    from kms_pipelines.core.policy import DEFAULT_POLICY_PATH, PolicyError, parse_policy
+    from kms_pipelines.core.foundation.policy import DEFAULT_POLICY_PATH, PolicyError, parse_policy
 
     data = yaml.safe_load(DEFAULT_POLICY_PATH.read_text())
     data["faults"]["database"]["attempts"] = 0
@@ -617,15 +680,23 @@ def test_cli_database_errors_outside_any_retried_unit_are_one_line(tmp_path, fau
     proxy = fault_proxy(("127.0.0.1", 5432))
     proxy.down()
     env = {"KMS_HOME": str(tmp_path / "home"), "KMS_DEBUG": "", "KMS_POLICY": None}
-    down = CliRunner().invoke(cli, ["keys", "list"], env={**env, "KMS_DATABASE_URL": proxy.url_for(
-        "postgresql://postgres@127.0.0.1:5432/postgres")})
+    down = CliRunner().invoke(
+        cli,
+        ["keys", "list"],
+        env={**env, "KMS_DATABASE_URL": proxy.url_for("postgresql://postgres@127.0.0.1:5432/postgres")},
+    )
     assert down.exit_code == 1
     lines = down.output.strip().splitlines()
     assert len(lines) == 1 and re.fullmatch(
         r"kms: error: database connection lost \(OperationalError: (connection refused|server closed the connection "
-        r"unexpectedly)\); nothing was left half-done, re-run is safe: kms keys list", lines[0]), lines
-    missing = CliRunner().invoke(cli, ["keys", "list"], env={
-        **env, "KMS_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/kms_no_such_database_19"})
+        r"unexpectedly)\); nothing was left half-done, re-run is safe: kms keys list",
+        lines[0],
+    ), lines
+    missing = CliRunner().invoke(
+        cli,
+        ["keys", "list"],
+        env={**env, "KMS_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/kms_no_such_database_19"},
+    )
     assert missing.exit_code == 1
     lines = missing.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kms: error: cannot connect to the KMS database: ")
@@ -636,15 +707,20 @@ def test_s3_that_stops_answering_for_a_while_is_waited_out(s3_server, s3_bucket,
     import threading
     from urllib.parse import urlsplit
 
-    from kms_pipelines.core.objectstore.s3 import S3ObjectStore
+    from kms_pipelines.core.foundation.objectstore.s3 import S3ObjectStore
 
     u = urlsplit(s3_server)
     proxy = fault_proxy((u.hostname, u.port))
-    store = S3ObjectStore(s3_bucket, endpoint_url=f"http://127.0.0.1:{proxy.port}", region="us-east-1",
-                          connect_timeout=0.5, read_timeout=0.5,
-                          retry_budget=fast_policy().faults.object_store.budget())
+    store = S3ObjectStore(
+        s3_bucket,
+        endpoint_url=f"http://127.0.0.1:{proxy.port}",
+        region="us-east-1",
+        connect_timeout=0.5,
+        read_timeout=0.5,
+        retry_budget=fast_policy().faults.object_store.budget(),
+    )
     store.put("before", b"reachable")  # the store has answered once: later faults are failovers
-    caplog.set_level(logging.WARNING, logger="kms_pipelines.core.retry")
+    caplog.set_level(logging.WARNING, logger="kms_pipelines.core.foundation.retry")
     proxy.stop_accepting()
     proxy.reset_all()
     timer = threading.Timer(2.0, proxy.resume_accepting)
@@ -658,16 +734,21 @@ def test_s3_that_stops_answering_for_a_while_is_waited_out(s3_server, s3_bucket,
 
 
 def test_an_s3_endpoint_never_reached_fails_at_once_even_with_a_budget(fault_proxy, monkeypatch):
-    from kms_pipelines.core.objectstore import ObjectStoreUnreachable
+    from kms_pipelines.core.foundation.objectstore import ObjectStoreUnreachable
 
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(var, "test")  # never a real account
-    from kms_pipelines.core.objectstore.s3 import S3ObjectStore
+    from kms_pipelines.core.foundation.objectstore.s3 import S3ObjectStore
 
     proxy = fault_proxy(("127.0.0.1", 9))
     proxy.down()
-    store = S3ObjectStore("kms-archive", endpoint_url=f"http://127.0.0.1:{proxy.port}", region="us-east-1",
-                          connect_timeout=0.5, retry_budget=fast_policy().faults.object_store.budget())
+    store = S3ObjectStore(
+        "kms-archive",
+        endpoint_url=f"http://127.0.0.1:{proxy.port}",
+        region="us-east-1",
+        connect_timeout=0.5,
+        retry_budget=fast_policy().faults.object_store.budget(),
+    )
     started = time.monotonic()
     with pytest.raises(ObjectStoreUnreachable, match="unreachable"):
         store.put("k", b"x")

@@ -14,18 +14,24 @@ from click.testing import CliRunner
 from sqlalchemy import select, text, update
 
 from kms_pipelines.core import access, audit, console_auth, ledger, lifecycle
-from kms_pipelines.core.clock import FixedClock
 from kms_pipelines.core.compliance import eval_a2
-from kms_pipelines.core.context import context_from_env
-from kms_pipelines.core.db.models import STATES, Key, KeyVersion, LedgerEntry
-from kms_pipelines.core.db.models_access import Approval, AuditEvent, Principal
+from kms_pipelines.core.foundation.clock import FixedClock
+from kms_pipelines.core.foundation.context import context_from_env
+from kms_pipelines.core.foundation.db.models import STATES, Key, KeyVersion, LedgerEntry
+from kms_pipelines.core.foundation.db.models_access import Approval, AuditEvent, Principal
 from tests.fixtures.kms import KEY_ORIGIN, approve_both, ceremony, register_key_by_link, totp_now, write_test_policy
 
-ADMINS = ("alice=sre_oncall", "bob=security_engineering", "carol=compliance_officer",
-          "dan=security_engineering", "erin=security_engineering")
+ADMINS = (
+    "alice=sre_oncall",
+    "bob=security_engineering",
+    "carol=compliance_officer",
+    "dan=security_engineering",
+    "erin=security_engineering",
+)
 
 
 # ---- a CLI on each database, on the wall clock ------------------------------------------
+
 
 class Cli:
     def __init__(self, runner: CliRunner, keys=None):
@@ -47,8 +53,15 @@ class Cli:
         """The first-run ceremony (`kms init --admin ...`): each admin registers a software
         security key (in ``self.keys``) at the tests' console origin, which the tests' policy
         allows (KMS_POLICY, ``write_test_policy``); their TOTP devices join ``self.devices``."""
-        r = self("init", *[a for admin in admins for a in ("--admin", admin)], "--console-origin", KEY_ORIGIN,
-                 "--software-keys", str(self.keys), "--json")
+        r = self(
+            "init",
+            *[a for admin in admins for a in ("--admin", admin)],
+            "--console-origin",
+            KEY_ORIGIN,
+            "--software-keys",
+            str(self.keys),
+            "--json",
+        )
         assert r.exit_code == 0, r.output
         enrolled = json.loads(r.output)["enrolled"]
         self.devices.update({e["name"]: pyotp.parse_uri(e["provisioning_uri"]) for e in enrolled})
@@ -69,17 +82,26 @@ class Cli:
                 "ledger": conn.execute(select(LedgerEntry.seq, LedgerEntry.entry_hash).order_by(LedgerEntry.seq)).all(),
                 # a TOTP check reads the sealed secret, a security-key check derives the credential
                 # MAC key (audited keystore decrypt, sign): not changes
-                "audit_ok": conn.execute(select(AuditEvent.seq, AuditEvent.operation).where(
-                    AuditEvent.outcome == "ok", AuditEvent.target.is_distinct_from(access.SEAL_REF),
-                    AuditEvent.target.is_distinct_from(console_auth.INTEGRITY_REF),
-                    # a refused manual operation leaves its request on record for the approvers
-                    AuditEvent.operation != "approval.request")
-                    .order_by(AuditEvent.seq)).all(),
-                "keys": conn.execute(select(KeyVersion.key_id, KeyVersion.version, KeyVersion.state,
-                                            KeyVersion.activated_at).order_by(KeyVersion.id)).all(),
+                "audit_ok": conn.execute(
+                    select(AuditEvent.seq, AuditEvent.operation)
+                    .where(
+                        AuditEvent.outcome == "ok",
+                        AuditEvent.target.is_distinct_from(access.SEAL_REF),
+                        AuditEvent.target.is_distinct_from(console_auth.INTEGRITY_REF),
+                        # a refused manual operation leaves its request on record for the approvers
+                        AuditEvent.operation != "approval.request",
+                    )
+                    .order_by(AuditEvent.seq)
+                ).all(),
+                "keys": conn.execute(
+                    select(KeyVersion.key_id, KeyVersion.version, KeyVersion.state, KeyVersion.activated_at).order_by(
+                        KeyVersion.id
+                    )
+                ).all(),
                 "approvals": conn.execute(select(Approval.id, Approval.used_at).order_by(Approval.id)).all(),
-                "principals": conn.execute(select(Principal.name, Principal.roles, Principal.disabled_at)
-                                           .order_by(Principal.name)).all(),
+                "principals": conn.execute(
+                    select(Principal.name, Principal.roles, Principal.disabled_at).order_by(Principal.name)
+                ).all(),
             }
         ctx.engine.dispose()
         return out
@@ -114,15 +136,38 @@ def cli(request, tmp_path, monkeypatch):
 
 # ---- the dual-control story -------------------------------------------------------------
 
+
 def test_three_principals_from_enrolment_to_a_dual_approved_manual_rotation(cli):
     """alice, bob and carol were enrolled by the ceremony (each got a provisioning URI once);
     bob and carol approve, alice requests; the ledger names both approvers."""
     for name in ("bob", "carol"):
-        r = cli("approve", "--ticket", "CHG-7", "--operation", "rotate", "--target", "root", "--as", name,
-                "--totp", cli.code(name))
+        r = cli(
+            "approve",
+            "--ticket",
+            "CHG-7",
+            "--operation",
+            "rotate",
+            "--target",
+            "root",
+            "--as",
+            name,
+            "--totp",
+            cli.code(name),
+        )
         assert r.exit_code == 0, r.output
-    r = cli("keys", "rotate", "root", "--manual", "--ticket", "CHG-7", "--requested-by", "alice",
-            "--totp", cli.code("alice"), "--json")
+    r = cli(
+        "keys",
+        "rotate",
+        "root",
+        "--manual",
+        "--ticket",
+        "CHG-7",
+        "--requested-by",
+        "alice",
+        "--totp",
+        cli.code("alice"),
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert out["approvers"] == ["bob", "carol"] and out["requester"] == "alice" and out["new_version"] == 2
@@ -130,8 +175,13 @@ def test_three_principals_from_enrolment_to_a_dual_approved_manual_rotation(cli)
     with ctx.transaction() as s:
         # the rotation's state change (the root follow-ups may add the vault's "archived" record)
         entry = [e for e in ledger.entries_for(s, "root") if e.to_state in STATES][-1]
-        assert (entry.to_state, entry.actor, json.loads(entry.approvers), entry.change_ticket, entry.reason) == \
-            ("active", "alice", ["bob", "carol"], "CHG-7", "manual")
+        assert (entry.to_state, entry.actor, json.loads(entry.approvers), entry.change_ticket, entry.reason) == (
+            "active",
+            "alice",
+            ["bob", "carol"],
+            "CHG-7",
+            "manual",
+        )
     assert ledger.verify(ctx.engine).ok and audit.verify(ctx).ok
     ctx.engine.dispose()
     r = cli("audit", "anomalies")
@@ -143,25 +193,109 @@ def test_three_principals_from_enrolment_to_a_dual_approved_manual_rotation(cli)
 
 # ---- 1. one operator, three identities ---------------------------------------------------
 
+
 def test_one_operator_cannot_mint_identities_or_act_as_another(cli):
     # enrolment needs a proven requester...
-    cli.refused("TOTP code for 'alice' is wrong", "principals", "add", "s1", "--role", "security_engineering",
-                "--ticket", "C7", "--requested-by", "alice", "--totp", "000000")
-    cli.refused("unknown principal 's1'", "principals", "add", "s2", "--role", "security_engineering",
-                "--ticket", "C7", "--requested-by", "s1", "--totp", "123456")
+    cli.refused(
+        "TOTP code for 'alice' is wrong",
+        "principals",
+        "add",
+        "s1",
+        "--role",
+        "security_engineering",
+        "--ticket",
+        "C7",
+        "--requested-by",
+        "alice",
+        "--totp",
+        "000000",
+    )
+    cli.refused(
+        "unknown principal 's1'",
+        "principals",
+        "add",
+        "s2",
+        "--role",
+        "security_engineering",
+        "--ticket",
+        "C7",
+        "--requested-by",
+        "s1",
+        "--totp",
+        "123456",
+    )
     # ...who holds 'principals' (alice is sre_oncall)...
-    cli.refused("lacks permission 'principals'", "principals", "add", "s1", "--role", "security_engineering",
-                "--ticket", "C7", "--requested-by", "alice", "--totp", cli.code("alice"))
+    cli.refused(
+        "lacks permission 'principals'",
+        "principals",
+        "add",
+        "s1",
+        "--role",
+        "security_engineering",
+        "--ticket",
+        "C7",
+        "--requested-by",
+        "alice",
+        "--totp",
+        cli.code("alice"),
+    )
     # ...and two approvals by others
-    cli.refused("needs 2 approvals", "principals", "add", "s1", "--role", "security_engineering",
-                "--ticket", "C7", "--requested-by", "bob", "--totp", cli.code("bob"))
+    cli.refused(
+        "needs 2 approvals",
+        "principals",
+        "add",
+        "s1",
+        "--role",
+        "security_engineering",
+        "--ticket",
+        "C7",
+        "--requested-by",
+        "bob",
+        "--totp",
+        cli.code("bob"),
+    )
     # a claimed name proves nothing: KMS_ACTOR / --requested-by without the claimant's code
-    cli.refused("unknown principal 's1'", "keys", "rotate", "root", "--manual", "--ticket", "C7",
-                "--requested-by", "s1", "--totp", "123456", env={"KMS_ACTOR": "alice"})
-    cli.refused("TOTP code for 'carol'", "keys", "rotate", "root", "--manual", "--ticket", "C7",
-                "--requested-by", "carol", "--totp", cli.code("alice"))
-    cli.refused("TOTP code for 'bob'", "approve", "--ticket", "C7", "--operation", "rotate", "--target", "root",
-                "--as", "bob", "--totp", cli.code("carol"))
+    cli.refused(
+        "unknown principal 's1'",
+        "keys",
+        "rotate",
+        "root",
+        "--manual",
+        "--ticket",
+        "C7",
+        "--requested-by",
+        "s1",
+        "--totp",
+        "123456",
+        env={"KMS_ACTOR": "alice"},
+    )
+    cli.refused(
+        "TOTP code for 'carol'",
+        "keys",
+        "rotate",
+        "root",
+        "--manual",
+        "--ticket",
+        "C7",
+        "--requested-by",
+        "carol",
+        "--totp",
+        cli.code("alice"),
+    )
+    cli.refused(
+        "TOTP code for 'bob'",
+        "approve",
+        "--ticket",
+        "C7",
+        "--operation",
+        "rotate",
+        "--target",
+        "root",
+        "--as",
+        "bob",
+        "--totp",
+        cli.code("carol"),
+    )
 
 
 def test_a_new_principal_approves_nothing_during_the_cooling_off(kms):
@@ -169,17 +303,25 @@ def test_a_new_principal_approves_nothing_during_the_cooling_off(kms):
     cooling-off (core, on a simulated clock: the CLI runs on the wall clock)."""
     d = ceremony(kms, {"alice": "security_engineering", "bob": "security_engineering", "carol": "security_engineering"})
     with pytest.raises(access.AccessDenied, match="no principal-add target"):  # no request yet
-        approve_both(kms, "bob", ticket="HR-1", operation="principal-add", target="dave=security_engineering",
-                       totp=totp_now(kms, d["bob"]))
+        approve_both(
+            kms,
+            "bob",
+            ticket="HR-1",
+            operation="principal-add",
+            target="dave=security_engineering",
+            totp=totp_now(kms, d["bob"]),
+        )
     kms.clock.advance(timedelta(seconds=30))
     with pytest.raises(access.AccessDenied, match="needs 2 approvals"):  # opens the request
-        access.enroll_principal(kms, "dave", ["security_engineering"], requested_by="alice",
-                                totp=totp_now(kms, d["alice"]), ticket="HR-1")
+        access.enroll_principal(
+            kms, "dave", ["security_engineering"], requested_by="alice", totp=totp_now(kms, d["alice"]), ticket="HR-1"
+        )
     for name in ("bob", "carol"):
         approve_both(kms, name, ticket="HR-1", operation="principal-add", totp=totp_now(kms, d[name]))
     kms.clock.advance(timedelta(seconds=30))
-    e = access.enroll_principal(kms, "dave", ["security_engineering"], requested_by="alice",
-                                totp=totp_now(kms, d["alice"]), ticket="HR-1")
+    e = access.enroll_principal(
+        kms, "dave", ["security_engineering"], requested_by="alice", totp=totp_now(kms, d["alice"]), ticket="HR-1"
+    )
     dave = pyotp.parse_uri(e.provisioning_uri)
     with pytest.raises(access.AccessDenied, match="cooling-off"):
         approve_both(kms, "dave", ticket="CHG-1", operation="rotate", target="root", totp=totp_now(kms, dave))
@@ -193,13 +335,16 @@ def test_a_new_principal_approves_nothing_during_the_cooling_off(kms):
     kms.clock.advance(timedelta(seconds=30))
     register_key_by_link(kms, "dave", lambda n: totp_now(kms, dave if n == "dave" else d[n]), requester="alice")
     kms.clock.advance(timedelta(seconds=30))
-    assert approve_both(kms, "dave", ticket="CHG-1", operation="rotate", target="root",
-                          totp=totp_now(kms, dave)).approver == "dave"
+    assert (
+        approve_both(kms, "dave", ticket="CHG-1", operation="rotate", target="root", totp=totp_now(kms, dave)).approver
+        == "dave"
+    )
     # nobody approves a change to themself
     kms.clock.advance(timedelta(seconds=30))
     with pytest.raises(access.AccessDenied, match="own principal"):
-        approve_both(kms, "dave", ticket="HR-2", operation="principal-roles", target="dave=sre_oncall",
-                       totp=totp_now(kms, dave))
+        approve_both(
+            kms, "dave", ticket="HR-2", operation="principal-roles", target="dave=sre_oncall", totp=totp_now(kms, dave)
+        )
 
     def dual(operation, call, ticket):
         kms.clock.advance(timedelta(seconds=30))
@@ -211,14 +356,20 @@ def test_a_new_principal_approves_nothing_during_the_cooling_off(kms):
         return call(totp_now(kms, d["alice"]))
 
     # a role change restarts the cooling-off
-    assert dual("principal-roles", lambda c: access.change_roles(
-        kms, "dave", ["sre_oncall"], requested_by="alice", totp=c, ticket="HR-2"), "HR-2") == ["bob", "carol"]
+    assert dual(
+        "principal-roles",
+        lambda c: access.change_roles(kms, "dave", ["sre_oncall"], requested_by="alice", totp=c, ticket="HR-2"),
+        "HR-2",
+    ) == ["bob", "carol"]
     kms.clock.advance(timedelta(seconds=30))
     with pytest.raises(access.AccessDenied, match="cooling-off"):
         approve_both(kms, "dave", ticket="CHG-3", operation="rotate", target="root", totp=totp_now(kms, dave))
     # a removed principal can no longer prove itself
-    dual("principal-remove", lambda c: access.remove_principal(kms, "dave", requested_by="alice", totp=c,
-                                                               ticket="HR-3"), "HR-3")
+    dual(
+        "principal-remove",
+        lambda c: access.remove_principal(kms, "dave", requested_by="alice", totp=c, ticket="HR-3"),
+        "HR-3",
+    )
     kms.clock.advance(timedelta(seconds=30))
     with pytest.raises(access.AccessDenied, match="was removed"):
         access.prove_principal(kms, "dave", totp_now(kms, dave))
@@ -227,11 +378,13 @@ def test_a_new_principal_approves_nothing_during_the_cooling_off(kms):
 def test_enrolment_role_change_and_removal_need_the_principals_permission_to_approve(kms):
     d = ceremony(kms, {"alice": "security_engineering", "bob": "security_engineering", "carol": "compliance_officer"})
     with pytest.raises(access.AccessDenied, match="lacks permission 'principals'"):
-        approve_both(kms, "carol", ticket="HR-3", operation="principal-remove", target="bob",
-                       totp=totp_now(kms, d["carol"]))
+        approve_both(
+            kms, "carol", ticket="HR-3", operation="principal-remove", target="bob", totp=totp_now(kms, d["carol"])
+        )
 
 
 # ---- 2. audit review -------------------------------------------------------------------
+
 
 def _anomaly_by(cli, actor: str) -> str:
     ctx = context_from_env(clock=None)
@@ -258,17 +411,45 @@ def test_audit_review_needs_totp_the_review_permission_and_another_principal(cli
 
 # ---- 3. the clock is not an input for changes -------------------------------------------
 
+
 def test_at_is_refused_by_every_command_that_writes(cli):
     past = (datetime.now(timezone.utc) - timedelta(hours=2)).isoformat()
     soon = (datetime.now(timezone.utc) + timedelta(minutes=10)).isoformat()
-    for args in (("--at", past, "approve", "--ticket", "C1", "--operation", "rotate", "--target", "root",
-                  "--as", "bob", "--totp", cli.code("bob")),
-                 ("--at", "9999-12-31T23:59:59Z", "keys", "rotate", "backup", "--if-due"),
-                 ("--at", "2030-01-01", "rpt", "issue", "--subject", "deal-1"),
-                 ("--at", soon, "token", "issue", "workload:api-gateway", "--as", "bob", "--totp", cli.code("bob")),
-                 ("--at", past, "keys", "rotate", "root", "--manual", "--ticket", "C1", "--requested-by", "alice",
-                  "--totp", cli.code("alice")),
-                 ("--at", past, "init")):
+    for args in (
+        (
+            "--at",
+            past,
+            "approve",
+            "--ticket",
+            "C1",
+            "--operation",
+            "rotate",
+            "--target",
+            "root",
+            "--as",
+            "bob",
+            "--totp",
+            cli.code("bob"),
+        ),
+        ("--at", "9999-12-31T23:59:59Z", "keys", "rotate", "backup", "--if-due"),
+        ("--at", "2030-01-01", "rpt", "issue", "--subject", "deal-1"),
+        ("--at", soon, "token", "issue", "workload:api-gateway", "--as", "bob", "--totp", cli.code("bob")),
+        (
+            "--at",
+            past,
+            "keys",
+            "rotate",
+            "root",
+            "--manual",
+            "--ticket",
+            "C1",
+            "--requested-by",
+            "alice",
+            "--totp",
+            cli.code("alice"),
+        ),
+        ("--at", past, "init"),
+    ):
         cli.refused("--at is refused for", *args)
     # read-only commands still take it, and keys list works
     assert cli("--at", "2030-01-01", "keys", "list").exit_code == 0
@@ -280,7 +461,7 @@ def test_at_is_refused_by_every_command_that_writes(cli):
 
 def test_a_read_only_command_under_at_cannot_write(cli):
     """Under --at the database connection itself is read-only (defence in depth)."""
-    from kms_pipelines.core import db
+    from kms_pipelines.core.foundation import db
 
     ctx = context_from_env(read_only=True)
     with pytest.raises(Exception) as exc, ctx.transaction() as s:
@@ -309,7 +490,7 @@ def test_the_database_refuses_a_backdated_row_inserted_behind_cores_back(kms, ta
     """An insider's direct INSERT (bypassing core's check) of a row older than the newest:
     the time-order trigger refuses it; with the trigger dropped, the same INSERT lands."""
     from kms_pipelines.core import rpt
-    from kms_pipelines.core.db.append_only import create_time_order_trigger, drop_time_order_trigger
+    from kms_pipelines.core.foundation.db.append_only import create_time_order_trigger, drop_time_order_trigger
 
     rpt.issue(kms, "deal-1", {})
     audit.flush(kms)
@@ -340,8 +521,11 @@ def test_a_rotation_at_the_end_of_time_is_refused_and_inventory_never_overflows(
     # a version activated at the end of time (written by an old release, or by SQL) lists without OverflowError
     with kms.transaction() as s:
         key_id = s.scalars(select(Key.id).where(Key.name == "backup")).one()
-        s.execute(update(KeyVersion).where(KeyVersion.key_id == key_id)
-                  .values(activated_at=datetime(9999, 12, 31, tzinfo=timezone.utc)))
+        s.execute(
+            update(KeyVersion)
+            .where(KeyVersion.key_id == key_id)
+            .values(activated_at=datetime(9999, 12, 31, tzinfo=timezone.utc))
+        )
     rows = [r for r in lifecycle.inventory(kms) if r.key == "backup"]
     assert rows and rows[0].due_at is None
 
@@ -355,9 +539,11 @@ def replace_clock(kms, at):
 def _core_state(kms):
     audit.flush(kms)
     with kms.engine.connect() as conn:
-        return (conn.execute(select(LedgerEntry.seq, LedgerEntry.entry_hash).order_by(LedgerEntry.seq)).all(),
-                conn.execute(select(AuditEvent.seq).where(AuditEvent.outcome == "ok").order_by(AuditEvent.seq)).all(),
-                conn.execute(select(KeyVersion.id, KeyVersion.state).order_by(KeyVersion.id)).all())
+        return (
+            conn.execute(select(LedgerEntry.seq, LedgerEntry.entry_hash).order_by(LedgerEntry.seq)).all(),
+            conn.execute(select(AuditEvent.seq).where(AuditEvent.outcome == "ok").order_by(AuditEvent.seq)).all(),
+            conn.execute(select(KeyVersion.id, KeyVersion.state).order_by(KeyVersion.id)).all(),
+        )
 
 
 def test_simulate_refuses_a_directory_holding_live_state(cli, tmp_path):
@@ -383,16 +569,46 @@ def test_token_lifetime_is_capped_from_the_wall_clock_issue_time(cli):
 
 # ---- 4. least privilege by key class ---------------------------------------------------
 
+
 @pytest.mark.parametrize("reason", ["compromise", "tenant-rotation", "ci-exposure"])
 def test_r2_reasons_rotate_service_keys_only(cli, reason):
     for key in ("root", "break-glass", "data:postgres", "backup"):
         cli.refused("rotates service keys only", "keys", "rotate", key, "--reason", reason)
-    cli.refused("TOTP code for 'alice' is wrong", "keys", "rotate", "service:api-gateway", "--reason", reason,
-                "--requested-by", "alice", "--totp", "000000")
-    cli.refused("'carol' lacks permission 'rotate'", "keys", "rotate", "service:api-gateway", "--reason", reason,
-                "--requested-by", "carol", "--totp", cli.code("carol"))
-    r = cli("keys", "rotate", "service:api-gateway", "--reason", reason, "--requested-by", "alice",
-            "--totp", cli.code("alice"))
+    cli.refused(
+        "TOTP code for 'alice' is wrong",
+        "keys",
+        "rotate",
+        "service:api-gateway",
+        "--reason",
+        reason,
+        "--requested-by",
+        "alice",
+        "--totp",
+        "000000",
+    )
+    cli.refused(
+        "'carol' lacks permission 'rotate'",
+        "keys",
+        "rotate",
+        "service:api-gateway",
+        "--reason",
+        reason,
+        "--requested-by",
+        "carol",
+        "--totp",
+        cli.code("carol"),
+    )
+    r = cli(
+        "keys",
+        "rotate",
+        "service:api-gateway",
+        "--reason",
+        reason,
+        "--requested-by",
+        "alice",
+        "--totp",
+        cli.code("alice"),
+    )
     assert r.exit_code == 0, r.output
     ctx = cli.context()
     with ctx.transaction() as s:
@@ -408,12 +624,16 @@ def test_tokens_only_for_declared_workloads(cli):
 
 # ---- 5. one reason vocabulary ----------------------------------------------------------
 
+
 def test_if_due_records_cadence_and_raises_no_anomaly(cli):
     ctx = cli.context()
     with ctx.transaction() as s:  # make backup due: its version was activated long ago
         key_id = s.scalars(select(Key.id).where(Key.name == "backup")).one()
-        s.execute(update(KeyVersion).where(KeyVersion.key_id == key_id)
-                  .values(activated_at=datetime(2020, 1, 1, tzinfo=timezone.utc)))
+        s.execute(
+            update(KeyVersion)
+            .where(KeyVersion.key_id == key_id)
+            .values(activated_at=datetime(2020, 1, 1, tzinfo=timezone.utc))
+        )
     ctx.engine.dispose()
     r = cli("keys", "rotate", "backup", "--if-due")
     assert r.exit_code == 0 and "rotated backup" in r.output, r.output
@@ -435,13 +655,22 @@ def test_unknown_rotation_reasons_are_refused(kms):
 
 # ---- 6. A2 says when no manual operation can be approved ---------------------------------
 
+
 def test_a2_warns_until_two_approvers_besides_a_requester_exist(kms):
     f = eval_a2(kms)
     assert f.status == "warn" and "cannot approve any manual operation" in f.evidence
     # an insider adds an approver by SQL, bypassing enrolment: still too few past the cooling-off
     with kms.transaction() as s:
-        s.add(Principal(name="solo", kind="human", roles=["security_engineering"], totp_sealed=b"x",
-                        created_at=kms.now(), approve_after=kms.now() + timedelta(hours=24)))
+        s.add(
+            Principal(
+                name="solo",
+                kind="human",
+                roles=["security_engineering"],
+                totp_sealed=b"x",
+                created_at=kms.now(),
+                approve_after=kms.now() + timedelta(hours=24),
+            )
+        )
     f = eval_a2(kms)
     assert f.status in ("warn", "fail") and "cannot approve any manual operation" in f.evidence
     with kms.transaction() as s:
@@ -452,6 +681,7 @@ def test_a2_warns_until_two_approvers_besides_a_requester_exist(kms):
 
 # ---- 7. smaller defects ------------------------------------------------------------------
 
+
 def test_a_token_with_non_canonical_base64_is_refused(cli):
     token = cli("token", "issue", "workload:api-gateway", "--as", "bob", "--totp", cli.code("bob")).output.strip()
     assert cli("token", "verify", token).exit_code == 0
@@ -460,41 +690,138 @@ def test_a_token_with_non_canonical_base64_is_refused(cli):
 
 
 def test_approvals_must_name_an_existing_target(cli):
-    cli.refused("no rotate target 'nope'", "approve", "--ticket", "C1", "--operation", "rotate", "--target", "nope",
-                "--as", "bob", "--totp", cli.code("bob"))
-    cli.refused("no destroy target 'root#v9'", "approve", "--ticket", "C1", "--operation", "destroy", "--target",
-                "root#v9", "--as", "bob", "--totp", cli.code("bob"))
-    cli.refused("no break-glass target 'pkg-404'", "approve", "--ticket", "C1", "--operation", "break-glass",
-                "--target", "pkg-404", "--as", "carol", "--totp", cli.code("carol"))
+    cli.refused(
+        "no rotate target 'nope'",
+        "approve",
+        "--ticket",
+        "C1",
+        "--operation",
+        "rotate",
+        "--target",
+        "nope",
+        "--as",
+        "bob",
+        "--totp",
+        cli.code("bob"),
+    )
+    cli.refused(
+        "no destroy target 'root#v9'",
+        "approve",
+        "--ticket",
+        "C1",
+        "--operation",
+        "destroy",
+        "--target",
+        "root#v9",
+        "--as",
+        "bob",
+        "--totp",
+        cli.code("bob"),
+    )
+    cli.refused(
+        "no break-glass target 'pkg-404'",
+        "approve",
+        "--ticket",
+        "C1",
+        "--operation",
+        "break-glass",
+        "--target",
+        "pkg-404",
+        "--as",
+        "carol",
+        "--totp",
+        cli.code("carol"),
+    )
 
 
 @pytest.mark.parametrize("name", ["s1\x1b[31m", "evil\nname", "a" * 65, ".dot", "sp ace", ""])
 def test_principal_names_must_match_the_documented_pattern(cli, name):
-    cli.refused("invalid principal name", "principals", "add", name, "--role", "security_engineering",
-                "--ticket", "C1", "--requested-by", "bob", "--totp", "123456")
+    cli.refused(
+        "invalid principal name",
+        "principals",
+        "add",
+        name,
+        "--role",
+        "security_engineering",
+        "--ticket",
+        "C1",
+        "--requested-by",
+        "bob",
+        "--totp",
+        "123456",
+    )
 
 
 def test_free_text_limits_are_the_same_on_sqlite_and_postgresql(cli):
     long_ticket, long_target = "T" * 201, "root#v" + "1" * 300
-    cli.refused("change ticket is 201 characters long; the limit is 200", "approve", "--ticket", long_ticket,
-                "--operation", "rotate", "--target", "root", "--as", "bob", "--totp", cli.code("bob"))
-    cli.refused("target is 306 characters long; the limit is 300", "approve", "--ticket", "C1",
-                "--operation", "rotate", "--target", long_target, "--as", "bob", "--totp", cli.code("bob"))
-    cli.refused("change ticket is 100000 characters long", "keys", "rotate", "root", "--manual", "--ticket",
-                "X" * 100_000, "--requested-by", "alice", "--totp", cli.code("alice"))
-    cli.refused("control or format characters", "approve", "--ticket", "C1\x1b[2J", "--operation", "rotate",
-                "--target", "root", "--as", "bob", "--totp", cli.code("bob"))
+    cli.refused(
+        "change ticket is 201 characters long; the limit is 200",
+        "approve",
+        "--ticket",
+        long_ticket,
+        "--operation",
+        "rotate",
+        "--target",
+        "root",
+        "--as",
+        "bob",
+        "--totp",
+        cli.code("bob"),
+    )
+    cli.refused(
+        "target is 306 characters long; the limit is 300",
+        "approve",
+        "--ticket",
+        "C1",
+        "--operation",
+        "rotate",
+        "--target",
+        long_target,
+        "--as",
+        "bob",
+        "--totp",
+        cli.code("bob"),
+    )
+    cli.refused(
+        "change ticket is 100000 characters long",
+        "keys",
+        "rotate",
+        "root",
+        "--manual",
+        "--ticket",
+        "X" * 100_000,
+        "--requested-by",
+        "alice",
+        "--totp",
+        cli.code("alice"),
+    )
+    cli.refused(
+        "control or format characters",
+        "approve",
+        "--ticket",
+        "C1\x1b[2J",
+        "--operation",
+        "rotate",
+        "--target",
+        "root",
+        "--as",
+        "bob",
+        "--totp",
+        cli.code("bob"),
+    )
 
 
 def test_every_varchar_column_refuses_an_over_long_value_the_same_way(cli):
-    """The generic rule (core/db/lengths.py) for inputs without their own limit: here the core
+    """The generic rule (core/foundation/db/lengths.py) for inputs without their own limit: here the core
     API's actor label (the CLI now records the proven principal, whose name has its own limit)."""
-    from kms_pipelines.core import dependents, limits
+    from kms_pipelines.core import dependents
+    from kms_pipelines.core.foundation import limits
 
     before = cli.state()
     ctx = cli.context()
-    with pytest.raises(limits.InputError,
-                       match="dependent_confirmations.actor is 250 characters long; the limit is 200"):
+    with pytest.raises(
+        limits.InputError, match="dependent_confirmations.actor is 250 characters long; the limit is 200"
+    ):
         dependents.confirm(ctx, "service:api-gateway", 1, "api-gateway", actor="a" * 250)
     ctx.engine.dispose()
     assert cli.state() == before
@@ -547,5 +874,6 @@ def test_repeated_wrong_codes_lock_totp_for_a_while(kms):
     assert access.prove_principal(kms, "alice", totp_now(kms, d["alice"])) == "alice"
     audit.flush(kms)
     with kms.engine.connect() as conn:
-        assert conn.execute(select(AuditEvent.actor).where(AuditEvent.operation == "totp.lockout")).scalars().all() \
-            == ["alice"]
+        assert conn.execute(select(AuditEvent.actor).where(AuditEvent.operation == "totp.lockout")).scalars().all() == [
+            "alice"
+        ]

@@ -17,12 +17,12 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from kms_pipelines.core import access, audit
-from kms_pipelines.core.context import context_from_env
-from kms_pipelines.core.db.models_access import Approval, AuditEvent
-from kms_pipelines.core.db.models_backup import Drill, DrillFollowup
-from kms_pipelines.core.db.models_events import EscrowCustodian, EscrowPackage, SecurityEvent
-from kms_pipelines.core.db.models_rotation import DependentConfirmation
-from kms_pipelines.core.db.models import KeyVersion
+from kms_pipelines.core.foundation.context import context_from_env
+from kms_pipelines.core.foundation.db.models import KeyVersion
+from kms_pipelines.core.foundation.db.models_access import Approval, AuditEvent
+from kms_pipelines.core.foundation.db.models_backup import Drill, DrillFollowup
+from kms_pipelines.core.foundation.db.models_events import EscrowCustodian, EscrowPackage, SecurityEvent
+from kms_pipelines.core.foundation.db.models_rotation import DependentConfirmation
 from tests.fixtures.kms import ceremony, enrol_direct, security_key_file, write_test_policy
 from tests.test_access_dagster import dagster_kms  # noqa: F401 -- the fixture, on SQLite and PostgreSQL
 from tests.test_identity import ADMINS, Cli
@@ -54,15 +54,23 @@ class OpsCli(Cli):
         out = super().state()
         ctx = self.context()
         with ctx.engine.connect() as conn:
-            out["custodians"] = conn.execute(select(EscrowCustodian.name, EscrowCustodian.recipient,
-                                                    EscrowCustodian.enrolled_by).order_by(EscrowCustodian.name)).all()
-            out["packages"] = conn.execute(select(EscrowPackage.id, EscrowPackage.superseded_at)
-                                           .order_by(EscrowPackage.id)).all()
-            out["events"] = conn.execute(select(SecurityEvent.id, SecurityEvent.status).order_by(SecurityEvent.seq)).all()
-            out["confirmations"] = conn.execute(select(DependentConfirmation.service, DependentConfirmation.actor)
-                                                .order_by(DependentConfirmation.id)).all()
-            out["followups"] = conn.execute(select(DrillFollowup.id, DrillFollowup.status, DrillFollowup.closed_by)
-                                            .order_by(DrillFollowup.id)).all()
+            out["custodians"] = conn.execute(
+                select(EscrowCustodian.name, EscrowCustodian.recipient, EscrowCustodian.enrolled_by).order_by(
+                    EscrowCustodian.name
+                )
+            ).all()
+            out["packages"] = conn.execute(
+                select(EscrowPackage.id, EscrowPackage.superseded_at).order_by(EscrowPackage.id)
+            ).all()
+            out["events"] = conn.execute(
+                select(SecurityEvent.id, SecurityEvent.status).order_by(SecurityEvent.seq)
+            ).all()
+            out["confirmations"] = conn.execute(
+                select(DependentConfirmation.service, DependentConfirmation.actor).order_by(DependentConfirmation.id)
+            ).all()
+            out["followups"] = conn.execute(
+                select(DrillFollowup.id, DrillFollowup.status, DrillFollowup.closed_by).order_by(DrillFollowup.id)
+            ).all()
         ctx.engine.dispose()
         return out
 
@@ -126,18 +134,19 @@ def _custodians_enrolled(ops: OpsCli) -> None:
 
 # ---- escrow custodian add: a dual-controlled manual operation ------------------------------
 
+
 def test_custodian_add_is_dual_controlled_like_principal_enrolment(ops):
     rcpt, other = _recipient(), _recipient()
     add = ("escrow", "custodian", "add", "custodian-a", "--recipient", rcpt, "--ticket", "ESC-1")
     target = f"custodian-a={rcpt}"
     # KMS_ACTOR=alice, and no requester: after the ceremony nobody enrols a custodian alone
-    ops.refused("is a manual operation under dual control", "escrow", "custodian", "add", "custodian-a",
-                "--recipient", rcpt)
+    ops.refused(
+        "is a manual operation under dual control", "escrow", "custodian", "add", "custodian-a", "--recipient", rcpt
+    )
     ops.usage_refused("--ticket, --requested-by and --totp go together", *add, "--requested-by", "bob")
     ops.refused("TOTP code for 'bob' is wrong", *add, "--requested-by", "bob", "--totp", "000000")
     ops.refused("unknown principal 'mallory'", *add, "--requested-by", "mallory", "--totp", "123456")
-    ops.refused("'alice' lacks permission 'principals'", *add, "--requested-by", "alice",
-                "--totp", ops.fresh("alice"))
+    ops.refused("'alice' lacks permission 'principals'", *add, "--requested-by", "alice", "--totp", ops.fresh("alice"))
     code = ops.fresh("bob")
     ops.refused("needs 2 approvals", *add, "--requested-by", "bob", "--totp", code)  # opens the request
     ops.refused("already used (replayed code refused)", *add, "--requested-by", "bob", "--totp", code)
@@ -151,29 +160,65 @@ def test_custodian_add_is_dual_controlled_like_principal_enrolment(ops):
     _cooling_off_principal(ops, "fay")
     ops.refused("'fay' is in the cooling-off period", *approve, "--as", "fay", "--totp", ops.fresh("fay"))
     ops.refused("'carol' lacks permission 'principals'", *approve, "--as", "carol", "--totp", ops.fresh("carol"))
-    ops.refused(f"no custodian-add target 'custodian-a={other}'", *approve, "--target", f"custodian-a={other}",
-                "--as", "erin", "--totp", ops.fresh("erin"))
+    ops.refused(
+        f"no custodian-add target 'custodian-a={other}'",
+        *approve,
+        "--target",
+        f"custodian-a={other}",
+        "--as",
+        "erin",
+        "--totp",
+        ops.fresh("erin"),
+    )
     r = ops(*approve, "--as", "erin", "--totp", ops.fresh("erin"))
     assert r.exit_code == 0 and "(2/2)" in r.output, r.output
 
     # approvals bind to the exact key: the requester cannot swap in another one
-    ops.refused("needs 2 approvals", "escrow", "custodian", "add", "custodian-a", "--recipient", other,
-                "--ticket", "ESC-1", "--requested-by", "bob", "--totp", ops.fresh("bob"))
+    ops.refused(
+        "needs 2 approvals",
+        "escrow",
+        "custodian",
+        "add",
+        "custodian-a",
+        "--recipient",
+        other,
+        "--ticket",
+        "ESC-1",
+        "--requested-by",
+        "bob",
+        "--totp",
+        ops.fresh("bob"),
+    )
     r = ops(*add, "--requested-by", "bob", "--totp", ops.fresh("bob"))
     assert r.exit_code == 0 and r.output.strip() == f"enrolled custodian-a ({rcpt})", r.output
     ctx = ops.context()
     with ctx.transaction() as s:
         row = s.get(EscrowCustodian, "custodian-a")
         assert (row.recipient, row.enrolled_by) == (rcpt, "bob")
-        used = s.scalars(select(Approval.approver).where(Approval.operation == "custodian-add",
-                                                         Approval.used_at.is_not(None))).all()
+        used = s.scalars(
+            select(Approval.approver).where(Approval.operation == "custodian-add", Approval.used_at.is_not(None))
+        ).all()
         assert sorted(used) == ["dan", "erin"]
     ctx.engine.dispose()
     assert ops.audit_actor("escrow.custodian.enroll") == ["bob"]
     # single-use: the same approvals enrol nothing else, and replacing the key is dual-controlled too
     ops.refused("already enrolled", *add, "--requested-by", "bob", "--totp", ops.fresh("bob"))
-    ops.refused("needs 2 approvals", "escrow", "custodian", "add", "custodian-a", "--recipient", other,
-                "--replace", "--ticket", "ESC-1", "--requested-by", "bob", "--totp", ops.fresh("bob"))
+    ops.refused(
+        "needs 2 approvals",
+        "escrow",
+        "custodian",
+        "add",
+        "custodian-a",
+        "--recipient",
+        other,
+        "--replace",
+        "--ticket",
+        "ESC-1",
+        "--requested-by",
+        "bob",
+        "--totp",
+        ops.fresh("bob"),
+    )
 
 
 def test_a_generated_custodian_keypair_is_approved_as_such(ops, tmp_path):
@@ -182,8 +227,7 @@ def test_a_generated_custodian_keypair_is_approved_as_such(ops, tmp_path):
     ops.refused("needs 2 approvals", *add, "--requested-by", "dan", "--totp", ops.fresh("dan"))
     assert not out.exists()
     for name in ("bob", "erin"):
-        r = ops("approve", "--ticket", "ESC-2", "--operation", "custodian-add", "--as", name,
-                "--totp", ops.fresh(name))
+        r = ops("approve", "--ticket", "ESC-2", "--operation", "custodian-add", "--as", name, "--totp", ops.fresh(name))
         assert r.exit_code == 0 and "custodian-b=new-keypair" in r.output, r.output
     r = ops(*add, "--requested-by", "dan", "--totp", ops.fresh("dan"))
     assert r.exit_code == 0 and "identity written to" in r.output, r.output
@@ -212,15 +256,31 @@ def test_the_first_custodians_are_enrolled_before_the_ceremony_only(database, re
     r = ops("escrow", "custodian", "add", "custodian-a", "--out", str(tmp_path / "a.age"))
     assert r.exit_code == 0, r.output
     assert ops.audit_actor("escrow.custodian.enroll") == ["kms-init"]
-    ops.refused("is a manual operation under dual control", "escrow", "custodian", "add", "custodian-a",
-                "--recipient", _recipient(), "--replace")
+    ops.refused(
+        "is a manual operation under dual control",
+        "escrow",
+        "custodian",
+        "add",
+        "custodian-a",
+        "--recipient",
+        _recipient(),
+        "--replace",
+    )
     ops.init_admins("ann", "ben", "cid")
-    ops.refused("is a manual operation under dual control", "escrow", "custodian", "add", "custodian-b",
-                "--recipient", _recipient())
+    ops.refused(
+        "is a manual operation under dual control",
+        "escrow",
+        "custodian",
+        "add",
+        "custodian-b",
+        "--recipient",
+        _recipient(),
+    )
     audit.flush(context_from_env())
 
 
 # ---- escrow seal ----------------------------------------------------------------------------
+
 
 def test_escrow_seal_acts_for_a_proven_principal_holding_break_glass_and_export(ops):
     _custodians_enrolled(ops)
@@ -228,8 +288,9 @@ def test_escrow_seal_acts_for_a_proven_principal_holding_break_glass_and_export(
     ops.usage_refused("Missing option '--as'", "escrow", "seal", "--totp", "123456")
     ops.refused("TOTP code for 'bob' is wrong", "escrow", "seal", "--as", "bob", "--totp", "000000")
     ops.refused("unknown principal 'mallory'", "escrow", "seal", "--as", "mallory", "--totp", "123456")
-    ops.refused("'carol' lacks permission 'break-glass'", "escrow", "seal", "--as", "carol",
-                "--totp", ops.fresh("carol"))
+    ops.refused(
+        "'carol' lacks permission 'break-glass'", "escrow", "seal", "--as", "carol", "--totp", ops.fresh("carol")
+    )
     ops.refused("'alice' lacks permission 'export'", "escrow", "seal", "--as", "alice", "--totp", ops.fresh("alice"))
     code = ops.fresh("bob")
     r = ops("escrow", "seal", "--as", "bob", "--totp", code, "--json")
@@ -246,6 +307,7 @@ def test_escrow_seal_acts_for_a_proven_principal_holding_break_glass_and_export(
 
 # ---- events report --------------------------------------------------------------------------
 
+
 def test_events_report_acts_for_a_proven_principal_holding_what_the_response_does(ops):
     report = ("events", "report", "--type", "compromise", "--key", "data:postgres", "--source", "siem")
     ops.usage_refused("Missing option '--totp'", *report, "--as", "bob")
@@ -253,22 +315,62 @@ def test_events_report_acts_for_a_proven_principal_holding_what_the_response_doe
     ops.refused("unknown principal 'mallory'", *report, "--as", "mallory", "--totp", "123456")
     # a compromise is answered by revoking: 'revoke' (security_engineering); the others by rotating
     ops.refused("'alice' lacks permission 'revoke'", *report, "--as", "alice", "--totp", ops.fresh("alice"))
-    ops.refused("'carol' lacks permission 'rotate'", "events", "report", "--type", "ci-secret-exposure", "--key",
-                "service:api-gateway", "--source", "gitleaks", "--as", "carol", "--totp", ops.fresh("carol"))
+    ops.refused(
+        "'carol' lacks permission 'rotate'",
+        "events",
+        "report",
+        "--type",
+        "ci-secret-exposure",
+        "--key",
+        "service:api-gateway",
+        "--source",
+        "gitleaks",
+        "--as",
+        "carol",
+        "--totp",
+        ops.fresh("carol"),
+    )
     code = ops.fresh("bob")
     r = ops(*report, "--as", "bob", "--totp", code, "--json")
     assert r.exit_code == 0, r.output
     event = json.loads(r.output)
     assert event["reported_by"] == "bob" and event["type"] == "compromise"
-    ops.refused("already used (replayed code refused)", "events", "report", "--type", "tenant-rotation", "--key",
-                "service:api-gateway", "--source", "tenant", "--as", "bob", "--totp", code)
+    ops.refused(
+        "already used (replayed code refused)",
+        "events",
+        "report",
+        "--type",
+        "tenant-rotation",
+        "--key",
+        "service:api-gateway",
+        "--source",
+        "tenant",
+        "--as",
+        "bob",
+        "--totp",
+        code,
+    )
     assert ops.audit_actor("security-event.report", "data:postgres") == ["bob"]
-    r = ops("events", "report", "--type", "ci-secret-exposure", "--key", "service:api-gateway", "--source",
-            "gitleaks", "--as", "alice", "--totp", ops.fresh("alice"), "--json")
+    r = ops(
+        "events",
+        "report",
+        "--type",
+        "ci-secret-exposure",
+        "--key",
+        "service:api-gateway",
+        "--source",
+        "gitleaks",
+        "--as",
+        "alice",
+        "--totp",
+        ops.fresh("alice"),
+        "--json",
+    )
     assert r.exit_code == 0 and json.loads(r.output)["reported_by"] == "alice", r.output
 
 
 # ---- token issue ----------------------------------------------------------------------------
+
 
 def test_token_issue_acts_for_a_proven_principal_who_holds_every_operation_of_the_token(ops):
     issue = ("token", "issue", "workload:api-gateway")
@@ -276,8 +378,14 @@ def test_token_issue_acts_for_a_proven_principal_who_holds_every_operation_of_th
     ops.usage_refused("Missing option '--as'", *issue, "--totp", "123456")
     ops.refused("TOTP code for 'bob' is wrong", *issue, "--as", "bob", "--totp", "000000")
     ops.refused("unknown principal 'mallory'", *issue, "--as", "mallory", "--totp", "123456")
-    ops.refused("'alice' lacks permission 'sign' to issue a token for workload:api-gateway", *issue,
-                "--as", "alice", "--totp", ops.fresh("alice"))
+    ops.refused(
+        "'alice' lacks permission 'sign' to issue a token for workload:api-gateway",
+        *issue,
+        "--as",
+        "alice",
+        "--totp",
+        ops.fresh("alice"),
+    )
     ops.refused("'carol' lacks permission 'decrypt'", *issue, "--as", "carol", "--totp", ops.fresh("carol"))
     code = ops.fresh("bob")
     r = ops(*issue, "--as", "bob", "--totp", code)
@@ -291,6 +399,7 @@ def test_token_issue_acts_for_a_proven_principal_who_holds_every_operation_of_th
 
 
 # ---- the other human verbs that recorded a claimed name ------------------------------------
+
 
 def test_dependent_confirmations_and_drill_closures_record_a_proven_principal(ops):
     confirm = ("dependents", "confirm", "service:api-gateway", "--version", "1", "--service", "api-gateway")
@@ -306,8 +415,11 @@ def test_dependent_confirmations_and_drill_closures_record_a_proven_principal(op
         drill = Drill(drill_date="2026-01-01", started_at=ctx.now(), outcome="failed")
         s.add(drill)
         s.flush()
-        s.add(DrillFollowup(drill_id=drill.id, title="restore took too long", owner="alice", due_at=ctx.now(),
-                            status="open"))
+        s.add(
+            DrillFollowup(
+                drill_id=drill.id, title="restore took too long", owner="alice", due_at=ctx.now(), status="open"
+            )
+        )
     ctx.engine.dispose()
     followup = str(ops.state()["followups"][0][0])
     close = ("drill", "close-followup", followup, "--resolution", "faster restore path")
@@ -326,14 +438,17 @@ def test_a_cadence_rotation_is_recorded_as_the_service_not_a_claimed_person(ops)
     from sqlalchemy import update
 
     from kms_pipelines.core import ledger
-    from kms_pipelines.core.db.models import Key, KeyVersion
+    from kms_pipelines.core.foundation.db.models import Key, KeyVersion
 
     ops.refused("--actor 'alice' is not a service actor", "keys", "rotate", "backup", "--if-due", "--actor", "alice")
     ctx = ops.context()
     with ctx.transaction() as s:  # make backup due
         key_id = s.scalars(select(Key.id).where(Key.name == "backup")).one()
-        s.execute(update(KeyVersion).where(KeyVersion.key_id == key_id)
-                  .values(activated_at=datetime(2020, 1, 1, tzinfo=timezone.utc)))
+        s.execute(
+            update(KeyVersion)
+            .where(KeyVersion.key_id == key_id)
+            .values(activated_at=datetime(2020, 1, 1, tzinfo=timezone.utc))
+        )
     ctx.engine.dispose()
     r = ops("keys", "rotate", "backup", "--if-due")  # KMS_ACTOR=alice in the environment: ignored
     assert r.exit_code == 0 and "rotated backup" in r.output, r.output
@@ -345,6 +460,7 @@ def test_a_cadence_rotation_is_recorded_as_the_service_not_a_claimed_person(ops)
 
 
 # ---- Dagster: a compromise response launched by a person proves them like the CLI ----------
+
 
 def test_a_manual_compromise_response_from_the_launchpad_proves_its_requester(dagster_kms):
     """The Launchpad's `compromise_response` without the sensor's launch is a person's manual
@@ -359,23 +475,35 @@ def test_a_manual_compromise_response_from_the_launchpad_proves_its_requester(da
     def state():
         audit.flush(ctx)
         with ctx.engine.connect() as conn:
-            return (conn.execute(select(SecurityEvent.id)).all(),
-                    conn.execute(select(KeyVersion.key_id, KeyVersion.version, KeyVersion.state)
-                                 .order_by(KeyVersion.id)).all(),
-                    conn.execute(select(AuditEvent.seq).where(AuditEvent.outcome == "ok",
-                                                              AuditEvent.target.is_distinct_from(access.SEAL_REF),
-                                                              AuditEvent.operation != "approval.request")).all(),
-                    conn.execute(select(Approval.id, Approval.used_at)).all())
+            return (
+                conn.execute(select(SecurityEvent.id)).all(),
+                conn.execute(
+                    select(KeyVersion.key_id, KeyVersion.version, KeyVersion.state).order_by(KeyVersion.id)
+                ).all(),
+                conn.execute(
+                    select(AuditEvent.seq).where(
+                        AuditEvent.outcome == "ok",
+                        AuditEvent.target.is_distinct_from(access.SEAL_REF),
+                        AuditEvent.operation != "approval.request",
+                    )
+                ).all(),
+                conn.execute(select(Approval.id, Approval.used_at)).all(),
+            )
 
     base = {"key": "service:api-gateway", "type": "compromise", "ticket": "INC-1", "requested_by": "lead"}
     before = state()
-    for extra, match in (({}, "needs --ticket, --requested-by and --totp"),
-                         ({"requester_totp": "000000"}, "TOTP code for 'lead' is wrong"),
-                         ({"requested_by": "mallory", "requester_totp": "123456"}, "unknown principal 'mallory'"),
-                         ({"requester_totp": devices["lead"].at(AT)}, "needs 2 approvals")):
+    for extra, match in (
+        ({}, "needs --ticket, --requested-by and --totp"),
+        ({"requester_totp": "000000"}, "TOTP code for 'lead' is wrong"),
+        ({"requested_by": "mallory", "requester_totp": "123456"}, "unknown principal 'mallory'"),
+        ({"requester_totp": devices["lead"].at(AT)}, "needs 2 approvals"),
+    ):
         result = compromise_response.execute_in_process(
-            run_config={"ops": {OP_NAME: {"config": {**base, **extra}}}}, resources={"kms": res}, instance=instance,
-            raise_on_error=False)
+            run_config={"ops": {OP_NAME: {"config": {**base, **extra}}}},
+            resources={"kms": res},
+            instance=instance,
+            raise_on_error=False,
+        )
         assert not result.success
         failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
         assert match in failure.step_failure_data.error.to_string(), failure.step_failure_data.error.to_string()

@@ -17,10 +17,23 @@ from click.testing import CliRunner
 from sqlalchemy import select, text
 
 from kms_pipelines.cli import cli
-from kms_pipelines.core import (access, audit, checkpoints, compliance, crosscheck, drills, envelope, escrow, events,
-                                lifecycle, manifest, nightly, rotation)
-from kms_pipelines.core.clock import SimulatedClock
-from kms_pipelines.core.db.models_rotation import PartnerNotice, ServiceSeed
+from kms_pipelines.core import (
+    access,
+    audit,
+    checkpoints,
+    compliance,
+    crosscheck,
+    drills,
+    envelope,
+    escrow,
+    events,
+    lifecycle,
+    manifest,
+    nightly,
+    rotation,
+)
+from kms_pipelines.core.foundation.clock import SimulatedClock
+from kms_pipelines.core.foundation.db.models_rotation import PartnerNotice, ServiceSeed
 from tests.fixtures.kms import KEY_ORIGIN, approve_both, ceremony, totp_now
 from tests.test_compliance import CUSTODIANS, _dagster_report, _now
 from tests.test_rpt import admin
@@ -61,10 +74,15 @@ def t3_check_red(kms, fragment):
     from kms_pipelines.defs import foundation
     from tests.fixtures.dagster_defs import kms_resources
 
-    resources = kms_resources(kms.home, kms.engine.url.render_as_string(hide_password=False),
-                              fixed_time=kms.now().isoformat())
-    result = dg.materialize([foundation.kms_state, foundation.ledger_chain_intact], resources=resources,
-                            instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    resources = kms_resources(
+        kms.home, kms.engine.url.render_as_string(hide_password=False), fixed_time=kms.now().isoformat()
+    )
+    result = dg.materialize(
+        [foundation.kms_state, foundation.ledger_chain_intact],
+        resources=resources,
+        instance=dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
     check = {e.check_name: e for e in result.get_asset_check_evaluations()}["ledger_chain_intact"]
     assert not check.passed and fragment in check.metadata["problem"].value, check.metadata
 
@@ -75,8 +93,12 @@ def green_first(kms, *clauses):
 
 
 def _env(kms, **extra):
-    env = {"KMS_HOME": str(kms.home), "KMS_DATABASE_URL": kms.engine.url.render_as_string(hide_password=False),
-           "KMS_OBJECT_STORE": str(kms.home / "objects"), "KMS_KEYSTORE": "software"}
+    env = {
+        "KMS_HOME": str(kms.home),
+        "KMS_DATABASE_URL": kms.engine.url.render_as_string(hide_password=False),
+        "KMS_OBJECT_STORE": str(kms.home / "objects"),
+        "KMS_KEYSTORE": "software",
+    }
     env.update(extra)
     return env
 
@@ -86,6 +108,7 @@ def _cli(kms, *args):
 
 
 # ---- case 3: tail truncation after the newest checkpoint -----------------------------
+
 
 def test_case3_tail_cut_after_a_rotation_is_red_everywhere(state):
     kms = state
@@ -98,8 +121,10 @@ def test_case3_tail_cut_after_a_rotation_is_red_everywhere(state):
     admin(kms, "ledger_entries", f"DELETE FROM ledger_entries WHERE seq > {before}")  # the rotation's rows
     with kms.engine.connect() as conn:
         replay = crosscheck.replay(conn)
-    assert any(f"service:api-gateway v{result.new_version} is active but no ledger entry created it" in p
-               for p in replay.problems), replay.problems
+    assert any(
+        f"service:api-gateway v{result.new_version} is active but no ledger entry created it" in p
+        for p in replay.problems
+    ), replay.problems
     cp = checkpoints.verify(kms)
     assert not cp.ok and f"ledger truncated: it ends at seq {before}" in cp.problem
     verify = _cli(kms, "ledger", "verify")
@@ -126,13 +151,39 @@ def test_case3_cli_checkpoints_each_state_change_once_and_zero_checkpoints_fail(
         d = home / "objects" / "checkpoints"
         return sorted(p.name for p in d.rglob("*.json")) if d.exists() else []
 
-    init = kms("init", "--admin", "sre=sre_oncall", "--admin", "b", "--admin", "c", "--admin", "d", "--json",
-               "--console-origin", KEY_ORIGIN, "--software-keys", str(tmp_path / "keys"))
+    init = kms(
+        "init",
+        "--admin",
+        "sre=sre_oncall",
+        "--admin",
+        "b",
+        "--admin",
+        "c",
+        "--admin",
+        "d",
+        "--json",
+        "--console-origin",
+        KEY_ORIGIN,
+        "--software-keys",
+        str(tmp_path / "keys"),
+    )
     assert init.exit_code == 0
     sre = pyotp.parse_uri(json.loads(init.output)["enrolled"][0]["provisioning_uri"])
     assert len(cps()) == 1  # init moved the ledger
-    assert kms("keys", "rotate", "service:api-gateway", "--reason", "tenant-rotation", "--requested-by", "sre",
-               "--totp", sre.now()).exit_code == 0
+    assert (
+        kms(
+            "keys",
+            "rotate",
+            "service:api-gateway",
+            "--reason",
+            "tenant-rotation",
+            "--requested-by",
+            "sre",
+            "--totp",
+            sre.now(),
+        ).exit_code
+        == 0
+    )
     assert len(cps()) == 2
     assert kms("keys", "list").exit_code == 0 and kms("ledger", "verify").exit_code == 0
     assert len(cps()) == 2  # reading changes nothing
@@ -144,6 +195,7 @@ def test_case3_cli_checkpoints_each_state_change_once_and_zero_checkpoints_fail(
 
 # ---- case 4: evaluators that read only one table -------------------------------------
 
+
 def test_case4_t2_material_erased_under_live_deks(state):
     kms = state
     envelope.encrypt(kms, "data:banking-attachments", "doc-1", b"statement")
@@ -152,8 +204,12 @@ def test_case4_t2_material_erased_under_live_deks(state):
     lifecycle.rotate(kms, "data:banking-attachments")
     green_first(kms, "T2")
     kms.keystore.inner.destroy(old.wrap_ref)  # out of band: no lifecycle, no guard, no audit
-    red(kms, "T2", f"data:banking-attachments v{old.version} (rotated) still wraps 1 live DEK(s) but its key "
-                   f"material is gone from the keystore")
+    red(
+        kms,
+        "T2",
+        f"data:banking-attachments v{old.version} (rotated) still wraps 1 live DEK(s) but its key "
+        f"material is gone from the keystore",
+    )
 
 
 def test_case4_a3_rotation_through_the_unaudited_keystore(state):
@@ -163,8 +219,7 @@ def test_case4_a3_rotation_through_the_unaudited_keystore(state):
     green_first(kms, "A3")
     bypass = replace(kms, keystore=kms.keystore.inner)  # the raw backend: no audit events
     r = lifecycle.rotate(bypass, "service:worker-pipelines")
-    red(kms, "A3", f"service:worker-pipelines#v{r.new_version} became active but the generation of its key "
-                   f"material")
+    red(kms, "A3", f"service:worker-pipelines#v{r.new_version} became active but the generation of its key material")
 
 
 def test_case4_r2_resolved_event_without_a_response(state):
@@ -172,10 +227,19 @@ def test_case4_r2_resolved_event_without_a_response(state):
     green_first(kms, "R2")
     ev = events.report(kms, "ci-secret-exposure", "service:api-gateway", "ci")
     with kms.engine.begin() as conn:  # closed by hand, nothing done
-        conn.execute(text("UPDATE security_events SET status = 'resolved', resolved_at = now(), "
-                          "response = '{\"steps\": []}' WHERE id = :id"), {"id": ev.id})
-    red(kms, "R2", f"security event {ev.id[:12]} (ci-secret-exposure on service:api-gateway) is resolved but no "
-                   f"ledger entry shows a response")
+        conn.execute(
+            text(
+                "UPDATE security_events SET status = 'resolved', resolved_at = now(), "
+                "response = '{\"steps\": []}' WHERE id = :id"
+            ),
+            {"id": ev.id},
+        )
+    red(
+        kms,
+        "R2",
+        f"security event {ev.id[:12]} (ci-secret-exposure on service:api-gateway) is resolved but no "
+        f"ledger entry shows a response",
+    )
 
 
 def test_case4_b1_newest_archive_overwritten_with_random_bytes(state):
@@ -194,20 +258,29 @@ def test_case4_b1_newest_archive_overwritten_with_random_bytes(state):
 
 
 def test_case4_a4_manual_operation_whose_compliance_email_failed(state):
-    from kms_pipelines.core.notify import notifier_from_env
+    from kms_pipelines.core.foundation.transports import notifier_from_env
 
     kms = state
     green_first(kms, "A4")
-    kms.notifier = notifier_from_env(kms.home, {"KMS_SMTP_HOST": "127.0.0.1", "KMS_SMTP_PORT": "1",
-                                                "KMS_SMTP_SENDER": "kms@example.com",
-                                                "KMS_NOTIFY_RETRY_ATTEMPTS": "1", "KMS_SMTP_TIMEOUT": "2"})
+    kms.notifier = notifier_from_env(
+        kms.home,
+        {
+            "KMS_SMTP_HOST": "127.0.0.1",
+            "KMS_SMTP_PORT": "1",
+            "KMS_SMTP_SENDER": "kms@example.com",
+            "KMS_NOTIFY_RETRY_ATTEMPTS": "1",
+            "KMS_SMTP_TIMEOUT": "2",
+        },
+    )
     d = kms.devices
     access.request_approval(kms, operation="rotate", target="service:api-gateway", ticket="CHG-7", requester="sam")
     for name in ("ann", "bob"):
-        approve_both(kms, name, ticket="CHG-7", operation="rotate", target="service:api-gateway",
-                       totp=totp_now(kms, d[name]))
-    outcome = access.manual_rotate(kms, "service:api-gateway", ticket="CHG-7", requested_by="sam",
-                                   totp=totp_now(kms, d["sam"]))
+        approve_both(
+            kms, name, ticket="CHG-7", operation="rotate", target="service:api-gateway", totp=totp_now(kms, d[name])
+        )
+    outcome = access.manual_rotate(
+        kms, "service:api-gateway", ticket="CHG-7", requested_by="sam", totp=totp_now(kms, d["sam"])
+    )
     assert outcome.notification_failures  # the email really failed (connection refused on loopback)
     red(kms, "A4", "manual operation CHG-7 (ledger seq")
     assert "not notified: delivery failed on email" in compliance.build_report(kms, only=["A4"]).row("A4").evidence
@@ -217,10 +290,15 @@ def test_case4_t3_a4_key_state_edited_without_a_ledger_entry(state):
     kms = state
     green_first(kms, "T3", "A4")
     with kms.engine.begin() as conn:
-        conn.execute(text("UPDATE key_versions SET state = 'revoked' WHERE state = 'active' AND key_id = "
-                          "(SELECT id FROM keys WHERE name = 'data:postgres')"))
-    red(kms, "T3", "ledger replay disagrees with key_versions: key_versions: data:postgres v1 is revoked but the "
-                   "ledger")
+        conn.execute(
+            text(
+                "UPDATE key_versions SET state = 'revoked' WHERE state = 'active' AND key_id = "
+                "(SELECT id FROM keys WHERE name = 'data:postgres')"
+            )
+        )
+    red(
+        kms, "T3", "ledger replay disagrees with key_versions: key_versions: data:postgres v1 is revoked but the ledger"
+    )
     t3_check_red(kms, "key_versions: data:postgres v1 is revoked but the ledger")
     red(kms, "A4", "key state changed with no ledger entry (so no approval)", dagster=False)
 
@@ -232,8 +310,11 @@ def test_case4_r1_outbox_only_partner_notice_is_a_warning(state):
     row = compliance.build_report(kms, only=["R1"]).row("R1")
     assert row.status == "warn" and "went only to the local outbox (no SMTP or Slack configured)" in row.evidence
     # a database admin hides the outbox-only deliveries: the notices say "sent", nothing backs them
-    admin(kms, "notification_deliveries", "DELETE FROM notification_deliveries "
-                                          "WHERE kind = 'root_rotation_partner_notice'")
+    admin(
+        kms,
+        "notification_deliveries",
+        "DELETE FROM notification_deliveries WHERE kind = 'root_rotation_partner_notice'",
+    )
     red(kms, "R1", "is marked sent but no delivery is recorded", dagster=False)
 
 
@@ -242,8 +323,15 @@ def test_case4_a3_detection_covers_a_skipped_night_and_report_detects_first(stat
     audit.refresh_anomalies(kms)
     burst_at = kms.now() + timedelta(hours=30)
     for i in range(kms.policy.audit.failure_burst_per_hour + 3):
-        audit.emit(kms, at=burst_at + timedelta(seconds=i), operation="decrypt", actor="workload:api-gateway",
-                   target_ref="data:postgres", outcome="error", detail={"error": "KeyNotFound"})
+        audit.emit(
+            kms,
+            at=burst_at + timedelta(seconds=i),
+            operation="decrypt",
+            actor="workload:api-gateway",
+            target_ref="data:postgres",
+            outcome="error",
+            detail={"error": "KeyNotFound"},
+        )
     audit.flush(kms)
     kms.clock.advance(timedelta(hours=80))  # the nightly runs in between were skipped
     row = compliance.build_report(kms, only=["A3"]).row("A3")
@@ -251,12 +339,18 @@ def test_case4_a3_detection_covers_a_skipped_night_and_report_detects_first(stat
 
     def written():
         with kms.engine.connect() as conn:
-            return (tuple(conn.execute(text("SELECT count(*), max(seq) FROM audit_events")).one()),
-                    conn.execute(text("SELECT count(*) FROM audit_anomalies")).scalar())
+            return (
+                tuple(conn.execute(text("SELECT count(*), max(seq) FROM audit_events")).one()),
+                conn.execute(text("SELECT count(*) FROM audit_anomalies")).scalar(),
+            )
 
     before = written()
-    out = CliRunner().invoke(cli, ["--at", kms.now().isoformat(), "report", "--clause", "A3", "--format", "json"],
-                             env=_env(kms), catch_exceptions=False)
+    out = CliRunner().invoke(
+        cli,
+        ["--at", kms.now().isoformat(), "report", "--clause", "A3", "--format", "json"],
+        env=_env(kms),
+        catch_exceptions=False,
+    )
     a3 = json.loads(out.stdout)["rows"][0]
     assert out.exit_code == 1 and a3["status"] == "fail" and "failure_burst" in a3["evidence"], a3
     assert "anomaly detection has not covered" not in a3["evidence"]  # the report ran detection first
@@ -269,7 +363,7 @@ def test_case4_b4_moved_kms_home_keeps_its_drill_report(state, tmp_path):
 
     kms = state
     green_first(kms, "B4")
-    from kms_pipelines.core.db.models_backup import Drill
+    from kms_pipelines.core.foundation.db.models_backup import Drill
 
     with kms.engine.begin() as conn:
         stored = conn.execute(select(Drill.report_path)).scalar()
@@ -324,8 +418,12 @@ def test_case3_audit_log_tail_cut_after_the_newest_checkpoint(state):
     green_first(kms, "A3", "T3")
     admin(kms, "audit_events", f"DELETE FROM audit_events WHERE seq > {cp['audit_size'] - 3}")
     assert audit.verify(kms).ok  # the chain alone cannot see a cut tail
-    red(kms, "A3", f"audit log truncated: checkpoint {cp['key']} recorded {cp['audit_size']} audit events",
-        dagster=False)
+    red(
+        kms,
+        "A3",
+        f"audit log truncated: checkpoint {cp['key']} recorded {cp['audit_size']} audit events",
+        dagster=False,
+    )
     red(kms, "T3", "audit log truncated", dagster=False)
     # new events re-use the cut seqs, so from here on the signed head shows a rewrite instead
     red(kms, "A3", f"checkpoint {cp['key']}")

@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding, aes_key_wrap_with_padding
 
-from kms_pipelines.core.keystore import (
+from kms_pipelines.core.foundation.keystore import (
     AES_256,
     ED25519,
     DecryptionFailed,
@@ -372,13 +372,19 @@ def test_non_extractable_keys_cannot_leave_the_token(pkcs11_keystore, softhsm_to
                 key[Attribute.VALUE]
         with pytest.raises(pkcs11.exceptions.AttributeSensitive):
             priv[Attribute.VALUE]
-        wrapper = s.generate_key(KeyType.AES, 256, store=False,
-                                 template={Attribute.WRAP: True, Attribute.EXTRACTABLE: False})
+        wrapper = s.generate_key(
+            KeyType.AES, 256, store=False, template={Attribute.WRAP: True, Attribute.EXTRACTABLE: False}
+        )
         try:
             for key in (kek, priv):
                 for mechanism in (Mechanism.AES_KEY_WRAP_PAD, Mechanism.AES_KEY_WRAP):
-                    with pytest.raises((pkcs11.exceptions.KeyUnextractable, pkcs11.exceptions.KeyNotWrappable,
-                                        pkcs11.exceptions.MechanismInvalid)):
+                    with pytest.raises(
+                        (
+                            pkcs11.exceptions.KeyUnextractable,
+                            pkcs11.exceptions.KeyNotWrappable,
+                            pkcs11.exceptions.MechanismInvalid,
+                        )
+                    ):
                         wrapper.wrap_key(key, mechanism=mechanism)
         finally:
             wrapper.destroy()
@@ -412,7 +418,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def test_wrong_pin_is_a_clear_error(softhsm_token):
-    from kms_pipelines.core.keystore.pkcs11 import Pkcs11KeyStore
+    from kms_pipelines.core.foundation.keystore.pkcs11 import Pkcs11KeyStore
 
     store = Pkcs11KeyStore(softhsm_token.lib_path, softhsm_token.label, "987654")
     with pytest.raises(KeyStoreError) as info:
@@ -424,7 +430,7 @@ def test_wrong_pin_is_a_clear_error(softhsm_token):
 
 
 def test_wrong_pin_while_another_keystore_is_logged_in(pkcs11_keystore, softhsm_token):
-    from kms_pipelines.core.keystore.pkcs11 import Pkcs11KeyStore
+    from kms_pipelines.core.foundation.keystore.pkcs11 import Pkcs11KeyStore
 
     pkcs11_keystore.refs()  # logged in now
     store = Pkcs11KeyStore(softhsm_token.lib_path, softhsm_token.label, "987654")
@@ -435,7 +441,7 @@ def test_wrong_pin_while_another_keystore_is_logged_in(pkcs11_keystore, softhsm_
 
 
 def test_missing_token_is_a_clear_error(softhsm_token):
-    from kms_pipelines.core.keystore.pkcs11 import Pkcs11KeyStore
+    from kms_pipelines.core.foundation.keystore.pkcs11 import Pkcs11KeyStore
 
     store = Pkcs11KeyStore(softhsm_token.lib_path, "no-such-token", softhsm_token.pin)
     with pytest.raises(KeyStoreError) as info:
@@ -446,7 +452,7 @@ def test_missing_token_is_a_clear_error(softhsm_token):
 
 
 def test_missing_or_bad_library_is_a_clear_error(tmp_path, softhsm_token):
-    from kms_pipelines.core.keystore.pkcs11 import Pkcs11KeyStore
+    from kms_pipelines.core.foundation.keystore.pkcs11 import Pkcs11KeyStore
 
     missing = str(tmp_path / "libnope.so")
     with pytest.raises(KeyStoreError) as info:
@@ -463,10 +469,14 @@ def test_missing_or_bad_library_is_a_clear_error(tmp_path, softhsm_token):
 
 
 def test_keystore_from_env_builds_pkcs11(softhsm_token, tmp_path):
-    from kms_pipelines.core.keystore import keystore_from_env
+    from kms_pipelines.core.foundation.keystore import keystore_from_env
 
-    env = {"KMS_KEYSTORE": "pkcs11", "KMS_PKCS11_LIB": softhsm_token.lib_path,
-           "KMS_PKCS11_TOKEN": softhsm_token.label, "KMS_PKCS11_PIN": softhsm_token.pin}
+    env = {
+        "KMS_KEYSTORE": "pkcs11",
+        "KMS_PKCS11_LIB": softhsm_token.lib_path,
+        "KMS_PKCS11_TOKEN": softhsm_token.label,
+        "KMS_PKCS11_PIN": softhsm_token.pin,
+    }
     store = keystore_from_env(tmp_path, env)
     try:
         assert store.backend == "pkcs11"
@@ -478,7 +488,7 @@ def test_keystore_from_env_builds_pkcs11(softhsm_token, tmp_path):
 
 
 def test_two_instances_close_independently(softhsm_token):
-    from kms_pipelines.core.keystore.pkcs11 import Pkcs11KeyStore
+    from kms_pipelines.core.foundation.keystore.pkcs11 import Pkcs11KeyStore
 
     a = Pkcs11KeyStore(softhsm_token.lib_path, softhsm_token.label, softhsm_token.pin)
     b = Pkcs11KeyStore(softhsm_token.lib_path, softhsm_token.label, softhsm_token.pin)
@@ -494,7 +504,7 @@ def test_two_instances_close_independently(softhsm_token):
 
 
 def test_concurrent_use_from_eight_threads(softhsm_token):
-    from kms_pipelines.core.keystore.pkcs11 import Pkcs11KeyStore
+    from kms_pipelines.core.foundation.keystore.pkcs11 import Pkcs11KeyStore
 
     store = Pkcs11KeyStore(softhsm_token.lib_path, softhsm_token.label, softhsm_token.pin, pool_size=4)
     kek, sig = unique_ref("kek"), unique_ref("sig")
@@ -548,7 +558,7 @@ def _fork_scenario(lib_path, label, pin, report):
     would copy whatever lock another test's leftover thread holds at that instant (inside
     SoftHSM or Python), and the child could hang on it; that is a property of fork() in a
     threaded process, not of the keystore under test."""
-    from kms_pipelines.core.keystore.pkcs11 import Pkcs11KeyStore
+    from kms_pipelines.core.foundation.keystore.pkcs11 import Pkcs11KeyStore
 
     try:
         store = Pkcs11KeyStore(lib_path, label, pin)
@@ -565,13 +575,19 @@ def _fork_scenario(lib_path, label, pin, report):
             proc.start()
             status, payload = queue.get(timeout=60)
             proc.join(timeout=60)
-            children.append({"exitcode": proc.exitcode, "status": status, "pid": payload["pid"] if status == "ok" else None,
-                             "error": None if status == "ok" else payload,
-                             "decrypted": status == "ok" and payload["decrypted"] == b"made by the parent",
-                             # what the child made opens in the parent, whose sessions still work after the fork
-                             "opens_in_parent": status == "ok" and store.dek_decrypt(
-                                 kek, payload["wrapped"], payload["blob"], b"fork") == b"from the child",
-                             "signature_verifies": status == "ok" and verify_signature(public, b"child", payload["sig"])})
+            children.append(
+                {
+                    "exitcode": proc.exitcode,
+                    "status": status,
+                    "pid": payload["pid"] if status == "ok" else None,
+                    "error": None if status == "ok" else payload,
+                    "decrypted": status == "ok" and payload["decrypted"] == b"made by the parent",
+                    # what the child made opens in the parent, whose sessions still work after the fork
+                    "opens_in_parent": status == "ok"
+                    and store.dek_decrypt(kek, payload["wrapped"], payload["blob"], b"fork") == b"from the child",
+                    "signature_verifies": status == "ok" and verify_signature(public, b"child", payload["sig"]),
+                }
+            )
         parent_still_works = store.decrypt(kek, blob, b"fork") == b"made by the parent"
         store.close()
         report.put(("ok", {"parent_pid": os.getpid(), "children": children, "parent_still_works": parent_still_works}))
@@ -582,8 +598,9 @@ def _fork_scenario(lib_path, label, pin, report):
 def test_use_after_fork(softhsm_token):
     spawn = multiprocessing.get_context("spawn")
     report = spawn.Queue()
-    proc = spawn.Process(target=_fork_scenario,
-                         args=(softhsm_token.lib_path, softhsm_token.label, softhsm_token.pin, report))
+    proc = spawn.Process(
+        target=_fork_scenario, args=(softhsm_token.lib_path, softhsm_token.label, softhsm_token.pin, report)
+    )
     proc.start()
     status, payload = report.get(timeout=180)
     proc.join(timeout=60)
@@ -598,7 +615,7 @@ def test_use_after_fork(softhsm_token):
 
 
 def test_cached_handles_follow_destroy_by_another_instance(softhsm_token):
-    from kms_pipelines.core.keystore.pkcs11 import Pkcs11KeyStore
+    from kms_pipelines.core.foundation.keystore.pkcs11 import Pkcs11KeyStore
 
     a = Pkcs11KeyStore(softhsm_token.lib_path, softhsm_token.label, softhsm_token.pin, pool_size=1)
     b = Pkcs11KeyStore(softhsm_token.lib_path, softhsm_token.label, softhsm_token.pin, pool_size=1)

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import text
 
 from kms_pipelines.core import audit, envelope, leases, lifecycle
-from kms_pipelines.core.context import context_from_env
+from kms_pipelines.core.foundation.context import context_from_env
 
 KEY = "data:identity-documents"
 
@@ -37,8 +37,11 @@ def fill(ctx, n):
 
 def by_version(ctx):
     with ctx.engine.connect() as conn:
-        return dict(conn.execute(text("SELECT key_version, count(*) FROM deks WHERE key_name = :k "
-                                      "GROUP BY key_version"), {"k": KEY}).all())
+        return dict(
+            conn.execute(
+                text("SELECT key_version, count(*) FROM deks WHERE key_name = :k GROUP BY key_version"), {"k": KEY}
+            ).all()
+        )
 
 
 def assert_all_decrypt(ctx, objects):
@@ -140,7 +143,7 @@ def test_an_insider_expiring_a_lease_lets_the_paused_holder_notice_and_stop(kms_
 CHILD = r"""
 import json, time
 from kms_pipelines.core import leases
-from kms_pipelines.core.context import context_from_env
+from kms_pipelines.core.foundation.context import context_from_env
 
 ctx = context_from_env()
 env = ctx.policy.envelope.model_copy(update={"lease_seconds": 5, "lease_ranges_per_shard": 2})
@@ -157,15 +160,22 @@ print("DONE", flush=True)
 
 @pytest.mark.slow
 def test_kill_9_of_a_worker_mid_range_is_taken_over_within_the_lease(tmp_path, pg_url):
-    env = dict(os.environ, KMS_HOME=str(tmp_path / "home"), KMS_DATABASE_URL=pg_url, KMS_KEYSTORE="software",
-               KMS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode(), PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        KMS_HOME=str(tmp_path / "home"),
+        KMS_DATABASE_URL=pg_url,
+        KMS_KEYSTORE="software",
+        KMS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode(),
+        PYTHONUNBUFFERED="1",
+    )
     env.pop("KMS_POLICY", None)
     ctx = short_leases(context_from_env(env), seconds=5, per_shard=2)
     lifecycle.bootstrap(ctx)
     objects = fill(ctx, 400)
     lifecycle.rotate(ctx, KEY)
-    child = subprocess.Popen([sys.executable, "-c", CHILD], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         seen = 0
         deadline = time.monotonic() + 120
@@ -197,16 +207,39 @@ def test_kill_9_of_a_worker_mid_range_is_taken_over_within_the_lease(tmp_path, p
 
 
 def test_cli_sweep_with_lease_moves_everything_and_leaves_leases_free(tmp_path, pg_url):
-    env = dict(os.environ, KMS_HOME=str(tmp_path / "home"), KMS_DATABASE_URL=pg_url, KMS_KEYSTORE="software",
-               KMS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode())
+    env = dict(
+        os.environ,
+        KMS_HOME=str(tmp_path / "home"),
+        KMS_DATABASE_URL=pg_url,
+        KMS_KEYSTORE="software",
+        KMS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode(),
+    )
     env.pop("KMS_POLICY", None)
     ctx = context_from_env(env)
     lifecycle.bootstrap(ctx)
     objects = fill(ctx, 30)
     lifecycle.rotate(ctx, KEY)
-    out = subprocess.run([sys.executable, "-m", "kms_pipelines.cli", "envelope", "sweep", "--lease", "--shard", "0",
-                          "--shards", "1", "--batch-size", "7", "--json"], env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kms_pipelines.cli",
+            "envelope",
+            "sweep",
+            "--lease",
+            "--shard",
+            "0",
+            "--shards",
+            "1",
+            "--batch-size",
+            "7",
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["moved"] == 30 and result["skipped"] == 0 and result["remaining"] == 0

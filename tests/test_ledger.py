@@ -6,8 +6,8 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from kms_pipelines.core import ledger, lifecycle
-from kms_pipelines.core.db.append_only import create_append_only_triggers, drop_append_only_triggers
-from kms_pipelines.core.db.models import LedgerEntry
+from kms_pipelines.core.foundation.db.append_only import create_append_only_triggers, drop_append_only_triggers
+from kms_pipelines.core.foundation.db.models import LedgerEntry
 
 
 def _rows(kms):
@@ -26,10 +26,13 @@ def test_bootstrap_writes_a_verifiable_chain(kms):
     assert all(r.prev_hash == p.entry_hash for p, r in itertools.pairwise(rows))
 
 
-@pytest.mark.parametrize("statement", [
-    "UPDATE ledger_entries SET actor = 'mallory' WHERE seq = 2",
-    "DELETE FROM ledger_entries WHERE seq = 2",
-])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE ledger_entries SET actor = 'mallory' WHERE seq = 2",
+        "DELETE FROM ledger_entries WHERE seq = 2",
+    ],
+)
 def test_triggers_refuse_update_and_delete(kms, statement):
     before = _rows(kms)
     with pytest.raises((DBAPIError, IntegrityError)) as err:
@@ -63,12 +66,26 @@ def test_verify_names_a_deleted_entry(kms):
 def test_verify_catches_a_broken_link_with_a_recomputed_hash(kms):
     rows = _rows(kms)
     target = rows[6]
-    doc = ledger.entry_document(target.seq, target.at, "root", target.key_version, target.from_state,
-                                "destroyed", target.actor, json.loads(target.approvers), target.change_ticket,
-                                target.reason, target.event_id, target.prev_hash)
+    doc = ledger.entry_document(
+        target.seq,
+        target.at,
+        "root",
+        target.key_version,
+        target.from_state,
+        "destroyed",
+        target.actor,
+        json.loads(target.approvers),
+        target.change_ticket,
+        target.reason,
+        target.event_id,
+        target.prev_hash,
+    )
     # The admin recomputes this entry's own hash; the next entry's link now breaks.
-    _tamper(kms, f"UPDATE ledger_entries SET key_name='root', to_state='destroyed', "
-                 f"entry_hash='{ledger.entry_hash(doc)}' WHERE seq = {target.seq}")
+    _tamper(
+        kms,
+        f"UPDATE ledger_entries SET key_name='root', to_state='destroyed', "
+        f"entry_hash='{ledger.entry_hash(doc)}' WHERE seq = {target.seq}",
+    )
     result = ledger.verify(kms.engine)
     assert not result.ok and result.first_bad_seq == target.seq + 1 and "does not link" in result.problem
 

@@ -23,21 +23,36 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from kms_pipelines.core import db, ledger, ledger_copy
-from kms_pipelines.core.partitions import seq_bounds
-from kms_pipelines.core.db.append_only import create_append_only_triggers, drop_append_only_triggers
+from kms_pipelines.core import ledger, ledger_copy
+from kms_pipelines.core.foundation import db
+from kms_pipelines.core.foundation.db.append_only import create_append_only_triggers, drop_append_only_triggers
+from kms_pipelines.core.foundation.partitions import seq_bounds
 
 # Text PostgreSQL can store: no NUL, no lone surrogates.
 _text = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=40)
 _opt = st.none() | _text
 _moments = st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59, 999999))
-_row = st.tuples(st.integers(1, 2**63 - 1), _moments, _text, st.none() | st.integers(-2**31, 2**31 - 1), _opt,
-                 _text, _text, _text, _opt, _opt, _opt, st.text("0123456789abcdef", max_size=64))
+_row = st.tuples(
+    st.integers(1, 2**63 - 1),
+    _moments,
+    _text,
+    st.none() | st.integers(-(2**31), 2**31 - 1),
+    _opt,
+    _text,
+    _text,
+    _text,
+    _opt,
+    _opt,
+    _opt,
+    st.text("0123456789abcdef", max_size=64),
+)
 
-_ROW_SQL = (f"SELECT {ledger_copy.COLUMNS_SQL} FROM (SELECT (%s)::bigint AS seq, %s::timestamptz AS at, %s::varchar AS key_name, "
-            "(%s)::integer AS key_version, %s::varchar AS from_state, %s::varchar AS to_state, %s::varchar AS actor, "
-            "%s::text AS approvers, %s::varchar AS change_ticket, %s::text AS reason, %s::varchar AS event_id, "
-            "%s::varchar AS prev_hash, %s::varchar AS entry_hash) t")
+_ROW_SQL = (
+    f"SELECT {ledger_copy.COLUMNS_SQL} FROM (SELECT (%s)::bigint AS seq, %s::timestamptz AS at, %s::varchar AS key_name, "
+    "(%s)::integer AS key_version, %s::varchar AS from_state, %s::varchar AS to_state, %s::varchar AS actor, "
+    "%s::text AS approvers, %s::varchar AS change_ticket, %s::text AS reason, %s::varchar AS event_id, "
+    "%s::varchar AS prev_hash, %s::varchar AS entry_hash) t"
+)
 
 
 @pytest.fixture
@@ -72,13 +87,19 @@ def _grow(kms, n=30):
     start = kms.clock.now()
     with Session(kms.engine) as s, s.begin():
         for i in range(n):
-            ledger.append(s, at=start + timedelta(seconds=i, microseconds=i * 7), key_name=f"service:svc-{i % 4}",
-                          key_version=i + 1 if i % 5 else None, from_state="active" if i % 3 else None,
-                          to_state="rotated", actor="dagster" if i % 2 else 'o\'brien "x"\\y',
-                          approvers=["bob", "alice"] if i % 4 == 0 else [],
-                          change_ticket=f"CHG-{i}" if i % 6 == 0 else None,
-                          reason="tab\there\nnewline, ünïcødé ✓ \x01" if i % 7 == 0 else "cadence",
-                          event_id=f"ev-{i}" if i % 9 == 0 else None)
+            ledger.append(
+                s,
+                at=start + timedelta(seconds=i, microseconds=i * 7),
+                key_name=f"service:svc-{i % 4}",
+                key_version=i + 1 if i % 5 else None,
+                from_state="active" if i % 3 else None,
+                to_state="rotated",
+                actor="dagster" if i % 2 else 'o\'brien "x"\\y',
+                approvers=["bob", "alice"] if i % 4 == 0 else [],
+                change_ticket=f"CHG-{i}" if i % 6 == 0 else None,
+                reason="tab\there\nnewline, ünïcødé ✓ \x01" if i % 7 == 0 else "cadence",
+                event_id=f"ev-{i}" if i % 9 == 0 else None,
+            )
 
 
 def _tamper(kms, statement):
@@ -93,9 +114,20 @@ def _recomputed(kms, seq, **changes):
     with kms.engine.connect() as conn:
         r = conn.execute(text("SELECT * FROM ledger_entries WHERE seq = :s"), {"s": seq}).mappings().one()
     r = {**r, **changes}
-    doc = ledger.entry_document(r["seq"], r["at"], r["key_name"], r["key_version"], r["from_state"], r["to_state"],
-                                r["actor"], json.loads(r["approvers"]), r["change_ticket"], r["reason"],
-                                r["event_id"], r["prev_hash"])
+    doc = ledger.entry_document(
+        r["seq"],
+        r["at"],
+        r["key_name"],
+        r["key_version"],
+        r["from_state"],
+        r["to_state"],
+        r["actor"],
+        json.loads(r["approvers"]),
+        r["change_ticket"],
+        r["reason"],
+        r["event_id"],
+        r["prev_hash"],
+    )
     sets = ", ".join(f"{k} = '{v}'" for k, v in changes.items())
     return f"UPDATE ledger_entries SET {sets}, entry_hash = '{ledger.entry_hash(doc)}' WHERE seq = {seq}"
 
@@ -119,7 +151,7 @@ TAMPERS = {
     "delete_last": "DELETE FROM ledger_entries WHERE seq = {last}",
     "delete_tail": "DELETE FROM ledger_entries WHERE seq > {b}",
     "reorder": "UPDATE ledger_entries SET seq = -seq WHERE seq IN ({b0}, {b}); "
-               "UPDATE ledger_entries SET seq = CASE WHEN seq = -{b0} THEN {b} ELSE {b0} END WHERE seq < 0",
+    "UPDATE ledger_entries SET seq = CASE WHEN seq = -{b0} THEN {b} ELSE {b0} END WHERE seq < 0",
     "hash_forged": "UPDATE ledger_entries SET entry_hash = 'x' || seq WHERE seq >= {b}",
     "prev_forged": "UPDATE ledger_entries SET prev_hash = repeat('0', 64) WHERE seq = {b}",
     "recomputed_link_break": None,  # built from the row (test_ledger's recomputed-hash case)

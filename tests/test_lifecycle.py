@@ -6,14 +6,17 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 
 from kms_pipelines.core import ledger, lifecycle
-from kms_pipelines.core.db.models import Key, KeyVersion
+from kms_pipelines.core.foundation.db.models import Key, KeyVersion
 
 
 def snapshot(kms):
     """Everything a refused operation must leave untouched: versions, ledger, keystore."""
     with kms.engine.connect() as conn:
-        versions = conn.execute(select(KeyVersion.key_id, KeyVersion.version, KeyVersion.state,
-                                       KeyVersion.wrap_ref, KeyVersion.sign_ref).order_by(KeyVersion.id)).all()
+        versions = conn.execute(
+            select(
+                KeyVersion.key_id, KeyVersion.version, KeyVersion.state, KeyVersion.wrap_ref, KeyVersion.sign_ref
+            ).order_by(KeyVersion.id)
+        ).all()
         head = ledger.head(conn)
     return versions, head, sorted(kms.keystore.refs())
 
@@ -49,13 +52,16 @@ def test_rotate_if_due_follows_the_cadence(kms):
     assert not lifecycle.rotate(kms, "root", only_if_due=True).rotated
 
 
-@pytest.mark.parametrize("op", [
-    lambda k: lifecycle.rotate(k, "nope"),
-    lambda k: lifecycle.rotate(k, "service:unknown-svc"),
-    lambda k: lifecycle.revoke(k, "root", 1, reason="x"),              # active: rotate first
-    lambda k: lifecycle.revoke(k, "root", 7, reason="x"),              # no such version
-    lambda k: lifecycle.destroy(k, "root", 1, reason="x"),             # active -> destroyed illegal
-])
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda k: lifecycle.rotate(k, "nope"),
+        lambda k: lifecycle.rotate(k, "service:unknown-svc"),
+        lambda k: lifecycle.revoke(k, "root", 1, reason="x"),  # active: rotate first
+        lambda k: lifecycle.revoke(k, "root", 7, reason="x"),  # no such version
+        lambda k: lifecycle.destroy(k, "root", 1, reason="x"),  # active -> destroyed illegal
+    ],
+)
 def test_refusals_change_nothing(kms, op):
     before = snapshot(kms)
     with pytest.raises(lifecycle.LifecycleError) as err:
@@ -106,8 +112,13 @@ def test_database_refuses_a_second_active_version(kms):
     with pytest.raises(IntegrityError):
         with kms.engine.begin() as conn:
             key_id = conn.execute(select(Key.id).where(Key.name == "root")).scalar_one()
-            conn.execute(text("INSERT INTO key_versions (key_id, version, state, created_at) "
-                              "VALUES (:k, 99, 'active', CURRENT_TIMESTAMP)"), {"k": key_id})
+            conn.execute(
+                text(
+                    "INSERT INTO key_versions (key_id, version, state, created_at) "
+                    "VALUES (:k, 99, 'active', CURRENT_TIMESTAMP)"
+                ),
+                {"k": key_id},
+            )
 
 
 def test_racing_rotations_on_postgres_rotate_once_and_keep_one_active(make_kms):
@@ -143,8 +154,12 @@ def test_racing_rotations_on_postgres_rotate_once_and_keep_one_active(make_kms):
     for t in threads:
         t.join()
     with kms.engine.connect() as conn:
-        states = conn.execute(select(KeyVersion.state, func.count()).join(Key)
-                              .where(Key.name == "service:worker-pipelines").group_by(KeyVersion.state)).all()
+        states = conn.execute(
+            select(KeyVersion.state, func.count())
+            .join(Key)
+            .where(Key.name == "service:worker-pipelines")
+            .group_by(KeyVersion.state)
+        ).all()
     assert dict(states) == {"active": 1, "rotated": 4}
     assert ledger.verify(kms.engine).ok
 

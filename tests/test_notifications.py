@@ -6,7 +6,13 @@ import socket
 import dagster as dg
 
 from kms_pipelines.core import notifications
-from kms_pipelines.core.notify import CompositeNotifier, OutboxNotifier, RetryPolicy, SlackWebhookNotifier, SmtpNotifier
+from kms_pipelines.core.foundation.transports import (
+    CompositeNotifier,
+    OutboxNotifier,
+    RetryPolicy,
+    SlackWebhookNotifier,
+    SmtpNotifier,
+)
 
 FAST = RetryPolicy(attempts=2, initial_wait=0.01, max_wait=0.02)
 
@@ -18,15 +24,20 @@ def _closed_port() -> int:
 
 
 def _wire(kms, smtp_port, slack_url):
-    kms.notifier = CompositeNotifier([OutboxNotifier(kms.home / "outbox.jsonl"),
-                                      SmtpNotifier("127.0.0.1", smtp_port, "kms@example.com", retry=FAST, timeout=2),
-                                      SlackWebhookNotifier(slack_url, retry=FAST)])
+    kms.notifier = CompositeNotifier(
+        [
+            OutboxNotifier(kms.home / "outbox.jsonl"),
+            SmtpNotifier("127.0.0.1", smtp_port, "kms@example.com", retry=FAST, timeout=2),
+            SlackWebhookNotifier(slack_url, retry=FAST),
+        ]
+    )
 
 
 def test_policy_recipients_and_delivery_log(kms, smtp_server, slack_receiver):
     _wire(kms, smtp_server.port, slack_receiver.url)
-    out = notifications.notify_manual_operation(kms, operation="rotate", target="root", ticket="CHG-1",
-                                                requester="alice", approvers=["bob", "carol"])
+    out = notifications.notify_manual_operation(
+        kms, operation="rotate", target="root", ticket="CHG-1", requester="alice", approvers=["bob", "carol"]
+    )
     assert out.ok
     assert [m.rcpt_tos for m in smtp_server.messages] == [["compliance@example.com"]]
     assert slack_receiver.payloads[0]["channel"] == "#kms-compliance"
@@ -69,8 +80,9 @@ def test_run_failure_sensor_notifies(kms_pg, smtp_server, slack_receiver, monkey
         boom()
 
     instance = dg.DagsterInstance.ephemeral()
-    result = failing_job.execute_in_process(instance=instance, raise_on_error=False,
-                                            tags={".dagster/grpc_info": '{"host": "localhost", "port": 4000}'})
+    result = failing_job.execute_in_process(
+        instance=instance, raise_on_error=False, tags={".dagster/grpc_info": '{"host": "localhost", "port": 4000}'}
+    )
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "PIPELINE_FAILURE")
     _wire(kms_pg, smtp_server.port, slack_receiver.url)
@@ -79,15 +91,21 @@ def test_run_failure_sensor_notifies(kms_pg, smtp_server, slack_receiver, monkey
         def context(self):
             return kms_pg
 
-    ctx = dg.build_run_status_sensor_context(sensor_name="run_failure_notify", dagster_event=failure,
-                                             dagster_instance=instance, dagster_run=result.dagster_run)
+    ctx = dg.build_run_status_sensor_context(
+        sensor_name="run_failure_notify",
+        dagster_event=failure,
+        dagster_instance=instance,
+        dagster_run=result.dagster_run,
+    )
     run_failure_notify._run_status_sensor_fn(ctx.for_run_failure(), kms=FakeKms())
     mails = [m for m in smtp_server.messages if m.message["X-KMS-Kind"] == "run_failure"]
     assert len(mails) == 1 and "failing_job" in mails[0].message["Subject"]
     # why it failed (the step's own error, not "Steps failed"), where to look, no internal tags
     assert "boom: RuntimeError: rotation step failed" in mails[0].message["Subject"]
     body = mails[0].message.get_content()
-    assert f"http://127.0.0.1:3000/runs/{result.run_id}" in body and "- boom: RuntimeError: rotation step failed" in body
+    assert (
+        f"http://127.0.0.1:3000/runs/{result.run_id}" in body and "- boom: RuntimeError: rotation step failed" in body
+    )
     assert ".dagster" not in body and "grpc_info" not in body
     assert any("failing_job" in p["text"] for p in slack_receiver.payloads)
     assert notifications.delivery_status(kms_pg).ok
@@ -97,9 +115,12 @@ def test_notify_overdue_asks_rotation_and_drills(kms, monkeypatch):
     import kms_pipelines.core.drills as drills
     import kms_pipelines.core.rotation as rotation
 
-    monkeypatch.setattr(rotation, "overdue_acknowledgements",
-                        lambda ctx: [{"id": "investor-portal/root-v2", "description": "no ack after 24 h"}],
-                        raising=False)
+    monkeypatch.setattr(
+        rotation,
+        "overdue_acknowledgements",
+        lambda ctx: [{"id": "investor-portal/root-v2", "description": "no ack after 24 h"}],
+        raising=False,
+    )
     monkeypatch.setattr(drills, "overdue_followups", lambda ctx: [], raising=False)
     out = notifications.notify_overdue(kms)
     assert out["partner_ack_overdue"] == {"overdue": 1, "notified": 1, "failed": 0}

@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from kms_pipelines.core.notify import (
+from kms_pipelines.core.foundation.transports import (
     CompositeNotifier,
     DeliveryResult,
     KeyMaterialRefused,
@@ -31,7 +31,7 @@ def _note(**kw) -> Notification:
     base = dict(
         subject="Manual rotation of service:api-gateway approved",
         body="Rotation of service:api-gateway v3 -> v4 approved by alice and bob (CHG-1042).\n"
-             "New public key fingerprint: " + "ab" * 32,
+        "New public key fingerprint: " + "ab" * 32,
         recipients=["compliance@example.com", "security@example.com"],
         slack_channels=["#kms-compliance"],
         severity="warning",
@@ -94,7 +94,9 @@ def test_slack_payload_arrives(slack_receiver):
     n = _note(slack_channels=["#kms-compliance", "#security-ops"])
     res = SlackWebhookNotifier(slack_receiver.url, retry=FAST).send(n)
     assert [(r.channel, r.ok, r.target, r.attempts) for r in res] == [
-        ("slack", True, "#kms-compliance", 1), ("slack", True, "#security-ops", 1)]
+        ("slack", True, "#kms-compliance", 1),
+        ("slack", True, "#security-ops", 1),
+    ]
     assert [p["channel"] for p in slack_receiver.payloads] == ["#kms-compliance", "#security-ops"]
     p = slack_receiver.payloads[0]
     assert "Manual rotation of service:api-gateway approved" in p["text"]
@@ -114,7 +116,8 @@ def test_slack_always_failing_but_email_still_delivered(tmp_path, smtp_server, s
     slack_receiver.fail_next(10_000)
     outbox = OutboxNotifier(tmp_path / "outbox.jsonl")
     notifier = CompositeNotifier(
-        [outbox, _smtp(smtp_server), SlackWebhookNotifier(slack_receiver.url, retry=FAST)], record_to=outbox)
+        [outbox, _smtp(smtp_server), SlackWebhookNotifier(slack_receiver.url, retry=FAST)], record_to=outbox
+    )
     n = _note()
     res = notifier.send(n)
     by = {r.channel: r for r in res}
@@ -186,9 +189,12 @@ def test_notification_validation_and_key_material_guard():
     with pytest.raises(KeyMaterialRefused):
         _note(body="-----BEGIN PRIVATE KEY-----\nMC4CAQ...\n-----END PRIVATE KEY-----")
     # hex fingerprints, paths and identifiers are fine
-    _note(body="fingerprint " + os.urandom(32).hex()
-          + "\ns3://kms-archive/backups/daily/2026-11-28/kms-backup-2026-11-28.tar.zst.age"
-          + "\nartifacts/kms/service/ApiGateway/versions/000123/PublicKeyManifestVersion0004.json")
+    _note(
+        body="fingerprint "
+        + os.urandom(32).hex()
+        + "\ns3://kms-archive/backups/daily/2026-11-28/kms-backup-2026-11-28.tar.zst.age"
+        + "\nartifacts/kms/service/ApiGateway/versions/000123/PublicKeyManifestVersion0004.json"
+    )
 
 
 def test_notifier_from_env(tmp_path, smtp_server, slack_receiver):
@@ -196,9 +202,13 @@ def test_notifier_from_env(tmp_path, smtp_server, slack_receiver):
     assert isinstance(only, OutboxNotifier) and only.path == tmp_path / "outbox.jsonl"
 
     env = {
-        "KMS_SMTP_HOST": smtp_server.host, "KMS_SMTP_PORT": str(smtp_server.port),
-        "KMS_SMTP_SENDER": "kms@example.com", "KMS_SMTP_USER": "kms", "KMS_SMTP_PASSWORD": "secret",
-        "KMS_NOTIFY_RETRY_ATTEMPTS": "2", "KMS_NOTIFY_RETRY_WAIT": "0.01",
+        "KMS_SMTP_HOST": smtp_server.host,
+        "KMS_SMTP_PORT": str(smtp_server.port),
+        "KMS_SMTP_SENDER": "kms@example.com",
+        "KMS_SMTP_USER": "kms",
+        "KMS_SMTP_PASSWORD": "secret",
+        "KMS_NOTIFY_RETRY_ATTEMPTS": "2",
+        "KMS_NOTIFY_RETRY_WAIT": "0.01",
     }
     email_only = notifier_from_env(tmp_path, env=env)
     assert isinstance(email_only, CompositeNotifier)
@@ -217,9 +227,11 @@ def test_notifier_from_env(tmp_path, smtp_server, slack_receiver):
     slack_only = notifier_from_env(tmp_path, env={"KMS_SLACK_WEBHOOK_URL": slack_receiver.url})
     assert [type(n) for n in slack_only.notifiers] == [OutboxNotifier, SlackWebhookNotifier]
 
-    for bad in ({"KMS_SMTP_HOST": "mail"},  # no sender
-                {**env, "KMS_SMTP_SECURITY": "tls13"},
-                {**env, "KMS_SMTP_PORT": "twenty-five"},
-                {"KMS_SLACK_WEBHOOK_URL": "hooks.slack.com/services/x"}):
+    for bad in (
+        {"KMS_SMTP_HOST": "mail"},  # no sender
+        {**env, "KMS_SMTP_SECURITY": "tls13"},
+        {**env, "KMS_SMTP_PORT": "twenty-five"},
+        {"KMS_SLACK_WEBHOOK_URL": "hooks.slack.com/services/x"},
+    ):
         with pytest.raises(NotifyConfigError):
             notifier_from_env(tmp_path, env=bad)

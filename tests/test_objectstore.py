@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kms_pipelines.core.objectstore import (
+from kms_pipelines.core.foundation.objectstore import (
     InvalidKey,
     InvalidObjectStoreURL,
     LocalObjectStore,
@@ -30,7 +30,7 @@ from kms_pipelines.core.objectstore import (
     ObjectStoreUnreachable,
     objectstore_from_url,
 )
-from kms_pipelines.core.objectstore.s3 import MIN_PART_SIZE, S3ObjectStore
+from kms_pipelines.core.foundation.objectstore.s3 import MIN_PART_SIZE, S3ObjectStore
 
 MiB = 1024 * 1024
 PART = MIN_PART_SIZE  # small parts so tests exercise multipart quickly
@@ -51,7 +51,7 @@ class GeneratedStream(io.RawIOBase):
         self.max_request = 0
         self.sha = hashlib.sha256()
         self._period = 1 * MiB + 7  # odd period, so parts differ
-        self._block = (hashlib.sha512(b"seed").digest() * (2 * MiB // 64 + 1))
+        self._block = hashlib.sha512(b"seed").digest() * (2 * MiB // 64 + 1)
 
     def readable(self) -> bool:
         return True
@@ -66,7 +66,7 @@ class GeneratedStream(io.RawIOBase):
         if n <= 0:
             return b""
         off = self.pos % self._period
-        out = self._block[off:off + n]
+        out = self._block[off : off + n]
         assert len(out) == n
         self.pos += n
         self.sha.update(out)
@@ -95,8 +95,12 @@ def test_is_an_objectstore(store):
 
 def test_put_get_head_list_roundtrip(store):
     body = b"manifest v1\n" * 100
-    info = store.put("backups/2026-01-01/manifest.json", body, content_type="application/json",
-                     metadata={"kind": "manifest", "sha256-plain": "abc"})
+    info = store.put(
+        "backups/2026-01-01/manifest.json",
+        body,
+        content_type="application/json",
+        metadata={"kind": "manifest", "sha256-plain": "abc"},
+    )
     assert isinstance(info, ObjectInfo)
     assert info.size == len(body)
     assert info.sha256 == hashlib.sha256(body).hexdigest()
@@ -307,7 +311,7 @@ def test_local_killed_write_leaves_nothing_visible(tmp_path):
     code = textwrap.dedent(f"""
         import sys, itertools
         sys.path.insert(0, {str(Path.cwd())!r})
-        from kms_pipelines.core.objectstore import LocalObjectStore
+        from kms_pipelines.core.foundation.objectstore import LocalObjectStore
         class Endless:
             def read(self, n=-1):
                 return b"x" * 65536

@@ -1,8 +1,8 @@
-"""The raw-handle bulk rewrap (core/keystore/pkcs11_raw) on SoftHSM2 against python-pkcs11's path."""
+"""The raw-handle bulk rewrap (core/foundation/keystore/pkcs11_raw) on SoftHSM2 against python-pkcs11's path."""
 
 import pytest
 
-from kms_pipelines.core.keystore.base import AES_256, DecryptionFailed
+from kms_pipelines.core.foundation.keystore.base import AES_256, DecryptionFailed
 from tests.fixtures.softhsm import unique_ref
 
 

@@ -7,10 +7,11 @@ import os
 import pytest
 from sqlalchemy import create_engine, inspect, select
 
-from kms_pipelines.core import backup, checkpoints, db, envelope, ledger, lifecycle, restore, rpt
-from kms_pipelines.core.db.models import KeyVersion
-from kms_pipelines.core.db.models_backup import Backup
-from kms_pipelines.core.objectstore.local import LocalObjectStore
+from kms_pipelines.core import backup, checkpoints, envelope, ledger, lifecycle, restore, rpt
+from kms_pipelines.core.foundation import db
+from kms_pipelines.core.foundation.db.models import KeyVersion
+from kms_pipelines.core.foundation.db.models_backup import Backup
+from kms_pipelines.core.foundation.objectstore.local import LocalObjectStore
 
 
 def sim_store(kms):
@@ -56,9 +57,15 @@ def test_restore_into_a_new_database_passes_every_check(backed_up, pg_database, 
     report = restore.restore(kms, info.archive_id, target, target_home=tmp_path / "staging")
     statuses = {c.name: c.status for c in report.checks}
     assert report.ok, report.summary()
-    assert statuses == {"manifest_signature": "passed", "archive_sha256": "passed", "restore": "passed",
-                        "migrations": "passed", "ledger_chain": "passed", "rpt_chain": "passed",
-                        "canaries": "passed"}
+    assert statuses == {
+        "manifest_signature": "passed",
+        "archive_sha256": "passed",
+        "restore": "passed",
+        "migrations": "passed",
+        "ledger_chain": "passed",
+        "rpt_chain": "passed",
+        "canaries": "passed",
+    }
     assert "3 recent RPTs" in {c.name: c.detail for c in report.checks}["rpt_chain"]
     # the restored database is the live one: same ledger head, same key versions
     restored = db.make_engine(target)
@@ -94,18 +101,25 @@ def _flip(offset):
         i = offset if offset >= 0 else len(data) + offset
         data[i] ^= 0x01
         return data
+
     return fn
 
 
 TAMPERS = [
-    ("archive", _flip(0)),             # age header
-    ("archive", _flip(200)),           # sealed file key / first chunk
+    ("archive", _flip(0)),  # age header
+    ("archive", _flip(200)),  # sealed file key / first chunk
     ("archive", lambda d: _flip(len(d) // 2)(d)),
-    ("archive", _flip(-1)),            # last tag byte
-    ("archive", lambda d: d[:-100]),   # truncated
+    ("archive", _flip(-1)),  # last tag byte
+    ("archive", lambda d: d[:-100]),  # truncated
     ("archive", lambda d: d + b"\0"),  # extended
-    ("manifest", lambda d: d.replace(b'"gfs_class": "nightly"', b'"gfs_class": "weekly"')
-     if b'"gfs_class": "nightly"' in d else d.replace(b'"gfs_class": "weekly"', b'"gfs_class": "nightly"')),
+    (
+        "manifest",
+        lambda d: (
+            d.replace(b'"gfs_class": "nightly"', b'"gfs_class": "weekly"')
+            if b'"gfs_class": "nightly"' in d
+            else d.replace(b'"gfs_class": "weekly"', b'"gfs_class": "nightly"')
+        ),
+    ),
     ("manifest", lambda d: _flip(d.index(b'"signature"') + 20)(d)),
     ("manifest", lambda d: _flip(d.index(b'"archive_sha256"') + 25)(d)),
     ("manifest", lambda d: d[: len(d) // 2]),
@@ -179,13 +193,15 @@ def _nonempty(pg_database):
 def test_restore_takes_a_path_to_the_archive_file_inside_the_store(backed_up, pg_database, tmp_path):
     # `scripts/restore.sh <archive>` as the policy spells it: a file path, not an id.
     kms, info = backed_up
-    report = restore.restore(kms, str(kms.objects.root / info.archive_key), pg_database(),
-                             target_home=tmp_path / "staging")
+    report = restore.restore(
+        kms, str(kms.objects.root / info.archive_key), pg_database(), target_home=tmp_path / "staging"
+    )
     assert report.ok and report.archive_id == info.archive_id, report.summary()
 
 
 def test_restore_takes_a_copied_out_archive_with_its_manifest_and_refuses_a_tampered_copy(
-        backed_up, pg_database, tmp_path):
+    backed_up, pg_database, tmp_path
+):
     import shutil
 
     kms, info = backed_up

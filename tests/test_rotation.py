@@ -10,19 +10,23 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from kms_pipelines.core import lifecycle, manifest, rotation, service_keys
-from kms_pipelines.core.db.models_rotation import PartnerNotice, RootManifest, ServiceSeed
-from kms_pipelines.core.keystore import verify_signature
+from kms_pipelines.core.foundation.db.models_rotation import PartnerNotice, RootManifest, ServiceSeed
+from kms_pipelines.core.foundation.keystore import verify_signature
 from tests.test_lifecycle import snapshot
 
 
 def full_snapshot(kms):
     """Versions, ledger head, keystore refs plus this area's tables."""
     with kms.transaction() as s:
-        notices = [(n.root_version, n.partner, n.notified_at, n.acked_at)
-                   for n in s.scalars(select(PartnerNotice).order_by(PartnerNotice.id))]
+        notices = [
+            (n.root_version, n.partner, n.notified_at, n.acked_at)
+            for n in s.scalars(select(PartnerNotice).order_by(PartnerNotice.id))
+        ]
         manifests = list(s.scalars(select(RootManifest.root_version)))
-        seeds = [(x.key_name, x.key_version, x.root_version, x.wrapped)
-                 for x in s.scalars(select(ServiceSeed).order_by(ServiceSeed.id))]
+        seeds = [
+            (x.key_name, x.key_version, x.root_version, x.wrapped)
+            for x in s.scalars(select(ServiceSeed).order_by(ServiceSeed.id))
+        ]
     return snapshot(kms), notices, manifests, seeds
 
 
@@ -34,14 +38,15 @@ def test_reconcile_rotates_each_class_on_its_cadence_and_is_a_no_op_otherwise(km
     assert rotated(rotation.reconcile(kms)) == []
     before = full_snapshot(kms)
     assert rotated(rotation.reconcile(kms)) == []
-    assert full_snapshot(kms)[0] == before[0]            # nothing rotated, ledger untouched
+    assert full_snapshot(kms)[0] == before[0]  # nothing rotated, ledger untouched
     kms.clock.advance(timedelta(days=30))
     assert rotated(rotation.reconcile(kms)) == ["backup"]
     kms.clock.advance(timedelta(days=30) - timedelta(seconds=1))
     assert rotated(rotation.reconcile(kms, "service")) == []
     kms.clock.advance(timedelta(seconds=1))
-    assert rotated(rotation.reconcile(kms, "service")) == [f"service:{n}" for n in sorted(
-        kms.policy.key_class("service").names)]
+    assert rotated(rotation.reconcile(kms, "service")) == [
+        f"service:{n}" for n in sorted(kms.policy.key_class("service").names)
+    ]
     kms.clock.advance(timedelta(days=30))
     assert rotated(rotation.reconcile(kms)) == ["backup", "root"]
     assert rotated(rotation.reconcile(kms)) == []
@@ -59,11 +64,14 @@ def test_root_rotation_publishes_a_signed_manifest_and_notifies_partners(kms):
     old_doc = json.loads(kms.objects.get_bytes("manifests/root/v1.json"))
     assert doc["previous"]["fingerprint"] == old_doc["fingerprint"]
     # the previous root's signature over the new fingerprint verifies with the old public key only
-    assert verify_signature(base64.b64decode(old_doc["public_key"]), manifest.signed_message(doc["fingerprint"]),
-                            base64.b64decode(doc["previous"]["signature"]))
+    assert verify_signature(
+        base64.b64decode(old_doc["public_key"]),
+        manifest.signed_message(doc["fingerprint"]),
+        base64.b64decode(doc["previous"]["signature"]),
+    )
     assert manifest.verify_chain(kms).ok
     head = kms.objects.head("manifests/root/v2.json")
-    assert head.retain_until is not None                    # write-once
+    assert head.retain_until is not None  # write-once
     # every partner notified through the notifier (outbox), within the deadline
     rows = rotation.partner_status(kms)
     assert {x.partner for x in rows} == {p.name for p in kms.policy.partners}
@@ -76,26 +84,33 @@ def test_root_rotation_publishes_a_signed_manifest_and_notifies_partners(kms):
 
 def test_tampered_manifest_chain_is_detected():
     # offline verification over documents: swap the public key of v2
-    from kms_pipelines.core.keystore.software import SoftwareKeyStore  # noqa: F401
+    from kms_pipelines.core.foundation.keystore.software import SoftwareKeyStore  # noqa: F401
 
-    good = [{"format": manifest.FORMAT, "version": 1, "public_key": base64.b64encode(b"\x01" * 32).decode(),
-             "fingerprint": "x", "previous": None}]
+    good = [
+        {
+            "format": manifest.FORMAT,
+            "version": 1,
+            "public_key": base64.b64encode(b"\x01" * 32).decode(),
+            "fingerprint": "x",
+            "previous": None,
+        }
+    ]
     result = manifest.verify_documents(good)
     assert not result.ok and "fingerprint does not match" in result.problem
 
 
 def test_partner_check_fails_when_unnotified_24h_after_rotation_and_acks_are_recorded(kms):
-    kms.notifier = None                                     # delivery impossible
+    kms.notifier = None  # delivery impossible
     kms.clock.advance(timedelta(days=90))
     rotation.reconcile(kms, "root")
     assert all(r.status == "pending" for r in rotation.partner_status(kms))
     kms.clock.advance(timedelta(hours=23, minutes=59))
-    assert rotation.check_partners(kms).ok                  # still within 24 h
+    assert rotation.check_partners(kms).ok  # still within 24 h
     kms.clock.advance(timedelta(minutes=1))
     check = rotation.check_partners(kms)
     assert not check.ok and len(check.overdue) == len(kms.policy.partners)
     # delivery restored: the nightly step notifies (late, and shown as late)
-    from kms_pipelines.core.notify import OutboxNotifier
+    from kms_pipelines.core.foundation.transports import OutboxNotifier
 
     kms.notifier = OutboxNotifier(kms.home / "outbox.jsonl")
     kms.clock.advance(timedelta(hours=1))
@@ -110,12 +125,15 @@ def test_partner_check_fails_when_unnotified_24h_after_rotation_and_acks_are_rec
     assert status["issuer-gateway"].acked_at is None
 
 
-@pytest.mark.parametrize("op", [
-    lambda k: rotation.ack(k, "unknown-partner", 2),
-    lambda k: rotation.ack(k, "investor-portal", 7),
-    lambda k: rotation.reconcile(k, "break-glass"),
-    lambda k: rotation.rotate_now(k, "service:nope", reason="compromise"),
-])
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda k: rotation.ack(k, "unknown-partner", 2),
+        lambda k: rotation.ack(k, "investor-portal", 7),
+        lambda k: rotation.reconcile(k, "break-glass"),
+        lambda k: rotation.rotate_now(k, "service:nope", reason="compromise"),
+    ],
+)
 def test_refusals_change_nothing(kms, op):
     kms.clock.advance(timedelta(days=90))
     rotation.reconcile(kms, "root")
@@ -130,7 +148,7 @@ def test_service_rotates_at_once_on_the_policy_reasons_and_credentials_are_reiss
     cred = service_keys.issue_credential(kms, "api-gateway", "partner-app")
     r = rotation.rotate_now(kms, "service:api-gateway", reason="ci-exposure", actor="sec-eng")
     assert r.rotated and r.reason == "ci-exposure"
-    assert service_keys.verify_credential(kms, "api-gateway", cred).valid        # old stays valid
+    assert service_keys.verify_credential(kms, "api-gateway", cred).valid  # old stays valid
     new = service_keys.pickup_credential(kms, "api-gateway", "partner-app")
     check = service_keys.verify_credential(kms, "api-gateway", new)
     assert check.valid and check.version == 2
@@ -145,7 +163,7 @@ def test_service_rotates_at_once_on_the_policy_reasons_and_credentials_are_reiss
 
 def test_root_rotated_elsewhere_is_caught_up_by_reconcile(kms):
     service_keys.issue_credential(kms, "worker-pipelines", "c1")
-    lifecycle.rotate(kms, "root", reason="compromise")       # e.g. compromise response, plain lifecycle
+    lifecycle.rotate(kms, "root", reason="compromise")  # e.g. compromise response, plain lifecycle
     with kms.transaction() as s:
         assert {x.root_version for x in s.scalars(select(ServiceSeed))} == {1}
     rotation.reconcile(kms, "root")
@@ -166,21 +184,39 @@ def test_cli_partners_and_keys_rotate(kms, monkeypatch):
 
     d = ceremony(kms, {"sre": "sre_oncall", "b": "security_engineering", "c": "security_engineering"})
     # the acknowledgement is recorded by a proven principal, never a claimed name
-    res = runner.invoke(cli, ["partners", "ack", "regulator-feed", "--version", "2", "--as", "b", "--totp", "000000"],
-                        obj=obj)
+    res = runner.invoke(
+        cli, ["partners", "ack", "regulator-feed", "--version", "2", "--as", "b", "--totp", "000000"], obj=obj
+    )
     assert res.exit_code == 1 and "TOTP code for 'b' is wrong" in res.output, res.output
-    res = runner.invoke(cli, ["partners", "ack", "regulator-feed", "--version", "2", "--as", "b",
-                              "--totp", totp_now(kms, d["b"])], obj=obj)
+    res = runner.invoke(
+        cli,
+        ["partners", "ack", "regulator-feed", "--version", "2", "--as", "b", "--totp", totp_now(kms, d["b"])],
+        obj=obj,
+    )
     assert res.exit_code == 0, res.output
     assert "regulator-feed acknowledged root v2" in res.output
     assert [a.acked_by for a in rotation.partner_status(kms, 2) if a.partner == "regulator-feed"] == ["b"]
-    res = runner.invoke(cli, ["partners", "ack", "nobody", "--version", "2", "--as", "c",
-                              "--totp", totp_now(kms, d["c"])], obj=obj)
+    res = runner.invoke(
+        cli, ["partners", "ack", "nobody", "--version", "2", "--as", "c", "--totp", totp_now(kms, d["c"])], obj=obj
+    )
     assert res.exit_code == 1 and "unknown partner 'nobody'" in res.output
     res = runner.invoke(cli, ["partners", "status", "--json"], obj=obj)
     assert res.exit_code == 0 and len(json.loads(res.output)) == len(kms.policy.partners)
-    res = runner.invoke(cli, ["keys", "rotate", "service:reconciliation-engine", "--reason", "tenant-rotation",
-                              "--requested-by", "sre", "--totp", totp_now(kms, d["sre"])], obj=obj)
+    res = runner.invoke(
+        cli,
+        [
+            "keys",
+            "rotate",
+            "service:reconciliation-engine",
+            "--reason",
+            "tenant-rotation",
+            "--requested-by",
+            "sre",
+            "--totp",
+            totp_now(kms, d["sre"]),
+        ],
+        obj=obj,
+    )
     assert res.exit_code == 0 and "v1 -> v2" in res.output, res.output
     res = runner.invoke(cli, ["keys", "rotate", "service:api-gateway", "--reason", "bogus"], obj=obj)
     assert res.exit_code == 2
@@ -199,20 +235,27 @@ def test_dagster_key_assets_and_partner_check(tmp_path):
     home = tmp_path / "home"
 
     def resources(at):
-        return {"kms": KmsResource(home=str(home), database=DatabaseResource(url=f"sqlite:///{home}/kms.db"),
-                                   keystore=KeyStoreResource(kind="software"),
-                                   objects=ObjectStoreResource(url=str(home / "objects")),
-                                   clock=FixedClockResource(fixed_time=at))}
+        return {
+            "kms": KmsResource(
+                home=str(home),
+                database=DatabaseResource(url=f"sqlite:///{home}/kms.db"),
+                keystore=KeyStoreResource(kind="software"),
+                objects=ObjectStoreResource(url=str(home / "objects")),
+                clock=FixedClockResource(fixed_time=at),
+            )
+        }
 
     assets = [kms_state, rdefs.keys_root, rdefs.keys_service, rdefs.keys_data, rdefs.keys_backup]
     checks = [rdefs.partners_notified_within_24h, rdefs.root_manifest_chain_verifies]
-    r = dg.materialize(assets + checks, instance=dg.DagsterInstance.ephemeral(),
-                       resources=resources("2030-01-01T02:00:00Z"))
+    r = dg.materialize(
+        assets + checks, instance=dg.DagsterInstance.ephemeral(), resources=resources("2030-01-01T02:00:00Z")
+    )
     assert r.success
     md = r.asset_materializations_for_node("keys_root")[0].metadata
     assert md["rotated_count"].value == 0 and md["manifest_kid"].value == "root.v1"
-    r = dg.materialize(assets + checks, instance=dg.DagsterInstance.ephemeral(),
-                       resources=resources("2030-04-02T02:00:00Z"))
+    r = dg.materialize(
+        assets + checks, instance=dg.DagsterInstance.ephemeral(), resources=resources("2030-04-02T02:00:00Z")
+    )
     assert r.success
     md = r.asset_materializations_for_node("keys_root")[0].metadata
     assert md["rotated"].value == ["root v1->v2"] and md["manifest_kid"].value == "root.v2"
@@ -227,6 +270,6 @@ def test_dagster_key_assets_and_partner_check(tmp_path):
     evals = {e.check_name: e.passed for e in r.get_asset_check_evaluations()}
     assert evals == {"partners_notified_within_24h": True, "root_manifest_chain_verifies": True}
     doc = json.loads((home / "objects" / "manifests/root/v2.json").read_bytes())
-    assert f"`{doc['fingerprint']}`" in full_values          # whole, in code: selected and copied as one
+    assert f"`{doc['fingerprint']}`" in full_values  # whole, in code: selected and copied as one
     text = json.dumps({k: str(v.value) for k, v in md.items()})
-    assert doc["public_key"] not in text                     # fingerprints only, never key bytes
+    assert doc["public_key"] not in text  # fingerprints only, never key bytes

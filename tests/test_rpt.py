@@ -8,17 +8,18 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from kms_pipelines.core import checkpoints, ledger, lifecycle, rpt
-from kms_pipelines.core.canonical import canonical_bytes
-from kms_pipelines.core.db.append_only import create_append_only_triggers, drop_append_only_triggers
-from kms_pipelines.core.db.models_rpt import RegulatoryProofToken
-
+from kms_pipelines.core.foundation.canonical import canonical_bytes
+from kms_pipelines.core.foundation.db.append_only import create_append_only_triggers, drop_append_only_triggers
+from kms_pipelines.core.foundation.db.models_rpt import RegulatoryProofToken
 
 # ---- helpers shared by the rpt/checkpoint/evidence tests -------------------------------------
 
+
 def rows(kms):
     with kms.engine.connect() as conn:
-        return conn.execute(select(RegulatoryProofToken.seq, RegulatoryProofToken.token)
-                            .order_by(RegulatoryProofToken.seq)).all()
+        return conn.execute(
+            select(RegulatoryProofToken.seq, RegulatoryProofToken.token).order_by(RegulatoryProofToken.seq)
+        ).all()
 
 
 def snapshot(kms):
@@ -83,13 +84,25 @@ def corrupt_signature(token):
 def insert_raw(kms, seq, token):
     header, payload, _ = rpt.decode(token)
     with kms.engine.begin() as conn:
-        conn.execute(text("INSERT INTO rpts (seq, token, kid, iat, subject, prev_hash, token_hash) "
-                          "VALUES (:s, :t, :k, :i, :sub, :p, :h)"),
-                     {"s": seq, "t": token, "k": header["kid"], "i": kms.now(), "sub": payload["subject"],
-                      "p": payload["prev"], "h": rpt.token_hash(token)})
+        conn.execute(
+            text(
+                "INSERT INTO rpts (seq, token, kid, iat, subject, prev_hash, token_hash) "
+                "VALUES (:s, :t, :k, :i, :sub, :p, :h)"
+            ),
+            {
+                "s": seq,
+                "t": token,
+                "k": header["kid"],
+                "i": kms.now(),
+                "sub": payload["subject"],
+                "p": payload["prev"],
+                "h": rpt.token_hash(token),
+            },
+        )
 
 
 # ---- issue -------------------------------------------------------------------------------------
+
 
 def test_token_is_a_compact_eddsa_jws_over_canonical_json(kms):
     token = rpt.issue(kms, "issuer-42", {"amount": "1000.00", "currency": "EUR", "z": [1, {"b": 2, "a": 1}]})
@@ -111,13 +124,16 @@ def test_token_is_a_compact_eddsa_jws_over_canonical_json(kms):
     assert stored[1].kid == header["kid"] and stored[1].subject == "issuer-42"
 
 
-@pytest.mark.parametrize("subject,claims,match", [
-    ("", {}, "subject must be a non-empty"),
-    ("x" * 201, {}, "the policy allows 200"),
-    ("s", ["not", "an", "object"], "claims must be a JSON object"),
-    ("s", {"blob": "x" * 20000}, "the policy allows 16384"),
-    ("s", {"nan": float("nan")}, "not canonicalisable"),
-])
+@pytest.mark.parametrize(
+    "subject,claims,match",
+    [
+        ("", {}, "subject must be a non-empty"),
+        ("x" * 201, {}, "the policy allows 200"),
+        ("s", ["not", "an", "object"], "claims must be a JSON object"),
+        ("s", {"blob": "x" * 20000}, "the policy allows 16384"),
+        ("s", {"nan": float("nan")}, "not canonicalisable"),
+    ],
+)
 def test_bad_issue_requests_are_refused_and_change_nothing(kms, subject, claims, match):
     issue_n(kms, 2)
     before = snapshot(kms)
@@ -185,10 +201,11 @@ def test_concurrent_issuers_and_a_rotation_keep_one_contiguous_chain(kms_pg):
 
 # ---- verify_chain ----------------------------------------------------------------------------
 
+
 def test_a_thousand_tokens_across_three_root_rotations_verify(make_kms):
     kms = make_kms("sqlite")
     for block in range(4):
-        issue_n(kms, 10, start=block * 250, step=timedelta(minutes=3))       # one by one
+        issue_n(kms, 10, start=block * 250, step=timedelta(minutes=3))  # one by one
         issue_n(kms, 240, start=block * 250 + 10, step=timedelta(minutes=3), batch=20)
         if block < 3:
             kms.clock.advance(timedelta(days=90))
@@ -242,8 +259,13 @@ def test_signature_swap_is_caught(chain):
 
 def test_reorder_is_caught(chain):
     r = rows(chain)
-    admin(chain, "rpts", "UPDATE rpts SET token = :a WHERE seq = 12", "UPDATE rpts SET token = :b WHERE seq = 13",
-          params={"a": r[12][1], "b": r[11][1]})
+    admin(
+        chain,
+        "rpts",
+        "UPDATE rpts SET token = :a WHERE seq = 12",
+        "UPDATE rpts SET token = :b WHERE seq = 13",
+        params={"a": r[12][1], "b": r[11][1]},
+    )
     _expect(chain, 12, "out of order", "signed as seq 13")
 
 
@@ -282,8 +304,13 @@ def test_unknown_kid_is_rejected(chain):
     head_seq, head_hash = chain_head(chain)
     rogue = Ed25519PrivateKey.generate()
     header = {"alg": "EdDSA", "kid": "root#v2:SHA256:" + "ab" * 32}
-    payload = {"seq": head_seq + 1, "prev": head_hash, "iat": int(chain.now().timestamp()), "subject": "x",
-               "claims": {}}
+    payload = {
+        "seq": head_seq + 1,
+        "prev": head_hash,
+        "iat": int(chain.now().timestamp()),
+        "subject": "x",
+        "claims": {},
+    }
     data = rpt.signing_input(header, payload)
     insert_raw(chain, head_seq + 1, data + "." + rpt.b64url(rogue.sign(data.encode())))
     _expect(chain, 41, "unknown kid", "root v2")
@@ -291,7 +318,7 @@ def test_unknown_kid_is_rejected(chain):
 
 def test_last_n_is_anchored_at_the_token_before(chain):
     set_token(chain, 5, rows(chain)[5][1])  # damage early in the chain
-    assert rpt.verify_chain(chain, last=30).ok       # seq 11..40 untouched
+    assert rpt.verify_chain(chain, last=30).ok  # seq 11..40 untouched
     _expect(chain, 5, last=40)
     with pytest.raises(rpt.RptError, match="at least 1"):
         rpt.verify_chain(chain, last=0)

@@ -45,8 +45,9 @@ def test_celery_settings_are_the_measured_ones():
     assert s["task_acks_late"] is True and s["task_reject_on_worker_lost"] is True
     assert s["worker_prefetch_multiplier"] == 1
     assert s["broker_transport_options"]["visibility_timeout"] == 60
-    assert celery_settings.settings({"KMS_CELERY_VISIBILITY_TIMEOUT": "10"})["broker_transport_options"] == \
-        {"visibility_timeout": 10}
+    assert celery_settings.settings({"KMS_CELERY_VISIBILITY_TIMEOUT": "10"})["broker_transport_options"] == {
+        "visibility_timeout": 10
+    }
     with pytest.raises(ValueError, match="KMS_CELERY_VISIBILITY_TIMEOUT must be a whole number"):
         celery_settings.settings({"KMS_CELERY_VISIBILITY_TIMEOUT": "soon"})
     with pytest.raises(ValueError, match="KMS_CELERY_BROKER is not set"):
@@ -60,16 +61,23 @@ def test_every_job_runs_on_the_configured_executor_it_supports():
     import subprocess
     import sys
 
-    code = ("import json; from kms_pipelines.definitions import defs; "
-            "print(json.dumps({j.name: j.executor_def.name for j in defs().resolve_all_job_defs()}))")
-    env = dict(os.environ, KMS_EXECUTOR="celery", KMS_CELERY_BROKER="redis://127.0.0.1:6379/9",
-               PYTHONPATH=str(REPO))
+    code = (
+        "import json; from kms_pipelines.definitions import defs; "
+        "print(json.dumps({j.name: j.executor_def.name for j in defs().resolve_all_job_defs()}))"
+    )
+    env = dict(os.environ, KMS_EXECUTOR="celery", KMS_CELERY_BROKER="redis://127.0.0.1:6379/9", PYTHONPATH=str(REPO))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     jobs = {k: v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items() if not k.startswith("__")}
     assert {"dek_rewrap_sweep_job", "dek_rewrap_fanout_job", "backup_nightly", "restore_drill"} <= set(jobs)
-    celery = {"dek_rewrap_sweep_job", "dek_rewrap_fanout_job", "backup_nightly", "compromise_response",
-              "manual_rotation", "export_key_expiry_job"}
+    celery = {
+        "dek_rewrap_sweep_job",
+        "dek_rewrap_fanout_job",
+        "backup_nightly",
+        "compromise_response",
+        "manual_rotation",
+        "export_key_expiry_job",
+    }
     assert {name for name, executor in jobs.items() if executor == "celery"} == celery & set(jobs)
     # Jobs that declare in-process only keep it (a task round trip per short step is never worth it).
     assert jobs["kms_nightly"] == "in_process" and jobs["key_state_refresh"] == "in_process"
@@ -91,7 +99,7 @@ def test_compose_file_parses_and_has_every_service():
     workers = [s for s in services.values() if s.get("command", [])[:3] == ["kms", "worker", "start"]]
     assert len(workers) >= 2 and all(w["environment"]["KMS_ROLE"] == "worker" for w in workers)
     for worker in workers:  # a worker's environment passes the preflight
-        from kms_pipelines.core.worker import worker_problems
+        from kms_pipelines.core.foundation.worker import worker_problems
 
         env = {k: str(v) for k, v in worker["environment"].items()}
         assert worker_problems(env) == []

@@ -15,12 +15,11 @@ import pyotp
 from sqlalchemy import select
 
 from kms_pipelines.core import access, audit
-from kms_pipelines.core.db.models_access import AuditAnomaly, AuditEvent, Principal
-from kms_pipelines.core.keystore.audited import unwrap
+from kms_pipelines.core.foundation.db.models_access import AuditAnomaly, AuditEvent, Principal
+from kms_pipelines.core.foundation.keystore.audited import unwrap
 from kms_pipelines.defs.access import audit_anomalies, audit_chain_intact, manual_rotation
 from kms_pipelines.defs.foundation import kms_state
-from kms_pipelines.defs.resources import (DatabaseResource, KeyStoreResource, KmsResource,
-                                          ObjectStoreResource)
+from kms_pipelines.defs.resources import DatabaseResource, KeyStoreResource, KmsResource, ObjectStoreResource
 from tests.fixtures.dagster_defs import FixedClockResource
 from tests.fixtures.kms import approve_both, ceremony, write_test_policy
 
@@ -29,9 +28,14 @@ MASTER = base64.b64encode(bytes(range(32))).decode()
 
 
 def _encodings(secret: bytes) -> set[str]:
-    forms = {secret.hex(), secret.hex().upper(), base64.b64encode(secret).decode(),
-             base64.urlsafe_b64encode(secret).decode().rstrip("="), base64.b32encode(secret).decode().rstrip("="),
-             secret.decode("latin-1")}
+    forms = {
+        secret.hex(),
+        secret.hex().upper(),
+        base64.b64encode(secret).decode(),
+        base64.urlsafe_b64encode(secret).decode().rstrip("="),
+        base64.b32encode(secret).decode().rstrip("="),
+        secret.decode("latin-1"),
+    }
     return {f for f in forms if len(f) >= 16}
 
 
@@ -39,23 +43,45 @@ def test_no_key_material_in_audit_rows_event_log_or_logs(tmp_path, monkeypatch, 
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("KMS_MASTER_KEY", MASTER)
     monkeypatch.setenv("KMS_POLICY", write_test_policy(tmp_path))  # the approvers' keys are software ones
-    res = KmsResource(home=str(tmp_path / "home"), database=DatabaseResource(url=f"sqlite:///{tmp_path / 'kms.db'}"),
-                      keystore=KeyStoreResource(kind="software"),
-                      objects=ObjectStoreResource(url=str(tmp_path / "objects")),
-                      clock=FixedClockResource(fixed_time=AT.isoformat()))
+    res = KmsResource(
+        home=str(tmp_path / "home"),
+        database=DatabaseResource(url=f"sqlite:///{tmp_path / 'kms.db'}"),
+        keystore=KeyStoreResource(kind="software"),
+        objects=ObjectStoreResource(url=str(tmp_path / "objects")),
+        clock=FixedClockResource(fixed_time=AT.isoformat()),
+    )
     instance = dg.DagsterInstance.ephemeral()
     runs = [dg.materialize([kms_state], resources={"kms": res}, instance=instance)]
     ctx = res.context()
     devices = ceremony(ctx, {"alice": "sre_oncall", "bob": "security_engineering", "carol": "compliance_officer"})
     uris = {n: d.provisioning_uri(name=n) for n, d in devices.items()}
     for n in ("bob", "carol"):
-        approve_both(ctx, n, ticket="CHG-S", operation="rotate", target="service:api-gateway",
-                       totp=pyotp.parse_uri(uris[n]).at(AT))
-    runs.append(manual_rotation.execute_in_process(
-        run_config={"ops": {"manual_rotate_key": {"config": {"key": "service:api-gateway", "ticket": "CHG-S",
-                                                             "requester": "alice",
-                                                             "requester_totp": devices["alice"].at(AT)}}}},
-        resources={"kms": res}, instance=instance))
+        approve_both(
+            ctx,
+            n,
+            ticket="CHG-S",
+            operation="rotate",
+            target="service:api-gateway",
+            totp=pyotp.parse_uri(uris[n]).at(AT),
+        )
+    runs.append(
+        manual_rotation.execute_in_process(
+            run_config={
+                "ops": {
+                    "manual_rotate_key": {
+                        "config": {
+                            "key": "service:api-gateway",
+                            "ticket": "CHG-S",
+                            "requester": "alice",
+                            "requester_totp": devices["alice"].at(AT),
+                        }
+                    }
+                }
+            },
+            resources={"kms": res},
+            instance=instance,
+        )
+    )
     ks = ctx.keystore
     blob = ks.encrypt(_wrap_ref(ctx), b"customer secret 0123456789abcdef")
     ks.decrypt(_wrap_ref(ctx), blob)
@@ -86,10 +112,20 @@ def test_no_key_material_in_audit_rows_event_log_or_logs(tmp_path, monkeypatch, 
     event_log = "\n".join(repr(rec) for r in runs for rec in instance.all_logs(r.run_id))
     assert "manual_rotate_key" in event_log
     out, err = capfd.readouterr()
-    places = {"audit rows": audit_text, "dagster event log": event_log, "captured logs": caplog.text,
-              "stdout/stderr": out + err, "sealed totp column": repr(sealed)}
-    leaks = [(what, where) for what, secret in secrets.items() for enc in _encodings(secret)
-             for where, text in places.items() if enc in text]
+    places = {
+        "audit rows": audit_text,
+        "dagster event log": event_log,
+        "captured logs": caplog.text,
+        "stdout/stderr": out + err,
+        "sealed totp column": repr(sealed),
+    }
+    leaks = [
+        (what, where)
+        for what, secret in secrets.items()
+        for enc in _encodings(secret)
+        for where, text in places.items()
+        if enc in text
+    ]
     assert leaks == []
 
 

@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import select
 
 from kms_pipelines.core import dependents, lifecycle, rotation, service_keys
-from kms_pipelines.core.db.models_rotation import ServiceSeed
+from kms_pipelines.core.foundation.db.models_rotation import ServiceSeed
 from tests.test_rotation import full_snapshot
 
 
@@ -22,20 +22,20 @@ def test_credentials_survive_rotation_until_revocation(skms):
     other = service_keys.issue_credential(skms, "api-gateway", "client-b")
     check = service_keys.verify_credential(skms, "api-gateway", cred)
     assert check.valid and check.client_id == "client-a" and check.version == 1
-    assert not service_keys.verify_credential(skms, "worker-pipelines", cred).valid   # bound to its service
+    assert not service_keys.verify_credential(skms, "worker-pipelines", cred).valid  # bound to its service
     forged = cred[:-4] + ("AAAA" if not cred.endswith("AAAA") else "BBBB")
     assert not service_keys.verify_credential(skms, "api-gateway", forged).valid
     assert not service_keys.verify_credential(skms, "api-gateway", "kmsc1.api-gateway.v9.xx").valid
     skms.clock.advance(timedelta(days=60))
     assert [r.key for r in rotation.reconcile(skms, "service") if r.rotated][0] == "service:api-gateway"
-    assert service_keys.verify_credential(skms, "api-gateway", cred).valid            # rotated: still valid
+    assert service_keys.verify_credential(skms, "api-gateway", cred).valid  # rotated: still valid
     fresh = service_keys.pickup_credential(skms, "api-gateway", "client-a")
     assert service_keys.verify_credential(skms, "api-gateway", fresh).version == 2
     with pytest.raises(service_keys.ServiceKeyError, match="already picked up"):
         service_keys.pickup_credential(skms, "api-gateway", "client-a")
     dependents.confirm(skms, "service:api-gateway", 2, "api-gateway")
     lifecycle.revoke(skms, "service:api-gateway", 1, reason="retired")
-    assert not service_keys.verify_credential(skms, "api-gateway", cred).valid         # revoked: invalid
+    assert not service_keys.verify_credential(skms, "api-gateway", cred).valid  # revoked: invalid
     assert not service_keys.verify_credential(skms, "api-gateway", other).valid
     assert service_keys.verify_credential(skms, "api-gateway", fresh).valid
 
@@ -63,7 +63,7 @@ def test_audit_events_signed_and_verified(skms):
     bad = dict(signed, event={"op": "reconcile", "n": 4})
     assert not service_keys.verify_audit_event(skms, bad).valid
     rotation.rotate_now(skms, "service:reconciliation-engine", reason="tenant-rotation")
-    assert service_keys.verify_audit_event(skms, signed).valid                         # verify-only after rotation
+    assert service_keys.verify_audit_event(skms, signed).valid  # verify-only after rotation
     assert service_keys.sign_audit_event(skms, "reconciliation-engine", {"op": "x"})["version"] == 2
 
 
@@ -80,17 +80,21 @@ def test_root_seeds_service_keys_and_root_rotation_rewraps_them(skms):
     with skms.transaction() as s:
         root = lifecycle.get_key(s, "root")
         assert service_keys._root_seeds_guard(s, skms, root, lifecycle.get_version(root, 1)) is None
-        assert "still wrapped under root v2" in service_keys._root_seeds_guard(s, skms, root,
-                                                                                lifecycle.get_version(root, 2))
+        assert "still wrapped under root v2" in service_keys._root_seeds_guard(
+            s, skms, root, lifecycle.get_version(root, 2)
+        )
 
 
-@pytest.mark.parametrize("op", [
-    lambda k: service_keys.issue_credential(k, "nope", "c"),
-    lambda k: service_keys.issue_credential(k, "api-gateway", "has space"),
-    lambda k: service_keys.encrypt_secret(k, "api-gateway", "", b"x"),
-    lambda k: service_keys.pickup_credential(k, "api-gateway", "never-issued"),
-    lambda k: service_keys.decrypt_secret(k, "api-gateway", "n", b"garbage"),
-])
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda k: service_keys.issue_credential(k, "nope", "c"),
+        lambda k: service_keys.issue_credential(k, "api-gateway", "has space"),
+        lambda k: service_keys.encrypt_secret(k, "api-gateway", "", b"x"),
+        lambda k: service_keys.pickup_credential(k, "api-gateway", "never-issued"),
+        lambda k: service_keys.decrypt_secret(k, "api-gateway", "n", b"garbage"),
+    ],
+)
 def test_refusals_change_nothing(kms, op):
     before = full_snapshot(kms)
     with pytest.raises(lifecycle.LifecycleError) as err:

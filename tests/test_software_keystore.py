@@ -6,8 +6,8 @@ import stat
 
 import pytest
 
-from kms_pipelines.core.keystore import AES_256, ED25519, KeyStoreError
-from kms_pipelines.core.keystore.software import SoftwareKeyStore, load_master_key
+from kms_pipelines.core.foundation.keystore import AES_256, ED25519, KeyStoreError
+from kms_pipelines.core.foundation.keystore.software import SoftwareKeyStore, load_master_key
 
 
 def test_key_files_are_0600_and_never_hold_the_plaintext_value(tmp_path):
@@ -43,8 +43,9 @@ def test_group_readable_master_key_is_refused(tmp_path):
         load_master_key(tmp_path, env_value="")
 
 
-@pytest.mark.parametrize("value, message", [("not base64!", "not valid base64"),
-                                            (base64.b64encode(b"short").decode(), "32 bytes")])
+@pytest.mark.parametrize(
+    "value, message", [("not base64!", "not valid base64"), (base64.b64encode(b"short").decode(), "32 bytes")]
+)
 def test_bad_master_key_env_is_refused(tmp_path, value, message):
     with pytest.raises(KeyStoreError, match=message):
         load_master_key(tmp_path, env_value=value)

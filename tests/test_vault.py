@@ -13,13 +13,23 @@ import pyotp
 import pytest
 from sqlalchemy import delete, select, text
 
-from kms_pipelines.core import (access, audit, compliance, dependents, forensic, ledger, lifecycle, retention, rotation,
-                                 vault)
-from kms_pipelines.core.db.models import LedgerEntry
-from kms_pipelines.core.db.models_access import Approval
-from kms_pipelines.core.db.models_vault import ArchiveCopy, ForensicRetrieval
-from kms_pipelines.core.keystore import KeyStoreError
-from kms_pipelines.core.objectstore.local import LocalObjectStore
+from kms_pipelines.core import (
+    access,
+    audit,
+    compliance,
+    dependents,
+    forensic,
+    ledger,
+    lifecycle,
+    retention,
+    rotation,
+    vault,
+)
+from kms_pipelines.core.foundation.db.models import LedgerEntry
+from kms_pipelines.core.foundation.db.models_access import Approval
+from kms_pipelines.core.foundation.db.models_vault import ArchiveCopy, ForensicRetrieval
+from kms_pipelines.core.foundation.keystore import KeyStoreError
+from kms_pipelines.core.foundation.objectstore.local import LocalObjectStore
 from tests.fixtures.kms import approve_both, enrol_direct, security_key_file, write_test_policy
 
 TICKET = "INC-4711"
@@ -53,8 +63,10 @@ def _forget_forensic(kms):
 @pytest.fixture
 def team(vkms):
     """dave (compliance_officer) requests; bob (security_engineering) and carol (compliance_officer) approve."""
-    return vkms, {n: enrol(vkms, n, r) for n, r in (("dave", "compliance_officer"), ("bob", "security_engineering"),
-                                                     ("carol", "compliance_officer"))}
+    return vkms, {
+        n: enrol(vkms, n, r)
+        for n, r in (("dave", "compliance_officer"), ("bob", "security_engineering"), ("carol", "compliance_officer"))
+    }
 
 
 def root_v1(kms):
@@ -83,6 +95,7 @@ def snapshot(kms):
 
 # ---- archive on rotation, retrieval with approvals ---------------------------------------
 
+
 def test_rotation_archives_the_retired_root_and_dual_control_retrieves_it(team):
     kms, d = team
     v1 = root_v1(kms)
@@ -109,8 +122,10 @@ def test_rotation_archives_the_retired_root_and_dual_control_retrieves_it(team):
     fks = forensic.ForensicKeyStore(kms)
     # The retrieved material is the real key: it opens what root v1 sealed a year ago.
     assert fks.decrypt(r.refs[0], historic, b"case-17") == b"sealed under root v1"
-    assert any(m.get("kind") == "manual_operation" and m.get("subject") == f"Manual archive-retrieve of root#v1 ({TICKET})"
-               for m in kms.notifier.read())
+    assert any(
+        m.get("kind") == "manual_operation" and m.get("subject") == f"Manual archive-retrieve of root#v1 ({TICKET})"
+        for m in kms.notifier.read()
+    )
     audit.flush(kms)
     assert audit.verify(kms).ok
     assert compliance.eval_t1(kms).status == compliance.PASS, compliance.eval_t1(kms).evidence
@@ -145,23 +160,36 @@ def test_forensic_context_refuses_to_sign_and_live_keystore_cannot_reach_it(team
         fks.sign(ref, b"backdated RPT")
     with pytest.raises(forensic.ForensicRefused, match="never encrypt"):
         fks.encrypt(ref, b"x")
-    for op in (lambda: kms.keystore.sign(ref, b"x"), lambda: kms.keystore.encrypt(ref, b"x"),
-               lambda: kms.keystore.export_secret(ref)):
+    for op in (
+        lambda: kms.keystore.sign(ref, b"x"),
+        lambda: kms.keystore.encrypt(ref, b"x"),
+        lambda: kms.keystore.export_secret(ref),
+    ):
         with pytest.raises(KeyStoreError):  # not in the live namespace at all
             op()
     assert ref not in kms.keystore.refs()
     if kms.keystore.backend == "pkcs11":  # the token itself forbids everything but decrypt
         assert kms.keystore.forensic_attributes(ref) == {
-            "sign": False, "encrypt": False, "decrypt": True, "wrap": False, "unwrap": False,
-            "extractable": False, "sensitive": True, "modifiable": False}
+            "sign": False,
+            "encrypt": False,
+            "decrypt": True,
+            "wrap": False,
+            "unwrap": False,
+            "extractable": False,
+            "sensitive": True,
+            "modifiable": False,
+        }
     audit.flush(kms)
     with kms.engine.connect() as conn:
-        denied = conn.execute(text("SELECT count(*) FROM audit_events WHERE operation='sign' AND outcome='denied' "
-                                   "AND target=:t"), {"t": ref}).scalar()
+        denied = conn.execute(
+            text("SELECT count(*) FROM audit_events WHERE operation='sign' AND outcome='denied' AND target=:t"),
+            {"t": ref},
+        ).scalar()
     assert denied == 1
 
 
 # ---- refusals change nothing ---------------------------------------------------------------
+
 
 def test_retrieval_refused_without_approvals_with_one_and_by_the_requester(team):
     kms, d = team
@@ -196,8 +224,9 @@ def test_retrieval_refused_without_approvals_with_one_and_by_the_requester(team)
     refused("archive-retrieve", requester="erin")
     audit.flush(kms)
     with kms.engine.connect() as conn:
-        n = conn.execute(text("SELECT count(*) FROM audit_events WHERE operation='archive-retrieve' "
-                              "AND outcome='denied'")).scalar()
+        n = conn.execute(
+            text("SELECT count(*) FROM audit_events WHERE operation='archive-retrieve' AND outcome='denied'")
+        ).scalar()
     assert n >= 4
 
 
@@ -207,6 +236,7 @@ def test_unknown_version_is_refused_cleanly(vkms):
 
 
 # ---- T1 red on tampering -----------------------------------------------------------------
+
 
 def _bucket_key(kms, object_key):
     return kms.objects.bucket, kms.objects._full(object_key)
@@ -221,8 +251,13 @@ def test_tampered_copy_turns_t1_red_and_cannot_be_retrieved(team, s3_client):
     body = json.loads(kms.objects.get_bytes(copy.object_key))
     body["header"]["retired_at"] = "2027-01-01T00:00:00.000000Z"  # an insider rewrites the times
     # A versioned, locked bucket still accepts a new version over a locked one: that is the attack.
-    s3_client.put_object(Bucket=bucket, Key=full, Body=json.dumps(body).encode(), ObjectLockMode="COMPLIANCE",
-                         ObjectLockRetainUntilDate=copy.retain_until + timedelta(days=1))
+    s3_client.put_object(
+        Bucket=bucket,
+        Key=full,
+        Body=json.dumps(body).encode(),
+        ObjectLockMode="COMPLIANCE",
+        ObjectLockRetainUntilDate=copy.retain_until + timedelta(days=1),
+    )
     finding = t1(kms)
     assert finding.status == compliance.FAIL and "do not match the recorded SHA-256" in finding.evidence
     approve(kms, d["bob"], "bob", vault.target_for("root", 1))
@@ -267,9 +302,19 @@ def test_missing_vault_record_or_single_approver_retrieval_is_red(vkms):
     vault.archive_pending(kms)
     assert t1(kms).status == compliance.PASS
     with kms.transaction() as s:  # a retrieval recorded straight into the table with one approver
-        s.add(ForensicRetrieval(key_name="root", key_version=1, ticket="X", requester="mallory",
-                                approvers='["mallory","bob"]', refs='["r"]', retrieved_at=kms.now(),
-                                expires_at=kms.now(), purpose="investigation"))
+        s.add(
+            ForensicRetrieval(
+                key_name="root",
+                key_version=1,
+                ticket="X",
+                requester="mallory",
+                approvers='["mallory","bob"]',
+                refs='["r"]',
+                retrieved_at=kms.now(),
+                expires_at=kms.now(),
+                purpose="investigation",
+            )
+        )
     finding = t1(kms)
     assert finding.status == compliance.FAIL and "1 approver(s) other than the requester" in finding.evidence
 
@@ -284,10 +329,14 @@ def test_forensic_import_outside_retrieve_is_red(vkms):
         kek = lifecycle.get_version(lifecycle.get_key(s, "archive"), copy.kek_version)
     import base64
 
-    from kms_pipelines.core.canonical import canonical_bytes
+    from kms_pipelines.core.foundation.canonical import canonical_bytes
 
-    wrapped = kms.keystore.dek_decrypt(kek.wrap_ref, base64.b64decode(doc["wrapped_dek"]),
-                                       base64.b64decode(doc["sealed"]), canonical_bytes(doc["header"]))
+    wrapped = kms.keystore.dek_decrypt(
+        kek.wrap_ref,
+        base64.b64decode(doc["wrapped_dek"]),
+        base64.b64decode(doc["sealed"]),
+        canonical_bytes(doc["header"]),
+    )
     kms.keystore.forensic_unwrap(kek.wrap_ref, wrapped, "sneaky")
     finding = t1(kms)
     assert finding.status == compliance.FAIL
@@ -311,6 +360,7 @@ def test_archive_wrap_refuses_anything_but_archivable_under_the_archive_kek(vkms
 
 
 # ---- destroy means destroy everywhere ----------------------------------------------------
+
 
 def _destroy_after_retention(kms, devices):
     for service in kms.policy.dependents["root"]:
@@ -344,8 +394,14 @@ def test_destruction_at_day_365_removes_keystore_and_archive_copies(make_kms, fr
     assert not kms.keystore.exists(v1.wrap_ref) and not kms.keystore.exists(v1.sign_ref)
     assert not kms.objects.exists(copy.object_key) and not kms.objects.exists(copy.manifest_key)
     with kms.transaction() as s:
-        states = [e.to_state for e in s.scalars(select(LedgerEntry).where(
-            LedgerEntry.key_name == "root", LedgerEntry.key_version == 1).order_by(LedgerEntry.seq))]
+        states = [
+            e.to_state
+            for e in s.scalars(
+                select(LedgerEntry)
+                .where(LedgerEntry.key_name == "root", LedgerEntry.key_version == 1)
+                .order_by(LedgerEntry.seq)
+            )
+        ]
         row = s.scalars(select(ArchiveCopy)).one()
     assert states == ["active", "rotated", "archived", "destroyed", "archive-deleted"]
     assert row.status == "deleted"
@@ -369,7 +425,7 @@ def test_destroyed_key_with_a_surviving_copy_is_red(make_kms, tmp_path):
 def test_s3_archive_copy_is_deleted_once_its_object_lock_ends(make_kms, s3_store):
     """Object Lock on the S3 server runs on the wall clock: retire ~365 d before now so the
     lock ends a few seconds from now, then destroy once it has."""
-    from kms_pipelines.core.clock import SimulatedClock
+    from kms_pipelines.core.foundation.clock import SimulatedClock
 
     wall = datetime.now(timezone.utc)
     clock = SimulatedClock(wall - timedelta(days=366))
@@ -391,6 +447,7 @@ def test_s3_archive_copy_is_deleted_once_its_object_lock_ends(make_kms, s3_store
 
 # ---- simulated time ------------------------------------------------------------------------
 
+
 def test_simulated_400_days_show_the_archive_lifecycle():
     from datetime import date
 
@@ -402,15 +459,18 @@ def test_simulated_400_days_show_the_archive_lifecycle():
         if day in (59, 61, 400, 426):
             seen[day] = (vault.copies(ctx), compliance.eval_t1(ctx))
 
-    result = simulate.simulate(426, date(2026, 1, 1), on_day=on_day, workload=False,
-                               steps=["rotate_root", "rotate_service", "rotate_archive", "vault_archive",
-                                      "retire_expired"])
+    result = simulate.simulate(
+        426,
+        date(2026, 1, 1),
+        on_day=on_day,
+        workload=False,
+        steps=["rotate_root", "rotate_service", "rotate_archive", "vault_archive", "retire_expired"],
+    )
     archived = {(e.key, e.version): e.day for e in result.of("archived")}
     assert archived[("service:api-gateway", 1)] == 60 and archived[("root", 1)] == 90
     assert archived[("root", 4)] == 360 and seen[59][0] == [] and len(seen[61][0]) == 3
     deleted = {(e.key, e.version): e.day for e in result.of("archive-deleted")}
-    assert deleted == {(f"service:{n}", 1): 425 for n in ("api-gateway", "worker-pipelines",
-                                                            "reconciliation-engine")}
+    assert deleted == {(f"service:{n}", 1): 425 for n in ("api-gateway", "worker-pipelines", "reconciliation-engine")}
     for day in (61, 400, 426):
         assert seen[day][1].status == compliance.PASS, (day, seen[day][1].evidence)
         assert all(c.problems == [] for c in seen[day][0])
@@ -419,17 +479,17 @@ def test_simulated_400_days_show_the_archive_lifecycle():
 
 # ---- the command line ----------------------------------------------------------------------
 
+
 def test_cli_archive_verify_retrieve_and_refusals(tmp_path, monkeypatch):
     import os
 
     from click.testing import CliRunner
 
     from kms_pipelines.cli import cli
-    from kms_pipelines.core.context import context_from_env
+    from kms_pipelines.core.foundation.context import context_from_env
 
     monkeypatch.setenv("KMS_HOME", str(tmp_path / "home"))
-    for var in ("KMS_DATABASE_URL", "KMS_KEYSTORE", "KMS_OBJECT_STORE", "KMS_MASTER_KEY",
-                "KMS_WORKLOAD_PRINCIPAL"):
+    for var in ("KMS_DATABASE_URL", "KMS_KEYSTORE", "KMS_OBJECT_STORE", "KMS_MASTER_KEY", "KMS_WORKLOAD_PRINCIPAL"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("KMS_POLICY", write_test_policy(tmp_path))  # the approvers' keys are software ones
 
@@ -441,36 +501,86 @@ def test_cli_archive_verify_retrieve_and_refusals(tmp_path, monkeypatch):
     assert out.exit_code == 0 and "0 archive copies checked, 0 broken" in out.output
     # root v1 is due: it was activated 91 days ago (`kms --at` is refused by a command that writes)
     with context_from_env().engine.begin() as conn:
-        conn.execute(text("UPDATE key_versions SET activated_at = :t WHERE key_id = "
-                          "(SELECT id FROM keys WHERE name = 'root')"),
-                     {"t": datetime.now(timezone.utc) - timedelta(days=91)})
+        conn.execute(
+            text("UPDATE key_versions SET activated_at = :t WHERE key_id = (SELECT id FROM keys WHERE name = 'root')"),
+            {"t": datetime.now(timezone.utc) - timedelta(days=91)},
+        )
     assert run("keys", "rotate", "root", "--if-due").exit_code == 0
     out = run("archive", "list")
     assert out.exit_code == 0 and "root v1  archived" in out.output and "locked until" in out.output
     kms = context_from_env()
-    devices = {n: enrol(kms, n, r) for n, r in (("dave", "compliance_officer"), ("bob", "security_engineering"),
-                                                 ("carol", "compliance_officer"))}
+    devices = {
+        n: enrol(kms, n, r)
+        for n, r in (("dave", "compliance_officer"), ("bob", "security_engineering"), ("carol", "compliance_officer"))
+    }
 
     def state():
         audit.flush(kms)
         with kms.engine.connect() as conn:
-            return (ledger.head(conn), conn.execute(select(ForensicRetrieval.id)).all(),
-                    conn.execute(select(Approval.id, Approval.used_at)).all(), sorted(kms.keystore.forensic_refs()))
+            return (
+                ledger.head(conn),
+                conn.execute(select(ForensicRetrieval.id)).all(),
+                conn.execute(select(Approval.id, Approval.used_at)).all(),
+                sorted(kms.keystore.forensic_refs()),
+            )
 
     before = state()
     dave_next = devices["dave"].at(int(time.time()) + kms.policy.access.totp_interval_seconds)
-    out = run("archive", "retrieve", "root", "1", "--ticket", TICKET, "--requested-by", "dave",
-              "--totp", devices["dave"].now())
+    out = run(
+        "archive",
+        "retrieve",
+        "root",
+        "1",
+        "--ticket",
+        TICKET,
+        "--requested-by",
+        "dave",
+        "--totp",
+        devices["dave"].now(),
+    )
     assert out.exit_code == 1 and out.output.count("\n") == 1 and "needs 2 approvals" in out.output
     assert state() == before
     code = devices["bob"].now()
-    assert run("approve", "--ticket", TICKET, "--operation", "archive-retrieve", "--target", "root#v1",
-               "--as", "bob", "--totp", code, "--software-key", security_key_file(kms, "bob", tmp_path)).exit_code == 0
+    assert (
+        run(
+            "approve",
+            "--ticket",
+            TICKET,
+            "--operation",
+            "archive-retrieve",
+            "--target",
+            "root#v1",
+            "--as",
+            "bob",
+            "--totp",
+            code,
+            "--software-key",
+            security_key_file(kms, "bob", tmp_path),
+        ).exit_code
+        == 0
+    )
     code = devices["carol"].now()
-    assert run("approve", "--ticket", TICKET, "--operation", "archive-retrieve", "--target", "root#v1",
-               "--as", "carol", "--totp", code, "--software-key", security_key_file(kms, "carol", tmp_path)).exit_code == 0
-    out = run("archive", "retrieve", "root", "1", "--ticket", TICKET, "--requested-by", "dave", "--totp", dave_next,
-              "--json")
+    assert (
+        run(
+            "approve",
+            "--ticket",
+            TICKET,
+            "--operation",
+            "archive-retrieve",
+            "--target",
+            "root#v1",
+            "--as",
+            "carol",
+            "--totp",
+            code,
+            "--software-key",
+            security_key_file(kms, "carol", tmp_path),
+        ).exit_code
+        == 0
+    )
+    out = run(
+        "archive", "retrieve", "root", "1", "--ticket", TICKET, "--requested-by", "dave", "--totp", dave_next, "--json"
+    )
     assert out.exit_code == 0, out.output
     got = json.loads(out.output)
     assert got["approvers"] == ["bob", "carol"] and got["refs"][0] in kms.keystore.forensic_refs()
@@ -486,6 +596,7 @@ def test_cli_archive_verify_retrieve_and_refusals(tmp_path, monkeypatch):
 
 
 # ---- the forensic drill --------------------------------------------------------------------
+
 
 def test_monthly_drill_retrieves_an_archived_root_under_dual_control_and_verifies_old_rpts(make_kms):
     from kms_pipelines.core import backup, drills, rpt
@@ -519,7 +630,7 @@ def test_monthly_drill_retrieves_an_archived_root_under_dual_control_and_verifie
 
 def test_drill_detects_an_rpt_that_does_not_verify_under_the_archived_key(make_kms):
     from kms_pipelines.core import backup, drills, rpt
-    from kms_pipelines.core.db.append_only import drop_append_only_triggers
+    from kms_pipelines.core.foundation.db.append_only import drop_append_only_triggers
 
     kms = make_kms("sqlite")
     kms.objects = LocalObjectStore(kms.home / "objects-sim", now=kms.clock.now)
@@ -541,6 +652,7 @@ def test_drill_detects_an_rpt_that_does_not_verify_under_the_archived_key(make_k
 
 # ---- Dagster ---------------------------------------------------------------------------------
 
+
 def test_dagster_key_vault_asset_and_check_in_the_nightly_run(tmp_path):
     import dagster as dg
 
@@ -552,17 +664,29 @@ def test_dagster_key_vault_asset_and_check_in_the_nightly_run(tmp_path):
     home = tmp_path / "home"
 
     def resources(at):
-        return {"kms": KmsResource(home=str(home), database=DatabaseResource(url=f"sqlite:///{home}/kms.db"),
-                                   keystore=KeyStoreResource(kind="software"),
-                                   objects=ObjectStoreResource(url=str(home / "objects")),
-                                   clock=FixedClockResource(fixed_time=at))}
+        return {
+            "kms": KmsResource(
+                home=str(home),
+                database=DatabaseResource(url=f"sqlite:///{home}/kms.db"),
+                keystore=KeyStoreResource(kind="software"),
+                objects=ObjectStoreResource(url=str(home / "objects")),
+                clock=FixedClockResource(fixed_time=at),
+            )
+        }
 
-    assets = [kms_state, rdefs.keys_root, rdefs.keys_service, rdefs.keys_archive, rdefs.key_vault,
-              rdefs.archive_copies_verify]
+    assets = [
+        kms_state,
+        rdefs.keys_root,
+        rdefs.keys_service,
+        rdefs.keys_archive,
+        rdefs.key_vault,
+        rdefs.archive_copies_verify,
+    ]
 
     def run(at):
-        r = dg.materialize(assets, instance=dg.DagsterInstance.ephemeral(), resources=resources(at),
-                           raise_on_error=False)
+        r = dg.materialize(
+            assets, instance=dg.DagsterInstance.ephemeral(), resources=resources(at), raise_on_error=False
+        )
         return r, {e.check_name: e for e in r.get_asset_check_evaluations()}
 
     r, checks = run("2030-01-01T02:00:00Z")
@@ -583,9 +707,10 @@ def test_dagster_key_vault_asset_and_check_in_the_nightly_run(tmp_path):
 
 # ---- versions from before the vault --------------------------------------------------------
 
+
 def test_versions_generated_before_the_vault_warn_and_later_unarchivable_ones_are_red(make_kms, monkeypatch):
-    from kms_pipelines.core.db.models import Key, KeyVersion
-    from kms_pipelines.core.keystore import GENERAL
+    from kms_pipelines.core.foundation.db.models import Key, KeyVersion
+    from kms_pipelines.core.foundation.keystore import GENERAL
 
     real = lifecycle._purpose
     # Root material generated the way it was before this vault existed (not archivable).
@@ -593,8 +718,11 @@ def test_versions_generated_before_the_vault_warn_and_later_unarchivable_ones_ar
     kms = make_kms("sqlite")
     with kms.transaction() as s:  # the vault (archive KEK v1) was installed a day after root v1
         kek_id = s.scalars(select(Key.id).where(Key.name == "archive")).one()
-        s.execute(KeyVersion.__table__.update().where(KeyVersion.key_id == kek_id).values(
-            activated_at=kms.now() + timedelta(hours=12)))
+        s.execute(
+            KeyVersion.__table__.update()
+            .where(KeyVersion.key_id == kek_id)
+            .values(activated_at=kms.now() + timedelta(hours=12))
+        )
     rotate_root(kms)
     [copy] = vault.copies(kms)
     assert copy.status == "unarchivable" and "not generated archivable" in copy.reason
@@ -637,8 +765,10 @@ def test_a_version_whose_material_vanished_is_reported_and_does_not_block_the_ot
 def test_archive_and_retrieve_on_postgresql(make_kms, s3_store):
     kms = make_kms("postgres")
     kms.objects = s3_store
-    devices = {n: enrol(kms, n, r) for n, r in (("dave", "compliance_officer"), ("bob", "security_engineering"),
-                                                 ("carol", "compliance_officer"))}
+    devices = {
+        n: enrol(kms, n, r)
+        for n, r in (("dave", "compliance_officer"), ("bob", "security_engineering"), ("carol", "compliance_officer"))
+    }
     v1 = root_v1(kms)
     historic = kms.keystore.encrypt(v1.wrap_ref, b"pg", b"")
     rotate_root(kms)

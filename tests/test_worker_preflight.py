@@ -14,19 +14,27 @@ from dataclasses import replace
 import pytest
 
 from kms_pipelines.core import access
-from kms_pipelines.core.keystore import KeyNotFound, keystore_from_env
-from kms_pipelines.core.worker import WorkerConfigError, require_worker_env, worker_problems
+from kms_pipelines.core.foundation.keystore import KeyNotFound, keystore_from_env
+from kms_pipelines.core.foundation.worker import WorkerConfigError, require_worker_env, worker_problems
 
-GOOD = {"KMS_DATABASE_URL": "postgresql://kms@db/kms", "KMS_OBJECT_STORE": "s3://kms-prod/objects",
-        "KMS_KEYSTORE": "pkcs11", "KMS_PKCS11_LIB": "/usr/lib/hsm.so", "KMS_PKCS11_TOKEN": "kms",
-        "KMS_PKCS11_PIN": "0000", "KMS_SMTP_HOST": "smtp.internal", "KMS_SMTP_SENDER": "kms@example.com"}
+GOOD = {
+    "KMS_DATABASE_URL": "postgresql://kms@db/kms",
+    "KMS_OBJECT_STORE": "s3://kms-prod/objects",
+    "KMS_KEYSTORE": "pkcs11",
+    "KMS_PKCS11_LIB": "/usr/lib/hsm.so",
+    "KMS_PKCS11_TOKEN": "kms",
+    "KMS_PKCS11_PIN": "0000",
+    "KMS_SMTP_HOST": "smtp.internal",
+    "KMS_SMTP_SENDER": "kms@example.com",
+}
 
 
 def kms(args, env, tmp_path):
     full = {k: v for k, v in os.environ.items() if not k.startswith("KMS_")}
     full.update(env, KMS_HOME=str(tmp_path / "worker-home"))
-    return subprocess.run([sys.executable, "-m", "kms_pipelines.cli", *args], env=full, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "kms_pipelines.cli", *args], env=full, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_a_shared_nothing_configuration_passes():
@@ -34,18 +42,21 @@ def test_a_shared_nothing_configuration_passes():
     require_worker_env(GOOD)
 
 
-@pytest.mark.parametrize("change, named", [
-    ({"KMS_DATABASE_URL": ""}, "KMS_DATABASE_URL is not set"),
-    ({"KMS_DATABASE_URL": "sqlite:////var/kms/kms.db"}, "KMS_DATABASE_URL is sqlite"),
-    ({"KMS_OBJECT_STORE": "file:///var/kms/objects"}, "KMS_OBJECT_STORE is file://"),
-    ({"KMS_OBJECT_STORE": "/var/kms/objects"}, "KMS_OBJECT_STORE is a local path"),
-    ({"KMS_OBJECT_STORE": ""}, "KMS_OBJECT_STORE is not set"),
-    ({"KMS_KEYSTORE": "software"}, "software keystore without a shared master key"),
-    ({"KMS_PKCS11_PIN": ""}, "KMS_KEYSTORE=pkcs11 needs KMS_PKCS11_PIN"),
-    ({"KMS_SMTP_HOST": ""}, "neither KMS_SMTP_HOST nor KMS_SLACK_WEBHOOK_URL is set"),
-    ({"KMS_SMTP_SENDER": ""}, "KMS_SMTP_SENDER is required when KMS_SMTP_HOST is set"),
-    ({"KMS_SMTP_HOST": "", "KMS_SLACK_WEBHOOK_URL": "hooks.slack.com/x"}, "Slack webhook URL must be an http"),
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"KMS_DATABASE_URL": ""}, "KMS_DATABASE_URL is not set"),
+        ({"KMS_DATABASE_URL": "sqlite:////var/kms/kms.db"}, "KMS_DATABASE_URL is sqlite"),
+        ({"KMS_OBJECT_STORE": "file:///var/kms/objects"}, "KMS_OBJECT_STORE is file://"),
+        ({"KMS_OBJECT_STORE": "/var/kms/objects"}, "KMS_OBJECT_STORE is a local path"),
+        ({"KMS_OBJECT_STORE": ""}, "KMS_OBJECT_STORE is not set"),
+        ({"KMS_KEYSTORE": "software"}, "software keystore without a shared master key"),
+        ({"KMS_PKCS11_PIN": ""}, "KMS_KEYSTORE=pkcs11 needs KMS_PKCS11_PIN"),
+        ({"KMS_SMTP_HOST": ""}, "neither KMS_SMTP_HOST nor KMS_SLACK_WEBHOOK_URL is set"),
+        ({"KMS_SMTP_SENDER": ""}, "KMS_SMTP_SENDER is required when KMS_SMTP_HOST is set"),
+        ({"KMS_SMTP_HOST": "", "KMS_SLACK_WEBHOOK_URL": "hooks.slack.com/x"}, "Slack webhook URL must be an http"),
+    ],
+)
 def test_each_one_host_setting_is_refused_by_name(change, named, tmp_path):
     env = {**GOOD, **change}
     with pytest.raises(WorkerConfigError, match=named):
@@ -58,8 +69,7 @@ def test_each_one_host_setting_is_refused_by_name(change, named, tmp_path):
 
 
 def test_every_missing_piece_is_named_in_the_one_line(tmp_path):
-    out = kms(["worker", "check"], {"KMS_DATABASE_URL": "sqlite:////x.db", "KMS_OBJECT_STORE": "file:///o"},
-              tmp_path)
+    out = kms(["worker", "check"], {"KMS_DATABASE_URL": "sqlite:////x.db", "KMS_OBJECT_STORE": "file:///o"}, tmp_path)
     line = out.stderr.strip()
     assert out.returncode == 1 and len(line.splitlines()) == 1
     for named in ("sqlite", "file://", "shared master key", "no sealed key files"):
@@ -68,8 +78,12 @@ def test_every_missing_piece_is_named_in_the_one_line(tmp_path):
 
 def test_a_worker_command_generates_nothing_on_its_host(tmp_path):
     """KMS_ROLE=worker: any command refuses before the home, master.key or key files exist."""
-    env = {"KMS_ROLE": "worker", "KMS_DATABASE_URL": "sqlite:////tmp/never.db", "KMS_KEYSTORE": "software",
-           "KMS_OBJECT_STORE": str(tmp_path / "objects")}
+    env = {
+        "KMS_ROLE": "worker",
+        "KMS_DATABASE_URL": "sqlite:////tmp/never.db",
+        "KMS_KEYSTORE": "software",
+        "KMS_OBJECT_STORE": str(tmp_path / "objects"),
+    }
     out = kms(["keys", "list"], env, tmp_path)
     assert out.returncode == 1 and "this worker cannot run on a host of its own" in out.stderr
     assert not (tmp_path / "worker-home").exists() and not (tmp_path / "objects").exists()
@@ -96,8 +110,8 @@ def test_a_worker_without_smtp_or_slack_refuses_before_writing_an_outbox(tmp_pat
 def _control_keystore(tmp_path):
     """A control host's software keystore with two sealed keys, its master key in a secret file,
     and a worker home holding a copy of the key files (as a mounted secret would)."""
-    from kms_pipelines.core.keystore.base import AES_256, ED25519
-    from kms_pipelines.core.keystore.software import SoftwareKeyStore
+    from kms_pipelines.core.foundation.keystore.base import AES_256, ED25519
+    from kms_pipelines.core.foundation.keystore.software import SoftwareKeyStore
 
     master = secrets.token_bytes(32)
     (tmp_path / "mk").write_text(base64.b64encode(master).decode() + "\n")
@@ -112,8 +126,10 @@ def _control_keystore(tmp_path):
 
 
 def _snapshot(root):
-    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None, p.stat().st_mode)
-            for p in sorted(root.rglob("*"))}
+    return {
+        p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None, p.stat().st_mode)
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def test_a_software_worker_with_the_shared_master_key_and_mounted_key_files_passes(tmp_path):
@@ -122,16 +138,25 @@ def test_a_software_worker_with_the_shared_master_key_and_mounted_key_files_pass
     assert kms(["worker", "check"], env, tmp_path).returncode == 0
 
 
-@pytest.mark.parametrize("break_it, named", [
-    ("wrong_master", "2 sealed key file(s) at {keys} do not open: data:kek@v1.key (does not open under the master key)"),
-    ("tampered_file", "1 sealed key file(s) at {keys} do not open: data:kek@v1.key (does not open under the master key)"),
-    ("not_a_key_file", "1 sealed key file(s) at {keys} do not open: data:kek@v1.key (not a sealed key file)"),
-    ("unreadable", "1 sealed key file(s) at {keys} do not open: zz.key (cannot be read: Is a directory)"),
-    ("empty_master_file", "KMS_MASTER_KEY_FILE {mk} is empty"),
-    ("missing_master_file", "KMS_MASTER_KEY_FILE {mk} cannot be read (No such file or directory)"),
-    ("bad_master", "KMS_MASTER_KEY must decode to 32 bytes, got 16"),
-    ("no_key_files", "software keystore has no sealed key files at {keys}"),
-])
+@pytest.mark.parametrize(
+    "break_it, named",
+    [
+        (
+            "wrong_master",
+            "2 sealed key file(s) at {keys} do not open: data:kek@v1.key (does not open under the master key)",
+        ),
+        (
+            "tampered_file",
+            "1 sealed key file(s) at {keys} do not open: data:kek@v1.key (does not open under the master key)",
+        ),
+        ("not_a_key_file", "1 sealed key file(s) at {keys} do not open: data:kek@v1.key (not a sealed key file)"),
+        ("unreadable", "1 sealed key file(s) at {keys} do not open: zz.key (cannot be read: Is a directory)"),
+        ("empty_master_file", "KMS_MASTER_KEY_FILE {mk} is empty"),
+        ("missing_master_file", "KMS_MASTER_KEY_FILE {mk} cannot be read (No such file or directory)"),
+        ("bad_master", "KMS_MASTER_KEY must decode to 32 bytes, got 16"),
+        ("no_key_files", "software keystore has no sealed key files at {keys}"),
+    ],
+)
 def test_a_software_worker_whose_key_files_do_not_open_refuses_in_one_line(tmp_path, break_it, named):
     """An insider (or a stale secret) gives the worker key files from another control host, a
     tampered file, or no master key: the preflight opens every file under the master key and
@@ -198,7 +223,7 @@ def test_a_drill_on_a_worker_is_refused_before_it_restores_or_writes_anything(ma
 
     from kms_pipelines.core import drills
     from kms_pipelines.core.backup import BackupError
-    from kms_pipelines.core.db.models_backup import Drill
+    from kms_pipelines.core.foundation.db.models_backup import Drill
 
     ctx = make_kms("sqlite")
     with pytest.raises(BackupError, match="run restore_drill on the control host, not on a worker"):

@@ -14,25 +14,39 @@ def register(cli) -> None:
 
     @cli.command("report")
     @click.option("--format", "fmt", type=click.Choice(["md", "html", "json"]), default="md", show_default=True)
-    @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None,
-                  help="Write the report to FILE instead of printing it.")
-    @click.option("--clause", "clauses", multiple=True, metavar="ID",
-                  help="Only these clause ids (repeatable), e.g. --clause T3 --clause B1.")
-    @click.option("--dagster-evidence", is_flag=True,
-                  help="Also show each clause's latest asset-check run from the Dagster instance ($DAGSTER_HOME).")
+    @click.option(
+        "--out",
+        type=click.Path(dir_okay=False, writable=True),
+        default=None,
+        help="Write the report to FILE instead of printing it.",
+    )
+    @click.option(
+        "--clause",
+        "clauses",
+        multiple=True,
+        metavar="ID",
+        help="Only these clause ids (repeatable), e.g. --clause T3 --clause B1.",
+    )
+    @click.option(
+        "--dagster-evidence",
+        is_flag=True,
+        help="Also show each clause's latest asset-check run from the Dagster instance ($DAGSTER_HOME).",
+    )
     @click.pass_context
     def report(ctx, fmt, out, clauses, dagster_evidence):
         """Run anomaly detection, then evaluate every policy clause (P1–B4, docs/policy.md) against the
         live state; exit 1 if any fails. Under --at the detection is not stored (read-only)."""
         from dataclasses import replace
 
-        from ..core import audit, compliance, retry
+        from ..core import audit, compliance
+        from ..core.foundation import retry
 
         known = {c.id for c in compliance.CLAUSES}
         unknown = sorted({c.upper() for c in clauses} - known)
         if unknown:
-            raise click.BadParameter(f"unknown clause id(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})",
-                                     param_hint="--clause")
+            raise click.BadParameter(
+                f"unknown clause id(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})", param_hint="--clause"
+            )
         evidence = None
         if dagster_evidence:
             import dagster as dg
@@ -50,18 +64,21 @@ def register(cli) -> None:
             kms = replace(kms, detection=preview)
         else:
             retry.db_call(kms, lambda: audit.refresh_anomalies(kms), what="running anomaly detection")
-        result = compliance.build_report(kms, evidence=evidence,
-                                         only=[c.upper() for c in clauses] or None)
+        result = compliance.build_report(kms, evidence=evidence, only=[c.upper() for c in clauses] or None)
         text = compliance.render(result, fmt)
         if out:
             with open(out, "w", encoding="utf-8") as f:
                 f.write(text)
-            click.echo(f"wrote {fmt} report to {out}: overall {result.overall}"
-                       + (f", failing {', '.join(r.clause for r in result.failing)}" if result.failing else ""))
+            click.echo(
+                f"wrote {fmt} report to {out}: overall {result.overall}"
+                + (f", failing {', '.join(r.clause for r in result.failing)}" if result.failing else "")
+            )
         else:
             click.echo(text, nl=False)
         if result.failing:
             if out or fmt != "json":
-                click.echo(f"kms: {len(result.failing)} clause(s) fail: "
-                           f"{', '.join(r.clause for r in result.failing)}", err=True)
+                click.echo(
+                    f"kms: {len(result.failing)} clause(s) fail: {', '.join(r.clause for r in result.failing)}",
+                    err=True,
+                )
             ctx.exit(EXIT_FAILED)

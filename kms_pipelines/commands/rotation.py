@@ -16,8 +16,12 @@ def register(cli) -> None:
     @cli.command("simulate")
     @click.option("--days", type=click.IntRange(0, 3660), required=True, help="Simulated nights to run.")
     @click.option("--from", "start", default=None, metavar="DATE", help="Day 0 (ISO date; default today, UTC).")
-    @click.option("--home", default=None, type=click.Path(file_okay=False),
-                  help="Keep the scratch state here (default: a temporary directory, removed afterwards).")
+    @click.option(
+        "--home",
+        default=None,
+        type=click.Path(file_okay=False),
+        help="Keep the scratch state here (default: a temporary directory, removed afterwards).",
+    )
     @click.option("--steps", default=None, help="Comma-separated nightly steps to run (default: all).")
     @click.option("--no-actors", is_flag=True, help="No simulated dependents, partners or approvers.")
     @click.option("--json", "as_json", is_flag=True)
@@ -25,7 +29,7 @@ def register(cli) -> None:
         """Advance a simulated clock DAYS nights over scratch state, running the nightly
         policy each day, and print the timeline (rotations, notices, destructions)."""
         from ..core import simulate
-        from ..core.clock import parse_time
+        from ..core.foundation.clock import parse_time
 
         try:
             start_day = parse_time(start).date() if start else None
@@ -60,9 +64,13 @@ def register(cli) -> None:
             if home:
                 click.echo(f"state kept in {result.home}")
         kinds = Counter(e.kind for e in result.events)
-        click.echo(f"simulated {days} day(s) in {time.monotonic() - started:.0f} s: "
-                   + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) if kinds else
-                   f"simulated {days} day(s) in {time.monotonic() - started:.0f} s: nothing happened", err=True)
+        click.echo(
+            f"simulated {days} day(s) in {time.monotonic() - started:.0f} s: "
+            + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+            if kinds
+            else f"simulated {days} day(s) in {time.monotonic() - started:.0f} s: nothing happened",
+            err=True,
+        )
 
     # ------------------------------------------------------------------ partners
     @cli.group()
@@ -104,9 +112,11 @@ def register(cli) -> None:
         else:
             click.echo(f"{'ROOT':>5} {'PARTNER':20} {'DEADLINE':20} {'NOTIFIED':20} {'ACKED':20} STATUS")
             for r in rows:
-                click.echo(f"{'v' + str(r.version):>5} {r.partner:20} {r.deadline:%Y-%m-%d %H:%M}     "
-                           f"{(r.notified_at.strftime('%Y-%m-%d %H:%M') if r.notified_at else '-'):20} "
-                           f"{(r.acked_at.strftime('%Y-%m-%d %H:%M') if r.acked_at else '-'):20} {r.status}")
+                click.echo(
+                    f"{'v' + str(r.version):>5} {r.partner:20} {r.deadline:%Y-%m-%d %H:%M}     "
+                    f"{(r.notified_at.strftime('%Y-%m-%d %H:%M') if r.notified_at else '-'):20} "
+                    f"{(r.acked_at.strftime('%Y-%m-%d %H:%M') if r.acked_at else '-'):20} {r.status}"
+                )
         if any(r.status == "OVERDUE" for r in rows):
             ctx.exit(EXIT_FAILED)
 
@@ -157,8 +167,9 @@ def register(cli) -> None:
             emit_json(rows)
             return
         for r in rows:
-            click.echo(f"{r['key']:34} v{r['version']:<4} {r['service']:24} {r['confirmed_at']:%Y-%m-%d %H:%M} "
-                       f"{r['actor']}")
+            click.echo(
+                f"{r['key']:34} v{r['version']:<4} {r['service']:24} {r['confirmed_at']:%Y-%m-%d %H:%M} {r['actor']}"
+            )
 
     # ----------------------------------------------------------------- manifests
     @cli.group()
@@ -217,8 +228,11 @@ def register(cli) -> None:
     @keys_group.command("destroy")
     @click.argument("key")
     @click.option("--version", "version", type=int, required=True)
-    @click.option("--ticket", default=None, help="Change ticket the approvals are bound to "
-                                                 "(default: the retirement ticket retire-<key>-v<N>).")
+    @click.option(
+        "--ticket",
+        default=None,
+        help="Change ticket the approvals are bound to (default: the retirement ticket retire-<key>-v<N>).",
+    )
     @click.option("--requested-by", "requested_by", required=True, help="Requesting principal.")
     @click.option("--totp", required=True, help="The requester's current TOTP code.")
     @click.option("--reason", default="retention ended (T1)", show_default=True)
@@ -253,8 +267,9 @@ def register(cli) -> None:
         def authorize(session):
             from ..core import access
 
-            return access.consume_approvals(session, kms, operation="revoke", target=target, ticket=ticket,
-                                            requester=requested_by)
+            return access.consume_approvals(
+                session, kms, operation="revoke", target=target, ticket=ticket, requester=requested_by
+            )
 
         lifecycle.revoke(kms, key, version, actor=requested_by, reason=reason, ticket=ticket, authorize=authorize)
         click.echo(f"revoked {key} v{version}")
@@ -262,7 +277,8 @@ def register(cli) -> None:
 
 def _require(kms, principal: str, totp: str, operation: str, target: str) -> None:
     """The requester proves the claimed name (TOTP), then must hold the permission."""
-    from ..core import access, limits
+    from ..core import access
+    from ..core.foundation import limits
 
     limits.text(target, "target", limits.MAX_TARGET)
     access.prove_principal(kms, principal, totp)

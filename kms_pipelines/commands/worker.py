@@ -15,20 +15,24 @@ def register(cli) -> None:
     @worker.command("check")
     def check_cmd():
         """Exit 1 with one line if this host's configuration only works on one host."""
-        from ..core.worker import require_worker_env
+        from ..core.foundation.worker import require_worker_env
 
         require_worker_env()
         click.echo("worker configuration shares nothing on disk: ok")
 
     @worker.command("start")
-    @click.option("--concurrency", type=int, default=1, show_default=True,
-                  help="Worker processes; each runs many steps (shards) without restarting.")
+    @click.option(
+        "--concurrency",
+        type=int,
+        default=1,
+        show_default=True,
+        help="Worker processes; each runs many steps (shards) without restarting.",
+    )
     @click.option("--name", default=None, help="Celery node name (default: kms@<host>).")
-    @click.option("--pool", type=click.Choice(["prefork", "solo", "threads"]), default="prefork",
-                  show_default=True)
+    @click.option("--pool", type=click.Choice(["prefork", "solo", "threads"]), default="prefork", show_default=True)
     def start_cmd(concurrency, name, pool):
         """Check the configuration, then run a celery worker on the dagster queue."""
-        from ..core.worker import require_worker_env
+        from ..core.foundation.worker import require_worker_env
         from ..scaleout.celery_settings import QUEUE, broker_url
 
         os.environ["KMS_ROLE"] = "worker"  # steps run here build their context as a worker
@@ -36,6 +40,18 @@ def register(cli) -> None:
         broker_url()  # one line if the broker is not configured
         from ..scaleout.celery_app import app
 
-        app.worker_main(["worker", "--loglevel=INFO", "-Q", QUEUE, f"--concurrency={concurrency}",
-                         f"--pool={pool}", "-n", name or "kms@%h", "--prefetch-multiplier=1",
-                         "--without-gossip", "--without-mingle"])
+        app.worker_main(
+            [
+                "worker",
+                "--loglevel=INFO",
+                "-Q",
+                QUEUE,
+                f"--concurrency={concurrency}",
+                f"--pool={pool}",
+                "-n",
+                name or "kms@%h",
+                "--prefetch-multiplier=1",
+                "--without-gossip",
+                "--without-mingle",
+            ]
+        )

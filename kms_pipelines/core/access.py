@@ -48,13 +48,14 @@ import pyotp
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from . import audit, limits
-from .canonical import canonical_bytes
-from .clock import utc
-from .context import KmsContext
-from .db.models_access import Approval, ApprovalRequest, Principal
-from .keystore import AES_256, ED25519, KeyExists, KeyNotFound, verify_signature
-from .keystore.audited import AuditedKeyStore, unwrap
+from . import audit
+from .foundation import limits
+from .foundation.canonical import canonical_bytes
+from .foundation.clock import utc
+from .foundation.context import KmsContext
+from .foundation.db.models_access import Approval, ApprovalRequest, Principal
+from .foundation.keystore import AES_256, ED25519, KeyExists, KeyNotFound, verify_signature
+from .foundation.keystore.audited import AuditedKeyStore, unwrap
 
 SEAL_REF = "kms-access.totp-seal"
 SIGNING_REF = "kms-access.workload-signing"
@@ -65,11 +66,20 @@ ISSUER = "kms-pipelines"
 
 # audit/keystore operation -> the permission (policy key) it needs
 _PERMISSION_FOR = {
-    "generate": "rotate", "rewrap": "rotate", "rotate": "rotate",
-    "encrypt": "encrypt", "wrap": "encrypt",
-    "decrypt": "decrypt", "sign": "sign",
-    "export": "export", "import": "break-glass", "break-glass": "break-glass",
-    "destroy": "destroy", "revoke": "revoke", "approve": "approve", "read": "read",
+    "generate": "rotate",
+    "rewrap": "rotate",
+    "rotate": "rotate",
+    "encrypt": "encrypt",
+    "wrap": "encrypt",
+    "decrypt": "decrypt",
+    "sign": "sign",
+    "export": "export",
+    "import": "break-glass",
+    "break-glass": "break-glass",
+    "destroy": "destroy",
+    "revoke": "revoke",
+    "approve": "approve",
+    "read": "read",
     "archive-retrieve": "archive-retrieve",
 }
 
@@ -88,6 +98,7 @@ def permission_for(operation: str) -> str | None:
 
 
 # ---- principals ---------------------------------------------------------------------
+
 
 @dataclass
 class Enrolment:
@@ -129,8 +140,17 @@ def _check_roles(ctx: KmsContext, roles: Sequence[str]) -> list[str]:
     return roles
 
 
-def _new_human(ctx: KmsContext, session: Session, name: str, roles: list[str], *, actor: str, now: datetime,
-               approve_after: datetime, detail: dict) -> str:
+def _new_human(
+    ctx: KmsContext,
+    session: Session,
+    name: str,
+    roles: list[str],
+    *,
+    actor: str,
+    now: datetime,
+    approve_after: datetime,
+    detail: dict,
+) -> str:
     """Insert a human principal with a fresh sealed TOTP secret; the provisioning URI is returned once."""
     limits.principal_name(name)
     if name.startswith("workload:"):
@@ -138,17 +158,34 @@ def _new_human(ctx: KmsContext, session: Session, name: str, roles: list[str], *
     if _principal(session, name) is not None:
         raise AccessDenied(f"principal {name!r} already exists", reason="invalid")
     secret = pyotp.random_base32()
-    session.add(Principal(name=name, kind="human", roles=roles, totp_sealed=_seal(ctx, name, secret), created_at=now,
-                          approve_after=approve_after))
+    session.add(
+        Principal(
+            name=name,
+            kind="human",
+            roles=roles,
+            totp_sealed=_seal(ctx, name, secret),
+            created_at=now,
+            approve_after=approve_after,
+        )
+    )
     session.flush()
-    audit.record(session, at=now, operation="principal.add", actor=actor, target=name, outcome="ok",
-                 detail={"kind": "human", "roles": roles, "approve_after": approve_after.isoformat(), **detail})
+    audit.record(
+        session,
+        at=now,
+        operation="principal.add",
+        actor=actor,
+        target=name,
+        outcome="ok",
+        detail={"kind": "human", "roles": roles, "approve_after": approve_after.isoformat(), **detail},
+    )
     return pyotp.TOTP(secret, interval=ctx.policy.access.totp_interval_seconds).provisioning_uri(
-        name=name, issuer_name=ISSUER)
+        name=name, issuer_name=ISSUER
+    )
 
 
-def init_principals(ctx: KmsContext, admins: dict[str, Sequence[str]], *, actor: str = "kms-init",
-                    keys: tuple | None = None) -> list[Enrolment]:
+def init_principals(
+    ctx: KmsContext, admins: dict[str, Sequence[str]], *, actor: str = "kms-init", keys: tuple | None = None
+) -> list[Enrolment]:
     """The first-run ceremony: enrol the first human principals while none exists.
 
     ``keys = (origin, make_credential)`` registers a FIDO2 security key for each of them in the
@@ -162,29 +199,34 @@ def init_principals(ctx: KmsContext, admins: dict[str, Sequence[str]], *, actor:
     need = ctx.policy.access.approvals_required + 1
     _refuse_second_ceremony(ctx)
     if len(admins) < need:
-        raise AccessDenied(f"the first-run ceremony enrols at least {need} principals (a requester and "
-                           f"{need - 1} approvers for every later enrolment); got {len(admins)}", reason="invalid")
+        raise AccessDenied(
+            f"the first-run ceremony enrols at least {need} principals (a requester and "
+            f"{need - 1} approvers for every later enrolment); got {len(admins)}",
+            reason="invalid",
+        )
     checked = {limits.principal_name(n): _check_roles(ctx, r) for n, r in admins.items()}
     admins_of_principals = [n for n, r in checked.items() if "principals" in role_permissions(ctx, r)]
     if len(admins_of_principals) < need:
-        raise AccessDenied(f"the first-run ceremony needs at least {need} principals holding 'principals' (roles "
-                           f"{', '.join(ctx.policy.access.permissions.get('principals', []))}): a requester and "
-                           f"{need - 1} approvers for every later enrolment; got {admins_of_principals}",
-                           reason="invalid")
+        raise AccessDenied(
+            f"the first-run ceremony needs at least {need} principals holding 'principals' (roles "
+            f"{', '.join(ctx.policy.access.permissions.get('principals', []))}): a requester and "
+            f"{need - 1} approvers for every later enrolment; got {admins_of_principals}",
+            reason="invalid",
+        )
     now = ctx.now()
     out = []
     with ctx.transaction() as s:
         _refuse_second_ceremony(ctx, s)
         for name, roles in checked.items():
-            uri = _new_human(ctx, s, name, roles, actor=actor, now=now, approve_after=now,
-                             detail={"ceremony": True})
+            uri = _new_human(ctx, s, name, roles, actor=actor, now=now, approve_after=now, detail={"ceremony": True})
             out.append(Enrolment(name, "human", roles, uri))
         if keys is not None:
             from . import console_auth
 
             origin, make_credential = keys
-            console_auth.register_ceremony_keys(s, ctx, console_auth.RelyingParty(origin), list(checked),
-                                                make_credential, actor=actor)
+            console_auth.register_ceremony_keys(
+                s, ctx, console_auth.RelyingParty(origin), list(checked), make_credential, actor=actor
+            )
     return out
 
 
@@ -202,9 +244,12 @@ def _refuse_second_ceremony(ctx: KmsContext, session: Session | None = None) -> 
         with ctx.transaction() as s:
             return _refuse_second_ceremony(ctx, s)
     if session.scalars(select(Principal.name).where(Principal.kind == "human")).first() is not None:
-        raise AccessDenied("the first-run ceremony already ran (human principals exist); enrol more with "
-                           "`kms principals add NAME --role R --ticket T --requested-by YOU --totp CODE` "
-                           "and two approvals", reason="invalid")
+        raise AccessDenied(
+            "the first-run ceremony already ran (human principals exist); enrol more with "
+            "`kms principals add NAME --role R --ticket T --requested-by YOU --totp CODE` "
+            "and two approvals",
+            reason="invalid",
+        )
 
 
 def _principal_target(name: str, roles: Sequence[str] | None = None) -> str:
@@ -212,8 +257,18 @@ def _principal_target(name: str, roles: Sequence[str] | None = None) -> str:
     return name if roles is None else f"{name}={','.join(sorted(set(roles)))}"
 
 
-def _principal_change(ctx: KmsContext, operation: str, name: str, roles: Sequence[str] | None, *, ticket: str,
-                      requested_by: str, totp: str, apply, target: str | None = None) -> list[str]:
+def _principal_change(
+    ctx: KmsContext,
+    operation: str,
+    name: str,
+    roles: Sequence[str] | None,
+    *,
+    ticket: str,
+    requested_by: str,
+    totp: str,
+    apply,
+    target: str | None = None,
+) -> list[str]:
     """Run ``apply(session, now, approvers)`` as the dual-controlled manual ``operation`` on
     principal (or escrow custodian) ``name``: requester proven by TOTP and holding
     ``principals``; approvals consumed in the change's own transaction. The approvals bind to
@@ -225,14 +280,21 @@ def _principal_change(ctx: KmsContext, operation: str, name: str, roles: Sequenc
     target = target or _principal_target(name, roles)
     request_approval(ctx, operation=operation, target=target, ticket=ticket, requester=requested_by)
     with ctx.transaction() as s:
-        approvers = consume_approvals(s, ctx, operation=operation, target=target, ticket=ticket,
-                                      requester=requested_by)
+        approvers = consume_approvals(s, ctx, operation=operation, target=target, ticket=ticket, requester=requested_by)
         apply(s, ctx.now(), approvers)
     return approvers
 
 
-def enroll_principal(ctx: KmsContext, name: str, roles: Sequence[str] = (), *, requested_by: str, totp: str,
-                     ticket: str, kind: str = "human") -> Enrolment:
+def enroll_principal(
+    ctx: KmsContext,
+    name: str,
+    roles: Sequence[str] = (),
+    *,
+    requested_by: str,
+    totp: str,
+    ticket: str,
+    kind: str = "human",
+) -> Enrolment:
     """Add a principal as a manual operation (dual control, A4). Humans get roles, a TOTP
     enrolment whose provisioning URI is returned once, and the policy's cooling-off before
     their approvals count; workloads must be declared in the policy and get no secret."""
@@ -241,11 +303,12 @@ def enroll_principal(ctx: KmsContext, name: str, roles: Sequence[str] = (), *, r
         raise AccessDenied(f"principal kind must be human or workload, got {kind!r}", reason="invalid")
     if kind == "workload":
         if name not in pol.workload_principals:
-            raise AccessDenied(f"workload principal {name!r} is not declared in the policy "
-                               f"(access.workload_principals)", reason="invalid")
+            raise AccessDenied(
+                f"workload principal {name!r} is not declared in the policy (access.workload_principals)",
+                reason="invalid",
+            )
         if roles:
-            raise AccessDenied("workload principals take their operations from the policy, not roles",
-                               reason="invalid")
+            raise AccessDenied("workload principals take their operations from the policy, not roles", reason="invalid")
         limits.ticket(ticket)
         prove_principal(ctx, requested_by, totp)
         require_permission(ctx, requested_by, "principals", target=name)
@@ -255,8 +318,15 @@ def enroll_principal(ctx: KmsContext, name: str, roles: Sequence[str] = (), *, r
                 raise AccessDenied(f"principal {name!r} already exists", reason="invalid")
             s.add(Principal(name=name, kind="workload", roles=[], created_at=now))
             s.flush()
-            audit.record(s, at=now, operation="principal.add", actor=requested_by, target=name, outcome="ok",
-                         detail={"kind": "workload", "ticket": ticket})
+            audit.record(
+                s,
+                at=now,
+                operation="principal.add",
+                actor=requested_by,
+                target=name,
+                outcome="ok",
+                detail={"kind": "workload", "ticket": ticket},
+            )
         return Enrolment(name, "workload", [], None)
     limits.principal_name(name)
     roles = _check_roles(ctx, roles)
@@ -267,11 +337,22 @@ def enroll_principal(ctx: KmsContext, name: str, roles: Sequence[str] = (), *, r
 
     def apply(s, now, approvers):
         after = now + timedelta(hours=pol.cooling_off_hours)
-        uri.append(_new_human(ctx, s, name, roles, actor=requested_by, now=now, approve_after=after,
-                              detail={"ticket": ticket, "approvers": approvers}))
+        uri.append(
+            _new_human(
+                ctx,
+                s,
+                name,
+                roles,
+                actor=requested_by,
+                now=now,
+                approve_after=after,
+                detail={"ticket": ticket, "approvers": approvers},
+            )
+        )
 
-    _principal_change(ctx, "principal-add", name, roles, ticket=ticket, requested_by=requested_by, totp=totp,
-                      apply=apply)
+    _principal_change(
+        ctx, "principal-add", name, roles, ticket=ticket, requested_by=requested_by, totp=totp, apply=apply
+    )
     return Enrolment(name, "human", roles, uri[0])
 
 
@@ -285,12 +366,14 @@ def request_enrolment(ctx: KmsContext, name: str, roles: Sequence[str], *, ticke
     with ctx.transaction() as s:
         if _principal(s, name) is not None:
             raise AccessDenied(f"principal {name!r} already exists", reason="invalid")
-    return request_approval(ctx, operation="principal-add", target=_principal_target(name, roles), ticket=ticket,
-                            requester=requester)
+    return request_approval(
+        ctx, operation="principal-add", target=_principal_target(name, roles), ticket=ticket, requester=requester
+    )
 
 
-def change_roles(ctx: KmsContext, name: str, roles: Sequence[str], *, requested_by: str, totp: str,
-                 ticket: str) -> list[str]:
+def change_roles(
+    ctx: KmsContext, name: str, roles: Sequence[str], *, requested_by: str, totp: str, ticket: str
+) -> list[str]:
     """Replace ``name``'s roles (dual control); its approvals count again only after the cooling-off."""
     roles = _check_roles(ctx, roles)
 
@@ -301,27 +384,44 @@ def change_roles(ctx: KmsContext, name: str, roles: Sequence[str], *, requested_
         old = list(p.roles)
         p.roles = roles
         p.approve_after = now + timedelta(hours=ctx.policy.access.cooling_off_hours)
-        audit.record(s, at=now, operation="principal.roles", actor=requested_by, target=name, outcome="ok",
-                     detail={"from": old, "to": roles, "ticket": ticket, "approvers": approvers})
+        audit.record(
+            s,
+            at=now,
+            operation="principal.roles",
+            actor=requested_by,
+            target=name,
+            outcome="ok",
+            detail={"from": old, "to": roles, "ticket": ticket, "approvers": approvers},
+        )
 
     _require_active(ctx, name)
-    return _principal_change(ctx, "principal-roles", name, roles, ticket=ticket, requested_by=requested_by,
-                             totp=totp, apply=apply)
+    return _principal_change(
+        ctx, "principal-roles", name, roles, ticket=ticket, requested_by=requested_by, totp=totp, apply=apply
+    )
 
 
 def remove_principal(ctx: KmsContext, name: str, *, requested_by: str, totp: str, ticket: str) -> list[str]:
     """Disable ``name`` (dual control). The row stays, so its history keeps naming it."""
+
     def apply(s, now, approvers):
         p = _principal(s, name, lock=True)
         if p is None or p.kind != "human" or p.disabled_at is not None:
             raise AccessDenied(f"no active human principal {name!r}", reason="invalid")
         p.disabled_at = now
-        audit.record(s, at=now, operation="principal.remove", actor=requested_by, target=name, outcome="ok",
-                     detail={"ticket": ticket, "approvers": approvers})
+        audit.record(
+            s,
+            at=now,
+            operation="principal.remove",
+            actor=requested_by,
+            target=name,
+            outcome="ok",
+            detail={"ticket": ticket, "approvers": approvers},
+        )
 
     _require_active(ctx, name)
-    return _principal_change(ctx, "principal-remove", name, None, ticket=ticket, requested_by=requested_by,
-                             totp=totp, apply=apply)
+    return _principal_change(
+        ctx, "principal-remove", name, None, ticket=ticket, requested_by=requested_by, totp=totp, apply=apply
+    )
 
 
 def _require_active(ctx: KmsContext, name: str) -> None:
@@ -361,27 +461,41 @@ def known_permissions(session: Session | None, ctx: KmsContext, name: str) -> fr
 
 def _missing_permission(ctx: KmsContext, principal: str, operation: str, granted: frozenset | None) -> str:
     if granted is None:
-        return f"unknown principal {principal!r}: it lacks permission '{operation}' (enrol it with `kms principals add`)"
+        return (
+            f"unknown principal {principal!r}: it lacks permission '{operation}' (enrol it with `kms principals add`)"
+        )
     if principal in ctx.policy.access.workload_principals:
-        return (f"workload principal {principal!r} lacks permission '{operation}' "
-                f"(access.workload_principals allows {sorted(granted)})")
+        return (
+            f"workload principal {principal!r} lacks permission '{operation}' "
+            f"(access.workload_principals allows {sorted(granted)})"
+        )
     roles = ctx.policy.access.permissions.get(operation, [])
     return f"{principal!r} lacks permission '{operation}' (granted to roles: {', '.join(roles) or 'none'})"
 
 
-def require_permission(ctx: KmsContext, principal: str, operation: str, *, target: str | None = None,
-                       session: Session | None = None) -> None:
+def require_permission(
+    ctx: KmsContext, principal: str, operation: str, *, target: str | None = None, session: Session | None = None
+) -> None:
     """Refuse (AccessDenied naming the missing permission, audited) unless ``principal``
     holds ``operation``. Pass the caller's ``session`` when inside a transaction."""
     if operation not in ctx.policy.access.permissions:
-        raise AccessDenied(f"unknown operation {operation!r}; the policy knows {sorted(ctx.policy.access.permissions)}",
-                           reason="invalid")
+        raise AccessDenied(
+            f"unknown operation {operation!r}; the policy knows {sorted(ctx.policy.access.permissions)}",
+            reason="invalid",
+        )
     granted = known_permissions(session, ctx, principal)
     if granted is not None and operation in granted:
         return
     message = _missing_permission(ctx, principal, operation, granted)
-    audit.emit(ctx, at=ctx.now(), operation=operation, actor=principal, target_ref=target, outcome="denied",
-               detail={"reason": "permission", "missing": operation})
+    audit.emit(
+        ctx,
+        at=ctx.now(),
+        operation=operation,
+        actor=principal,
+        target_ref=target,
+        outcome="denied",
+        detail={"reason": "permission", "missing": operation},
+    )
     raise AccessDenied(message, reason="permission", principal=principal)
 
 
@@ -389,27 +503,46 @@ def is_service_actor(ctx: KmsContext, name: str) -> bool:
     """``name`` is one of the KMS's own processes (``access.service_actors``, ``prefix:*``
     families included): a label for automation, never a person."""
     declared = ctx.policy.access.service_actors
-    return name in declared or any(a.endswith("*") and name.startswith(a[:-1]) and len(name) > len(a) - 1
-                                   for a in declared)
+    return name in declared or any(
+        a.endswith("*") and name.startswith(a[:-1]) and len(name) > len(a) - 1 for a in declared
+    )
 
 
 def list_principals(ctx: KmsContext) -> list[dict]:
     with ctx.transaction() as s:
-        rows = [{"name": p.name, "kind": p.kind, "roles": list(p.roles),
-                 "permissions": sorted(role_permissions(ctx, p.roles)) if p.kind == "human" else
-                 sorted(ctx.policy.access.workload_principals.get(p.name, [])),
-                 "totp_enrolled": p.totp_sealed is not None, "disabled": p.disabled_at is not None,
-                 "approve_after": utc(p.approve_after) if p.approve_after else None}
-                for p in s.scalars(select(Principal).order_by(Principal.name))]
+        rows = [
+            {
+                "name": p.name,
+                "kind": p.kind,
+                "roles": list(p.roles),
+                "permissions": sorted(role_permissions(ctx, p.roles))
+                if p.kind == "human"
+                else sorted(ctx.policy.access.workload_principals.get(p.name, [])),
+                "totp_enrolled": p.totp_sealed is not None,
+                "disabled": p.disabled_at is not None,
+                "approve_after": utc(p.approve_after) if p.approve_after else None,
+            }
+            for p in s.scalars(select(Principal).order_by(Principal.name))
+        ]
     enrolled = {r["name"] for r in rows}
     for name, ops in sorted(ctx.policy.access.workload_principals.items()):
         if name not in enrolled:
-            rows.append({"name": name, "kind": "workload", "roles": [], "permissions": sorted(ops),
-                         "totp_enrolled": False, "disabled": False, "approve_after": None})
+            rows.append(
+                {
+                    "name": name,
+                    "kind": "workload",
+                    "roles": [],
+                    "permissions": sorted(ops),
+                    "totp_enrolled": False,
+                    "disabled": False,
+                    "approve_after": None,
+                }
+            )
     return rows
 
 
 # ---- TOTP ---------------------------------------------------------------------------
+
 
 def _verify_totp(ctx: KmsContext, p: Principal, code: str) -> int:
     """The time-step ``code`` matches (and record it), or AccessDenied. Runs under the
@@ -418,8 +551,12 @@ def _verify_totp(ctx: KmsContext, p: Principal, code: str) -> int:
     if p.totp_sealed is None:
         raise AccessDenied(f"{p.name!r} has no TOTP enrolment", reason="totp", principal=p.name)
     if p.totp_locked_until is not None and utc(p.totp_locked_until) > ctx.now():
-        raise AccessDenied(f"TOTP for {p.name!r} is locked until {utc(p.totp_locked_until).isoformat()} after "
-                           f"{pol.totp_max_failures} wrong codes in a row", reason="totp_locked", principal=p.name)
+        raise AccessDenied(
+            f"TOTP for {p.name!r} is locked until {utc(p.totp_locked_until).isoformat()} after "
+            f"{pol.totp_max_failures} wrong codes in a row",
+            reason="totp_locked",
+            principal=p.name,
+        )
     code = (code or "").strip()
     if not code.isdigit():
         raise AccessDenied(f"TOTP code for {p.name!r} must be digits", reason="totp", principal=p.name)
@@ -431,12 +568,16 @@ def _verify_totp(ctx: KmsContext, p: Principal, code: str) -> int:
             matched = step
             break
     if matched is None:
-        raise AccessDenied(f"TOTP code for {p.name!r} is wrong or stale (accepted within "
-                           f"±{pol.totp_window_steps} step(s) of {pol.totp_interval_seconds}s)",
-                           reason="totp", principal=p.name)
+        raise AccessDenied(
+            f"TOTP code for {p.name!r} is wrong or stale (accepted within "
+            f"±{pol.totp_window_steps} step(s) of {pol.totp_interval_seconds}s)",
+            reason="totp",
+            principal=p.name,
+        )
     if p.totp_last_step is not None and matched <= p.totp_last_step:
-        raise AccessDenied(f"TOTP code for {p.name!r} was already used (replayed code refused)",
-                           reason="totp_replay", principal=p.name)
+        raise AccessDenied(
+            f"TOTP code for {p.name!r} was already used (replayed code refused)", reason="totp_replay", principal=p.name
+        )
     p.totp_last_step = matched
     p.totp_failures = 0
     return matched
@@ -455,8 +596,15 @@ def _count_totp_failure(ctx: KmsContext, name: str, exc: AccessDenied) -> None:
         p.totp_failures = (p.totp_failures or 0) + 1
         if p.totp_failures >= pol.totp_max_failures:
             p.totp_failures, p.totp_locked_until = 0, ctx.now() + timedelta(minutes=pol.totp_lockout_minutes)
-            audit.record(s, at=ctx.now(), operation="totp.lockout", actor=name, target=name, outcome="denied",
-                         detail={"until": utc(p.totp_locked_until).isoformat()})
+            audit.record(
+                s,
+                at=ctx.now(),
+                operation="totp.lockout",
+                actor=name,
+                target=name,
+                outcome="denied",
+                detail={"until": utc(p.totp_locked_until).isoformat()},
+            )
 
 
 def prove_principal(ctx: KmsContext, name: str, code: str | None, *, session: Session | None = None) -> str:
@@ -472,8 +620,15 @@ def prove_principal(ctx: KmsContext, name: str, code: str | None, *, session: Se
             with ctx.transaction() as s:
                 return prove_principal(ctx, name, code, session=s)
         except AccessDenied as exc:
-            audit.emit(ctx, at=ctx.now(), operation="authenticate", actor=str(name)[:200], target_ref=None,
-                       outcome="denied", detail={"reason": exc.reason, "problem": str(exc)})
+            audit.emit(
+                ctx,
+                at=ctx.now(),
+                operation="authenticate",
+                actor=str(name)[:200],
+                target_ref=None,
+                outcome="denied",
+                detail={"reason": exc.reason, "problem": str(exc)},
+            )
             _count_totp_failure(ctx, name, exc)
             raise
     try:
@@ -482,8 +637,11 @@ def prove_principal(ctx: KmsContext, name: str, code: str | None, *, session: Se
         raise AccessDenied(str(exc), reason="invalid", principal=None) from None
     p = _principal(session, name, lock=True)
     if p is None or p.kind != "human":
-        raise AccessDenied(f"unknown principal {name!r}: only enrolled humans can prove themselves with TOTP",
-                           reason="totp", principal=name)
+        raise AccessDenied(
+            f"unknown principal {name!r}: only enrolled humans can prove themselves with TOTP",
+            reason="totp",
+            principal=name,
+        )
     if p.disabled_at is not None:
         raise AccessDenied(f"principal {name!r} was removed", reason="totp", principal=name)
     _verify_totp(ctx, p, code or "")
@@ -491,6 +649,7 @@ def prove_principal(ctx: KmsContext, name: str, code: str | None, *, session: Se
 
 
 # ---- approvals ----------------------------------------------------------------------
+
 
 @dataclass
 class ApprovalInfo:
@@ -507,16 +666,16 @@ class ApprovalInfo:
 def _check_binding(ctx: KmsContext, operation: str, ticket: str) -> None:
     ops = list(ctx.policy.access.manual_operations) + list(PRINCIPAL_OPERATIONS)
     if operation not in ops:
-        raise AccessDenied(f"operation {operation!r} takes no approvals; manual operations are {ops}",
-                           reason="invalid")
+        raise AccessDenied(f"operation {operation!r} takes no approvals; manual operations are {ops}", reason="invalid")
     if not ticket or not ticket.strip():
         raise AccessDenied("a change ticket is required", reason="invalid")
     limits.ticket(ticket)
 
 
 def _open_requests(session: Session, operation: str, ticket: str, target: str | None = None) -> list[ApprovalRequest]:
-    q = select(ApprovalRequest).where(ApprovalRequest.operation == operation, ApprovalRequest.ticket == ticket,
-                                      ApprovalRequest.completed_at.is_(None))
+    q = select(ApprovalRequest).where(
+        ApprovalRequest.operation == operation, ApprovalRequest.ticket == ticket, ApprovalRequest.completed_at.is_(None)
+    )
     if target is not None:
         q = q.where(ApprovalRequest.target == target)
     return list(session.scalars(q.order_by(ApprovalRequest.id)))
@@ -533,25 +692,35 @@ def request_approval(ctx: KmsContext, *, operation: str, target: str, ticket: st
         for r in _open_requests(s, operation, ticket, target):
             if r.requester == requester:
                 return r.id
-        row = ApprovalRequest(operation=operation, target=target, ticket=ticket, requester=requester,
-                              requested_at=now)
+        row = ApprovalRequest(operation=operation, target=target, ticket=ticket, requester=requester, requested_at=now)
         s.add(row)
         s.flush()
-        audit.record(s, at=now, operation="approval.request", actor=requester, target=target, outcome="ok",
-                     detail={"ticket": ticket, "for": operation})
+        audit.record(
+            s,
+            at=now,
+            operation="approval.request",
+            actor=requester,
+            target=target,
+            outcome="ok",
+            detail={"ticket": ticket, "for": operation},
+        )
         return row.id
 
 
-def _resolve_target(session: Session, operation: str, ticket: str, target: str | None,
-                    approver: str) -> tuple[str, list[ApprovalRequest]]:
+def _resolve_target(
+    session: Session, operation: str, ticket: str, target: str | None, approver: str
+) -> tuple[str, list[ApprovalRequest]]:
     requests = _open_requests(session, operation, ticket, target)
     if target is None:
         targets = sorted({r.target for r in requests})
         if len(targets) != 1:
             raise AccessDenied(
                 f"no open request for {operation} under ticket {ticket!r}; name the target with --target"
-                if not targets else f"ticket {ticket!r} has requests for {targets}; name one with --target",
-                reason="invalid", principal=approver)
+                if not targets
+                else f"ticket {ticket!r} has requests for {targets}; name one with --target",
+                reason="invalid",
+                principal=approver,
+            )
         target = targets[0]
     return target, requests
 
@@ -565,8 +734,16 @@ def approval_target(ctx: KmsContext, operation: str, ticket: str, target: str | 
         return _resolve_target(s, operation, ticket, target, approver)[0]
 
 
-def approve(ctx: KmsContext, approver: str | None = None, *, ticket: str, operation: str,
-            totp: str | None = None, target: str | None = None, assertion: dict | None = None) -> ApprovalInfo:
+def approve(
+    ctx: KmsContext,
+    approver: str | None = None,
+    *,
+    ticket: str,
+    operation: str,
+    totp: str | None = None,
+    target: str | None = None,
+    assertion: dict | None = None,
+) -> ApprovalInfo:
     """Record ``approver``'s approval of (operation, target, ticket), proven by both factors.
 
     Without ``target`` the approval binds to the one open request for (operation, ticket).
@@ -595,49 +772,119 @@ def approve(ctx: KmsContext, approver: str | None = None, *, ticket: str, operat
         with ctx.transaction() as s:
             p = _principal(s, approver, lock=True)
             if p is None or p.kind != "human":
-                raise AccessDenied(f"unknown principal {approver!r}: approvals come from enrolled humans",
-                                   reason="permission", principal=approver)
+                raise AccessDenied(
+                    f"unknown principal {approver!r}: approvals come from enrolled humans",
+                    reason="permission",
+                    principal=approver,
+                )
             granted = known_permissions(s, ctx, approver)
             for needed in _approver_permissions(operation):
                 if needed not in granted:
-                    raise AccessDenied(_missing_permission(ctx, approver, needed, granted), reason="permission",
-                                       principal=approver)
+                    raise AccessDenied(
+                        _missing_permission(ctx, approver, needed, granted), reason="permission", principal=approver
+                    )
             if p.approve_after is None or utc(p.approve_after) > now:
                 raise AccessDenied(_cooling_off_message(ctx, p), reason="cooling_off", principal=approver)
             target, requests = _resolve_target(s, operation, ticket, target, approver)
             if operation in PRINCIPAL_OPERATIONS and target.split("=", 1)[0] == approver:
-                raise AccessDenied(f"{approver!r} may not approve a change to their own principal",
-                                   reason="self_approval", principal=approver)
+                raise AccessDenied(
+                    f"{approver!r} may not approve a change to their own principal",
+                    reason="self_approval",
+                    principal=approver,
+                )
             if target is not None and not requests and not _target_exists(s, operation, target):
-                raise AccessDenied(f"no {operation} target {target!r}: approvals name an existing key (or key#vN), "
-                                   f"escrow package, or an open request", reason="invalid", principal=approver)
+                raise AccessDenied(
+                    f"no {operation} target {target!r}: approvals name an existing key (or key#vN), "
+                    f"escrow package, or an open request",
+                    reason="invalid",
+                    principal=approver,
+                )
             if any(r.requester == approver for r in requests if r.target == target):
-                raise AccessDenied(f"{approver!r} requested {operation} of {target} and may not approve it "
-                                   f"(self-approval refused)", reason="self_approval", principal=approver)
-            mine = s.scalars(select(Approval).where(
-                Approval.operation == operation, Approval.target == target, Approval.ticket == ticket,
-                Approval.approver == approver, Approval.used_at.is_(None), Approval.expires_at > now)).first()
+                raise AccessDenied(
+                    f"{approver!r} requested {operation} of {target} and may not approve it (self-approval refused)",
+                    reason="self_approval",
+                    principal=approver,
+                )
+            mine = s.scalars(
+                select(Approval).where(
+                    Approval.operation == operation,
+                    Approval.target == target,
+                    Approval.ticket == ticket,
+                    Approval.approver == approver,
+                    Approval.used_at.is_(None),
+                    Approval.expires_at > now,
+                )
+            ).first()
             if mine is not None:
-                raise AccessDenied(f"{approver!r} has already approved {operation} of {target} under {ticket!r} "
-                                   f"(one approver counts once)", reason="duplicate", principal=approver)
-            cred = console_auth.verify_approval(s, ctx, ceremony, approver, operation=operation, target=target,
-                                                ticket=ticket, response=assertion.get("credential"))
+                raise AccessDenied(
+                    f"{approver!r} has already approved {operation} of {target} under {ticket!r} "
+                    f"(one approver counts once)",
+                    reason="duplicate",
+                    principal=approver,
+                )
+            cred = console_auth.verify_approval(
+                s,
+                ctx,
+                ceremony,
+                approver,
+                operation=operation,
+                target=target,
+                ticket=ticket,
+                response=assertion.get("credential"),
+            )
             step = _verify_totp(ctx, p, totp or "")
-            row = Approval(operation=operation, target=target, ticket=ticket, approver=approver, approved_at=now,
-                           expires_at=now + timedelta(minutes=pol.approval_ttl_minutes), totp_step=step)
+            row = Approval(
+                operation=operation,
+                target=target,
+                ticket=ticket,
+                approver=approver,
+                approved_at=now,
+                expires_at=now + timedelta(minutes=pol.approval_ttl_minutes),
+                totp_step=step,
+            )
             s.add(row)
             s.flush()
-            have = len(set(s.scalars(select(Approval.approver).where(
-                Approval.operation == operation, Approval.target == target, Approval.ticket == ticket,
-                Approval.used_at.is_(None), Approval.expires_at > now))))
-            audit.record(s, at=now, operation="approve", actor=approver, target=target, outcome="ok",
-                         detail={"ticket": ticket, "for": operation, "approval_id": row.id,
-                                 "factors": ["fido2", "totp"], **console_auth._provenance(cred)})
-            return ApprovalInfo(row.id, operation, target, ticket, approver, utc(row.expires_at), have,
-                                pol.approvals_required)
+            have = len(
+                set(
+                    s.scalars(
+                        select(Approval.approver).where(
+                            Approval.operation == operation,
+                            Approval.target == target,
+                            Approval.ticket == ticket,
+                            Approval.used_at.is_(None),
+                            Approval.expires_at > now,
+                        )
+                    )
+                )
+            )
+            audit.record(
+                s,
+                at=now,
+                operation="approve",
+                actor=approver,
+                target=target,
+                outcome="ok",
+                detail={
+                    "ticket": ticket,
+                    "for": operation,
+                    "approval_id": row.id,
+                    "factors": ["fido2", "totp"],
+                    **console_auth._provenance(cred),
+                },
+            )
+            return ApprovalInfo(
+                row.id, operation, target, ticket, approver, utc(row.expires_at), have, pol.approvals_required
+            )
     except AccessDenied as exc:
-        audit.emit(ctx, at=now, operation="approve", actor=approver, target_ref=target, outcome="denied",
-                   detail={"reason": exc.reason, "ticket": ticket, "for": operation, "problem": str(exc)})
+        audit.emit(
+            ctx,
+            at=now,
+            operation="approve",
+            actor=approver,
+            target_ref=target,
+            outcome="denied",
+            detail={"reason": exc.reason, "ticket": ticket, "for": operation, "problem": str(exc)},
+        )
         _count_totp_failure(ctx, approver, exc)
         raise
 
@@ -649,12 +896,14 @@ def _approver_permissions(operation: str) -> tuple[str, ...]:
 def _cooling_off_message(ctx: KmsContext, p: Principal) -> str:
     if p.approve_after is None:
         return f"{p.name!r} may not approve (no cooling-off end recorded)"
-    return (f"{p.name!r} is in the cooling-off period until {utc(p.approve_after).isoformat()} "
-            f"(access.cooling_off_hours: {ctx.policy.access.cooling_off_hours:g} h) and may not approve yet")
+    return (
+        f"{p.name!r} is in the cooling-off period until {utc(p.approve_after).isoformat()} "
+        f"(access.cooling_off_hours: {ctx.policy.access.cooling_off_hours:g} h) and may not approve yet"
+    )
 
 
 def _target_exists(session: Session, operation: str, target: str) -> bool:
-    from .db.models import Key, KeyVersion
+    from .foundation.db.models import Key, KeyVersion
 
     if operation in PRINCIPAL_OPERATIONS:
         return False  # only an open request names a principal change
@@ -667,17 +916,21 @@ def _target_exists(session: Session, operation: str, target: str) -> bool:
     if session.scalars(q).first() is not None:
         return True
     if operation == "break-glass":
-        from .db.models_events import EscrowPackage
+        from .foundation.db.models_events import EscrowPackage
 
         return session.get(EscrowPackage, target) is not None
     return False
 
 
-def _usable_approvals(session: Session, ctx: KmsContext, *, operation: str, target: str, ticket: str,
-                      requester: str, lock: bool) -> tuple[list[Approval], list[str], int]:
+def _usable_approvals(
+    session: Session, ctx: KmsContext, *, operation: str, target: str, ticket: str, requester: str, lock: bool
+) -> tuple[list[Approval], list[str], int]:
     now = ctx.now()
-    q = select(Approval).where(Approval.operation == operation, Approval.target == target,
-                               Approval.ticket == ticket).order_by(Approval.approved_at, Approval.id)
+    q = (
+        select(Approval)
+        .where(Approval.operation == operation, Approval.target == target, Approval.ticket == ticket)
+        .order_by(Approval.approved_at, Approval.id)
+    )
     if lock:
         q = q.with_for_update()
     valid: list[Approval] = []
@@ -693,8 +946,11 @@ def _usable_approvals(session: Session, ctx: KmsContext, *, operation: str, targ
             ignored.append(f"{a.approver} (the requester)")
         elif any(v.approver == a.approver for v in valid):
             ignored.append(f"{a.approver} (counted once)")
-        elif missing := [n for n in _approver_permissions(operation)
-                         if n not in (known_permissions(session, ctx, a.approver) or frozenset())]:
+        elif missing := [
+            n
+            for n in _approver_permissions(operation)
+            if n not in (known_permissions(session, ctx, a.approver) or frozenset())
+        ]:
             ignored.append(f"{a.approver} (lacks permission '{missing[0]}')")
         elif not _past_cooling_off(session, a):
             ignored.append(f"{a.approver} (approved during their cooling-off)")
@@ -708,38 +964,53 @@ def _past_cooling_off(session: Session, a: Approval) -> bool:
     return p is not None and p.approve_after is not None and utc(p.approve_after) <= utc(a.approved_at)
 
 
-def check_approvals(session: Session, ctx: KmsContext, *, operation: str, target: str, ticket: str,
-                    requester: str, lock: bool = False) -> list[Approval]:
+def check_approvals(
+    session: Session, ctx: KmsContext, *, operation: str, target: str, ticket: str, requester: str, lock: bool = False
+) -> list[Approval]:
     """The approvals that would be consumed, or AccessDenied naming what is missing."""
     _check_binding(ctx, operation, ticket)
     need = ctx.policy.access.approvals_required
-    valid, ignored, used = _usable_approvals(session, ctx, operation=operation, target=target, ticket=ticket,
-                                             requester=requester, lock=lock)
+    valid, ignored, used = _usable_approvals(
+        session, ctx, operation=operation, target=target, ticket=ticket, requester=requester, lock=lock
+    )
     if len(valid) < need:
-        parts = [f"{operation} of {target} under ticket {ticket!r} needs {need} approvals from distinct principals "
-                 f"holding 'approve', none of them the requester {requester!r}; "
-                 f"has {len(valid)}" + (f" ({', '.join(a.approver for a in valid)})" if valid else "")]
+        parts = [
+            f"{operation} of {target} under ticket {ticket!r} needs {need} approvals from distinct principals "
+            f"holding 'approve', none of them the requester {requester!r}; "
+            f"has {len(valid)}" + (f" ({', '.join(a.approver for a in valid)})" if valid else "")
+        ]
         if ignored:
             parts.append("not counted: " + ", ".join(ignored))
         if used:
             parts.append(f"{used} approval(s) for this ticket were already used (approvals are single-use)")
-        parts.append(f"missing {need - len(valid)}: `kms approve --ticket {ticket} --operation {operation} "
-                     f"--target {target} --as PRINCIPAL --totp CODE` (with the approver's security key)")
+        parts.append(
+            f"missing {need - len(valid)}: `kms approve --ticket {ticket} --operation {operation} "
+            f"--target {target} --as PRINCIPAL --totp CODE` (with the approver's security key)"
+        )
         raise AccessDenied("; ".join(parts), reason="approval", principal=requester)
     return valid[:need]
 
 
-def consume_approvals(session: Session, ctx: KmsContext, *, operation: str, target: str, ticket: str,
-                      requester: str) -> list[str]:
+def consume_approvals(
+    session: Session, ctx: KmsContext, *, operation: str, target: str, ticket: str, requester: str
+) -> list[str]:
     """Check and mark used (in the caller's transaction) the approvals for exactly
     (operation, target, ticket); return the approvers' names. Refusals are audited."""
     now = ctx.now()
     try:
-        chosen = check_approvals(session, ctx, operation=operation, target=target, ticket=ticket,
-                                 requester=requester, lock=True)
+        chosen = check_approvals(
+            session, ctx, operation=operation, target=target, ticket=ticket, requester=requester, lock=True
+        )
     except AccessDenied as exc:
-        audit.emit(ctx, at=now, operation=operation, actor=requester, target_ref=target, outcome="denied",
-                   detail={"reason": exc.reason, "ticket": ticket, "manual": True, "problem": str(exc)})
+        audit.emit(
+            ctx,
+            at=now,
+            operation=operation,
+            actor=requester,
+            target_ref=target,
+            outcome="denied",
+            detail={"reason": exc.reason, "ticket": ticket, "manual": True, "problem": str(exc)},
+        )
         raise
     tag = f"{requester}:{operation}:{target}"[:300]
     for a in chosen:
@@ -748,12 +1019,20 @@ def consume_approvals(session: Session, ctx: KmsContext, *, operation: str, targ
         r.completed_at = now
     approvers = sorted(a.approver for a in chosen)
     session.flush()
-    audit.record(session, at=now, operation="approval.consume", actor=requester, target=target, outcome="ok",
-                 detail={"ticket": ticket, "for": operation, "approvers": approvers})
+    audit.record(
+        session,
+        at=now,
+        operation="approval.consume",
+        actor=requester,
+        target=target,
+        outcome="ok",
+        detail={"ticket": ticket, "for": operation, "approvers": approvers},
+    )
     return approvers
 
 
 # ---- manual operations --------------------------------------------------------------
+
 
 @dataclass
 class ManualOutcome:
@@ -766,8 +1045,9 @@ class ManualOutcome:
     notification_failures: list[str] = field(default_factory=list)
 
 
-def manual_rotate(ctx: KmsContext, key: str, *, ticket: str, requested_by: str, totp: str | None,
-                  reason: str = "manual") -> ManualOutcome:
+def manual_rotate(
+    ctx: KmsContext, key: str, *, ticket: str, requested_by: str, totp: str | None, reason: str = "manual"
+) -> ManualOutcome:
     """Rotate ``key`` as a manual operation: the requester proves themself with TOTP, and the
     rotation runs only with complete approvals, consumed in the rotation's own transaction;
     the ledger entries record requester, approvers, ticket."""
@@ -782,15 +1062,24 @@ def manual_rotate(ctx: KmsContext, key: str, *, ticket: str, requested_by: str, 
     request_approval(ctx, operation="rotate", target=key, ticket=ticket, requester=requested_by)
     with ctx.transaction() as s:
         try:
-            approvers = sorted(a.approver for a in check_approvals(
-                s, ctx, operation="rotate", target=key, ticket=ticket, requester=requested_by))
+            approvers = sorted(
+                a.approver
+                for a in check_approvals(s, ctx, operation="rotate", target=key, ticket=ticket, requester=requested_by)
+            )
         except AccessDenied as exc:
             denied = exc
         else:
             denied = None
     if denied is not None:  # audited outside the (read) transaction above
-        audit.emit(ctx, at=ctx.now(), operation="rotate", actor=requested_by, target_ref=key, outcome="denied",
-                   detail={"reason": denied.reason, "ticket": ticket, "manual": True, "problem": str(denied)})
+        audit.emit(
+            ctx,
+            at=ctx.now(),
+            operation="rotate",
+            actor=requested_by,
+            target_ref=key,
+            outcome="denied",
+            detail={"reason": denied.reason, "ticket": ticket, "manual": True, "problem": str(denied)},
+        )
         raise denied
 
     from . import rotation
@@ -805,12 +1094,16 @@ def manual_rotate(ctx: KmsContext, key: str, *, ticket: str, requested_by: str, 
     def consume(session, _key, _new, _old):
         got = consume_approvals(session, ctx, operation="rotate", target=key, ticket=ticket, requester=requested_by)
         if got != approvers:
-            raise AccessDenied(f"approvals for {key} under {ticket!r} changed while rotating; run it again",
-                               reason="approval", principal=requested_by)
+            raise AccessDenied(
+                f"approvals for {key} under {ticket!r} changed while rotating; run it again",
+                reason="approval",
+                principal=requested_by,
+            )
         class_work(session, _key, _new, _old)
 
-    result = lifecycle.rotate(actor_ctx, key, actor=requested_by, reason=reason,
-                              approvers=approvers, ticket=ticket, after_rotate=consume)
+    result = lifecycle.rotate(
+        actor_ctx, key, actor=requested_by, reason=reason, approvers=approvers, ticket=ticket, after_rotate=consume
+    )
     if result.rotated:  # after commit, as nightly: manifests published, partners notified, credentials
         rotation.follow_up(ctx, key)
     outcome = ManualOutcome("rotate", key, ticket, requested_by, approvers, result)
@@ -825,12 +1118,20 @@ def _notify_manual(ctx: KmsContext, o: ManualOutcome) -> list[str]:
 
     r = o.result
     detail = f"Versions: v{r.old_version} -> v{r.new_version}" if getattr(r, "new_version", None) else ""
-    outcome = notifications.notify_manual_operation(ctx, operation=o.operation, target=o.target, ticket=o.ticket,
-                                                    requester=o.requester, approvers=o.approvers, detail=detail)
+    outcome = notifications.notify_manual_operation(
+        ctx,
+        operation=o.operation,
+        target=o.target,
+        ticket=o.ticket,
+        requester=o.requester,
+        approvers=o.approvers,
+        detail=detail,
+    )
     return [f"{f.channel}: {f.error}" for f in outcome.results if not f.ok]
 
 
 # ---- workload tokens ----------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class WorkloadClaims:
@@ -862,19 +1163,29 @@ def _signing_key(ctx: KmsContext, create: bool = True) -> tuple[object, bytes]:
         if not create:
             raise KeyNotFound("no workload signing key")
         if getattr(ctx, "role", "control") == "worker":  # scale-out: one key in the HSM/database, never per host
-            raise KeyNotFound("no workload signing key in the shared keystore; a worker never creates one "
-                              "(`kms token issue` on the control host creates it)")
+            raise KeyNotFound(
+                "no workload signing key in the shared keystore; a worker never creates one "
+                "(`kms token issue` on the control host creates it)"
+            )
         try:
             ks.generate(SIGNING_REF, ED25519)
-            audit.emit(ctx, at=ctx.now(), operation="generate", actor=ctx.actor, target_ref=SIGNING_REF,
-                       outcome="ok", detail={"algorithm": ED25519, "purpose": "workload tokens"})
+            audit.emit(
+                ctx,
+                at=ctx.now(),
+                operation="generate",
+                actor=ctx.actor,
+                target_ref=SIGNING_REF,
+                outcome="ok",
+                detail={"algorithm": ED25519, "purpose": "workload tokens"},
+            )
         except KeyExists:
             pass
     return ks, ks.public_key(SIGNING_REF)
 
 
-def issue_token_by(ctx: KmsContext, principal: str, *, issued_by: str, totp: str | None,
-                   ttl_minutes: float | None = None) -> str:
+def issue_token_by(
+    ctx: KmsContext, principal: str, *, issued_by: str, totp: str | None, ttl_minutes: float | None = None
+) -> str:
     """``kms token issue``: a human hands workload ``principal`` a token. The issuer proves
     themself by TOTP and must hold every operation the workload is declared with, so a token
     never carries more than its issuer may do (A1); the token's subject is the workload, the
@@ -885,11 +1196,20 @@ def issue_token_by(ctx: KmsContext, principal: str, *, issued_by: str, totp: str
     declared = sorted(ctx.policy.access.workload_principals[principal])
     missing = [op for op in declared if op not in granted]
     if missing:
-        problem = (f"{issued_by!r} lacks permission '{missing[0]}' to issue a token for {principal} "
-                   f"(declared operations: {', '.join(declared)}; a token never carries more than its issuer "
-                   f"holds)")
-        audit.emit(ctx, at=ctx.now(), operation="token.issue", actor=issued_by, target_ref=principal,
-                   outcome="denied", detail={"reason": "permission", "missing": missing[0], "problem": problem})
+        problem = (
+            f"{issued_by!r} lacks permission '{missing[0]}' to issue a token for {principal} "
+            f"(declared operations: {', '.join(declared)}; a token never carries more than its issuer "
+            f"holds)"
+        )
+        audit.emit(
+            ctx,
+            at=ctx.now(),
+            operation="token.issue",
+            actor=issued_by,
+            target_ref=principal,
+            outcome="denied",
+            detail={"reason": "permission", "missing": missing[0], "problem": problem},
+        )
         raise AccessDenied(problem, reason="permission", principal=issued_by)
     return issue_workload_token(ctx.as_actor(issued_by), principal, ttl_minutes)
 
@@ -900,15 +1220,27 @@ def _check_token_request(ctx: KmsContext, principal: str, ttl_minutes: float | N
     ttl = cap if ttl_minutes is None else ttl_minutes
     try:
         if principal not in ctx.policy.access.workload_principals:
-            raise AccessDenied(f"{principal!r} is not a workload principal declared in the policy",
-                               reason="token", principal=principal)
+            raise AccessDenied(
+                f"{principal!r} is not a workload principal declared in the policy", reason="token", principal=principal
+            )
         if not 0 < ttl <= cap:
-            raise AccessDenied(f"requested token TTL of {ttl:g} min exceeds the policy cap of {cap} min (A2)"
-                               if ttl > cap else f"token TTL must be positive, got {ttl:g}",
-                               reason="token_ttl", principal=principal)
+            raise AccessDenied(
+                f"requested token TTL of {ttl:g} min exceeds the policy cap of {cap} min (A2)"
+                if ttl > cap
+                else f"token TTL must be positive, got {ttl:g}",
+                reason="token_ttl",
+                principal=principal,
+            )
     except AccessDenied as exc:
-        audit.emit(ctx, at=ctx.now(), operation="token.issue", actor=ctx.actor, target_ref=principal,
-                   outcome="denied", detail={"reason": exc.reason, "ttl_minutes": str(ttl)})
+        audit.emit(
+            ctx,
+            at=ctx.now(),
+            operation="token.issue",
+            actor=ctx.actor,
+            target_ref=principal,
+            outcome="denied",
+            detail={"reason": exc.reason, "ttl_minutes": str(ttl)},
+        )
         raise
     return ttl
 
@@ -921,12 +1253,25 @@ def issue_workload_token(ctx: KmsContext, principal: str, ttl_minutes: float | N
     now = ctx.now()
     ks, _ = _signing_key(ctx)
     iat = int(now.timestamp())
-    claims = {"iss": ISSUER, "sub": principal, "iat": iat, "exp": iat + int(ttl * 60), "jti": secrets.token_hex(8),
-              "kid": SIGNING_REF}
+    claims = {
+        "iss": ISSUER,
+        "sub": principal,
+        "iat": iat,
+        "exp": iat + int(ttl * 60),
+        "jti": secrets.token_hex(8),
+        "kid": SIGNING_REF,
+    }
     payload = canonical_bytes(claims)
     signature = ks.sign(SIGNING_REF, _TOKEN_CONTEXT + payload)
-    audit.emit(ctx, at=now, operation="token.issue", actor=ctx.actor, target_ref=principal, outcome="ok",
-               detail={"jti": claims["jti"], "exp": claims["exp"], "ttl_seconds": claims["exp"] - iat})
+    audit.emit(
+        ctx,
+        at=now,
+        operation="token.issue",
+        actor=ctx.actor,
+        target_ref=principal,
+        outcome="ok",
+        detail={"jti": claims["jti"], "exp": claims["exp"], "ttl_seconds": claims["exp"] - iat},
+    )
     return f"{TOKEN_PREFIX}.{_b64u(payload)}.{_b64u(signature)}"
 
 
@@ -958,19 +1303,27 @@ def _verify_signed(ctx: KmsContext, token: str) -> WorkloadClaims:
         raise _forged("wrong issuer")
     cap = ctx.policy.access.workload_token_ttl_minutes
     if c.exp - c.iat > cap * 60:
-        raise AccessDenied(f"workload token refused: lifetime of {(c.exp - c.iat) / 60:g} min exceeds the policy "
-                           f"cap of {cap} min (A2)", reason="token_ttl", principal=c.sub)
+        raise AccessDenied(
+            f"workload token refused: lifetime of {(c.exp - c.iat) / 60:g} min exceeds the policy "
+            f"cap of {cap} min (A2)",
+            reason="token_ttl",
+            principal=c.sub,
+        )
     if c.sub not in ctx.policy.access.workload_principals:
-        raise AccessDenied(f"workload token refused: {c.sub!r} is not a workload principal", reason="token",
-                           principal=c.sub)
+        raise AccessDenied(
+            f"workload token refused: {c.sub!r} is not a workload principal", reason="token", principal=c.sub
+        )
     return c
 
 
 def _check_time(ctx: KmsContext, c: WorkloadClaims) -> WorkloadClaims:
     now = ctx.now().timestamp()
     if now >= c.exp:
-        raise AccessDenied(f"workload token for {c.sub!r} expired at {datetime.fromtimestamp(c.exp, tz=utc(ctx.now()).tzinfo).isoformat()}",
-                           reason="token_expired", principal=c.sub)
+        raise AccessDenied(
+            f"workload token for {c.sub!r} expired at {datetime.fromtimestamp(c.exp, tz=utc(ctx.now()).tzinfo).isoformat()}",
+            reason="token_expired",
+            principal=c.sub,
+        )
     if c.iat > now + CLOCK_SKEW_SECONDS:
         raise AccessDenied(f"workload token for {c.sub!r} is not valid yet", reason="token", principal=c.sub)
     return c
@@ -982,13 +1335,17 @@ def verify_workload_token(ctx: KmsContext, token: str) -> WorkloadClaims:
     return _check_time(ctx, _verify_signed(ctx, token))
 
 
-def check_workload_permission(ctx: KmsContext, claims: WorkloadClaims, permission: str | None,
-                              operation: str, ref: str | None = None) -> None:
+def check_workload_permission(
+    ctx: KmsContext, claims: WorkloadClaims, permission: str | None, operation: str, ref: str | None = None
+) -> None:
     allowed = ctx.policy.access.workload_principals.get(claims.sub, [])
     if permission is not None and permission not in allowed:
-        raise AccessDenied(f"workload principal {claims.sub!r} lacks permission '{permission}' for keystore "
-                           f"{operation} (access.workload_principals allows {sorted(allowed)})",
-                           reason="permission", principal=claims.sub)
+        raise AccessDenied(
+            f"workload principal {claims.sub!r} lacks permission '{permission}' for keystore "
+            f"{operation} (access.workload_principals allows {sorted(allowed)})",
+            reason="permission",
+            principal=claims.sub,
+        )
 
 
 class WorkloadIdentity:

@@ -14,9 +14,9 @@ from datetime import datetime
 from sqlalchemy import select
 
 from . import access, audit
-from .clock import utc
-from .context import KmsContext
-from .db.models_access import Approval, ApprovalRequest
+from .foundation.clock import utc
+from .foundation.context import KmsContext
+from .foundation.db.models_access import Approval, ApprovalRequest
 
 
 @dataclass
@@ -40,15 +40,32 @@ def pending(ctx: KmsContext) -> list[PendingRequest]:
     now = ctx.now()
     need = ctx.policy.access.approvals_required
     with ctx.transaction() as s:
-        rows = list(s.scalars(select(ApprovalRequest).where(ApprovalRequest.completed_at.is_(None))
-                              .order_by(ApprovalRequest.requested_at, ApprovalRequest.id)))
+        rows = list(
+            s.scalars(
+                select(ApprovalRequest)
+                .where(ApprovalRequest.completed_at.is_(None))
+                .order_by(ApprovalRequest.requested_at, ApprovalRequest.id)
+            )
+        )
         out = []
         for r in rows:
-            names = sorted({a.approver for a in s.scalars(select(Approval).where(
-                Approval.operation == r.operation, Approval.target == r.target, Approval.ticket == r.ticket,
-                Approval.used_at.is_(None))) if utc(a.expires_at) > now and a.approver != r.requester})
-            out.append(PendingRequest(r.id, r.operation, r.target, r.ticket, r.requester, utc(r.requested_at),
-                                      names, need))
+            names = sorted(
+                {
+                    a.approver
+                    for a in s.scalars(
+                        select(Approval).where(
+                            Approval.operation == r.operation,
+                            Approval.target == r.target,
+                            Approval.ticket == r.ticket,
+                            Approval.used_at.is_(None),
+                        )
+                    )
+                    if utc(a.expires_at) > now and a.approver != r.requester
+                }
+            )
+            out.append(
+                PendingRequest(r.id, r.operation, r.target, r.ticket, r.requester, utc(r.requested_at), names, need)
+            )
         return out
 
 
@@ -70,20 +87,48 @@ def reject(ctx: KmsContext, request_id: int, *, principal: str, note: str) -> Pe
         with ctx.transaction() as s:
             r = s.get(ApprovalRequest, request_id, with_for_update=True)
             if r is None or r.completed_at is not None:
-                raise access.AccessDenied(f"no open manual-operation request {request_id}", reason="invalid",
-                                          principal=principal)
+                raise access.AccessDenied(
+                    f"no open manual-operation request {request_id}", reason="invalid", principal=principal
+                )
             voided = 0
-            for a in s.scalars(select(Approval).where(
-                    Approval.operation == r.operation, Approval.target == r.target, Approval.ticket == r.ticket,
-                    Approval.used_at.is_(None)).with_for_update()):
+            for a in s.scalars(
+                select(Approval)
+                .where(
+                    Approval.operation == r.operation,
+                    Approval.target == r.target,
+                    Approval.ticket == r.ticket,
+                    Approval.used_at.is_(None),
+                )
+                .with_for_update()
+            ):
                 a.used_at, a.used_by_request = now, f"rejected:{principal}"[:300]
                 voided += 1
             r.completed_at = now
-            audit.record(s, at=now, operation="approval.reject", actor=principal, target=r.target, outcome="ok",
-                         detail={"ticket": r.ticket, "for": r.operation, "request": r.id, "requester": r.requester,
-                                 "voided_approvals": voided, "note": note[:500]})
+            audit.record(
+                s,
+                at=now,
+                operation="approval.reject",
+                actor=principal,
+                target=r.target,
+                outcome="ok",
+                detail={
+                    "ticket": r.ticket,
+                    "for": r.operation,
+                    "request": r.id,
+                    "requester": r.requester,
+                    "voided_approvals": voided,
+                    "note": note[:500],
+                },
+            )
             return PendingRequest(r.id, r.operation, r.target, r.ticket, r.requester, utc(r.requested_at))
     except access.AccessDenied as exc:
-        audit.emit(ctx, at=now, operation="approval.reject", actor=principal, target_ref=f"request:{request_id}",
-                   outcome="denied", detail={"reason": exc.reason, "problem": str(exc)})
+        audit.emit(
+            ctx,
+            at=now,
+            operation="approval.reject",
+            actor=principal,
+            target_ref=f"request:{request_id}",
+            outcome="denied",
+            detail={"reason": exc.reason, "problem": str(exc)},
+        )
         raise

@@ -41,13 +41,21 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from . import retry
-from .canonical import canonical_fast
-from .clock import parse_time, utc
-from .db.models import LedgerEntry
-from .db.models_access import AuditAnomaly, AuditEvent
-from .ledger import (GENESIS_HASH, VerifyResult, advisory_xact_lock, chain_head, entry_hash, format_time,
-                     newest_time, require_in_order)
+from .foundation import retry
+from .foundation.canonical import canonical_fast
+from .foundation.clock import parse_time, utc
+from .foundation.db.models import LedgerEntry
+from .foundation.db.models_access import AuditAnomaly, AuditEvent
+from .ledger import (
+    GENESIS_HASH,
+    VerifyResult,
+    advisory_xact_lock,
+    chain_head,
+    entry_hash,
+    format_time,
+    newest_time,
+    require_in_order,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +72,27 @@ class AuditError(ValueError):
 
 # ---- the chain ----------------------------------------------------------------------
 
-def event_document(seq: int, at: datetime | str, actor: str, operation: str, target: str | None,
-                   outcome: str, detail: str | None, prev_hash: str) -> dict:
-    return {"seq": seq, "at": at if isinstance(at, str) else format_time(at), "actor": actor, "op": operation,
-            "target": target, "outcome": outcome, "detail": detail, "prev": prev_hash}
+
+def event_document(
+    seq: int,
+    at: datetime | str,
+    actor: str,
+    operation: str,
+    target: str | None,
+    outcome: str,
+    detail: str | None,
+    prev_hash: str,
+) -> dict:
+    return {
+        "seq": seq,
+        "at": at if isinstance(at, str) else format_time(at),
+        "actor": actor,
+        "op": operation,
+        "target": target,
+        "outcome": outcome,
+        "detail": detail,
+        "prev": prev_hash,
+    }
 
 
 def _clean(value):
@@ -104,8 +129,9 @@ class Event:
     detail: str | None  # canonical JSON text
 
 
-def make_event(*, at: datetime, operation: str, actor: str, target: str | None, outcome: str,
-               detail: dict | str | None = None) -> Event:
+def make_event(
+    *, at: datetime, operation: str, actor: str, target: str | None, outcome: str, detail: dict | str | None = None
+) -> Event:
     if outcome not in OUTCOMES:
         raise ValueError(f"audit outcome must be one of {OUTCOMES}, got {outcome!r}")
     return Event(utc(at), actor or "unknown", operation, target, outcome, _detail_json(detail))
@@ -129,22 +155,43 @@ def _append(session: Session, events: Sequence[Event], *, queued: bool = False) 
         newest = e.at
         seq += 1
         h = entry_hash(event_document(seq, e.at, e.actor, e.operation, e.target, e.outcome, e.detail, prev))
-        rows.append(AuditEvent(seq=seq, at=e.at, actor=e.actor, operation=e.operation, target=e.target,
-                               outcome=e.outcome, detail=e.detail, prev_hash=prev, entry_hash=h))
+        rows.append(
+            AuditEvent(
+                seq=seq,
+                at=e.at,
+                actor=e.actor,
+                operation=e.operation,
+                target=e.target,
+                outcome=e.outcome,
+                detail=e.detail,
+                prev_hash=prev,
+                entry_hash=h,
+            )
+        )
         prev = h
     session.add_all(rows)
     session.flush()
     return rows
 
 
-def record(session: Session, *, at: datetime, operation: str, actor: str, target: str | None,
-           outcome: str, detail: dict | str | None = None) -> AuditEvent:
+def record(
+    session: Session,
+    *,
+    at: datetime,
+    operation: str,
+    actor: str,
+    target: str | None,
+    outcome: str,
+    detail: dict | str | None = None,
+) -> AuditEvent:
     """Append one hash-chained event inside the caller's transaction."""
-    return _append(session, [make_event(at=at, operation=operation, actor=actor, target=target,
-                                        outcome=outcome, detail=detail)])[0]
+    return _append(
+        session, [make_event(at=at, operation=operation, actor=actor, target=target, outcome=outcome, detail=detail)]
+    )[0]
 
 
 # ---- the background writer ----------------------------------------------------------
+
 
 class AuditWriter:
     """Appends emitted events for one engine in batches, on a thread that exits when idle."""
@@ -223,7 +270,7 @@ class AuditWriter:
             if engine is None:
                 break
             try:
-                # A database fault is waited out within the engine's budget (core/retry.py)
+                # A database fault is waited out within the engine's budget (core/foundation/retry.py)
                 # rather than dropping the batch after three quick tries.
                 retry.db_call(engine, functools.partial(self._append_once, engine, batch), what="writing audit events")
                 return
@@ -259,23 +306,31 @@ def _engine_of(target) -> Engine:
         return target
     if not getattr(target, "read_only", False):
         return target.engine
-    from . import db
+    from .foundation import db
 
     with _WRITERS_LOCK:
         twin = _WRITABLE.get(target.engine)
         if twin is None:
-            twin = _WRITABLE[target.engine] = db.make_engine(
-                target.engine.url.render_as_string(hide_password=False))
+            twin = _WRITABLE[target.engine] = db.make_engine(target.engine.url.render_as_string(hide_password=False))
         return twin
 
 
-def emit(target, *, at: datetime, operation: str, actor: str, target_ref: str | None, outcome: str,
-         detail: dict | None = None) -> None:
+def emit(
+    target,
+    *,
+    at: datetime,
+    operation: str,
+    actor: str,
+    target_ref: str | None,
+    outcome: str,
+    detail: dict | None = None,
+) -> None:
     """Queue one event for ``target`` (a KmsContext or Engine); see the module docstring."""
     if getattr(target, "read_only", False):
         at = datetime.now(timezone.utc)  # the chosen --at time is never written anywhere
-    writer(_engine_of(target)).put(make_event(at=at, operation=operation, actor=actor, target=target_ref,
-                                              outcome=outcome, detail=detail))
+    writer(_engine_of(target)).put(
+        make_event(at=at, operation=operation, actor=actor, target=target_ref, outcome=outcome, detail=detail)
+    )
 
 
 def flush(target, timeout: float = 30.0) -> None:
@@ -298,13 +353,23 @@ def _flush_all_at_exit() -> None:  # pragma: no cover - process exit
 
 # ---- verification -------------------------------------------------------------------
 
-_COLUMNS = (AuditEvent.seq, AuditEvent.at, AuditEvent.actor, AuditEvent.operation, AuditEvent.target,
-            AuditEvent.outcome, AuditEvent.detail, AuditEvent.prev_hash, AuditEvent.entry_hash)
+_COLUMNS = (
+    AuditEvent.seq,
+    AuditEvent.at,
+    AuditEvent.actor,
+    AuditEvent.operation,
+    AuditEvent.target,
+    AuditEvent.outcome,
+    AuditEvent.detail,
+    AuditEvent.prev_hash,
+    AuditEvent.entry_hash,
+)
 
 
 def iter_rows(conn, batch_size: int = 5000) -> Iterator[tuple]:
     result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(
-        select(*_COLUMNS).order_by(AuditEvent.seq))
+        select(*_COLUMNS).order_by(AuditEvent.seq)
+    )
     for partition in result.partitions():
         yield from partition
 
@@ -313,15 +378,20 @@ def verify_rows(rows: Iterable[tuple]) -> VerifyResult:
     prev, expected_seq, count = GENESIS_HASH, 1, 0
     for seq, at, actor, operation, target, outcome, detail, prev_hash, stored in rows:
         if seq != expected_seq:
-            problem = (f"event seq {expected_seq} is missing (next present is {seq})" if seq > expected_seq
-                       else f"event seq {seq} is out of order")
+            problem = (
+                f"event seq {expected_seq} is missing (next present is {seq})"
+                if seq > expected_seq
+                else f"event seq {seq} is out of order"
+            )
             return VerifyResult(False, count, expected_seq - 1, prev, expected_seq, problem)
         if prev_hash != prev:
-            return VerifyResult(False, count, seq - 1, prev, seq,
-                                f"event seq {seq} does not link to seq {seq - 1} (prev_hash mismatch)")
+            return VerifyResult(
+                False, count, seq - 1, prev, seq, f"event seq {seq} does not link to seq {seq - 1} (prev_hash mismatch)"
+            )
         if entry_hash(event_document(seq, utc(at), actor, operation, target, outcome, detail, prev_hash)) != stored:
-            return VerifyResult(False, count, seq - 1, prev, seq,
-                                f"event seq {seq} was altered (its content does not match its hash)")
+            return VerifyResult(
+                False, count, seq - 1, prev, seq, f"event seq {seq} was altered (its content does not match its hash)"
+            )
         prev, expected_seq, count = stored, seq + 1, count + 1
     return VerifyResult(True, count, count, prev)
 
@@ -334,6 +404,7 @@ def verify(target) -> VerifyResult:
 
 
 # ---- anomaly detection --------------------------------------------------------------
+
 
 @dataclass
 class Anomaly:
@@ -370,11 +441,18 @@ def detect(ctx, at: datetime | None = None) -> list[Anomaly]:
     flush(ctx)
     found: list[Anomaly] = []
     with ctx.engine.connect() as conn:
-        base = dict(conn.execute(select(AuditEvent.actor, func.count()).where(
-            AuditEvent.at >= base_start, AuditEvent.at < start).group_by(AuditEvent.actor)).all())
+        base = dict(
+            conn.execute(
+                select(AuditEvent.actor, func.count())
+                .where(AuditEvent.at >= base_start, AuditEvent.at < start)
+                .group_by(AuditEvent.actor)
+            ).all()
+        )
         rows = conn.execution_options(stream_results=True, yield_per=5000).execute(
             select(AuditEvent.at, AuditEvent.actor, AuditEvent.operation, AuditEvent.outcome, AuditEvent.detail)
-            .where(AuditEvent.at >= start, AuditEvent.at <= end).order_by(AuditEvent.seq))
+            .where(AuditEvent.at >= start, AuditEvent.at <= end)
+            .order_by(AuditEvent.seq)
+        )
         per_actor: Counter = Counter()
         decrypts: Counter = Counter()
         failures: Counter = Counter()
@@ -402,19 +480,55 @@ def detect(ctx, at: datetime | None = None) -> list[Anomaly]:
     for actor, n in sorted(per_actor.items()):
         baseline = base.get(actor, 0) / periods
         if n >= pol.rate_spike_min_events and n > pol.rate_spike_factor * max(baseline, 1.0):
-            found.append(Anomaly("rate_spike", "medium", actor, _hour(start), end, n,
-                                 {"baseline_per_window": round(baseline, 2), "factor": pol.rate_spike_factor}))
+            found.append(
+                Anomaly(
+                    "rate_spike",
+                    "medium",
+                    actor,
+                    _hour(start),
+                    end,
+                    n,
+                    {"baseline_per_window": round(baseline, 2), "factor": pol.rate_spike_factor},
+                )
+            )
     for (actor, hour), n in sorted(decrypts.items()):
         if n > pol.decrypt_burst_per_hour:
-            found.append(Anomaly("decrypt_burst", "high", actor, hour, hour + timedelta(hours=1), n,
-                                 {"limit_per_hour": pol.decrypt_burst_per_hour}))
+            found.append(
+                Anomaly(
+                    "decrypt_burst",
+                    "high",
+                    actor,
+                    hour,
+                    hour + timedelta(hours=1),
+                    n,
+                    {"limit_per_hour": pol.decrypt_burst_per_hour},
+                )
+            )
     for (actor, hour), n in sorted(failures.items()):
         if n > pol.failure_burst_per_hour:
-            found.append(Anomaly("failure_burst", "high", actor, hour, hour + timedelta(hours=1), n,
-                                 {"limit_per_hour": pol.failure_burst_per_hour}))
+            found.append(
+                Anomaly(
+                    "failure_burst",
+                    "high",
+                    actor,
+                    hour,
+                    hour + timedelta(hours=1),
+                    n,
+                    {"limit_per_hour": pol.failure_burst_per_hour},
+                )
+            )
     for (actor, hour), ops in sorted(unauthorized.items()):
-        found.append(Anomaly("operation_without_role", "high", actor, hour, hour + timedelta(hours=1), len(ops),
-                             {"operations": sorted(set(ops))}))
+        found.append(
+            Anomaly(
+                "operation_without_role",
+                "high",
+                actor,
+                hour,
+                hour + timedelta(hours=1),
+                len(ops),
+                {"operations": sorted(set(ops))},
+            )
+        )
     found.extend(_manual_without_approvals(ctx, start, end))
     return found
 
@@ -424,17 +538,35 @@ def _manual_without_approvals(ctx, start: datetime, end: datetime) -> list[Anoma
     seen: dict[tuple, Anomaly] = {}
     with ctx.engine.connect() as conn:
         for seq, at, key, version, to_state, reason, approvers, actor in conn.execute(
-                select(LedgerEntry.seq, LedgerEntry.at, LedgerEntry.key_name, LedgerEntry.key_version,
-                       LedgerEntry.to_state, LedgerEntry.reason, LedgerEntry.approvers, LedgerEntry.actor)
-                .where(LedgerEntry.at >= start, LedgerEntry.at <= end).order_by(LedgerEntry.seq)):
+            select(
+                LedgerEntry.seq,
+                LedgerEntry.at,
+                LedgerEntry.key_name,
+                LedgerEntry.key_version,
+                LedgerEntry.to_state,
+                LedgerEntry.reason,
+                LedgerEntry.approvers,
+                LedgerEntry.actor,
+            )
+            .where(LedgerEntry.at >= start, LedgerEntry.at <= end)
+            .order_by(LedgerEntry.seq)
+        ):
             manual = reason == "manual" or (destroy_needs and to_state == "destroyed")
             if not manual or len(json.loads(approvers or "[]")) >= ctx.policy.access.approvals_required:
                 continue
             at = utc(at)
             k = (key, at)
             if k not in seen:
-                seen[k] = Anomaly("manual_without_approvals", "high", actor, at, at, 0,
-                                  {"key": key, "ledger_seqs": [], "to_states": []}, scope=key)
+                seen[k] = Anomaly(
+                    "manual_without_approvals",
+                    "high",
+                    actor,
+                    at,
+                    at,
+                    0,
+                    {"key": key, "ledger_seqs": [], "to_states": []},
+                    scope=key,
+                )
             a = seen[k]
             a.count += 1
             a.detail["ledger_seqs"].append(seq)
@@ -458,8 +590,16 @@ def detection_cursor(ctx) -> datetime | None:
     ``audit.anomalies`` event records ``through``), so the cursor is tamper-evident."""
     flush(ctx)
     with ctx.engine.connect() as conn:
-        details = conn.execute(select(AuditEvent.detail).where(AuditEvent.operation == DETECTION_OP)
-                               .order_by(AuditEvent.seq.desc()).limit(20)).scalars().all()
+        details = (
+            conn.execute(
+                select(AuditEvent.detail)
+                .where(AuditEvent.operation == DETECTION_OP)
+                .order_by(AuditEvent.seq.desc())
+                .limit(20)
+            )
+            .scalars()
+            .all()
+        )
     for detail in details:
         try:
             return utc(parse_time(json.loads(detail or "{}")["through"]))
@@ -472,6 +612,7 @@ def detection_cursor(ctx) -> datetime | None:
 class DetectionPreview:
     """Detection run in memory through ``through`` and not stored (``kms report --at``:
     the database is read-only there, and nothing may be recorded at a chosen time)."""
+
     through: datetime
     new: list[Anomaly]  # found, and not yet stored as an audit_anomalies row
 
@@ -501,8 +642,15 @@ def preview_anomalies(ctx, at: datetime | None = None) -> DetectionPreview:
     end = utc(at or ctx.now())
     found, _cursor, _start = _scan(ctx, end)
     with ctx.engine.connect() as conn:
-        stored = set(conn.execute(select(AuditAnomaly.fingerprint).where(
-            AuditAnomaly.fingerprint.in_(list(found)))).scalars()) if found else set()
+        stored = (
+            set(
+                conn.execute(
+                    select(AuditAnomaly.fingerprint).where(AuditAnomaly.fingerprint.in_(list(found)))
+                ).scalars()
+            )
+            if found
+            else set()
+        )
     return DetectionPreview(end, [a for fp, a in found.items() if fp not in stored])
 
 
@@ -514,23 +662,43 @@ def refresh_anomalies(ctx, at: datetime | None = None) -> AnomalyReport:
     window = timedelta(hours=ctx.policy.audit.anomaly_window_hours)
     found, cursor, start_covered = _scan(ctx, end)
     with ctx.transaction() as session:
-        existing = set(session.scalars(select(AuditAnomaly.fingerprint).where(
-            AuditAnomaly.fingerprint.in_(list(found)))))
+        existing = set(
+            session.scalars(select(AuditAnomaly.fingerprint).where(AuditAnomaly.fingerprint.in_(list(found))))
+        )
         new = []
         for a in found.values():
             if a.fingerprint in existing:
                 continue
             existing.add(a.fingerprint)
-            row = AuditAnomaly(fingerprint=a.fingerprint, kind=a.kind, severity=a.severity, principal=a.principal,
-                               window_start=a.window_start, window_end=a.window_end, count=a.count,
-                               detail=canonical_fast(_clean(a.detail)).decode(), detected_at=end)
+            row = AuditAnomaly(
+                fingerprint=a.fingerprint,
+                kind=a.kind,
+                severity=a.severity,
+                principal=a.principal,
+                window_start=a.window_start,
+                window_end=a.window_end,
+                count=a.count,
+                detail=canonical_fast(_clean(a.detail)).decode(),
+                detected_at=end,
+            )
             session.add(row)
             new.append(row)
         session.flush()
         if cursor is None or end > cursor:
-            record(session, at=end, operation=DETECTION_OP, actor=ctx.actor, target=None, outcome="ok",
-                   detail={"new": len(new), "kinds": sorted({r.kind for r in new}),
-                           "from": format_time(start_covered), "through": format_time(end)})
+            record(
+                session,
+                at=end,
+                operation=DETECTION_OP,
+                actor=ctx.actor,
+                target=None,
+                outcome="ok",
+                detail={
+                    "new": len(new),
+                    "kinds": sorted({r.kind for r in new}),
+                    "from": format_time(start_covered),
+                    "through": format_time(end),
+                },
+            )
     start = end - window
     return AnomalyReport(new, list_anomalies(ctx, since=start), unreviewed(ctx))
 
@@ -544,17 +712,18 @@ def detection_coverage(ctx) -> dict:
     if preview is not None and (cursor is None or preview.through > cursor):
         cursor = preview.through
     limit = utc(ctx.now()) - timedelta(hours=ctx.policy.audit.anomaly_window_hours)
-    q = select(func.count(), func.min(AuditEvent.at)).where(AuditEvent.at < limit,
-                                                             AuditEvent.operation != DETECTION_OP)
+    q = select(func.count(), func.min(AuditEvent.at)).where(AuditEvent.at < limit, AuditEvent.operation != DETECTION_OP)
     if cursor is not None:
         q = q.where(AuditEvent.at > cursor)
     with ctx.engine.connect() as conn:
         n, oldest = conn.execute(q).one()
     gap = None
     if n:
-        gap = (f"anomaly detection has not covered {n} audit event(s) since "
-               f"{format_time(utc(oldest)) if oldest else '-'} (last run through "
-               f"{format_time(cursor) if cursor else 'never'})")
+        gap = (
+            f"anomaly detection has not covered {n} audit event(s) since "
+            f"{format_time(utc(oldest)) if oldest else '-'} (last run through "
+            f"{format_time(cursor) if cursor else 'never'})"
+        )
     return {"through": cursor, "unseen": int(n or 0), "gap": gap}
 
 
@@ -577,7 +746,8 @@ def unreviewed(ctx) -> list[AuditAnomaly]:
 def review(ctx, anomaly_id: int, principal: str, note: str | None = None, *, totp: str | None) -> AuditAnomaly:
     """Mark an anomaly reviewed by ``principal``, proven by their TOTP code, who holds
     ``review`` and is not the principal whose actions raised the anomaly."""
-    from . import access, limits
+    from . import access
+    from .foundation import limits
 
     limits.text(note, "review note", required=False)
     target = f"anomaly:{anomaly_id}"
@@ -592,8 +762,15 @@ def review(ctx, anomaly_id: int, principal: str, note: str | None = None, *, tot
         elif row.principal == principal:
             problem = f"{principal!r} raised anomaly {anomaly_id} and may not review it (another reviewer is needed)"
     if problem is not None:
-        emit(ctx, at=now, operation="audit.review", actor=str(principal)[:200], target_ref=target,
-             outcome="denied", detail={"reason": "invalid", "problem": problem})
+        emit(
+            ctx,
+            at=now,
+            operation="audit.review",
+            actor=str(principal)[:200],
+            target_ref=target,
+            outcome="denied",
+            detail={"reason": "invalid", "problem": problem},
+        )
         raise AuditError(problem)
     access.prove_principal(ctx, principal, totp)
     access.require_permission(ctx, principal, "review", target=target)
@@ -602,8 +779,15 @@ def review(ctx, anomaly_id: int, principal: str, note: str | None = None, *, tot
         if row.reviewed_at:  # reviewed concurrently
             raise AuditError(f"anomaly {anomaly_id} was already reviewed by {row.reviewed_by}")
         row.reviewed_at, row.reviewed_by, row.review_note = now, principal, note
-        record(session, at=now, operation="audit.review", actor=principal, target=target,
-               outcome="ok", detail={"kind": row.kind, "severity": row.severity})
+        record(
+            session,
+            at=now,
+            operation="audit.review",
+            actor=principal,
+            target=target,
+            outcome="ok",
+            detail={"kind": row.kind, "severity": row.severity},
+        )
         return row
 
 
@@ -617,6 +801,7 @@ def events(ctx, *, limit: int = 100, actor: str | None = None) -> list[AuditEven
 
 
 # ---- nightly ------------------------------------------------------------------------
+
 
 def _register_nightly() -> None:
     from . import nightly

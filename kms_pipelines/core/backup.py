@@ -43,14 +43,23 @@ from sqlalchemy.orm import aliased
 
 from . import archive as archive_mod
 from . import backup_manifest_schema as manifest_schema
-from . import lifecycle, retry
-from .canonical import canonical_bytes
-from .clock import utc
-from .context import KmsContext
-from .db.models import ACTIVE, REVOKED, ROTATED, Key, KeyVersion
-from .db.models_backup import (COMPLETE, FAILED, GOOD_STATUSES, PRUNED, UPLOADING, VERIFIED, Backup,
-                               BackupKeyRef)
-from .keystore import fingerprint, verify_signature
+from . import lifecycle
+from .foundation import retry
+from .foundation.canonical import canonical_bytes
+from .foundation.clock import utc
+from .foundation.context import KmsContext
+from .foundation.db.models import ACTIVE, REVOKED, ROTATED, Key, KeyVersion
+from .foundation.db.models_backup import (
+    COMPLETE,
+    FAILED,
+    GOOD_STATUSES,
+    PRUNED,
+    UPLOADING,
+    VERIFIED,
+    Backup,
+    BackupKeyRef,
+)
+from .foundation.keystore import fingerprint, verify_signature
 
 MANIFEST_FORMAT = manifest_schema.FORMAT
 ARCHIVE_FORMAT = manifest_schema.ARCHIVE_FORMAT
@@ -95,6 +104,7 @@ class BackupSource:
 
 # ---------------------------------------------------------------------------- GFS policy
 
+
 def classify(ctx: KmsContext, at: datetime) -> str:
     return WEEKLY if WEEKDAYS[utc(at).weekday()] == ctx.policy.backup.weekly_on else NIGHTLY
 
@@ -105,6 +115,7 @@ def retain_until_for(ctx: KmsContext, gfs_class: str, created: datetime) -> date
 
 
 # ---------------------------------------------------------------------------- helpers
+
 
 def _db_kind(engine: Engine) -> str:
     return engine.dialect.name
@@ -171,7 +182,8 @@ def _data_key_refs(engine: Engine) -> list[dict]:
             select(Key.name, KeyVersion.version, KeyVersion.state, KeyVersion.wrap_ref)
             .join(KeyVersion, KeyVersion.key_id == Key.id)
             .where(Key.key_class == "data", KeyVersion.state.in_((ACTIVE, ROTATED, REVOKED)))
-            .order_by(Key.name, KeyVersion.version)).all()
+            .order_by(Key.name, KeyVersion.version)
+        ).all()
         for name, version, state, wrap_ref in rows:
             deks = None
             if env is not None:
@@ -216,10 +228,11 @@ def trusted_root_keys(ctx: KmsContext) -> dict[str, bytes]:
     """fingerprint → public key of every root version whose signatures still count
     (revoked versions are excluded: a compromised key proves nothing)."""
     with ctx.transaction() as session:
-        rows = session.execute(select(KeyVersion.fingerprint, KeyVersion.public_key)
-                               .join(Key, KeyVersion.key_id == Key.id)
-                               .where(Key.name == "root", KeyVersion.state != REVOKED,
-                                      KeyVersion.public_key.is_not(None))).all()
+        rows = session.execute(
+            select(KeyVersion.fingerprint, KeyVersion.public_key)
+            .join(Key, KeyVersion.key_id == Key.id)
+            .where(Key.name == "root", KeyVersion.state != REVOKED, KeyVersion.public_key.is_not(None))
+        ).all()
     return {fp: bytes(pk) for fp, pk in rows}
 
 
@@ -263,9 +276,14 @@ def verify_manifest(ctx: KmsContext, raw: bytes, *, trust: list[bytes] | list[st
     keys = pinned_root_keys(ctx, trust) if trust is not None else trusted_root_keys(ctx)
     public = keys.get(kid)
     if public is None:
-        raise BackupError(f"manifest is signed by {kid}, which is not a trusted root key"
-                          + (" (neither pinned nor reached from the pinned root by root manifests)"
-                             if trust is not None else " of this KMS (pass --trust)"))
+        raise BackupError(
+            f"manifest is signed by {kid}, which is not a trusted root key"
+            + (
+                " (neither pinned nor reached from the pinned root by root manifests)"
+                if trust is not None
+                else " of this KMS (pass --trust)"
+            )
+        )
     sig = base64.b64decode(doc["signature"])
     if not verify_signature(public, canonical_bytes(manifest_schema.signed_part(doc)), sig):
         raise BackupError("manifest signature does not verify: the manifest was altered or not signed by the root key")
@@ -283,7 +301,7 @@ def _signed_outside_window(ctx: KmsContext, trust, kid: str, created_at: str) ->
     activation of its successor (or its revocation). The window comes from this KMS's
     key_versions, or, for a pinned restore, from the published root manifests."""
     from . import manifest as root_manifest
-    from .clock import parse_time
+    from .foundation.clock import parse_time
 
     try:
         at = utc(parse_time(created_at))
@@ -292,8 +310,11 @@ def _signed_outside_window(ctx: KmsContext, trust, kid: str, created_at: str) ->
     start = end = None
     if trust is None:
         with ctx.transaction() as session:
-            v = session.scalars(select(KeyVersion).join(Key, KeyVersion.key_id == Key.id)
-                                .where(Key.name == "root", KeyVersion.fingerprint == kid)).first()
+            v = session.scalars(
+                select(KeyVersion)
+                .join(Key, KeyVersion.key_id == Key.id)
+                .where(Key.name == "root", KeyVersion.fingerprint == kid)
+            ).first()
             if v is None:
                 return None
             start = v.activated_at
@@ -312,8 +333,7 @@ def _signed_outside_window(ctx: KmsContext, trust, kid: str, created_at: str) ->
         if mine is None:
             return None  # pinned by public key alone: no published window to hold it to
         start = parse_time(mine["valid_from"])
-        nxt = [parse_time(d["valid_from"]) for d in docs
-               if d["previous"] and d["previous"]["fingerprint"] == kid]
+        nxt = [parse_time(d["valid_from"]) for d in docs if d["previous"] and d["previous"]["fingerprint"] == kid]
         end = min(nxt) if nxt else None
     slack = timedelta(seconds=1)
     if start is None or at < utc(start) - slack:
@@ -324,6 +344,7 @@ def _signed_outside_window(ctx: KmsContext, trust, kid: str, created_at: str) ->
 
 
 # ---------------------------------------------------------------------------- create
+
 
 def _sqlite_snapshot(engine: Engine, dest: Path) -> None:
     src = sqlite3.connect(engine.url.database)
@@ -361,7 +382,7 @@ def _produce(ctx: KmsContext, source: BackupSource, tmpdir: Path, procs: list):
 
     def produce(tar: archive_mod.TarSink) -> None:
         for rel in ctx.policy.backup.include_paths:
-            base = (source.home / rel)
+            base = source.home / rel
             if base.is_dir():
                 for path in _walk_files(base):
                     tar.add_file(str(Path(rel) / path.relative_to(base)), str(path))
@@ -370,8 +391,12 @@ def _produce(ctx: KmsContext, source: BackupSource, tmpdir: Path, procs: list):
             for path in _walk_files(token_dir):
                 tar.add_file(f"hsm/softhsm-tokens/{path.relative_to(token_dir)}", str(path))
         if kind == "postgresql":
-            proc = subprocess.Popen(["pg_dump", "-Fc", "-Z", "0", "--no-owner", "-d", _libpq_url(source.engine)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=archive_mod.PIPE_BUFFER)
+            proc = subprocess.Popen(
+                ["pg_dump", "-Fc", "-Z", "0", "--no-owner", "-d", _libpq_url(source.engine)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                bufsize=archive_mod.PIPE_BUFFER,
+            )
             procs.append(proc)
             tar.add_stream_in_parts(archive_mod.DB_PART_PREFIX, proc.stdout)
             proc.stdout.close()
@@ -391,20 +416,37 @@ def _produce(ctx: KmsContext, source: BackupSource, tmpdir: Path, procs: list):
     return produce
 
 
-def create(ctx: KmsContext, *, gfs_class: str | None = None, source: BackupSource | None = None,
-           successor_of: str | None = None, retain_until: datetime | None = None) -> ArchiveInfo:
+def create(
+    ctx: KmsContext,
+    *,
+    gfs_class: str | None = None,
+    source: BackupSource | None = None,
+    successor_of: str | None = None,
+    retain_until: datetime | None = None,
+) -> ArchiveInfo:
     """Back up the KMS (or ``source``) into a locked, encrypted, signed archive.
 
     The whole backup is the unit retried after a lost database connection (pg_dump cannot
     resume): an interrupted attempt's archive is marked failed, never good, and the next
     attempt writes a new one. Object-store faults are retried per part inside the upload."""
-    return retry.db_call(ctx, lambda: _create_once(ctx, gfs_class=gfs_class, source=source,
-                                                   successor_of=successor_of, retain_until=retain_until),
-                         what="the backup", rerun="kms backup create")
+    return retry.db_call(
+        ctx,
+        lambda: _create_once(
+            ctx, gfs_class=gfs_class, source=source, successor_of=successor_of, retain_until=retain_until
+        ),
+        what="the backup",
+        rerun="kms backup create",
+    )
 
 
-def _create_once(ctx: KmsContext, *, gfs_class: str | None, source: BackupSource | None,
-                 successor_of: str | None, retain_until: datetime | None) -> ArchiveInfo:
+def _create_once(
+    ctx: KmsContext,
+    *,
+    gfs_class: str | None,
+    source: BackupSource | None,
+    successor_of: str | None,
+    retain_until: datetime | None,
+) -> ArchiveInfo:
     started = time.perf_counter()
     source = source or BackupSource(ctx.engine, ctx.home, ctx.keystore)
     if ctx.objects is None:
@@ -437,15 +479,26 @@ def _create_once(ctx: KmsContext, *, gfs_class: str | None, source: BackupSource
             if pred is None:
                 raise BackupError(f"no backup {successor_of!r}")
             pred_id = pred.id
-        row = Backup(archive_id=archive_id, archive_key=archive_key, manifest_key=manifest_key, gfs_class=gfs,
-                     created_at=now, retain_until=retain, status=UPLOADING, db_kind=kind,
-                     backup_key_version=bkey.version, root_kid=root.fingerprint, successor_of=pred_id)
+        row = Backup(
+            archive_id=archive_id,
+            archive_key=archive_key,
+            manifest_key=manifest_key,
+            gfs_class=gfs,
+            created_at=now,
+            retain_until=retain,
+            status=UPLOADING,
+            db_kind=kind,
+            backup_key_version=bkey.version,
+            root_kid=root.fingerprint,
+            successor_of=pred_id,
+        )
         session.add(row)
         session.flush()
         session.add(BackupKeyRef(backup_id=row.id, key_name="backup", version=bkey.version, role="archive"))
         for r in refs:
-            session.add(BackupKeyRef(backup_id=row.id, key_name=r["key"], version=r["version"], role="data",
-                                     deks=r["deks"]))
+            session.add(
+                BackupKeyRef(backup_id=row.id, key_name=r["key"], version=r["version"], role="data", deks=r["deks"])
+            )
         backup_row_id = row.id
 
     canaries = []
@@ -455,9 +508,15 @@ def _create_once(ctx: KmsContext, *, gfs_class: str | None, source: BackupSource
         plain = secrets.token_bytes(32)
         aad = f"kms-canary:{archive_id}:{r['key']}:v{r['version']}".encode()
         ct = source.keystore.encrypt(r["wrap_ref"], plain, aad=aad)
-        canaries.append({"key": r["key"], "version": r["version"], "aad": aad.decode(),
-                         "ciphertext": base64.b64encode(ct).decode(),
-                         "plaintext_sha256": __import__("hashlib").sha256(plain).hexdigest()})
+        canaries.append(
+            {
+                "key": r["key"],
+                "version": r["version"],
+                "aad": aad.decode(),
+                "ciphertext": base64.b64encode(ct).decode(),
+                "plaintext_sha256": __import__("hashlib").sha256(plain).hexdigest(),
+            }
+        )
 
     procs: list = []
 
@@ -469,14 +528,22 @@ def _create_once(ctx: KmsContext, *, gfs_class: str | None, source: BackupSource
     tmpdir = Path(tempfile.mkdtemp(prefix="kms-backup-"))
     try:
         stream = archive_mod.encrypted_archive(
-            _produce(ctx, source, tmpdir, procs), recipient, mtime=now.timestamp(),
-            level=ctx.policy.backup.compression_level, threads=max(1, min(4, os.cpu_count() or 1)),
-            on_abort=abort)
+            _produce(ctx, source, tmpdir, procs),
+            recipient,
+            mtime=now.timestamp(),
+            level=ctx.policy.backup.compression_level,
+            threads=max(1, min(4, os.cpu_count() or 1)),
+            on_abort=abort,
+        )
         try:
             with stream:
-                info = ctx.objects.put(archive_key, stream, retain_until=retain,
-                                       content_type="application/vnd.kms.backup+age",
-                                       metadata={"archive-id": archive_id, "gfs-class": gfs})
+                info = ctx.objects.put(
+                    archive_key,
+                    stream,
+                    retain_until=retain,
+                    content_type="application/vnd.kms.backup+age",
+                    metadata={"archive-id": archive_id, "gfs-class": gfs},
+                )
         except Exception as exc:
             _mark(ctx, backup_row_id, FAILED, detail=f"upload failed: {exc}")
             raise BackupError(f"backup {archive_id} failed during upload: {exc}") from exc
@@ -486,26 +553,42 @@ def _create_once(ctx: KmsContext, *, gfs_class: str | None, source: BackupSource
             raise BackupError(f"backup {archive_id}: object store recorded a different sha256")
 
         manifest = {
-            "archive_id": archive_id, "archive_key": archive_key, "archive_format": ARCHIVE_FORMAT,
-            "archive_sha256": sha, "archive_size": size, "created_at": now.isoformat(),
-            "gfs_class": gfs, "retain_until": retain.isoformat(),
+            "archive_id": archive_id,
+            "archive_key": archive_key,
+            "archive_format": ARCHIVE_FORMAT,
+            "archive_sha256": sha,
+            "archive_size": size,
+            "created_at": now.isoformat(),
+            "gfs_class": gfs,
+            "retain_until": retain.isoformat(),
             "backup_key": {"name": "backup", "version": bkey.version},
-            "sealed_identity": base64.b64encode(sealed).decode(), "recipient": recipient,
-            "root_kid": root.fingerprint, "root_version": root.version,
-            "database": {"kind": kind, "server_version": _server_version(source.engine),
-                         "format": "pg_dump -Fc -Z0 in parts" if kind == "postgresql" else "sqlite online backup"},
+            "sealed_identity": base64.b64encode(sealed).decode(),
+            "recipient": recipient,
+            "root_kid": root.fingerprint,
+            "root_version": root.version,
+            "database": {
+                "kind": kind,
+                "server_version": _server_version(source.engine),
+                "format": "pg_dump -Fc -Z0 in parts" if kind == "postgresql" else "sqlite online backup",
+            },
             "keystore_backend": getattr(source.keystore, "backend", "unknown"),
             "tool_versions": tool_versions(),
             "data_key_versions": [{k: r[k] for k in ("key", "version", "state", "deks")} for r in refs],
-            "canaries": canaries, "include_paths": list(ctx.policy.backup.include_paths),
+            "canaries": canaries,
+            "include_paths": list(ctx.policy.backup.include_paths),
             "successor_of": successor_of,
         }
         with ctx.transaction() as session:
             signed = _sign(ctx, session, manifest)
         raw = json.dumps(signed, indent=1, sort_keys=True).encode()
         try:
-            ctx.objects.put(manifest_key, raw, retain_until=retain, content_type="application/json",
-                            metadata={"archive-id": archive_id})
+            ctx.objects.put(
+                manifest_key,
+                raw,
+                retain_until=retain,
+                content_type="application/json",
+                metadata={"archive-id": archive_id},
+            )
             # Re-read both before calling the archive good.
             head = ctx.objects.head(archive_key)
             if head.size != size or (head.sha256 and head.sha256 != sha):
@@ -521,9 +604,23 @@ def _create_once(ctx: KmsContext, *, gfs_class: str | None, source: BackupSource
     with ctx.transaction() as session:
         row = session.get(Backup, backup_row_id)
         row.sha256, row.size, row.status, row.completed_at = sha, size, COMPLETE, ctx.now()
-    return ArchiveInfo(archive_id, archive_key, manifest_key, gfs, now, retain, sha, size, COMPLETE, bkey.version,
-                       root.fingerprint, kind, successor_of, round(time.perf_counter() - started, 3),
-                       [{k: r[k] for k in ("key", "version", "deks")} for r in refs])
+    return ArchiveInfo(
+        archive_id,
+        archive_key,
+        manifest_key,
+        gfs,
+        now,
+        retain,
+        sha,
+        size,
+        COMPLETE,
+        bkey.version,
+        root.fingerprint,
+        kind,
+        successor_of,
+        round(time.perf_counter() - started, 3),
+        [{k: r[k] for k in ("key", "version", "deks")} for r in refs],
+    )
 
 
 def _mark(ctx: KmsContext, row_id: int, status: str, detail: str | None = None) -> None:
@@ -539,6 +636,7 @@ def _mark(ctx: KmsContext, row_id: int, status: str, detail: str | None = None) 
 
 # ---------------------------------------------------------------------------- catalogue
 
+
 def get_backup(session, archive_id: str | None = None) -> Backup:
     """A backup by archive id (or its object key), or the newest good one when None."""
     q = select(Backup)
@@ -553,9 +651,21 @@ def get_backup(session, archive_id: str | None = None) -> Backup:
 
 
 def info_of(row: Backup, successor_archive: str | None = None) -> ArchiveInfo:
-    return ArchiveInfo(row.archive_id, row.archive_key, row.manifest_key, row.gfs_class, utc(row.created_at),
-                       utc(row.retain_until), row.sha256, row.size, row.status, row.backup_key_version,
-                       row.root_kid, row.db_kind, successor_archive)
+    return ArchiveInfo(
+        row.archive_id,
+        row.archive_key,
+        row.manifest_key,
+        row.gfs_class,
+        utc(row.created_at),
+        utc(row.retain_until),
+        row.sha256,
+        row.size,
+        row.status,
+        row.backup_key_version,
+        row.root_kid,
+        row.db_kind,
+        successor_archive,
+    )
 
 
 def list_backups(ctx: KmsContext, *, include_pruned: bool = False) -> list[dict]:
@@ -569,16 +679,25 @@ def list_backups(ctx: KmsContext, *, include_pruned: bool = False) -> list[dict]
             if r.status == PRUNED and not include_pruned:
                 continue
             retain = utc(r.retain_until)
-            out.append({
-                "archive_id": r.archive_id, "gfs_class": r.gfs_class, "status": r.status,
-                "state": "incomplete" if r.status in (UPLOADING, FAILED) else r.status,
-                "created_at": utc(r.created_at), "age_days": round((now - utc(r.created_at)).total_seconds() / 86400, 2),
-                "retain_until": retain, "locked": retain > now and r.status != PRUNED,
-                "verified": r.status == VERIFIED, "verified_at": utc(r.verified_at) if r.verified_at else None,
-                "size": r.size, "sha256": r.sha256, "backup_key_version": r.backup_key_version,
-                "successor_of": by_id[r.successor_of].archive_id if r.successor_of in by_id else None,
-                "archive_key": r.archive_key,
-            })
+            out.append(
+                {
+                    "archive_id": r.archive_id,
+                    "gfs_class": r.gfs_class,
+                    "status": r.status,
+                    "state": "incomplete" if r.status in (UPLOADING, FAILED) else r.status,
+                    "created_at": utc(r.created_at),
+                    "age_days": round((now - utc(r.created_at)).total_seconds() / 86400, 2),
+                    "retain_until": retain,
+                    "locked": retain > now and r.status != PRUNED,
+                    "verified": r.status == VERIFIED,
+                    "verified_at": utc(r.verified_at) if r.verified_at else None,
+                    "size": r.size,
+                    "sha256": r.sha256,
+                    "backup_key_version": r.backup_key_version,
+                    "successor_of": by_id[r.successor_of].archive_id if r.successor_of in by_id else None,
+                    "archive_key": r.archive_key,
+                }
+            )
     return out
 
 
@@ -597,8 +716,14 @@ def verify_archive(ctx: KmsContext, archive_id: str | None = None) -> dict:
     head = ctx.objects.head(akey)
     locked = head.locked_at(ctx.now()) and head.lock_mode == "COMPLIANCE"
     mark_verified(ctx, aid)
-    return {"archive_id": aid, "sha256": sha, "size": size, "manifest_verifies": True, "locked": locked,
-            "retain_until": head.retain_until}
+    return {
+        "archive_id": aid,
+        "sha256": sha,
+        "size": size,
+        "manifest_verifies": True,
+        "locked": locked,
+        "retain_until": head.retain_until,
+    }
 
 
 def mark_verified(ctx: KmsContext, archive_id: str) -> None:
@@ -630,10 +755,11 @@ def gfs_keep_set(ctx: KmsContext, rows: list[Backup], now: datetime) -> dict[int
     than ``keep_weekly_days``, and the newest verified archive. Successors inherit their
     predecessor's place."""
     p = ctx.policy.backup
-    originals = sorted((r for r in rows if r.successor_of is None), key=lambda r: (utc(r.created_at), r.id),
-                       reverse=True)
+    originals = sorted(
+        (r for r in rows if r.successor_of is None), key=lambda r: (utc(r.created_at), r.id), reverse=True
+    )
     keep: dict[int, str] = {}
-    for r in originals[:p.keep_nightly]:
+    for r in originals[: p.keep_nightly]:
         keep[r.id] = f"one of the latest {p.keep_nightly}"
     for r in originals:
         if r.gfs_class == WEEKLY and utc(r.created_at) > now - timedelta(days=p.keep_weekly_days):
@@ -649,7 +775,7 @@ def gfs_keep_set(ctx: KmsContext, rows: list[Backup], now: datetime) -> dict[int
 
 def prune(ctx: KmsContext, *, dry_run: bool = False) -> PruneResult:
     """Delete archives outside the GFS set whose lock has lapsed (B3)."""
-    from .objectstore import ObjectLocked, ObjectNotFound
+    from .foundation.objectstore import ObjectLocked, ObjectNotFound
 
     failed = [] if dry_run else mark_stale_uploads(ctx)
     now = ctx.now()
@@ -693,26 +819,40 @@ def freshness(ctx: KmsContext) -> dict:
         except BackupError:
             return {"fresh": False, "archive_id": None, "age_hours": None}
         age = (now - utc(row.created_at)).total_seconds() / 3600
-        return {"fresh": age <= ctx.policy.backup.freshness_hours, "archive_id": row.archive_id,
-                "age_hours": round(age, 2), "status": row.status}
+        return {
+            "fresh": age <= ctx.policy.backup.freshness_hours,
+            "archive_id": row.archive_id,
+            "age_hours": round(age, 2),
+            "status": row.status,
+        }
 
 
 def export_trust(ctx: KmsContext) -> dict:
     """The trust file for offline restores: every root public key this KMS still trusts."""
-    return {"root_public_keys": [{"fingerprint": fp, "public_key": base64.b64encode(pk).decode()}
-                                 for fp, pk in trusted_root_keys(ctx).items()]}
+    return {
+        "root_public_keys": [
+            {"fingerprint": fp, "public_key": base64.b64encode(pk).decode()}
+            for fp, pk in trusted_root_keys(ctx).items()
+        ]
+    }
 
 
 # ---------------------------------------------------------------------------- T4 guard
 
+
 def _unsucceeded_refs(session, key_name: str, version: int) -> list[str]:
     succ = aliased(Backup)
-    q = (select(Backup.archive_id)
-         .join(BackupKeyRef, BackupKeyRef.backup_id == Backup.id)
-         .where(BackupKeyRef.key_name == key_name, BackupKeyRef.version == version,
-                Backup.status.in_(GOOD_STATUSES + (UPLOADING,)),
-                ~exists().where(and_(succ.successor_of == Backup.id, succ.status.in_(GOOD_STATUSES))))
-         .order_by(Backup.created_at))
+    q = (
+        select(Backup.archive_id)
+        .join(BackupKeyRef, BackupKeyRef.backup_id == Backup.id)
+        .where(
+            BackupKeyRef.key_name == key_name,
+            BackupKeyRef.version == version,
+            Backup.status.in_(GOOD_STATUSES + (UPLOADING,)),
+            ~exists().where(and_(succ.successor_of == Backup.id, succ.status.in_(GOOD_STATUSES))),
+        )
+        .order_by(Backup.created_at)
+    )
     return list(dict.fromkeys(session.scalars(q).all()))
 
 
@@ -722,8 +862,10 @@ def _restore_points_guard(session, ctx, key, version) -> str | None:
     if not ids:
         return None
     shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
-    return (f"{len(ids)} retained backup(s) reference {key.name} v{version.version} without a re-keyed "
-            f"successor ({shown}); run `kms backup rekey {key.name} {version.version}`")
+    return (
+        f"{len(ids)} retained backup(s) reference {key.name} v{version.version} without a re-keyed "
+        f"successor ({shown}); run `kms backup rekey {key.name} {version.version}`"
+    )
 
 
 def rekey_restore_points(ctx: KmsContext, key_name: str, version: int, *, staging_url: str | None = None) -> list[dict]:
@@ -735,8 +877,10 @@ def rekey_restore_points(ctx: KmsContext, key_name: str, version: int, *, stagin
 
     with ctx.transaction() as session:
         ids = _unsucceeded_refs(session, key_name, version)
-        preds = {r.archive_id: (r.gfs_class, utc(r.retain_until))
-                 for r in session.scalars(select(Backup).where(Backup.archive_id.in_(ids)))}
+        preds = {
+            r.archive_id: (r.gfs_class, utc(r.retain_until))
+            for r in session.scalars(select(Backup).where(Backup.archive_id.in_(ids)))
+        }
     done = []
     for aid in ids:
         gfs, retain = preds[aid]
@@ -751,12 +895,22 @@ def rekey_restore_points(ctx: KmsContext, key_name: str, version: int, *, stagin
                 if env is not None and key_name.startswith("data:"):
                     swept = env.sweep(staged, key_name)
                 source = BackupSource(staged.engine, home, staged.keystore)
-                new = create(ctx, gfs_class=gfs, source=source, successor_of=aid,
-                             retain_until=max(retain, ctx.now() + timedelta(days=1)))
+                new = create(
+                    ctx,
+                    gfs_class=gfs,
+                    source=source,
+                    successor_of=aid,
+                    retain_until=max(retain, ctx.now() + timedelta(days=1)),
+                )
             finally:
                 staged.engine.dispose()
-        done.append({"predecessor": aid, "successor": new.archive_id,
-                     "swept": getattr(swept, "moved", None) if swept is not None else None})
+        done.append(
+            {
+                "predecessor": aid,
+                "successor": new.archive_id,
+                "swept": getattr(swept, "moved", None) if swept is not None else None,
+            }
+        )
     return done
 
 
@@ -769,8 +923,12 @@ from . import nightly as _nightly  # noqa: E402
 def _nightly_backup(ctx: KmsContext) -> dict:
     info = create(ctx)
     verified = verify_archive(ctx, info.archive_id)
-    return {"archive_id": info.archive_id, "gfs_class": info.gfs_class, "size": info.size,
-            "verified": verified["manifest_verifies"]}
+    return {
+        "archive_id": info.archive_id,
+        "gfs_class": info.gfs_class,
+        "size": info.size,
+        "verified": verified["manifest_verifies"],
+    }
 
 
 @_nightly.nightly_step("backup_retention", order=60)

@@ -26,10 +26,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select
 
 from . import ledger, nightly, rpt
-from .canonical import canonical_bytes
-from .clock import parse_time
-from .context import KmsContext
-from .db.models import ACTIVE, Key, KeyVersion
+from .foundation.canonical import canonical_bytes
+from .foundation.clock import parse_time
+from .foundation.context import KmsContext
+from .foundation.db.models import ACTIVE, Key, KeyVersion
 from .rpt import RootKey, RptError, WindowCollector
 
 FORMAT = "kms-checkpoint/1"
@@ -66,6 +66,7 @@ class Checkpoint:
 class Seal(Checkpoint):
     """An evidence bundle's seal: a checkpoint document plus what binds it to the bundle's
     bytes (``extra``: header, per-record digests, content hash, counts), all under one signature."""
+
     extra: dict = field(default_factory=dict)
 
     @property
@@ -100,14 +101,16 @@ def signature_problem(cp: Checkpoint, keys: dict[str, RootKey]) -> str | None:
     if key is None:
         return f"checkpoint {cp.key}: unknown kid (no retained root public key matches it)"
     try:
-        Ed25519PublicKey.from_public_bytes(key.public_key).verify(rpt.b64url_decode(cp.signature),
-                                                                  canonical_bytes(cp.document))
+        Ed25519PublicKey.from_public_bytes(key.public_key).verify(
+            rpt.b64url_decode(cp.signature), canonical_bytes(cp.document)
+        )
     except (InvalidSignature, ValueError):
         return f"checkpoint {cp.key}: signature does not verify under root v{key.version} (checkpoint altered)"
     return None
 
 
 # ---- the pure verifier -----------------------------------------------------------------------
+
 
 @dataclass
 class AuditResult:
@@ -134,9 +137,16 @@ def _tap(rows: Iterable[tuple], marks: set[int], seen: dict[int, str]) -> Iterat
         yield row
 
 
-def verify_streams(checkpoints: list[Checkpoint], keys: dict[str, RootKey], ledger_rows: Iterable[tuple],
-                   rpt_rows: Iterable[tuple[int, str]], *, rpt_signatures: bool = False,
-                   seal: Checkpoint | None = None, refused: dict[str, str] | None = None) -> AuditResult:
+def verify_streams(
+    checkpoints: list[Checkpoint],
+    keys: dict[str, RootKey],
+    ledger_rows: Iterable[tuple],
+    rpt_rows: Iterable[tuple[int, str]],
+    *,
+    rpt_signatures: bool = False,
+    seal: Checkpoint | None = None,
+    refused: dict[str, str] | None = None,
+) -> AuditResult:
     """Check checkpoint signatures, the ledger chain, the ledger against every checkpoint,
     and the RPT chain against every checkpoint, in one pass over each row stream.
 
@@ -153,14 +163,16 @@ def verify_streams(checkpoints: list[Checkpoint], keys: dict[str, RootKey], ledg
         return res
 
     for cp in signed:
-        problem = (f"{cp.key}: {refused[cp.kid]}" if refused and cp.kid in refused
-                   else signature_problem(cp, keys))
+        problem = f"{cp.key}: {refused[cp.kid]}" if refused and cp.kid in refused else signature_problem(cp, keys)
         if problem:
             return bad("checkpoint", problem)
     for earlier, later in itertools.pairwise(ordered):
         if later.ledger_size < earlier.ledger_size or later.rpt_size < earlier.rpt_size:
-            return bad("checkpoint", f"checkpoint {later.key} records fewer entries than the earlier {earlier.key} "
-                                     f"(a truncated state was signed)")
+            return bad(
+                "checkpoint",
+                f"checkpoint {later.key} records fewer entries than the earlier {earlier.key} "
+                f"(a truncated state was signed)",
+            )
 
     # 1. the ledger: chain, windows of the root versions, hashes at every checkpoint's size
     windows = WindowCollector()
@@ -174,44 +186,68 @@ def verify_streams(checkpoints: list[Checkpoint], keys: dict[str, RootKey], ledg
     for cp in signed:
         label = "the evidence seal" if cp is seal else f"checkpoint {cp.key} (signed {cp.at})"
         if lres.count < cp.ledger_size:
-            return bad("ledger", f"ledger truncated: it ends at seq {lres.count} but {label} recorded "
-                                 f"{cp.ledger_size} entries", lres.count + 1)
+            return bad(
+                "ledger",
+                f"ledger truncated: it ends at seq {lres.count} but {label} recorded {cp.ledger_size} entries",
+                lres.count + 1,
+            )
         if cp.ledger_size and seen.get(cp.ledger_size) != cp.ledger_head_hash:
-            return bad("ledger", f"ledger rewritten: the entry hash at seq {cp.ledger_size} differs from {label}; "
-                                 f"the chain was recomputed after a change in seq {previous_ok + 1}..{cp.ledger_size}",
-                       cp.ledger_size)
+            return bad(
+                "ledger",
+                f"ledger rewritten: the entry hash at seq {cp.ledger_size} differs from {label}; "
+                f"the chain was recomputed after a change in seq {previous_ok + 1}..{cp.ledger_size}",
+                cp.ledger_size,
+            )
         if cp is seal and lres.count != cp.ledger_size:
-            return bad("ledger", f"the ledger holds {lres.count} entries but {label} recorded {cp.ledger_size}",
-                       cp.ledger_size + 1)
+            return bad(
+                "ledger",
+                f"the ledger holds {lres.count} entries but {label} recorded {cp.ledger_size}",
+                cp.ledger_size + 1,
+            )
         previous_ok = max(previous_ok, cp.ledger_size)
     for cp in signed:
         version = keys[cp.kid].version
         window = windows.windows.get(version)
-        problem = (window.problem_at(int(cp.at_time.timestamp()), what="") if window else
-                   f"root v{version} has no activity window in the ledger")
+        problem = (
+            window.problem_at(int(cp.at_time.timestamp()), what="")
+            if window
+            else f"root v{version} has no activity window in the ledger"
+        )
         if problem:
             return bad("checkpoint", f"checkpoint {cp.key}: {problem}")
 
     # 2. the RPT chain: links (and signatures when asked) and the head at every checkpoint
-    cres = rpt.verify_token_rows(rpt_rows, keys, windows.windows, signatures=rpt_signatures,
-                                 marks=[cp.rpt_size for cp in signed], refused=refused)
+    cres = rpt.verify_token_rows(
+        rpt_rows,
+        keys,
+        windows.windows,
+        signatures=rpt_signatures,
+        marks=[cp.rpt_size for cp in signed],
+        refused=refused,
+    )
     res.rpt_size, res.rpt_head_hash = cres.head_seq, cres.head_hash
     if not cres.ok:
         return bad("rpt", cres.problem, cres.first_bad_seq)
     for cp in signed:
         label = "the evidence seal" if cp is seal else f"checkpoint {cp.key}"
-        checked = rpt.check_head(rpt.ChainResult(True, cres.count, None, None, cres.head_seq, cres.head_hash,
-                                                 seen=cres.seen), cp.rpt_size, cp.rpt_head_hash, label)
+        checked = rpt.check_head(
+            rpt.ChainResult(True, cres.count, None, None, cres.head_seq, cres.head_hash, seen=cres.seen),
+            cp.rpt_size,
+            cp.rpt_head_hash,
+            label,
+        )
         if not checked.ok:
             return bad("rpt", checked.problem, checked.first_bad_seq)
         if cp is seal and cres.head_seq != cp.rpt_size:
-            return bad("rpt", f"the RPT chain holds {cres.head_seq} tokens but {label} recorded {cp.rpt_size}",
-                       cp.rpt_size + 1)
+            return bad(
+                "rpt", f"the RPT chain holds {cres.head_seq} tokens but {label} recorded {cp.rpt_size}", cp.rpt_size + 1
+            )
     res.ok = True
     return res
 
 
 # ---- live ---------------------------------------------------------------------------------------
+
 
 def _prefix(ctx: KmsContext) -> str:
     return ctx.policy.checkpoints.prefix
@@ -270,16 +306,23 @@ def verify(ctx: KmsContext, *, rpt_signatures: bool = False, require_checkpoint:
     batch = ctx.policy.rpt.verify_batch_size
     with ctx.engine.connect() as conn:
         keys = rpt.root_keys(conn)
-        result = verify_streams(checkpoints, keys, ledger.iter_rows(conn, batch),
-                                rpt.iter_tokens(conn, batch_size=batch), rpt_signatures=rpt_signatures)
+        result = verify_streams(
+            checkpoints,
+            keys,
+            ledger.iter_rows(conn, batch),
+            rpt.iter_tokens(conn, batch_size=batch),
+            rpt_signatures=rpt_signatures,
+        )
     if result.ok:
         problem = audit_problem(ctx, checkpoints)
         if problem:
             result.ok, result.area, result.problem = False, "audit", problem
     if result.ok and require_checkpoint and not checkpoints and (result.ledger_size or result.rpt_size):
         result.ok, result.area = False, "checkpoint"
-        result.problem = (f"no signed checkpoint in WORM storage although the ledger holds {result.ledger_size} "
-                          f"entries and the RPT chain {result.rpt_size} tokens: nothing bounds a cut of their tail")
+        result.problem = (
+            f"no signed checkpoint in WORM storage although the ledger holds {result.ledger_size} "
+            f"entries and the RPT chain {result.rpt_size} tokens: nothing bounds a cut of their tail"
+        )
     return result
 
 
@@ -287,7 +330,7 @@ def audit_problem(ctx: KmsContext, checkpoints: list[Checkpoint] | None = None) 
     """The audit log against the audit heads the checkpoints signed: an entry missing at a
     signed size is a cut tail; another hash there is a rewrite (the chain itself is
     ``audit.verify``'s)."""
-    from .db.models_access import AuditEvent
+    from .foundation.db.models_access import AuditEvent
 
     cps = [c for c in (load_all(ctx) if checkpoints is None else checkpoints) if c.audit_size]
     if not cps:
@@ -297,8 +340,10 @@ def audit_problem(ctx: KmsContext, checkpoints: list[Checkpoint] | None = None) 
         held = dict(conn.execute(select(AuditEvent.seq, AuditEvent.entry_hash).where(AuditEvent.seq.in_(marks))).all())
     for cp in sorted(cps, key=lambda c: c.audit_size):
         if cp.audit_size not in held:
-            return (f"audit log truncated: checkpoint {cp.key} recorded {cp.audit_size} audit events, "
-                    f"audit seq {cp.audit_size} is gone")
+            return (
+                f"audit log truncated: checkpoint {cp.key} recorded {cp.audit_size} audit events, "
+                f"audit seq {cp.audit_size} is gone"
+            )
         if held[cp.audit_size] != cp.audit_head_hash:
             return f"audit log rewritten: the event hash at audit seq {cp.audit_size} differs from checkpoint {cp.key}"
     return None
@@ -318,26 +363,45 @@ def checkpoint_if_changed(ctx: KmsContext, before: tuple | None = None) -> dict 
     if before is not None and tuple(before) == now_heads:
         return None
     newest = latest(ctx)
-    if newest is not None and (newest.ledger_size, newest.ledger_head_hash, newest.rpt_size,
-                               newest.rpt_head_hash) == now_heads:
+    if (
+        newest is not None
+        and (newest.ledger_size, newest.ledger_head_hash, newest.rpt_size, newest.rpt_head_hash) == now_heads
+    ):
         return None
     return write_checkpoint(ctx)
 
 
 def _signer(ctx: KmsContext) -> tuple[str, str]:
     with ctx.transaction() as session:
-        version = session.scalars(select(KeyVersion).join(Key, Key.id == KeyVersion.key_id)
-                                  .where(Key.name == rpt.ROOT, KeyVersion.state == ACTIVE)).first()
+        version = session.scalars(
+            select(KeyVersion)
+            .join(Key, Key.id == KeyVersion.key_id)
+            .where(Key.name == rpt.ROOT, KeyVersion.state == ACTIVE)
+        ).first()
         if version is None or not version.sign_ref or not version.fingerprint:
             raise RptError("the root key has no active signing version")
         return version.sign_ref, rpt.make_kid(version.version, version.fingerprint)
 
 
-def sign_document(ctx: KmsContext, ledger_size: int, ledger_head: str, rpt_size: int, rpt_head: str,
-                  at: datetime, extra: dict | None = None) -> tuple[dict, bytes]:
+def sign_document(
+    ctx: KmsContext,
+    ledger_size: int,
+    ledger_head: str,
+    rpt_size: int,
+    rpt_head: str,
+    at: datetime,
+    extra: dict | None = None,
+) -> tuple[dict, bytes]:
     sign_ref, kid = _signer(ctx)
-    doc = {**(extra or {}), "ledger_size": ledger_size, "ledger_head_hash": ledger_head, "rpt_size": rpt_size,
-           "rpt_head_hash": rpt_head, "at": ledger.format_time(at), "kid": kid}
+    doc = {
+        **(extra or {}),
+        "ledger_size": ledger_size,
+        "ledger_head_hash": ledger_head,
+        "rpt_size": rpt_size,
+        "rpt_head_hash": rpt_head,
+        "at": ledger.format_time(at),
+        "kid": kid,
+    }
     return doc, ctx.keystore.sign(sign_ref, canonical_bytes(doc))
 
 
@@ -347,10 +411,11 @@ def write_checkpoint(ctx: KmsContext) -> dict:
     Refuses (RptError, nothing written) when verification fails: a checkpoint must never
     anchor a broken or rewritten ledger. Idempotent for an unchanged state at the same time.
     Retried whole after a lost database connection: a repeat re-verifies and signs anew."""
-    from . import retry
+    from .foundation import retry
 
-    return retry.db_call(ctx, lambda: _write_checkpoint_once(ctx), what="the ledger checkpoint",
-                         rerun="kms ledger checkpoint")
+    return retry.db_call(
+        ctx, lambda: _write_checkpoint_once(ctx), what="the ledger checkpoint", rerun="kms ledger checkpoint"
+    )
 
 
 def _write_checkpoint_once(ctx: KmsContext) -> dict:
@@ -364,9 +429,15 @@ def _write_checkpoint_once(ctx: KmsContext) -> dict:
     audit.flush(ctx)
     with ctx.engine.connect() as conn:
         audit_size, audit_head = audit.head(conn)
-    doc, signature = sign_document(ctx, result.ledger_size, result.ledger_head_hash, result.rpt_size,
-                                   result.rpt_head_hash, now,
-                                   extra={"audit_size": audit_size, "audit_head_hash": audit_head})
+    doc, signature = sign_document(
+        ctx,
+        result.ledger_size,
+        result.ledger_head_hash,
+        result.rpt_size,
+        result.rpt_head_hash,
+        now,
+        extra={"audit_size": audit_size, "audit_head_hash": audit_head},
+    )
     stamp = now.strftime("%Y%m%dT%H%M%S.%fZ")
     key = f"{_prefix(ctx)}{stamp}-L{result.ledger_size}-R{result.rpt_size}.json"
     retain_until = now + timedelta(days=ctx.policy.checkpoints.retain_days)
@@ -376,10 +447,21 @@ def _write_checkpoint_once(ctx: KmsContext) -> dict:
             raise RptError(f"checkpoint {key} already exists with different heads")
         info = store.head(key)
     else:
-        info = store.put(key, encode(doc, signature), retain_until=retain_until, content_type="application/json",
-                         metadata={"ledger-size": str(doc["ledger_size"]), "rpt-size": str(doc["rpt_size"])})
-    return {"key": key, "url": store.url(key), **doc, "retain_until": info.retain_until,
-            "lock_mode": info.lock_mode, "checkpoints_before": result.checkpoints}
+        info = store.put(
+            key,
+            encode(doc, signature),
+            retain_until=retain_until,
+            content_type="application/json",
+            metadata={"ledger-size": str(doc["ledger_size"]), "rpt-size": str(doc["rpt_size"])},
+        )
+    return {
+        "key": key,
+        "url": store.url(key),
+        **doc,
+        "retain_until": info.retain_until,
+        "lock_mode": info.lock_mode,
+        "checkpoints_before": result.checkpoints,
+    }
 
 
 @nightly.nightly_step("ledger_checkpoint", order=45)

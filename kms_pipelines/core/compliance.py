@@ -37,13 +37,18 @@ from typing import Any, Callable, Iterable, Sequence
 
 from sqlalchemy import select
 
-from .clock import utc
-from .context import KmsContext
+from .foundation.clock import utc
+from .foundation.context import KmsContext
 
 PASS, FAIL, WARN, UNKNOWN = "pass", "fail", "warn", "unknown"
 STATUSES = (PASS, FAIL, WARN, UNKNOWN)
-SECTIONS = {"P": "Key purposes and scope", "R": "Rotation cadence", "T": "Retention and retirement",
-            "A": "Access controls", "B": "Backup, restore and drills"}
+SECTIONS = {
+    "P": "Key purposes and scope",
+    "R": "Rotation cadence",
+    "T": "Retention and retirement",
+    "A": "Access controls",
+    "B": "Backup, restore and drills",
+}
 TEMPLATE = Path(__file__).resolve().parents[2] / "assets" / "templates" / "compliance_report.html"
 PROBE_CLIENT = "kms-compliance-probe"
 # Clause text fixes these (A1 names the three roles; A2 caps workload identities at 15 min);
@@ -116,9 +121,13 @@ class Report:
         raise KeyError(clause_id)
 
     def to_dict(self) -> dict:
-        return {"generated_at": self.generated_at.isoformat(), "overall": self.overall, "counts": self.counts(),
-                "failing": [r.clause for r in self.failing],
-                "rows": [{**asdict(r), "red": r.red} for r in self.rows]}
+        return {
+            "generated_at": self.generated_at.isoformat(),
+            "overall": self.overall,
+            "counts": self.counts(),
+            "failing": [r.clause for r in self.failing],
+            "rows": [{**asdict(r), "red": r.red} for r in self.rows],
+        }
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=True, default=_json_default)
@@ -144,8 +153,9 @@ def _join(parts: Iterable[str]) -> str:
     return "; ".join(p for p in parts if p)
 
 
-def _finding(problems: list[str], good: list[str], details: dict | None = None,
-             warnings: list[str] | None = None) -> Finding:
+def _finding(
+    problems: list[str], good: list[str], details: dict | None = None, warnings: list[str] | None = None
+) -> Finding:
     warnings = warnings or []
     if problems:
         return Finding(FAIL, _join(problems + warnings), details or {})
@@ -160,6 +170,7 @@ def _iso(at: datetime | None) -> str:
 
 # ---- shared facts ------------------------------------------------------------------
 
+
 def _inventory(ctx: KmsContext, key_class: str | None = None):
     from . import lifecycle
 
@@ -170,54 +181,82 @@ def _cadence(ctx: KmsContext, key_class: str) -> tuple[list[str], list[str], dic
     """(problems, good, details) for the active versions of a key class against its cadence."""
     rows = [r for r in _inventory(ctx, key_class) if r.state == "active"]
     days = ctx.policy.key_class(key_class).rotation_days
-    problems = [f"{r.key} v{r.version} is {r.age_days:.1f} days old, past its due date {_iso(r.due_at)}"
-                for r in rows if r.overdue]
+    problems = [
+        f"{r.key} v{r.version} is {r.age_days:.1f} days old, past its due date {_iso(r.due_at)}"
+        for r in rows
+        if r.overdue
+    ]
     if not rows:
         problems.append(f"no active {key_class} key version")
     good = []
     if rows and not problems:
         oldest = max(rows, key=lambda r: r.age_days or 0)
-        good.append(f"{len(rows)} {key_class} key(s) within {days} d (oldest {oldest.key} v{oldest.version}, "
-                    f"{oldest.age_days:.1f} d)")
-    details = {"keys": [{"key": r.key, "version": r.version, "age_days": r.age_days,
-                         "due_at": r.due_at.isoformat() if r.due_at else None, "overdue": r.overdue} for r in rows]}
+        good.append(
+            f"{len(rows)} {key_class} key(s) within {days} d (oldest {oldest.key} v{oldest.version}, "
+            f"{oldest.age_days:.1f} d)"
+        )
+    details = {
+        "keys": [
+            {
+                "key": r.key,
+                "version": r.version,
+                "age_days": r.age_days,
+                "due_at": r.due_at.isoformat() if r.due_at else None,
+                "overdue": r.overdue,
+            }
+            for r in rows
+        ]
+    }
     return problems, good, details
 
 
 # ---- P: key purposes ---------------------------------------------------------------
 
+
 def eval_p1(ctx: KmsContext) -> Finding:
     from . import manifest, rpt
-    from .db.models import ACTIVE, Key, KeyVersion
-    from .db.models_rotation import ServiceSeed
+    from .foundation.db.models import ACTIVE, Key, KeyVersion
+    from .foundation.db.models_rotation import ServiceSeed
 
     problems, good = [], []
     chain = rpt.verify_chain(ctx)
     if chain.ok:
-        good.append(f"RPT chain verifies ({chain.head_seq} token(s), head {chain.head_hash[:12]}…"
-                    + (f", matches {chain.checked_against}" if chain.checked_against else "") + ")")
+        good.append(
+            f"RPT chain verifies ({chain.head_seq} token(s), head {chain.head_hash[:12]}…"
+            + (f", matches {chain.checked_against}" if chain.checked_against else "")
+            + ")"
+        )
     else:
         problems.append(f"RPT chain broken at seq {chain.first_bad_seq}: {chain.problem}")
     with ctx.transaction() as session:
-        root_active = session.scalars(select(KeyVersion.version).join(Key).where(
-            Key.name == "root", KeyVersion.state == ACTIVE)).first()
-        live_service = set(session.execute(select(Key.name, KeyVersion.version).join(KeyVersion).where(
-            Key.key_class == "service", KeyVersion.state.in_(("active", "rotated")))).all())
-        seeds = session.execute(select(ServiceSeed.key_name, ServiceSeed.key_version,
-                                       ServiceSeed.root_version)).all()
+        root_active = session.scalars(
+            select(KeyVersion.version).join(Key).where(Key.name == "root", KeyVersion.state == ACTIVE)
+        ).first()
+        live_service = set(
+            session.execute(
+                select(Key.name, KeyVersion.version)
+                .join(KeyVersion)
+                .where(Key.key_class == "service", KeyVersion.state.in_(("active", "rotated")))
+            ).all()
+        )
+        seeds = session.execute(select(ServiceSeed.key_name, ServiceSeed.key_version, ServiceSeed.root_version)).all()
     stray = [f"{k} v{v} (under root v{rv})" for k, v, rv in seeds if (k, v) in live_service and rv != root_active]
     if stray:
         problems.append(f"service seeds not wrapped under the active root v{root_active}: {', '.join(stray[:5])}")
     else:
-        good.append(f"{sum((k, v) in live_service for k, v, _ in seeds)} service seed(s) wrapped under root "
-                    f"v{root_active}")
+        good.append(
+            f"{sum((k, v) in live_service for k, v, _ in seeds)} service seed(s) wrapped under root v{root_active}"
+        )
     trust = manifest.verify_chain(ctx)
     if trust.ok:
         good.append(f"root manifest chain verifies ({trust.count} manifest(s))")
     else:
         problems.append(f"root manifest chain broken: {trust.problem}")
-    return _finding(problems, good, {"rpt_head_seq": chain.head_seq, "rpt_ok": chain.ok,
-                                     "manifests": trust.count, "seeds": len(seeds)})
+    return _finding(
+        problems,
+        good,
+        {"rpt_head_seq": chain.head_seq, "rpt_ok": chain.ok, "manifests": trust.count, "seeds": len(seeds)},
+    )
 
 
 def eval_p2(ctx: KmsContext) -> Finding:
@@ -241,8 +280,11 @@ def eval_p2(ctx: KmsContext) -> Finding:
             if not ok:
                 problems.append(f"{service}: {name} round trip failed ({why})")
     if not problems:
-        probes = ("app-secret and audit-signature (credential probe skipped: read-only --at evaluation)"
-                  if ctx.read_only else "credential, app-secret and audit-signature")
+        probes = (
+            "app-secret and audit-signature (credential probe skipped: read-only --at evaluation)"
+            if ctx.read_only
+            else "credential, app-secret and audit-signature"
+        )
         good.append(f"{probes} round trips pass for {len(per)} service(s)")
     return _finding(problems, good, {"services": per})
 
@@ -269,12 +311,16 @@ def eval_p3(ctx: KmsContext) -> Finding:
     counts = envelope.inventory_counts(ctx)
     orphans = [c for c in counts if c.state == "unknown" and c.deks]
     if orphans:
-        problems.append("DEKs wrapped under versions that do not exist: "
-                        + ", ".join(f"{c.key} v{c.version} ({c.deks})" for c in orphans[:5]))
+        problems.append(
+            "DEKs wrapped under versions that do not exist: "
+            + ", ".join(f"{c.key} v{c.version} ({c.deks})" for c in orphans[:5])
+        )
     live = sum(c.deks for c in counts)
     if not problems:
-        good.append(f"canary envelope round trip passes under {len(refs)} data key(s); DEK inventory: {live} live, "
-                    f"{sum(c.shredded for c in counts)} shredded, over {len(counts)} key version(s)")
+        good.append(
+            f"canary envelope round trip passes under {len(refs)} data key(s); DEK inventory: {live} live, "
+            f"{sum(c.shredded for c in counts)} shredded, over {len(counts)} key version(s)"
+        )
     return _finding(problems, good, {"deks_by_version": [asdict(c) for c in counts]})
 
 
@@ -283,12 +329,19 @@ def eval_p4(ctx: KmsContext) -> Finding:
 
     problems = escrow.current_problems(ctx)
     cur = escrow.current_package(ctx)
-    good = [f"break-glass v{cur.key_version} sealed in package {cur.package_id} "
-            f"({cur.threshold} of {len(cur.custodians)}, sealed {_iso(cur.created_at)})"] if cur else []
+    good = (
+        [
+            f"break-glass v{cur.key_version} sealed in package {cur.package_id} "
+            f"({cur.threshold} of {len(cur.custodians)}, sealed {_iso(cur.created_at)})"
+        ]
+        if cur
+        else []
+    )
     return _finding(list(problems), good, {"package": cur.package_id if cur else None})
 
 
 # ---- R: rotation --------------------------------------------------------------------
+
 
 def eval_r1(ctx: KmsContext) -> Finding:
     """Root cadence (key_versions), published manifest (object store), partner notices
@@ -301,14 +354,18 @@ def eval_r1(ctx: KmsContext) -> Finding:
     latest = manifest.latest(ctx)
     if active is not None:
         if latest is None or latest.version != active["version"]:
-            problems.append(f"fingerprints of root v{active['version']} are not published "
-                            f"(latest manifest: {('v' + str(latest.version)) if latest else 'none'})")
+            problems.append(
+                f"fingerprints of root v{active['version']} are not published "
+                f"(latest manifest: {('v' + str(latest.version)) if latest else 'none'})"
+            )
         else:
             good.append(f"manifest {latest.kid} published")
     check = rotation.check_partners(ctx)
     if check.overdue:
-        problems.append("partners not notified within the deadline: "
-                        + ", ".join(f"{r.partner}@v{r.version} (due {_iso(r.deadline)})" for r in check.overdue))
+        problems.append(
+            "partners not notified within the deadline: "
+            + ", ".join(f"{r.partner}@v{r.version} (due {_iso(r.deadline)})" for r in check.overdue)
+        )
     if check.late:
         problems.append("partners notified late: " + ", ".join(f"{r.partner}@v{r.version}" for r in check.late))
     channel_ok, p, w = _r1_channel_deliveries(ctx, check.rows)
@@ -316,12 +373,13 @@ def eval_r1(ctx: KmsContext) -> Finding:
     warnings += w
     if check.rows and not check.overdue and not check.late and not p:
         hours = ctx.policy.key_class("root").partner_notice_hours
-        good.append(f"{channel_ok}/{len(check.rows)} partner notice(s) delivered by email/Slack within {hours} h; "
-                    f"{len(check.unacked)} awaiting ack")
+        good.append(
+            f"{channel_ok}/{len(check.rows)} partner notice(s) delivered by email/Slack within {hours} h; "
+            f"{len(check.unacked)} awaiting ack"
+        )
     details["partner_notices"] = len(check.rows)
     details["channel_deliveries"] = channel_ok
-    details["records"] = ["key_versions", "root manifests (object store)", "partner_notices",
-                          "notification_deliveries"]
+    details["records"] = ["key_versions", "root manifests (object store)", "partner_notices", "notification_deliveries"]
     return _finding(problems, good, details, warnings)
 
 
@@ -342,8 +400,10 @@ def _r1_channel_deliveries(ctx: KmsContext, rows) -> tuple[int, list[str], list[
         elif d.delivered:
             ok += 1
         elif d.outbox_only:
-            warnings.append(f"partner notice {r.partner}@v{r.version} went only to the local outbox (no SMTP or "
-                            f"Slack configured): not delivered to the partner")
+            warnings.append(
+                f"partner notice {r.partner}@v{r.version} went only to the local outbox (no SMTP or "
+                f"Slack configured): not delivered to the partner"
+            )
         else:
             problems.append(f"partner notice {r.partner}@v{r.version} failed: {', '.join(d.failed[:2])}")
     return ok, problems[:10], warnings[:10]
@@ -358,8 +418,10 @@ def eval_r2(ctx: KmsContext) -> Finding:
     open_ = compromise.open_events(ctx)
     warnings = []
     if late:
-        problems.append(f"{len(late)} security event(s) unanswered past {sla} h: "
-                        + ", ".join(f"{e.type} on {e.key} ({e.id[:12]})" for e in late[:5]))
+        problems.append(
+            f"{len(late)} security event(s) unanswered past {sla} h: "
+            + ", ".join(f"{e.type} on {e.key} ({e.id[:12]})" for e in late[:5])
+        )
     elif open_:
         warnings.append(f"{len(open_)} security event(s) being answered (within the {sla} h SLA)")
     else:
@@ -377,40 +439,55 @@ def _r2_linked_responses(ctx: KmsContext) -> tuple[int, list[str]]:
     """A resolved event must show its response in records other than its own status: a
     ledger rotation (or revocation) linked to the event, or of the reported version after it
     was reported; a compromise must leave the reported version revoked or destroyed."""
-    from .db.models import LedgerEntry
-    from .db.models_events import EVENT_RESOLVED, SecurityEvent
+    from .foundation.db.models import LedgerEntry
+    from .foundation.db.models_events import EVENT_RESOLVED, SecurityEvent
 
     problems, n = [], 0
     with ctx.transaction() as session:
-        resolved = session.scalars(select(SecurityEvent).where(SecurityEvent.status == EVENT_RESOLVED)
-                                   .order_by(SecurityEvent.seq)).all()
+        resolved = session.scalars(
+            select(SecurityEvent).where(SecurityEvent.status == EVENT_RESOLVED).order_by(SecurityEvent.seq)
+        ).all()
         for ev in resolved:
             n += 1
             linked = session.scalars(select(LedgerEntry.to_state).where(LedgerEntry.event_id == ev.id)).all()
-            later = session.execute(select(LedgerEntry.to_state).where(
-                LedgerEntry.key_name == ev.key_name, LedgerEntry.key_version == ev.key_version,
-                LedgerEntry.to_state.in_(("rotated", "revoked", "destroyed")),
-                LedgerEntry.at >= ev.reported_at)).scalars().all()
+            later = (
+                session.execute(
+                    select(LedgerEntry.to_state).where(
+                        LedgerEntry.key_name == ev.key_name,
+                        LedgerEntry.key_version == ev.key_version,
+                        LedgerEntry.to_state.in_(("rotated", "revoked", "destroyed")),
+                        LedgerEntry.at >= ev.reported_at,
+                    )
+                )
+                .scalars()
+                .all()
+            )
             ended = set(linked) | set(later)
             if not ev.response or not (linked or later):
-                problems.append(f"security event {ev.id[:12]} ({ev.type} on {ev.key_name}) is resolved but no "
-                                f"ledger entry shows a response (no rotation or revocation linked to it)")
+                problems.append(
+                    f"security event {ev.id[:12]} ({ev.type} on {ev.key_name}) is resolved but no "
+                    f"ledger entry shows a response (no rotation or revocation linked to it)"
+                )
             elif ev.type == "compromise" and not ({"revoked", "destroyed"} & ended):
-                problems.append(f"compromise event {ev.id[:12]} is resolved but {ev.key_name} v{ev.key_version} "
-                                f"was never revoked")
+                problems.append(
+                    f"compromise event {ev.id[:12]} is resolved but {ev.key_name} v{ev.key_version} was never revoked"
+                )
     return n, problems[:10]
 
 
 def eval_r3(ctx: KmsContext) -> Finding:
     from . import envelope, export_keys
-    from .db.models import Key, KeyVersion
+    from .foundation.db.models import Key, KeyVersion
 
     problems, good, details = _cadence(ctx, "data")
     warnings = []
     stranded = envelope.stranded(ctx)
     with ctx.transaction() as session:
-        rotated_at = {(k, v): utc(t) for k, v, t in session.execute(
-            select(Key.name, KeyVersion.version, KeyVersion.rotated_at).join(KeyVersion)) if t}
+        rotated_at = {
+            (k, v): utc(t)
+            for k, v, t in session.execute(select(Key.name, KeyVersion.version, KeyVersion.rotated_at).join(KeyVersion))
+            if t
+        }
     grace = timedelta(days=1)  # the sweep runs every night after the rotations
     for s in stranded:
         if lifecycle_class(s.key) == "export":
@@ -422,8 +499,9 @@ def eval_r3(ctx: KmsContext) -> Finding:
             problems.append(f"{s.deks} DEK(s) still wrapped under {s.state} {s.key} v{s.version}")
     due = export_keys.due(ctx)
     if due:
-        problems.append("expired export keys still alive: " + ", ".join(
-            f"{d.key} (expired {_iso(d.expired_at)})" for d in due[:5]))
+        problems.append(
+            "expired export keys still alive: " + ", ".join(f"{d.key} (expired {_iso(d.expired_at)})" for d in due[:5])
+        )
     if not stranded and not due:
         good.append("no DEK on a retired version; no expired export key alive")
     details["stranded"] = [asdict(s) for s in stranded]
@@ -441,8 +519,10 @@ def eval_r4(ctx: KmsContext) -> Finding:
     problems, good, details = _cadence(ctx, "break-glass")
     overdue = escrow.destruction_overdue(ctx)
     if overdue:
-        problems.append("superseded escrow packages not confirmed destroyed: " + ", ".join(
-            f"{o['package_id']} (missing {', '.join(o['missing'])})" for o in overdue[:5]))
+        problems.append(
+            "superseded escrow packages not confirmed destroyed: "
+            + ", ".join(f"{o['package_id']} (missing {', '.join(o['missing'])})" for o in overdue[:5])
+        )
     stale = [p for p in escrow.current_problems(ctx) if "days old" in p or "seals v" in p]
     problems.extend(stale)
     if not overdue:
@@ -454,17 +534,20 @@ def eval_r4(ctx: KmsContext) -> Finding:
 
 # ---- T: retention and retirement ----------------------------------------------------
 
-def _ledger_for(session, key_name: str, version: int, to_state: str):
-    from .db.models import LedgerEntry
 
-    return session.scalars(select(LedgerEntry).where(
-        LedgerEntry.key_name == key_name, LedgerEntry.key_version == version,
-        LedgerEntry.to_state == to_state).order_by(LedgerEntry.seq)).first()
+def _ledger_for(session, key_name: str, version: int, to_state: str):
+    from .foundation.db.models import LedgerEntry
+
+    return session.scalars(
+        select(LedgerEntry)
+        .where(LedgerEntry.key_name == key_name, LedgerEntry.key_version == version, LedgerEntry.to_state == to_state)
+        .order_by(LedgerEntry.seq)
+    ).first()
 
 
 def eval_t1(ctx: KmsContext) -> Finding:
     from . import lifecycle, retention
-    from .db.models import DESTROYED, REVOKED, ROTATED, Key
+    from .foundation.db.models import DESTROYED, REVOKED, ROTATED, Key
 
     problems, good = [], []
     guards = lifecycle.destroy_guards()
@@ -488,19 +571,29 @@ def eval_t1(ctx: KmsContext) -> Finding:
                 elif v.state == DESTROYED:
                     destroyed += 1
                     if allowed is None or utc(v.destroyed_at) < allowed:
-                        problems.append(f"{key.name} v{v.version} destroyed {_iso(v.destroyed_at)}, before its "
-                                        f"retention ended ({_iso(allowed) if allowed else 'never retired'})")
+                        problems.append(
+                            f"{key.name} v{v.version} destroyed {_iso(v.destroyed_at)}, before its "
+                            f"retention ended ({_iso(allowed) if allowed else 'never retired'})"
+                        )
                     entry = _ledger_for(session, key.name, v.version, DESTROYED)
                     approvers = json.loads(entry.approvers) if entry is not None else []
                     if len(approvers) < need:
-                        problems.append(f"{key.name} v{v.version} destroyed with {len(approvers)} approver(s) "
-                                        f"(dual control needs {need})")
+                        problems.append(
+                            f"{key.name} v{v.version} destroyed with {len(approvers)} approver(s) "
+                            f"(dual control needs {need})"
+                        )
     if not problems:
-        good.append(f"{retained} retired root/service version(s) retained with material; {destroyed} destroyed "
-                    f"after {retention.retention_days(ctx, 'root')} d under dual approval")
+        good.append(
+            f"{retained} retired root/service version(s) retained with material; {destroyed} destroyed "
+            f"after {retention.retention_days(ctx, 'root')} d under dual approval"
+        )
     archive_problems, archive_good, warnings, archive_details = _t1_archive(ctx)
-    return _finding(problems + archive_problems, good + archive_good,
-                    {"retained": retained, "destroyed": destroyed, **archive_details}, warnings)
+    return _finding(
+        problems + archive_problems,
+        good + archive_good,
+        {"retained": retained, "destroyed": destroyed, **archive_details},
+        warnings,
+    )
 
 
 def _t1_archive(ctx: KmsContext):
@@ -516,15 +609,17 @@ def eval_t2(ctx: KmsContext) -> Finding:
     """Destroyed versions hold no live DEK and no material (key_versions, deks, keystore);
     every version that still has live DEKs still has its key material (deks, keystore)."""
     from . import envelope, lifecycle
-    from .db.models import DESTROYED, Key, KeyVersion
+    from .foundation.db.models import DESTROYED, Key, KeyVersion
 
     problems, good = [], []
     if "deks" not in lifecycle.destroy_guards():
         problems.append("the deks destroy guard is not registered")
     with ctx.transaction() as session:
-        rows = session.execute(select(Key.name, Key.key_class, KeyVersion.version, KeyVersion.wrap_ref).join(KeyVersion)
-                               .where(KeyVersion.state == DESTROYED,
-                                      Key.key_class.in_(("data", "export", "backup")))).all()
+        rows = session.execute(
+            select(Key.name, Key.key_class, KeyVersion.version, KeyVersion.wrap_ref)
+            .join(KeyVersion)
+            .where(KeyVersion.state == DESTROYED, Key.key_class.in_(("data", "export", "backup")))
+        ).all()
         for name, _cls, version, _ref in rows:
             n = envelope.deks_on(session, name, version)
             if n:
@@ -535,28 +630,41 @@ def eval_t2(ctx: KmsContext) -> Finding:
     live, lost = _t2_material_under_live_deks(ctx)
     problems += lost
     if not problems:
-        good.append(f"{len(rows)} destroyed data/export/backup version(s), none with live DEKs, material erased; "
-                    f"{live} version(s) with live DEKs all hold their key material")
-    return _finding(problems, good, {"destroyed": len(rows), "versions_with_live_deks": live,
-                                     "records": ["key_versions", "deks", "keystore objects"]})
+        good.append(
+            f"{len(rows)} destroyed data/export/backup version(s), none with live DEKs, material erased; "
+            f"{live} version(s) with live DEKs all hold their key material"
+        )
+    return _finding(
+        problems,
+        good,
+        {
+            "destroyed": len(rows),
+            "versions_with_live_deks": live,
+            "records": ["key_versions", "deks", "keystore objects"],
+        },
+    )
 
 
 def _t2_material_under_live_deks(ctx: KmsContext) -> tuple[int, list[str]]:
     """Ciphertext is only retained if its key is: a version with live DEKs whose wrapping
     material is gone from the keystore (erased out of band) has made that data unreadable."""
     from . import envelope
-    from .db.models import Key, KeyVersion
+    from .foundation.db.models import Key, KeyVersion
 
     counts = [c for c in envelope.inventory_counts(ctx) if c.deks]
     with ctx.transaction() as session:
-        refs = {(k, v): ref for k, v, ref in session.execute(
-            select(Key.name, KeyVersion.version, KeyVersion.wrap_ref).join(KeyVersion))}
+        refs = {
+            (k, v): ref
+            for k, v, ref in session.execute(select(Key.name, KeyVersion.version, KeyVersion.wrap_ref).join(KeyVersion))
+        }
     lost = []
     for c in counts:
         ref = refs.get((c.key, c.version))
         if not ref or not ctx.keystore.exists(ref):
-            lost.append(f"{c.key} v{c.version} ({c.state}) still wraps {c.deks} live DEK(s) but its key material "
-                        f"is gone from the keystore")
+            lost.append(
+                f"{c.key} v{c.version} ({c.state}) still wraps {c.deks} live DEK(s) but its key material "
+                f"is gone from the keystore"
+            )
     return len(counts), lost[:10]
 
 
@@ -583,15 +691,22 @@ def eval_t3(ctx: KmsContext) -> Finding:
         good.append(f"ledger replay reproduces key_versions ({replay.versions} version(s): states and times)")
     else:
         problems.append("ledger replay disagrees with key_versions: " + _join(replay.problems[:3]))
-    return _finding(problems, good, {"entries": result.count, "checkpoints": audit_result.checkpoints,
-                                     "first_bad_seq": result.first_bad_seq or audit_result.first_bad_seq,
-                                     "replay_problems": replay.problems,
-                                     "records": ["ledger_entries", "checkpoint objects (WORM)", "key_versions"]})
+    return _finding(
+        problems,
+        good,
+        {
+            "entries": result.count,
+            "checkpoints": audit_result.checkpoints,
+            "first_bad_seq": result.first_bad_seq or audit_result.first_bad_seq,
+            "replay_problems": replay.problems,
+            "records": ["ledger_entries", "checkpoint objects (WORM)", "key_versions"],
+        },
+    )
 
 
 def eval_t4(ctx: KmsContext) -> Finding:
     from . import dependents, lifecycle
-    from .db.models import DESTROYED, REVOKED, Key
+    from .foundation.db.models import DESTROYED, REVOKED, Key
 
     problems, good = [], []
     guards = lifecycle.destroy_guards()
@@ -608,8 +723,9 @@ def eval_t4(ctx: KmsContext) -> Finding:
                     missing = [] if emergency else dependents.unconfirmed(session, ctx, key, v)
                     checked += 1
                     if missing:
-                        problems.append(f"{key.name} v{v.version} revoked before {', '.join(missing)} confirmed "
-                                        f"a newer version")
+                        problems.append(
+                            f"{key.name} v{v.version} revoked before {', '.join(missing)} confirmed a newer version"
+                        )
                 elif v.state == DESTROYED:
                     checked += 1
                     for gname in ("dependents", "restore_points"):
@@ -624,6 +740,7 @@ def eval_t4(ctx: KmsContext) -> Finding:
 
 # ---- A: access --------------------------------------------------------------------
 
+
 def eval_a1(ctx: KmsContext) -> Finding:
     from . import access
 
@@ -631,8 +748,9 @@ def eval_a1(ctx: KmsContext) -> Finding:
     pol = ctx.policy.access
     if sorted(pol.roles) != sorted(A1_ROLES):
         problems.append(f"policy roles are {sorted(pol.roles)}, the clause allows exactly {list(A1_ROLES)}")
-    stray = {op: sorted(set(roles) - set(pol.roles)) for op, roles in pol.permissions.items()
-             if set(roles) - set(pol.roles)}
+    stray = {
+        op: sorted(set(roles) - set(pol.roles)) for op, roles in pol.permissions.items() if set(roles) - set(pol.roles)
+    }
     if stray:
         problems.append(f"permission matrix grants to roles outside the policy: {stray}")
     material = ("decrypt", "encrypt", "sign", "export", "rotate", "destroy", "break-glass")
@@ -649,11 +767,19 @@ def eval_a1(ctx: KmsContext) -> Finding:
     actors, strangers = _a1_audit_actors(ctx, principals)
     problems += strangers
     if not problems:
-        good.append(f"roles {sorted(pol.roles)}; matrix of {len(pol.permissions)} permissions; "
-                    f"{len(humans)} human and {len(pol.workload_principals)} workload principal(s) within it; "
-                    f"all {actors} audit actor(s) enrolled or declared")
-    return _finding(problems, good, {"principals": [{k: p[k] for k in ("name", "kind", "roles")} for p in principals],
-                                     "records": ["policy roles", "principals", "audit_events actors"]})
+        good.append(
+            f"roles {sorted(pol.roles)}; matrix of {len(pol.permissions)} permissions; "
+            f"{len(humans)} human and {len(pol.workload_principals)} workload principal(s) within it; "
+            f"all {actors} audit actor(s) enrolled or declared"
+        )
+    return _finding(
+        problems,
+        good,
+        {
+            "principals": [{k: p[k] for k in ("name", "kind", "roles")} for p in principals],
+            "records": ["policy roles", "principals", "audit_events actors"],
+        },
+    )
 
 
 def _a1_audit_actors(ctx: KmsContext, principals: list[dict]) -> tuple[int, list[str]]:
@@ -663,27 +789,40 @@ def _a1_audit_actors(ctx: KmsContext, principals: list[dict]) -> tuple[int, list
     from sqlalchemy import func
 
     from . import audit
-    from .db.models_access import AuditEvent
-    from .db.models_events import EscrowCustodian
+    from .foundation.db.models_access import AuditEvent
+    from .foundation.db.models_events import EscrowCustodian
 
     pol = ctx.policy.access
     audit.flush(ctx)
     with ctx.engine.connect() as conn:
-        rows = conn.execute(select(AuditEvent.actor, func.count(), func.min(AuditEvent.seq))
-                            .where(AuditEvent.outcome == "ok").group_by(AuditEvent.actor)).all()
+        rows = conn.execute(
+            select(AuditEvent.actor, func.count(), func.min(AuditEvent.seq))
+            .where(AuditEvent.outcome == "ok")
+            .group_by(AuditEvent.actor)
+        ).all()
         custodians = set(conn.execute(select(EscrowCustodian.name)).scalars())
-    known = ({p["name"] for p in principals} | set(pol.workload_principals) | custodians
-             | {a for a in pol.service_actors if not a.endswith("*")})
+    known = (
+        {p["name"] for p in principals}
+        | set(pol.workload_principals)
+        | custodians
+        | {a for a in pol.service_actors if not a.endswith("*")}
+    )
     families = tuple(a[:-1] for a in pol.service_actors if a.endswith("*"))
-    strangers = sorted((seq, actor, n) for actor, n, seq in rows
-                       if actor not in known and not (families and actor.startswith(families)))
-    return len(rows), [f"audit actor {actor!r} is no enrolled principal or declared workload ({n} operation(s), "
-                       f"first at audit seq {seq})" for seq, actor, n in strangers[:5]]
+    strangers = sorted(
+        (seq, actor, n)
+        for actor, n, seq in rows
+        if actor not in known and not (families and actor.startswith(families))
+    )
+    return len(rows), [
+        f"audit actor {actor!r} is no enrolled principal or declared workload ({n} operation(s), "
+        f"first at audit seq {seq})"
+        for seq, actor, n in strangers[:5]
+    ]
 
 
 def eval_a2(ctx: KmsContext) -> Finding:
     from . import access
-    from .db.models_access import AuditEvent
+    from .foundation.db.models_access import AuditEvent
 
     problems, good, warnings = [], [], []
     cap = ctx.policy.access.workload_token_ttl_minutes
@@ -699,8 +838,15 @@ def eval_a2(ctx: KmsContext) -> Finding:
             good.append(f"workload tokens live {lifetime:g} min (cap {cap})")
     since = ctx.now() - timedelta(days=ctx.policy.audit.baseline_days)
     with ctx.engine.connect() as conn:
-        issued = conn.execute(select(AuditEvent.detail).where(
-            AuditEvent.operation == "token.issue", AuditEvent.outcome == "ok", AuditEvent.at >= since)).scalars().all()
+        issued = (
+            conn.execute(
+                select(AuditEvent.detail).where(
+                    AuditEvent.operation == "token.issue", AuditEvent.outcome == "ok", AuditEvent.at >= since
+                )
+            )
+            .scalars()
+            .all()
+        )
     too_long = 0
     for detail in issued:
         try:
@@ -719,26 +865,36 @@ def eval_a2(ctx: KmsContext) -> Finding:
     if no_totp:
         problems.append(f"approvers without TOTP enrolment: {', '.join(no_totp)}")
     elif len(able) < need or len(humans) < need + 1:
-        warnings.append(f"cannot approve any manual operation: dual control needs {need} approvers besides a "
-                        f"requester; {len(able)} principal(s) may approve now (past the cooling-off) of "
-                        f"{len(humans)} active human principal(s)")
+        warnings.append(
+            f"cannot approve any manual operation: dual control needs {need} approvers besides a "
+            f"requester; {len(able)} principal(s) may approve now (past the cooling-off) of "
+            f"{len(humans)} active human principal(s)"
+        )
     else:
         good.append(f"{len(able)} approver(s) past the cooling-off, all TOTP-enrolled")
     admins = [p for p in able if "principals" in p["permissions"]]
     if humans and len(admins) < need + 1:
-        warnings.append(f"no principal can be enrolled, re-roled or removed: that needs {need + 1} principals "
-                        f"holding 'principals' (a requester and {need} approvers); {len(admins)} can act now")
-    good.append(f"{len(issued)} token(s) issued in {ctx.policy.audit.baseline_days} d, none over the cap"
-                if not too_long else "")
+        warnings.append(
+            f"no principal can be enrolled, re-roled or removed: that needs {need + 1} principals "
+            f"holding 'principals' (a requester and {need} approvers); {len(admins)} can act now"
+        )
+    good.append(
+        f"{len(issued)} token(s) issued in {ctx.policy.audit.baseline_days} d, none over the cap"
+        if not too_long
+        else ""
+    )
     console_problems, console_good = _a2_console_factors(ctx)
     problems += console_problems
     good += console_good
-    return _finding(problems, good, {"cap_minutes": cap, "tokens_checked": len(issued), "approvers": len(approvers)},
-                    warnings)
+    return _finding(
+        problems, good, {"cap_minutes": cap, "tokens_checked": len(issued), "approvers": len(approvers)}, warnings
+    )
 
 
-_FACTOR_NAMES = {"fido2-hardware": "a hardware FIDO2 key (its keys are software authenticators, which the policy "
-                                   "does not allow: console.allow_software_authenticators)"}
+_FACTOR_NAMES = {
+    "fido2-hardware": "a hardware FIDO2 key (its keys are software authenticators, which the policy "
+    "does not allow: console.allow_software_authenticators)"
+}
 
 
 def _a2_console_factors(ctx: KmsContext) -> tuple[list[str], list[str]]:
@@ -748,9 +904,12 @@ def _a2_console_factors(ctx: KmsContext) -> tuple[list[str], list[str]]:
 
     gaps = console_auth.missing_console_factors(ctx)
     if gaps:
-        return ["console principals without both factors: "
-                + "; ".join(f"{name} lacks {' and '.join(_FACTOR_NAMES.get(f, f) for f in m)}"
-                            for name, m in sorted(gaps.items()))], []
+        return [
+            "console principals without both factors: "
+            + "; ".join(
+                f"{name} lacks {' and '.join(_FACTOR_NAMES.get(f, f) for f in m)}" for name, m in sorted(gaps.items())
+            )
+        ], []
     return [], ["every console principal with a role has a FIDO2 security key and TOTP"]
 
 
@@ -772,16 +931,28 @@ def eval_a3(ctx: KmsContext) -> Finding:
         good.append(f"anomaly detection covers every event through {_iso(coverage['through'])}")
     pending = audit.unreviewed(ctx)
     # found by a detection run held in memory (kms report --at) and so never reviewed
-    unstored = [a for a in (ctx.detection.new if ctx.detection is not None else [])
-                if a.severity in ctx.policy.audit.review_severities]
+    unstored = [
+        a
+        for a in (ctx.detection.new if ctx.detection is not None else [])
+        if a.severity in ctx.policy.audit.review_severities
+    ]
     names = [f"#{a.id} {a.kind}" for a in pending] + [f"{a.kind} (found by this report, not stored)" for a in unstored]
     if names:
-        problems.append(f"{len(names)} unreviewed {'/'.join(ctx.policy.audit.review_severities)} anomaly(ies): "
-                        + ", ".join(names[:5]))
+        problems.append(
+            f"{len(names)} unreviewed {'/'.join(ctx.policy.audit.review_severities)} anomaly(ies): "
+            + ", ".join(names[:5])
+        )
     else:
         good.append("no unreviewed high-severity anomaly")
-    return _finding(problems, good, {"events": result.count, "unreviewed": [a.id for a in pending],
-                                     "records": ["audit_events", "ledger_entries", "key_versions", "audit cursor"]})
+    return _finding(
+        problems,
+        good,
+        {
+            "events": result.count,
+            "unreviewed": [a.id for a in pending],
+            "records": ["audit_events", "ledger_entries", "key_versions", "audit cursor"],
+        },
+    )
 
 
 def _a3_audit_matches_checkpoints(ctx: KmsContext, good: list[str]) -> list[str]:
@@ -825,7 +996,7 @@ def eval_a4(ctx: KmsContext) -> Finding:
     """Manual ops: dual approval and a ticket (ledger), a delivered compliance notification
     per ticket (notification_deliveries), state changes only through the ledger (key_versions)."""
     from . import crosscheck, notifications
-    from .db.models import LedgerEntry
+    from .foundation.db.models import LedgerEntry
 
     problems, good, warnings = [], [], []
     need = ctx.policy.access.approvals_required
@@ -833,9 +1004,17 @@ def eval_a4(ctx: KmsContext) -> Finding:
     tickets: dict[str, int] = {}
     with ctx.engine.connect() as conn:
         rows = conn.execution_options(stream_results=True, yield_per=5000).execute(
-            select(LedgerEntry.seq, LedgerEntry.key_name, LedgerEntry.key_version, LedgerEntry.to_state,
-                   LedgerEntry.reason, LedgerEntry.event_id, LedgerEntry.approvers, LedgerEntry.change_ticket)
-            .order_by(LedgerEntry.seq))
+            select(
+                LedgerEntry.seq,
+                LedgerEntry.key_name,
+                LedgerEntry.key_version,
+                LedgerEntry.to_state,
+                LedgerEntry.reason,
+                LedgerEntry.event_id,
+                LedgerEntry.approvers,
+                LedgerEntry.change_ticket,
+            ).order_by(LedgerEntry.seq)
+        )
         for seq, key, version, to_state, reason, event_id, approvers, ticket in rows:
             if not _is_manual(ctx, key, to_state, reason, event_id):
                 continue
@@ -846,8 +1025,10 @@ def eval_a4(ctx: KmsContext) -> Finding:
             if len(set(names)) < need or not ticket:
                 bad += 1
                 if bad <= 5:
-                    problems.append(f"ledger seq {seq} ({key} v{version} → {to_state}) has {len(set(names))} "
-                                    f"approver(s) and ticket {ticket or 'none'}")
+                    problems.append(
+                        f"ledger seq {seq} ({key} v{version} → {to_state}) has {len(set(names))} "
+                        f"approver(s) and ticket {ticket or 'none'}"
+                    )
         replay = crosscheck.replay(conn)
     if bad > 5:
         problems.append(f"… {bad} manual ledger entries without dual approval in all")
@@ -857,18 +1038,30 @@ def eval_a4(ctx: KmsContext) -> Finding:
     warnings += w
     st = notifications.delivery_status(ctx)
     if not st.ok:
-        problems.append(f"{len(st.unresolved)} notification(s) undelivered in {st.window_hours} h: "
-                        + ", ".join(f"{u['kind']} via {u['channel']}" for u in st.unresolved[:5]))
+        problems.append(
+            f"{len(st.unresolved)} notification(s) undelivered in {st.window_hours} h: "
+            + ", ".join(f"{u['kind']} via {u['channel']}" for u in st.unresolved[:5])
+        )
     if not problems:
-        good.append(f"{manual} manual ledger operation(s), each with ≥{need} approvers and a ticket; "
-                    f"{notified}/{len(tickets)} ticket(s) notified by email/Slack; "
-                    f"{st.delivered} notification(s) delivered in {st.window_hours} h, none failed; "
-                    f"key_versions changed only through the ledger")
-    return _finding(problems, good, {"manual_ops": manual, "without_dual_approval": bad,
-                                     "undelivered": len(st.unresolved), "tickets": len(tickets),
-                                     "tickets_notified": notified,
-                                     "records": ["ledger_entries", "notification_deliveries", "key_versions"]},
-                    warnings)
+        good.append(
+            f"{manual} manual ledger operation(s), each with ≥{need} approvers and a ticket; "
+            f"{notified}/{len(tickets)} ticket(s) notified by email/Slack; "
+            f"{st.delivered} notification(s) delivered in {st.window_hours} h, none failed; "
+            f"key_versions changed only through the ledger"
+        )
+    return _finding(
+        problems,
+        good,
+        {
+            "manual_ops": manual,
+            "without_dual_approval": bad,
+            "undelivered": len(st.unresolved),
+            "tickets": len(tickets),
+            "tickets_notified": notified,
+            "records": ["ledger_entries", "notification_deliveries", "key_versions"],
+        },
+        warnings,
+    )
 
 
 def _a4_state_outside_ledger(replay) -> list[str]:
@@ -889,17 +1082,22 @@ def _a4_notifications(ctx: KmsContext, tickets: dict[str, int]) -> tuple[int, li
         if not d.recorded:
             problems.append(f"manual operation {ticket} (ledger seq {seq}): no compliance notification recorded")
         elif d.failed:
-            problems.append(f"manual operation {ticket} (ledger seq {seq}) not notified: "
-                            f"delivery failed on {', '.join(d.failed[:2])}")
+            problems.append(
+                f"manual operation {ticket} (ledger seq {seq}) not notified: "
+                f"delivery failed on {', '.join(d.failed[:2])}"
+            )
         elif d.outbox_only:
-            warnings.append(f"manual operation {ticket}: notification written only to the local outbox "
-                            f"(no SMTP or Slack configured)")
+            warnings.append(
+                f"manual operation {ticket}: notification written only to the local outbox "
+                f"(no SMTP or Slack configured)"
+            )
         else:
             notified += 1
     return notified, problems[:10], warnings[:5]
 
 
 # ---- B: backup, restore, drills -----------------------------------------------------
+
 
 def eval_b1(ctx: KmsContext) -> Finding:
     from . import backup
@@ -916,8 +1114,10 @@ def eval_b1(ctx: KmsContext) -> Finding:
         akey, mkey = row.archive_key, row.manifest_key
     head = ctx.objects.head(akey)
     if not (head.locked_at(ctx.now()) and head.lock_mode == "COMPLIANCE"):
-        problems.append(f"archive {fresh['archive_id']} is not under a COMPLIANCE retention lock "
-                        f"(retain until {_iso(head.retain_until)}, mode {head.lock_mode or 'none'})")
+        problems.append(
+            f"archive {fresh['archive_id']} is not under a COMPLIANCE retention lock "
+            f"(retain until {_iso(head.retain_until)}, mode {head.lock_mode or 'none'})"
+        )
     manifest = None
     try:
         manifest = backup.verify_manifest(ctx, ctx.objects.get_bytes(mkey))
@@ -926,18 +1126,27 @@ def eval_b1(ctx: KmsContext) -> Finding:
     if manifest is not None:
         problems += _b1_archive_bytes(ctx, fresh["archive_id"], akey, manifest)
     if not problems:
-        good.append(f"newest backup {fresh['archive_id']} is {fresh['age_hours']} h old (≤ {limit} h), signed "
-                    f"manifest verifies, archive bytes match its sha256 and size, locked until "
-                    f"{_iso(head.retain_until)}")
-    return _finding(problems, good, {"archive_id": fresh["archive_id"], "age_hours": fresh["age_hours"],
-                                     "records": ["backups catalogue", "signed manifest object", "archive object bytes"]})
+        good.append(
+            f"newest backup {fresh['archive_id']} is {fresh['age_hours']} h old (≤ {limit} h), signed "
+            f"manifest verifies, archive bytes match its sha256 and size, locked until "
+            f"{_iso(head.retain_until)}"
+        )
+    return _finding(
+        problems,
+        good,
+        {
+            "archive_id": fresh["archive_id"],
+            "age_hours": fresh["age_hours"],
+            "records": ["backups catalogue", "signed manifest object", "archive object bytes"],
+        },
+    )
 
 
 def _b1_archive_bytes(ctx: KmsContext, archive_id: str, archive_key: str, manifest: dict) -> list[str]:
     """Stream the archive object and compare it with the signed manifest: a manifest that
     verifies says nothing about bytes overwritten underneath it."""
     from . import archive
-    from .objectstore import ObjectNotFound
+    from .foundation.objectstore import ObjectNotFound
 
     try:
         with ctx.objects.open(archive_key) as f:
@@ -947,8 +1156,7 @@ def _b1_archive_bytes(ctx: KmsContext, archive_id: str, archive_key: str, manife
     if size != manifest["archive_size"]:
         return [f"archive {archive_id} is {size} bytes, its signed manifest says {manifest['archive_size']}"]
     if sha != manifest["archive_sha256"]:
-        return [f"archive {archive_id} bytes do not match the sha256 in its signed manifest (overwritten or "
-                f"corrupted)"]
+        return [f"archive {archive_id} bytes do not match the sha256 in its signed manifest (overwritten or corrupted)"]
     return []
 
 
@@ -964,18 +1172,20 @@ def eval_b2(ctx: KmsContext) -> Finding:
         problems.append(f"last drill {st['last_drill']} is {st['age_days']} days old (cadence {days} d)")
     if st["last_outcome"] != "passed":
         last = drills.list_drills(ctx)[0]
-        problems.append(f"last drill {st['last_drill']} {st['last_outcome']}: "
-                        + "; ".join(last["findings"][:3]))
+        problems.append(f"last drill {st['last_drill']} {st['last_outcome']}: " + "; ".join(last["findings"][:3]))
     if not problems:
-        good.append(f"last drill {st['last_drill']} passed ({st['age_days']} d ago, cadence {days} d): restored "
-                    f"into staging, migrations and verifyChain checked")
-    return _finding(problems, good, {"last_drill": st["last_drill"], "age_days": st["age_days"],
-                                     "outcome": st["last_outcome"]})
+        good.append(
+            f"last drill {st['last_drill']} passed ({st['age_days']} d ago, cadence {days} d): restored "
+            f"into staging, migrations and verifyChain checked"
+        )
+    return _finding(
+        problems, good, {"last_drill": st["last_drill"], "age_days": st["age_days"], "outcome": st["last_outcome"]}
+    )
 
 
 def eval_b3(ctx: KmsContext) -> Finding:
     from . import backup
-    from .db.models_backup import GOOD_STATUSES, PRUNED, Backup
+    from .foundation.db.models_backup import GOOD_STATUSES, PRUNED, Backup
 
     problems, good, details = _cadence(ctx, "backup")
     now = ctx.now()
@@ -992,8 +1202,10 @@ def eval_b3(ctx: KmsContext) -> Finding:
             problems.append(f"archive {aid} belongs to the GFS set but its object is missing")
     p = ctx.policy.backup
     if rows and not any(pr.startswith("archive") for pr in problems):
-        good.append(f"GFS set holds: {len(kept)} archive(s) kept (latest {p.keep_nightly} + weekly for "
-                    f"{p.keep_weekly_days} d), {sum(c == 'weekly' for *_, c in kept)} weekly")
+        good.append(
+            f"GFS set holds: {len(kept)} archive(s) kept (latest {p.keep_nightly} + weekly for "
+            f"{p.keep_weekly_days} d), {sum(c == 'weekly' for *_, c in kept)} weekly"
+        )
     details["gfs_kept"] = [k[0] for k in kept]
     return _finding(problems, good, details)
 
@@ -1002,7 +1214,7 @@ def eval_b4(ctx: KmsContext) -> Finding:
     import hashlib
 
     from . import drills
-    from .db.models_backup import Drill
+    from .foundation.db.models_backup import Drill
 
     with ctx.transaction() as session:
         last = session.scalars(select(Drill).order_by(Drill.started_at.desc(), Drill.id.desc())).first()
@@ -1017,9 +1229,11 @@ def eval_b4(ctx: KmsContext) -> Finding:
         problems.append(f"drill report {p.name} was altered after the drill (sha256 differs)")
     st = drills.status(ctx)
     if st["overdue_followups"]:
-        problems.append(f"{len(st['overdue_followups'])} follow-up(s) past due "
-                        f"({ctx.policy.drills.remediation_business_days} business days): "
-                        + ", ".join(f"#{f['id']} {f['title'][:60]} ({f['owner']})" for f in st["overdue_followups"][:5]))
+        problems.append(
+            f"{len(st['overdue_followups'])} follow-up(s) past due "
+            f"({ctx.policy.drills.remediation_business_days} business days): "
+            + ", ".join(f"#{f['id']} {f['title'][:60]} ({f['owner']})" for f in st["overdue_followups"][:5])
+        )
     if not problems:
         open_ = [f for d in drills.list_drills(ctx) for f in d["followups"] if f["status"] == "open"]
         good.append(f"drill {date} documented ({p.name}); {len(open_)} follow-up(s) open, none past due")
@@ -1029,58 +1243,142 @@ def eval_b4(ctx: KmsContext) -> Finding:
 # ---- the catalogue ----------------------------------------------------------------
 
 CLAUSES: tuple[Clause, ...] = (
-    Clause("P1", "Root key signs RPTs, seeds service keys, anchors the trust chain",
-           "RPT issue/verifyChain; service seeds wrapped under root; signed root manifests", eval_p1,
-           ("rpt_chain/rpt_chain_verifies", "keys_root/root_manifest_chain_verifies")),
-    Clause("P2", "Service keys issue API credentials, encrypt app secrets, sign audit events",
-           "service key APIs (credential, app-secret, audit-signature round trips)", eval_p2),
-    Clause("P3", "Data keys encrypt at-rest datasets and sensitive artifacts",
-           "envelope encryption (canary round trip) + DEK inventory", eval_p3,
-           ("key_inventory/inventory_frames_valid",)),
-    Clause("P4", "Break-glass keys held in escrow", "sealed M-of-N escrow package", eval_p4,
-           ("break_glass_escrow/escrow_current",)),
-    Clause("R1", "Root every 90 d; publish fingerprints; notify partners within 24 h",
-           "root rotation + public-key manifest + partner notice check", eval_r1,
-           ("key_inventory/keys_within_cadence", "keys_root/partners_notified_within_24h")),
-    Clause("R2", "Service keys every 60 d, or at once on compromise / tenant rotation / CI secret exposure",
-           "cadence reconcile + security-event sensor and compromise_response", eval_r2,
-           ("key_inventory/keys_within_cadence", "security_events/security_events_answered")),
-    Clause("R3", "Data keys every 180 d via envelope re-encryption; export keys at export expiry",
-           "cadence reconcile + DEK rewrap sweep + export-expiry sensor", eval_r3,
-           ("key_inventory/keys_within_cadence", "dek_rewrap_sweep/no_deks_on_retired_versions")),
-    Clause("R4", "Break-glass rotated and resealed every 30 d; old packages destroyed",
-           "escrow rotation + destruction confirmations", eval_r4,
-           ("break_glass_escrow/escrow_current", "break_glass_escrow/escrow_destruction_confirmed")),
-    Clause("T1", "Expired root/service keys kept 365 d; archive copies under dual control",
-           "retention destroy guard + dual-approved destruction + verified, locked archive copies and "
-           "dual-approved retrievals", eval_t1, ("key_vault/archive_copies_verify",)),
-    Clause("T2", "Data keys kept until all ciphertext is re-keyed, then shredded",
-           "deks destroy guard + keystore erase", eval_t2,
-           ("dek_rewrap_sweep/no_deks_on_retired_versions",)),
-    Clause("T3", "Immutable ledger of key states with timestamps, approvers, tickets",
-           "hash-chained ledger + signed WORM checkpoints", eval_t3,
-           ("kms_state/ledger_chain_intact", "ledger_checkpoint/ledger_matches_checkpoints")),
-    Clause("T4", "Dependents confirm before revoke; destroy only after restore points are re-encrypted",
-           "dependents and restore_points guards", eval_t4),
-    Clause("A1", "Least privilege: only sre_oncall, security_engineering, compliance_officer",
-           "roles + permission matrix from the policy", eval_a1),
-    Clause("A2", "FIDO2 + TOTP console access; workload identities ≤ 15 min",
-           "kms console: FIDO2 key + TOTP per principal with a role; FIDO2 + TOTP on approvals; workload token TTL cap", eval_a2),
-    Clause("A3", "Every KMS operation logged, immutable, with anomaly detection",
-           "hash-chained audit log + anomaly review", eval_a3,
-           ("audit_anomalies/audit_chain_intact", "audit_anomalies/no_unreviewed_high_anomalies")),
-    Clause("A4", "Manual operations: dual authorization, recorded approvals, Slack/email notifications",
-           "single-use approvals bound to ticket + notification delivery log", eval_a4,
-           ("notification_deliveries/notifications_delivered",)),
-    Clause("B1", "Nightly backup of PostgreSQL + artifacts/kms to tamper-evident storage",
-           "nightly backup + signed manifest + Object Lock", eval_b1,
-           ("nightly_backup/backup_fresh", "nightly_backup/backup_manifest_verifies", "nightly_backup/backup_locked")),
-    Clause("B2", "Monthly restore into staging, migrations, verifyChain",
-           "restore drill job", eval_b2, ("restore_drill_report/drill_within_cadence",)),
-    Clause("B3", "7 nightly + weekly copies for 3 months; archives under a rotating key",
-           "GFS retention + backup key cadence", eval_b3),
-    Clause("B4", "Every drill documented; gaps remediated within 5 business days",
-           "drill report + follow-up check", eval_b4, ("restore_drill_report/drill_followups_on_time",)),
+    Clause(
+        "P1",
+        "Root key signs RPTs, seeds service keys, anchors the trust chain",
+        "RPT issue/verifyChain; service seeds wrapped under root; signed root manifests",
+        eval_p1,
+        ("rpt_chain/rpt_chain_verifies", "keys_root/root_manifest_chain_verifies"),
+    ),
+    Clause(
+        "P2",
+        "Service keys issue API credentials, encrypt app secrets, sign audit events",
+        "service key APIs (credential, app-secret, audit-signature round trips)",
+        eval_p2,
+    ),
+    Clause(
+        "P3",
+        "Data keys encrypt at-rest datasets and sensitive artifacts",
+        "envelope encryption (canary round trip) + DEK inventory",
+        eval_p3,
+        ("key_inventory/inventory_frames_valid",),
+    ),
+    Clause(
+        "P4",
+        "Break-glass keys held in escrow",
+        "sealed M-of-N escrow package",
+        eval_p4,
+        ("break_glass_escrow/escrow_current",),
+    ),
+    Clause(
+        "R1",
+        "Root every 90 d; publish fingerprints; notify partners within 24 h",
+        "root rotation + public-key manifest + partner notice check",
+        eval_r1,
+        ("key_inventory/keys_within_cadence", "keys_root/partners_notified_within_24h"),
+    ),
+    Clause(
+        "R2",
+        "Service keys every 60 d, or at once on compromise / tenant rotation / CI secret exposure",
+        "cadence reconcile + security-event sensor and compromise_response",
+        eval_r2,
+        ("key_inventory/keys_within_cadence", "security_events/security_events_answered"),
+    ),
+    Clause(
+        "R3",
+        "Data keys every 180 d via envelope re-encryption; export keys at export expiry",
+        "cadence reconcile + DEK rewrap sweep + export-expiry sensor",
+        eval_r3,
+        ("key_inventory/keys_within_cadence", "dek_rewrap_sweep/no_deks_on_retired_versions"),
+    ),
+    Clause(
+        "R4",
+        "Break-glass rotated and resealed every 30 d; old packages destroyed",
+        "escrow rotation + destruction confirmations",
+        eval_r4,
+        ("break_glass_escrow/escrow_current", "break_glass_escrow/escrow_destruction_confirmed"),
+    ),
+    Clause(
+        "T1",
+        "Expired root/service keys kept 365 d; archive copies under dual control",
+        "retention destroy guard + dual-approved destruction + verified, locked archive copies and "
+        "dual-approved retrievals",
+        eval_t1,
+        ("key_vault/archive_copies_verify",),
+    ),
+    Clause(
+        "T2",
+        "Data keys kept until all ciphertext is re-keyed, then shredded",
+        "deks destroy guard + keystore erase",
+        eval_t2,
+        ("dek_rewrap_sweep/no_deks_on_retired_versions",),
+    ),
+    Clause(
+        "T3",
+        "Immutable ledger of key states with timestamps, approvers, tickets",
+        "hash-chained ledger + signed WORM checkpoints",
+        eval_t3,
+        ("kms_state/ledger_chain_intact", "ledger_checkpoint/ledger_matches_checkpoints"),
+    ),
+    Clause(
+        "T4",
+        "Dependents confirm before revoke; destroy only after restore points are re-encrypted",
+        "dependents and restore_points guards",
+        eval_t4,
+    ),
+    Clause(
+        "A1",
+        "Least privilege: only sre_oncall, security_engineering, compliance_officer",
+        "roles + permission matrix from the policy",
+        eval_a1,
+    ),
+    Clause(
+        "A2",
+        "FIDO2 + TOTP console access; workload identities ≤ 15 min",
+        "kms console: FIDO2 key + TOTP per principal with a role; FIDO2 + TOTP on approvals; workload token TTL cap",
+        eval_a2,
+    ),
+    Clause(
+        "A3",
+        "Every KMS operation logged, immutable, with anomaly detection",
+        "hash-chained audit log + anomaly review",
+        eval_a3,
+        ("audit_anomalies/audit_chain_intact", "audit_anomalies/no_unreviewed_high_anomalies"),
+    ),
+    Clause(
+        "A4",
+        "Manual operations: dual authorization, recorded approvals, Slack/email notifications",
+        "single-use approvals bound to ticket + notification delivery log",
+        eval_a4,
+        ("notification_deliveries/notifications_delivered",),
+    ),
+    Clause(
+        "B1",
+        "Nightly backup of PostgreSQL + artifacts/kms to tamper-evident storage",
+        "nightly backup + signed manifest + Object Lock",
+        eval_b1,
+        ("nightly_backup/backup_fresh", "nightly_backup/backup_manifest_verifies", "nightly_backup/backup_locked"),
+    ),
+    Clause(
+        "B2",
+        "Monthly restore into staging, migrations, verifyChain",
+        "restore drill job",
+        eval_b2,
+        ("restore_drill_report/drill_within_cadence",),
+    ),
+    Clause(
+        "B3",
+        "7 nightly + weekly copies for 3 months; archives under a rotating key",
+        "GFS retention + backup key cadence",
+        eval_b3,
+    ),
+    Clause(
+        "B4",
+        "Every drill documented; gaps remediated within 5 business days",
+        "drill report + follow-up check",
+        eval_b4,
+        ("restore_drill_report/drill_followups_on_time",),
+    ),
 )
 
 
@@ -1093,12 +1391,11 @@ def clause(clause_id: str) -> Clause:
 
 def evaluate(ctx: KmsContext, c: Clause) -> Finding:
     """Run one evaluator; a crash is a failure naming the error, never a silent pass."""
-    from . import retry
+    from .foundation import retry
 
     try:
         # Evaluators only read: one is the unit retried after a lost database connection.
-        finding = retry.db_call(ctx, lambda: c.evaluate(ctx), what=f"evaluating clause {c.id}",
-                                rerun="kms report")
+        finding = retry.db_call(ctx, lambda: c.evaluate(ctx), what=f"evaluating clause {c.id}", rerun="kms report")
         if not isinstance(finding, Finding):
             raise TypeError(f"evaluator returned {type(finding).__name__}, not Finding")
         return finding
@@ -1106,8 +1403,7 @@ def evaluate(ctx: KmsContext, c: Clause) -> Finding:
         raise  # an unreachable database is not a policy failure: the report stops, saying so
     except Exception as exc:  # noqa: BLE001 -- reported as the clause's failure
         message = str(exc).splitlines()[0][:300] if str(exc) else ""
-        return Finding(FAIL, f"evaluation failed: {type(exc).__name__}: {message}",
-                       {"error": type(exc).__name__})
+        return Finding(FAIL, f"evaluation failed: {type(exc).__name__}: {message}", {"error": type(exc).__name__})
 
 
 Evidence = Callable[[Clause], "list[dict]"]
@@ -1122,15 +1418,26 @@ def build_report(ctx: KmsContext, *, evidence: Evidence | None = None, only: Ite
             continue
         started = time.perf_counter()
         f = evaluate(ctx, c)
-        evidence_text = f.evidence if len(f.evidence) <= _MAX_EVIDENCE else f.evidence[:_MAX_EVIDENCE - 1] + "…"
+        evidence_text = f.evidence if len(f.evidence) <= _MAX_EVIDENCE else f.evidence[: _MAX_EVIDENCE - 1] + "…"
         checks: list[dict] = []
         if evidence is not None:
             try:
                 checks = list(evidence(c))
             except Exception as exc:  # noqa: BLE001 -- evidence lookup must not hide the row
                 checks = [{"check": "(lookup failed)", "passed": None, "error": type(exc).__name__}]
-        rows.append(Row(c.id, c.section, c.text, c.control, f.status, evidence_text, f.details, checks,
-                        round(time.perf_counter() - started, 3)))
+        rows.append(
+            Row(
+                c.id,
+                c.section,
+                c.text,
+                c.control,
+                f.status,
+                evidence_text,
+                f.details,
+                checks,
+                round(time.perf_counter() - started, 3),
+            )
+        )
     return Report(rows, ctx.now(), _overall(rows))
 
 
@@ -1148,7 +1455,9 @@ def _check_md(ch: dict, run_url: Callable[[str], str] | None) -> str:
         return f"`{ch.get('check')}`: never run"
     run = ch.get("run_id") or ""
     link = f"[{run[:8]}]({run_url(run) if run_url else '/runs/' + run})" if run else "-"
-    return f"`{ch['check']}`: {'✅ passed' if ch['passed'] else '❌ FAILED'} in run {link} at {ch.get('at', '')}".strip()
+    return (
+        f"`{ch['check']}`: {'✅ passed' if ch['passed'] else '❌ FAILED'} in run {link} at {ch.get('at', '')}".strip()
+    )
 
 
 def checks_summary(checks: list[dict]) -> str:
@@ -1167,11 +1476,13 @@ def render_markdown(report: Report, *, run_url: Callable[[str], str] | None = No
     control, evidence and checks. The evidence and check columns of a single wide table ran
     past the right edge of Dagster's Markdown dialog; list items wrap instead."""
     c = report.counts()
-    lines = ["# KMS policy compliance report",
-             "",
-             f"**Overall: {BADGE[report.overall]}** — {c[PASS]} pass, {c[FAIL]} fail, {c[WARN]} warn, "
-             f"{c[UNKNOWN]} unknown · generated {_iso(report.generated_at)}",
-             ""]
+    lines = [
+        "# KMS policy compliance report",
+        "",
+        f"**Overall: {BADGE[report.overall]}** — {c[PASS]} pass, {c[FAIL]} fail, {c[WARN]} warn, "
+        f"{c[UNKNOWN]} unknown · generated {_iso(report.generated_at)}",
+        "",
+    ]
     if report.failing:
         lines += ["**Failing clauses:** " + ", ".join(f"{r.clause}" for r in report.failing), ""]
     has_checks = any(r.checks for r in report.rows)
@@ -1182,10 +1493,14 @@ def render_markdown(report: Report, *, run_url: Callable[[str], str] | None = No
         lines.append("| " + " | ".join(_md_cell(x) for x in cells) + " |")
     lines += ["", "## Evidence by clause", ""]
     for r in report.rows:
-        lines += [f"### {r.clause} · {BADGE[r.status]}", "",
-                  f"{_md_cell(r.text)}", "",
-                  f"- **Control:** {_md_cell(r.control)}",
-                  f"- **Evidence:** {_md_cell(r.evidence)}"]
+        lines += [
+            f"### {r.clause} · {BADGE[r.status]}",
+            "",
+            f"{_md_cell(r.text)}",
+            "",
+            f"- **Control:** {_md_cell(r.control)}",
+            f"- **Evidence:** {_md_cell(r.evidence)}",
+        ]
         if r.checks:
             lines.append("- **Checks:**")
             lines += [f"  - {_check_md(ch, run_url)}" for ch in r.checks]
@@ -1195,13 +1510,26 @@ def render_markdown(report: Report, *, run_url: Callable[[str], str] | None = No
 
 def _row_html(r: Row) -> str:
     esc = html.escape
-    checks = "<br>".join(
-        esc(f"{ch.get('check')}: " + ("never run" if ch.get("passed") is None else
-                                       ("passed" if ch["passed"] else "FAILED") + f" run {ch.get('run_id', '')[:8]} "
-                                       f"{ch.get('at', '')}")) for ch in r.checks) or "-"
-    return (f'<tr class="{esc(r.status)}" data-clause="{esc(r.clause)}"><td class="id">{esc(r.clause)}</td>'
-            f'<td class="status">{esc(r.status.upper())}</td><td>{esc(r.text)}</td><td>{esc(r.control)}</td>'
-            f'<td>{esc(r.evidence)}</td><td>{checks}</td></tr>')
+    checks = (
+        "<br>".join(
+            esc(
+                f"{ch.get('check')}: "
+                + (
+                    "never run"
+                    if ch.get("passed") is None
+                    else ("passed" if ch["passed"] else "FAILED") + f" run {ch.get('run_id', '')[:8]} "
+                    f"{ch.get('at', '')}"
+                )
+            )
+            for ch in r.checks
+        )
+        or "-"
+    )
+    return (
+        f'<tr class="{esc(r.status)}" data-clause="{esc(r.clause)}"><td class="id">{esc(r.clause)}</td>'
+        f'<td class="status">{esc(r.status.upper())}</td><td>{esc(r.text)}</td><td>{esc(r.control)}</td>'
+        f"<td>{esc(r.evidence)}</td><td>{checks}</td></tr>"
+    )
 
 
 def render_html(report: Report, template: str | Path | None = None) -> str:

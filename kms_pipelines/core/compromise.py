@@ -35,9 +35,9 @@ from typing import Iterable
 from sqlalchemy import select
 
 from . import events, lifecycle, notifications
-from .context import KmsContext
-from .db.models import DESTROYED, REVOKED, LedgerEntry
-from .db.models_events import EVENT_RESOLVED, SecurityEvent
+from .foundation.context import KmsContext
+from .foundation.db.models import DESTROYED, REVOKED, LedgerEntry
+from .foundation.db.models_events import EVENT_RESOLVED, SecurityEvent
 
 # security event type -> ledger rotation reason (lifecycle.ROTATION_REASONS)
 EVENT_REASONS = {"compromise": "compromise", "ci-secret-exposure": "ci-exposure", "tenant-rotation": "tenant-rotation"}

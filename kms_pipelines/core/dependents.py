@@ -24,9 +24,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from . import lifecycle
-from .context import KmsContext
-from .db.models import ACTIVE, ROTATED, Key, KeyVersion
-from .db.models_rotation import DependentConfirmation
+from .foundation.context import KmsContext
+from .foundation.db.models import ACTIVE, ROTATED, Key, KeyVersion
+from .foundation.db.models_rotation import DependentConfirmation
 
 
 class DependentsError(lifecycle.LifecycleError):
@@ -52,21 +52,24 @@ def confirm(ctx: KmsContext, key_name: str, version: int, service: str, *, actor
     lifecycle.validate_key_name(ctx, key_name)
     listed = dependents_of(ctx, key_name)
     if service not in listed:
-        raise DependentsError(f"{service!r} is not a dependent of {key_name} in the policy "
-                              f"(dependents: {', '.join(listed) or 'none'})")
+        raise DependentsError(
+            f"{service!r} is not a dependent of {key_name} in the policy (dependents: {', '.join(listed) or 'none'})"
+        )
     actor = actor or ctx.actor
     try:
         with ctx.transaction() as session:
             key = lifecycle.get_key(session, key_name)
             v = lifecycle.get_version(key, version)
             if v.state not in (ACTIVE, ROTATED):
-                raise DependentsError(f"{key_name} v{version} is {v.state}: only an active or rotated version "
-                                      f"can be confirmed")
+                raise DependentsError(
+                    f"{key_name} v{version} is {v.state}: only an active or rotated version can be confirmed"
+                )
             existing = _find(session, key_name, version, service)
             if existing is not None:
                 return Confirmation(key_name, version, service, existing.confirmed_at, existing.actor, False)
-            row = DependentConfirmation(key_name=key_name, key_version=version, service=service,
-                                        confirmed_at=ctx.now(), actor=actor)
+            row = DependentConfirmation(
+                key_name=key_name, key_version=version, service=service, confirmed_at=ctx.now(), actor=actor
+            )
             session.add(row)
             session.flush()
             return Confirmation(key_name, version, service, row.confirmed_at, actor, True)
@@ -77,9 +80,13 @@ def confirm(ctx: KmsContext, key_name: str, version: int, service: str, *, actor
 
 
 def _find(session: Session, key_name: str, version: int, service: str) -> DependentConfirmation | None:
-    return session.scalars(select(DependentConfirmation).where(
-        DependentConfirmation.key_name == key_name, DependentConfirmation.key_version == version,
-        DependentConfirmation.service == service)).first()
+    return session.scalars(
+        select(DependentConfirmation).where(
+            DependentConfirmation.key_name == key_name,
+            DependentConfirmation.key_version == version,
+            DependentConfirmation.service == service,
+        )
+    ).first()
 
 
 def unconfirmed(session: Session, ctx: KmsContext, key: Key, v: KeyVersion) -> list[str]:
@@ -90,9 +97,13 @@ def unconfirmed(session: Session, ctx: KmsContext, key: Key, v: KeyVersion) -> l
     live_newer = {x.version for x in key.versions if x.version > v.version and x.state in (ACTIVE, ROTATED)}
     if not live_newer:
         return listed
-    confirmed = set(session.scalars(select(DependentConfirmation.service).where(
-        DependentConfirmation.key_name == key.name,
-        DependentConfirmation.key_version.in_(live_newer))))
+    confirmed = set(
+        session.scalars(
+            select(DependentConfirmation.service).where(
+                DependentConfirmation.key_name == key.name, DependentConfirmation.key_version.in_(live_newer)
+            )
+        )
+    )
     return [s for s in listed if s not in confirmed]
 
 
@@ -102,11 +113,21 @@ def status(ctx: KmsContext, key_name: str | None = None) -> list[dict]:
     with ctx.transaction() as session:
         names = [key_name] if key_name else sorted(ctx.policy.dependents)
         for name in names:
-            rows = session.scalars(select(DependentConfirmation).where(DependentConfirmation.key_name == name)
-                                   .order_by(DependentConfirmation.key_version, DependentConfirmation.service))
+            rows = session.scalars(
+                select(DependentConfirmation)
+                .where(DependentConfirmation.key_name == name)
+                .order_by(DependentConfirmation.key_version, DependentConfirmation.service)
+            )
             for r in rows:
-                out.append({"key": r.key_name, "version": r.key_version, "service": r.service,
-                            "confirmed_at": r.confirmed_at, "actor": r.actor})
+                out.append(
+                    {
+                        "key": r.key_name,
+                        "version": r.key_version,
+                        "service": r.service,
+                        "confirmed_at": r.confirmed_at,
+                        "actor": r.actor,
+                    }
+                )
     return out
 
 
@@ -115,8 +136,10 @@ def _emergency(reason: str | None, event_id: str | None) -> bool:
 
 
 def _describe(key: Key, v: KeyVersion, missing: list[str], action: str) -> str:
-    return (f"{', '.join(missing)} ha{'s' if len(missing) == 1 else 've'} not confirmed a version of {key.name} "
-            f"newer than v{v.version}; {action} after `kms dependents confirm` (T4)")
+    return (
+        f"{', '.join(missing)} ha{'s' if len(missing) == 1 else 've'} not confirmed a version of {key.name} "
+        f"newer than v{v.version}; {action} after `kms dependents confirm` (T4)"
+    )
 
 
 @lifecycle.revoke_guard("dependents")

@@ -37,13 +37,14 @@ from sqlalchemy import and_, bindparam, func, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from . import lifecycle, nightly, retry
-from .batching import AdaptiveBatch
-from .clock import utc
-from .context import KmsContext
-from .db.models import ACTIVE, DESTROYED, REVOKED, ROTATED, Key, KeyVersion
-from .db.models_envelope import SHARD_SPACE, Dek
-from .keystore import DecryptionFailed, KeyNotFound
+from . import lifecycle, nightly
+from .foundation import retry
+from .foundation.batching import AdaptiveBatch
+from .foundation.clock import utc
+from .foundation.context import KmsContext
+from .foundation.db.models import ACTIVE, DESTROYED, REVOKED, ROTATED, Key, KeyVersion
+from .foundation.db.models_envelope import SHARD_SPACE, Dek
+from .foundation.keystore import DecryptionFailed, KeyNotFound
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class CryptoShredded(EnvelopeError):
 
 # ---- helpers ---------------------------------------------------------------------------
 
+
 def shard_of(key_name: str, object_id: str) -> int:
     """Stable shard of an object in ``[0, SHARD_SPACE)`` (stored at insert)."""
     return zlib.crc32(f"{key_name}\x00{object_id}".encode()) % SHARD_SPACE
@@ -85,8 +87,18 @@ def shard_range(shard: int | None, shards: int) -> tuple[int, int]:
 def _aad(header: bytes, key_name: str, object_id: str, aad: bytes) -> bytes:
     # Length-prefixed so no two (key, object, aad) triples encode alike.
     k, o = key_name.encode(), object_id.encode()
-    return b"".join([b"kms-envelope/1", header, struct.pack(">I", len(k)), k, struct.pack(">I", len(o)), o,
-                     struct.pack(">I", len(aad)), aad])
+    return b"".join(
+        [
+            b"kms-envelope/1",
+            header,
+            struct.pack(">I", len(k)),
+            k,
+            struct.pack(">I", len(o)),
+            o,
+            struct.pack(">I", len(aad)),
+            aad,
+        ]
+    )
 
 
 def parse_header(blob: bytes) -> int:
@@ -104,8 +116,7 @@ def parse_header(blob: bytes) -> int:
 def _check_envelope_key(name: str) -> None:
     cls = lifecycle.key_class_of(name)
     if cls not in ENVELOPE_CLASSES:
-        raise EnvelopeError(f"key {name!r} is a {cls} key; envelope encryption uses data:<dataset> or "
-                            f"export:<id> keys")
+        raise EnvelopeError(f"key {name!r} is a {cls} key; envelope encryption uses data:<dataset> or export:<id> keys")
 
 
 def _lock_key_shared(session: Session, name: str) -> Key:
@@ -127,8 +138,10 @@ def _export_closed_at(key: Key):
 
 # ---- encrypt / decrypt -----------------------------------------------------------------
 
-def encrypt(ctx: KmsContext, key_name: str, object_id: str, plaintext: bytes, aad: bytes = b"", *,
-            replace: bool = False) -> bytes:
+
+def encrypt(
+    ctx: KmsContext, key_name: str, object_id: str, plaintext: bytes, aad: bytes = b"", *, replace: bool = False
+) -> bytes:
     """Encrypt ``plaintext`` for ``object_id`` under a fresh DEK wrapped by ``key_name``'s active version.
 
     One DEK and one ``deks`` row per (key, object). Encrypting an object id that already
@@ -149,27 +162,38 @@ def encrypt(ctx: KmsContext, key_name: str, object_id: str, plaintext: bytes, aa
         if key.key_class == "export":
             closed = _export_closed_at(key)
             if closed is not None and now >= closed:
-                raise EnvelopeError(f"export key {key_name} expired at {closed.isoformat()}: "
-                                    f"create a new export instead")
-        existing = session.scalars(select(Dek).where(Dek.key_name == key_name, Dek.object_id == object_id)
-                                   .with_for_update()).first()
+                raise EnvelopeError(
+                    f"export key {key_name} expired at {closed.isoformat()}: create a new export instead"
+                )
+        existing = session.scalars(
+            select(Dek).where(Dek.key_name == key_name, Dek.object_id == object_id).with_for_update()
+        ).first()
         if existing is not None:
             if not replace:
-                raise EnvelopeError(f"object {object_id!r} already has a DEK under {key_name}; "
-                                    f"pass replace=True to re-encrypt it under a new DEK")
+                raise EnvelopeError(
+                    f"object {object_id!r} already has a DEK under {key_name}; "
+                    f"pass replace=True to re-encrypt it under a new DEK"
+                )
             session.delete(existing)
             session.flush()
         wrapped = ctx.keystore.new_wrapped_dek(active.wrap_ref)
-        row = Dek(key_name=key_name, key_version=active.version, wrapped=wrapped, object_id=object_id,
-                  shard=shard_of(key_name, object_id), created_at=now)
+        row = Dek(
+            key_name=key_name,
+            key_version=active.version,
+            wrapped=wrapped,
+            object_id=object_id,
+            shard=shard_of(key_name, object_id),
+            created_at=now,
+        )
         session.add(row)
         try:
             session.flush()
         except IntegrityError:
             raise EnvelopeError(f"object {object_id!r} already has a DEK under {key_name}") from None
         header = _HEADER.pack(MAGIC, FORMAT, row.id)
-        body = ctx.keystore.dek_encrypt(active.wrap_ref, wrapped, bytes(plaintext),
-                                        _aad(header, key_name, object_id, aad))
+        body = ctx.keystore.dek_encrypt(
+            active.wrap_ref, wrapped, bytes(plaintext), _aad(header, key_name, object_id, aad)
+        )
         return header + body
 
 
@@ -189,8 +213,9 @@ def describe(ctx: KmsContext, blob: bytes) -> BlobInfo:
         row = session.get(Dek, dek_id)
         if row is None:
             raise EnvelopeError(f"DEK {dek_id} named by the blob is not in the inventory")
-        state = session.scalars(select(KeyVersion.state).join(Key).where(
-            Key.name == row.key_name, KeyVersion.version == row.key_version)).first()
+        state = session.scalars(
+            select(KeyVersion.state).join(Key).where(Key.name == row.key_name, KeyVersion.version == row.key_version)
+        ).first()
         return BlobInfo(dek_id, row.key_name, row.key_version, row.object_id, state or "unknown")
 
 
@@ -200,8 +225,9 @@ def decrypt(ctx: KmsContext, blob: bytes, aad: bytes = b"", *, object_id: str | 
     with ctx.transaction() as session:
         row = session.get(Dek, dek_id)
         if row is None:
-            raise EnvelopeError(f"DEK {dek_id} named by the blob is not in the inventory "
-                                f"(object re-encrypted or never stored)")
+            raise EnvelopeError(
+                f"DEK {dek_id} named by the blob is not in the inventory (object re-encrypted or never stored)"
+            )
         key_name, version_no, wrapped, obj = row.key_name, row.key_version, row.wrapped, row.object_id
         key = session.scalars(select(Key).where(Key.name == key_name)).first()
         version = next((v for v in key.versions if v.version == version_no), None) if key else None
@@ -215,35 +241,47 @@ def decrypt(ctx: KmsContext, blob: bytes, aad: bytes = b"", *, object_id: str | 
         kind = "export key" if lifecycle.key_class_of(key_name) == "export" else "key"
         raise CryptoShredded(f"{kind} {key_name} v{version_no} was destroyed at {when}: data crypto-shredded")
     if state == REVOKED:
-        raise EnvelopeError(f"DEK {dek_id} is wrapped under revoked version {key_name} v{version_no}: "
-                            f"revoked versions do not decrypt; run `kms envelope sweep` to move it first")
+        raise EnvelopeError(
+            f"DEK {dek_id} is wrapped under revoked version {key_name} v{version_no}: "
+            f"revoked versions do not decrypt; run `kms envelope sweep` to move it first"
+        )
     if state not in (ACTIVE, ROTATED):
         raise EnvelopeError(f"{key_name} v{version_no} is {state}; it cannot decrypt")
     header = bytes(blob[:HEADER_SIZE])
     try:
-        return ctx.keystore.dek_decrypt(wrap_ref, wrapped, bytes(blob[HEADER_SIZE:]),
-                                        _aad(header, key_name, obj, aad))
+        return ctx.keystore.dek_decrypt(wrap_ref, wrapped, bytes(blob[HEADER_SIZE:]), _aad(header, key_name, obj, aad))
     except DecryptionFailed:
-        raise EnvelopeError(f"blob for object {obj!r} does not authenticate under DEK {dek_id} "
-                            f"(tampered ciphertext or wrong associated data)") from None
+        raise EnvelopeError(
+            f"blob for object {obj!r} does not authenticate under DEK {dek_id} "
+            f"(tampered ciphertext or wrong associated data)"
+        ) from None
     except KeyNotFound:
         raise EnvelopeError(f"material of {key_name} v{version_no} is missing from the keystore") from None
 
 
 # ---- inventory -------------------------------------------------------------------------
 
+
 def deks_on(session: Session, key_name: str, version: int) -> int:
     """How many live (not shredded) DEKs are wrapped under ``key_name`` v``version``."""
-    return session.scalar(select(func.count()).select_from(Dek).where(
-        Dek.key_name == key_name, Dek.key_version == version, Dek.shredded_at.is_(None))) or 0
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(Dek)
+            .where(Dek.key_name == key_name, Dek.key_version == version, Dek.shredded_at.is_(None))
+        )
+        or 0
+    )
 
 
 @lifecycle.destroy_guard("deks")
 def _guard_deks(session: Session, ctx: KmsContext, key: Key, version: KeyVersion) -> str | None:
     n = deks_on(session, key.name, version.version)
     if n:
-        return (f"{n} DEK(s) are still wrapped under {key.name} v{version.version}; run `kms envelope sweep` "
-                f"so they move to the active version first (T2)")
+        return (
+            f"{n} DEK(s) are still wrapped under {key.name} v{version.version}; run `kms envelope sweep` "
+            f"so they move to the active version first (T2)"
+        )
     return None
 
 
@@ -258,34 +296,42 @@ class InventoryCount:
 
 def inventory_counts(ctx: KmsContext, key_name: str | None = None) -> list[InventoryCount]:
     """DEK counts per key version (live and shredded), with each version's state."""
-    q = (select(Dek.key_name, Dek.key_version, KeyVersion.state,
-                func.count(Dek.wrapped), func.count(Dek.shredded_at))
-         .select_from(Dek)
-         .outerjoin(Key, Key.name == Dek.key_name)
-         .outerjoin(KeyVersion, and_(KeyVersion.key_id == Key.id, KeyVersion.version == Dek.key_version))
-         .group_by(Dek.key_name, Dek.key_version, KeyVersion.state)
-         .order_by(Dek.key_name, Dek.key_version))
+    q = (
+        select(Dek.key_name, Dek.key_version, KeyVersion.state, func.count(Dek.wrapped), func.count(Dek.shredded_at))
+        .select_from(Dek)
+        .outerjoin(Key, Key.name == Dek.key_name)
+        .outerjoin(KeyVersion, and_(KeyVersion.key_id == Key.id, KeyVersion.version == Dek.key_version))
+        .group_by(Dek.key_name, Dek.key_version, KeyVersion.state)
+        .order_by(Dek.key_name, Dek.key_version)
+    )
     if key_name:
         q = q.where(Dek.key_name == key_name)
     with ctx.engine.connect() as conn:
         return [InventoryCount(k, v, s or "unknown", int(n), int(sh)) for k, v, s, n, sh in conn.execute(q)]
 
 
-def stranded(ctx: KmsContext, *, shard: int | None = None, shards: int = 1,
-             key_name: str | None = None) -> list[InventoryCount]:
+def stranded(
+    ctx: KmsContext, *, shard: int | None = None, shards: int = 1, key_name: str | None = None
+) -> list[InventoryCount]:
     """Live DEKs left under a retired (rotated), revoked or destroyed version, in a shard range.
 
     Export keys count too (an expired export whose DEKs were not shredded is a finding).
     """
     lo, hi = shard_range(shard, shards)
-    q = (select(Dek.key_name, Dek.key_version, KeyVersion.state, func.count())
-         .select_from(Dek)
-         .join(Key, Key.name == Dek.key_name)
-         .join(KeyVersion, and_(KeyVersion.key_id == Key.id, KeyVersion.version == Dek.key_version))
-         .where(KeyVersion.state.in_([ROTATED, REVOKED, DESTROYED]), Dek.shredded_at.is_(None),
-                Dek.shard >= lo, Dek.shard < hi)
-         .group_by(Dek.key_name, Dek.key_version, KeyVersion.state)
-         .order_by(Dek.key_name, Dek.key_version))
+    q = (
+        select(Dek.key_name, Dek.key_version, KeyVersion.state, func.count())
+        .select_from(Dek)
+        .join(Key, Key.name == Dek.key_name)
+        .join(KeyVersion, and_(KeyVersion.key_id == Key.id, KeyVersion.version == Dek.key_version))
+        .where(
+            KeyVersion.state.in_([ROTATED, REVOKED, DESTROYED]),
+            Dek.shredded_at.is_(None),
+            Dek.shard >= lo,
+            Dek.shard < hi,
+        )
+        .group_by(Dek.key_name, Dek.key_version, KeyVersion.state)
+        .order_by(Dek.key_name, Dek.key_version)
+    )
     if key_name:
         q = q.where(Dek.key_name == key_name)
     with ctx.engine.connect() as conn:
@@ -300,17 +346,40 @@ def dek_inventory_frame(ctx: KmsContext):
     """
     import pandas as pd
 
-    q = (select(Dek.id.label("dek_id"), Dek.key_name, Dek.key_version, KeyVersion.state.label("version_state"),
-                Dek.object_id, Dek.shard, Dek.created_at, Dek.rewrapped_at, Dek.shredded_at,
-                func.coalesce(func.length(Dek.wrapped), 0).label("wrapped_len"))
-         .select_from(Dek)
-         .outerjoin(Key, Key.name == Dek.key_name)
-         .outerjoin(KeyVersion, and_(KeyVersion.key_id == Key.id, KeyVersion.version == Dek.key_version))
-         .order_by(Dek.id))
+    q = (
+        select(
+            Dek.id.label("dek_id"),
+            Dek.key_name,
+            Dek.key_version,
+            KeyVersion.state.label("version_state"),
+            Dek.object_id,
+            Dek.shard,
+            Dek.created_at,
+            Dek.rewrapped_at,
+            Dek.shredded_at,
+            func.coalesce(func.length(Dek.wrapped), 0).label("wrapped_len"),
+        )
+        .select_from(Dek)
+        .outerjoin(Key, Key.name == Dek.key_name)
+        .outerjoin(KeyVersion, and_(KeyVersion.key_id == Key.id, KeyVersion.version == Dek.key_version))
+        .order_by(Dek.id)
+    )
     with ctx.engine.connect() as conn:
-        frame = pd.DataFrame(conn.execute(q).mappings().all(),
-                             columns=["dek_id", "key_name", "key_version", "version_state", "object_id", "shard",
-                                      "created_at", "rewrapped_at", "shredded_at", "wrapped_len"])
+        frame = pd.DataFrame(
+            conn.execute(q).mappings().all(),
+            columns=[
+                "dek_id",
+                "key_name",
+                "key_version",
+                "version_state",
+                "object_id",
+                "shard",
+                "created_at",
+                "rewrapped_at",
+                "shredded_at",
+                "wrapped_len",
+            ],
+        )
     frame.insert(2, "key_class", frame["key_name"].str.split(":").str[0])
     for col in ("created_at", "rewrapped_at", "shredded_at"):
         frame[col] = pd.to_datetime(frame[col], utc=True)
@@ -319,23 +388,24 @@ def dek_inventory_frame(ctx: KmsContext):
 
 # ---- the rewrap sweep ------------------------------------------------------------------
 
+
 @dataclass
 class SweepProgress:
     key: str
     from_version: int
     to_version: int
     batch: int
-    moved: int          # moved in this batch
-    total_moved: int    # moved so far in this sweep call
+    moved: int  # moved in this batch
+    total_moved: int  # moved so far in this sweep call
     seconds: float
 
 
 @dataclass
 class SweepResult:
     moved: int = 0
-    remaining: int = 0          # live DEKs still on rotated/revoked versions of swept keys in the range
-    skipped: int = 0            # lost a compare-and-set race (another sweep moved them first)
-    failed: int = 0             # did not unwrap under their recorded version (corrupt row)
+    remaining: int = 0  # live DEKs still on rotated/revoked versions of swept keys in the range
+    skipped: int = 0  # lost a compare-and-set race (another sweep moved them first)
+    failed: int = 0  # did not unwrap under their recorded version (corrupt row)
     batches: int = 0
     seconds: float = 0.0
     shard: int | None = None
@@ -349,11 +419,20 @@ class SweepResult:
         return self.moved / self.seconds if self.seconds else 0.0
 
     def to_dict(self) -> dict:
-        return {"moved": self.moved, "remaining": self.remaining, "skipped": self.skipped,
-                "failed": self.failed, "batches": self.batches, "seconds": round(self.seconds, 3),
-                "rate": round(self.rate, 1), "shard": self.shard, "shards": self.shards,
-                "shard_range": list(self.shard_range), "by_key": self.by_key,
-                "failed_ids": self.failed_ids[:100]}
+        return {
+            "moved": self.moved,
+            "remaining": self.remaining,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "batches": self.batches,
+            "seconds": round(self.seconds, 3),
+            "rate": round(self.rate, 1),
+            "shard": self.shard,
+            "shards": self.shards,
+            "shard_range": list(self.shard_range),
+            "by_key": self.by_key,
+            "failed_ids": self.failed_ids[:100],
+        }
 
 
 def _sweep_plan(ctx: KmsContext, key_name: str | None) -> list[tuple[str, int, str, list[tuple[int, str]]]]:
@@ -371,8 +450,7 @@ def _sweep_plan(ctx: KmsContext, key_name: str | None) -> list[tuple[str, int, s
             raise EnvelopeError(f"unknown key {key_name!r} (run `kms init`, or see `kms keys list`)")
         for key in keys:
             active = lifecycle.active_version(key)
-            old = [(v.version, v.wrap_ref) for v in key.versions
-                   if v.state in (ROTATED, REVOKED) and v.wrap_ref]
+            old = [(v.version, v.wrap_ref) for v in key.versions if v.state in (ROTATED, REVOKED) and v.wrap_ref]
             if active is None:
                 if old:
                     log.warning("key %s has DEK-bearing versions but no active version; skipped", key.name)
@@ -383,24 +461,36 @@ def _sweep_plan(ctx: KmsContext, key_name: str | None) -> list[tuple[str, int, s
 
 
 def _select_batch(conn, key_name: str, version: int, lo: int, hi: int, after: tuple[int, int], limit: int):
-    q = (select(Dek.id, Dek.shard, Dek.wrapped)
-         .where(Dek.key_name == key_name, Dek.key_version == version, Dek.shard >= lo, Dek.shard < hi,
-                tuple_(Dek.shard, Dek.id) > tuple_(after[0], after[1]), Dek.wrapped.is_not(None))
-         .order_by(Dek.shard, Dek.id).limit(limit))
+    q = (
+        select(Dek.id, Dek.shard, Dek.wrapped)
+        .where(
+            Dek.key_name == key_name,
+            Dek.key_version == version,
+            Dek.shard >= lo,
+            Dek.shard < hi,
+            tuple_(Dek.shard, Dek.id) > tuple_(after[0], after[1]),
+            Dek.wrapped.is_not(None),
+        )
+        .order_by(Dek.shard, Dek.id)
+        .limit(limit)
+    )
     return conn.execute(q).all()
 
 
-_VERSION_STATES = text("SELECT kv.version, kv.state FROM keys AS k JOIN key_versions AS kv ON kv.key_id = k.id "
-                       "WHERE k.name = :key")
+_VERSION_STATES = text(
+    "SELECT kv.version, kv.state FROM keys AS k JOIN key_versions AS kv ON kv.key_id = k.id WHERE k.name = :key"
+)
 _VERSION_STATES_PG = text(_VERSION_STATES.text + " FOR SHARE OF k")
 _PG_CAS = text(
     "UPDATE deks AS d SET wrapped = v.w, key_version = :new, rewrapped_at = :at "
     "FROM unnest(CAST(:ids AS bigint[]), CAST(:ws AS bytea[])) AS v(id, w) "
-    "WHERE d.id = v.id AND d.key_version = :old AND d.key_name = :key")
+    "WHERE d.id = v.id AND d.key_version = :old AND d.key_name = :key"
+)
 
 
-def _commit_batch(ctx: KmsContext, key_name: str, old: int, new: int, ids: list[int],
-                  new_wrapped: list[bytes]) -> int | None:
+def _commit_batch(
+    ctx: KmsContext, key_name: str, old: int, new: int, ids: list[int], new_wrapped: list[bytes]
+) -> int | None:
     """Compare-and-set the batch onto ``new``; None if the key's versions changed underneath."""
     now = ctx.now()
     with ctx.transaction() as session:
@@ -412,28 +502,36 @@ def _commit_batch(ctx: KmsContext, key_name: str, old: int, new: int, ids: list[
         if states.get(new) != ACTIVE or states.get(old) not in (ROTATED, REVOKED):
             return None  # the key rotated (or the old version was destroyed) meanwhile: re-plan
         if conn.dialect.name == "postgresql":
-            result = conn.execute(_PG_CAS, {"new": new, "at": now, "ids": ids, "ws": new_wrapped,
-                                            "old": old, "key": key_name})
+            result = conn.execute(
+                _PG_CAS, {"new": new, "at": now, "ids": ids, "ws": new_wrapped, "old": old, "key": key_name}
+            )
             return result.rowcount
         t = Dek.__table__
         result = conn.execute(
-            update(t).where(t.c.id == bindparam("b_id"), t.c.key_version == old, t.c.key_name == key_name)
+            update(t)
+            .where(t.c.id == bindparam("b_id"), t.c.key_version == old, t.c.key_name == key_name)
             .values(wrapped=bindparam("b_w"), key_version=new, rewrapped_at=now),
-            [{"b_id": i, "b_w": w} for i, w in zip(ids, new_wrapped, strict=True)])
+            [{"b_id": i, "b_w": w} for i, w in zip(ids, new_wrapped, strict=True)],
+        )
         return result.rowcount
 
 
-def _commit_batch_retrying(ctx: KmsContext, key_name: str, old: int, new: int, ids: list[int],
-                           new_wrapped: list[bytes]) -> int | None:
+def _commit_batch_retrying(
+    ctx: KmsContext, key_name: str, old: int, new: int, ids: list[int], new_wrapped: list[bytes]
+) -> int | None:
     """The batch commit is compare-and-set on the wrapping version, so repeating it after a
     lost connection is safe: rows the lost attempt did commit no longer match and count as
     skipped, never twice."""
-    return retry.db_call(ctx, lambda: _commit_batch(ctx, key_name, old, new, ids, new_wrapped),
-                         what=f"committing a sweep batch of {key_name}")
+    return retry.db_call(
+        ctx,
+        lambda: _commit_batch(ctx, key_name, old, new, ids, new_wrapped),
+        what=f"committing a sweep batch of {key_name}",
+    )
 
 
-def _commit_batch_timed(sizer: AdaptiveBatch, ctx: KmsContext, key_name: str, old: int, new: int, ids: list[int],
-                        new_wrapped: list[bytes]) -> int | None:
+def _commit_batch_timed(
+    sizer: AdaptiveBatch, ctx: KmsContext, key_name: str, old: int, new: int, ids: list[int], new_wrapped: list[bytes]
+) -> int | None:
     start = time.perf_counter()
     moved = _commit_batch_retrying(ctx, key_name, old, new, ids, new_wrapped)
     sizer.observe(len(ids), time.perf_counter() - start)
@@ -443,8 +541,11 @@ def _commit_batch_timed(sizer: AdaptiveBatch, ctx: KmsContext, key_name: str, ol
 def policy_batching(ctx: KmsContext) -> dict:
     """``sweep`` keyword arguments for the policy's batch sizing (envelope section)."""
     p = ctx.policy.envelope
-    return {"batch_size": p.batch_size, "batch_target_seconds": p.batch_target_commit_ms / 1000 or None,
-            "max_batch_size": p.batch_size_max}
+    return {
+        "batch_size": p.batch_size,
+        "batch_target_seconds": p.batch_target_commit_ms / 1000 or None,
+        "max_batch_size": p.batch_size_max,
+    }
 
 
 def _read_batch(ctx: KmsContext, key_name: str, version: int, lo: int, hi: int, after: tuple[int, int], limit: int):
@@ -463,10 +564,18 @@ def _rewrap_isolating_failures(ctx: KmsContext, old_ref: str, new_ref: str, rows
     return good, bad
 
 
-def sweep(ctx: KmsContext, key_name: str | None = None, *, shard: int | None = None, shards: int = 1,
-          batch_size: int = 1000, progress: Callable[[SweepProgress], None] | None = None,
-          max_batches: int | None = None, batch_target_seconds: float | None = None,
-          max_batch_size: int | None = None) -> SweepResult:
+def sweep(
+    ctx: KmsContext,
+    key_name: str | None = None,
+    *,
+    shard: int | None = None,
+    shards: int = 1,
+    batch_size: int = 1000,
+    progress: Callable[[SweepProgress], None] | None = None,
+    max_batches: int | None = None,
+    batch_target_seconds: float | None = None,
+    max_batch_size: int | None = None,
+) -> SweepResult:
     """Move every live DEK off rotated/revoked versions onto the key's active version.
 
     ``shard``/``shards`` restrict the sweep to one partition of the shard space (None =
@@ -484,13 +593,17 @@ def sweep(ctx: KmsContext, key_name: str | None = None, *, shard: int | None = N
     lo, hi = shard_range(shard, shards)
     result = SweepResult(shard=shard, shards=shards, shard_range=(lo, hi))
     started = time.perf_counter()
-    rerun = "kms envelope sweep" + (f" --key {key_name}" if key_name else "") + (
-        f" --shard {shard} --shards {shards}" if shard is not None else "")
+    rerun = (
+        "kms envelope sweep"
+        + (f" --key {key_name}" if key_name else "")
+        + (f" --shard {shard} --shards {shards}" if shard is not None else "")
+    )
     total: int | None = None
     try:
         total = retry.db_call(ctx, lambda: _left_to_sweep(ctx, result, key_name), what="counting DEKs to sweep")
-        sizer = AdaptiveBatch(batch_size, target_seconds=batch_target_seconds, min_size=min(batch_size, 100),
-                              max_size=max_batch_size)
+        sizer = AdaptiveBatch(
+            batch_size, target_seconds=batch_target_seconds, min_size=min(batch_size, 100), max_size=max_batch_size
+        )
         return _sweep(ctx, result, key_name, sizer, progress, max_batches, started)
     except retry.DependencyUnavailable as exc:
         # Every committed batch stays committed (compare-and-set): a re-run picks up the rest.
@@ -499,8 +612,15 @@ def sweep(ctx: KmsContext, key_name: str | None = None, *, shard: int | None = N
         raise exc.annotate(done=done, rerun=rerun) from exc.__cause__
 
 
-def _sweep(ctx: KmsContext, result: SweepResult, key_name: str | None, sizer: AdaptiveBatch, progress, max_batches,
-           started: float) -> SweepResult:
+def _sweep(
+    ctx: KmsContext,
+    result: SweepResult,
+    key_name: str | None,
+    sizer: AdaptiveBatch,
+    progress,
+    max_batches,
+    started: float,
+) -> SweepResult:
     lo, hi = result.shard_range
     replans = 0
     plan = retry.db_call(ctx, lambda: _sweep_plan(ctx, key_name), what="planning the sweep")
@@ -511,8 +631,23 @@ def _sweep(ctx: KmsContext, result: SweepResult, key_name: str | None, sizer: Ad
                 stats = result.by_key.setdefault(name, {"to_version": new, "moved": 0, "skipped": 0, "failed": 0})
                 stats["to_version"] = new
                 for old, old_ref in olds:
-                    outcome = _sweep_version(ctx, writer, result, stats, name, old, old_ref, new, new_ref, lo, hi,
-                                             sizer, progress, max_batches, started)
+                    outcome = _sweep_version(
+                        ctx,
+                        writer,
+                        result,
+                        stats,
+                        name,
+                        old,
+                        old_ref,
+                        new,
+                        new_ref,
+                        lo,
+                        hi,
+                        sizer,
+                        progress,
+                        max_batches,
+                        started,
+                    )
                     if outcome != "done":
                         break
                 if outcome != "done":
@@ -528,8 +663,23 @@ def _sweep(ctx: KmsContext, result: SweepResult, key_name: str | None, sizer: Ad
     return _finish(ctx, result, key_name, started)
 
 
-def _sweep_version(ctx, writer, result: SweepResult, stats: dict, name: str, old: int, old_ref: str, new: int,
-                   new_ref: str, lo: int, hi: int, sizer: AdaptiveBatch, progress, max_batches, started) -> str:
+def _sweep_version(
+    ctx,
+    writer,
+    result: SweepResult,
+    stats: dict,
+    name: str,
+    old: int,
+    old_ref: str,
+    new: int,
+    new_ref: str,
+    lo: int,
+    hi: int,
+    sizer: AdaptiveBatch,
+    progress,
+    max_batches,
+    started,
+) -> str:
     """Sweep one old version of one key in the shard range: "done", "stale" (re-plan) or "limit"."""
     after = (lo - 1, 0)
     pending = None  # (future | None, pairs count, bad ids) of the batch being committed
@@ -550,8 +700,7 @@ def _sweep_version(ctx, writer, result: SweepResult, stats: dict, name: str, old
         stats["moved"] += moved
         stats["skipped"] += count - moved
         if progress is not None:
-            progress(SweepProgress(name, old, new, result.batches, moved, result.moved,
-                                   time.perf_counter() - started))
+            progress(SweepProgress(name, old, new, result.batches, moved, result.moved, time.perf_counter() - started))
         return True
 
     try:
@@ -563,17 +712,28 @@ def _sweep_version(ctx, writer, result: SweepResult, stats: dict, name: str, old
                         return "stale"
                 return "limit"
             limit = sizer.size
-            rows = retry.db_call(ctx, functools.partial(_read_batch, ctx, name, old, lo, hi, after, limit),
-                                 what=f"reading a sweep batch of {name}")
+            rows = retry.db_call(
+                ctx,
+                functools.partial(_read_batch, ctx, name, old, lo, hi, after, limit),
+                what=f"reading a sweep batch of {name}",
+            )
             pairs: list = []
             bad: list[int] = []
             if rows:
                 after = (rows[-1].shard, rows[-1].id)
                 try:
                     wrapped = [r.wrapped for r in rows]
-                    pairs = list(zip((r.id for r in rows), retry.call(
-                        functools.partial(ctx.keystore.rewrap, old_ref, new_ref, wrapped),
-                        budget=ctx.policy.faults.hsm.budget(), what=f"rewrapping a sweep batch of {name}"), strict=True))
+                    pairs = list(
+                        zip(
+                            (r.id for r in rows),
+                            retry.call(
+                                functools.partial(ctx.keystore.rewrap, old_ref, new_ref, wrapped),
+                                budget=ctx.policy.faults.hsm.budget(),
+                                what=f"rewrapping a sweep batch of {name}",
+                            ),
+                            strict=True,
+                        )
+                    )
                 except DecryptionFailed:
                     pairs, bad = _rewrap_isolating_failures(ctx, old_ref, new_ref, rows)
                 del rows
@@ -583,8 +743,13 @@ def _sweep_version(ctx, writer, result: SweepResult, stats: dict, name: str, old
                     return "stale"
             if not pairs and not bad:
                 return "done"
-            future = writer.submit(_commit_batch_timed, sizer, ctx, name, old, new, [p[0] for p in pairs],
-                                   [p[1] for p in pairs]) if pairs else None
+            future = (
+                writer.submit(
+                    _commit_batch_timed, sizer, ctx, name, old, new, [p[0] for p in pairs], [p[1] for p in pairs]
+                )
+                if pairs
+                else None
+            )
             pending = (future, len(pairs), bad)
     finally:
         if pending is not None and pending[0] is not None:
@@ -594,11 +759,19 @@ def _sweep_version(ctx, writer, result: SweepResult, stats: dict, name: str, old
 def _left_to_sweep(ctx: KmsContext, result: SweepResult, key_name: str | None) -> int:
     """Live DEKs of swept keys on rotated/revoked versions in the result's shard range."""
     lo, hi = result.shard_range
-    q = (select(func.count()).select_from(Dek)
-         .join(Key, Key.name == Dek.key_name)
-         .join(KeyVersion, and_(KeyVersion.key_id == Key.id, KeyVersion.version == Dek.key_version))
-         .where(KeyVersion.state.in_([ROTATED, REVOKED]), Key.key_class.in_(SWEPT_CLASSES),
-                Dek.shredded_at.is_(None), Dek.shard >= lo, Dek.shard < hi))
+    q = (
+        select(func.count())
+        .select_from(Dek)
+        .join(Key, Key.name == Dek.key_name)
+        .join(KeyVersion, and_(KeyVersion.key_id == Key.id, KeyVersion.version == Dek.key_version))
+        .where(
+            KeyVersion.state.in_([ROTATED, REVOKED]),
+            Key.key_class.in_(SWEPT_CLASSES),
+            Dek.shredded_at.is_(None),
+            Dek.shard >= lo,
+            Dek.shard < hi,
+        )
+    )
     if key_name:
         q = q.where(Dek.key_name == key_name)
     with ctx.engine.connect() as conn:
@@ -606,12 +779,20 @@ def _left_to_sweep(ctx: KmsContext, result: SweepResult, key_name: str | None) -
 
 
 def _finish(ctx: KmsContext, result: SweepResult, key_name: str | None, started: float) -> SweepResult:
-    result.remaining = retry.db_call(ctx, lambda: _left_to_sweep(ctx, result, key_name),
-                                     what="counting DEKs left to sweep")
+    result.remaining = retry.db_call(
+        ctx, lambda: _left_to_sweep(ctx, result, key_name), what="counting DEKs left to sweep"
+    )
     result.seconds = time.perf_counter() - started
-    log.info("sweep shard %s/%d: moved %d DEK(s) in %d batch(es), %.1f/s; %d remaining, %d failed",
-             "all" if result.shard is None else result.shard, result.shards, result.moved, result.batches,
-             result.rate, result.remaining, result.failed)
+    log.info(
+        "sweep shard %s/%d: moved %d DEK(s) in %d batch(es), %.1f/s; %d remaining, %d failed",
+        "all" if result.shard is None else result.shard,
+        result.shards,
+        result.moved,
+        result.batches,
+        result.rate,
+        result.remaining,
+        result.failed,
+    )
     return result
 
 
@@ -620,8 +801,10 @@ def nightly_sweep(ctx: KmsContext) -> dict:
     """Nightly: sweep every data key (all shards in this process); fail loudly if DEKs remain."""
     result = sweep(ctx, **policy_batching(ctx))
     if result.remaining:
-        raise EnvelopeError(f"envelope sweep left {result.remaining} DEK(s) on retired or revoked versions "
-                            f"({result.failed} failed to unwrap)")
+        raise EnvelopeError(
+            f"envelope sweep left {result.remaining} DEK(s) on retired or revoked versions "
+            f"({result.failed} failed to unwrap)"
+        )
     return {"moved": result.moved, "remaining": result.remaining, "batches": result.batches}
 
 

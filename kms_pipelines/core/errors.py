@@ -4,12 +4,12 @@ from __future__ import annotations
 
 
 def known_errors() -> tuple[type[BaseException], ...]:
-    from .db import DatabaseError
-    from .keystore import KeyStoreError
+    from .foundation.db import DatabaseError
+    from .foundation.keystore import KeyStoreError
+    from .foundation.policy import PolicyError
+    from .foundation.retry import DependencyUnavailable
+    from .foundation.state import StateMissing
     from .lifecycle import LifecycleError
-    from .policy import PolicyError
-    from .retry import DependencyUnavailable
-    from .state import StateMissing
 
     errors: list[type[BaseException]] = [
         DatabaseError,
@@ -20,7 +20,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
         StateMissing,
     ]
     for module, name in (
-        ("kms_pipelines.core.objectstore", "ObjectStoreError"),
+        ("kms_pipelines.core.foundation.objectstore", "ObjectStoreError"),
         ("kms_pipelines.core.access", "AccessDenied"),
         ("kms_pipelines.core.envelope", "EnvelopeError"),
         ("kms_pipelines.core.rpt", "RptError"),
@@ -28,8 +28,8 @@ def known_errors() -> tuple[type[BaseException], ...]:
         ("kms_pipelines.core.escrow", "EscrowError"),
         ("kms_pipelines.core.events", "EventError"),
         ("kms_pipelines.core.vault", "VaultError"),
-        ("kms_pipelines.core.worker", "WorkerConfigError"),
-        ("kms_pipelines.core.limits", "InputError"),
+        ("kms_pipelines.core.foundation.worker", "WorkerConfigError"),
+        ("kms_pipelines.core.foundation.limits", "InputError"),
         ("kms_pipelines.core.ledger", "ChainOrderError"),
         ("kms_pipelines.core.audit", "AuditError"),
         ("kms_pipelines.core.simulate", "LiveStateError"),
@@ -46,7 +46,7 @@ def fault_line(exc: BaseException, command: str | None = None) -> str | None:
     """One line for a transient dependency fault that escaped every retried unit (a call
     path with no retry of its own), else None. Every command is safe to re-run after a
     fault: state changes commit whole or not at all (docs/architecture.md)."""
-    from .retry import classify
+    from .foundation.retry import classify
 
     fault = classify(exc)
     if fault is None:

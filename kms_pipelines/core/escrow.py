@@ -45,9 +45,9 @@ from typing import Mapping
 from sqlalchemy import select
 
 from . import lifecycle, nightly, notifications
-from .clock import utc
-from .context import KmsContext
-from .db.models_events import EscrowCustodian, EscrowDestruction, EscrowPackage, EscrowUnseal
+from .foundation.clock import utc
+from .foundation.context import KmsContext
+from .foundation.db.models_events import EscrowCustodian, EscrowDestruction, EscrowPackage, EscrowUnseal
 
 KEY_NAME = "break-glass"
 FORMAT = "kms-escrow/1"
@@ -79,15 +79,31 @@ def _audit(session, ctx: KmsContext, operation: str, target: str, outcome: str, 
         from . import audit
     except ImportError:
         return
-    audit.record(session, at=ctx.now(), operation=operation, actor=ctx.actor, target=target, outcome=outcome,
-                 detail={"note": detail} if detail else None)
+    audit.record(
+        session,
+        at=ctx.now(),
+        operation=operation,
+        actor=ctx.actor,
+        target=target,
+        outcome=outcome,
+        detail={"note": detail} if detail else None,
+    )
 
 
 # ---- custodians ---------------------------------------------------------------------------
 
-def enroll_custodian(ctx: KmsContext, name: str, *, recipient: str | None = None, replace: bool = False,
-                     actor: str | None = None, requested_by: str | None = None, totp: str | None = None,
-                     ticket: str | None = None) -> tuple[str, str | None]:
+
+def enroll_custodian(
+    ctx: KmsContext,
+    name: str,
+    *,
+    recipient: str | None = None,
+    replace: bool = False,
+    actor: str | None = None,
+    requested_by: str | None = None,
+    totp: str | None = None,
+    ticket: str | None = None,
+) -> tuple[str, str | None]:
     """Enroll a policy custodian. With ``recipient`` (their own ``age1…`` key) nothing secret is
     made here; without it a keypair is generated and its identity (``AGE-SECRET-KEY-…``) is
     returned once for the custodian to keep. Returns (recipient, identity or None).
@@ -114,11 +130,13 @@ def enroll_custodian(ctx: KmsContext, name: str, *, recipient: str | None = None
     _refuse_enrolled(ctx, name, replace)
     manual = (requested_by, totp, ticket) != (None, None, None)
     if not manual and (replace or not access.first_run(ctx)):
-        raise EscrowError(f"enrolling escrow custodian {name} is a manual operation under dual control: give "
-                          f"--ticket, --requested-by and --totp, after two other principals holding 'approve' and "
-                          f"'principals' ran `kms approve --operation {access.CUSTODIAN_OPERATION} --target "
-                          f"{_custodian_target(name, recipient)} …` (only the first custodians, before "
-                          f"`kms init --admin`, are enrolled without it)")
+        raise EscrowError(
+            f"enrolling escrow custodian {name} is a manual operation under dual control: give "
+            f"--ticket, --requested-by and --totp, after two other principals holding 'approve' and "
+            f"'principals' ran `kms approve --operation {access.CUSTODIAN_OPERATION} --target "
+            f"{_custodian_target(name, recipient)} …` (only the first custodians, before "
+            f"`kms init --admin`, are enrolled without it)"
+        )
     made: list[str] = []
 
     def apply(session, now, approvers, who):
@@ -137,16 +155,33 @@ def enroll_custodian(ctx: KmsContext, name: str, *, recipient: str | None = None
         session.flush()
         from . import audit
 
-        audit.record(session, at=now, operation="escrow.custodian.enroll", actor=who, target=name, outcome="ok",
-                     detail={"note": "replaced" if existing else "enrolled", "recipient": rcpt,
-                             **({"ticket": ticket, "approvers": approvers} if manual else {"first_run": True})})
+        audit.record(
+            session,
+            at=now,
+            operation="escrow.custodian.enroll",
+            actor=who,
+            target=name,
+            outcome="ok",
+            detail={
+                "note": "replaced" if existing else "enrolled",
+                "recipient": rcpt,
+                **({"ticket": ticket, "approvers": approvers} if manual else {"first_run": True}),
+            },
+        )
         made.insert(0, rcpt)
 
     if manual:
-        access._principal_change(ctx, access.CUSTODIAN_OPERATION, name, None, ticket=ticket or "",
-                                 requested_by=requested_by or "", totp=totp,
-                                 target=_custodian_target(name, recipient),
-                                 apply=lambda s, now, approvers: apply(s, now, approvers, requested_by))
+        access._principal_change(
+            ctx,
+            access.CUSTODIAN_OPERATION,
+            name,
+            None,
+            ticket=ticket or "",
+            requested_by=requested_by or "",
+            totp=totp,
+            target=_custodian_target(name, recipient),
+            apply=lambda s, now, approvers: apply(s, now, approvers, requested_by),
+        )
     else:
         with ctx.transaction() as session:
             if not access.first_run(ctx, session):  # the ceremony ran meanwhile
@@ -164,29 +199,37 @@ def _custodian_target(name: str, recipient: str | None) -> str:
 def _refuse_enrolled(ctx: KmsContext, name: str, replace: bool) -> None:
     with ctx.transaction() as session:
         if session.get(EscrowCustodian, name) is not None and not replace:
-            raise EscrowError(f"custodian {name!r} is already enrolled (use --replace to change their key; "
-                              f"the next package is sealed to the new key)")
+            raise EscrowError(
+                f"custodian {name!r} is already enrolled (use --replace to change their key; "
+                f"the next package is sealed to the new key)"
+            )
 
 
 def custodians(ctx: KmsContext) -> list[dict]:
     esc = escrow_policy(ctx)
     with ctx.transaction() as session:
         enrolled = {c.name: c for c in session.scalars(select(EscrowCustodian))}
-    return [{"name": n, "enrolled": n in enrolled,
-             "recipient": enrolled[n].recipient if n in enrolled else None,
-             "enrolled_at": utc(enrolled[n].enrolled_at) if n in enrolled else None} for n in esc.custodians]
+    return [
+        {
+            "name": n,
+            "enrolled": n in enrolled,
+            "recipient": enrolled[n].recipient if n in enrolled else None,
+            "enrolled_at": utc(enrolled[n].enrolled_at) if n in enrolled else None,
+        }
+        for n in esc.custodians
+    ]
 
 
 def _recipients(ctx: KmsContext) -> dict[str, str]:
     rows = custodians(ctx)
     missing = [r["name"] for r in rows if not r["enrolled"]]
     if missing:
-        raise EscrowError(f"custodians not enrolled: {', '.join(missing)} "
-                          f"(`kms escrow custodian add NAME --out FILE`)")
+        raise EscrowError(f"custodians not enrolled: {', '.join(missing)} (`kms escrow custodian add NAME --out FILE`)")
     return {r["name"]: r["recipient"] for r in rows}
 
 
 # ---- sealing --------------------------------------------------------------------------------
+
 
 @dataclass
 class PackageInfo:
@@ -211,22 +254,44 @@ class PackageInfo:
 
 
 def _pkg_info(session, p: EscrowPackage) -> PackageInfo:
-    confs = {d.custodian: utc(d.confirmed_at) for d in
-             session.scalars(select(EscrowDestruction).where(EscrowDestruction.package_id == p.id))}
-    return PackageInfo(p.id, p.key_name, p.key_version, utc(p.created_at),
-                       utc(p.superseded_at) if p.superseded_at else None, p.threshold, list(p.custodians),
-                       p.object_key, p.sha256, utc(p.erased_at) if p.erased_at else None, confs, p.reason)
+    confs = {
+        d.custodian: utc(d.confirmed_at)
+        for d in session.scalars(select(EscrowDestruction).where(EscrowDestruction.package_id == p.id))
+    }
+    return PackageInfo(
+        p.id,
+        p.key_name,
+        p.key_version,
+        utc(p.created_at),
+        utc(p.superseded_at) if p.superseded_at else None,
+        p.threshold,
+        list(p.custodians),
+        p.object_key,
+        p.sha256,
+        utc(p.erased_at) if p.erased_at else None,
+        confs,
+        p.reason,
+    )
 
 
 def _header(package_id: str, version: int, threshold: int, names: list[str]) -> bytes:
-    from .canonical import canonical_fast
+    from .foundation.canonical import canonical_fast
 
-    return canonical_fast({"format": FORMAT, "package_id": package_id, "key": KEY_NAME, "key_version": version,
-                           "threshold": threshold, "custodians": names})
+    return canonical_fast(
+        {
+            "format": FORMAT,
+            "package_id": package_id,
+            "key": KEY_NAME,
+            "key_version": version,
+            "threshold": threshold,
+            "custodians": names,
+        }
+    )
 
 
-def build_package(ctx: KmsContext, package_id: str, version: int, value: bytes, recipients: dict[str, str],
-                  threshold: int) -> bytes:
+def build_package(
+    ctx: KmsContext, package_id: str, version: int, value: bytes, recipients: dict[str, str], threshold: int
+) -> bytes:
     """The package JSON for one break-glass key value (no plaintext in it)."""
     import pyrage
     from Crypto.Protocol.SecretSharing import Shamir
@@ -240,16 +305,29 @@ def build_package(ctx: KmsContext, package_id: str, version: int, value: bytes, 
     shares = Shamir.split(threshold, len(names), kek)
     out = {}
     for name, (index, share) in zip(names, shares, strict=True):
-        plain = json.dumps({"format": SHARE_FORMAT, "package_id": package_id, "custodian": name, "index": index,
-                            "share": _b64(share)}, sort_keys=True).encode()
+        plain = json.dumps(
+            {"format": SHARE_FORMAT, "package_id": package_id, "custodian": name, "index": index, "share": _b64(share)},
+            sort_keys=True,
+        ).encode()
         ct = pyrage.encrypt(plain, [pyrage.x25519.Recipient.from_str(recipients[name])])
         out[name] = {"index": index, "recipient": recipients[name], "age": _b64(ct)}
     del kek, shares
-    doc = {"format": FORMAT, "package_id": package_id, "key": KEY_NAME, "key_version": version,
-           "created_at": ctx.now().isoformat(), "threshold": threshold, "custodians": names,
-           "scheme": {"split": "shamir-gf(2^128)/pycryptodome", "share_encryption": "age-x25519",
-                      "key_encryption": "aes-128-gcm, aad=canonical header"},
-           "sealed_key": _b64(sealed), "shares": out}
+    doc = {
+        "format": FORMAT,
+        "package_id": package_id,
+        "key": KEY_NAME,
+        "key_version": version,
+        "created_at": ctx.now().isoformat(),
+        "threshold": threshold,
+        "custodians": names,
+        "scheme": {
+            "split": "shamir-gf(2^128)/pycryptodome",
+            "share_encryption": "age-x25519",
+            "key_encryption": "aes-128-gcm, aad=canonical header",
+        },
+        "sealed_key": _b64(sealed),
+        "shares": out,
+    }
     return json.dumps(doc, indent=1, sort_keys=True).encode()
 
 
@@ -267,25 +345,46 @@ def seal(ctx: KmsContext, *, reason: str = "rotation", actor: str | None = None)
     object_key = f"{PREFIX}{package_id}.json"
     if ctx.objects is None:
         raise EscrowError("no object store configured for escrow packages")
-    info = ctx.objects.put(object_key, data, content_type="application/json",
-                           metadata={"kms-kind": "escrow-package", "kms-key-version": str(version)})
+    info = ctx.objects.put(
+        object_key,
+        data,
+        content_type="application/json",
+        metadata={"kms-kind": "escrow-package", "kms-key-version": str(version)},
+    )
     digest = info.sha256 or hashlib.sha256(data).hexdigest()
     try:
         with ctx.transaction() as session:
             now = ctx.now()
-            current = session.scalars(select(EscrowPackage).where(EscrowPackage.key_name == KEY_NAME,
-                                                                  EscrowPackage.superseded_at.is_(None))
-                                      .with_for_update()).first()
+            current = session.scalars(
+                select(EscrowPackage)
+                .where(EscrowPackage.key_name == KEY_NAME, EscrowPackage.superseded_at.is_(None))
+                .with_for_update()
+            ).first()
             if current is not None:
                 current.superseded_at = now
                 session.flush()
-            row = EscrowPackage(id=package_id, key_name=KEY_NAME, key_version=version, created_at=now,
-                                threshold=esc.threshold, custodians=list(recipients), object_key=object_key,
-                                sha256=digest, created_by=actor or ctx.actor, reason=reason[:200])
+            row = EscrowPackage(
+                id=package_id,
+                key_name=KEY_NAME,
+                key_version=version,
+                created_at=now,
+                threshold=esc.threshold,
+                custodians=list(recipients),
+                object_key=object_key,
+                sha256=digest,
+                created_by=actor or ctx.actor,
+                reason=reason[:200],
+            )
             session.add(row)
             session.flush()
-            _audit(session, ctx, "escrow.seal", package_id, "ok",
-                   f"break-glass v{version}; supersedes {current.id if current else 'nothing'}")
+            _audit(
+                session,
+                ctx,
+                "escrow.seal",
+                package_id,
+                "ok",
+                f"break-glass v{version}; supersedes {current.id if current else 'nothing'}",
+            )
             result = _pkg_info(session, row)
     except BaseException:
         try:
@@ -294,11 +393,18 @@ def seal(ctx: KmsContext, *, reason: str = "rotation", actor: str | None = None)
             pass
         raise
     notifications.notify_policy_event(
-        ctx, "escrow_sealed", f"Break-glass v{version} sealed ({esc.threshold} of {len(recipients)})",
+        ctx,
+        "escrow_sealed",
+        f"Break-glass v{version} sealed ({esc.threshold} of {len(recipients)})",
         f"Package {package_id} sealed for {', '.join(recipients)} ({reason}).\n"
-        + (f"Superseded package {current.id}: every custodian must confirm its destruction within "
-           f"{esc.destruction_confirm_days} days (`kms escrow confirm-destroyed`).\n" if current else ""),
-        ref=package_id)
+        + (
+            f"Superseded package {current.id}: every custodian must confirm its destruction within "
+            f"{esc.destruction_confirm_days} days (`kms escrow confirm-destroyed`).\n"
+            if current
+            else ""
+        ),
+        ref=package_id,
+    )
     return result
 
 
@@ -321,15 +427,18 @@ def manual_seal(ctx: KmsContext, *, principal: str, totp: str | None) -> Package
 
 def current_package(ctx: KmsContext) -> PackageInfo | None:
     with ctx.transaction() as session:
-        p = session.scalars(select(EscrowPackage).where(EscrowPackage.key_name == KEY_NAME,
-                                                        EscrowPackage.superseded_at.is_(None))).first()
+        p = session.scalars(
+            select(EscrowPackage).where(EscrowPackage.key_name == KEY_NAME, EscrowPackage.superseded_at.is_(None))
+        ).first()
         return _pkg_info(session, p) if p else None
 
 
 def packages(ctx: KmsContext) -> list[PackageInfo]:
     with ctx.transaction() as session:
-        return [_pkg_info(session, p) for p in
-                session.scalars(select(EscrowPackage).order_by(EscrowPackage.created_at, EscrowPackage.id))]
+        return [
+            _pkg_info(session, p)
+            for p in session.scalars(select(EscrowPackage).order_by(EscrowPackage.created_at, EscrowPackage.id))
+        ]
 
 
 def get_package(ctx: KmsContext, package_id: str) -> PackageInfo:
@@ -348,8 +457,12 @@ def ensure_sealed(ctx: KmsContext, *, reason: str = "rotation") -> dict:
     if cur is not None and cur.key_version == active:
         return {"sealed": False, "package_id": cur.package_id, "key_version": active}
     info = seal(ctx, reason=reason)
-    return {"sealed": True, "package_id": info.package_id, "key_version": active,
-            "superseded": cur.package_id if cur else None}
+    return {
+        "sealed": True,
+        "package_id": info.package_id,
+        "key_version": active,
+        "superseded": cur.package_id if cur else None,
+    }
 
 
 @nightly.nightly_step("escrow", order=30)
@@ -368,6 +481,7 @@ def nightly_escrow(ctx: KmsContext) -> dict:
 
 # ---- destruction confirmations ------------------------------------------------------------
 
+
 def _check_identity(session, custodian: str, identity: str) -> None:
     import pyrage
 
@@ -382,8 +496,9 @@ def _check_identity(session, custodian: str, identity: str) -> None:
         raise EscrowError(f"the identity given does not belong to custodian {custodian}")
 
 
-def confirm_destroyed(ctx: KmsContext, package_id: str, custodian: str, identity: str, *,
-                      actor: str | None = None) -> PackageInfo:
+def confirm_destroyed(
+    ctx: KmsContext, package_id: str, custodian: str, identity: str, *, actor: str | None = None
+) -> PackageInfo:
     """A custodian confirms their copy of a superseded package is destroyed (R4), proving
     who they are with their age identity. Idempotent per (package, custodian)."""
     with ctx.transaction() as session:
@@ -393,21 +508,26 @@ def confirm_destroyed(ctx: KmsContext, package_id: str, custodian: str, identity
         if custodian not in p.custodians:
             raise EscrowError(f"{custodian!r} is not a custodian of package {package_id}")
         if p.superseded_at is None:
-            raise EscrowError(f"package {package_id} is the current package; only superseded packages are "
-                              f"destroyed")
+            raise EscrowError(f"package {package_id} is the current package; only superseded packages are destroyed")
         _check_identity(session, custodian, identity)
-        existing = session.scalars(select(EscrowDestruction).where(
-            EscrowDestruction.package_id == package_id, EscrowDestruction.custodian == custodian)).first()
+        existing = session.scalars(
+            select(EscrowDestruction).where(
+                EscrowDestruction.package_id == package_id, EscrowDestruction.custodian == custodian
+            )
+        ).first()
         if existing is None:
-            session.add(EscrowDestruction(package_id=package_id, custodian=custodian, confirmed_at=ctx.now(),
-                                          confirmed_by=actor or custodian))
+            session.add(
+                EscrowDestruction(
+                    package_id=package_id, custodian=custodian, confirmed_at=ctx.now(), confirmed_by=actor or custodian
+                )
+            )
             session.flush()
             _audit(session, ctx, "escrow.confirm-destroyed", package_id, "ok", custodian)
         info = _pkg_info(session, p)
         all_confirmed = set(info.confirmations) >= set(p.custodians)
         erase = all_confirmed and p.erased_at is None
     if erase:  # every custodian destroyed theirs: delete our stored copy too
-        from .objectstore.base import ObjectNotFound
+        from .foundation.objectstore.base import ObjectNotFound
 
         try:
             ctx.objects.delete(info.object_key)
@@ -431,8 +551,15 @@ def destruction_overdue(ctx: KmsContext) -> list[dict]:
         due = p.superseded_at + timedelta(days=days)
         missing = [c for c in p.custodians if c not in p.confirmations]
         if missing and now >= due:
-            out.append({"package_id": p.package_id, "key_version": p.key_version,
-                        "superseded_at": p.superseded_at.isoformat(), "due": due.isoformat(), "missing": missing})
+            out.append(
+                {
+                    "package_id": p.package_id,
+                    "key_version": p.key_version,
+                    "superseded_at": p.superseded_at.isoformat(),
+                    "due": due.isoformat(),
+                    "missing": missing,
+                }
+            )
     return out
 
 
@@ -445,8 +572,9 @@ def current_problems(ctx: KmsContext) -> list[str]:
     if cur is None:
         problems.append("no current escrow package")
     elif active is None or cur.key_version != active.version:
-        problems.append(f"current package seals v{cur.key_version}, but the active version is "
-                        f"v{active.version if active else '-'}")
+        problems.append(
+            f"current package seals v{cur.key_version}, but the active version is v{active.version if active else '-'}"
+        )
     else:
         age = ctx.now() - cur.created_at
         days = ctx.policy.key_class(KEY_NAME).rotation_days
@@ -458,6 +586,7 @@ def current_problems(ctx: KmsContext) -> list[str]:
 
 
 # ---- unsealing ---------------------------------------------------------------------------
+
 
 @dataclass
 class UnsealResult:
@@ -472,7 +601,7 @@ class UnsealResult:
 
 
 def _load_doc(ctx: KmsContext, p: PackageInfo) -> dict:
-    from .objectstore.base import ObjectNotFound
+    from .foundation.objectstore.base import ObjectNotFound
 
     try:
         data = ctx.objects.get_bytes(p.object_key)
@@ -503,8 +632,12 @@ def _decrypt_share(doc: dict, name: str, given) -> tuple[int, bytes]:
         plain = text.encode()
     try:
         share = json.loads(plain)
-        ok = (share.get("format") == SHARE_FORMAT and share.get("package_id") == doc["package_id"]
-              and share.get("custodian") == name and int(share.get("index")) == int(entry["index"]))
+        ok = (
+            share.get("format") == SHARE_FORMAT
+            and share.get("package_id") == doc["package_id"]
+            and share.get("custodian") == name
+            and int(share.get("index")) == int(entry["index"])
+        )
         value = _unb64(share["share"])
     except Exception:  # noqa: BLE001
         raise EscrowError(f"the share given for {name} is not a share document of this package") from None
@@ -522,23 +655,34 @@ def recover(ctx: KmsContext, package_id: str, shares: Mapping[str, object]) -> t
     p = get_package(ctx, package_id)
     names = sorted(set(shares))
     if len(names) < p.threshold:
-        raise EscrowError(f"unseal needs {p.threshold} custodian shares of package {package_id}, got "
-                          f"{len(names)}; nothing was changed")
+        raise EscrowError(
+            f"unseal needs {p.threshold} custodian shares of package {package_id}, got "
+            f"{len(names)}; nothing was changed"
+        )
     doc = _load_doc(ctx, p)
     pieces = [_decrypt_share(doc, n, shares[n]) for n in names]
-    kek = Shamir.combine(pieces[:p.threshold] if len(pieces) > p.threshold else pieces)
+    kek = Shamir.combine(pieces[: p.threshold] if len(pieces) > p.threshold else pieces)
     sealed = _unb64(doc["sealed_key"])
     try:
-        value = AESGCM(kek).decrypt(sealed[:12], sealed[12:],
-                                    _header(p.package_id, p.key_version, p.threshold, list(doc["custodians"])))
+        value = AESGCM(kek).decrypt(
+            sealed[:12], sealed[12:], _header(p.package_id, p.key_version, p.threshold, list(doc["custodians"]))
+        )
     except InvalidTag:
-        raise EscrowError(f"the shares do not reconstruct the key of package {package_id} "
-                          f"(a share is wrong); nothing was changed") from None
+        raise EscrowError(
+            f"the shares do not reconstruct the key of package {package_id} (a share is wrong); nothing was changed"
+        ) from None
     return p, value, names
 
 
-def unseal(ctx: KmsContext, package_id: str, shares: Mapping[str, object], *, ticket: str, requester: str,
-           out_path: str | os.PathLike | None = None) -> UnsealResult:
+def unseal(
+    ctx: KmsContext,
+    package_id: str,
+    shares: Mapping[str, object],
+    *,
+    ticket: str,
+    requester: str,
+    out_path: str | os.PathLike | None = None,
+) -> UnsealResult:
     """Break glass: M shares + dual approval. Then import (if needed), notify, rotate, re-seal.
 
     With ``out_path`` the recovered key is also written there (mode 0600, refused if the
@@ -547,8 +691,9 @@ def unseal(ctx: KmsContext, package_id: str, shares: Mapping[str, object], *, ti
         raise EscrowError("unseal needs a change ticket and a requester (dual approval is bound to them)")
     p, value, used = recover(ctx, package_id, shares)
     if p.superseded_at is not None:
-        raise EscrowError(f"package {package_id} was superseded at {p.superseded_at.isoformat()}; "
-                          f"unseal the current package")
+        raise EscrowError(
+            f"package {package_id} was superseded at {p.superseded_at.isoformat()}; unseal the current package"
+        )
     if out_path is not None and Path(out_path).exists():
         raise EscrowError(f"{out_path} exists; refusing to overwrite it")
     try:
@@ -556,12 +701,30 @@ def unseal(ctx: KmsContext, package_id: str, shares: Mapping[str, object], *, ti
     except ImportError:
         raise EscrowError("unseal refused: dual approval (core.access) is not available") from None
     with ctx.transaction() as session:
-        approvers = list(access.consume_approvals(session, ctx, operation="break-glass", target=package_id,
-                                                  ticket=ticket, requester=requester))
-        session.add(EscrowUnseal(package_id=package_id, at=ctx.now(), requester=requester, ticket=ticket,
-                                 approvers=sorted(approvers), custodians=used, key_version=p.key_version))
-        _audit(session, ctx.as_actor(requester), "escrow.unseal", package_id, "ok",
-               f"break-glass v{p.key_version}; custodians {', '.join(used)}; ticket {ticket}")
+        approvers = list(
+            access.consume_approvals(
+                session, ctx, operation="break-glass", target=package_id, ticket=ticket, requester=requester
+            )
+        )
+        session.add(
+            EscrowUnseal(
+                package_id=package_id,
+                at=ctx.now(),
+                requester=requester,
+                ticket=ticket,
+                approvers=sorted(approvers),
+                custodians=used,
+                key_version=p.key_version,
+            )
+        )
+        _audit(
+            session,
+            ctx.as_actor(requester),
+            "escrow.unseal",
+            package_id,
+            "ok",
+            f"break-glass v{p.key_version}; custodians {', '.join(used)}; ticket {ticket}",
+        )
         key = lifecycle.get_key(session, KEY_NAME)
         ref = lifecycle.get_version(key, p.key_version).wrap_ref
     imported = False
@@ -574,13 +737,16 @@ def unseal(ctx: KmsContext, package_id: str, shares: Mapping[str, object], *, ti
             fh.write(value)
     del value
     notifications.notify_policy_event(
-        ctx, "escrow_unsealed", f"BREAK-GLASS unsealed: package {package_id} (v{p.key_version})",
+        ctx,
+        "escrow_unsealed",
+        f"BREAK-GLASS unsealed: package {package_id} (v{p.key_version})",
         f"Break-glass package {package_id} (key v{p.key_version}) was unsealed.\n"
         f"requested by: {requester}\napproved by: {', '.join(sorted(approvers))}\nticket: {ticket}\n"
         f"custodian shares used: {', '.join(used)}\n"
-        f"The break-glass key is rotated and re-sealed immediately.", ref=ticket)
-    r = lifecycle.rotate(ctx, KEY_NAME, actor=requester, reason="break-glass",
-                         approvers=approvers, ticket=ticket)
+        f"The break-glass key is rotated and re-sealed immediately.",
+        ref=ticket,
+    )
+    r = lifecycle.rotate(ctx, KEY_NAME, actor=requester, reason="break-glass", approvers=approvers, ticket=ticket)
     new_pkg = None
     try:
         new_pkg = seal(ctx, reason=f"rotation after break-glass use ({package_id})").package_id
@@ -591,9 +757,13 @@ def unseal(ctx: KmsContext, package_id: str, shares: Mapping[str, object], *, ti
 
 def status(ctx: KmsContext) -> dict:
     cur = current_package(ctx)
-    return {"current": cur.to_dict() if cur else None, "custodians": custodians(ctx),
-            "destruction_overdue": destruction_overdue(ctx), "problems": current_problems(ctx),
-            "packages": [p.to_dict() for p in packages(ctx)]}
+    return {
+        "current": cur.to_dict() if cur else None,
+        "custodians": custodians(ctx),
+        "destruction_overdue": destruction_overdue(ctx),
+        "problems": current_problems(ctx),
+        "packages": [p.to_dict() for p in packages(ctx)],
+    }
 
 
 @lifecycle.destroy_guard("escrow")
@@ -601,8 +771,9 @@ def _guard_current_package(session, ctx: KmsContext, key, version) -> str | None
     """The version sealed in the current escrow package is the break-glass of last resort."""
     if key.name != KEY_NAME:
         return None
-    cur = session.scalars(select(EscrowPackage).where(EscrowPackage.key_name == KEY_NAME,
-                                                      EscrowPackage.superseded_at.is_(None))).first()
+    cur = session.scalars(
+        select(EscrowPackage).where(EscrowPackage.key_name == KEY_NAME, EscrowPackage.superseded_at.is_(None))
+    ).first()
     if cur is not None and cur.key_version == version.version:
         return f"break-glass v{version.version} is sealed in the current escrow package {cur.id}"
     return None

@@ -27,8 +27,8 @@ from typing import Iterable
 from sqlalchemy import select
 
 from . import lifecycle
-from .context import KmsContext
-from .db.models_events import EVENT_NEW, EVENT_RESOLVED, EVENT_RESPONDING, SecurityEvent
+from .foundation.context import KmsContext
+from .foundation.db.models_events import EVENT_NEW, EVENT_RESOLVED, EVENT_RESPONDING, SecurityEvent
 
 EVENT_TYPES = ("compromise", "ci-secret-exposure", "tenant-rotation")
 STATUSES = (EVENT_NEW, EVENT_RESPONDING, EVENT_RESOLVED)
@@ -66,11 +66,24 @@ class EventInfo:
 
 
 def _info(e: SecurityEvent, duplicate_of: str | None = None) -> EventInfo:
-    from .clock import utc
+    from .foundation.clock import utc
 
-    return EventInfo(e.seq, e.id, e.type, e.key_name, e.key_version, e.source, e.detail, utc(e.reported_at),
-                     e.reported_by, e.status, e.response_run_id, utc(e.resolved_at) if e.resolved_at else None,
-                     e.response, duplicate_of)
+    return EventInfo(
+        e.seq,
+        e.id,
+        e.type,
+        e.key_name,
+        e.key_version,
+        e.source,
+        e.detail,
+        utc(e.reported_at),
+        e.reported_by,
+        e.status,
+        e.response_run_id,
+        utc(e.resolved_at) if e.resolved_at else None,
+        e.response,
+        duplicate_of,
+    )
 
 
 def _validate(ctx: KmsContext, type: str, key: str, source: str, detail: str) -> None:
@@ -86,18 +99,30 @@ def _validate(ctx: KmsContext, type: str, key: str, source: str, detail: str) ->
         raise EventError(str(exc)) from None
     kc = ctx.policy.key_class(lifecycle.key_class_of(key))
     if type != "compromise" and type not in kc.rotate_immediately_on:
-        raise EventError(f"{type} events apply to key classes whose policy rotates immediately on them "
-                         f"({lifecycle.key_class_of(key)} does not); report a compromise instead")
-    from .notify import find_key_material
+        raise EventError(
+            f"{type} events apply to key classes whose policy rotates immediately on them "
+            f"({lifecycle.key_class_of(key)} does not); report a compromise instead"
+        )
+    from .foundation.transports import find_key_material
 
     found = find_key_material(detail or "") or find_key_material(source)
     if found:
-        raise EventError(f"event text contains {found} that looks like key material or a token; "
-                         "describe the exposure without pasting the secret")
+        raise EventError(
+            f"event text contains {found} that looks like key material or a token; "
+            "describe the exposure without pasting the secret"
+        )
 
 
-def report(ctx: KmsContext, type: str, key: str, source: str, detail: str = "", *,
-           reported_by: str | None = None, dedupe: bool = True) -> EventInfo:
+def report(
+    ctx: KmsContext,
+    type: str,
+    key: str,
+    source: str,
+    detail: str = "",
+    *,
+    reported_by: str | None = None,
+    dedupe: bool = True,
+) -> EventInfo:
     """Record a security event. An open (new/responding) event of the same key and type
     reported within ``policy.events.duplicate_window_hours`` is returned instead of a new
     one (``duplicate_of`` set), so a CI system that retries does not cause two rotations."""
@@ -106,8 +131,9 @@ def report(ctx: KmsContext, type: str, key: str, source: str, detail: str = "", 
         return _create(session, ctx, type, key, source, detail or "", reported_by=reported_by, dedupe=dedupe)
 
 
-def report_by(ctx: KmsContext, type: str, key: str, source: str, detail: str = "", *, principal: str,
-              totp: str | None) -> EventInfo:
+def report_by(
+    ctx: KmsContext, type: str, key: str, source: str, detail: str = "", *, principal: str, totp: str | None
+) -> EventInfo:
     """``kms events report``: a human reports an event. The sensor answers it without further
     approval (R2), so the reporter proves themselves by TOTP and holds what the response does:
     ``revoke`` for a compromise (the reported version is revoked), ``rotate`` otherwise
@@ -124,8 +150,9 @@ def report_by(ctx: KmsContext, type: str, key: str, source: str, detail: str = "
     return report(ctx.as_actor(principal), type, key, source, detail, reported_by=principal)
 
 
-def _create(session, ctx: KmsContext, type: str, key: str, source: str, detail: str, *,
-            reported_by: str | None, dedupe: bool) -> EventInfo:
+def _create(
+    session, ctx: KmsContext, type: str, key: str, source: str, detail: str, *, reported_by: str | None, dedupe: bool
+) -> EventInfo:
     now = ctx.now()
     k = lifecycle.get_key(session, key, lock=True)  # unknown key -> LifecycleError (one line)
     active = lifecycle.active_version(k)
@@ -134,15 +161,29 @@ def _create(session, ctx: KmsContext, type: str, key: str, source: str, detail: 
     if dedupe:
         since = now - timedelta(hours=ctx.policy.events.duplicate_window_hours)
         open_event = session.scalars(
-            select(SecurityEvent).where(SecurityEvent.key_name == key, SecurityEvent.type == type,
-                                        SecurityEvent.status.in_((EVENT_NEW, EVENT_RESPONDING)),
-                                        SecurityEvent.reported_at >= since)
-            .order_by(SecurityEvent.seq).limit(1)).first()
+            select(SecurityEvent)
+            .where(
+                SecurityEvent.key_name == key,
+                SecurityEvent.type == type,
+                SecurityEvent.status.in_((EVENT_NEW, EVENT_RESPONDING)),
+                SecurityEvent.reported_at >= since,
+            )
+            .order_by(SecurityEvent.seq)
+            .limit(1)
+        ).first()
         if open_event is not None:
             return _info(open_event, duplicate_of=open_event.id)
-    event = SecurityEvent(id=uuid.uuid4().hex, type=type, key_name=key, key_version=active.version,
-                          source=source.strip(), detail=detail, reported_at=now,
-                          reported_by=reported_by or ctx.actor, status=EVENT_NEW)
+    event = SecurityEvent(
+        id=uuid.uuid4().hex,
+        type=type,
+        key_name=key,
+        key_version=active.version,
+        source=source.strip(),
+        detail=detail,
+        reported_at=now,
+        reported_by=reported_by or ctx.actor,
+        status=EVENT_NEW,
+    )
     session.add(event)
     session.flush()
     _audit(session, ctx, "security-event.report", key, "ok", f"{type} event {event.id} from {source.strip()}")
@@ -155,8 +196,15 @@ def _audit(session, ctx: KmsContext, operation: str, target: str, outcome: str, 
         from . import audit
     except ImportError:
         return
-    audit.record(session, at=ctx.now(), operation=operation, actor=ctx.actor, target=target, outcome=outcome,
-                 detail={"note": detail} if detail else None)
+    audit.record(
+        session,
+        at=ctx.now(),
+        operation=operation,
+        actor=ctx.actor,
+        target=target,
+        outcome=outcome,
+        detail={"note": detail} if detail else None,
+    )
 
 
 def get(ctx: KmsContext, event_id: str) -> EventInfo:
@@ -174,8 +222,14 @@ def _load(session, event_id: str, *, lock: bool = False) -> SecurityEvent:
     return e
 
 
-def list_events(ctx: KmsContext, *, status: str | Iterable[str] | None = None, after_seq: int = 0,
-                limit: int | None = None, key: str | None = None) -> list[EventInfo]:
+def list_events(
+    ctx: KmsContext,
+    *,
+    status: str | Iterable[str] | None = None,
+    after_seq: int = 0,
+    limit: int | None = None,
+    key: str | None = None,
+) -> list[EventInfo]:
     q = select(SecurityEvent).where(SecurityEvent.seq > after_seq)
     if status is not None:
         statuses = [status] if isinstance(status, str) else list(status)
@@ -213,6 +267,7 @@ def mark_resolved(ctx: KmsContext, event_id: str, response: dict) -> EventInfo:
 
 
 # ---- HTTP intake for CI systems ----------------------------------------------------------
+
 
 def intake_token_ok(presented: str | None, expected: str) -> bool:
     import hmac
@@ -261,8 +316,13 @@ def make_intake_server(ctx: KmsContext, token: str, host: str = "127.0.0.1", por
                 unknown = set(data) - {"type", "key", "source", "detail"}
                 if unknown:
                     raise ValueError(f"unknown fields {sorted(unknown)}")
-                info = report(ctx.as_actor(f"intake:{data.get('source', '?')}"[:200]), str(data.get("type", "")),
-                              str(data.get("key", "")), str(data.get("source", "")), str(data.get("detail", "")))
+                info = report(
+                    ctx.as_actor(f"intake:{data.get('source', '?')}"[:200]),
+                    str(data.get("type", "")),
+                    str(data.get("key", "")),
+                    str(data.get("source", "")),
+                    str(data.get("detail", "")),
+                )
             except (ValueError, lifecycle.LifecycleError) as exc:
                 return self._reply(400, {"error": str(exc)})
             return self._reply(200 if info.duplicate_of else 201, info.to_dict())

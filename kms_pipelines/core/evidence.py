@@ -40,10 +40,10 @@ import zstandard
 from sqlalchemy import select
 
 from . import checkpoints, ledger, manifest, rpt
-from .clock import parse_time
-from .context import KmsContext
-from .db.models import PENDING, Key, KeyVersion
-from .keystore import fingerprint as key_fingerprint
+from .foundation.clock import parse_time
+from .foundation.context import KmsContext
+from .foundation.db.models import PENDING, Key, KeyVersion
+from .foundation.keystore import fingerprint as key_fingerprint
 from .rpt import RootKey, RptError
 
 FORMAT = "kms-evidence/2"
@@ -98,8 +98,12 @@ class _Writer:
         self.counts[record["t"]] += 1
 
     def seal_extra(self) -> dict:
-        return {"bundle_format": FORMAT, "content_sha256": self.content.hexdigest(), "records": self.records,
-                "counts": dict(self.counts)}
+        return {
+            "bundle_format": FORMAT,
+            "content_sha256": self.content.hexdigest(),
+            "records": self.records,
+            "counts": dict(self.counts),
+        }
 
 
 def export(ctx: KmsContext, out: str | os.PathLike) -> ExportReport:
@@ -121,21 +125,36 @@ def export(ctx: KmsContext, out: str | os.PathLike) -> ExportReport:
             manifest.publish_pending(ctx)
         except manifest.ManifestError as exc:
             problem = f"root manifests could not be published: {exc}"
-    with open(tmp, "wb") as raw, \
-            zstandard.ZstdCompressor(level=6, write_checksum=True).stream_writer(raw) as fh:
+    with open(tmp, "wb") as raw, zstandard.ZstdCompressor(level=6, write_checksum=True).stream_writer(raw) as fh:
         line = _Writer(fh)
-        line({"t": "bundle", "format": FORMAT, "exported_at": ledger.format_time(ctx.now()),
-              "source": ctx.engine.url.render_as_string(hide_password=True)})
+        line(
+            {
+                "t": "bundle",
+                "format": FORMAT,
+                "exported_at": ledger.format_time(ctx.now()),
+                "source": ctx.engine.url.render_as_string(hide_password=True),
+            }
+        )
         isolation = {"isolation_level": "REPEATABLE READ"} if ctx.engine.dialect.name == "postgresql" else {}
         with ctx.engine.connect().execution_options(**isolation) as conn, conn.begin():
             keys = {}
             for version, public_key, fp, state in conn.execute(
-                    select(KeyVersion.version, KeyVersion.public_key, KeyVersion.fingerprint, KeyVersion.state)
-                    .join(Key, Key.id == KeyVersion.key_id).where(Key.name == rpt.ROOT).order_by(KeyVersion.version)):
+                select(KeyVersion.version, KeyVersion.public_key, KeyVersion.fingerprint, KeyVersion.state)
+                .join(Key, Key.id == KeyVersion.key_id)
+                .where(Key.name == rpt.ROOT)
+                .order_by(KeyVersion.version)
+            ):
                 if public_key is None or state == PENDING:
                     continue  # a pending root has signed nothing and has no manifest yet
-                line({"t": "root_key", "version": version, "public_key": rpt.b64url(bytes(public_key)),
-                      "fingerprint": fp, "state": state})
+                line(
+                    {
+                        "t": "root_key",
+                        "version": version,
+                        "public_key": rpt.b64url(bytes(public_key)),
+                        "fingerprint": fp,
+                        "state": state,
+                    }
+                )
                 keys[rpt.make_kid(version, fp)] = RootKey(version, bytes(public_key), fp)
             keys = rpt.key_map(keys.values())
             cps = []
@@ -171,21 +190,40 @@ def export(ctx: KmsContext, out: str | os.PathLike) -> ExportReport:
         problem = problem or result.problem
         sealed = False
         if problem is None:
-            doc, signature = checkpoints.sign_document(ctx, result.ledger_size, result.ledger_head_hash,
-                                                       result.rpt_size, result.rpt_head_hash, ctx.now(),
-                                                       extra=line.seal_extra())
+            doc, signature = checkpoints.sign_document(
+                ctx,
+                result.ledger_size,
+                result.ledger_head_hash,
+                result.rpt_size,
+                result.rpt_head_hash,
+                ctx.now(),
+                extra=line.seal_extra(),
+            )
             fh.write(encode_record({"t": "seal", "data": _encode_seal(doc, signature)}))
             sealed = True
         fh.write(encode_record({"t": "end", "counts": line.counts}))
     os.replace(tmp, out)
     c = line.counts
-    return ExportReport(str(out), c["L"], c["R"], c["checkpoint"], c["manifest"], c["root_key"], sealed,
-                        problem is None, problem, out.stat().st_size)
+    return ExportReport(
+        str(out),
+        c["L"],
+        c["R"],
+        c["checkpoint"],
+        c["manifest"],
+        c["root_key"],
+        sealed,
+        problem is None,
+        problem,
+        out.stat().st_size,
+    )
 
 
 def _encode_seal(doc: dict, signature: bytes) -> str:
-    return json.dumps({"format": SEAL_FORMAT, "document": doc, "signature": rpt.b64url(signature)},
-                      separators=(",", ":"), sort_keys=True)
+    return json.dumps(
+        {"format": SEAL_FORMAT, "document": doc, "signature": rpt.b64url(signature)},
+        separators=(",", ":"),
+        sort_keys=True,
+    )
 
 
 _SEAL_EXTRA = {"bundle_format", "content_sha256", "records", "counts"}
@@ -198,8 +236,12 @@ def _parse_seal(text: str) -> checkpoints.Seal:
         if obj.get("format") != SEAL_FORMAT or set(doc) != set(checkpoints.FIELDS) | _SEAL_EXTRA:
             raise ValueError("unexpected fields")
         extra = {k: doc.pop(k) for k in _SEAL_EXTRA}
-        if extra["bundle_format"] != FORMAT or not isinstance(extra["records"], list) \
-                or not isinstance(extra["counts"], dict) or set(extra["counts"]) != set(KINDS):
+        if (
+            extra["bundle_format"] != FORMAT
+            or not isinstance(extra["records"], list)
+            or not isinstance(extra["counts"], dict)
+            or set(extra["counts"]) != set(KINDS)
+        ):
             raise ValueError("unexpected seal contents")
         seal = checkpoints.Seal("the evidence seal", **doc, signature=obj["signature"], extra=extra)
         if not all(type(getattr(seal, f)) is int for f in ("ledger_size", "rpt_size")):
@@ -211,6 +253,7 @@ def _parse_seal(text: str) -> checkpoints.Seal:
 
 
 # ---- offline verification -----------------------------------------------------------------
+
 
 @dataclass
 class BundleResult:
@@ -255,8 +298,10 @@ class _Reader:
             if not isinstance(rec, dict) or rec.get("t") not in (*KINDS, "seal", "end"):
                 raise RptError(f"evidence bundle line {self.line} is not a bundle record")
             if raw != encode_record(rec):
-                raise RptError(f"evidence bundle line {self.line} ({rec['t']} record) is not in the bundle's "
-                               f"encoding (re-written by hand)")
+                raise RptError(
+                    f"evidence bundle line {self.line} ({rec['t']} record) is not in the bundle's "
+                    f"encoding (re-written by hand)"
+                )
             if rec["t"] not in ("seal", "end"):
                 self.content.update(raw)
             self._peeked = (rec, raw)
@@ -333,8 +378,9 @@ def verify_bundle(path: str | os.PathLike, *, trusted_fingerprints: list[str] | 
                 meta.append((rec, raw))
                 k = RootKey(int(rec["version"]), rpt.b64url_decode(rec["public_key"]), rec["fingerprint"])
                 if key_fingerprint(k.public_key) != k.fingerprint:
-                    return bad("keys", f"root_key v{k.version} (line {reader.line}): public key does not match "
-                                       f"its fingerprint")
+                    return bad(
+                        "keys", f"root_key v{k.version} (line {reader.line}): public key does not match its fingerprint"
+                    )
                 all_keys.append(k)
                 res.root_keys.append({"version": k.version, "fingerprint": k.fingerprint, "state": rec.get("state")})
             docs = {}
@@ -364,21 +410,30 @@ def verify_bundle(path: str | os.PathLike, *, trusted_fingerprints: list[str] | 
             res.anchors = sorted(anchors)
             for fp in trusted_fingerprints or []:
                 if not any(d["fingerprint"] == fp for d in docs.values()):
-                    return bad("keys", f"trusted fingerprint {fp[:23]}… is not the fingerprint of any root manifest "
-                                       f"in the bundle")
+                    return bad(
+                        "keys",
+                        f"trusted fingerprint {fp[:23]}… is not the fingerprint of any root manifest in the bundle",
+                    )
             reached = manifest.reached_from(list(docs.values()), anchors)
             refused = {}
             for k in all_keys:
                 doc = docs.get(k.version)
                 if doc is None:
-                    return bad("manifest", f"root_key v{k.version}: the bundle holds no manifest of root v{k.version} "
-                                           f"(root manifests missing), so it cannot be traced to a pinned root")
+                    return bad(
+                        "manifest",
+                        f"root_key v{k.version}: the bundle holds no manifest of root v{k.version} "
+                        f"(root manifests missing), so it cannot be traced to a pinned root",
+                    )
                 if doc["fingerprint"] != k.fingerprint or base64.b64decode(doc["public_key"]) != k.public_key:
-                    return bad("manifest", f"root_key v{k.version}: its public key differs from manifest "
-                                           f"{manifest.object_key(k.version)}")
+                    return bad(
+                        "manifest",
+                        f"root_key v{k.version}: its public key differs from manifest {manifest.object_key(k.version)}",
+                    )
                 if k.version not in reached:
-                    refused[k.kid] = (f"signed by root v{k.version} ({k.fingerprint[:23]}…), which is not the pinned "
-                                      f"root nor reached from it by old-signs-new root manifests")
+                    refused[k.kid] = (
+                        f"signed by root v{k.version} ({k.fingerprint[:23]}…), which is not the pinned "
+                        f"root nor reached from it by old-signs-new root manifests"
+                    )
             keys = rpt.key_map(all_keys)
 
             # 2. the seal: signed by a reached key, over exactly these records
@@ -389,15 +444,21 @@ def verify_bundle(path: str | os.PathLike, *, trusted_fingerprints: list[str] | 
                     return bad("seal", f"the evidence seal: {refused[seal.kid]}")
                 problem = checkpoints.signature_problem(seal, keys)
                 if problem:
-                    return bad("seal", problem.replace("checkpoint the evidence seal", "the evidence seal")
-                               .replace("checkpoint altered", "seal altered"))
+                    return bad(
+                        "seal",
+                        problem.replace("checkpoint the evidence seal", "the evidence seal").replace(
+                            "checkpoint altered", "seal altered"
+                        ),
+                    )
                 listed = seal.extra["records"]
                 for i, (rec, raw) in enumerate(meta):
                     entry = [rec["t"], _label(rec), hashlib.sha256(raw).hexdigest()]
                     if i >= len(listed) or listed[i] != entry:
-                        return bad(rec["t"] if rec["t"] != "bundle" else "bundle",
-                                   f"{rec['t']} record {entry[1]} (line {i + 1}) is not the record the seal signed "
-                                   f"(added, altered or reordered)")
+                        return bad(
+                            rec["t"] if rec["t"] != "bundle" else "bundle",
+                            f"{rec['t']} record {entry[1]} (line {i + 1}) is not the record the seal signed "
+                            f"(added, altered or reordered)",
+                        )
                 if len(listed) > len(meta):
                     kind, label, _ = listed[len(meta)]
                     return bad(kind, f"{kind} record {label} that the seal signed is missing from the bundle")
@@ -420,8 +481,9 @@ def verify_bundle(path: str | os.PathLike, *, trusted_fingerprints: list[str] | 
                     res.rpts += 1
                     yield rec["s"], rec["k"]
 
-            result = checkpoints.verify_streams(cps, keys, ledger_rows(), rpt_rows(), rpt_signatures=True,
-                                                seal=seal, refused=refused)
+            result = checkpoints.verify_streams(
+                cps, keys, ledger_rows(), rpt_rows(), rpt_signatures=True, seal=seal, refused=refused
+            )
             if not result.ok:
                 return bad(result.area, result.problem, result.first_bad_seq)
             for _ in rpt_rows():
@@ -437,12 +499,20 @@ def verify_bundle(path: str | os.PathLike, *, trusted_fingerprints: list[str] | 
             if reader.take() is not None:
                 return bad("bundle", f"records after the end record (line {end_line}): bytes appended to the bundle")
             counts = item[0].get("counts", {})
-            held = {"bundle": 1, "root_key": len(all_keys), "manifest": res.manifests, "checkpoint": len(cps),
-                    "L": res.ledger_entries, "R": res.rpts}
+            held = {
+                "bundle": 1,
+                "root_key": len(all_keys),
+                "manifest": res.manifests,
+                "checkpoint": len(cps),
+                "L": res.ledger_entries,
+                "R": res.rpts,
+            }
             if counts != held:
                 diff = next(k for k in KINDS if counts.get(k) != held[k])
-                return bad("bundle", f"the end record counts {counts.get(diff)} {diff} record(s), "
-                                     f"the bundle holds {held[diff]}")
+                return bad(
+                    "bundle",
+                    f"the end record counts {counts.get(diff)} {diff} record(s), the bundle holds {held[diff]}",
+                )
             if seal is None:
                 return bad("bundle", "the bundle is not sealed: the live state failed verification at export")
             if seal.extra["counts"] != held:

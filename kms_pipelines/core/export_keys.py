@@ -18,11 +18,11 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select, update
 
 from . import lifecycle, nightly
-from .clock import utc
-from .context import KmsContext
-from .db.models import ACTIVE, DESTROYED, Key
-from .db.models_envelope import Dek
 from .envelope import EnvelopeError, deks_on
+from .foundation.clock import utc
+from .foundation.context import KmsContext
+from .foundation.db.models import ACTIVE, DESTROYED, Key
+from .foundation.db.models_envelope import Dek
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,9 @@ class ExportKey:
 
 def key_name_for(export_id: str) -> str:
     if not isinstance(export_id, str) or not _EXPORT_ID.match(export_id):
-        raise EnvelopeError(f"invalid export id {export_id!r}: 1-100 of letters, digits and . _ @ -, "
-                            f"starting with a letter or digit")
+        raise EnvelopeError(
+            f"invalid export id {export_id!r}: 1-100 of letters, digits and . _ @ -, starting with a letter or digit"
+        )
     return f"export:{export_id}"
 
 
@@ -52,8 +53,13 @@ def create(ctx: KmsContext, export_id: str, ttl_days: int | None = None, *, acto
     ttl = ttl_days if ttl_days is not None else ctx.policy.key_class("export").default_ttl_days
     if ttl is None or ttl <= 0:
         raise EnvelopeError(f"ttl_days must be a positive number of days, got {ttl_days!r}")
-    result = lifecycle.ensure_key(ctx, name, actor=actor or ctx.actor, expires_at=ctx.now() + timedelta(days=ttl),
-                                  attributes={"export_id": export_id, "ttl_days": ttl})
+    result = lifecycle.ensure_key(
+        ctx,
+        name,
+        actor=actor or ctx.actor,
+        expires_at=ctx.now() + timedelta(days=ttl),
+        attributes={"export_id": export_id, "ttl_days": ttl},
+    )
     return ExportKey(name, export_id, expires_at(ctx, name), result.rotated)
 
 
@@ -91,8 +97,15 @@ def due(ctx: KmsContext, key_name: str | None = None) -> list[DueExport]:
             rotate_needed = active is not None and active.expires_at is not None
             to_destroy = [v.version for v in key.versions if v.state not in (ACTIVE, DESTROYED)]
             destroyed = [v.version for v in key.versions if v.state == DESTROYED]
-            unshredded = session.scalar(select(func.count()).select_from(Dek).where(
-                Dek.key_name == key.name, Dek.key_version.in_(destroyed), Dek.shredded_at.is_(None))) if destroyed else 0
+            unshredded = (
+                session.scalar(
+                    select(func.count())
+                    .select_from(Dek)
+                    .where(Dek.key_name == key.name, Dek.key_version.in_(destroyed), Dek.shredded_at.is_(None))
+                )
+                if destroyed
+                else 0
+            )
             if rotate_needed or to_destroy or unshredded:
                 out.append(DueExport(key.name, min(times), to_destroy, rotate_needed, int(unshredded or 0)))
     return out
@@ -123,12 +136,17 @@ def expire_due(ctx: KmsContext, key_name: str | None = None, *, actor: str = "ex
                 res.rotated_to = r.new_version
         with ctx.transaction() as session:
             key = lifecycle.get_key(session, item.key)
-            targets = [(v.version, deks_on(session, key.name, v.version)) for v in key.versions
-                       if v.state not in (ACTIVE, DESTROYED)]
+            targets = [
+                (v.version, deks_on(session, key.name, v.version))
+                for v in key.versions
+                if v.state not in (ACTIVE, DESTROYED)
+            ]
         for version, live in targets:
-            reason = (f"export {item.key.split(':', 1)[1]} expired at {item.expired_at.isoformat()}: "
-                      f"crypto-shredding its {live} DEK(s) (R3); destroy guard '{SHRED_GUARD}' skipped on purpose, "
-                      f"shredding the export's data is the point of export expiry")
+            reason = (
+                f"export {item.key.split(':', 1)[1]} expired at {item.expired_at.isoformat()}: "
+                f"crypto-shredding its {live} DEK(s) (R3); destroy guard '{SHRED_GUARD}' skipped on purpose, "
+                f"shredding the export's data is the point of export expiry"
+            )
             try:
                 lifecycle.destroy(ctx, item.key, version, actor=actor, reason=reason, skip_guards=(SHRED_GUARD,))
                 res.destroyed.append(version)
@@ -148,14 +166,19 @@ def _mark_shredded(ctx: KmsContext, key_name: str) -> int:
         if not destroyed:
             return 0
         t = Dek.__table__
-        result = session.execute(update(t).where(t.c.key_name == key_name, t.c.key_version.in_(destroyed),
-                                                 t.c.shredded_at.is_(None))
-                                 .values(wrapped=None, shredded_at=now))
+        result = session.execute(
+            update(t)
+            .where(t.c.key_name == key_name, t.c.key_version.in_(destroyed), t.c.shredded_at.is_(None))
+            .values(wrapped=None, shredded_at=now)
+        )
         return result.rowcount or 0
 
 
 @nightly.nightly_step("export_expiry", order=21)
 def nightly_export_expiry(ctx: KmsContext) -> dict:
     results = expire_due(ctx)
-    return {"expired": [r.key for r in results], "shredded_deks": sum(r.shredded_deks for r in results),
-            "refused": {r.key: r.refused for r in results if r.refused}}
+    return {
+        "expired": [r.key for r in results],
+        "shredded_deks": sum(r.shredded_deks for r in results),
+        "refused": {r.key: r.refused for r in results if r.refused},
+    }

@@ -20,17 +20,18 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from . import audit, lifecycle
-from .canonical import canonical_bytes
-from .context import KmsContext
-from .db.models import DESTROYED
-from .db.models_vault import ARCHIVED, ArchiveCopy, ForensicRetrieval
-from .keystore import KeyNotFound, verify_signature
-from .keystore import fingerprint as fingerprint_of
+from .foundation.canonical import canonical_bytes
+from .foundation.context import KmsContext
+from .foundation.db.models import DESTROYED
+from .foundation.db.models_vault import ARCHIVED, ArchiveCopy, ForensicRetrieval
+from .foundation.keystore import KeyNotFound, verify_signature
+from .foundation.keystore import fingerprint as fingerprint_of
 from .vault import KEK_KEY, RETRIEVE_OPERATION, VaultError, b64text, stamp, target_for, verify_copy
 
 # ---- retrieval under dual control -------------------------------------------------------
 # The two functions below are the only calls into the access area's permission and approval API
 # (identity work may re-point them); elsewhere this module only names access.AccessDenied.
+
 
 def _require_retrieval(ctx: KmsContext, requester: str, target: str, ticket: str) -> None:
     """Refuse unless the requester holds the permission and the approvals are complete
@@ -41,23 +42,33 @@ def _require_retrieval(ctx: KmsContext, requester: str, target: str, ticket: str
     access.request_approval(ctx, operation=RETRIEVE_OPERATION, target=target, ticket=ticket, requester=requester)
     with ctx.transaction() as s:
         try:
-            access.check_approvals(s, ctx, operation=RETRIEVE_OPERATION, target=target, ticket=ticket,
-                                   requester=requester)
+            access.check_approvals(
+                s, ctx, operation=RETRIEVE_OPERATION, target=target, ticket=ticket, requester=requester
+            )
             denied = None
         except access.AccessDenied as exc:
             denied = exc
     if denied is not None:
-        audit.emit(ctx, at=ctx.now(), operation=RETRIEVE_OPERATION, actor=requester, target_ref=target,
-                   outcome="denied", detail={"reason": denied.reason, "ticket": ticket, "manual": True,
-                                             "problem": str(denied)})
+        audit.emit(
+            ctx,
+            at=ctx.now(),
+            operation=RETRIEVE_OPERATION,
+            actor=requester,
+            target_ref=target,
+            outcome="denied",
+            detail={"reason": denied.reason, "ticket": ticket, "manual": True, "problem": str(denied)},
+        )
         raise denied
 
 
 def _consume_retrieval(session: Session, ctx: KmsContext, requester: str, target: str, ticket: str) -> list[str]:
     from . import access
 
-    return list(access.consume_approvals(session, ctx, operation=RETRIEVE_OPERATION, target=target, ticket=ticket,
-                                         requester=requester))
+    return list(
+        access.consume_approvals(
+            session, ctx, operation=RETRIEVE_OPERATION, target=target, ticket=ticket, requester=requester
+        )
+    )
 
 
 @dataclass
@@ -80,17 +91,21 @@ class Retrieval:
         return d
 
 
-def retrieve(ctx: KmsContext, key_name: str, version: int, *, ticket: str, requested_by: str,
-             purpose: str = "investigation") -> Retrieval:
+def retrieve(
+    ctx: KmsContext, key_name: str, version: int, *, ticket: str, requested_by: str, purpose: str = "investigation"
+) -> Retrieval:
     """Import an archived version into the forensic keystore, under dual control."""
     lifecycle.validate_key_name(ctx, key_name)
     target = target_for(key_name, version)
     with ctx.transaction() as session:
-        row = session.scalars(select(ArchiveCopy).where(ArchiveCopy.key_name == key_name,
-                                                        ArchiveCopy.key_version == version)).first()
+        row = session.scalars(
+            select(ArchiveCopy).where(ArchiveCopy.key_name == key_name, ArchiveCopy.key_version == version)
+        ).first()
         if row is None or row.status != ARCHIVED:
-            raise VaultError(f"no archive copy of {target} in the vault"
-                             + (f" (status {row.status})" if row is not None else "; see `kms archive list`"))
+            raise VaultError(
+                f"no archive copy of {target} in the vault"
+                + (f" (status {row.status})" if row is not None else "; see `kms archive list`")
+            )
         problems = verify_copy(ctx, row, session)
         if problems:
             raise VaultError(f"refusing to retrieve {target}: " + "; ".join(problems))
@@ -114,17 +129,46 @@ def retrieve(ctx: KmsContext, key_name: str, version: int, *, ticket: str, reque
             wrapped_key = _open(ctx, kek_ref, doc)
             ctx.keystore.forensic_unwrap(kek_ref, wrapped_key, ref)
             imported = True
-            r = ForensicRetrieval(key_name=key_name, key_version=version, ticket=ticket, requester=requested_by,
-                                  approvers=json.dumps(approvers), refs=json.dumps([ref]), retrieved_at=now,
-                                  expires_at=now + ttl, purpose=purpose)
+            r = ForensicRetrieval(
+                key_name=key_name,
+                key_version=version,
+                ticket=ticket,
+                requester=requested_by,
+                approvers=json.dumps(approvers),
+                refs=json.dumps([ref]),
+                retrieved_at=now,
+                expires_at=now + ttl,
+                purpose=purpose,
+            )
             session.add(r)
             session.flush()
-            audit.record(session, at=now, operation=RETRIEVE_OPERATION, actor=requested_by, target=target,
-                         outcome="ok", detail={"ticket": ticket, "approvers": approvers, "forensic_ref": ref,
-                                               "expires_at": stamp(now + ttl), "purpose": purpose})
-            result = Retrieval(r.id, key_name, version, ticket, requested_by, approvers, [ref], now + ttl,
-                               header.get("fingerprint"),
-                               base64.b64decode(header["public_key"]) if header.get("public_key") else None)
+            audit.record(
+                session,
+                at=now,
+                operation=RETRIEVE_OPERATION,
+                actor=requested_by,
+                target=target,
+                outcome="ok",
+                detail={
+                    "ticket": ticket,
+                    "approvers": approvers,
+                    "forensic_ref": ref,
+                    "expires_at": stamp(now + ttl),
+                    "purpose": purpose,
+                },
+            )
+            result = Retrieval(
+                r.id,
+                key_name,
+                version,
+                ticket,
+                requested_by,
+                approvers,
+                [ref],
+                now + ttl,
+                header.get("fingerprint"),
+                base64.b64decode(header["public_key"]) if header.get("public_key") else None,
+            )
     except BaseException:
         if imported:
             _erase(ctx, ref)
@@ -135,11 +179,17 @@ def retrieve(ctx: KmsContext, key_name: str, version: int, *, ticket: str, reque
 
 def _open(ctx: KmsContext, kek_ref: str, doc: dict) -> bytes:
     """The copy's wrapped key; the header must authenticate as the seal's associated data."""
-    wrapped_dek, sealed, aad = (base64.b64decode(doc["wrapped_dek"]), base64.b64decode(doc["sealed"]),
-                                canonical_bytes(doc["header"]))
+    wrapped_dek, sealed, aad = (
+        base64.b64decode(doc["wrapped_dek"]),
+        base64.b64decode(doc["sealed"]),
+        canonical_bytes(doc["header"]),
+    )
     opener = getattr(ctx.keystore, "archive_open", None)  # audited as archive-retrieve when wrapped
-    return opener(kek_ref, wrapped_dek, sealed, aad) if opener else ctx.keystore.dek_decrypt(
-        kek_ref, wrapped_dek, sealed, aad)
+    return (
+        opener(kek_ref, wrapped_dek, sealed, aad)
+        if opener
+        else ctx.keystore.dek_decrypt(kek_ref, wrapped_dek, sealed, aad)
+    )
 
 
 def _notify(ctx: KmsContext, r: Retrieval) -> list[str]:
@@ -148,10 +198,15 @@ def _notify(ctx: KmsContext, r: Retrieval) -> list[str]:
     from . import notifications
 
     outcome = notifications.notify_manual_operation(
-        ctx, operation=RETRIEVE_OPERATION, target=target_for(r.key, r.version), ticket=r.ticket,
-        requester=r.requester, approvers=r.approvers,
+        ctx,
+        operation=RETRIEVE_OPERATION,
+        target=target_for(r.key, r.version),
+        ticket=r.ticket,
+        requester=r.requester,
+        approvers=r.approvers,
         detail=f"Imported into the forensic keystore (verify/decrypt only); erases itself at "
-               f"{r.expires_at.isoformat()}.")
+        f"{r.expires_at.isoformat()}.",
+    )
     return [f"{f.channel}: {f.error}" for f in outcome.results if not f.ok]
 
 
@@ -166,8 +221,14 @@ def purge_expired(ctx: KmsContext) -> list[str]:
     """Erase forensic material whose TTL has passed; returns the refs erased."""
     now = ctx.now()
     with ctx.transaction() as session:
-        due = [(r.id, json.loads(r.refs)) for r in session.scalars(select(ForensicRetrieval).where(
-            ForensicRetrieval.purged_at.is_(None), ForensicRetrieval.expires_at <= now))]
+        due = [
+            (r.id, json.loads(r.refs))
+            for r in session.scalars(
+                select(ForensicRetrieval).where(
+                    ForensicRetrieval.purged_at.is_(None), ForensicRetrieval.expires_at <= now
+                )
+            )
+        ]
     erased = []
     for rid, refs in due:
         for ref in refs:
@@ -176,8 +237,15 @@ def purge_expired(ctx: KmsContext) -> list[str]:
         with ctx.transaction() as session:
             row = session.get(ForensicRetrieval, rid)
             row.purged_at = now
-            audit.record(session, at=now, operation="archive.forensic_expired", actor=ctx.actor,
-                         target=target_for(row.key_name, row.key_version), outcome="ok", detail={"refs": refs})
+            audit.record(
+                session,
+                at=now,
+                operation="archive.forensic_expired",
+                actor=ctx.actor,
+                target=target_for(row.key_name, row.key_version),
+                outcome="ok",
+                detail={"refs": refs},
+            )
     return erased
 
 
@@ -210,8 +278,15 @@ class ForensicKeyStore:
         return verify_signature(public_key, message, signature)
 
     def sign(self, ref: str, message: bytes) -> bytes:
-        audit.emit(self._ctx, at=self._ctx.now(), operation="sign", actor=self._ctx.actor, target_ref=ref,
-                   outcome="denied", detail={"forensic": True, "reason": "forensic keys never sign"})
+        audit.emit(
+            self._ctx,
+            at=self._ctx.now(),
+            operation="sign",
+            actor=self._ctx.actor,
+            target_ref=ref,
+            outcome="denied",
+            detail={"forensic": True, "reason": "forensic keys never sign"},
+        )
         raise ForensicRefused(f"the forensic keystore is read-only: {ref!r} may verify and decrypt, never sign")
 
     def encrypt(self, ref: str, plaintext: bytes, aad: bytes = b"") -> bytes:
@@ -230,12 +305,20 @@ def release(ctx: KmsContext, retrieval_id: int) -> list[str]:
     with ctx.transaction() as session:
         row = session.get(ForensicRetrieval, retrieval_id)
         row.purged_at = ctx.now()
-        audit.record(session, at=ctx.now(), operation="archive.forensic_released", actor=ctx.actor,
-                     target=target_for(row.key_name, row.key_version), outcome="ok", detail={"refs": refs})
+        audit.record(
+            session,
+            at=ctx.now(),
+            operation="archive.forensic_released",
+            actor=ctx.actor,
+            target=target_for(row.key_name, row.key_version),
+            outcome="ok",
+            detail={"refs": refs},
+        )
     return refs
 
 
 # ---- the forensic drill (B2 restore drill, T1) ---------------------------------------------
+
 
 def drill_ticket(at: datetime) -> str:
     """The change ticket of a month's forensic drill retrieval, known in advance to approvers."""
@@ -250,8 +333,11 @@ def drill_check(ctx: KmsContext, *, requested_by: str, ticket: str | None = None
 
     name = "forensic_retrieval"
     with ctx.transaction() as session:
-        row = session.scalars(select(ArchiveCopy).where(ArchiveCopy.key_name == "root", ArchiveCopy.status == ARCHIVED)
-                              .order_by(ArchiveCopy.key_version)).first()
+        row = session.scalars(
+            select(ArchiveCopy)
+            .where(ArchiveCopy.key_name == "root", ArchiveCopy.status == ARCHIVED)
+            .order_by(ArchiveCopy.key_version)
+        ).first()
         version = row.key_version if row is not None else None
     if version is None:
         return {"name": name, "status": "passed", "detail": "no archived root version yet: nothing to retrieve"}
@@ -259,28 +345,45 @@ def drill_check(ctx: KmsContext, *, requested_by: str, ticket: str | None = None
     try:
         r = retrieve(ctx, "root", version, ticket=ticket, requested_by=requested_by, purpose="drill")
     except (access.AccessDenied, VaultError) as exc:
-        return {"name": name, "status": "failed", "detail": f"root v{version} not retrieved under ticket {ticket}: {exc}"}
+        return {
+            "name": name,
+            "status": "failed",
+            "detail": f"root v{version} not retrieved under ticket {ticket}: {exc}",
+        }
     try:
         public, fp = r.public_key, r.fingerprint
         if not public or fingerprint_of(public) != fp:
-            return {"name": name, "status": "failed", "detail": f"root v{version}: archived public key does not match "
-                                                                f"its fingerprint"}
+            return {
+                "name": name,
+                "status": "failed",
+                "detail": f"root v{version}: archived public key does not match its fingerprint",
+            }
         kid = rpt.make_kid(version, fp)
         limit = ctx.policy.drills.recent_rpts_to_verify
-        from .db.models_rpt import RegulatoryProofToken
+        from .foundation.db.models_rpt import RegulatoryProofToken
 
         with ctx.transaction() as session:
-            tokens = session.execute(select(RegulatoryProofToken.seq, RegulatoryProofToken.token).where(
-                RegulatoryProofToken.kid == kid).order_by(RegulatoryProofToken.seq).limit(limit)).all()
+            tokens = session.execute(
+                select(RegulatoryProofToken.seq, RegulatoryProofToken.token)
+                .where(RegulatoryProofToken.kid == kid)
+                .order_by(RegulatoryProofToken.seq)
+                .limit(limit)
+            ).all()
         bad = [seq for seq, token in tokens if not _rpt_signed_by(token, kid, public)]
         if bad:
-            return {"name": name, "status": "failed",
-                    "detail": f"root v{version} retrieved (approved by {', '.join(r.approvers)}); RPT seq "
-                              f"{bad[0]} does not verify under the archived key ({len(bad)} of {len(tokens)})"}
-        return {"name": name, "status": "passed",
-                "detail": f"root v{version} retrieved from the vault under ticket {ticket} (requested by "
-                          f"{requested_by}, approved by {', '.join(r.approvers)}); the {len(tokens)} oldest "
-                          f"retained RPT(s) it signed verify under the archived key {fp}"}
+            return {
+                "name": name,
+                "status": "failed",
+                "detail": f"root v{version} retrieved (approved by {', '.join(r.approvers)}); RPT seq "
+                f"{bad[0]} does not verify under the archived key ({len(bad)} of {len(tokens)})",
+            }
+        return {
+            "name": name,
+            "status": "passed",
+            "detail": f"root v{version} retrieved from the vault under ticket {ticket} (requested by "
+            f"{requested_by}, approved by {', '.join(r.approvers)}); the {len(tokens)} oldest "
+            f"retained RPT(s) it signed verify under the archived key {fp}",
+        }
     finally:
         release(ctx, r.id)
 

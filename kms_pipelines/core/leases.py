@@ -11,7 +11,7 @@ compare-and-set on the wrapping version (core/envelope.py) stays the correctness
 guarantee underneath: a worker paused past its expiry loses its lease at the next renew
 and stops, and whatever it still commits is refused by compare-and-set, never doubled.
 
-On SQLite (one host by definition; workers refuse it, see core/worker.py) the ranges are
+On SQLite (one host by definition; workers refuse it, see core/foundation/worker.py) the ranges are
 swept without leases.
 """
 
@@ -26,9 +26,10 @@ from typing import Callable
 
 from sqlalchemy import text
 
-from . import envelope, retry
-from .context import KmsContext
-from .db.models_envelope import SHARD_SPACE
+from . import envelope
+from .foundation import retry
+from .foundation.context import KmsContext
+from .foundation.db.models_envelope import SHARD_SPACE
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,16 @@ _CLAIM = text(
     "  claims = l.claims + 1, "
     "  takeovers = l.takeovers + CASE WHEN l.holder IS NOT NULL AND l.holder <> EXCLUDED.holder THEN 1 ELSE 0 END "
     "WHERE l.holder IS NULL OR l.holder = EXCLUDED.holder OR l.expires_at < clock_timestamp() "
-    "RETURNING l.claims")
+    "RETURNING l.claims"
+)
 _RENEW = text(
     "UPDATE sweep_leases SET expires_at = clock_timestamp() + make_interval(secs => CAST(:ttl AS double precision)) "
-    "WHERE range_lo = :lo AND range_hi = :hi AND holder = :holder")
-_RELEASE = text("UPDATE sweep_leases SET holder = NULL, expires_at = NULL "
-                "WHERE range_lo = :lo AND range_hi = :hi AND holder = :holder")
+    "WHERE range_lo = :lo AND range_hi = :hi AND holder = :holder"
+)
+_RELEASE = text(
+    "UPDATE sweep_leases SET holder = NULL, expires_at = NULL "
+    "WHERE range_lo = :lo AND range_hi = :hi AND holder = :holder"
+)
 
 
 def new_holder() -> str:
@@ -98,17 +103,24 @@ def _merge(total: envelope.SweepResult, part: envelope.SweepResult) -> None:
     total.remaining += part.remaining
     total.failed_ids.extend(part.failed_ids)
     for key, stats in part.by_key.items():
-        into = total.by_key.setdefault(key, {"to_version": stats["to_version"], "moved": 0, "skipped": 0,
-                                             "failed": 0})
+        into = total.by_key.setdefault(key, {"to_version": stats["to_version"], "moved": 0, "skipped": 0, "failed": 0})
         into["to_version"] = stats["to_version"]
         for field in ("moved", "skipped", "failed"):
             into[field] += stats[field]
 
 
-def leased_sweep(ctx: KmsContext, key_name: str | None = None, *, shard: int | None = None, shards: int = 1,
-                 batch_size: int | None = None, holder: str | None = None,
-                 progress: Callable[[envelope.SweepProgress], None] | None = None,
-                 poll_seconds: float = 0.5, **sizing) -> envelope.SweepResult:
+def leased_sweep(
+    ctx: KmsContext,
+    key_name: str | None = None,
+    *,
+    shard: int | None = None,
+    shards: int = 1,
+    batch_size: int | None = None,
+    holder: str | None = None,
+    progress: Callable[[envelope.SweepProgress], None] | None = None,
+    poll_seconds: float = 0.5,
+    **sizing,
+) -> envelope.SweepResult:
     """``envelope.sweep`` of one shard, range by range, each range under a lease (see module doc).
 
     Returns when this worker has itself swept every range of the shard (a range another
@@ -160,9 +172,12 @@ def leased_sweep(ctx: KmsContext, key_name: str | None = None, *, shard: int | N
         # committed batch stays committed, so re-running the shard picks up the rest.
         moved = total.moved + getattr(exc, "moved", 0)
         exc.done = exc.rerun = None
-        raise exc.annotate(done=f"{moved:,} DEKs", rerun="kms envelope sweep" + (
-            f" --key {key_name}" if key_name else "") + (
-            f" --shard {shard} --shards {shards}" if shard is not None else "")) from exc.__cause__
+        raise exc.annotate(
+            done=f"{moved:,} DEKs",
+            rerun="kms envelope sweep"
+            + (f" --key {key_name}" if key_name else "")
+            + (f" --shard {shard} --shards {shards}" if shard is not None else ""),
+        ) from exc.__cause__
     total.seconds = time.perf_counter() - started
     return total
 
@@ -170,6 +185,12 @@ def leased_sweep(ctx: KmsContext, key_name: str | None = None, *, shard: int | N
 def lease_rows(ctx: KmsContext) -> list[dict]:
     """Every lease row: range, holder, expiry, claims, takeovers (operators: `SELECT * FROM sweep_leases`)."""
     with ctx.engine.connect() as conn:
-        return [dict(r) for r in conn.execute(text(
-            "SELECT range_lo, range_hi, holder, expires_at, claims, takeovers FROM sweep_leases "
-            "ORDER BY range_lo")).mappings()]
+        return [
+            dict(r)
+            for r in conn.execute(
+                text(
+                    "SELECT range_lo, range_hi, holder, expires_at, claims, takeovers FROM sweep_leases "
+                    "ORDER BY range_lo"
+                )
+            ).mappings()
+        ]

@@ -10,21 +10,21 @@ that recomputes the whole chain.
 from __future__ import annotations
 
 import hashlib
-from json.encoder import encode_basestring as _encode_str  # C-accelerated
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
+from json.encoder import encode_basestring as _encode_str  # C-accelerated
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from sqlalchemy import select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from .canonical import canonical_fast
-from .clock import utc
-from .db.models import LedgerEntry
+from .foundation.canonical import canonical_fast
+from .foundation.clock import utc
+from .foundation.db.models import LedgerEntry
 
 if TYPE_CHECKING:
-    from .context import KmsContext
+    from .foundation.context import KmsContext
 
 # A mapped column of a hash-chained table (``LedgerEntry.seq``, ``RptEntry.entry_hash``...).
 Column = Any
@@ -40,15 +40,33 @@ def format_time(at: datetime) -> str:
     return at.isoformat(timespec="microseconds")[:26] + "Z"
 
 
-def entry_document(seq: int, at: datetime | str, key_name: str, key_version: int | None,
-                   from_state: str | None, to_state: str, actor: str, approvers: Sequence[str],
-                   change_ticket: str | None, reason: str | None, event_id: str | None,
-                   prev_hash: str) -> dict[str, Any]:
+def entry_document(
+    seq: int,
+    at: datetime | str,
+    key_name: str,
+    key_version: int | None,
+    from_state: str | None,
+    to_state: str,
+    actor: str,
+    approvers: Sequence[str],
+    change_ticket: str | None,
+    reason: str | None,
+    event_id: str | None,
+    prev_hash: str,
+) -> dict[str, Any]:
     return {
-        "seq": seq, "at": at if isinstance(at, str) else format_time(at), "key": key_name,
-        "version": key_version, "from": from_state, "to": to_state, "actor": actor,
-        "approvers": list(approvers), "ticket": change_ticket, "reason": reason,
-        "event": event_id, "prev": prev_hash,
+        "seq": seq,
+        "at": at if isinstance(at, str) else format_time(at),
+        "key": key_name,
+        "version": key_version,
+        "from": from_state,
+        "to": to_state,
+        "actor": actor,
+        "approvers": list(approvers),
+        "ticket": change_ticket,
+        "reason": reason,
+        "event": event_id,
+        "prev": prev_hash,
     }
 
 
@@ -59,20 +77,47 @@ def entry_hash(document: dict[str, Any]) -> str:
 # The verifier's hot path builds the same RFC 8785 bytes as ``canonical_fast(entry_document(...))``
 # straight from a row, without an intermediate dict (tests/test_canonical.py checks they agree).
 # ``approvers`` is the stored canonical JSON text, used as is: any edit to it changes the hash.
-_ROW_TEMPLATE = ('{"actor":%s,"approvers":%s,"at":"%s","event":%s,"from":%s,"key":%s,"prev":"%s",'
-                 '"reason":%s,"seq":%d,"ticket":%s,"to":%s,"version":%s}')
+_ROW_TEMPLATE = (
+    '{"actor":%s,"approvers":%s,"at":"%s","event":%s,"from":%s,"key":%s,"prev":"%s",'
+    '"reason":%s,"seq":%d,"ticket":%s,"to":%s,"version":%s}'
+)
 
 
 def _q(value: str | None) -> str:
     return "null" if value is None else _encode_str(value)
 
 
-def row_canonical(seq: int, at: datetime, key_name: str, key_version: int | None, from_state: str | None,
-                  to_state: str, actor: str, approvers_json: str, ticket: str | None, reason: str | None,
-                  event_id: str | None, prev_hash: str) -> bytes:
-    return (_ROW_TEMPLATE % (_encode_str(actor), approvers_json, format_time(at), _q(event_id), _q(from_state),
-                             _encode_str(key_name), prev_hash, _q(reason), seq, _q(ticket), _encode_str(to_state),
-                             "null" if key_version is None else int(key_version))).encode("utf-8")
+def row_canonical(
+    seq: int,
+    at: datetime,
+    key_name: str,
+    key_version: int | None,
+    from_state: str | None,
+    to_state: str,
+    actor: str,
+    approvers_json: str,
+    ticket: str | None,
+    reason: str | None,
+    event_id: str | None,
+    prev_hash: str,
+) -> bytes:
+    return (
+        _ROW_TEMPLATE
+        % (
+            _encode_str(actor),
+            approvers_json,
+            format_time(at),
+            _q(event_id),
+            _q(from_state),
+            _encode_str(key_name),
+            prev_hash,
+            _q(reason),
+            seq,
+            _q(ticket),
+            _encode_str(to_state),
+            "null" if key_version is None else int(key_version),
+        )
+    ).encode("utf-8")
 
 
 def advisory_xact_lock(session: Session, lock_id: int) -> None:
@@ -109,8 +154,9 @@ def newest_time(session_or_conn: Session | Connection, seq_column: Column, at_co
     return None if at is None else utc(at)
 
 
-def require_in_order(session_or_conn: Session | Connection, seq_column: Column, at_column: Column, at: datetime,
-                     chain: str) -> datetime:
+def require_in_order(
+    session_or_conn: Session | Connection, seq_column: Column, at_column: Column, at: datetime, chain: str
+) -> datetime:
     """The time to chain an entry stamped ``at`` with: ``at``, or the newest entry's time if
     ``at`` lost a race by less than ``RACE_TOLERANCE``; ChainOrderError if it is older."""
     newest = newest_time(session_or_conn, seq_column, at_column)
@@ -118,8 +164,10 @@ def require_in_order(session_or_conn: Session | Connection, seq_column: Column, 
         return utc(at)
     if newest - utc(at) <= RACE_TOLERANCE:
         return newest
-    raise ChainOrderError(f"the {chain} refuses an entry at {format_time(at)}: it is older than the previous "
-                          f"entry ({format_time(newest)}); time in the {chain} only moves forward")
+    raise ChainOrderError(
+        f"the {chain} refuses an entry at {format_time(at)}: it is older than the previous "
+        f"entry ({format_time(newest)}); time in the {chain} only moves forward"
+    )
 
 
 def head(session_or_conn: Session | Connection) -> tuple[int, str]:
@@ -127,21 +175,54 @@ def head(session_or_conn: Session | Connection) -> tuple[int, str]:
     return chain_head(session_or_conn, LedgerEntry.seq, LedgerEntry.entry_hash)
 
 
-def append(session: Session, *, at: datetime, key_name: str, key_version: int | None,
-           from_state: str | None, to_state: str, actor: str, approvers: Sequence[str] = (),
-           change_ticket: str | None = None, reason: str | None = None,
-           event_id: str | None = None) -> LedgerEntry:
+def append(
+    session: Session,
+    *,
+    at: datetime,
+    key_name: str,
+    key_version: int | None,
+    from_state: str | None,
+    to_state: str,
+    actor: str,
+    approvers: Sequence[str] = (),
+    change_ticket: str | None = None,
+    reason: str | None = None,
+    event_id: str | None = None,
+) -> LedgerEntry:
     """Append one entry inside the caller's transaction (so it commits with the state change)."""
     lock_ledger(session)
     at = require_in_order(session, LedgerEntry.seq, LedgerEntry.at, at, "ledger")
     seq, prev = head(session)
     approvers = sorted(approvers)
-    doc = entry_document(seq + 1, at, key_name, key_version, from_state, to_state, actor, approvers,
-                         change_ticket, reason, event_id, prev)
-    entry = LedgerEntry(seq=seq + 1, at=utc(at), key_name=key_name, key_version=key_version,
-                        from_state=from_state, to_state=to_state, actor=actor,
-                        approvers=canonical_fast(approvers).decode(), change_ticket=change_ticket, reason=reason,
-                        event_id=event_id, prev_hash=prev, entry_hash=entry_hash(doc))
+    doc = entry_document(
+        seq + 1,
+        at,
+        key_name,
+        key_version,
+        from_state,
+        to_state,
+        actor,
+        approvers,
+        change_ticket,
+        reason,
+        event_id,
+        prev,
+    )
+    entry = LedgerEntry(
+        seq=seq + 1,
+        at=utc(at),
+        key_name=key_name,
+        key_version=key_version,
+        from_state=from_state,
+        to_state=to_state,
+        actor=actor,
+        approvers=canonical_fast(approvers).decode(),
+        change_ticket=change_ticket,
+        reason=reason,
+        event_id=event_id,
+        prev_hash=prev,
+        entry_hash=entry_hash(doc),
+    )
     session.add(entry)
     session.flush()
     return entry
@@ -160,16 +241,28 @@ class VerifyResult:
         return asdict(self)
 
 
-_COLUMNS = (LedgerEntry.seq, LedgerEntry.at, LedgerEntry.key_name, LedgerEntry.key_version,
-            LedgerEntry.from_state, LedgerEntry.to_state, LedgerEntry.actor, LedgerEntry.approvers,
-            LedgerEntry.change_ticket, LedgerEntry.reason, LedgerEntry.event_id,
-            LedgerEntry.prev_hash, LedgerEntry.entry_hash)
+_COLUMNS = (
+    LedgerEntry.seq,
+    LedgerEntry.at,
+    LedgerEntry.key_name,
+    LedgerEntry.key_version,
+    LedgerEntry.from_state,
+    LedgerEntry.to_state,
+    LedgerEntry.actor,
+    LedgerEntry.approvers,
+    LedgerEntry.change_ticket,
+    LedgerEntry.reason,
+    LedgerEntry.event_id,
+    LedgerEntry.prev_hash,
+    LedgerEntry.entry_hash,
+)
 
 
 def iter_rows(conn: Connection, batch_size: int = 5000, after_seq: int = 0) -> Iterator[tuple[Any, ...]]:
     """Stream ledger rows in seq order with bounded memory (server-side cursor on PostgreSQL)."""
     result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(
-        select(*_COLUMNS).where(LedgerEntry.seq > after_seq).order_by(LedgerEntry.seq))
+        select(*_COLUMNS).where(LedgerEntry.seq > after_seq).order_by(LedgerEntry.seq)
+    )
     for partition in result.partitions():
         yield from partition
 
@@ -177,48 +270,75 @@ def iter_rows(conn: Connection, batch_size: int = 5000, after_seq: int = 0) -> I
 def seq_gap(count: int, prev: str, expected_seq: int, seq: int) -> VerifyResult:
     """The first bad seq when ``seq`` came where ``expected_seq`` should have (every verifier
     words a failure the same way, so they name the same first bad seq in the same words)."""
-    problem = (f"entry seq {expected_seq} is missing (next present is {seq})" if seq > expected_seq
-               else f"entry seq {seq} is out of order")
+    problem = (
+        f"entry seq {expected_seq} is missing (next present is {seq})"
+        if seq > expected_seq
+        else f"entry seq {seq} is out of order"
+    )
     return VerifyResult(False, count, expected_seq - 1, prev, expected_seq, problem)
 
 
 def broken_link(count: int, prev: str, seq: int) -> VerifyResult:
-    return VerifyResult(False, count, seq - 1, prev, seq,
-                        f"entry seq {seq} does not link to seq {seq - 1} (prev_hash mismatch)")
+    return VerifyResult(
+        False, count, seq - 1, prev, seq, f"entry seq {seq} does not link to seq {seq - 1} (prev_hash mismatch)"
+    )
 
 
 def altered(count: int, prev: str, seq: int) -> VerifyResult:
-    return VerifyResult(False, count, seq - 1, prev, seq,
-                        f"entry seq {seq} was altered (its content does not match its hash)")
+    return VerifyResult(
+        False, count, seq - 1, prev, seq, f"entry seq {seq} was altered (its content does not match its hash)"
+    )
 
 
 def verify_rows(rows: Iterable[Sequence[Any]], expected_head: tuple[int, str] | None = None) -> VerifyResult:
     """Recompute the chain over ledger rows (tuples in ``_COLUMNS`` order)."""
     prev, expected_seq, count = GENESIS_HASH, 1, 0
-    for (seq, at, key_name, key_version, from_state, to_state, actor, approvers, ticket, reason,
-         event_id, prev_hash, stored_hash) in rows:
+    for (
+        seq,
+        at,
+        key_name,
+        key_version,
+        from_state,
+        to_state,
+        actor,
+        approvers,
+        ticket,
+        reason,
+        event_id,
+        prev_hash,
+        stored_hash,
+    ) in rows:
         if seq != expected_seq:
             return seq_gap(count, prev, expected_seq, seq)
         if prev_hash != prev:
             return broken_link(count, prev, seq)
-        raw = row_canonical(seq, at, key_name, key_version, from_state, to_state, actor, approvers,
-                            ticket, reason, event_id, prev_hash)
+        raw = row_canonical(
+            seq, at, key_name, key_version, from_state, to_state, actor, approvers, ticket, reason, event_id, prev_hash
+        )
         if _sha256(raw).hexdigest() != stored_hash:
             return altered(count, prev, seq)
         prev, expected_seq, count = stored_hash, seq + 1, count + 1
     if expected_head is not None and (count, prev) != tuple(expected_head):
         exp_seq, exp_hash = expected_head
         if count < exp_seq:
-            return VerifyResult(False, count, count, prev, count + 1,
-                                f"ledger truncated: ends at seq {count}, expected head seq {exp_seq}")
+            return VerifyResult(
+                False,
+                count,
+                count,
+                prev,
+                count + 1,
+                f"ledger truncated: ends at seq {count}, expected head seq {exp_seq}",
+            )
         if count == exp_seq:
-            return VerifyResult(False, count, count, prev, count,
-                                f"head hash at seq {count} differs from the expected head")
+            return VerifyResult(
+                False, count, count, prev, count, f"head hash at seq {count} differs from the expected head"
+            )
     return VerifyResult(True, count, count, prev)
 
 
-def verify(engine: Engine, batch_size: int = 5000, *, workers: int = 1,
-           min_entries_per_worker: int = 1) -> VerifyResult:
+def verify(
+    engine: Engine, batch_size: int = 5000, *, workers: int = 1, min_entries_per_worker: int = 1
+) -> VerifyResult:
     """Verify the whole ledger, streaming, naming the first bad seq.
 
     PostgreSQL goes over COPY, split over up to ``workers`` processes (``ledger_copy``);

@@ -27,20 +27,23 @@ import re
 from json.encoder import encode_basestring as _enc  # C-accelerated, = ledger's encoder
 
 import psycopg2  # its copy_expert loops over COPY rows in C (see _verify_range)
-
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from .foundation.partitions import map_in_processes, seq_bounds
 from .ledger import GENESIS_HASH, VerifyResult, altered, broken_link, seq_gap
-from .partitions import map_in_processes, seq_bounds
 
 # In the order the template uses them (approvers, a JSON text put in as it is, first: the
 # escape check skips it), so a line unpacks straight into it.
-COLUMNS_SQL = ("approvers, seq, actor, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "
-               "event_id, from_state, key_name, prev_hash, reason, change_ticket, to_state, key_version, entry_hash")
+COLUMNS_SQL = (
+    "approvers, seq, actor, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "
+    "event_id, from_state, key_name, prev_hash, reason, change_ticket, to_state, key_version, entry_hash"
+)
 # ledger._ROW_TEMPLATE with seq and version as PostgreSQL's integer text (canonical decimal, as Python's %d).
-_TEMPLATE = ('{"actor":%s,"approvers":%s,"at":"%s","event":%s,"from":%s,"key":%s,"prev":"%s",'
-             '"reason":%s,"seq":%s,"ticket":%s,"to":%s,"version":%s}')
+_TEMPLATE = (
+    '{"actor":%s,"approvers":%s,"at":"%s","event":%s,"from":%s,"key":%s,"prev":"%s",'
+    '"reason":%s,"seq":%s,"ticket":%s,"to":%s,"version":%s}'
+)
 
 _sha256 = hashlib.sha256
 _NULL = "\\N"  # COPY text's NULL; any backslash in data is escaped, so a line without
@@ -66,11 +69,23 @@ def document(approvers, seq, actor, at, event, frm, key, prev_hash, reason, tick
     """The entry's RFC 8785 bytes from its COPY column text; None when a required column is NULL."""
     if null in (actor, approvers, at, key, to):
         return None
-    return (_TEMPLATE % (_enc(actor), approvers, at, "null" if event == null else _enc(event),
-                         "null" if frm == null else _enc(frm), _enc(key), prev_hash,
-                         "null" if reason == null else _enc(reason), seq,
-                         "null" if ticket == null else _enc(ticket), _enc(to),
-                         "null" if version == null else version)).encode("utf-8")
+    return (
+        _TEMPLATE
+        % (
+            _enc(actor),
+            approvers,
+            at,
+            "null" if event == null else _enc(event),
+            "null" if frm == null else _enc(frm),
+            _enc(key),
+            prev_hash,
+            "null" if reason == null else _enc(reason),
+            seq,
+            "null" if ticket == null else _enc(ticket),
+            _enc(to),
+            "null" if version == null else version,
+        )
+    ).encode("utf-8")
 
 
 def conninfo(engine: Engine) -> str:
@@ -92,8 +107,12 @@ def _segment_query(lo: int, hi: int | None) -> str:
 # is one bytes ``%``. Two searches: one pattern with both was 2x slower per row.
 _COPY_ESCAPE = re.compile(rb"\\[^N]").search
 _JSON_ESCAPE = re.compile(rb'[\x00-\x08\x0b-\x1f"]').search
-_BYTES_TEMPLATE = _TEMPLATE.replace('"actor":%s', '"actor":"%s"').replace('"key":%s', '"key":"%s"').replace(
-    '"to":%s', '"to":"%s"').encode()
+_BYTES_TEMPLATE = (
+    _TEMPLATE.replace('"actor":%s', '"actor":"%s"')
+    .replace('"key":%s', '"key":"%s"')
+    .replace('"to":%s', '"to":"%s"')
+    .encode()
+)
 
 
 def _chain(expected_seq: int, prev: str):
@@ -115,16 +134,26 @@ def _chain(expected_seq: int, prev: str):
             seq_s, prev_hash, stored = fields[1], _utf8(fields[7]), _utf8(fields[12])
             raw = document(*fields[:12] + [none])
         else:
-            (approvers, seq_s, actor, at, event, frm, key, prev_hash, reason, ticket, to, version,
-             stored) = row[:-1].split(b"\t")
+            (approvers, seq_s, actor, at, event, frm, key, prev_hash, reason, ticket, to, version, stored) = row[
+                :-1
+            ].split(b"\t")
             if null in (actor, approvers, at, key, to):
                 raw = None
             else:
-                raw = template % (actor, approvers, at, b"null" if event == null else b'"%s"' % event,
-                                  b"null" if frm == null else b'"%s"' % frm, key, prev_hash,
-                                  b"null" if reason == null else b'"%s"' % reason, seq_s,
-                                  b"null" if ticket == null else b'"%s"' % ticket, to, version if version != null
-                                  else b"null")
+                raw = template % (
+                    actor,
+                    approvers,
+                    at,
+                    b"null" if event == null else b'"%s"' % event,
+                    b"null" if frm == null else b'"%s"' % frm,
+                    key,
+                    prev_hash,
+                    b"null" if reason == null else b'"%s"' % reason,
+                    seq_s,
+                    b"null" if ticket == null else b'"%s"' % ticket,
+                    to,
+                    version if version != null else b"null",
+                )
         seq = int(seq_s)
         if seq != expected_seq:
             return seq_gap(count, prev_b.decode(), expected_seq, seq)
@@ -166,8 +195,9 @@ def _verify_range(dsn: str, lo: int, hi: int | None) -> VerifyResult:
     # psycopg2's copy_expert, not psycopg 3's COPY iterator: psycopg 3 hands each row
     # (one CopyData message) through Python generators, about 1 µs a row, as much as the
     # whole raw read; psycopg2 loops in C and calls ``write`` once per row.
-    conn = psycopg2.connect(dsn, connect_timeout=10, client_encoding="UTF8",
-                            options="-c default_transaction_read_only=on")
+    conn = psycopg2.connect(
+        dsn, connect_timeout=10, client_encoding="UTF8", options="-c default_transaction_read_only=on"
+    )
     try:
         cur = conn.cursor()
         prev = GENESIS_HASH
@@ -207,8 +237,9 @@ def verify(engine: Engine, *, workers: int = 1, min_entries_per_worker: int = 1)
     bounds = seq_bounds(0, max_seq, parts)
     # the last range runs to the end, as a single pass would; the first runs in this
     # process while the workers take the others (one process fewer to start)
-    results = map_in_processes(verify_segment, [(dsn, lo, hi if hi < max_seq else None) for lo, hi in bounds],
-                               first_in_caller=True)
+    results = map_in_processes(
+        verify_segment, [(dsn, lo, hi if hi < max_seq else None) for lo, hi in bounds], first_in_caller=True
+    )
     total = 0
     for (_lo, hi), part in zip(bounds, results, strict=True):
         part.count += total

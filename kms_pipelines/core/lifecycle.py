@@ -18,11 +18,12 @@ from typing import Callable, Iterable
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from . import ledger, retry
-from .clock import utc
-from .context import KmsContext
-from .db.models import ACTIVE, DESTROYED, PENDING, REVOKED, ROTATED, Key, KeyVersion, LedgerEntry
-from .keystore import AES_256, ED25519, KeyNotFound
+from . import ledger
+from .foundation import retry
+from .foundation.clock import utc
+from .foundation.context import KmsContext
+from .foundation.db.models import ACTIVE, DESTROYED, PENDING, REVOKED, ROTATED, Key, KeyVersion, LedgerEntry
+from .foundation.keystore import AES_256, ED25519, KeyNotFound
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     PENDING: frozenset({ACTIVE, DESTROYED}),
@@ -34,8 +35,7 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 
 
 # The one vocabulary of rotation reasons, whichever path rotates (CLI, Dagster, events, expiry).
-ROTATION_REASONS = ("cadence", "manual", "compromise", "tenant-rotation", "ci-exposure", "export-expiry",
-                    "break-glass")
+ROTATION_REASONS = ("cadence", "manual", "compromise", "tenant-rotation", "ci-exposure", "export-expiry", "break-glass")
 # R2: the reasons that rotate a service key at once, without approvals.
 EMERGENCY_REASONS = ("compromise", "tenant-rotation", "ci-exposure")
 
@@ -81,6 +81,7 @@ def validate_key_name(ctx: KmsContext, name: str) -> str:
 
 
 # ---- queries -------------------------------------------------------------------------
+
 
 def get_key(session: Session, name: str, *, lock: bool = False) -> Key:
     q = select(Key).where(Key.name == name).options(selectinload(Key.versions))
@@ -135,6 +136,7 @@ def is_due(ctx: KmsContext, key: Key, at: datetime | None = None) -> bool:
 
 # ---- state changes -------------------------------------------------------------------
 
+
 def _new_refs(name: str, version: int, algorithms: Iterable[str]) -> dict[str, str]:
     stem = f"{name}.v{version}.{secrets.token_hex(3)}"
     refs = {}
@@ -147,7 +149,7 @@ def _new_refs(name: str, version: int, algorithms: Iterable[str]) -> dict[str, s
 
 def _purpose(key_class: str) -> str:
     """T1 vault: root/service AES material may leave the keystore only wrapped under an archive KEK."""
-    from .keystore import ARCHIVABLE, ARCHIVE_KEK, GENERAL
+    from .foundation.keystore import ARCHIVABLE, ARCHIVE_KEK, GENERAL
 
     return {"root": ARCHIVABLE, "service": ARCHIVABLE, "archive": ARCHIVE_KEK}.get(key_class, GENERAL)
 
@@ -158,37 +160,67 @@ def _generate_material(ctx: KmsContext, name: str, version: int) -> dict:
     out: dict = dict(refs)
     if "wrap_ref" in refs:
         # Break-glass material must be escrowed, so it is the one class generated extractable.
-        ctx.keystore.generate(refs["wrap_ref"], AES_256, extractable=key_class_of(name) == "break-glass",
-                              purpose=_purpose(key_class_of(name)))
+        ctx.keystore.generate(
+            refs["wrap_ref"],
+            AES_256,
+            extractable=key_class_of(name) == "break-glass",
+            purpose=_purpose(key_class_of(name)),
+        )
     if "sign_ref" in refs:
         generated = ctx.keystore.generate(refs["sign_ref"], ED25519)
-        from .keystore import fingerprint
+        from .foundation.keystore import fingerprint
 
         out["public_key"] = generated.public_key
         out["fingerprint"] = fingerprint(generated.public_key)
     return out
 
 
-def _transition(session: Session, ctx: KmsContext, key: Key, version: KeyVersion, to_state: str, *,
-                actor: str, reason: str | None, approvers=(), ticket=None, event_id=None) -> None:
+def _transition(
+    session: Session,
+    ctx: KmsContext,
+    key: Key,
+    version: KeyVersion,
+    to_state: str,
+    *,
+    actor: str,
+    reason: str | None,
+    approvers=(),
+    ticket=None,
+    event_id=None,
+) -> None:
     if to_state not in TRANSITIONS[version.state]:
-        raise IllegalTransition(f"illegal transition for {key.name} v{version.version}: "
-                                f"{version.state} → {to_state}")
+        raise IllegalTransition(f"illegal transition for {key.name} v{version.version}: {version.state} → {to_state}")
     now = ctx.now()
     from_state, version.state = version.state, to_state
     stamp = {ACTIVE: "activated_at", ROTATED: "rotated_at", REVOKED: "revoked_at", DESTROYED: "destroyed_at"}
     setattr(version, stamp[to_state], now)
     session.flush()
-    entry = ledger.append(session, at=now, key_name=key.name, key_version=version.version, from_state=from_state,
-                          to_state=to_state, actor=actor, approvers=approvers, change_ticket=ticket, reason=reason,
-                          event_id=event_id)
+    entry = ledger.append(
+        session,
+        at=now,
+        key_name=key.name,
+        key_version=version.version,
+        from_state=from_state,
+        to_state=to_state,
+        actor=actor,
+        approvers=approvers,
+        change_ticket=ticket,
+        reason=reason,
+        event_id=event_id,
+    )
     # The audit log's own record of the state change, in the same transaction: the ledger and
     # the audit chain must agree event for event (core/crosscheck.py).
     from . import audit, crosscheck
 
-    audit.record(session, at=now, operation=crosscheck.TRANSITION_OP, actor=actor,
-                 target=f"{key.name}#v{version.version}", outcome="ok",
-                 detail={"seq": entry.seq, "from": from_state, "to": to_state})
+    audit.record(
+        session,
+        at=now,
+        operation=crosscheck.TRANSITION_OP,
+        actor=actor,
+        target=f"{key.name}#v{version.version}",
+        outcome="ok",
+        detail={"seq": entry.seq, "from": from_state, "to": to_state},
+    )
 
 
 @dataclass
@@ -201,8 +233,14 @@ class RotationResult:
     public_fingerprint: str | None = None
 
 
-def ensure_key(ctx: KmsContext, name: str, *, actor: str = "kms-init", expires_at: datetime | None = None,
-               attributes: dict | None = None) -> RotationResult:
+def ensure_key(
+    ctx: KmsContext,
+    name: str,
+    *,
+    actor: str = "kms-init",
+    expires_at: datetime | None = None,
+    attributes: dict | None = None,
+) -> RotationResult:
     """Create the key with one active version unless it exists already (idempotent)."""
     validate_key_name(ctx, name)
     with ctx.transaction() as session:
@@ -217,8 +255,7 @@ def ensure_key(ctx: KmsContext, name: str, *, actor: str = "kms-init", expires_a
         key = Key(name=name, key_class=key_class_of(name), created_at=ctx.now(), attributes=attributes or {})
         session.add(key)
         session.flush()
-        v = KeyVersion(key_id=key.id, version=1, state=PENDING, created_at=ctx.now(), expires_at=expires_at,
-                       **material)
+        v = KeyVersion(key_id=key.id, version=1, state=PENDING, created_at=ctx.now(), expires_at=expires_at, **material)
         session.add(v)
         session.flush()
         _transition(session, ctx, key, v, ACTIVE, actor=actor, reason="bootstrap")
@@ -234,11 +271,19 @@ def _discard_material(ctx: KmsContext, material: dict) -> None:
                 pass
 
 
-def rotate(ctx: KmsContext, name: str, *, actor: str | None = None, reason: str = "manual",
-           approvers: Iterable[str] = (), ticket: str | None = None, event_id: str | None = None,
-           only_if_due: bool = False, expires_at: datetime | None = None,
-           after_rotate: Callable[[Session, Key, KeyVersion, KeyVersion | None], None] | None = None,
-           ) -> RotationResult:
+def rotate(
+    ctx: KmsContext,
+    name: str,
+    *,
+    actor: str | None = None,
+    reason: str = "manual",
+    approvers: Iterable[str] = (),
+    ticket: str | None = None,
+    event_id: str | None = None,
+    only_if_due: bool = False,
+    expires_at: datetime | None = None,
+    after_rotate: Callable[[Session, Key, KeyVersion, KeyVersion | None], None] | None = None,
+) -> RotationResult:
     """Rotate ``name``: a new active version, the old one ``rotated``, ledger entries for both.
 
     With ``only_if_due`` the rotation happens only when the policy cadence (or export
@@ -272,25 +317,58 @@ def rotate(ctx: KmsContext, name: str, *, actor: str | None = None, reason: str 
             if mine is not None:
                 # An earlier attempt committed but its acknowledgement was lost with the
                 # connection: the rotation happened once; report it, never rotate twice.
-                return RotationResult(name, True, mine.version - 1 if mine.version > 1 else None, mine.version,
-                                      reason, material.get("fingerprint"))
+                return RotationResult(
+                    name,
+                    True,
+                    mine.version - 1 if mine.version > 1 else None,
+                    mine.version,
+                    reason,
+                    material.get("fingerprint"),
+                )
             if only_if_due and not is_due(ctx, key):
                 raise _NotDueAnymore()
             current = active_version(key)
             new_number = max(v.version for v in key.versions) + 1
-            new = KeyVersion(key_id=key.id, version=new_number, state=PENDING, created_at=ctx.now(),
-                             expires_at=expires_at, **material)
+            new = KeyVersion(
+                key_id=key.id,
+                version=new_number,
+                state=PENDING,
+                created_at=ctx.now(),
+                expires_at=expires_at,
+                **material,
+            )
             session.add(new)
             if current is not None:
-                _transition(session, ctx, key, current, ROTATED, actor=actor, reason=reason,
-                            approvers=approvers, ticket=ticket, event_id=event_id)
+                _transition(
+                    session,
+                    ctx,
+                    key,
+                    current,
+                    ROTATED,
+                    actor=actor,
+                    reason=reason,
+                    approvers=approvers,
+                    ticket=ticket,
+                    event_id=event_id,
+                )
             session.flush()
-            _transition(session, ctx, key, new, ACTIVE, actor=actor, reason=reason, approvers=approvers,
-                        ticket=ticket, event_id=event_id)
+            _transition(
+                session,
+                ctx,
+                key,
+                new,
+                ACTIVE,
+                actor=actor,
+                reason=reason,
+                approvers=approvers,
+                ticket=ticket,
+                event_id=event_id,
+            )
             if after_rotate is not None:
                 after_rotate(session, key, new, current)
-            return RotationResult(name, True, current.version if current else None, new_number, reason,
-                                  material.get("fingerprint"))
+            return RotationResult(
+                name, True, current.version if current else None, new_number, reason, material.get("fingerprint")
+            )
 
     try:
         # The rotation's transaction is the unit retried after a lost connection: it either
@@ -318,8 +396,9 @@ def _check_representable(ctx: KmsContext, name: str) -> None:
     try:
         ctx.now() + timedelta(days=(rotation_days(ctx, name) or 0) + 366)
     except OverflowError:
-        raise LifecycleError(f"time {ctx.now().isoformat()} is out of range: the next rotation of {name} "
-                             "would fall after year 9999") from None
+        raise LifecycleError(
+            f"time {ctx.now().isoformat()} is out of range: the next rotation of {name} would fall after year 9999"
+        ) from None
 
 
 class _NotDueAnymore(Exception):
@@ -339,14 +418,24 @@ def revoke_guard(name: str):
     """Register a revoke guard (same pattern as ``destroy_guard``): it returns None to
     allow the revocation, or the reason it refuses. Guards see ``reason``/``event_id`` so an
     emergency (compromise) revocation can be told apart from a routine retirement."""
+
     def register(fn: RevokeGuard) -> RevokeGuard:
         _REVOKE_GUARDS[name] = fn
         return fn
+
     return register
 
 
-def check_revoke(session: Session, ctx: KmsContext, key: Key, v: KeyVersion, *, reason: str | None = None,
-                 event_id: str | None = None, skip: Iterable[str] = ()) -> list[tuple[str, str]]:
+def check_revoke(
+    session: Session,
+    ctx: KmsContext,
+    key: Key,
+    v: KeyVersion,
+    *,
+    reason: str | None = None,
+    event_id: str | None = None,
+    skip: Iterable[str] = (),
+) -> list[tuple[str, str]]:
     destroy_guards()  # imports GUARD_MODULES, which register revoke guards too
     refusals = []
     for guard_name, guard in dict(_REVOKE_GUARDS).items():
@@ -358,9 +447,19 @@ def check_revoke(session: Session, ctx: KmsContext, key: Key, v: KeyVersion, *, 
     return refusals
 
 
-def revoke(ctx: KmsContext, name: str, version: int, *, actor: str | None = None, reason: str,
-           approvers: Iterable[str] = (), ticket: str | None = None, event_id: str | None = None,
-           skip_guards: Iterable[str] = (), authorize: Authorize | None = None) -> None:
+def revoke(
+    ctx: KmsContext,
+    name: str,
+    version: int,
+    *,
+    actor: str | None = None,
+    reason: str,
+    approvers: Iterable[str] = (),
+    ticket: str | None = None,
+    event_id: str | None = None,
+    skip_guards: Iterable[str] = (),
+    authorize: Authorize | None = None,
+) -> None:
     """Revoke a version (compromise). An active version must be rotated away first, so
     the key is never left without an active version. Revoke guards (e.g. dependents
     must have confirmed the new version, T4) may refuse; the message names the guard."""
@@ -368,8 +467,9 @@ def revoke(ctx: KmsContext, name: str, version: int, *, actor: str | None = None
         key = get_key(session, name, lock=True)
         v = get_version(key, version)
         if v.state == ACTIVE:
-            raise IllegalTransition(f"{name} v{version} is active: rotate the key before revoking it "
-                                    f"(compromise response does both)")
+            raise IllegalTransition(
+                f"{name} v{version} is active: rotate the key before revoking it (compromise response does both)"
+            )
         if REVOKED in TRANSITIONS[v.state]:
             refusals = check_revoke(session, ctx, key, v, reason=reason, event_id=event_id, skip=skip_guards)
             if refusals:
@@ -377,8 +477,18 @@ def revoke(ctx: KmsContext, name: str, version: int, *, actor: str | None = None
                 raise GuardRefused(guard, why, action="revoke")
         if authorize is not None:
             approvers = sorted(set(approvers) | set(authorize(session)))
-        _transition(session, ctx, key, v, REVOKED, actor=actor or ctx.actor, reason=reason,
-                    approvers=approvers, ticket=ticket, event_id=event_id)
+        _transition(
+            session,
+            ctx,
+            key,
+            v,
+            REVOKED,
+            actor=actor or ctx.actor,
+            reason=reason,
+            approvers=approvers,
+            ticket=ticket,
+            event_id=event_id,
+        )
 
 
 DestroyGuard = Callable[[Session, KmsContext, Key, KeyVersion], "str | None"]
@@ -387,18 +497,25 @@ _DESTROY_GUARDS: dict[str, DestroyGuard] = {}
 
 def destroy_guard(name: str):
     """Register a guard: it returns None to allow destruction, or the reason it refuses."""
+
     def register(fn: DestroyGuard) -> DestroyGuard:
         _DESTROY_GUARDS[name] = fn
         return fn
+
     return register
 
 
 # Modules that register destroy guards at import; imported before any destroy decision so
 # a guard can never be skipped because its module happened not to be loaded yet.
-GUARD_MODULES: tuple[str, ...] = ("kms_pipelines.core.retention", "kms_pipelines.core.dependents",
-                                   "kms_pipelines.core.service_keys", "kms_pipelines.core.envelope",
-                                   "kms_pipelines.core.backup", "kms_pipelines.core.escrow",
-                                   "kms_pipelines.core.vault")
+GUARD_MODULES: tuple[str, ...] = (
+    "kms_pipelines.core.retention",
+    "kms_pipelines.core.dependents",
+    "kms_pipelines.core.service_keys",
+    "kms_pipelines.core.envelope",
+    "kms_pipelines.core.backup",
+    "kms_pipelines.core.escrow",
+    "kms_pipelines.core.vault",
+)
 
 
 def destroy_guards() -> dict[str, DestroyGuard]:
@@ -409,13 +526,15 @@ def destroy_guards() -> dict[str, DestroyGuard]:
     return dict(_DESTROY_GUARDS)
 
 
-def check_destroy(session: Session, ctx: KmsContext, key: Key, v: KeyVersion,
-                  skip: Iterable[str] = ()) -> list[tuple[str, str]]:
+def check_destroy(
+    session: Session, ctx: KmsContext, key: Key, v: KeyVersion, skip: Iterable[str] = ()
+) -> list[tuple[str, str]]:
     """Every guard that refuses destroying ``v``, as (guard, reason) pairs."""
     refusals = []
     if DESTROYED not in TRANSITIONS[v.state]:
-        refusals.append(("state", f"{key.name} v{v.version} is {v.state}; only rotated or revoked versions "
-                                  f"can be destroyed"))
+        refusals.append(
+            ("state", f"{key.name} v{v.version} is {v.state}; only rotated or revoked versions can be destroyed")
+        )
     for guard_name, guard in destroy_guards().items():
         if guard_name in skip:
             continue
@@ -425,9 +544,19 @@ def check_destroy(session: Session, ctx: KmsContext, key: Key, v: KeyVersion,
     return refusals
 
 
-def destroy(ctx: KmsContext, name: str, version: int, *, actor: str | None = None, reason: str,
-            approvers: Iterable[str] = (), ticket: str | None = None, event_id: str | None = None,
-            skip_guards: Iterable[str] = (), authorize: Authorize | None = None) -> None:
+def destroy(
+    ctx: KmsContext,
+    name: str,
+    version: int,
+    *,
+    actor: str | None = None,
+    reason: str,
+    approvers: Iterable[str] = (),
+    ticket: str | None = None,
+    event_id: str | None = None,
+    skip_guards: Iterable[str] = (),
+    authorize: Authorize | None = None,
+) -> None:
     """Destroy a version after every guard agrees; then erase its keystore material.
     ``authorize`` (e.g. dual approval) runs in the same transaction, after the guards.
 
@@ -445,8 +574,18 @@ def destroy(ctx: KmsContext, name: str, version: int, *, actor: str | None = Non
                 raise GuardRefused(guard, why)
             if authorize is not None:
                 approvers = sorted(set(approvers) | set(authorize(session)))
-            _transition(session, ctx, key, v, DESTROYED, actor=actor, reason=reason, approvers=approvers,
-                        ticket=ticket, event_id=event_id)
+            _transition(
+                session,
+                ctx,
+                key,
+                v,
+                DESTROYED,
+                actor=actor,
+                reason=reason,
+                approvers=approvers,
+                ticket=ticket,
+                event_id=event_id,
+            )
         refs = [r for r in (v.wrap_ref, v.sign_ref) if r]
     for ref in refs:
         try:
@@ -479,11 +618,21 @@ def inventory(ctx: KmsContext) -> list[InventoryRow]:
             for v in key.versions:
                 due = due_at(ctx, key.name, v) if v.state == ACTIVE else None
                 age = (now - utc(v.activated_at)).total_seconds() / 86400 if v.activated_at else None
-                rows.append(InventoryRow(key.name, key.key_class, v.version, v.state, utc(v.created_at),
-                                         utc(v.activated_at) if v.activated_at else None,
-                                         round(age, 2) if age is not None else None, due,
-                                         bool(due and now >= due), v.fingerprint,
-                                         utc(v.expires_at) if v.expires_at else None))
+                rows.append(
+                    InventoryRow(
+                        key.name,
+                        key.key_class,
+                        v.version,
+                        v.state,
+                        utc(v.created_at),
+                        utc(v.activated_at) if v.activated_at else None,
+                        round(age, 2) if age is not None else None,
+                        due,
+                        bool(due and now >= due),
+                        v.fingerprint,
+                        utc(v.expires_at) if v.expires_at else None,
+                    )
+                )
     return rows
 
 

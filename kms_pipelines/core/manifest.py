@@ -34,13 +34,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from . import lifecycle
-from .canonical import canonical_bytes
-from .clock import utc
-from .context import KmsContext
-from .db.models import ACTIVE, PENDING, REVOKED, ROTATED, KeyVersion
-from .db.models_rotation import RootManifest
-from .keystore import fingerprint as fingerprint_of
-from .keystore import verify_signature
+from .foundation.canonical import canonical_bytes
+from .foundation.clock import utc
+from .foundation.context import KmsContext
+from .foundation.db.models import ACTIVE, PENDING, REVOKED, ROTATED, KeyVersion
+from .foundation.db.models_rotation import RootManifest
+from .foundation.keystore import fingerprint as fingerprint_of
+from .foundation.keystore import verify_signature
 from .ledger import format_time
 
 FORMAT = "kms-root-manifest/1"
@@ -82,19 +82,31 @@ class ManifestInfo:
 
 def build(ctx: KmsContext, versions: list[KeyVersion], v: KeyVersion) -> dict:
     """The manifest document of root version ``v`` (``versions``: all root versions)."""
-    previous = max((x for x in versions if x.version < v.version and x.state != PENDING),
-                   key=lambda x: x.version, default=None)
+    previous = max(
+        (x for x in versions if x.version < v.version and x.state != PENDING), key=lambda x: x.version, default=None
+    )
     prev_doc = None
     if previous is not None:
         signature = None
         if previous.state in (ACTIVE, ROTATED) and previous.sign_ref:
             signature = base64.b64encode(ctx.keystore.sign(previous.sign_ref, signed_message(v.fingerprint))).decode()
-        prev_doc = {"version": previous.version, "kid": kid(previous.version), "fingerprint": previous.fingerprint,
-                    "status": previous.state, "signature": signature}
+        prev_doc = {
+            "version": previous.version,
+            "kid": kid(previous.version),
+            "fingerprint": previous.fingerprint,
+            "status": previous.state,
+            "signature": signature,
+        }
     return {
-        "format": FORMAT, "key": "root", "version": v.version, "kid": kid(v.version), "algorithm": "Ed25519",
-        "public_key": base64.b64encode(v.public_key).decode(), "fingerprint": v.fingerprint,
-        "valid_from": format_time(utc(v.activated_at)), "previous": prev_doc,
+        "format": FORMAT,
+        "key": "root",
+        "version": v.version,
+        "kid": kid(v.version),
+        "algorithm": "Ed25519",
+        "public_key": base64.b64encode(v.public_key).decode(),
+        "fingerprint": v.fingerprint,
+        "valid_from": format_time(utc(v.activated_at)),
+        "previous": prev_doc,
     }
 
 
@@ -127,16 +139,30 @@ def publish(ctx: KmsContext, version: int) -> ManifestInfo:
     if ctx.objects.exists(key):
         existing = hashlib.sha256(ctx.objects.get_bytes(key)).hexdigest()
         if existing != digest:
-            raise ManifestError(f"{ctx.objects.url(key)} exists with different content than root v{version}'s "
-                                f"manifest (sha256 {existing[:16]}… ≠ {digest[:16]}…): tampered or foreign")
+            raise ManifestError(
+                f"{ctx.objects.url(key)} exists with different content than root v{version}'s "
+                f"manifest (sha256 {existing[:16]}… ≠ {digest[:16]}…): tampered or foreign"
+            )
     else:
         retain_until = _retain_until(ctx)
-        ctx.objects.put(key, body, retain_until=retain_until, content_type="application/json",
-                        metadata={"kid": kid(version), "sha256": digest})
-    row = RootManifest(root_version=version, kid=kid(version), fingerprint=doc["fingerprint"],
-                       previous_version=(doc["previous"] or {}).get("version"),
-                       previous_fingerprint=(doc["previous"] or {}).get("fingerprint"),
-                       object_key=key, sha256=digest, published_at=ctx.now(), retain_until=retain_until)
+        ctx.objects.put(
+            key,
+            body,
+            retain_until=retain_until,
+            content_type="application/json",
+            metadata={"kid": kid(version), "sha256": digest},
+        )
+    row = RootManifest(
+        root_version=version,
+        kid=kid(version),
+        fingerprint=doc["fingerprint"],
+        previous_version=(doc["previous"] or {}).get("version"),
+        previous_fingerprint=(doc["previous"] or {}).get("fingerprint"),
+        object_key=key,
+        sha256=digest,
+        published_at=ctx.now(),
+        retain_until=retain_until,
+    )
     try:
         with ctx.transaction() as session:
             session.add(row)
@@ -150,8 +176,16 @@ def publish(ctx: KmsContext, version: int) -> ManifestInfo:
 
 def _info(ctx: KmsContext, row: RootManifest) -> ManifestInfo:
     url = ctx.objects.url(row.object_key) if ctx.objects is not None else row.object_key
-    return ManifestInfo(row.root_version, row.kid, row.fingerprint, row.previous_fingerprint, row.object_key,
-                        url, row.sha256, utc(row.published_at))
+    return ManifestInfo(
+        row.root_version,
+        row.kid,
+        row.fingerprint,
+        row.previous_fingerprint,
+        row.object_key,
+        url,
+        row.sha256,
+        utc(row.published_at),
+    )
 
 
 def publish_pending(ctx: KmsContext) -> list[ManifestInfo]:
@@ -159,8 +193,9 @@ def publish_pending(ctx: KmsContext) -> list[ManifestInfo]:
     with ctx.transaction() as session:
         root = lifecycle.get_key(session, "root")
         published = set(session.scalars(select(RootManifest.root_version)))
-        todo = [v.version for v in root.versions
-                if v.version not in published and v.state in (ACTIVE, ROTATED, REVOKED)]
+        todo = [
+            v.version for v in root.versions if v.version not in published and v.state in (ACTIVE, ROTATED, REVOKED)
+        ]
     return [publish(ctx, n) for n in sorted(todo)]
 
 
@@ -221,11 +256,11 @@ def verify_chain(ctx: KmsContext) -> ChainCheck:
     for info in manifests(ctx):
         body = ctx.objects.get_bytes(info.object_key)
         if hashlib.sha256(body).hexdigest() != info.sha256:
-            return ChainCheck(False, len(docs), f"v{info.version}: object differs from the published digest",
-                              info.version)
+            return ChainCheck(
+                False, len(docs), f"v{info.version}: object differs from the published digest", info.version
+            )
         docs.append(json.loads(body))
     return verify_documents(docs)
-
 
 
 _DOC_FIELDS = {"format", "key", "version", "kid", "algorithm", "public_key", "fingerprint", "valid_from", "previous"}
@@ -235,7 +270,7 @@ _PREV_FIELDS = {"version", "kid", "fingerprint", "status", "signature"}
 def document_problem(d) -> str | None:
     """Field-by-field schema check of one manifest document (what an offline verifier needs
     before it trusts any field); None when it is well formed and self-consistent."""
-    from .clock import parse_time
+    from .foundation.clock import parse_time
 
     if not isinstance(d, dict):
         return "not a JSON object"
@@ -284,7 +319,8 @@ def reached_from(docs: list[dict], anchors: set[str]) -> dict[int, dict]:
         pdoc = reached.get(prev["version"])
         if pdoc is None or pdoc["fingerprint"] != prev["fingerprint"]:
             continue
-        if verify_signature(base64.b64decode(pdoc["public_key"]), signed_message(d["fingerprint"]),
-                            base64.b64decode(prev["signature"])):
+        if verify_signature(
+            base64.b64decode(pdoc["public_key"]), signed_message(d["fingerprint"]), base64.b64decode(prev["signature"])
+        ):
             reached[n] = d
     return reached

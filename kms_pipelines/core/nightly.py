@@ -9,14 +9,21 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .context import KmsContext
+from .foundation.context import KmsContext
 
 # Areas that register steps at import time. Add your module here when you add a step.
-STEP_MODULES: tuple[str, ...] = ("kms_pipelines.core.envelope", "kms_pipelines.core.export_keys",
-                                 "kms_pipelines.core.escrow", "kms_pipelines.core.notifications",
-                                 "kms_pipelines.core.backup", "kms_pipelines.core.rotation",
-                                 "kms_pipelines.core.retention", "kms_pipelines.core.checkpoints",
-                                 "kms_pipelines.core.audit", "kms_pipelines.core.vault")
+STEP_MODULES: tuple[str, ...] = (
+    "kms_pipelines.core.envelope",
+    "kms_pipelines.core.export_keys",
+    "kms_pipelines.core.escrow",
+    "kms_pipelines.core.notifications",
+    "kms_pipelines.core.backup",
+    "kms_pipelines.core.rotation",
+    "kms_pipelines.core.retention",
+    "kms_pipelines.core.checkpoints",
+    "kms_pipelines.core.audit",
+    "kms_pipelines.core.vault",
+)
 
 
 @dataclass(frozen=True)
@@ -31,9 +38,11 @@ _STEPS: dict[str, NightlyStep] = {}
 
 def nightly_step(name: str, order: int):
     """Register ``fn(ctx) -> summary`` as a nightly step; lower ``order`` runs first."""
+
     def register(fn):
         _STEPS[name] = NightlyStep(name, order, fn)
         return fn
+
     return register
 
 

@@ -1,6 +1,6 @@
 """Policy-level notifications (A4): who gets what, and evidence that it was delivered.
 
-``core/notify.py`` knows *how* to deliver (SMTP, Slack webhook, outbox, retries). This
+``core/foundation/transports.py`` knows *how* to deliver (SMTP, Slack webhook, outbox, retries). This
 module decides *who* is told about *what*, from ``policy.notifications``:
 
 ==========================  ==============================  =========
@@ -34,8 +34,8 @@ from typing import Iterable
 
 from sqlalchemy import select
 
-from .context import KmsContext
-from .db.models_events import NotificationDelivery
+from .foundation.context import KmsContext
+from .foundation.db.models_events import NotificationDelivery
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def recipients(ctx: KmsContext, audience: Iterable[str]) -> tuple[list[str], lis
     for who in audience:
         if who not in AUDIENCES:
             raise ValueError(f"unknown notification audience {who!r}; known: {list(AUDIENCES)}")
-        for address in (n.compliance_emails if who == "compliance" else n.security_emails):
+        for address in n.compliance_emails if who == "compliance" else n.security_emails:
             if address not in emails:
                 emails.append(address)
     return emails, list(n.slack_channels)
@@ -74,25 +74,44 @@ class NotifyOutcome:
     error: str | None = None
 
     def summary(self) -> dict:
-        return {"notification_id": self.notification_id, "kind": self.kind, "ok": self.ok,
-                "channels": {f"{r.channel}:{r.target}": ("ok" if r.ok else "FAILED") for r in self.results},
-                "error": self.error}
+        return {
+            "notification_id": self.notification_id,
+            "kind": self.kind,
+            "ok": self.ok,
+            "channels": {f"{r.channel}:{r.target}": ("ok" if r.ok else "FAILED") for r in self.results},
+            "error": self.error,
+        }
 
 
-def notify_policy_event(ctx: KmsContext, kind: str, subject: str, body: str, ref: str | None = None, *,
-                        audience: Iterable[str] | None = None, severity: str | None = None) -> NotifyOutcome:
+def notify_policy_event(
+    ctx: KmsContext,
+    kind: str,
+    subject: str,
+    body: str,
+    ref: str | None = None,
+    *,
+    audience: Iterable[str] | None = None,
+    severity: str | None = None,
+) -> NotifyOutcome:
     """Send one notification to the policy's lists for ``kind`` and record every delivery.
 
     Never raises for a delivery problem (including refused content or a missing notifier);
     the outcome and the ``notification_deliveries`` rows say what happened."""
-    from .notify import DeliveryResult, Notification
+    from .foundation.transports import DeliveryResult, Notification
 
     default_audience, default_severity = AUDIENCE_BY_KIND.get(kind, (("compliance",), "info"))
     audience = tuple(audience or default_audience)
     emails, channels = recipients(ctx, audience)
     try:
-        note = Notification(subject=subject, body=body, recipients=emails, slack_channels=channels,
-                            severity=severity or default_severity, kind=kind, ref=ref)
+        note = Notification(
+            subject=subject,
+            body=body,
+            recipients=emails,
+            slack_channels=channels,
+            severity=severity or default_severity,
+            kind=kind,
+            ref=ref,
+        )
     except ValueError as exc:  # KeyMaterialRefused or malformed text: visible, not raised
         results = [DeliveryResult("none", False, f"notification refused: {exc}", "", 0)]
         record_deliveries(ctx, None, kind, ref, subject, audience, results)
@@ -104,13 +123,24 @@ def notify_policy_event(ctx: KmsContext, kind: str, subject: str, body: str, ref
         try:
             results = list(ctx.notifier.send(note))
         except Exception as exc:  # noqa: BLE001 -- a notifier bug is still only a failed delivery
-            results = [DeliveryResult(getattr(ctx.notifier, "channel", "notifier"), False,
-                                      f"unexpected {type(exc).__name__}: {exc}", "", 0)]
+            results = [
+                DeliveryResult(
+                    getattr(ctx.notifier, "channel", "notifier"),
+                    False,
+                    f"unexpected {type(exc).__name__}: {exc}",
+                    "",
+                    0,
+                )
+            ]
     record_deliveries(ctx, note.id, kind, ref, subject, audience, results)
     ok = all(r.ok for r in results)
     if not ok:
-        log.warning("notification %s (%s) had failed deliveries: %s", kind, ref,
-                    [(r.channel, r.error) for r in results if not r.ok])
+        log.warning(
+            "notification %s (%s) had failed deliveries: %s",
+            kind,
+            ref,
+            [(r.channel, r.error) for r in results if not r.ok],
+        )
     return NotifyOutcome(note.id, kind, ok, results)
 
 
@@ -120,26 +150,50 @@ def record_deliveries(ctx: KmsContext, notification_id, kind, ref, subject, audi
     try:
         with ctx.transaction() as session:
             for r in results:
-                session.add(NotificationDelivery(
-                    at=now, notification_id=notification_id or "-", kind=kind, ref=ref, subject=subject[:1000],
-                    audience="+".join(audience), channel=r.channel, target=(r.target or "")[:300], ok=bool(r.ok),
-                    skipped=bool(r.skipped), attempts=int(r.attempts or 0), error=r.error))
+                session.add(
+                    NotificationDelivery(
+                        at=now,
+                        notification_id=notification_id or "-",
+                        kind=kind,
+                        ref=ref,
+                        subject=subject[:1000],
+                        audience="+".join(audience),
+                        channel=r.channel,
+                        target=(r.target or "")[:300],
+                        ok=bool(r.ok),
+                        skipped=bool(r.skipped),
+                        attempts=int(r.attempts or 0),
+                        error=r.error,
+                    )
+                )
     except Exception as exc:  # noqa: BLE001 -- the database being down must not hide the send
         log.error("could not record notification deliveries for %s (%s): %s", kind, ref, exc)
 
 
-def notify_manual_operation(ctx: KmsContext, *, operation: str, target: str, ticket: str | None,
-                            requester: str, approvers: Iterable[str], detail: str = "") -> NotifyOutcome:
+def notify_manual_operation(
+    ctx: KmsContext,
+    *,
+    operation: str,
+    target: str,
+    ticket: str | None,
+    requester: str,
+    approvers: Iterable[str],
+    detail: str = "",
+) -> NotifyOutcome:
     """A4: every manual operation is announced to the compliance lists."""
     approvers = sorted(approvers)
-    body = (f"Manual operation '{operation}' on {target}\n"
-            f"requested by: {requester}\napproved by: {', '.join(approvers) or '(none)'}\n"
-            f"change ticket: {ticket or '(none)'}\n" + (f"\n{detail}\n" if detail else ""))
-    return notify_policy_event(ctx, "manual_operation", f"Manual {operation} of {target} ({ticket or 'no ticket'})",
-                               body, ref=ticket or target)
+    body = (
+        f"Manual operation '{operation}' on {target}\n"
+        f"requested by: {requester}\napproved by: {', '.join(approvers) or '(none)'}\n"
+        f"change ticket: {ticket or '(none)'}\n" + (f"\n{detail}\n" if detail else "")
+    )
+    return notify_policy_event(
+        ctx, "manual_operation", f"Manual {operation} of {target} ({ticket or 'no ticket'})", body, ref=ticket or target
+    )
 
 
 # ---- the "notifications delivered" check ----------------------------------------------
+
 
 @dataclass
 class DeliveryStatus:
@@ -154,27 +208,56 @@ def delivery_status(ctx: KmsContext, window_hours: int | None = None) -> Deliver
     window_hours = window_hours or ctx.policy.notifications.delivery_window_hours
     since = ctx.now() - timedelta(hours=window_hours)
     with ctx.transaction() as session:
-        rows = list(session.scalars(select(NotificationDelivery).where(NotificationDelivery.at >= since)
-                                    .order_by(NotificationDelivery.id)))
+        rows = list(
+            session.scalars(
+                select(NotificationDelivery).where(NotificationDelivery.at >= since).order_by(NotificationDelivery.id)
+            )
+        )
     last: dict[tuple, NotificationDelivery] = {}
     for r in rows:  # in id order: the last outcome per (kind, ref, channel) wins
         last[(r.kind, r.ref, r.channel)] = r
-    unresolved = [{"at": r.at.isoformat() if r.at else None, "kind": r.kind, "ref": r.ref, "channel": r.channel,
-                   "target": r.target, "error": (r.error or "")[:300]}
-                  for r in last.values() if not r.ok]
-    return DeliveryStatus(not unresolved, window_hours, sum(1 for r in rows if r.ok and not r.skipped),
-                          sum(1 for r in rows if not r.ok), unresolved)
+    unresolved = [
+        {
+            "at": r.at.isoformat() if r.at else None,
+            "kind": r.kind,
+            "ref": r.ref,
+            "channel": r.channel,
+            "target": r.target,
+            "error": (r.error or "")[:300],
+        }
+        for r in last.values()
+        if not r.ok
+    ]
+    return DeliveryStatus(
+        not unresolved,
+        window_hours,
+        sum(1 for r in rows if r.ok and not r.skipped),
+        sum(1 for r in rows if not r.ok),
+        unresolved,
+    )
 
 
 def recent_deliveries(ctx: KmsContext, limit: int = 50) -> list[dict]:
     with ctx.transaction() as session:
-        rows = list(session.scalars(select(NotificationDelivery).order_by(NotificationDelivery.id.desc())
-                                    .limit(limit)))
-    return [{"at": r.at, "kind": r.kind, "ref": r.ref, "channel": r.channel, "target": r.target, "ok": r.ok,
-             "skipped": r.skipped, "attempts": r.attempts, "error": r.error} for r in rows]
+        rows = list(session.scalars(select(NotificationDelivery).order_by(NotificationDelivery.id.desc()).limit(limit)))
+    return [
+        {
+            "at": r.at,
+            "kind": r.kind,
+            "ref": r.ref,
+            "channel": r.channel,
+            "target": r.target,
+            "ok": r.ok,
+            "skipped": r.skipped,
+            "attempts": r.attempts,
+            "error": r.error,
+        }
+        for r in rows
+    ]
 
 
 # ---- overdue partner acknowledgements and drill follow-ups ---------------------------
+
 
 # (kind, module, candidate function names): each function(ctx) returns the overdue items as
 # dicts/objects with an id/ref, a description and a due time. The first two candidates are
@@ -182,23 +265,36 @@ def recent_deliveries(ctx: KmsContext, limit: int = 50) -> list[dict]:
 def _rotation_overdue(ctx: KmsContext) -> list[dict]:
     from . import rotation
 
-    return [{"id": f"{r.partner}@root-v{r.version}", "due_at": r.deadline,
-             "description": f"partner {r.partner} has not acknowledged root v{r.version} "
-                            f"(notified {r.notified_at or 'not yet'})"}
-            for r in rotation.check_partners(ctx).overdue]
+    return [
+        {
+            "id": f"{r.partner}@root-v{r.version}",
+            "due_at": r.deadline,
+            "description": f"partner {r.partner} has not acknowledged root v{r.version} "
+            f"(notified {r.notified_at or 'not yet'})",
+        }
+        for r in rotation.check_partners(ctx).overdue
+    ]
 
 
 def _drills_overdue(ctx: KmsContext) -> list[dict]:
     from . import drills
 
-    return [{"id": f"followup-{f['id']}", "due_at": f["due_at"],
-             "description": f"drill follow-up '{f['title']}' (owner {f['owner']}) is not closed"}
-            for f in drills.status(ctx).get("overdue_followups", [])]
+    return [
+        {
+            "id": f"followup-{f['id']}",
+            "due_at": f["due_at"],
+            "description": f"drill follow-up '{f['title']}' (owner {f['owner']}) is not closed",
+        }
+        for f in drills.status(ctx).get("overdue_followups", [])
+    ]
 
 
 OVERDUE_SOURCES = (
-    ("partner_ack_overdue", "kms_pipelines.core.rotation",
-     ("overdue_acknowledgements", "overdue_partner_acks", "check_partners")),
+    (
+        "partner_ack_overdue",
+        "kms_pipelines.core.rotation",
+        ("overdue_acknowledgements", "overdue_partner_acks", "check_partners"),
+    ),
     ("drill_followup_overdue", "kms_pipelines.core.drills", ("overdue_followups", "overdue_follow_ups", "status")),
 )
 _ADAPTERS = {"check_partners": _rotation_overdue, "status": _drills_overdue}
@@ -236,9 +332,13 @@ def notify_overdue(ctx: KmsContext) -> dict:
             what = _item_field(item, "description", "summary", "title", default=str(item))
             due = _item_field(item, "due_at", "deadline", default="")
             label = "Partner acknowledgement overdue" if kind == "partner_ack_overdue" else "Drill follow-up overdue"
-            outcome = notify_policy_event(ctx, kind, f"{label}: {ref}",
-                                          f"{label}.\nitem: {ref}\n{what}\n" + (f"due: {due}\n" if due else ""),
-                                          ref=f"{kind}:{ref}")
+            outcome = notify_policy_event(
+                ctx,
+                kind,
+                f"{label}: {ref}",
+                f"{label}.\nitem: {ref}\n{what}\n" + (f"due: {due}\n" if due else ""),
+                ref=f"{kind}:{ref}",
+            )
             sent += outcome.ok
             failed += not outcome.ok
         summary[kind] = {"overdue": len(items), "notified": sent, "failed": failed}
@@ -278,9 +378,11 @@ def deliveries_by_ref(ctx: KmsContext, kinds: Iterable[str], refs: Iterable[str]
     last: dict[tuple, NotificationDelivery] = {}
     with ctx.transaction() as session:
         for i in range(0, len(refs), 500):
-            for row in session.scalars(select(NotificationDelivery).where(
-                    NotificationDelivery.kind.in_(list(kinds)), NotificationDelivery.ref.in_(refs[i:i + 500]))
-                    .order_by(NotificationDelivery.id)):
+            for row in session.scalars(
+                select(NotificationDelivery)
+                .where(NotificationDelivery.kind.in_(list(kinds)), NotificationDelivery.ref.in_(refs[i : i + 500]))
+                .order_by(NotificationDelivery.id)
+            ):
                 last[(row.ref, row.channel, row.target)] = row
     for (ref, channel, target), row in last.items():
         d = out[ref]

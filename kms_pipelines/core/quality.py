@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .context import KmsContext
-from .db.models import STATES
+from .foundation.context import KmsContext
+from .foundation.db.models import STATES
 
 
 def key_inventory_frame(ctx: KmsContext):
@@ -21,10 +21,21 @@ def key_inventory_frame(ctx: KmsContext):
     from . import lifecycle
 
     rows = lifecycle.inventory(ctx)
-    frame = pd.DataFrame([{"key": r.key, "key_class": r.key_class, "version": int(r.version), "state": r.state,
-                           "created_at": r.created_at, "activated_at": r.activated_at, "fingerprint": r.fingerprint}
-                          for r in rows],
-                         columns=["key", "key_class", "version", "state", "created_at", "activated_at", "fingerprint"])
+    frame = pd.DataFrame(
+        [
+            {
+                "key": r.key,
+                "key_class": r.key_class,
+                "version": int(r.version),
+                "state": r.state,
+                "created_at": r.created_at,
+                "activated_at": r.activated_at,
+                "fingerprint": r.fingerprint,
+            }
+            for r in rows
+        ],
+        columns=["key", "key_class", "version", "state", "created_at", "activated_at", "fingerprint"],
+    )
     frame["version"] = frame["version"].astype("int64")
     frame["key_version"] = frame["key"] + "#v" + frame["version"].astype(str)
     return frame
@@ -35,9 +46,12 @@ def active_per_key_frame(inventory):
     import pandas as pd
 
     live = inventory[inventory["state"] != "destroyed"]
-    counts = (live.assign(is_active=(live["state"] == "active").astype("int64"))
-              .groupby("key", as_index=False)["is_active"].sum()
-              .rename(columns={"is_active": "active_count"}))
+    counts = (
+        live.assign(is_active=(live["state"] == "active").astype("int64"))
+        .groupby("key", as_index=False)["is_active"]
+        .sum()
+        .rename(columns={"is_active": "active_count"})
+    )
     return pd.DataFrame(counts, columns=["key", "active_count"])
 
 
@@ -54,8 +68,11 @@ class SuiteResult:
 
 def _run(gx, gxe, name: str, frame, expectations) -> SuiteResult:
     ctx = gx.get_context(mode="ephemeral")
-    batch_def = (ctx.data_sources.add_pandas(name=f"kms_{name}").add_dataframe_asset(name=name)
-                 .add_batch_definition_whole_dataframe("all"))
+    batch_def = (
+        ctx.data_sources.add_pandas(name=f"kms_{name}")
+        .add_dataframe_asset(name=name)
+        .add_batch_definition_whole_dataframe("all")
+    )
     suite = ctx.suites.add(gx.ExpectationSuite(name=name))
     for e in expectations:
         suite.add_expectation(e)
@@ -77,23 +94,47 @@ def validate(ctx: KmsContext, *, inventory=None, deks=None) -> list[SuiteResult]
 
     inventory = key_inventory_frame(ctx) if inventory is None else inventory
     results = [
-        _run(gx, gxe, "key_inventory", inventory, [
-            gxe.ExpectTableColumnsToMatchSet(column_set=["key", "key_class", "version", "state", "created_at",
-                                                         "activated_at", "fingerprint", "key_version"],
-                                             exact_match=False),
-            gxe.ExpectColumnValuesToNotBeNull(column="key"),
-            gxe.ExpectColumnValuesToBeOfType(column="version", type_="int64"),
-            gxe.ExpectColumnValuesToBeBetween(column="version", min_value=1),
-            gxe.ExpectColumnValuesToBeInSet(column="state", value_set=list(STATES)),
-            gxe.ExpectColumnValuesToBeInSet(column="key_class",
-                                            value_set=["root", "service", "data", "export", "backup", "break-glass", "archive"]),
-            gxe.ExpectColumnValuesToBeUnique(column="key_version"),
-            gxe.ExpectCompoundColumnsToBeUnique(column_list=["key", "version"]),
-        ]),
-        _run(gx, gxe, "active_per_key", active_per_key_frame(inventory), [
-            gxe.ExpectColumnValuesToBeUnique(column="key"),
-            gxe.ExpectColumnValuesToBeBetween(column="active_count", min_value=1, max_value=1),
-        ]),
+        _run(
+            gx,
+            gxe,
+            "key_inventory",
+            inventory,
+            [
+                gxe.ExpectTableColumnsToMatchSet(
+                    column_set=[
+                        "key",
+                        "key_class",
+                        "version",
+                        "state",
+                        "created_at",
+                        "activated_at",
+                        "fingerprint",
+                        "key_version",
+                    ],
+                    exact_match=False,
+                ),
+                gxe.ExpectColumnValuesToNotBeNull(column="key"),
+                gxe.ExpectColumnValuesToBeOfType(column="version", type_="int64"),
+                gxe.ExpectColumnValuesToBeBetween(column="version", min_value=1),
+                gxe.ExpectColumnValuesToBeInSet(column="state", value_set=list(STATES)),
+                gxe.ExpectColumnValuesToBeInSet(
+                    column="key_class",
+                    value_set=["root", "service", "data", "export", "backup", "break-glass", "archive"],
+                ),
+                gxe.ExpectColumnValuesToBeUnique(column="key_version"),
+                gxe.ExpectCompoundColumnsToBeUnique(column_list=["key", "version"]),
+            ],
+        ),
+        _run(
+            gx,
+            gxe,
+            "active_per_key",
+            active_per_key_frame(inventory),
+            [
+                gxe.ExpectColumnValuesToBeUnique(column="key"),
+                gxe.ExpectColumnValuesToBeBetween(column="active_count", min_value=1, max_value=1),
+            ],
+        ),
     ]
     if deks is None:
         try:
@@ -105,13 +146,21 @@ def validate(ctx: KmsContext, *, inventory=None, deks=None) -> list[SuiteResult]
     if deks is not None:
         if "shredded_at" in deks.columns:  # crypto-shredded export DEKs stay listed on destroyed versions
             deks = deks[deks["shredded_at"].isna()]
-        results.append(_run(gx, gxe, "dek_inventory", deks, [
-            gxe.ExpectColumnValuesToNotBeNull(column="dek_id"),
-            gxe.ExpectColumnValuesToBeUnique(column="dek_id"),
-            gxe.ExpectColumnValuesToNotBeNull(column="key_name"),
-            gxe.ExpectColumnValuesToBeBetween(column="key_version", min_value=1),
-            # a DEK may sit on any version that still exists; never on a missing or destroyed one
-            gxe.ExpectColumnValuesToBeInSet(column="version_state", value_set=["active", "rotated", "revoked"]),
-            gxe.ExpectCompoundColumnsToBeUnique(column_list=["key_name", "object_id"]),
-        ]))
+        results.append(
+            _run(
+                gx,
+                gxe,
+                "dek_inventory",
+                deks,
+                [
+                    gxe.ExpectColumnValuesToNotBeNull(column="dek_id"),
+                    gxe.ExpectColumnValuesToBeUnique(column="dek_id"),
+                    gxe.ExpectColumnValuesToNotBeNull(column="key_name"),
+                    gxe.ExpectColumnValuesToBeBetween(column="key_version", min_value=1),
+                    # a DEK may sit on any version that still exists; never on a missing or destroyed one
+                    gxe.ExpectColumnValuesToBeInSet(column="version_state", value_set=["active", "rotated", "revoked"]),
+                    gxe.ExpectCompoundColumnsToBeUnique(column_list=["key_name", "object_id"]),
+                ],
+            )
+        )
     return results

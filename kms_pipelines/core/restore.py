@@ -35,10 +35,10 @@ from sqlalchemy import create_engine, inspect, select, text
 from sqlalchemy.engine import make_url
 
 from . import archive as archive_mod
-from . import db as db_mod
-from .backup import (BackupError, get_backup, load_trust, mark_verified, verify_manifest)
-from .context import KmsContext
-from .db.models import Key, KeyVersion
+from .backup import BackupError, get_backup, load_trust, mark_verified, verify_manifest
+from .foundation import db as db_mod
+from .foundation.context import KmsContext
+from .foundation.db.models import Key, KeyVersion
 
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 
@@ -68,8 +68,9 @@ class RestoreReport:
         return [c for c in self.checks if c.status == FAILED]
 
     def summary(self) -> str:
-        return "; ".join(f"{c.name}: {c.status}" + (f" ({c.detail})" if c.detail and c.status != PASSED else "")
-                         for c in self.checks)
+        return "; ".join(
+            f"{c.name}: {c.status}" + (f" ({c.detail})" if c.detail and c.status != PASSED else "") for c in self.checks
+        )
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -96,7 +97,7 @@ class _CopiedArchive:
         self._files = files
 
     def _path(self, key: str) -> Path:
-        from .objectstore import ObjectNotFound
+        from .foundation.objectstore import ObjectNotFound
 
         if key not in self._files:
             raise ObjectNotFound(f"{key} is not among the copied files")
@@ -126,8 +127,10 @@ def archive_from_path(ctx: KmsContext, archive: str) -> tuple[KmsContext, str]:
         return ctx, real.relative_to(Path(root).resolve()).as_posix()
     manifest = real.with_name(real.name[: -len(ARCHIVE_SUFFIX)] + ".manifest.json")
     if not manifest.is_file():
-        raise BackupError(f"{archive}: its signed manifest {manifest.name} is not beside it; "
-                          f"copy both, or pass the archive id (`kms backup list`)")
+        raise BackupError(
+            f"{archive}: its signed manifest {manifest.name} is not beside it; "
+            f"copy both, or pass the archive id (`kms backup list`)"
+        )
     try:
         archive_key = json.loads(manifest.read_bytes())["manifest"]["archive_key"]  # a name only: verified next
     except (ValueError, KeyError, TypeError):
@@ -156,7 +159,12 @@ def _redact(url: str) -> str:
 
 def _same_database(a: str, b: str) -> bool:
     ua, ub = make_url(db_mod.normalize_url(a)), make_url(db_mod.normalize_url(b))
-    return (ua.get_backend_name(), ua.host, ua.port, ua.database) == (ub.get_backend_name(), ub.host, ub.port, ub.database)
+    return (ua.get_backend_name(), ua.host, ua.port, ua.database) == (
+        ub.get_backend_name(),
+        ub.host,
+        ub.port,
+        ub.database,
+    )
 
 
 def _check_target(ctx: KmsContext, target_url: str, db_kind: str) -> None:
@@ -176,19 +184,24 @@ def _check_target(ctx: KmsContext, target_url: str, db_kind: str) -> None:
         try:
             tables = inspect(engine).get_table_names()
         except Exception as exc:  # noqa: BLE001
-            raise BackupError(f"target database {_redact(target_url)} is unreachable: "
-                              f"{str(exc).splitlines()[0][:200]}") from None
+            raise BackupError(
+                f"target database {_redact(target_url)} is unreachable: {str(exc).splitlines()[0][:200]}"
+            ) from None
         if tables:
-            raise BackupError(f"target database {_redact(target_url)} is not empty ({len(tables)} tables); "
-                              f"restore into a new database")
+            raise BackupError(
+                f"target database {_redact(target_url)} is not empty ({len(tables)} tables); "
+                f"restore into a new database"
+            )
     finally:
         engine.dispose()
 
 
-def verify_before_restore(ctx: KmsContext, archive: str, *, trust: list[bytes] | list[str] | None = None) -> tuple[dict, str]:
+def verify_before_restore(
+    ctx: KmsContext, archive: str, *, trust: list[bytes] | list[str] | None = None
+) -> tuple[dict, str]:
     """Steps (1) and (2): signed manifest, then the archive's size and sha256. Returns
     (manifest, archive_key); raises BackupError naming what does not match."""
-    from .objectstore import ObjectNotFound
+    from .foundation.objectstore import ObjectNotFound
 
     archive_key, manifest_key = _locate(ctx, archive)
     try:
@@ -204,19 +217,25 @@ def verify_before_restore(ctx: KmsContext, archive: str, *, trust: list[bytes] |
     except ObjectNotFound:
         raise BackupError(f"archive {archive_key} not found") from None
     if size != manifest["archive_size"]:
-        raise BackupError(f"archive {manifest['archive_id']} is {size} bytes, its signed manifest says "
-                          f"{manifest['archive_size']}: truncated or altered; nothing restored")
+        raise BackupError(
+            f"archive {manifest['archive_id']} is {size} bytes, its signed manifest says "
+            f"{manifest['archive_size']}: truncated or altered; nothing restored"
+        )
     if sha != manifest["archive_sha256"]:
-        raise BackupError(f"archive {manifest['archive_id']} sha256 does not match its signed manifest: "
-                          f"altered; nothing restored")
+        raise BackupError(
+            f"archive {manifest['archive_id']} sha256 does not match its signed manifest: altered; nothing restored"
+        )
     return manifest, archive_key
 
 
 def _unseal_identity(ctx: KmsContext, manifest: dict) -> str:
     version = manifest["backup_key"]["version"]
     with ctx.transaction() as session:
-        wrap_ref = session.scalars(select(KeyVersion.wrap_ref).join(Key, KeyVersion.key_id == Key.id)
-                                   .where(Key.name == "backup", KeyVersion.version == version)).first()
+        wrap_ref = session.scalars(
+            select(KeyVersion.wrap_ref)
+            .join(Key, KeyVersion.key_id == Key.id)
+            .where(Key.name == "backup", KeyVersion.version == version)
+        ).first()
     if not wrap_ref:
         raise BackupError(f"backup key v{version} that sealed this archive is not in this KMS")
     sealed = base64.b64decode(manifest["sealed_identity"])
@@ -239,8 +258,14 @@ def _software_master(keystore):
     while keystore is not None and seen < 5:
         if getattr(keystore, "backend", None) == "software" and hasattr(keystore, "_master"):
             return keystore._master
-        keystore = next((getattr(keystore, a) for a in ("inner", "_inner", "wrapped", "_wrapped", "keystore",
-                                                        "_keystore", "backend_store") if hasattr(keystore, a)), None)
+        keystore = next(
+            (
+                getattr(keystore, a)
+                for a in ("inner", "_inner", "wrapped", "_wrapped", "keystore", "_keystore", "backend_store")
+                if hasattr(keystore, a)
+            ),
+            None,
+        )
         seen += 1
     return None
 
@@ -252,7 +277,7 @@ def restored_keystore(ctx: KmsContext, home: Path):
     master = _software_master(ctx.keystore)
     keys_dir = home / "artifacts" / "kms" / "keys"
     if master is not None and keys_dir.is_dir():
-        from .keystore.software import SoftwareKeyStore
+        from .foundation.keystore.software import SoftwareKeyStore
 
         ks = SoftwareKeyStore.__new__(SoftwareKeyStore)
         SoftwareKeyStore.__init__(ks, keys_dir, master_key=b"\0" * 32)
@@ -264,12 +289,23 @@ def restored_keystore(ctx: KmsContext, home: Path):
 def staging_context(ctx: KmsContext, url: str, home: Path) -> KmsContext:
     from dataclasses import replace
 
-    return replace(ctx, engine=db_mod.make_engine(url), keystore=restored_keystore(ctx, home), home=home,
-                   actor=f"{ctx.actor}:staging")
+    return replace(
+        ctx,
+        engine=db_mod.make_engine(url),
+        keystore=restored_keystore(ctx, home),
+        home=home,
+        actor=f"{ctx.actor}:staging",
+    )
 
 
-def restore(ctx: KmsContext, archive: str, target_url: str, *, target_home: str | os.PathLike | None = None,
-            trust: list[bytes] | list[str] | str | None = None) -> RestoreReport:
+def restore(
+    ctx: KmsContext,
+    archive: str,
+    target_url: str,
+    *,
+    target_home: str | os.PathLike | None = None,
+    trust: list[bytes] | list[str] | str | None = None,
+) -> RestoreReport:
     """Verify, then restore ``archive`` (file path, id or object key) into ``target_url`` and check it."""
     started, t0 = ctx.now(), time.perf_counter()
     ctx, archive = archive_from_path(ctx, archive)
@@ -296,10 +332,20 @@ def restore(ctx: KmsContext, archive: str, target_url: str, *, target_home: str 
                 if name.startswith(archive_mod.DB_PART_PREFIX):
                     if pg_proc is None:
                         pg_proc = subprocess.Popen(
-                            ["pg_restore", "--clean", "--if-exists", "--no-owner", "--exit-on-error",
-                             "--single-transaction", "-d",
-                             target.set(drivername="postgresql").render_as_string(hide_password=False)],
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            [
+                                "pg_restore",
+                                "--clean",
+                                "--if-exists",
+                                "--no-owner",
+                                "--exit-on-error",
+                                "--single-transaction",
+                                "-d",
+                                target.set(drivername="postgresql").render_as_string(hide_password=False),
+                            ],
+                            stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE,
+                        )
                     shutil.copyfileobj(data, pg_proc.stdin, archive_mod.PIPE_BUFFER)
                 elif name == archive_mod.DB_SQLITE:
                     with open(target.database, "wb") as out:
@@ -380,8 +426,14 @@ def _post_checks(ctx: KmsContext, staged: KmsContext, manifest: dict, report: Re
         if not items:
             return SKIPPED, "no live data-key versions at backup time"
         with staged.transaction() as session:
-            refs = {(n, v): r for n, v, r in session.execute(
-                select(Key.name, KeyVersion.version, KeyVersion.wrap_ref).join(KeyVersion, KeyVersion.key_id == Key.id))}
+            refs = {
+                (n, v): r
+                for n, v, r in session.execute(
+                    select(Key.name, KeyVersion.version, KeyVersion.wrap_ref).join(
+                        KeyVersion, KeyVersion.key_id == Key.id
+                    )
+                )
+            }
         bad = []
         for c in items:
             ref = refs.get((c["key"], c["version"]))
@@ -403,6 +455,7 @@ def _post_checks(ctx: KmsContext, staged: KmsContext, manifest: dict, report: Re
 
 # ---------------------------------------------------------------------------- staging
 
+
 def staging_server_url(ctx: KmsContext, staging_url: str | None = None) -> str | None:
     """The PostgreSQL server that hosts staging databases: ``KMS_DRILL_STAGING_URL`` or the
     live KMS database's server. None for an embedded SQLite KMS."""
@@ -415,8 +468,9 @@ def staging_server_url(ctx: KmsContext, staging_url: str | None = None) -> str |
 
 
 @contextlib.contextmanager
-def staging_target(ctx: KmsContext, staging_url: str | None = None, *, label: str = "staging",
-                   keep: bool = False) -> Iterator[tuple[str, Path]]:
+def staging_target(
+    ctx: KmsContext, staging_url: str | None = None, *, label: str = "staging", keep: bool = False
+) -> Iterator[tuple[str, Path]]:
     """A new, empty staging database (``kms_<label>_<date>_<rand>``) and home directory;
     dropped afterwards unless ``keep``."""
     stamp = ctx.now().strftime("%Y%m%d")

@@ -26,9 +26,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from . import lifecycle, nightly, service_keys
-from .clock import utc
-from .context import KmsContext
-from .db.models import REVOKED, ROTATED, Key, KeyVersion
+from .foundation.clock import utc
+from .foundation.context import KmsContext
+from .foundation.db.models import REVOKED, ROTATED, Key, KeyVersion
 
 RETAINED_CLASSES = ("root", "service")
 DESTROY_OPERATION = "destroy"
@@ -73,8 +73,10 @@ def _retention_guard(session: Session, ctx: KmsContext, key: Key, v: KeyVersion)
     if allowed is None:
         return f"{key.name} v{v.version} was never retired; it must be kept {days} days after retirement (T1)"
     if ctx.now() < allowed:
-        return (f"{key.name} v{v.version} must be kept {days} days after its retirement on "
-                f"{retired_at(v).isoformat()} (T1); destroy allowed from {allowed.isoformat()}")
+        return (
+            f"{key.name} v{v.version} must be kept {days} days after its retirement on "
+            f"{retired_at(v).isoformat()} (T1); destroy allowed from {allowed.isoformat()}"
+        )
     return None
 
 
@@ -97,16 +99,29 @@ def due_for_destruction(ctx: KmsContext, at: datetime | None = None) -> list[Due
     now = at or ctx.now()
     out = []
     with ctx.transaction() as session:
-        keys = session.scalars(select(Key).where(Key.key_class.in_(RETAINED_CLASSES))
-                               .options(selectinload(Key.versions)).order_by(Key.name))
+        keys = session.scalars(
+            select(Key)
+            .where(Key.key_class.in_(RETAINED_CLASSES))
+            .options(selectinload(Key.versions))
+            .order_by(Key.name)
+        )
         for key in keys:
             for v in key.versions:
                 if v.state not in (ROTATED, REVOKED):
                     continue
                 allowed = destroy_allowed_from(ctx, key, v)
                 if allowed is not None and now >= allowed:
-                    out.append(DueVersion(key.name, v.version, v.state, retired_at(v), allowed,
-                                          ticket_for(key.name, v.version), target_for(key.name, v.version)))
+                    out.append(
+                        DueVersion(
+                            key.name,
+                            v.version,
+                            v.state,
+                            retired_at(v),
+                            allowed,
+                            ticket_for(key.name, v.version),
+                            target_for(key.name, v.version),
+                        )
+                    )
     return out
 
 
@@ -114,14 +129,25 @@ def _consume_approvals(ctx: KmsContext, target: str, ticket: str, requester: str
     def authorize(session: Session) -> list[str]:
         from . import access  # the access area (issue 3)
 
-        return list(access.consume_approvals(session, ctx, operation=DESTROY_OPERATION, target=target,
-                                             ticket=ticket, requester=requester))
+        return list(
+            access.consume_approvals(
+                session, ctx, operation=DESTROY_OPERATION, target=target, ticket=ticket, requester=requester
+            )
+        )
+
     return authorize
 
 
-def destroy_version(ctx: KmsContext, key_name: str, version: int, *, ticket: str | None = None,
-                    requester: str | None = None, reason: str = "retention ended (T1)",
-                    approvers: Iterable[str] | None = None) -> list[str]:
+def destroy_version(
+    ctx: KmsContext,
+    key_name: str,
+    version: int,
+    *,
+    ticket: str | None = None,
+    requester: str | None = None,
+    reason: str = "retention ended (T1)",
+    approvers: Iterable[str] | None = None,
+) -> list[str]:
     """Destroy a version under dual approval after every guard agrees. Guards are checked
     first (the refusal names the guard and consumes no approval); then the approvals for
     (destroy, ``key#vN``, ticket) are consumed in the same transaction as the transition.
@@ -158,8 +184,13 @@ class RetireSummary:
     archive: dict = field(default_factory=dict)  # T1 vault: archive copies deleted / still locked
 
     def to_dict(self) -> dict:
-        return {"due": [d.to_dict() for d in self.due], "destroyed": self.destroyed,
-                "awaiting_approval": self.awaiting_approval, "refused": self.refused, "archive": self.archive}
+        return {
+            "due": [d.to_dict() for d in self.due],
+            "destroyed": self.destroyed,
+            "awaiting_approval": self.awaiting_approval,
+            "refused": self.refused,
+            "archive": self.archive,
+        }
 
 
 def _access_error() -> tuple[type[BaseException], ...]:
@@ -200,8 +231,7 @@ def _request_approval(ctx: KmsContext, d: DueVersion, requester: str) -> None:
     from . import access
 
     try:
-        access.request_approval(ctx, operation=DESTROY_OPERATION, target=d.target, ticket=d.ticket,
-                                requester=requester)
+        access.request_approval(ctx, operation=DESTROY_OPERATION, target=d.target, ticket=d.ticket, requester=requester)
     except access.AccessDenied:
         pass  # reported through awaiting_approval already
 
@@ -214,14 +244,24 @@ def _notify_destroyed(ctx: KmsContext, d: DueVersion, requester: str, approvers:
         return
     fn = getattr(notifications, "notify_manual_operation", None)
     if fn is not None:
-        fn(ctx, operation=DESTROY_OPERATION, target=d.target, ticket=d.ticket, requester=requester,
-           approvers=approvers, detail=f"retention ended {d.allowed_from.isoformat()} (T1)")
+        fn(
+            ctx,
+            operation=DESTROY_OPERATION,
+            target=d.target,
+            ticket=d.ticket,
+            requester=requester,
+            approvers=approvers,
+            detail=f"retention ended {d.allowed_from.isoformat()} (T1)",
+        )
 
 
 @nightly.nightly_step("retire_expired", order=60)
 def _retire_step(ctx: KmsContext) -> dict:
     s = retire_expired(ctx)
-    return {"due": [d.target for d in s.due], "destroyed": [d["target"] for d in s.destroyed],
-            "awaiting_approval": [d["target"] for d in s.awaiting_approval],
-            "refused": [f"{d['target']} ({d['guard']})" for d in s.refused],
-            "archive_deleted": s.archive.get("deleted", [])}
+    return {
+        "due": [d.target for d in s.due],
+        "destroyed": [d["target"] for d in s.destroyed],
+        "awaiting_approval": [d["target"] for d in s.awaiting_approval],
+        "refused": [f"{d['target']} ({d['guard']})" for d in s.refused],
+        "archive_deleted": s.archive.get("deleted", []),
+    }

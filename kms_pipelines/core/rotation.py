@@ -39,10 +39,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
 from . import lifecycle, manifest, nightly, service_keys
-from .clock import utc
-from .context import KmsContext
-from .db.models import ACTIVE, REVOKED, ROTATED, Key, KeyVersion
-from .db.models_rotation import PartnerNotice, RootManifest, ServiceSeed
+from .foundation.clock import utc
+from .foundation.context import KmsContext
+from .foundation.db.models import ACTIVE, REVOKED, ROTATED, Key, KeyVersion
+from .foundation.db.models_rotation import PartnerNotice, RootManifest, ServiceSeed
 from .lifecycle import RotationResult
 
 RECONCILED_CLASSES = ("root", "service", "data", "backup", "archive")
@@ -56,12 +56,14 @@ class RotationError(lifecycle.LifecycleError):
 
 def keys_of_class(ctx: KmsContext, key_class: str) -> list[str]:
     if key_class not in RECONCILED_CLASSES:
-        raise RotationError(f"key class {key_class!r} is not reconciled here (choose from "
-                            f"{', '.join(RECONCILED_CLASSES)})")
+        raise RotationError(
+            f"key class {key_class!r} is not reconciled here (choose from {', '.join(RECONCILED_CLASSES)})"
+        )
     return [n for n in ctx.policy.bootstrap_key_names() if lifecycle.key_class_of(n) == key_class]
 
 
 # ---- the rotation and its in-transaction work -------------------------------------
+
 
 def _after_rotate(ctx: KmsContext):
     def hook(session, key: Key, new: KeyVersion, old: KeyVersion | None) -> None:
@@ -71,14 +73,33 @@ def _after_rotate(ctx: KmsContext):
                 _create_notices(session, ctx, new.version, ctx.now())
         elif key.key_class == "service":
             service_keys.ensure_seed(session, ctx, key.name, new.version)
+
     return hook
 
 
-def rotate_key(ctx: KmsContext, name: str, *, reason: str, actor: str | None = None, only_if_due: bool = False,
-               approvers=(), ticket: str | None = None, event_id: str | None = None) -> RotationResult:
+def rotate_key(
+    ctx: KmsContext,
+    name: str,
+    *,
+    reason: str,
+    actor: str | None = None,
+    only_if_due: bool = False,
+    approvers=(),
+    ticket: str | None = None,
+    event_id: str | None = None,
+) -> RotationResult:
     """``lifecycle.rotate`` plus the class's in-transaction work and after-commit follow-up."""
-    result = lifecycle.rotate(ctx, name, actor=actor, reason=reason, approvers=approvers, ticket=ticket,
-                              event_id=event_id, only_if_due=only_if_due, after_rotate=_after_rotate(ctx))
+    result = lifecycle.rotate(
+        ctx,
+        name,
+        actor=actor,
+        reason=reason,
+        approvers=approvers,
+        ticket=ticket,
+        event_id=event_id,
+        only_if_due=only_if_due,
+        after_rotate=_after_rotate(ctx),
+    )
     if result.rotated:
         follow_up(ctx, name)
     return result
@@ -103,12 +124,16 @@ def _pending_root_work(session, ctx: KmsContext) -> bool:
     """Cheap test whether ``catch_up_root`` has anything to do."""
     root = lifecycle.get_key(session, "root")
     active = lifecycle.active_version(root)
-    if active is not None and session.scalars(select(ServiceSeed.id).where(
-            ServiceSeed.root_version != active.version).limit(1)).first() is not None:
+    if (
+        active is not None
+        and session.scalars(select(ServiceSeed.id).where(ServiceSeed.root_version != active.version).limit(1)).first()
+        is not None
+    ):
         return True
     noticed = set(session.scalars(select(PartnerNotice.root_version).distinct()))
-    if ctx.policy.partners and any(v.version > 1 and v.activated_at is not None and v.version not in noticed
-                                   for v in root.versions):
+    if ctx.policy.partners and any(
+        v.version > 1 and v.activated_at is not None and v.version not in noticed for v in root.versions
+    ):
         return True
     if session.scalars(select(PartnerNotice.id).where(PartnerNotice.notified_at.is_(None)).limit(1)).first():
         return ctx.notifier is not None
@@ -132,16 +157,21 @@ def catch_up_root(ctx: KmsContext) -> dict:
                 _create_notices(session, ctx, v.version, utc(v.activated_at))
     published = manifest.publish_pending(ctx) if ctx.objects is not None else []
     sent = notify_partners(ctx)
-    return {"seeds_rewrapped": rewrapped, "manifests_published": [m.version for m in published],
-            "partners_notified": sent}
+    return {
+        "seeds_rewrapped": rewrapped,
+        "manifests_published": [m.version for m in published],
+        "partners_notified": sent,
+    }
 
 
 def _plan(ctx: KmsContext, names: list[str]) -> tuple[list[str], list[str], bool]:
     """In one read: which keys are due, which services need follow-up, whether root does."""
     due, services = [], []
     with ctx.transaction() as session:
-        keys = {k.name: k for k in session.scalars(select(Key).where(Key.name.in_(names))
-                                                    .options(selectinload(Key.versions)))}
+        keys = {
+            k.name: k
+            for k in session.scalars(select(Key).where(Key.name.in_(names)).options(selectinload(Key.versions)))
+        }
         for name in names:
             key = keys.get(name)
             if key is None:
@@ -164,8 +194,7 @@ def reconcile(ctx: KmsContext, key_class: str | None = None, *, actor: str | Non
     results = []
     for name in names:
         if name in due:  # rotate re-checks under the key's row lock
-            results.append(rotate_key(ctx, name, reason="cadence", actor=actor or "kms-reconcile",
-                                      only_if_due=True))
+            results.append(rotate_key(ctx, name, reason="cadence", actor=actor or "kms-reconcile", only_if_due=True))
         else:
             results.append(RotationResult(name, False, reason="not due"))
     rotated = {r.key for r in results if r.rotated}
@@ -177,8 +206,16 @@ def reconcile(ctx: KmsContext, key_class: str | None = None, *, actor: str | Non
     return results
 
 
-def rotate_now(ctx: KmsContext, name: str, *, reason: str, actor: str | None = None, approvers=(),
-               ticket: str | None = None, event_id: str | None = None) -> RotationResult:
+def rotate_now(
+    ctx: KmsContext,
+    name: str,
+    *,
+    reason: str,
+    actor: str | None = None,
+    approvers=(),
+    ticket: str | None = None,
+    event_id: str | None = None,
+) -> RotationResult:
     """Rotate a service key at once for an R2 reason (compromise, tenant-rotation,
     ci-exposure), without approvals. Every other class and reason goes through dual control
     (``access.manual_rotate``); a security event's key rotates through ``compromise``."""
@@ -193,16 +230,22 @@ def check_immediate(ctx: KmsContext, name: str, reason: str) -> None:
     """Refuse (RotationError) unless ``reason`` may rotate ``name`` at once (R2)."""
     lifecycle.validate_key_name(ctx, name)
     if reason not in lifecycle.EMERGENCY_REASONS:
-        raise RotationError(f"an immediate rotation needs an R2 reason ({', '.join(lifecycle.EMERGENCY_REASONS)}); "
-                            f"a manual rotation of {name} needs dual approval (keys rotate --manual)")
+        raise RotationError(
+            f"an immediate rotation needs an R2 reason ({', '.join(lifecycle.EMERGENCY_REASONS)}); "
+            f"a manual rotation of {name} needs dual approval (keys rotate --manual)"
+        )
     if lifecycle.key_class_of(name) != "service":
-        raise RotationError(f"--reason {reason} rotates service keys only (R2); {name} is a "
-                            f"{lifecycle.key_class_of(name)} key: rotate it with dual approval "
-                            f"(`kms keys rotate {name} --manual --ticket T --requested-by YOU --totp CODE`)")
+        raise RotationError(
+            f"--reason {reason} rotates service keys only (R2); {name} is a "
+            f"{lifecycle.key_class_of(name)} key: rotate it with dual approval "
+            f"(`kms keys rotate {name} --manual --ticket T --requested-by YOU --totp CODE`)"
+        )
     allowed = ctx.policy.key_class("service").rotate_immediately_on
     if POLICY_REASONS[reason] not in allowed:
-        raise RotationError(f"the policy does not list {POLICY_REASONS[reason]!r} as a reason to rotate service keys "
-                            f"at once (rotate_immediately_on: {allowed})")
+        raise RotationError(
+            f"the policy does not list {POLICY_REASONS[reason]!r} as a reason to rotate service keys "
+            f"at once (rotate_immediately_on: {allowed})"
+        )
 
 
 def _notify_manual(ctx: KmsContext, name: str, result: RotationResult, actor: str, ticket: str | None) -> None:
@@ -210,15 +253,22 @@ def _notify_manual(ctx: KmsContext, name: str, result: RotationResult, actor: st
     from . import notifications
 
     notifications.notify_policy_event(
-        ctx, "manual_rotation", f"KMS: {name} rotated at once ({result.reason})",
-        (f"{name} was rotated from v{result.old_version} to v{result.new_version} by {actor} "
-         f"(reason: {result.reason}; ticket: {ticket or 'none'}). The old version stays verify-only "
-         f"until revoked or retired."),
-        ref=ticket or f"{name}#v{result.new_version}", audience=("compliance", "security"),
-        severity="warning" if result.reason != "manual" else "notice")
+        ctx,
+        "manual_rotation",
+        f"KMS: {name} rotated at once ({result.reason})",
+        (
+            f"{name} was rotated from v{result.old_version} to v{result.new_version} by {actor} "
+            f"(reason: {result.reason}; ticket: {ticket or 'none'}). The old version stays verify-only "
+            f"until revoked or retired."
+        ),
+        ref=ticket or f"{name}#v{result.new_version}",
+        audience=("compliance", "security"),
+        severity="warning" if result.reason != "manual" else "notice",
+    )
 
 
 # ---- partners (R1) ----------------------------------------------------------------
+
 
 def _notice_hours(ctx: KmsContext) -> int:
     return ctx.policy.key_class("root").partner_notice_hours or 24
@@ -229,8 +279,16 @@ def _create_notices(session, ctx: KmsContext, root_version: int, rotated_at: dat
     deadline = rotated_at + timedelta(hours=_notice_hours(ctx))
     for p in ctx.policy.partners:
         if p.name not in existing:
-            session.add(PartnerNotice(root_version=root_version, partner=p.name, email=p.email, rotated_at=rotated_at,
-                                      deadline=deadline, attempts=0))
+            session.add(
+                PartnerNotice(
+                    root_version=root_version,
+                    partner=p.name,
+                    email=p.email,
+                    rotated_at=rotated_at,
+                    deadline=deadline,
+                    attempts=0,
+                )
+            )
     session.flush()
 
 
@@ -239,11 +297,15 @@ def notify_partners(ctx: KmsContext) -> list[str]:
     if ctx.notifier is None:
         return []
     from . import notifications
-    from .notify import Notification, failures
+    from .foundation.transports import Notification, failures
 
     with ctx.transaction() as session:
-        pending = [n.id for n in session.scalars(select(PartnerNotice).where(PartnerNotice.notified_at.is_(None))
-                                                 .order_by(PartnerNotice.id))]
+        pending = [
+            n.id
+            for n in session.scalars(
+                select(PartnerNotice).where(PartnerNotice.notified_at.is_(None)).order_by(PartnerNotice.id)
+            )
+        ]
     if not pending:
         return []
     manifests = {m.version: m for m in manifest.manifests(ctx)} if ctx.objects is not None else {}
@@ -263,12 +325,17 @@ def notify_partners(ctx: KmsContext) -> list[str]:
             where = info.url if info else "(manifest publication pending)"
             message = Notification(
                 subject=f"Root key rotated: {manifest.kid(v.version)} now signs regulatory proof tokens",
-                body=(f"Dear {notice.partner},\n\nour root signing key was rotated at {notice.rotated_at.isoformat()}.\n"
-                      f"New key id: {manifest.kid(v.version)}\nFingerprint: {v.fingerprint}\n"
-                      f"Public-key manifest (signed by the previous root): {where}\n\n"
-                      f"Please update your trust store and acknowledge (ticket ref {manifest.kid(v.version)})."),
-                recipients=[notice.email], severity="notice", kind="root_rotation_partner_notice",
-                ref=f"{notice.partner}:{manifest.kid(v.version)}")
+                body=(
+                    f"Dear {notice.partner},\n\nour root signing key was rotated at {notice.rotated_at.isoformat()}.\n"
+                    f"New key id: {manifest.kid(v.version)}\nFingerprint: {v.fingerprint}\n"
+                    f"Public-key manifest (signed by the previous root): {where}\n\n"
+                    f"Please update your trust store and acknowledge (ticket ref {manifest.kid(v.version)})."
+                ),
+                recipients=[notice.email],
+                severity="notice",
+                kind="root_rotation_partner_notice",
+                ref=f"{notice.partner}:{manifest.kid(v.version)}",
+            )
             results = ctx.notifier.send(message)
             notice.attempts = (notice.attempts or 0) + 1
             bad = failures(results)
@@ -280,8 +347,9 @@ def notify_partners(ctx: KmsContext) -> list[str]:
         # per channel (after the notice's transaction: SQLite has one writer), so R1 can tell
         # a partner reached by email from one whose notice only reached the local outbox
         if results is not None:
-            notifications.record_deliveries(ctx, message.id, message.kind, message.ref, message.subject,
-                                            ("partners",), results)
+            notifications.record_deliveries(
+                ctx, message.id, message.kind, message.ref, message.subject, ("partners",), results
+            )
     return sent
 
 
@@ -303,8 +371,10 @@ def ack(ctx: KmsContext, partner: str, version: int, *, actor: str | None = None
         q = select(PartnerNotice).where(PartnerNotice.partner == partner, PartnerNotice.root_version == version)
         notice = session.scalars(q.with_for_update()).first()
         if notice is None:
-            raise RotationError(f"no partner notice for root v{version} (root versions rotated in: "
-                                f"{sorted(set(session.scalars(select(PartnerNotice.root_version)))) or 'none'})")
+            raise RotationError(
+                f"no partner notice for root v{version} (root versions rotated in: "
+                f"{sorted(set(session.scalars(select(PartnerNotice.root_version)))) or 'none'})"
+            )
         if notice.acked_at is not None:
             return Ack(partner, version, utc(notice.acked_at), notice.acked_by, False)
         notice.acked_at, notice.acked_by = ctx.now(), actor or ctx.actor
@@ -342,9 +412,20 @@ def partner_status(ctx: KmsContext, version: int | None = None) -> list[NoticeRo
                 status = "OVERDUE" if now >= deadline else "pending"
             else:
                 status = ("acked" if n.acked_at else "notified") + (" (late)" if notified > deadline else "")
-            out.append(NoticeRow(n.partner, n.root_version, utc(n.rotated_at), deadline, notified,
-                                 utc(n.acked_at) if n.acked_at else None, n.acked_by, n.attempts or 0, n.last_error,
-                                 status))
+            out.append(
+                NoticeRow(
+                    n.partner,
+                    n.root_version,
+                    utc(n.rotated_at),
+                    deadline,
+                    notified,
+                    utc(n.acked_at) if n.acked_at else None,
+                    n.acked_by,
+                    n.attempts or 0,
+                    n.last_error,
+                    status,
+                )
+            )
     return out
 
 
@@ -373,18 +454,25 @@ def overdue_partner_acks(ctx: KmsContext) -> list[dict]:
     for r in partner_status(ctx):
         if r.acked_at is None and ctx.now() >= r.deadline:
             what = "not notified" if r.notified_at is None else "not acknowledged"
-            out.append({"ref": f"partner-notice:{r.partner}:root.v{r.version}",
-                        "description": f"{r.partner} {what} root v{r.version} rotation (R1)",
-                        "due_at": r.deadline, "notified": r.notified_at is not None})
+            out.append(
+                {
+                    "ref": f"partner-notice:{r.partner}:root.v{r.version}",
+                    "description": f"{r.partner} {what} root v{r.version} rotation (R1)",
+                    "due_at": r.deadline,
+                    "notified": r.notified_at is not None,
+                }
+            )
     return sorted(out, key=lambda d: (d["notified"], d["due_at"]))
 
 
 # ---- nightly steps ------------------------------------------------------------------
 
+
 def _step(key_class: str):
     def run(ctx: KmsContext) -> dict:
         results = reconcile(ctx, key_class, actor="kms-nightly")
         return {"rotated": [f"{r.key} v{r.old_version}->v{r.new_version}" for r in results if r.rotated]}
+
     return run
 
 

@@ -42,12 +42,12 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Connection
 
 from . import ledger
-from .canonical import canonical_bytes
-from .clock import utc
-from .context import KmsContext
-from .db.models import ACTIVE, Key, KeyVersion, LedgerEntry
-from .db.models_rpt import RegulatoryProofToken
-from .keystore import fingerprint as key_fingerprint
+from .foundation.canonical import canonical_bytes
+from .foundation.clock import utc
+from .foundation.context import KmsContext
+from .foundation.db.models import ACTIVE, Key, KeyVersion, LedgerEntry
+from .foundation.db.models_rpt import RegulatoryProofToken
+from .foundation.keystore import fingerprint as key_fingerprint
 
 GENESIS_HASH = "0" * 64
 ALG = "EdDSA"
@@ -62,6 +62,7 @@ class RptError(ValueError):
 
 
 # ---- encoding ------------------------------------------------------------------------
+
 
 def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
@@ -84,7 +85,7 @@ def parse_kid(kid: str) -> tuple[int, str] | None:
     """``root#v3:SHA256:…`` -> (3, "SHA256:…"); None when it is not a root kid."""
     if not isinstance(kid, str) or not kid.startswith(ROOT + "#v") or ":" not in kid:
         return None
-    number, _, fp = kid[len(ROOT) + 2:].partition(":")
+    number, _, fp = kid[len(ROOT) + 2 :].partition(":")
     return (int(number), fp) if number.isdigit() and fp else None
 
 
@@ -107,6 +108,7 @@ def format_iat(iat: int) -> str:
 
 # ---- public keys and activity windows (pure; fed from the database or a bundle) --------
 
+
 @dataclass(frozen=True)
 class RootKey:
     version: int
@@ -121,6 +123,7 @@ class RootKey:
 @dataclass
 class Window:
     """When a root version was allowed to sign, according to the ledger."""
+
     version: int
     activated_at: datetime | None = None
     ended_at: datetime | None = None
@@ -130,11 +133,15 @@ class Window:
         if self.activated_at is None:
             return f"root v{self.version} was never activated according to the ledger"
         if iat < int(self.activated_at.timestamp()):
-            return (f"signed by root v{self.version} at {what}{format_iat(iat)}, before it was activated "
-                    f"at {ledger.format_time(self.activated_at)}")
+            return (
+                f"signed by root v{self.version} at {what}{format_iat(iat)}, before it was activated "
+                f"at {ledger.format_time(self.activated_at)}"
+            )
         if self.ended_at is not None and iat > self.ended_at.timestamp():
-            return (f"signed by root v{self.version} at {what}{format_iat(iat)}, after it was {self.ended_by} "
-                    f"at {ledger.format_time(self.ended_at)}")
+            return (
+                f"signed by root v{self.version} at {what}{format_iat(iat)}, after it was {self.ended_by} "
+                f"at {ledger.format_time(self.ended_at)}"
+            )
         return None
 
 
@@ -174,6 +181,7 @@ class WindowCollector:
 
 # ---- verification (pure) ----------------------------------------------------------------
 
+
 @dataclass
 class ChainResult:
     ok: bool
@@ -195,14 +203,23 @@ class ChainResult:
 @dataclass(frozen=True)
 class Anchor:
     """Where a (partial) verification starts: the token before the first one checked."""
+
     seq: int = 0
     hash: str = GENESIS_HASH
     iat: int | None = None
 
 
-def verify_token_rows(rows: Iterable[tuple[int, str]], keys: dict[str, RootKey], windows: dict[int, Window], *,
-                      anchor: Anchor = Anchor(), end_seq: int | None = None, signatures: bool = True,
-                      marks: Iterable[int] = (), refused: dict[str, str] | None = None) -> ChainResult:
+def verify_token_rows(
+    rows: Iterable[tuple[int, str]],
+    keys: dict[str, RootKey],
+    windows: dict[int, Window],
+    *,
+    anchor: Anchor = Anchor(),
+    end_seq: int | None = None,
+    signatures: bool = True,
+    marks: Iterable[int] = (),
+    refused: dict[str, str] | None = None,
+) -> ChainResult:
     """Verify ``(seq, token)`` rows in seq order, naming the first bad seq and why.
 
     Checks, per token: its position (no gap, no reorder), that ``prev`` links to the previous
@@ -222,8 +239,9 @@ def verify_token_rows(rows: Iterable[tuple[int, str]], keys: dict[str, RootKey],
     loads, sha = json.loads, _sha256
 
     def fail(seq: int, problem: str) -> ChainResult:
-        return ChainResult(False, count, seq, f"token seq {seq}: {problem}", expected - 1, prev, anchor.seq + 1,
-                           seen=seen)
+        return ChainResult(
+            False, count, seq, f"token seq {seq}: {problem}", expected - 1, prev, anchor.seq + 1, seen=seen
+        )
 
     for seq, token in rows:
         if seq != expected:
@@ -246,8 +264,11 @@ def verify_token_rows(rows: Iterable[tuple[int, str]], keys: dict[str, RootKey],
             key = keys.get(kid)
             if key is None:
                 parsed = parse_kid(kid) if isinstance(kid, str) else None
-                why = (f"unknown kid {str(kid)[:40]!r}" if parsed is None else
-                       f"unknown kid: no retained public key of root v{parsed[0]} has fingerprint {parsed[1][:23]}…")
+                why = (
+                    f"unknown kid {str(kid)[:40]!r}"
+                    if parsed is None
+                    else f"unknown kid: no retained public key of root v{parsed[0]} has fingerprint {parsed[1][:23]}…"
+                )
                 return fail(seq, why)
             if refused and kid in refused:
                 return fail(seq, refused[kid])
@@ -262,7 +283,7 @@ def verify_token_rows(rows: Iterable[tuple[int, str]], keys: dict[str, RootKey],
         raw = token.encode("ascii")
         if signatures:
             try:
-                pub.verify(_b64d(sb + "=" * (-len(sb) % 4)), raw[:len(hb) + len(pb) + 1])
+                pub.verify(_b64d(sb + "=" * (-len(sb) % 4)), raw[: len(hb) + len(pb) + 1])
             except (InvalidSignature, ValueError):
                 return fail(seq, f"payload altered: signature does not verify under root v{key.version}")
         try:
@@ -289,8 +310,10 @@ def verify_token_rows(rows: Iterable[tuple[int, str]], keys: dict[str, RootKey],
             next_mark = mark_list[mark_i] if mark_i < len(mark_list) else -1
         prev_iat, expected, count = iat, seq + 1, count + 1
     if end_seq is not None and expected - 1 < end_seq:
-        return fail(expected, f"seq gap: token seq {expected} is missing (the chain ends at seq {expected - 1}, "
-                              f"expected seq {end_seq})")
+        return fail(
+            expected,
+            f"seq gap: token seq {expected} is missing (the chain ends at seq {expected - 1}, expected seq {end_seq})",
+        )
     return ChainResult(True, count, None, None, expected - 1, prev, anchor.seq + 1, seen=seen)
 
 
@@ -301,8 +324,10 @@ def check_head(result: ChainResult, size: int, head_hash: str, label: str) -> Ch
     result.checked_against = label
     if result.head_seq < size:
         result.ok, result.first_bad_seq = False, result.head_seq + 1
-        result.problem = (f"RPT chain truncated: it ends at seq {result.head_seq} but {label} recorded "
-                          f"{size} tokens (seq {result.head_seq + 1}..{size} are missing)")
+        result.problem = (
+            f"RPT chain truncated: it ends at seq {result.head_seq} but {label} recorded "
+            f"{size} tokens (seq {result.head_seq + 1}..{size} are missing)"
+        )
     elif size and result.seen.get(size, head_hash if size < result.first_seq else None) != head_hash:
         result.ok, result.first_bad_seq = False, size
         result.problem = f"token seq {size}: its hash differs from the head recorded by {label} (chain rewritten)"
@@ -311,38 +336,47 @@ def check_head(result: ChainResult, size: int, head_hash: str, label: str) -> Ch
 
 # ---- database access -----------------------------------------------------------------------
 
+
 def root_keys(conn) -> dict[str, RootKey]:
     """Retained public keys of every root version (kept after the private key is destroyed)."""
     rows = conn.execute(
         select(KeyVersion.version, KeyVersion.public_key, KeyVersion.fingerprint)
-        .join(Key, Key.id == KeyVersion.key_id).where(Key.name == ROOT)).all()
+        .join(Key, Key.id == KeyVersion.key_id)
+        .where(Key.name == ROOT)
+    ).all()
     return key_map(RootKey(v, bytes(pk), fp) for v, pk, fp in rows if pk is not None and fp)
 
 
 def root_windows(conn) -> dict[int, Window]:
     collector = WindowCollector()
     for at, name, version, to_state in conn.execute(
-            select(LedgerEntry.at, LedgerEntry.key_name, LedgerEntry.key_version, LedgerEntry.to_state)
-            .where(LedgerEntry.key_name == ROOT).order_by(LedgerEntry.seq)):
+        select(LedgerEntry.at, LedgerEntry.key_name, LedgerEntry.key_version, LedgerEntry.to_state)
+        .where(LedgerEntry.key_name == ROOT)
+        .order_by(LedgerEntry.seq)
+    ):
         collector.add(at, name, version, to_state)
     return collector.windows
 
 
-def iter_tokens(conn: Connection, *, after_seq: int = 0, upto_seq: int | None = None,
-                batch_size: int = 5000) -> Iterator[tuple[int, str]]:
+def iter_tokens(
+    conn: Connection, *, after_seq: int = 0, upto_seq: int | None = None, batch_size: int = 5000
+) -> Iterator[tuple[int, str]]:
     """Stream ``(seq, token)`` in seq order with bounded memory."""
     q = select(RegulatoryProofToken.seq, RegulatoryProofToken.token).where(RegulatoryProofToken.seq > after_seq)
     if upto_seq is not None:
         q = q.where(RegulatoryProofToken.seq <= upto_seq)
-    result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(q.order_by(RegulatoryProofToken.seq))
+    result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(
+        q.order_by(RegulatoryProofToken.seq)
+    )
     for partition in result.partitions():
         yield from partition
 
 
 def chain_head(conn) -> tuple[int, str]:
     """(seq, token hash) of the newest token, or (0, GENESIS_HASH)."""
-    row = conn.execute(select(RegulatoryProofToken.seq, RegulatoryProofToken.token)
-                       .order_by(RegulatoryProofToken.seq.desc()).limit(1)).first()
+    row = conn.execute(
+        select(RegulatoryProofToken.seq, RegulatoryProofToken.token).order_by(RegulatoryProofToken.seq.desc()).limit(1)
+    ).first()
     return (row[0], token_hash(row[1])) if row else (0, GENESIS_HASH)
 
 
@@ -399,20 +433,29 @@ def _active_root(session) -> _Signer:
     """The active root version, in one statement that also locks the root key row for share,
     so no rotation commits between reading it and committing a token it signed."""
     row = session.execute(
-        select(KeyVersion.id, KeyVersion.version, KeyVersion.sign_ref, KeyVersion.public_key,
-               KeyVersion.fingerprint, KeyVersion.activated_at)
+        select(
+            KeyVersion.id,
+            KeyVersion.version,
+            KeyVersion.sign_ref,
+            KeyVersion.public_key,
+            KeyVersion.fingerprint,
+            KeyVersion.activated_at,
+        )
         .join(Key, Key.id == KeyVersion.key_id)
         .where(Key.name == ROOT, KeyVersion.state == ACTIVE)
-        .with_for_update(read=True, of=Key)).first()
+        .with_for_update(read=True, of=Key)
+    ).first()
     if row is None or not row.sign_ref or not row.public_key or not row.fingerprint:
         raise RptError("the root key has no active signing version (run `kms init`)")
     return _Signer(row.id, row.version, row.sign_ref, bytes(row.public_key), row.fingerprint, utc(row.activated_at))
 
 
 def _newest(session) -> tuple[int, str, int | None]:
-    row = session.execute(select(RegulatoryProofToken.seq, RegulatoryProofToken.token_hash,
-                                 RegulatoryProofToken.iat)
-                          .order_by(RegulatoryProofToken.seq.desc()).limit(1)).first()
+    row = session.execute(
+        select(RegulatoryProofToken.seq, RegulatoryProofToken.token_hash, RegulatoryProofToken.iat)
+        .order_by(RegulatoryProofToken.seq.desc())
+        .limit(1)
+    ).first()
     if row is None:
         return 0, GENESIS_HASH, None
     return row[0], row[1], int(utc(row[2]).timestamp())
@@ -444,11 +487,15 @@ def issue_many(ctx: KmsContext, items: list[tuple[str, dict]]) -> list[str]:
                 seq, prev, last_iat = _newest(session)
             iat = int(ctx.now().timestamp())
             if last_iat is not None and iat < last_iat:
-                raise RptError(f"clock is behind the newest token (seq {seq} has iat {format_iat(last_iat)}, "
-                               f"now is {format_iat(iat)}); refusing to issue a token that goes back in time")
+                raise RptError(
+                    f"clock is behind the newest token (seq {seq} has iat {format_iat(last_iat)}, "
+                    f"now is {format_iat(iat)}); refusing to issue a token that goes back in time"
+                )
             if iat < int(signer.activated_at.timestamp()):
-                raise RptError(f"the active root version was activated at {ledger.format_time(signer.activated_at)}, "
-                               f"after the issue time {format_iat(iat)}")
+                raise RptError(
+                    f"the active root version was activated at {ledger.format_time(signer.activated_at)}, "
+                    f"after the issue time {format_iat(iat)}"
+                )
             header, pub = {"alg": ALG, "kid": signer.kid}, Ed25519PublicKey.from_public_bytes(signer.public_key)
             rows, head_seq, head_hash = [], seq, prev
             for subject, claims in items:
@@ -458,12 +505,22 @@ def issue_many(ctx: KmsContext, items: list[tuple[str, dict]]) -> list[str]:
                 try:
                     pub.verify(signature, data)
                 except InvalidSignature:
-                    raise RptError(f"the keystore's signature does not verify under root v{signer.version} "
-                                   f"(wrong key object?); nothing was issued") from None
+                    raise RptError(
+                        f"the keystore's signature does not verify under root v{signer.version} "
+                        f"(wrong key object?); nothing was issued"
+                    ) from None
                 token = data.decode("ascii") + "." + b64url(signature)
-                rows.append({"seq": head_seq + 1, "token": token, "kid": signer.kid,
-                             "iat": datetime.fromtimestamp(iat, timezone.utc), "subject": subject,
-                             "prev_hash": head_hash, "token_hash": token_hash(token)})
+                rows.append(
+                    {
+                        "seq": head_seq + 1,
+                        "token": token,
+                        "kid": signer.kid,
+                        "iat": datetime.fromtimestamp(iat, timezone.utc),
+                        "subject": subject,
+                        "prev_hash": head_hash,
+                        "token_hash": token_hash(token),
+                    }
+                )
                 head_seq, head_hash = head_seq + 1, rows[-1]["token_hash"]
             with ctx.transaction() as session:
                 current = _active_root(session)
@@ -479,6 +536,7 @@ def issue_many(ctx: KmsContext, items: list[tuple[str, dict]]) -> list[str]:
 
 # ---- verify_chain (live) -------------------------------------------------------------------
 
+
 def count(ctx: KmsContext) -> int:
     with ctx.engine.connect() as conn:
         return conn.execute(select(func.count()).select_from(RegulatoryProofToken)).scalar_one()
@@ -487,7 +545,7 @@ def count(ctx: KmsContext) -> int:
 def _partition_worker(url: str, keys, windows, lo: int, hi: int, batch_size: int) -> ChainResult:
     from sqlalchemy import create_engine
 
-    from .db import make_engine, normalize_url
+    from .foundation.db import make_engine, normalize_url
 
     url = normalize_url(url)
     # SQLite: a plain engine (the KMS engine begins every transaction IMMEDIATE, which
@@ -499,14 +557,20 @@ def _partition_worker(url: str, keys, windows, lo: int, hi: int, batch_size: int
                 anchor = anchor_at(conn, lo)
             except RptError:
                 return ChainResult(False, 0, lo, f"token seq {lo}: seq gap: token seq {lo} is missing", lo - 1)
-            return verify_token_rows(iter_tokens(conn, after_seq=lo, upto_seq=hi, batch_size=batch_size),
-                                     keys, windows, anchor=anchor, end_seq=hi)
+            return verify_token_rows(
+                iter_tokens(conn, after_seq=lo, upto_seq=hi, batch_size=batch_size),
+                keys,
+                windows,
+                anchor=anchor,
+                end_seq=hi,
+            )
     finally:
         engine.dispose()
 
 
-def verify_chain(ctx: KmsContext, last: int | None = None, *, workers: int = 1,
-                 against_checkpoint: bool = True) -> ChainResult:
+def verify_chain(
+    ctx: KmsContext, last: int | None = None, *, workers: int = 1, against_checkpoint: bool = True
+) -> ChainResult:
     """verifyChain: every link, signature and signing window; exit-worthy on the first bad token.
 
     ``last=N`` verifies only the newest N tokens, anchored at the token before them.
@@ -533,8 +597,9 @@ def verify_chain(ctx: KmsContext, last: int | None = None, *, workers: int = 1,
     if workers <= 1 or max_seq - start < 2 * workers or multiprocessing.current_process().daemon:
         with ctx.engine.connect() as conn:
             anchor = anchor_at(conn, start)
-            result = verify_token_rows(iter_tokens(conn, after_seq=start, batch_size=batch), keys, windows,
-                                       anchor=anchor, marks=marks)
+            result = verify_token_rows(
+                iter_tokens(conn, after_seq=start, batch_size=batch), keys, windows, anchor=anchor, marks=marks
+            )
     else:
         result = _verify_parallel(ctx, keys, windows, start, max_seq, workers, batch, marks)
     if checkpoint is not None:
@@ -543,7 +608,7 @@ def verify_chain(ctx: KmsContext, last: int | None = None, *, workers: int = 1,
 
 
 def _verify_parallel(ctx, keys, windows, start, max_seq, workers, batch, marks) -> ChainResult:
-    from .partitions import map_in_processes, seq_bounds
+    from .foundation.partitions import map_in_processes, seq_bounds
 
     url = ctx.engine.url.render_as_string(hide_password=False)
     bounds = seq_bounds(start, max_seq, workers)
@@ -562,8 +627,7 @@ def _verify_parallel(ctx, keys, windows, start, max_seq, workers, batch, marks) 
         with ctx.engine.connect() as conn:
             for m in marks:
                 if start < m <= max_seq:
-                    t = conn.execute(select(RegulatoryProofToken.token)
-                                     .where(RegulatoryProofToken.seq == m)).scalar()
+                    t = conn.execute(select(RegulatoryProofToken.token).where(RegulatoryProofToken.seq == m)).scalar()
                     if t is not None:
                         result.seen[m] = token_hash(t)
     return result

@@ -48,11 +48,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from . import lifecycle
-from .canonical import canonical_bytes
-from .context import KmsContext
-from .db.models import ACTIVE, DESTROYED, ROTATED, Key, KeyVersion
-from .db.models_rotation import ServiceCredential, ServiceSeed
-from .keystore import DecryptionFailed, verify_signature
+from .foundation.canonical import canonical_bytes
+from .foundation.context import KmsContext
+from .foundation.db.models import ACTIVE, DESTROYED, ROTATED, Key, KeyVersion
+from .foundation.db.models_rotation import ServiceCredential, ServiceSeed
+from .foundation.keystore import DecryptionFailed, verify_signature
 
 CREDENTIAL_SEED = "credential"
 CREDENTIAL_PREFIX = "kmsc1"
@@ -79,6 +79,7 @@ def _b64d(text: str) -> bytes:
 
 # ---- seeds (root seeds service keys) -------------------------------------------------
 
+
 def _root_active(session: Session) -> KeyVersion:
     root = lifecycle.get_key(session, "root")
     v = lifecycle.active_version(root)
@@ -93,8 +94,14 @@ def ensure_seed(session: Session, ctx: KmsContext, key_name: str, version: int) 
     if seed is not None:
         return seed
     root = _root_active(session)
-    seed = ServiceSeed(key_name=key_name, key_version=version, purpose=CREDENTIAL_SEED, root_version=root.version,
-                       wrapped=ctx.keystore.new_wrapped_dek(root.wrap_ref), created_at=ctx.now())
+    seed = ServiceSeed(
+        key_name=key_name,
+        key_version=version,
+        purpose=CREDENTIAL_SEED,
+        root_version=root.version,
+        wrapped=ctx.keystore.new_wrapped_dek(root.wrap_ref),
+        created_at=ctx.now(),
+    )
     try:
         with session.begin_nested():
             session.add(seed)
@@ -105,9 +112,11 @@ def ensure_seed(session: Session, ctx: KmsContext, key_name: str, version: int) 
 
 
 def _seed(session: Session, key_name: str, version: int) -> ServiceSeed | None:
-    return session.scalars(select(ServiceSeed).where(ServiceSeed.key_name == key_name,
-                                                     ServiceSeed.key_version == version,
-                                                     ServiceSeed.purpose == CREDENTIAL_SEED)).first()
+    return session.scalars(
+        select(ServiceSeed).where(
+            ServiceSeed.key_name == key_name, ServiceSeed.key_version == version, ServiceSeed.purpose == CREDENTIAL_SEED
+        )
+    ).first()
 
 
 def _root_ref(session: Session, root_version: int) -> str:
@@ -120,15 +129,21 @@ def _root_ref(session: Session, root_version: int) -> str:
 
 def rewrap_seeds(session: Session, ctx: KmsContext, new_root: KeyVersion) -> int:
     """Rewrap every seed not yet under ``new_root`` (called in the root rotation's transaction)."""
-    seeds = list(session.scalars(select(ServiceSeed).where(ServiceSeed.root_version != new_root.version)
-                                 .order_by(ServiceSeed.root_version, ServiceSeed.id)))
+    seeds = list(
+        session.scalars(
+            select(ServiceSeed)
+            .where(ServiceSeed.root_version != new_root.version)
+            .order_by(ServiceSeed.root_version, ServiceSeed.id)
+        )
+    )
     moved = 0
     by_root: dict[int, list[ServiceSeed]] = {}
     for s in seeds:
         by_root.setdefault(s.root_version, []).append(s)
     for root_version, group in by_root.items():
-        new_wrapped = ctx.keystore.rewrap(_root_ref(session, root_version), new_root.wrap_ref,
-                                          [s.wrapped for s in group])
+        new_wrapped = ctx.keystore.rewrap(
+            _root_ref(session, root_version), new_root.wrap_ref, [s.wrapped for s in group]
+        )
         for s, w in zip(group, new_wrapped, strict=True):
             s.wrapped, s.root_version, s.rewrapped_at = w, new_root.version, ctx.now()
             moved += 1
@@ -142,8 +157,9 @@ def seeds_under(session: Session, root_version: int) -> int:
 
 def drop_seed(session: Session, key_name: str, version: int) -> None:
     """Forget a destroyed version's seed (its credentials can never verify again)."""
-    for s in session.scalars(select(ServiceSeed).where(ServiceSeed.key_name == key_name,
-                                                       ServiceSeed.key_version == version)):
+    for s in session.scalars(
+        select(ServiceSeed).where(ServiceSeed.key_name == key_name, ServiceSeed.key_version == version)
+    ):
         session.delete(s)
 
 
@@ -152,11 +168,15 @@ def _root_seeds_guard(session: Session, ctx: KmsContext, key: Key, v: KeyVersion
     if key.name != "root":
         return None
     n = seeds_under(session, v.version)
-    return (f"{n} service-key seed(s) are still wrapped under root v{v.version}; rotate root "
-            f"(which rewraps them) first") if n else None
+    return (
+        (f"{n} service-key seed(s) are still wrapped under root v{v.version}; rotate root (which rewraps them) first")
+        if n
+        else None
+    )
 
 
 # ---- versions -----------------------------------------------------------------------
+
 
 def _live_version(session: Session, key_name: str, version: int) -> KeyVersion:
     key = lifecycle.get_key(session, key_name)
@@ -172,6 +192,7 @@ def _active(session: Session, key_name: str) -> KeyVersion:
 
 # ---- API credentials ----------------------------------------------------------------
 
+
 def _credential_aad(key_name: str, version: int) -> bytes:
     return canonical_bytes({"purpose": "api-credential", "key": key_name, "version": version})
 
@@ -179,8 +200,9 @@ def _credential_aad(key_name: str, version: int) -> bytes:
 def _mint(session: Session, ctx: KmsContext, key_name: str, v: KeyVersion, client_id: str) -> str:
     seed = ensure_seed(session, ctx, key_name, v.version)
     body = canonical_bytes({"c": client_id, "iat": ctx.now().isoformat()})
-    token = ctx.keystore.dek_encrypt(_root_ref(session, seed.root_version), seed.wrapped, body,
-                                     _credential_aad(key_name, v.version))
+    token = ctx.keystore.dek_encrypt(
+        _root_ref(session, seed.root_version), seed.wrapped, body, _credential_aad(key_name, v.version)
+    )
     return f"{CREDENTIAL_PREFIX}.{key_name.split(':', 1)[1]}.v{v.version}.{_b64e(token)}"
 
 
@@ -203,12 +225,24 @@ def issue_credential(ctx: KmsContext, service: str, client_id: str) -> str:
 
 def _record(session, ctx, key_name, client_id, version, credential, sealed):
     digest = hashlib.sha256(credential.encode()).hexdigest()
-    row = session.scalars(select(ServiceCredential).where(
-        ServiceCredential.service == key_name, ServiceCredential.client_id == client_id,
-        ServiceCredential.key_version == version)).first()
+    row = session.scalars(
+        select(ServiceCredential).where(
+            ServiceCredential.service == key_name,
+            ServiceCredential.client_id == client_id,
+            ServiceCredential.key_version == version,
+        )
+    ).first()
     if row is None:
-        session.add(ServiceCredential(service=key_name, client_id=client_id, key_version=version,
-                                      issued_at=ctx.now(), credential_sha256=digest, sealed=sealed))
+        session.add(
+            ServiceCredential(
+                service=key_name,
+                client_id=client_id,
+                key_version=version,
+                issued_at=ctx.now(),
+                credential_sha256=digest,
+                sealed=sealed,
+            )
+        )
     else:  # a re-issue under the same version replaces the recorded hash
         row.issued_at, row.credential_sha256, row.sealed, row.picked_up_at = ctx.now(), digest, sealed, None
     session.flush()
@@ -248,15 +282,21 @@ def verify_credential(ctx: KmsContext, service: str, credential: str) -> Credent
         if seed is None:
             return CredentialCheck(False, key_name, version=version, problem="no seed for that version")
         try:
-            body = ctx.keystore.dek_decrypt(_root_ref(session, seed.root_version), seed.wrapped, token,
-                                            _credential_aad(key_name, version))
+            body = ctx.keystore.dek_decrypt(
+                _root_ref(session, seed.root_version), seed.wrapped, token, _credential_aad(key_name, version)
+            )
         except DecryptionFailed:
             return CredentialCheck(False, key_name, version=version, problem="credential does not authenticate")
         client_id = json.loads(body)["c"]
         digest = hashlib.sha256(credential.encode()).hexdigest()
-        known = session.scalars(select(ServiceCredential.id).where(
-            ServiceCredential.service == key_name, ServiceCredential.client_id == client_id,
-            ServiceCredential.key_version == version, ServiceCredential.credential_sha256 == digest)).first()
+        known = session.scalars(
+            select(ServiceCredential.id).where(
+                ServiceCredential.service == key_name,
+                ServiceCredential.client_id == client_id,
+                ServiceCredential.key_version == version,
+                ServiceCredential.credential_sha256 == digest,
+            )
+        ).first()
         if known is None:
             return CredentialCheck(False, key_name, client_id, version, "credential was superseded by a re-issue")
         return CredentialCheck(True, key_name, client_id, version)
@@ -267,8 +307,9 @@ def needing_follow_up(session: Session, keys: dict[str, Key]) -> list[str]:
     out = []
     seeded = set(session.execute(select(ServiceSeed.key_name, ServiceSeed.key_version)).all())
     creds: dict[str, dict[str, set[int]]] = {}
-    for service, client, version in session.execute(select(ServiceCredential.service, ServiceCredential.client_id,
-                                                           ServiceCredential.key_version)):
+    for service, client, version in session.execute(
+        select(ServiceCredential.service, ServiceCredential.client_id, ServiceCredential.key_version)
+    ):
         creds.setdefault(service, {}).setdefault(client, set()).add(version)
     for name, key in keys.items():
         v = lifecycle.active_version(key)
@@ -301,12 +342,17 @@ def pickup_credential(ctx: KmsContext, service: str, client_id: str) -> str:
     key_name = service_key_name(ctx, service)
     with ctx.transaction() as session:
         v = _active(session, key_name)
-        row = session.scalars(select(ServiceCredential).where(
-            ServiceCredential.service == key_name, ServiceCredential.client_id == client_id,
-            ServiceCredential.key_version == v.version)).first()
+        row = session.scalars(
+            select(ServiceCredential).where(
+                ServiceCredential.service == key_name,
+                ServiceCredential.client_id == client_id,
+                ServiceCredential.key_version == v.version,
+            )
+        ).first()
         if row is not None and row.picked_up_at is not None:
-            raise ServiceKeyError(f"the credential for {client_id!r} was already picked up at "
-                                  f"{row.picked_up_at.isoformat()}")
+            raise ServiceKeyError(
+                f"the credential for {client_id!r} was already picked up at {row.picked_up_at.isoformat()}"
+            )
         if row is None or row.sealed is None:
             raise ServiceKeyError(f"no re-issued credential waiting for {client_id!r} on {key_name} v{v.version}")
         credential = _decrypt(session, ctx, row.sealed, key_name, f"credential:{client_id}").decode()
@@ -316,15 +362,25 @@ def pickup_credential(ctx: KmsContext, service: str, client_id: str) -> str:
 
 def credentials(ctx: KmsContext, service: str | None = None) -> list[dict]:
     with ctx.transaction() as session:
-        q = select(ServiceCredential).order_by(ServiceCredential.service, ServiceCredential.client_id,
-                                               ServiceCredential.key_version)
+        q = select(ServiceCredential).order_by(
+            ServiceCredential.service, ServiceCredential.client_id, ServiceCredential.key_version
+        )
         if service:
             q = q.where(ServiceCredential.service == service_key_name(ctx, service))
-        return [{"service": r.service, "client_id": r.client_id, "version": r.key_version,
-                 "issued_at": r.issued_at, "awaiting_pickup": r.sealed is not None} for r in session.scalars(q)]
+        return [
+            {
+                "service": r.service,
+                "client_id": r.client_id,
+                "version": r.key_version,
+                "issued_at": r.issued_at,
+                "awaiting_pickup": r.sealed is not None,
+            }
+            for r in session.scalars(q)
+        ]
 
 
 # ---- application secrets -------------------------------------------------------------
+
 
 def _secret_aad(key_name: str, name: str, version: int) -> bytes:
     return canonical_bytes({"purpose": "app-secret", "service": key_name, "name": name, "version": version})
@@ -342,8 +398,8 @@ def _parse(blob: bytes) -> tuple[dict, bytes]:
         raise ServiceKeyError("not an application-secret blob")
     (n,) = struct.unpack(">H", blob[5:7])
     try:
-        header = json.loads(blob[7:7 + n])
-        return header, bytes(blob[7 + n:])
+        header = json.loads(blob[7 : 7 + n])
+        return header, bytes(blob[7 + n :])
     except ValueError:
         raise ServiceKeyError("application-secret blob has a corrupt header") from None
 
@@ -351,8 +407,9 @@ def _parse(blob: bytes) -> tuple[dict, bytes]:
 def _decrypt(session, ctx, blob: bytes, key_name: str, name: str) -> bytes:
     header, ct = _parse(blob)
     if header.get("s") != key_name or header.get("n") != name:
-        raise ServiceKeyError(f"blob is bound to {header.get('s')} secret {header.get('n')!r}, "
-                              f"not {key_name} secret {name!r}")
+        raise ServiceKeyError(
+            f"blob is bound to {header.get('s')} secret {header.get('n')!r}, not {key_name} secret {name!r}"
+        )
     v = _live_version(session, key_name, int(header["v"]))
     try:
         return ctx.keystore.dek_decrypt(v.wrap_ref, _b64d(header["w"]), ct, _secret_aad(key_name, name, v.version))
@@ -396,6 +453,7 @@ def rewrap_secret(ctx: KmsContext, service: str, name: str, blob: bytes) -> byte
 
 # ---- audit-event signing -------------------------------------------------------------
 
+
 def _event_message(key_name: str, version: int, event: dict) -> bytes:
     return canonical_bytes({"purpose": "audit-event", "service": key_name, "version": version, "event": event})
 
@@ -408,8 +466,13 @@ def sign_audit_event(ctx: KmsContext, service: str, event: dict) -> dict:
     with ctx.transaction() as session:
         v = _active(session, key_name)
         signature = ctx.keystore.sign(v.sign_ref, _event_message(key_name, v.version, event))
-        return {"service": key_name, "version": v.version, "kid": v.fingerprint, "event": event,
-                "signature": _b64e(signature)}
+        return {
+            "service": key_name,
+            "version": v.version,
+            "kid": v.fingerprint,
+            "event": event,
+            "signature": _b64e(signature),
+        }
 
 
 def verify_audit_event(ctx: KmsContext, signed: dict) -> CredentialCheck:

@@ -33,9 +33,9 @@ from sqlalchemy import event, select
 from sqlalchemy.orm import selectinload
 
 from . import lifecycle, nightly
-from .clock import SimulatedClock, utc
-from .context import KmsContext
-from .db.models import ACTIVE, Key, LedgerEntry
+from .foundation.clock import SimulatedClock, utc
+from .foundation.context import KmsContext
+from .foundation.db.models import ACTIVE, Key, LedgerEntry
 
 
 @dataclass
@@ -67,8 +67,12 @@ class SimulationResult:
         return [e.day for e in self.of(kind, key)]
 
     def to_dict(self) -> dict:
-        return {"start": self.start.isoformat(), "days": self.days, "home": self.home,
-                "events": [e.to_dict() for e in self.events]}
+        return {
+            "start": self.start.isoformat(),
+            "days": self.days,
+            "home": self.home,
+            "events": [e.to_dict() for e in self.events],
+        }
 
 
 def nightly_time(ctx_or_policy) -> time:
@@ -79,11 +83,11 @@ def nightly_time(ctx_or_policy) -> time:
 
 
 def scratch_context(home: Path, clock: SimulatedClock, policy_path: str | None = None) -> KmsContext:
-    from . import db
-    from .keystore.software import SoftwareKeyStore
-    from .notify import OutboxNotifier
-    from .objectstore.local import LocalObjectStore
-    from .policy import load_policy
+    from .foundation import db
+    from .foundation.keystore.software import SoftwareKeyStore
+    from .foundation.objectstore.local import LocalObjectStore
+    from .foundation.policy import load_policy
+    from .foundation.transports import OutboxNotifier
 
     home.mkdir(parents=True, exist_ok=True)
     engine = db.make_engine(f"sqlite:///{home / 'kms.db'}")
@@ -93,21 +97,30 @@ def scratch_context(home: Path, clock: SimulatedClock, policy_path: str | None =
         dbapi_conn.execute("PRAGMA synchronous=OFF")
 
     db.upgrade(engine)
-    from .keystore.audited import AuditedKeyStore
+    from .foundation.keystore.audited import AuditedKeyStore
 
     keystore = AuditedKeyStore(SoftwareKeyStore(home / "artifacts" / "kms" / "keys", secrets.token_bytes(32)))
     policy = load_policy(policy_path)
     # The simulated approvers hold software security keys (fido2_client.SoftwareAuthenticator):
     # allowed here, on scratch state only, whatever the live policy says.
-    policy = policy.model_copy(update={"console": policy.console.model_copy(
-        update={"allow_software_authenticators": True})})
-    ctx = KmsContext(engine=engine, keystore=keystore, policy=policy, clock=clock,
-                     objects=LocalObjectStore(home / "objects", now=clock.now),
-                     notifier=OutboxNotifier(home / "outbox.jsonl"), home=home, actor="simulator")
+    policy = policy.model_copy(
+        update={"console": policy.console.model_copy(update={"allow_software_authenticators": True})}
+    )
+    ctx = KmsContext(
+        engine=engine,
+        keystore=keystore,
+        policy=policy,
+        clock=clock,
+        objects=LocalObjectStore(home / "objects", now=clock.now),
+        notifier=OutboxNotifier(home / "outbox.jsonl"),
+        home=home,
+        actor="simulator",
+    )
     return ctx
 
 
 # ---- the simulated humans -------------------------------------------------------------
+
 
 class Actors:
     """Dependents, partners and approvers acting on simulated days."""
@@ -147,8 +160,13 @@ class Actors:
         def make_credential(name, options):
             self._keys[name] = SoftwareAuthenticator(self.SIM_ORIGIN)
             return self._keys[name].create(options)
-        for enrolment in access.init_principals(self.ctx, {n: ["security_engineering"] for n in names},
-                                                actor="simulator", keys=(self.SIM_ORIGIN, make_credential)):
+
+        for enrolment in access.init_principals(
+            self.ctx,
+            {n: ["security_engineering"] for n in names},
+            actor="simulator",
+            keys=(self.SIM_ORIGIN, make_credential),
+        ):
             self._totp[enrolment.name] = pyotp.parse_uri(enrolment.provisioning_uri)
         self._enrolled = True
 
@@ -176,11 +194,18 @@ class Actors:
                 clock.set(at)
                 from . import console_auth
 
-                ch = console_auth.begin_approval(self.ctx, approver, operation=retention.DESTROY_OPERATION,
-                                                 ticket=d.ticket, target=d.target)
-                access.approve(self.ctx, ticket=d.ticket, operation=retention.DESTROY_OPERATION, approver=approver,
-                               totp=self._totp[approver].at(at), target=d.target,
-                               assertion={"handle": ch.handle, "credential": self._keys[approver].get(ch.options)})
+                ch = console_auth.begin_approval(
+                    self.ctx, approver, operation=retention.DESTROY_OPERATION, ticket=d.ticket, target=d.target
+                )
+                access.approve(
+                    self.ctx,
+                    ticket=d.ticket,
+                    operation=retention.DESTROY_OPERATION,
+                    approver=approver,
+                    totp=self._totp[approver].at(at),
+                    target=d.target,
+                    assertion={"handle": ch.handle, "credential": self._keys[approver].get(ch.options)},
+                )
             events.append(Event(day, "", "approved", d.key, d.version, f"{' + '.join(self.APPROVERS)} on {d.ticket}"))
         clock.set(run_at)
         return events
@@ -190,11 +215,18 @@ class Actors:
 
         events = []
         if self.confirm:
-            from .db.models_rotation import DependentConfirmation
+            from .foundation.db.models_rotation import DependentConfirmation
 
             with self.ctx.transaction() as session:
-                done = set(session.execute(select(DependentConfirmation.key_name, DependentConfirmation.key_version,
-                                                  DependentConfirmation.service)).all())
+                done = set(
+                    session.execute(
+                        select(
+                            DependentConfirmation.key_name,
+                            DependentConfirmation.key_version,
+                            DependentConfirmation.service,
+                        )
+                    ).all()
+                )
                 keys = {k.name: k for k in session.scalars(select(Key).options(selectinload(Key.versions)))}
                 todo = []
                 for key_name, services in self.ctx.policy.dependents.items():
@@ -214,6 +246,7 @@ class Actors:
 
 
 # ---- workload ---------------------------------------------------------------------------
+
 
 def seed_workload(ctx: KmsContext, objects_per_key: int = 5) -> dict:
     """Objects under every data key (if the envelope area is installed) and one API client per service."""
@@ -238,13 +271,23 @@ def seed_workload(ctx: KmsContext, objects_per_key: int = 5) -> dict:
 
 # ---- the loop -----------------------------------------------------------------------------
 
+
 def _ledger_events(ctx: KmsContext, after_seq: int, day: int) -> tuple[list[Event], int]:
     events = []
     with ctx.engine.connect() as conn:
-        rows = conn.execute(select(LedgerEntry.seq, LedgerEntry.key_name, LedgerEntry.key_version,
-                                   LedgerEntry.from_state, LedgerEntry.to_state, LedgerEntry.reason,
-                                   LedgerEntry.approvers)
-                            .where(LedgerEntry.seq > after_seq).order_by(LedgerEntry.seq)).all()
+        rows = conn.execute(
+            select(
+                LedgerEntry.seq,
+                LedgerEntry.key_name,
+                LedgerEntry.key_version,
+                LedgerEntry.from_state,
+                LedgerEntry.to_state,
+                LedgerEntry.reason,
+                LedgerEntry.approvers,
+            )
+            .where(LedgerEntry.seq > after_seq)
+            .order_by(LedgerEntry.seq)
+        ).all()
     for seq, key, version, frm, to, reason, approvers in rows:
         after_seq = seq
         if to == ACTIVE and frm == "pending" and version == 1:
@@ -268,8 +311,16 @@ def _step_events(day: int, night: dict) -> list[Event]:
         if not isinstance(summary, dict):
             continue
         if step == "retire_expired" and summary.get("awaiting_approval"):
-            events.append(Event(day, "", "awaiting", None, None,
-                                f"due, awaiting dual approval: {', '.join(summary['awaiting_approval'])}"))
+            events.append(
+                Event(
+                    day,
+                    "",
+                    "awaiting",
+                    None,
+                    None,
+                    f"due, awaiting dual approval: {', '.join(summary['awaiting_approval'])}",
+                )
+            )
         if step == "notify_partners" and summary.get("notified"):
             events.append(Event(day, "", "notified", "root", None, ", ".join(summary["notified"])))
         if step == "envelope_sweep" and summary.get("moved"):
@@ -284,8 +335,8 @@ class LiveStateError(ValueError):
 def refuse_live_home(home: Path, env: Mapping[str, str] | None = None) -> None:
     """Simulated time may only touch scratch state: refuse a directory that is the configured
     KMS home, holds a master key, or whose database is the configured one."""
-    from . import db
-    from .context import kms_home
+    from .foundation import db
+    from .foundation.context import kms_home
 
     env = os.environ if env is None else env
     home = home.resolve()
@@ -302,11 +353,19 @@ def refuse_live_home(home: Path, env: Mapping[str, str] | None = None) -> None:
         raise LiveStateError(f"kms simulate --home {home} refused: {problem}; simulate on a scratch directory")
 
 
-def simulate(days: int, start: date | datetime | None = None, *, home: str | Path | None = None,
-             keep: bool = False, actors: bool = True, workload: bool = True,
-             steps: Iterable[str] | None = None, policy_path: str | None = None,
-             on_day: Callable[[int, KmsContext, dict], Any] | None = None,
-             context: KmsContext | None = None) -> SimulationResult:
+def simulate(
+    days: int,
+    start: date | datetime | None = None,
+    *,
+    home: str | Path | None = None,
+    keep: bool = False,
+    actors: bool = True,
+    workload: bool = True,
+    steps: Iterable[str] | None = None,
+    policy_path: str | None = None,
+    on_day: Callable[[int, KmsContext, dict], Any] | None = None,
+    context: KmsContext | None = None,
+) -> SimulationResult:
     """Run ``days`` simulated nights after bootstrapping on ``start`` (day 0).
 
     ``steps`` limits the nightly run to the named steps (default: all of them, i.e.
@@ -375,7 +434,7 @@ def simulate(days: int, start: date | datetime | None = None, *, home: str | Pat
 
 
 def _policy(path: str | None):
-    from .policy import load_policy
+    from .foundation.policy import load_policy
 
     return load_policy(path)
 
@@ -387,8 +446,10 @@ def format_timeline(result: SimulationResult, *, kinds: Iterable[str] | None = N
     for e in result.events:
         if wanted is None or e.kind in wanted:
             by_day.setdefault(e.day, []).append(e)
-    lines = [f"simulated {result.days} day(s) from {result.start.date().isoformat()} "
-             f"(nightly at {result.start.strftime('%H:%M')} UTC)"]
+    lines = [
+        f"simulated {result.days} day(s) from {result.start.date().isoformat()} "
+        f"(nightly at {result.start.strftime('%H:%M')} UTC)"
+    ]
     for day in sorted(by_day):
         parts = []
         for e in by_day[day]:

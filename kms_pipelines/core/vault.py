@@ -36,12 +36,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from . import audit, ledger, lifecycle, nightly
-from .canonical import canonical_bytes
-from .clock import utc
-from .context import KmsContext
-from .db.models import DESTROYED, REVOKED, ROTATED, Key, KeyVersion
-from .db.models_vault import ARCHIVED, DELETED, UNARCHIVABLE, ArchiveCopy, ForensicRetrieval
-from .keystore import KeyNotFound, NotArchivable, verify_signature
+from .foundation.canonical import canonical_bytes
+from .foundation.clock import utc
+from .foundation.context import KmsContext
+from .foundation.db.models import DESTROYED, REVOKED, ROTATED, Key, KeyVersion
+from .foundation.db.models_vault import ARCHIVED, DELETED, UNARCHIVABLE, ArchiveCopy, ForensicRetrieval
+from .foundation.keystore import KeyNotFound, NotArchivable, verify_signature
 
 KEK_KEY = "archive"
 ARCHIVED_CLASSES = ("root", "service")
@@ -70,6 +70,7 @@ def stamp(at: datetime | None) -> str | None:
 
 # ---- archiving ----------------------------------------------------------------------
 
+
 def _retention(ctx: KmsContext, key: Key, v: KeyVersion) -> tuple[datetime, datetime] | None:
     from . import retention
 
@@ -83,16 +84,18 @@ def _active_kek(session: Session) -> KeyVersion:
     except lifecycle.UnknownKey:
         kek = None
     if kek is None or not kek.wrap_ref:
-        raise VaultError("no active archive KEK (key 'archive'): add key_classes.archive to the policy and run "
-                         "`kms init`")
+        raise VaultError(
+            "no active archive KEK (key 'archive'): add key_classes.archive to the policy and run `kms init`"
+        )
     return kek
 
 
 def _vault_since(session: Session) -> datetime | None:
     """When the first archive KEK became active: versions created earlier were generated
     non-archivable (under PKCS#11, non-extractable) and are the only ones excused."""
-    first = session.scalars(select(KeyVersion.activated_at).join(Key).where(
-        Key.name == KEK_KEY, KeyVersion.version == 1)).first()
+    first = session.scalars(
+        select(KeyVersion.activated_at).join(Key).where(Key.name == KEK_KEY, KeyVersion.version == 1)
+    ).first()
     return utc(first) if first is not None else None
 
 
@@ -101,8 +104,12 @@ def _pending(ctx: KmsContext) -> list[tuple[str, int]]:
     with ctx.transaction() as session:
         done = set(session.execute(select(ArchiveCopy.key_name, ArchiveCopy.key_version)).all())
         out = []
-        for key in session.scalars(select(Key).where(Key.key_class.in_(ARCHIVED_CLASSES))
-                                   .options(selectinload(Key.versions)).order_by(Key.name)):
+        for key in session.scalars(
+            select(Key)
+            .where(Key.key_class.in_(ARCHIVED_CLASSES))
+            .options(selectinload(Key.versions))
+            .order_by(Key.name)
+        ):
             for v in key.versions:
                 span = _retention(ctx, key, v)
                 if v.state in (ROTATED, REVOKED) and (key.name, v.version) not in done and span and now < span[1]:
@@ -135,23 +142,34 @@ def archive_version(ctx: KmsContext, key_name: str, version: int) -> CopyInfo:
         raise VaultError("no object store configured: the vault needs one (KMS_OBJECT_STORE)")
     now = ctx.now()
     with ctx.transaction() as session:
-        existing = session.scalars(select(ArchiveCopy).where(ArchiveCopy.key_name == key_name,
-                                                             ArchiveCopy.key_version == version)).first()
+        existing = session.scalars(
+            select(ArchiveCopy).where(ArchiveCopy.key_name == key_name, ArchiveCopy.key_version == version)
+        ).first()
         if existing is not None:
             return _copy_info(existing)
         key = lifecycle.get_key(session, key_name)
         v = lifecycle.get_version(key, version)
         if key.key_class not in ARCHIVED_CLASSES or v.state not in (ROTATED, REVOKED):
-            raise VaultError(f"{key_name} v{version} is a {v.state} {key.key_class} version; only retired root and "
-                             f"service versions are archived")
+            raise VaultError(
+                f"{key_name} v{version} is a {v.state} {key.key_class} version; only retired root and "
+                f"service versions are archived"
+            )
         retired, retain_until = _retention(ctx, key, v)
         kek = _active_kek(session)
         root = lifecycle.active_version(lifecycle.get_key(session, "root"))
         header = {
-            "format": COPY_FORMAT, "key": key_name, "version": version, "key_class": key.key_class,
-            "fingerprint": v.fingerprint, "public_key": b64text(v.public_key) if v.public_key else None,
-            "material": "aes256", "created_at": stamp(v.created_at), "activated_at": stamp(v.activated_at),
-            "retired_at": stamp(retired), "retain_until": stamp(retain_until), "archived_at": stamp(now),
+            "format": COPY_FORMAT,
+            "key": key_name,
+            "version": version,
+            "key_class": key.key_class,
+            "fingerprint": v.fingerprint,
+            "public_key": b64text(v.public_key) if v.public_key else None,
+            "material": "aes256",
+            "created_at": stamp(v.created_at),
+            "activated_at": stamp(v.activated_at),
+            "retired_at": stamp(retired),
+            "retain_until": stamp(retain_until),
+            "archived_at": stamp(now),
             "kek": {"key": KEK_KEY, "version": kek.version},
         }
         wrap_ref, kek_ref, kek_version = v.wrap_ref, kek.wrap_ref, kek.version
@@ -162,59 +180,124 @@ def archive_version(ctx: KmsContext, key_name: str, version: int) -> CopyInfo:
         raise VaultError(f"{key_name} v{version}: its keystore material is gone; nothing left to archive") from None
     except NotArchivable as exc:
         # Generated before the vault existed (non-archivable): recorded, and judged by T1.
-        return _record(ctx, ArchiveCopy(key_name=key_name, key_version=version, status=UNARCHIVABLE,
-                                        retired_at=retired, retain_until=retain_until, archived_at=now,
-                                        fingerprint=header["fingerprint"], reason=str(exc)[:500]), None)
+        return _record(
+            ctx,
+            ArchiveCopy(
+                key_name=key_name,
+                key_version=version,
+                status=UNARCHIVABLE,
+                retired_at=retired,
+                retain_until=retain_until,
+                archived_at=now,
+                fingerprint=header["fingerprint"],
+                reason=str(exc)[:500],
+            ),
+            None,
+        )
     aad = canonical_bytes(header)
     wrapped_dek = ctx.keystore.new_wrapped_dek(kek_ref)
     sealed = ctx.keystore.dek_encrypt(kek_ref, wrapped_dek, wrapped_key, aad)
     body = canonical_bytes({"header": header, "wrapped_dek": b64text(wrapped_dek), "sealed": b64text(sealed)})
     digest = hashlib.sha256(body).hexdigest()
-    stem = (f"{ctx.policy.vault.prefix}{key_name.replace(':', '/')}/v{version}/"
-            f"{now.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(4)}")
+    stem = (
+        f"{ctx.policy.vault.prefix}{key_name.replace(':', '/')}/v{version}/"
+        f"{now.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(4)}"
+    )
     object_key, manifest_key = f"{stem}.copy.json", f"{stem}.manifest.json"
-    entry = {"format": MANIFEST_FORMAT, "key": key_name, "version": version, "fingerprint": header["fingerprint"],
-             "object_key": object_key, "sha256": digest, "size": len(body), "retain_until": header["retain_until"],
-             "archived_at": header["archived_at"], "kek_version": kek_version,
-             "signer": {"key": "root", "version": signer[0], "fingerprint": signer[2]}}
+    entry = {
+        "format": MANIFEST_FORMAT,
+        "key": key_name,
+        "version": version,
+        "fingerprint": header["fingerprint"],
+        "object_key": object_key,
+        "sha256": digest,
+        "size": len(body),
+        "retain_until": header["retain_until"],
+        "archived_at": header["archived_at"],
+        "kek_version": kek_version,
+        "signer": {"key": "root", "version": signer[0], "fingerprint": signer[2]},
+    }
     signature = ctx.keystore.sign(signer[1], canonical_bytes(entry))
     manifest_body = canonical_bytes({"entry": entry, "signature": b64text(signature)})
     try:
-        ctx.objects.put(object_key, body, retain_until=retain_until, content_type="application/json",
-                        metadata={"sha256": digest})
+        ctx.objects.put(
+            object_key, body, retain_until=retain_until, content_type="application/json", metadata={"sha256": digest}
+        )
         ctx.objects.put(manifest_key, manifest_body, retain_until=retain_until, content_type="application/json")
     except ValueError as exc:  # e.g. the retention already ended by the object store's clock
         raise VaultError(f"{key_name} v{version}: archive copy not written: {exc}") from None
-    row = ArchiveCopy(key_name=key_name, key_version=version, status=ARCHIVED, kek_version=kek_version,
-                      object_key=object_key, manifest_key=manifest_key, sha256=digest, size=len(body),
-                      fingerprint=header["fingerprint"], retired_at=retired, retain_until=retain_until,
-                      archived_at=now)
+    row = ArchiveCopy(
+        key_name=key_name,
+        key_version=version,
+        status=ARCHIVED,
+        kek_version=kek_version,
+        object_key=object_key,
+        manifest_key=manifest_key,
+        sha256=digest,
+        size=len(body),
+        fingerprint=header["fingerprint"],
+        retired_at=retired,
+        retain_until=retain_until,
+        archived_at=now,
+    )
     return _record(ctx, row, f"archive copy {object_key} sha256={digest} (locked until {header['retain_until']})")
 
 
 def _record(ctx: KmsContext, row: ArchiveCopy, ledger_reason: str | None) -> CopyInfo:
     with ctx.transaction() as session:
         key = lifecycle.get_key(session, row.key_name, lock=True)
-        if session.scalars(select(ArchiveCopy.id).where(ArchiveCopy.key_name == row.key_name,
-                                                        ArchiveCopy.key_version == row.key_version)).first():
+        if session.scalars(
+            select(ArchiveCopy.id).where(
+                ArchiveCopy.key_name == row.key_name, ArchiveCopy.key_version == row.key_version
+            )
+        ).first():
             raise VaultError(f"{row.key_name} v{row.key_version} was archived concurrently; the other copy stands")
         session.add(row)
         v = lifecycle.get_version(key, row.key_version)
         if ledger_reason is not None:
-            ledger.append(session, at=ctx.now(), key_name=row.key_name, key_version=row.key_version,
-                          from_state=v.state, to_state=LEDGER_ARCHIVED, actor=ctx.actor, approvers=(),
-                          change_ticket=None, reason=ledger_reason, event_id=None)
-        audit.record(session, at=ctx.now(), operation="archive", actor=ctx.actor,
-                     target=target_for(row.key_name, row.key_version), outcome="ok" if row.status == ARCHIVED
-                     else "error", detail={"status": row.status, "object": row.object_key, "sha256": row.sha256,
-                                           **({"reason": row.reason} if row.reason else {})})
+            ledger.append(
+                session,
+                at=ctx.now(),
+                key_name=row.key_name,
+                key_version=row.key_version,
+                from_state=v.state,
+                to_state=LEDGER_ARCHIVED,
+                actor=ctx.actor,
+                approvers=(),
+                change_ticket=None,
+                reason=ledger_reason,
+                event_id=None,
+            )
+        audit.record(
+            session,
+            at=ctx.now(),
+            operation="archive",
+            actor=ctx.actor,
+            target=target_for(row.key_name, row.key_version),
+            outcome="ok" if row.status == ARCHIVED else "error",
+            detail={
+                "status": row.status,
+                "object": row.object_key,
+                "sha256": row.sha256,
+                **({"reason": row.reason} if row.reason else {}),
+            },
+        )
         session.flush()
         return _copy_info(row)
 
 
 def _copy_info(row: ArchiveCopy) -> CopyInfo:
-    return CopyInfo(row.key_name, row.key_version, row.status, row.object_key, row.manifest_key, row.sha256,
-                    utc(row.retain_until), row.kek_version, row.reason)
+    return CopyInfo(
+        row.key_name,
+        row.key_version,
+        row.status,
+        row.object_key,
+        row.manifest_key,
+        row.sha256,
+        utc(row.retain_until),
+        row.kek_version,
+        row.reason,
+    )
 
 
 FAILED = "failed"  # not recorded: the next run tries again, and T1 is red meanwhile
@@ -234,9 +317,11 @@ def archive_pending(ctx: KmsContext) -> list[CopyInfo]:
 
 # ---- verification ---------------------------------------------------------------------
 
+
 def _signer_key(session: Session, version: int) -> bytes | None:
-    return session.scalars(select(KeyVersion.public_key).join(Key).where(
-        Key.name == "root", KeyVersion.version == version)).first()
+    return session.scalars(
+        select(KeyVersion.public_key).join(Key).where(Key.name == "root", KeyVersion.version == version)
+    ).first()
 
 
 def verify_copy(ctx: KmsContext, row: ArchiveCopy, session: Session) -> list[str]:
@@ -250,10 +335,15 @@ def verify_copy(ctx: KmsContext, row: ArchiveCopy, session: Session) -> list[str
         return [f"{name}: archive copy {row.object_key} unreadable ({type(exc).__name__})"]
     if hashlib.sha256(body).hexdigest() != row.sha256:
         problems.append(f"{name}: archive copy bytes do not match the recorded SHA-256 (tampered)")
-    if head.retain_until is None or utc(head.retain_until) < utc(row.retain_until) or (
-            head.lock_mode not in (None, "COMPLIANCE")):
-        problems.append(f"{name}: archive copy is not locked until the end of retention "
-                        f"({stamp(row.retain_until)}; object lock {stamp(head.retain_until) or 'none'})")
+    if (
+        head.retain_until is None
+        or utc(head.retain_until) < utc(row.retain_until)
+        or (head.lock_mode not in (None, "COMPLIANCE"))
+    ):
+        problems.append(
+            f"{name}: archive copy is not locked until the end of retention "
+            f"({stamp(row.retain_until)}; object lock {stamp(head.retain_until) or 'none'})"
+        )
     try:
         doc = json.loads(ctx.objects.get_bytes(row.manifest_key))
         entry, signature = doc["entry"], base64.b64decode(doc["signature"])
@@ -262,8 +352,13 @@ def verify_copy(ctx: KmsContext, row: ArchiveCopy, session: Session) -> list[str
     public = _signer_key(session, int(entry.get("signer", {}).get("version", 0)))
     if public is None or not verify_signature(public, canonical_bytes(entry), signature):
         problems.append(f"{name}: manifest entry signature does not verify under the root version it names")
-    expected = {"key": row.key_name, "version": row.key_version, "object_key": row.object_key,
-                "sha256": row.sha256, "retain_until": stamp(row.retain_until)}
+    expected = {
+        "key": row.key_name,
+        "version": row.key_version,
+        "object_key": row.object_key,
+        "sha256": row.sha256,
+        "retain_until": stamp(row.retain_until),
+    }
     wrong = [k for k, val in expected.items() if entry.get(k) != val]
     if wrong:
         problems.append(f"{name}: manifest entry disagrees with the vault record on {', '.join(wrong)}")
@@ -284,16 +379,18 @@ def copies(ctx: KmsContext, *, verify: bool = True) -> list[CopyInfo]:
 
 # ---- destroy means destroy everywhere -------------------------------------------------
 
+
 def on_destroyed(ctx: KmsContext, key_name: str, version: int) -> str | None:
     """Delete the archive copy of a destroyed version once its lock has expired.
     Returns ``deleted``, ``locked`` (retried nightly) or None when there is no copy."""
     with ctx.transaction() as session:
-        row = session.scalars(select(ArchiveCopy).where(ArchiveCopy.key_name == key_name,
-                                                        ArchiveCopy.key_version == version)).first()
+        row = session.scalars(
+            select(ArchiveCopy).where(ArchiveCopy.key_name == key_name, ArchiveCopy.key_version == version)
+        ).first()
         if row is None or row.status != ARCHIVED:
             return None
         keys = [row.object_key, row.manifest_key]
-    from .objectstore import ObjectLocked, ObjectNotFound
+    from .foundation.objectstore import ObjectLocked, ObjectNotFound
 
     try:
         for k in keys:
@@ -305,23 +402,35 @@ def on_destroyed(ctx: KmsContext, key_name: str, version: int) -> str | None:
         return "locked"
     with ctx.transaction() as session:
         key = lifecycle.get_key(session, key_name, lock=True)
-        row = session.scalars(select(ArchiveCopy).where(ArchiveCopy.key_name == key_name,
-                                                        ArchiveCopy.key_version == version)).first()
+        row = session.scalars(
+            select(ArchiveCopy).where(ArchiveCopy.key_name == key_name, ArchiveCopy.key_version == version)
+        ).first()
         row.status, row.deleted_at = DELETED, ctx.now()
-        ledger.append(session, at=ctx.now(), key_name=key_name, key_version=version,
-                      from_state=lifecycle.get_version(key, version).state, to_state=LEDGER_DELETED,
-                      actor=ctx.actor, approvers=(), change_ticket=None,
-                      reason=f"archive copy {keys[0]} and its manifest deleted after retention", event_id=None)
+        ledger.append(
+            session,
+            at=ctx.now(),
+            key_name=key_name,
+            key_version=version,
+            from_state=lifecycle.get_version(key, version).state,
+            to_state=LEDGER_DELETED,
+            actor=ctx.actor,
+            approvers=(),
+            change_ticket=None,
+            reason=f"archive copy {keys[0]} and its manifest deleted after retention",
+            event_id=None,
+        )
     return "deleted"
 
 
 def delete_expired(ctx: KmsContext) -> dict[str, list[str]]:
     """Retry the archive deletion of every destroyed version whose copy is still stored."""
     with ctx.transaction() as session:
-        todo = session.execute(select(ArchiveCopy.key_name, ArchiveCopy.key_version).join(
-            Key, Key.name == ArchiveCopy.key_name).join(KeyVersion, (KeyVersion.key_id == Key.id) & (
-                KeyVersion.version == ArchiveCopy.key_version)).where(
-            ArchiveCopy.status == ARCHIVED, KeyVersion.state == DESTROYED)).all()
+        todo = session.execute(
+            select(ArchiveCopy.key_name, ArchiveCopy.key_version)
+            .join(Key, Key.name == ArchiveCopy.key_name)
+            .join(KeyVersion, (KeyVersion.key_id == Key.id) & (KeyVersion.version == ArchiveCopy.key_version))
+            .where(ArchiveCopy.status == ARCHIVED, KeyVersion.state == DESTROYED)
+        ).all()
     out: dict[str, list[str]] = {"deleted": [], "locked": []}
     for name, version in todo:
         outcome = on_destroyed(ctx, name, version)
@@ -335,12 +444,16 @@ def _kek_guard(session: Session, ctx: KmsContext, key: Key, v: KeyVersion):
     """An archive KEK version stays while any stored copy is wrapped under it."""
     if key.name != KEK_KEY:
         return None
-    n = len(session.scalars(select(ArchiveCopy.id).where(ArchiveCopy.kek_version == v.version,
-                                                         ArchiveCopy.status == ARCHIVED)).all())
+    n = len(
+        session.scalars(
+            select(ArchiveCopy.id).where(ArchiveCopy.kek_version == v.version, ArchiveCopy.status == ARCHIVED)
+        ).all()
+    )
     return f"{n} archive cop{'y' if n == 1 else 'ies'} still wrapped under archive KEK v{v.version}" if n else None
 
 
 # ---- T1 evidence ------------------------------------------------------------------------
+
 
 def t1_findings(ctx: KmsContext) -> tuple[list[str], list[str], list[str], dict]:
     """(problems, good, warnings, details) for clause T1's second sentence.
@@ -361,8 +474,12 @@ def t1_findings(ctx: KmsContext) -> tuple[list[str], list[str], list[str], dict]
         if since is None:
             problems.append("no archive KEK: the vault does not exist")
         rows = {(r.key_name, r.key_version): r for r in session.scalars(select(ArchiveCopy))}
-        for key in session.scalars(select(Key).where(Key.key_class.in_(ARCHIVED_CLASSES))
-                                   .options(selectinload(Key.versions)).order_by(Key.name)):
+        for key in session.scalars(
+            select(Key)
+            .where(Key.key_class.in_(ARCHIVED_CLASSES))
+            .options(selectinload(Key.versions))
+            .order_by(Key.name)
+        ):
             for v in key.versions:
                 span = _retention(ctx, key, v)
                 if span is None:
@@ -395,26 +512,35 @@ def t1_findings(ctx: KmsContext) -> tuple[list[str], list[str], list[str], dict]
                         except Exception:  # noqa: BLE001
                             lock = None
                         if lock is not None and utc(lock) > now:
-                            warnings.append(f"{name}: destroyed; archive copy deleted when its lock ends "
-                                            f"{stamp(lock)}")
+                            warnings.append(f"{name}: destroyed; archive copy deleted when its lock ends {stamp(lock)}")
                         else:
-                            problems.append(f"{name}: destroyed, but its archive copy is still stored after its "
-                                            f"lock ended")
+                            problems.append(
+                                f"{name}: destroyed, but its archive copy is still stored after its lock ended"
+                            )
         retrievals = list(session.scalars(select(ForensicRetrieval)))
         for r in retrievals:
             names = set(json.loads(r.approvers)) - {r.requester}
             if len(names) < need:
-                problems.append(f"retrieval #{r.id} of {target_for(r.key_name, r.key_version)} had {len(names)} "
-                                f"approver(s) other than the requester (dual control needs {need})")
+                problems.append(
+                    f"retrieval #{r.id} of {target_for(r.key_name, r.key_version)} had {len(names)} "
+                    f"approver(s) other than the requester (dual control needs {need})"
+                )
         retrieved_refs = {ref for r in retrievals for ref in json.loads(r.refs)}
         # Erasure runs on use, `kms archive purge` and nightly: one night of grace before it is red.
         grace = timedelta(days=1)
-        alive_refs = {ref for r in retrievals if r.purged_at is None and utc(r.expires_at) + grace > now
-                      for ref in json.loads(r.refs)}
-        from .db.models_access import AuditEvent
+        alive_refs = {
+            ref
+            for r in retrievals
+            if r.purged_at is None and utc(r.expires_at) + grace > now
+            for ref in json.loads(r.refs)
+        }
+        from .foundation.db.models_access import AuditEvent
 
-        for target, detail in session.execute(select(AuditEvent.target, AuditEvent.detail).where(
-                AuditEvent.operation == RETRIEVE_OPERATION, AuditEvent.outcome == "ok")):
+        for target, detail in session.execute(
+            select(AuditEvent.target, AuditEvent.detail).where(
+                AuditEvent.operation == RETRIEVE_OPERATION, AuditEvent.outcome == "ok"
+            )
+        ):
             if target not in retrieved_refs and _is_forensic(detail):
                 problems.append(f"forensic import of {target} has no dual-approved retrieval")
     try:
@@ -423,11 +549,22 @@ def t1_findings(ctx: KmsContext) -> tuple[list[str], list[str], list[str], dict]
         stale = []
     if stale:
         problems.append(f"forensic material alive without a live retrieval (TTL ended?): {', '.join(stale)}")
-    good = [f"{verified} retired root/service version(s) have verified, locked archive copies; {deleted} archive "
-            f"cop{'y' if deleted == 1 else 'ies'} deleted with their keys; {len(retrievals)} retrieval(s), each "
-            f"dual-approved"]
-    return problems, good, warnings, {"archived_verified": verified, "archive_deleted": deleted,
-                                      "legacy_unarchivable": legacy, "retrievals": len(retrievals)}
+    good = [
+        f"{verified} retired root/service version(s) have verified, locked archive copies; {deleted} archive "
+        f"cop{'y' if deleted == 1 else 'ies'} deleted with their keys; {len(retrievals)} retrieval(s), each "
+        f"dual-approved"
+    ]
+    return (
+        problems,
+        good,
+        warnings,
+        {
+            "archived_verified": verified,
+            "archive_deleted": deleted,
+            "legacy_unarchivable": legacy,
+            "retrievals": len(retrievals),
+        },
+    )
 
 
 def _is_forensic(detail: Any) -> bool:
@@ -441,13 +578,15 @@ def _is_forensic(detail: Any) -> bool:
 
 # ---- nightly ---------------------------------------------------------------------------
 
+
 @nightly.nightly_step("vault_archive", order=16)
 def _archive_step(ctx: KmsContext) -> dict:
     from .forensic import purge_expired
 
     made = archive_pending(ctx)
-    return {"archived": [target_for(c.key, c.version) for c in made if c.status == ARCHIVED],
-            "unarchivable": [target_for(c.key, c.version) for c in made if c.status == UNARCHIVABLE],
-            "failed": [f"{target_for(c.key, c.version)}: {c.reason}" for c in made if c.status == FAILED],
-            "forensic_expired": purge_expired(ctx)}
-
+    return {
+        "archived": [target_for(c.key, c.version) for c in made if c.status == ARCHIVED],
+        "unarchivable": [target_for(c.key, c.version) for c in made if c.status == UNARCHIVABLE],
+        "failed": [f"{target_for(c.key, c.version)}: {c.reason}" for c in made if c.status == FAILED],
+        "forensic_expired": purge_expired(ctx),
+    }

@@ -2,10 +2,9 @@
 exactly once per reported event. Business logic lives in core/events.py and
 core/compromise.py; this module only wires them to Dagster."""
 
-
 import dagster as dg
 
-from ..core.policy import load_policy
+from ..core.foundation.policy import load_policy
 from ..scaleout import executors
 from .failures import one_line_failures
 from .resources import KmsResource
@@ -36,61 +35,89 @@ class CompromiseResponseConfig(dg.Config):
 
 
 @dg.op(name=OP_NAME, description="Rotate, revoke (compromise), rewrap DEKs, re-issue credentials, notify, resolve.")
-def respond_to_security_event(context: dg.OpExecutionContext, config: CompromiseResponseConfig,
-                              kms: KmsResource) -> dg.Output:
+def respond_to_security_event(
+    context: dg.OpExecutionContext, config: CompromiseResponseConfig, kms: KmsResource
+) -> dg.Output:
     from ..core import compromise
 
     ctx = kms.context()
     tags = context.run.tags
-    from_sensor = bool(config.event_id) and tags.get(EVENT_TAG) == config.event_id \
-        and tags.get(TRIGGER_TAG) == "sensor"
+    from_sensor = bool(config.event_id) and tags.get(EVENT_TAG) == config.event_id and tags.get(TRIGGER_TAG) == "sensor"
     with one_line_failures():
         approvers: list = []
         event_id = config.event_id
         if not from_sensor:
             actor_ctx = ctx.as_actor(config.requested_by or "dagster-ui")
             if event_id:
-                approvers = compromise.authorize_existing(actor_ctx, event_id, ticket=config.ticket or "",
-                                                          requested_by=config.requested_by or "",
-                                                          totp=config.requester_totp)
+                approvers = compromise.authorize_existing(
+                    actor_ctx,
+                    event_id,
+                    ticket=config.ticket or "",
+                    requested_by=config.requested_by or "",
+                    totp=config.requester_totp,
+                )
             else:
                 if not config.key or not config.type:
                     raise dg.Failure("config needs event_id, or key + type (+ ticket, requested_by)")
-                info, approvers = compromise.report_manual(actor_ctx, key=config.key, type=config.type,
-                                                           ticket=config.ticket or "",
-                                                           requested_by=config.requested_by or "",
-                                                           totp=config.requester_totp, source=config.source, detail=config.detail)
+                info, approvers = compromise.report_manual(
+                    actor_ctx,
+                    key=config.key,
+                    type=config.type,
+                    ticket=config.ticket or "",
+                    requested_by=config.requested_by or "",
+                    totp=config.requester_totp,
+                    source=config.source,
+                    detail=config.detail,
+                )
                 event_id = info.id
-        result = compromise.respond(ctx.as_actor("dagster:compromise_response" if from_sensor
-                                                 else (config.requested_by or "dagster-ui")),
-                                    event_id, approvers=approvers, ticket=config.ticket, run_id=context.run_id)
+        result = compromise.respond(
+            ctx.as_actor("dagster:compromise_response" if from_sensor else (config.requested_by or "dagster-ui")),
+            event_id,
+            approvers=approvers,
+            ticket=config.ticket,
+            run_id=context.run_id,
+        )
     for step in result.steps:
         context.log.info(step)
     from ..core import checkpoints
 
     cp = checkpoints.checkpoint_if_changed(ctx)  # the response's state changes end under a WORM checkpoint
-    return dg.Output(result.event_id, metadata={
-        "checkpoint": cp["key"] if cp else "unchanged",
-        "event_id": result.event_id, "key": result.key, "type": result.type,
-        "compromised_version": result.compromised_version, "new_version": result.new_version or 0,
-        "revoked": result.revoked, "deks_moved": result.deks_moved,
-        "credentials_reissued": result.credentials_reissued if result.credentials_reissued is not None else -1,
-        "notified": result.notified, "approvers": dg.MetadataValue.json(result.approvers),
-        "already_resolved": result.already_resolved,
-        "steps": dg.MetadataValue.md("\n".join(f"- {s}" for s in result.steps)),
-    })
+    return dg.Output(
+        result.event_id,
+        metadata={
+            "checkpoint": cp["key"] if cp else "unchanged",
+            "event_id": result.event_id,
+            "key": result.key,
+            "type": result.type,
+            "compromised_version": result.compromised_version,
+            "new_version": result.new_version or 0,
+            "revoked": result.revoked,
+            "deks_moved": result.deks_moved,
+            "credentials_reissued": result.credentials_reissued if result.credentials_reissued is not None else -1,
+            "notified": result.notified,
+            "approvers": dg.MetadataValue.json(result.approvers),
+            "already_resolved": result.already_resolved,
+            "steps": dg.MetadataValue.md("\n".join(f"- {s}" for s in result.steps)),
+        },
+    )
 
 
-@dg.job(name="compromise_response", tags={"kms/clause": "R2"},
-        description="R2: respond to a compromise / CI-secret exposure / tenant rotation at once.")
+@dg.job(
+    name="compromise_response",
+    tags={"kms/clause": "R2"},
+    description="R2: respond to a compromise / CI-secret exposure / tenant rotation at once.",
+)
 def compromise_response():
     respond_to_security_event()
 
 
-@dg.sensor(name="security_event_sensor", job=compromise_response,
-           minimum_interval_seconds=load_policy().events.sensor_interval_seconds,
-           default_status=dg.DefaultSensorStatus.RUNNING,
-           description="Launches compromise_response once per new security event (cursor = event seq).")
+@dg.sensor(
+    name="security_event_sensor",
+    job=compromise_response,
+    minimum_interval_seconds=load_policy().events.sensor_interval_seconds,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Launches compromise_response once per new security event (cursor = event seq).",
+)
 def security_event_sensor(context: dg.SensorEvaluationContext, kms: KmsResource):
     from ..core import events
 
@@ -100,14 +127,18 @@ def security_event_sensor(context: dg.SensorEvaluationContext, kms: KmsResource)
     for e in seen:
         if e.status != "new" or _already_launched(context, e.id):
             continue
-        requests.append(dg.RunRequest(
-            run_key=run_key_for(e.id),
-            run_config={"ops": {OP_NAME: {"config": {"event_id": e.id}}}},
-            tags={EVENT_TAG: e.id, TRIGGER_TAG: "sensor", "kms/key": e.key, "kms/event-type": e.type}))
+        requests.append(
+            dg.RunRequest(
+                run_key=run_key_for(e.id),
+                run_config={"ops": {OP_NAME: {"config": {"event_id": e.id}}}},
+                tags={EVENT_TAG: e.id, TRIGGER_TAG: "sensor", "kms/key": e.key, "kms/event-type": e.type},
+            )
+        )
     new_cursor = str(max([cursor] + [e.seq for e in seen]))
     if not requests:
-        return dg.SensorResult(skip_reason=dg.SkipReason(f"no new security events after seq {cursor}"),
-                               cursor=new_cursor)
+        return dg.SensorResult(
+            skip_reason=dg.SkipReason(f"no new security events after seq {cursor}"), cursor=new_cursor
+        )
     return dg.SensorResult(run_requests=requests, cursor=new_cursor)
 
 
@@ -121,20 +152,41 @@ def _already_launched(context, event_id: str) -> bool:
     return bool(runs)
 
 
-@dg.asset(group_name="events", deps=["kms_state"], kinds={"sql"}, tags={"kms_nightly": ""},
-          description="Security events (R2) and how each was answered.")
+@dg.asset(
+    group_name="events",
+    deps=["kms_state"],
+    kinds={"sql"},
+    tags={"kms_nightly": ""},
+    description="Security events (R2) and how each was answered.",
+)
 def security_events(kms: KmsResource) -> dg.MaterializeResult:
     from ..core import events
     from .metadata import markdown_table
 
     rows = events.list_events(kms.context())
-    return dg.MaterializeResult(metadata={
-        "events": len(rows), "open": sum(r.status != "resolved" for r in rows),
-        "summary": dg.MetadataValue.md(markdown_table(
-            ["id", "type", "key", "version", "status", "reported", "run"],
-            [[r.id[:12], r.type, r.key, r.key_version, r.status, f"{r.reported_at:%Y-%m-%d %H:%M}",
-              r.response_run_id or "-"] for r in rows[-100:]])),
-    })
+    return dg.MaterializeResult(
+        metadata={
+            "events": len(rows),
+            "open": sum(r.status != "resolved" for r in rows),
+            "summary": dg.MetadataValue.md(
+                markdown_table(
+                    ["id", "type", "key", "version", "status", "reported", "run"],
+                    [
+                        [
+                            r.id[:12],
+                            r.type,
+                            r.key,
+                            r.key_version,
+                            r.status,
+                            f"{r.reported_at:%Y-%m-%d %H:%M}",
+                            r.response_run_id or "-",
+                        ]
+                        for r in rows[-100:]
+                    ],
+                )
+            ),
+        }
+    )
 
 
 @dg.asset_check(asset=security_events, description="R2: every security event answered within the policy SLA.")
@@ -143,21 +195,41 @@ def security_events_answered(kms: KmsResource) -> dg.AssetCheckResult:
 
     ctx = kms.context()
     late = compromise.response_overdue(ctx, ctx.policy.events.response_sla_hours)
-    return dg.AssetCheckResult(passed=not late, metadata={
-        "unanswered": dg.MetadataValue.json([{"id": e.id, "type": e.type, "key": e.key, "status": e.status,
-                                              "reported_at": e.reported_at.isoformat()} for e in late])})
+    return dg.AssetCheckResult(
+        passed=not late,
+        metadata={
+            "unanswered": dg.MetadataValue.json(
+                [
+                    {
+                        "id": e.id,
+                        "type": e.type,
+                        "key": e.key,
+                        "status": e.status,
+                        "reported_at": e.reported_at.isoformat(),
+                    }
+                    for e in late
+                ]
+            )
+        },
+    )
 
 
 key_state_refresh = dg.define_asset_job(
-    "key_state_refresh", selection=["key_inventory", "security_events", "policy_compliance_report"],
+    "key_state_refresh",
+    selection=["key_inventory", "security_events", "policy_compliance_report"],
     executor_def=executors.for_job(("in_process",)),  # three quick reads: never worth a worker round trip
     description="Re-read key states, security events and the compliance report, so the UI shows a revoked or "
-                "rotated version as it is right after a compromise response instead of at the next nightly run.")
+    "rotated version as it is right after a compromise response instead of at the next nightly run.",
+)
 
 
-@dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, monitored_jobs=[compromise_response],
-                      request_job=key_state_refresh, default_status=dg.DefaultSensorStatus.RUNNING,
-                      description="After every successful compromise_response, refreshes key_inventory, "
-                                  "security_events and the compliance report.")
+@dg.run_status_sensor(
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    monitored_jobs=[compromise_response],
+    request_job=key_state_refresh,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="After every successful compromise_response, refreshes key_inventory, "
+    "security_events and the compliance report.",
+)
 def refresh_after_compromise_response(context: dg.RunStatusSensorContext):
     return dg.RunRequest(run_key=f"refresh-after-{context.dagster_run.run_id}")

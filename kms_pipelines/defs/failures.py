@@ -1,7 +1,7 @@
 """One place that turns what core raises into a ``dg.Failure`` the UI shows as one line.
 
 ``one_line_failures()`` wraps an asset or op body. A dependency that stayed down for the
-whole retry budget (core/retry.py ``DependencyUnavailable``) or a transient fault that no
+whole retry budget (core/foundation/retry.py ``DependencyUnavailable``) or a transient fault that no
 retried unit caught becomes a Failure that *allows* the asset's ``dg.RetryPolicy`` to
 re-run it (a re-run is safe); a refused or invalid operation (core/errors.py
 ``known_errors``) becomes a Failure that bypasses retries, because repeating it cannot
@@ -18,8 +18,8 @@ from typing import Iterator
 import dagster as dg
 
 from ..core.errors import connect_failure_line, fault_line, known_errors
-from ..core.policy import load_policy
-from ..core.retry import DependencyUnavailable
+from ..core.foundation.policy import load_policy
+from ..core.foundation.retry import DependencyUnavailable
 
 
 def failure_for(exc: BaseException, rerun: str | None = None) -> dg.Failure | None:
@@ -27,8 +27,11 @@ def failure_for(exc: BaseException, rerun: str | None = None) -> dg.Failure | No
     if isinstance(exc, DependencyUnavailable):
         return dg.Failure(description=str(exc), metadata=exc.metadata(), allow_retries=True)
     if isinstance(exc, known_errors()):
-        return dg.Failure(description=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                          metadata={"error": type(exc).__name__}, allow_retries=False)
+        return dg.Failure(
+            description=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            metadata={"error": type(exc).__name__},
+            allow_retries=False,
+        )
     line = fault_line(exc, rerun)
     if line is not None:
         return dg.Failure(description=line, metadata={"error": type(exc).__name__}, allow_retries=True)
@@ -55,5 +58,9 @@ def one_line_failures(rerun: str | None = None) -> Iterator[None]:
 def run_retry_policy() -> dg.RetryPolicy:
     """Re-run a safe-to-repeat asset after its in-process retry budget ran out (policy.faults.dagster)."""
     cfg = load_policy().faults.dagster
-    return dg.RetryPolicy(max_retries=cfg.max_retries, delay=cfg.delay_seconds, backoff=dg.Backoff.EXPONENTIAL,
-                          jitter=dg.Jitter.PLUS_MINUS)
+    return dg.RetryPolicy(
+        max_retries=cfg.max_retries,
+        delay=cfg.delay_seconds,
+        backoff=dg.Backoff.EXPONENTIAL,
+        jitter=dg.Jitter.PLUS_MINUS,
+    )

@@ -5,7 +5,6 @@ code location runs the embedded defaults on a laptop and PostgreSQL + HSM + S3 i
 production. Tests build these resources with other values instead of monkeypatching.
 """
 
-
 import os
 import threading
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from ..core.context import KmsContext, kms_home
+from ..core.foundation.context import KmsContext, kms_home
 
 _CACHE: dict[tuple, KmsContext] = {}
 _CACHE_LOCK = threading.Lock()
@@ -26,11 +25,13 @@ def _env(name: str) -> str | None:
 class DatabaseResource(dg.ConfigurableResource):
     """The KMS state database (SQLite file by default, PostgreSQL in production)."""
 
-    url: str | None = Field(default_factory=lambda: _env("KMS_DATABASE_URL"),
-                            description="SQLAlchemy URL; default sqlite:///$KMS_HOME/kms.db")
+    url: str | None = Field(
+        default_factory=lambda: _env("KMS_DATABASE_URL"),
+        description="SQLAlchemy URL; default sqlite:///$KMS_HOME/kms.db",
+    )
 
     def resolved_url(self, home: Path) -> str:
-        from ..core import db
+        from ..core.foundation import db
 
         return db.normalize_url(self.url or db.default_url(home))
 
@@ -68,12 +69,14 @@ class ClockResource(dg.ConfigurableResource):
     fixed_time: str | None = Field(default=None, description="Refused if set: runs use the wall clock.")
 
     def clock(self):
-        from ..core.clock import SystemClock
+        from ..core.foundation.clock import SystemClock
 
         if self.fixed_time or os.environ.get("KMS_FIXED_TIME"):
-            raise dg.Failure("a fixed time (KMS_FIXED_TIME or clock.fixed_time) is refused: Dagster runs change "
-                             "state and run on the wall clock (use `kms --at` for read-only reports or "
-                             "`kms simulate` on scratch state)")
+            raise dg.Failure(
+                "a fixed time (KMS_FIXED_TIME or clock.fixed_time) is refused: Dagster runs change "
+                "state and run on the wall clock (use `kms --at` for read-only reports or "
+                "`kms simulate` on scratch state)"
+            )
         return SystemClock()
 
 
@@ -89,11 +92,22 @@ class KmsResource(dg.ConfigurableResource):
     workload_principal: str = Field(
         default_factory=lambda: _env("KMS_WORKLOAD_PRINCIPAL") or "workload:dagster",
         description="Workload identity (A2): every keystore operation runs under its token of <= 15 min, "
-                    "re-issued before expiry.")
+        "re-issued before expiry.",
+    )
 
     def _cache_key(self) -> tuple:
-        return (os.getpid(), self.home, self.policy_path, self.database.url, self.keystore.kind, self.workload_principal,
-                self.keystore.pkcs11_lib, self.keystore.pkcs11_token, self.objects.url, self.objects.endpoint_url)
+        return (
+            os.getpid(),
+            self.home,
+            self.policy_path,
+            self.database.url,
+            self.keystore.kind,
+            self.workload_principal,
+            self.keystore.pkcs11_lib,
+            self.keystore.pkcs11_token,
+            self.objects.url,
+            self.objects.endpoint_url,
+        )
 
     def context(self) -> KmsContext:
         from dataclasses import replace
@@ -107,34 +121,41 @@ class KmsResource(dg.ConfigurableResource):
         return replace(base, clock=self.clock.clock())
 
     def _build(self) -> KmsContext:
-        from ..core import db
-        from ..core.keystore import keystore_from_env
-        from ..core.notify import notifier_from_env
-        from ..core.objectstore import objectstore_from_url
-        from ..core.policy import load_policy
-
         from ..core.access import WorkloadIdentity
-        from ..core.keystore.audited import AuditedKeyStore
-
-        from ..core.worker import is_worker, require_worker_env
+        from ..core.foundation import db
+        from ..core.foundation.keystore import keystore_from_env
+        from ..core.foundation.keystore.audited import AuditedKeyStore
+        from ..core.foundation.objectstore import objectstore_from_url
+        from ..core.foundation.policy import load_policy
+        from ..core.foundation.transports import notifier_from_env
+        from ..core.foundation.worker import is_worker, require_worker_env
 
         home = Path(self.home)
         worker = is_worker()
         if worker:  # a run or step on a host of its own: refuse before anything is created here
-            require_worker_env({**self.keystore.env(), "KMS_DATABASE_URL": self.database.url or "",
-                                "KMS_OBJECT_STORE": self.objects.url or ""}, home)
+            require_worker_env(
+                {
+                    **self.keystore.env(),
+                    "KMS_DATABASE_URL": self.database.url or "",
+                    "KMS_OBJECT_STORE": self.objects.url or "",
+                },
+                home,
+            )
         home.mkdir(parents=True, exist_ok=True)
         env = self.keystore.env()
         policy = load_policy(self.policy_path)
         return KmsContext(
             engine=db.make_engine(self.database.resolved_url(home), retry_budget=policy.faults.database.budget()),
             # Audited (A3), and every operation checks this run's workload token (A2).
-            keystore=AuditedKeyStore(keystore_from_env(home, env),
-                                     credentials=WorkloadIdentity(self.workload_principal)),
+            keystore=AuditedKeyStore(
+                keystore_from_env(home, env), credentials=WorkloadIdentity(self.workload_principal)
+            ),
             policy=policy,
-            objects=objectstore_from_url(self.objects.url or str(home / "objects"),
-                                         endpoint_url=self.objects.endpoint_url,
-                                         retry_budget=policy.faults.object_store.budget()),
+            objects=objectstore_from_url(
+                self.objects.url or str(home / "objects"),
+                endpoint_url=self.objects.endpoint_url,
+                retry_budget=policy.faults.object_store.budget(),
+            ),
             notifier=notifier_from_env(home, env, retry=policy.faults.notifications),
             home=home,
             actor="dagster",
@@ -144,8 +165,13 @@ class KmsResource(dg.ConfigurableResource):
 
 def default_resources() -> dict:
     database, keystore, objects, clock = DatabaseResource(), KeyStoreResource(), ObjectStoreResource(), ClockResource()
-    return {"database": database, "keystore": keystore, "objects": objects, "clock": clock,
-            "kms": KmsResource(database=database, keystore=keystore, objects=objects, clock=clock)}
+    return {
+        "database": database,
+        "keystore": keystore,
+        "objects": objects,
+        "clock": clock,
+        "kms": KmsResource(database=database, keystore=keystore, objects=objects, clock=clock),
+    }
 
 
 defs = dg.Definitions(resources=default_resources())

@@ -15,7 +15,7 @@ import socket
 import dagster as dg
 
 from ..core import envelope, leases
-from ..core.policy import load_policy
+from ..core.foundation.policy import load_policy
 from ..scaleout import executors
 from .failures import one_line_failures, run_retry_policy
 from .resources import KmsResource
@@ -24,8 +24,12 @@ _ENVELOPE = load_policy().envelope
 
 
 def _sweep_step(index: int, steps: int) -> dg.OpDefinition:
-    @dg.op(name=f"sweep_slot_{index}", out=dg.Out(dg.Nothing), retry_policy=run_retry_policy(),
-           description=f"Leased sweep of every shard, starting at shard {index * _ENVELOPE.shards // steps}.")
+    @dg.op(
+        name=f"sweep_slot_{index}",
+        out=dg.Out(dg.Nothing),
+        retry_policy=run_retry_policy(),
+        description=f"Leased sweep of every shard, starting at shard {index * _ENVELOPE.shards // steps}.",
+    )
     def sweep_slot(context: dg.OpExecutionContext, kms: KmsResource) -> None:
         ctx = kms.context()
         shards = ctx.policy.envelope.shards
@@ -40,8 +44,15 @@ def _sweep_step(index: int, steps: int) -> dg.OpDefinition:
                 total.batches += part.batches
         worker = f"{socket.gethostname()}:{os.getpid()}"
         context.log.info(f"slot {index} on {worker}: moved {total.moved} DEK(s), skipped {total.skipped}")
-        context.add_output_metadata({"worker": worker, "moved": total.moved, "skipped": total.skipped,
-                                     "failed": total.failed, "batches": total.batches})
+        context.add_output_metadata(
+            {
+                "worker": worker,
+                "moved": total.moved,
+                "skipped": total.skipped,
+                "failed": total.failed,
+                "batches": total.batches,
+            }
+        )
 
     return sweep_slot
 
@@ -52,12 +63,17 @@ def check_nothing_stranded(context: dg.OpExecutionContext, kms: KmsResource) -> 
     left = sum(r.deks for r in stranded)
     context.add_output_metadata({"stranded_deks": left})
     if left:
-        raise dg.Failure(description=f"{left} DEK(s) remain on retired or revoked versions after the fan-out sweep",
-                         allow_retries=False)
+        raise dg.Failure(
+            description=f"{left} DEK(s) remain on retired or revoked versions after the fan-out sweep",
+            allow_retries=False,
+        )
 
 
-@dg.job(executor_def=executors.for_job(executors.ALL), tags={"kms/sweep": "fanout"},
-        description="DEK rewrap sweep as one run whose steps share every shard through leases (celery fan-out).")
+@dg.job(
+    executor_def=executors.for_job(executors.ALL),
+    tags={"kms/sweep": "fanout"},
+    description="DEK rewrap sweep as one run whose steps share every shard through leases (celery fan-out).",
+)
 def dek_rewrap_fanout_job():
     steps = _ENVELOPE.fanout_steps
     check_nothing_stranded(after=[_sweep_step(i, steps)() for i in range(steps)])
