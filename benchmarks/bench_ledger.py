@@ -33,10 +33,10 @@ from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from benchmarks.harness import emit, load_average, peak_rss_mb, result, run_sizes, timed  # noqa: E402
-from kms_pipelines.core import ledger, ledger_copy  # noqa: E402
 from kms_pipelines.core.foundation import db
 from kms_pipelines.core.foundation.canonical import canonical_fast  # noqa: E402
 from kms_pipelines.core.foundation.policy import load_policy  # noqa: E402
+from kms_pipelines.core.ledger import ledger, ledger_copy  # noqa: E402
 
 ADMIN = db.normalize_url(os.environ.get("KMS_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
 STATES = ["active", "rotated", "revoked", "destroyed"]

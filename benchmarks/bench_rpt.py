@@ -36,13 +36,14 @@ from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from benchmarks.harness import emit, peak_rss_mb, result, run_sizes, timed  # noqa: E402
-from kms_pipelines.core import lifecycle, rpt  # noqa: E402
+from kms_pipelines.core import lifecycle
 from kms_pipelines.core.foundation import db
 from kms_pipelines.core.foundation.canonical import canonical_fast  # noqa: E402
 from kms_pipelines.core.foundation.clock import SimulatedClock  # noqa: E402
 from kms_pipelines.core.foundation.context import KmsContext  # noqa: E402
 from kms_pipelines.core.foundation.keystore.software import SoftwareKeyStore  # noqa: E402
 from kms_pipelines.core.foundation.policy import load_policy  # noqa: E402
+from kms_pipelines.core.ledger import rpt  # noqa: E402
 
 ADMIN = db.normalize_url(os.environ.get("KMS_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)

@@ -153,7 +153,8 @@ def _finish_command(ctx: click.Context, *, failed: bool) -> None:
     kms, before = obj.get("kms"), obj.get("heads")
     if kms is None:
         return
-    from .core import audit, checkpoints
+    from .core import audit
+    from .core.ledger import checkpoints
 
     try:
         audit.flush(kms)
@@ -218,7 +219,7 @@ def _heads(kms):
     """The ledger and RPT heads before the command (None: no schema yet, e.g. before init)."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from .core import checkpoints
+    from .core.ledger import checkpoints
 
     try:
         return checkpoints.heads(kms)
@@ -462,7 +463,7 @@ def ledger_verify(ctx, workers, as_json):
     """Recompute the ledger chain, then replay it against key_versions and the audit log;
     exit 1 naming the first bad seq or the first disagreement."""
     from .core import crosscheck
-    from .core import ledger as ledger_mod
+    from .core.ledger import ledger as ledger_mod
 
     kms = get_context(ctx)
     if workers is None:

@@ -7,9 +7,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from kms_pipelines.core import access, audit, ledger, lifecycle
+from kms_pipelines.core import access, audit, lifecycle
 from kms_pipelines.core.foundation.db.models import STATES, KeyVersion
 from kms_pipelines.core.foundation.db.models_access import Approval, AuditEvent, Principal
+from kms_pipelines.core.ledger import ledger
 from tests.fixtures.kms import approve_both, ceremony
 
 TICKET = "CHG-1001"

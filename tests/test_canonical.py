@@ -4,7 +4,7 @@ import string
 import rfc8785
 
 from kms_pipelines.core.foundation.canonical import canonical_bytes, canonical_fast
-from kms_pipelines.core.ledger import entry_document
+from kms_pipelines.core.ledger.ledger import entry_document
 
 
 def _random_text(rng: random.Random) -> str:
@@ -40,7 +40,7 @@ def test_verifier_row_encoding_matches_the_document_encoding():
     from datetime import datetime, timedelta, timezone
 
     from kms_pipelines.core.foundation.canonical import canonical_fast
-    from kms_pipelines.core.ledger import row_canonical
+    from kms_pipelines.core.ledger.ledger import row_canonical
 
     rng = random.Random(42)
     t0 = datetime(2026, 3, 1, tzinfo=timezone.utc)

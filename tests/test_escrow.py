@@ -9,9 +9,10 @@ import pyotp
 import pytest
 from sqlalchemy import func, select
 
-from kms_pipelines.core import access, escrow, ledger, lifecycle, nightly
+from kms_pipelines.core import access, escrow, lifecycle, nightly
 from kms_pipelines.core.foundation.db.models import KeyVersion
 from kms_pipelines.core.foundation.db.models_events import EscrowDestruction, EscrowPackage, EscrowUnseal
+from kms_pipelines.core.ledger import ledger
 from tests.fixtures.kms import approve_both, ceremony
 
 CUSTODIANS = ["custodian-a", "custodian-b", "custodian-c"]

@@ -15,10 +15,11 @@ import time
 import pytest
 from sqlalchemy import select
 
-from kms_pipelines.core import audit, envelope, ledger, lifecycle, rotation, rpt
+from kms_pipelines.core import audit, envelope, lifecycle, rotation
 from kms_pipelines.core.foundation import retry
 from kms_pipelines.core.foundation.db.models_envelope import Dek
 from kms_pipelines.core.foundation.policy import FaultBudget, Faults, load_policy
+from kms_pipelines.core.ledger import ledger, rpt
 
 KEY = "data:postgres"
 CUT_SECONDS = 5.0
@@ -146,7 +147,7 @@ def test_rotation_rides_out_a_database_cut(kms_via_proxy):
 
 
 def test_checkpoint_rides_out_a_database_cut(kms_via_proxy):
-    from kms_pipelines.core import checkpoints
+    from kms_pipelines.core.ledger import checkpoints
 
     ctx, proxy = kms_via_proxy
     rpt.issue(ctx, "subject-1", {"n": 1})

@@ -13,12 +13,13 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select, text, update
 
-from kms_pipelines.core import access, audit, console_auth, ledger, lifecycle
+from kms_pipelines.core import access, audit, console_auth, lifecycle
 from kms_pipelines.core.compliance import eval_a2
 from kms_pipelines.core.foundation.clock import FixedClock
 from kms_pipelines.core.foundation.context import context_from_env
 from kms_pipelines.core.foundation.db.models import STATES, Key, KeyVersion, LedgerEntry
 from kms_pipelines.core.foundation.db.models_access import Approval, AuditEvent, Principal
+from kms_pipelines.core.ledger import ledger
 from tests.fixtures.kms import KEY_ORIGIN, approve_both, ceremony, register_key_by_link, totp_now, write_test_policy
 
 ADMINS = (
@@ -489,8 +490,8 @@ def test_ledger_and_audit_refuse_an_entry_older_than_the_previous(kms):
 def test_the_database_refuses_a_backdated_row_inserted_behind_cores_back(kms, table, column):
     """An insider's direct INSERT (bypassing core's check) of a row older than the newest:
     the time-order trigger refuses it; with the trigger dropped, the same INSERT lands."""
-    from kms_pipelines.core import rpt
     from kms_pipelines.core.foundation.db.append_only import create_time_order_trigger, drop_time_order_trigger
+    from kms_pipelines.core.ledger import rpt
 
     rpt.issue(kms, "deal-1", {})
     audit.flush(kms)

@@ -437,8 +437,8 @@ def test_a_cadence_rotation_is_recorded_as_the_service_not_a_claimed_person(ops)
 
     from sqlalchemy import update
 
-    from kms_pipelines.core import ledger
     from kms_pipelines.core.foundation.db.models import Key, KeyVersion
+    from kms_pipelines.core.ledger import ledger
 
     ops.refused("--actor 'alice' is not a service actor", "keys", "rotate", "backup", "--if-due", "--actor", "alice")
     ctx = ops.context()

@@ -20,7 +20,6 @@ from kms_pipelines.cli import cli
 from kms_pipelines.core import (
     access,
     audit,
-    checkpoints,
     compliance,
     crosscheck,
     drills,
@@ -34,6 +33,7 @@ from kms_pipelines.core import (
 )
 from kms_pipelines.core.foundation.clock import SimulatedClock
 from kms_pipelines.core.foundation.db.models_rotation import PartnerNotice, ServiceSeed
+from kms_pipelines.core.ledger import checkpoints
 from tests.fixtures.kms import KEY_ORIGIN, approve_both, ceremony, totp_now
 from tests.test_compliance import CUSTODIANS, _dagster_report, _now
 from tests.test_rpt import admin
@@ -396,7 +396,7 @@ def test_case4_manual_root_rotation_does_the_root_follow_ups(state):
 
 
 def test_case4_a1_an_unenrolled_actor_decrypting_and_signing_through_the_library(state):
-    from kms_pipelines.core import rpt
+    from kms_pipelines.core.ledger import rpt
 
     kms = state
     green_first(kms, "A1")

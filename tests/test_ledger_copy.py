@@ -1,4 +1,4 @@
-"""The COPY verifier (core/ledger_copy) against the row-by-row reference (ledger.verify_streamed).
+"""The COPY verifier (core/ledger/ledger_copy) against the row-by-row reference (ledger.verify_streamed).
 
 1. Property: the document built from COPY's text (``ledger_copy.document`` over
    ``COLUMNS_SQL``, through COPY's escapes and PostgreSQL's ``to_char``) is byte-identical
@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from kms_pipelines.core import ledger, ledger_copy
 from kms_pipelines.core.foundation import db
 from kms_pipelines.core.foundation.db.append_only import create_append_only_triggers, drop_append_only_triggers
 from kms_pipelines.core.foundation.partitions import seq_bounds
+from kms_pipelines.core.ledger import ledger, ledger_copy
 
 # Text PostgreSQL can store: no NUL, no lone surrogates.
 _text = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=40)

@@ -5,8 +5,9 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 
-from kms_pipelines.core import ledger, lifecycle
+from kms_pipelines.core import lifecycle
 from kms_pipelines.core.foundation.db.models import Key, KeyVersion
+from kms_pipelines.core.ledger import ledger
 
 
 def snapshot(kms):

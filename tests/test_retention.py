@@ -7,16 +7,17 @@ import pytest
 from click.testing import CliRunner
 
 from kms_pipelines.core import access, dependents, lifecycle, retention, rotation, service_keys
+from tests.fixtures.kms import approve_both, ceremony
 from tests.test_rotation import full_snapshot
-from tests.fixtures.kms import ceremony, approve_both
 
 SVC = "service:api-gateway"
 
 
 @pytest.fixture
 def approvers(kms):
-    devices = ceremony(kms, {"sec-a": "security_engineering", "sec-b": "security_engineering",
-                             "sec-c": "security_engineering"})
+    devices = ceremony(
+        kms, {"sec-a": "security_engineering", "sec-b": "security_engineering", "sec-c": "security_engineering"}
+    )
     kms.__dict__["_requester_device"] = devices.pop("sec-c")
     return devices
 
@@ -45,17 +46,17 @@ def test_destroy_is_refused_one_second_before_retention_ends_and_allowed_at_it(k
         retention.destroy_version(kms, SVC, 1, ticket="CHG-1", requester="workload:dagster")
     assert err.value.guard == "retention" and "destroy allowed from" in str(err.value)
     assert full_snapshot(kms) == before
-    assert service_keys.verify_credential(kms, "api-gateway", cred).valid        # verify-only, still valid
+    assert service_keys.verify_credential(kms, "api-gateway", cred).valid  # verify-only, still valid
     kms.clock.set(rotated_at + timedelta(days=365))
     got = retention.destroy_version(kms, SVC, 1, ticket="CHG-1", requester="workload:dagster")
-    assert got == ["sec-a", "sec-b"]                                              # approvals were not spent
+    assert got == ["sec-a", "sec-b"]  # approvals were not spent
     with kms.transaction() as s:
         v1 = lifecycle.get_version(lifecycle.get_key(s, SVC), 1)
         assert v1.state == "destroyed"
         refs = (v1.wrap_ref, v1.sign_ref)
     assert not any(kms.keystore.exists(r) for r in refs)
     assert not service_keys.verify_credential(kms, "api-gateway", cred).valid
-    from kms_pipelines.core import ledger
+    from kms_pipelines.core.ledger import ledger
 
     with kms.transaction() as s:
         last = ledger.entries_for(s, SVC, 1)[-1]
@@ -66,7 +67,7 @@ def test_destroy_without_dual_approval_or_before_dependents_confirm_is_refused(k
     _, _, rotated_at = retire_service_v1(kms)
     kms.clock.set(rotated_at + timedelta(days=366))
     before = full_snapshot(kms)
-    with pytest.raises(lifecycle.GuardRefused) as err:                            # dependents first
+    with pytest.raises(lifecycle.GuardRefused) as err:  # dependents first
         retention.destroy_version(kms, SVC, 1, requester="workload:dagster")
     assert err.value.guard == "dependents" and "api-gateway" in str(err.value)
     assert full_snapshot(kms) == before
@@ -90,9 +91,9 @@ def test_revoke_waits_for_dependents_except_in_an_emergency(kms):
     with pytest.raises(lifecycle.LifecycleError, match="has no version 9"):
         dependents.confirm(kms, SVC, 9, "api-gateway")
     assert full_snapshot(kms) == before
-    lifecycle.revoke(kms, SVC, 1, reason="compromise", event_id="evt-1")          # emergency: not held back
+    lifecycle.revoke(kms, SVC, 1, reason="compromise", event_id="evt-1")  # emergency: not held back
     with pytest.raises(dependents.DependentsError, match="only an active or rotated"):
-        dependents.confirm(kms, SVC, 1, "api-gateway")                             # revoked now
+        dependents.confirm(kms, SVC, 1, "api-gateway")  # revoked now
     # root: every listed dependent must confirm the newer version
     kms.clock.advance(timedelta(days=90))
     rotation.reconcile(kms, "root")
@@ -115,8 +116,15 @@ def test_nightly_retire_expired_waits_for_approvals_then_destroys(kms, approvers
     assert "needs 2 approvals" in s.awaiting_approval[0]["missing"]
     approve(kms, approvers, f"{SVC}#v1", retention.ticket_for(SVC, 1))
     s = retention.retire_expired(kms)
-    assert s.destroyed == [{"key": SVC, "version": 1, "ticket": retention.ticket_for(SVC, 1),
-                            "target": f"{SVC}#v1", "approvers": ["sec-a", "sec-b"]}]
+    assert s.destroyed == [
+        {
+            "key": SVC,
+            "version": 1,
+            "ticket": retention.ticket_for(SVC, 1),
+            "target": f"{SVC}#v1",
+            "approvers": ["sec-a", "sec-b"],
+        }
+    ]
     assert retention.retire_expired(kms).due == []
 
 
@@ -134,18 +142,33 @@ def test_cli_keys_destroy_and_revoke_name_the_refusing_guard(kms, approvers):
 
     retire_service_v1(kms)
     before = full_snapshot(kms)
-    res = run("keys", "revoke", SVC, "--version", "1", "--ticket", "T-9", "--requested-by", "sec-c", "--totp", _code(kms))
+    res = run(
+        "keys", "revoke", SVC, "--version", "1", "--ticket", "T-9", "--requested-by", "sec-c", "--totp", _code(kms)
+    )
     assert res.exit_code == 1 and "revoke refused by guard 'dependents'" in res.output, res.output
     assert full_snapshot(kms) == before
-    res = run("dependents", "confirm", SVC, "--version", "2", "--service", "api-gateway", "--as", "sec-c",
-              "--totp", _code(kms))
+    res = run(
+        "dependents",
+        "confirm",
+        SVC,
+        "--version",
+        "2",
+        "--service",
+        "api-gateway",
+        "--as",
+        "sec-c",
+        "--totp",
+        _code(kms),
+    )
     assert res.exit_code == 0, res.output
     before = full_snapshot(kms)
     res = run("keys", "destroy", SVC, "--version", "1", "--requested-by", "sec-c", "--totp", _code(kms))
     assert res.exit_code == 1 and "destroy refused by guard 'retention'" in res.output, res.output
     assert full_snapshot(kms) == before
     approve(kms, {"sec-b": approvers["sec-b"]}, f"{SVC}#v1", "T-9", operation="revoke")
-    res = run("keys", "revoke", SVC, "--version", "1", "--ticket", "T-9", "--requested-by", "sec-c", "--totp", _code(kms))
+    res = run(
+        "keys", "revoke", SVC, "--version", "1", "--ticket", "T-9", "--requested-by", "sec-c", "--totp", _code(kms)
+    )
     assert res.exit_code == 1 and "needs 2 approvals" in res.output, res.output
     assert full_snapshot(kms)[0] == before[0]
     res = run("retention", "due")

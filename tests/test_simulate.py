@@ -7,14 +7,22 @@ from datetime import date
 import pytest
 from click.testing import CliRunner
 
-from kms_pipelines.core import envelope, ledger, manifest, nightly, retention, simulate
+from kms_pipelines.core import envelope, manifest, nightly, retention, simulate
+from kms_pipelines.core.ledger import ledger
 
 START = date(2026, 1, 1)
 DAYS = 456  # > 400, and long enough to see the first service (day 425) and root (day 455) destructions
 # The nightly steps this area's promises depend on (the full nightly also backs up, seals escrow,
 # checkpoints …; `kms simulate` runs all of them, the test keeps to these for runtime).
-STEPS = ["rotate_root", "rotate_service", "rotate_data", "rotate_backup", "notify_partners", "envelope_sweep",
-         "retire_expired"]
+STEPS = [
+    "rotate_root",
+    "rotate_service",
+    "rotate_data",
+    "rotate_backup",
+    "notify_partners",
+    "envelope_sweep",
+    "retire_expired",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +40,7 @@ def year():
                 "due": retention.due_for_destruction(ctx),
                 "deks": envelope.dek_inventory_frame(ctx),
             }
+
     result = simulate.simulate(DAYS, START, steps=STEPS, on_day=on_day)
     return result, observed
 
@@ -57,7 +66,7 @@ def test_every_rotation_happens_on_its_cadence_day(year):
 
 def test_sweep_leaves_zero_deks_on_old_versions(year):
     result, observed = year
-    assert observed["stranded"] == {}                         # after every single night
+    assert observed["stranded"] == {}  # after every single night
     deks = observed["final"]["deks"]
     assert len(deks) == 20 and set(deks["version_state"]) == {"active"}
     assert sorted(e.day for e in result.of("swept")) == [180, 360]
@@ -69,23 +78,25 @@ def test_retention_and_destruction_happen_exactly_when_allowed(year):
     keep = pol.key_class("service").retention_days
     svc, root = pol.key_class("service").rotation_days, pol.key_class("root").rotation_days
     destroyed = sorted((e.day, e.key, e.version) for e in result.of("destroyed"))
-    expected = sorted([(svc + keep, f"service:{n}", 1) for n in pol.key_class("service").names]
-                      + [(root + keep, "root", 1)])
-    assert destroyed == expected                              # day 425 (services v1), day 455 (root v1)
+    expected = sorted(
+        [(svc + keep, f"service:{n}", 1) for n in pol.key_class("service").names] + [(root + keep, "root", 1)]
+    )
+    assert destroyed == expected  # day 425 (services v1), day 455 (root v1)
     # approvals were given on exactly those nights, and every destruction recorded both approvers
     assert sorted((e.day, e.key, e.version) for e in result.of("approved")) == expected
     assert all("sim-approver-a" in e.detail and "sim-approver-b" in e.detail for e in result.of("destroyed"))
     # nothing else is due yet: service v2 (rotated day 120) only on day 485
     assert observed["final"]["due"] == []
     assert observed["final"]["ledger"].ok and observed["final"]["manifests"].ok
-    assert observed["final"]["manifests"].count == 6         # v1 .. v6
+    assert observed["final"]["manifests"].count == 6  # v1 .. v6
 
 
 def test_cli_simulate_prints_a_timeline():
     from kms_pipelines.cli import cli
 
-    res = CliRunner().invoke(cli, ["simulate", "--days", "61", "--from", "2026-01-01", "--steps",
-                                   "rotate_service,rotate_backup"])
+    res = CliRunner().invoke(
+        cli, ["simulate", "--days", "61", "--from", "2026-01-01", "--steps", "rotate_service,rotate_backup"]
+    )
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
     assert lines[0].startswith("simulated 61 day(s) from 2026-01-01")

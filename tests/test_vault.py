@@ -13,23 +13,13 @@ import pyotp
 import pytest
 from sqlalchemy import delete, select, text
 
-from kms_pipelines.core import (
-    access,
-    audit,
-    compliance,
-    dependents,
-    forensic,
-    ledger,
-    lifecycle,
-    retention,
-    rotation,
-    vault,
-)
+from kms_pipelines.core import access, audit, compliance, dependents, forensic, lifecycle, retention, rotation, vault
 from kms_pipelines.core.foundation.db.models import LedgerEntry
 from kms_pipelines.core.foundation.db.models_access import Approval
 from kms_pipelines.core.foundation.db.models_vault import ArchiveCopy, ForensicRetrieval
 from kms_pipelines.core.foundation.keystore import KeyStoreError
 from kms_pipelines.core.foundation.objectstore.local import LocalObjectStore
+from kms_pipelines.core.ledger import ledger
 from tests.fixtures.kms import approve_both, enrol_direct, security_key_file, write_test_policy
 
 TICKET = "INC-4711"
@@ -599,7 +589,8 @@ def test_cli_archive_verify_retrieve_and_refusals(tmp_path, monkeypatch):
 
 
 def test_monthly_drill_retrieves_an_archived_root_under_dual_control_and_verifies_old_rpts(make_kms):
-    from kms_pipelines.core import backup, drills, rpt
+    from kms_pipelines.core import backup, drills
+    from kms_pipelines.core.ledger import rpt
 
     kms = make_kms("sqlite")
     kms.objects = LocalObjectStore(kms.home / "objects-sim", now=kms.clock.now)
@@ -629,8 +620,9 @@ def test_monthly_drill_retrieves_an_archived_root_under_dual_control_and_verifie
 
 
 def test_drill_detects_an_rpt_that_does_not_verify_under_the_archived_key(make_kms):
-    from kms_pipelines.core import backup, drills, rpt
+    from kms_pipelines.core import backup, drills
     from kms_pipelines.core.foundation.db.append_only import drop_append_only_triggers
+    from kms_pipelines.core.ledger import rpt
 
     kms = make_kms("sqlite")
     kms.objects = LocalObjectStore(kms.home / "objects-sim", now=kms.clock.now)

@@ -31,7 +31,7 @@ def register(cli) -> None:
     @click.pass_context
     def rpt_issue(ctx, subject, claims, as_json):
         """Issue one RPT signed by the active root version; prints the compact JWS."""
-        from ..core import rpt
+        from ..core.ledger import rpt
 
         try:
             parsed = json.loads(claims)
@@ -42,28 +42,46 @@ def register(cli) -> None:
         token = rpt.issue(get_context(ctx), subject, parsed)
         if as_json:
             header, payload, _ = rpt.decode(token)
-            emit_json({"token": token, "seq": payload["seq"], "kid": header["kid"], "iat": payload["iat"],
-                       "prev": payload["prev"], "hash": rpt.token_hash(token)})
+            emit_json(
+                {
+                    "token": token,
+                    "seq": payload["seq"],
+                    "kid": header["kid"],
+                    "iat": payload["iat"],
+                    "prev": payload["prev"],
+                    "hash": rpt.token_hash(token),
+                }
+            )
         else:
             click.echo(token)
 
     @rpt_group.command("verify-chain")
     @click.option("--last", type=click.IntRange(min=1), default=None, help="Verify only the newest N tokens.")
-    @click.option("--workers", type=click.IntRange(min=1, max=64), default=1, show_default=True,
-                  help="Processes to verify partitions in parallel.")
+    @click.option(
+        "--workers",
+        type=click.IntRange(min=1, max=64),
+        default=1,
+        show_default=True,
+        help="Processes to verify partitions in parallel.",
+    )
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context
     def rpt_verify_chain(ctx, last, workers, as_json):
         """verifyChain: links, signatures, signing windows; exit 1 naming the first bad token."""
-        from ..core import rpt
+        from ..core.ledger import rpt
 
         result = rpt.verify_chain(get_context(ctx), last=last, workers=workers)
         where = f" (head matches {result.checked_against})" if result.checked_against else ""
         finish_verification(
-            ctx, result, as_json,
-            lambda: (f"RPT chain intact: {result.count} token(s) verified, seq {result.first_seq}..{result.head_seq}, "
-                     f"head {result.head_hash[:16]}…{where}"),
-            lambda: f"RPT chain BROKEN at seq {result.first_bad_seq}: {result.problem}")
+            ctx,
+            result,
+            as_json,
+            lambda: (
+                f"RPT chain intact: {result.count} token(s) verified, seq {result.first_seq}..{result.head_seq}, "
+                f"head {result.head_hash[:16]}…{where}"
+            ),
+            lambda: f"RPT chain BROKEN at seq {result.first_bad_seq}: {result.problem}",
+        )
 
     ledger = cli.commands["ledger"]
 
@@ -72,14 +90,16 @@ def register(cli) -> None:
     @click.pass_context
     def ledger_checkpoint(ctx, as_json):
         """Verify, then sign (size, head hash, time) with the root key into WORM storage."""
-        from ..core import checkpoints
+        from ..core.ledger import checkpoints
 
         cp = checkpoints.write_checkpoint(get_context(ctx))
         if as_json:
             emit_json(cp)
         else:
-            click.echo(f"checkpoint {cp['url']}: ledger {cp['ledger_size']} entries, {cp['rpt_size']} RPTs, "
-                       f"signed by {cp['kid'].split(':')[0]}, retained until {cp['retain_until']}")
+            click.echo(
+                f"checkpoint {cp['url']}: ledger {cp['ledger_size']} entries, {cp['rpt_size']} RPTs, "
+                f"signed by {cp['kid'].split(':')[0]}, retained until {cp['retain_until']}"
+            )
 
     @ledger.command("verify-checkpoints")
     @click.option("--rpt-signatures", is_flag=True, help="Also verify every RPT signature (slower).")
@@ -87,13 +107,19 @@ def register(cli) -> None:
     @click.pass_context
     def ledger_verify_checkpoints(ctx, rpt_signatures, as_json):
         """Check the live ledger and RPT chain against every signed checkpoint; exit 1 on a mismatch."""
-        from ..core import checkpoints
+        from ..core.ledger import checkpoints
 
         result = checkpoints.verify(get_context(ctx), rpt_signatures=rpt_signatures)
-        finish_verification(ctx, result, as_json,
-                            lambda: (f"ledger matches {result.checkpoints} checkpoint(s): {result.ledger_size} "
-                                     f"entries, {result.rpt_size} RPTs"),
-                            lambda: f"CHECKPOINT MISMATCH ({result.area}): {result.problem}")
+        finish_verification(
+            ctx,
+            result,
+            as_json,
+            lambda: (
+                f"ledger matches {result.checkpoints} checkpoint(s): {result.ledger_size} "
+                f"entries, {result.rpt_size} RPTs"
+            ),
+            lambda: f"CHECKPOINT MISMATCH ({result.area}): {result.problem}",
+        )
 
     @cli.group("evidence")
     def evidence_group():
@@ -111,20 +137,28 @@ def register(cli) -> None:
         if as_json:
             emit_json(report.to_dict())
         else:
-            click.echo(f"wrote {report.path}: {report.ledger_entries} ledger entries, {report.rpts} RPTs, "
-                       f"{report.checkpoints} checkpoints, {report.root_keys} root keys, {report.manifests} manifests"
-                       + (", sealed" if report.sealed else ", NOT sealed"))
+            click.echo(
+                f"wrote {report.path}: {report.ledger_entries} ledger entries, {report.rpts} RPTs, "
+                f"{report.checkpoints} checkpoints, {report.root_keys} root keys, {report.manifests} manifests"
+                + (", sealed" if report.sealed else ", NOT sealed")
+            )
         if not report.live_ok:
-            click.echo(f"kms: error: the live state failed verification, bundle left unsealed: {report.problem}",
-                       err=True)
+            click.echo(
+                f"kms: error: the live state failed verification, bundle left unsealed: {report.problem}", err=True
+            )
             ctx.exit(EXIT_FAILED)
 
     @evidence_group.command("verify")
     @click.argument("bundle", type=click.Path(dir_okay=False))
-    @click.option("--trust", "trusted", multiple=True, metavar="FINGERPRINT",
-                  help="A root fingerprint obtained out of band (SHA256:…). Every signing key must be this root "
-                       "or reached from it by old-signs-new root manifests. Without it the bundle is only "
-                       "checked for self-consistency.")
+    @click.option(
+        "--trust",
+        "trusted",
+        multiple=True,
+        metavar="FINGERPRINT",
+        help="A root fingerprint obtained out of band (SHA256:…). Every signing key must be this root "
+        "or reached from it by old-signs-new root manifests. Without it the bundle is only "
+        "checked for self-consistency.",
+    )
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context
     def evidence_verify(ctx, bundle, trusted, as_json):
@@ -132,11 +166,19 @@ def register(cli) -> None:
         from ..core import evidence
 
         result = evidence.verify_bundle(bundle, trusted_fingerprints=list(trusted))
-        finish_verification(ctx, result, as_json,
-                            lambda: (f"evidence verifies: {result.ledger_entries} ledger entries, {result.rpts} "
-                                     f"RPTs, {result.checkpoints} checkpoints, {len(result.root_keys)} root keys, "
-                                     f"sealed; " + ("anchored to the pinned root " + ", ".join(result.anchors)
-                                                    if result.anchored else
-                                                    "NOT anchored to a pinned root (self-consistent only; "
-                                                    "pass --trust FINGERPRINT)")),
-                            lambda: f"evidence FAILS ({result.area}): {result.problem}")
+        finish_verification(
+            ctx,
+            result,
+            as_json,
+            lambda: (
+                f"evidence verifies: {result.ledger_entries} ledger entries, {result.rpts} "
+                f"RPTs, {result.checkpoints} checkpoints, {len(result.root_keys)} root keys, "
+                f"sealed; "
+                + (
+                    "anchored to the pinned root " + ", ".join(result.anchors)
+                    if result.anchored
+                    else "NOT anchored to a pinned root (self-consistent only; pass --trust FINGERPRINT)"
+                )
+            ),
+            lambda: f"evidence FAILS ({result.area}): {result.problem}",
+        )

@@ -46,7 +46,7 @@ from .foundation.canonical import canonical_fast
 from .foundation.clock import parse_time, utc
 from .foundation.db.models import LedgerEntry
 from .foundation.db.models_access import AuditAnomaly, AuditEvent
-from .ledger import (
+from .ledger.ledger import (
     GENESIS_HASH,
     VerifyResult,
     advisory_xact_lock,

@@ -39,12 +39,13 @@ from pathlib import Path
 import zstandard
 from sqlalchemy import select
 
-from . import checkpoints, ledger, manifest, rpt
+from . import manifest
 from .foundation.clock import parse_time
 from .foundation.context import KmsContext
 from .foundation.db.models import PENDING, Key, KeyVersion
 from .foundation.keystore import fingerprint as key_fingerprint
-from .rpt import RootKey, RptError
+from .ledger import checkpoints, ledger, rpt
+from .ledger.rpt import RootKey, RptError
 
 FORMAT = "kms-evidence/2"
 SEAL_FORMAT = "kms-evidence-seal/1"

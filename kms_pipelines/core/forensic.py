@@ -329,7 +329,8 @@ def drill_check(ctx: KmsContext, *, requested_by: str, ticket: str | None = None
     """Retrieve the oldest archived root version under dual control and verify the oldest
     retained RPTs it signed with the public key the archive copy carries (authenticated as
     the copy's associated data). Returns a drill check ``{name, status, detail}``."""
-    from . import access, rpt
+    from . import access
+    from .ledger import rpt
 
     name = "forensic_retrieval"
     with ctx.transaction() as session:
@@ -389,7 +390,7 @@ def drill_check(ctx: KmsContext, *, requested_by: str, ticket: str | None = None
 
 
 def _rpt_signed_by(token: str, kid: str, public: bytes) -> bool:
-    from . import rpt
+    from .ledger import rpt
 
     try:
         header, _payload, signature = rpt.decode(token)

@@ -18,12 +18,12 @@ from typing import Callable, Iterable
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from . import ledger
 from .foundation import retry
 from .foundation.clock import utc
 from .foundation.context import KmsContext
 from .foundation.db.models import ACTIVE, DESTROYED, PENDING, REVOKED, ROTATED, Key, KeyVersion, LedgerEntry
 from .foundation.keystore import AES_256, ED25519, KeyNotFound
+from .ledger import ledger
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     PENDING: frozenset({ACTIVE, DESTROYED}),

@@ -41,7 +41,7 @@ from .foundation.db.models import ACTIVE, PENDING, REVOKED, ROTATED, KeyVersion
 from .foundation.db.models_rotation import RootManifest
 from .foundation.keystore import fingerprint as fingerprint_of
 from .foundation.keystore import verify_signature
-from .ledger import format_time
+from .ledger.ledger import format_time
 
 FORMAT = "kms-root-manifest/1"
 SIGNING_CONTEXT = b"kms-pipelines root manifest v1\n"

@@ -20,7 +20,7 @@ STEP_MODULES: tuple[str, ...] = (
     "kms_pipelines.core.backup",
     "kms_pipelines.core.rotation",
     "kms_pipelines.core.retention",
-    "kms_pipelines.core.checkpoints",
+    "kms_pipelines.core.ledger.checkpoints",
     "kms_pipelines.core.audit",
     "kms_pipelines.core.vault",
 )

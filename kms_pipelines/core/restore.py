@@ -402,7 +402,7 @@ def _run_check(report: RestoreReport, name: str, fn) -> None:
 
 
 def _post_checks(ctx: KmsContext, staged: KmsContext, manifest: dict, report: RestoreReport) -> None:
-    from . import ledger
+    from .ledger import ledger
 
     def migrations():
         db_mod.upgrade(staged.engine)
@@ -413,7 +413,7 @@ def _post_checks(ctx: KmsContext, staged: KmsContext, manifest: dict, report: Re
         return (PASSED, f"{r.count} entries") if r.ok else (FAILED, f"first bad seq {r.first_bad_seq}: {r.problem}")
 
     def rpt_chain():
-        from . import rpt
+        from .ledger import rpt
 
         # A restore point is older than the live chain: the newest checkpoint in the shared
         # object store describes the live head, so comparing against it would report the

@@ -35,13 +35,14 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from . import audit, ledger, lifecycle, nightly
+from . import audit, lifecycle, nightly
 from .foundation.canonical import canonical_bytes
 from .foundation.clock import utc
 from .foundation.context import KmsContext
 from .foundation.db.models import DESTROYED, REVOKED, ROTATED, Key, KeyVersion
 from .foundation.db.models_vault import ARCHIVED, DELETED, UNARCHIVABLE, ArchiveCopy, ForensicRetrieval
 from .foundation.keystore import KeyNotFound, NotArchivable, verify_signature
+from .ledger import ledger
 
 KEK_KEY = "archive"
 ARCHIVED_CLASSES = ("root", "service")

@@ -177,7 +177,7 @@ class ExportExpiryConfig(dg.Config):
 def expire_export_keys(context: dg.OpExecutionContext, config: ExportExpiryConfig, kms: KmsResource) -> dg.Output:
     ctx = kms.context()
     results = export_keys.expire_due(ctx, config.key_name, actor="dagster:export_key_expiry")
-    from ..core import checkpoints
+    from ..core.ledger import checkpoints
 
     checkpoints.checkpoint_if_changed(ctx)  # the shredding's state changes end under a WORM checkpoint
     for r in results:

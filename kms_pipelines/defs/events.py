@@ -79,7 +79,7 @@ def respond_to_security_event(
         )
     for step in result.steps:
         context.log.info(step)
-    from ..core import checkpoints
+    from ..core.ledger import checkpoints
 
     cp = checkpoints.checkpoint_if_changed(ctx)  # the response's state changes end under a WORM checkpoint
     return dg.Output(

@@ -2,8 +2,9 @@
 
 import dagster as dg
 
-from ..core import crosscheck, ledger, lifecycle
+from ..core import crosscheck, lifecycle
 from ..core.foundation import db
+from ..core.ledger import ledger
 from .metadata import inventory_table, seq_text
 from .resources import KmsResource
 

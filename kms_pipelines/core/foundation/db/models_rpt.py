@@ -1,4 +1,4 @@
-"""SQLAlchemy models for rpt (see core/rpt.py): the append-only chain of regulatory
+"""SQLAlchemy models for rpt (see core/ledger/rpt.py): the append-only chain of regulatory
 proof tokens. The ``token`` text is the only source of truth; the other columns are
 indexes over it for queries (verification re-derives everything from ``token``)."""
 

@@ -41,13 +41,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Connection
 
+from ..foundation.canonical import canonical_bytes
+from ..foundation.clock import utc
+from ..foundation.context import KmsContext
+from ..foundation.db.models import ACTIVE, Key, KeyVersion, LedgerEntry
+from ..foundation.db.models_rpt import RegulatoryProofToken
+from ..foundation.keystore import fingerprint as key_fingerprint
 from . import ledger
-from .foundation.canonical import canonical_bytes
-from .foundation.clock import utc
-from .foundation.context import KmsContext
-from .foundation.db.models import ACTIVE, Key, KeyVersion, LedgerEntry
-from .foundation.db.models_rpt import RegulatoryProofToken
-from .foundation.keystore import fingerprint as key_fingerprint
 
 GENESIS_HASH = "0" * 64
 ALG = "EdDSA"
@@ -545,7 +545,7 @@ def count(ctx: KmsContext) -> int:
 def _partition_worker(url: str, keys, windows, lo: int, hi: int, batch_size: int) -> ChainResult:
     from sqlalchemy import create_engine
 
-    from .foundation.db import make_engine, normalize_url
+    from ..foundation.db import make_engine, normalize_url
 
     url = normalize_url(url)
     # SQLite: a plain engine (the KMS engine begins every transaction IMMEDIATE, which
@@ -576,7 +576,7 @@ def verify_chain(
     ``last=N`` verifies only the newest N tokens, anchored at the token before them.
     ``workers>1`` splits the seq range over processes, each checking its partition plus the
     link to the token before it. The head is compared with the newest signed checkpoint
-    (``core/checkpoints``) so truncation of the newest tokens is caught.
+    (``core/ledger/checkpoints``) so truncation of the newest tokens is caught.
     """
     if last is not None and last < 1:
         raise RptError("--last must be at least 1")
@@ -608,7 +608,7 @@ def verify_chain(
 
 
 def _verify_parallel(ctx, keys, windows, start, max_seq, workers, batch, marks) -> ChainResult:
-    from .foundation.partitions import map_in_processes, seq_bounds
+    from ..foundation.partitions import map_in_processes, seq_bounds
 
     url = ctx.engine.url.render_as_string(hide_password=False)
     bounds = seq_bounds(start, max_seq, workers)

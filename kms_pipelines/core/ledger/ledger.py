@@ -19,12 +19,12 @@ from sqlalchemy import select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from .foundation.canonical import canonical_fast
-from .foundation.clock import utc
-from .foundation.db.models import LedgerEntry
+from ..foundation.canonical import canonical_fast
+from ..foundation.clock import utc
+from ..foundation.db.models import LedgerEntry
 
 if TYPE_CHECKING:
-    from .foundation.context import KmsContext
+    from ..foundation.context import KmsContext
 
 # A mapped column of a hash-chained table (``LedgerEntry.seq``, ``RptEntry.entry_hash``...).
 Column = Any

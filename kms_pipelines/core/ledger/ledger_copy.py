@@ -30,7 +30,7 @@ import psycopg2  # its copy_expert loops over COPY rows in C (see _verify_range)
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from .foundation.partitions import map_in_processes, seq_bounds
+from ..foundation.partitions import map_in_processes, seq_bounds
 from .ledger import GENESIS_HASH, VerifyResult, altered, broken_link, seq_gap
 
 # In the order the template uses them (approvers, a JSON text put in as it is, first: the
