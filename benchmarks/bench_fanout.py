@@ -179,7 +179,7 @@ def main() -> None:
             ctx = context_from_env(control)
             with ctx.transaction() as s:
                 ref = lifecycle.active_version(lifecycle.get_key(s, KEY)).wrap_ref
-            from kms_pipelines.core.foundation.keystore.audited import unwrap
+            from kms_pipelines.core.access.audited_keystore import unwrap
 
             raw = unwrap(ctx.keystore)
             populate_ctx(ctx, n, functools.partial(raw.new_wrapped_dek, ref))

@@ -153,7 +153,7 @@ def _finish_command(ctx: click.Context, *, failed: bool) -> None:
     kms, before = obj.get("kms"), obj.get("heads")
     if kms is None:
         return
-    from .core import audit
+    from .core.access import audit
     from .core.ledger import checkpoints
 
     try:
@@ -302,7 +302,7 @@ def init(ctx, admins, console_origin, software_keys, as_json):
     created = [r.key for r in results if r.rotated]
     enrolled = []
     if admins:
-        from .core import access
+        from .core.access import principals as access
 
         parsed = dict(_admin(a) for a in admins)
         if len(parsed) != len(admins):
@@ -410,7 +410,7 @@ def keys_rotate(ctx, key, reason, if_due, actor, as_json):
     elif if_due and reason:
         raise click.UsageError("--if-due and --reason exclude each other")
     if not if_due and reason in (None, "manual"):
-        from .core.access import AccessDenied
+        from .core.access.principals import AccessDenied
 
         # Policy A4: a manual rotation runs only under dual control (--manual).
         raise AccessDenied(
@@ -420,7 +420,7 @@ def keys_rotate(ctx, key, reason, if_due, actor, as_json):
             f"policy cadence, --reason compromise|tenant-rotation|ci-exposure rotates a service key at once (R2)",
             reason="approval",
         )
-    from .core import access
+    from .core.access import principals as access
     from .core.foundation import limits
 
     limits.text(actor, "--actor", 200)
@@ -462,7 +462,7 @@ def ledger():
 def ledger_verify(ctx, workers, as_json):
     """Recompute the ledger chain, then replay it against key_versions and the audit log;
     exit 1 naming the first bad seq or the first disagreement."""
-    from .core import crosscheck
+    from .core.access import crosscheck
     from .core.ledger import ledger as ledger_mod
 
     kms = get_context(ctx)

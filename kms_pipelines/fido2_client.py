@@ -43,7 +43,7 @@ class SoftwareAuthenticator:
     verification and a cloned key (sign count going backwards)."""
 
     def __init__(self, origin: str, *, user_verified: bool = True, path: Path | None = None):
-        from .core.console_auth import SOFTWARE_AAGUID
+        from .core.access.console_auth import SOFTWARE_AAGUID
 
         self.origin = origin
         self.user_verified = user_verified
@@ -77,11 +77,17 @@ class SoftwareAuthenticator:
     def save(self) -> None:
         if self.path is None:
             return
-        doc = {"kind": SOFTWARE_KIND, "note": "software FIDO2 authenticator for the demo and tests; not a token",
-               "origin": self.origin, "aaguid": self.aaguid.hex(), "credential_id": websafe_encode(self.credential_id),
-               "sign_count": self.sign_count,
-               "private_key": self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                     serialization.NoEncryption()).decode()}
+        doc = {
+            "kind": SOFTWARE_KIND,
+            "note": "software FIDO2 authenticator for the demo and tests; not a token",
+            "origin": self.origin,
+            "aaguid": self.aaguid.hex(),
+            "credential_id": websafe_encode(self.credential_id),
+            "sign_count": self.sign_count,
+            "private_key": self.key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ).decode(),
+        }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
         with os.fdopen(fd, "w") as f:  # mkstemp: mode 0600
@@ -96,15 +102,22 @@ class SoftwareAuthenticator:
         """Answer ``navigator.credentials.create`` options with a registration ("none" attestation)."""
         pk = options["publicKey"]
         rp_hash = hashlib.sha256(pk["rp"]["id"].encode()).digest()
-        cred = AttestedCredentialData.create(self.aaguid, self.credential_id,
-                                             ES256.from_cryptography_key(self.key.public_key()))
+        cred = AttestedCredentialData.create(
+            self.aaguid, self.credential_id, ES256.from_cryptography_key(self.key.public_key())
+        )
         auth = AuthenticatorData.create(rp_hash, self._flags(FLAGS.AT), self.sign_count, cred)
         client = CollectedClientData.create("webauthn.create", websafe_decode(pk["challenge"]), self.origin)
         att = AttestationObject.create("none", auth, {})
         self.save()
-        return {"id": websafe_encode(self.credential_id), "rawId": websafe_encode(self.credential_id),
-                "type": "public-key", "response": {"clientDataJSON": websafe_encode(bytes(client)),
-                                                   "attestationObject": websafe_encode(bytes(att))}}
+        return {
+            "id": websafe_encode(self.credential_id),
+            "rawId": websafe_encode(self.credential_id),
+            "type": "public-key",
+            "response": {
+                "clientDataJSON": websafe_encode(bytes(client)),
+                "attestationObject": websafe_encode(bytes(att)),
+            },
+        }
 
     def get(self, options: dict, *, rp_id: str | None = None, count: int | None = None) -> dict:
         """Answer ``navigator.credentials.get`` options (sign count +1, or ``count``)."""
@@ -118,10 +131,16 @@ class SoftwareAuthenticator:
         auth = AuthenticatorData.create(rp_hash, self._flags(), self.sign_count)
         client = CollectedClientData.create("webauthn.get", websafe_decode(pk["challenge"]), self.origin)
         signature = self.key.sign(bytes(auth) + client.hash, ec.ECDSA(hashes.SHA256()))
-        return {"id": websafe_encode(self.credential_id), "rawId": websafe_encode(self.credential_id),
-                "type": "public-key", "response": {"clientDataJSON": websafe_encode(bytes(client)),
-                                                   "authenticatorData": websafe_encode(bytes(auth)),
-                                                   "signature": websafe_encode(signature)}}
+        return {
+            "id": websafe_encode(self.credential_id),
+            "rawId": websafe_encode(self.credential_id),
+            "type": "public-key",
+            "response": {
+                "clientDataJSON": websafe_encode(bytes(client)),
+                "authenticatorData": websafe_encode(bytes(auth)),
+                "signature": websafe_encode(signature),
+            },
+        }
 
 
 class HardwareKey:

@@ -13,8 +13,9 @@ SoftAuthenticator = SoftwareAuthenticator
 
 def register(kms, rp, token: str, totp_code: str, authenticator: SoftwareAuthenticator) -> str:
     """Register ``authenticator`` through registration link ``token`` (the console's core path)."""
-    from kms_pipelines.core import console_auth
+    from kms_pipelines.core.access import console_auth
 
     handle, options = console_auth.begin_registration(kms, rp, token)
-    return console_auth.complete_registration(kms, rp, token, handle=handle, response=authenticator.create(options),
-                                              totp=totp_code)
+    return console_auth.complete_registration(
+        kms, rp, token, handle=handle, response=authenticator.create(options), totp=totp_code
+    )

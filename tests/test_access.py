@@ -7,7 +7,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from kms_pipelines.core import access, audit, lifecycle
+from kms_pipelines.core import lifecycle
+from kms_pipelines.core.access import audit
+from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.foundation.db.models import STATES, KeyVersion
 from kms_pipelines.core.foundation.db.models_access import Approval, AuditEvent, Principal
 from kms_pipelines.core.ledger import ledger

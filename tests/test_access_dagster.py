@@ -7,7 +7,7 @@ import dagster as dg
 import pytest
 from sqlalchemy import select
 
-from kms_pipelines.core import audit
+from kms_pipelines.core.access import audit
 from kms_pipelines.core.foundation.db.models import STATES, KeyVersion
 from kms_pipelines.core.foundation.db.models_access import AuditEvent
 from kms_pipelines.core.ledger import ledger

@@ -11,7 +11,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
-from kms_pipelines.core import access, audit, console_auth
+from kms_pipelines.core.access import audit, console_auth
+from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.compliance import FAIL, eval_a2
 from kms_pipelines.core.foundation.db.models_access import Approval, AuditEvent, Principal
 from kms_pipelines.core.foundation.db.models_console import ConsoleCredential

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from starlette.testclient import TestClient
 
 from kms_pipelines.console.app import SESSION_COOKIE, ConsoleConfig, create_app
-from kms_pipelines.core import approval_requests, console_auth
+from kms_pipelines.core.access import approval_requests, console_auth
 from kms_pipelines.core.foundation.clock import utc
 from kms_pipelines.core.foundation.db.models_access import Approval, Principal
 from tests.fixtures.kms import KEY_ORIGIN, enrol_direct, security_key

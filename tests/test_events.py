@@ -294,7 +294,7 @@ def test_ci_secret_exposure_rotates_without_revoking(kms):
 
 
 def test_manual_launch_without_approvals_is_refused_and_changes_nothing(kms_pg, tmp_path):
-    from kms_pipelines.core import access
+    from kms_pipelines.core.access import principals as access
     from tests.fixtures.kms import ceremony, totp_now
 
     d = ceremony(kms_pg, {"lead": "security_engineering", "b": "security_engineering", "c": "compliance_officer"})
@@ -329,7 +329,7 @@ def test_manual_launch_with_dual_approval(kms):
     # approvals are bound to the ticket: another ticket is refused and nothing changes
     from datetime import timedelta
 
-    from kms_pipelines.core import access
+    from kms_pipelines.core.access import principals as access
     from tests.fixtures.kms import totp_now
 
     device = kms.__dict__["_test_devices"][requester]

@@ -15,7 +15,8 @@ import time
 import pytest
 from sqlalchemy import select
 
-from kms_pipelines.core import audit, envelope, lifecycle, rotation
+from kms_pipelines.core import envelope, lifecycle, rotation
+from kms_pipelines.core.access import audit
 from kms_pipelines.core.foundation import retry
 from kms_pipelines.core.foundation.db.models_envelope import Dek
 from kms_pipelines.core.foundation.policy import FaultBudget, Faults, load_policy
@@ -387,7 +388,8 @@ def test_smtp_down_during_a_manual_operation_is_retried_then_recorded_as_failed(
 ):
     from datetime import timedelta
 
-    from kms_pipelines.core import access, notifications
+    from kms_pipelines.core import notifications
+    from kms_pipelines.core.access import principals as access
     from kms_pipelines.core.foundation.transports import CompositeNotifier, OutboxNotifier, RetryPolicy, SmtpNotifier
 
     ctx = make_kms("sqlite")

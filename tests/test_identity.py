@@ -13,7 +13,9 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select, text, update
 
-from kms_pipelines.core import access, audit, console_auth, lifecycle
+from kms_pipelines.core import lifecycle
+from kms_pipelines.core.access import audit, console_auth
+from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.compliance import eval_a2
 from kms_pipelines.core.foundation.clock import FixedClock
 from kms_pipelines.core.foundation.context import context_from_env

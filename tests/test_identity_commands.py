@@ -16,7 +16,8 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from kms_pipelines.core import access, audit
+from kms_pipelines.core.access import audit
+from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.foundation.context import context_from_env
 from kms_pipelines.core.foundation.db.models import KeyVersion
 from kms_pipelines.core.foundation.db.models_access import Approval, AuditEvent

@@ -15,7 +15,8 @@ import time
 import pytest
 from sqlalchemy import text
 
-from kms_pipelines.core import audit, envelope, leases, lifecycle
+from kms_pipelines.core import envelope, leases, lifecycle
+from kms_pipelines.core.access import audit
 from kms_pipelines.core.foundation.context import context_from_env
 
 KEY = "data:identity-documents"

@@ -13,7 +13,9 @@ import pyotp
 import pytest
 from sqlalchemy import delete, select, text
 
-from kms_pipelines.core import access, audit, compliance, dependents, forensic, lifecycle, retention, rotation, vault
+from kms_pipelines.core import compliance, dependents, forensic, lifecycle, retention, rotation, vault
+from kms_pipelines.core.access import audit
+from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.foundation.db.models import LedgerEntry
 from kms_pipelines.core.foundation.db.models_access import Approval
 from kms_pipelines.core.foundation.db.models_vault import ArchiveCopy, ForensicRetrieval

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 
-from kms_pipelines.core import access
+from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.foundation.keystore import KeyNotFound, keystore_from_env
 from kms_pipelines.core.foundation.worker import WorkerConfigError, require_worker_env, worker_problems
 

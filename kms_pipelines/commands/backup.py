@@ -27,10 +27,19 @@ def register(cli) -> None:
         """Encrypted, locked archives of the KMS database and artifacts/kms (B1, B3)."""
 
     @backup.command("create")
-    @click.option("--class", "gfs_class", type=click.Choice(["nightly", "weekly"]), default=None,
-                  help="GFS class (default: weekly on the policy's weekly_on day, else nightly).")
-    @click.option("--verify/--no-verify", default=True, show_default=True,
-                  help="Re-read the whole archive against its signed manifest afterwards.")
+    @click.option(
+        "--class",
+        "gfs_class",
+        type=click.Choice(["nightly", "weekly"]),
+        default=None,
+        help="GFS class (default: weekly on the policy's weekly_on day, else nightly).",
+    )
+    @click.option(
+        "--verify/--no-verify",
+        default=True,
+        show_default=True,
+        help="Re-read the whole archive against its signed manifest afterwards.",
+    )
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context
     def backup_create(ctx, gfs_class, verify, as_json):
@@ -46,9 +55,10 @@ def register(cli) -> None:
         if as_json:
             emit_json(out)
         else:
-            click.echo(f"backup {info.archive_id} ({info.gfs_class}) {info.size} bytes sha256 {info.sha256} "
-                       f"locked until {info.retain_until:%Y-%m-%d %H:%M} UTC"
-                       + (" - verified" if out.get("verified") else ""))
+            click.echo(
+                f"backup {info.archive_id} ({info.gfs_class}) {info.size} bytes sha256 {info.sha256} "
+                f"locked until {info.retain_until:%Y-%m-%d %H:%M} UTC" + (" - verified" if out.get("verified") else "")
+            )
 
     @backup.command("list")
     @click.option("--all", "show_all", is_flag=True, help="Include pruned archives.")
@@ -65,8 +75,10 @@ def register(cli) -> None:
         click.echo(f"{'ARCHIVE':28} {'CLASS':8} {'STATE':11} {'AGE(d)':>7} {'LOCKED UNTIL':17} {'VERIFIED':8} SIZE")
         for r in rows:
             lock = r["retain_until"].strftime("%Y-%m-%d %H:%M") if r["locked"] else "lapsed"
-            click.echo(f"{r['archive_id']:28} {r['gfs_class']:8} {r['state']:11} {r['age_days']:>7.1f} {lock:17} "
-                       f"{'yes' if r['verified'] else 'no':8} {r['size'] if r['size'] is not None else '-'}")
+            click.echo(
+                f"{r['archive_id']:28} {r['gfs_class']:8} {r['state']:11} {r['age_days']:>7.1f} {lock:17} "
+                f"{'yes' if r['verified'] else 'no':8} {r['size'] if r['size'] is not None else '-'}"
+            )
 
     @backup.command("prune")
     @click.option("--dry-run", is_flag=True)
@@ -82,8 +94,10 @@ def register(cli) -> None:
         if as_json:
             emit_json(asdict(result))
         else:
-            click.echo(f"{'would delete' if dry_run else 'deleted'} {len(result.deleted)}, kept {len(result.kept)}"
-                       + (f", marked {len(result.failed_uploads)} stale upload(s) failed" if result.failed_uploads else ""))
+            click.echo(
+                f"{'would delete' if dry_run else 'deleted'} {len(result.deleted)}, kept {len(result.kept)}"
+                + (f", marked {len(result.failed_uploads)} stale upload(s) failed" if result.failed_uploads else "")
+            )
 
     @backup.command("verify")
     @click.argument("archive", required=False)
@@ -97,8 +111,10 @@ def register(cli) -> None:
         if as_json:
             emit_json(result)
         else:
-            click.echo(f"{result['archive_id']}: manifest signature and sha256 verify; "
-                       f"{'locked' if result['locked'] else 'NOT locked'}")
+            click.echo(
+                f"{result['archive_id']}: manifest signature and sha256 verify; "
+                f"{'locked' if result['locked'] else 'NOT locked'}"
+            )
 
     @backup.command("rekey")
     @click.argument("key")
@@ -132,12 +148,20 @@ def register(cli) -> None:
     @cli.command("restore")
     @click.argument("archive")
     @click.option("--target", "target_url", required=True, help="URL of a NEW, empty database to restore into.")
-    @click.option("--target-home", default=None, type=click.Path(file_okay=False),
-                  help="Where to unpack artifacts/kms (default: a temp dir).")
-    @click.option("--trust", default=None, metavar="FINGERPRINT|FILE",
-                  help="Pin the root (offline restore): a SHA256:… fingerprint obtained out of band, or a file "
-                       "of root public keys (`kms backup trust-export`). The manifest's signer must be pinned or "
-                       "reached from a pinned root by old-signs-new root manifests. Default: this KMS's root keys.")
+    @click.option(
+        "--target-home",
+        default=None,
+        type=click.Path(file_okay=False),
+        help="Where to unpack artifacts/kms (default: a temp dir).",
+    )
+    @click.option(
+        "--trust",
+        default=None,
+        metavar="FINGERPRINT|FILE",
+        help="Pin the root (offline restore): a SHA256:… fingerprint obtained out of band, or a file "
+        "of root public keys (`kms backup trust-export`). The manifest's signer must be pinned or "
+        "reached from a pinned root by old-signs-new root manifests. Default: this KMS's root keys.",
+    )
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context
     def restore_cmd(ctx, archive, target_url, target_home, trust, as_json):
@@ -178,13 +202,16 @@ def register(cli) -> None:
             extra.append({"owner": owner.strip(), "title": title.strip()})
         kms = _ctx(ctx)
         with heartbeat("drill"):
-            report = drills.run_drill(kms, participants=list(participants) or None, staging_url=staging_url,
-                                      extra_followups=extra)
+            report = drills.run_drill(
+                kms, participants=list(participants) or None, staging_url=staging_url, extra_followups=extra
+            )
         if as_json:
             emit_json(report.as_dict())
         else:
             click.echo(report.markdown)
-            click.echo(f"drill {report.outcome.upper()}: {len(report.followups)} follow-up(s); report written to {report.report_path}")
+            click.echo(
+                f"drill {report.outcome.upper()}: {len(report.followups)} follow-up(s); report written to {report.report_path}"
+            )
         if report.outcome != "passed":
             ctx.exit(1)
 
@@ -195,7 +222,8 @@ def register(cli) -> None:
     @click.pass_context
     def drill_close(ctx, followup_id, resolution, principal, totp):
         """Close a drill follow-up (B4 evidence), as a proven principal."""
-        from ..core import access, drills
+        from ..core import drills
+        from ..core.access import principals as access
 
         kms = _ctx(ctx)
         access.prove_principal(kms, principal, totp)
@@ -215,10 +243,14 @@ def register(cli) -> None:
             emit_json({"drills": rows, "status": st})
         else:
             for d in rows:
-                click.echo(f"{d['date']} {d['outcome']:7} archive {d['archive_id'] or '-'} "
-                           f"restore {d['restore_seconds'] or '-'}s report {d['report_path']}")
+                click.echo(
+                    f"{d['date']} {d['outcome']:7} archive {d['archive_id'] or '-'} "
+                    f"restore {d['restore_seconds'] or '-'}s report {d['report_path']}"
+                )
                 for f in d["followups"]:
-                    click.echo(f"    #{f['id']} [{f['status']}] {f['title']} owner {f['owner']} due {f['due_at']:%Y-%m-%d}")
+                    click.echo(
+                        f"    #{f['id']} [{f['status']}] {f['title']} owner {f['owner']} due {f['due_at']:%Y-%m-%d}"
+                    )
             click.echo(f"last drill {st['age_days']} days ago; {len(st['overdue_followups'])} follow-up(s) overdue")
         if not st["within_cadence"] or st["overdue_followups"]:
             ctx.exit(1)

@@ -17,8 +17,9 @@ def register(cli) -> None:
         """Security events (compromise, CI-secret exposure, tenant rotation) and their response."""
 
     @events.command("report")
-    @click.option("--type", "type_", required=True,
-                  type=click.Choice(["compromise", "ci-secret-exposure", "tenant-rotation"]))
+    @click.option(
+        "--type", "type_", required=True, type=click.Choice(["compromise", "ci-secret-exposure", "tenant-rotation"])
+    )
     @click.option("--key", required=True, help="Affected key, e.g. service:api-gateway.")
     @click.option("--source", required=True, help="Who/what detected it (scanner, CI system, person).")
     @click.option("--detail", default="", help="What happened (never paste the secret itself).")
@@ -34,8 +35,7 @@ def register(cli) -> None:
         if as_json:
             emit_json(info.to_dict())
         elif info.duplicate_of:
-            click.echo(f"duplicate of open event {info.id} ({info.type} {info.key} v{info.key_version}, "
-                       f"{info.status})")
+            click.echo(f"duplicate of open event {info.id} ({info.type} {info.key} v{info.key_version}, {info.status})")
         else:
             click.echo(f"reported event {info.id}: {info.type} of {info.key} v{info.key_version}")
 
@@ -54,8 +54,9 @@ def register(cli) -> None:
             return
         click.echo(f"{'ID':32} {'TYPE':19} {'KEY':30} {'VER':>3} {'STATUS':10} REPORTED")
         for r in rows:
-            click.echo(f"{r.id:32} {r.type:19} {r.key:30} {r.key_version:>3} {r.status:10} "
-                       f"{r.reported_at:%Y-%m-%d %H:%M}")
+            click.echo(
+                f"{r.id:32} {r.type:19} {r.key:30} {r.key_version:>3} {r.status:10} {r.reported_at:%Y-%m-%d %H:%M}"
+            )
 
     @events.command("respond")
     @click.argument("event_id")
@@ -107,13 +108,22 @@ def register(cli) -> None:
 
     @custodian.command("add")
     @click.argument("name")
-    @click.option("--out", "out", type=click.Path(dir_okay=False), default=None,
-                  help="Write a newly generated age identity here (mode 0600) for the custodian to keep.")
+    @click.option(
+        "--out",
+        "out",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Write a newly generated age identity here (mode 0600) for the custodian to keep.",
+    )
     @click.option("--recipient", default=None, help="The custodian's own age1… public key instead.")
     @click.option("--replace", is_flag=True, help="Replace an enrolled custodian's key.")
     @click.option("--ticket", default=None, help="Change ticket the approvals are bound to.")
-    @click.option("--requested-by", "requested_by", default=None,
-                  help="Requesting principal (holds 'principals'); proven by --totp.")
+    @click.option(
+        "--requested-by",
+        "requested_by",
+        default=None,
+        help="Requesting principal (holds 'principals'); proven by --totp.",
+    )
     @click.option("--totp", default=None, help="The requester's current TOTP code.")
     @click.pass_context
     def custodian_add(ctx, name, out, recipient, replace, ticket, requested_by, totp):
@@ -132,8 +142,9 @@ def register(cli) -> None:
         if any((ticket, requested_by, totp)) and not all((ticket, requested_by, totp)):
             raise click.UsageError("--ticket, --requested-by and --totp go together")
         kms = get_context(ctx)
-        rcpt, identity = esc.enroll_custodian(kms, name, recipient=recipient, replace=replace, ticket=ticket,
-                                              requested_by=requested_by, totp=totp)
+        rcpt, identity = esc.enroll_custodian(
+            kms, name, recipient=recipient, replace=replace, ticket=ticket, requested_by=requested_by, totp=totp
+        )
         if identity:
             fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as fh:
@@ -167,8 +178,10 @@ def register(cli) -> None:
         if as_json:
             emit_json(info.to_dict())
         else:
-            click.echo(f"sealed package {info.package_id}: break-glass v{info.key_version}, "
-                       f"{info.threshold} of {len(info.custodians)}")
+            click.echo(
+                f"sealed package {info.package_id}: break-glass v{info.key_version}, "
+                f"{info.threshold} of {len(info.custodians)}"
+            )
 
     @escrow.command("status")
     @click.option("--json", "as_json", is_flag=True)
@@ -182,16 +195,23 @@ def register(cli) -> None:
             emit_json(st)
         else:
             cur = st["current"]
-            click.echo(f"current package: {cur['package_id']} (v{cur['key_version']}, sealed "
-                       f"{cur['created_at']:%Y-%m-%d})" if cur else "current package: none")
+            click.echo(
+                f"current package: {cur['package_id']} (v{cur['key_version']}, sealed {cur['created_at']:%Y-%m-%d})"
+                if cur
+                else "current package: none"
+            )
             for p in st["packages"]:
                 if p["superseded_at"]:
                     conf = ", ".join(f"{c}{'✓' if c in p['confirmations'] else '✗'}" for c in p["custodians"])
-                    click.echo(f"  superseded {p['package_id']} (v{p['key_version']}): {conf}"
-                               + ("  [erased]" if p["erased_at"] else ""))
+                    click.echo(
+                        f"  superseded {p['package_id']} (v{p['key_version']}): {conf}"
+                        + ("  [erased]" if p["erased_at"] else "")
+                    )
             for o in st["destruction_overdue"]:
-                click.echo(f"OVERDUE: {o['package_id']} not confirmed destroyed by {', '.join(o['missing'])} "
-                           f"(due {o['due']})", err=True)
+                click.echo(
+                    f"OVERDUE: {o['package_id']} not confirmed destroyed by {', '.join(o['missing'])} (due {o['due']})",
+                    err=True,
+                )
             for problem in st["problems"]:
                 click.echo(f"PROBLEM: {problem}", err=True)
         if st["destruction_overdue"] or st["problems"]:
@@ -200,28 +220,47 @@ def register(cli) -> None:
     @escrow.command("confirm-destroyed")
     @click.argument("package_id")
     @click.option("--custodian", required=True)
-    @click.option("--identity", "identity_file", required=True, type=click.Path(exists=True, dir_okay=False),
-                  help="The custodian's age identity file (proves who confirms).")
+    @click.option(
+        "--identity",
+        "identity_file",
+        required=True,
+        type=click.Path(exists=True, dir_okay=False),
+        help="The custodian's age identity file (proves who confirms).",
+    )
     @click.pass_context
     def escrow_confirm(ctx, package_id, custodian, identity_file):
         """A custodian confirms their copy of a superseded package is destroyed."""
         from ..core import escrow as esc
 
-        info = esc.confirm_destroyed(get_context(ctx), package_id, custodian, Path(identity_file).read_text(),
-                                     actor=custodian)
+        info = esc.confirm_destroyed(
+            get_context(ctx), package_id, custodian, Path(identity_file).read_text(), actor=custodian
+        )
         missing = [c for c in info.custodians if c not in info.confirmations]
-        click.echo(f"{custodian} confirmed {package_id} destroyed"
-                   + (f"; waiting for {', '.join(missing)}" if missing else "; all custodians confirmed"))
+        click.echo(
+            f"{custodian} confirmed {package_id} destroyed"
+            + (f"; waiting for {', '.join(missing)}" if missing else "; all custodians confirmed")
+        )
 
     @escrow.command("unseal")
     @click.argument("package_id")
-    @click.option("--share", "shares", multiple=True, metavar="CUSTODIAN=FILE", required=True,
-                  help="A custodian's age identity (or decrypted share) file; repeat for M custodians.")
+    @click.option(
+        "--share",
+        "shares",
+        multiple=True,
+        metavar="CUSTODIAN=FILE",
+        required=True,
+        help="A custodian's age identity (or decrypted share) file; repeat for M custodians.",
+    )
     @click.option("--ticket", required=True)
     @click.option("--requester", required=True)
     @click.option("--totp", required=True, help="The requester's current TOTP code.")
-    @click.option("--out", "out", type=click.Path(dir_okay=False), default=None,
-                  help="Also write the recovered key here (mode 0600).")
+    @click.option(
+        "--out",
+        "out",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Also write the recovered key here (mode 0600).",
+    )
     @click.pass_context
     def escrow_unseal(ctx, package_id, shares, ticket, requester, totp, out):
         """Break glass: M shares + dual approval; then rotate and re-seal at once."""
@@ -236,14 +275,15 @@ def register(cli) -> None:
                 given[name] = Path(path).read_text()
             except OSError as exc:
                 raise click.UsageError(f"cannot read share file for {name}: {exc.strerror}") from exc
-        from ..core import access
+        from ..core.access import principals as access
 
         kms = get_context(ctx)
         access.prove_principal(kms, requester, totp)
-        r = esc.unseal(kms.as_actor(requester), package_id, given, ticket=ticket,
-                       requester=requester, out_path=out)
-        click.echo(f"unsealed {r.package_id} (break-glass v{r.key_version}) with shares of {', '.join(r.custodians)}; "
-                   f"approved by {', '.join(r.approvers)}")
+        r = esc.unseal(kms.as_actor(requester), package_id, given, ticket=ticket, requester=requester, out_path=out)
+        click.echo(
+            f"unsealed {r.package_id} (break-glass v{r.key_version}) with shares of {', '.join(r.custodians)}; "
+            f"approved by {', '.join(r.approvers)}"
+        )
         click.echo(f"break-glass rotated to v{r.rotated_to}; new package {r.new_package or 'NOT SEALED'}")
 
     # ---------------------------------------------------------------- notifications
@@ -266,7 +306,9 @@ def register(cli) -> None:
         else:
             click.echo(f"last {st.window_hours} h: {st.delivered} delivered, {st.failed} failed")
             for u in st.unresolved:
-                click.echo(f"UNDELIVERED: {u['kind']} {u['ref'] or ''} via {u['channel']} {u['target']}: "
-                           f"{u['error']}", err=True)
+                click.echo(
+                    f"UNDELIVERED: {u['kind']} {u['ref'] or ''} via {u['channel']} {u['target']}: {u['error']}",
+                    err=True,
+                )
         if not st.ok:
             ctx.exit(EXIT_FAILED)

@@ -38,7 +38,8 @@ def register(cli) -> None:
         live state; exit 1 if any fails. Under --at the detection is not stored (read-only)."""
         from dataclasses import replace
 
-        from ..core import audit, compliance
+        from ..core import compliance
+        from ..core.access import audit
         from ..core.foundation import retry
 
         known = {c.id for c in compliance.CLAUSES}

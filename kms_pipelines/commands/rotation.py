@@ -85,7 +85,8 @@ def register(cli) -> None:
     @click.pass_context
     def partners_ack(ctx, partner, version, principal, totp, as_json):
         """Record PARTNER's acknowledgement of root VERSION (R1 evidence), by a proven principal."""
-        from ..core import access, rotation
+        from ..core import rotation
+        from ..core.access import principals as access
 
         kms = get_context(ctx)
         access.prove_principal(kms, principal, totp)
@@ -143,8 +144,8 @@ def register(cli) -> None:
     @click.pass_context
     def dependents_confirm(ctx, key, version, service, principal, totp, as_json):
         """SERVICE confirms it uses KEY VERSION (T4: revocation waits for it), recorded by a proven principal."""
-        from ..core import access
         from ..core import dependents as dep
+        from ..core.access import principals as access
 
         kms = get_context(ctx)
         access.prove_principal(kms, principal, totp)
@@ -265,7 +266,7 @@ def register(cli) -> None:
         _require(kms, requested_by, totp, "revoke", target)
 
         def authorize(session):
-            from ..core import access
+            from ..core.access import principals as access
 
             return access.consume_approvals(
                 session, kms, operation="revoke", target=target, ticket=ticket, requester=requested_by
@@ -277,7 +278,7 @@ def register(cli) -> None:
 
 def _require(kms, principal: str, totp: str, operation: str, target: str) -> None:
     """The requester proves the claimed name (TOTP), then must hold the permission."""
-    from ..core import access
+    from ..core.access import principals as access
     from ..core.foundation import limits
 
     limits.text(target, "target", limits.MAX_TARGET)

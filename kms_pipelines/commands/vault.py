@@ -64,7 +64,8 @@ def register(cli) -> None:
         """Import archived KEY VERSION into the forensic keystore (decrypt/verify only, erased after the
         policy TTL). Runs only once two principals other than the requester have approved
         `--operation archive-retrieve --target KEY#vVERSION` for this ticket (`kms approve`)."""
-        from ..core import access, forensic
+        from ..core import forensic
+        from ..core.access import principals as access
 
         kms = get_context(ctx)
         access.prove_principal(kms, requested_by, totp)  # the requester proves the claimed name
@@ -72,9 +73,11 @@ def register(cli) -> None:
         if as_json:
             emit_json(r.to_dict())
             return
-        click.echo(f"retrieved {r.key} v{r.version} into the forensic keystore as {', '.join(r.refs)} (ticket "
-                   f"{r.ticket}, requested by {r.requester}, approved by {', '.join(r.approvers)}); decrypt/verify "
-                   f"only, erased at {r.expires_at:%Y-%m-%d %H:%M} UTC")
+        click.echo(
+            f"retrieved {r.key} v{r.version} into the forensic keystore as {', '.join(r.refs)} (ticket "
+            f"{r.ticket}, requested by {r.requester}, approved by {', '.join(r.approvers)}); decrypt/verify "
+            f"only, erased at {r.expires_at:%Y-%m-%d %H:%M} UTC"
+        )
         for f in r.notification_failures:
             click.echo(f"warning: compliance notification failed: {f}", err=True)
 

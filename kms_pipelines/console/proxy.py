@@ -20,12 +20,22 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, StreamingResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from ..core import audit
+from ..core.access import audit
 
 PREFIX = "/dagster"
 # Hop-by-hop headers (RFC 9110 §7.6.1) and the ones the proxy sets itself.
-_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-        "transfer-encoding", "upgrade", "host", "content-length"}
+_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+}
 # The console's session cookie is the console's: never forwarded to the webserver.
 _DROP_REQUEST = _HOP | {"cookie", "origin", "referer"}
 
@@ -68,8 +78,9 @@ class DagsterProxy:
             path = PREFIX + path
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST]
         headers.append(("x-forwarded-user", user.principal))
-        upstream = self.client.build_request(request.method, path, params=request.url.query or None,
-                                             headers=headers, content=body)
+        upstream = self.client.build_request(
+            request.method, path, params=request.url.query or None, headers=headers, content=body
+        )
         try:
             resp = await self.client.send(upstream, stream=True)
         except httpx.HTTPError as exc:
@@ -77,8 +88,9 @@ class DagsterProxy:
         self._audit_mutation(user.principal, request.method, path, body)
         # Raw bytes with the upstream's Content-Encoding: the browser decodes, the proxy does not.
         out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP}
-        return StreamingResponse(resp.aiter_raw(), status_code=resp.status_code, headers=out_headers,
-                                 background=BackgroundTask(resp.aclose))
+        return StreamingResponse(
+            resp.aiter_raw(), status_code=resp.status_code, headers=out_headers, background=BackgroundTask(resp.aclose)
+        )
 
     def _audit_mutation(self, principal: str, method: str, path: str, body: bytes) -> None:
         if method != "POST" or not path.rstrip("/").endswith("/graphql"):
@@ -90,9 +102,15 @@ class DagsterProxy:
         for op in doc if isinstance(doc, list) else [doc]:
             query = str(op.get("query", "")) if isinstance(op, dict) else ""
             if query.lstrip().startswith("mutation"):
-                audit.emit(self.ctx, at=self.ctx.now(), operation="dagster.mutation", actor=principal,
-                           target_ref=str(op.get("operationName") or "graphql")[:300], outcome="ok",
-                           detail={"via": "console"})
+                audit.emit(
+                    self.ctx,
+                    at=self.ctx.now(),
+                    operation="dagster.mutation",
+                    actor=principal,
+                    target_ref=str(op.get("operationName") or "graphql")[:300],
+                    outcome="ok",
+                    detail={"via": "console"},
+                )
 
     async def websocket(self, ws: WebSocket):
         from .app import Refused
@@ -106,8 +124,12 @@ class DagsterProxy:
         url = self.ws_upstream + path + (f"?{ws.url.query}" if ws.url.query else "")
         protocols = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
         try:
-            upstream = await websockets.connect(url, subprotocols=protocols or None, open_timeout=10,
-                                                additional_headers={"x-forwarded-user": user.principal})
+            upstream = await websockets.connect(
+                url,
+                subprotocols=protocols or None,
+                open_timeout=10,
+                additional_headers={"x-forwarded-user": user.principal},
+            )
         except (TimeoutError, OSError, websockets.WebSocketException):
             await ws.close(code=1011)
             return
@@ -143,8 +165,9 @@ class DagsterProxy:
         # A subscription outlives no session: it is cut at the session's absolute limit.
         remaining = max((user.expires_at - self.ctx.now()).total_seconds(), 0.0)
         try:
-            await asyncio.wait_for(asyncio.gather(client_to_upstream(), upstream_to_client(), return_exceptions=True),
-                                   timeout=remaining)
+            await asyncio.wait_for(
+                asyncio.gather(client_to_upstream(), upstream_to_client(), return_exceptions=True), timeout=remaining
+            )
         except TimeoutError:
             await upstream.close()
             try:

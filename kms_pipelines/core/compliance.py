@@ -671,7 +671,7 @@ def _t2_material_under_live_deks(ctx: KmsContext) -> tuple[int, list[str]]:
 
 def eval_t3(ctx: KmsContext) -> Finding:
     """Ledger chain, signed WORM checkpoints, and the ledger replayed against key_versions."""
-    from . import crosscheck
+    from .access import crosscheck
     from .ledger import checkpoints, ledger
 
     problems, good = [], []
@@ -744,7 +744,7 @@ def eval_t4(ctx: KmsContext) -> Finding:
 
 
 def eval_a1(ctx: KmsContext) -> Finding:
-    from . import access
+    from .access import principals as access
 
     problems, good = [], []
     pol = ctx.policy.access
@@ -790,7 +790,7 @@ def _a1_audit_actors(ctx: KmsContext, principals: list[dict]) -> tuple[int, list
     declared service actors -- a name nobody enrolled is access outside the role model."""
     from sqlalchemy import func
 
-    from . import audit
+    from .access import audit
     from .foundation.db.models_access import AuditEvent
     from .foundation.db.models_events import EscrowCustodian
 
@@ -823,7 +823,7 @@ def _a1_audit_actors(ctx: KmsContext, principals: list[dict]) -> tuple[int, list
 
 
 def eval_a2(ctx: KmsContext) -> Finding:
-    from . import access
+    from .access import principals as access
     from .foundation.db.models_access import AuditEvent
 
     problems, good, warnings = [], [], []
@@ -902,7 +902,7 @@ _FACTOR_NAMES = {
 def _a2_console_factors(ctx: KmsContext) -> tuple[list[str], list[str]]:
     """A2's console half: every enabled human principal with a role has a registered FIDO2
     security key and a TOTP enrolment (``kms console`` signs in with both)."""
-    from . import console_auth
+    from .access import console_auth
 
     gaps = console_auth.missing_console_factors(ctx)
     if gaps:
@@ -916,7 +916,7 @@ def _a2_console_factors(ctx: KmsContext) -> tuple[list[str], list[str]]:
 
 
 def eval_a3(ctx: KmsContext) -> Finding:
-    from . import audit
+    from .access import audit
 
     problems, good = [], []
     result = audit.verify(ctx)
@@ -974,7 +974,7 @@ def _a3_audit_matches_checkpoints(ctx: KmsContext, good: list[str]) -> list[str]
 def _a3_ledger_matches_audit(ctx: KmsContext, good: list[str]) -> list[str]:
     """Every key-state change is in both the ledger and the audit log, and every new
     version's material was generated through the audited keystore."""
-    from . import audit, crosscheck
+    from .access import audit, crosscheck
 
     audit.flush(ctx)
     with ctx.engine.connect() as conn:
@@ -997,7 +997,8 @@ def _is_manual(ctx: KmsContext, key_name: str, to_state: str, reason: str | None
 def eval_a4(ctx: KmsContext) -> Finding:
     """Manual ops: dual approval and a ticket (ledger), a delivered compliance notification
     per ticket (notification_deliveries), state changes only through the ledger (key_versions)."""
-    from . import crosscheck, notifications
+    from . import notifications
+    from .access import crosscheck
     from .foundation.db.models import LedgerEntry
 
     problems, good, warnings = [], [], []

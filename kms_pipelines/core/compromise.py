@@ -90,9 +90,9 @@ def prove_requester(ctx: KmsContext, ticket: str, requester: str, totp: str | No
             "a manual compromise response needs --ticket, --requested-by and --totp "
             "(dual approval is bound to the change ticket)"
         )
-    access = _optional("kms_pipelines.core.access")
+    access = _optional("kms_pipelines.core.access.principals")
     if access is None or not hasattr(access, "prove_principal"):
-        raise events.EventError("manual launch refused: access control (core.access) is not available")
+        raise events.EventError("manual launch refused: access control (core.access.principals) is not available")
     access.prove_principal(ctx, requester, totp)
 
 
@@ -104,9 +104,9 @@ def authorize_manual(session, ctx: KmsContext, *, key: str, event_type: str, tic
             "a manual compromise response needs --ticket and --requested-by "
             "(dual approval is bound to the change ticket)"
         )
-    access = _optional("kms_pipelines.core.access")
+    access = _optional("kms_pipelines.core.access.principals")
     if access is None or not hasattr(access, "consume_approvals"):
-        raise events.EventError("manual launch refused: dual approval (core.access) is not available")
+        raise events.EventError("manual launch refused: dual approval (core.access.principals) is not available")
     return list(
         access.consume_approvals(
             session, ctx, operation=manual_operation(event_type), target=key, ticket=ticket, requester=requester

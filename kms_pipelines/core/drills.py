@@ -107,7 +107,7 @@ def default_participants(ctx: KmsContext) -> list[str]:
     """The people who would run a drill: enrolled, enabled humans holding an on-call or
     security role. Before anyone is enrolled, the policy's on-call list (rotations, not
     names) stands in, marked as such so the report does not pass it off as attendance."""
-    from .access import list_principals
+    from .access.principals import list_principals
 
     people = [
         p["name"]

@@ -21,7 +21,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
     ]
     for module, name in (
         ("kms_pipelines.core.foundation.objectstore", "ObjectStoreError"),
-        ("kms_pipelines.core.access", "AccessDenied"),
+        ("kms_pipelines.core.access.principals", "AccessDenied"),
         ("kms_pipelines.core.envelope", "EnvelopeError"),
         ("kms_pipelines.core.ledger.rpt", "RptError"),
         ("kms_pipelines.core.backup", "BackupError"),
@@ -31,7 +31,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
         ("kms_pipelines.core.foundation.worker", "WorkerConfigError"),
         ("kms_pipelines.core.foundation.limits", "InputError"),
         ("kms_pipelines.core.ledger.ledger", "ChainOrderError"),
-        ("kms_pipelines.core.audit", "AuditError"),
+        ("kms_pipelines.core.access.audit", "AuditError"),
         ("kms_pipelines.core.simulate", "LiveStateError"),
     ):
         try:

@@ -76,7 +76,7 @@ def escrow_policy(ctx: KmsContext):
 
 def _audit(session, ctx: KmsContext, operation: str, target: str, outcome: str, detail: str | None = None) -> None:
     try:
-        from . import audit
+        from .access import audit
     except ImportError:
         return
     audit.record(
@@ -117,7 +117,7 @@ def enroll_custodian(
     never by replacing a key."""
     import pyrage
 
-    from . import access
+    from .access import principals as access
 
     esc = escrow_policy(ctx)
     if name not in esc.custodians:
@@ -153,7 +153,7 @@ def enroll_custodian(
         else:
             existing.recipient, existing.enrolled_at, existing.enrolled_by = rcpt, now, who
         session.flush()
-        from . import audit
+        from .access import audit
 
         audit.record(
             session,
@@ -416,7 +416,7 @@ def manual_seal(ctx: KmsContext, *, principal: str, totp: str | None) -> Package
     themselves by TOTP and hold ``break-glass`` and ``export`` (sealing exports the key's value
     into the package; security_engineering in the shipped policy). The nightly step seals under
     its service actor instead (``nightly_escrow``)."""
-    from . import access
+    from .access import principals as access
 
     escrow_policy(ctx)
     access.prove_principal(ctx, principal, totp)
@@ -697,9 +697,9 @@ def unseal(
     if out_path is not None and Path(out_path).exists():
         raise EscrowError(f"{out_path} exists; refusing to overwrite it")
     try:
-        from . import access
+        from .access import principals as access
     except ImportError:
-        raise EscrowError("unseal refused: dual approval (core.access) is not available") from None
+        raise EscrowError("unseal refused: dual approval (core.access.principals) is not available") from None
     with ctx.transaction() as session:
         approvers = list(
             access.consume_approvals(

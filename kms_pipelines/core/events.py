@@ -139,7 +139,7 @@ def report_by(
     ``revoke`` for a compromise (the reported version is revoked), ``rotate`` otherwise
     (``compromise.manual_operation``). CI systems report through the intake under a bearer
     token instead (actor ``intake:<source>``)."""
-    from . import access
+    from .access import principals as access
     from .compromise import manual_operation
 
     _validate(ctx, type, key, source, detail or "")
@@ -193,7 +193,7 @@ def _create(
 def _audit(session, ctx: KmsContext, operation: str, target: str, outcome: str, detail: str | None) -> None:
     """Append to the audit log when the access area's audit module is present."""
     try:
-        from . import audit
+        from .access import audit
     except ImportError:
         return
     audit.record(

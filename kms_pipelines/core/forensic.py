@@ -19,7 +19,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from . import audit, lifecycle
+from . import lifecycle
+from .access import audit
 from .foundation.canonical import canonical_bytes
 from .foundation.context import KmsContext
 from .foundation.db.models import DESTROYED
@@ -36,7 +37,7 @@ from .vault import KEK_KEY, RETRIEVE_OPERATION, VaultError, b64text, stamp, targ
 def _require_retrieval(ctx: KmsContext, requester: str, target: str, ticket: str) -> None:
     """Refuse unless the requester holds the permission and the approvals are complete
     (read only: nothing is consumed; refusals are audited)."""
-    from . import access
+    from .access import principals as access
 
     access.require_permission(ctx, requester, RETRIEVE_OPERATION, target=target)
     access.request_approval(ctx, operation=RETRIEVE_OPERATION, target=target, ticket=ticket, requester=requester)
@@ -62,7 +63,7 @@ def _require_retrieval(ctx: KmsContext, requester: str, target: str, ticket: str
 
 
 def _consume_retrieval(session: Session, ctx: KmsContext, requester: str, target: str, ticket: str) -> list[str]:
-    from . import access
+    from .access import principals as access
 
     return list(
         access.consume_approvals(
@@ -329,7 +330,7 @@ def drill_check(ctx: KmsContext, *, requested_by: str, ticket: str | None = None
     """Retrieve the oldest archived root version under dual control and verify the oldest
     retained RPTs it signed with the public key the archive copy carries (authenticated as
     the copy's associated data). Returns a drill check ``{name, status, detail}``."""
-    from . import access
+    from .access import principals as access
     from .ledger import rpt
 
     name = "forensic_retrieval"

@@ -209,8 +209,8 @@ def _transition(
         event_id=event_id,
     )
     # The audit log's own record of the state change, in the same transaction: the ledger and
-    # the audit chain must agree event for event (core/crosscheck.py).
-    from . import audit, crosscheck
+    # the audit chain must agree event for event (core/access/crosscheck.py).
+    from .access import audit, crosscheck
 
     audit.record(
         session,

@@ -21,7 +21,7 @@ STEP_MODULES: tuple[str, ...] = (
     "kms_pipelines.core.rotation",
     "kms_pipelines.core.retention",
     "kms_pipelines.core.ledger.checkpoints",
-    "kms_pipelines.core.audit",
+    "kms_pipelines.core.access.audit",
     "kms_pipelines.core.vault",
 )
 

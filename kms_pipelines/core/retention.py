@@ -127,7 +127,7 @@ def due_for_destruction(ctx: KmsContext, at: datetime | None = None) -> list[Due
 
 def _consume_approvals(ctx: KmsContext, target: str, ticket: str, requester: str):
     def authorize(session: Session) -> list[str]:
-        from . import access  # the access area (issue 3)
+        from .access import principals as access  # the access area (issue 3)
 
         return list(
             access.consume_approvals(
@@ -195,7 +195,7 @@ class RetireSummary:
 
 def _access_error() -> tuple[type[BaseException], ...]:
     try:
-        from .access import AccessDenied
+        from .access.principals import AccessDenied
 
         return (AccessDenied,)
     except (ImportError, AttributeError):
@@ -228,7 +228,7 @@ def retire_expired(ctx: KmsContext, *, actor: str = NIGHTLY_REQUESTER) -> Retire
 
 
 def _request_approval(ctx: KmsContext, d: DueVersion, requester: str) -> None:
-    from . import access
+    from .access import principals as access
 
     try:
         access.request_approval(ctx, operation=DESTROY_OPERATION, target=d.target, ticket=d.ticket, requester=requester)

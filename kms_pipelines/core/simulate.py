@@ -97,7 +97,7 @@ def scratch_context(home: Path, clock: SimulatedClock, policy_path: str | None =
         dbapi_conn.execute("PRAGMA synchronous=OFF")
 
     db.upgrade(engine)
-    from .foundation.keystore.audited import AuditedKeyStore
+    from .access.audited_keystore import AuditedKeyStore
 
     keystore = AuditedKeyStore(SoftwareKeyStore(home / "artifacts" / "kms" / "keys", secrets.token_bytes(32)))
     policy = load_policy(policy_path)
@@ -137,7 +137,7 @@ class Actors:
     def _access_api(self):
         if self._access is None:
             try:
-                from . import access
+                from .access import principals as access
 
                 self._access = access
             except ImportError:
@@ -192,7 +192,7 @@ class Actors:
             for approver in self.APPROVERS:
                 at += timedelta(seconds=self.ctx.policy.access.totp_interval_seconds)  # a fresh TOTP step
                 clock.set(at)
-                from . import console_auth
+                from .access import console_auth
 
                 ch = console_auth.begin_approval(
                     self.ctx, approver, operation=retention.DESTROY_OPERATION, ticket=d.ticket, target=d.target

@@ -35,7 +35,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from . import audit, lifecycle, nightly
+from . import lifecycle, nightly
+from .access import audit
 from .foundation.canonical import canonical_bytes
 from .foundation.clock import utc
 from .foundation.context import KmsContext

@@ -4,7 +4,8 @@ checks, and the ``manual_rotation`` job launched from the Launchpad under dual c
 import dagster as dg
 from pydantic import Field
 
-from ..core import access, audit
+from ..core.access import audit
+from ..core.access import principals as access
 from ..core.ledger import checkpoints
 from .failures import one_line_failures
 from .metadata import seq_text

@@ -2,7 +2,8 @@
 
 import dagster as dg
 
-from ..core import crosscheck, lifecycle
+from ..core import lifecycle
+from ..core.access import crosscheck
 from ..core.foundation import db
 from ..core.ledger import ledger
 from .metadata import inventory_table, seq_text

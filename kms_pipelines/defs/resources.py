@@ -121,10 +121,10 @@ class KmsResource(dg.ConfigurableResource):
         return replace(base, clock=self.clock.clock())
 
     def _build(self) -> KmsContext:
-        from ..core.access import WorkloadIdentity
+        from ..core.access.audited_keystore import AuditedKeyStore
+        from ..core.access.principals import WorkloadIdentity
         from ..core.foundation import db
         from ..core.foundation.keystore import keystore_from_env
-        from ..core.foundation.keystore.audited import AuditedKeyStore
         from ..core.foundation.objectstore import objectstore_from_url
         from ..core.foundation.policy import load_policy
         from ..core.foundation.transports import notifier_from_env

@@ -38,7 +38,7 @@ class KmsContext:
     detection: Any = None  # audit.DetectionPreview: anomaly detection run in memory (`kms report --at`)
 
     def __post_init__(self) -> None:
-        # An audited keystore (core/foundation/keystore/audited.py) is re-bound to every context copy
+        # An audited keystore (core/access/audited_keystore.py) is re-bound to every context copy
         # (as_actor, a per-run clock) so its audit events carry this context's actor and time.
         bind = getattr(self.keystore, "bind_context", None)
         if bind is not None:
@@ -103,12 +103,12 @@ def context_from_env(
 def audited_keystore(keystore: Any, env: Mapping[str, str] | None = None) -> Any:
     """Wrap a backend so every operation is audited (A3); with ``KMS_WORKLOAD_PRINCIPAL``
     set, every operation also runs under that principal's short-lived token (A2)."""
-    from .keystore.audited import AuditedKeyStore
+    from ..access.audited_keystore import AuditedKeyStore
 
     env = os.environ if env is None else env
     credentials = None
     if env.get("KMS_WORKLOAD_PRINCIPAL"):
-        from ..access import WorkloadIdentity
+        from ..access.principals import WorkloadIdentity
 
         credentials = WorkloadIdentity(env["KMS_WORKLOAD_PRINCIPAL"])
     return AuditedKeyStore(keystore, credentials=credentials)

@@ -1,9 +1,9 @@
-"""SQLAlchemy models of the browser console's identity (core/console_auth.py): FIDO2
+"""SQLAlchemy models of the browser console's identity (core/access/console_auth.py): FIDO2
 credentials, dual-approved registration links, sign-in sessions and WebAuthn ceremonies.
 
 Nothing secret is stored in clear: credentials hold public keys only, and links and
 sessions are stored as keyed hashes of the random token the browser holds; credential and
-session rows carry an integrity MAC (core/console_auth.py).
+session rows carry an integrity MAC (core/access/console_auth.py).
 """
 
 from __future__ import annotations

@@ -41,12 +41,12 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from .foundation import retry
-from .foundation.canonical import canonical_fast
-from .foundation.clock import parse_time, utc
-from .foundation.db.models import LedgerEntry
-from .foundation.db.models_access import AuditAnomaly, AuditEvent
-from .ledger.ledger import (
+from ..foundation import retry
+from ..foundation.canonical import canonical_fast
+from ..foundation.clock import parse_time, utc
+from ..foundation.db.models import LedgerEntry
+from ..foundation.db.models_access import AuditAnomaly, AuditEvent
+from ..ledger.ledger import (
     GENESIS_HASH,
     VerifyResult,
     advisory_xact_lock,
@@ -306,7 +306,7 @@ def _engine_of(target) -> Engine:
         return target
     if not getattr(target, "read_only", False):
         return target.engine
-    from .foundation import db
+    from ..foundation import db
 
     with _WRITERS_LOCK:
         twin = _WRITABLE.get(target.engine)
@@ -431,7 +431,7 @@ def detect(ctx, at: datetime | None = None) -> list[Anomaly]:
     audit log and the ledger: rate spikes per principal against the trailing baseline,
     operations by principals lacking the permission, decrypt bursts, failure bursts,
     manual ledger changes without approvals."""
-    from . import access
+    from . import principals as access
 
     pol = ctx.policy.audit
     end = utc(at or ctx.now())
@@ -746,8 +746,8 @@ def unreviewed(ctx) -> list[AuditAnomaly]:
 def review(ctx, anomaly_id: int, principal: str, note: str | None = None, *, totp: str | None) -> AuditAnomaly:
     """Mark an anomaly reviewed by ``principal``, proven by their TOTP code, who holds
     ``review`` and is not the principal whose actions raised the anomaly."""
-    from . import access
-    from .foundation import limits
+    from ..foundation import limits
+    from . import principals as access
 
     limits.text(note, "review note", required=False)
     target = f"anomaly:{anomaly_id}"
@@ -804,7 +804,7 @@ def events(ctx, *, limit: int = 100, actor: str | None = None) -> list[AuditEven
 
 
 def _register_nightly() -> None:
-    from . import nightly
+    from .. import nightly
 
     @nightly.nightly_step("audit_anomalies", order=70)
     def _audit_anomalies(ctx) -> dict:

@@ -48,14 +48,14 @@ import pyotp
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ..foundation import limits
+from ..foundation.canonical import canonical_bytes
+from ..foundation.clock import utc
+from ..foundation.context import KmsContext
+from ..foundation.db.models_access import Approval, ApprovalRequest, Principal
+from ..foundation.keystore import AES_256, ED25519, KeyExists, KeyNotFound, verify_signature
 from . import audit
-from .foundation import limits
-from .foundation.canonical import canonical_bytes
-from .foundation.clock import utc
-from .foundation.context import KmsContext
-from .foundation.db.models_access import Approval, ApprovalRequest, Principal
-from .foundation.keystore import AES_256, ED25519, KeyExists, KeyNotFound, verify_signature
-from .foundation.keystore.audited import AuditedKeyStore, unwrap
+from .audited_keystore import AuditedKeyStore, unwrap
 
 SEAL_REF = "kms-access.totp-seal"
 SIGNING_REF = "kms-access.workload-signing"
@@ -903,7 +903,7 @@ def _cooling_off_message(ctx: KmsContext, p: Principal) -> str:
 
 
 def _target_exists(session: Session, operation: str, target: str) -> bool:
-    from .foundation.db.models import Key, KeyVersion
+    from ..foundation.db.models import Key, KeyVersion
 
     if operation in PRINCIPAL_OPERATIONS:
         return False  # only an open request names a principal change
@@ -916,7 +916,7 @@ def _target_exists(session: Session, operation: str, target: str) -> bool:
     if session.scalars(q).first() is not None:
         return True
     if operation == "break-glass":
-        from .foundation.db.models_events import EscrowPackage
+        from ..foundation.db.models_events import EscrowPackage
 
         return session.get(EscrowPackage, target) is not None
     return False
@@ -1051,7 +1051,7 @@ def manual_rotate(
     """Rotate ``key`` as a manual operation: the requester proves themself with TOTP, and the
     rotation runs only with complete approvals, consumed in the rotation's own transaction;
     the ledger entries record requester, approvers, ticket."""
-    from . import lifecycle
+    from .. import lifecycle
 
     lifecycle.validate_key_name(ctx, key)
     limits.ticket(ticket)
@@ -1082,7 +1082,7 @@ def manual_rotate(
         )
         raise denied
 
-    from . import rotation
+    from .. import rotation
 
     actor_ctx = ctx.as_actor(requested_by)
     # The same in-transaction work as a nightly rotation of this class (root: seeds re-wrapped
@@ -1114,7 +1114,7 @@ def manual_rotate(
 def _notify_manual(ctx: KmsContext, o: ManualOutcome) -> list[str]:
     """A4: tell the compliance lists. A failed delivery is reported, never raised, and every
     delivery -- failed ones included -- is recorded in ``notification_deliveries``."""
-    from . import notifications
+    from .. import notifications
 
     r = o.result
     detail = f"Versions: v{r.old_version} -> v{r.new_version}" if getattr(r, "new_version", None) else ""

@@ -22,8 +22,8 @@ from datetime import datetime
 
 from sqlalchemy import select
 
-from .foundation.clock import utc
-from .foundation.db.models import ACTIVE, DESTROYED, PENDING, REVOKED, ROTATED, STATES, Key, KeyVersion, LedgerEntry
+from ..foundation.clock import utc
+from ..foundation.db.models import ACTIVE, DESTROYED, PENDING, REVOKED, ROTATED, STATES, Key, KeyVersion, LedgerEntry
 
 TRANSITION_OP = "ledger.transition"
 STAMP = {ACTIVE: "activated_at", ROTATED: "rotated_at", REVOKED: "revoked_at", DESTROYED: "destroyed_at"}
@@ -134,7 +134,7 @@ def replay(conn) -> CrossCheck:
 def ledger_vs_audit(conn) -> CrossCheck:
     """Each ledger entry ↔ its ``ledger.transition`` audit event; each new version ↔ the
     audited generation of its key material. Call ``audit.flush`` first."""
-    from .foundation.db.models_access import AuditEvent
+    from ..foundation.db.models_access import AuditEvent
 
     res = CrossCheck(True, sources=["ledger_entries", "audit_events"])
     events: dict[int, tuple] = {}

@@ -1,6 +1,6 @@
 """Pending manual operations as approvers see them (A4), and rejecting one.
 
-The approvals themselves, their checks and their consumption stay in ``core.access``; this
+The approvals themselves, their checks and their consumption stay in ``core.access.principals``; this
 module only lists open requests with the approvals they have, and lets a principal holding
 ``approve`` reject a request: the request is closed and every unused approval of exactly
 that (operation, target, ticket) is voided, so it cannot run without a new round.
@@ -13,10 +13,11 @@ from datetime import datetime
 
 from sqlalchemy import select
 
-from . import access, audit
-from .foundation.clock import utc
-from .foundation.context import KmsContext
-from .foundation.db.models_access import Approval, ApprovalRequest
+from ..foundation.clock import utc
+from ..foundation.context import KmsContext
+from ..foundation.db.models_access import Approval, ApprovalRequest
+from . import audit
+from . import principals as access
 
 
 @dataclass

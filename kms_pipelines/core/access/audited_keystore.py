@@ -10,14 +10,14 @@ Audited: generate, sign, encrypt, decrypt, wrap (new_wrapped_dek), dek_encrypt,
 dek_decrypt, rewrap, export, import, destroy. Passed through unaudited: ``exists``,
 ``refs``, ``public_key`` (public metadata), ``close``. An event names the operation, the
 key *reference* and the outcome; never values, plaintext, wrapped bytes or tokens.
-Events go through ``audit.emit`` (batched, off the caller's transaction; see core/audit.py).
+Events go through ``audit.emit`` (batched, off the caller's transaction; see core/access/audit.py).
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .base import GeneratedKey, KeyStoreError
+from ..foundation.keystore.base import GeneratedKey, KeyStoreError
 
 # keystore method -> the audit operation name (the audit vocabulary of docs/architecture.md)
 AUDIT_NAMES = {
@@ -88,12 +88,12 @@ class AuditedKeyStore:
         ctx = self._ctx
         if ctx is None:  # not bound to a context: nothing to audit against
             return fn()
-        from ... import audit
+        from . import audit
 
         operation = AUDIT_NAMES[method]
         actor = ctx.actor
         if self._credentials is not None:
-            from ... import access
+            from . import principals as access
 
             try:
                 claims = self._credentials.claims(ctx)

@@ -5,7 +5,7 @@ key *and* a TOTP code, and confirms each manual-operation action with a fresh as
   the client origin must equal the console's configured origin exactly.
 * **Registration** happens once per key, through a link issued under dual control: the
   manual operation ``console-registration`` on the principal, approved like any other
-  (``core.access``). The link is single-use and expires after ``console.registration_link_hours``.
+  (``core.access.principals``). The link is single-use and expires after ``console.registration_link_hours``.
   Registering also proves the principal's TOTP, so the key is bound to the enrolled person.
 * **Sign-in** uses a discoverable credential: the key says which credential it holds and the
   console refuses one it does not know, one of another principal, and a sign count that did
@@ -66,14 +66,15 @@ from fido2.webauthn import (
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from . import access, audit
-from .foundation.canonical import canonical_bytes
-from .foundation.clock import utc
-from .foundation.context import KmsContext
-from .foundation.db.models_access import Principal
-from .foundation.db.models_console import ConsoleCeremony, ConsoleCredential, ConsoleRegistrationLink, ConsoleSession
-from .foundation.keystore import ED25519, KeyExists
-from .foundation.keystore.audited import unwrap
+from ..foundation.canonical import canonical_bytes
+from ..foundation.clock import utc
+from ..foundation.context import KmsContext
+from ..foundation.db.models_access import Principal
+from ..foundation.db.models_console import ConsoleCeremony, ConsoleCredential, ConsoleRegistrationLink, ConsoleSession
+from ..foundation.keystore import ED25519, KeyExists
+from . import audit
+from . import principals as access
+from .audited_keystore import unwrap
 
 REGISTRATION_OPERATION = "console-registration"
 INTEGRITY_REF = "kms-console.integrity"
