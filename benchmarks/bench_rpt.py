@@ -5,7 +5,7 @@
     KMS_BENCH_DATABASE_URL=postgresql://... selects the server (default 127.0.0.1:5432).
 
 Builds a throwaway PostgreSQL database with the KMS schema, three root versions (two
-rotations, through core/lifecycle so the ledger holds real activity windows) and a valid
+rotations, through core/keys/lifecycle so the ledger holds real activity windows) and a valid
 chain of N tokens signed with the root private keys directly (``cryptography``, for speed),
 bulk-loaded with COPY. Then, in the same process:
 
@@ -36,13 +36,13 @@ from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from benchmarks.harness import emit, peak_rss_mb, result, run_sizes, timed  # noqa: E402
-from kms_pipelines.core import lifecycle
 from kms_pipelines.core.foundation import db
 from kms_pipelines.core.foundation.canonical import canonical_fast  # noqa: E402
 from kms_pipelines.core.foundation.clock import SimulatedClock  # noqa: E402
 from kms_pipelines.core.foundation.context import KmsContext  # noqa: E402
 from kms_pipelines.core.foundation.keystore.software import SoftwareKeyStore  # noqa: E402
 from kms_pipelines.core.foundation.policy import load_policy  # noqa: E402
+from kms_pipelines.core.keys import lifecycle
 from kms_pipelines.core.ledger import rpt  # noqa: E402
 
 ADMIN = db.normalize_url(os.environ.get("KMS_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))

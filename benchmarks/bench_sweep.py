@@ -66,11 +66,11 @@ class BenchDb:
 
 
 def make_context(url: str, keystore, home: Path):
-    from kms_pipelines.core import lifecycle
     from kms_pipelines.core.foundation import db
     from kms_pipelines.core.foundation.clock import SystemClock
     from kms_pipelines.core.foundation.context import KmsContext
     from kms_pipelines.core.foundation.policy import load_policy
+    from kms_pipelines.core.keys import lifecycle
 
     engine = db.make_engine(url)
     db.upgrade(engine)
@@ -82,7 +82,7 @@ def make_context(url: str, keystore, home: Path):
 
 
 def active_ref(ctx) -> tuple[int, str]:
-    from kms_pipelines.core import lifecycle
+    from kms_pipelines.core.keys import lifecycle
 
     with ctx.transaction() as s:
         v = lifecycle.active_version(lifecycle.get_key(s, KEY))
@@ -170,8 +170,9 @@ def raw_crypto_seconds(ctx, kek_now: bytes, kek_other: bytes, batch: int) -> tup
 def software_run(n: int, batch: int, repeat: int = 3) -> None:
     from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
 
-    from kms_pipelines.core import envelope, lifecycle
+    from kms_pipelines.core import envelope
     from kms_pipelines.core.foundation.keystore.software import SoftwareKeyStore
+    from kms_pipelines.core.keys import lifecycle
 
     bench = BenchDb()
     try:
@@ -251,7 +252,8 @@ def software_run(n: int, batch: int, repeat: int = 3) -> None:
 
 
 def _sweep_with(keystore, n: int, batch: int, home: Path) -> float:
-    from kms_pipelines.core import envelope, lifecycle
+    from kms_pipelines.core import envelope
+    from kms_pipelines.core.keys import lifecycle
 
     bench = BenchDb()
     try:

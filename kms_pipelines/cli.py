@@ -288,8 +288,8 @@ def init(ctx, admins, console_origin, software_keys, as_json):
     """Run database migrations and bootstrap one active version of every policy key; with
     --admin, enrol the first principals, register a FIDO2 security key for each (every approval
     needs the key and a TOTP code), and print each one's TOTP provisioning URI once."""
-    from .core import lifecycle
     from .core.foundation import db
+    from .core.keys import lifecycle
 
     if admins and not console_origin:  # before anything is created
         raise click.UsageError(
@@ -363,7 +363,7 @@ def keys_list(ctx, as_json, show_all):
     fingerprint (what `kms evidence verify --trust` takes)."""
     from dataclasses import asdict
 
-    from .core import lifecycle
+    from .core.keys import lifecycle
 
     rows = [r for r in lifecycle.inventory(get_context(ctx)) if show_all or r.state != "destroyed"]
     if as_json:
@@ -400,8 +400,8 @@ def keys_rotate(ctx, key, reason, if_due, actor, as_json):
     under dual control (--manual)."""
     from dataclasses import asdict
 
-    from .core import rotation
-    from .core.lifecycle import validate_key_name
+    from .core.keys import rotation
+    from .core.keys.lifecycle import validate_key_name
 
     kms = get_context(ctx)
     validate_key_name(kms, key)
@@ -431,7 +431,7 @@ def keys_rotate(ctx, key, reason, if_due, actor, as_json):
             f"rotates with --requested-by NAME --totp CODE (R2) or --manual",
             reason="invalid",
         )
-    # Through core.rotation so a root rotation publishes its manifest and notifies partners,
+    # Through core.keys.rotation so a root rotation publishes its manifest and notifies partners,
     # and a service rotation re-issues credentials (R1, R2).
     if if_due:
         result = rotation.rotate_key(kms, key, actor=actor, reason="cadence", only_if_due=True)

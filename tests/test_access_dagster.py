@@ -141,7 +141,7 @@ def test_audit_anomalies_asset_and_checks(dagster_kms):
     ctx = res.context()
     devices = ceremony(ctx, {"sam": "security_engineering", "sue": "security_engineering", "sid": "sre_oncall"})
     # a plain (undual-controlled) manual rotation: a high-severity anomaly
-    from kms_pipelines.core import lifecycle
+    from kms_pipelines.core.keys import lifecycle
 
     lifecycle.rotate(ctx, "data:postgres")
     result = dg.materialize(
@@ -170,7 +170,7 @@ def test_the_resource_refreshes_its_workload_token(tmp_path, monkeypatch):
     later = make_resource(tmp_path, url, at=AT + timedelta(minutes=30))
     assert dg.materialize([kms_state], resources={"kms": later}, instance=instance).success
     ident = later.context().keystore.credentials
-    from kms_pipelines.core import lifecycle
+    from kms_pipelines.core.keys import lifecycle
 
     lifecycle.rotate(later.context(), "data:postgres")
     assert ident.issued >= 2  # one token at AT, a fresh one 30 minutes later

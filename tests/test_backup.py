@@ -11,11 +11,12 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import create_engine, select, text
 
-from kms_pipelines.core import backup, lifecycle
+from kms_pipelines.core import backup
 from kms_pipelines.core.foundation.clock import SimulatedClock
 from kms_pipelines.core.foundation.db.models_backup import Backup
 from kms_pipelines.core.foundation.objectstore import ObjectLocked
 from kms_pipelines.core.foundation.objectstore.local import LocalObjectStore
+from kms_pipelines.core.keys import lifecycle
 
 
 def catalogue(kms):

@@ -8,8 +8,9 @@ import os
 import pytest
 from sqlalchemy import select
 
-from kms_pipelines.core import backup, lifecycle, manifest, restore
+from kms_pipelines.core import backup, restore
 from kms_pipelines.core.foundation.db.models_backup import Backup
+from kms_pipelines.core.keys import lifecycle, manifest
 from tests.test_restore import backed_up, sim_store, tables  # noqa: F401 - fixture re-used
 
 

@@ -7,9 +7,10 @@ import threading
 import pytest
 from sqlalchemy import select, text
 
-from kms_pipelines.core import envelope, lifecycle, nightly
+from kms_pipelines.core import envelope, nightly
 from kms_pipelines.core.foundation.db.models import KeyVersion
 from kms_pipelines.core.foundation.db.models_envelope import SHARD_SPACE, Dek
+from kms_pipelines.core.keys import lifecycle
 from kms_pipelines.core.ledger import ledger
 
 KEY = "data:postgres"

@@ -13,9 +13,10 @@ import dagster as dg
 import pytest
 from sqlalchemy import text
 
-from kms_pipelines.core import envelope, export_keys, lifecycle
+from kms_pipelines.core import envelope, export_keys
 from kms_pipelines.core.foundation.context import context_from_env
 from kms_pipelines.core.foundation.policy import load_policy
+from kms_pipelines.core.keys import lifecycle
 from kms_pipelines.defs import envelope as envelope_defs
 from tests.fixtures.dagster_defs import REPO, kms_resources
 

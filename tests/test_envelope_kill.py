@@ -13,8 +13,9 @@ import time
 import pytest
 from sqlalchemy import text
 
-from kms_pipelines.core import envelope, lifecycle
+from kms_pipelines.core import envelope
 from kms_pipelines.core.foundation.context import context_from_env
+from kms_pipelines.core.keys import lifecycle
 
 KEY = "data:identity-documents"
 N = 2000

@@ -16,10 +16,11 @@ import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from kms_pipelines.core import evidence, lifecycle, manifest
+from kms_pipelines.core import evidence
 from kms_pipelines.core.foundation.canonical import canonical_bytes
 from kms_pipelines.core.foundation.clock import parse_time
 from kms_pipelines.core.foundation.keystore import fingerprint
+from kms_pipelines.core.keys import lifecycle, manifest
 from kms_pipelines.core.ledger import ledger, rpt
 from tests.test_evidence import _make_bundle, _offline_env
 

@@ -15,11 +15,12 @@ import time
 import pytest
 from sqlalchemy import select
 
-from kms_pipelines.core import envelope, lifecycle, rotation
+from kms_pipelines.core import envelope
 from kms_pipelines.core.access import audit
 from kms_pipelines.core.foundation import retry
 from kms_pipelines.core.foundation.db.models_envelope import Dek
 from kms_pipelines.core.foundation.policy import FaultBudget, Faults, load_policy
+from kms_pipelines.core.keys import lifecycle, rotation
 from kms_pipelines.core.ledger import ledger, rpt
 
 KEY = "data:postgres"

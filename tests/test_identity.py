@@ -13,7 +13,6 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select, text, update
 
-from kms_pipelines.core import lifecycle
 from kms_pipelines.core.access import audit, console_auth
 from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.compliance import eval_a2
@@ -21,6 +20,7 @@ from kms_pipelines.core.foundation.clock import FixedClock
 from kms_pipelines.core.foundation.context import context_from_env
 from kms_pipelines.core.foundation.db.models import STATES, Key, KeyVersion, LedgerEntry
 from kms_pipelines.core.foundation.db.models_access import Approval, AuditEvent, Principal
+from kms_pipelines.core.keys import lifecycle
 from kms_pipelines.core.ledger import ledger
 from tests.fixtures.kms import KEY_ORIGIN, approve_both, ceremony, register_key_by_link, totp_now, write_test_policy
 
@@ -817,8 +817,8 @@ def test_free_text_limits_are_the_same_on_sqlite_and_postgresql(cli):
 def test_every_varchar_column_refuses_an_over_long_value_the_same_way(cli):
     """The generic rule (core/foundation/db/lengths.py) for inputs without their own limit: here the core
     API's actor label (the CLI now records the proven principal, whose name has its own limit)."""
-    from kms_pipelines.core import dependents
     from kms_pipelines.core.foundation import limits
+    from kms_pipelines.core.keys import dependents
 
     before = cli.state()
     ctx = cli.context()

@@ -17,11 +17,12 @@ from click.testing import CliRunner
 from sqlalchemy import select, text
 
 from kms_pipelines.cli import cli
-from kms_pipelines.core import compliance, drills, envelope, escrow, events, lifecycle, manifest, nightly, rotation
+from kms_pipelines.core import compliance, drills, envelope, escrow, events, nightly
 from kms_pipelines.core.access import audit, crosscheck
 from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.foundation.clock import SimulatedClock
 from kms_pipelines.core.foundation.db.models_rotation import PartnerNotice, ServiceSeed
+from kms_pipelines.core.keys import lifecycle, manifest, rotation
 from kms_pipelines.core.ledger import checkpoints
 from tests.fixtures.kms import KEY_ORIGIN, approve_both, ceremony, totp_now
 from tests.test_compliance import CUSTODIANS, _dagster_report, _now

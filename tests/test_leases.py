@@ -15,9 +15,10 @@ import time
 import pytest
 from sqlalchemy import text
 
-from kms_pipelines.core import envelope, leases, lifecycle
+from kms_pipelines.core import envelope, leases
 from kms_pipelines.core.access import audit
 from kms_pipelines.core.foundation.context import context_from_env
+from kms_pipelines.core.keys import lifecycle
 
 KEY = "data:identity-documents"
 

@@ -5,9 +5,9 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from kms_pipelines.core import lifecycle
 from kms_pipelines.core.foundation.db.append_only import create_append_only_triggers, drop_append_only_triggers
 from kms_pipelines.core.foundation.db.models import LedgerEntry
+from kms_pipelines.core.keys import lifecycle
 from kms_pipelines.core.ledger import ledger
 
 

@@ -5,8 +5,8 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 
-from kms_pipelines.core import lifecycle
 from kms_pipelines.core.foundation.db.models import Key, KeyVersion
+from kms_pipelines.core.keys import lifecycle
 from kms_pipelines.core.ledger import ledger
 
 

@@ -7,11 +7,12 @@ import os
 import pytest
 from sqlalchemy import create_engine, inspect, select
 
-from kms_pipelines.core import backup, envelope, lifecycle, restore
+from kms_pipelines.core import backup, envelope, restore
 from kms_pipelines.core.foundation import db
 from kms_pipelines.core.foundation.db.models import KeyVersion
 from kms_pipelines.core.foundation.db.models_backup import Backup
 from kms_pipelines.core.foundation.objectstore.local import LocalObjectStore
+from kms_pipelines.core.keys import lifecycle
 from kms_pipelines.core.ledger import checkpoints, ledger, rpt
 
 

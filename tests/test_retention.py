@@ -6,8 +6,8 @@ from datetime import timedelta
 import pytest
 from click.testing import CliRunner
 
-from kms_pipelines.core import dependents, lifecycle, retention, rotation, service_keys
 from kms_pipelines.core.access import principals as access
+from kms_pipelines.core.keys import dependents, lifecycle, retention, rotation, service_keys
 from tests.fixtures.kms import approve_both, ceremony
 from tests.test_rotation import full_snapshot
 

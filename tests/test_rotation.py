@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from kms_pipelines.core import lifecycle, manifest, rotation, service_keys
 from kms_pipelines.core.foundation.db.models_rotation import PartnerNotice, RootManifest, ServiceSeed
 from kms_pipelines.core.foundation.keystore import verify_signature
+from kms_pipelines.core.keys import lifecycle, manifest, rotation, service_keys
 from tests.test_lifecycle import snapshot
 
 

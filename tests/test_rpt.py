@@ -7,10 +7,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from kms_pipelines.core import lifecycle
 from kms_pipelines.core.foundation.canonical import canonical_bytes
 from kms_pipelines.core.foundation.db.append_only import create_append_only_triggers, drop_append_only_triggers
 from kms_pipelines.core.foundation.db.models_rpt import RegulatoryProofToken
+from kms_pipelines.core.keys import lifecycle
 from kms_pipelines.core.ledger import checkpoints, ledger, rpt
 
 # ---- helpers shared by the rpt/checkpoint/evidence tests -------------------------------------

@@ -131,7 +131,7 @@ def test_no_key_material_in_audit_rows_event_log_or_logs(tmp_path, monkeypatch, 
 
 
 def _wrap_ref(ctx):
-    from kms_pipelines.core import lifecycle
+    from kms_pipelines.core.keys import lifecycle
 
     with ctx.transaction() as s:
         return lifecycle.active_version(lifecycle.get_key(s, "data:postgres")).wrap_ref

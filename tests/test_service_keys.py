@@ -6,8 +6,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from kms_pipelines.core import dependents, lifecycle, rotation, service_keys
 from kms_pipelines.core.foundation.db.models_rotation import ServiceSeed
+from kms_pipelines.core.keys import dependents, lifecycle, rotation, service_keys
 from tests.test_rotation import full_snapshot
 
 

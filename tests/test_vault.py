@@ -13,7 +13,7 @@ import pyotp
 import pytest
 from sqlalchemy import delete, select, text
 
-from kms_pipelines.core import compliance, dependents, forensic, lifecycle, retention, rotation, vault
+from kms_pipelines.core import compliance
 from kms_pipelines.core.access import audit
 from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.foundation.db.models import LedgerEntry
@@ -21,6 +21,7 @@ from kms_pipelines.core.foundation.db.models_access import Approval
 from kms_pipelines.core.foundation.db.models_vault import ArchiveCopy, ForensicRetrieval
 from kms_pipelines.core.foundation.keystore import KeyStoreError
 from kms_pipelines.core.foundation.objectstore.local import LocalObjectStore
+from kms_pipelines.core.keys import dependents, forensic, lifecycle, retention, rotation, vault
 from kms_pipelines.core.ledger import ledger
 from tests.fixtures.kms import approve_both, enrol_direct, security_key_file, write_test_policy
 

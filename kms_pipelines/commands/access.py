@@ -204,13 +204,13 @@ def register(cli) -> None:
 
     @click.pass_context
     def rotate(ctx, manual, ticket, requested_by, totp, **kwargs):
-        from ..core.lifecycle import EMERGENCY_REASONS
+        from ..core.keys.lifecycle import EMERGENCY_REASONS
 
         if not manual:
             if kwargs.get("reason") in EMERGENCY_REASONS:
                 # R2: no approvals, but the human who rotates proves who they are
-                from ..core import rotation
                 from ..core.access import principals as access
+                from ..core.keys import rotation
 
                 kms = get_context(ctx)
                 rotation.check_immediate(kms, kwargs["key"], kwargs["reason"])

@@ -85,8 +85,8 @@ def register(cli) -> None:
     @click.pass_context
     def partners_ack(ctx, partner, version, principal, totp, as_json):
         """Record PARTNER's acknowledgement of root VERSION (R1 evidence), by a proven principal."""
-        from ..core import rotation
         from ..core.access import principals as access
+        from ..core.keys import rotation
 
         kms = get_context(ctx)
         access.prove_principal(kms, principal, totp)
@@ -104,7 +104,7 @@ def register(cli) -> None:
     @click.pass_context
     def partners_status(ctx, version, as_json):
         """Notice and acknowledgement of every partner per root rotation; exit 1 if one is overdue."""
-        from ..core import rotation
+        from ..core.keys import rotation
 
         kms = get_context(ctx)
         rows = rotation.partner_status(kms, version)
@@ -125,7 +125,7 @@ def register(cli) -> None:
     @click.pass_context
     def partners_notify(ctx):
         """Deliver pending partner notices now (the nightly run does this too)."""
-        from ..core import rotation
+        from ..core.keys import rotation
 
         sent = rotation.notify_partners(get_context(ctx))
         click.echo(f"notified {len(sent)}" + (f": {', '.join(sent)}" if sent else ""))
@@ -144,8 +144,8 @@ def register(cli) -> None:
     @click.pass_context
     def dependents_confirm(ctx, key, version, service, principal, totp, as_json):
         """SERVICE confirms it uses KEY VERSION (T4: revocation waits for it), recorded by a proven principal."""
-        from ..core import dependents as dep
         from ..core.access import principals as access
+        from ..core.keys import dependents as dep
 
         kms = get_context(ctx)
         access.prove_principal(kms, principal, totp)
@@ -161,7 +161,7 @@ def register(cli) -> None:
     @click.pass_context
     def dependents_status(ctx, key, as_json):
         """Confirmations recorded per key version."""
-        from ..core import dependents as dep
+        from ..core.keys import dependents as dep
 
         rows = dep.status(get_context(ctx), key)
         if as_json:
@@ -181,7 +181,7 @@ def register(cli) -> None:
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context
     def manifest_list(ctx, as_json):
-        from ..core import manifest as mf
+        from ..core.keys import manifest as mf
 
         rows = mf.manifests(get_context(ctx))
         if as_json:
@@ -194,7 +194,7 @@ def register(cli) -> None:
     @click.pass_context
     def manifest_verify(ctx):
         """Verify the published manifest chain offline (public keys only); exit 1 if broken."""
-        from ..core import manifest as mf
+        from ..core.keys import manifest as mf
 
         result = mf.verify_chain(get_context(ctx))
         if result.ok:
@@ -213,7 +213,7 @@ def register(cli) -> None:
     @click.pass_context
     def retention_due(ctx, as_json):
         """Versions whose retention has ended, with the ticket to approve their destruction under."""
-        from ..core import retention as ret
+        from ..core.keys import retention as ret
 
         rows = ret.due_for_destruction(get_context(ctx))
         if as_json:
@@ -241,7 +241,7 @@ def register(cli) -> None:
     def keys_destroy(ctx, key, version, ticket, requested_by, totp, reason):
         """Destroy KEY VERSION: every guard must agree (the refusal names the guard), then two
         approvals for (destroy, KEY#vN, ticket) are consumed with the destruction."""
-        from ..core import retention as ret
+        from ..core.keys import retention as ret
 
         kms = get_context(ctx)
         _require(kms, requested_by, totp, "destroy", f"{key}#v{version}")
@@ -259,7 +259,7 @@ def register(cli) -> None:
     def keys_revoke(ctx, key, version, ticket, requested_by, totp, reason):
         """Revoke KEY VERSION (it stops verifying and decrypting). Dependents must have confirmed
         a newer version (T4); two approvals for (revoke, KEY#vN, ticket) are consumed."""
-        from ..core import lifecycle
+        from ..core.keys import lifecycle
 
         kms = get_context(ctx)
         target = f"{key}#v{version}"

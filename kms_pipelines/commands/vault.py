@@ -14,7 +14,7 @@ def register(cli) -> None:
         """Archive copies of retired root/service keys under Object Lock; forensic retrieval under dual control (T1)."""
 
     def _copies(ctx, verify: bool, as_json: bool) -> list:
-        from ..core import vault
+        from ..core.keys import vault
 
         rows = vault.copies(get_context(ctx), verify=verify)
         if as_json:
@@ -64,8 +64,8 @@ def register(cli) -> None:
         """Import archived KEY VERSION into the forensic keystore (decrypt/verify only, erased after the
         policy TTL). Runs only once two principals other than the requester have approved
         `--operation archive-retrieve --target KEY#vVERSION` for this ticket (`kms approve`)."""
-        from ..core import forensic
         from ..core.access import principals as access
+        from ..core.keys import forensic
 
         kms = get_context(ctx)
         access.prove_principal(kms, requested_by, totp)  # the requester proves the claimed name
@@ -85,7 +85,7 @@ def register(cli) -> None:
     @click.pass_context
     def archive_purge(ctx):
         """Erase forensic material whose TTL has passed (the nightly run does this too)."""
-        from ..core import forensic
+        from ..core.keys import forensic
 
         erased = forensic.purge_expired(get_context(ctx))
         click.echo(f"erased {len(erased)} forensic key(s)" + (f": {', '.join(erased)}" if erased else ""))

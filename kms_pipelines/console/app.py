@@ -22,12 +22,13 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from ..core import compliance, drills, lifecycle
+from ..core import compliance, drills
 from ..core.access import approval_requests, audit, console_auth
 from ..core.access import principals as access
 from ..core.backup import BackupError
 from ..core.foundation.context import KmsContext
 from ..core.foundation.policy import CONSOLE_PAGES
+from ..core.keys import lifecycle
 
 HERE = Path(__file__).resolve().parent
 SESSION_COOKIE = "__Host-kms_session"

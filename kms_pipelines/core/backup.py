@@ -43,7 +43,6 @@ from sqlalchemy.orm import aliased
 
 from . import archive as archive_mod
 from . import backup_manifest_schema as manifest_schema
-from . import lifecycle
 from .foundation import retry
 from .foundation.canonical import canonical_bytes
 from .foundation.clock import utc
@@ -60,6 +59,7 @@ from .foundation.db.models_backup import (
     BackupKeyRef,
 )
 from .foundation.keystore import fingerprint, verify_signature
+from .keys import lifecycle
 
 MANIFEST_FORMAT = manifest_schema.FORMAT
 ARCHIVE_FORMAT = manifest_schema.ARCHIVE_FORMAT
@@ -240,7 +240,7 @@ def pinned_root_keys(ctx: KmsContext, trust: list[bytes] | list[str]) -> dict[st
     """fingerprint → public key of the pinned roots and of every root reached from them by
     the published old-signs-new manifests (``manifests/root/`` in the object store). A root
     whose successor's manifest records it as revoked is left out."""
-    from . import manifest as root_manifest
+    from .keys import manifest as root_manifest
 
     pinned = {k: None for k in trust if isinstance(k, str)}
     pinned.update({fingerprint(k): k for k in trust if isinstance(k, bytes)})
@@ -300,8 +300,8 @@ def _signed_outside_window(ctx: KmsContext, trust, kid: str, created_at: str) ->
     """A root signs backups only while it is the active root: from its activation to the
     activation of its successor (or its revocation). The window comes from this KMS's
     key_versions, or, for a pinned restore, from the published root manifests."""
-    from . import manifest as root_manifest
     from .foundation.clock import parse_time
+    from .keys import manifest as root_manifest
 
     try:
         at = utc(parse_time(created_at))
@@ -461,7 +461,7 @@ def _create_once(
     archive_key, manifest_key = prefix + ".tar.zst.age", prefix + ".manifest.json"
     kind = _db_kind(source.engine)
     refs = _data_key_refs(source.engine)
-    from . import manifest as root_manifest
+    from .keys import manifest as root_manifest
 
     # An offline restore pinned to a root fingerprint reaches the signing root only
     # through published root manifests: make sure every root version has one.

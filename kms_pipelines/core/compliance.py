@@ -172,7 +172,7 @@ def _iso(at: datetime | None) -> str:
 
 
 def _inventory(ctx: KmsContext, key_class: str | None = None):
-    from . import lifecycle
+    from .keys import lifecycle
 
     return [r for r in lifecycle.inventory(ctx) if key_class is None or r.key_class == key_class]
 
@@ -214,9 +214,9 @@ def _cadence(ctx: KmsContext, key_class: str) -> tuple[list[str], list[str], dic
 
 
 def eval_p1(ctx: KmsContext) -> Finding:
-    from . import manifest
     from .foundation.db.models import ACTIVE, Key, KeyVersion
     from .foundation.db.models_rotation import ServiceSeed
+    from .keys import manifest
     from .ledger import rpt
 
     problems, good = [], []
@@ -261,7 +261,7 @@ def eval_p1(ctx: KmsContext) -> Finding:
 
 
 def eval_p2(ctx: KmsContext) -> Finding:
-    from . import service_keys
+    from .keys import service_keys
 
     problems, good, per = [], [], {}
     for service in ctx.policy.key_class("service").names or []:
@@ -291,7 +291,8 @@ def eval_p2(ctx: KmsContext) -> Finding:
 
 
 def eval_p3(ctx: KmsContext) -> Finding:
-    from . import envelope, lifecycle
+    from . import envelope
+    from .keys import lifecycle
 
     problems, good = [], []
     names = [f"data:{n}" for n in ctx.policy.key_class("data").names or []]
@@ -347,7 +348,7 @@ def eval_p4(ctx: KmsContext) -> Finding:
 def eval_r1(ctx: KmsContext) -> Finding:
     """Root cadence (key_versions), published manifest (object store), partner notices
     (partner_notices) confirmed by channel deliveries (notification_deliveries)."""
-    from . import manifest, rotation
+    from .keys import manifest, rotation
 
     problems, good, details = _cadence(ctx, "root")
     warnings = []
@@ -388,7 +389,8 @@ def _r1_channel_deliveries(ctx: KmsContext, rows) -> tuple[int, list[str], list[
     """A partner notice counts as delivered only through a real channel (email or Slack);
     one that reached only the local outbox is a warning, a notice marked sent with no
     delivery record at all is a failure."""
-    from . import manifest, notifications
+    from . import notifications
+    from .keys import manifest
 
     sent = [r for r in rows if r.notified_at is not None]
     refs = {f"{r.partner}:{manifest.kid(r.version)}": r for r in sent}
@@ -547,8 +549,8 @@ def _ledger_for(session, key_name: str, version: int, to_state: str):
 
 
 def eval_t1(ctx: KmsContext) -> Finding:
-    from . import lifecycle, retention
     from .foundation.db.models import DESTROYED, REVOKED, ROTATED, Key
+    from .keys import lifecycle, retention
 
     problems, good = [], []
     guards = lifecycle.destroy_guards()
@@ -598,8 +600,8 @@ def eval_t1(ctx: KmsContext) -> Finding:
 
 
 def _t1_archive(ctx: KmsContext):
-    """T1's second sentence, judged from the vault's copies and retrievals (core/vault.py)."""
-    from . import vault
+    """T1's second sentence, judged from the vault's copies and retrievals (core/keys/vault.py)."""
+    from .keys import vault
 
     if ctx.objects is None:
         return ["no object store configured: the archive vault cannot be checked"], [], [], {}
@@ -609,8 +611,9 @@ def _t1_archive(ctx: KmsContext):
 def eval_t2(ctx: KmsContext) -> Finding:
     """Destroyed versions hold no live DEK and no material (key_versions, deks, keystore);
     every version that still has live DEKs still has its key material (deks, keystore)."""
-    from . import envelope, lifecycle
+    from . import envelope
     from .foundation.db.models import DESTROYED, Key, KeyVersion
+    from .keys import lifecycle
 
     problems, good = [], []
     if "deks" not in lifecycle.destroy_guards():
@@ -707,8 +710,8 @@ def eval_t3(ctx: KmsContext) -> Finding:
 
 
 def eval_t4(ctx: KmsContext) -> Finding:
-    from . import dependents, lifecycle
     from .foundation.db.models import DESTROYED, REVOKED, Key
+    from .keys import dependents, lifecycle
 
     problems, good = [], []
     guards = lifecycle.destroy_guards()

@@ -34,10 +34,11 @@ from typing import Iterable
 
 from sqlalchemy import select
 
-from . import events, lifecycle, notifications
+from . import events, notifications
 from .foundation.context import KmsContext
 from .foundation.db.models import DESTROYED, REVOKED, LedgerEntry
 from .foundation.db.models_events import EVENT_RESOLVED, SecurityEvent
+from .keys import lifecycle
 
 # security event type -> ledger rotation reason (lifecycle.ROTATION_REASONS)
 EVENT_REASONS = {"compromise": "compromise", "ci-secret-exposure": "ci-exposure", "tenant-rotation": "tenant-rotation"}
@@ -248,12 +249,12 @@ def respond(
             )
     # 4. re-issue service credentials
     if key_class == "service":
-        service_keys = _optional("kms_pipelines.core.service_keys")
+        service_keys = _optional("kms_pipelines.core.keys.service_keys")
         if service_keys is not None and hasattr(service_keys, "reissue_credentials"):
             result.credentials_reissued = service_keys.reissue_credentials(ctx, ev.key.split(":", 1)[1])
             result.steps.append(f"re-issued {result.credentials_reissued} credentials")
         else:
-            result.steps.append("credential re-issue skipped: core.service_keys not available")
+            result.steps.append("credential re-issue skipped: core.keys.service_keys not available")
     # 5. break-glass: seal the new version
     if key_class == "break-glass":
         from . import escrow

@@ -164,7 +164,7 @@ def run_drill(
         findings.append(f"restore refused or failed: {exc}")
     forensic = None
     if ctx.objects is not None:
-        from .forensic import drill_check
+        from .keys.forensic import drill_check
 
         forensic = drill_check(ctx, requested_by=forensic_requester)
         checks.append(forensic)

@@ -9,7 +9,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from .foundation.policy import PolicyError
     from .foundation.retry import DependencyUnavailable
     from .foundation.state import StateMissing
-    from .lifecycle import LifecycleError
+    from .keys.lifecycle import LifecycleError
 
     errors: list[type[BaseException]] = [
         DatabaseError,
@@ -27,7 +27,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
         ("kms_pipelines.core.backup", "BackupError"),
         ("kms_pipelines.core.escrow", "EscrowError"),
         ("kms_pipelines.core.events", "EventError"),
-        ("kms_pipelines.core.vault", "VaultError"),
+        ("kms_pipelines.core.keys.vault", "VaultError"),
         ("kms_pipelines.core.foundation.worker", "WorkerConfigError"),
         ("kms_pipelines.core.foundation.limits", "InputError"),
         ("kms_pipelines.core.ledger.ledger", "ChainOrderError"),

@@ -44,10 +44,11 @@ from typing import Mapping
 
 from sqlalchemy import select
 
-from . import lifecycle, nightly, notifications
+from . import nightly, notifications
 from .foundation.clock import utc
 from .foundation.context import KmsContext
 from .foundation.db.models_events import EscrowCustodian, EscrowDestruction, EscrowPackage, EscrowUnseal
+from .keys import lifecycle
 
 KEY_NAME = "break-glass"
 FORMAT = "kms-escrow/1"

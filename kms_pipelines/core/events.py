@@ -26,9 +26,9 @@ from typing import Iterable
 
 from sqlalchemy import select
 
-from . import lifecycle
 from .foundation.context import KmsContext
 from .foundation.db.models_events import EVENT_NEW, EVENT_RESOLVED, EVENT_RESPONDING, SecurityEvent
+from .keys import lifecycle
 
 EVENT_TYPES = ("compromise", "ci-secret-exposure", "tenant-rotation")
 STATUSES = (EVENT_NEW, EVENT_RESPONDING, EVENT_RESOLVED)

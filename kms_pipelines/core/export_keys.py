@@ -17,12 +17,13 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, update
 
-from . import lifecycle, nightly
+from . import nightly
 from .envelope import EnvelopeError, deks_on
 from .foundation.clock import utc
 from .foundation.context import KmsContext
 from .foundation.db.models import ACTIVE, DESTROYED, Key
 from .foundation.db.models_envelope import Dek
+from .keys import lifecycle
 
 log = logging.getLogger(__name__)
 

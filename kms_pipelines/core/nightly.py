@@ -18,11 +18,11 @@ STEP_MODULES: tuple[str, ...] = (
     "kms_pipelines.core.escrow",
     "kms_pipelines.core.notifications",
     "kms_pipelines.core.backup",
-    "kms_pipelines.core.rotation",
-    "kms_pipelines.core.retention",
+    "kms_pipelines.core.keys.rotation",
+    "kms_pipelines.core.keys.retention",
     "kms_pipelines.core.ledger.checkpoints",
     "kms_pipelines.core.access.audit",
-    "kms_pipelines.core.vault",
+    "kms_pipelines.core.keys.vault",
 )
 
 

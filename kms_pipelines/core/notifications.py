@@ -263,7 +263,7 @@ def recent_deliveries(ctx: KmsContext, limit: int = 50) -> list[dict]:
 # dicts/objects with an id/ref, a description and a due time. The first two candidates are
 # adapters over the colleagues' real APIs (rotation.check_partners, drills.status).
 def _rotation_overdue(ctx: KmsContext) -> list[dict]:
-    from . import rotation
+    from .keys import rotation
 
     return [
         {
@@ -292,7 +292,7 @@ def _drills_overdue(ctx: KmsContext) -> list[dict]:
 OVERDUE_SOURCES = (
     (
         "partner_ack_overdue",
-        "kms_pipelines.core.rotation",
+        "kms_pipelines.core.keys.rotation",
         ("overdue_acknowledgements", "overdue_partner_acks", "check_partners"),
     ),
     ("drill_followup_overdue", "kms_pipelines.core.drills", ("overdue_followups", "overdue_follow_ups", "status")),

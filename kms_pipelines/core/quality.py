@@ -18,7 +18,7 @@ def key_inventory_frame(ctx: KmsContext):
     """One row per key version (never key material): key, key_class, version, state, timestamps."""
     import pandas as pd
 
-    from . import lifecycle
+    from .keys import lifecycle
 
     rows = lifecycle.inventory(ctx)
     frame = pd.DataFrame(

@@ -32,10 +32,11 @@ from typing import Any, Callable, Iterable
 from sqlalchemy import event, select
 from sqlalchemy.orm import selectinload
 
-from . import lifecycle, nightly
+from . import nightly
 from .foundation.clock import SimulatedClock, utc
 from .foundation.context import KmsContext
 from .foundation.db.models import ACTIVE, Key, LedgerEntry
+from .keys import lifecycle
 
 
 @dataclass
@@ -178,7 +179,7 @@ class Actors:
         access = self._access_api()
         if not access:
             return []
-        from . import retention
+        from .keys import retention
 
         due = retention.due_for_destruction(self.ctx, at=run_at)
         if not due:
@@ -211,7 +212,7 @@ class Actors:
         return events
 
     def after_night(self, day: int) -> list[Event]:
-        from . import dependents, rotation
+        from .keys import dependents, rotation
 
         events = []
         if self.confirm:
@@ -250,7 +251,7 @@ class Actors:
 
 def seed_workload(ctx: KmsContext, objects_per_key: int = 5) -> dict:
     """Objects under every data key (if the envelope area is installed) and one API client per service."""
-    from . import service_keys
+    from .keys import service_keys
 
     made = {"objects": 0, "credentials": 0}
     try:

@@ -7,7 +7,6 @@ that evidence it (result, run id with a link to the run, time), read from the in
 Overview sections (key age against cadence, DEK counts, backups, drills) make the one
 page a compliance officer opens the place to start."""
 
-
 from datetime import datetime, timezone
 
 import dagster as dg
@@ -28,10 +27,24 @@ NIGHTLY = {"kms_nightly": ""}
 ASSET = "policy_compliance_report"
 CHECK = "policy_compliant"
 # Every other kms_nightly asset, so the report runs last and reads what they produced.
-UPSTREAM = ["kms_state", "key_inventory", "keys_root", "keys_service", "keys_data", "keys_backup", "key_retirement",
-            "keys_archive", "key_vault",
-            "rpt_chain", "ledger_checkpoint", "dek_inventory", "break_glass_escrow", "audit_anomalies",
-            "notification_deliveries", "security_events"]
+UPSTREAM = [
+    "kms_state",
+    "key_inventory",
+    "keys_root",
+    "keys_service",
+    "keys_data",
+    "keys_backup",
+    "key_retirement",
+    "keys_archive",
+    "key_vault",
+    "rpt_chain",
+    "ledger_checkpoint",
+    "dek_inventory",
+    "break_glass_escrow",
+    "audit_anomalies",
+    "notification_deliveries",
+    "security_events",
+]
 
 
 def run_url(run_id: str) -> str:
@@ -47,15 +60,23 @@ def check_evidence(instance, clause: compliance.Clause) -> list[dict]:
         asset, name = ref.split("/", 1)
         key = dg.AssetCheckKey(dg.AssetKey(asset), name)
         records = instance.event_log_storage.get_asset_check_execution_history(
-            key, limit=1, status={Status.SUCCEEDED, Status.FAILED})
+            key, limit=1, status={Status.SUCCEEDED, Status.FAILED}
+        )
         if not records:
             out.append({"check": ref, "passed": None})
             continue
         rec = records[0]
         at = datetime.fromtimestamp(rec.create_timestamp, tz=timezone.utc)
-        out.append({"check": ref, "passed": rec.status == Status.SUCCEEDED, "run_id": rec.run_id,
-                    "run_url": run_url(rec.run_id), "at": at.strftime("%Y-%m-%d %H:%M UTC"),
-                    **({"partition": rec.partition} if rec.partition else {})})
+        out.append(
+            {
+                "check": ref,
+                "passed": rec.status == Status.SUCCEEDED,
+                "run_id": rec.run_id,
+                "run_url": run_url(rec.run_id),
+                "at": at.strftime("%Y-%m-%d %H:%M UTC"),
+                **({"partition": rec.partition} if rec.partition else {}),
+            }
+        )
     return out
 
 
@@ -65,23 +86,41 @@ def _report_table(report: compliance.Report) -> dg.TableMetadataValue:
     clause's checks as one mark and count, the newest check run's short id and time. What each
     clause says, its control, its evidence and a link to each check's run are in the ``report``
     Markdown beside it (and `kms report`, docs/policy.md)."""
-    schema = dg.TableSchema(columns=[
-        dg.TableColumn("clause", "string", description="policy clause id (docs/policy.md)"),
-        dg.TableColumn("status", "string", description="🟢 PASS, 🟠 WARN, ⚪ UNKNOWN or 🔴 FAIL"),
-        dg.TableColumn("checks", "string", description="the clause's asset checks, latest evaluation of each: "
-                                                       "✅ all passed, ❌ N failed, ⚪ some never ran, – none mapped"),
-        dg.TableColumn("run", "string", description="first 8 characters of the id of the run that evaluated the "
-                                                    "newest check (open it from latest_check_run or the report)"),
-        dg.TableColumn("checked", "string", description="when that run evaluated it (UTC)")])
+    schema = dg.TableSchema(
+        columns=[
+            dg.TableColumn("clause", "string", description="policy clause id (docs/policy.md)"),
+            dg.TableColumn("status", "string", description="🟢 PASS, 🟠 WARN, ⚪ UNKNOWN or 🔴 FAIL"),
+            dg.TableColumn(
+                "checks",
+                "string",
+                description="the clause's asset checks, latest evaluation of each: "
+                "✅ all passed, ❌ N failed, ⚪ some never ran, – none mapped",
+            ),
+            dg.TableColumn(
+                "run",
+                "string",
+                description="first 8 characters of the id of the run that evaluated the "
+                "newest check (open it from latest_check_run or the report)",
+            ),
+            dg.TableColumn("checked", "string", description="when that run evaluated it (UTC)"),
+        ]
+    )
     records = []
     for r in report.rows:
         ran = [c for c in r.checks if c.get("passed") is not None]
         latest = max(ran, key=lambda c: c["at"]) if ran else None
-        records.append(dg.TableRecord({
-            "clause": r.clause, "status": compliance.BADGE[r.status], "checks": compliance.checks_summary(r.checks),
-            "run": latest["run_id"][:8] if latest else "",
-            # "YYYY-MM-DD HH:MM UTC" -> "MM-DD HH:MM": the column header says UTC
-            "checked": latest["at"][5:16] if latest else ""}))
+        records.append(
+            dg.TableRecord(
+                {
+                    "clause": r.clause,
+                    "status": compliance.BADGE[r.status],
+                    "checks": compliance.checks_summary(r.checks),
+                    "run": latest["run_id"][:8] if latest else "",
+                    # "YYYY-MM-DD HH:MM UTC" -> "MM-DD HH:MM": the column header says UTC
+                    "checked": latest["at"][5:16] if latest else "",
+                }
+            )
+        )
     return dg.MetadataValue.table(records=records, schema=schema)
 
 
@@ -95,10 +134,13 @@ def _latest_check_run(report: compliance.Report) -> dict:
 
 def _overview(ctx) -> dict:
     """Item 2: key ages against cadence, DEK counts, backups and drills, one page."""
-    from ..core import backup, drills, envelope, lifecycle
+    from ..core import backup, drills, envelope
+    from ..core.keys import lifecycle
 
-    cadence = {name: ctx.policy.key_class(name).rotation_days
-               for name in ("root", "service", "data", "backup", "break-glass", "export", "archive")}
+    cadence = {
+        name: ctx.policy.key_class(name).rotation_days
+        for name in ("root", "service", "data", "backup", "break-glass", "export", "archive")
+    }
     inventory = lifecycle.inventory(ctx)
     backups = backup.list_backups(ctx)
     drill_rows = drills.list_drills(ctx)
@@ -115,12 +157,22 @@ def _overview(ctx) -> dict:
 
 
 @dg.asset(
-    name=ASSET, group_name="evidence", tags=NIGHTLY, deps=UPSTREAM, kinds={"python"},
-    check_specs=[dg.AssetCheckSpec(CHECK, asset=ASSET, blocking=False,
-                                   description="Every policy clause (docs/policy.md) passes; fails naming the failing clauses.")],
+    name=ASSET,
+    group_name="evidence",
+    tags=NIGHTLY,
+    deps=UPSTREAM,
+    kinds={"python"},
+    check_specs=[
+        dg.AssetCheckSpec(
+            CHECK,
+            asset=ASSET,
+            blocking=False,
+            description="Every policy clause (docs/policy.md) passes; fails naming the failing clauses.",
+        )
+    ],
     description="Clause-by-clause policy compliance report (clauses P1–B4, docs/policy.md): for each clause id the control that "
-                "enforces it, its latest evidence (live state + latest asset-check run) and its status. "
-                "Same content as `kms report --format md|html|json`.",
+    "enforces it, its latest evidence (live state + latest asset-check run) and its status. "
+    "Same content as `kms report --format md|html|json`.",
 )
 def policy_compliance_report(context: dg.AssetExecutionContext, kms: KmsResource) -> dg.MaterializeResult:
     ctx = kms.context()
@@ -146,8 +198,16 @@ def policy_compliance_report(context: dg.AssetExecutionContext, kms: KmsResource
         context.log.warning(f"overview sections skipped: {type(exc).__name__}: {exc}")
     return dg.MaterializeResult(
         metadata=metadata,
-        check_results=[dg.AssetCheckResult(
-            check_name=CHECK, passed=not failing, severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"failing": dg.MetadataValue.json(failing), "counts": dg.MetadataValue.json(counts),
-                      "overall": report.overall})],
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=CHECK,
+                passed=not failing,
+                severity=dg.AssetCheckSeverity.ERROR,
+                metadata={
+                    "failing": dg.MetadataValue.json(failing),
+                    "counts": dg.MetadataValue.json(counts),
+                    "overall": report.overall,
+                },
+            )
+        ],
     )

@@ -2,9 +2,9 @@
 
 import dagster as dg
 
-from ..core import lifecycle
 from ..core.access import crosscheck
 from ..core.foundation import db
+from ..core.keys import lifecycle
 from ..core.ledger import ledger
 from .metadata import inventory_table, seq_text
 from .resources import KmsResource

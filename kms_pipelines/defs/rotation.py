@@ -1,9 +1,9 @@
 """Per-class key assets (R1-R3, B3), the root manifest, partner-notice check and key
-retirement. Asset bodies only call ``core.rotation`` / ``core.retention``."""
+retirement. Asset bodies only call ``core.keys.rotation`` / ``core.keys.retention``."""
 
 import dagster as dg
 
-from ..core import forensic, manifest, retention, rotation, vault
+from ..core.keys import forensic, manifest, retention, rotation, vault
 from ..core.ledger import checkpoints
 from .foundation import NIGHTLY
 from .metadata import full_values_md, markdown_table, short_fingerprint, short_hash, short_path

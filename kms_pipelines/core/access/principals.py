@@ -1051,7 +1051,7 @@ def manual_rotate(
     """Rotate ``key`` as a manual operation: the requester proves themself with TOTP, and the
     rotation runs only with complete approvals, consumed in the rotation's own transaction;
     the ledger entries record requester, approvers, ticket."""
-    from .. import lifecycle
+    from ..keys import lifecycle
 
     lifecycle.validate_key_name(ctx, key)
     limits.ticket(ticket)
@@ -1082,7 +1082,7 @@ def manual_rotate(
         )
         raise denied
 
-    from .. import rotation
+    from ..keys import rotation
 
     actor_ctx = ctx.as_actor(requested_by)
     # The same in-transaction work as a nightly rotation of this class (root: seeds re-wrapped

@@ -114,7 +114,7 @@ class KeyClasses(_Strict):
     export: KeyClass
     backup: KeyClass
     break_glass: KeyClass = Field(alias="break-glass")
-    archive: KeyClass | None = None  # T1: the archive KEK of the vault (core/vault.py)
+    archive: KeyClass | None = None  # T1: the archive KEK of the vault (core/keys/vault.py)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -126,7 +126,7 @@ class Retention(_Strict):
 
 
 class Vault(_Strict):
-    """The archive vault of retired root/service keys (T1, core/vault.py)."""
+    """The archive vault of retired root/service keys (T1, core/keys/vault.py)."""
 
     prefix: str = Field(default="vault/", pattern=r"^[a-z0-9][a-z0-9_/-]*/$")
     forensic_ttl_hours: int = Field(default=24, gt=0)  # a forensic import erases itself after this

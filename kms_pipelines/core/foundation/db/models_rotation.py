@@ -1,4 +1,4 @@
-"""SQLAlchemy models for rotation (core/rotation.py, service_keys.py, manifest.py,
+"""SQLAlchemy models for rotation (core/keys/rotation.py, service_keys.py, manifest.py,
 dependents.py, retention.py). Schema: migrations/versions/0004_rotation.py."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SQLAlchemy models of the archive vault (T1, core/vault.py). Schema: migrations/versions/0009_vault.py."""
+"""SQLAlchemy models of the archive vault (T1, core/keys/vault.py). Schema: migrations/versions/0009_vault.py."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@
   Ed25519 signing keys are *not* archived: verifying historical RPTs needs only their
   public key (kept in the header and in the signed manifest), and a vault that can give a
   signing key back is a vault that can forge history.
-* **Retrieval under dual control** lives in ``core/forensic.py`` (the manual operation
+* **Retrieval under dual control** lives in ``core/keys/forensic.py`` (the manual operation
   ``archive-retrieve``, the read-only forensic keystore, its TTL, the forensic drill).
 * **Destroy means destroy everywhere** (``on_destroyed``): after a version's keystore
   material is erased, its archive copy and manifest are deleted as soon as their Object
@@ -35,15 +35,16 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from . import lifecycle, nightly
-from .access import audit
-from .foundation.canonical import canonical_bytes
-from .foundation.clock import utc
-from .foundation.context import KmsContext
-from .foundation.db.models import DESTROYED, REVOKED, ROTATED, Key, KeyVersion
-from .foundation.db.models_vault import ARCHIVED, DELETED, UNARCHIVABLE, ArchiveCopy, ForensicRetrieval
-from .foundation.keystore import KeyNotFound, NotArchivable, verify_signature
-from .ledger import ledger
+from .. import nightly
+from ..access import audit
+from ..foundation.canonical import canonical_bytes
+from ..foundation.clock import utc
+from ..foundation.context import KmsContext
+from ..foundation.db.models import DESTROYED, REVOKED, ROTATED, Key, KeyVersion
+from ..foundation.db.models_vault import ARCHIVED, DELETED, UNARCHIVABLE, ArchiveCopy, ForensicRetrieval
+from ..foundation.keystore import KeyNotFound, NotArchivable, verify_signature
+from ..ledger import ledger
+from . import lifecycle
 
 KEK_KEY = "archive"
 ARCHIVED_CLASSES = ("root", "service")
@@ -392,7 +393,7 @@ def on_destroyed(ctx: KmsContext, key_name: str, version: int) -> str | None:
         if row is None or row.status != ARCHIVED:
             return None
         keys = [row.object_key, row.manifest_key]
-    from .foundation.objectstore import ObjectLocked, ObjectNotFound
+    from ..foundation.objectstore import ObjectLocked, ObjectNotFound
 
     try:
         for k in keys:
@@ -536,7 +537,7 @@ def t1_findings(ctx: KmsContext) -> tuple[list[str], list[str], list[str], dict]
             if r.purged_at is None and utc(r.expires_at) + grace > now
             for ref in json.loads(r.refs)
         }
-        from .foundation.db.models_access import AuditEvent
+        from ..foundation.db.models_access import AuditEvent
 
         for target, detail in session.execute(
             select(AuditEvent.target, AuditEvent.detail).where(

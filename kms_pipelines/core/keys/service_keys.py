@@ -47,12 +47,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ..foundation.canonical import canonical_bytes
+from ..foundation.context import KmsContext
+from ..foundation.db.models import ACTIVE, DESTROYED, ROTATED, Key, KeyVersion
+from ..foundation.db.models_rotation import ServiceCredential, ServiceSeed
+from ..foundation.keystore import DecryptionFailed, verify_signature
 from . import lifecycle
-from .foundation.canonical import canonical_bytes
-from .foundation.context import KmsContext
-from .foundation.db.models import ACTIVE, DESTROYED, ROTATED, Key, KeyVersion
-from .foundation.db.models_rotation import ServiceCredential, ServiceSeed
-from .foundation.keystore import DecryptionFailed, verify_signature
 
 CREDENTIAL_SEED = "credential"
 CREDENTIAL_PREFIX = "kmsc1"

@@ -19,14 +19,14 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ..access import audit
+from ..foundation.canonical import canonical_bytes
+from ..foundation.context import KmsContext
+from ..foundation.db.models import DESTROYED
+from ..foundation.db.models_vault import ARCHIVED, ArchiveCopy, ForensicRetrieval
+from ..foundation.keystore import KeyNotFound, verify_signature
+from ..foundation.keystore import fingerprint as fingerprint_of
 from . import lifecycle
-from .access import audit
-from .foundation.canonical import canonical_bytes
-from .foundation.context import KmsContext
-from .foundation.db.models import DESTROYED
-from .foundation.db.models_vault import ARCHIVED, ArchiveCopy, ForensicRetrieval
-from .foundation.keystore import KeyNotFound, verify_signature
-from .foundation.keystore import fingerprint as fingerprint_of
 from .vault import KEK_KEY, RETRIEVE_OPERATION, VaultError, b64text, stamp, target_for, verify_copy
 
 # ---- retrieval under dual control -------------------------------------------------------
@@ -37,7 +37,7 @@ from .vault import KEK_KEY, RETRIEVE_OPERATION, VaultError, b64text, stamp, targ
 def _require_retrieval(ctx: KmsContext, requester: str, target: str, ticket: str) -> None:
     """Refuse unless the requester holds the permission and the approvals are complete
     (read only: nothing is consumed; refusals are audited)."""
-    from .access import principals as access
+    from ..access import principals as access
 
     access.require_permission(ctx, requester, RETRIEVE_OPERATION, target=target)
     access.request_approval(ctx, operation=RETRIEVE_OPERATION, target=target, ticket=ticket, requester=requester)
@@ -63,7 +63,7 @@ def _require_retrieval(ctx: KmsContext, requester: str, target: str, ticket: str
 
 
 def _consume_retrieval(session: Session, ctx: KmsContext, requester: str, target: str, ticket: str) -> list[str]:
-    from .access import principals as access
+    from ..access import principals as access
 
     return list(
         access.consume_approvals(
@@ -196,7 +196,7 @@ def _open(ctx: KmsContext, kek_ref: str, doc: dict) -> bytes:
 def _notify(ctx: KmsContext, r: Retrieval) -> list[str]:
     """A4/T1: compliance hears of every retrieval. A failed delivery is reported, never raised,
     and every delivery is recorded (``notification_deliveries``)."""
-    from . import notifications
+    from .. import notifications
 
     outcome = notifications.notify_manual_operation(
         ctx,
@@ -330,8 +330,8 @@ def drill_check(ctx: KmsContext, *, requested_by: str, ticket: str | None = None
     """Retrieve the oldest archived root version under dual control and verify the oldest
     retained RPTs it signed with the public key the archive copy carries (authenticated as
     the copy's associated data). Returns a drill check ``{name, status, detail}``."""
-    from .access import principals as access
-    from .ledger import rpt
+    from ..access import principals as access
+    from ..ledger import rpt
 
     name = "forensic_retrieval"
     with ctx.transaction() as session:
@@ -362,7 +362,7 @@ def drill_check(ctx: KmsContext, *, requested_by: str, ticket: str | None = None
             }
         kid = rpt.make_kid(version, fp)
         limit = ctx.policy.drills.recent_rpts_to_verify
-        from .foundation.db.models_rpt import RegulatoryProofToken
+        from ..foundation.db.models_rpt import RegulatoryProofToken
 
         with ctx.transaction() as session:
             tokens = session.execute(
@@ -391,7 +391,7 @@ def drill_check(ctx: KmsContext, *, requested_by: str, ticket: str | None = None
 
 
 def _rpt_signed_by(token: str, kid: str, public: bytes) -> bool:
-    from .ledger import rpt
+    from ..ledger import rpt
 
     try:
         header, _payload, signature = rpt.decode(token)

@@ -25,10 +25,11 @@ from typing import Iterable
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from . import lifecycle, nightly, service_keys
-from .foundation.clock import utc
-from .foundation.context import KmsContext
-from .foundation.db.models import REVOKED, ROTATED, Key, KeyVersion
+from .. import nightly
+from ..foundation.clock import utc
+from ..foundation.context import KmsContext
+from ..foundation.db.models import REVOKED, ROTATED, Key, KeyVersion
+from . import lifecycle, service_keys
 
 RETAINED_CLASSES = ("root", "service")
 DESTROY_OPERATION = "destroy"
@@ -127,7 +128,7 @@ def due_for_destruction(ctx: KmsContext, at: datetime | None = None) -> list[Due
 
 def _consume_approvals(ctx: KmsContext, target: str, ticket: str, requester: str):
     def authorize(session: Session) -> list[str]:
-        from .access import principals as access  # the access area (issue 3)
+        from ..access import principals as access  # the access area (issue 3)
 
         return list(
             access.consume_approvals(
@@ -195,7 +196,7 @@ class RetireSummary:
 
 def _access_error() -> tuple[type[BaseException], ...]:
     try:
-        from .access.principals import AccessDenied
+        from ..access.principals import AccessDenied
 
         return (AccessDenied,)
     except (ImportError, AttributeError):
@@ -228,7 +229,7 @@ def retire_expired(ctx: KmsContext, *, actor: str = NIGHTLY_REQUESTER) -> Retire
 
 
 def _request_approval(ctx: KmsContext, d: DueVersion, requester: str) -> None:
-    from .access import principals as access
+    from ..access import principals as access
 
     try:
         access.request_approval(ctx, operation=DESTROY_OPERATION, target=d.target, ticket=d.ticket, requester=requester)
@@ -239,7 +240,7 @@ def _request_approval(ctx: KmsContext, d: DueVersion, requester: str) -> None:
 def _notify_destroyed(ctx: KmsContext, d: DueVersion, requester: str, approvers: list[str]) -> None:
     """A4: a destruction is a manual, dual-approved operation; tell the compliance lists."""
     try:
-        from . import notifications
+        from .. import notifications
     except ImportError:
         return
     fn = getattr(notifications, "notify_manual_operation", None)

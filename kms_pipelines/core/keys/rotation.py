@@ -38,11 +38,12 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from . import lifecycle, manifest, nightly, service_keys
-from .foundation.clock import utc
-from .foundation.context import KmsContext
-from .foundation.db.models import ACTIVE, REVOKED, ROTATED, Key, KeyVersion
-from .foundation.db.models_rotation import PartnerNotice, RootManifest, ServiceSeed
+from .. import nightly
+from ..foundation.clock import utc
+from ..foundation.context import KmsContext
+from ..foundation.db.models import ACTIVE, REVOKED, ROTATED, Key, KeyVersion
+from ..foundation.db.models_rotation import PartnerNotice, RootManifest, ServiceSeed
+from . import lifecycle, manifest, service_keys
 from .lifecycle import RotationResult
 
 RECONCILED_CLASSES = ("root", "service", "data", "backup", "archive")
@@ -250,7 +251,7 @@ def check_immediate(ctx: KmsContext, name: str, reason: str) -> None:
 
 def _notify_manual(ctx: KmsContext, name: str, result: RotationResult, actor: str, ticket: str | None) -> None:
     """Through notifications.notify_policy_event, so every delivery (a failed one too) is recorded."""
-    from . import notifications
+    from .. import notifications
 
     notifications.notify_policy_event(
         ctx,
@@ -296,8 +297,8 @@ def notify_partners(ctx: KmsContext) -> list[str]:
     """Deliver every pending partner notice (at least once); returns ``partner@vN`` sent."""
     if ctx.notifier is None:
         return []
-    from . import notifications
-    from .foundation.transports import Notification, failures
+    from .. import notifications
+    from ..foundation.transports import Notification, failures
 
     with ctx.transaction() as session:
         pending = [

@@ -18,12 +18,12 @@ from typing import Callable, Iterable
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from .foundation import retry
-from .foundation.clock import utc
-from .foundation.context import KmsContext
-from .foundation.db.models import ACTIVE, DESTROYED, PENDING, REVOKED, ROTATED, Key, KeyVersion, LedgerEntry
-from .foundation.keystore import AES_256, ED25519, KeyNotFound
-from .ledger import ledger
+from ..foundation import retry
+from ..foundation.clock import utc
+from ..foundation.context import KmsContext
+from ..foundation.db.models import ACTIVE, DESTROYED, PENDING, REVOKED, ROTATED, Key, KeyVersion, LedgerEntry
+from ..foundation.keystore import AES_256, ED25519, KeyNotFound
+from ..ledger import ledger
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     PENDING: frozenset({ACTIVE, DESTROYED}),
@@ -149,7 +149,7 @@ def _new_refs(name: str, version: int, algorithms: Iterable[str]) -> dict[str, s
 
 def _purpose(key_class: str) -> str:
     """T1 vault: root/service AES material may leave the keystore only wrapped under an archive KEK."""
-    from .foundation.keystore import ARCHIVABLE, ARCHIVE_KEK, GENERAL
+    from ..foundation.keystore import ARCHIVABLE, ARCHIVE_KEK, GENERAL
 
     return {"root": ARCHIVABLE, "service": ARCHIVABLE, "archive": ARCHIVE_KEK}.get(key_class, GENERAL)
 
@@ -168,7 +168,7 @@ def _generate_material(ctx: KmsContext, name: str, version: int) -> dict:
         )
     if "sign_ref" in refs:
         generated = ctx.keystore.generate(refs["sign_ref"], ED25519)
-        from .foundation.keystore import fingerprint
+        from ..foundation.keystore import fingerprint
 
         out["public_key"] = generated.public_key
         out["fingerprint"] = fingerprint(generated.public_key)
@@ -210,7 +210,7 @@ def _transition(
     )
     # The audit log's own record of the state change, in the same transaction: the ledger and
     # the audit chain must agree event for event (core/access/crosscheck.py).
-    from .access import audit, crosscheck
+    from ..access import audit, crosscheck
 
     audit.record(
         session,
@@ -508,13 +508,13 @@ def destroy_guard(name: str):
 # Modules that register destroy guards at import; imported before any destroy decision so
 # a guard can never be skipped because its module happened not to be loaded yet.
 GUARD_MODULES: tuple[str, ...] = (
-    "kms_pipelines.core.retention",
-    "kms_pipelines.core.dependents",
-    "kms_pipelines.core.service_keys",
+    "kms_pipelines.core.keys.retention",
+    "kms_pipelines.core.keys.dependents",
+    "kms_pipelines.core.keys.service_keys",
     "kms_pipelines.core.envelope",
     "kms_pipelines.core.backup",
     "kms_pipelines.core.escrow",
-    "kms_pipelines.core.vault",
+    "kms_pipelines.core.keys.vault",
 )
 
 

@@ -23,10 +23,10 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ..foundation.context import KmsContext
+from ..foundation.db.models import ACTIVE, ROTATED, Key, KeyVersion
+from ..foundation.db.models_rotation import DependentConfirmation
 from . import lifecycle
-from .foundation.context import KmsContext
-from .foundation.db.models import ACTIVE, ROTATED, Key, KeyVersion
-from .foundation.db.models_rotation import DependentConfirmation
 
 
 class DependentsError(lifecycle.LifecycleError):

@@ -33,15 +33,15 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from ..foundation.canonical import canonical_bytes
+from ..foundation.clock import utc
+from ..foundation.context import KmsContext
+from ..foundation.db.models import ACTIVE, PENDING, REVOKED, ROTATED, KeyVersion
+from ..foundation.db.models_rotation import RootManifest
+from ..foundation.keystore import fingerprint as fingerprint_of
+from ..foundation.keystore import verify_signature
+from ..ledger.ledger import format_time
 from . import lifecycle
-from .foundation.canonical import canonical_bytes
-from .foundation.clock import utc
-from .foundation.context import KmsContext
-from .foundation.db.models import ACTIVE, PENDING, REVOKED, ROTATED, KeyVersion
-from .foundation.db.models_rotation import RootManifest
-from .foundation.keystore import fingerprint as fingerprint_of
-from .foundation.keystore import verify_signature
-from .ledger.ledger import format_time
 
 FORMAT = "kms-root-manifest/1"
 SIGNING_CONTEXT = b"kms-pipelines root manifest v1\n"
@@ -270,7 +270,7 @@ _PREV_FIELDS = {"version", "kid", "fingerprint", "status", "signature"}
 def document_problem(d) -> str | None:
     """Field-by-field schema check of one manifest document (what an offline verifier needs
     before it trusts any field); None when it is well formed and self-consistent."""
-    from .foundation.clock import parse_time
+    from ..foundation.clock import parse_time
 
     if not isinstance(d, dict):
         return "not a JSON object"
