@@ -93,7 +93,7 @@ def populate(ctx, n: int, wrap_one) -> float:
     """Stream N DEK rows (wrapped under the active version) into ``deks`` with COPY."""
     import psycopg
 
-    from kms_pipelines.core.envelope import shard_of
+    from kms_pipelines.core.envelope.data_keys import shard_of
 
     version, _ = active_ref(ctx)
     now = datetime.now(timezone.utc)
@@ -170,7 +170,7 @@ def raw_crypto_seconds(ctx, kek_now: bytes, kek_other: bytes, batch: int) -> tup
 def software_run(n: int, batch: int, repeat: int = 3) -> None:
     from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
 
-    from kms_pipelines.core import envelope
+    from kms_pipelines.core.envelope import data_keys as envelope
     from kms_pipelines.core.foundation.keystore.software import SoftwareKeyStore
     from kms_pipelines.core.keys import lifecycle
 
@@ -252,7 +252,7 @@ def software_run(n: int, batch: int, repeat: int = 3) -> None:
 
 
 def _sweep_with(keystore, n: int, batch: int, home: Path) -> float:
-    from kms_pipelines.core import envelope
+    from kms_pipelines.core.envelope import data_keys as envelope
     from kms_pipelines.core.keys import lifecycle
 
     bench = BenchDb()

@@ -201,7 +201,7 @@ def test_kill_9_during_upload_leaves_no_archive_marked_good(tmp_path, pg_url, s3
 def test_restore_point_guard_refuses_destroy_until_rekeyed(make_kms):
     kms = make_kms("sqlite")
     sim_store(kms)
-    from kms_pipelines.core import envelope
+    from kms_pipelines.core.envelope import data_keys as envelope
 
     envelope.encrypt(kms, "data:postgres", "row-1", b"secret row")
     lifecycle.rotate(kms, "data:postgres")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kms_pipelines.core import envelope
+from kms_pipelines.core.envelope import data_keys as envelope
 from kms_pipelines.core.foundation.batching import AdaptiveBatch
 from kms_pipelines.core.keys import lifecycle
 from tests.test_envelope import KEY, assert_all_decrypt, fill, versions_of

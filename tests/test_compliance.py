@@ -281,7 +281,7 @@ def test_renderings_show_failing_rows_red(exercised, tmp_path):
 def test_richer_metadata_on_the_areas_assets(exercised):
     """Item 2: key age against cadence (picture), DEK counts per key version, the backup list
     with GFS class and lock + timeline, drill history and open follow-ups with asset links."""
-    from kms_pipelines.core import envelope
+    from kms_pipelines.core.envelope import data_keys as envelope
     from kms_pipelines.defs import backup as backup_defs
     from kms_pipelines.defs import envelope as envelope_defs
 

@@ -13,7 +13,8 @@ import dagster as dg
 import pytest
 from sqlalchemy import text
 
-from kms_pipelines.core import envelope, export_keys
+from kms_pipelines.core.envelope import data_keys as envelope
+from kms_pipelines.core.envelope import export_keys
 from kms_pipelines.core.foundation.context import context_from_env
 from kms_pipelines.core.foundation.policy import load_policy
 from kms_pipelines.core.keys import lifecycle

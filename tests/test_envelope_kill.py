@@ -13,7 +13,7 @@ import time
 import pytest
 from sqlalchemy import text
 
-from kms_pipelines.core import envelope
+from kms_pipelines.core.envelope import data_keys as envelope
 from kms_pipelines.core.foundation.context import context_from_env
 from kms_pipelines.core.keys import lifecycle
 

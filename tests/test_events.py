@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from kms_pipelines.core import compromise, envelope, events
+from kms_pipelines.core import compromise, events
+from kms_pipelines.core.envelope import data_keys as envelope
 from kms_pipelines.core.foundation.db.models import KeyVersion
 from kms_pipelines.core.foundation.db.models_events import SecurityEvent
 from kms_pipelines.core.keys import lifecycle, service_keys

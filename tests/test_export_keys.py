@@ -6,7 +6,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from kms_pipelines.core import envelope, export_keys
+from kms_pipelines.core.envelope import data_keys as envelope
+from kms_pipelines.core.envelope import export_keys
 from kms_pipelines.core.foundation.db.models_envelope import Dek
 from kms_pipelines.core.keys import lifecycle
 from kms_pipelines.core.ledger import ledger

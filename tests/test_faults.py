@@ -15,8 +15,8 @@ import time
 import pytest
 from sqlalchemy import select
 
-from kms_pipelines.core import envelope
 from kms_pipelines.core.access import audit
+from kms_pipelines.core.envelope import data_keys as envelope
 from kms_pipelines.core.foundation import retry
 from kms_pipelines.core.foundation.db.models_envelope import Dek
 from kms_pipelines.core.foundation.policy import FaultBudget, Faults, load_policy
@@ -491,7 +491,7 @@ def test_dagster_sweep_fails_with_one_line_and_metadata_and_may_be_retried(pg_pr
 def test_a_refused_operation_bypasses_the_dagster_retry_policy():
     import dagster as dg
 
-    from kms_pipelines.core.envelope import EnvelopeError
+    from kms_pipelines.core.envelope.data_keys import EnvelopeError
     from kms_pipelines.defs.failures import one_line_failures
 
     with pytest.raises(dg.Failure) as failed, one_line_failures():

@@ -17,9 +17,10 @@ from click.testing import CliRunner
 from sqlalchemy import select, text
 
 from kms_pipelines.cli import cli
-from kms_pipelines.core import compliance, drills, envelope, escrow, events, nightly
+from kms_pipelines.core import compliance, drills, escrow, events, nightly
 from kms_pipelines.core.access import audit, crosscheck
 from kms_pipelines.core.access import principals as access
+from kms_pipelines.core.envelope import data_keys as envelope
 from kms_pipelines.core.foundation.clock import SimulatedClock
 from kms_pipelines.core.foundation.db.models_rotation import PartnerNotice, ServiceSeed
 from kms_pipelines.core.keys import lifecycle, manifest, rotation

@@ -1,4 +1,4 @@
-"""Sweep leases (core/leases.py): workers sharing a shard never rewrap the same DEKs at once,
+"""Sweep leases (core/envelope/leases.py): workers sharing a shard never rewrap the same DEKs at once,
 and a dead worker's range is taken over once its lease expires. PostgreSQL, real processes."""
 
 import base64
@@ -15,8 +15,9 @@ import time
 import pytest
 from sqlalchemy import text
 
-from kms_pipelines.core import envelope, leases
 from kms_pipelines.core.access import audit
+from kms_pipelines.core.envelope import data_keys as envelope
+from kms_pipelines.core.envelope import leases
 from kms_pipelines.core.foundation.context import context_from_env
 from kms_pipelines.core.keys import lifecycle
 

@@ -2,7 +2,8 @@
 
 import pandas as pd
 
-from kms_pipelines.core import envelope, quality
+from kms_pipelines.core import quality
+from kms_pipelines.core.envelope import data_keys as envelope
 
 
 def test_suites_pass_on_the_live_inventory_and_fail_on_broken_frames(make_kms):
@@ -35,11 +36,18 @@ def test_dagster_check_runs_the_suites(tmp_path):
     from tests.fixtures.dagster_defs import FixedClockResource
 
     home = tmp_path / "h"
-    kms = KmsResource(home=str(home), database=DatabaseResource(url=f"sqlite:///{home}/kms.db"),
-                      keystore=KeyStoreResource(kind="software"), objects=ObjectStoreResource(url=str(home / "o")),
-                      clock=FixedClockResource(fixed_time="2030-01-01T02:00:00Z"))
-    r = dg.materialize([kms_state, key_inventory, inventory_frames_valid], instance=dg.DagsterInstance.ephemeral(),
-                       resources={"kms": kms})
+    kms = KmsResource(
+        home=str(home),
+        database=DatabaseResource(url=f"sqlite:///{home}/kms.db"),
+        keystore=KeyStoreResource(kind="software"),
+        objects=ObjectStoreResource(url=str(home / "o")),
+        clock=FixedClockResource(fixed_time="2030-01-01T02:00:00Z"),
+    )
+    r = dg.materialize(
+        [kms_state, key_inventory, inventory_frames_valid],
+        instance=dg.DagsterInstance.ephemeral(),
+        resources={"kms": kms},
+    )
     assert r.success
     [ev] = r.get_asset_check_evaluations()
     assert ev.check_name == "inventory_frames_valid" and ev.passed

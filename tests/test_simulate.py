@@ -7,7 +7,8 @@ from datetime import date
 import pytest
 from click.testing import CliRunner
 
-from kms_pipelines.core import envelope, nightly, simulate
+from kms_pipelines.core import nightly, simulate
+from kms_pipelines.core.envelope import data_keys as envelope
 from kms_pipelines.core.keys import manifest, retention
 from kms_pipelines.core.ledger import ledger
 

@@ -1,5 +1,5 @@
 """`kms envelope …` (encrypt, decrypt, sweep, inventory, check) and `kms export …`
-(create, due, expire). Thin wrappers over core.envelope / core.export_keys."""
+(create, due, expire). Thin wrappers over core.envelope.data_keys / core.envelope.export_keys."""
 
 from dataclasses import asdict
 
@@ -45,7 +45,7 @@ def envelope():
 @click.pass_context
 def encrypt_cmd(ctx, key, object_id, infile, outfile, aad, replace):
     """Encrypt stdin/--in for OBJECT_ID under data key KEY (e.g. data:postgres)."""
-    from ..core import envelope as env
+    from ..core.envelope import data_keys as env
 
     blob = env.encrypt(_ctx(ctx), key, object_id, infile.read(), aad.encode(), replace=replace)
     outfile.write(blob)
@@ -59,7 +59,7 @@ def encrypt_cmd(ctx, key, object_id, infile, outfile, aad, replace):
 @click.pass_context
 def decrypt_cmd(ctx, infile, outfile, aad, object_id):
     """Decrypt an envelope blob (exit 1 if it is shredded, tampered or revoked)."""
-    from ..core import envelope as env
+    from ..core.envelope import data_keys as env
 
     outfile.write(env.decrypt(_ctx(ctx), infile.read(), aad.encode(), object_id=object_id))
 
@@ -68,38 +68,52 @@ def decrypt_cmd(ctx, infile, outfile, aad, object_id):
 @click.option("--key", "key_name", default=None, help="Only this data key (default: every data key).")
 @click.option("--shard", type=int, default=None, help="Only this shard (0-based) of --shards.")
 @click.option("--shards", type=int, default=1, show_default=True)
-@click.option("--batch-size", type=int, default=None,
-              help="DEKs per batch, constant (default: policy envelope.batch_size, then sized to "
-                   "envelope.batch_target_commit_ms).")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=None,
+    help="DEKs per batch, constant (default: policy envelope.batch_size, then sized to "
+    "envelope.batch_target_commit_ms).",
+)
 @click.option("--progress", "show_progress", is_flag=True, help="One line per committed batch on stderr.")
-@click.option("--lease", "leased", is_flag=True,
-              help="Sweep range by range under PostgreSQL leases, so several workers can share a shard.")
+@click.option(
+    "--lease",
+    "leased",
+    is_flag=True,
+    help="Sweep range by range under PostgreSQL leases, so several workers can share a shard.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def sweep_cmd(ctx, key_name, shard, shards, batch_size, show_progress, leased, as_json):
     """Rewrap every DEK on a rotated/revoked version onto the active one. Exit 1 if any remain."""
-    from ..core import envelope as env
+    from ..core.envelope import data_keys as env
 
     kms = _ctx(ctx)
     if shard is not None and not 0 <= shard < shards:
         raise click.BadParameter(f"--shard must be in 0..{shards - 1}", param_hint="--shard")
 
     def progress(p):
-        click.echo(f"batch {p.batch}: {p.key} v{p.from_version}->v{p.to_version} moved {p.moved} "
-                   f"(total {p.total_moved}, {p.seconds:.1f}s)", err=True)
+        click.echo(
+            f"batch {p.batch}: {p.key} v{p.from_version}->v{p.to_version} moved {p.moved} "
+            f"(total {p.total_moved}, {p.seconds:.1f}s)",
+            err=True,
+        )
 
     sizing = {"batch_size": batch_size} if batch_size is not None else env.policy_batching(kms)
     if leased:
-        from ..core.leases import leased_sweep as run_sweep
+        from ..core.envelope.leases import leased_sweep as run_sweep
     else:
         run_sweep = env.sweep
-    result = run_sweep(kms, key_name, shard=shard, shards=shards, **sizing,
-                       progress=progress if show_progress else None)
+    result = run_sweep(
+        kms, key_name, shard=shard, shards=shards, **sizing, progress=progress if show_progress else None
+    )
     if as_json:
         _emit(result.to_dict())
     else:
-        click.echo(f"moved {result.moved} DEK(s) in {result.batches} batch(es) ({result.rate:.0f}/s); "
-                   f"{result.remaining} remaining on retired/revoked versions, {result.failed} failed")
+        click.echo(
+            f"moved {result.moved} DEK(s) in {result.batches} batch(es) ({result.rate:.0f}/s); "
+            f"{result.remaining} remaining on retired/revoked versions, {result.failed} failed"
+        )
     if result.remaining:
         if not as_json:
             click.echo(f"kms: error: {result.remaining} DEK(s) remain on retired or revoked versions", err=True)
@@ -112,7 +126,7 @@ def sweep_cmd(ctx, key_name, shard, shards, batch_size, show_progress, leased, a
 @click.pass_context
 def inventory_cmd(ctx, key_name, as_json):
     """DEK counts per key version (live and shredded)."""
-    from ..core import envelope as env
+    from ..core.envelope import data_keys as env
 
     rows = env.inventory_counts(_ctx(ctx), key_name)
     if as_json:
@@ -128,7 +142,7 @@ def inventory_cmd(ctx, key_name, as_json):
 @click.pass_context
 def check_cmd(ctx, as_json):
     """Exit 1 if any live DEK is left under a rotated, revoked or destroyed version."""
-    from ..core import envelope as env
+    from ..core.envelope import data_keys as env
 
     rows = env.stranded(_ctx(ctx))
     if as_json:
@@ -149,13 +163,17 @@ def export():
 
 @export.command("create")
 @click.argument("export_id")
-@click.option("--ttl-days", type=click.IntRange(min=1), default=None,
-              help="Days until expiry (default: policy key_classes.export.default_ttl_days).")
+@click.option(
+    "--ttl-days",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Days until expiry (default: policy key_classes.export.default_ttl_days).",
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def export_create(ctx, export_id, ttl_days, as_json):
     """Create the key export:EXPORT_ID (idempotent)."""
-    from ..core import export_keys
+    from ..core.envelope import export_keys
 
     info = export_keys.create(_ctx(ctx), export_id, ttl_days)
     if as_json:
@@ -169,15 +187,17 @@ def export_create(ctx, export_id, ttl_days, as_json):
 @click.pass_context
 def export_due(ctx, as_json):
     """Expired export keys that still need rotating, destroying or shredding."""
-    from ..core import export_keys
+    from ..core.envelope import export_keys
 
     rows = export_keys.due(_ctx(ctx))
     if as_json:
         _emit([asdict(r) for r in rows])
         return
     for r in rows:
-        click.echo(f"{r.key} expired {r.expired_at.isoformat()}: rotate={r.rotate_needed} "
-                   f"destroy={r.versions_to_destroy} unshredded={r.unshredded_deks}")
+        click.echo(
+            f"{r.key} expired {r.expired_at.isoformat()}: rotate={r.rotate_needed} "
+            f"destroy={r.versions_to_destroy} unshredded={r.unshredded_deks}"
+        )
     if not rows:
         click.echo("no expired export keys pending")
 
@@ -188,17 +208,18 @@ def export_due(ctx, as_json):
 @click.pass_context
 def export_expire(ctx, key_name, as_json):
     """Rotate and destroy expired export keys now (crypto-shredding). Exit 1 if a guard refused."""
-    from ..core import export_keys
+    from ..core.envelope import export_keys
 
     results = export_keys.expire_due(_ctx(ctx), key_name)
     if as_json:
         _emit([asdict(r) for r in results])
     else:
         for r in results:
-            click.echo(f"{r.key}: rotated_to={r.rotated_to} destroyed={r.destroyed} shredded_deks={r.shredded_deks}"
-                       + (f" REFUSED {r.refused}" if r.refused else ""))
+            click.echo(
+                f"{r.key}: rotated_to={r.rotated_to} destroyed={r.destroyed} shredded_deks={r.shredded_deks}"
+                + (f" REFUSED {r.refused}" if r.refused else "")
+            )
         if not results:
             click.echo("no expired export keys pending")
     if any(r.refused for r in results):
         _fail(ctx)
-

@@ -155,7 +155,7 @@ def _tool_versions() -> tuple:
 
 def _envelope():
     try:
-        from . import envelope  # issue 4a (colleague)
+        from .envelope import data_keys as envelope  # issue 4a (colleague)
 
         return envelope if hasattr(envelope, "deks_on") else None
     except ImportError:

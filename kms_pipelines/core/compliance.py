@@ -291,7 +291,7 @@ def eval_p2(ctx: KmsContext) -> Finding:
 
 
 def eval_p3(ctx: KmsContext) -> Finding:
-    from . import envelope
+    from .envelope import data_keys as envelope
     from .keys import lifecycle
 
     problems, good = [], []
@@ -479,7 +479,8 @@ def _r2_linked_responses(ctx: KmsContext) -> tuple[int, list[str]]:
 
 
 def eval_r3(ctx: KmsContext) -> Finding:
-    from . import envelope, export_keys
+    from .envelope import data_keys as envelope
+    from .envelope import export_keys
     from .foundation.db.models import Key, KeyVersion
 
     problems, good, details = _cadence(ctx, "data")
@@ -611,7 +612,7 @@ def _t1_archive(ctx: KmsContext):
 def eval_t2(ctx: KmsContext) -> Finding:
     """Destroyed versions hold no live DEK and no material (key_versions, deks, keystore);
     every version that still has live DEKs still has its key material (deks, keystore)."""
-    from . import envelope
+    from .envelope import data_keys as envelope
     from .foundation.db.models import DESTROYED, Key, KeyVersion
     from .keys import lifecycle
 
@@ -652,7 +653,7 @@ def eval_t2(ctx: KmsContext) -> Finding:
 def _t2_material_under_live_deks(ctx: KmsContext) -> tuple[int, list[str]]:
     """Ciphertext is only retained if its key is: a version with live DEKs whose wrapping
     material is gone from the keystore (erased out of band) has made that data unreadable."""
-    from . import envelope
+    from .envelope import data_keys as envelope
     from .foundation.db.models import Key, KeyVersion
 
     counts = [c for c in envelope.inventory_counts(ctx) if c.deks]

@@ -237,7 +237,7 @@ def respond(
 
     key_class = lifecycle.key_class_of(ev.key)
     # 3. rewrap DEKs
-    envelope = _optional("kms_pipelines.core.envelope")
+    envelope = _optional("kms_pipelines.core.envelope.data_keys")
     if envelope is not None and key_class in getattr(envelope, "SWEPT_CLASSES", ("data",)):
         sweep = envelope.sweep(ctx, ev.key)
         result.deks_moved, result.deks_remaining = sweep.moved, sweep.remaining

@@ -22,7 +22,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
     for module, name in (
         ("kms_pipelines.core.foundation.objectstore", "ObjectStoreError"),
         ("kms_pipelines.core.access.principals", "AccessDenied"),
-        ("kms_pipelines.core.envelope", "EnvelopeError"),
+        ("kms_pipelines.core.envelope.data_keys", "EnvelopeError"),
         ("kms_pipelines.core.ledger.rpt", "RptError"),
         ("kms_pipelines.core.backup", "BackupError"),
         ("kms_pipelines.core.escrow", "EscrowError"),

@@ -13,8 +13,8 @@ from .foundation.context import KmsContext
 
 # Areas that register steps at import time. Add your module here when you add a step.
 STEP_MODULES: tuple[str, ...] = (
-    "kms_pipelines.core.envelope",
-    "kms_pipelines.core.export_keys",
+    "kms_pipelines.core.envelope.data_keys",
+    "kms_pipelines.core.envelope.export_keys",
     "kms_pipelines.core.escrow",
     "kms_pipelines.core.notifications",
     "kms_pipelines.core.backup",

@@ -138,7 +138,7 @@ def validate(ctx: KmsContext, *, inventory=None, deks=None) -> list[SuiteResult]
     ]
     if deks is None:
         try:
-            from . import envelope
+            from .envelope import data_keys as envelope
 
             deks = envelope.dek_inventory_frame(ctx)
         except (ImportError, AttributeError):

@@ -255,7 +255,7 @@ def seed_workload(ctx: KmsContext, objects_per_key: int = 5) -> dict:
 
     made = {"objects": 0, "credentials": 0}
     try:
-        from . import envelope
+        from .envelope import data_keys as envelope
     except ImportError:
         envelope = None
     if envelope is not None:

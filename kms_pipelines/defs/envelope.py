@@ -11,7 +11,8 @@ shards run on separate workers. Each shard's run checks its own range
 
 import dagster as dg
 
-from ..core import envelope, export_keys, leases
+from ..core.envelope import data_keys as envelope
+from ..core.envelope import export_keys, leases
 from ..core.foundation.policy import load_policy
 from ..scaleout import executors
 from .failures import one_line_failures, run_retry_policy
@@ -66,7 +67,7 @@ def dek_rewrap_sweep(context: dg.AssetExecutionContext, kms: KmsResource) -> dg.
 
     with one_line_failures():
         # Leased range by range: workers on other hosts running the same shard (a retry,
-        # a duplicate launch) never rewrap the same DEKs at once (core/leases.py).
+        # a duplicate launch) never rewrap the same DEKs at once (core/envelope/leases.py).
         result = leases.leased_sweep(
             ctx, shard=shard, shards=shards, **envelope.policy_batching(ctx), progress=progress
         )

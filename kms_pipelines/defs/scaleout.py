@@ -2,7 +2,7 @@
 
 ``dek_rewrap_sweep_job`` launches one run per shard (fan-out by the run launcher). This
 job is the other shape: one run whose ``policy.envelope.fanout_steps`` steps each sweep
-every shard, starting at a different one, with leases (core/leases.py) deciding who
+every shard, starting at a different one, with leases (core/envelope/leases.py) deciding who
 rewraps which range. So many shards run in one worker process (one step start-up per
 worker slot, not per shard), a fast step takes ranges a slow one has not reached, and a
 step lost with its worker is redelivered (celery late acks) and takes its ranges over
@@ -14,7 +14,8 @@ import socket
 
 import dagster as dg
 
-from ..core import envelope, leases
+from ..core.envelope import data_keys as envelope
+from ..core.envelope import leases
 from ..core.foundation.policy import load_policy
 from ..scaleout import executors
 from .failures import one_line_failures, run_retry_policy

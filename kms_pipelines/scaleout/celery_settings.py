@@ -4,7 +4,7 @@ Measured on a worker killed with ``kill -9`` mid-shard: with Celery's defaults t
 is acknowledged on receipt and dies with the worker, and the run hangs until stopped by
 hand. With late acks and requeue on worker loss the message is only acknowledged once the
 step finished, so the broker redelivers it to another worker once the visibility timeout
-passes; the sweep's leases (core/leases.py) make that redelivery safe even while the first
+passes; the sweep's leases (core/envelope/leases.py) make that redelivery safe even while the first
 worker might still be alive.
 """
 
@@ -48,9 +48,9 @@ def settings(env: Mapping[str, str] | None = None) -> dict:
     env = os.environ if env is None else env
     visibility = _int(env, "KMS_CELERY_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT)
     return {
-        "task_acks_late": True,               # acknowledge after the step, not on receipt
-        "task_reject_on_worker_lost": True,   # a killed worker process requeues its task
-        "worker_prefetch_multiplier": 1,      # a worker reserves one step at a time: no shard stuck behind another
+        "task_acks_late": True,  # acknowledge after the step, not on receipt
+        "task_reject_on_worker_lost": True,  # a killed worker process requeues its task
+        "worker_prefetch_multiplier": 1,  # a worker reserves one step at a time: no shard stuck behind another
         "broker_transport_options": {"visibility_timeout": visibility},
         "result_backend_transport_options": {"visibility_timeout": visibility},
         "broker_connection_retry_on_startup": True,

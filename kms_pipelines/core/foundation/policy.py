@@ -251,7 +251,7 @@ class Envelope(_Strict):
     batch_size_max: int = Field(default=20_000, ge=1, le=100_000)  # bounds memory whatever the table size
     sweep_cron: str = "30 2 * * *"  # after kms_nightly's rotations at 02:00
     export_expiry_check_seconds: int = Field(default=60, gt=0)  # export-expiry sensor interval
-    # Scale-out (core/leases.py): each shard is swept as this many leased ranges, and a lease
+    # Scale-out (core/envelope/leases.py): each shard is swept as this many leased ranges, and a lease
     # not renewed within lease_seconds (a dead worker) is taken over by another worker.
     lease_ranges_per_shard: int = Field(default=4, ge=1, le=64)
     lease_seconds: int = Field(default=60, ge=5, le=3600)

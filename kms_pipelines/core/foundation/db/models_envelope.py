@@ -1,4 +1,4 @@
-"""SQLAlchemy models for envelope (see core/envelope.py, core/export_keys.py).
+"""SQLAlchemy models for envelope (see core/envelope/data_keys.py, core/envelope/export_keys.py).
 
 ``deks``: one row per data-encryption key, i.e. per encrypted object. The DEK itself is
 stored only wrapped under a key version (``key_name``, ``key_version``); ``shard`` is a

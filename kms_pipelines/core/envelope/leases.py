@@ -7,7 +7,7 @@ on the database's clock (hosts' clocks may disagree). The worker renews the leas
 every committed batch; a ``kill -9``'d worker stops renewing, its lease expires after
 ``lease_seconds`` and another worker takes the range over. So two live workers never
 rewrap the same DEKs at once, and no range is left behind by a dead one. The sweep's
-compare-and-set on the wrapping version (core/envelope.py) stays the correctness
+compare-and-set on the wrapping version (core/envelope/data_keys.py) stays the correctness
 guarantee underneath: a worker paused past its expiry loses its lease at the next renew
 and stops, and whatever it still commits is refused by compare-and-set, never doubled.
 
@@ -26,10 +26,10 @@ from typing import Callable
 
 from sqlalchemy import text
 
-from . import envelope
-from .foundation import retry
-from .foundation.context import KmsContext
-from .foundation.db.models_envelope import SHARD_SPACE
+from ..foundation import retry
+from ..foundation.context import KmsContext
+from ..foundation.db.models_envelope import SHARD_SPACE
+from . import data_keys as envelope
 
 log = logging.getLogger(__name__)
 

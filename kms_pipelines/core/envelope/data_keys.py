@@ -37,15 +37,15 @@ from sqlalchemy import and_, bindparam, func, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from . import nightly
-from .foundation import retry
-from .foundation.batching import AdaptiveBatch
-from .foundation.clock import utc
-from .foundation.context import KmsContext
-from .foundation.db.models import ACTIVE, DESTROYED, REVOKED, ROTATED, Key, KeyVersion
-from .foundation.db.models_envelope import SHARD_SPACE, Dek
-from .foundation.keystore import DecryptionFailed, KeyNotFound
-from .keys import lifecycle
+from .. import nightly
+from ..foundation import retry
+from ..foundation.batching import AdaptiveBatch
+from ..foundation.clock import utc
+from ..foundation.context import KmsContext
+from ..foundation.db.models import ACTIVE, DESTROYED, REVOKED, ROTATED, Key, KeyVersion
+from ..foundation.db.models_envelope import SHARD_SPACE, Dek
+from ..foundation.keystore import DecryptionFailed, KeyNotFound
+from ..keys import lifecycle
 
 log = logging.getLogger(__name__)
 
