@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import create_engine, select, text
 
-from kms_pipelines.core import backup
+from kms_pipelines.core.backup import backups as backup
 from kms_pipelines.core.foundation.clock import SimulatedClock
 from kms_pipelines.core.foundation.db.models_backup import Backup
 from kms_pipelines.core.foundation.objectstore import ObjectLocked

@@ -8,7 +8,8 @@ import os
 import pytest
 from sqlalchemy import select
 
-from kms_pipelines.core import backup, restore
+from kms_pipelines.core.backup import backups as backup
+from kms_pipelines.core.backup import restore
 from kms_pipelines.core.foundation.db.models_backup import Backup
 from kms_pipelines.core.keys import lifecycle, manifest
 from tests.test_restore import backed_up, sim_store, tables  # noqa: F401 - fixture re-used
@@ -106,7 +107,7 @@ def test_manifest_signed_by_a_root_after_it_was_replaced_is_refused(make_kms):
     import base64 as b64
     from datetime import timedelta
 
-    from kms_pipelines.core import backup_manifest_schema as schema
+    from kms_pipelines.core.backup import manifest_schema as schema
     from kms_pipelines.core.foundation.canonical import canonical_bytes
 
     kms = make_kms("postgres")

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from sqlalchemy import text
 
 from kms_pipelines.cli import cli
-from kms_pipelines.core import compliance, drills, escrow, nightly
+from kms_pipelines.core import compliance, escrow, nightly
+from kms_pipelines.core.backup import drills
 from kms_pipelines.core.foundation.clock import SimulatedClock
 from kms_pipelines.core.foundation.db.append_only import create_append_only_triggers, drop_append_only_triggers
 from kms_pipelines.core.ledger import ledger, rpt

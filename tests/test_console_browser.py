@@ -199,8 +199,9 @@ def _request_article(page, rid: int):
 
 
 def test_dual_control_in_two_browsers_followups_and_roles(console):
-    from kms_pipelines.core import backup, drills
     from kms_pipelines.core.access import audit
+    from kms_pipelines.core.backup import backups as backup
+    from kms_pipelines.core.backup import drills
     from kms_pipelines.core.foundation.db.models import LedgerEntry
     from kms_pipelines.core.foundation.db.models_access import Approval
     from kms_pipelines.core.ledger import ledger

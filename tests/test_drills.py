@@ -7,7 +7,8 @@ import dagster as dg
 import pytest
 from sqlalchemy import func, select
 
-from kms_pipelines.core import backup, drills
+from kms_pipelines.core.backup import backups as backup
+from kms_pipelines.core.backup import drills
 from kms_pipelines.core.foundation.clock import SimulatedClock
 from kms_pipelines.core.foundation.db.models_backup import Drill, DrillFollowup
 from kms_pipelines.core.foundation.objectstore.local import LocalObjectStore
@@ -147,7 +148,7 @@ def test_dagster_backup_and_drill_assets(make_kms, monkeypatch, master_key):
 
 
 def test_a_drill_for_an_earlier_month_is_titled_by_that_month_and_the_day_it_ran():
-    from kms_pipelines.core import drills
+    from kms_pipelines.core.backup import drills
 
     common = dict(
         participants=["dana"],
@@ -170,7 +171,7 @@ def test_a_drill_for_an_earlier_month_is_titled_by_that_month_and_the_day_it_ran
 
 
 def test_default_participants_are_enrolled_people_not_role_names(kms):
-    from kms_pipelines.core import drills
+    from kms_pipelines.core.backup import drills
 
     before = drills.default_participants(kms)
     assert before == [f"{r} (rotation)" for r in kms.policy.drills.on_call]  # nobody enrolled yet, and it says so

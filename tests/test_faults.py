@@ -177,7 +177,7 @@ def test_report_rides_out_a_database_cut(kms_via_proxy):
 
 
 def test_backup_rides_out_a_database_cut(kms_via_proxy):
-    from kms_pipelines.core import backup
+    from kms_pipelines.core.backup import backups as backup
 
     ctx, proxy = kms_via_proxy
     objects = fill(ctx, 20)
@@ -339,7 +339,7 @@ def _backed_up_context(make_kms, store, megabytes: int):
 def test_backup_completes_and_verifies_through_resets_during_a_multipart_upload(
     make_kms, s3_via_proxy, caplog, s3_client, s3_bucket
 ):
-    from kms_pipelines.core import backup
+    from kms_pipelines.core.backup import backups as backup
 
     store, proxy = s3_via_proxy
     ctx = _backed_up_context(make_kms, store, megabytes=12)
@@ -358,7 +358,8 @@ def test_backup_completes_and_verifies_through_resets_during_a_multipart_upload(
 
 
 def test_restore_completes_through_resets_while_reading_the_archive(make_kms, s3_via_proxy, tmp_path, caplog):
-    from kms_pipelines.core import backup, restore
+    from kms_pipelines.core.backup import backups as backup
+    from kms_pipelines.core.backup import restore
 
     store, proxy = s3_via_proxy
     ctx = _backed_up_context(make_kms, store, megabytes=8)

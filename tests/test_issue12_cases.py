@@ -17,9 +17,10 @@ from click.testing import CliRunner
 from sqlalchemy import select, text
 
 from kms_pipelines.cli import cli
-from kms_pipelines.core import compliance, drills, escrow, events, nightly
+from kms_pipelines.core import compliance, escrow, events, nightly
 from kms_pipelines.core.access import audit, crosscheck
 from kms_pipelines.core.access import principals as access
+from kms_pipelines.core.backup import drills
 from kms_pipelines.core.envelope import data_keys as envelope
 from kms_pipelines.core.foundation.clock import SimulatedClock
 from kms_pipelines.core.foundation.db.models_rotation import PartnerNotice, ServiceSeed
@@ -234,7 +235,7 @@ def test_case4_r2_resolved_event_without_a_response(state):
 
 
 def test_case4_b1_newest_archive_overwritten_with_random_bytes(state):
-    from kms_pipelines.core import backup
+    from kms_pipelines.core.backup import backups as backup
 
     kms = state
     green_first(kms, "B1")

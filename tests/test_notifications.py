@@ -112,7 +112,7 @@ def test_run_failure_sensor_notifies(kms_pg, smtp_server, slack_receiver, monkey
 
 
 def test_notify_overdue_asks_rotation_and_drills(kms, monkeypatch):
-    import kms_pipelines.core.drills as drills
+    import kms_pipelines.core.backup.drills as drills
     import kms_pipelines.core.keys.rotation as rotation
 
     monkeypatch.setattr(

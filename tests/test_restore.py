@@ -7,7 +7,8 @@ import os
 import pytest
 from sqlalchemy import create_engine, inspect, select
 
-from kms_pipelines.core import backup, restore
+from kms_pipelines.core.backup import backups as backup
+from kms_pipelines.core.backup import restore
 from kms_pipelines.core.envelope import data_keys as envelope
 from kms_pipelines.core.foundation import db
 from kms_pipelines.core.foundation.db.models import KeyVersion

@@ -592,7 +592,8 @@ def test_cli_archive_verify_retrieve_and_refusals(tmp_path, monkeypatch):
 
 
 def test_monthly_drill_retrieves_an_archived_root_under_dual_control_and_verifies_old_rpts(make_kms):
-    from kms_pipelines.core import backup, drills
+    from kms_pipelines.core.backup import backups as backup
+    from kms_pipelines.core.backup import drills
     from kms_pipelines.core.ledger import rpt
 
     kms = make_kms("sqlite")
@@ -623,7 +624,8 @@ def test_monthly_drill_retrieves_an_archived_root_under_dual_control_and_verifie
 
 
 def test_drill_detects_an_rpt_that_does_not_verify_under_the_archived_key(make_kms):
-    from kms_pipelines.core import backup, drills
+    from kms_pipelines.core.backup import backups as backup
+    from kms_pipelines.core.backup import drills
     from kms_pipelines.core.foundation.db.append_only import drop_append_only_triggers
     from kms_pipelines.core.ledger import rpt
 

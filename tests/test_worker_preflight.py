@@ -221,8 +221,8 @@ def test_a_drill_on_a_worker_is_refused_before_it_restores_or_writes_anything(ma
     (and compliance, which checks its SHA-256) would never find it. Nothing is recorded."""
     from sqlalchemy import func, select
 
-    from kms_pipelines.core import drills
-    from kms_pipelines.core.backup import BackupError
+    from kms_pipelines.core.backup import drills
+    from kms_pipelines.core.backup.backups import BackupError
     from kms_pipelines.core.foundation.db.models_backup import Drill
 
     ctx = make_kms("sqlite")

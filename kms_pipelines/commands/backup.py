@@ -44,7 +44,7 @@ def register(cli) -> None:
     @click.pass_context
     def backup_create(ctx, gfs_class, verify, as_json):
         """Stream a backup to the object store under Object Lock."""
-        from ..core import backup as b
+        from ..core.backup import backups as b
 
         kms = _ctx(ctx)
         with heartbeat("backup"):
@@ -66,7 +66,7 @@ def register(cli) -> None:
     @click.pass_context
     def backup_list(ctx, show_all, as_json):
         """Each archive's class, age, lock and whether it was verified."""
-        from ..core import backup as b
+        from ..core.backup import backups as b
 
         rows = b.list_backups(_ctx(ctx), include_pruned=show_all)
         if as_json:
@@ -88,7 +88,7 @@ def register(cli) -> None:
         """Delete archives outside the GFS set once their lock has lapsed."""
         from dataclasses import asdict
 
-        from ..core import backup as b
+        from ..core.backup import backups as b
 
         result = b.prune(_ctx(ctx), dry_run=dry_run)
         if as_json:
@@ -105,7 +105,7 @@ def register(cli) -> None:
     @click.pass_context
     def backup_verify(ctx, archive, as_json):
         """Re-read ARCHIVE (default: newest) against its signed manifest."""
-        from ..core import backup as b
+        from ..core.backup import backups as b
 
         result = b.verify_archive(_ctx(ctx), archive)
         if as_json:
@@ -124,7 +124,7 @@ def register(cli) -> None:
     @click.pass_context
     def backup_rekey(ctx, key, version, staging_url, as_json):
         """Give every retained archive referencing KEY VERSION a re-keyed successor (T4)."""
-        from ..core import backup as b
+        from ..core.backup import backups as b
 
         done = b.rekey_restore_points(_ctx(ctx), key, version, staging_url=staging_url)
         if as_json:
@@ -139,7 +139,7 @@ def register(cli) -> None:
     @click.pass_context
     def backup_trust_export(ctx, path):
         """Write the root public keys an offline restore needs (`kms restore --trust PATH`)."""
-        from ..core import backup as b
+        from ..core.backup import backups as b
 
         with open(path, "w") as f:
             json.dump(b.export_trust(_ctx(ctx)), f, indent=2)
@@ -166,7 +166,7 @@ def register(cli) -> None:
     @click.pass_context
     def restore_cmd(ctx, archive, target_url, target_home, trust, as_json):
         """Verify ARCHIVE (archive file path, id or object key), restore it into --target and check it."""
-        from ..core import restore as r
+        from ..core.backup import restore as r
 
         kms = _ctx(ctx)
         with heartbeat("restore"):
@@ -192,7 +192,7 @@ def register(cli) -> None:
     @click.pass_context
     def drill_run(ctx, participants, staging_url, followups, as_json):
         """Restore the newest archive into staging, check it and write the drill report."""
-        from ..core import drills
+        from ..core.backup import drills
 
         extra = []
         for f in followups:
@@ -222,8 +222,8 @@ def register(cli) -> None:
     @click.pass_context
     def drill_close(ctx, followup_id, resolution, principal, totp):
         """Close a drill follow-up (B4 evidence), as a proven principal."""
-        from ..core import drills
         from ..core.access import principals as access
+        from ..core.backup import drills
 
         kms = _ctx(ctx)
         access.prove_principal(kms, principal, totp)
@@ -235,7 +235,7 @@ def register(cli) -> None:
     @click.pass_context
     def drill_list(ctx, as_json):
         """Drills, outcomes and follow-ups; exit 1 if the last drill is too old or a follow-up is overdue."""
-        from ..core import drills
+        from ..core.backup import drills
 
         kms = _ctx(ctx)
         rows, st = drills.list_drills(kms), drills.status(kms)

@@ -22,10 +22,11 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from ..core import compliance, drills
+from ..core import compliance
 from ..core.access import approval_requests, audit, console_auth
 from ..core.access import principals as access
-from ..core.backup import BackupError
+from ..core.backup import drills
+from ..core.backup.backups import BackupError
 from ..core.foundation.context import KmsContext
 from ..core.foundation.policy import CONSOLE_PAGES
 from ..core.keys import lifecycle

@@ -1107,7 +1107,7 @@ def _a4_notifications(ctx: KmsContext, tickets: dict[str, int]) -> tuple[int, li
 
 
 def eval_b1(ctx: KmsContext) -> Finding:
-    from . import backup
+    from .backup import backups as backup
 
     problems, good = [], []
     fresh = backup.freshness(ctx)
@@ -1152,7 +1152,7 @@ def eval_b1(ctx: KmsContext) -> Finding:
 def _b1_archive_bytes(ctx: KmsContext, archive_id: str, archive_key: str, manifest: dict) -> list[str]:
     """Stream the archive object and compare it with the signed manifest: a manifest that
     verifies says nothing about bytes overwritten underneath it."""
-    from . import archive
+    from .backup import archive
     from .foundation.objectstore import ObjectNotFound
 
     try:
@@ -1168,7 +1168,7 @@ def _b1_archive_bytes(ctx: KmsContext, archive_id: str, archive_key: str, manife
 
 
 def eval_b2(ctx: KmsContext) -> Finding:
-    from . import drills
+    from .backup import drills
 
     st = drills.status(ctx)
     days = ctx.policy.drills.cadence_days
@@ -1191,7 +1191,7 @@ def eval_b2(ctx: KmsContext) -> Finding:
 
 
 def eval_b3(ctx: KmsContext) -> Finding:
-    from . import backup
+    from .backup import backups as backup
     from .foundation.db.models_backup import GOOD_STATUSES, PRUNED, Backup
 
     problems, good, details = _cadence(ctx, "backup")
@@ -1220,7 +1220,7 @@ def eval_b3(ctx: KmsContext) -> Finding:
 def eval_b4(ctx: KmsContext) -> Finding:
     import hashlib
 
-    from . import drills
+    from .backup import drills
     from .foundation.db.models_backup import Drill
 
     with ctx.transaction() as session:

@@ -24,7 +24,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
         ("kms_pipelines.core.access.principals", "AccessDenied"),
         ("kms_pipelines.core.envelope.data_keys", "EnvelopeError"),
         ("kms_pipelines.core.ledger.rpt", "RptError"),
-        ("kms_pipelines.core.backup", "BackupError"),
+        ("kms_pipelines.core.backup.backups", "BackupError"),
         ("kms_pipelines.core.escrow", "EscrowError"),
         ("kms_pipelines.core.events", "EventError"),
         ("kms_pipelines.core.keys.vault", "VaultError"),

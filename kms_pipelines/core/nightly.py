@@ -17,7 +17,7 @@ STEP_MODULES: tuple[str, ...] = (
     "kms_pipelines.core.envelope.export_keys",
     "kms_pipelines.core.escrow",
     "kms_pipelines.core.notifications",
-    "kms_pipelines.core.backup",
+    "kms_pipelines.core.backup.backups",
     "kms_pipelines.core.keys.rotation",
     "kms_pipelines.core.keys.retention",
     "kms_pipelines.core.ledger.checkpoints",

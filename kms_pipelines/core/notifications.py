@@ -277,7 +277,7 @@ def _rotation_overdue(ctx: KmsContext) -> list[dict]:
 
 
 def _drills_overdue(ctx: KmsContext) -> list[dict]:
-    from . import drills
+    from .backup import drills
 
     return [
         {
@@ -295,7 +295,11 @@ OVERDUE_SOURCES = (
         "kms_pipelines.core.keys.rotation",
         ("overdue_acknowledgements", "overdue_partner_acks", "check_partners"),
     ),
-    ("drill_followup_overdue", "kms_pipelines.core.drills", ("overdue_followups", "overdue_follow_ups", "status")),
+    (
+        "drill_followup_overdue",
+        "kms_pipelines.core.backup.drills",
+        ("overdue_followups", "overdue_follow_ups", "status"),
+    ),
 )
 _ADAPTERS = {"check_partners": _rotation_overdue, "status": _drills_overdue}
 

@@ -5,12 +5,13 @@
 ``kms_nightly`` tag: one partitioned asset would otherwise turn the whole unpartitioned
 main job into a partitioned one. ``kms simulate`` runs the same core steps in order.
 
-Asset bodies only call core (kms_pipelines.core.backup / drills); metadata carries
+Asset bodies only call core (kms_pipelines.core.backup.backups / drills); metadata carries
 ids, hashes, sizes and the drill report Markdown, never key material."""
 
 import dagster as dg
 
-from ..core import backup, drills
+from ..core.backup import backups as backup
+from ..core.backup import drills
 from ..core.foundation.policy import load_policy
 from ..scaleout import executors
 from .failures import one_line_failures, run_retry_policy

@@ -134,7 +134,8 @@ def _latest_check_run(report: compliance.Report) -> dict:
 
 def _overview(ctx) -> dict:
     """Item 2: key ages against cadence, DEK counts, backups and drills, one page."""
-    from ..core import backup, drills
+    from ..core.backup import backups as backup
+    from ..core.backup import drills
     from ..core.envelope import data_keys as envelope
     from ..core.keys import lifecycle
 

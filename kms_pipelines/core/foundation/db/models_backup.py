@@ -1,4 +1,4 @@
-"""SQLAlchemy models for backup (see core/backup.py, core/restore.py, core/drills.py).
+"""SQLAlchemy models for backup (see core/backup/backups.py, core/backup/restore.py, core/backup/drills.py).
 
 ``backups`` is the catalogue of archives in the object store (status moves
 uploading → complete → verified → pruned; ``failed`` for an upload that never

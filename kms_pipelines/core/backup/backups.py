@@ -41,14 +41,12 @@ from sqlalchemy import and_, exists, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import aliased
 
-from . import archive as archive_mod
-from . import backup_manifest_schema as manifest_schema
-from .foundation import retry
-from .foundation.canonical import canonical_bytes
-from .foundation.clock import utc
-from .foundation.context import KmsContext
-from .foundation.db.models import ACTIVE, REVOKED, ROTATED, Key, KeyVersion
-from .foundation.db.models_backup import (
+from ..foundation import retry
+from ..foundation.canonical import canonical_bytes
+from ..foundation.clock import utc
+from ..foundation.context import KmsContext
+from ..foundation.db.models import ACTIVE, REVOKED, ROTATED, Key, KeyVersion
+from ..foundation.db.models_backup import (
     COMPLETE,
     FAILED,
     GOOD_STATUSES,
@@ -58,8 +56,10 @@ from .foundation.db.models_backup import (
     Backup,
     BackupKeyRef,
 )
-from .foundation.keystore import fingerprint, verify_signature
-from .keys import lifecycle
+from ..foundation.keystore import fingerprint, verify_signature
+from ..keys import lifecycle
+from . import archive as archive_mod
+from . import manifest_schema
 
 MANIFEST_FORMAT = manifest_schema.FORMAT
 ARCHIVE_FORMAT = manifest_schema.ARCHIVE_FORMAT
@@ -155,7 +155,7 @@ def _tool_versions() -> tuple:
 
 def _envelope():
     try:
-        from .envelope import data_keys as envelope  # issue 4a (colleague)
+        from ..envelope import data_keys as envelope  # issue 4a (colleague)
 
         return envelope if hasattr(envelope, "deks_on") else None
     except ImportError:
@@ -240,7 +240,7 @@ def pinned_root_keys(ctx: KmsContext, trust: list[bytes] | list[str]) -> dict[st
     """fingerprint → public key of the pinned roots and of every root reached from them by
     the published old-signs-new manifests (``manifests/root/`` in the object store). A root
     whose successor's manifest records it as revoked is left out."""
-    from .keys import manifest as root_manifest
+    from ..keys import manifest as root_manifest
 
     pinned = {k: None for k in trust if isinstance(k, str)}
     pinned.update({fingerprint(k): k for k in trust if isinstance(k, bytes)})
@@ -300,8 +300,8 @@ def _signed_outside_window(ctx: KmsContext, trust, kid: str, created_at: str) ->
     """A root signs backups only while it is the active root: from its activation to the
     activation of its successor (or its revocation). The window comes from this KMS's
     key_versions, or, for a pinned restore, from the published root manifests."""
-    from .foundation.clock import parse_time
-    from .keys import manifest as root_manifest
+    from ..foundation.clock import parse_time
+    from ..keys import manifest as root_manifest
 
     try:
         at = utc(parse_time(created_at))
@@ -461,7 +461,7 @@ def _create_once(
     archive_key, manifest_key = prefix + ".tar.zst.age", prefix + ".manifest.json"
     kind = _db_kind(source.engine)
     refs = _data_key_refs(source.engine)
-    from .keys import manifest as root_manifest
+    from ..keys import manifest as root_manifest
 
     # An offline restore pinned to a root fingerprint reaches the signing root only
     # through published root manifests: make sure every root version has one.
@@ -775,7 +775,7 @@ def gfs_keep_set(ctx: KmsContext, rows: list[Backup], now: datetime) -> dict[int
 
 def prune(ctx: KmsContext, *, dry_run: bool = False) -> PruneResult:
     """Delete archives outside the GFS set whose lock has lapsed (B3)."""
-    from .foundation.objectstore import ObjectLocked, ObjectNotFound
+    from ..foundation.objectstore import ObjectLocked, ObjectNotFound
 
     failed = [] if dry_run else mark_stale_uploads(ctx)
     now = ctx.now()
@@ -916,7 +916,7 @@ def rekey_restore_points(ctx: KmsContext, key_name: str, version: int, *, stagin
 
 # ---------------------------------------------------------------------------- nightly
 
-from . import nightly as _nightly  # noqa: E402
+from .. import nightly as _nightly  # noqa: E402
 
 
 @_nightly.nightly_step("backup", order=50)

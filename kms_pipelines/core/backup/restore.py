@@ -34,11 +34,11 @@ from typing import Iterator
 from sqlalchemy import create_engine, inspect, select, text
 from sqlalchemy.engine import make_url
 
+from ..foundation import db as db_mod
+from ..foundation.context import KmsContext
+from ..foundation.db.models import Key, KeyVersion
 from . import archive as archive_mod
-from .backup import BackupError, get_backup, load_trust, mark_verified, verify_manifest
-from .foundation import db as db_mod
-from .foundation.context import KmsContext
-from .foundation.db.models import Key, KeyVersion
+from .backups import BackupError, get_backup, load_trust, mark_verified, verify_manifest
 
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 
@@ -97,7 +97,7 @@ class _CopiedArchive:
         self._files = files
 
     def _path(self, key: str) -> Path:
-        from .foundation.objectstore import ObjectNotFound
+        from ..foundation.objectstore import ObjectNotFound
 
         if key not in self._files:
             raise ObjectNotFound(f"{key} is not among the copied files")
@@ -201,7 +201,7 @@ def verify_before_restore(
 ) -> tuple[dict, str]:
     """Steps (1) and (2): signed manifest, then the archive's size and sha256. Returns
     (manifest, archive_key); raises BackupError naming what does not match."""
-    from .foundation.objectstore import ObjectNotFound
+    from ..foundation.objectstore import ObjectNotFound
 
     archive_key, manifest_key = _locate(ctx, archive)
     try:
@@ -277,7 +277,7 @@ def restored_keystore(ctx: KmsContext, home: Path):
     master = _software_master(ctx.keystore)
     keys_dir = home / "artifacts" / "kms" / "keys"
     if master is not None and keys_dir.is_dir():
-        from .foundation.keystore.software import SoftwareKeyStore
+        from ..foundation.keystore.software import SoftwareKeyStore
 
         ks = SoftwareKeyStore.__new__(SoftwareKeyStore)
         SoftwareKeyStore.__init__(ks, keys_dir, master_key=b"\0" * 32)
@@ -402,7 +402,7 @@ def _run_check(report: RestoreReport, name: str, fn) -> None:
 
 
 def _post_checks(ctx: KmsContext, staged: KmsContext, manifest: dict, report: RestoreReport) -> None:
-    from .ledger import ledger
+    from ..ledger import ledger
 
     def migrations():
         db_mod.upgrade(staged.engine)
@@ -413,7 +413,7 @@ def _post_checks(ctx: KmsContext, staged: KmsContext, manifest: dict, report: Re
         return (PASSED, f"{r.count} entries") if r.ok else (FAILED, f"first bad seq {r.first_bad_seq}: {r.problem}")
 
     def rpt_chain():
-        from .ledger import rpt
+        from ..ledger import rpt
 
         # A restore point is older than the live chain: the newest checkpoint in the shared
         # object store describes the live head, so comparing against it would report the

@@ -157,8 +157,15 @@ class EncryptedStream:
         self.close()
 
 
-def encrypted_archive(produce: Callable[[TarSink], None], recipient: str, *, mtime: float, level: int = 3,
-                      threads: int = 2, on_abort: Callable[[], None] = lambda: None) -> EncryptedStream:
+def encrypted_archive(
+    produce: Callable[[TarSink], None],
+    recipient: str,
+    *,
+    mtime: float,
+    level: int = 3,
+    threads: int = 2,
+    on_abort: Callable[[], None] = lambda: None,
+) -> EncryptedStream:
     """Start the pipeline ``produce(tar) → zstd → age`` and return its readable end."""
     r1, w1 = os.pipe()
     r2, w2 = os.pipe()

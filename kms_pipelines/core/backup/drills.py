@@ -18,10 +18,10 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from .backup import BackupError, get_backup
-from .foundation.clock import utc
-from .foundation.context import KmsContext
-from .foundation.db.models_backup import Drill, DrillFollowup
+from ..foundation.clock import utc
+from ..foundation.context import KmsContext
+from ..foundation.db.models_backup import Drill, DrillFollowup
+from .backups import BackupError, get_backup
 
 PASSED, FAILED = "passed", "failed"
 
@@ -107,7 +107,7 @@ def default_participants(ctx: KmsContext) -> list[str]:
     """The people who would run a drill: enrolled, enabled humans holding an on-call or
     security role. Before anyone is enrolled, the policy's on-call list (rotations, not
     names) stands in, marked as such so the report does not pass it off as attendance."""
-    from .access.principals import list_principals
+    from ..access.principals import list_principals
 
     people = [
         p["name"]
@@ -164,7 +164,7 @@ def run_drill(
         findings.append(f"restore refused or failed: {exc}")
     forensic = None
     if ctx.objects is not None:
-        from .keys.forensic import drill_check
+        from ..keys.forensic import drill_check
 
         forensic = drill_check(ctx, requested_by=forensic_requester)
         checks.append(forensic)
