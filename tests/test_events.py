@@ -14,12 +14,12 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from kms_pipelines.core import compromise, events
 from kms_pipelines.core.envelope import data_keys as envelope
 from kms_pipelines.core.foundation.db.models import KeyVersion
 from kms_pipelines.core.foundation.db.models_events import SecurityEvent
 from kms_pipelines.core.keys import lifecycle, service_keys
 from kms_pipelines.core.ledger import ledger
+from kms_pipelines.core.response import compromise, events
 from kms_pipelines.defs.events import compromise_response, security_event_sensor
 from kms_pipelines.defs.resources import (
     ClockResource,

@@ -5,7 +5,6 @@ import socket
 
 import dagster as dg
 
-from kms_pipelines.core import notifications
 from kms_pipelines.core.foundation.transports import (
     CompositeNotifier,
     OutboxNotifier,
@@ -13,6 +12,7 @@ from kms_pipelines.core.foundation.transports import (
     SlackWebhookNotifier,
     SmtpNotifier,
 )
+from kms_pipelines.core.response import notifications
 
 FAST = RetryPolicy(attempts=2, initial_wait=0.01, max_wait=0.02)
 

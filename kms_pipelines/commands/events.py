@@ -29,7 +29,7 @@ def register(cli) -> None:
     def events_report(ctx, type_, key, source, detail, principal, totp, as_json):
         """Record a security event; the sensor launches compromise_response for it (no further
         approval), so the reporter proves themself and holds what the response does."""
-        from ..core import events as ev
+        from ..core.response import events as ev
 
         info = ev.report_by(get_context(ctx), type_, key, source, detail, principal=principal, totp=totp)
         if as_json:
@@ -46,7 +46,7 @@ def register(cli) -> None:
     @click.pass_context
     def events_list(ctx, status, key, as_json):
         """Security events, oldest first."""
-        from ..core import events as ev
+        from ..core.response import events as ev
 
         rows = ev.list_events(get_context(ctx), status=status, key=key)
         if as_json:
@@ -67,7 +67,7 @@ def register(cli) -> None:
     @click.pass_context
     def events_respond(ctx, event_id, ticket, requested_by, totp, as_json):
         """Run the compromise response by hand (needs dual approval; the sensor needs none)."""
-        from ..core import compromise
+        from ..core.response import compromise
 
         kms = get_context(ctx).as_actor(requested_by)
         approvers = compromise.authorize_existing(kms, event_id, ticket=ticket, requested_by=requested_by, totp=totp)
@@ -86,7 +86,7 @@ def register(cli) -> None:
     @click.pass_context
     def events_serve(ctx, host, port):
         """HTTP intake for CI systems: POST /events with `Authorization: Bearer $KMS_EVENTS_TOKEN`."""
-        from ..core import events as ev
+        from ..core.response import events as ev
 
         server = ev.make_intake_server(get_context(ctx), os.environ.get("KMS_EVENTS_TOKEN", ""), host, port)
         click.echo(f"security-event intake on http://{host}:{server.server_address[1]}/events")
@@ -133,7 +133,7 @@ def register(cli) -> None:
         'principals' approve `--operation custodian-add --target NAME=age1…` (NAME=new-keypair with
         --out) first; then the requester runs this with --ticket, --requested-by and --totp. Only
         before the first-run ceremony (`kms init --admin`) are custodians enrolled without it."""
-        from ..core import escrow as esc
+        from ..core.response import escrow as esc
 
         if bool(out) == bool(recipient):
             raise click.UsageError("give exactly one of --out FILE or --recipient age1…")
@@ -157,7 +157,7 @@ def register(cli) -> None:
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context
     def custodian_list(ctx, as_json):
-        from ..core import escrow as esc
+        from ..core.response import escrow as esc
 
         rows = esc.custodians(get_context(ctx))
         if as_json:
@@ -172,7 +172,7 @@ def register(cli) -> None:
     @click.pass_context
     def escrow_seal(ctx, principal, totp, as_json):
         """Seal the active break-glass version now (supersedes the current package)."""
-        from ..core import escrow as esc
+        from ..core.response import escrow as esc
 
         info = esc.manual_seal(get_context(ctx), principal=principal, totp=totp)
         if as_json:
@@ -188,7 +188,7 @@ def register(cli) -> None:
     @click.pass_context
     def escrow_status(ctx, as_json):
         """Current package, custodians, overdue destruction confirmations; exit 1 on a problem."""
-        from ..core import escrow as esc
+        from ..core.response import escrow as esc
 
         st = esc.status(get_context(ctx))
         if as_json:
@@ -230,7 +230,7 @@ def register(cli) -> None:
     @click.pass_context
     def escrow_confirm(ctx, package_id, custodian, identity_file):
         """A custodian confirms their copy of a superseded package is destroyed."""
-        from ..core import escrow as esc
+        from ..core.response import escrow as esc
 
         info = esc.confirm_destroyed(
             get_context(ctx), package_id, custodian, Path(identity_file).read_text(), actor=custodian
@@ -264,7 +264,7 @@ def register(cli) -> None:
     @click.pass_context
     def escrow_unseal(ctx, package_id, shares, ticket, requester, totp, out):
         """Break glass: M shares + dual approval; then rotate and re-seal at once."""
-        from ..core import escrow as esc
+        from ..core.response import escrow as esc
 
         given = {}
         for item in shares:
@@ -298,7 +298,7 @@ def register(cli) -> None:
         """Exit 1 when a delivery in the policy window failed without a later success."""
         from dataclasses import asdict
 
-        from ..core import notifications as nt
+        from ..core.response import notifications as nt
 
         st = nt.delivery_status(get_context(ctx))
         if as_json:

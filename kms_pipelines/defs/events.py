@@ -1,6 +1,6 @@
 """Security events (R2): the ``compromise_response`` job and the sensor that launches it
-exactly once per reported event. Business logic lives in core/events.py and
-core/compromise.py; this module only wires them to Dagster."""
+exactly once per reported event. Business logic lives in core/response/events.py and
+core/response/compromise.py; this module only wires them to Dagster."""
 
 import dagster as dg
 
@@ -38,7 +38,7 @@ class CompromiseResponseConfig(dg.Config):
 def respond_to_security_event(
     context: dg.OpExecutionContext, config: CompromiseResponseConfig, kms: KmsResource
 ) -> dg.Output:
-    from ..core import compromise
+    from ..core.response import compromise
 
     ctx = kms.context()
     tags = context.run.tags
@@ -119,7 +119,7 @@ def compromise_response():
     description="Launches compromise_response once per new security event (cursor = event seq).",
 )
 def security_event_sensor(context: dg.SensorEvaluationContext, kms: KmsResource):
-    from ..core import events
+    from ..core.response import events
 
     cursor = int(context.cursor or 0)
     seen = events.list_events(kms.context(), after_seq=cursor, limit=500)
@@ -160,7 +160,7 @@ def _already_launched(context, event_id: str) -> bool:
     description="Security events (R2) and how each was answered.",
 )
 def security_events(kms: KmsResource) -> dg.MaterializeResult:
-    from ..core import events
+    from ..core.response import events
     from .metadata import markdown_table
 
     rows = events.list_events(kms.context())
@@ -191,7 +191,7 @@ def security_events(kms: KmsResource) -> dg.MaterializeResult:
 
 @dg.asset_check(asset=security_events, description="R2: every security event answered within the policy SLA.")
 def security_events_answered(kms: KmsResource) -> dg.AssetCheckResult:
-    from ..core import compromise
+    from ..core.response import compromise
 
     ctx = kms.context()
     late = compromise.response_overdue(ctx, ctx.policy.events.response_sla_hours)

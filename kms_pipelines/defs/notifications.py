@@ -1,5 +1,5 @@
 """Notifications (A4) in Dagster: overdue reminders, the delivery log with its
-"notifications delivered" check, and the run-failure sensor. Logic: core/notifications.py."""
+"notifications delivered" check, and the run-failure sensor. Logic: core/response/notifications.py."""
 
 import dagster as dg
 
@@ -9,38 +9,64 @@ from .resources import KmsResource
 NIGHTLY = {"kms_nightly": ""}
 
 
-@dg.asset(group_name="notifications", tags=NIGHTLY, deps=["kms_state"], kinds={"python"},
-          description="A4: overdue partner acknowledgements and drill follow-ups notified; delivery evidence.")
+@dg.asset(
+    group_name="notifications",
+    tags=NIGHTLY,
+    deps=["kms_state"],
+    kinds={"python"},
+    description="A4: overdue partner acknowledgements and drill follow-ups notified; delivery evidence.",
+)
 def notification_deliveries(kms: KmsResource) -> dg.MaterializeResult:
-    from ..core import notifications
+    from ..core.response import notifications
 
     ctx = kms.context()
     overdue = notifications.notify_overdue(ctx)
     st = notifications.delivery_status(ctx)
     recent = notifications.recent_deliveries(ctx, limit=30)
-    return dg.MaterializeResult(metadata={
-        "overdue_reminders": dg.MetadataValue.json(overdue),
-        "delivered_in_window": st.delivered, "failed_in_window": st.failed,
-        "undelivered": len(st.unresolved),
-        "recent": dg.MetadataValue.md(markdown_table(
-            # narrow for the metadata column: the outbox's file path is configuration, not news
-            ["at (UTC)", "what", "to", "outcome"],
-            [[f"{r['at']:%m-%d %H:%M}", f"{r['kind']} {r['ref'] or ''}".strip(),
-              r["channel"] if r["channel"] == "outbox" else f"{r['channel']} {r['target']}",
-              "⏭ skipped" if r["skipped"] else ("✅ ok" if r["ok"] else f"❌ FAILED: {(r['error'] or '')[:80]}")]
-             for r in recent])),
-    })
+    return dg.MaterializeResult(
+        metadata={
+            "overdue_reminders": dg.MetadataValue.json(overdue),
+            "delivered_in_window": st.delivered,
+            "failed_in_window": st.failed,
+            "undelivered": len(st.unresolved),
+            "recent": dg.MetadataValue.md(
+                markdown_table(
+                    # narrow for the metadata column: the outbox's file path is configuration, not news
+                    ["at (UTC)", "what", "to", "outcome"],
+                    [
+                        [
+                            f"{r['at']:%m-%d %H:%M}",
+                            f"{r['kind']} {r['ref'] or ''}".strip(),
+                            r["channel"] if r["channel"] == "outbox" else f"{r['channel']} {r['target']}",
+                            "⏭ skipped"
+                            if r["skipped"]
+                            else ("✅ ok" if r["ok"] else f"❌ FAILED: {(r['error'] or '')[:80]}"),
+                        ]
+                        for r in recent
+                    ],
+                )
+            ),
+        }
+    )
 
 
-@dg.asset_check(asset=notification_deliveries,
-                description="A4: no notification failed in the policy window without a later successful delivery.")
+@dg.asset_check(
+    asset=notification_deliveries,
+    description="A4: no notification failed in the policy window without a later successful delivery.",
+)
 def notifications_delivered(kms: KmsResource) -> dg.AssetCheckResult:
-    from ..core import notifications
+    from ..core.response import notifications
 
     st = notifications.delivery_status(kms.context())
-    return dg.AssetCheckResult(passed=st.ok, metadata={
-        "window_hours": st.window_hours, "delivered": st.delivered, "failed": st.failed,
-        "undelivered": dg.MetadataValue.json(st.unresolved)})
+    return dg.AssetCheckResult(
+        passed=st.ok,
+        metadata={
+            "window_hours": st.window_hours,
+            "delivered": st.delivered,
+            "failed": st.failed,
+            "undelivered": dg.MetadataValue.json(st.unresolved),
+        },
+    )
 
 
 def ui_base_url() -> str:
@@ -70,18 +96,30 @@ def _public_tags(tags) -> list[str]:
     return [f"{k}={v}" for k, v in sorted(tags.items()) if not k.startswith(("dagster/", ".dagster"))]
 
 
-@dg.run_failure_sensor(name="run_failure_notify", default_status=dg.DefaultSensorStatus.RUNNING,
-                       description="A4: a failed run notifies security and compliance, with why and a link to the run.")
+@dg.run_failure_sensor(
+    name="run_failure_notify",
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="A4: a failed run notifies security and compliance, with why and a link to the run.",
+)
 def run_failure_notify(context: dg.RunFailureSensorContext, kms: KmsResource):
-    from ..core import notifications
+    from ..core.response import notifications
 
     run = context.dagster_run
     steps = [f"{e.step_key}: {_why(e)}"[:300] for e in context.get_step_failure_events()]
-    headline = steps[0] if steps else ((context.failure_event.message or "run failed") if context.failure_event
-                                       else "run failed")
+    headline = (
+        steps[0]
+        if steps
+        else ((context.failure_event.message or "run failed") if context.failure_event else "run failed")
+    )
     tags = _public_tags(run.tags)
     notifications.notify_policy_event(
-        kms.context(), "run_failure", f"Dagster run of {run.job_name} failed: {headline}"[:200],
+        kms.context(),
+        "run_failure",
+        f"Dagster run of {run.job_name} failed: {headline}"[:200],
         f"job: {run.job_name}\nrun: {ui_base_url()}/runs/{run.run_id}\n"
         + (f"tags: {', '.join(tags)}\n" if tags else "")
-        + "\n" + ("\n".join(f"- {s}" for s in steps) or headline) + "\n", ref=f"run:{run.run_id}")
+        + "\n"
+        + ("\n".join(f"- {s}" for s in steps) or headline)
+        + "\n",
+        ref=f"run:{run.run_id}",
+    )

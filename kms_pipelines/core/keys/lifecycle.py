@@ -513,7 +513,7 @@ GUARD_MODULES: tuple[str, ...] = (
     "kms_pipelines.core.keys.service_keys",
     "kms_pipelines.core.envelope.data_keys",
     "kms_pipelines.core.backup.backups",
-    "kms_pipelines.core.escrow",
+    "kms_pipelines.core.response.escrow",
     "kms_pipelines.core.keys.vault",
 )
 

@@ -44,11 +44,12 @@ from typing import Mapping
 
 from sqlalchemy import select
 
-from . import nightly, notifications
-from .foundation.clock import utc
-from .foundation.context import KmsContext
-from .foundation.db.models_events import EscrowCustodian, EscrowDestruction, EscrowPackage, EscrowUnseal
-from .keys import lifecycle
+from .. import nightly
+from ..foundation.clock import utc
+from ..foundation.context import KmsContext
+from ..foundation.db.models_events import EscrowCustodian, EscrowDestruction, EscrowPackage, EscrowUnseal
+from ..keys import lifecycle
+from . import notifications
 
 KEY_NAME = "break-glass"
 FORMAT = "kms-escrow/1"
@@ -77,7 +78,7 @@ def escrow_policy(ctx: KmsContext):
 
 def _audit(session, ctx: KmsContext, operation: str, target: str, outcome: str, detail: str | None = None) -> None:
     try:
-        from .access import audit
+        from ..access import audit
     except ImportError:
         return
     audit.record(
@@ -118,7 +119,7 @@ def enroll_custodian(
     never by replacing a key."""
     import pyrage
 
-    from .access import principals as access
+    from ..access import principals as access
 
     esc = escrow_policy(ctx)
     if name not in esc.custodians:
@@ -154,7 +155,7 @@ def enroll_custodian(
         else:
             existing.recipient, existing.enrolled_at, existing.enrolled_by = rcpt, now, who
         session.flush()
-        from .access import audit
+        from ..access import audit
 
         audit.record(
             session,
@@ -276,7 +277,7 @@ def _pkg_info(session, p: EscrowPackage) -> PackageInfo:
 
 
 def _header(package_id: str, version: int, threshold: int, names: list[str]) -> bytes:
-    from .foundation.canonical import canonical_fast
+    from ..foundation.canonical import canonical_fast
 
     return canonical_fast(
         {
@@ -417,7 +418,7 @@ def manual_seal(ctx: KmsContext, *, principal: str, totp: str | None) -> Package
     themselves by TOTP and hold ``break-glass`` and ``export`` (sealing exports the key's value
     into the package; security_engineering in the shipped policy). The nightly step seals under
     its service actor instead (``nightly_escrow``)."""
-    from .access import principals as access
+    from ..access import principals as access
 
     escrow_policy(ctx)
     access.prove_principal(ctx, principal, totp)
@@ -528,7 +529,7 @@ def confirm_destroyed(
         all_confirmed = set(info.confirmations) >= set(p.custodians)
         erase = all_confirmed and p.erased_at is None
     if erase:  # every custodian destroyed theirs: delete our stored copy too
-        from .foundation.objectstore.base import ObjectNotFound
+        from ..foundation.objectstore.base import ObjectNotFound
 
         try:
             ctx.objects.delete(info.object_key)
@@ -602,7 +603,7 @@ class UnsealResult:
 
 
 def _load_doc(ctx: KmsContext, p: PackageInfo) -> dict:
-    from .foundation.objectstore.base import ObjectNotFound
+    from ..foundation.objectstore.base import ObjectNotFound
 
     try:
         data = ctx.objects.get_bytes(p.object_key)
@@ -698,7 +699,7 @@ def unseal(
     if out_path is not None and Path(out_path).exists():
         raise EscrowError(f"{out_path} exists; refusing to overwrite it")
     try:
-        from .access import principals as access
+        from ..access import principals as access
     except ImportError:
         raise EscrowError("unseal refused: dual approval (core.access.principals) is not available") from None
     with ctx.transaction() as session:

@@ -3,7 +3,7 @@
 ``report`` records an event against a key (validated against the policy and the
 database) together with the version that was active when it was reported; the Dagster
 ``security_event_sensor`` turns each new event into exactly one ``compromise_response``
-run (cursor = ``seq``, run key = ``security-event-<id>``); ``core/compromise.py`` does
+run (cursor = ``seq``, run key = ``security-event-<id>``); ``core/response/compromise.py`` does
 the response. The HTTP intake (``serve_intake``) lets CI systems post events with a
 bearer token.
 
@@ -26,9 +26,9 @@ from typing import Iterable
 
 from sqlalchemy import select
 
-from .foundation.context import KmsContext
-from .foundation.db.models_events import EVENT_NEW, EVENT_RESOLVED, EVENT_RESPONDING, SecurityEvent
-from .keys import lifecycle
+from ..foundation.context import KmsContext
+from ..foundation.db.models_events import EVENT_NEW, EVENT_RESOLVED, EVENT_RESPONDING, SecurityEvent
+from ..keys import lifecycle
 
 EVENT_TYPES = ("compromise", "ci-secret-exposure", "tenant-rotation")
 STATUSES = (EVENT_NEW, EVENT_RESPONDING, EVENT_RESOLVED)
@@ -66,7 +66,7 @@ class EventInfo:
 
 
 def _info(e: SecurityEvent, duplicate_of: str | None = None) -> EventInfo:
-    from .foundation.clock import utc
+    from ..foundation.clock import utc
 
     return EventInfo(
         e.seq,
@@ -103,7 +103,7 @@ def _validate(ctx: KmsContext, type: str, key: str, source: str, detail: str) ->
             f"{type} events apply to key classes whose policy rotates immediately on them "
             f"({lifecycle.key_class_of(key)} does not); report a compromise instead"
         )
-    from .foundation.transports import find_key_material
+    from ..foundation.transports import find_key_material
 
     found = find_key_material(detail or "") or find_key_material(source)
     if found:
@@ -139,7 +139,7 @@ def report_by(
     ``revoke`` for a compromise (the reported version is revoked), ``rotate`` otherwise
     (``compromise.manual_operation``). CI systems report through the intake under a bearer
     token instead (actor ``intake:<source>``)."""
-    from .access import principals as access
+    from ..access import principals as access
     from .compromise import manual_operation
 
     _validate(ctx, type, key, source, detail or "")
@@ -193,7 +193,7 @@ def _create(
 def _audit(session, ctx: KmsContext, operation: str, target: str, outcome: str, detail: str | None) -> None:
     """Append to the audit log when the access area's audit module is present."""
     try:
-        from .access import audit
+        from ..access import audit
     except ImportError:
         return
     audit.record(

@@ -34,11 +34,11 @@ from typing import Iterable
 
 from sqlalchemy import select
 
+from ..foundation.context import KmsContext
+from ..foundation.db.models import DESTROYED, REVOKED, LedgerEntry
+from ..foundation.db.models_events import EVENT_RESOLVED, SecurityEvent
+from ..keys import lifecycle
 from . import events, notifications
-from .foundation.context import KmsContext
-from .foundation.db.models import DESTROYED, REVOKED, LedgerEntry
-from .foundation.db.models_events import EVENT_RESOLVED, SecurityEvent
-from .keys import lifecycle
 
 # security event type -> ledger rotation reason (lifecycle.ROTATION_REASONS)
 EVENT_REASONS = {"compromise": "compromise", "ci-secret-exposure": "ci-exposure", "tenant-rotation": "tenant-rotation"}

@@ -34,8 +34,8 @@ from typing import Iterable
 
 from sqlalchemy import select
 
-from .foundation.context import KmsContext
-from .foundation.db.models_events import NotificationDelivery
+from ..foundation.context import KmsContext
+from ..foundation.db.models_events import NotificationDelivery
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def notify_policy_event(
 
     Never raises for a delivery problem (including refused content or a missing notifier);
     the outcome and the ``notification_deliveries`` rows say what happened."""
-    from .foundation.transports import DeliveryResult, Notification
+    from ..foundation.transports import DeliveryResult, Notification
 
     default_audience, default_severity = AUDIENCE_BY_KIND.get(kind, (("compliance",), "info"))
     audience = tuple(audience or default_audience)
@@ -263,7 +263,7 @@ def recent_deliveries(ctx: KmsContext, limit: int = 50) -> list[dict]:
 # dicts/objects with an id/ref, a description and a due time. The first two candidates are
 # adapters over the colleagues' real APIs (rotation.check_partners, drills.status).
 def _rotation_overdue(ctx: KmsContext) -> list[dict]:
-    from .keys import rotation
+    from ..keys import rotation
 
     return [
         {
@@ -277,7 +277,7 @@ def _rotation_overdue(ctx: KmsContext) -> list[dict]:
 
 
 def _drills_overdue(ctx: KmsContext) -> list[dict]:
-    from .backup import drills
+    from ..backup import drills
 
     return [
         {
@@ -349,7 +349,7 @@ def notify_overdue(ctx: KmsContext) -> dict:
     return summary
 
 
-from . import nightly  # noqa: E402
+from .. import nightly  # noqa: E402
 
 
 @nightly.nightly_step("overdue_notifications", order=75)
