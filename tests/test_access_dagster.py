@@ -7,7 +7,7 @@ import dagster as dg
 import pytest
 from sqlalchemy import select
 
-from kms_pipelines.core.access import audit
+from kms_pipelines.core.access import anomalies, audit
 from kms_pipelines.core.foundation.db.models import STATES, KeyVersion
 from kms_pipelines.core.foundation.db.models_access import AuditEvent
 from kms_pipelines.core.ledger import ledger
@@ -154,8 +154,8 @@ def test_audit_anomalies_asset_and_checks(dagster_kms):
     assert checks == {"audit_chain_intact": True, "no_unreviewed_high_anomalies": False}
     mat = result.asset_materializations_for_node("audit_anomalies")[0]
     assert mat.metadata["unreviewed_high"].value == 1
-    for step, a in enumerate(audit.unreviewed(ctx)):
-        audit.review(ctx, a.id, "sam", "planned drill", totp=devices["sam"].at(AT + timedelta(seconds=30 * step)))
+    for step, a in enumerate(anomalies.unreviewed(ctx)):
+        anomalies.review(ctx, a.id, "sam", "planned drill", totp=devices["sam"].at(AT + timedelta(seconds=30 * step)))
     result = dg.materialize(
         [audit_anomalies, audit_chain_intact, no_unreviewed_high_anomalies], resources={"kms": res}, instance=instance
     )

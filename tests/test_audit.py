@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 
-from kms_pipelines.core.access import audit
+from kms_pipelines.core.access import anomalies, audit
 from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.foundation.db.append_only import create_append_only_triggers, drop_append_only_triggers
 from kms_pipelines.core.foundation.db.models_access import AuditEvent
@@ -116,7 +116,7 @@ def test_anomalies_are_detected_persisted_once_and_reviewed(kms):
         with pytest.raises(access.AccessDenied):
             access.require_permission(strict, "carol", "rotate", target="root")
     lifecycle.rotate(strict, "data:postgres")  # a manual rotation without approvals
-    report = audit.refresh_anomalies(strict)
+    report = anomalies.refresh_anomalies(strict)
     assert _kinds(report) == [
         "decrypt_burst",
         "failure_burst",
@@ -134,31 +134,31 @@ def test_anomalies_are_detected_persisted_once_and_reviewed(kms):
         "manual_without_approvals",
         "operation_without_role",
     }
-    assert audit.refresh_anomalies(strict).new == []  # idempotent
-    before = len(audit.unreviewed(strict))
+    assert anomalies.refresh_anomalies(strict).new == []  # idempotent
+    before = len(anomalies.unreviewed(strict))
     with pytest.raises(access.AccessDenied, match="unknown principal 'mallory'"):
-        audit.review(strict, by_kind["decrypt_burst"].id, "mallory", totp="123456")
+        anomalies.review(strict, by_kind["decrypt_burst"].id, "mallory", totp="123456")
     with pytest.raises(access.AccessDenied, match="lacks permission 'review'"):
-        audit.review(strict, by_kind["decrypt_burst"].id, "sre", totp=totp_now(strict, d["sre"]))
+        anomalies.review(strict, by_kind["decrypt_burst"].id, "sre", totp=totp_now(strict, d["sre"]))
     with pytest.raises(audit.AuditError, match="may not review it"):  # carol raised it
-        audit.review(strict, by_kind["operation_without_role"].id, "carol", totp=totp_now(strict, d["carol"]))
-    assert len(audit.unreviewed(strict)) == before
+        anomalies.review(strict, by_kind["operation_without_role"].id, "carol", totp=totp_now(strict, d["carol"]))
+    assert len(anomalies.unreviewed(strict)) == before
     for a in report.unreviewed:
         strict.clock.advance(timedelta(seconds=30))
-        audit.review(strict, a.id, "sam", "looked at it", totp=totp_now(strict, d["sam"]))
+        anomalies.review(strict, a.id, "sam", "looked at it", totp=totp_now(strict, d["sam"]))
     strict.clock.advance(timedelta(seconds=30))
     with pytest.raises(audit.AuditError, match="already reviewed"):
-        audit.review(strict, by_kind["decrypt_burst"].id, "sam", totp=totp_now(strict, d["sam"]))
-    assert audit.unreviewed(strict) == []
+        anomalies.review(strict, by_kind["decrypt_burst"].id, "sam", totp=totp_now(strict, d["sam"]))
+    assert anomalies.unreviewed(strict) == []
     assert audit.verify(strict).ok
 
 
 def test_a_quiet_day_has_no_anomalies_and_the_window_moves(kms):
-    assert audit.refresh_anomalies(kms).new == []
+    assert anomalies.refresh_anomalies(kms).new == []
     lifecycle.rotate(kms, "root")
-    assert _kinds(audit.refresh_anomalies(kms)) == ["manual_without_approvals"]
+    assert _kinds(anomalies.refresh_anomalies(kms)) == ["manual_without_approvals"]
     kms.clock.advance(timedelta(days=2))
-    assert audit.refresh_anomalies(kms).recent == []
+    assert anomalies.refresh_anomalies(kms).recent == []
 
 
 def _wrap_ref(kms, key):

@@ -199,7 +199,7 @@ def _request_article(page, rid: int):
 
 
 def test_dual_control_in_two_browsers_followups_and_roles(console):
-    from kms_pipelines.core.access import audit
+    from kms_pipelines.core.access import anomalies
     from kms_pipelines.core.backup import backups as backup
     from kms_pipelines.core.backup import drills
     from kms_pipelines.core.foundation.db.models import LedgerEntry
@@ -333,8 +333,8 @@ def test_dual_control_in_two_browsers_followups_and_roles(console):
             _assert_labelled(alice.page)
 
         # carol's refused page raised a high anomaly; alice (security) reviews it in the browser.
-        audit.refresh_anomalies(kms)
-        pending = [a for a in audit.unreviewed(kms) if a.principal == "carol"]
+        anomalies.refresh_anomalies(kms)
+        pending = [a for a in anomalies.unreviewed(kms) if a.principal == "carol"]
         assert pending and pending[0].kind == "operation_without_role"
         alice.page.goto("/anomalies")
         alice.page.get_by_label(f"Review note for anomaly {pending[0].id}").fill(
@@ -345,7 +345,7 @@ def test_dual_control_in_two_browsers_followups_and_roles(console):
             "button", name="Mark reviewed"
         ).click()
         alice.page.get_by_text(f"Anomaly {pending[0].id} (operation_without_role) reviewed.").wait_for()
-        assert pending[0].id not in {a.id for a in audit.unreviewed(kms)}
+        assert pending[0].id not in {a.id for a in anomalies.unreviewed(kms)}
 
         # A registration link issued entirely in the console: alice requests it for erin, bob and
         # carol approve (key + TOTP), alice launches it and hands it over; erin registers, signs in.

@@ -18,7 +18,7 @@ from sqlalchemy import select, text
 
 from kms_pipelines.cli import cli
 from kms_pipelines.core import compliance, nightly
-from kms_pipelines.core.access import audit, crosscheck
+from kms_pipelines.core.access import anomalies, audit, crosscheck
 from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.backup import drills
 from kms_pipelines.core.envelope import data_keys as envelope
@@ -313,7 +313,7 @@ def test_case4_r1_outbox_only_partner_notice_is_a_warning(state):
 
 def test_case4_a3_detection_covers_a_skipped_night_and_report_detects_first(state):
     kms = state
-    audit.refresh_anomalies(kms)
+    anomalies.refresh_anomalies(kms)
     burst_at = kms.now() + timedelta(hours=30)
     for i in range(kms.policy.audit.failure_burst_per_hour + 3):
         audit.emit(

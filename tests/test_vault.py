@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import delete, select, text
 
 from kms_pipelines.core import compliance
-from kms_pipelines.core.access import audit
+from kms_pipelines.core.access import anomalies, audit
 from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.foundation.db.models import LedgerEntry
 from kms_pipelines.core.foundation.db.models_access import Approval
@@ -578,7 +578,7 @@ def test_cli_archive_verify_retrieve_and_refusals(tmp_path, monkeypatch):
     got = json.loads(out.output)
     assert got["approvers"] == ["bob", "carol"] and got["refs"][0] in kms.keystore.forensic_refs()
     # The retrieval ran as dave, who holds archive-retrieve but not decrypt or break-glass: no A3 anomaly.
-    assert [a for a in audit.detect(kms, datetime.now(timezone.utc)) if a.kind == "operation_without_role"] == []
+    assert [a for a in anomalies.detect(kms, datetime.now(timezone.utc)) if a.kind == "operation_without_role"] == []
 
     [copy] = vault.copies(kms)
     path = tmp_path / "home" / "objects" / copy.object_key

@@ -358,13 +358,13 @@ def register(cli) -> None:
     @click.pass_context
     def audit_anomalies(ctx, refresh, as_json):
         """Detected anomalies; exit 1 while high-severity ones are unreviewed."""
-        from ..core.access import audit as audit_mod
+        from ..core.access import anomalies
 
         kms = get_context(ctx)
         if refresh:
-            audit_mod.refresh_anomalies(kms)
-        rows = [_anomaly_dict(a) for a in audit_mod.list_anomalies(kms)]
-        pending = audit_mod.unreviewed(kms)
+            anomalies.refresh_anomalies(kms)
+        rows = [_anomaly_dict(a) for a in anomalies.list_anomalies(kms)]
+        pending = anomalies.unreviewed(kms)
         if as_json:
             emit_json({"anomalies": rows, "unreviewed_high": [a.id for a in pending]})
         else:
@@ -390,9 +390,9 @@ def register(cli) -> None:
     @click.pass_context
     def audit_review(ctx, anomaly_id, principal, totp, note):
         """Mark anomaly ANOMALY_ID reviewed, proven by the reviewer's TOTP code."""
-        from ..core.access import audit as audit_mod
+        from ..core.access import anomalies
 
-        row = audit_mod.review(get_context(ctx), anomaly_id, principal, note, totp=totp)
+        row = anomalies.review(get_context(ctx), anomaly_id, principal, note, totp=totp)
         click.echo(f"anomaly {row.id} ({row.kind}, {row.severity}) reviewed by {row.reviewed_by}")
 
 

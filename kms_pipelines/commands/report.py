@@ -39,7 +39,7 @@ def register(cli) -> None:
         from dataclasses import replace
 
         from ..core import compliance
-        from ..core.access import audit
+        from ..core.access import anomalies
         from ..core.foundation import retry
 
         known = {c.id for c in compliance.CLAUSES}
@@ -61,10 +61,10 @@ def register(cli) -> None:
         # --at nothing may be written (no anomaly row, no cursor event at a chosen time): the
         # detection runs in memory and A3 judges its findings as unreviewed.
         if kms.read_only:
-            preview = retry.db_call(kms, lambda: audit.preview_anomalies(kms), what="running anomaly detection")
+            preview = retry.db_call(kms, lambda: anomalies.preview_anomalies(kms), what="running anomaly detection")
             kms = replace(kms, detection=preview)
         else:
-            retry.db_call(kms, lambda: audit.refresh_anomalies(kms), what="running anomaly detection")
+            retry.db_call(kms, lambda: anomalies.refresh_anomalies(kms), what="running anomaly detection")
         result = compliance.build_report(kms, evidence=evidence, only=[c.upper() for c in clauses] or None)
         text = compliance.render(result, fmt)
         if out:

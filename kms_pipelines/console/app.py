@@ -23,7 +23,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from ..core import compliance
-from ..core.access import approval_requests, audit, console_auth
+from ..core.access import anomalies, approval_requests, audit, console_auth
 from ..core.access import principals as access
 from ..core.backup import drills
 from ..core.backup.backups import BackupError
@@ -483,7 +483,7 @@ def create_app(config: ConsoleConfig) -> Starlette:
 
     @page("anomalies")
     async def anomalies_page(request, user):
-        rows = await run_in_threadpool(audit.list_anomalies, ctx)
+        rows = await run_in_threadpool(anomalies.list_anomalies, ctx)
         return render(
             request,
             "anomalies.html",
@@ -500,7 +500,7 @@ def create_app(config: ConsoleConfig) -> Starlette:
         aid = int(request.path_params["aid"])
         try:
             row = await run_in_threadpool(
-                lambda: audit.review(ctx, aid, user.principal, form.get("note") or None, totp=form.get("totp", ""))
+                lambda: anomalies.review(ctx, aid, user.principal, form.get("note") or None, totp=form.get("totp", ""))
             )
         except audit.AuditError as exc:
             raise access.AccessDenied(str(exc), reason="invalid") from None

@@ -920,7 +920,7 @@ def _a2_console_factors(ctx: KmsContext) -> tuple[list[str], list[str]]:
 
 
 def eval_a3(ctx: KmsContext) -> Finding:
-    from .access import audit
+    from .access import anomalies, audit
 
     problems, good = [], []
     result = audit.verify(ctx)
@@ -930,12 +930,12 @@ def eval_a3(ctx: KmsContext) -> Finding:
         problems.append(f"audit chain broken at seq {result.first_bad_seq}: {result.problem}")
     problems += _a3_ledger_matches_audit(ctx, good)
     problems += _a3_audit_matches_checkpoints(ctx, good)
-    coverage = audit.detection_coverage(ctx)
+    coverage = anomalies.detection_coverage(ctx)
     if coverage["gap"]:
         problems.append(coverage["gap"])
     else:
         good.append(f"anomaly detection covers every event through {_iso(coverage['through'])}")
-    pending = audit.unreviewed(ctx)
+    pending = anomalies.unreviewed(ctx)
     # found by a detection run held in memory (kms report --at) and so never reviewed
     unstored = [
         a

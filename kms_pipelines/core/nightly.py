@@ -21,7 +21,7 @@ STEP_MODULES: tuple[str, ...] = (
     "kms_pipelines.core.keys.rotation",
     "kms_pipelines.core.keys.retention",
     "kms_pipelines.core.ledger.checkpoints",
-    "kms_pipelines.core.access.audit",
+    "kms_pipelines.core.access.anomalies",
     "kms_pipelines.core.keys.vault",
 )
 

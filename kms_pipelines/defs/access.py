@@ -4,7 +4,7 @@ checks, and the ``manual_rotation`` job launched from the Launchpad under dual c
 import dagster as dg
 from pydantic import Field
 
-from ..core.access import audit
+from ..core.access import anomalies, audit
 from ..core.access import principals as access
 from ..core.ledger import checkpoints
 from .failures import one_line_failures
@@ -61,7 +61,7 @@ def _anomaly_table(rows) -> dg.TableMetadataValue:
     "without the role, decrypt and failure bursts, manual operations without approvals.",
 )
 def audit_anomalies(kms: KmsResource) -> dg.MaterializeResult:
-    report = audit.refresh_anomalies(kms.context())
+    report = anomalies.refresh_anomalies(kms.context())
     return dg.MaterializeResult(
         metadata={
             "new": len(report.new),
@@ -94,7 +94,7 @@ def audit_chain_intact(kms: KmsResource) -> dg.AssetCheckResult:
     description="No unreviewed high-severity audit anomalies (A3); review with `kms audit review`.",
 )
 def no_unreviewed_high_anomalies(kms: KmsResource) -> dg.AssetCheckResult:
-    pending = audit.unreviewed(kms.context())
+    pending = anomalies.unreviewed(kms.context())
     return dg.AssetCheckResult(
         passed=not pending,
         severity=dg.AssetCheckSeverity.ERROR,
