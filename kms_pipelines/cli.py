@@ -153,8 +153,7 @@ def _finish_command(ctx: click.Context, *, failed: bool) -> None:
     kms, before = obj.get("kms"), obj.get("heads")
     if kms is None:
         return
-    from .core.access import audit
-    from .core.ledger import checkpoints
+    from .core.ledger import audit, checkpoints
 
     try:
         audit.flush(kms)

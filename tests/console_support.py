@@ -16,7 +16,8 @@ from datetime import datetime, timedelta, timezone
 import pyotp
 import pytest
 
-from kms_pipelines.core.access import audit, console_auth
+from kms_pipelines.core.access import console_auth
+from kms_pipelines.core.ledger import audit
 from tests.fixtures.kms import approve_both, enrol_direct
 
 TICKET_PREFIX = "ONB"

@@ -7,12 +7,11 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from kms_pipelines.core.access import audit
 from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.foundation.db.models import STATES, KeyVersion
 from kms_pipelines.core.foundation.db.models_access import Approval, AuditEvent, Principal
 from kms_pipelines.core.keys import lifecycle
-from kms_pipelines.core.ledger import ledger
+from kms_pipelines.core.ledger import audit, ledger
 from tests.fixtures.kms import approve_both, ceremony
 
 TICKET = "CHG-1001"

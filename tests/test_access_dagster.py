@@ -7,10 +7,10 @@ import dagster as dg
 import pytest
 from sqlalchemy import select
 
-from kms_pipelines.core.access import anomalies, audit
+from kms_pipelines.core.access import anomalies
 from kms_pipelines.core.foundation.db.models import STATES, KeyVersion
 from kms_pipelines.core.foundation.db.models_access import AuditEvent
-from kms_pipelines.core.ledger import ledger
+from kms_pipelines.core.ledger import audit, ledger
 from kms_pipelines.defs.access import audit_anomalies, audit_chain_intact, manual_rotation, no_unreviewed_high_anomalies
 from kms_pipelines.defs.foundation import kms_state
 from kms_pipelines.defs.resources import DatabaseResource, KeyStoreResource, KmsResource, ObjectStoreResource

@@ -7,14 +7,13 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from kms_pipelines.core.access import audit
 from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.access.audited_keystore import unwrap
 from kms_pipelines.core.foundation.canonical import canonical_bytes
 from kms_pipelines.core.foundation.db.models import KeyVersion
 from kms_pipelines.core.foundation.db.models_access import AuditEvent
 from kms_pipelines.core.keys import lifecycle
-from kms_pipelines.core.ledger import ledger
+from kms_pipelines.core.ledger import audit, ledger
 
 
 def snapshot(kms):

@@ -11,12 +11,13 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
-from kms_pipelines.core.access import audit, console_auth
+from kms_pipelines.core.access import console_auth
 from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.compliance import FAIL, eval_a2
 from kms_pipelines.core.foundation.db.models_access import Approval, AuditEvent, Principal
 from kms_pipelines.core.foundation.db.models_console import ConsoleCredential
 from kms_pipelines.core.foundation.policy import load_policy
+from kms_pipelines.core.ledger import audit
 from kms_pipelines.fido2_client import SoftwareAuthenticator
 from tests.fixtures.kms import KEY_ORIGIN, approve_both, ceremony, security_key, totp_now
 

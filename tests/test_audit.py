@@ -8,12 +8,13 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 
-from kms_pipelines.core.access import anomalies, audit
+from kms_pipelines.core.access import anomalies
 from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.foundation.db.append_only import create_append_only_triggers, drop_append_only_triggers
 from kms_pipelines.core.foundation.db.models_access import AuditEvent
 from kms_pipelines.core.foundation.keystore import DecryptionFailed
 from kms_pipelines.core.keys import lifecycle
+from kms_pipelines.core.ledger import audit
 from tests.fixtures.kms import ceremony, totp_now
 
 

@@ -14,10 +14,11 @@ import pytest
 from sqlalchemy import func, select
 
 from kms_pipelines.core import compliance
-from kms_pipelines.core.access import approval_requests, audit, console_auth
+from kms_pipelines.core.access import approval_requests, console_auth
 from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.foundation.db.models_access import AuditEvent, Principal
 from kms_pipelines.core.foundation.db.models_console import ConsoleCredential, ConsoleRegistrationLink, ConsoleSession
+from kms_pipelines.core.ledger import audit
 from tests.fido2_soft import SoftAuthenticator, register
 from tests.fixtures.kms import approve_both, enrol_direct
 

@@ -48,7 +48,7 @@ def kms_env(tmp_path, monkeypatch, pg_url):
     ctx = context_from_env()
     lifecycle.bootstrap(ctx)
     yield ctx
-    from kms_pipelines.core.access import audit
+    from kms_pipelines.core.ledger import audit
 
     audit.flush(ctx)  # the audited keystore writes in the background; finish before the DB is dropped
     ctx.engine.dispose()

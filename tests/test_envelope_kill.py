@@ -94,7 +94,7 @@ def test_kill_9_mid_sweep_then_rerun_leaves_every_object_readable(tmp_path, pg_u
     assert envelope.stranded(ctx) == []
     for object_id, (plain, blob) in originals.items():
         assert envelope.decrypt(ctx, blob, object_id=object_id) == plain
-    from kms_pipelines.core.access import audit
+    from kms_pipelines.core.ledger import audit
 
     audit.flush(ctx)  # the audited keystore writes in the background; finish before the DB is dropped
     ctx.engine.dispose()

@@ -15,13 +15,12 @@ import time
 import pytest
 from sqlalchemy import select
 
-from kms_pipelines.core.access import audit
 from kms_pipelines.core.envelope import data_keys as envelope
 from kms_pipelines.core.foundation import retry
 from kms_pipelines.core.foundation.db.models_envelope import Dek
 from kms_pipelines.core.foundation.policy import FaultBudget, Faults, load_policy
 from kms_pipelines.core.keys import lifecycle, rotation
-from kms_pipelines.core.ledger import ledger, rpt
+from kms_pipelines.core.ledger import audit, ledger, rpt
 
 KEY = "data:postgres"
 CUT_SECONDS = 5.0

@@ -18,14 +18,14 @@ from sqlalchemy import select, text
 
 from kms_pipelines.cli import cli
 from kms_pipelines.core import compliance, nightly
-from kms_pipelines.core.access import anomalies, audit, crosscheck
+from kms_pipelines.core.access import anomalies, crosscheck
 from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.backup import drills
 from kms_pipelines.core.envelope import data_keys as envelope
 from kms_pipelines.core.foundation.clock import SimulatedClock
 from kms_pipelines.core.foundation.db.models_rotation import PartnerNotice, ServiceSeed
 from kms_pipelines.core.keys import lifecycle, manifest, rotation
-from kms_pipelines.core.ledger import checkpoints
+from kms_pipelines.core.ledger import audit, checkpoints
 from kms_pipelines.core.response import escrow, events
 from tests.fixtures.kms import KEY_ORIGIN, approve_both, ceremony, totp_now
 from tests.test_compliance import CUSTODIANS, _dagster_report, _now

@@ -15,11 +15,11 @@ import time
 import pytest
 from sqlalchemy import text
 
-from kms_pipelines.core.access import audit
 from kms_pipelines.core.envelope import data_keys as envelope
 from kms_pipelines.core.envelope import leases
 from kms_pipelines.core.foundation.context import context_from_env
 from kms_pipelines.core.keys import lifecycle
+from kms_pipelines.core.ledger import audit
 
 KEY = "data:identity-documents"
 

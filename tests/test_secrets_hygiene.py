@@ -14,10 +14,10 @@ import dagster as dg
 import pyotp
 from sqlalchemy import select
 
-from kms_pipelines.core.access import audit
 from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.access.audited_keystore import unwrap
 from kms_pipelines.core.foundation.db.models_access import AuditAnomaly, AuditEvent, Principal
+from kms_pipelines.core.ledger import audit
 from kms_pipelines.defs.access import audit_anomalies, audit_chain_intact, manual_rotation
 from kms_pipelines.defs.foundation import kms_state
 from kms_pipelines.defs.resources import DatabaseResource, KeyStoreResource, KmsResource, ObjectStoreResource

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import delete, select, text
 
 from kms_pipelines.core import compliance
-from kms_pipelines.core.access import anomalies, audit
+from kms_pipelines.core.access import anomalies
 from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.foundation.db.models import LedgerEntry
 from kms_pipelines.core.foundation.db.models_access import Approval
@@ -22,7 +22,7 @@ from kms_pipelines.core.foundation.db.models_vault import ArchiveCopy, ForensicR
 from kms_pipelines.core.foundation.keystore import KeyStoreError
 from kms_pipelines.core.foundation.objectstore.local import LocalObjectStore
 from kms_pipelines.core.keys import dependents, forensic, lifecycle, retention, rotation, vault
-from kms_pipelines.core.ledger import ledger
+from kms_pipelines.core.ledger import audit, ledger
 from tests.fixtures.kms import approve_both, enrol_direct, security_key_file, write_test_policy
 
 TICKET = "INC-4711"

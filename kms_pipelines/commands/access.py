@@ -1,5 +1,5 @@
 """`kms principals …`, `kms approve`, `kms keys rotate --manual`, `kms token …`, `kms audit …`
-(issue 3: A1–A4). Thin wrappers over core.access.principals / core.access.audit."""
+(issue 3: A1–A4). Thin wrappers over core.access.principals / core.ledger.audit."""
 
 import inspect
 
@@ -311,7 +311,7 @@ def register(cli) -> None:
     @click.pass_context
     def audit_verify(ctx, as_json):
         """Recompute the audit chain; exit 1 naming the first bad seq."""
-        from ..core.access import audit as audit_mod
+        from ..core.ledger import audit as audit_mod
 
         result = audit_mod.verify(get_context(ctx))
         finish_verification(
@@ -329,7 +329,7 @@ def register(cli) -> None:
     @click.pass_context
     def audit_events(ctx, limit, actor, as_json):
         """The newest audit events."""
-        from ..core.access import audit as audit_mod
+        from ..core.ledger import audit as audit_mod
 
         rows = [
             {

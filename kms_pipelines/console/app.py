@@ -23,13 +23,14 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from ..core import compliance
-from ..core.access import anomalies, approval_requests, audit, console_auth
+from ..core.access import anomalies, approval_requests, console_auth
 from ..core.access import principals as access
 from ..core.backup import drills
 from ..core.backup.backups import BackupError
 from ..core.foundation.context import KmsContext
 from ..core.foundation.policy import CONSOLE_PAGES
 from ..core.keys import lifecycle
+from ..core.ledger import audit
 
 HERE = Path(__file__).resolve().parent
 SESSION_COOKIE = "__Host-kms_session"

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, StreamingResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from ..core.access import audit
+from ..core.ledger import audit
 
 PREFIX = "/dagster"
 # Hop-by-hop headers (RFC 9110 §7.6.1) and the ones the proxy sets itself.

@@ -794,9 +794,9 @@ def _a1_audit_actors(ctx: KmsContext, principals: list[dict]) -> tuple[int, list
     declared service actors -- a name nobody enrolled is access outside the role model."""
     from sqlalchemy import func
 
-    from .access import audit
     from .foundation.db.models_access import AuditEvent
     from .foundation.db.models_events import EscrowCustodian
+    from .ledger import audit
 
     pol = ctx.policy.access
     audit.flush(ctx)
@@ -920,7 +920,8 @@ def _a2_console_factors(ctx: KmsContext) -> tuple[list[str], list[str]]:
 
 
 def eval_a3(ctx: KmsContext) -> Finding:
-    from .access import anomalies, audit
+    from .access import anomalies
+    from .ledger import audit
 
     problems, good = [], []
     result = audit.verify(ctx)
@@ -978,7 +979,8 @@ def _a3_audit_matches_checkpoints(ctx: KmsContext, good: list[str]) -> list[str]
 def _a3_ledger_matches_audit(ctx: KmsContext, good: list[str]) -> list[str]:
     """Every key-state change is in both the ledger and the audit log, and every new
     version's material was generated through the audited keystore."""
-    from .access import audit, crosscheck
+    from .access import crosscheck
+    from .ledger import audit
 
     audit.flush(ctx)
     with ctx.engine.connect() as conn:

@@ -31,7 +31,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
         ("kms_pipelines.core.foundation.worker", "WorkerConfigError"),
         ("kms_pipelines.core.foundation.limits", "InputError"),
         ("kms_pipelines.core.ledger.ledger", "ChainOrderError"),
-        ("kms_pipelines.core.access.audit", "AuditError"),
+        ("kms_pipelines.core.ledger.audit", "AuditError"),
         ("kms_pipelines.core.simulate", "LiveStateError"),
     ):
         try:

@@ -4,9 +4,9 @@ checks, and the ``manual_rotation`` job launched from the Launchpad under dual c
 import dagster as dg
 from pydantic import Field
 
-from ..core.access import anomalies, audit
+from ..core.access import anomalies
 from ..core.access import principals as access
-from ..core.ledger import checkpoints
+from ..core.ledger import audit, checkpoints
 from .failures import one_line_failures
 from .metadata import seq_text
 from .resources import KmsResource

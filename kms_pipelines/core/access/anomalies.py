@@ -14,8 +14,8 @@ from ..foundation.canonical import canonical_fast
 from ..foundation.clock import parse_time, utc
 from ..foundation.db.models import LedgerEntry
 from ..foundation.db.models_access import AuditAnomaly, AuditEvent
+from ..ledger.audit import AuditError, _clean, emit, flush, record
 from ..ledger.ledger import format_time
-from .audit import AuditError, _clean, emit, flush, record
 
 SEVERITY_RANK = {"low": 0, "medium": 1, "high": 2}
 

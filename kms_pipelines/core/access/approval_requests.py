@@ -16,7 +16,7 @@ from sqlalchemy import select
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
 from ..foundation.db.models_access import Approval, ApprovalRequest
-from . import audit
+from ..ledger import audit
 from . import principals as access
 
 

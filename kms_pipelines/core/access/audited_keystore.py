@@ -10,7 +10,7 @@ Audited: generate, sign, encrypt, decrypt, wrap (new_wrapped_dek), dek_encrypt,
 dek_decrypt, rewrap, export, import, destroy. Passed through unaudited: ``exists``,
 ``refs``, ``public_key`` (public metadata), ``close``. An event names the operation, the
 key *reference* and the outcome; never values, plaintext, wrapped bytes or tokens.
-Events go through ``audit.emit`` (batched, off the caller's transaction; see core/access/audit.py).
+Events go through ``audit.emit`` (batched, off the caller's transaction; see core/ledger/audit.py).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class AuditedKeyStore:
         ctx = self._ctx
         if ctx is None:  # not bound to a context: nothing to audit against
             return fn()
-        from . import audit
+        from ..ledger import audit
 
         operation = AUDIT_NAMES[method]
         actor = ctx.actor

@@ -72,7 +72,7 @@ from ..foundation.context import KmsContext
 from ..foundation.db.models_access import Principal
 from ..foundation.db.models_console import ConsoleCeremony, ConsoleCredential, ConsoleRegistrationLink, ConsoleSession
 from ..foundation.keystore import ED25519, KeyExists
-from . import audit
+from ..ledger import audit
 from . import principals as access
 from .audited_keystore import unwrap
 

@@ -201,7 +201,7 @@ def ledger_vs_audit(conn) -> CrossCheck:
 
 def verify(ctx) -> CrossCheck:
     """Both cross-checks over the live database (the audit writer flushed first)."""
-    from . import audit
+    from ..ledger import audit
 
     audit.flush(ctx)
     with ctx.engine.connect() as conn:

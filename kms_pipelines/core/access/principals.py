@@ -54,7 +54,7 @@ from ..foundation.clock import utc
 from ..foundation.context import KmsContext
 from ..foundation.db.models_access import Approval, ApprovalRequest, Principal
 from ..foundation.keystore import AES_256, ED25519, KeyExists, KeyNotFound, verify_signature
-from . import audit
+from ..ledger import audit
 from .audited_keystore import AuditedKeyStore, unwrap
 
 SEAL_REF = "kms-access.totp-seal"

@@ -19,13 +19,13 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ..access import audit
 from ..foundation.canonical import canonical_bytes
 from ..foundation.context import KmsContext
 from ..foundation.db.models import DESTROYED
 from ..foundation.db.models_vault import ARCHIVED, ArchiveCopy, ForensicRetrieval
 from ..foundation.keystore import KeyNotFound, verify_signature
 from ..foundation.keystore import fingerprint as fingerprint_of
+from ..ledger import audit
 from . import lifecycle
 from .vault import KEK_KEY, RETRIEVE_OPERATION, VaultError, b64text, stamp, target_for, verify_copy
 

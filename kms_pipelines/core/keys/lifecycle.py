@@ -210,7 +210,8 @@ def _transition(
     )
     # The audit log's own record of the state change, in the same transaction: the ledger and
     # the audit chain must agree event for event (core/access/crosscheck.py).
-    from ..access import audit, crosscheck
+    from ..access import crosscheck
+    from ..ledger import audit
 
     audit.record(
         session,

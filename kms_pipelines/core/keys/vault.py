@@ -36,14 +36,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from .. import nightly
-from ..access import audit
 from ..foundation.canonical import canonical_bytes
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
 from ..foundation.db.models import DESTROYED, REVOKED, ROTATED, Key, KeyVersion
 from ..foundation.db.models_vault import ARCHIVED, DELETED, UNARCHIVABLE, ArchiveCopy, ForensicRetrieval
 from ..foundation.keystore import KeyNotFound, NotArchivable, verify_signature
-from ..ledger import ledger
+from ..ledger import audit, ledger
 from . import lifecycle
 
 KEK_KEY = "archive"

@@ -425,7 +425,7 @@ def _write_checkpoint_once(ctx: KmsContext) -> dict:
     if not result.ok:
         raise RptError(f"refusing to sign a checkpoint: {result.problem}")
     now = ctx.now()
-    from ..access import audit
+    from . import audit
 
     audit.flush(ctx)
     with ctx.engine.connect() as conn:

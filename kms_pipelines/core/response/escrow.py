@@ -78,7 +78,7 @@ def escrow_policy(ctx: KmsContext):
 
 def _audit(session, ctx: KmsContext, operation: str, target: str, outcome: str, detail: str | None = None) -> None:
     try:
-        from ..access import audit
+        from ..ledger import audit
     except ImportError:
         return
     audit.record(
@@ -155,7 +155,7 @@ def enroll_custodian(
         else:
             existing.recipient, existing.enrolled_at, existing.enrolled_by = rcpt, now, who
         session.flush()
-        from ..access import audit
+        from ..ledger import audit
 
         audit.record(
             session,

@@ -193,7 +193,7 @@ def _create(
 def _audit(session, ctx: KmsContext, operation: str, target: str, outcome: str, detail: str | None) -> None:
     """Append to the audit log when the access area's audit module is present."""
     try:
-        from ..access import audit
+        from ..ledger import audit
     except ImportError:
         return
     audit.record(

@@ -1,4 +1,4 @@
-"""SQLAlchemy models for access control and audit (core/access/principals.py, core/access/audit.py).
+"""SQLAlchemy models for access control and audit (core/access/principals.py, core/ledger/audit.py).
 
 ``audit_events`` is append-only (database triggers refuse UPDATE/DELETE) and hash-chained.
 No column here ever holds key material: TOTP secrets are stored sealed by the keystore.

@@ -43,7 +43,7 @@ from ..foundation import retry
 from ..foundation.canonical import canonical_fast
 from ..foundation.clock import utc
 from ..foundation.db.models_access import AuditEvent
-from ..ledger.ledger import (
+from .ledger import (
     GENESIS_HASH,
     VerifyResult,
     advisory_xact_lock,
