@@ -12,7 +12,7 @@ from kms_pipelines.core.foundation.transports import (
     SlackWebhookNotifier,
     SmtpNotifier,
 )
-from kms_pipelines.core.response import notifications
+from kms_pipelines.core.response import notifications, overdue
 
 FAST = RetryPolicy(attempts=2, initial_wait=0.01, max_wait=0.02)
 
@@ -122,13 +122,13 @@ def test_notify_overdue_asks_rotation_and_drills(kms, monkeypatch):
         raising=False,
     )
     monkeypatch.setattr(drills, "overdue_followups", lambda ctx: [], raising=False)
-    out = notifications.notify_overdue(kms)
+    out = overdue.notify_overdue(kms)
     assert out["partner_ack_overdue"] == {"overdue": 1, "notified": 1, "failed": 0}
     assert out["drill_followup_overdue"]["overdue"] == 0
     assert [r["kind"] for r in notifications.recent_deliveries(kms)] == ["partner_ack_overdue"]
 
 
 def test_notify_overdue_uses_the_real_rotation_and_drills_apis(kms):
-    out = notifications.notify_overdue(kms)
+    out = overdue.notify_overdue(kms)
     assert set(out) == {"partner_ack_overdue", "drill_followup_overdue"}
     assert all("skipped" not in v for v in out.values()), out

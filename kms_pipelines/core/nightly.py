@@ -16,7 +16,7 @@ STEP_MODULES: tuple[str, ...] = (
     "kms_pipelines.core.envelope.data_keys",
     "kms_pipelines.core.envelope.export_keys",
     "kms_pipelines.core.response.escrow",
-    "kms_pipelines.core.response.notifications",
+    "kms_pipelines.core.response.overdue",
     "kms_pipelines.core.backup.backups",
     "kms_pipelines.core.keys.rotation",
     "kms_pipelines.core.keys.retention",

@@ -18,9 +18,10 @@ NIGHTLY = {"kms_nightly": ""}
 )
 def notification_deliveries(kms: KmsResource) -> dg.MaterializeResult:
     from ..core.response import notifications
+    from ..core.response import overdue as overdue_mod
 
     ctx = kms.context()
-    overdue = notifications.notify_overdue(ctx)
+    overdue = overdue_mod.notify_overdue(ctx)
     st = notifications.delivery_status(ctx)
     recent = notifications.recent_deliveries(ctx, limit=30)
     return dg.MaterializeResult(
