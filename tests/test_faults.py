@@ -389,9 +389,9 @@ def test_smtp_down_during_a_manual_operation_is_retried_then_recorded_as_failed(
 ):
     from datetime import timedelta
 
+    from kms_pipelines.core.access import notifications
     from kms_pipelines.core.access import principals as access
     from kms_pipelines.core.foundation.transports import CompositeNotifier, OutboxNotifier, RetryPolicy, SmtpNotifier
-    from kms_pipelines.core.response import notifications
 
     ctx = make_kms("sqlite")
     proxy = fault_proxy((smtp_server.host, smtp_server.port))

@@ -5,6 +5,7 @@ import socket
 
 import dagster as dg
 
+from kms_pipelines.core.access import notifications
 from kms_pipelines.core.foundation.transports import (
     CompositeNotifier,
     OutboxNotifier,
@@ -12,7 +13,7 @@ from kms_pipelines.core.foundation.transports import (
     SlackWebhookNotifier,
     SmtpNotifier,
 )
-from kms_pipelines.core.response import notifications, overdue
+from kms_pipelines.core.response import overdue
 
 FAST = RetryPolicy(attempts=2, initial_wait=0.01, max_wait=0.02)
 

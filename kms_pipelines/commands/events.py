@@ -298,7 +298,7 @@ def register(cli) -> None:
         """Exit 1 when a delivery in the policy window failed without a later success."""
         from dataclasses import asdict
 
-        from ..core.response import notifications as nt
+        from ..core.access import notifications as nt
 
         st = nt.delivery_status(get_context(ctx))
         if as_json:

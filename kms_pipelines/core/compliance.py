@@ -389,8 +389,8 @@ def _r1_channel_deliveries(ctx: KmsContext, rows) -> tuple[int, list[str], list[
     """A partner notice counts as delivered only through a real channel (email or Slack);
     one that reached only the local outbox is a warning, a notice marked sent with no
     delivery record at all is a failure."""
+    from .access import notifications
     from .keys import manifest
-    from .response import notifications
 
     sent = [r for r in rows if r.notified_at is not None]
     refs = {f"{r.partner}:{manifest.kid(r.version)}": r for r in sent}
@@ -1003,9 +1003,8 @@ def _is_manual(ctx: KmsContext, key_name: str, to_state: str, reason: str | None
 def eval_a4(ctx: KmsContext) -> Finding:
     """Manual ops: dual approval and a ticket (ledger), a delivered compliance notification
     per ticket (notification_deliveries), state changes only through the ledger (key_versions)."""
-    from .access import crosscheck
+    from .access import crosscheck, notifications
     from .foundation.db.models import LedgerEntry
-    from .response import notifications
 
     problems, good, warnings = [], [], []
     need = ctx.policy.access.approvals_required
@@ -1082,7 +1081,7 @@ def _a4_state_outside_ledger(replay) -> list[str]:
 def _a4_notifications(ctx: KmsContext, tickets: dict[str, int]) -> tuple[int, list[str], list[str]]:
     """(tickets notified, problems, warnings): a manual operation counts as notified only
     when its compliance notification reached a real channel and none of its channels failed."""
-    from .response import notifications
+    from .access import notifications
 
     found = notifications.deliveries_by_ref(ctx, notifications.MANUAL_KINDS, tickets)
     problems, warnings, notified = [], [], 0

@@ -1,5 +1,5 @@
 """Notifications (A4) in Dagster: overdue reminders, the delivery log with its
-"notifications delivered" check, and the run-failure sensor. Logic: core/response/notifications.py."""
+"notifications delivered" check, and the run-failure sensor. Logic: core/access/notifications.py."""
 
 import dagster as dg
 
@@ -17,7 +17,7 @@ NIGHTLY = {"kms_nightly": ""}
     description="A4: overdue partner acknowledgements and drill follow-ups notified; delivery evidence.",
 )
 def notification_deliveries(kms: KmsResource) -> dg.MaterializeResult:
-    from ..core.response import notifications
+    from ..core.access import notifications
     from ..core.response import overdue as overdue_mod
 
     ctx = kms.context()
@@ -56,7 +56,7 @@ def notification_deliveries(kms: KmsResource) -> dg.MaterializeResult:
     description="A4: no notification failed in the policy window without a later successful delivery.",
 )
 def notifications_delivered(kms: KmsResource) -> dg.AssetCheckResult:
-    from ..core.response import notifications
+    from ..core.access import notifications
 
     st = notifications.delivery_status(kms.context())
     return dg.AssetCheckResult(
@@ -103,7 +103,7 @@ def _public_tags(tags) -> list[str]:
     description="A4: a failed run notifies security and compliance, with why and a link to the run.",
 )
 def run_failure_notify(context: dg.RunFailureSensorContext, kms: KmsResource):
-    from ..core.response import notifications
+    from ..core.access import notifications
 
     run = context.dagster_run
     steps = [f"{e.step_key}: {_why(e)}"[:300] for e in context.get_step_failure_events()]

@@ -1114,7 +1114,7 @@ def manual_rotate(
 def _notify_manual(ctx: KmsContext, o: ManualOutcome) -> list[str]:
     """A4: tell the compliance lists. A failed delivery is reported, never raised, and every
     delivery -- failed ones included -- is recorded in ``notification_deliveries``."""
-    from ..response import notifications
+    from . import notifications
 
     r = o.result
     detail = f"Versions: v{r.old_version} -> v{r.new_version}" if getattr(r, "new_version", None) else ""

@@ -196,7 +196,7 @@ def _open(ctx: KmsContext, kek_ref: str, doc: dict) -> bytes:
 def _notify(ctx: KmsContext, r: Retrieval) -> list[str]:
     """A4/T1: compliance hears of every retrieval. A failed delivery is reported, never raised,
     and every delivery is recorded (``notification_deliveries``)."""
-    from ..response import notifications
+    from ..access import notifications
 
     outcome = notifications.notify_manual_operation(
         ctx,

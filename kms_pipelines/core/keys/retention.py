@@ -240,7 +240,7 @@ def _request_approval(ctx: KmsContext, d: DueVersion, requester: str) -> None:
 def _notify_destroyed(ctx: KmsContext, d: DueVersion, requester: str, approvers: list[str]) -> None:
     """A4: a destruction is a manual, dual-approved operation; tell the compliance lists."""
     try:
-        from ..response import notifications
+        from ..access import notifications
     except ImportError:
         return
     fn = getattr(notifications, "notify_manual_operation", None)

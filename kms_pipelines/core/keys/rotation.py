@@ -251,7 +251,7 @@ def check_immediate(ctx: KmsContext, name: str, reason: str) -> None:
 
 def _notify_manual(ctx: KmsContext, name: str, result: RotationResult, actor: str, ticket: str | None) -> None:
     """Through notifications.notify_policy_event, so every delivery (a failed one too) is recorded."""
-    from ..response import notifications
+    from ..access import notifications
 
     notifications.notify_policy_event(
         ctx,
@@ -297,8 +297,8 @@ def notify_partners(ctx: KmsContext) -> list[str]:
     """Deliver every pending partner notice (at least once); returns ``partner@vN`` sent."""
     if ctx.notifier is None:
         return []
+    from ..access import notifications
     from ..foundation.transports import Notification, failures
-    from ..response import notifications
 
     with ctx.transaction() as session:
         pending = [

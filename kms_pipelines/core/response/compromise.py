@@ -34,11 +34,12 @@ from typing import Iterable
 
 from sqlalchemy import select
 
+from ..access import notifications
 from ..foundation.context import KmsContext
 from ..foundation.db.models import DESTROYED, REVOKED, LedgerEntry
 from ..foundation.db.models_events import EVENT_RESOLVED, SecurityEvent
 from ..keys import lifecycle
-from . import events, notifications
+from . import events
 
 # security event type -> ledger rotation reason (lifecycle.ROTATION_REASONS)
 EVENT_REASONS = {"compromise": "compromise", "ci-secret-exposure": "ci-exposure", "tenant-rotation": "tenant-rotation"}

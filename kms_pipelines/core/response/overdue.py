@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib
 
 from .. import nightly
+from ..access.notifications import notify_policy_event
 from ..foundation.context import KmsContext
-from .notifications import notify_policy_event
 
 # ---- overdue partner acknowledgements and drill follow-ups ---------------------------
 

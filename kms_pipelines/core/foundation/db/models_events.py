@@ -1,5 +1,5 @@
 """SQLAlchemy models for security events, notification deliveries and break-glass escrow
-(core/response/events.py, core/response/compromise.py, core/response/notifications.py, core/response/escrow.py).
+(core/response/events.py, core/response/compromise.py, core/access/notifications.py, core/response/escrow.py).
 
 Schema changes go through migration ``0007_events_escrow``."""
 
