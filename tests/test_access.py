@@ -10,7 +10,7 @@ from sqlalchemy import select
 from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.foundation.db.models import STATES, KeyVersion
 from kms_pipelines.core.foundation.db.models_access import Approval, AuditEvent, Principal
-from kms_pipelines.core.keys import lifecycle
+from kms_pipelines.core.keys import lifecycle, manual
 from kms_pipelines.core.ledger import audit, ledger
 from tests.fixtures.kms import approve_both, ceremony
 
@@ -39,7 +39,7 @@ def snapshot(kms, requester=None):
 def rotate_as(kms, d, key, requester="alice", ticket=TICKET):
     """A manual rotation by ``requester`` with a fresh code (the clock moves one time-step)."""
     _tick(kms)
-    return access.manual_rotate(kms, key, ticket=ticket, requested_by=requester, totp=code(kms, d[requester]))
+    return manual.manual_rotate(kms, key, ticket=ticket, requested_by=requester, totp=code(kms, d[requester]))
 
 
 def code(kms, device, steps=0):

@@ -18,6 +18,7 @@ from kms_pipelines.core.access import approval_requests, console_auth
 from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.foundation.db.models_access import AuditEvent, Principal
 from kms_pipelines.core.foundation.db.models_console import ConsoleCredential, ConsoleRegistrationLink, ConsoleSession
+from kms_pipelines.core.keys import manual
 from kms_pipelines.core.ledger import audit
 from tests.fido2_soft import SoftAuthenticator, register
 from tests.fixtures.kms import approve_both, enrol_direct
@@ -378,7 +379,7 @@ def test_reject_closes_a_request_and_voids_its_approvals(team):
     # The voided approval does not count: a second approver alone cannot complete it.
     approve_both(kms, "dee", ticket="CHG-9", operation="rotate", totp=devices["dee"].code(), target="root")
     with pytest.raises(access.AccessDenied, match="needs 2 approvals"):
-        access.manual_rotate(kms, "root", ticket="CHG-9", requested_by="bo", totp=devices["bo"].code())
+        manual.manual_rotate(kms, "root", ticket="CHG-9", requested_by="bo", totp=devices["bo"].code())
     with pytest.raises(access.AccessDenied, match="no open manual-operation request"):
         approval_requests.reject(kms, req.id, principal="cy", note="again")
     assert _denied(kms, "approval.reject", "invalid")

@@ -392,6 +392,7 @@ def test_smtp_down_during_a_manual_operation_is_retried_then_recorded_as_failed(
     from kms_pipelines.core.access import notifications
     from kms_pipelines.core.access import principals as access
     from kms_pipelines.core.foundation.transports import CompositeNotifier, OutboxNotifier, RetryPolicy, SmtpNotifier
+    from kms_pipelines.core.keys import manual
 
     ctx = make_kms("sqlite")
     proxy = fault_proxy((smtp_server.host, smtp_server.port))
@@ -403,7 +404,7 @@ def test_smtp_down_during_a_manual_operation_is_retried_then_recorded_as_failed(
 
     devices = ceremony(ctx, {"alice": "sre_oncall", "bob": "security_engineering", "carol": "compliance_officer"})
     with pytest.raises(access.AccessDenied):  # opens the request
-        access.manual_rotate(
+        manual.manual_rotate(
             ctx, "service:api-gateway", ticket="CHG-19", requested_by="alice", totp=devices["alice"].at(ctx.now())
         )
     for name in ("bob", "carol"):
@@ -413,7 +414,7 @@ def test_smtp_down_during_a_manual_operation_is_retried_then_recorded_as_failed(
     caplog.set_level(logging.WARNING, logger="kms_pipelines.core.foundation.retry")
     proxy.down()  # the SMTP relay is gone for the whole operation
     ctx.clock.advance(timedelta(seconds=30))
-    outcome = access.manual_rotate(
+    outcome = manual.manual_rotate(
         ctx, "service:api-gateway", ticket="CHG-19", requested_by="alice", totp=devices["alice"].at(ctx.now())
     )
 

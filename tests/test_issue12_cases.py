@@ -24,7 +24,7 @@ from kms_pipelines.core.backup import drills
 from kms_pipelines.core.envelope import data_keys as envelope
 from kms_pipelines.core.foundation.clock import SimulatedClock
 from kms_pipelines.core.foundation.db.models_rotation import PartnerNotice, ServiceSeed
-from kms_pipelines.core.keys import lifecycle, manifest, rotation
+from kms_pipelines.core.keys import lifecycle, manifest, manual, rotation
 from kms_pipelines.core.ledger import audit, checkpoints
 from kms_pipelines.core.response import escrow, events
 from tests.fixtures.kms import KEY_ORIGIN, approve_both, ceremony, totp_now
@@ -271,7 +271,7 @@ def test_case4_a4_manual_operation_whose_compliance_email_failed(state):
         approve_both(
             kms, name, ticket="CHG-7", operation="rotate", target="service:api-gateway", totp=totp_now(kms, d[name])
         )
-    outcome = access.manual_rotate(
+    outcome = manual.manual_rotate(
         kms, "service:api-gateway", ticket="CHG-7", requested_by="sam", totp=totp_now(kms, d["sam"])
     )
     assert outcome.notification_failures  # the email really failed (connection refused on loopback)
@@ -376,7 +376,7 @@ def test_case4_manual_root_rotation_does_the_root_follow_ups(state):
     access.request_approval(kms, operation="rotate", target="root", ticket="CHG-ROOT", requester="sam")
     for name in ("ann", "bob"):
         approve_both(kms, name, ticket="CHG-ROOT", operation="rotate", target="root", totp=totp_now(kms, d[name]))
-    outcome = access.manual_rotate(kms, "root", ticket="CHG-ROOT", requested_by="sam", totp=totp_now(kms, d["sam"]))
+    outcome = manual.manual_rotate(kms, "root", ticket="CHG-ROOT", requested_by="sam", totp=totp_now(kms, d["sam"]))
     new = outcome.result.new_version
     with kms.transaction() as s:
         seeds = s.execute(select(ServiceSeed.key_name, ServiceSeed.root_version)).all()

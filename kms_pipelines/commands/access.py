@@ -231,8 +231,11 @@ def register(cli) -> None:
         from dataclasses import asdict
 
         from ..core.access import principals as access
+        from ..core.keys import manual as manual_mod
 
-        o = access.manual_rotate(get_context(ctx), kwargs["key"], ticket=ticket, requested_by=requested_by, totp=totp)
+        o = manual_mod.manual_rotate(
+            get_context(ctx), kwargs["key"], ticket=ticket, requested_by=requested_by, totp=totp
+        )
         if kwargs.get("as_json"):
             emit_json(
                 {

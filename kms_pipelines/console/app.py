@@ -29,7 +29,7 @@ from ..core.backup import drills
 from ..core.backup.backups import BackupError
 from ..core.foundation.context import KmsContext
 from ..core.foundation.policy import CONSOLE_PAGES
-from ..core.keys import lifecycle
+from ..core.keys import lifecycle, manual
 from ..core.ledger import audit
 
 HERE = Path(__file__).resolve().parent
@@ -406,7 +406,7 @@ def create_app(config: ConsoleConfig) -> Starlette:
                     "link": e.provisioning_uri,
                 }
             if r.operation == "rotate":
-                o = access.manual_rotate(
+                o = manual.manual_rotate(
                     ctx.as_actor(user.principal),
                     r.target,
                     ticket=r.ticket,

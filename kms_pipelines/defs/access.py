@@ -5,7 +5,7 @@ import dagster as dg
 from pydantic import Field
 
 from ..core.access import anomalies
-from ..core.access import principals as access
+from ..core.keys import manual
 from ..core.ledger import audit, checkpoints
 from .failures import one_line_failures
 from .metadata import seq_text
@@ -125,7 +125,7 @@ class ManualRotationConfig(dg.Config):
 def manual_rotate_key(context: dg.OpExecutionContext, config: ManualRotationConfig, kms: KmsResource) -> dict:
     ctx = kms.context()
     with one_line_failures():
-        o = access.manual_rotate(
+        o = manual.manual_rotate(
             ctx, config.key, ticket=config.ticket, requested_by=config.requester, totp=config.requester_totp
         )
         cp = checkpoints.checkpoint_if_changed(ctx)  # every state change ends bounded by a WORM checkpoint
