@@ -43,7 +43,10 @@ from kms_pipelines.core.foundation.context import KmsContext  # noqa: E402
 from kms_pipelines.core.foundation.keystore.software import SoftwareKeyStore  # noqa: E402
 from kms_pipelines.core.foundation.policy import load_policy  # noqa: E402
 from kms_pipelines.core.keys import lifecycle
-from kms_pipelines.core.ledger import rpt  # noqa: E402
+from kms_pipelines.core.ledger import (
+    rpt,
+    rpt_verify,  # noqa: E402
+)
 
 ADMIN = db.normalize_url(os.environ.get("KMS_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -127,10 +130,12 @@ def child(n: int, repeat: int) -> None:
         pairs = populate(ctx, n)
         outcome, ones, twos, bases = {}, [], [], []
         for _ in range(repeat):  # interleaved, so a shared machine's load hits all three alike
-            ones.append(timed(lambda: outcome.__setitem__("r", rpt.verify_chain(ctx, against_checkpoint=False))))
+            ones.append(timed(lambda: outcome.__setitem__("r", rpt_verify.verify_chain(ctx, against_checkpoint=False))))
             assert outcome["r"].ok and outcome["r"].count == n, outcome["r"]
             twos.append(
-                timed(lambda: outcome.__setitem__("r", rpt.verify_chain(ctx, workers=2, against_checkpoint=False)))
+                timed(
+                    lambda: outcome.__setitem__("r", rpt_verify.verify_chain(ctx, workers=2, against_checkpoint=False))
+                )
             )
             assert outcome["r"].ok and outcome["r"].count == n, outcome["r"]
             bases.append(raw_loop(pairs))

@@ -8,7 +8,7 @@ from sqlalchemy import select, text
 from kms_pipelines.core import nightly
 from kms_pipelines.core.foundation.db.models import LedgerEntry
 from kms_pipelines.core.keys import lifecycle
-from kms_pipelines.core.ledger import checkpoints, ledger, rpt
+from kms_pipelines.core.ledger import checkpoints, ledger, rpt, rpt_verify
 from tests.fixtures.dagster_defs import kms_resources, materialize_selection
 from tests.test_rpt import admin, issue_n, snapshot
 
@@ -162,7 +162,7 @@ def test_an_altered_checkpoint_object_is_refused(checkpointed):
     result = checkpoints.verify(kms)
     assert not result.ok and result.area == "checkpoint" and "signature does not verify" in result.problem
     with pytest.raises(rpt.RptError, match="signature does not verify"):
-        rpt.verify_chain(kms)
+        rpt_verify.verify_chain(kms)
 
 
 def test_checkpoints_go_to_s3_under_object_lock_compliance(make_kms, s3_store, s3_client):
@@ -172,7 +172,7 @@ def test_checkpoints_go_to_s3_under_object_lock_compliance(make_kms, s3_store, s
     cp = checkpoints.write_checkpoint(kms)
     head = s3_client.head_object(Bucket=s3_store.bucket, Key=s3_store._full(cp["key"]))
     assert head["ObjectLockMode"] == "COMPLIANCE"
-    assert checkpoints.verify(kms).ok and rpt.verify_chain(kms).checked_against == f"checkpoint {cp['key']}"
+    assert checkpoints.verify(kms).ok and rpt_verify.verify_chain(kms).checked_against == f"checkpoint {cp['key']}"
 
 
 def test_write_checkpoint_needs_an_object_store(make_kms):

@@ -20,7 +20,7 @@ from kms_pipelines.core.foundation import retry
 from kms_pipelines.core.foundation.db.models_envelope import Dek
 from kms_pipelines.core.foundation.policy import FaultBudget, Faults, load_policy
 from kms_pipelines.core.keys import lifecycle, rotation
-from kms_pipelines.core.ledger import audit, ledger, rpt
+from kms_pipelines.core.ledger import audit, ledger, rpt, rpt_verify
 
 KEY = "data:postgres"
 CUT_SECONDS = 5.0
@@ -70,7 +70,7 @@ def assert_intact(ctx, objects=None):
     audit.flush(ctx, timeout=30)
     assert ledger.verify(ctx.engine).ok
     assert audit.verify(ctx).ok, audit.verify(ctx).problem
-    chain = rpt.verify_chain(ctx)
+    chain = rpt_verify.verify_chain(ctx)
     assert chain.ok, chain.problem
     for object_id, (plain, blob) in (objects or {}).items():
         assert envelope.decrypt(ctx, blob, object_id=object_id) == plain

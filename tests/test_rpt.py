@@ -11,7 +11,7 @@ from kms_pipelines.core.foundation.canonical import canonical_bytes
 from kms_pipelines.core.foundation.db.append_only import create_append_only_triggers, drop_append_only_triggers
 from kms_pipelines.core.foundation.db.models_rpt import RegulatoryProofToken
 from kms_pipelines.core.keys import lifecycle
-from kms_pipelines.core.ledger import checkpoints, ledger, rpt
+from kms_pipelines.core.ledger import checkpoints, ledger, rpt, rpt_verify
 
 # ---- helpers shared by the rpt/checkpoint/evidence tests -------------------------------------
 
@@ -168,7 +168,7 @@ def test_issue_signs_inside_the_hsm(make_kms, pkcs11_keystore):
     issue_n(kms, 5)
     lifecycle.rotate(kms, "root")
     issue_n(kms, 5, start=5)
-    assert rpt.verify_chain(kms).ok
+    assert rpt_verify.verify_chain(kms).ok
     assert rpt.decode(rows(kms)[-1][1])[0]["kid"].startswith("root#v2:")
 
 
@@ -195,7 +195,7 @@ def test_concurrent_issuers_and_a_rotation_keep_one_contiguous_chain(kms_pg):
     for t in threads:
         t.join()
     assert not errors
-    result = rpt.verify_chain(kms)
+    result = rpt_verify.verify_chain(kms)
     assert result.ok and result.count == 60
     assert [s for s, _ in rows(kms)] == list(range(1, 61))
 
@@ -214,12 +214,12 @@ def test_a_thousand_tokens_across_three_root_rotations_verify(make_kms):
     # the oldest version's private key is destroyed; its retained public key still verifies
     lifecycle.destroy(kms, "root", 1, reason="test", skip_guards=lifecycle.destroy_guards())
     assert not kms.keystore.exists(root_version(kms, 1).sign_ref)
-    result = rpt.verify_chain(kms)
+    result = rpt_verify.verify_chain(kms)
     assert result.ok, result.problem
     assert (result.count, result.head_seq) == (1000, 1000)
     kids = {rpt.decode(t)[0]["kid"].split(":")[0] for _, t in rows(kms)}
     assert kids == {"root#v1", "root#v2", "root#v3", "root#v4"}
-    last = rpt.verify_chain(kms, last=100)
+    last = rpt_verify.verify_chain(kms, last=100)
     assert last.ok and last.count == 100 and last.first_seq == 901 and last.head_hash == result.head_hash
 
 
@@ -230,12 +230,12 @@ def chain(make_kms):
     issue_n(kms, 20, batch=5)
     lifecycle.rotate(kms, "root")
     issue_n(kms, 20, start=20, batch=5)
-    assert rpt.verify_chain(kms).ok
+    assert rpt_verify.verify_chain(kms).ok
     return kms
 
 
 def _expect(kms, seq, *fragments, **kw):
-    result = rpt.verify_chain(kms, **kw)
+    result = rpt_verify.verify_chain(kms, **kw)
     assert not result.ok and result.first_bad_seq == seq, result
     for f in fragments:
         assert f in result.problem, result.problem
@@ -319,17 +319,17 @@ def test_unknown_kid_is_rejected(chain):
 
 def test_last_n_is_anchored_at_the_token_before(chain):
     set_token(chain, 5, rows(chain)[5][1])  # damage early in the chain
-    assert rpt.verify_chain(chain, last=30).ok  # seq 11..40 untouched
+    assert rpt_verify.verify_chain(chain, last=30).ok  # seq 11..40 untouched
     _expect(chain, 5, last=40)
     with pytest.raises(rpt.RptError, match="at least 1"):
-        rpt.verify_chain(chain, last=0)
+        rpt_verify.verify_chain(chain, last=0)
 
 
 def test_parallel_verification_finds_the_same_first_bad_token(kms_pg):
     kms = kms_pg
     rpt.issue_many(kms, [(f"s{i}", {"i": i}) for i in range(120)])
-    assert rpt.verify_chain(kms, workers=2).ok
-    assert rpt.verify_chain(kms, workers=2).count == 120
+    assert rpt_verify.verify_chain(kms, workers=2).ok
+    assert rpt_verify.verify_chain(kms, workers=2).count == 120
     r = rows(kms)
     set_token(kms, 61, corrupt_signature(r[60][1]))  # the first token of the second partition
     assert _expect(kms, 61, "signature", workers=2).first_bad_seq == 61
@@ -360,7 +360,7 @@ def test_tamper_cases_on_postgres(kms_pg):
     set_token(kms, 4, corrupt_signature(r[3][1]))
     _expect(kms, 4, "signature does not verify")
     set_token(kms, 4, r[3][1])
-    assert rpt.verify_chain(kms).ok
+    assert rpt_verify.verify_chain(kms).ok
     admin(kms, "rpts", "DELETE FROM rpts WHERE seq = 20")
     _expect(kms, 20, "truncated", "recorded 20 tokens")
     head_seq, head_hash = chain_head(kms)

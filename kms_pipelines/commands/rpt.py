@@ -68,9 +68,9 @@ def register(cli) -> None:
     @click.pass_context
     def rpt_verify_chain(ctx, last, workers, as_json):
         """verifyChain: links, signatures, signing windows; exit 1 naming the first bad token."""
-        from ..core.ledger import rpt
+        from ..core.ledger import rpt_verify
 
-        result = rpt.verify_chain(get_context(ctx), last=last, workers=workers)
+        result = rpt_verify.verify_chain(get_context(ctx), last=last, workers=workers)
         where = f" (head matches {result.checked_against})" if result.checked_against else ""
         finish_verification(
             ctx,

@@ -217,10 +217,10 @@ def eval_p1(ctx: KmsContext) -> Finding:
     from .foundation.db.models import ACTIVE, Key, KeyVersion
     from .foundation.db.models_rotation import ServiceSeed
     from .keys import manifest
-    from .ledger import rpt
+    from .ledger import rpt_verify
 
     problems, good = [], []
-    chain = rpt.verify_chain(ctx)
+    chain = rpt_verify.verify_chain(ctx)
     if chain.ok:
         good.append(
             f"RPT chain verifies ({chain.head_seq} token(s), head {chain.head_hash[:12]}…"

@@ -5,7 +5,7 @@ counts, hashes, kids and object keys, never key material."""
 
 import dagster as dg
 
-from ..core.ledger import checkpoints, rpt
+from ..core.ledger import checkpoints, rpt_verify
 from .failures import one_line_failures, run_retry_policy
 from .foundation import NIGHTLY, kms_state
 from .metadata import full_values_md, markdown_table, seq_text, short_hash, short_kid, short_path
@@ -21,7 +21,7 @@ from .resources import KmsResource
 )
 def rpt_chain(kms: KmsResource) -> dg.MaterializeResult:
     ctx = kms.context()
-    result = rpt.verify_chain(ctx)
+    result = rpt_verify.verify_chain(ctx)
     return dg.MaterializeResult(
         metadata={
             "count": result.head_seq,
@@ -40,7 +40,7 @@ def rpt_chain(kms: KmsResource) -> dg.MaterializeResult:
     description="RPT chain verifies (P1, B2): links, signatures, signing windows, head vs checkpoint.",
 )
 def rpt_chain_verifies(kms: KmsResource) -> dg.AssetCheckResult:
-    result = rpt.verify_chain(kms.context())
+    result = rpt_verify.verify_chain(kms.context())
     return dg.AssetCheckResult(
         passed=result.ok,
         severity=dg.AssetCheckSeverity.ERROR,

@@ -413,12 +413,12 @@ def _post_checks(ctx: KmsContext, staged: KmsContext, manifest: dict, report: Re
         return (PASSED, f"{r.count} entries") if r.ok else (FAILED, f"first bad seq {r.first_bad_seq}: {r.problem}")
 
     def rpt_chain():
-        from ..ledger import rpt
+        from ..ledger import rpt_verify
 
         # A restore point is older than the live chain: the newest checkpoint in the shared
         # object store describes the live head, so comparing against it would report the
         # restored chain as truncated. Links, signatures and signing windows are checked.
-        r = rpt.verify_chain(staged, last=ctx.policy.drills.recent_rpts_to_verify, against_checkpoint=False)
+        r = rpt_verify.verify_chain(staged, last=ctx.policy.drills.recent_rpts_to_verify, against_checkpoint=False)
         return (PASSED, f"{r.count} recent RPTs") if r.ok else (FAILED, f"first bad seq {r.first_bad_seq}: {r.problem}")
 
     def canaries():

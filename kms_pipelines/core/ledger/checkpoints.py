@@ -30,7 +30,7 @@ from ..foundation.canonical import canonical_bytes
 from ..foundation.clock import parse_time
 from ..foundation.context import KmsContext
 from ..foundation.db.models import ACTIVE, Key, KeyVersion
-from . import ledger, rpt
+from . import ledger, rpt, rpt_verify
 from .rpt import RootKey, RptError, WindowCollector
 
 FORMAT = "kms-checkpoint/1"
@@ -473,7 +473,7 @@ def _nightly_checkpoint(ctx: KmsContext) -> dict:
 
 @nightly.nightly_step("rpt_verify", order=42)
 def _nightly_rpt_verify(ctx: KmsContext) -> dict:
-    result = rpt.verify_chain(ctx)
+    result = rpt_verify.verify_chain(ctx)
     if not result.ok:
         raise RptError(f"RPT chain broken at seq {result.first_bad_seq}: {result.problem}")
     return {"verified": result.count, "head_seq": result.head_seq}
