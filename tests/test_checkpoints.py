@@ -9,6 +9,7 @@ from kms_pipelines.core import nightly
 from kms_pipelines.core.foundation.db.models import LedgerEntry
 from kms_pipelines.core.keys import lifecycle
 from kms_pipelines.core.ledger import checkpoints, ledger, rpt, rpt_verify
+from kms_pipelines.core.ledger import rpt_verify as rpt_verify_mod
 from tests.fixtures.dagster_defs import kms_resources, materialize_selection
 from tests.test_rpt import admin, issue_n, snapshot
 
@@ -188,7 +189,7 @@ def test_nightly_registers_verify_then_checkpoint(make_kms):
     kms = make_kms("sqlite")
     issue_n(kms, 2, batch=2)
     out = checkpoints._nightly_checkpoint(kms)
-    assert out["rpt_size"] == 2 and checkpoints._nightly_rpt_verify(kms)["verified"] == 2
+    assert out["rpt_size"] == 2 and rpt_verify_mod._nightly_rpt_verify(kms)["verified"] == 2
 
 
 RPT_ASSETS = dg.AssetSelection.assets("kms_state", "rpt_chain", "ledger_checkpoint")

@@ -20,7 +20,7 @@ STEP_MODULES: tuple[str, ...] = (
     "kms_pipelines.core.backup.backups",
     "kms_pipelines.core.keys.rotation",
     "kms_pipelines.core.keys.retention",
-    "kms_pipelines.core.ledger.checkpoints",
+    "kms_pipelines.core.ledger.checkpoints", "kms_pipelines.core.ledger.rpt_verify",
     "kms_pipelines.core.access.anomalies",
     "kms_pipelines.core.keys.vault",
 )

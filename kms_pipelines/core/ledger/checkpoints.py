@@ -30,7 +30,7 @@ from ..foundation.canonical import canonical_bytes
 from ..foundation.clock import parse_time
 from ..foundation.context import KmsContext
 from ..foundation.db.models import ACTIVE, Key, KeyVersion
-from . import ledger, rpt, rpt_verify
+from . import ledger, rpt
 from .rpt import RootKey, RptError, WindowCollector
 
 FORMAT = "kms-checkpoint/1"
@@ -469,14 +469,6 @@ def _write_checkpoint_once(ctx: KmsContext) -> dict:
 def _nightly_checkpoint(ctx: KmsContext) -> dict:
     cp = write_checkpoint(ctx)
     return {"key": cp["key"], "ledger_size": cp["ledger_size"], "rpt_size": cp["rpt_size"]}
-
-
-@nightly.nightly_step("rpt_verify", order=42)
-def _nightly_rpt_verify(ctx: KmsContext) -> dict:
-    result = rpt_verify.verify_chain(ctx)
-    if not result.ok:
-        raise RptError(f"RPT chain broken at seq {result.first_bad_seq}: {result.problem}")
-    return {"verified": result.count, "head_seq": result.head_seq}
 
 
 @nightly.nightly_step("final_checkpoint", order=99)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
+from .. import nightly
 from ..foundation.context import KmsContext
 from ..foundation.db.models_rpt import RegulatoryProofToken
 from . import checkpoints
@@ -107,3 +108,11 @@ def _verify_parallel(ctx, keys, windows, start, max_seq, workers, batch, marks) 
                     if t is not None:
                         result.seen[m] = token_hash(t)
     return result
+
+
+@nightly.nightly_step("rpt_verify", order=42)
+def _nightly_rpt_verify(ctx: KmsContext) -> dict:
+    result = verify_chain(ctx)
+    if not result.ok:
+        raise RptError(f"RPT chain broken at seq {result.first_bad_seq}: {result.problem}")
+    return {"verified": result.count, "head_seq": result.head_seq}
