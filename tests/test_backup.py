@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import create_engine, select, text
 
 from kms_pipelines.core.backup import backups as backup
+from kms_pipelines.core.backup import rekey
 from kms_pipelines.core.foundation.clock import SimulatedClock
 from kms_pipelines.core.foundation.db.models_backup import Backup
 from kms_pipelines.core.foundation.objectstore import ObjectLocked
@@ -212,7 +213,7 @@ def test_restore_point_guard_refuses_destroy_until_rekeyed(make_kms):
         reason = backup._restore_points_guard(s, kms, key, v1)
     assert reason and info.archive_id in reason and "rekey" in reason
 
-    done = backup.rekey_restore_points(kms, "data:postgres", 1)
+    done = rekey.rekey_restore_points(kms, "data:postgres", 1)
     assert [d["predecessor"] for d in done] == [info.archive_id]
     with kms.transaction() as s:
         key = lifecycle.get_key(s, "data:postgres")

@@ -124,9 +124,9 @@ def register(cli) -> None:
     @click.pass_context
     def backup_rekey(ctx, key, version, staging_url, as_json):
         """Give every retained archive referencing KEY VERSION a re-keyed successor (T4)."""
-        from ..core.backup import backups as b
+        from ..core.backup import rekey
 
-        done = b.rekey_restore_points(_ctx(ctx), key, version, staging_url=staging_url)
+        done = rekey.rekey_restore_points(_ctx(ctx), key, version, staging_url=staging_url)
         if as_json:
             emit_json(done)
         else:
