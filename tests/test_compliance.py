@@ -249,7 +249,7 @@ def test_an_evaluator_that_crashes_fails_its_clause_and_names_the_error(exercise
         raise RuntimeError("backend unreachable")
 
     monkeypatch.setattr(
-        compliance,
+        compliance.report,
         "CLAUSES",
         tuple(
             compliance.Clause(c.id, c.text, c.control, boom if c.id == "T2" else c.evaluate, c.checks)
