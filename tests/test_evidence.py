@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 import zstandard
 
-from kms_pipelines.core import evidence
+from kms_pipelines.core.compliance import evidence
 from kms_pipelines.core.keys import lifecycle
 from kms_pipelines.core.ledger import checkpoints, rpt
 from tests.test_rpt import admin, issue_n

@@ -16,7 +16,7 @@ import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from kms_pipelines.core import evidence
+from kms_pipelines.core.compliance import evidence
 from kms_pipelines.core.foundation.canonical import canonical_bytes
 from kms_pipelines.core.foundation.clock import parse_time
 from kms_pipelines.core.foundation.keystore import fingerprint

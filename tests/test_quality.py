@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from kms_pipelines.core import quality
+from kms_pipelines.core.compliance import quality
 from kms_pipelines.core.envelope import data_keys as envelope
 
 

@@ -131,7 +131,7 @@ def register(cli) -> None:
     @click.pass_context
     def evidence_export(ctx, out, as_json):
         """Write the evidence bundle to FILE (sealed by the root key when the live state verifies)."""
-        from ..core import evidence
+        from ..core.compliance import evidence
 
         report = evidence.export(get_context(ctx), out)
         if as_json:
@@ -163,7 +163,7 @@ def register(cli) -> None:
     @click.pass_context
     def evidence_verify(ctx, bundle, trusted, as_json):
         """Verify a bundle offline: needs no database, keystore or object store."""
-        from ..core import evidence
+        from ..core.compliance import evidence
 
         result = evidence.verify_bundle(bundle, trusted_fingerprints=list(trusted))
         finish_verification(

@@ -10,7 +10,7 @@ truncation of the newest tokens.
 
 ``verify_streams`` is pure: it takes checkpoint objects, public keys and row iterators, and
 is used for the live database (``verify``) and for offline evidence bundles
-(``core/evidence.py``) alike.
+(``core/compliance/evidence.py``) alike.
 """
 
 from __future__ import annotations

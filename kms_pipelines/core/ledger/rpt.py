@@ -17,7 +17,7 @@ Token format (documented in README, "RPTs"):
 
 Verification (``verify_token_rows``) is a pure function over ``(seq, token)`` rows, public
 keys and the root versions' activity windows, so the live verifier (rows from the KMS
-database) and the offline one (rows from an evidence bundle, ``core/evidence.py``) are one
+database) and the offline one (rows from an evidence bundle, ``core/compliance/evidence.py``) are one
 implementation. A version is valid for tokens whose ``iat`` lies in
 ``[floor(activated_at), end]`` where ``end`` is the earliest of its ``rotated``, ``revoked``
 and ``destroyed`` ledger times (iat has one-second resolution, so a token issued in the

@@ -39,13 +39,13 @@ from pathlib import Path
 import zstandard
 from sqlalchemy import select
 
-from .foundation.clock import parse_time
-from .foundation.context import KmsContext
-from .foundation.db.models import PENDING, Key, KeyVersion
-from .foundation.keystore import fingerprint as key_fingerprint
-from .keys import manifest
-from .ledger import checkpoints, ledger, rpt
-from .ledger.rpt import RootKey, RptError
+from ..foundation.clock import parse_time
+from ..foundation.context import KmsContext
+from ..foundation.db.models import PENDING, Key, KeyVersion
+from ..foundation.keystore import fingerprint as key_fingerprint
+from ..keys import manifest
+from ..ledger import checkpoints, ledger, rpt
+from ..ledger.rpt import RootKey, RptError
 
 FORMAT = "kms-evidence/2"
 SEAL_FORMAT = "kms-evidence-seal/1"

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .foundation.context import KmsContext
-from .foundation.db.models import STATES
+from ..foundation.context import KmsContext
+from ..foundation.db.models import STATES
 
 
 def key_inventory_frame(ctx: KmsContext):
     """One row per key version (never key material): key, key_class, version, state, timestamps."""
     import pandas as pd
 
-    from .keys import lifecycle
+    from ..keys import lifecycle
 
     rows = lifecycle.inventory(ctx)
     frame = pd.DataFrame(
@@ -138,7 +138,7 @@ def validate(ctx: KmsContext, *, inventory=None, deks=None) -> list[SuiteResult]
     ]
     if deks is None:
         try:
-            from .envelope import data_keys as envelope
+            from ..envelope import data_keys as envelope
 
             deks = envelope.dek_inventory_frame(ctx)
         except (ImportError, AttributeError):
