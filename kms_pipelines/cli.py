@@ -114,7 +114,7 @@ class KmsGroup(click.Group):
     """Turns domain errors into one-line messages and exit codes."""
 
     def invoke(self, ctx):
-        from .core.errors import connect_failure_line, fault_line, known_errors
+        from .core.runtime.errors import connect_failure_line, fault_line, known_errors
 
         command = _command_line([*getattr(ctx, "_protected_args", []), *ctx.args])
         failed = True

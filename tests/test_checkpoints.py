@@ -5,11 +5,11 @@ import dagster as dg
 import pytest
 from sqlalchemy import select, text
 
-from kms_pipelines.core import nightly
 from kms_pipelines.core.foundation.db.models import LedgerEntry
 from kms_pipelines.core.keys import lifecycle
 from kms_pipelines.core.ledger import checkpoints, ledger, rpt, rpt_verify
 from kms_pipelines.core.ledger import rpt_verify as rpt_verify_mod
+from kms_pipelines.core.runtime import nightly
 from tests.fixtures.dagster_defs import kms_resources, materialize_selection
 from tests.test_rpt import admin, issue_n, snapshot
 

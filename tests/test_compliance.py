@@ -13,12 +13,13 @@ from click.testing import CliRunner
 from sqlalchemy import text
 
 from kms_pipelines.cli import cli
-from kms_pipelines.core import compliance, nightly
+from kms_pipelines.core import compliance
 from kms_pipelines.core.backup import drills
 from kms_pipelines.core.foundation.clock import SimulatedClock
 from kms_pipelines.core.foundation.db.append_only import create_append_only_triggers, drop_append_only_triggers
 from kms_pipelines.core.ledger import ledger, rpt
 from kms_pipelines.core.response import escrow
+from kms_pipelines.core.runtime import nightly
 from kms_pipelines.defs import compliance as compliance_defs
 from kms_pipelines.defs import foundation
 from tests.fixtures.dagster_defs import kms_resources

@@ -7,12 +7,12 @@ import threading
 import pytest
 from sqlalchemy import select, text
 
-from kms_pipelines.core import nightly
 from kms_pipelines.core.envelope import data_keys as envelope
 from kms_pipelines.core.foundation.db.models import KeyVersion
 from kms_pipelines.core.foundation.db.models_envelope import SHARD_SPACE, Dek
 from kms_pipelines.core.keys import lifecycle
 from kms_pipelines.core.ledger import ledger
+from kms_pipelines.core.runtime import nightly
 
 KEY = "data:postgres"
 

@@ -9,13 +9,13 @@ import pyotp
 import pytest
 from sqlalchemy import func, select
 
-from kms_pipelines.core import nightly
 from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.foundation.db.models import KeyVersion
 from kms_pipelines.core.foundation.db.models_events import EscrowDestruction, EscrowPackage, EscrowUnseal
 from kms_pipelines.core.keys import lifecycle
 from kms_pipelines.core.ledger import ledger
 from kms_pipelines.core.response import escrow
+from kms_pipelines.core.runtime import nightly
 from tests.fixtures.kms import approve_both, ceremony
 
 CUSTODIANS = ["custodian-a", "custodian-b", "custodian-c"]

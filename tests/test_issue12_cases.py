@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from sqlalchemy import select, text
 
 from kms_pipelines.cli import cli
-from kms_pipelines.core import compliance, nightly
+from kms_pipelines.core import compliance
 from kms_pipelines.core.access import anomalies, crosscheck
 from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.backup import drills
@@ -27,6 +27,7 @@ from kms_pipelines.core.foundation.db.models_rotation import PartnerNotice, Serv
 from kms_pipelines.core.keys import lifecycle, manifest, manual, rotation
 from kms_pipelines.core.ledger import audit, checkpoints
 from kms_pipelines.core.response import escrow, events
+from kms_pipelines.core.runtime import nightly
 from tests.fixtures.kms import KEY_ORIGIN, approve_both, ceremony, totp_now
 from tests.test_compliance import CUSTODIANS, _dagster_report, _now
 from tests.test_rpt import admin

@@ -7,10 +7,10 @@ from datetime import date
 import pytest
 from click.testing import CliRunner
 
-from kms_pipelines.core import nightly, simulate
 from kms_pipelines.core.envelope import data_keys as envelope
 from kms_pipelines.core.keys import manifest, retention
 from kms_pipelines.core.ledger import ledger
+from kms_pipelines.core.runtime import nightly, simulate
 
 START = date(2026, 1, 1)
 DAYS = 456  # > 400, and long enough to see the first service (day 425) and root (day 455) destructions

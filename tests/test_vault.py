@@ -444,7 +444,7 @@ def test_s3_archive_copy_is_deleted_once_its_object_lock_ends(make_kms, s3_store
 def test_simulated_400_days_show_the_archive_lifecycle():
     from datetime import date
 
-    from kms_pipelines.core import simulate
+    from kms_pipelines.core.runtime import simulate
 
     seen = {}
 

@@ -28,8 +28,8 @@ def register(cli) -> None:
     def simulate_cmd(days, start, home, steps, no_actors, as_json):
         """Advance a simulated clock DAYS nights over scratch state, running the nightly
         policy each day, and print the timeline (rotations, notices, destructions)."""
-        from ..core import simulate
         from ..core.foundation.clock import parse_time
+        from ..core.runtime import simulate
 
         try:
             start_day = parse_time(start).date() if start else None
@@ -37,7 +37,7 @@ def register(cli) -> None:
             raise click.BadParameter(str(exc), param_hint="--from") from None
         wanted = [s.strip() for s in steps.split(",") if s.strip()] if steps else None
         if wanted:
-            from ..core import nightly
+            from ..core.runtime import nightly
 
             known = {s.name for s in nightly.steps()}
             unknown = [s for s in wanted if s not in known]

@@ -3,7 +3,7 @@
 ``one_line_failures()`` wraps an asset or op body. A dependency that stayed down for the
 whole retry budget (core/foundation/retry.py ``DependencyUnavailable``) or a transient fault that no
 retried unit caught becomes a Failure that *allows* the asset's ``dg.RetryPolicy`` to
-re-run it (a re-run is safe); a refused or invalid operation (core/errors.py
+re-run it (a re-run is safe); a refused or invalid operation (core/runtime/errors.py
 ``known_errors``) becomes a Failure that bypasses retries, because repeating it cannot
 help. Descriptions are the same single lines the CLI prints; metadata never holds key
 material. ``run_retry_policy()`` is the RetryPolicy for assets whose re-run is safe, from
@@ -17,9 +17,9 @@ from typing import Iterator
 
 import dagster as dg
 
-from ..core.errors import connect_failure_line, fault_line, known_errors
 from ..core.foundation.policy import load_policy
 from ..core.foundation.retry import DependencyUnavailable
+from ..core.runtime.errors import connect_failure_line, fault_line, known_errors
 
 
 def failure_for(exc: BaseException, rerun: str | None = None) -> dg.Failure | None:

@@ -412,7 +412,7 @@ def review(ctx, anomaly_id: int, principal: str, note: str | None = None, *, tot
 
 
 def _register_nightly() -> None:
-    from .. import nightly
+    from ..runtime import nightly
 
     @nightly.nightly_step("audit_anomalies", order=70)
     def _audit_anomalies(ctx) -> dict:

@@ -870,7 +870,7 @@ def _restore_points_guard(session, ctx, key, version) -> str | None:
 
 # ---------------------------------------------------------------------------- nightly
 
-from .. import nightly as _nightly  # noqa: E402
+from ..runtime import nightly as _nightly  # noqa: E402
 
 
 @_nightly.nightly_step("backup", order=50)

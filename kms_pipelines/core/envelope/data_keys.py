@@ -37,7 +37,6 @@ from sqlalchemy import and_, bindparam, func, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from .. import nightly
 from ..foundation import retry
 from ..foundation.batching import AdaptiveBatch
 from ..foundation.clock import utc
@@ -46,6 +45,7 @@ from ..foundation.db.models import ACTIVE, DESTROYED, REVOKED, ROTATED, Key, Key
 from ..foundation.db.models_envelope import SHARD_SPACE, Dek
 from ..foundation.keystore import DecryptionFailed, KeyNotFound
 from ..keys import lifecycle
+from ..runtime import nightly
 
 log = logging.getLogger(__name__)
 

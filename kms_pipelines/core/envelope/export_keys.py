@@ -17,12 +17,12 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, update
 
-from .. import nightly
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
 from ..foundation.db.models import ACTIVE, DESTROYED, Key
 from ..foundation.db.models_envelope import Dek
 from ..keys import lifecycle
+from ..runtime import nightly
 from .data_keys import EnvelopeError, deks_on
 
 log = logging.getLogger(__name__)

@@ -25,10 +25,10 @@ from typing import Iterable
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from .. import nightly
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
 from ..foundation.db.models import REVOKED, ROTATED, Key, KeyVersion
+from ..runtime import nightly
 from . import lifecycle, service_keys
 
 RETAINED_CLASSES = ("root", "service")

@@ -38,11 +38,11 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from .. import nightly
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
 from ..foundation.db.models import ACTIVE, REVOKED, ROTATED, Key, KeyVersion
 from ..foundation.db.models_rotation import PartnerNotice, RootManifest, ServiceSeed
+from ..runtime import nightly
 from . import lifecycle, manifest, service_keys
 from .lifecycle import RotationResult
 

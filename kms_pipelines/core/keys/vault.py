@@ -35,7 +35,6 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from .. import nightly
 from ..foundation.canonical import canonical_bytes
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
@@ -43,6 +42,7 @@ from ..foundation.db.models import DESTROYED, REVOKED, ROTATED, Key, KeyVersion
 from ..foundation.db.models_vault import ARCHIVED, DELETED, UNARCHIVABLE, ArchiveCopy, ForensicRetrieval
 from ..foundation.keystore import KeyNotFound, NotArchivable, verify_signature
 from ..ledger import audit, ledger
+from ..runtime import nightly
 from . import lifecycle
 
 KEK_KEY = "archive"

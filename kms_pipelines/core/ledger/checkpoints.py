@@ -25,11 +25,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select
 
-from .. import nightly
 from ..foundation.canonical import canonical_bytes
 from ..foundation.clock import parse_time
 from ..foundation.context import KmsContext
 from ..foundation.db.models import ACTIVE, Key, KeyVersion
+from ..runtime import nightly
 from . import ledger, rpt
 from .rpt import RootKey, RptError, WindowCollector
 

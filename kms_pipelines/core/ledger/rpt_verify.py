@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
-from .. import nightly
 from ..foundation.context import KmsContext
 from ..foundation.db.models_rpt import RegulatoryProofToken
+from ..runtime import nightly
 from . import checkpoints
 from .rpt import (
     ChainResult,

@@ -44,12 +44,12 @@ from typing import Mapping
 
 from sqlalchemy import select
 
-from .. import nightly
 from ..access import notifications
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
 from ..foundation.db.models_events import EscrowCustodian, EscrowDestruction, EscrowPackage, EscrowUnseal
 from ..keys import lifecycle
+from ..runtime import nightly
 
 KEY_NAME = "break-glass"
 FORMAT = "kms-escrow/1"

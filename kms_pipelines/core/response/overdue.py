@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import importlib
 
-from .. import nightly
 from ..access.notifications import notify_policy_event
 from ..foundation.context import KmsContext
+from ..runtime import nightly
 
 # ---- overdue partner acknowledgements and drill follow-ups ---------------------------
 

@@ -9,7 +9,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .foundation.context import KmsContext
+from ..foundation.context import KmsContext
 
 # Areas that register steps at import time. Add your module here when you add a step.
 STEP_MODULES: tuple[str, ...] = (
@@ -20,7 +20,8 @@ STEP_MODULES: tuple[str, ...] = (
     "kms_pipelines.core.backup.backups",
     "kms_pipelines.core.keys.rotation",
     "kms_pipelines.core.keys.retention",
-    "kms_pipelines.core.ledger.checkpoints", "kms_pipelines.core.ledger.rpt_verify",
+    "kms_pipelines.core.ledger.checkpoints",
+    "kms_pipelines.core.ledger.rpt_verify",
     "kms_pipelines.core.access.anomalies",
     "kms_pipelines.core.keys.vault",
 )

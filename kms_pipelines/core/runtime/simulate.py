@@ -32,11 +32,11 @@ from typing import Any, Callable, Iterable
 from sqlalchemy import event, select
 from sqlalchemy.orm import selectinload
 
+from ..foundation.clock import SimulatedClock, utc
+from ..foundation.context import KmsContext
+from ..foundation.db.models import ACTIVE, Key, LedgerEntry
+from ..keys import lifecycle
 from . import nightly
-from .foundation.clock import SimulatedClock, utc
-from .foundation.context import KmsContext
-from .foundation.db.models import ACTIVE, Key, LedgerEntry
-from .keys import lifecycle
 
 
 @dataclass
@@ -84,11 +84,11 @@ def nightly_time(ctx_or_policy) -> time:
 
 
 def scratch_context(home: Path, clock: SimulatedClock, policy_path: str | None = None) -> KmsContext:
-    from .foundation import db
-    from .foundation.keystore.software import SoftwareKeyStore
-    from .foundation.objectstore.local import LocalObjectStore
-    from .foundation.policy import load_policy
-    from .foundation.transports import OutboxNotifier
+    from ..foundation import db
+    from ..foundation.keystore.software import SoftwareKeyStore
+    from ..foundation.objectstore.local import LocalObjectStore
+    from ..foundation.policy import load_policy
+    from ..foundation.transports import OutboxNotifier
 
     home.mkdir(parents=True, exist_ok=True)
     engine = db.make_engine(f"sqlite:///{home / 'kms.db'}")
@@ -98,7 +98,7 @@ def scratch_context(home: Path, clock: SimulatedClock, policy_path: str | None =
         dbapi_conn.execute("PRAGMA synchronous=OFF")
 
     db.upgrade(engine)
-    from .access.audited_keystore import AuditedKeyStore
+    from ..access.audited_keystore import AuditedKeyStore
 
     keystore = AuditedKeyStore(SoftwareKeyStore(home / "artifacts" / "kms" / "keys", secrets.token_bytes(32)))
     policy = load_policy(policy_path)
@@ -138,7 +138,7 @@ class Actors:
     def _access_api(self):
         if self._access is None:
             try:
-                from .access import principals as access
+                from ..access import principals as access
 
                 self._access = access
             except ImportError:
@@ -153,7 +153,7 @@ class Actors:
         access = self._access_api()
         if not access or self._enrolled:
             return
-        from ..fido2_client import SoftwareAuthenticator
+        from ...fido2_client import SoftwareAuthenticator
 
         self._totp, self._keys = {}, {}
         names = (*self.APPROVERS, self.REQUESTER)
@@ -179,7 +179,7 @@ class Actors:
         access = self._access_api()
         if not access:
             return []
-        from .keys import retention
+        from ..keys import retention
 
         due = retention.due_for_destruction(self.ctx, at=run_at)
         if not due:
@@ -193,7 +193,7 @@ class Actors:
             for approver in self.APPROVERS:
                 at += timedelta(seconds=self.ctx.policy.access.totp_interval_seconds)  # a fresh TOTP step
                 clock.set(at)
-                from .access import console_auth
+                from ..access import console_auth
 
                 ch = console_auth.begin_approval(
                     self.ctx, approver, operation=retention.DESTROY_OPERATION, ticket=d.ticket, target=d.target
@@ -212,11 +212,11 @@ class Actors:
         return events
 
     def after_night(self, day: int) -> list[Event]:
-        from .keys import dependents, rotation
+        from ..keys import dependents, rotation
 
         events = []
         if self.confirm:
-            from .foundation.db.models_rotation import DependentConfirmation
+            from ..foundation.db.models_rotation import DependentConfirmation
 
             with self.ctx.transaction() as session:
                 done = set(
@@ -251,11 +251,11 @@ class Actors:
 
 def seed_workload(ctx: KmsContext, objects_per_key: int = 5) -> dict:
     """Objects under every data key (if the envelope area is installed) and one API client per service."""
-    from .keys import service_keys
+    from ..keys import service_keys
 
     made = {"objects": 0, "credentials": 0}
     try:
-        from .envelope import data_keys as envelope
+        from ..envelope import data_keys as envelope
     except ImportError:
         envelope = None
     if envelope is not None:
@@ -336,8 +336,8 @@ class LiveStateError(ValueError):
 def refuse_live_home(home: Path, env: Mapping[str, str] | None = None) -> None:
     """Simulated time may only touch scratch state: refuse a directory that is the configured
     KMS home, holds a master key, or whose database is the configured one."""
-    from .foundation import db
-    from .foundation.context import kms_home
+    from ..foundation import db
+    from ..foundation.context import kms_home
 
     env = os.environ if env is None else env
     home = home.resolve()
@@ -435,7 +435,7 @@ def simulate(
 
 
 def _policy(path: str | None):
-    from .foundation.policy import load_policy
+    from ..foundation.policy import load_policy
 
     return load_policy(path)
 

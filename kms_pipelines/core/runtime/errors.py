@@ -4,12 +4,12 @@ from __future__ import annotations
 
 
 def known_errors() -> tuple[type[BaseException], ...]:
-    from .foundation.db import DatabaseError
-    from .foundation.keystore import KeyStoreError
-    from .foundation.policy import PolicyError
-    from .foundation.retry import DependencyUnavailable
-    from .foundation.state import StateMissing
-    from .keys.lifecycle import LifecycleError
+    from ..foundation.db import DatabaseError
+    from ..foundation.keystore import KeyStoreError
+    from ..foundation.policy import PolicyError
+    from ..foundation.retry import DependencyUnavailable
+    from ..foundation.state import StateMissing
+    from ..keys.lifecycle import LifecycleError
 
     errors: list[type[BaseException]] = [
         DatabaseError,
@@ -32,7 +32,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
         ("kms_pipelines.core.foundation.limits", "InputError"),
         ("kms_pipelines.core.ledger.ledger", "ChainOrderError"),
         ("kms_pipelines.core.ledger.audit", "AuditError"),
-        ("kms_pipelines.core.simulate", "LiveStateError"),
+        ("kms_pipelines.core.runtime.simulate", "LiveStateError"),
     ):
         try:
             mod = __import__(module, fromlist=[name])
@@ -46,7 +46,7 @@ def fault_line(exc: BaseException, command: str | None = None) -> str | None:
     """One line for a transient dependency fault that escaped every retried unit (a call
     path with no retry of its own), else None. Every command is safe to re-run after a
     fault: state changes commit whole or not at all (docs/architecture.md)."""
-    from .foundation.retry import classify
+    from ..foundation.retry import classify
 
     fault = classify(exc)
     if fault is None:
