@@ -63,8 +63,8 @@ def main() -> None:
     from moto.server import ThreadedMotoServer
     from sqlalchemy.engine import make_url
 
-    from kms_pipelines.core.foundation.context import context_from_env
     from kms_pipelines.core.keys import lifecycle
+    from kms_pipelines.core.runtime.wiring import context_from_env
 
     # A worker refuses to start without SMTP or Slack (its outbox is on a host nobody reads).
     smtp = Controller(Sink(), hostname="127.0.0.1", port=_free_port())

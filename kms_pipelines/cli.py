@@ -189,8 +189,8 @@ def get_context(ctx: click.Context, *, create: bool = False):
     only for read-only commands."""
     obj = ctx.ensure_object(dict)
     if "kms" not in obj:
-        from .core.foundation.context import context_from_env
         from .core.foundation.worker import is_worker, require_worker_env
+        from .core.runtime.wiring import context_from_env
 
         if is_worker():
             require_worker_env()  # a worker's missing pieces first: they are why its state looks absent

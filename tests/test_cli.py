@@ -152,7 +152,7 @@ def test_ledger_verify_names_the_first_bad_seq(run, db_env):
 
 def test_keys_list_prints_the_full_fingerprint_that_evidence_verify_trusts(run, tmp_path):
     from kms_pipelines.core.compliance import evidence
-    from kms_pipelines.core.foundation.context import context_from_env
+    from kms_pipelines.core.runtime.wiring import context_from_env
 
     assert run("init").exit_code == 0
     listed = run("keys", "list")

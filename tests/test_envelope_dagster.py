@@ -15,9 +15,9 @@ from sqlalchemy import text
 
 from kms_pipelines.core.envelope import data_keys as envelope
 from kms_pipelines.core.envelope import export_keys
-from kms_pipelines.core.foundation.context import context_from_env
 from kms_pipelines.core.foundation.policy import load_policy
 from kms_pipelines.core.keys import lifecycle
+from kms_pipelines.core.runtime.wiring import context_from_env
 from kms_pipelines.defs import envelope as envelope_defs
 from tests.fixtures.dagster_defs import REPO, kms_resources
 

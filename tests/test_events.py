@@ -112,7 +112,7 @@ def _refresh_shows_the_revocation(instance, response, kms_res):
 
 def test_end_to_end_cli_report_sensor_one_run_then_none(e2e_env, smtp_server, slack_receiver, tmp_path):
     from kms_pipelines.cli import cli
-    from kms_pipelines.core.foundation.context import context_from_env
+    from kms_pipelines.core.runtime.wiring import context_from_env
 
     runner = CliRunner()
     res = runner.invoke(

@@ -217,7 +217,7 @@ def test_database_down_longer_than_the_budget_ends_in_one_line_and_a_rerun_compl
     import os
     import subprocess
 
-    from kms_pipelines.core.foundation.context import context_from_env
+    from kms_pipelines.core.runtime.wiring import context_from_env
 
     url, proxy = pg_proxy
     env = {

@@ -17,11 +17,11 @@ from kms_pipelines.core.access import console_auth
 from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.compliance import eval_a2
 from kms_pipelines.core.foundation.clock import FixedClock
-from kms_pipelines.core.foundation.context import context_from_env
 from kms_pipelines.core.foundation.db.models import STATES, Key, KeyVersion, LedgerEntry
 from kms_pipelines.core.foundation.db.models_access import Approval, AuditEvent, Principal
 from kms_pipelines.core.keys import lifecycle
 from kms_pipelines.core.ledger import audit, ledger
+from kms_pipelines.core.runtime.wiring import context_from_env
 from tests.fixtures.kms import KEY_ORIGIN, approve_both, ceremony, register_key_by_link, totp_now, write_test_policy
 
 ADMINS = (

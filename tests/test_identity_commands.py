@@ -17,13 +17,13 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from kms_pipelines.core.access import principals as access
-from kms_pipelines.core.foundation.context import context_from_env
 from kms_pipelines.core.foundation.db.models import KeyVersion
 from kms_pipelines.core.foundation.db.models_access import Approval, AuditEvent
 from kms_pipelines.core.foundation.db.models_backup import Drill, DrillFollowup
 from kms_pipelines.core.foundation.db.models_events import EscrowCustodian, EscrowPackage, SecurityEvent
 from kms_pipelines.core.foundation.db.models_rotation import DependentConfirmation
 from kms_pipelines.core.ledger import audit
+from kms_pipelines.core.runtime.wiring import context_from_env
 from tests.fixtures.kms import ceremony, enrol_direct, security_key_file, write_test_policy
 from tests.test_access_dagster import dagster_kms  # noqa: F401 -- the fixture, on SQLite and PostgreSQL
 from tests.test_identity import ADMINS, Cli

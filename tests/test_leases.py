@@ -17,9 +17,9 @@ from sqlalchemy import text
 
 from kms_pipelines.core.envelope import data_keys as envelope
 from kms_pipelines.core.envelope import leases
-from kms_pipelines.core.foundation.context import context_from_env
 from kms_pipelines.core.keys import lifecycle
 from kms_pipelines.core.ledger import audit
+from kms_pipelines.core.runtime.wiring import context_from_env
 
 KEY = "data:identity-documents"
 

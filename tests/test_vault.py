@@ -479,7 +479,7 @@ def test_cli_archive_verify_retrieve_and_refusals(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from kms_pipelines.cli import cli
-    from kms_pipelines.core.foundation.context import context_from_env
+    from kms_pipelines.core.runtime.wiring import context_from_env
 
     monkeypatch.setenv("KMS_HOME", str(tmp_path / "home"))
     for var in ("KMS_DATABASE_URL", "KMS_KEYSTORE", "KMS_OBJECT_STORE", "KMS_MASTER_KEY", "KMS_WORKLOAD_PRINCIPAL"):

@@ -618,7 +618,7 @@ def app_from_env() -> Starlette:
     """For ``uvicorn --factory kms_pipelines.console.app:app_from_env`` (KMS_CONSOLE_ORIGIN, KMS_CONSOLE_DAGSTER_URL)."""
     import os
 
-    from ..core.foundation.context import context_from_env
+    from ..core.runtime.wiring import context_from_env
 
     origin = os.environ.get("KMS_CONSOLE_ORIGIN")
     if not origin:
