@@ -412,9 +412,9 @@ def review(ctx, anomaly_id: int, principal: str, note: str | None = None, *, tot
 
 
 def _register_nightly() -> None:
-    from ..runtime import nightly
+    from ..foundation import nightly_steps
 
-    @nightly.nightly_step("audit_anomalies", order=70)
+    @nightly_steps.nightly_step("audit_anomalies", order=70)
     def _audit_anomalies(ctx) -> dict:
         report = refresh_anomalies(ctx)
         return {"new": len(report.new), "unreviewed_high": len(report.unreviewed)}

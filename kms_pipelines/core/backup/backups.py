@@ -870,10 +870,10 @@ def _restore_points_guard(session, ctx, key, version) -> str | None:
 
 # ---------------------------------------------------------------------------- nightly
 
-from ..runtime import nightly as _nightly  # noqa: E402
+from ..foundation import nightly_steps  # noqa: E402
 
 
-@_nightly.nightly_step("backup", order=50)
+@nightly_steps.nightly_step("backup", order=50)
 def _nightly_backup(ctx: KmsContext) -> dict:
     info = create(ctx)
     verified = verify_archive(ctx, info.archive_id)
@@ -885,7 +885,7 @@ def _nightly_backup(ctx: KmsContext) -> dict:
     }
 
 
-@_nightly.nightly_step("backup_retention", order=60)
+@nightly_steps.nightly_step("backup_retention", order=60)
 def _nightly_retention(ctx: KmsContext) -> dict:
     result = prune(ctx)
     return {"deleted": len(result.deleted), "kept": len(result.kept)}

@@ -37,7 +37,7 @@ from sqlalchemy import and_, bindparam, func, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from ..foundation import retry
+from ..foundation import nightly_steps, retry
 from ..foundation.batching import AdaptiveBatch
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
@@ -45,7 +45,6 @@ from ..foundation.db.models import ACTIVE, DESTROYED, REVOKED, ROTATED, Key, Key
 from ..foundation.db.models_envelope import SHARD_SPACE, Dek
 from ..foundation.keystore import DecryptionFailed, KeyNotFound
 from ..keys import lifecycle
-from ..runtime import nightly
 
 log = logging.getLogger(__name__)
 
@@ -797,7 +796,7 @@ def _finish(ctx: KmsContext, result: SweepResult, key_name: str | None, started:
     return result
 
 
-@nightly.nightly_step("envelope_sweep", order=20)
+@nightly_steps.nightly_step("envelope_sweep", order=20)
 def nightly_sweep(ctx: KmsContext) -> dict:
     """Nightly: sweep every data key (all shards in this process); fail loudly if DEKs remain."""
     result = sweep(ctx, **policy_batching(ctx))

@@ -17,12 +17,12 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, update
 
+from ..foundation import nightly_steps
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
 from ..foundation.db.models import ACTIVE, DESTROYED, Key
 from ..foundation.db.models_envelope import Dek
 from ..keys import lifecycle
-from ..runtime import nightly
 from .data_keys import EnvelopeError, deks_on
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def _mark_shredded(ctx: KmsContext, key_name: str) -> int:
         return result.rowcount or 0
 
 
-@nightly.nightly_step("export_expiry", order=21)
+@nightly_steps.nightly_step("export_expiry", order=21)
 def nightly_export_expiry(ctx: KmsContext) -> dict:
     results = expire_due(ctx)
     return {

@@ -25,10 +25,10 @@ from typing import Iterable
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
+from ..foundation import nightly_steps
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
 from ..foundation.db.models import REVOKED, ROTATED, Key, KeyVersion
-from ..runtime import nightly
 from . import lifecycle, service_keys
 
 RETAINED_CLASSES = ("root", "service")
@@ -256,7 +256,7 @@ def _notify_destroyed(ctx: KmsContext, d: DueVersion, requester: str, approvers:
         )
 
 
-@nightly.nightly_step("retire_expired", order=60)
+@nightly_steps.nightly_step("retire_expired", order=60)
 def _retire_step(ctx: KmsContext) -> dict:
     s = retire_expired(ctx)
     return {

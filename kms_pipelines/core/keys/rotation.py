@@ -38,11 +38,11 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
+from ..foundation import nightly_steps
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
 from ..foundation.db.models import ACTIVE, REVOKED, ROTATED, Key, KeyVersion
 from ..foundation.db.models_rotation import PartnerNotice, RootManifest, ServiceSeed
-from ..runtime import nightly
 from . import lifecycle, manifest, service_keys
 from .lifecycle import RotationResult
 
@@ -478,10 +478,10 @@ def _step(key_class: str):
 
 
 for _order, _cls in enumerate(RECONCILED_CLASSES, start=10):
-    nightly.nightly_step(f"rotate_{_cls}", order=_order)(_step(_cls))
+    nightly_steps.nightly_step(f"rotate_{_cls}", order=_order)(_step(_cls))
 
 
-@nightly.nightly_step("notify_partners", order=18)
+@nightly_steps.nightly_step("notify_partners", order=18)
 def _notify_step(ctx: KmsContext) -> dict:
     sent = notify_partners(ctx)
     check = check_partners(ctx)

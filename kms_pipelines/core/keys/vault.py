@@ -35,6 +35,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
+from ..foundation import nightly_steps
 from ..foundation.canonical import canonical_bytes
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
@@ -42,7 +43,6 @@ from ..foundation.db.models import DESTROYED, REVOKED, ROTATED, Key, KeyVersion
 from ..foundation.db.models_vault import ARCHIVED, DELETED, UNARCHIVABLE, ArchiveCopy, ForensicRetrieval
 from ..foundation.keystore import KeyNotFound, NotArchivable, verify_signature
 from ..ledger import audit, ledger
-from ..runtime import nightly
 from . import lifecycle
 
 KEK_KEY = "archive"
@@ -581,7 +581,7 @@ def _is_forensic(detail: Any) -> bool:
 # ---- nightly ---------------------------------------------------------------------------
 
 
-@nightly.nightly_step("vault_archive", order=16)
+@nightly_steps.nightly_step("vault_archive", order=16)
 def _archive_step(ctx: KmsContext) -> dict:
     from .forensic import purge_expired
 

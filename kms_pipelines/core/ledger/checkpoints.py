@@ -25,11 +25,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select
 
+from ..foundation import nightly_steps
 from ..foundation.canonical import canonical_bytes
 from ..foundation.clock import parse_time
 from ..foundation.context import KmsContext
 from ..foundation.db.models import ACTIVE, Key, KeyVersion
-from ..runtime import nightly
 from . import ledger, rpt
 from .rpt import RootKey, RptError, WindowCollector
 
@@ -465,13 +465,13 @@ def _write_checkpoint_once(ctx: KmsContext) -> dict:
     }
 
 
-@nightly.nightly_step("ledger_checkpoint", order=45)
+@nightly_steps.nightly_step("ledger_checkpoint", order=45)
 def _nightly_checkpoint(ctx: KmsContext) -> dict:
     cp = write_checkpoint(ctx)
     return {"key": cp["key"], "ledger_size": cp["ledger_size"], "rpt_size": cp["rpt_size"]}
 
 
-@nightly.nightly_step("final_checkpoint", order=99)
+@nightly_steps.nightly_step("final_checkpoint", order=99)
 def _nightly_final_checkpoint(ctx: KmsContext) -> dict:
     """Steps after ``ledger_checkpoint`` (retirement, retention) may move the ledger: end the
     night under a checkpoint too (none when nothing moved)."""

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
+from ..foundation import nightly_steps
 from ..foundation.context import KmsContext
 from ..foundation.db.models_rpt import RegulatoryProofToken
-from ..runtime import nightly
 from . import checkpoints
 from .rpt import (
     ChainResult,
@@ -110,7 +110,7 @@ def _verify_parallel(ctx, keys, windows, start, max_seq, workers, batch, marks) 
     return result
 
 
-@nightly.nightly_step("rpt_verify", order=42)
+@nightly_steps.nightly_step("rpt_verify", order=42)
 def _nightly_rpt_verify(ctx: KmsContext) -> dict:
     result = verify_chain(ctx)
     if not result.ok:

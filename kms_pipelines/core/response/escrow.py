@@ -45,11 +45,11 @@ from typing import Mapping
 from sqlalchemy import select
 
 from ..access import notifications
+from ..foundation import nightly_steps
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
 from ..foundation.db.models_events import EscrowCustodian, EscrowDestruction, EscrowPackage, EscrowUnseal
 from ..keys import lifecycle
-from ..runtime import nightly
 
 KEY_NAME = "break-glass"
 FORMAT = "kms-escrow/1"
@@ -467,7 +467,7 @@ def ensure_sealed(ctx: KmsContext, *, reason: str = "rotation") -> dict:
     }
 
 
-@nightly.nightly_step("escrow", order=30)
+@nightly_steps.nightly_step("escrow", order=30)
 def nightly_escrow(ctx: KmsContext) -> dict:
     """R4: rotate break-glass when its cadence is due (even unused), then seal the active
     version. Custodians not enrolled do not stop the night: the problem is returned and

@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib
 
 from ..access.notifications import notify_policy_event
+from ..foundation import nightly_steps
 from ..foundation.context import KmsContext
-from ..runtime import nightly
 
 # ---- overdue partner acknowledgements and drill follow-ups ---------------------------
 
@@ -101,6 +101,6 @@ def notify_overdue(ctx: KmsContext) -> dict:
     return summary
 
 
-@nightly.nightly_step("overdue_notifications", order=75)
+@nightly_steps.nightly_step("overdue_notifications", order=75)
 def _nightly_overdue(ctx: KmsContext) -> dict:
     return notify_overdue(ctx)

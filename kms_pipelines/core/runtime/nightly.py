@@ -6,10 +6,10 @@ contributes (rotations, sweep, checkpoint, escrow, backup …). ``kms simulate``
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ..foundation.context import KmsContext
+from ..foundation.nightly_steps import _STEPS, NightlyStep
 
 # Areas that register steps at import time. Add your module here when you add a step.
 STEP_MODULES: tuple[str, ...] = (
@@ -25,26 +25,6 @@ STEP_MODULES: tuple[str, ...] = (
     "kms_pipelines.core.access.anomalies",
     "kms_pipelines.core.keys.vault",
 )
-
-
-@dataclass(frozen=True)
-class NightlyStep:
-    name: str
-    order: int
-    run: Callable[[KmsContext], Any]
-
-
-_STEPS: dict[str, NightlyStep] = {}
-
-
-def nightly_step(name: str, order: int):
-    """Register ``fn(ctx) -> summary`` as a nightly step; lower ``order`` runs first."""
-
-    def register(fn):
-        _STEPS[name] = NightlyStep(name, order, fn)
-        return fn
-
-    return register
 
 
 def steps() -> list[NightlyStep]:
