@@ -24,6 +24,11 @@ log "static checks passed in $((SECONDS - t0))s"
 
 ensure_postgres
 
+# The layering of kms_pipelines/core/ (.importlinter, docs/architecture.md): a new import from a
+# lower layer into a higher one, or a new cycle in core/ledger or core/backup, fails here.
+log "lint-imports"
+"$VENV/bin/lint-imports" --no-cache
+
 mkdir -p test-artifacts
 log "pytest (PostgreSQL: ${KMS_TEST_DATABASE_URL%%\?*})"
 set +e
