@@ -44,8 +44,6 @@ from ..foundation.canonical import canonical_fast
 from ..foundation.clock import utc
 from ..foundation.db.models_access import AuditEvent
 from .ledger import (
-    GENESIS_HASH,
-    VerifyResult,
     advisory_xact_lock,
     chain_head,
     entry_hash,
@@ -53,6 +51,7 @@ from .ledger import (
     newest_time,
     require_in_order,
 )
+from .verdict import GENESIS_HASH, VerifyResult
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ that recomputes the whole chain.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from json.encoder import encode_basestring as _encode_str  # C-accelerated
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
@@ -22,6 +21,8 @@ from sqlalchemy.orm import Session
 from ..foundation.canonical import canonical_fast
 from ..foundation.clock import utc
 from ..foundation.db.models import LedgerEntry
+from . import ledger_copy
+from .verdict import GENESIS_HASH, VerifyResult, altered, broken_link, seq_gap
 
 if TYPE_CHECKING:
     from ..foundation.context import KmsContext
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 Column = Any
 
 _sha256 = hashlib.sha256
-GENESIS_HASH = "0" * 64
 _LEDGER_LOCK_ID = 0x4B4D53  # "KMS": serialises appends on PostgreSQL
 
 
@@ -228,19 +228,6 @@ def append(
     return entry
 
 
-@dataclass
-class VerifyResult:
-    ok: bool
-    count: int
-    head_seq: int
-    head_hash: str
-    first_bad_seq: int | None = None
-    problem: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 _COLUMNS = (
     LedgerEntry.seq,
     LedgerEntry.at,
@@ -265,29 +252,6 @@ def iter_rows(conn: Connection, batch_size: int = 5000, after_seq: int = 0) -> I
     )
     for partition in result.partitions():
         yield from partition
-
-
-def seq_gap(count: int, prev: str, expected_seq: int, seq: int) -> VerifyResult:
-    """The first bad seq when ``seq`` came where ``expected_seq`` should have (every verifier
-    words a failure the same way, so they name the same first bad seq in the same words)."""
-    problem = (
-        f"entry seq {expected_seq} is missing (next present is {seq})"
-        if seq > expected_seq
-        else f"entry seq {seq} is out of order"
-    )
-    return VerifyResult(False, count, expected_seq - 1, prev, expected_seq, problem)
-
-
-def broken_link(count: int, prev: str, seq: int) -> VerifyResult:
-    return VerifyResult(
-        False, count, seq - 1, prev, seq, f"entry seq {seq} does not link to seq {seq - 1} (prev_hash mismatch)"
-    )
-
-
-def altered(count: int, prev: str, seq: int) -> VerifyResult:
-    return VerifyResult(
-        False, count, seq - 1, prev, seq, f"entry seq {seq} was altered (its content does not match its hash)"
-    )
 
 
 def verify_rows(rows: Iterable[Sequence[Any]], expected_head: tuple[int, str] | None = None) -> VerifyResult:
@@ -344,8 +308,6 @@ def verify(
     PostgreSQL goes over COPY, split over up to ``workers`` processes (``ledger_copy``);
     SQLite streams rows through SQLAlchemy (``verify_rows``)."""
     if engine.dialect.name == "postgresql":
-        from . import ledger_copy
-
         return ledger_copy.verify(engine, workers=workers, min_entries_per_worker=min_entries_per_worker)
     return verify_streamed(engine, batch_size)
 

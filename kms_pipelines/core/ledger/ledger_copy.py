@@ -31,7 +31,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from ..foundation.partitions import map_in_processes, seq_bounds
-from .ledger import GENESIS_HASH, VerifyResult, altered, broken_link, seq_gap
+from .verdict import GENESIS_HASH, VerifyResult, altered, broken_link, seq_gap
 
 # In the order the template uses them (approvers, a JSON text put in as it is, first: the
 # escape check skips it), so a line unpacks straight into it.
