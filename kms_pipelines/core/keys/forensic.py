@@ -19,15 +19,26 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ..foundation import nightly_steps
 from ..foundation.canonical import canonical_bytes
 from ..foundation.context import KmsContext
 from ..foundation.db.models import DESTROYED
-from ..foundation.db.models_vault import ARCHIVED, ArchiveCopy, ForensicRetrieval
+from ..foundation.db.models_vault import ARCHIVED, UNARCHIVABLE, ArchiveCopy, ForensicRetrieval
 from ..foundation.keystore import KeyNotFound, verify_signature
 from ..foundation.keystore import fingerprint as fingerprint_of
 from ..ledger import audit
 from . import lifecycle
-from .vault import KEK_KEY, RETRIEVE_OPERATION, VaultError, b64text, stamp, target_for, verify_copy
+from .vault import (
+    FAILED,
+    KEK_KEY,
+    RETRIEVE_OPERATION,
+    VaultError,
+    archive_pending,
+    b64text,
+    stamp,
+    target_for,
+    verify_copy,
+)
 
 # ---- retrieval under dual control -------------------------------------------------------
 # The two functions below are the only calls into the access area's permission and approval API
@@ -399,3 +410,19 @@ def _rpt_signed_by(token: str, kid: str, public: bytes) -> bool:
         return False
     signing_input = token.rsplit(".", 1)[0].encode("ascii")
     return header.get("kid") == kid and verify_signature(public, signing_input, signature)
+
+
+# ---- nightly ---------------------------------------------------------------------------
+# The archive step lives here, above the vault, because it also purges expired forensic
+# imports (``purge_expired``): the vault never imports forensic.
+
+
+@nightly_steps.nightly_step("vault_archive", order=16)
+def _archive_step(ctx: KmsContext) -> dict:
+    made = archive_pending(ctx)
+    return {
+        "archived": [target_for(c.key, c.version) for c in made if c.status == ARCHIVED],
+        "unarchivable": [target_for(c.key, c.version) for c in made if c.status == UNARCHIVABLE],
+        "failed": [f"{target_for(c.key, c.version)}: {c.reason}" for c in made if c.status == FAILED],
+        "forensic_expired": purge_expired(ctx),
+    }

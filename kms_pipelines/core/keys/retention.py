@@ -19,42 +19,22 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Iterable
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from ..foundation import nightly_steps
-from ..foundation.clock import utc
 from ..foundation.context import KmsContext
 from ..foundation.db.models import REVOKED, ROTATED, Key, KeyVersion
-from . import lifecycle, service_keys
+from . import lifecycle, service_keys, vault
+from .retention_window import RETAINED_CLASSES, destroy_allowed_from, retention_days, retired_at
 
-RETAINED_CLASSES = ("root", "service")
 DESTROY_OPERATION = "destroy"
 # The nightly run requests destruction as the Dagster workload principal (policy
 # access.workload_principals); approvers approve (destroy, key#vN, retire-… ticket).
 NIGHTLY_REQUESTER = "workload:dagster"
-
-
-def retention_days(ctx: KmsContext, key_class: str) -> int | None:
-    if key_class not in RETAINED_CLASSES:
-        return None
-    return ctx.policy.key_class(key_class).retention_days or ctx.policy.retention.expired_root_service_days
-
-
-def retired_at(v: KeyVersion) -> datetime | None:
-    stamps = [utc(t) for t in (v.rotated_at, v.revoked_at) if t is not None]
-    return min(stamps) if stamps else None
-
-
-def destroy_allowed_from(ctx: KmsContext, key: Key, v: KeyVersion) -> datetime | None:
-    days = retention_days(ctx, key.key_class)
-    start = retired_at(v)
-    if days is None or start is None:
-        return None
-    return start + timedelta(days=days)
 
 
 def ticket_for(key_name: str, version: int) -> str:
@@ -170,8 +150,6 @@ def destroy_version(
 
     lifecycle.destroy(ctx, key_name, version, actor=requester, reason=reason, ticket=ticket, authorize=authorize)
     if ctx.objects is not None:
-        from . import vault
-
         vault.on_destroyed(ctx, key_name, version)  # T1: the archive copy goes too (once its lock ends)
     return recorded
 
@@ -222,8 +200,6 @@ def retire_expired(ctx: KmsContext, *, actor: str = NIGHTLY_REQUESTER) -> Retire
             summary.awaiting_approval.append({**item, "missing": str(exc)})
             _request_approval(ctx, d, actor)
     if ctx.objects is not None:
-        from . import vault
-
         summary.archive = vault.delete_expired(ctx)
     return summary
 

@@ -35,7 +35,6 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from ..foundation import nightly_steps
 from ..foundation.canonical import canonical_bytes
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
@@ -44,6 +43,7 @@ from ..foundation.db.models_vault import ARCHIVED, DELETED, UNARCHIVABLE, Archiv
 from ..foundation.keystore import KeyNotFound, NotArchivable, verify_signature
 from ..ledger import audit, ledger
 from . import lifecycle
+from .retention_window import destroy_allowed_from, retired_at
 
 KEK_KEY = "archive"
 ARCHIVED_CLASSES = ("root", "service")
@@ -74,9 +74,7 @@ def stamp(at: datetime | None) -> str | None:
 
 
 def _retention(ctx: KmsContext, key: Key, v: KeyVersion) -> tuple[datetime, datetime] | None:
-    from . import retention
-
-    start, end = retention.retired_at(v), retention.destroy_allowed_from(ctx, key, v)
+    start, end = retired_at(v), destroy_allowed_from(ctx, key, v)
     return (start, end) if start is not None and end is not None else None
 
 
@@ -576,19 +574,3 @@ def _is_forensic(detail: Any) -> bool:
         except ValueError:
             return False
     return isinstance(detail, dict) and bool(detail.get("forensic"))
-
-
-# ---- nightly ---------------------------------------------------------------------------
-
-
-@nightly_steps.nightly_step("vault_archive", order=16)
-def _archive_step(ctx: KmsContext) -> dict:
-    from .forensic import purge_expired
-
-    made = archive_pending(ctx)
-    return {
-        "archived": [target_for(c.key, c.version) for c in made if c.status == ARCHIVED],
-        "unarchivable": [target_for(c.key, c.version) for c in made if c.status == UNARCHIVABLE],
-        "failed": [f"{target_for(c.key, c.version)}: {c.reason}" for c in made if c.status == FAILED],
-        "forensic_expired": purge_expired(ctx),
-    }

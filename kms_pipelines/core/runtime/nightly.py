@@ -23,7 +23,7 @@ STEP_MODULES: tuple[str, ...] = (
     "kms_pipelines.core.ledger.checkpoints",
     "kms_pipelines.core.ledger.rpt_verify",
     "kms_pipelines.core.access.anomalies",
-    "kms_pipelines.core.keys.vault",
+    "kms_pipelines.core.keys.forensic",  # vault_archive (the vault step, with forensic purge)
 )
 
 
