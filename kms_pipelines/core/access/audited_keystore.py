@@ -18,6 +18,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from ..foundation.keystore.base import GeneratedKey, KeyStoreError
+from ..ledger import audit
+from .refusals import AccessDenied
 
 # keystore method -> the audit operation name (the audit vocabulary of docs/architecture.md)
 AUDIT_NAMES = {
@@ -50,7 +52,7 @@ class AuditedKeyStore:
             credentials = credentials if credentials is not None else inner._credentials
             inner = inner._inner
         self._inner = inner
-        self._credentials = credentials  # access.WorkloadIdentity / access.StaticToken, or None
+        self._credentials = credentials  # principals.WorkloadIdentity / StaticToken (``authorize``), or None
         self._ctx = context
 
     # ---- wiring ------------------------------------------------------------------------
@@ -88,19 +90,14 @@ class AuditedKeyStore:
         ctx = self._ctx
         if ctx is None:  # not bound to a context: nothing to audit against
             return fn()
-        from ..ledger import audit
-
         operation = AUDIT_NAMES[method]
         actor = ctx.actor
         if self._credentials is not None:
-            from . import principals as access
-
             try:
-                claims = self._credentials.claims(ctx)
+                claims = self._credentials.authorize(ctx, operation, ref)
                 actor = claims.sub
-                access.check_workload_permission(ctx, claims, access.permission_for(operation), operation, ref)
                 detail = {**(detail or {}), "jti": claims.jti, "via": ctx.actor}
-            except access.AccessDenied as exc:
+            except AccessDenied as exc:
                 audit.emit(
                     ctx,
                     at=ctx.now(),

@@ -56,6 +56,7 @@ from ..foundation.db.models_access import Approval, ApprovalRequest, Principal
 from ..foundation.keystore import AES_256, ED25519, KeyExists, KeyNotFound, verify_signature
 from ..ledger import audit
 from .audited_keystore import AuditedKeyStore, unwrap
+from .refusals import AccessDenied
 
 SEAL_REF = "kms-access.totp-seal"
 SIGNING_REF = "kms-access.workload-signing"
@@ -82,15 +83,6 @@ _PERMISSION_FOR = {
     "read": "read",
     "archive-retrieve": "archive-retrieve",
 }
-
-
-class AccessDenied(ValueError):
-    """A refused operation; the message names what is missing. Nothing was changed."""
-
-    def __init__(self, message: str, *, reason: str = "permission", principal: str | None = None):
-        super().__init__(message)
-        self.reason = reason
-        self.principal = principal
 
 
 def permission_for(operation: str) -> str | None:
@@ -1249,7 +1241,21 @@ def check_workload_permission(
         )
 
 
-class WorkloadIdentity:
+class _Credentials:
+    """What ``AuditedKeyStore`` calls before each keystore operation: the claims, checked
+    against the policy's permission for ``operation`` (the wrapper sits below this module and
+    gets the check through the credentials it holds, not by importing it)."""
+
+    def claims(self, ctx: KmsContext) -> WorkloadClaims:
+        raise NotImplementedError
+
+    def authorize(self, ctx: KmsContext, operation: str, ref: str | None) -> WorkloadClaims:
+        claims = self.claims(ctx)
+        check_workload_permission(ctx, claims, permission_for(operation), operation, ref)
+        return claims
+
+
+class WorkloadIdentity(_Credentials):
     """Holds a workload principal's token and re-issues it ``workload_token_refresh_seconds``
     before it expires (or when the clock moved before its issue time)."""
 
@@ -1276,7 +1282,7 @@ class WorkloadIdentity:
         return _check_time(ctx, c)
 
 
-class StaticToken:
+class StaticToken(_Credentials):
     """A token presented as is (by a workload that got it elsewhere): never refreshed."""
 
     def __init__(self, token: str):
