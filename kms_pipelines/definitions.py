@@ -5,6 +5,7 @@ from pathlib import Path
 import dagster as dg
 
 from . import defs as defs_package
+from .core.runtime import guards  # noqa: F401  (every destroy/revoke guard registered before a job runs)
 from .scaleout import executors
 
 

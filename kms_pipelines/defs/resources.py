@@ -13,6 +13,7 @@ import dagster as dg
 from pydantic import Field
 
 from ..core.foundation.context import KmsContext, kms_home
+from ..core.runtime import guards  # noqa: F401  (registers every destroy/revoke guard)
 
 _CACHE: dict[tuple, KmsContext] = {}
 _CACHE_LOCK = threading.Lock()

@@ -437,7 +437,7 @@ def check_revoke(
     event_id: str | None = None,
     skip: Iterable[str] = (),
 ) -> list[tuple[str, str]]:
-    destroy_guards()  # imports GUARD_MODULES, which register revoke guards too
+    destroy_guards()  # refuses unless runtime/guards.py registered every guard (revoke ones too)
     refusals = []
     for guard_name, guard in dict(_REVOKE_GUARDS).items():
         if guard_name in skip:
@@ -506,24 +506,25 @@ def destroy_guard(name: str):
     return register
 
 
-# Modules that register destroy guards at import; imported before any destroy decision so
-# a guard can never be skipped because its module happened not to be loaded yet.
-GUARD_MODULES: tuple[str, ...] = (
-    "kms_pipelines.core.keys.retention",
-    "kms_pipelines.core.keys.dependents",
-    "kms_pipelines.core.keys.service_keys",
-    "kms_pipelines.core.envelope.data_keys",
-    "kms_pipelines.core.backup.backups",
-    "kms_pipelines.core.response.escrow",
-    "kms_pipelines.core.keys.vault",
-)
+# Which guards exist is decided above this module: the areas that own them register them
+# (``@destroy_guard`` / ``@revoke_guard``) and ``core/runtime/guards.py`` imports every such
+# area, then calls ``guards_loaded``. The CLI, the console, the Dagster resources and the test
+# fixtures import it before they build a context. A destroy or revoke decision before that
+# refuses loudly, so a guard can never be skipped because its module was not loaded yet.
+_GUARDS_LOADED: list[str] = []  # the modules that runtime/guards.py loaded (empty: not yet)
+
+
+def guards_loaded(modules: Iterable[str]) -> None:
+    """Called once by ``core/runtime/guards.py`` after it imported every guard module."""
+    _GUARDS_LOADED[:] = list(modules)
 
 
 def destroy_guards() -> dict[str, DestroyGuard]:
-    import importlib
-
-    for module in GUARD_MODULES:
-        importlib.import_module(module)
+    if not _GUARDS_LOADED:
+        raise LifecycleError(
+            "destroy/revoke guards are not loaded: import kms_pipelines.core.runtime.guards "
+            "before deciding a destroy or revoke (nothing was changed)"
+        )
     return dict(_DESTROY_GUARDS)
 
 

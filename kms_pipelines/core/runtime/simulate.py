@@ -37,6 +37,7 @@ from ..foundation.context import KmsContext
 from ..foundation.db.models import ACTIVE, Key, LedgerEntry
 from ..keys import lifecycle
 from . import nightly
+from . import guards  # noqa: F401  (every destroy/revoke guard, as the CLI and Dagster load them)
 
 
 @dataclass

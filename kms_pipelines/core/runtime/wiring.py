@@ -9,6 +9,7 @@ from typing import Any
 from ..foundation.clock import Clock, SystemClock
 from ..foundation.context import KmsContext, kms_home
 from ..foundation.policy import load_policy
+from . import guards  # noqa: F401  (registers every destroy/revoke guard before a context exists)
 
 
 def context_from_env(
