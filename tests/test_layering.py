@@ -85,3 +85,44 @@ def test_a_destroy_decision_before_the_guards_load_refuses():
         check=True,
     ).stdout
     assert "refused: destroy/revoke guards are not loaded" in out
+
+
+# ---- no import inside a function in core/, unless it is lazy for start-up time ---------------
+# Issue 17: "No import inside a function to dodge a cycle; lazy imports for start-up time are
+# fine when the comment says so." A function-level import under core/ must carry this marker
+# on its line (or the line above); everything else goes to the top of the module.
+LAZY_MARKER = "lazy import: start-up time"
+
+
+def _function_level_imports(path: Path) -> list[tuple[int, str]]:
+    source = path.read_text()
+    lines = source.splitlines()
+    found = []
+    for fn in ast.walk(ast.parse(source, str(path))):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    near = "\n".join(lines[max(node.lineno - 2, 0) : node.end_lineno])
+                    if LAZY_MARKER not in near:
+                        found.append((node.lineno, ast.unparse(node)))
+    return sorted(set(found))
+
+
+def test_core_has_no_function_level_import_without_a_start_up_reason():
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line}: {text}"
+        for path in sorted((PACKAGE / "core").rglob("*.py"))
+        for line, text in _function_level_imports(path)
+    ]
+    assert not offenders, (
+        f"imports inside functions in core/ without a '# {LAZY_MARKER} (…)' comment "
+        "(hoist them, or break the cycle they dodge):\n" + "\n".join(offenders)
+    )
+
+
+def test_the_import_check_sees_a_function_level_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "def f():\n    from . import x\n\n\ndef g():\n    import boto3  # lazy import: start-up time (boto3)\n"
+    )
+    assert _function_level_imports(bad) == [(2, "from . import x")]

@@ -10,12 +10,14 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from ..foundation import limits, nightly_steps
 from ..foundation.canonical import canonical_fast
 from ..foundation.clock import parse_time, utc
 from ..foundation.db.models import LedgerEntry
 from ..foundation.db.models_access import AuditAnomaly, AuditEvent
 from ..ledger.audit import AuditError, _clean, emit, flush, record
 from ..ledger.ledger import format_time
+from . import principals as access
 
 SEVERITY_RANK = {"low": 0, "medium": 1, "high": 2}
 
@@ -48,8 +50,6 @@ def detect(ctx, at: datetime | None = None) -> list[Anomaly]:
     audit log and the ledger: rate spikes per principal against the trailing baseline,
     operations by principals lacking the permission, decrypt bursts, failure bursts,
     manual ledger changes without approvals."""
-    from . import principals as access
-
     pol = ctx.policy.audit
     end = utc(at or ctx.now())
     window = timedelta(hours=pol.anomaly_window_hours)
@@ -363,9 +363,6 @@ def unreviewed(ctx) -> list[AuditAnomaly]:
 def review(ctx, anomaly_id: int, principal: str, note: str | None = None, *, totp: str | None) -> AuditAnomaly:
     """Mark an anomaly reviewed by ``principal``, proven by their TOTP code, who holds
     ``review`` and is not the principal whose actions raised the anomaly."""
-    from ..foundation import limits
-    from . import principals as access
-
     limits.text(note, "review note", required=False)
     target = f"anomaly:{anomaly_id}"
     now = ctx.now()
@@ -412,8 +409,6 @@ def review(ctx, anomaly_id: int, principal: str, note: str | None = None, *, tot
 
 
 def _register_nightly() -> None:
-    from ..foundation import nightly_steps
-
     @nightly_steps.nightly_step("audit_anomalies", order=70)
     def _audit_anomalies(ctx) -> dict:
         report = refresh_anomalies(ctx)

@@ -24,6 +24,8 @@ from sqlalchemy import select
 
 from ..foundation.clock import utc
 from ..foundation.db.models import ACTIVE, DESTROYED, PENDING, REVOKED, ROTATED, STATES, Key, KeyVersion, LedgerEntry
+from ..foundation.db.models_access import AuditEvent
+from ..ledger import audit
 
 TRANSITION_OP = "ledger.transition"
 STAMP = {ACTIVE: "activated_at", ROTATED: "rotated_at", REVOKED: "revoked_at", DESTROYED: "destroyed_at"}
@@ -134,8 +136,6 @@ def replay(conn) -> CrossCheck:
 def ledger_vs_audit(conn) -> CrossCheck:
     """Each ledger entry ↔ its ``ledger.transition`` audit event; each new version ↔ the
     audited generation of its key material. Call ``audit.flush`` first."""
-    from ..foundation.db.models_access import AuditEvent
-
     res = CrossCheck(True, sources=["ledger_entries", "audit_events"])
     events: dict[int, tuple] = {}
     material: set[str] = set()
@@ -201,8 +201,6 @@ def ledger_vs_audit(conn) -> CrossCheck:
 
 def verify(ctx) -> CrossCheck:
     """Both cross-checks over the live database (the audit writer flushed first)."""
-    from ..ledger import audit
-
     audit.flush(ctx)
     with ctx.engine.connect() as conn:
         a, b = replay(conn), ledger_vs_audit(conn)

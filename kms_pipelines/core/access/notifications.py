@@ -35,6 +35,7 @@ from sqlalchemy import select
 
 from ..foundation.context import KmsContext
 from ..foundation.db.models_events import NotificationDelivery
+from ..foundation.transports import DeliveryResult, Notification
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,6 @@ def notify_policy_event(
 
     Never raises for a delivery problem (including refused content or a missing notifier);
     the outcome and the ``notification_deliveries`` rows say what happened."""
-    from ..foundation.transports import DeliveryResult, Notification
-
     default_audience, default_severity = AUDIENCE_BY_KIND.get(kind, (("compliance",), "info"))
     audience = tuple(audience or default_audience)
     emails, channels = recipients(ctx, audience)

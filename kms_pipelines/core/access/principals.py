@@ -52,7 +52,9 @@ from ..foundation import limits
 from ..foundation.canonical import canonical_bytes
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
+from ..foundation.db.models import Key, KeyVersion
 from ..foundation.db.models_access import Approval, ApprovalRequest, Principal
+from ..foundation.db.models_events import EscrowPackage
 from ..foundation.keystore import AES_256, ED25519, KeyExists, KeyNotFound, verify_signature
 from ..ledger import audit
 from .audited_keystore import AuditedKeyStore, unwrap
@@ -895,8 +897,6 @@ def _cooling_off_message(ctx: KmsContext, p: Principal) -> str:
 
 
 def _target_exists(session: Session, operation: str, target: str) -> bool:
-    from ..foundation.db.models import Key, KeyVersion
-
     if operation in PRINCIPAL_OPERATIONS:
         return False  # only an open request names a principal change
     name, _, version = target.partition("#v")
@@ -908,8 +908,6 @@ def _target_exists(session: Session, operation: str, target: str) -> bool:
     if session.scalars(q).first() is not None:
         return True
     if operation == "break-glass":
-        from ..foundation.db.models_events import EscrowPackage
-
         return session.get(EscrowPackage, target) is not None
     return False
 

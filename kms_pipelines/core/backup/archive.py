@@ -14,6 +14,7 @@ concatenates the parts in order into ``pg_restore``.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import tarfile
@@ -171,8 +172,6 @@ def encrypted_archive(
     r2, w2 = os.pipe()
     for fd in (w1, w2):
         try:
-            import fcntl
-
             fcntl.fcntl(fd, 1031, PIPE_BUFFER)  # F_SETPIPE_SZ: fewer context switches
         except OSError:
             pass

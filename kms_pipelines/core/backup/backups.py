@@ -34,16 +34,18 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import and_, exists, select, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm import Session, aliased
 
-from ..foundation import retry
+from ..envelope import data_keys as envelope
+from ..foundation import nightly_steps, retry
 from ..foundation.canonical import canonical_bytes
-from ..foundation.clock import utc
+from ..foundation.clock import parse_time, utc
 from ..foundation.context import KmsContext
 from ..foundation.db.models import ACTIVE, REVOKED, ROTATED, Key, KeyVersion
 from ..foundation.db.models_backup import (
@@ -57,7 +59,9 @@ from ..foundation.db.models_backup import (
     BackupKeyRef,
 )
 from ..foundation.keystore import fingerprint, verify_signature
+from ..foundation.objectstore import ObjectLocked, ObjectNotFound
 from ..keys import lifecycle
+from ..keys import manifest as root_manifest
 from . import archive as archive_mod
 from . import manifest_schema
 
@@ -138,8 +142,6 @@ def tool_versions() -> dict:
 
 @functools.lru_cache(maxsize=1)
 def _tool_versions() -> tuple:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"python": sys.version.split()[0]}
     for pkg in ("kms-pipelines", "pyrage", "zstandard", "sqlalchemy", "alembic"):
         try:
@@ -154,12 +156,7 @@ def _tool_versions() -> tuple:
 
 
 def _envelope():
-    try:
-        from ..envelope import data_keys as envelope  # issue 4a (colleague)
-
-        return envelope if hasattr(envelope, "deks_on") else None
-    except ImportError:
-        return None
+    return envelope
 
 
 def _active(session, name: str) -> KeyVersion:
@@ -173,8 +170,6 @@ def _active(session, name: str) -> KeyVersion:
 def _data_key_refs(engine: Engine) -> list[dict]:
     """Live data-key versions the dump holds ciphertext under (DEK counts when the
     envelope module is installed; otherwise every live version)."""
-    from sqlalchemy.orm import Session
-
     env = _envelope()
     out = []
     with Session(engine) as session:
@@ -240,8 +235,6 @@ def pinned_root_keys(ctx: KmsContext, trust: list[bytes] | list[str]) -> dict[st
     """fingerprint → public key of the pinned roots and of every root reached from them by
     the published old-signs-new manifests (``manifests/root/`` in the object store). A root
     whose successor's manifest records it as revoked is left out."""
-    from ..keys import manifest as root_manifest
-
     pinned = {k: None for k in trust if isinstance(k, str)}
     pinned.update({fingerprint(k): k for k in trust if isinstance(k, bytes)})
     docs = []
@@ -300,9 +293,6 @@ def _signed_outside_window(ctx: KmsContext, trust, kid: str, created_at: str) ->
     """A root signs backups only while it is the active root: from its activation to the
     activation of its successor (or its revocation). The window comes from this KMS's
     key_versions, or, for a pinned restore, from the published root manifests."""
-    from ..foundation.clock import parse_time
-    from ..keys import manifest as root_manifest
-
     try:
         at = utc(parse_time(created_at))
     except ValueError:
@@ -461,8 +451,6 @@ def _create_once(
     archive_key, manifest_key = prefix + ".tar.zst.age", prefix + ".manifest.json"
     kind = _db_kind(source.engine)
     refs = _data_key_refs(source.engine)
-    from ..keys import manifest as root_manifest
-
     # An offline restore pinned to a root fingerprint reaches the signing root only
     # through published root manifests: make sure every root version has one.
     root_manifest.publish_pending(ctx)
@@ -775,8 +763,6 @@ def gfs_keep_set(ctx: KmsContext, rows: list[Backup], now: datetime) -> dict[int
 
 def prune(ctx: KmsContext, *, dry_run: bool = False) -> PruneResult:
     """Delete archives outside the GFS set whose lock has lapsed (B3)."""
-    from ..foundation.objectstore import ObjectLocked, ObjectNotFound
-
     failed = [] if dry_run else mark_stale_uploads(ctx)
     now = ctx.now()
     with ctx.transaction() as session:
@@ -869,8 +855,6 @@ def _restore_points_guard(session, ctx, key, version) -> str | None:
 
 
 # ---------------------------------------------------------------------------- nightly
-
-from ..foundation import nightly_steps  # noqa: E402
 
 
 @nightly_steps.nightly_step("backup", order=50)

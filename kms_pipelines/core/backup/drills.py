@@ -18,9 +18,12 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from ..access.principals import list_principals
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
 from ..foundation.db.models_backup import Drill, DrillFollowup
+from ..keys.forensic import drill_check
+from . import restore as restore_mod
 from .backups import BackupError, get_backup
 
 PASSED, FAILED = "passed", "failed"
@@ -107,8 +110,6 @@ def default_participants(ctx: KmsContext) -> list[str]:
     """The people who would run a drill: enrolled, enabled humans holding an on-call or
     security role. Before anyone is enrolled, the policy's on-call list (rotations, not
     names) stands in, marked as such so the report does not pass it off as attendance."""
-    from ..access.principals import list_principals
-
     people = [
         p["name"]
         for p in list_principals(ctx)
@@ -133,8 +134,6 @@ def run_drill(
     control (ticket ``forensic.drill_ticket``) and verifies the oldest RPTs it signed (T1).
     ``period`` names what the drill is for (the Dagster partition, e.g. ``2026-10``) when
     that differs from the day it is performed."""
-    from . import restore as restore_mod
-
     if ctx.role == "worker":  # the report below is a file on this host: on a worker, nobody would find it
         raise BackupError(
             "a drill writes its runbook report under KMS_HOME on the host that runs it: "
@@ -164,8 +163,6 @@ def run_drill(
         findings.append(f"restore refused or failed: {exc}")
     forensic = None
     if ctx.objects is not None:
-        from ..keys.forensic import drill_check
-
         forensic = drill_check(ctx, requested_by=forensic_requester)
         checks.append(forensic)
         if forensic["status"] != PASSED:

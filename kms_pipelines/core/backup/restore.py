@@ -20,13 +20,14 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import json
 import os
 import secrets
 import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Iterator
@@ -37,6 +38,9 @@ from sqlalchemy.engine import make_url
 from ..foundation import db as db_mod
 from ..foundation.context import KmsContext
 from ..foundation.db.models import Key, KeyVersion
+from ..foundation.keystore.software import SoftwareKeyStore
+from ..foundation.objectstore import ObjectNotFound
+from ..ledger import ledger, rpt_verify
 from . import archive as archive_mod
 from .backups import BackupError, get_backup, load_trust, mark_verified, verify_manifest
 
@@ -97,8 +101,6 @@ class _CopiedArchive:
         self._files = files
 
     def _path(self, key: str) -> Path:
-        from ..foundation.objectstore import ObjectNotFound
-
         if key not in self._files:
             raise ObjectNotFound(f"{key} is not among the copied files")
         return self._files[key]
@@ -115,9 +117,6 @@ def archive_from_path(ctx: KmsContext, archive: str) -> tuple[KmsContext, str]:
     Inside the local object store it is that object. Elsewhere (a copy fetched out of S3)
     it is read where it lies, with its signed manifest beside it, and verified exactly as
     a stored object would be. Anything else (an id, an object key) is returned unchanged."""
-    import json
-    from dataclasses import replace
-
     path = Path(archive)
     if not archive.endswith(ARCHIVE_SUFFIX) or not path.is_file():
         return ctx, archive
@@ -201,8 +200,6 @@ def verify_before_restore(
 ) -> tuple[dict, str]:
     """Steps (1) and (2): signed manifest, then the archive's size and sha256. Returns
     (manifest, archive_key); raises BackupError naming what does not match."""
-    from ..foundation.objectstore import ObjectNotFound
-
     archive_key, manifest_key = _locate(ctx, archive)
     try:
         raw = ctx.objects.get_bytes(manifest_key)
@@ -277,8 +274,6 @@ def restored_keystore(ctx: KmsContext, home: Path):
     master = _software_master(ctx.keystore)
     keys_dir = home / "artifacts" / "kms" / "keys"
     if master is not None and keys_dir.is_dir():
-        from ..foundation.keystore.software import SoftwareKeyStore
-
         ks = SoftwareKeyStore.__new__(SoftwareKeyStore)
         SoftwareKeyStore.__init__(ks, keys_dir, master_key=b"\0" * 32)
         ks._master = master
@@ -287,8 +282,6 @@ def restored_keystore(ctx: KmsContext, home: Path):
 
 
 def staging_context(ctx: KmsContext, url: str, home: Path) -> KmsContext:
-    from dataclasses import replace
-
     return replace(
         ctx,
         engine=db_mod.make_engine(url),
@@ -402,8 +395,6 @@ def _run_check(report: RestoreReport, name: str, fn) -> None:
 
 
 def _post_checks(ctx: KmsContext, staged: KmsContext, manifest: dict, report: RestoreReport) -> None:
-    from ..ledger import ledger
-
     def migrations():
         db_mod.upgrade(staged.engine)
         return PASSED, f"at revision {db_mod.current_revision(staged.engine)}"
@@ -413,8 +404,6 @@ def _post_checks(ctx: KmsContext, staged: KmsContext, manifest: dict, report: Re
         return (PASSED, f"{r.count} entries") if r.ok else (FAILED, f"first bad seq {r.first_bad_seq}: {r.problem}")
 
     def rpt_chain():
-        from ..ledger import rpt_verify
-
         # A restore point is older than the live chain: the newest checkpoint in the shared
         # object store describes the live head, so comparing against it would report the
         # restored chain as truncated. Links, signatures and signing windows are checked.

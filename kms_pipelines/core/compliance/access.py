@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
+from ..access import anomalies, console_auth, crosscheck, notifications
+from ..access import principals as access
 from ..foundation.context import KmsContext
+from ..foundation.db.models import LedgerEntry
+from ..foundation.db.models_access import AuditEvent
+from ..foundation.db.models_events import EscrowCustodian
+from ..ledger import audit, checkpoints
 from .model import _FACTOR_NAMES, Finding, _finding, _iso, _join
 from .rotation import lifecycle_class
 
@@ -22,8 +28,6 @@ A2_MAX_TOKEN_MINUTES = 15
 
 
 def eval_a1(ctx: KmsContext) -> Finding:
-    from ..access import principals as access
-
     problems, good = [], []
     pol = ctx.policy.access
     if sorted(pol.roles) != sorted(A1_ROLES):
@@ -66,12 +70,6 @@ def _a1_audit_actors(ctx: KmsContext, principals: list[dict]) -> tuple[int, list
     """Who really acted: every actor of a successful operation in the audit log must be an
     enrolled principal, an escrow custodian, a declared workload or one of the KMS's own
     declared service actors -- a name nobody enrolled is access outside the role model."""
-    from sqlalchemy import func
-
-    from ..foundation.db.models_access import AuditEvent
-    from ..foundation.db.models_events import EscrowCustodian
-    from ..ledger import audit
-
     pol = ctx.policy.access
     audit.flush(ctx)
     with ctx.engine.connect() as conn:
@@ -101,9 +99,6 @@ def _a1_audit_actors(ctx: KmsContext, principals: list[dict]) -> tuple[int, list
 
 
 def eval_a2(ctx: KmsContext) -> Finding:
-    from ..access import principals as access
-    from ..foundation.db.models_access import AuditEvent
-
     problems, good, warnings = [], [], []
     cap = ctx.policy.access.workload_token_ttl_minutes
     if cap > A2_MAX_TOKEN_MINUTES:
@@ -174,8 +169,6 @@ def eval_a2(ctx: KmsContext) -> Finding:
 def _a2_console_factors(ctx: KmsContext) -> tuple[list[str], list[str]]:
     """A2's console half: every enabled human principal with a role has a registered FIDO2
     security key and a TOTP enrolment (``kms console`` signs in with both)."""
-    from ..access import console_auth
-
     gaps = console_auth.missing_console_factors(ctx)
     if gaps:
         return [
@@ -188,9 +181,6 @@ def _a2_console_factors(ctx: KmsContext) -> tuple[list[str], list[str]]:
 
 
 def eval_a3(ctx: KmsContext) -> Finding:
-    from ..access import anomalies
-    from ..ledger import audit
-
     problems, good = [], []
     result = audit.verify(ctx)
     if result.ok:
@@ -233,8 +223,6 @@ def eval_a3(ctx: KmsContext) -> Finding:
 def _a3_audit_matches_checkpoints(ctx: KmsContext, good: list[str]) -> list[str]:
     """The audit log is immutable only if a cut of its tail shows: its head is signed into
     every checkpoint in WORM storage."""
-    from ..ledger import checkpoints
-
     if ctx.objects is None:
         return []
     problem = checkpoints.audit_problem(ctx)
@@ -247,9 +235,6 @@ def _a3_audit_matches_checkpoints(ctx: KmsContext, good: list[str]) -> list[str]
 def _a3_ledger_matches_audit(ctx: KmsContext, good: list[str]) -> list[str]:
     """Every key-state change is in both the ledger and the audit log, and every new
     version's material was generated through the audited keystore."""
-    from ..access import crosscheck
-    from ..ledger import audit
-
     audit.flush(ctx)
     with ctx.engine.connect() as conn:
         cross = crosscheck.ledger_vs_audit(conn)
@@ -271,8 +256,6 @@ def _is_manual(ctx: KmsContext, key_name: str, to_state: str, reason: str | None
 def eval_a4(ctx: KmsContext) -> Finding:
     """Manual ops: dual approval and a ticket (ledger), a delivered compliance notification
     per ticket (notification_deliveries), state changes only through the ledger (key_versions)."""
-    from ..access import crosscheck, notifications
-    from ..foundation.db.models import LedgerEntry
 
     problems, good, warnings = [], [], []
     need = ctx.policy.access.approvals_required
@@ -349,8 +332,6 @@ def _a4_state_outside_ledger(replay) -> list[str]:
 def _a4_notifications(ctx: KmsContext, tickets: dict[str, int]) -> tuple[int, list[str], list[str]]:
     """(tickets notified, problems, warnings): a manual operation counts as notified only
     when its compliance notification reached a real channel and none of its channels failed."""
-    from ..access import notifications
-
     found = notifications.deliveries_by_ref(ctx, notifications.MANUAL_KINDS, tickets)
     problems, warnings, notified = [], [], 0
     for ticket, d in found.items():

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from sqlalchemy import select
 
+from ..backup import archive, drills
+from ..backup import backups as backup
 from ..foundation.context import KmsContext
+from ..foundation.db.models_backup import GOOD_STATUSES, PRUNED, Backup, Drill
+from ..foundation.objectstore import ObjectNotFound
 from .model import FAIL, Finding, _cadence, _finding, _iso
 
 # ---- B: backup, restore, drills -----------------------------------------------------
 
 
 def eval_b1(ctx: KmsContext) -> Finding:
-    from ..backup import backups as backup
-
     problems, good = [], []
     fresh = backup.freshness(ctx)
     limit = ctx.policy.backup.freshness_hours
@@ -56,9 +60,6 @@ def eval_b1(ctx: KmsContext) -> Finding:
 def _b1_archive_bytes(ctx: KmsContext, archive_id: str, archive_key: str, manifest: dict) -> list[str]:
     """Stream the archive object and compare it with the signed manifest: a manifest that
     verifies says nothing about bytes overwritten underneath it."""
-    from ..backup import archive
-    from ..foundation.objectstore import ObjectNotFound
-
     try:
         with ctx.objects.open(archive_key) as f:
             sha, size = archive.hash_stream(f)
@@ -72,8 +73,6 @@ def _b1_archive_bytes(ctx: KmsContext, archive_id: str, archive_key: str, manife
 
 
 def eval_b2(ctx: KmsContext) -> Finding:
-    from ..backup import drills
-
     st = drills.status(ctx)
     days = ctx.policy.drills.cadence_days
     if st["last_drill"] is None:
@@ -95,9 +94,6 @@ def eval_b2(ctx: KmsContext) -> Finding:
 
 
 def eval_b3(ctx: KmsContext) -> Finding:
-    from ..backup import backups as backup
-    from ..foundation.db.models_backup import GOOD_STATUSES, PRUNED, Backup
-
     problems, good, details = _cadence(ctx, "backup")
     now = ctx.now()
     with ctx.transaction() as session:
@@ -122,11 +118,6 @@ def eval_b3(ctx: KmsContext) -> Finding:
 
 
 def eval_b4(ctx: KmsContext) -> Finding:
-    import hashlib
-
-    from ..backup import drills
-    from ..foundation.db.models_backup import Drill
-
     with ctx.transaction() as session:
         last = session.scalars(select(Drill).order_by(Drill.started_at.desc(), Drill.id.desc())).first()
         path, digest, date = (last.report_path, last.report_sha256, last.drill_date) if last else (None, None, None)

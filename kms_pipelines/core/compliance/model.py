@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Sequence
 
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
+from ..keys import lifecycle
 
 PASS, FAIL, WARN, UNKNOWN = "pass", "fail", "warn", "unknown"
 STATUSES = (PASS, FAIL, WARN, UNKNOWN)
@@ -161,8 +162,6 @@ def _iso(at: datetime | None) -> str:
 
 
 def _inventory(ctx: KmsContext, key_class: str | None = None):
-    from ..keys import lifecycle
-
     return [r for r in lifecycle.inventory(ctx) if key_class is None or r.key_class == key_class]
 
 

@@ -6,7 +6,13 @@ from dataclasses import asdict
 
 from sqlalchemy import select
 
+from ..envelope import data_keys as envelope
 from ..foundation.context import KmsContext
+from ..foundation.db.models import ACTIVE, Key, KeyVersion
+from ..foundation.db.models_rotation import ServiceSeed
+from ..keys import lifecycle, manifest, service_keys
+from ..ledger import rpt_verify
+from ..response import escrow
 from .access import PROBE_CLIENT
 from .model import Finding, _finding, _iso
 
@@ -14,11 +20,6 @@ from .model import Finding, _finding, _iso
 
 
 def eval_p1(ctx: KmsContext) -> Finding:
-    from ..foundation.db.models import ACTIVE, Key, KeyVersion
-    from ..foundation.db.models_rotation import ServiceSeed
-    from ..keys import manifest
-    from ..ledger import rpt_verify
-
     problems, good = [], []
     chain = rpt_verify.verify_chain(ctx)
     if chain.ok:
@@ -61,8 +62,6 @@ def eval_p1(ctx: KmsContext) -> Finding:
 
 
 def eval_p2(ctx: KmsContext) -> Finding:
-    from ..keys import service_keys
-
     problems, good, per = [], [], {}
     for service in ctx.policy.key_class("service").names or []:
         steps = []
@@ -91,9 +90,6 @@ def eval_p2(ctx: KmsContext) -> Finding:
 
 
 def eval_p3(ctx: KmsContext) -> Finding:
-    from ..envelope import data_keys as envelope
-    from ..keys import lifecycle
-
     problems, good = [], []
     names = [f"data:{n}" for n in ctx.policy.key_class("data").names or []]
     with ctx.transaction() as session:
@@ -127,8 +123,6 @@ def eval_p3(ctx: KmsContext) -> Finding:
 
 
 def eval_p4(ctx: KmsContext) -> Finding:
-    from ..response import escrow
-
     problems = escrow.current_problems(ctx)
     cur = escrow.current_package(ctx)
     good = (

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..envelope import data_keys as envelope
 from ..foundation.context import KmsContext
 from ..foundation.db.models import STATES
+from ..keys import lifecycle
 
 
 def key_inventory_frame(ctx: KmsContext):
     """One row per key version (never key material): key, key_class, version, state, timestamps."""
-    import pandas as pd
-
-    from ..keys import lifecycle
+    import pandas as pd  # lazy import: start-up time (optional/heavy dependency)
 
     rows = lifecycle.inventory(ctx)
     frame = pd.DataFrame(
@@ -43,7 +43,7 @@ def key_inventory_frame(ctx: KmsContext):
 
 def active_per_key_frame(inventory):
     """key, active_count: over every key that has a non-destroyed version."""
-    import pandas as pd
+    import pandas as pd  # lazy import: start-up time (optional/heavy dependency)
 
     live = inventory[inventory["state"] != "destroyed"]
     counts = (
@@ -89,7 +89,7 @@ def _run(gx, gxe, name: str, frame, expectations) -> SuiteResult:
 
 def validate(ctx: KmsContext, *, inventory=None, deks=None) -> list[SuiteResult]:
     """Run the suites; ``inventory``/``deks`` frames default to the live ones."""
-    import great_expectations as gx
+    import great_expectations as gx  # lazy import: start-up time (optional/heavy dependency)
     import great_expectations.expectations as gxe
 
     inventory = key_inventory_frame(ctx) if inventory is None else inventory
@@ -137,12 +137,7 @@ def validate(ctx: KmsContext, *, inventory=None, deks=None) -> list[SuiteResult]
         ),
     ]
     if deks is None:
-        try:
-            from ..envelope import data_keys as envelope
-
-            deks = envelope.dek_inventory_frame(ctx)
-        except (ImportError, AttributeError):
-            deks = None
+        deks = envelope.dek_inventory_frame(ctx)
     if deks is not None:
         if "shredded_at" in deks.columns:  # crypto-shredded export DEKs stay listed on destroyed versions
             deks = deks[deks["shredded_at"].isna()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterable
 
+from ..foundation import retry
 from ..foundation.context import KmsContext
 from .access import eval_a1, eval_a2, eval_a3, eval_a4
 from .backup import eval_b1, eval_b2, eval_b3, eval_b4
@@ -164,8 +165,6 @@ def clause(clause_id: str) -> Clause:
 
 def evaluate(ctx: KmsContext, c: Clause) -> Finding:
     """Run one evaluator; a crash is a failure naming the error, never a silent pass."""
-    from ..foundation import retry
-
     try:
         # Evaluators only read: one is the unit retried after a lost database connection.
         finding = retry.db_call(ctx, lambda: c.evaluate(ctx), what=f"evaluating clause {c.id}", rerun="kms report")

@@ -6,16 +6,19 @@ import json
 
 from sqlalchemy import select
 
+from ..access import crosscheck
+from ..envelope import data_keys as envelope
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
+from ..foundation.db.models import DESTROYED, REVOKED, ROTATED, Key, KeyVersion, LedgerEntry
+from ..keys import dependents, lifecycle, retention, vault
+from ..ledger import checkpoints, ledger
 from .model import Finding, _finding, _iso, _join
 
 # ---- T: retention and retirement ----------------------------------------------------
 
 
 def _ledger_for(session, key_name: str, version: int, to_state: str):
-    from ..foundation.db.models import LedgerEntry
-
     return session.scalars(
         select(LedgerEntry)
         .where(LedgerEntry.key_name == key_name, LedgerEntry.key_version == version, LedgerEntry.to_state == to_state)
@@ -24,9 +27,6 @@ def _ledger_for(session, key_name: str, version: int, to_state: str):
 
 
 def eval_t1(ctx: KmsContext) -> Finding:
-    from ..foundation.db.models import DESTROYED, REVOKED, ROTATED, Key
-    from ..keys import lifecycle, retention
-
     problems, good = [], []
     guards = lifecycle.destroy_guards()
     if "retention" not in guards:
@@ -76,8 +76,6 @@ def eval_t1(ctx: KmsContext) -> Finding:
 
 def _t1_archive(ctx: KmsContext):
     """T1's second sentence, judged from the vault's copies and retrievals (core/keys/vault.py)."""
-    from ..keys import vault
-
     if ctx.objects is None:
         return ["no object store configured: the archive vault cannot be checked"], [], [], {}
     return vault.t1_findings(ctx)
@@ -86,9 +84,6 @@ def _t1_archive(ctx: KmsContext):
 def eval_t2(ctx: KmsContext) -> Finding:
     """Destroyed versions hold no live DEK and no material (key_versions, deks, keystore);
     every version that still has live DEKs still has its key material (deks, keystore)."""
-    from ..envelope import data_keys as envelope
-    from ..foundation.db.models import DESTROYED, Key, KeyVersion
-    from ..keys import lifecycle
 
     problems, good = [], []
     if "deks" not in lifecycle.destroy_guards():
@@ -127,8 +122,6 @@ def eval_t2(ctx: KmsContext) -> Finding:
 def _t2_material_under_live_deks(ctx: KmsContext) -> tuple[int, list[str]]:
     """Ciphertext is only retained if its key is: a version with live DEKs whose wrapping
     material is gone from the keystore (erased out of band) has made that data unreadable."""
-    from ..envelope import data_keys as envelope
-    from ..foundation.db.models import Key, KeyVersion
 
     counts = [c for c in envelope.inventory_counts(ctx) if c.deks]
     with ctx.transaction() as session:
@@ -149,9 +142,6 @@ def _t2_material_under_live_deks(ctx: KmsContext) -> tuple[int, list[str]]:
 
 def eval_t3(ctx: KmsContext) -> Finding:
     """Ledger chain, signed WORM checkpoints, and the ledger replayed against key_versions."""
-    from ..access import crosscheck
-    from ..ledger import checkpoints, ledger
-
     problems, good = [], []
     result = ledger.verify_with_policy(ctx)
     if result.ok:
@@ -185,8 +175,6 @@ def eval_t3(ctx: KmsContext) -> Finding:
 
 
 def eval_t4(ctx: KmsContext) -> Finding:
-    from ..foundation.db.models import DESTROYED, REVOKED, Key
-    from ..keys import dependents, lifecycle
 
     problems, good = [], []
     guards = lifecycle.destroy_guards()

@@ -7,8 +7,15 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
+from ..access import notifications
+from ..envelope import data_keys as envelope
+from ..envelope import export_keys
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
+from ..foundation.db.models import Key, KeyVersion, LedgerEntry
+from ..foundation.db.models_events import EVENT_RESOLVED, SecurityEvent
+from ..keys import manifest, rotation
+from ..response import compromise, escrow
 from .model import Finding, _cadence, _finding, _iso
 
 # ---- R: rotation --------------------------------------------------------------------
@@ -17,8 +24,6 @@ from .model import Finding, _cadence, _finding, _iso
 def eval_r1(ctx: KmsContext) -> Finding:
     """Root cadence (key_versions), published manifest (object store), partner notices
     (partner_notices) confirmed by channel deliveries (notification_deliveries)."""
-    from ..keys import manifest, rotation
-
     problems, good, details = _cadence(ctx, "root")
     warnings = []
     active = next((k for k in details["keys"]), None)
@@ -58,8 +63,6 @@ def _r1_channel_deliveries(ctx: KmsContext, rows) -> tuple[int, list[str], list[
     """A partner notice counts as delivered only through a real channel (email or Slack);
     one that reached only the local outbox is a warning, a notice marked sent with no
     delivery record at all is a failure."""
-    from ..access import notifications
-    from ..keys import manifest
 
     sent = [r for r in rows if r.notified_at is not None]
     refs = {f"{r.partner}:{manifest.kid(r.version)}": r for r in sent}
@@ -82,8 +85,6 @@ def _r1_channel_deliveries(ctx: KmsContext, rows) -> tuple[int, list[str], list[
 
 
 def eval_r2(ctx: KmsContext) -> Finding:
-    from ..response import compromise
-
     problems, good, details = _cadence(ctx, "service")
     sla = ctx.policy.events.response_sla_hours
     late = compromise.response_overdue(ctx, sla)
@@ -111,9 +112,6 @@ def _r2_linked_responses(ctx: KmsContext) -> tuple[int, list[str]]:
     """A resolved event must show its response in records other than its own status: a
     ledger rotation (or revocation) linked to the event, or of the reported version after it
     was reported; a compromise must leave the reported version revoked or destroyed."""
-    from ..foundation.db.models import LedgerEntry
-    from ..foundation.db.models_events import EVENT_RESOLVED, SecurityEvent
-
     problems, n = [], 0
     with ctx.transaction() as session:
         resolved = session.scalars(
@@ -148,10 +146,6 @@ def _r2_linked_responses(ctx: KmsContext) -> tuple[int, list[str]]:
 
 
 def eval_r3(ctx: KmsContext) -> Finding:
-    from ..envelope import data_keys as envelope
-    from ..envelope import export_keys
-    from ..foundation.db.models import Key, KeyVersion
-
     problems, good, details = _cadence(ctx, "data")
     warnings = []
     stranded = envelope.stranded(ctx)
@@ -187,8 +181,6 @@ def lifecycle_class(name: str) -> str:
 
 
 def eval_r4(ctx: KmsContext) -> Finding:
-    from ..response import escrow
-
     problems, good, details = _cadence(ctx, "break-glass")
     overdue = escrow.destruction_overdue(ctx)
     if overdue:

@@ -344,7 +344,7 @@ def dek_inventory_frame(ctx: KmsContext):
     Columns: dek_id, key_name, key_class, key_version, version_state, object_id, shard,
     created_at, rewrapped_at, shredded_at, wrapped_len (0 when shredded).
     """
-    import pandas as pd
+    import pandas as pd  # lazy import: start-up time (optional/heavy dependency)
 
     q = (
         select(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -54,6 +54,4 @@ class KmsContext:
         return self.clock.now()
 
     def as_actor(self, actor: str) -> KmsContext:
-        from dataclasses import replace
-
         return replace(self, actor=actor)

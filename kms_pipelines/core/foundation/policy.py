@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .retry import Budget
+
 if TYPE_CHECKING:
     from .retry import Budget
 
@@ -327,8 +329,6 @@ class FaultBudget(_Strict):
     max_wait_seconds: float = Field(default=10.0, ge=0, le=600)  # cap on one wait
 
     def budget(self) -> Budget:
-        from .retry import Budget
-
         return Budget(self.attempts, self.max_seconds, self.first_wait_seconds, self.max_wait_seconds)
 
 

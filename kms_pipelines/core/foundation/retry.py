@@ -35,6 +35,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from .keystore.base import KeyStoreSessionLost
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -164,7 +166,7 @@ _LIBPQ_LOST = (
 
 def _database(exc: BaseException) -> Fault | None:
     try:
-        import psycopg
+        import psycopg  # lazy import: start-up time (optional/heavy dependency)
         from sqlalchemy import exc as sa_exc
     except ImportError:  # pragma: no cover - both are dependencies
         return None
@@ -191,7 +193,7 @@ def _database(exc: BaseException) -> Fault | None:
 
 def _object_store(exc: BaseException) -> Fault | None:
     try:
-        from botocore import exceptions as bx
+        from botocore import exceptions as bx  # lazy import: start-up time (optional/heavy dependency)
         from urllib3 import exceptions as ux
     except ImportError:  # pragma: no cover
         return None
@@ -227,8 +229,6 @@ def _smtp(exc: BaseException) -> Fault | None:
 
 
 def _hsm(exc: BaseException) -> Fault | None:
-    from .keystore.base import KeyStoreSessionLost
-
     if isinstance(exc, KeyStoreSessionLost):
         return Fault(HSM, exc.cause)
     return None

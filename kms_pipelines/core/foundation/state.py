@@ -12,6 +12,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+
+from . import db
+from .context import kms_home
+from .db.engine import redacted
 
 
 class StateMissing(RuntimeError):
@@ -24,10 +29,6 @@ FIX = "run `kms init` to create it, or set KMS_HOME to your state directory"
 def require_initialized(env: Mapping[str, str] | None = None) -> None:
     """Raise StateMissing unless the KMS database has been migrated and, for the software
     keystore, its master key exists. Creates nothing."""
-    from . import db
-    from .context import kms_home
-    from .db.engine import redacted
-
     env = os.environ if env is None else env
     home = kms_home(env)
     url = db.database_url_from_env(home, env)
@@ -46,8 +47,6 @@ def require_initialized(env: Mapping[str, str] | None = None) -> None:
         except sqlite3.DatabaseError as exc:
             raise StateMissing(f"{path} is not a KMS database ({exc}): {FIX}") from None
     else:
-        from sqlalchemy.exc import OperationalError
-
         engine = db.make_engine(url)
         try:
             initialised = db.current_revision(engine)

@@ -447,7 +447,7 @@ class SlackWebhookNotifier:
         parts = urlsplit(webhook_url or "")
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise NotifyConfigError("Slack webhook URL must be an http(s) URL")
-        from slack_sdk.webhook import WebhookClient
+        from slack_sdk.webhook import WebhookClient  # lazy import: start-up time (optional/heavy dependency)
 
         self._url = webhook_url
         self._host = parts.netloc.rsplit("@", 1)[-1]

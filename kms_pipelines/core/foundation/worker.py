@@ -13,6 +13,10 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+from .keystore import KeyStoreError, _master_key_value
+from .keystore.software import key_file_problems, load_master_key
+from .transports import NotifyConfigError, notifier_from_env
+
 
 class WorkerConfigError(ValueError):
     """This worker's configuration only works on one host; the message names what is missing."""
@@ -60,9 +64,6 @@ def worker_problems(env: Mapping[str, str] | None = None, home: Path | None = No
 def _software_keystore_problems(env: Mapping[str, str], home: Path | None) -> list[str]:
     """The sealed key files live on each host's disk: every worker needs the same files (a mounted
     secret) and the shared master key must open each one, or a step fails mid-shard with KeyNotFound."""
-    from .keystore import KeyStoreError, _master_key_value
-    from .keystore.software import key_file_problems, load_master_key
-
     problems, master = [], None
     if not (env.get("KMS_MASTER_KEY") or env.get("KMS_MASTER_KEY_FILE")):
         problems.append(
@@ -101,8 +102,6 @@ def _software_keystore_problems(env: Mapping[str, str], home: Path | None) -> li
 def _notification_problems(env: Mapping[str, str]) -> list[str]:
     """With neither SMTP nor Slack, notifications go only to ``$KMS_HOME/outbox.jsonl``: on a worker
     that file is on a host nobody reads, so compliance notices would be written and never seen."""
-    from .transports import NotifyConfigError, notifier_from_env
-
     if not (env.get("KMS_SMTP_HOST", "").strip() or env.get("KMS_SLACK_WEBHOOK_URL", "").strip()):
         return [
             "neither KMS_SMTP_HOST nor KMS_SLACK_WEBHOOK_URL is set (notifications would go only to "

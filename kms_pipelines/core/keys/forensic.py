@@ -19,14 +19,17 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ..access import notifications
+from ..access import principals as access
 from ..foundation import nightly_steps
 from ..foundation.canonical import canonical_bytes
 from ..foundation.context import KmsContext
 from ..foundation.db.models import DESTROYED
+from ..foundation.db.models_rpt import RegulatoryProofToken
 from ..foundation.db.models_vault import ARCHIVED, UNARCHIVABLE, ArchiveCopy, ForensicRetrieval
 from ..foundation.keystore import KeyNotFound, verify_signature
 from ..foundation.keystore import fingerprint as fingerprint_of
-from ..ledger import audit
+from ..ledger import audit, rpt
 from . import lifecycle
 from .vault import (
     FAILED,
@@ -48,8 +51,6 @@ from .vault import (
 def _require_retrieval(ctx: KmsContext, requester: str, target: str, ticket: str) -> None:
     """Refuse unless the requester holds the permission and the approvals are complete
     (read only: nothing is consumed; refusals are audited)."""
-    from ..access import principals as access
-
     access.require_permission(ctx, requester, RETRIEVE_OPERATION, target=target)
     access.request_approval(ctx, operation=RETRIEVE_OPERATION, target=target, ticket=ticket, requester=requester)
     with ctx.transaction() as s:
@@ -74,8 +75,6 @@ def _require_retrieval(ctx: KmsContext, requester: str, target: str, ticket: str
 
 
 def _consume_retrieval(session: Session, ctx: KmsContext, requester: str, target: str, ticket: str) -> list[str]:
-    from ..access import principals as access
-
     return list(
         access.consume_approvals(
             session, ctx, operation=RETRIEVE_OPERATION, target=target, ticket=ticket, requester=requester
@@ -207,8 +206,6 @@ def _open(ctx: KmsContext, kek_ref: str, doc: dict) -> bytes:
 def _notify(ctx: KmsContext, r: Retrieval) -> list[str]:
     """A4/T1: compliance hears of every retrieval. A failed delivery is reported, never raised,
     and every delivery is recorded (``notification_deliveries``)."""
-    from ..access import notifications
-
     outcome = notifications.notify_manual_operation(
         ctx,
         operation=RETRIEVE_OPERATION,
@@ -341,9 +338,6 @@ def drill_check(ctx: KmsContext, *, requested_by: str, ticket: str | None = None
     """Retrieve the oldest archived root version under dual control and verify the oldest
     retained RPTs it signed with the public key the archive copy carries (authenticated as
     the copy's associated data). Returns a drill check ``{name, status, detail}``."""
-    from ..access import principals as access
-    from ..ledger import rpt
-
     name = "forensic_retrieval"
     with ctx.transaction() as session:
         row = session.scalars(
@@ -373,8 +367,6 @@ def drill_check(ctx: KmsContext, *, requested_by: str, ticket: str | None = None
             }
         kid = rpt.make_kid(version, fp)
         limit = ctx.policy.drills.recent_rpts_to_verify
-        from ..foundation.db.models_rpt import RegulatoryProofToken
-
         with ctx.transaction() as session:
             tokens = session.execute(
                 select(RegulatoryProofToken.seq, RegulatoryProofToken.token)
@@ -402,8 +394,6 @@ def drill_check(ctx: KmsContext, *, requested_by: str, ticket: str | None = None
 
 
 def _rpt_signed_by(token: str, kid: str, public: bytes) -> bool:
-    from ..ledger import rpt
-
     try:
         header, _payload, signature = rpt.decode(token)
     except rpt.RptError:

@@ -18,12 +18,13 @@ from typing import Callable, Iterable
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
+from ..access import crosscheck
 from ..foundation import retry
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
 from ..foundation.db.models import ACTIVE, DESTROYED, PENDING, REVOKED, ROTATED, Key, KeyVersion, LedgerEntry
-from ..foundation.keystore import AES_256, ED25519, KeyNotFound
-from ..ledger import ledger
+from ..foundation.keystore import AES_256, ARCHIVABLE, ARCHIVE_KEK, ED25519, GENERAL, KeyNotFound, fingerprint
+from ..ledger import audit, ledger
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     PENDING: frozenset({ACTIVE, DESTROYED}),
@@ -149,8 +150,6 @@ def _new_refs(name: str, version: int, algorithms: Iterable[str]) -> dict[str, s
 
 def _purpose(key_class: str) -> str:
     """T1 vault: root/service AES material may leave the keystore only wrapped under an archive KEK."""
-    from ..foundation.keystore import ARCHIVABLE, ARCHIVE_KEK, GENERAL
-
     return {"root": ARCHIVABLE, "service": ARCHIVABLE, "archive": ARCHIVE_KEK}.get(key_class, GENERAL)
 
 
@@ -168,8 +167,6 @@ def _generate_material(ctx: KmsContext, name: str, version: int) -> dict:
         )
     if "sign_ref" in refs:
         generated = ctx.keystore.generate(refs["sign_ref"], ED25519)
-        from ..foundation.keystore import fingerprint
-
         out["public_key"] = generated.public_key
         out["fingerprint"] = fingerprint(generated.public_key)
     return out
@@ -210,9 +207,6 @@ def _transition(
     )
     # The audit log's own record of the state change, in the same transaction: the ledger and
     # the audit chain must agree event for event (core/access/crosscheck.py).
-    from ..access import crosscheck
-    from ..ledger import audit
-
     audit.record(
         session,
         at=now,

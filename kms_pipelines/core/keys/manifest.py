@@ -34,7 +34,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from ..foundation.canonical import canonical_bytes
-from ..foundation.clock import utc
+from ..foundation.clock import parse_time, utc
 from ..foundation.context import KmsContext
 from ..foundation.db.models import ACTIVE, PENDING, REVOKED, ROTATED, KeyVersion
 from ..foundation.db.models_rotation import RootManifest
@@ -270,8 +270,6 @@ _PREV_FIELDS = {"version", "kid", "fingerprint", "status", "signature"}
 def document_problem(d) -> str | None:
     """Field-by-field schema check of one manifest document (what an offline verifier needs
     before it trusts any field); None when it is well formed and self-consistent."""
-    from ..foundation.clock import parse_time
-
     if not isinstance(d, dict):
         return "not a JSON object"
     if set(d) != _DOC_FIELDS:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..access import notifications
 from ..access.principals import (
     AccessDenied,
     check_approvals,
@@ -15,6 +16,7 @@ from ..access.principals import (
 from ..foundation import limits
 from ..foundation.context import KmsContext
 from ..ledger import audit
+from . import lifecycle, rotation
 
 # ---- manual operations --------------------------------------------------------------
 
@@ -36,8 +38,6 @@ def manual_rotate(
     """Rotate ``key`` as a manual operation: the requester proves themself with TOTP, and the
     rotation runs only with complete approvals, consumed in the rotation's own transaction;
     the ledger entries record requester, approvers, ticket."""
-    from . import lifecycle
-
     lifecycle.validate_key_name(ctx, key)
     limits.ticket(ticket)
     with ctx.transaction() as s:
@@ -66,8 +66,6 @@ def manual_rotate(
             detail={"reason": denied.reason, "ticket": ticket, "manual": True, "problem": str(denied)},
         )
         raise denied
-
-    from . import rotation
 
     actor_ctx = ctx.as_actor(requested_by)
     # The same in-transaction work as a nightly rotation of this class (root: seeds re-wrapped
@@ -99,8 +97,6 @@ def manual_rotate(
 def _notify_manual(ctx: KmsContext, o: ManualOutcome) -> list[str]:
     """A4: tell the compliance lists. A failed delivery is reported, never raised, and every
     delivery -- failed ones included -- is recorded in ``notification_deliveries``."""
-    from ..access import notifications
-
     r = o.result
     detail = f"Versions: v{r.old_version} -> v{r.new_version}" if getattr(r, "new_version", None) else ""
     outcome = notifications.notify_manual_operation(

@@ -25,6 +25,9 @@ from typing import Iterable
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
+from ..access import notifications
+from ..access import principals as access
+from ..access.refusals import AccessDenied
 from ..foundation import nightly_steps
 from ..foundation.context import KmsContext
 from ..foundation.db.models import REVOKED, ROTATED, Key, KeyVersion
@@ -108,8 +111,6 @@ def due_for_destruction(ctx: KmsContext, at: datetime | None = None) -> list[Due
 
 def _consume_approvals(ctx: KmsContext, target: str, ticket: str, requester: str):
     def authorize(session: Session) -> list[str]:
-        from ..access import principals as access  # the access area (issue 3)
-
         return list(
             access.consume_approvals(
                 session, ctx, operation=DESTROY_OPERATION, target=target, ticket=ticket, requester=requester
@@ -173,12 +174,7 @@ class RetireSummary:
 
 
 def _access_error() -> tuple[type[BaseException], ...]:
-    try:
-        from ..access.principals import AccessDenied
-
-        return (AccessDenied,)
-    except (ImportError, AttributeError):
-        return ()
+    return (AccessDenied,)
 
 
 def retire_expired(ctx: KmsContext, *, actor: str = NIGHTLY_REQUESTER) -> RetireSummary:
@@ -205,8 +201,6 @@ def retire_expired(ctx: KmsContext, *, actor: str = NIGHTLY_REQUESTER) -> Retire
 
 
 def _request_approval(ctx: KmsContext, d: DueVersion, requester: str) -> None:
-    from ..access import principals as access
-
     try:
         access.request_approval(ctx, operation=DESTROY_OPERATION, target=d.target, ticket=d.ticket, requester=requester)
     except access.AccessDenied:
@@ -215,10 +209,6 @@ def _request_approval(ctx: KmsContext, d: DueVersion, requester: str) -> None:
 
 def _notify_destroyed(ctx: KmsContext, d: DueVersion, requester: str, approvers: list[str]) -> None:
     """A4: a destruction is a manual, dual-approved operation; tell the compliance lists."""
-    try:
-        from ..access import notifications
-    except ImportError:
-        return
     fn = getattr(notifications, "notify_manual_operation", None)
     if fn is not None:
         fn(

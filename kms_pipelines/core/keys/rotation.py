@@ -38,12 +38,14 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
+from ..access import notifications
 from ..foundation import nightly_steps
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
 from ..foundation.db.models import ACTIVE, REVOKED, ROTATED, Key, KeyVersion
 from ..foundation.db.models_rotation import PartnerNotice, RootManifest, ServiceSeed
-from . import lifecycle, manifest, service_keys
+from ..foundation.transports import Notification, failures
+from . import lifecycle, manifest, service_keys, vault
 from .lifecycle import RotationResult
 
 RECONCILED_CLASSES = ("root", "service", "data", "backup", "archive")
@@ -116,8 +118,6 @@ def follow_up(ctx: KmsContext, name: str) -> None:
             service_keys.ensure_seed(session, ctx, name, v.version)
         service_keys.reissue_credentials(ctx, name)
     if lifecycle.key_class_of(name) in ("root", "service") and ctx.objects is not None:
-        from . import vault
-
         vault.archive_pending(ctx)  # T1: the retired version's archive copy, in the run that rotated it
 
 
@@ -251,8 +251,6 @@ def check_immediate(ctx: KmsContext, name: str, reason: str) -> None:
 
 def _notify_manual(ctx: KmsContext, name: str, result: RotationResult, actor: str, ticket: str | None) -> None:
     """Through notifications.notify_policy_event, so every delivery (a failed one too) is recorded."""
-    from ..access import notifications
-
     notifications.notify_policy_event(
         ctx,
         "manual_rotation",
@@ -297,9 +295,6 @@ def notify_partners(ctx: KmsContext) -> list[str]:
     """Deliver every pending partner notice (at least once); returns ``partner@vN`` sent."""
     if ctx.notifier is None:
         return []
-    from ..access import notifications
-    from ..foundation.transports import Notification, failures
-
     with ctx.transaction() as session:
         pending = [
             n.id

@@ -39,8 +39,10 @@ from ..foundation.canonical import canonical_bytes
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
 from ..foundation.db.models import DESTROYED, REVOKED, ROTATED, Key, KeyVersion
+from ..foundation.db.models_access import AuditEvent
 from ..foundation.db.models_vault import ARCHIVED, DELETED, UNARCHIVABLE, ArchiveCopy, ForensicRetrieval
 from ..foundation.keystore import KeyNotFound, NotArchivable, verify_signature
+from ..foundation.objectstore import ObjectLocked, ObjectNotFound
 from ..ledger import audit, ledger
 from . import lifecycle
 from .retention_window import destroy_allowed_from, retired_at
@@ -390,8 +392,6 @@ def on_destroyed(ctx: KmsContext, key_name: str, version: int) -> str | None:
         if row is None or row.status != ARCHIVED:
             return None
         keys = [row.object_key, row.manifest_key]
-    from ..foundation.objectstore import ObjectLocked, ObjectNotFound
-
     try:
         for k in keys:
             try:
@@ -534,8 +534,6 @@ def t1_findings(ctx: KmsContext) -> tuple[list[str], list[str], list[str], dict]
             if r.purged_at is None and utc(r.expires_at) + grace > now
             for ref in json.loads(r.refs)
         }
-        from ..foundation.db.models_access import AuditEvent
-
         for target, detail in session.execute(
             select(AuditEvent.target, AuditEvent.detail).where(
                 AuditEvent.operation == RETRIEVE_OPERATION, AuditEvent.outcome == "ok"

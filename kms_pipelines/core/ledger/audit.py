@@ -39,7 +39,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from ..foundation import retry
+from ..foundation import db, retry
 from ..foundation.canonical import canonical_fast
 from ..foundation.clock import utc
 from ..foundation.db.models_access import AuditEvent
@@ -301,8 +301,6 @@ def _engine_of(target) -> Engine:
         return target
     if not getattr(target, "read_only", False):
         return target.engine
-    from ..foundation import db
-
     with _WRITERS_LOCK:
         twin = _WRITABLE.get(target.engine)
         if twin is None:

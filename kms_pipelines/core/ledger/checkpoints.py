@@ -25,12 +25,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select
 
-from ..foundation import nightly_steps
+from ..foundation import nightly_steps, retry
 from ..foundation.canonical import canonical_bytes
 from ..foundation.clock import parse_time
 from ..foundation.context import KmsContext
 from ..foundation.db.models import ACTIVE, Key, KeyVersion
-from . import ledger, rpt
+from ..foundation.db.models_access import AuditEvent
+from . import audit, ledger, rpt
 from .rpt import RootKey, RptError, WindowCollector
 
 FORMAT = "kms-checkpoint/1"
@@ -331,8 +332,6 @@ def audit_problem(ctx: KmsContext, checkpoints: list[Checkpoint] | None = None) 
     """The audit log against the audit heads the checkpoints signed: an entry missing at a
     signed size is a cut tail; another hash there is a rewrite (the chain itself is
     ``audit.verify``'s)."""
-    from ..foundation.db.models_access import AuditEvent
-
     cps = [c for c in (load_all(ctx) if checkpoints is None else checkpoints) if c.audit_size]
     if not cps:
         return None
@@ -412,8 +411,6 @@ def write_checkpoint(ctx: KmsContext) -> dict:
     Refuses (RptError, nothing written) when verification fails: a checkpoint must never
     anchor a broken or rewritten ledger. Idempotent for an unchanged state at the same time.
     Retried whole after a lost database connection: a repeat re-verifies and signs anew."""
-    from ..foundation import retry
-
     return retry.db_call(
         ctx, lambda: _write_checkpoint_once(ctx), what="the ledger checkpoint", rerun="kms ledger checkpoint"
     )
@@ -425,8 +422,6 @@ def _write_checkpoint_once(ctx: KmsContext) -> dict:
     if not result.ok:
         raise RptError(f"refusing to sign a checkpoint: {result.problem}")
     now = ctx.now()
-    from . import audit
-
     audit.flush(ctx)
     with ctx.engine.connect() as conn:
         audit_size, audit_head = audit.head(conn)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+import multiprocessing
+
+from sqlalchemy import create_engine, func, select
 
 from ..foundation import nightly_steps
 from ..foundation.context import KmsContext
+from ..foundation.db import make_engine, normalize_url
 from ..foundation.db.models_rpt import RegulatoryProofToken
+from ..foundation.partitions import map_in_processes, seq_bounds
 from . import checkpoints
 from .rpt import (
     ChainResult,
@@ -22,10 +26,6 @@ from .rpt import (
 
 
 def _partition_worker(url: str, keys, windows, lo: int, hi: int, batch_size: int) -> ChainResult:
-    from sqlalchemy import create_engine
-
-    from ..foundation.db import make_engine, normalize_url
-
     url = normalize_url(url)
     # SQLite: a plain engine (the KMS engine begins every transaction IMMEDIATE, which
     # would serialise the readers); PostgreSQL: the usual factory.
@@ -68,8 +68,6 @@ def verify_chain(
     if against_checkpoint and ctx.objects is not None:
         checkpoint = checkpoints.latest(ctx, keys)
     marks = [checkpoint.rpt_size] if checkpoint else []
-    import multiprocessing
-
     # A daemonic process (a Celery prefork worker) may not fork a pool: verify in this process.
     if workers <= 1 or max_seq - start < 2 * workers or multiprocessing.current_process().daemon:
         with ctx.engine.connect() as conn:
@@ -85,8 +83,6 @@ def verify_chain(
 
 
 def _verify_parallel(ctx, keys, windows, start, max_seq, workers, batch, marks) -> ChainResult:
-    from ..foundation.partitions import map_in_processes, seq_bounds
-
     url = ctx.engine.url.render_as_string(hide_password=False)
     bounds = seq_bounds(start, max_seq, workers)
     parts = map_in_processes(_partition_worker, [(url, keys, windows, lo, hi, batch) for lo, hi in bounds])

@@ -30,6 +30,7 @@ from __future__ import annotations
 import importlib
 import logging
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from typing import Iterable
 
 from sqlalchemy import select
@@ -39,7 +40,8 @@ from ..foundation.context import KmsContext
 from ..foundation.db.models import DESTROYED, REVOKED, LedgerEntry
 from ..foundation.db.models_events import EVENT_RESOLVED, SecurityEvent
 from ..keys import lifecycle
-from . import events
+from . import escrow, events
+from .events import manual_operation
 
 # security event type -> ledger rotation reason (lifecycle.ROTATION_REASONS)
 EVENT_REASONS = {"compromise": "compromise", "ci-secret-exposure": "ci-exposure", "tenant-rotation": "tenant-rotation"}
@@ -78,11 +80,6 @@ def _optional(module: str):
         return importlib.import_module(module)
     except ImportError:
         return None
-
-
-def manual_operation(event_type: str) -> str:
-    """The access operation a manual launch of this response needs approvals for."""
-    return "revoke" if event_type == "compromise" else "rotate"
 
 
 def prove_requester(ctx: KmsContext, ticket: str, requester: str, totp: str | None) -> None:
@@ -258,8 +255,6 @@ def respond(
             result.steps.append("credential re-issue skipped: core.keys.service_keys not available")
     # 5. break-glass: seal the new version
     if key_class == "break-glass":
-        from . import escrow
-
         try:
             result.escrow_package = escrow.ensure_sealed(ctx, reason=f"security event {ev.id}").get("package_id")
             result.steps.append(f"escrow re-sealed: package {result.escrow_package}")
@@ -299,8 +294,6 @@ def open_events(ctx: KmsContext) -> list[events.EventInfo]:
 
 def response_overdue(ctx: KmsContext, hours: int = 1) -> list[events.EventInfo]:
     """Events not resolved ``hours`` after being reported (for the 'events answered' check)."""
-    from datetime import timedelta
-
     limit = ctx.now() - timedelta(hours=hours)
     return [e for e in open_events(ctx) if e.reported_at <= limit]
 

@@ -42,14 +42,20 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Mapping
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import select
 
 from ..access import notifications
+from ..access import principals as access
 from ..foundation import nightly_steps
+from ..foundation.canonical import canonical_fast
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
 from ..foundation.db.models_events import EscrowCustodian, EscrowDestruction, EscrowPackage, EscrowUnseal
+from ..foundation.objectstore.base import ObjectNotFound
 from ..keys import lifecycle
+from ..ledger import audit
 
 KEY_NAME = "break-glass"
 FORMAT = "kms-escrow/1"
@@ -77,10 +83,6 @@ def escrow_policy(ctx: KmsContext):
 
 
 def _audit(session, ctx: KmsContext, operation: str, target: str, outcome: str, detail: str | None = None) -> None:
-    try:
-        from ..ledger import audit
-    except ImportError:
-        return
     audit.record(
         session,
         at=ctx.now(),
@@ -117,9 +119,7 @@ def enroll_custodian(
     Only before the first-run ceremony (no human principal yet, so nobody could request or
     approve) may the first custodians be enrolled without it, as part of that set-up, and
     never by replacing a key."""
-    import pyrage
-
-    from ..access import principals as access
+    import pyrage  # lazy import: start-up time (optional/heavy dependency)
 
     esc = escrow_policy(ctx)
     if name not in esc.custodians:
@@ -155,8 +155,6 @@ def enroll_custodian(
         else:
             existing.recipient, existing.enrolled_at, existing.enrolled_by = rcpt, now, who
         session.flush()
-        from ..ledger import audit
-
         audit.record(
             session,
             at=now,
@@ -277,8 +275,6 @@ def _pkg_info(session, p: EscrowPackage) -> PackageInfo:
 
 
 def _header(package_id: str, version: int, threshold: int, names: list[str]) -> bytes:
-    from ..foundation.canonical import canonical_fast
-
     return canonical_fast(
         {
             "format": FORMAT,
@@ -295,9 +291,8 @@ def build_package(
     ctx: KmsContext, package_id: str, version: int, value: bytes, recipients: dict[str, str], threshold: int
 ) -> bytes:
     """The package JSON for one break-glass key value (no plaintext in it)."""
-    import pyrage
+    import pyrage  # lazy import: start-up time (optional/heavy dependency)
     from Crypto.Protocol.SecretSharing import Shamir
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     names = list(recipients)
     kek = secrets.token_bytes(16)
@@ -418,8 +413,6 @@ def manual_seal(ctx: KmsContext, *, principal: str, totp: str | None) -> Package
     themselves by TOTP and hold ``break-glass`` and ``export`` (sealing exports the key's value
     into the package; security_engineering in the shipped policy). The nightly step seals under
     its service actor instead (``nightly_escrow``)."""
-    from ..access import principals as access
-
     escrow_policy(ctx)
     access.prove_principal(ctx, principal, totp)
     for permission in SEAL_PERMISSIONS:
@@ -485,7 +478,7 @@ def nightly_escrow(ctx: KmsContext) -> dict:
 
 
 def _check_identity(session, custodian: str, identity: str) -> None:
-    import pyrage
+    import pyrage  # lazy import: start-up time (optional/heavy dependency)
 
     row = session.get(EscrowCustodian, custodian)
     if row is None:
@@ -529,8 +522,6 @@ def confirm_destroyed(
         all_confirmed = set(info.confirmations) >= set(p.custodians)
         erase = all_confirmed and p.erased_at is None
     if erase:  # every custodian destroyed theirs: delete our stored copy too
-        from ..foundation.objectstore.base import ObjectNotFound
-
         try:
             ctx.objects.delete(info.object_key)
         except ObjectNotFound:
@@ -603,8 +594,6 @@ class UnsealResult:
 
 
 def _load_doc(ctx: KmsContext, p: PackageInfo) -> dict:
-    from ..foundation.objectstore.base import ObjectNotFound
-
     try:
         data = ctx.objects.get_bytes(p.object_key)
     except ObjectNotFound:
@@ -617,7 +606,7 @@ def _load_doc(ctx: KmsContext, p: PackageInfo) -> dict:
 def _decrypt_share(doc: dict, name: str, given) -> tuple[int, bytes]:
     """A custodian's share from their age identity (``AGE-SECRET-KEY-…``) or from the share
     document they decrypted themselves (JSON bytes/str)."""
-    import pyrage
+    import pyrage  # lazy import: start-up time (optional/heavy dependency)
 
     entry = doc["shares"].get(name)
     if entry is None:
@@ -650,9 +639,7 @@ def _decrypt_share(doc: dict, name: str, given) -> tuple[int, bytes]:
 
 def recover(ctx: KmsContext, package_id: str, shares: Mapping[str, object]) -> tuple[PackageInfo, bytes, list[str]]:
     """Reconstruct the sealed key from >= M shares (no state change). Refuses M−1."""
-    from Crypto.Protocol.SecretSharing import Shamir
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from Crypto.Protocol.SecretSharing import Shamir  # lazy import: start-up time (optional/heavy dependency)
 
     p = get_package(ctx, package_id)
     names = sorted(set(shares))
@@ -698,10 +685,6 @@ def unseal(
         )
     if out_path is not None and Path(out_path).exists():
         raise EscrowError(f"{out_path} exists; refusing to overwrite it")
-    try:
-        from ..access import principals as access
-    except ImportError:
-        raise EscrowError("unseal refused: dual approval (core.access.principals) is not available") from None
     with ctx.transaction() as session:
         approvers = list(
             access.consume_approvals(

@@ -19,16 +19,23 @@ Types and what the response does (documented decision):
 
 from __future__ import annotations
 
+import hmac
+import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterable
 
 from sqlalchemy import select
 
+from ..access import principals as access
+from ..foundation.clock import utc
 from ..foundation.context import KmsContext
 from ..foundation.db.models_events import EVENT_NEW, EVENT_RESOLVED, EVENT_RESPONDING, SecurityEvent
+from ..foundation.transports import find_key_material
 from ..keys import lifecycle
+from ..ledger import audit
 
 EVENT_TYPES = ("compromise", "ci-secret-exposure", "tenant-rotation")
 STATUSES = (EVENT_NEW, EVENT_RESPONDING, EVENT_RESOLVED)
@@ -60,14 +67,16 @@ class EventInfo:
     duplicate_of: str | None = None  # set by report() when an open event already covered this
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
-
         return asdict(self)
 
 
-def _info(e: SecurityEvent, duplicate_of: str | None = None) -> EventInfo:
-    from ..foundation.clock import utc
+# Here, not in compromise (which imports this module), so the intake needs no import of it.
+def manual_operation(event_type: str) -> str:
+    """The access operation a manual launch of this response needs approvals for."""
+    return "revoke" if event_type == "compromise" else "rotate"
 
+
+def _info(e: SecurityEvent, duplicate_of: str | None = None) -> EventInfo:
     return EventInfo(
         e.seq,
         e.id,
@@ -103,8 +112,6 @@ def _validate(ctx: KmsContext, type: str, key: str, source: str, detail: str) ->
             f"{type} events apply to key classes whose policy rotates immediately on them "
             f"({lifecycle.key_class_of(key)} does not); report a compromise instead"
         )
-    from ..foundation.transports import find_key_material
-
     found = find_key_material(detail or "") or find_key_material(source)
     if found:
         raise EventError(
@@ -137,11 +144,8 @@ def report_by(
     """``kms events report``: a human reports an event. The sensor answers it without further
     approval (R2), so the reporter proves themselves by TOTP and holds what the response does:
     ``revoke`` for a compromise (the reported version is revoked), ``rotate`` otherwise
-    (``compromise.manual_operation``). CI systems report through the intake under a bearer
+    (``manual_operation``). CI systems report through the intake under a bearer
     token instead (actor ``intake:<source>``)."""
-    from ..access import principals as access
-    from .compromise import manual_operation
-
     _validate(ctx, type, key, source, detail or "")
     with ctx.transaction() as session:
         lifecycle.get_key(session, key)  # an unknown key is named before any code is spent
@@ -192,10 +196,6 @@ def _create(
 
 def _audit(session, ctx: KmsContext, operation: str, target: str, outcome: str, detail: str | None) -> None:
     """Append to the audit log when the access area's audit module is present."""
-    try:
-        from ..ledger import audit
-    except ImportError:
-        return
     audit.record(
         session,
         at=ctx.now(),
@@ -270,8 +270,6 @@ def mark_resolved(ctx: KmsContext, event_id: str, response: dict) -> EventInfo:
 
 
 def intake_token_ok(presented: str | None, expected: str) -> bool:
-    import hmac
-
     return bool(presented) and bool(expected) and hmac.compare_digest(presented.encode(), expected.encode())
 
 
@@ -280,9 +278,6 @@ def make_intake_server(ctx: KmsContext, token: str, host: str = "127.0.0.1", por
     JSON body ``{"type", "key", "source", "detail"}`` -> 201 with the event (200 for a
     duplicate); 401 without the token, 400 for a refused event, 413 for a large body.
     ``serve_forever()`` it (``kms events serve``) or run it in a thread (tests)."""
-    import json
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     if not token or len(token) < 16:
         raise EventError("the intake needs a bearer token of at least 16 characters (KMS_EVENTS_TOKEN)")
     limit = ctx.policy.events.intake_max_body_bytes

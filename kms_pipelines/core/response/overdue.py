@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib
 
 from ..access.notifications import notify_policy_event
+from ..backup import drills
 from ..foundation import nightly_steps
 from ..foundation.context import KmsContext
+from ..keys import rotation
 
 # ---- overdue partner acknowledgements and drill follow-ups ---------------------------
 
@@ -15,8 +17,6 @@ from ..foundation.context import KmsContext
 # dicts/objects with an id/ref, a description and a due time. The first two candidates are
 # adapters over the colleagues' real APIs (rotation.check_partners, drills.status).
 def _rotation_overdue(ctx: KmsContext) -> list[dict]:
-    from ..keys import rotation
-
     return [
         {
             "id": f"{r.partner}@root-v{r.version}",
@@ -29,8 +29,6 @@ def _rotation_overdue(ctx: KmsContext) -> list[dict]:
 
 
 def _drills_overdue(ctx: KmsContext) -> list[dict]:
-    from ..backup import drills
-
     return [
         {
             "id": f"followup-{f['id']}",

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from sqlalchemy.exc import OperationalError
+
+from ..foundation.db import DatabaseError
+from ..foundation.keystore import KeyStoreError
+from ..foundation.policy import PolicyError
+from ..foundation.retry import DependencyUnavailable, classify
+from ..foundation.state import StateMissing
+from ..keys.lifecycle import LifecycleError
+
 
 def known_errors() -> tuple[type[BaseException], ...]:
-    from ..foundation.db import DatabaseError
-    from ..foundation.keystore import KeyStoreError
-    from ..foundation.policy import PolicyError
-    from ..foundation.retry import DependencyUnavailable
-    from ..foundation.state import StateMissing
-    from ..keys.lifecycle import LifecycleError
-
     errors: list[type[BaseException]] = [
         DatabaseError,
         KeyStoreError,
@@ -46,8 +48,6 @@ def fault_line(exc: BaseException, command: str | None = None) -> str | None:
     """One line for a transient dependency fault that escaped every retried unit (a call
     path with no retry of its own), else None. Every command is safe to re-run after a
     fault: state changes commit whole or not at all (docs/architecture.md)."""
-    from ..foundation.retry import classify
-
     fault = classify(exc)
     if fault is None:
         return None
@@ -59,8 +59,6 @@ def connect_failure_line(exc: BaseException) -> str | None:
     """One line for a database connection that was refused for good (no such database or
     role, authentication): SQLAlchemy raises those with no statement, and the server's
     message carries no data."""
-    from sqlalchemy.exc import OperationalError
-
     if isinstance(exc, OperationalError) and exc.statement is None and exc.orig is not None:
         text = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
         return f"cannot connect to the KMS database: {text}"

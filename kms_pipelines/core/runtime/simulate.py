@@ -32,12 +32,23 @@ from typing import Any, Callable, Iterable
 from sqlalchemy import event, select
 from sqlalchemy.orm import selectinload
 
+from ..access import principals as access
+from ..access.audited_keystore import AuditedKeyStore
+from ..envelope import data_keys as envelope
+from ..foundation import db
 from ..foundation.clock import SimulatedClock, utc
-from ..foundation.context import KmsContext
+from ..foundation.context import KmsContext, kms_home
 from ..foundation.db.models import ACTIVE, Key, LedgerEntry
-from ..keys import lifecycle
-from . import nightly
-from . import guards  # noqa: F401  (every destroy/revoke guard, as the CLI and Dagster load them)
+from ..foundation.db.models_rotation import DependentConfirmation
+from ..foundation.keystore.software import SoftwareKeyStore
+from ..foundation.objectstore.local import LocalObjectStore
+from ..foundation.policy import load_policy
+from ..foundation.transports import OutboxNotifier
+from ..keys import dependents, lifecycle, retention, rotation, service_keys
+from . import (
+    guards,  # noqa: F401  (every destroy/revoke guard, as the CLI and Dagster load them)
+    nightly,
+)
 
 
 @dataclass
@@ -85,12 +96,6 @@ def nightly_time(ctx_or_policy) -> time:
 
 
 def scratch_context(home: Path, clock: SimulatedClock, policy_path: str | None = None) -> KmsContext:
-    from ..foundation import db
-    from ..foundation.keystore.software import SoftwareKeyStore
-    from ..foundation.objectstore.local import LocalObjectStore
-    from ..foundation.policy import load_policy
-    from ..foundation.transports import OutboxNotifier
-
     home.mkdir(parents=True, exist_ok=True)
     engine = db.make_engine(f"sqlite:///{home / 'kms.db'}")
 
@@ -99,8 +104,6 @@ def scratch_context(home: Path, clock: SimulatedClock, policy_path: str | None =
         dbapi_conn.execute("PRAGMA synchronous=OFF")
 
     db.upgrade(engine)
-    from ..access.audited_keystore import AuditedKeyStore
-
     keystore = AuditedKeyStore(SoftwareKeyStore(home / "artifacts" / "kms" / "keys", secrets.token_bytes(32)))
     policy = load_policy(policy_path)
     # The simulated approvers hold software security keys (fido2_client.SoftwareAuthenticator):
@@ -138,18 +141,13 @@ class Actors:
 
     def _access_api(self):
         if self._access is None:
-            try:
-                from ..access import principals as access
-
-                self._access = access
-            except ImportError:
-                self._access = False
+            self._access = access
         return self._access
 
     def enroll(self) -> None:
         """Enrol the simulated approvers and a requester (security engineering, TOTP) in the
         first-run ceremony of the scratch state."""
-        import pyotp
+        import pyotp  # lazy import: start-up time (optional/heavy dependency)
 
         access = self._access_api()
         if not access or self._enrolled:
@@ -180,8 +178,6 @@ class Actors:
         access = self._access_api()
         if not access:
             return []
-        from ..keys import retention
-
         due = retention.due_for_destruction(self.ctx, at=run_at)
         if not due:
             return []
@@ -213,12 +209,8 @@ class Actors:
         return events
 
     def after_night(self, day: int) -> list[Event]:
-        from ..keys import dependents, rotation
-
         events = []
         if self.confirm:
-            from ..foundation.db.models_rotation import DependentConfirmation
-
             with self.ctx.transaction() as session:
                 done = set(
                     session.execute(
@@ -252,19 +244,12 @@ class Actors:
 
 def seed_workload(ctx: KmsContext, objects_per_key: int = 5) -> dict:
     """Objects under every data key (if the envelope area is installed) and one API client per service."""
-    from ..keys import service_keys
-
     made = {"objects": 0, "credentials": 0}
-    try:
-        from ..envelope import data_keys as envelope
-    except ImportError:
-        envelope = None
-    if envelope is not None:
-        for name in ctx.policy.bootstrap_key_names():
-            if lifecycle.key_class_of(name) == "data":
-                for i in range(objects_per_key):
-                    envelope.encrypt(ctx, name, f"sim-object-{i}", f"payload {i}".encode())
-                    made["objects"] += 1
+    for name in ctx.policy.bootstrap_key_names():
+        if lifecycle.key_class_of(name) == "data":
+            for i in range(objects_per_key):
+                envelope.encrypt(ctx, name, f"sim-object-{i}", f"payload {i}".encode())
+                made["objects"] += 1
     for name in ctx.policy.key_class("service").names or []:
         service_keys.issue_credential(ctx, name, f"sim-client-{name}")
         made["credentials"] += 1
@@ -337,9 +322,6 @@ class LiveStateError(ValueError):
 def refuse_live_home(home: Path, env: Mapping[str, str] | None = None) -> None:
     """Simulated time may only touch scratch state: refuse a directory that is the configured
     KMS home, holds a master key, or whose database is the configured one."""
-    from ..foundation import db
-    from ..foundation.context import kms_home
-
     env = os.environ if env is None else env
     home = home.resolve()
     live_home = kms_home(env)
@@ -436,8 +418,6 @@ def simulate(
 
 
 def _policy(path: str | None):
-    from ..foundation.policy import load_policy
-
     return load_policy(path)
 
 

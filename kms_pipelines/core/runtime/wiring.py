@@ -6,9 +6,16 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from ..access.audited_keystore import AuditedKeyStore
+from ..access.principals import WorkloadIdentity
+from ..foundation import db
 from ..foundation.clock import Clock, SystemClock
 from ..foundation.context import KmsContext, kms_home
+from ..foundation.keystore import keystore_from_env
+from ..foundation.objectstore import objectstore_from_url
 from ..foundation.policy import load_policy
+from ..foundation.transports import notifier_from_env
+from ..foundation.worker import is_worker, require_worker_env
 from . import guards  # noqa: F401  (registers every destroy/revoke guard before a context exists)
 
 
@@ -17,10 +24,6 @@ def context_from_env(
 ) -> KmsContext:
     """Build every boundary from ``KMS_*`` environment variables (README, "Configuration").
     ``read_only``: the database refuses every write (for ``kms --at``)."""
-    from ..foundation import db
-    from ..foundation.keystore import keystore_from_env
-    from ..foundation.worker import is_worker, require_worker_env
-
     env = os.environ if env is None else env
     home = kms_home(env)
     worker = is_worker(env)
@@ -31,9 +34,6 @@ def context_from_env(
     engine = db.make_engine(
         db.database_url_from_env(home, env), retry_budget=policy.faults.database.budget(), read_only=read_only
     )
-    from ..foundation.objectstore import objectstore_from_url
-    from ..foundation.transports import notifier_from_env
-
     objects = objectstore_from_url(
         env.get("KMS_OBJECT_STORE") or str(home / "objects"),
         endpoint_url=env.get("KMS_S3_ENDPOINT_URL"),
@@ -56,12 +56,8 @@ def context_from_env(
 def audited_keystore(keystore: Any, env: Mapping[str, str] | None = None) -> Any:
     """Wrap a backend so every operation is audited (A3); with ``KMS_WORKLOAD_PRINCIPAL``
     set, every operation also runs under that principal's short-lived token (A2)."""
-    from ..access.audited_keystore import AuditedKeyStore
-
     env = os.environ if env is None else env
     credentials = None
     if env.get("KMS_WORKLOAD_PRINCIPAL"):
-        from ..access.principals import WorkloadIdentity
-
         credentials = WorkloadIdentity(env["KMS_WORKLOAD_PRINCIPAL"])
     return AuditedKeyStore(keystore, credentials=credentials)

@@ -11,6 +11,8 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 
+from .. import retry
+
 if TYPE_CHECKING:
     from ..retry import Budget
 
@@ -95,8 +97,6 @@ def _heal_connects(engine: Engine, budget: Budget | None) -> None:
     mid-failover starts late instead of failing; transactions cut mid-flight are retried by
     their callers. The very first connection is not retried: at start-up an unreachable
     database is far more often a wrong URL than a failover, and says so at once."""
-    from .. import retry
-
     if budget is not None:
         retry.set_engine_budget(engine, budget)
     state = {"connected": False}

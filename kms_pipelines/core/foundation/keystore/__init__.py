@@ -6,8 +6,22 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from .base import (AES_256, ARCHIVABLE, ARCHIVE_KEK, GENERAL, ED25519, DecryptionFailed, GeneratedKey,
-    KeyExists, KeyNotFound, KeyStore, KeyStoreError, NotArchivable, fingerprint, verify_signature)
+from .base import (
+    AES_256,
+    ARCHIVABLE,
+    ARCHIVE_KEK,
+    ED25519,
+    GENERAL,
+    DecryptionFailed,
+    GeneratedKey,
+    KeyExists,
+    KeyNotFound,
+    KeyStore,
+    KeyStoreError,
+    NotArchivable,
+    fingerprint,
+    verify_signature,
+)
 
 __all__ = [
     "AES_256",
@@ -46,11 +60,14 @@ def keystore_from_env(home: Path, env: Mapping[str, str] | None = None) -> KeySt
     env = os.environ if env is None else env
     kind = env.get("KMS_KEYSTORE", "software")
     if kind == "software":
-        from .software import SoftwareKeyStore, load_master_key
+        from .software import (  # lazy import: start-up time (only the configured backend loads)
+            SoftwareKeyStore,
+            load_master_key,
+        )
 
         return SoftwareKeyStore(home / "artifacts" / "kms" / "keys", load_master_key(home, _master_key_value(env)))
     if kind == "pkcs11":
-        from .pkcs11 import Pkcs11KeyStore
+        from .pkcs11 import Pkcs11KeyStore  # lazy import: start-up time (python-pkcs11 loads only for an HSM)
 
         missing = [v for v in ("KMS_PKCS11_LIB", "KMS_PKCS11_TOKEN", "KMS_PKCS11_PIN") if not env.get(v)]
         if missing:

@@ -11,6 +11,7 @@ the token.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Iterable, Protocol, Sequence, runtime_checkable
 
@@ -140,6 +141,4 @@ def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> boo
 
 
 def fingerprint(public_key: bytes) -> str:
-    import hashlib
-
     return "SHA256:" + hashlib.sha256(public_key).hexdigest()

@@ -64,6 +64,7 @@ from .base import (
     KeyStoreSessionLost,
     NotArchivable,
 )
+from .pkcs11_raw import RawRewrap
 from .software import validate_ref
 
 if TYPE_CHECKING:
@@ -738,7 +739,6 @@ class Pkcs11KeyStore:
 
     def _rewrap_raw(self, old_kek_ref: str, new_kek_ref: str, wrapped_deks: Sequence[bytes]) -> list[bytes]:
         """The bulk path: three PKCS#11 calls per DEK on raw handles (``pkcs11_raw``)."""
-        from .pkcs11_raw import RawRewrap
 
         def unwrap_failed(index, exc):
             if isinstance(exc, _UNWRAP_ERRORS):

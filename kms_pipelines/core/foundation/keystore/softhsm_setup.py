@@ -95,7 +95,7 @@ def init_softhsm_token(
 
 def _refuse_if_library_already_initialised(lib_path: str, previous_conf: str) -> None:
     try:
-        import pkcs11
+        import pkcs11  # lazy import: start-up time (optional/heavy dependency)
     except ImportError:  # pragma: no cover - python-pkcs11 is a hard dependency
         return
     loaded = getattr(pkcs11, "_loaded", {}).get(lib_path)

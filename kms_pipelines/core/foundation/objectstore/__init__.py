@@ -12,13 +12,22 @@ AWS environment / config chain, region also from ``KMS_S3_REGION``).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-from .base import (InvalidKey, InvalidObjectStoreURL, ObjectInfo, ObjectLocked, ObjectLockNotEnabled,
-    ObjectNotFound, ObjectStore, ObjectStoreError, ObjectStoreUnreachable)
+from .base import (
+    InvalidKey,
+    InvalidObjectStoreURL,
+    ObjectInfo,
+    ObjectLocked,
+    ObjectLockNotEnabled,
+    ObjectNotFound,
+    ObjectStore,
+    ObjectStoreError,
+    ObjectStoreUnreachable,
+)
 from .local import LocalObjectStore
 
 if TYPE_CHECKING:
@@ -42,14 +51,19 @@ __all__ = [
 
 def __getattr__(name: str) -> type[ObjectStore]:  # import boto3 only when S3 is actually used
     if name == "S3ObjectStore":
-        from .s3 import S3ObjectStore
+        from .s3 import S3ObjectStore  # lazy import: start-up time (boto3 loads only for S3)
 
         return S3ObjectStore
     raise AttributeError(name)
 
 
-def objectstore_from_url(url: str, *, endpoint_url: str | None = None, env: Mapping[str, str] | None = None,
-                         retry_budget: Budget | None = None) -> ObjectStore:
+def objectstore_from_url(
+    url: str,
+    *,
+    endpoint_url: str | None = None,
+    env: Mapping[str, str] | None = None,
+    retry_budget: Budget | None = None,
+) -> ObjectStore:
     env = os.environ if env is None else env
     if not isinstance(url, str) or not url.strip():
         raise InvalidObjectStoreURL("object store URL is empty (expected file:///path, a path, or s3://bucket/prefix)")
@@ -62,9 +76,7 @@ def objectstore_from_url(url: str, *, endpoint_url: str | None = None, env: Mapp
     scheme = parts.scheme.lower()
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):
-            raise InvalidObjectStoreURL(
-                f"file URL {url!r} names host {parts.netloc!r}; use file:///absolute/path"
-            )
+            raise InvalidObjectStoreURL(f"file URL {url!r} names host {parts.netloc!r}; use file:///absolute/path")
         path = unquote(parts.path)
         if not path.startswith("/"):
             raise InvalidObjectStoreURL(f"file URL {url!r} must hold an absolute path (file:///abs/path)")
@@ -77,7 +89,7 @@ def objectstore_from_url(url: str, *, endpoint_url: str | None = None, env: Mapp
             raise InvalidObjectStoreURL(f"S3 URL {url!r} has no bucket (expected s3://bucket/prefix)")
         if parts.query or parts.fragment:
             raise InvalidObjectStoreURL(f"S3 URL {url!r} must not have a query or fragment")
-        from .s3 import S3ObjectStore
+        from .s3 import S3ObjectStore  # lazy import: start-up time (boto3 loads only for S3)
 
         return S3ObjectStore(
             bucket,

@@ -25,6 +25,7 @@ Semantics every backend honours:
 
 from __future__ import annotations
 
+import io
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -195,8 +196,6 @@ def validate_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
 
 def as_stream(data: Body) -> BinaryIO:
     """Wrap bytes-likes in a BytesIO; pass file-likes through."""
-    import io
-
     if isinstance(data, (bytes, bytearray, memoryview)):
         return io.BytesIO(bytes(data))
     if not hasattr(data, "read"):

@@ -40,6 +40,7 @@ from botocore.exceptions import (
 if TYPE_CHECKING:
     from hashlib import _Hash
 
+from .. import retry
 from .base import (
     LOCK_MODE_COMPLIANCE,
     Body,
@@ -104,8 +105,6 @@ class _ResumingBody(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        from .. import retry
-
         def once() -> bytes:
             if self._body is None:
                 extra = {"IfMatch": self._etag} if self._etag else {}
@@ -235,7 +234,6 @@ class S3ObjectStore:
         """Run ``fn`` (one request, safe to repeat) under the retry budget, if any."""
         if self.retry_budget is None:
             return fn()
-        from .. import retry
 
         def once() -> Any:
             try:

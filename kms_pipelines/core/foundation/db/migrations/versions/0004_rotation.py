@@ -7,7 +7,7 @@ Revises: 0003_envelope
 import sqlalchemy as sa
 from alembic import op
 
-from kms_pipelines.core.foundation.db.append_only import create_append_only_triggers
+from kms_pipelines.core.foundation.db.append_only import create_append_only_triggers, drop_append_only_triggers
 
 revision = "0004_rotation"
 down_revision = "0003_envelope"
@@ -87,8 +87,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     bind = op.get_bind()
-    from kms_pipelines.core.foundation.db.append_only import drop_append_only_triggers
-
     for table in ("dependent_confirmations", "root_manifests"):
         drop_append_only_triggers(bind, table)
     op.drop_table("dependent_confirmations")
