@@ -60,10 +60,10 @@ def exercised(make_kms, master_key, monkeypatch, tmp_path):
 def _register_console_keys(kms, devices) -> None:
     """A2: each principal registers a FIDO2 key (software authenticator) through a link that
     ann requests and two others approve with both factors (the clock moves one step per code)."""
-    from kms_pipelines.core.access import console_auth
+    from kms_pipelines.core.access import console_auth, webauthn
     from tests.fido2_soft import SoftAuthenticator, register
 
-    rp = console_auth.RelyingParty("https://kms.example.test")
+    rp = webauthn.RelyingParty("https://kms.example.test")
 
     def code(name):
         kms.clock.advance(timedelta(seconds=kms.policy.access.totp_interval_seconds))

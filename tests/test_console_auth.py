@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import func, select
 
 from kms_pipelines.core import compliance
-from kms_pipelines.core.access import approval_requests, console_auth
+from kms_pipelines.core.access import approval_requests, console_auth, webauthn
 from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.foundation.db.models_access import AuditEvent, Principal
 from kms_pipelines.core.foundation.db.models_console import ConsoleCredential, ConsoleRegistrationLink, ConsoleSession
@@ -24,7 +24,7 @@ from tests.fido2_soft import SoftAuthenticator, register
 from tests.fixtures.kms import approve_both, enrol_direct
 
 ORIGIN = "https://kms.example.test"
-RP = console_auth.RelyingParty(ORIGIN)
+RP = webauthn.RelyingParty(ORIGIN)
 
 
 class Device:
@@ -110,7 +110,7 @@ def test_registration_link_is_dual_controlled_single_use_and_expires(team):
         assert conn.execute(select(func.count()).select_from(ConsoleRegistrationLink)).scalar() == 0
 
     # The principal may not approve their own key's registration.
-    with pytest.raises(console_auth.ConsoleDenied, match="approved the registration of their own key"):
+    with pytest.raises(webauthn.ConsoleDenied, match="approved the registration of their own key"):
         _link(kms, devices, "bo", ticket="ONB-1", approvers=["bo", "cy"])
     approval_requests.reject(kms, approval_requests.pending(kms)[0].id, principal="dee", note="self-approved")
     with kms.engine.connect() as conn:
@@ -125,14 +125,14 @@ def test_registration_link_is_dual_controlled_single_use_and_expires(team):
     # Expired: refused and audited, nothing registered.
     kms.clock.advance(timedelta(hours=kms.policy.console.registration_link_hours, seconds=1))
     before = _state(kms)
-    with pytest.raises(console_auth.ConsoleDenied, match="expired"):
+    with pytest.raises(webauthn.ConsoleDenied, match="expired"):
         register(kms, RP, link.token, devices["bo"].code(), SoftAuthenticator(ORIGIN))
     assert _denied(kms, "console.register", "link") and _state(kms) == before
 
     fresh = _link(kms, devices, "bo", ticket="ONB-3")
     key = SoftAuthenticator(ORIGIN)
     assert register(kms, RP, fresh.token, devices["bo"].code(), key) == "bo"
-    with pytest.raises(console_auth.ConsoleDenied, match="already used"):
+    with pytest.raises(webauthn.ConsoleDenied, match="already used"):
         register(kms, RP, fresh.token, devices["bo"].code(), SoftAuthenticator(ORIGIN))
     # A wrong TOTP at registration stores nothing.
     other = _link(kms, devices, "cy", ticket="ONB-4")
@@ -184,12 +184,12 @@ def test_sign_in_needs_both_factors_and_each_refusal_changes_nothing(team):
     handle, options = console_auth.begin_signin(kms, RP)
     answer = key.get(options)
     console_auth.complete_signin(kms, RP, name="bo", handle=handle, response=answer, totp=devices["bo"].code())
-    with pytest.raises(console_auth.ConsoleDenied, match="already answered"):
+    with pytest.raises(webauthn.ConsoleDenied, match="already answered"):
         console_auth.complete_signin(kms, RP, name="bo", handle=handle, response=answer, totp=devices["bo"].code())
     # A challenge answered too late.
     handle, options = console_auth.begin_signin(kms, RP)
     kms.clock.advance(timedelta(seconds=kms.policy.console.ceremony_seconds + 1))
-    with pytest.raises(console_auth.ConsoleDenied, match="expired"):
+    with pytest.raises(webauthn.ConsoleDenied, match="expired"):
         console_auth.complete_signin(
             kms, RP, name="bo", handle=handle, response=key.get(options), totp=devices["bo"].code()
         )
@@ -211,27 +211,27 @@ def test_step_up_is_bound_to_exactly_one_action(team):
     kms, devices = team
     key = SoftAuthenticator(ORIGIN)
     register(kms, RP, _link(kms, devices, "bo").token, devices["bo"].code(), key)
-    binding = console_auth.step_up_binding("approve", "rotate", "root", "CHG-1")
-    handle, options = console_auth.begin_step_up(kms, RP, "bo", binding)
+    binding = webauthn.step_up_binding("approve", "rotate", "root", "CHG-1")
+    handle, options = webauthn.begin_step_up(kms, RP, "bo", binding)
     answer = key.get(options)
     for other in (
-        console_auth.step_up_binding("approve", "rotate", "root", "CHG-2"),
-        console_auth.step_up_binding("launch", "rotate", "root", "CHG-1"),
-        console_auth.step_up_binding("approve", "destroy", "root", "CHG-1"),
+        webauthn.step_up_binding("approve", "rotate", "root", "CHG-2"),
+        webauthn.step_up_binding("launch", "rotate", "root", "CHG-1"),
+        webauthn.step_up_binding("approve", "destroy", "root", "CHG-1"),
     ):
-        h2, o2 = console_auth.begin_step_up(kms, RP, "bo", binding)
-        with pytest.raises(console_auth.ConsoleDenied, match="confirmation was given for"):
+        h2, o2 = webauthn.begin_step_up(kms, RP, "bo", binding)
+        with pytest.raises(webauthn.ConsoleDenied, match="confirmation was given for"):
             console_auth.verify_step_up(kms, RP, "bo", other, handle=h2, response=key.get(o2))
     # The answer to one challenge does not fit another challenge of the same binding either.
-    h3, _ = console_auth.begin_step_up(kms, RP, "bo", binding)
-    with pytest.raises(console_auth.ConsoleDenied, match="Wrong challenge"):
+    h3, _ = webauthn.begin_step_up(kms, RP, "bo", binding)
+    with pytest.raises(webauthn.ConsoleDenied, match="Wrong challenge"):
         console_auth.verify_step_up(kms, RP, "bo", binding, handle=h3, response=answer)
     console_auth.verify_step_up(kms, RP, "bo", binding, handle=handle, response=answer)
-    with pytest.raises(console_auth.ConsoleDenied, match="already answered"):
+    with pytest.raises(webauthn.ConsoleDenied, match="already answered"):
         console_auth.verify_step_up(kms, RP, "bo", binding, handle=handle, response=answer)
     # Another principal cannot answer bo's challenge.
-    h4, o4 = console_auth.begin_step_up(kms, RP, "bo", binding)
-    with pytest.raises(console_auth.ConsoleDenied, match="unknown security-key challenge"):
+    h4, o4 = webauthn.begin_step_up(kms, RP, "bo", binding)
+    with pytest.raises(webauthn.ConsoleDenied, match="unknown security-key challenge"):
         console_auth.verify_step_up(kms, RP, "cy", binding, handle=h4, response=key.get(o4))
     assert _denied(kms, "console.step-up", "binding")
 
@@ -245,9 +245,9 @@ def test_sessions_end_idle_and_absolute_per_policy(team):
     kms.clock.advance(timedelta(minutes=pol.session_idle_minutes - 1))
     console_auth.current_user(kms, grant.token)
     kms.clock.advance(timedelta(minutes=pol.session_idle_minutes, seconds=1))
-    with pytest.raises(console_auth.ConsoleDenied, match="without activity"):
+    with pytest.raises(webauthn.ConsoleDenied, match="without activity"):
         console_auth.current_user(kms, grant.token)
-    with pytest.raises(console_auth.ConsoleDenied, match="not signed in"):
+    with pytest.raises(webauthn.ConsoleDenied, match="not signed in"):
         console_auth.current_user(kms, grant.token)
     assert _denied(kms, "console.session", "session_expired")
 
@@ -256,7 +256,7 @@ def test_sessions_end_idle_and_absolute_per_policy(team):
         kms.clock.advance(timedelta(minutes=pol.session_idle_minutes - 1))
         try:
             console_auth.current_user(kms, grant.token)
-        except console_auth.ConsoleDenied as exc:
+        except webauthn.ConsoleDenied as exc:
             assert f"{pol.session_absolute_hours} h after sign-in" in str(exc)
             break
     else:
@@ -301,7 +301,7 @@ def test_an_insider_with_database_access_cannot_forge_console_identity(team):
     with kms.engine.begin() as conn:
         conn.execute(update(ConsoleCredential).where(ConsoleCredential.principal == "bo").values(sign_count=0))
     clone = copy.copy(key)
-    with pytest.raises(console_auth.ConsoleDenied, match="fails its integrity check"):
+    with pytest.raises(webauthn.ConsoleDenied, match="fails its integrity check"):
         _sign_in(kms, clone, "bo", devices["bo"].code(), count=1)
     assert _denied(kms, "console.signin", "integrity")
     assert "bo" not in console_auth.credentials_by_principal(kms)
@@ -310,7 +310,7 @@ def test_an_insider_with_database_access_cannot_forge_console_identity(team):
     # 2. Move bo's live session to ann: refused and ended.
     with kms.engine.begin() as conn:
         conn.execute(update(ConsoleSession).where(ConsoleSession.ended_at.is_(None)).values(principal="ann"))
-    with pytest.raises(console_auth.ConsoleDenied, match="changed outside the console"):
+    with pytest.raises(webauthn.ConsoleDenied, match="changed outside the console"):
         console_auth.current_user(kms, grant.token)
 
     # 3. Mint a session for ann with a token of the insider's choosing.
@@ -327,7 +327,7 @@ def test_an_insider_with_database_access_cannot_forge_console_identity(team):
                 mac="0" * 64,
             )
         )
-    with pytest.raises(console_auth.ConsoleDenied, match="not signed in"):
+    with pytest.raises(webauthn.ConsoleDenied, match="not signed in"):
         console_auth.current_user(kms, "insider-token")
 
     # 4. Plant a credential row for cy (the insider's own key): A2 does not count it, sign-in refuses it.
@@ -353,7 +353,7 @@ def test_an_insider_with_database_access_cannot_forge_console_identity(team):
         )
     assert "cy" not in console_auth.credentials_by_principal(kms)
     assert "cy lacks fido2" in compliance.evaluate(kms, compliance.clause("A2")).evidence
-    with pytest.raises(console_auth.ConsoleDenied, match="fails its integrity check"):
+    with pytest.raises(webauthn.ConsoleDenied, match="fails its integrity check"):
         _sign_in(kms, planted, "cy", devices["cy"].code())
 
 

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select, text, update
 
-from kms_pipelines.core.access import console_auth
 from kms_pipelines.core.access import principals as access
+from kms_pipelines.core.access import webauthn
 from kms_pipelines.core.compliance import eval_a2
 from kms_pipelines.core.foundation.clock import FixedClock
 from kms_pipelines.core.foundation.db.models import STATES, Key, KeyVersion, LedgerEntry
@@ -90,7 +90,7 @@ class Cli:
                     .where(
                         AuditEvent.outcome == "ok",
                         AuditEvent.target.is_distinct_from(access.SEAL_REF),
-                        AuditEvent.target.is_distinct_from(console_auth.INTEGRITY_REF),
+                        AuditEvent.target.is_distinct_from(webauthn.INTEGRITY_REF),
                         # a refused manual operation leaves its request on record for the approvers
                         AuditEvent.operation != "approval.request",
                     )

@@ -73,10 +73,10 @@ def register(cli) -> None:
         """Issue PRINCIPAL's one-time security-key registration link (dual control: the first call
         records the request; after two `kms approve --operation console-registration --target PRINCIPAL`
         by other principals, the second call prints the link once)."""
-        from ..core.access import console_auth
+        from ..core.access import console_auth, webauthn
 
         try:
-            rp = console_auth.RelyingParty(origin)
+            rp = webauthn.RelyingParty(origin)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--origin") from None
         from ..core.access import principals as access
@@ -109,7 +109,7 @@ def register(cli) -> None:
         with `kms approve`."""
         from urllib.parse import urlparse
 
-        from ..core.access import console_auth
+        from ..core.access import console_auth, webauthn
         from ..fido2_client import authenticator
         from .access import _ask_pin
 
@@ -120,7 +120,7 @@ def register(cli) -> None:
                 "expected https://HOST/register/TOKEN, as `kms console registration-link` printed it", param_hint="LINK"
             )
         try:
-            rp = console_auth.RelyingParty(f"{u.scheme}://{u.netloc}")
+            rp = webauthn.RelyingParty(f"{u.scheme}://{u.netloc}")
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="LINK") from None
         kms = get_context(ctx)

@@ -23,7 +23,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from ..core import compliance
-from ..core.access import anomalies, approval_requests, console_auth
+from ..core.access import anomalies, approval_requests, console_auth, webauthn
 from ..core.access import principals as access
 from ..core.backup import drills
 from ..core.backup.backups import BackupError
@@ -67,7 +67,7 @@ class Refused(Exception):
 
 def create_app(config: ConsoleConfig) -> Starlette:
     ctx = config.ctx
-    rp = console_auth.RelyingParty(config.origin)
+    rp = webauthn.RelyingParty(config.origin)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
 
     def headers(csp: str = CSP) -> dict:
@@ -95,7 +95,7 @@ def create_app(config: ConsoleConfig) -> Starlette:
     async def signed_in(request: Request, page: str | None = None) -> console_auth.ConsoleUser:
         try:
             user = await run_in_threadpool(console_auth.current_user, ctx, request.cookies.get(SESSION_COOKIE))
-        except console_auth.ConsoleDenied as exc:
+        except webauthn.ConsoleDenied as exc:
             raise Refused(401, str(exc)) from None
         if page is not None and not set(user.roles) & set(ctx.policy.console.pages[page]):
             await run_in_threadpool(
@@ -330,8 +330,8 @@ def create_app(config: ConsoleConfig) -> Starlette:
         rid = int(request.path_params["rid"])
         r = await run_in_threadpool(approval_requests.get_pending, ctx, rid)
         if action_name == "approve":  # the binding access.approve checks
-            return r, console_auth.approval_binding(r.operation, r.target, r.ticket)
-        return r, console_auth.step_up_binding(action_name, r.operation, r.target, r.ticket)
+            return r, webauthn.approval_binding(r.operation, r.target, r.ticket)
+        return r, webauthn.step_up_binding(action_name, r.operation, r.target, r.ticket)
 
     @page("approvals")
     async def step_up_begin(request, user):
@@ -342,7 +342,7 @@ def create_app(config: ConsoleConfig) -> Starlette:
         r, binding = await pending_binding(request, act)
         if act == "approve" and r.operation == console_auth.REGISTRATION_OPERATION and r.target == user.principal:
             raise Refused(403, "you may not approve the registration of your own security key")
-        handle, options = await run_in_threadpool(console_auth.begin_step_up, ctx, rp, user.principal, binding)
+        handle, options = await run_in_threadpool(webauthn.begin_step_up, ctx, rp, user.principal, binding)
         return JSONResponse({"handle": handle, "options": options}, headers=headers())
 
     @page("approvals")

@@ -215,11 +215,11 @@ def init_principals(
             uri = _new_human(ctx, s, name, roles, actor=actor, now=now, approve_after=now, detail={"ceremony": True})
             out.append(Enrolment(name, "human", roles, uri))
         if keys is not None:
-            from . import console_auth
+            from . import webauthn
 
             origin, make_credential = keys
-            console_auth.register_ceremony_keys(
-                s, ctx, console_auth.RelyingParty(origin), list(checked), make_credential, actor=actor
+            webauthn.register_ceremony_keys(
+                s, ctx, webauthn.RelyingParty(origin), list(checked), make_credential, actor=actor
             )
     return out
 
@@ -749,7 +749,7 @@ def approve(
     cooling-off, and the target exists (a key, key#vN, escrow package, or an open request).
     There is no other way to approve: the console and ``kms approve`` both call this.
     """
-    from . import console_auth
+    from . import webauthn
 
     if not approver:
         raise AccessDenied("an approval names its approver (--as)", reason="invalid")
@@ -762,7 +762,7 @@ def approve(
     try:
         _check_binding(ctx, operation, ticket)
         assertion = assertion if isinstance(assertion, dict) else {}
-        ceremony = console_auth.take_approval_ceremony(ctx, approver, str(assertion.get("handle") or ""))
+        ceremony = webauthn.take_approval_ceremony(ctx, approver, str(assertion.get("handle") or ""))
         with ctx.transaction() as s:
             p = _principal(s, approver, lock=True)
             if p is None or p.kind != "human":
@@ -816,7 +816,7 @@ def approve(
                     reason="duplicate",
                     principal=approver,
                 )
-            cred = console_auth.verify_approval(
+            cred = webauthn.verify_approval(
                 s,
                 ctx,
                 ceremony,
@@ -863,7 +863,7 @@ def approve(
                     "for": operation,
                     "approval_id": row.id,
                     "factors": ["fido2", "totp"],
-                    **console_auth._provenance(cred),
+                    **webauthn._provenance(cred),
                 },
             )
             return ApprovalInfo(
