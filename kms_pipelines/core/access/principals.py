@@ -2,7 +2,7 @@
 (policy clauses A1, A2, A4).
 
 * **Approvals take both factors** (A2): ``approve`` needs the approver's FIDO2 assertion over
-  exactly (operation, target, ticket) (``console_auth.verify_approval``) and their TOTP code.
+  exactly (operation, target, ticket) (``webauthn.verify_approval``) and their TOTP code.
 * **Identity is proven, never asserted** (A2): ``prove_principal(ctx, name, code)`` is the
   one check that human ``name`` is acting — ``code`` must be their current TOTP code, for a
   time-step newer than any they used (a replayed code is refused). Every human action calls
@@ -57,6 +57,7 @@ from ..foundation.db.models_access import Approval, ApprovalRequest, Principal
 from ..foundation.db.models_events import EscrowPackage
 from ..foundation.keystore import AES_256, ED25519, KeyExists, KeyNotFound, verify_signature
 from ..ledger import audit
+from . import webauthn
 from .audited_keystore import AuditedKeyStore, unwrap
 from .refusals import AccessDenied
 
@@ -183,7 +184,7 @@ def init_principals(
     """The first-run ceremony: enrol the first human principals while none exists.
 
     ``keys = (origin, make_credential)`` registers a FIDO2 security key for each of them in the
-    same transaction (``console_auth.register_ceremony_keys``; ``make_credential(name, options)``
+    same transaction (``webauthn.register_ceremony_keys``; ``make_credential(name, options)``
     is the CLI's FIDO2 client), so they can approve: every approval needs the key and TOTP.
 
     It needs at least ``approvals_required + 1`` principals (a requester and a quorum of
@@ -215,8 +216,6 @@ def init_principals(
             uri = _new_human(ctx, s, name, roles, actor=actor, now=now, approve_after=now, detail={"ceremony": True})
             out.append(Enrolment(name, "human", roles, uri))
         if keys is not None:
-            from . import webauthn
-
             origin, make_credential = keys
             webauthn.register_ceremony_keys(
                 s, ctx, webauthn.RelyingParty(origin), list(checked), make_credential, actor=actor
@@ -749,8 +748,6 @@ def approve(
     cooling-off, and the target exists (a key, key#vN, escrow package, or an open request).
     There is no other way to approve: the console and ``kms approve`` both call this.
     """
-    from . import webauthn
-
     if not approver:
         raise AccessDenied("an approval names its approver (--as)", reason="invalid")
     limits.principal_name(approver, "approver")

@@ -1,4 +1,10 @@
-"""FIDO2/WebAuthn for the KMS (A2): the relying party, credential registration with provenance and row MACs, assertions bound to (operation, target, ticket) with user verification and a growing sign count. principals.approve uses it; the console's sign-in and sessions sit above in console_auth."""
+"""FIDO2/WebAuthn for the KMS (clause A2).
+
+The relying party, credential registration with provenance and row MACs, and assertions bound to
+(operation, target, ticket) with user verification and a growing sign count.
+``principals.approve`` uses it for the FIDO2 half of every human approval; the console's sign-in,
+sessions and registration links sit above it in ``console_auth``.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from fido2.attestation import Attestation, InvalidData, InvalidSignature, UnsupportedType, verify_x509_chain
 from fido2.server import Fido2Server
 from fido2.utils import websafe_encode
@@ -34,8 +42,8 @@ from ..foundation.context import KmsContext
 from ..foundation.db.models_console import ConsoleCeremony, ConsoleCredential
 from ..foundation.keystore import ED25519, KeyExists
 from ..ledger import audit
-from . import principals as access
 from .audited_keystore import unwrap
+from .refusals import AccessDenied
 
 INTEGRITY_REF = "kms-console.integrity"
 _INTEGRITY_CONTEXT = b"kms-console-integrity/1"
@@ -43,7 +51,7 @@ _STEP_UP_CONTEXT = b"kms-console-step-up/1\n"
 _USER_HANDLE_CONTEXT = b"kms-console-user/1\n"
 
 
-class ConsoleDenied(access.AccessDenied):
+class ConsoleDenied(AccessDenied):
     """A refused console ceremony; the message says what was wrong. Nothing was changed."""
 
 
@@ -68,7 +76,10 @@ class RelyingParty:
 
     @property
     def rp_id(self) -> str:
-        return urlparse(self.origin).hostname
+        host = urlparse(self.origin).hostname
+        if not host:  # __post_init__ refuses such an origin; this keeps the type honest
+            raise ValueError(f"console origin {self.origin!r} has no host")
+        return host
 
     def server(self, attestation: bool = False) -> Fido2Server:
         # With ``attestation`` the key is asked for its attestation statement, which
@@ -258,8 +269,6 @@ def _hardware_attested(ctx: KmsContext, registration: RegistrationResponse) -> b
     """True when the registration's attestation statement verifies and chains to one of the
     policy's CAs (``console.attestation_ca_files``, PEM). Self and "none" attestation prove
     nothing about where the key lives."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
 
     files = ctx.policy.console.attestation_ca_files
     att = registration.response.attestation_object
@@ -336,7 +345,7 @@ def _audited(ctx: KmsContext, operation: str, actor: str | None, target: str | N
     """Run ``fn``; on refusal, audit it (outside the rolled-back transaction) and re-raise."""
     try:
         return fn()
-    except access.AccessDenied as exc:
+    except AccessDenied as exc:
         audit.emit(
             ctx,
             at=ctx.now(),
@@ -396,7 +405,7 @@ def begin_step_up(ctx: KmsContext, rp: RelyingParty | None, principal: str, bind
             for c in rows
             if rp is not None and (c.origin or rp.origin) == rp.origin
         ]
-        if not creds:
+        if rp is None or not creds:
             raise _denied("unknown_credential", f"{principal!r} has no registered security key", principal)
         nonce = secrets.token_bytes(32)
         challenge = _bound_challenge(principal, binding, nonce)

@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterable
 from sqlalchemy import event, select
 from sqlalchemy.orm import selectinload
 
+from ...fido2_client import SoftwareAuthenticator
+from ..access import console_auth
 from ..access import principals as access
 from ..access.audited_keystore import AuditedKeyStore
 from ..envelope import data_keys as envelope
@@ -152,7 +154,6 @@ class Actors:
         access = self._access_api()
         if not access or self._enrolled:
             return
-        from ...fido2_client import SoftwareAuthenticator
 
         self._totp, self._keys = {}, {}
         names = (*self.APPROVERS, self.REQUESTER)
@@ -190,7 +191,6 @@ class Actors:
             for approver in self.APPROVERS:
                 at += timedelta(seconds=self.ctx.policy.access.totp_interval_seconds)  # a fresh TOTP step
                 clock.set(at)
-                from ..access import console_auth
 
                 ch = console_auth.begin_approval(
                     self.ctx, approver, operation=retention.DESTROY_OPERATION, ticket=d.ticket, target=d.target
