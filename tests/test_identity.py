@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from sqlalchemy import select, text, update
 
 from kms_pipelines.core.access import principals as access
-from kms_pipelines.core.access import webauthn
+from kms_pipelines.core.access import tokens, webauthn
 from kms_pipelines.core.compliance import eval_a2
 from kms_pipelines.core.foundation.clock import FixedClock
 from kms_pipelines.core.foundation.db.models import STATES, Key, KeyVersion, LedgerEntry
@@ -565,7 +565,7 @@ def test_token_lifetime_is_capped_from_the_wall_clock_issue_time(cli):
     r = cli("token", "issue", "workload:api-gateway", "--as", "bob", "--totp", cli.code("bob"))
     assert r.exit_code == 0, r.output
     token = r.output.strip()
-    claims = json.loads(access._unb64u(token.split(".")[1]))
+    claims = json.loads(tokens._unb64u(token.split(".")[1]))
     now = datetime.now(timezone.utc).timestamp()
     assert claims["exp"] - now <= 15 * 60 and claims["exp"] - claims["iat"] <= 15 * 60
 

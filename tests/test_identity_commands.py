@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from kms_pipelines.core.access import principals as access
+from kms_pipelines.core.access import tokens
 from kms_pipelines.core.foundation.db.models import KeyVersion
 from kms_pipelines.core.foundation.db.models_access import Approval, AuditEvent
 from kms_pipelines.core.foundation.db.models_backup import Drill, DrillFollowup
@@ -392,7 +393,7 @@ def test_token_issue_acts_for_a_proven_principal_who_holds_every_operation_of_th
     r = ops(*issue, "--as", "bob", "--totp", code)
     assert r.exit_code == 0, r.output
     token = r.output.strip()
-    claims = json.loads(access._unb64u(token.split(".")[1]))
+    claims = json.loads(tokens._unb64u(token.split(".")[1]))
     assert claims["sub"] == "workload:api-gateway"  # the subject is the workload, not the issuer
     ops.refused("already used (replayed code refused)", *issue, "--as", "bob", "--totp", code)
     assert ops.audit_actor("token.issue", "workload:api-gateway") == ["bob"]

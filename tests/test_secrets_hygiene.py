@@ -14,7 +14,7 @@ import dagster as dg
 import pyotp
 from sqlalchemy import select
 
-from kms_pipelines.core.access import principals as access
+from kms_pipelines.core.access import tokens as tokens_mod
 from kms_pipelines.core.access.audited_keystore import unwrap
 from kms_pipelines.core.foundation.db.models_access import AuditAnomaly, AuditEvent, Principal
 from kms_pipelines.core.ledger import audit
@@ -86,7 +86,7 @@ def test_no_key_material_in_audit_rows_event_log_or_logs(tmp_path, monkeypatch, 
     ks = ctx.keystore
     blob = ks.encrypt(_wrap_ref(ctx), b"customer secret 0123456789abcdef")
     ks.decrypt(_wrap_ref(ctx), blob)
-    tokens = [access.issue_workload_token(ctx, "workload:api-gateway")]
+    tokens = [tokens_mod.issue_workload_token(ctx, "workload:api-gateway")]
     runs.append(dg.materialize([audit_anomalies, audit_chain_intact], resources={"kms": res}, instance=instance))
     assert all(r.success for r in runs)
 

@@ -14,6 +14,7 @@ from dataclasses import replace
 import pytest
 
 from kms_pipelines.core.access import principals as access
+from kms_pipelines.core.access import tokens
 from kms_pipelines.core.foundation.keystore import KeyNotFound, keystore_from_env
 from kms_pipelines.core.foundation.worker import WorkerConfigError, require_worker_env, worker_problems
 
@@ -210,10 +211,10 @@ def test_a_worker_never_creates_the_workload_signing_key(make_kms):
     ctx = make_kms("sqlite")
     worker = replace(ctx, role="worker")
     with pytest.raises(KeyNotFound, match="a worker never creates one"):
-        access.issue_workload_token(worker, "workload:dagster")
+        tokens.issue_workload_token(worker, "workload:dagster")
     assert not access.unwrap(ctx.keystore).exists(access.SIGNING_REF)  # nothing generated
-    token = access.issue_workload_token(ctx, "workload:dagster")  # the control host creates it once
-    assert access.verify_workload_token(worker, token).sub == "workload:dagster"  # and the worker uses it
+    token = tokens.issue_workload_token(ctx, "workload:dagster")  # the control host creates it once
+    assert tokens.verify_workload_token(worker, token).sub == "workload:dagster"  # and the worker uses it
 
 
 def test_a_drill_on_a_worker_is_refused_before_it_restores_or_writes_anything(make_kms):

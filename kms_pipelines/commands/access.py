@@ -288,10 +288,10 @@ def register(cli) -> None:
     def token_issue(ctx, workload, ttl_minutes, principal, totp):
         """Print a signed token for workload WORKLOAD (a bearer credential: handle it as a secret).
         The issuer proves themself by TOTP; the token's subject is the workload."""
-        from ..core.access import principals as access
+        from ..core.access import tokens
 
         click.echo(
-            access.issue_token_by(get_context(ctx), workload, issued_by=principal, totp=totp, ttl_minutes=ttl_minutes)
+            tokens.issue_token_by(get_context(ctx), workload, issued_by=principal, totp=totp, ttl_minutes=ttl_minutes)
         )
 
     @token.command("verify")
@@ -299,9 +299,9 @@ def register(cli) -> None:
     @click.pass_context
     def token_verify(ctx, token_text):
         """Exit 0 if TOKEN is a valid, unexpired workload token."""
-        from ..core.access import principals as access
+        from ..core.access import tokens
 
-        c = access.verify_workload_token(get_context(ctx), token_text)
+        c = tokens.verify_workload_token(get_context(ctx), token_text)
         click.echo(f"valid token for {c.sub}, expires at {c.exp} (jti {c.jti})")
 
     # ------------------------------------------------------------ audit

@@ -123,7 +123,7 @@ class KmsResource(dg.ConfigurableResource):
 
     def _build(self) -> KmsContext:
         from ..core.access.audited_keystore import AuditedKeyStore
-        from ..core.access.principals import WorkloadIdentity
+        from ..core.access.tokens import WorkloadIdentity
         from ..core.foundation import db
         from ..core.foundation.keystore import keystore_from_env
         from ..core.foundation.objectstore import objectstore_from_url

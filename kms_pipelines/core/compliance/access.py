@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from sqlalchemy import func, select
 
-from ..access import anomalies, console_auth, crosscheck, notifications
+from ..access import anomalies, console_auth, crosscheck, notifications, tokens
 from ..access import principals as access
 from ..foundation.context import KmsContext
 from ..foundation.db.models import LedgerEntry
@@ -105,7 +105,7 @@ def eval_a2(ctx: KmsContext) -> Finding:
         problems.append(f"policy token TTL {cap} min exceeds the clause's {A2_MAX_TOKEN_MINUTES} min")
     principal = next(iter(sorted(ctx.policy.access.workload_principals)), None)
     if principal:
-        claims = access.verify_workload_token(ctx, access.issue_workload_token(ctx, principal))
+        claims = tokens.verify_workload_token(ctx, tokens.issue_workload_token(ctx, principal))
         lifetime = (claims.exp - claims.iat) / 60
         if lifetime > cap:
             problems.append(f"a fresh workload token lives {lifetime:g} min (cap {cap})")

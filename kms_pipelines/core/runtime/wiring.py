@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..access.audited_keystore import AuditedKeyStore
-from ..access.principals import WorkloadIdentity
+from ..access.tokens import WorkloadIdentity
 from ..foundation import db
 from ..foundation.clock import Clock, SystemClock
 from ..foundation.context import KmsContext, kms_home
