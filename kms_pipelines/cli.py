@@ -301,12 +301,12 @@ def init(ctx, admins, console_origin, software_keys, as_json):
     created = [r.key for r in results if r.rotated]
     enrolled = []
     if admins:
-        from .core.access import principals as access
+        from .core.access import enrolment
 
         parsed = dict(_admin(a) for a in admins)
         if len(parsed) != len(admins):
             raise click.UsageError("--admin names must be distinct")
-        enrolled = access.init_principals(
+        enrolled = enrolment.init_principals(
             kms, parsed, keys=(console_origin, _ceremony_keys(console_origin, software_keys))
         )
     if as_json:

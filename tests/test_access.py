@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
+from kms_pipelines.core.access import enrolment
 from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.foundation.db.models import STATES, KeyVersion
 from kms_pipelines.core.foundation.db.models_access import Approval, AuditEvent, Principal
@@ -74,7 +75,9 @@ def test_totp_secret_is_stored_sealed_never_in_clear(team):
     with kms.engine.connect() as conn:
         sealed = conn.execute(select(Principal.totp_sealed).where(Principal.name == "bob")).scalar_one()
     assert sealed and d["bob"].secret.encode() not in sealed
-    assert "otpauth" not in repr(access.Enrolment("dora", "human", ["sre_oncall"], d["bob"].provisioning_uri(name="x")))
+    assert "otpauth" not in repr(
+        enrolment.Enrolment("dora", "human", ["sre_oncall"], d["bob"].provisioning_uri(name="x"))
+    )
 
 
 def test_permission_matrix_comes_from_the_policy(team):
@@ -103,12 +106,12 @@ def test_the_ceremony_refuses_unknown_roles_too_few_principals_and_a_second_run(
     ):
         before = snapshot(kms)
         with pytest.raises(ValueError, match=match):
-            access.init_principals(kms, admins)
+            enrolment.init_principals(kms, admins)
         assert snapshot(kms) == before
     ceremony(kms, {"a": "security_engineering", "b": "security_engineering", "c": "sre_oncall"})
     before = snapshot(kms)
     with pytest.raises(access.AccessDenied, match="already ran"):
-        access.init_principals(kms, {"x": ["sre_oncall"], "y": ["sre_oncall"], "z": ["sre_oncall"]})
+        enrolment.init_principals(kms, {"x": ["sre_oncall"], "y": ["sre_oncall"], "z": ["sre_oncall"]})
     assert snapshot(kms) == before
 
 

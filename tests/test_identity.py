@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select, text, update
 
+from kms_pipelines.core.access import enrolment, tokens, webauthn
 from kms_pipelines.core.access import principals as access
-from kms_pipelines.core.access import tokens, webauthn
 from kms_pipelines.core.compliance import eval_a2
 from kms_pipelines.core.foundation.clock import FixedClock
 from kms_pipelines.core.foundation.db.models import STATES, Key, KeyVersion, LedgerEntry
@@ -316,13 +316,13 @@ def test_a_new_principal_approves_nothing_during_the_cooling_off(kms):
         )
     kms.clock.advance(timedelta(seconds=30))
     with pytest.raises(access.AccessDenied, match="needs 2 approvals"):  # opens the request
-        access.enroll_principal(
+        enrolment.enroll_principal(
             kms, "dave", ["security_engineering"], requested_by="alice", totp=totp_now(kms, d["alice"]), ticket="HR-1"
         )
     for name in ("bob", "carol"):
         approve_both(kms, name, ticket="HR-1", operation="principal-add", totp=totp_now(kms, d[name]))
     kms.clock.advance(timedelta(seconds=30))
-    e = access.enroll_principal(
+    e = enrolment.enroll_principal(
         kms, "dave", ["security_engineering"], requested_by="alice", totp=totp_now(kms, d["alice"]), ticket="HR-1"
     )
     dave = pyotp.parse_uri(e.provisioning_uri)
@@ -361,7 +361,7 @@ def test_a_new_principal_approves_nothing_during_the_cooling_off(kms):
     # a role change restarts the cooling-off
     assert dual(
         "principal-roles",
-        lambda c: access.change_roles(kms, "dave", ["sre_oncall"], requested_by="alice", totp=c, ticket="HR-2"),
+        lambda c: enrolment.change_roles(kms, "dave", ["sre_oncall"], requested_by="alice", totp=c, ticket="HR-2"),
         "HR-2",
     ) == ["bob", "carol"]
     kms.clock.advance(timedelta(seconds=30))
@@ -370,7 +370,7 @@ def test_a_new_principal_approves_nothing_during_the_cooling_off(kms):
     # a removed principal can no longer prove itself
     dual(
         "principal-remove",
-        lambda c: access.remove_principal(kms, "dave", requested_by="alice", totp=c, ticket="HR-3"),
+        lambda c: enrolment.remove_principal(kms, "dave", requested_by="alice", totp=c, ticket="HR-3"),
         "HR-3",
     )
     kms.clock.advance(timedelta(seconds=30))

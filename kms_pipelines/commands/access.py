@@ -66,10 +66,10 @@ def register(cli) -> None:
         """Enrol NAME (a manual operation: two other principals holding 'approve' and 'principals'
         approve `--operation principal-add --target NAME=ROLE,...` first). For a human, prints
         the TOTP provisioning URI once: scan it now."""
-        from ..core.access import principals as access
+        from ..core.access import enrolment
 
         kms = get_context(ctx)
-        e = access.enroll_principal(
+        e = enrolment.enroll_principal(
             kms,
             name,
             roles,
@@ -95,9 +95,9 @@ def register(cli) -> None:
     @click.pass_context
     def principals_roles(ctx, name, roles, ticket, requested_by, totp):
         """Replace NAME's roles (manual operation principal-roles, target NAME=ROLE,...)."""
-        from ..core.access import principals as access
+        from ..core.access import enrolment
 
-        approvers = access.change_roles(
+        approvers = enrolment.change_roles(
             get_context(ctx), name, roles, requested_by=requested_by, totp=totp, ticket=ticket
         )
         click.echo(
@@ -111,9 +111,11 @@ def register(cli) -> None:
     @click.pass_context
     def principals_remove(ctx, name, ticket, requested_by, totp):
         """Disable NAME (manual operation principal-remove, target NAME)."""
-        from ..core.access import principals as access
+        from ..core.access import enrolment
 
-        approvers = access.remove_principal(get_context(ctx), name, requested_by=requested_by, totp=totp, ticket=ticket)
+        approvers = enrolment.remove_principal(
+            get_context(ctx), name, requested_by=requested_by, totp=totp, ticket=ticket
+        )
         click.echo(f"removed {name} (approved by {', '.join(approvers)})")
 
     @principals.command("list")

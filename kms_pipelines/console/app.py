@@ -23,7 +23,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from ..core import compliance
-from ..core.access import anomalies, approval_requests, console_auth, webauthn
+from ..core.access import anomalies, approval_requests, console_auth, enrolment, webauthn
 from ..core.access import principals as access
 from ..core.backup import drills
 from ..core.backup.backups import BackupError
@@ -391,7 +391,7 @@ def create_app(config: ConsoleConfig) -> Starlette:
             )
             if r.operation == "principal-add":  # target NAME=ROLE,...; the TOTP URI is shown once, here
                 name, _, roles = r.target.partition("=")
-                e = access.enroll_principal(
+                e = enrolment.enroll_principal(
                     ctx,
                     name,
                     roles.split(","),
@@ -474,7 +474,7 @@ def create_app(config: ConsoleConfig) -> Starlette:
         roles = [r for r in (await request.form()).getlist("roles") if r]
 
         rid = await run_in_threadpool(
-            lambda: access.request_enrolment(ctx, name, roles, ticket=ticket, requester=user.principal)
+            lambda: enrolment.request_enrolment(ctx, name, roles, ticket=ticket, requester=user.principal)
         )
         return done(
             request,

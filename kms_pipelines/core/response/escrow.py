@@ -46,7 +46,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import select
 
-from ..access import notifications
+from ..access import enrolment, notifications
 from ..access import principals as access
 from ..foundation import nightly_steps
 from ..foundation.canonical import canonical_fast
@@ -131,7 +131,7 @@ def enroll_custodian(
             raise EscrowError(f"not an age X25519 recipient (age1…): {recipient[:12]!r}…") from None
     _refuse_enrolled(ctx, name, replace)
     manual = (requested_by, totp, ticket) != (None, None, None)
-    if not manual and (replace or not access.first_run(ctx)):
+    if not manual and (replace or not enrolment.first_run(ctx)):
         raise EscrowError(
             f"enrolling escrow custodian {name} is a manual operation under dual control: give "
             f"--ticket, --requested-by and --totp, after two other principals holding 'approve' and "
@@ -171,7 +171,7 @@ def enroll_custodian(
         made.insert(0, rcpt)
 
     if manual:
-        access._principal_change(
+        enrolment._principal_change(
             ctx,
             access.CUSTODIAN_OPERATION,
             name,
@@ -184,7 +184,7 @@ def enroll_custodian(
         )
     else:
         with ctx.transaction() as session:
-            if not access.first_run(ctx, session):  # the ceremony ran meanwhile
+            if not enrolment.first_run(ctx, session):  # the ceremony ran meanwhile
                 raise EscrowError("principals were enrolled meanwhile: custodian enrolment now needs dual control")
             apply(session, ctx.now(), [], actor or "kms-init")
     return made[0], (made[1] if len(made) > 1 else None)

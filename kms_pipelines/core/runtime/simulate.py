@@ -34,6 +34,7 @@ from sqlalchemy.orm import selectinload
 
 from ...fido2_client import SoftwareAuthenticator
 from ..access import console_auth
+from ..access import enrolment as enrolment_mod
 from ..access import principals as access
 from ..access.audited_keystore import AuditedKeyStore
 from ..envelope import data_keys as envelope
@@ -162,7 +163,7 @@ class Actors:
             self._keys[name] = SoftwareAuthenticator(self.SIM_ORIGIN)
             return self._keys[name].create(options)
 
-        for enrolment in access.init_principals(
+        for enrolment in enrolment_mod.init_principals(
             self.ctx,
             {n: ["security_engineering"] for n in names},
             actor="simulator",
