@@ -52,7 +52,7 @@ class AuditedKeyStore:
             credentials = credentials if credentials is not None else inner._credentials
             inner = inner._inner
         self._inner = inner
-        self._credentials = credentials  # principals.WorkloadIdentity / StaticToken (``authorize``), or None
+        self._credentials = credentials  # tokens.WorkloadIdentity / StaticToken (``authorize``), or None
         self._ctx = context
 
     # ---- wiring ------------------------------------------------------------------------

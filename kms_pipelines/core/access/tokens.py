@@ -13,7 +13,7 @@ from datetime import datetime
 from ..foundation.canonical import canonical_bytes
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
-from ..foundation.keystore import ED25519, KeyExists, KeyNotFound, verify_signature
+from ..foundation.keystore import ED25519, KeyExists, KeyNotFound, KeyStore, verify_signature
 from ..ledger import audit
 from .audited_keystore import AuditedKeyStore, unwrap
 from .principals import (
@@ -55,7 +55,7 @@ def _unb64u(text: str) -> bytes:
     return data
 
 
-def _signing_key(ctx: KmsContext, create: bool = True) -> tuple[object, bytes]:
+def _signing_key(ctx: KmsContext, create: bool = True) -> tuple[KeyStore, bytes]:
     ks = unwrap(ctx.keystore)
     if not ks.exists(SIGNING_REF):
         if not create:
@@ -151,11 +151,12 @@ def issue_workload_token(ctx: KmsContext, principal: str, ttl_minutes: float | N
     now = ctx.now()
     ks, _ = _signing_key(ctx)
     iat = int(now.timestamp())
+    exp = iat + int(ttl * 60)
     claims = {
         "iss": ISSUER,
         "sub": principal,
         "iat": iat,
-        "exp": iat + int(ttl * 60),
+        "exp": exp,
         "jti": secrets.token_hex(8),
         "kid": SIGNING_REF,
     }
@@ -168,7 +169,7 @@ def issue_workload_token(ctx: KmsContext, principal: str, ttl_minutes: float | N
         actor=ctx.actor,
         target_ref=principal,
         outcome="ok",
-        detail={"jti": claims["jti"], "exp": claims["exp"], "ttl_seconds": claims["exp"] - iat},
+        detail={"jti": claims["jti"], "exp": exp, "ttl_seconds": exp - iat},
     )
     return f"{TOKEN_PREFIX}.{_b64u(payload)}.{_b64u(signature)}"
 
