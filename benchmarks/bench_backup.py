@@ -31,8 +31,9 @@ SERVER = os.environ.get("KMS_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
 
 
 def psql(db: str, sql: str) -> str:
-    return subprocess.run(["psql", f"{SERVER}/{db}", "-v", "ON_ERROR_STOP=1", "-Atqc", sql], check=True,
-                          capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["psql", f"{SERVER}/{db}", "-v", "ON_ERROR_STOP=1", "-Atqc", sql], check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def children_peak_mb() -> float:
@@ -48,28 +49,38 @@ def main() -> None:
     url = f"{SERVER}/{name}"
     psql("postgres", f'CREATE DATABASE "{name}"')
     try:
-        env = dict(os.environ, KMS_HOME=str(work / "home"), KMS_DATABASE_URL=url,
-                   KMS_OBJECT_STORE=str(work / "objects"),
-                   KMS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode())
+        env = dict(
+            os.environ,
+            KMS_HOME=str(work / "home"),
+            KMS_DATABASE_URL=url,
+            KMS_OBJECT_STORE=str(work / "objects"),
+            KMS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode(),
+        )
         kms = str(Path(sys.executable).with_name("kms"))
         subprocess.run([kms, "init"], env=env, check=True, capture_output=True)
-        rows = int(args.gb * 1024 ** 3 / 1150) + 1
+        rows = int(args.gb * 1024**3 / 1150) + 1
         psql(name, "CREATE EXTENSION IF NOT EXISTS pgcrypto")
         psql(name, "CREATE TABLE bench_payload (id bigint primary key, blob bytea, note text)")
         t0 = time.perf_counter()
         batch = 100_000
         for lo in range(1, rows + 1, batch):
             hi = min(rows, lo + batch - 1)
-            psql(name, f"INSERT INTO bench_payload SELECT g, gen_random_bytes(700), "
-                       f"repeat('customer-' || (g % 977)::text || ' settled invoice ', 18) "
-                       f"FROM generate_series({lo}, {hi}) g")
+            psql(
+                name,
+                f"INSERT INTO bench_payload SELECT g, gen_random_bytes(700), "
+                f"repeat('customer-' || (g % 977)::text || ' settled invoice ', 18) "
+                f"FROM generate_series({lo}, {hi}) g",
+            )
         size = int(psql(name, f"SELECT pg_database_size('{name}')"))
-        print(f"# database {name}: {size / 1024 ** 3:.2f} GiB, {rows} rows, built in "
-              f"{time.perf_counter() - t0:.0f}s", file=sys.stderr)
+        print(
+            f"# database {name}: {size / 1024**3:.2f} GiB, {rows} rows, built in {time.perf_counter() - t0:.0f}s",
+            file=sys.stderr,
+        )
 
         t0 = time.perf_counter()
-        subprocess.run([kms, "backup", "create", "--no-verify", "--class", "nightly"], env=env, check=True,
-                       capture_output=True)
+        subprocess.run(
+            [kms, "backup", "create", "--no-verify", "--class", "nightly"], env=env, check=True, capture_output=True
+        )
         ours = time.perf_counter() - t0
         peak = children_peak_mb()
         archive = next((work / "objects" / "backups").rglob("*.tar.zst.age"))
@@ -86,13 +97,25 @@ def main() -> None:
         base_z0 = time.perf_counter() - t0
 
         rate, base_rate = size / ours, size / base
-        emit({"name": "backup_create_vs_pg_dump_zstd", "n": size, "seconds": round(ours, 3),
-              "rate": round(rate, 1), "baseline_rate": round(base_rate, 1), "ratio": round(rate / base_rate, 4),
-              "peak_rss_mb": peak, "unit": "database bytes/s", "baseline": "pg_dump -Fc | zstd -3",
-              "baseline_seconds": round(base, 3), "archive_bytes": archive_size, "baseline_bytes": base_size,
-              "baseline_z0_seconds": round(base_z0, 3),
-              "ratio_vs_pg_dump_Z0_zstd_T0": round(base_z0 / ours, 4),
-              "note": "peak_rss_mb is the largest child process (the kms backup process)"})
+        emit(
+            {
+                "name": "backup_create_vs_pg_dump_zstd",
+                "n": size,
+                "seconds": round(ours, 3),
+                "rate": round(rate, 1),
+                "baseline_rate": round(base_rate, 1),
+                "ratio": round(rate / base_rate, 4),
+                "peak_rss_mb": peak,
+                "unit": "database bytes/s",
+                "baseline": "pg_dump -Fc | zstd -3",
+                "baseline_seconds": round(base, 3),
+                "archive_bytes": archive_size,
+                "baseline_bytes": base_size,
+                "baseline_z0_seconds": round(base_z0, 3),
+                "ratio_vs_pg_dump_Z0_zstd_T0": round(base_z0 / ours, 4),
+                "note": "peak_rss_mb is the largest child process (the kms backup process)",
+            }
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
         psql("postgres", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,7 +45,7 @@ STATES = ["active", "rotated", "revoked", "destroyed"]
 def build_chain(n: int):
     """Yield (row tuple for COPY, canonical bytes) for a valid chain of n entries."""
     prev = ledger.GENESIS_HASH
-    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
     for seq in range(1, n + 1):
         at = t0 + timedelta(seconds=seq)
         approvers = ["alice", "bob"] if seq % 7 == 0 else []

@@ -27,7 +27,7 @@ import secrets
 import sys
 import tempfile
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -49,7 +49,7 @@ from kms_pipelines.core.ledger import (
 )
 
 ADMIN = db.normalize_url(os.environ.get("KMS_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def populate(ctx: KmsContext, n: int) -> list[tuple[bytes, bytes, bytes]]:
@@ -85,13 +85,11 @@ def populate(ctx: KmsContext, n: int) -> list[tuple[bytes, bytes, bytes]]:
                     sig = signer.sign(data)
                     token = data.decode() + "." + rpt.b64url(sig)
                     h = rpt.token_hash(token)
-                    copy.write_row(
-                        (seq, token, kid, datetime.fromtimestamp(iat, timezone.utc), payload["subject"], prev, h)
-                    )
+                    copy.write_row((seq, token, kid, datetime.fromtimestamp(iat, UTC), payload["subject"], prev, h))
                     pairs.append((bytes(v.public_key), sig, data))
                     prev = h
             conn.commit()
-            ctx.clock.set(datetime.fromtimestamp(base_iat + size // 100 + 1, timezone.utc))
+            ctx.clock.set(datetime.fromtimestamp(base_iat + size // 100 + 1, UTC))
     finally:
         conn.close()
     return pairs

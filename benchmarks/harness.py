@@ -11,8 +11,8 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
 
 def peak_rss_mb() -> float:
@@ -36,9 +36,16 @@ def timed(fn: Callable[[], object]) -> float:
 def result(name: str, n: int, seconds: float, baseline_seconds: float, **extra) -> dict:
     rate = n / seconds if seconds else float("inf")
     baseline_rate = n / baseline_seconds if baseline_seconds else float("inf")
-    return {"name": name, "n": n, "seconds": round(seconds, 4), "rate": round(rate, 1),
-            "baseline_rate": round(baseline_rate, 1), "ratio": round(rate / baseline_rate, 4),
-            "peak_rss_mb": peak_rss_mb(), **extra}
+    return {
+        "name": name,
+        "n": n,
+        "seconds": round(seconds, 4),
+        "rate": round(rate, 1),
+        "baseline_rate": round(baseline_rate, 1),
+        "ratio": round(rate / baseline_rate, 4),
+        "peak_rss_mb": peak_rss_mb(),
+        **extra,
+    }
 
 
 def emit(record: dict) -> None:
@@ -48,8 +55,9 @@ def emit(record: dict) -> None:
 def run_sizes(script: str, sizes: list[int], extra_args: list[str]) -> None:
     """Re-run ``script --n SIZE --child`` once per size, each in a fresh process."""
     for n in sizes:
-        proc = subprocess.run([sys.executable, script, "--n", str(n), "--child", *extra_args],
-                              env=os.environ.copy(), check=False)
+        proc = subprocess.run(
+            [sys.executable, script, "--n", str(n), "--child", *extra_args], env=os.environ.copy(), check=False
+        )
         if proc.returncode != 0:
             sys.exit(proc.returncode)
 
@@ -71,6 +79,14 @@ def interleaved(ours: Callable[[], object], raw: Callable[[], object], repeat: i
     for _ in range(max(1, repeat)):
         b.append(timed(raw))
         a.append(timed(ours))
-    return statistics.median(a), statistics.median(b), {
-        "runs_ours_s": [round(x, 4) for x in a], "runs_raw_s": [round(x, 4) for x in b],
-        "repeat": len(a), "load_before": before, "load_after": load_average()}
+    return (
+        statistics.median(a),
+        statistics.median(b),
+        {
+            "runs_ours_s": [round(x, 4) for x in a],
+            "runs_raw_s": [round(x, 4) for x in b],
+            "repeat": len(a),
+            "load_before": before,
+            "load_after": load_average(),
+        },
+    )

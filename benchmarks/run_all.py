@@ -21,7 +21,7 @@ import platform
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,8 +63,13 @@ def run(names: list[str], quick: bool) -> list[dict]:
         script, quick_args, full_args = PLAN[name]
         args = quick_args if quick else full_args
         before, started = [round(x, 2) for x in os.getloadavg()], time.monotonic()
-        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
-                              capture_output=True, text=True, env=os.environ.copy())
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / script), *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=os.environ.copy(),
+        )
         after = [round(x, 2) for x in os.getloadavg()]
         sys.stderr.write(proc.stderr[-2000:] if proc.returncode else "")
         if proc.returncode != 0:
@@ -72,9 +77,12 @@ def run(names: list[str], quick: bool) -> list[dict]:
         for line in proc.stdout.splitlines():
             if line.startswith("{"):
                 rec = json.loads(line)
-                rec.update(command=f"benchmarks/{script} {' '.join(args)}".strip(),
-                           load_avg_before=before, load_avg_after=after,
-                           bench_seconds=round(time.monotonic() - started, 1))
+                rec.update(
+                    command=f"benchmarks/{script} {' '.join(args)}".strip(),
+                    load_avg_before=before,
+                    load_avg_after=after,
+                    bench_seconds=round(time.monotonic() - started, 1),
+                )
                 records.append(rec)
                 print(line, flush=True)
     return records
@@ -94,31 +102,49 @@ def _fmt_rate(rec: dict, key: str) -> str:
 def _fmt_n(n: int, rec: dict | None = None) -> str:
     if rec is not None and _bytes_rate(rec):
         return f"{n / 1e9:.2f} GB"
-    return f"{n // 1_000_000}M" if n >= 1_000_000 and n % 1_000_000 == 0 else (
-        f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else f"{n:,}")
+    return (
+        f"{n // 1_000_000}M"
+        if n >= 1_000_000 and n % 1_000_000 == 0
+        else (f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else f"{n:,}")
+    )
 
 
 def render_table(doc: dict) -> str:
-    head = ("| Workload | Command | n | rate | raw limit (same run) | ratio | goal | peak RSS | load avg (1 min) before → after |\n"
-            "|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "| Workload | Command | n | rate | raw limit (same run) | ratio | goal | peak RSS | load avg (1 min) before → after |\n"
+        "|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [f"Run {doc['finished']} on {doc['machine']} ({'quick' if doc['quick'] else 'full'} sizes).", "", head]
     cpus = doc.get("cpus") or int(doc["machine"].split(" CPU")[0])
     loads = [x for r in doc["records"] for x in (r.get("load_avg_before", [0])[0], r.get("load_avg_after", [0])[0])]
     if loads and max(loads) > cpus:
         # both sides of a ratio slow down under load, but not equally: such a run judges no goal
-        lines[1:1] = ["", f"**Shared machine: the 1-minute load average reached {max(loads):g} on {cpus} CPUs during "
-                          "this run; its ratios judge no goal. Re-run on a quiet machine.**"]
+        lines[1:1] = [
+            "",
+            f"**Shared machine: the 1-minute load average reached {max(loads):g} on {cpus} CPUs during "
+            "this run; its ratios judge no goal. Re-run on a quiet machine.**",
+        ]
     for rec in doc["records"]:
         if "rate" not in rec:
             continue
         label, goal = ROWS.get(rec["name"], (rec["name"], None))
         ratio = rec.get("ratio")
         met = "" if goal is None or ratio is None else (" ✓" if ratio >= goal else " ✗")
-        lines.append("| {} | `{}` | {} | {} | {} | **{}**{} | {} | {} MB | {} → {} |".format(
-            label, rec.get("command", ""), _fmt_n(rec["n"], rec) if isinstance(rec.get("n"), int) else rec.get("n"),
-            _fmt_rate(rec, "rate"), _fmt_rate(rec, "baseline_rate"),
-            "—" if ratio is None else f"{ratio:.3f}", met, "record" if goal is None else f"≥ {goal}",
-            rec.get("peak_rss_mb", "—"), rec["load_avg_before"][0], rec["load_avg_after"][0]))
+        lines.append(
+            "| {} | `{}` | {} | {} | {} | **{}**{} | {} | {} MB | {} → {} |".format(
+                label,
+                rec.get("command", ""),
+                _fmt_n(rec["n"], rec) if isinstance(rec.get("n"), int) else rec.get("n"),
+                _fmt_rate(rec, "rate"),
+                _fmt_rate(rec, "baseline_rate"),
+                "—" if ratio is None else f"{ratio:.3f}",
+                met,
+                "record" if goal is None else f"≥ {goal}",
+                rec.get("peak_rss_mb", "—"),
+                rec["load_avg_before"][0],
+                rec["load_avg_after"][0],
+            )
+        )
     for r in doc["records"]:
         # which raw ways were measured: the table's raw limit is the fastest of them
         if r["name"] == "ledger_verify" and r.get("raw_rates"):
@@ -127,27 +153,40 @@ def render_table(doc: dict) -> str:
             lines += ["", f"Ledger raw reads at {_fmt_n(r['n'])} (the fastest is the raw limit): {ways}.{one}"]
         if r["name"] == "envelope.sweep.vs_raw_update" and r.get("raw_update_rates"):
             ways = "; ".join(f"{k.replace('_', ' ')} {v:,.0f}/s" for k, v in r["raw_update_rates"].items())
-            lines += ["", f"Sweep raw UPDATE at {_fmt_n(r['n'])} (the faster is the raw limit): {ways} "
-                          f"(sweep's largest batch {r.get('batch_size')}, policy cap {r.get('policy_max_batch')}; "
-                          f"the sweep's last run committed {r.get('sweep_commits_last_run')} batches)."]
+            lines += [
+                "",
+                f"Sweep raw UPDATE at {_fmt_n(r['n'])} (the faster is the raw limit): {ways} "
+                f"(sweep's largest batch {r.get('batch_size')}, policy cap {r.get('policy_max_batch')}; "
+                f"the sweep's last run committed {r.get('sweep_commits_last_run')} batches).",
+            ]
     for r in doc["records"]:
         if r["name"] == "keystore.rewrap_pkcs11_scaling":
             p = r["processes"]
-            lines += ["", f"PKCS#11 rewrap shared by {p} processes (the sweep's shards, `{r.get('command', '')}`): "
-                          f"{r[f'rate_{p}_processes']:,.0f}/s vs {r['rate_1_process']:,.0f}/s in 1 process, "
-                          f"{r['speedup']:.2f}× on {r['cpus']} CPUs at load {r['load_avg'][0]}."]
+            lines += [
+                "",
+                f"PKCS#11 rewrap shared by {p} processes (the sweep's shards, `{r.get('command', '')}`): "
+                f"{r[f'rate_{p}_processes']:,.0f}/s vs {r['rate_1_process']:,.0f}/s in 1 process, "
+                f"{r['speedup']:.2f}× on {r['cpus']} CPUs at load {r['load_avg'][0]}.",
+            ]
     storage = [r for r in doc["records"] if r["name"] == "backup_storage_per_year"]
     for r in storage:
         mb = lambda b: f"{b / 1e6:,.3f} MB" if b < 10e6 else f"{b / 1e6:,.1f} MB"  # noqa: E731
-        lines += ["", f"Backup storage, {r['n']:,} DEKs, {r['daily_change']:.0%} rewrapped a day, GFS "
-                      f"{r['gfs_keep_nightly']} nightly + {r['gfs_weekly']} weekly (`{r.get('command', '')}`): "
-                      f"full archive {mb(r['full_archive_bytes'])}; one night's delta {mb(r['patch_delta_bytes'])} "
-                      f"(zstd --patch-from), changed rows alone {mb(r['row_delta_bytes'])}, unchanged night "
-                      f"{mb(r['unchanged_night_patch_bytes'])}.", "",
-                  "| Scheme | held at any time | uploaded per year |", "|---|---|---|"]
-        for key, label in (("full_scheme", "full archive every night (today)"),
-                           ("delta_scheme", "weekly full + nightly patch"),
-                           ("forever_incremental", "one full + every nightly patch for 91 days")):
+        lines += [
+            "",
+            f"Backup storage, {r['n']:,} DEKs, {r['daily_change']:.0%} rewrapped a day, GFS "
+            f"{r['gfs_keep_nightly']} nightly + {r['gfs_weekly']} weekly (`{r.get('command', '')}`): "
+            f"full archive {mb(r['full_archive_bytes'])}; one night's delta {mb(r['patch_delta_bytes'])} "
+            f"(zstd --patch-from), changed rows alone {mb(r['row_delta_bytes'])}, unchanged night "
+            f"{mb(r['unchanged_night_patch_bytes'])}.",
+            "",
+            "| Scheme | held at any time | uploaded per year |",
+            "|---|---|---|",
+        ]
+        for key, label in (
+            ("full_scheme", "full archive every night (today)"),
+            ("delta_scheme", "weekly full + nightly patch"),
+            ("forever_incremental", "one full + every nightly patch for 91 days"),
+        ):
             lines.append(f"| {label} | {mb(r[key]['held_bytes'])} | {mb(r[key]['uploaded_per_year_bytes'])} |")
     return "\n".join(lines)
 
@@ -172,9 +211,12 @@ def main(argv=None) -> int:
         rewrite(json.loads(args.from_json.read_text()))
         return 0
     records = run(args.only or list(PLAN), args.quick)
-    doc = {"finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "quick": args.quick,
-           "machine": f"{os.cpu_count()} CPU {platform.machine()}, Python {platform.python_version()}",
-           "records": records}
+    doc = {
+        "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "quick": args.quick,
+        "machine": f"{os.cpu_count()} CPU {platform.machine()}, Python {platform.python_version()}",
+        "records": records,
+    }
     if not args.no_write:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(doc, indent=1) + "\n")

@@ -13,11 +13,11 @@ ensure_venv test
 # Static checks before the suite, with the venv's pinned ruff and mypy (settings in pyproject.toml).
 # Seconds, not minutes: ruff well under one; mypy about 40 s of CPU cold, a few with .mypy_cache.
 t0=$SECONDS
-log "ruff check"
-# ISSUE-17-FORMAT: once issue 17's restructure has landed, the import order (I) and `ruff format`
-# are applied in one commit; then drop this --extend-ignore and add `ruff format --check .` here.
-"$VENV/bin/ruff" check --quiet --extend-ignore I,UP017,UP035 . \
+log "ruff check, ruff format --check"
+"$VENV/bin/ruff" check --quiet . \
   || die "ruff check failed: fix the lines above (\`ruff check --fix\` repairs those marked [*])"
+"$VENV/bin/ruff" format --check --quiet . \
+  || die "ruff format --check failed: run .venv/bin/ruff format . and commit the result"
 log "mypy kms_pipelines ($((SECONDS - t0))s so far)"
 "$VENV/bin/mypy" || die "mypy failed: fix the type errors above"
 log "static checks passed in $((SECONDS - t0))s"

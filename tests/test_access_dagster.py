@@ -1,7 +1,7 @@
 """Dagster: the manual_rotation job (Launchpad config, same approvals) and the
 audit_anomalies asset with its checks; resources run under a workload token (A2)."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import pytest
@@ -17,7 +17,7 @@ from kms_pipelines.defs.resources import DatabaseResource, KeyStoreResource, Kms
 from tests.fixtures.dagster_defs import FixedClockResource
 from tests.fixtures.kms import approve_both, ceremony, write_test_policy
 
-AT = datetime(2026, 2, 1, 9, 0, tzinfo=timezone.utc)
+AT = datetime(2026, 2, 1, 9, 0, tzinfo=UTC)
 
 
 def make_resource(tmp_path, url, at=AT):

@@ -6,7 +6,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import create_engine, select, text
@@ -36,7 +36,7 @@ def sim_store(kms):
 
 
 def test_backup_on_s3_is_locked_and_delete_is_refused(make_kms, s3_store, s3_client, s3_bucket):
-    kms = make_kms("postgres", clock=SimulatedClock(datetime.now(timezone.utc)))
+    kms = make_kms("postgres", clock=SimulatedClock(datetime.now(UTC)))
     kms.objects = s3_store
     info = backup.create(kms)
     assert info.status == "complete" and info.size > 0
@@ -74,7 +74,7 @@ def test_manifest_records_what_the_issue_asks(kms):
 
 
 def test_100_simulated_days_leave_exactly_the_gfs_set(make_kms):
-    start = datetime(2026, 1, 1, 2, 0, tzinfo=timezone.utc)
+    start = datetime(2026, 1, 1, 2, 0, tzinfo=UTC)
     kms = make_kms("sqlite", clock=SimulatedClock(start))
     store = sim_store(kms)
     created = []

@@ -4,15 +4,37 @@ import pytest
 
 from benchmarks import run_all
 
-DOC = {"finished": "2026-11-29 14:00 UTC", "quick": True, "machine": "2 CPU x86_64, Python 3.11.7", "records": [
-    {"name": "ledger_verify", "n": 100000, "rate": 250000.0, "baseline_rate": 600000.0, "ratio": 0.4167,
-     "peak_rss_mb": 80.1, "command": "benchmarks/bench_ledger.py --n 100000", "load_avg_before": [5.1, 5, 5],
-     "load_avg_after": [5.3, 5, 5], "raw_rates": {"psycopg3 COPY binary": 500000.0, "psycopg2 copy_expert text": 600000.0},
-     "one_process_rate": 180000.0},
-    {"name": "envelope.sweep.vs_raw_update", "n": 1000000, "rate": 45000.0, "baseline_rate": 50000.0, "ratio": 0.9,
-     "peak_rss_mb": 99.0, "command": "benchmarks/bench_sweep.py --full", "load_avg_before": [0.4, 1, 1],
-     "load_avg_after": [0.9, 1, 1]},
-]}
+DOC = {
+    "finished": "2026-11-29 14:00 UTC",
+    "quick": True,
+    "machine": "2 CPU x86_64, Python 3.11.7",
+    "records": [
+        {
+            "name": "ledger_verify",
+            "n": 100000,
+            "rate": 250000.0,
+            "baseline_rate": 600000.0,
+            "ratio": 0.4167,
+            "peak_rss_mb": 80.1,
+            "command": "benchmarks/bench_ledger.py --n 100000",
+            "load_avg_before": [5.1, 5, 5],
+            "load_avg_after": [5.3, 5, 5],
+            "raw_rates": {"psycopg3 COPY binary": 500000.0, "psycopg2 copy_expert text": 600000.0},
+            "one_process_rate": 180000.0,
+        },
+        {
+            "name": "envelope.sweep.vs_raw_update",
+            "n": 1000000,
+            "rate": 45000.0,
+            "baseline_rate": 50000.0,
+            "ratio": 0.9,
+            "peak_rss_mb": 99.0,
+            "command": "benchmarks/bench_sweep.py --full",
+            "load_avg_before": [0.4, 1, 1],
+            "load_avg_after": [0.9, 1, 1],
+        },
+    ],
+}
 
 
 def test_the_table_is_regenerated_between_the_markers_only(tmp_path):
@@ -22,12 +44,16 @@ def test_the_table_is_regenerated_between_the_markers_only(tmp_path):
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\nintro\n\n") and text.endswith("\n## Reading\nkept\n")
     assert "old table" not in text
-    assert "| Ledger verification (PostgreSQL, COPY) | `benchmarks/bench_ledger.py --n 100000` | 100k | 250,000/s | " \
-           "600,000/s | **0.417** ✗ | ≥ 0.5 | 80.1 MB | 5.1 → 5.3 |" in text
+    assert (
+        "| Ledger verification (PostgreSQL, COPY) | `benchmarks/bench_ledger.py --n 100000` | 100k | 250,000/s | "
+        "600,000/s | **0.417** ✗ | ≥ 0.5 | 80.1 MB | 5.1 → 5.3 |" in text
+    )
     assert "| 1M | 45,000/s | 50,000/s | **0.900** ✓ | ≥ 0.8 |" in text
     # every raw way measured is named, fastest first
-    assert ("Ledger raw reads at 100k (the fastest is the raw limit): psycopg2 copy_expert text 600,000/s; "
-            "psycopg3 COPY binary 500,000/s. One process: 180,000/s.") in text
+    assert (
+        "Ledger raw reads at 100k (the fastest is the raw limit): psycopg2 copy_expert text 600,000/s; "
+        "psycopg3 COPY binary 500,000/s. One process: 180,000/s."
+    ) in text
     assert "Shared machine: the 1-minute load average reached 5.3 on 2 CPUs" in text  # 5.3 > 2 cores
     run_all.rewrite(DOC, doc)
     assert doc.read_text() == text  # idempotent
@@ -36,8 +62,10 @@ def test_the_table_is_regenerated_between_the_markers_only(tmp_path):
 def test_a_quiet_run_carries_no_load_warning(tmp_path):
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text(f"{run_all.BEGIN}\n{run_all.END}\n")
-    quiet = {**DOC, "records": [{**r, "load_avg_before": [0.4, 1, 1], "load_avg_after": [0.6, 1, 1]}
-                                for r in DOC["records"]]}
+    quiet = {
+        **DOC,
+        "records": [{**r, "load_avg_before": [0.4, 1, 1], "load_avg_after": [0.6, 1, 1]} for r in DOC["records"]],
+    }
     run_all.rewrite(quiet, doc)
     assert "Shared machine" not in doc.read_text()
 

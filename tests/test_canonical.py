@@ -1,5 +1,6 @@
 import random
 import string
+from datetime import UTC
 
 import rfc8785
 
@@ -37,13 +38,13 @@ def test_canonical_bytes_is_rfc8785():
 
 
 def test_verifier_row_encoding_matches_the_document_encoding():
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from kms_pipelines.core.foundation.canonical import canonical_fast
     from kms_pipelines.core.ledger.ledger import row_canonical
 
     rng = random.Random(42)
-    t0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    t0 = datetime(2026, 3, 1, tzinfo=UTC)
     for _ in range(2000):
         approvers = sorted(_random_text(rng) for _ in range(rng.randint(0, 3)))
         fields = (

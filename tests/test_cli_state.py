@@ -21,8 +21,14 @@ READS_AND_WRITES = [
 
 
 def _kms(args, cwd, env):
-    return subprocess.run([sys.executable, "-m", "kms_pipelines.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "kms_pipelines.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ red in the core report, in `kms report --format json` and in the materialized
 
 import base64
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import pytest
@@ -32,7 +32,7 @@ ALL = [c.id for c in compliance.CLAUSES]
 def _now() -> datetime:
     # Close to the wall clock: the Dagster resources build a local object store whose WORM
     # clock is the system clock, so archive locks must be set relative to real time.
-    return datetime.now(timezone.utc).replace(microsecond=0)
+    return datetime.now(UTC).replace(microsecond=0)
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Restore drills: the report renders every required field, follow-ups are due 5 business
 days out and can be closed, the B4 checks fail when they should; Dagster wiring."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import pytest
@@ -15,10 +15,10 @@ from kms_pipelines.core.foundation.objectstore.local import LocalObjectStore
 
 
 def test_business_days():
-    thu = datetime(2026, 1, 1, 6, tzinfo=timezone.utc)
-    assert drills.add_business_days(thu, 5) == datetime(2026, 1, 8, 6, tzinfo=timezone.utc)
-    fri = datetime(2026, 1, 2, tzinfo=timezone.utc)
-    assert drills.add_business_days(fri, 1) == datetime(2026, 1, 5, tzinfo=timezone.utc)
+    thu = datetime(2026, 1, 1, 6, tzinfo=UTC)
+    assert drills.add_business_days(thu, 5) == datetime(2026, 1, 8, 6, tzinfo=UTC)
+    fri = datetime(2026, 1, 2, tzinfo=UTC)
+    assert drills.add_business_days(fri, 1) == datetime(2026, 1, 5, tzinfo=UTC)
 
 
 def test_drill_report_has_every_required_field(kms_pg):
@@ -104,7 +104,7 @@ def test_dagster_backup_and_drill_assets(make_kms, monkeypatch, master_key):
     from kms_pipelines.defs import backup as backup_defs
 
     monkeypatch.setenv("KMS_MASTER_KEY", base64.b64encode(master_key).decode())
-    now = datetime.now(timezone.utc).replace(microsecond=0)
+    now = datetime.now(UTC).replace(microsecond=0)
     kms = make_kms("sqlite", clock=SimulatedClock(now))
     resources = _resources(kms, now.isoformat())
     instance = dg.DagsterInstance.ephemeral()
@@ -142,7 +142,7 @@ def test_dagster_backup_and_drill_assets(make_kms, monkeypatch, master_key):
     meta = drill.asset_materializations_for_node("restore_drill_report")[0].metadata
     assert "**Participants:** dana" in meta["report"].value and meta["outcome"].value == "passed"
     assert "AGE-SECRET-KEY" not in str(meta) and "sealed" not in str(meta)
-    ctx = dg.build_schedule_context(scheduled_execution_time=datetime(2026, 3, 1, 6, tzinfo=timezone.utc))
+    ctx = dg.build_schedule_context(scheduled_execution_time=datetime(2026, 3, 1, 6, tzinfo=UTC))
     req = backup_defs.restore_drill_schedule(ctx)
     assert req.partition_key == "2026-03-01"
 

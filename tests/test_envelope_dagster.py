@@ -7,7 +7,7 @@ import os
 import secrets
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import pytest
@@ -172,7 +172,7 @@ def test_the_check_fails_when_a_shard_keeps_a_dek_on_a_retired_version(tmp_path)
 
 
 def test_the_schedule_launches_every_shard_once_per_night():
-    when = datetime(2026, 3, 4, 2, 30, tzinfo=timezone.utc)
+    when = datetime(2026, 3, 4, 2, 30, tzinfo=UTC)
     requests = envelope_defs.dek_rewrap_sweep_schedule(dg.build_schedule_context(scheduled_execution_time=when))
     assert [r.partition_key for r in requests] == envelope_defs.SHARD_KEYS
     keys = {r.run_key for r in requests}

@@ -9,7 +9,7 @@ import io
 import json
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import zstandard
@@ -100,7 +100,7 @@ def forge(path, out, *, manifests="drop"):
     last_at = parse_time(rows[-1]["r"][1])
     newest_token = [r for r in records if r["t"] == "R"][-1]["k"]
     iat = rpt.decode(newest_token)[1]["iat"]
-    when = max(last_at, datetime.fromtimestamp(iat, timezone.utc)) + timedelta(seconds=5)
+    when = max(last_at, datetime.fromtimestamp(iat, UTC)) + timedelta(seconds=5)
     n = rows[-1]["r"][0]
     extra_rows = [
         {

@@ -6,7 +6,7 @@ principals with TOTP codes from their own authenticators (pyotp), on the wall cl
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pyotp
 import pytest
@@ -416,8 +416,8 @@ def test_audit_review_needs_totp_the_review_permission_and_another_principal(cli
 
 
 def test_at_is_refused_by_every_command_that_writes(cli):
-    past = (datetime.now(timezone.utc) - timedelta(hours=2)).isoformat()
-    soon = (datetime.now(timezone.utc) + timedelta(minutes=10)).isoformat()
+    past = (datetime.now(UTC) - timedelta(hours=2)).isoformat()
+    soon = (datetime.now(UTC) + timedelta(minutes=10)).isoformat()
     for args in (
         (
             "--at",
@@ -516,7 +516,7 @@ def test_the_database_refuses_a_backdated_row_inserted_behind_cores_back(kms, ta
 
 
 def test_a_rotation_at_the_end_of_time_is_refused_and_inventory_never_overflows(kms):
-    end = replace_clock(kms, datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc))
+    end = replace_clock(kms, datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC))
     before = _core_state(kms)
     with pytest.raises(lifecycle.LifecycleError, match="out of range"):
         lifecycle.rotate(end, "backup", reason="cadence", only_if_due=True)
@@ -527,7 +527,7 @@ def test_a_rotation_at_the_end_of_time_is_refused_and_inventory_never_overflows(
         s.execute(
             update(KeyVersion)
             .where(KeyVersion.key_id == key_id)
-            .values(activated_at=datetime(9999, 12, 31, tzinfo=timezone.utc))
+            .values(activated_at=datetime(9999, 12, 31, tzinfo=UTC))
         )
     rows = [r for r in lifecycle.inventory(kms) if r.key == "backup"]
     assert rows and rows[0].due_at is None
@@ -566,7 +566,7 @@ def test_token_lifetime_is_capped_from_the_wall_clock_issue_time(cli):
     assert r.exit_code == 0, r.output
     token = r.output.strip()
     claims = json.loads(tokens._unb64u(token.split(".")[1]))
-    now = datetime.now(timezone.utc).timestamp()
+    now = datetime.now(UTC).timestamp()
     assert claims["exp"] - now <= 15 * 60 and claims["exp"] - claims["iat"] <= 15 * 60
 
 
@@ -633,9 +633,7 @@ def test_if_due_records_cadence_and_raises_no_anomaly(cli):
     with ctx.transaction() as s:  # make backup due: its version was activated long ago
         key_id = s.scalars(select(Key.id).where(Key.name == "backup")).one()
         s.execute(
-            update(KeyVersion)
-            .where(KeyVersion.key_id == key_id)
-            .values(activated_at=datetime(2020, 1, 1, tzinfo=timezone.utc))
+            update(KeyVersion).where(KeyVersion.key_id == key_id).values(activated_at=datetime(2020, 1, 1, tzinfo=UTC))
         )
     ctx.engine.dispose()
     r = cli("keys", "rotate", "backup", "--if-due")
@@ -841,7 +839,7 @@ def test_a_report_at_a_chosen_time_writes_nothing_dated_then(cli):
     with ctx.engine.connect() as conn:  # its keystore probes are audited, at the real time
         newest = conn.execute(select(AuditEvent.at).order_by(AuditEvent.seq.desc()).limit(1)).scalar()
     ctx.engine.dispose()
-    assert newest.replace(tzinfo=timezone.utc) < datetime(2031, 1, 1, tzinfo=timezone.utc)
+    assert newest.replace(tzinfo=UTC) < datetime(2031, 1, 1, tzinfo=UTC)
     assert cli("rpt", "issue", "--subject", "after-the-report").exit_code == 0  # the chains still move
 
 

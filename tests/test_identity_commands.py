@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC
 
 import pyotp
 import pyrage
@@ -435,7 +436,7 @@ def test_dependent_confirmations_and_drill_closures_record_a_proven_principal(op
 
 
 def test_a_cadence_rotation_is_recorded_as_the_service_not_a_claimed_person(ops):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from sqlalchemy import update
 
@@ -447,9 +448,7 @@ def test_a_cadence_rotation_is_recorded_as_the_service_not_a_claimed_person(ops)
     with ctx.transaction() as s:  # make backup due
         key_id = s.scalars(select(Key.id).where(Key.name == "backup")).one()
         s.execute(
-            update(KeyVersion)
-            .where(KeyVersion.key_id == key_id)
-            .values(activated_at=datetime(2020, 1, 1, tzinfo=timezone.utc))
+            update(KeyVersion).where(KeyVersion.key_id == key_id).values(activated_at=datetime(2020, 1, 1, tzinfo=UTC))
         )
     ctx.engine.dispose()
     r = ops("keys", "rotate", "backup", "--if-due")  # KMS_ACTOR=alice in the environment: ignored

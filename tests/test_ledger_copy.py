@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
@@ -69,7 +69,7 @@ def pg_conn(pg_url):
 @given(row=_row)
 def test_server_document_is_byte_identical_to_python_canonical(pg_conn, row):
     seq, naive, key, version, frm, to, actor, approvers, ticket, reason, event, prev = row
-    at = naive.replace(tzinfo=timezone.utc)
+    at = naive.replace(tzinfo=UTC)
     expected = ledger.row_canonical(seq, at, key, version, frm, to, actor, approvers, ticket, reason, event, prev)
     digest = hashlib.sha256(expected).hexdigest()
     params = (seq, at, key, version, frm, to, actor, approvers, ticket, reason, event, prev, digest)

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -37,7 +37,7 @@ PART = MIN_PART_SIZE  # small parts so tests exercise multipart quickly
 
 
 def _future(days: int = 1) -> datetime:
-    return datetime.now(timezone.utc) + timedelta(days=days)
+    return datetime.now(UTC) + timedelta(days=days)
 
 
 class GeneratedStream(io.RawIOBase):
@@ -220,7 +220,7 @@ def test_bad_keys_and_arguments(store):
     with pytest.raises(ValueError, match="timezone-aware"):
         store.put("k", b"x", retain_until=datetime.now() + timedelta(days=1))
     with pytest.raises(ValueError, match="not in the future"):
-        store.put("k", b"x", retain_until=datetime.now(timezone.utc) - timedelta(seconds=1))
+        store.put("k", b"x", retain_until=datetime.now(UTC) - timedelta(seconds=1))
     with pytest.raises(ValueError):
         store.put("k", b"x", metadata={"Bad Name": "v"})
     assert not store.exists("k")
@@ -296,7 +296,7 @@ def test_local_lock_files_are_read_only_and_sidecar(tmp_path):
 
 
 def test_local_lock_expires(tmp_path):
-    now = [datetime.now(timezone.utc)]
+    now = [datetime.now(UTC)]
     st = LocalObjectStore(tmp_path, now=lambda: now[0])
     st.put("k", b"v", retain_until=now[0] + timedelta(days=365))
     with pytest.raises(ObjectLocked):

@@ -8,7 +8,7 @@ the master key, TOTP secrets, workload tokens — and searches for each in sever
 
 import base64
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 import pyotp
@@ -24,7 +24,7 @@ from kms_pipelines.defs.resources import DatabaseResource, KeyStoreResource, Kms
 from tests.fixtures.dagster_defs import FixedClockResource
 from tests.fixtures.kms import approve_both, ceremony, write_test_policy
 
-AT = datetime(2026, 4, 1, 12, 0, tzinfo=timezone.utc)
+AT = datetime(2026, 4, 1, 12, 0, tzinfo=UTC)
 MASTER = base64.b64encode(bytes(range(32))).decode()
 
 

@@ -34,10 +34,17 @@ DEMO_JOBS = ("kms_nightly", "backup_nightly", "restore_drill", "dek_rewrap_sweep
 def _run_demo(tmp_path: Path) -> tuple[dict, str]:
     """``./scripts/demo.sh`` as a user runs it, from the already-installed venv."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KMS_", "DAGSTER_"))}
-    env.update({"KMS_HOME": str(tmp_path / ".kms"), "KMS_VENV": str(VENV_BIN.parent), "KMS_SKIP_INSTALL": "1",
-                "PATH": f"{VENV_BIN}:{env.get('PATH', '')}"})
-    demo = subprocess.run([str(REPO / "scripts" / "demo.sh")], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=1000)
+    env.update(
+        {
+            "KMS_HOME": str(tmp_path / ".kms"),
+            "KMS_VENV": str(VENV_BIN.parent),
+            "KMS_SKIP_INSTALL": "1",
+            "PATH": f"{VENV_BIN}:{env.get('PATH', '')}",
+        }
+    )
+    demo = subprocess.run(
+        [str(REPO / "scripts" / "demo.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=1000
+    )
     assert demo.returncode == 0, f"demo.sh failed:\n{demo.stdout[-3000:]}\n{demo.stderr[-3000:]}"
     env["DAGSTER_HOME"] = str(tmp_path / ".kms" / "dagster")
     return env, demo.stdout + demo.stderr
@@ -50,11 +57,17 @@ def _assert_instance_state(dagster_home: str) -> dict:
 
     graph = defs().get_repository_def().asset_graph
     with dg.DagsterInstance.from_config(dagster_home) as instance:
-        never = [k.to_user_string() for k in graph.get_all_asset_keys()
-                 if instance.get_latest_materialization_event(k) is None]
+        never = [
+            k.to_user_string()
+            for k in graph.get_all_asset_keys()
+            if instance.get_latest_materialization_event(k) is None
+        ]
         assert never == [], f"never materialized after the demo: {never}"
-        unevaluated = [f"{k.asset_key.to_user_string()}/{k.name}" for k in graph.asset_check_keys
-                       if not instance.event_log_storage.get_asset_check_execution_history(k, limit=1)]
+        unevaluated = [
+            f"{k.asset_key.to_user_string()}/{k.name}"
+            for k in graph.asset_check_keys
+            if not instance.event_log_storage.get_asset_check_execution_history(k, limit=1)
+        ]
         assert unevaluated == [], f"checks never evaluated after the demo: {unevaluated}"
         runs = instance.get_runs()
         by_job = {job: [r for r in runs if r.job_name == job] for job in DEMO_JOBS}
@@ -86,8 +99,10 @@ def _wait_text(scope, text: str | re.Pattern, timeout: int = UI_TIMEOUT_MS):
         locator.wait_for(state="visible", timeout=timeout)
     except PwTimeout:
         _shot(page, "failure-" + re.sub(r"[^a-z0-9]+", "-", str(getattr(text, "pattern", text)).lower()).strip("-"))
-        pytest.fail(f"{page.url}: {text!r} not shown within {timeout // 1000}s; page text starts:\n"
-                    f"{_body_text(page)[:1500]}", pytrace=False)
+        pytest.fail(
+            f"{page.url}: {text!r} not shown within {timeout // 1000}s; page text starts:\n{_body_text(page)[:1500]}",
+            pytrace=False,
+        )
     return locator
 
 
@@ -134,8 +149,9 @@ def test_dagster_ui_after_the_demo_shows_its_runs_and_a_report_without_fail(afte
             expect(reexecute).to_be_enabled(timeout=UI_TIMEOUT_MS)
         except AssertionError:
             _shot(page, "failure-reexecute-disabled")
-            pytest.fail("Re-execute stayed disabled on the demo's kms_nightly run "
-                        f"for {UI_TIMEOUT_MS // 1000}s", pytrace=False)
+            pytest.fail(
+                f"Re-execute stayed disabled on the demo's kms_nightly run for {UI_TIMEOUT_MS // 1000}s", pytrace=False
+            )
 
         # 2. Asset catalog: the real code location's assets, materialized by the demo.
         page.goto(f"{server.url}/assets", wait_until="domcontentloaded")
@@ -188,8 +204,11 @@ def _wait_heading(scope, name):
     except PwTimeout:
         page = getattr(scope, "page", scope)
         _shot(page, "failure-heading")
-        pytest.fail(f"{page.url}: heading {name!r} not shown within {UI_TIMEOUT_MS // 1000}s; page text starts:\n"
-                    f"{_body_text(page)[:1500]}", pytrace=False)
+        pytest.fail(
+            f"{page.url}: heading {name!r} not shown within {UI_TIMEOUT_MS // 1000}s; page text starts:\n"
+            f"{_body_text(page)[:1500]}",
+            pytrace=False,
+        )
     return heading
 
 
@@ -261,8 +280,11 @@ def test_metadata_tables_fit_the_asset_page_at_1600px(after_demo):
                 panel.locator("tbody tr").first.wait_for(state="visible", timeout=UI_TIMEOUT_MS)
             except PwTimeout:
                 _shot(page, f"failure-metadata-{asset}")
-                pytest.fail(f"{asset}: no metadata panel ({METADATA_PANEL}) within {UI_TIMEOUT_MS // 1000}s; "
-                            f"page text starts:\n{_body_text(page)[:1500]}", pytrace=False)
+                pytest.fail(
+                    f"{asset}: no metadata panel ({METADATA_PANEL}) within {UI_TIMEOUT_MS // 1000}s; "
+                    f"page text starts:\n{_body_text(page)[:1500]}",
+                    pytrace=False,
+                )
             if asset == COMPLIANCE_ASSET:
                 _wait_text(panel, re.compile(r"^B4$"))  # the clause table's last row is drawn
             # Dialogs first: the panel measurement below restyles the page.
@@ -275,8 +297,10 @@ def test_metadata_tables_fit_the_asset_page_at_1600px(after_demo):
                 for item in page.evaluate(_MEASURE_DIALOG, dialog.element_handle()):
                     measured += 1
                     if item["scroll_width"] > item["client_width"] + 1:
-                        too_wide.append(f"{asset} [Show Markdown] {label}: {item['what']} is {item['width']} px, its "
-                                        f"dialog shows {item['client_width']} of {item['scroll_width']} px")
+                        too_wide.append(
+                            f"{asset} [Show Markdown] {label}: {item['what']} is {item['width']} px, its "
+                            f"dialog shows {item['client_width']} of {item['scroll_width']} px"
+                        )
                 page.keyboard.press("Escape")
                 dialog.wait_for(state="hidden")
             if asset == COMPLIANCE_ASSET:
@@ -286,10 +310,15 @@ def test_metadata_tables_fit_the_asset_page_at_1600px(after_demo):
             got = page.evaluate(_MEASURE_PANEL, panel.element_handle())
             measured += sum(1 for i in got["items"] if not i["what"].startswith("value "))
             if got["scroll_width"] > got["client_width"] + 1:
-                wide = [f"{i['key']}: {i['what']} is {i['width']} px, {i['past']} px past the edge"
-                        for i in got["items"] if i["past"] > 1]
-                too_wide.append(f"{asset}: the metadata panel shows {got['client_width']} of {got['scroll_width']} px; "
-                                + ("; ".join(wide) or "(no table, chart or value past the edge)"))
+                wide = [
+                    f"{i['key']}: {i['what']} is {i['width']} px, {i['past']} px past the edge"
+                    for i in got["items"]
+                    if i["past"] > 1
+                ]
+                too_wide.append(
+                    f"{asset}: the metadata panel shows {got['client_width']} of {got['scroll_width']} px; "
+                    + ("; ".join(wide) or "(no table, chart or value past the edge)")
+                )
                 _shot(page, f"failure-wide-{asset}")
         context.close()
     assert measured >= 20, f"only {measured} tables and charts found: the selectors no longer match the UI"

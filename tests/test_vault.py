@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pyotp
 import pytest
@@ -420,7 +420,7 @@ def test_s3_archive_copy_is_deleted_once_its_object_lock_ends(make_kms, s3_store
     lock ends a few seconds from now, then destroy once it has."""
     from kms_pipelines.core.foundation.clock import SimulatedClock
 
-    wall = datetime.now(timezone.utc)
+    wall = datetime.now(UTC)
     clock = SimulatedClock(wall - timedelta(days=366))
     kms = make_kms("sqlite", clock=clock)
     kms.objects = s3_store
@@ -428,10 +428,10 @@ def test_s3_archive_copy_is_deleted_once_its_object_lock_ends(make_kms, s3_store
     clock.set(wall - timedelta(days=365) + timedelta(seconds=6))
     rotation.rotate_key(kms, "root", reason="cadence")
     [copy] = vault.copies(kms)
-    assert copy.retain_until > datetime.now(timezone.utc)
+    assert copy.retain_until > datetime.now(UTC)
     with pytest.raises(Exception, match="locked"):
         s3_store.delete(copy.object_key)
-    time.sleep(max(0.0, (copy.retain_until - datetime.now(timezone.utc)).total_seconds()) + 1)
+    time.sleep(max(0.0, (copy.retain_until - datetime.now(UTC)).total_seconds()) + 1)
     clock.set(copy.retain_until + timedelta(minutes=5))
     _destroy_after_retention(kms, devices)
     assert not s3_store.exists(copy.object_key) and not s3_store.exists(copy.manifest_key)
@@ -496,7 +496,7 @@ def test_cli_archive_verify_retrieve_and_refusals(tmp_path, monkeypatch):
     with context_from_env().engine.begin() as conn:
         conn.execute(
             text("UPDATE key_versions SET activated_at = :t WHERE key_id = (SELECT id FROM keys WHERE name = 'root')"),
-            {"t": datetime.now(timezone.utc) - timedelta(days=91)},
+            {"t": datetime.now(UTC) - timedelta(days=91)},
         )
     assert run("keys", "rotate", "root", "--if-due").exit_code == 0
     out = run("archive", "list")
@@ -578,7 +578,7 @@ def test_cli_archive_verify_retrieve_and_refusals(tmp_path, monkeypatch):
     got = json.loads(out.output)
     assert got["approvers"] == ["bob", "carol"] and got["refs"][0] in kms.keystore.forensic_refs()
     # The retrieval ran as dave, who holds archive-retrieve but not decrypt or break-glass: no A3 anomaly.
-    assert [a for a in anomalies.detect(kms, datetime.now(timezone.utc)) if a.kind == "operation_without_role"] == []
+    assert [a for a in anomalies.detect(kms, datetime.now(UTC)) if a.kind == "operation_without_role"] == []
 
     [copy] = vault.copies(kms)
     path = tmp_path / "home" / "objects" / copy.object_key

@@ -16,15 +16,21 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 MISSING_BROWSER = "run ./scripts/test.sh, which installs chromium"
 
@@ -85,8 +91,9 @@ class Webserver:
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
                 last = exc
             time.sleep(0.5)
-        raise TimeoutError(f"dagster-webserver did not answer on {self.url} within {timeout:.0f}s "
-                           f"({last}):\n{self.log_tail()}")
+        raise TimeoutError(
+            f"dagster-webserver did not answer on {self.url} within {timeout:.0f}s ({last}):\n{self.log_tail()}"
+        )
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM the whole process group (webserver + code-server children), then SIGKILL."""
@@ -105,19 +112,35 @@ class Webserver:
 
 
 @contextlib.contextmanager
-def dagster_webserver(env: dict, log_path: Path, *, workspace: Path = REPO / "workspace.yaml",
-                      path_prefix: str | None = None) -> Iterator[Webserver]:
+def dagster_webserver(
+    env: dict, log_path: Path, *, workspace: Path = REPO / "workspace.yaml", path_prefix: str | None = None
+) -> Iterator[Webserver]:
     """``dagster-webserver -w workspace.yaml -h 127.0.0.1 -p <free port> [--path-prefix P]`` in its own session."""
     port = free_port()
     exe = VENV_BIN / "dagster-webserver"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-c", _EXEC_WITH_DEFAULT_SIGNALS, str(exe),
-             "-w", str(workspace), "-h", "127.0.0.1", "-p", str(port),
-             *(["--path-prefix", path_prefix] if path_prefix else [])],
-            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-c",
+                _EXEC_WITH_DEFAULT_SIGNALS,
+                str(exe),
+                "-w",
+                str(workspace),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                *(["--path-prefix", path_prefix] if path_prefix else []),
+            ],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     server = Webserver(proc, port, log_path, path_prefix or "")
     try:
         yield server

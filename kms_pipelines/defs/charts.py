@@ -7,9 +7,8 @@ The pictures are Unicode bar/timeline charts inside fenced Markdown blocks: they
 in the Dagster UI's Markdown viewer and in a terminal without a plotting dependency.
 """
 
-
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import Iterable, Sequence
 
 import dagster as dg
 
@@ -60,30 +59,52 @@ def key_age_table(rows: Iterable, cadence_days: dict[str, int | None]) -> dg.Tab
     metadata column of an asset page at a 1600 px window (tests/test_ui_browser.py measures it);
     the share of the cadence used is the chart beside it."""
     active = [r for r in rows if r.state == "active"]
-    schema = dg.TableSchema(columns=[
-        dg.TableColumn("key", "string"), dg.TableColumn("v", "int", description="key version"),
-        dg.TableColumn("age_d", "float", description="age in days"),
-        dg.TableColumn("cadence_d", "int", description="policy rotation cadence in days (0: none)"),
-        dg.TableColumn("due", "string", description="rotation due date (UTC); 🔴 marks a version past it")])
+    schema = dg.TableSchema(
+        columns=[
+            dg.TableColumn("key", "string"),
+            dg.TableColumn("v", "int", description="key version"),
+            dg.TableColumn("age_d", "float", description="age in days"),
+            dg.TableColumn("cadence_d", "int", description="policy rotation cadence in days (0: none)"),
+            dg.TableColumn("due", "string", description="rotation due date (UTC); 🔴 marks a version past it"),
+        ]
+    )
     records = []
     for r in active:
         cadence = cadence_days.get(r.key_class) or 0
-        records.append(dg.TableRecord({
-            "key": r.key, "v": r.version, "age_d": round(float(r.age_days or 0.0), 1), "cadence_d": int(cadence),
-            "due": ("🔴 " if r.overdue else "") + _day(r.due_at)}))
+        records.append(
+            dg.TableRecord(
+                {
+                    "key": r.key,
+                    "v": r.version,
+                    "age_d": round(float(r.age_days or 0.0), 1),
+                    "cadence_d": int(cadence),
+                    "due": ("🔴 " if r.overdue else "") + _day(r.due_at),
+                }
+            )
+        )
     return dg.MetadataValue.table(records=records, schema=schema)
 
 
 def dek_counts_table(counts: Sequence) -> dg.TableMetadataValue:
     """DEK counts per key version (envelope.inventory_counts rows)."""
-    schema = dg.TableSchema(columns=[
-        dg.TableColumn("key", "string"), dg.TableColumn("v", "int", description="key version"),
-        dg.TableColumn("state", "string", description="state of that key version"),
-        dg.TableColumn("live", "int", description="live DEKs wrapped under the version"),
-        dg.TableColumn("shredded", "int", description="DEKs shredded (their data is unreadable)")])
-    return dg.MetadataValue.table(records=[dg.TableRecord({
-        "key": c.key, "v": int(c.version), "state": c.state, "live": int(c.deks),
-        "shredded": int(c.shredded)}) for c in counts], schema=schema)
+    schema = dg.TableSchema(
+        columns=[
+            dg.TableColumn("key", "string"),
+            dg.TableColumn("v", "int", description="key version"),
+            dg.TableColumn("state", "string", description="state of that key version"),
+            dg.TableColumn("live", "int", description="live DEKs wrapped under the version"),
+            dg.TableColumn("shredded", "int", description="DEKs shredded (their data is unreadable)"),
+        ]
+    )
+    return dg.MetadataValue.table(
+        records=[
+            dg.TableRecord(
+                {"key": c.key, "v": int(c.version), "state": c.state, "live": int(c.deks), "shredded": int(c.shredded)}
+            )
+            for c in counts
+        ],
+        schema=schema,
+    )
 
 
 # A mark per backup state, so the narrow table reads at a glance.
@@ -95,17 +116,34 @@ def backups_table(rows: Sequence[dict]) -> dg.TableMetadataValue:
     metadata column at a 1600 px window. The archive id starts with its creation time (UTC), so
     it also tells the age; the backup key version, successor and retention time of each archive are in backup_retention's
     ``archives`` list (backup_details_md) and ``kms backup list``."""
-    schema = dg.TableSchema(columns=[
-        dg.TableColumn("archive", "string", description="archive id: creation time (UTC) and a random suffix; "
-                                                        "scripts/restore.sh takes it"),
-        dg.TableColumn("class", "string", description="GFS class: nightly or weekly"),
-        dg.TableColumn("state", "string", description="✅ verified (manifest + sha256 re-read), 🟠 unverified, "
-                                                      "❌ incomplete"),
-        dg.TableColumn("locked_until", "string", description="Object Lock retain-until date (UTC), or lapsed")])
-    return dg.MetadataValue.table(records=[dg.TableRecord({
-        "archive": r["archive_id"], "class": r["gfs_class"], "state": _BACKUP_STATE.get(r["state"], r["state"]),
-        "locked_until": _day(r["retain_until"]) if r["locked"] else "lapsed"})
-        for r in rows], schema=schema)
+    schema = dg.TableSchema(
+        columns=[
+            dg.TableColumn(
+                "archive",
+                "string",
+                description="archive id: creation time (UTC) and a random suffix; scripts/restore.sh takes it",
+            ),
+            dg.TableColumn("class", "string", description="GFS class: nightly or weekly"),
+            dg.TableColumn(
+                "state", "string", description="✅ verified (manifest + sha256 re-read), 🟠 unverified, ❌ incomplete"
+            ),
+            dg.TableColumn("locked_until", "string", description="Object Lock retain-until date (UTC), or lapsed"),
+        ]
+    )
+    return dg.MetadataValue.table(
+        records=[
+            dg.TableRecord(
+                {
+                    "archive": r["archive_id"],
+                    "class": r["gfs_class"],
+                    "state": _BACKUP_STATE.get(r["state"], r["state"]),
+                    "locked_until": _day(r["retain_until"]) if r["locked"] else "lapsed",
+                }
+            )
+            for r in rows
+        ],
+        schema=schema,
+    )
 
 
 def backup_details_md(rows: Sequence[dict]) -> str:
@@ -118,7 +156,8 @@ def backup_details_md(rows: Sequence[dict]) -> str:
         f" · retain until {r['retain_until']:%Y-%m-%d %H:%M} UTC{'' if r['locked'] else ' (lapsed)'}"
         f" · backup key v{r['backup_key_version'] or '?'}"
         + (f" · successor of {r['successor_of']}" if r.get("successor_of") else "")
-        for r in rows)
+        for r in rows
+    )
 
 
 def backup_timeline(rows: Sequence[dict], now: datetime, days: int = 91) -> str:
@@ -137,8 +176,13 @@ def backup_timeline(rows: Sequence[dict], now: datetime, days: int = 91) -> str:
             mark = mark.lower()
         if by_day.get(d, "x") in ("x", "·") or mark.isupper():
             by_day[d] = mark
-    lines = [f"{start:%Y-%m-%d} → {end:%Y-%m-%d}", "W weekly · N nightly · x incomplete · · none",
-             "lower case: lock lapsed", "", "week of     M T W T F S S"]
+    lines = [
+        f"{start:%Y-%m-%d} → {end:%Y-%m-%d}",
+        "W weekly · N nightly · x incomplete · · none",
+        "lower case: lock lapsed",
+        "",
+        "week of     M T W T F S S",
+    ]
     monday = start - timedelta(days=start.weekday())
     while monday <= end:
         cells = []
@@ -148,8 +192,10 @@ def backup_timeline(rows: Sequence[dict], now: datetime, days: int = 91) -> str:
         lines.append(f"{monday:%Y-%m-%d}  {' '.join(cells)}")
         monday += timedelta(days=7)
     marks = "".join(by_day.values())
-    lines.append(f"{sum(c in 'WNwn' for c in marks)} archive day(s), {sum(c in 'Ww' for c in marks)} weekly, "
-                 f"{sum(1 for r in rows if r['locked'])} archive(s) locked")
+    lines.append(
+        f"{sum(c in 'WNwn' for c in marks)} archive day(s), {sum(c in 'Ww' for c in marks)} weekly, "
+        f"{sum(1 for r in rows if r['locked'])} archive(s) locked"
+    )
     return "```\n" + "\n".join(lines) + "\n```"
 
 
@@ -160,9 +206,17 @@ def drill_history_md(drills: Sequence[dict], limit: int = 24) -> str:
         return "no drills yet"
     return markdown_table(
         ["date", "outcome", "restore (s)", "findings", "open f/u"],
-        [[d["date"], "❌ **FAILED**" if d["outcome"] != "passed" else "✅ passed",
-          d["restore_seconds"] if d["restore_seconds"] is not None else "-",
-          len(d["findings"]), sum(f["status"] == "open" for f in d["followups"])] for d in drills[:limit]])
+        [
+            [
+                d["date"],
+                "❌ **FAILED**" if d["outcome"] != "passed" else "✅ passed",
+                d["restore_seconds"] if d["restore_seconds"] is not None else "-",
+                len(d["findings"]),
+                sum(f["status"] == "open" for f in d["followups"]),
+            ]
+            for d in drills[:limit]
+        ],
+    )
 
 
 def open_followups_md(drills: Sequence[dict], now: datetime) -> str:
@@ -171,5 +225,15 @@ def open_followups_md(drills: Sequence[dict], now: datetime) -> str:
         return "no open follow-ups"
     return markdown_table(
         ["id", "drill", "action", "owner", "due", "status"],
-        [[f["id"], date, f["title"], f["owner"], f"{f['due_at']:%Y-%m-%d}",
-          "🔴 **OVERDUE**" if f["due_at"] < now else "open"] for date, f in rows])
+        [
+            [
+                f["id"],
+                date,
+                f["title"],
+                f["owner"],
+                f"{f['due_at']:%Y-%m-%d}",
+                "🔴 **OVERDUE**" if f["due_at"] < now else "open",
+            ]
+            for date, f in rows
+        ],
+    )

@@ -7,7 +7,7 @@ that evidence it (result, run id with a link to the run, time), read from the in
 Overview sections (key age against cadence, DEK counts, backups, drills) make the one
 page a compliance officer opens the place to start."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 
@@ -66,7 +66,7 @@ def check_evidence(instance, clause: compliance.Clause) -> list[dict]:
             out.append({"check": ref, "passed": None})
             continue
         rec = records[0]
-        at = datetime.fromtimestamp(rec.create_timestamp, tz=timezone.utc)
+        at = datetime.fromtimestamp(rec.create_timestamp, tz=UTC)
         out.append(
             {
                 "check": ref,

@@ -12,8 +12,8 @@ material. ``run_retry_policy()`` is the RetryPolicy for assets whose re-run is s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import dagster as dg
 

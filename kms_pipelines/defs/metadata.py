@@ -1,8 +1,7 @@
 """Helpers that turn core results into Dagster metadata. Nothing here may receive key
 material: callers pass inventory rows, counts and hashes only."""
 
-
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import dagster as dg
 
@@ -68,10 +67,14 @@ def full_values_md(rows: Iterable[tuple[str, str, str]]) -> dg.MarkdownMetadataV
     (entry, full value, what it is for) opened by "[Show Markdown]": each value in code so it is
     selected and copied whole. Trailing newlines bring a short table to the dialog threshold;
     Markdown ignores them."""
-    text = "\n".join([
-        "Full values of the entries shortened in the metadata column (select a value to copy it; "
-        "the dialog's copy button copies this whole text).", "",
-        markdown_table(["entry", "full value", "use"], [[name, f"`{value}`", use] for name, value, use in rows])])
+    text = "\n".join(
+        [
+            "Full values of the entries shortened in the metadata column (select a value to copy it; "
+            "the dialog's copy button copies this whole text).",
+            "",
+            markdown_table(["entry", "full value", "use"], [[name, f"`{value}`", use] for name, value, use in rows]),
+        ]
+    )
     return dg.MetadataValue.md(text.ljust(_DIALOG_MARKDOWN_CHARS, "\n"))
 
 
@@ -79,16 +82,33 @@ def inventory_table(rows) -> dg.TableMetadataValue:
     """Every key version, narrow enough for the metadata column at a 1600 px window
     (tests/test_ui_browser.py measures it): an overdue version is marked in its state. The ages of
     the active versions are the ``age_vs_cadence`` chart beside it."""
-    schema = dg.TableSchema(columns=[
-        dg.TableColumn("key", "string"), dg.TableColumn("v", "int", description="key version"),
-        dg.TableColumn("state", "string", description="lifecycle state; 🔴 overdue: active past its rotation due date"),
-        dg.TableColumn("due", "string", description="rotation due date (UTC) of an active version"),
-        dg.TableColumn("fingerprint", "string", description="SHA256 of the public key, first 8 hex digits (full: "
-                                                            "`kms keys list`)")])
+    schema = dg.TableSchema(
+        columns=[
+            dg.TableColumn("key", "string"),
+            dg.TableColumn("v", "int", description="key version"),
+            dg.TableColumn(
+                "state", "string", description="lifecycle state; 🔴 overdue: active past its rotation due date"
+            ),
+            dg.TableColumn("due", "string", description="rotation due date (UTC) of an active version"),
+            dg.TableColumn(
+                "fingerprint",
+                "string",
+                description="SHA256 of the public key, first 8 hex digits (full: `kms keys list`)",
+            ),
+        ]
+    )
     return dg.MetadataValue.table(
-        records=[dg.TableRecord({"key": r.key, "v": r.version,
-                                 "state": f"{r.state} 🔴 overdue" if r.overdue else r.state,
-                                 "due": f"{r.due_at:%Y-%m-%d}" if r.due_at and r.state == "active" else "",
-                                 "fingerprint": short_fingerprint(r.fingerprint)})
-                 for r in rows],
-        schema=schema)
+        records=[
+            dg.TableRecord(
+                {
+                    "key": r.key,
+                    "v": r.version,
+                    "state": f"{r.state} 🔴 overdue" if r.overdue else r.state,
+                    "due": f"{r.due_at:%Y-%m-%d}" if r.due_at and r.state == "active" else "",
+                    "fingerprint": short_fingerprint(r.fingerprint),
+                }
+            )
+            for r in rows
+        ],
+        schema=schema,
+    )

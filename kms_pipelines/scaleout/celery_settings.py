@@ -11,7 +11,7 @@ worker might still be alive.
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 QUEUE = "dagster"  # dagster-celery's queue name; workers and executors must agree
 DEFAULT_VISIBILITY_TIMEOUT = 60  # seconds; shorter than a shard, so a lost shard is redelivered soon

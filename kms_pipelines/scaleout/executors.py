@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import dagster as dg
 
@@ -42,13 +42,16 @@ def executor_def(name: str) -> dg.ExecutorDefinition:
         from dagster_celery import celery_executor
     except ImportError:
         raise ValueError("KMS_EXECUTOR=celery needs the celery extra: pip install 'kms_pipelines[celery]'") from None
-    return celery_executor.configured({
-        "broker": {"env": "KMS_CELERY_BROKER"},
-        # Env sources: the URLs (which may hold a password) stay out of the run config the UI shows.
-        "backend": {"env": "KMS_CELERY_BACKEND" if os.environ.get("KMS_CELERY_BACKEND") else "KMS_CELERY_BROKER"},
-        "config_source": settings(),
-        "retries": {"enabled": {}},
-    }, name="celery")
+    return celery_executor.configured(
+        {
+            "broker": {"env": "KMS_CELERY_BROKER"},
+            # Env sources: the URLs (which may hold a password) stay out of the run config the UI shows.
+            "backend": {"env": "KMS_CELERY_BACKEND" if os.environ.get("KMS_CELERY_BACKEND") else "KMS_CELERY_BROKER"},
+            "config_source": settings(),
+            "retries": {"enabled": {}},
+        },
+        name="celery",
+    )
 
 
 def for_job(supports: tuple[str, ...] = ALL, env: Mapping[str, str] | None = None) -> dg.ExecutorDefinition:

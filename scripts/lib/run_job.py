@@ -30,8 +30,19 @@ TIMEOUT_SECONDS = 1800
 
 
 def _launch(job: str, run_id: str, partition: str | None, config_json: str | None, log: Path) -> None:
-    cmd = [str(Path(sys.executable).parent / "dagster"), "job", "launch", "-w", str(REPO / "workspace.yaml"),
-           "-l", LOCATION, "-j", job, "--run-id", run_id]
+    cmd = [
+        str(Path(sys.executable).parent / "dagster"),
+        "job",
+        "launch",
+        "-w",
+        str(REPO / "workspace.yaml"),
+        "-l",
+        LOCATION,
+        "-j",
+        job,
+        "--run-id",
+        run_id,
+    ]
     if partition:
         cmd += ["--tags", json.dumps({"dagster/partition": partition})]
     if config_json:
@@ -70,7 +81,7 @@ def wait(instance, job: str, run_id: str, started: float) -> tuple[bool, dict]:
         conn = instance.get_records_for_run(run_id, cursor=cursor) if run else None
         if conn:
             cursor = conn.cursor
-        for record in (conn.records if conn else []):
+        for record in conn.records if conn else []:
             event = record.event_log_entry
             if not event.dagster_event:
                 continue
@@ -125,11 +136,18 @@ def main(argv=None) -> int:
     seconds = time.monotonic() - started
     checks = f"{c['checks_passed']} check(s) passed" + (f", {c['checks_failed']} FAILED" if c["checks_failed"] else "")
     if ok:
-        print(f"{label}: succeeded in {seconds:.0f} s: {c['assets']} materialization(s), {checks} "
-              f"(run {run_id[:8]} in the UI)", flush=True)
+        print(
+            f"{label}: succeeded in {seconds:.0f} s: {c['assets']} materialization(s), {checks} "
+            f"(run {run_id[:8]} in the UI)",
+            flush=True,
+        )
         return 0
-    print(f"{label}: FAILED after {seconds:.0f} s: {c['failure'] or 'see the run in the UI'}; {checks} "
-          f"(run {run_id[:8]}, launcher log {log})", file=sys.stderr, flush=True)
+    print(
+        f"{label}: FAILED after {seconds:.0f} s: {c['failure'] or 'see the run in the UI'}; {checks} "
+        f"(run {run_id[:8]}, launcher log {log})",
+        file=sys.stderr,
+        flush=True,
+    )
     return 1
 
 

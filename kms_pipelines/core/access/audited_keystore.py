@@ -15,7 +15,8 @@ Events go through ``audit.emit`` (batched, off the caller's transaction; see cor
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..foundation.keystore.base import GeneratedKey, KeyStoreError
 from ..ledger import audit

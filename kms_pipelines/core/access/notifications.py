@@ -27,9 +27,9 @@ recorded, logged and shown by the check.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Iterable
 
 from sqlalchemy import select
 

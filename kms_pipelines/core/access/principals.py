@@ -35,9 +35,9 @@ Every time comes from ``ctx.clock``; entry points that change state run on the w
 from __future__ import annotations
 
 import hmac
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Sequence
 
 import pyotp
 from sqlalchemy import select

@@ -19,7 +19,8 @@ import hashlib
 import os
 import tarfile
 import threading
-from typing import BinaryIO, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import BinaryIO
 
 import pyrage
 import zstandard

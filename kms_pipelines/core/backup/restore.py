@@ -27,10 +27,10 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 from sqlalchemy import create_engine, inspect, select, text
 from sqlalchemy.engine import make_url

@@ -28,9 +28,9 @@ Callers with more evidence (the Dagster asset: latest asset-check evaluations) p
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Callable, Iterable, Sequence
 
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext

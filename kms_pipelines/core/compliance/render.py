@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .model import FAIL, PASS, UNKNOWN, WARN, Report, Row, _iso, checks_summary
 

@@ -22,7 +22,7 @@ import os
 import socket
 import time
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from sqlalchemy import text
 

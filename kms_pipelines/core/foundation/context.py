@@ -5,11 +5,11 @@ and tests each build one; core functions take it instead of reaching for globals
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session

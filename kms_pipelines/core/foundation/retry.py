@@ -23,8 +23,9 @@ import smtplib
 import socket
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from tenacity import (
     RetryCallState,

@@ -10,8 +10,8 @@ refusal is one line naming every missing piece, so an operator fixes them in one
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from .keystore import KeyStoreError, _master_key_value
 from .keystore.software import key_file_problems, load_master_key

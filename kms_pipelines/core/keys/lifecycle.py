@@ -11,9 +11,9 @@ keystore object, never a version without material.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Callable, Iterable
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload

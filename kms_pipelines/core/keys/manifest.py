@@ -28,7 +28,7 @@ import base64
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -115,7 +115,7 @@ def _retain_until(ctx: KmsContext) -> datetime:
     days = (kc.rotation_days or 0) + (kc.retention_days or ctx.policy.retention.expired_root_service_days)
     # Never shorter than that from the wall clock either: a simulated or replayed clock in
     # the past must not produce a lock that has already ended.
-    base = max(ctx.now(), datetime.now(timezone.utc))
+    base = max(ctx.now(), datetime.now(UTC))
     return base + timedelta(days=days)
 
 

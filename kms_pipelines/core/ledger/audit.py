@@ -31,9 +31,9 @@ import queue
 import threading
 import time
 import weakref
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
-from typing import Iterable, Iterator, Sequence
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
@@ -320,7 +320,7 @@ def emit(
 ) -> None:
     """Queue one event for ``target`` (a KmsContext or Engine); see the module docstring."""
     if getattr(target, "read_only", False):
-        at = datetime.now(timezone.utc)  # the chosen --at time is never written anywhere
+        at = datetime.now(UTC)  # the chosen --at time is never written anywhere
     writer(_engine_of(target)).put(
         make_event(at=at, operation=operation, actor=actor, target=target_ref, outcome=outcome, detail=detail)
     )

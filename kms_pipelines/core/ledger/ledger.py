@@ -10,9 +10,10 @@ that recomputes the whole chain.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from json.encoder import encode_basestring as _encode_str  # C-accelerated
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, text
 from sqlalchemy.engine import Connection, Engine

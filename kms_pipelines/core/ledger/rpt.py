@@ -32,9 +32,9 @@ import hashlib
 import json
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
-from typing import Iterable, Iterator
+from datetime import UTC, datetime
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -103,7 +103,7 @@ def decode(token: str) -> tuple[dict, dict, bytes]:
 
 
 def format_iat(iat: int) -> str:
-    return datetime.fromtimestamp(iat, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(iat, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ---- public keys and activity windows (pure; fed from the database or a bundle) --------
@@ -515,7 +515,7 @@ def issue_many(ctx: KmsContext, items: list[tuple[str, dict]]) -> list[str]:
                         "seq": head_seq + 1,
                         "token": token,
                         "kid": signer.kid,
-                        "iat": datetime.fromtimestamp(iat, timezone.utc),
+                        "iat": datetime.fromtimestamp(iat, UTC),
                         "subject": subject,
                         "prev_hash": head_hash,
                         "token_hash": token_hash(token),

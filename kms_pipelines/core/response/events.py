@@ -22,10 +22,10 @@ from __future__ import annotations
 import hmac
 import json
 import uuid
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterable
 
 from sqlalchemy import select
 

@@ -23,11 +23,11 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from sqlalchemy import event, select
 from sqlalchemy.orm import selectinload
@@ -95,7 +95,7 @@ def nightly_time(ctx_or_policy) -> time:
     """Hour and minute of the policy's nightly cron (``M H * * *``)."""
     policy = getattr(ctx_or_policy, "policy", ctx_or_policy)
     minute, hour = policy.backup.nightly_cron.split()[:2]
-    return time(int(hour), int(minute), tzinfo=timezone.utc)
+    return time(int(hour), int(minute), tzinfo=UTC)
 
 
 def scratch_context(home: Path, clock: SimulatedClock, policy_path: str | None = None) -> KmsContext:
@@ -363,7 +363,7 @@ def simulate(
     if isinstance(start, datetime):
         start_day = utc(start).date()
     else:
-        start_day = start or datetime.now(timezone.utc).date()
+        start_day = start or datetime.now(UTC).date()
     scratch = context is None and home is None
     if context is None and home is not None:
         refuse_live_home(Path(home))

@@ -10,10 +10,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
-from .engine import (DatabaseError, check_reachable, database_url_from_env, default_url, make_engine,
-    normalize_url)
-
 from . import lengths  # noqa: F401,E402 - the VARCHAR length rule, for every session
+from .engine import DatabaseError, check_reachable, database_url_from_env, default_url, make_engine, normalize_url
 
 __all__ = [
     "DatabaseError",

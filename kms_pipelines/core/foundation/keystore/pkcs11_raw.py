@@ -15,7 +15,8 @@ handling (lost sessions, unwrap failures) treats both paths alike.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pkcs11.exceptions as p11x
 from cffi import FFI

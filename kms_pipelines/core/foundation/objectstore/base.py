@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import BinaryIO, Iterator, Mapping, Protocol, runtime_checkable
+from datetime import UTC, datetime
+from typing import BinaryIO, Protocol, runtime_checkable
 
 Body = bytes | bytearray | memoryview | BinaryIO
 
@@ -101,7 +102,7 @@ class ObjectInfo:
         """True while a retention lock is in force at ``now`` (default: current UTC time)."""
         if self.retain_until is None:
             return False
-        now = now or datetime.now(timezone.utc)
+        now = now or datetime.now(UTC)
         return self.retain_until > now
 
 
@@ -175,10 +176,10 @@ def validate_retain_until(retain_until: datetime | None, now: datetime | None = 
         raise ValueError(f"retain_until must be a datetime, got {type(retain_until).__name__}")
     if retain_until.tzinfo is None or retain_until.utcoffset() is None:
         raise ValueError("retain_until must be timezone-aware (use UTC)")
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     if retain_until <= now:
         raise ValueError(f"retain_until {retain_until.isoformat()} is not in the future")
-    return retain_until.astimezone(timezone.utc)
+    return retain_until.astimezone(UTC)
 
 
 def validate_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:

@@ -24,9 +24,10 @@ import hashlib
 import json
 import os
 import tempfile
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO
 
 from .base import (
     COPY_CHUNK,
@@ -51,7 +52,7 @@ _RESERVED = (META_DIR, TMP_DIR)
 
 
 def _utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class LocalObjectStore:
@@ -121,7 +122,7 @@ class LocalObjectStore:
             size=st.st_size,
             etag=sha,
             sha256=sha,
-            last_modified=datetime.fromtimestamp(st.st_mtime, timezone.utc),
+            last_modified=datetime.fromtimestamp(st.st_mtime, UTC),
             retain_until=datetime.fromisoformat(retain) if retain else None,
             lock_mode=meta.get("lock_mode"),
             metadata=dict(meta.get("metadata") or {}),
@@ -222,7 +223,7 @@ class LocalObjectStore:
             size=size,
             etag=digest,
             sha256=digest,
-            last_modified=datetime.fromtimestamp(st.st_mtime, timezone.utc),
+            last_modified=datetime.fromtimestamp(st.st_mtime, UTC),
             retain_until=retain_until,
             lock_mode=sidecar["lock_mode"],
             metadata=meta_in,

@@ -22,8 +22,9 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import boto3
 from botocore.config import Config
@@ -79,8 +80,8 @@ def _utc(dt: datetime | None) -> datetime | None:
     if dt is None:
         return None
     if dt.tzinfo is None:
-        return dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc)
+        return dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC)
 
 
 class _FirstContact(Exception):
@@ -366,7 +367,7 @@ class S3ObjectStore:
             size=size,
             etag=(resp.get("ETag") or "").strip('"') or None,
             sha256=sha.hexdigest(),
-            last_modified=datetime.now(timezone.utc),
+            last_modified=datetime.now(UTC),
             retain_until=retain_until,
             lock_mode=LOCK_MODE_COMPLIANCE if retain_until else None,
             metadata=meta,
