@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ class KmsContext:
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             yield session
 
-    def now(self):
+    def now(self) -> datetime:
         return self.clock.now()
 
     def as_actor(self, actor: str) -> KmsContext:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .context import KmsContext
 
@@ -18,11 +18,13 @@ class NightlyStep:
 
 _STEPS: dict[str, NightlyStep] = {}
 
+_Step = TypeVar("_Step", bound=Callable[[KmsContext], Any])
 
-def nightly_step(name: str, order: int):
+
+def nightly_step(name: str, order: int) -> Callable[[_Step], _Step]:
     """Register ``fn(ctx) -> summary`` as a nightly step; lower ``order`` runs first."""
 
-    def register(fn):
+    def register(fn: _Step) -> _Step:
         _STEPS[name] = NightlyStep(name, order, fn)
         return fn
 

@@ -34,9 +34,10 @@ import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from ..foundation import db, retry
@@ -52,6 +53,9 @@ from .ledger import (
     require_in_order,
 )
 from .verdict import GENESIS_HASH, VerifyResult
+
+if TYPE_CHECKING:
+    from ..foundation.context import KmsContext
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +81,7 @@ def event_document(
     outcome: str,
     detail: str | None,
     prev_hash: str,
-) -> dict:
+) -> dict[str, Any]:
     return {
         "seq": seq,
         "at": at if isinstance(at, str) else format_time(at),
@@ -90,7 +94,7 @@ def event_document(
     }
 
 
-def _clean(value):
+def _clean(value: object) -> Any:
     if value is None or isinstance(value, (str, bool, int)):
         return value
     if isinstance(value, float):
@@ -105,12 +109,12 @@ def _clean(value):
     raise TypeError(f"audit detail may not hold {type(value).__name__} values")
 
 
-def _detail_json(detail: dict | str | None) -> str | None:
+def _detail_json(detail: dict[str, Any] | str | None) -> str | None:
     """Canonical JSON of a detail object (or a short text, stored as a JSON string)."""
     return None if not detail else canonical_fast(_clean(detail)).decode()
 
 
-def head(session_or_conn) -> tuple[int, str]:
+def head(session_or_conn: Session | Connection) -> tuple[int, str]:
     return chain_head(session_or_conn, AuditEvent.seq, AuditEvent.entry_hash)
 
 
@@ -125,7 +129,13 @@ class Event:
 
 
 def make_event(
-    *, at: datetime, operation: str, actor: str, target: str | None, outcome: str, detail: dict | str | None = None
+    *,
+    at: datetime,
+    operation: str,
+    actor: str,
+    target: str | None,
+    outcome: str,
+    detail: dict[str, Any] | str | None = None,
 ) -> Event:
     if outcome not in OUTCOMES:
         raise ValueError(f"audit outcome must be one of {OUTCOMES}, got {outcome!r}")
@@ -177,7 +187,7 @@ def record(
     actor: str,
     target: str | None,
     outcome: str,
-    detail: dict | str | None = None,
+    detail: dict[str, Any] | str | None = None,
 ) -> AuditEvent:
     """Append one hash-chained event inside the caller's transaction."""
     return _append(
@@ -293,7 +303,7 @@ def writer(engine: Engine) -> AuditWriter:
 _WRITABLE: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
 
 
-def _engine_of(target) -> Engine:
+def _engine_of(target: KmsContext | Engine) -> Engine:
     """The engine events for ``target`` go to. A read-only context (``kms --at``) changes
     nothing, yet what it really does (keystore probes of a report) is still audited, through
     a writable twin of its engine and at the wall-clock time (see ``emit``)."""
@@ -309,14 +319,14 @@ def _engine_of(target) -> Engine:
 
 
 def emit(
-    target,
+    target: KmsContext | Engine,
     *,
     at: datetime,
     operation: str,
     actor: str,
     target_ref: str | None,
     outcome: str,
-    detail: dict | None = None,
+    detail: dict[str, Any] | None = None,
 ) -> None:
     """Queue one event for ``target`` (a KmsContext or Engine); see the module docstring."""
     if getattr(target, "read_only", False):
@@ -326,7 +336,7 @@ def emit(
     )
 
 
-def flush(target, timeout: float = 30.0) -> None:
+def flush(target: KmsContext | Engine, timeout: float = 30.0) -> None:
     """Make every emitted event durable (KmsContext or Engine). Never call it while holding
     a write transaction on a SQLite database: the writer would wait for it."""
     engine = _engine_of(target)
@@ -359,7 +369,7 @@ _COLUMNS = (
 )
 
 
-def iter_rows(conn, batch_size: int = 5000) -> Iterator[tuple]:
+def iter_rows(conn: Connection, batch_size: int = 5000) -> Iterator[tuple[Any, ...]]:
     result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(
         select(*_COLUMNS).order_by(AuditEvent.seq)
     )
@@ -367,7 +377,7 @@ def iter_rows(conn, batch_size: int = 5000) -> Iterator[tuple]:
         yield from partition
 
 
-def verify_rows(rows: Iterable[tuple]) -> VerifyResult:
+def verify_rows(rows: Iterable[Sequence[Any]]) -> VerifyResult:
     prev, expected_seq, count = GENESIS_HASH, 1, 0
     for seq, at, actor, operation, target, outcome, detail, prev_hash, stored in rows:
         if seq != expected_seq:
@@ -389,14 +399,14 @@ def verify_rows(rows: Iterable[tuple]) -> VerifyResult:
     return VerifyResult(True, count, count, prev)
 
 
-def verify(target) -> VerifyResult:
+def verify(target: KmsContext | Engine) -> VerifyResult:
     """Recompute the whole audit chain (flushing queued events first)."""
     flush(target)
     with _engine_of(target).connect() as conn:
         return verify_rows(iter_rows(conn))
 
 
-def events(ctx, *, limit: int = 100, actor: str | None = None) -> list[AuditEvent]:
+def events(ctx: KmsContext, *, limit: int = 100, actor: str | None = None) -> list[AuditEvent]:
     flush(ctx)
     with ctx.transaction() as session:
         q = select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(limit)

@@ -20,6 +20,7 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -31,8 +32,10 @@ from ..foundation.clock import parse_time
 from ..foundation.context import KmsContext
 from ..foundation.db.models import ACTIVE, Key, KeyVersion
 from ..foundation.db.models_access import AuditEvent
+from ..foundation.objectstore import ObjectStore
 from . import audit, ledger, rpt
 from .rpt import RootKey, RptError, WindowCollector
+from .verdict import GENESIS_HASH
 
 FORMAT = "kms-checkpoint/1"
 FIELDS = ("ledger_size", "ledger_head_hash", "rpt_size", "rpt_head_hash", "at", "kid")
@@ -55,7 +58,7 @@ class Checkpoint:
     audit_head_hash: str | None = None
 
     @property
-    def document(self) -> dict:
+    def document(self) -> dict[str, Any]:
         fields = FIELDS + (AUDIT_FIELDS if self.audit_size is not None else ())
         return {f: getattr(self, f) for f in fields}
 
@@ -69,14 +72,14 @@ class Seal(Checkpoint):
     """An evidence bundle's seal: a checkpoint document plus what binds it to the bundle's
     bytes (``extra``: header, per-record digests, content hash, counts), all under one signature."""
 
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def document(self) -> dict:
+    def document(self) -> dict[str, Any]:
         return {**self.extra, **{f: getattr(self, f) for f in FIELDS}}
 
 
-def encode(document: dict, signature: bytes) -> bytes:
+def encode(document: dict[str, Any], signature: bytes) -> bytes:
     return canonical_bytes({"format": FORMAT, "document": document, "signature": rpt.b64url(signature)})
 
 
@@ -123,16 +126,16 @@ class AuditResult:
     checkpoints: int = 0
     latest_checkpoint: str | None = None
     ledger_size: int = 0
-    ledger_head_hash: str = ledger.GENESIS_HASH
+    ledger_head_hash: str = GENESIS_HASH
     rpt_size: int = 0
-    rpt_head_hash: str = rpt.GENESIS_HASH
+    rpt_head_hash: str = GENESIS_HASH
     rpt_signatures_checked: bool = False
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _tap(rows: Iterable[tuple], marks: set[int], seen: dict[int, str]) -> Iterator[tuple]:
+def _tap(rows: Iterable[tuple[Any, ...]], marks: set[int], seen: dict[int, str]) -> Iterator[tuple[Any, ...]]:
     for row in rows:
         if row[0] in marks:
             seen[row[0]] = row[12]
@@ -142,7 +145,7 @@ def _tap(rows: Iterable[tuple], marks: set[int], seen: dict[int, str]) -> Iterat
 def verify_streams(
     checkpoints: list[Checkpoint],
     keys: dict[str, RootKey],
-    ledger_rows: Iterable[tuple],
+    ledger_rows: Iterable[tuple[Any, ...]],
     rpt_rows: Iterable[tuple[int, str]],
     *,
     rpt_signatures: bool = False,
@@ -229,7 +232,7 @@ def verify_streams(
     )
     res.rpt_size, res.rpt_head_hash = cres.head_seq, cres.head_hash
     if not cres.ok:
-        return bad("rpt", cres.problem, cres.first_bad_seq)
+        return bad("rpt", cres.problem or "RPT chain broken", cres.first_bad_seq)
     for cp in signed:
         label = "the evidence seal" if cp is seal else f"checkpoint {cp.key}"
         checked = rpt.check_head(
@@ -239,7 +242,7 @@ def verify_streams(
             label,
         )
         if not checked.ok:
-            return bad("rpt", checked.problem, checked.first_bad_seq)
+            return bad("rpt", checked.problem or f"RPT head differs from {label}", checked.first_bad_seq)
         if cp is seal and cres.head_seq != cp.rpt_size:
             return bad(
                 "rpt", f"the RPT chain holds {cres.head_seq} tokens but {label} recorded {cp.rpt_size}", cp.rpt_size + 1
@@ -255,18 +258,19 @@ def _prefix(ctx: KmsContext) -> str:
     return ctx.policy.checkpoints.prefix
 
 
-def _objects(ctx: KmsContext):
+def _objects(ctx: KmsContext) -> ObjectStore:
     if ctx.objects is None:
         raise RptError("no object store configured (KMS_OBJECT_STORE): checkpoints live in WORM object storage")
-    return ctx.objects
+    store: ObjectStore = ctx.objects
+    return store
 
 
-_PARSED: dict[tuple, Checkpoint] = {}  # WORM objects do not change: parse each version once per process
+_PARSED: dict[tuple[object, ...], Checkpoint] = {}  # WORM objects do not change: parse each version once per process
 
 
 def load_all(ctx: KmsContext) -> list[Checkpoint]:
     store = _objects(ctx)
-    out = []
+    out: list[Checkpoint] = []
     for info in store.list(_prefix(ctx)):
         if not info.key.endswith(".json"):
             continue
@@ -338,7 +342,7 @@ def audit_problem(ctx: KmsContext, checkpoints: list[Checkpoint] | None = None) 
     marks = {c.audit_size for c in cps}
     with ctx.engine.connect() as conn:
         held = dict(conn.execute(select(AuditEvent.seq, AuditEvent.entry_hash).where(AuditEvent.seq.in_(marks))).all())
-    for cp in sorted(cps, key=lambda c: c.audit_size):
+    for cp in sorted(cps, key=lambda c: c.audit_size or 0):  # all set: filtered above
         if cp.audit_size not in held:
             return (
                 f"audit log truncated: checkpoint {cp.key} recorded {cp.audit_size} audit events, "
@@ -355,7 +359,7 @@ def heads(ctx: KmsContext) -> tuple[int, str, int, str]:
         return (*ledger.head(conn), *rpt.chain_head(conn))
 
 
-def checkpoint_if_changed(ctx: KmsContext, before: tuple | None = None) -> dict | None:
+def checkpoint_if_changed(ctx: KmsContext, before: tuple[int, str, int, str] | None = None) -> dict[str, Any] | None:
     """Write a checkpoint when the ledger or RPT heads moved (since ``before``, and past the
     newest checkpoint), so every state change is bounded by a WORM checkpoint and no state
     change gets two. None when nothing changed."""
@@ -390,8 +394,8 @@ def sign_document(
     rpt_size: int,
     rpt_head: str,
     at: datetime,
-    extra: dict | None = None,
-) -> tuple[dict, bytes]:
+    extra: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], bytes]:
     sign_ref, kid = _signer(ctx)
     doc = {
         **(extra or {}),
@@ -405,7 +409,7 @@ def sign_document(
     return doc, ctx.keystore.sign(sign_ref, canonical_bytes(doc))
 
 
-def write_checkpoint(ctx: KmsContext) -> dict:
+def write_checkpoint(ctx: KmsContext) -> dict[str, Any]:
     """Verify the live state against every earlier checkpoint, then sign and write a new one.
 
     Refuses (RptError, nothing written) when verification fails: a checkpoint must never
@@ -416,7 +420,7 @@ def write_checkpoint(ctx: KmsContext) -> dict:
     )
 
 
-def _write_checkpoint_once(ctx: KmsContext) -> dict:
+def _write_checkpoint_once(ctx: KmsContext) -> dict[str, Any]:
     store = _objects(ctx)
     result = verify(ctx, require_checkpoint=False)
     if not result.ok:
@@ -461,13 +465,13 @@ def _write_checkpoint_once(ctx: KmsContext) -> dict:
 
 
 @nightly_steps.nightly_step("ledger_checkpoint", order=45)
-def _nightly_checkpoint(ctx: KmsContext) -> dict:
+def _nightly_checkpoint(ctx: KmsContext) -> dict[str, Any]:
     cp = write_checkpoint(ctx)
     return {"key": cp["key"], "ledger_size": cp["ledger_size"], "rpt_size": cp["rpt_size"]}
 
 
 @nightly_steps.nightly_step("final_checkpoint", order=99)
-def _nightly_final_checkpoint(ctx: KmsContext) -> dict:
+def _nightly_final_checkpoint(ctx: KmsContext) -> dict[str, Any]:
     """Steps after ``ledger_checkpoint`` (retirement, retention) may move the ledger: end the
     night under a checkpoint too (none when nothing moved)."""
     cp = checkpoint_if_changed(ctx)

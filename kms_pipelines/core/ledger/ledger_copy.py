@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable, Generator, Iterable
 from json.encoder import encode_basestring as _enc  # C-accelerated, = ledger's encoder
 
 import psycopg2  # its copy_expert loops over COPY rows in C (see _verify_range)
@@ -58,16 +59,32 @@ def _unescape(field: str) -> str | None:
     return _ESCAPE.sub(lambda m: _COPY_ESCAPES.get(m.group(1), m.group(1)), field)
 
 
-def split_line(line: str) -> tuple[list, object]:
+def split_line(line: str) -> tuple[list[str | None], str | None]:
     """A COPY text line (without its newline) as column values, and the value standing for NULL."""
     if _HAS_ESCAPE(line):
         return [_unescape(f) for f in line.split("\t")], None
-    return line.split("\t"), _NULL
+    fields: list[str | None] = list(line.split("\t"))
+    return fields, _NULL
 
 
-def document(approvers, seq, actor, at, event, frm, key, prev_hash, reason, ticket, to, version, null) -> bytes | None:
-    """The entry's RFC 8785 bytes from its COPY column text; None when a required column is NULL."""
-    if null in (actor, approvers, at, key, to):
+def document(
+    approvers: str | None,
+    seq: str | None,
+    actor: str | None,
+    at: str | None,
+    event: str | None,
+    frm: str | None,
+    key: str | None,
+    prev_hash: str | None,
+    reason: str | None,
+    ticket: str | None,
+    to: str | None,
+    version: str | None,
+    null: str | None,
+) -> bytes | None:
+    """The entry's RFC 8785 bytes from its COPY column text; None when a required column is NULL
+    (a field is None only when ``split_line`` unescaped a NULL, and ``null`` is then None too)."""
+    if actor is None or key is None or to is None or null in (actor, approvers, at, key, to):
         return None
     return (
         _TEMPLATE
@@ -75,13 +92,13 @@ def document(approvers, seq, actor, at, event, frm, key, prev_hash, reason, tick
             _enc(actor),
             approvers,
             at,
-            "null" if event == null else _enc(event),
-            "null" if frm == null else _enc(frm),
+            "null" if event is None or event == null else _enc(event),
+            "null" if frm is None or frm == null else _enc(frm),
             _enc(key),
             prev_hash,
-            "null" if reason == null else _enc(reason),
+            "null" if reason is None or reason == null else _enc(reason),
             seq,
-            "null" if ticket == null else _enc(ticket),
+            "null" if ticket is None or ticket == null else _enc(ticket),
             _enc(to),
             "null" if version == null else version,
         )
@@ -115,7 +132,7 @@ _BYTES_TEMPLATE = (
 )
 
 
-def _chain(expected_seq: int, prev: str):
+def _chain(expected_seq: int, prev: str) -> Generator[None, bytes, VerifyResult]:
     """A coroutine checking COPY text rows (bytes, newline included) sent to it one by one;
     an empty row ends the input. It returns (``StopIteration.value``) the VerifyResult at
     the first bad entry or at the end: the same results as ``ledger.verify_rows``.
@@ -131,7 +148,10 @@ def _chain(expected_seq: int, prev: str):
     while row:
         if copy_escape(row) or json_escape(row, row.find(b"\t")):
             fields, none = split_line(str(row, "utf-8")[:-1])
-            seq_s, prev_hash, stored = fields[1], _utf8(fields[7]), _utf8(fields[12])
+            seq_f, prev_hash, stored = fields[1], _utf8(fields[7]), _utf8(fields[12])
+            if seq_f is None:  # seq is NOT NULL in the schema; a NULL here is a broken COPY stream
+                raise ValueError("ledger COPY row has a NULL seq column")
+            seq_s: str | bytes = seq_f
             raw = document(*fields[:12] + [none])
         else:
             (approvers, seq_s, actor, at, event, frm, key, prev_hash, reason, ticket, to, version, stored) = row[
@@ -170,7 +190,9 @@ def _utf8(field: str | None) -> bytes | None:
     return None if field is None else field.encode()
 
 
-def verify_lines(lines, expected_seq: int = 1, prev: str = GENESIS_HASH) -> VerifyResult:
+def verify_lines(
+    lines: Iterable[bytes | bytearray | memoryview], expected_seq: int = 1, prev: str = GENESIS_HASH
+) -> VerifyResult:
     """Check COPY text lines of ``COLUMNS_SQL`` (bytes-like, newline included); the same
     results as ``ledger.verify_rows``."""
     chain = _chain(expected_seq, prev)
@@ -180,14 +202,15 @@ def verify_lines(lines, expected_seq: int = 1, prev: str = GENESIS_HASH) -> Veri
             chain.send(bytes(line))
         chain.send(b"")
     except StopIteration as stop:
-        return stop.value
+        result: VerifyResult = stop.value  # the coroutine's return value (see _chain)
+        return result
     raise AssertionError("the chain coroutine ended without a result")  # unreachable: b"" ends it
 
 
 class _Sink:
     """The file object ``copy_expert`` writes each row to."""
 
-    def __init__(self, write):
+    def __init__(self, write: Callable[[bytes], None]) -> None:
         self.write = write
 
 
@@ -215,7 +238,8 @@ def _verify_range(dsn: str, lo: int, hi: int | None) -> VerifyResult:
             cur.copy_expert(_segment_query(lo, hi), _Sink(chain.send))
             chain.send(b"")
         except StopIteration as stop:
-            return stop.value
+            result: VerifyResult = stop.value  # the coroutine's return value (see _chain)
+            return result
         raise AssertionError("the chain coroutine ended without a result")  # unreachable
     finally:
         conn.close()

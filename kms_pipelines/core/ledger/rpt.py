@@ -35,11 +35,13 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
 
 from ..foundation.canonical import canonical_bytes
 from ..foundation.clock import utc
@@ -89,11 +91,11 @@ def parse_kid(kid: str) -> tuple[int, str] | None:
     return (int(number), fp) if number.isdigit() and fp else None
 
 
-def signing_input(header: dict, payload: dict) -> str:
+def signing_input(header: dict[str, Any], payload: dict[str, Any]) -> str:
     return b64url(canonical_bytes(header)) + "." + b64url(canonical_bytes(payload))
 
 
-def decode(token: str) -> tuple[dict, dict, bytes]:
+def decode(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes]:
     """(header, payload, signature) of a compact token, without verifying anything."""
     try:
         h, p, s = token.split(".")
@@ -158,10 +160,10 @@ class WindowCollector:
     """Builds root activity windows from ledger rows (``ledger._COLUMNS`` tuples) as they
     stream past, so an offline verifier needs a single pass over the ledger."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.windows: dict[int, Window] = {}
 
-    def add(self, at, key_name, key_version, to_state) -> None:
+    def add(self, at: datetime, key_name: str, key_version: int | None, to_state: str) -> None:
         if key_name != ROOT or key_version is None:
             return
         w = self.windows.setdefault(key_version, Window(key_version))
@@ -172,7 +174,7 @@ class WindowCollector:
             if w.ended_at is None or at < w.ended_at:
                 w.ended_at, w.ended_by = at, to_state
 
-    def tap(self, rows: Iterable[tuple]) -> Iterator[tuple]:
+    def tap(self, rows: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
         for row in rows:
             if row[2] == ROOT:
                 self.add(row[1], row[2], row[3], row[5])
@@ -192,9 +194,9 @@ class ChainResult:
     head_hash: str = GENESIS_HASH
     first_seq: int = 1
     checked_against: str | None = None  # the checkpoint the head was compared with
-    seen: dict = field(default_factory=dict)  # seq -> token hash at requested marks
+    seen: dict[int, str] = field(default_factory=dict)  # seq -> token hash at requested marks
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("seen")
         return d
@@ -234,7 +236,7 @@ def verify_token_rows(
     mark_list = sorted(set(m for m in marks if m > anchor.seq))
     mark_i, next_mark = 0, (mark_list[0] if mark_list else -1)
     seen: dict[int, str] = {}
-    headers: dict[str, tuple[RootKey | None, str | None, Ed25519PublicKey | None]] = {}
+    headers: dict[str, tuple[RootKey, Window | None, Ed25519PublicKey, int | None, float]] = {}
     pubs: dict[str, Ed25519PublicKey] = {}
     loads, sha = json.loads, _sha256
 
@@ -302,7 +304,8 @@ def verify_token_rows(
         if start is None or iat < start or iat > end:
             if window is None:
                 return fail(seq, f"root v{key.version} has no activity window in the ledger")
-            return fail(seq, window.problem_at(iat))
+            # start/end come from this window, so problem_at names the bound that was crossed.
+            return fail(seq, window.problem_at(iat) or f"iat {format_iat(iat)} is outside root v{key.version}'s window")
         prev = sha(raw).hexdigest()
         if seq == next_mark:
             seen[seq] = prev
@@ -337,7 +340,7 @@ def check_head(result: ChainResult, size: int, head_hash: str, label: str) -> Ch
 # ---- database access -----------------------------------------------------------------------
 
 
-def root_keys(conn) -> dict[str, RootKey]:
+def root_keys(conn: Connection) -> dict[str, RootKey]:
     """Retained public keys of every root version (kept after the private key is destroyed)."""
     rows = conn.execute(
         select(KeyVersion.version, KeyVersion.public_key, KeyVersion.fingerprint)
@@ -347,7 +350,7 @@ def root_keys(conn) -> dict[str, RootKey]:
     return key_map(RootKey(v, bytes(pk), fp) for v, pk, fp in rows if pk is not None and fp)
 
 
-def root_windows(conn) -> dict[int, Window]:
+def root_windows(conn: Connection) -> dict[int, Window]:
     collector = WindowCollector()
     for at, name, version, to_state in conn.execute(
         select(LedgerEntry.at, LedgerEntry.key_name, LedgerEntry.key_version, LedgerEntry.to_state)
@@ -372,7 +375,7 @@ def iter_tokens(
         yield from partition
 
 
-def chain_head(conn) -> tuple[int, str]:
+def chain_head(conn: Connection) -> tuple[int, str]:
     """(seq, token hash) of the newest token, or (0, GENESIS_HASH)."""
     row = conn.execute(
         select(RegulatoryProofToken.seq, RegulatoryProofToken.token).order_by(RegulatoryProofToken.seq.desc()).limit(1)
@@ -380,7 +383,7 @@ def chain_head(conn) -> tuple[int, str]:
     return (row[0], token_hash(row[1])) if row else (0, GENESIS_HASH)
 
 
-def anchor_at(conn, seq: int) -> Anchor:
+def anchor_at(conn: Connection, seq: int) -> Anchor:
     """The anchor for verifying tokens after ``seq``: that token's hash and iat as stored."""
     if seq <= 0:
         return Anchor()
@@ -399,7 +402,7 @@ def anchor_at(conn, seq: int) -> Anchor:
 _ISSUE_LOCK = threading.Lock()  # serialises issuers in one process; the database serialises the rest
 
 
-def _validate(ctx: KmsContext, subject: str, claims: dict) -> None:
+def _validate(ctx: KmsContext, subject: str, claims: dict[str, Any]) -> None:
     limits = ctx.policy.rpt
     if not isinstance(subject, str) or not subject.strip():
         raise RptError("subject must be a non-empty string")
@@ -429,7 +432,7 @@ class _Signer:
         return make_kid(self.version, self.fingerprint)
 
 
-def _active_root(session) -> _Signer:
+def _active_root(session: Session) -> _Signer:
     """The active root version, in one statement that also locks the root key row for share,
     so no rotation commits between reading it and committing a token it signed."""
     row = session.execute(
@@ -450,7 +453,7 @@ def _active_root(session) -> _Signer:
     return _Signer(row.id, row.version, row.sign_ref, bytes(row.public_key), row.fingerprint, utc(row.activated_at))
 
 
-def _newest(session) -> tuple[int, str, int | None]:
+def _newest(session: Session) -> tuple[int, str, int | None]:
     row = session.execute(
         select(RegulatoryProofToken.seq, RegulatoryProofToken.token_hash, RegulatoryProofToken.iat)
         .order_by(RegulatoryProofToken.seq.desc())
@@ -461,7 +464,7 @@ def _newest(session) -> tuple[int, str, int | None]:
     return row[0], row[1], int(utc(row[2]).timestamp())
 
 
-def issue(ctx: KmsContext, subject: str, claims: dict) -> str:
+def issue(ctx: KmsContext, subject: str, claims: dict[str, Any]) -> str:
     """Issue one RPT signed by the active root version; returns the compact JWS.
 
     The signature is made outside any database transaction (an HSM call must not hold the
@@ -473,7 +476,7 @@ def issue(ctx: KmsContext, subject: str, claims: dict) -> str:
     return issue_many(ctx, [(subject, claims)])[0]
 
 
-def issue_many(ctx: KmsContext, items: list[tuple[str, dict]]) -> list[str]:
+def issue_many(ctx: KmsContext, items: list[tuple[str, dict[str, Any]]]) -> list[str]:
     """Issue several RPTs as consecutive seqs, committed together (all or none)."""
     items = list(items)
     if not items:
@@ -497,7 +500,8 @@ def issue_many(ctx: KmsContext, items: list[tuple[str, dict]]) -> list[str]:
                     f"after the issue time {format_iat(iat)}"
                 )
             header, pub = {"alg": ALG, "kid": signer.kid}, Ed25519PublicKey.from_public_bytes(signer.public_key)
-            rows, head_seq, head_hash = [], seq, prev
+            rows: list[dict[str, Any]] = []
+            head_seq, head_hash = seq, prev
             for subject, claims in items:
                 payload = {"seq": head_seq + 1, "prev": head_hash, "iat": iat, "subject": subject, "claims": claims}
                 data = signing_input(header, payload).encode("ascii")

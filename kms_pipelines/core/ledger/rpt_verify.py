@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+from collections.abc import Iterable
 
 from sqlalchemy import create_engine, func, select
 
@@ -14,7 +15,9 @@ from ..foundation.partitions import map_in_processes, seq_bounds
 from . import checkpoints
 from .rpt import (
     ChainResult,
+    RootKey,
     RptError,
+    Window,
     anchor_at,
     check_head,
     iter_tokens,
@@ -25,7 +28,9 @@ from .rpt import (
 )
 
 
-def _partition_worker(url: str, keys, windows, lo: int, hi: int, batch_size: int) -> ChainResult:
+def _partition_worker(
+    url: str, keys: dict[str, RootKey], windows: dict[int, Window], lo: int, hi: int, batch_size: int
+) -> ChainResult:
     url = normalize_url(url)
     # SQLite: a plain engine (the KMS engine begins every transaction IMMEDIATE, which
     # would serialise the readers); PostgreSQL: the usual factory.
@@ -82,7 +87,16 @@ def verify_chain(
     return result
 
 
-def _verify_parallel(ctx, keys, windows, start, max_seq, workers, batch, marks) -> ChainResult:
+def _verify_parallel(
+    ctx: KmsContext,
+    keys: dict[str, RootKey],
+    windows: dict[int, Window],
+    start: int,
+    max_seq: int,
+    workers: int,
+    batch: int,
+    marks: Iterable[int],
+) -> ChainResult:
     url = ctx.engine.url.render_as_string(hide_password=False)
     bounds = seq_bounds(start, max_seq, workers)
     parts = map_in_processes(_partition_worker, [(url, keys, windows, lo, hi, batch) for lo, hi in bounds])
@@ -107,7 +121,7 @@ def _verify_parallel(ctx, keys, windows, start, max_seq, workers, batch, marks) 
 
 
 @nightly_steps.nightly_step("rpt_verify", order=42)
-def _nightly_rpt_verify(ctx: KmsContext) -> dict:
+def _nightly_rpt_verify(ctx: KmsContext) -> dict[str, int]:
     result = verify_chain(ctx)
     if not result.ok:
         raise RptError(f"RPT chain broken at seq {result.first_bad_seq}: {result.problem}")
