@@ -46,14 +46,20 @@ def text(value: str | None, field: str, max_length: int = MAX_TEXT, *, required:
 
 
 def ticket(value: str | None) -> str:
-    return text(value, "change ticket", MAX_TICKET)
+    checked = text(value, "change ticket", MAX_TICKET)
+    if checked is None:  # required=True refuses a missing value first; this names it all the same
+        raise InputError("change ticket is required")
+    return checked
 
 
 def target(value: str | None) -> str:
-    return text(value, "target", MAX_TARGET)
+    checked = text(value, "target", MAX_TARGET)
+    if checked is None:  # required=True refuses a missing value first; this names it all the same
+        raise InputError("target is required")
+    return checked
 
 
-def _show(value) -> str:
+def _show(value: object) -> str:
     """A refused value, quoted safely (escapes visible, long values cut)."""
     shown = repr(value)
     return shown if len(shown) <= 80 else shown[:77] + "..."

@@ -21,7 +21,9 @@ def seq_bounds(start: int, end: int, parts: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + step, end)) for lo in range(start, end, step)] if end > start else []
 
 
-def map_in_processes(fn: Callable[..., T], argsets: Sequence[tuple], *, first_in_caller: bool = False) -> list[T]:
+def map_in_processes(
+    fn: Callable[..., T], argsets: Sequence[tuple[object, ...]], *, first_in_caller: bool = False
+) -> list[T]:
     """``[fn(*args) for args in argsets]``, one process per argset, results in order.
     ``first_in_caller``: the first argset runs in the calling process meanwhile, so one
     process fewer is started (``fn`` must then be safe to run in the caller).

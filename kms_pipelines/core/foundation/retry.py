@@ -25,7 +25,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from tenacity import (
     RetryCallState,
@@ -116,7 +116,7 @@ class DependencyUnavailable(RuntimeError):
         self.args = (self._line(),)
         return self
 
-    def metadata(self) -> dict:
+    def metadata(self) -> dict[str, Any]:
         return {
             "dependency": self.fault.dependency,
             "cause": self.fault.cause,
@@ -340,16 +340,16 @@ def call(
 _ENGINE_BUDGETS: weakref.WeakKeyDictionary[object, Budget] = weakref.WeakKeyDictionary()
 
 
-def set_engine_budget(engine, budget: Budget) -> None:
+def set_engine_budget(engine: object, budget: Budget) -> None:
     _ENGINE_BUDGETS[engine] = budget
 
 
-def engine_budget(engine) -> Budget:
+def engine_budget(engine: object) -> Budget:
     return _ENGINE_BUDGETS.get(engine) or Budget()
 
 
 def db_call(
-    ctx_or_engine,
+    ctx_or_engine: object,  # a KmsContext (its policy's budget) or an Engine
     fn: Callable[[], T],
     *,
     what: str,

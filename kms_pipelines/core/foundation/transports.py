@@ -65,15 +65,19 @@ from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import urlsplit
 
 from .retry import Budget, DependencyUnavailable, Fault, TransientFault
 from .retry import call as retry_call
 
+if TYPE_CHECKING:
+    from .policy import FaultBudget
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_N = TypeVar("_N", int, float)  # a number read from the environment
 
 SECURITY_MODES = ("none", "starttls", "ssl")
 
@@ -196,7 +200,7 @@ class Notification:
             raise ValueError("notification ref must be a single line")
         check_no_key_material(subject=self.subject, body=self.body, ref=self.ref)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["created_at"] = self.created_at.isoformat()
         return d
@@ -211,7 +215,7 @@ class DeliveryResult:
     attempts: int = 0
     skipped: bool = False  # nothing to deliver on this channel (e.g. no recipients)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -241,7 +245,7 @@ class RetryPolicy:
             raise NotifyConfigError("retry waits must be >= 0")
 
     @classmethod
-    def from_policy(cls, budget) -> RetryPolicy:
+    def from_policy(cls, budget: FaultBudget) -> RetryPolicy:
         """From a ``policy.faults.notifications`` block."""
         return cls(budget.attempts, budget.first_wait_seconds, budget.max_wait_seconds, budget.max_seconds)
 
@@ -287,7 +291,7 @@ class OutboxNotifier:
     def __repr__(self) -> str:
         return f"OutboxNotifier({str(self.path)!r})"
 
-    def _append(self, record: dict) -> None:
+    def _append(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode("utf-8")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -316,7 +320,7 @@ class OutboxNotifier:
             }
         )
 
-    def read(self) -> list[dict]:
+    def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
         with open(self.path, encoding="utf-8") as f:
@@ -384,7 +388,7 @@ class SmtpNotifier:
         msg.set_content(n.body + footer)
         return msg
 
-    def _deliver(self, msg: EmailMessage, recipients: list[str]) -> dict:
+    def _deliver(self, msg: EmailMessage, recipients: list[str]) -> dict[str, Any]:
         ctx = self.ssl_context or ssl.create_default_context()
         try:
             if self.security == "ssl":
@@ -463,13 +467,13 @@ class SlackWebhookNotifier:
         return text.replace(self._url, f"<webhook {self._host}>")
 
     @staticmethod
-    def payload(n: Notification, channel: str | None) -> dict:
+    def payload(n: Notification, channel: str | None) -> dict[str, Any]:
         emoji = _SEVERITY_EMOJI.get(n.severity, ":bell:")
         body = n.body if len(n.body) <= 2900 else n.body[:2900] + "\n…(truncated; full text in email/outbox)"
         context = (
             f"kind `{n.kind}` · severity `{n.severity}`" + (f" · ref `{n.ref}`" if n.ref else "") + f" · id `{n.id}`"
         )
-        p: dict = {
+        p: dict[str, Any] = {
             "text": f"{emoji} [KMS {n.severity.upper()}] {n.subject}",
             "blocks": [
                 {"type": "header", "text": {"type": "plain_text", "text": f"[KMS] {n.subject}"[:150]}},
@@ -481,7 +485,7 @@ class SlackWebhookNotifier:
             p["channel"] = channel
         return p
 
-    def _post(self, payload: dict) -> None:
+    def _post(self, payload: dict[str, Any]) -> None:
         try:
             resp = self._client.send_dict(payload)
         except Exception as exc:  # URLError, timeouts, connection resets
@@ -541,15 +545,15 @@ class CompositeNotifier:
 
 
 # --------------------------------------------------------------------------- factory
-def notifier_from_env(home: Path, env: Mapping[str, str] = os.environ, *, retry=None) -> Notifier:
+def notifier_from_env(home: Path, env: Mapping[str, str] = os.environ, *, retry: FaultBudget | None = None) -> Notifier:
     """Build the notifier from ``KMS_*`` variables (see module docstring). ``retry`` is the
     policy's ``faults.notifications`` block; the ``KMS_NOTIFY_RETRY_*`` variables override it."""
     home = Path(home)
     outbox = OutboxNotifier(home / "outbox.jsonl")
 
-    def num(name: str, default: float, conv=float):
+    def num(name: str, default: _N, conv: Callable[[str], _N]) -> _N:
         raw = env.get(name)
-        if raw in (None, ""):
+        if raw is None or raw == "":
             return default
         try:
             return conv(raw)
@@ -557,10 +561,10 @@ def notifier_from_env(home: Path, env: Mapping[str, str] = os.environ, *, retry=
             raise NotifyConfigError(f"{name} must be a number, got {raw!r}") from None
 
     base = RetryPolicy.from_policy(retry) if retry is not None else RetryPolicy()
-    retry = RetryPolicy(
+    retry_policy = RetryPolicy(
         attempts=num("KMS_NOTIFY_RETRY_ATTEMPTS", base.attempts, int),
-        initial_wait=num("KMS_NOTIFY_RETRY_WAIT", base.initial_wait),
-        max_wait=num("KMS_NOTIFY_RETRY_MAX_WAIT", base.max_wait),
+        initial_wait=num("KMS_NOTIFY_RETRY_WAIT", base.initial_wait, float),
+        max_wait=num("KMS_NOTIFY_RETRY_MAX_WAIT", base.max_wait, float),
         max_seconds=base.max_seconds,
     )
     channels: list[Notifier] = []
@@ -580,13 +584,13 @@ def notifier_from_env(home: Path, env: Mapping[str, str] = os.environ, *, retry=
                 username=env.get("KMS_SMTP_USER") or None,
                 password=env.get("KMS_SMTP_PASSWORD") or None,
                 security=security,
-                timeout=num("KMS_SMTP_TIMEOUT", 10.0),
-                retry=retry,
+                timeout=num("KMS_SMTP_TIMEOUT", 10.0, float),
+                retry=retry_policy,
             )
         )
     webhook = (env.get("KMS_SLACK_WEBHOOK_URL") or "").strip()
     if webhook:
-        channels.append(SlackWebhookNotifier(webhook, retry=retry))
+        channels.append(SlackWebhookNotifier(webhook, retry=retry_policy))
     if not channels:
         return outbox
     return CompositeNotifier([outbox, *channels], record_to=outbox)

@@ -39,10 +39,10 @@ import secrets
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
@@ -127,7 +127,7 @@ _SESSION_DEK_FOR_CIPHER = {
 }
 
 
-def _aes_kek_template(extractable: bool) -> dict:
+def _aes_kek_template(extractable: bool) -> dict[Attribute, Any]:
     return {
         **_NO_USE,
         Attribute.TOKEN: True,
@@ -142,7 +142,7 @@ def _aes_kek_template(extractable: bool) -> dict:
     }
 
 
-def _aes_template(extractable: bool, purpose: str) -> dict:
+def _aes_template(extractable: bool, purpose: str) -> dict[Attribute, Any]:
     if purpose == ARCHIVE_KEK:
         # Wraps archivable keys into the vault and unwraps them for forensics; never encrypts data.
         return {
@@ -273,7 +273,7 @@ def _lib_state(path: str) -> _LibState:
     return state
 
 
-def _close_sessions(state: _TokenState, sessions: list) -> None:
+def _close_sessions(state: _TokenState, sessions: list[Any]) -> None:
     """Close pooled sessions under the library lock; one already gone on the token is fine."""
     with state.lib.lock:
         for session in sessions:
@@ -361,12 +361,17 @@ def _release_token(state: _TokenState) -> None:
 _HANDLE_CACHE_SIZE = 256
 
 
-def _on_a_fresh_session(method):
+_S = TypeVar("_S")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _on_a_fresh_session(method: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], _R]:
     """Run a read-only/idempotent operation once more, on a fresh session and login, when its
     session was lost (the lost attempt changed nothing on the token)."""
 
     @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
+    def wrapper(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return method(self, *args, **kwargs)
         except KeyStoreSessionLost as exc:
@@ -525,7 +530,7 @@ class Pkcs11KeyStore:
     def _id(ref: str) -> bytes:
         return validate_ref(ref).encode("utf-8")
 
-    def _objects(self, session: Any, ref: str, attrs: dict | None = None) -> list[Any]:
+    def _objects(self, session: Any, ref: str, attrs: dict[Attribute, Any] | None = None) -> list[Any]:
         template = {Attribute.ID: self._id(ref), Attribute.TOKEN: True}
         template.update(attrs or {})
         return list(session.get_objects(template))
@@ -696,7 +701,9 @@ class Pkcs11KeyStore:
         if not self._destroy_session_object(obj):
             raise p11x.SessionHandleInvalid()
 
-    def _unwrap(self, kek: Any, kek_ref: str, wrapped: bytes, template: dict, which: str = "wrapped DEK") -> Any:
+    def _unwrap(
+        self, kek: Any, kek_ref: str, wrapped: bytes, template: dict[Attribute, Any], which: str = "wrapped DEK"
+    ) -> Any:
         try:
             return kek.unwrap_key(
                 ObjectClass.SECRET_KEY,
@@ -741,7 +748,7 @@ class Pkcs11KeyStore:
     def _rewrap_raw(self, old_kek_ref: str, new_kek_ref: str, wrapped_deks: Sequence[bytes]) -> list[bytes]:
         """The bulk path: three PKCS#11 calls per DEK on raw handles (``pkcs11_raw``)."""
 
-        def unwrap_failed(index, exc):
+        def unwrap_failed(index: int, exc: Exception) -> None:
             if isinstance(exc, _UNWRAP_ERRORS):
                 raise DecryptionFailed(f"wrapped DEK #{index} does not unwrap under key {old_kek_ref!r}") from None
 

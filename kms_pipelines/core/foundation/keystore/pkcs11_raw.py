@@ -15,7 +15,7 @@ handling (lost sessions, unwrap failures) treats both paths alike.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pkcs11.exceptions as p11x
@@ -82,7 +82,7 @@ class RawRewrap:
         # C_* functions attributes at run time, from the cdef above, which no stub can know.
         self._lib: Any = _ffi.dlopen(lib_path)
 
-    def _template(self, attrs: dict) -> tuple:
+    def _template(self, attrs: dict[Attribute, bool]) -> tuple[Any, int, list[Any]]:
         """A CK_ATTRIBUTE array (and the buffers it points into) for an unwrap template."""
         keep, arr = [], _ffi.new("CK_ATTRIBUTE[]", len(attrs) + 2)
         items = [(Attribute.CLASS, ObjectClass.SECRET_KEY), (Attribute.KEY_TYPE, KeyType.AES), *attrs.items()]
@@ -102,8 +102,8 @@ class RawRewrap:
         old_kek: int,
         new_kek: int,
         wrapped_deks: Sequence[bytes],
-        dek_template: dict,
-        on_unwrap_error,
+        dek_template: dict[Attribute, bool],
+        on_unwrap_error: Callable[[int, Exception], object],
     ) -> list[bytes]:
         """Unwrap each DEK under ``old_kek`` into a session object, wrap it under ``new_kek``,
         destroy it. A DEK that does not unwrap goes to ``on_unwrap_error(index, exc)`` (which raises)."""

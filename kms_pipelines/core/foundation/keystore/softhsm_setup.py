@@ -50,7 +50,7 @@ def find_softhsm_lib() -> str:
 
 
 def init_softhsm_token(
-    directory: str | os.PathLike, label: str, pin: str, so_pin: str, *, for_subprocesses: bool = False
+    directory: str | os.PathLike[str], label: str, pin: str, so_pin: str, *, for_subprocesses: bool = False
 ) -> SoftHsmToken:
     """Write ``<directory>/softhsm2.conf`` with its own token directory, point
     ``SOFTHSM2_CONF`` at it and initialise a fresh token ``label`` in the first free slot.

@@ -15,6 +15,7 @@ import secrets
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
@@ -88,7 +89,7 @@ def load_master_key(home: Path, env_value: str | None = None) -> bytes:
     return load_master_key(home, env_value="")
 
 
-def _unseal(master: AESGCM, ref: str, doc: dict) -> tuple[str, bytes, bool, str]:
+def _unseal(master: AESGCM, ref: str, doc: dict[str, Any]) -> tuple[str, bytes, bool, str]:
     """(algorithm, value, extractable, purpose) of one key file's JSON, opened under ``master``."""
     algorithm, extractable = doc["algorithm"], bool(doc["extractable"])
     purpose = doc.get("purpose", GENERAL)
@@ -122,7 +123,7 @@ def key_file_problems(directory: Path, master_key: bytes) -> list[str]:
 class SoftwareKeyStore:
     backend = "software"
 
-    def __init__(self, directory: str | os.PathLike, master_key: bytes | None = None):
+    def __init__(self, directory: str | os.PathLike[str], master_key: bytes | None = None):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         os.chmod(self.directory, 0o700)
