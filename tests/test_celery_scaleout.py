@@ -234,8 +234,9 @@ class Cluster:
 
 FILL = r"""
 import json, sys
-from kms_pipelines.core import envelope, lifecycle
-from kms_pipelines.core.foundation.context import context_from_env
+from kms_pipelines.core.envelope import data_keys as envelope
+from kms_pipelines.core.keys import lifecycle
+from kms_pipelines.core.runtime.wiring import context_from_env
 ctx = context_from_env()
 n = int(sys.argv[1])
 out = {}
@@ -247,8 +248,8 @@ json.dump(out, open(sys.argv[2], "w"))
 
 DECRYPT_ALL = r"""
 import json, sys
-from kms_pipelines.core import envelope
-from kms_pipelines.core.foundation.context import context_from_env
+from kms_pipelines.core.envelope import data_keys as envelope
+from kms_pipelines.core.runtime.wiring import context_from_env
 ctx = context_from_env()
 blobs = json.load(open(sys.argv[1]))
 bad = [o for o, b in blobs.items() if envelope.decrypt(ctx, bytes.fromhex(b), object_id=o) != f"payload {o[2:]}".encode()]

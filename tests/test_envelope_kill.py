@@ -22,8 +22,8 @@ N = 2000
 
 CHILD = r"""
 import json, sys, time
-from kms_pipelines.core import envelope
-from kms_pipelines.core.foundation.context import context_from_env
+from kms_pipelines.core.envelope import data_keys as envelope
+from kms_pipelines.core.runtime.wiring import context_from_env
 
 ctx = context_from_env()
 

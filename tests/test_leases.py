@@ -145,8 +145,8 @@ def test_an_insider_expiring_a_lease_lets_the_paused_holder_notice_and_stop(kms_
 
 CHILD = r"""
 import json, time
-from kms_pipelines.core import leases
-from kms_pipelines.core.foundation.context import context_from_env
+from kms_pipelines.core.envelope import leases
+from kms_pipelines.core.runtime.wiring import context_from_env
 
 ctx = context_from_env()
 env = ctx.policy.envelope.model_copy(update={"lease_seconds": 5, "lease_ranges_per_shard": 2})

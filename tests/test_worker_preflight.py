@@ -15,6 +15,7 @@ import pytest
 
 from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.access import tokens
+from kms_pipelines.core.access.audited_keystore import unwrap
 from kms_pipelines.core.foundation.keystore import KeyNotFound, keystore_from_env
 from kms_pipelines.core.foundation.worker import WorkerConfigError, require_worker_env, worker_problems
 
@@ -212,7 +213,7 @@ def test_a_worker_never_creates_the_workload_signing_key(make_kms):
     worker = replace(ctx, role="worker")
     with pytest.raises(KeyNotFound, match="a worker never creates one"):
         tokens.issue_workload_token(worker, "workload:dagster")
-    assert not access.unwrap(ctx.keystore).exists(access.SIGNING_REF)  # nothing generated
+    assert not unwrap(ctx.keystore).exists(access.SIGNING_REF)  # nothing generated
     token = tokens.issue_workload_token(ctx, "workload:dagster")  # the control host creates it once
     assert tokens.verify_workload_token(worker, token).sub == "workload:dagster"  # and the worker uses it
 
