@@ -2,14 +2,16 @@
 
     python benchmarks/run_all.py --quick        # small sizes, a few minutes on 2 cores
     python benchmarks/run_all.py                # the sizes the goals are judged at (1M ledger/sweep, 1 GiB backup)
-    python benchmarks/run_all.py --only ledger  # one benchmark (repeatable)
+    python benchmarks/run_all.py --only ledger  # one benchmark (repeatable); the others' rows are kept
     python benchmarks/run_all.py --from-json benchmarks/results/latest.json   # re-render only
 
 Each benchmark measures its raw limit in the same run; the ledger benchmark interleaves
 the two sides and reports medians of ``--repeat`` runs. Every record is stored in
 ``benchmarks/results/latest.json`` with the load average before and after its benchmark,
 and the table between the ``run_all`` markers in BENCHMARKS.md is regenerated from that
-file, so nobody edits the numbers by hand.
+file, so nobody edits the numbers by hand. ``--only`` re-runs some benchmarks and keeps the
+other benchmarks' records from the last results file; each record carries when and at which
+sizes it ran, and the table names every run it draws on.
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ def run(names: list[str], quick: bool) -> list[dict]:
             if line.startswith("{"):
                 rec = json.loads(line)
                 rec.update(
+                    bench=name,
+                    run_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                    sizes="quick" if quick else "full",
                     command=f"benchmarks/{script} {' '.join(args)}".strip(),
                     load_avg_before=before,
                     load_avg_after=after,
@@ -109,12 +114,39 @@ def _fmt_n(n: int, rec: dict | None = None) -> str:
     )
 
 
+def bench_of(rec: dict) -> str:
+    """The PLAN name of the benchmark a record came from (older records lack ``bench``)."""
+    if rec.get("bench"):
+        return rec["bench"]
+    script = rec.get("command", "").split(" ")[0].rsplit("/", 1)[-1]
+    return next((name for name, (s, _, _) in PLAN.items() if s == script), script or "?")
+
+
+def _sizes(doc: dict) -> str:
+    return "quick" if doc.get("quick") else "full"
+
+
+def merge(previous: dict, records: list[dict], rerun: list[str]) -> list[dict]:
+    """The previous run's records of benchmarks not re-run, with their own run time and sizes, then the new ones."""
+    kept = [
+        {**r, "run_at": r.get("run_at", previous["finished"]), "sizes": r.get("sizes", _sizes(previous))}
+        for r in previous.get("records", [])
+        if bench_of(r) not in rerun
+    ]
+    return kept + records
+
+
 def render_table(doc: dict) -> str:
     head = (
         "| Workload | Command | n | rate | raw limit (same run) | ratio | goal | peak RSS | load avg (1 min) before → after |\n"
         "|---|---|---|---|---|---|---|---|---|"
     )
-    lines = [f"Run {doc['finished']} on {doc['machine']} ({'quick' if doc['quick'] else 'full'} sizes).", "", head]
+    runs = {(bench_of(r), r.get("run_at", doc["finished"]), r.get("sizes", _sizes(doc))) for r in doc["records"]}
+    if len({(when, sizes) for _, when, sizes in runs}) <= 1:
+        lines = [f"Run {doc['finished']} on {doc['machine']} ({_sizes(doc)} sizes).", "", head]
+    else:  # --only kept other benchmarks' rows from earlier runs: say which run each comes from
+        each = "; ".join(f"{b} {when} ({sizes})" for b, when, sizes in sorted(runs))
+        lines = [f"Results from several runs on {doc['machine']}: {each}.", "", head]
     cpus = doc.get("cpus") or int(doc["machine"].split(" CPU")[0])
     loads = [x for r in doc["records"] for x in (r.get("load_avg_before", [0])[0], r.get("load_avg_after", [0])[0])]
     if loads and max(loads) > cpus:
@@ -122,7 +154,8 @@ def render_table(doc: dict) -> str:
         lines[1:1] = [
             "",
             f"**Shared machine: the 1-minute load average reached {max(loads):g} on {cpus} CPUs during "
-            "this run; its ratios judge no goal. Re-run on a quiet machine.**",
+            "this run; its ratios judge no goal. Re-run on a quiet machine.** (⚠ marks each row measured "
+            "at a load above the core count.)",
         ]
     for rec in doc["records"]:
         if "rate" not in rec:
@@ -130,6 +163,8 @@ def render_table(doc: dict) -> str:
         label, goal = ROWS.get(rec["name"], (rec["name"], None))
         ratio = rec.get("ratio")
         met = "" if goal is None or ratio is None else (" ✓" if ratio >= goal else " ✗")
+        if max(rec.get("load_avg_before", [0])[0], rec.get("load_avg_after", [0])[0]) > cpus:
+            met += " ⚠"
         lines.append(
             "| {} | `{}` | {} | {} | {} | **{}**{} | {} | {} MB | {} → {} |".format(
                 label,
@@ -211,6 +246,8 @@ def main(argv=None) -> int:
         rewrite(json.loads(args.from_json.read_text()))
         return 0
     records = run(args.only or list(PLAN), args.quick)
+    if args.only and RESULTS.exists():
+        records = merge(json.loads(RESULTS.read_text()), records, args.only)
     doc = {
         "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": args.quick,
