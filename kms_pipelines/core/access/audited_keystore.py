@@ -48,12 +48,16 @@ AUDIT_NAMES = {
 class AuditedKeyStore:
     """Audit + workload-token enforcement around any KeyStore backend."""
 
+    _inner: Any  # any KeyStore backend (foundation/keystore)
+    _credentials: Any  # tokens.WorkloadIdentity / StaticToken (``authorize``), or None
+    _ctx: Any  # the KmsContext whose actor and clock each event carries
+
     def __init__(self, inner: Any, *, credentials: Any = None, context: Any = None):
         if isinstance(inner, AuditedKeyStore):
             credentials = credentials if credentials is not None else inner._credentials
             inner = inner._inner
         self._inner = inner
-        self._credentials = credentials  # tokens.WorkloadIdentity / StaticToken (``authorize``), or None
+        self._credentials = credentials
         self._ctx = context
 
     # ---- wiring ------------------------------------------------------------------------

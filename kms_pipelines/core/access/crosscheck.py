@@ -101,26 +101,26 @@ def replay(conn) -> CrossCheck:
     for name, version, state, *stamps in rows:
         res.versions += 1
         seen.add((name, version))
-        v = replayed.get((name, version))
-        if v is None:
+        got = replayed.get((name, version))
+        if got is None:
             if state != PENDING or any(stamps):
                 res.problems.append(
                     f"key_versions: {name} v{version} is {state} but no ledger entry created it "
                     f"(state changed outside the ledger, or ledger entries deleted)"
                 )
             continue
-        if v["state"] != state:
+        if got["state"] != state:
             res.problems.append(
-                f"key_versions: {name} v{version} is {state} but the ledger (seq {v['seq']}) leaves "
-                f"it {v['state']} (state edited outside the ledger, or ledger entries deleted)"
+                f"key_versions: {name} v{version} is {state} but the ledger (seq {got['seq']}) leaves "
+                f"it {got['state']} (state edited outside the ledger, or ledger entries deleted)"
             )
             continue
         for column, stamp in zip(STAMP.values(), stamps, strict=True):
-            if not _same_time(v.get(column), stamp):
+            if not _same_time(got.get(column), stamp):
                 res.problems.append(
                     f"key_versions: {name} v{version} {column} is "
                     f"{utc(stamp).isoformat() if stamp else 'empty'} but the ledger says "
-                    f"{utc(v[column]).isoformat() if v.get(column) else 'never'}"
+                    f"{utc(got[column]).isoformat() if got.get(column) else 'never'}"
                 )
     for (name, version), v in replayed.items():
         if (name, version) not in seen:

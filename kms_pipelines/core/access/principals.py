@@ -456,7 +456,8 @@ def approve(
                     reason="permission",
                     principal=approver,
                 )
-            granted = known_permissions(s, ctx, approver)
+            # never None for an enrolled human (checked above); the guard keeps it so
+            granted = known_permissions(s, ctx, approver) or frozenset()
             for needed in _approver_permissions(operation):
                 if needed not in granted:
                     raise AccessDenied(

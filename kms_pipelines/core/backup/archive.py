@@ -20,7 +20,7 @@ import os
 import tarfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 import pyrage
 import zstandard
@@ -210,7 +210,7 @@ def hash_stream(stream: BinaryIO, chunk: int = PIPE_BUFFER) -> tuple[str, int]:
         size += len(data)
 
 
-def iter_archive(src: BinaryIO, identity: str) -> Iterator[tuple[tarfile.TarInfo, BinaryIO]]:
+def iter_archive(src: BinaryIO, identity: str) -> Iterator[tuple[tarfile.TarInfo, IO[bytes]]]:
     """Decrypt, decompress and yield each tar member with a reader over its data.
 
     Raises ``ArchiveError`` when the ciphertext does not authenticate (tampered,
@@ -230,9 +230,10 @@ def iter_archive(src: BinaryIO, identity: str) -> Iterator[tuple[tarfile.TarInfo
             dctx = zstandard.ZstdDecompressor().stream_reader(reader, read_size=PIPE_BUFFER)
             with tarfile.open(fileobj=dctx, mode="r|") as tar:
                 for member in tar:
-                    if not member.isfile():
+                    data = tar.extractfile(member) if member.isfile() else None
+                    if data is None:  # only regular files carry data
                         continue
-                    yield member, tar.extractfile(member)
+                    yield member, data
         except (tarfile.TarError, zstandard.ZstdError, OSError) as exc:
             worker.join()
             if worker.error is not None:
