@@ -75,8 +75,10 @@ def confirm(ctx: KmsContext, key_name: str, version: int, service: str, *, actor
             return Confirmation(key_name, version, service, row.confirmed_at, actor, True)
     except IntegrityError:  # a concurrent identical confirmation won
         with ctx.transaction() as session:
-            row = _find(session, key_name, version, service)
-            return Confirmation(key_name, version, service, row.confirmed_at, row.actor, False)
+            won = _find(session, key_name, version, service)
+            if won is None:  # the conflict was not the concurrent confirmation: report it
+                raise
+            return Confirmation(key_name, version, service, won.confirmed_at, won.actor, False)
 
 
 def _find(session: Session, key_name: str, version: int, service: str) -> DependentConfirmation | None:

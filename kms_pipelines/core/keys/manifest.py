@@ -82,6 +82,9 @@ class ManifestInfo:
 
 def build(ctx: KmsContext, versions: list[KeyVersion], v: KeyVersion) -> dict:
     """The manifest document of root version ``v`` (``versions``: all root versions)."""
+    if v.public_key is None or v.fingerprint is None or v.activated_at is None:
+        # a published root version is an activated Ed25519 key; anything less is not a manifest
+        raise ManifestError(f"root v{v.version} has no public key, fingerprint or activation time to publish")
     previous = max(
         (x for x in versions if x.version < v.version and x.state != PENDING), key=lambda x: x.version, default=None
     )
@@ -168,7 +171,10 @@ def publish(ctx: KmsContext, version: int) -> ManifestInfo:
             session.add(row)
     except IntegrityError:  # published concurrently with identical bytes
         with ctx.transaction() as session:
-            return _info(ctx, session.get(RootManifest, version))
+            published = session.get(RootManifest, version)
+            if published is None:  # the conflict was not the concurrent publication: report it
+                raise
+            return _info(ctx, published)
     info = _info(ctx, row)
     info.new = True
     return info
@@ -252,7 +258,7 @@ def verify_documents(docs: list[dict]) -> ChainCheck:
 def verify_chain(ctx: KmsContext) -> ChainCheck:
     """Read every published manifest from the object store and verify the chain offline;
     each object must also match the digest recorded when it was published."""
-    docs = []
+    docs: list[dict] = []
     for info in manifests(ctx):
         body = ctx.objects.get_bytes(info.object_key)
         if hashlib.sha256(body).hexdigest() != info.sha256:

@@ -354,7 +354,7 @@ class Ack:
     partner: str
     version: int
     acked_at: datetime
-    acked_by: str
+    acked_by: str | None  # the column is nullable; every ack written here names its actor
     new: bool
 
 
@@ -373,8 +373,9 @@ def ack(ctx: KmsContext, partner: str, version: int, *, actor: str | None = None
             )
         if notice.acked_at is not None:
             return Ack(partner, version, utc(notice.acked_at), notice.acked_by, False)
-        notice.acked_at, notice.acked_by = ctx.now(), actor or ctx.actor
-        return Ack(partner, version, notice.acked_at, notice.acked_by, True)
+        acked_at, acked_by = ctx.now(), actor or ctx.actor
+        notice.acked_at, notice.acked_by = acked_at, acked_by
+        return Ack(partner, version, acked_at, acked_by, True)
 
 
 @dataclass

@@ -107,7 +107,10 @@ def ensure_seed(session: Session, ctx: KmsContext, key_name: str, version: int) 
             session.add(seed)
             session.flush()
     except IntegrityError:  # created concurrently
-        seed = _seed(session, key_name, version)
+        existing = _seed(session, key_name, version)
+        if existing is None:  # the conflict was not the concurrent seed: report it, do not return None
+            raise
+        return existing
     return seed
 
 
@@ -124,6 +127,8 @@ def _root_ref(session: Session, root_version: int) -> str:
     v = lifecycle.get_version(root, root_version)
     if v.state == DESTROYED:
         raise ServiceKeyError(f"seed is wrapped under destroyed root v{root_version}")
+    if not v.wrap_ref:
+        raise ServiceKeyError(f"seed is wrapped under root v{root_version}, which has no AES material")
     return v.wrap_ref
 
 
@@ -489,6 +494,8 @@ def verify_audit_event(ctx: KmsContext, signed: dict) -> CredentialCheck:
             v = _live_version(session, key_name, version)
         except lifecycle.LifecycleError as exc:
             return CredentialCheck(False, key_name, version=version, problem=str(exc))
+        if v.public_key is None:
+            return CredentialCheck(False, key_name, version=version, problem=f"{key_name} v{version} has no public key")
         ok = verify_signature(v.public_key, _event_message(key_name, version, event), signature)
         return CredentialCheck(ok, key_name, version=version, problem=None if ok else "bad signature")
 
@@ -497,4 +504,7 @@ def public_key(ctx: KmsContext, service: str, version: int) -> bytes:
     """The public key that verifies a version's audit events offline."""
     key_name = service_key_name(ctx, service)
     with ctx.transaction() as session:
-        return lifecycle.get_version(lifecycle.get_key(session, key_name), version).public_key
+        public = lifecycle.get_version(lifecycle.get_key(session, key_name), version).public_key
+    if public is None:
+        raise ServiceKeyError(f"{key_name} v{version} has no public key")
+    return public

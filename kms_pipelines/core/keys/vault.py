@@ -156,9 +156,13 @@ def archive_version(ctx: KmsContext, key_name: str, version: int) -> CopyInfo:
                 f"{key_name} v{version} is a {v.state} {key.key_class} version; only retired root and "
                 f"service versions are archived"
             )
-        retired, retain_until = _retention(ctx, key, v)
+        span = _retention(ctx, key, v)
+        if span is None:
+            # a retired version carries rotated_at/revoked_at; without one there is no window to lock to
+            raise VaultError(f"{key_name} v{version} is {v.state} but has no retirement time; nothing to archive")
+        retired, retain_until = span
         kek = _active_kek(session)
-        root = lifecycle.active_version(lifecycle.get_key(session, "root"))
+        root = lifecycle.get_version(lifecycle.get_key(session, "root"), None)
         header = {
             "format": COPY_FORMAT,
             "key": key_name,
@@ -405,6 +409,8 @@ def on_destroyed(ctx: KmsContext, key_name: str, version: int) -> str | None:
         row = session.scalars(
             select(ArchiveCopy).where(ArchiveCopy.key_name == key_name, ArchiveCopy.key_version == version)
         ).first()
+        if row is None:  # vault records are never deleted, only marked DELETED
+            raise VaultError(f"{key_name} v{version}: its archive record disappeared while its copy was deleted")
         row.status, row.deleted_at = DELETED, ctx.now()
         ledger.append(
             session,
