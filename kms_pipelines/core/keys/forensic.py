@@ -219,6 +219,13 @@ def _notify(ctx: KmsContext, r: Retrieval) -> list[str]:
     return [f"{f.channel}: {f.error}" for f in outcome.results if not f.ok]
 
 
+def _retrieval(session: Session, retrieval_id: int) -> ForensicRetrieval:
+    row = session.get(ForensicRetrieval, retrieval_id)
+    if row is None:  # retrievals are never deleted, only marked purged
+        raise VaultError(f"forensic retrieval {retrieval_id} disappeared while its material was erased")
+    return row
+
+
 def _erase(ctx: KmsContext, ref: str) -> None:
     try:
         ctx.keystore.forensic_destroy(ref)
@@ -244,7 +251,7 @@ def purge_expired(ctx: KmsContext) -> list[str]:
             _erase(ctx, ref)
             erased.append(ref)
         with ctx.transaction() as session:
-            row = session.get(ForensicRetrieval, rid)
+            row = _retrieval(session, rid)
             row.purged_at = now
             audit.record(
                 session,
@@ -312,7 +319,7 @@ def release(ctx: KmsContext, retrieval_id: int) -> list[str]:
     for ref in refs:
         _erase(ctx, ref)
     with ctx.transaction() as session:
-        row = session.get(ForensicRetrieval, retrieval_id)
+        row = _retrieval(session, retrieval_id)
         row.purged_at = ctx.now()
         audit.record(
             session,

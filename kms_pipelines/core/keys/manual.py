@@ -28,7 +28,7 @@ class ManualOutcome:
     ticket: str
     requester: str
     approvers: list[str]
-    result: object = None
+    result: lifecycle.RotationResult
     notification_failures: list[str] = field(default_factory=list)
 
 
@@ -45,6 +45,7 @@ def manual_rotate(
     prove_principal(ctx, requested_by, totp)
     require_permission(ctx, requested_by, "rotate", target=key)
     request_approval(ctx, operation="rotate", target=key, ticket=ticket, requester=requested_by)
+    denied: AccessDenied | None = None
     with ctx.transaction() as s:
         try:
             approvers = sorted(
@@ -53,8 +54,6 @@ def manual_rotate(
             )
         except AccessDenied as exc:
             denied = exc
-        else:
-            denied = None
     if denied is not None:  # audited outside the (read) transaction above
         audit.emit(
             ctx,
@@ -98,7 +97,7 @@ def _notify_manual(ctx: KmsContext, o: ManualOutcome) -> list[str]:
     """A4: tell the compliance lists. A failed delivery is reported, never raised, and every
     delivery -- failed ones included -- is recorded in ``notification_deliveries``."""
     r = o.result
-    detail = f"Versions: v{r.old_version} -> v{r.new_version}" if getattr(r, "new_version", None) else ""
+    detail = f"Versions: v{r.old_version} -> v{r.new_version}" if r.new_version else ""
     outcome = notifications.notify_manual_operation(
         ctx,
         operation=o.operation,

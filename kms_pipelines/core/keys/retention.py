@@ -53,13 +53,13 @@ def _retention_guard(session: Session, ctx: KmsContext, key: Key, v: KeyVersion)
     days = retention_days(ctx, key.key_class)
     if days is None:
         return None
-    allowed = destroy_allowed_from(ctx, key, v)
-    if allowed is None:
+    retired, allowed = retired_at(v), destroy_allowed_from(ctx, key, v)
+    if retired is None or allowed is None:
         return f"{key.name} v{v.version} was never retired; it must be kept {days} days after retirement (T1)"
     if ctx.now() < allowed:
         return (
             f"{key.name} v{v.version} must be kept {days} days after its retirement on "
-            f"{retired_at(v).isoformat()} (T1); destroy allowed from {allowed.isoformat()}"
+            f"{retired.isoformat()} (T1); destroy allowed from {allowed.isoformat()}"
         )
     return None
 
@@ -93,14 +93,14 @@ def due_for_destruction(ctx: KmsContext, at: datetime | None = None) -> list[Due
             for v in key.versions:
                 if v.state not in (ROTATED, REVOKED):
                     continue
-                allowed = destroy_allowed_from(ctx, key, v)
-                if allowed is not None and now >= allowed:
+                retired, allowed = retired_at(v), destroy_allowed_from(ctx, key, v)
+                if retired is not None and allowed is not None and now >= allowed:
                     out.append(
                         DueVersion(
                             key.name,
                             v.version,
                             v.state,
-                            retired_at(v),
+                            retired,
                             allowed,
                             ticket_for(key.name, v.version),
                             target_for(key.name, v.version),
@@ -173,15 +173,10 @@ class RetireSummary:
         }
 
 
-def _access_error() -> tuple[type[BaseException], ...]:
-    return (AccessDenied,)
-
-
 def retire_expired(ctx: KmsContext, *, actor: str = NIGHTLY_REQUESTER) -> RetireSummary:
     """Destroy every due version that has its dual approval; file an approval request
     for the rest and report them as awaiting approval."""
     summary = RetireSummary(due=due_for_destruction(ctx))
-    denied = _access_error()
     for d in summary.due:
         item = {"key": d.key, "version": d.version, "ticket": d.ticket, "target": d.target}
         try:
@@ -192,7 +187,7 @@ def retire_expired(ctx: KmsContext, *, actor: str = NIGHTLY_REQUESTER) -> Retire
             summary.refused.append({**item, "guard": exc.guard, "reason": exc.reason})
         except ImportError:
             summary.awaiting_approval.append({**item, "missing": "access control (issue 3) is not installed"})
-        except denied as exc:  # type: ignore[misc]
+        except AccessDenied as exc:
             summary.awaiting_approval.append({**item, "missing": str(exc)})
             _request_approval(ctx, d, actor)
     if ctx.objects is not None:
