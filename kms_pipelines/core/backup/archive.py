@@ -69,7 +69,7 @@ class TarSink:
         with open(path, "rb") as f:
             self.add(name, size, iter(lambda: f.read(1024 * 1024), b""), mode=0o600)
 
-    def add_stream_in_parts(self, prefix: str, stream: BinaryIO, part_size: int = PART_SIZE) -> int:
+    def add_stream_in_parts(self, prefix: str, stream: IO[bytes], part_size: int = PART_SIZE) -> int:
         """Store an unsized stream as ``prefix000000``, ``prefix000001`` …; returns bytes stored."""
         total, n = 0, 0
         while True:
@@ -87,7 +87,7 @@ class TarSink:
         self.out.write(b"\0" * (2 * tarfile.BLOCKSIZE))
 
 
-def _read_full(stream: BinaryIO, n: int) -> bytes:
+def _read_full(stream: IO[bytes], n: int) -> bytes:
     chunks, remaining = [], n
     while remaining > 0:
         chunk = stream.read(remaining)

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from importlib.metadata import PackageNotFoundError, version
@@ -228,16 +229,18 @@ def trusted_root_keys(ctx: KmsContext) -> dict[str, bytes]:
             .join(Key, KeyVersion.key_id == Key.id)
             .where(Key.name == "root", KeyVersion.state != REVOKED, KeyVersion.public_key.is_not(None))
         ).all()
-    return {fp: bytes(pk) for fp, pk in rows}
+    # the query excludes a NULL public key and a root version with one has its fingerprint; the
+    # check restates both for the type checker
+    return {fp: bytes(pk) for fp, pk in rows if fp is not None and pk is not None}
 
 
 def pinned_root_keys(ctx: KmsContext, trust: list[bytes] | list[str]) -> dict[str, bytes]:
     """fingerprint → public key of the pinned roots and of every root reached from them by
     the published old-signs-new manifests (``manifests/root/`` in the object store). A root
     whose successor's manifest records it as revoked is left out."""
-    pinned = {k: None for k in trust if isinstance(k, str)}
+    pinned: dict[str, bytes | None] = {k: None for k in trust if isinstance(k, str)}
     pinned.update({fingerprint(k): k for k in trust if isinstance(k, bytes)})
-    docs = []
+    docs: list[dict] = []
     if ctx.objects is not None:
         for info in ctx.objects.list(root_manifest.PREFIX):
             try:
@@ -337,6 +340,8 @@ def _signed_outside_window(ctx: KmsContext, trust, kid: str, created_at: str) ->
 
 
 def _sqlite_snapshot(engine: Engine, dest: Path) -> None:
+    if not engine.url.database:
+        raise BackupError(f"the SQLite URL {engine.url!r} names no database file to snapshot")
     src = sqlite3.connect(engine.url.database)
     try:
         dst = sqlite3.connect(dest)
@@ -388,6 +393,7 @@ def _produce(ctx: KmsContext, source: BackupSource, tmpdir: Path, procs: list):
                 bufsize=archive_mod.PIPE_BUFFER,
             )
             procs.append(proc)
+            assert proc.stdout is not None and proc.stderr is not None  # both are PIPEs, above
             tar.add_stream_in_parts(archive_mod.DB_PART_PREFIX, proc.stdout)
             proc.stdout.close()
             err = proc.stderr.read().decode(errors="replace").strip()
@@ -590,7 +596,7 @@ def _create_once(
         shutil.rmtree(tmpdir, ignore_errors=True)
 
     with ctx.transaction() as session:
-        row = session.get(Backup, backup_row_id)
+        row = _backup_row(session, backup_row_id)
         row.sha256, row.size, row.status, row.completed_at = sha, size, COMPLETE, ctx.now()
     return ArchiveInfo(
         archive_id,
@@ -611,10 +617,17 @@ def _create_once(
     )
 
 
+def _backup_row(session: Session, row_id: int) -> Backup:
+    row = session.get(Backup, row_id)
+    if row is None:  # catalogue rows are never deleted, only marked (failed, pruned)
+        raise BackupError(f"backup catalogue row {row_id} disappeared")
+    return row
+
+
 def _mark(ctx: KmsContext, row_id: int, status: str, detail: str | None = None) -> None:
     try:
         with ctx.transaction() as session:
-            row = session.get(Backup, row_id)
+            row = _backup_row(session, row_id)
             row.status = status
             if detail:
                 row.detail = detail[:2000]
@@ -738,7 +751,7 @@ class PruneResult:
     failed_uploads: list[str]
 
 
-def gfs_keep_set(ctx: KmsContext, rows: list[Backup], now: datetime) -> dict[int, str]:
+def gfs_keep_set(ctx: KmsContext, rows: Sequence[Backup], now: datetime) -> dict[int, str]:
     """id → why it is kept: the newest ``keep_nightly`` archives, weekly archives younger
     than ``keep_weekly_days``, and the newest verified archive. Successors inherit their
     predecessor's place."""
@@ -790,7 +803,7 @@ def prune(ctx: KmsContext, *, dry_run: bool = False) -> PruneResult:
             kept.append({"archive_id": aid, "reason": f"store refuses: {exc}"})
             continue
         with ctx.transaction() as session:
-            r = session.get(Backup, row_id)
+            r = _backup_row(session, row_id)
             r.status, r.pruned_at = PRUNED, now
         deleted.append(aid)
     return PruneResult(deleted, kept, failed)

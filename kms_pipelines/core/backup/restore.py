@@ -174,7 +174,9 @@ def _check_target(ctx: KmsContext, target_url: str, db_kind: str) -> None:
     if target.get_backend_name() != db_kind:
         raise BackupError(f"archive holds a {db_kind} database; target is {target.get_backend_name()}")
     if db_kind == "sqlite":
-        path = Path(target.database or "")
+        if not target.database:  # an in-memory SQLite target would vanish with the restore's engine
+            raise BackupError("target SQLite URL names no file; restore into a new file")
+        path = Path(target.database)
         if path.exists() and path.stat().st_size > 0:
             raise BackupError(f"target SQLite file {path} already exists; restore into a new file")
         return
@@ -316,7 +318,7 @@ def restore(
     home.mkdir(parents=True, exist_ok=True)
     allowed = tuple(manifest.get("include_paths") or ["artifacts/kms"]) + ("hsm",)
     target = make_url(db_mod.normalize_url(target_url))
-    pg_proc = None
+    pg_proc: subprocess.Popen[bytes] | None = None
     sqlite_written = False
     try:
         with ctx.objects.open(archive_key) as src:
@@ -339,8 +341,10 @@ def restore(
                             stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE,
                         )
+                    assert pg_proc.stdin is not None  # a PIPE, above
                     shutil.copyfileobj(data, pg_proc.stdin, archive_mod.PIPE_BUFFER)
                 elif name == archive_mod.DB_SQLITE:
+                    assert target.database  # _check_target refused a SQLite URL without a file
                     with open(target.database, "wb") as out:
                         shutil.copyfileobj(data, out, archive_mod.PIPE_BUFFER)
                     sqlite_written = True
@@ -354,6 +358,7 @@ def restore(
                         shutil.copyfileobj(data, out)
                     os.chmod(dest, 0o600)
         if pg_proc is not None:
+            assert pg_proc.stdin is not None and pg_proc.stderr is not None  # PIPEs, above
             pg_proc.stdin.close()
             err = pg_proc.stderr.read().decode(errors="replace").strip()
             if pg_proc.wait() != 0:
@@ -363,7 +368,7 @@ def restore(
     except archive_mod.ArchiveError as exc:
         raise BackupError(str(exc)) from None
     except BrokenPipeError:
-        err = pg_proc.stderr.read().decode(errors="replace").strip() if pg_proc else ""
+        err = pg_proc.stderr.read().decode(errors="replace").strip() if pg_proc and pg_proc.stderr else ""
         raise BackupError(f"pg_restore failed: {err.splitlines()[-1] if err else 'exited early'}") from None
     finally:
         if pg_proc is not None and pg_proc.poll() is None:
