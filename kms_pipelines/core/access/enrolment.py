@@ -174,7 +174,7 @@ def _principal_change(
     *,
     ticket: str,
     requested_by: str,
-    totp: str,
+    totp: str | None,  # None is refused by prove_principal, with the audit that goes with it
     apply,
     target: str | None = None,
 ) -> list[str]:

@@ -39,12 +39,13 @@ import secrets
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from ..access import enrolment, notifications
 from ..access import principals as access
@@ -236,14 +237,14 @@ class PackageInfo:
     package_id: str
     key: str
     key_version: int
-    created_at: object
-    superseded_at: object
+    created_at: datetime
+    superseded_at: datetime | None
     threshold: int
-    custodians: list
+    custodians: list[str]
     object_key: str
     sha256: str
-    erased_at: object = None
-    confirmations: dict = field(default_factory=dict)  # custodian -> confirmed_at
+    erased_at: datetime | None = None
+    confirmations: dict[str, datetime] = field(default_factory=dict)  # custodian -> confirmed_at
     reason: str = ""
 
     def to_dict(self) -> dict:
@@ -253,7 +254,14 @@ class PackageInfo:
         return getattr(self, name, default)
 
 
-def _pkg_info(session, p: EscrowPackage) -> PackageInfo:
+def _package_row(session: Session, package_id: str) -> EscrowPackage:
+    p = session.get(EscrowPackage, package_id)
+    if p is None:  # packages are never deleted, only marked superseded / erased
+        raise EscrowError(f"escrow package {package_id} disappeared")
+    return p
+
+
+def _pkg_info(session: Session, p: EscrowPackage) -> PackageInfo:
     confs = {
         d.custodian: utc(d.confirmed_at)
         for d in session.scalars(select(EscrowDestruction).where(EscrowDestruction.package_id == p.id))
@@ -527,7 +535,7 @@ def confirm_destroyed(
         except ObjectNotFound:
             pass
         with ctx.transaction() as session:
-            p = session.get(EscrowPackage, package_id)
+            p = _package_row(session, package_id)
             p.erased_at = ctx.now()
             info = _pkg_info(session, p)
     return info
@@ -712,6 +720,8 @@ def unseal(
         )
         key = lifecycle.get_key(session, KEY_NAME)
         ref = lifecycle.get_version(key, p.key_version).wrap_ref
+        if not ref:  # raised inside the transaction: the approvals stay unconsumed
+            raise EscrowError(f"{KEY_NAME} v{p.key_version} has no keystore reference to import the key into")
     imported = False
     if not ctx.keystore.exists(ref):
         ctx.keystore.import_secret(ref, value)

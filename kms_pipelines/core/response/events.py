@@ -270,7 +270,9 @@ def mark_resolved(ctx: KmsContext, event_id: str, response: dict) -> EventInfo:
 
 
 def intake_token_ok(presented: str | None, expected: str) -> bool:
-    return bool(presented) and bool(expected) and hmac.compare_digest(presented.encode(), expected.encode())
+    if not presented or not expected:  # an empty configured token must not match an empty header
+        return False
+    return hmac.compare_digest(presented.encode(), expected.encode())
 
 
 def make_intake_server(ctx: KmsContext, token: str, host: str = "127.0.0.1", port: int = 0):
