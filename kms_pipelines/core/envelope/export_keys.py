@@ -21,7 +21,7 @@ from ..foundation import nightly_steps
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
 from ..foundation.db.models import ACTIVE, DESTROYED, Key
-from ..foundation.db.models_envelope import Dek
+from ..foundation.db.models_envelope import DEKS, Dek
 from ..keys import lifecycle
 from .data_keys import EnvelopeError, deks_on
 
@@ -166,8 +166,9 @@ def _mark_shredded(ctx: KmsContext, key_name: str) -> int:
         destroyed = [v.version for v in key.versions if v.state == DESTROYED]
         if not destroyed:
             return 0
-        t = Dek.__table__
-        result = session.execute(
+        t = DEKS
+        # on the session's connection: a Core UPDATE's result there is a CursorResult (rowcount)
+        result = session.connection().execute(
             update(t)
             .where(t.c.key_name == key_name, t.c.key_version.in_(destroyed), t.c.shredded_at.is_(None))
             .values(wrapped=None, shredded_at=now)

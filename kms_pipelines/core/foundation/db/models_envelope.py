@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, CheckConstraint, DateTime, Index, Integer, LargeBinary, String, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from .models import Base  # noqa: F401
@@ -43,3 +53,9 @@ class Dek(Base):
     created_at: Mapped[datetime] = mapped_column(TS)
     rewrapped_at: Mapped[datetime | None] = mapped_column(TS)
     shredded_at: Mapped[datetime | None] = mapped_column(TS)
+
+
+# Bulk UPDATEs of deks run as Core statements on the table (no ORM session synchronisation over
+# thousands of rows); declarative types ``__table__`` as the wider FromClause, so narrow it once.
+assert isinstance(Dek.__table__, Table)
+DEKS: Table = Dek.__table__
