@@ -136,7 +136,7 @@ def eval_b4(ctx: KmsContext) -> Finding:
             f"({ctx.policy.drills.remediation_business_days} business days): "
             + ", ".join(f"#{f['id']} {f['title'][:60]} ({f['owner']})" for f in st["overdue_followups"][:5])
         )
-    if not problems:
+    if not problems and p is not None:  # p is None only with a problem recorded above
         open_ = [f for d in drills.list_drills(ctx) for f in d["followups"] if f["status"] == "open"]
         good.append(f"drill {date} documented ({p.name}); {len(open_)} follow-up(s) open, none past due")
     return _finding(problems, good, {"report": path, "overdue": [f["id"] for f in st["overdue_followups"]]})

@@ -147,6 +147,8 @@ def export(ctx: KmsContext, out: str | os.PathLike) -> ExportReport:
             ):
                 if public_key is None or state == PENDING:
                     continue  # a pending root has signed nothing and has no manifest yet
+                if fp is None:  # every generated root version records its fingerprint with its key
+                    raise RptError(f"root v{version} has a public key but no fingerprint; cannot export it")
                 line(
                     {
                         "t": "root_key",
@@ -369,10 +371,9 @@ def verify_bundle(path: str | os.PathLike, *, trusted_fingerprints: list[str] | 
         with open(path, "rb") as fh:
             reader = _Reader(fh)
             item = reader.take()
-            head = item[0] if item else None
-            if head is None or head.get("t") != "bundle" or head.get("format") != FORMAT:
+            if item is None or item[0].get("t") != "bundle" or item[0].get("format") != FORMAT:
                 return bad("bundle", f"{path.name} is not a {FORMAT} evidence bundle")
-            res.exported_at = head.get("exported_at")
+            res.exported_at = item[0].get("exported_at")
             meta = [item]  # every record the seal lists one by one, in file order
             all_keys = []
             for rec, raw in reader.run("root_key"):

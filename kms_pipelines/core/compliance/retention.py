@@ -48,7 +48,8 @@ def eval_t1(ctx: KmsContext) -> Finding:
                         problems.append(f"{key.name} v{v.version} is within its retention but its material is gone")
                 elif v.state == DESTROYED:
                     destroyed += 1
-                    if allowed is None or utc(v.destroyed_at) < allowed:
+                    # no destruction time cannot prove the retention was kept: a finding, not a crash
+                    if allowed is None or v.destroyed_at is None or utc(v.destroyed_at) < allowed:
                         problems.append(
                             f"{key.name} v{v.version} destroyed {_iso(v.destroyed_at)}, before its "
                             f"retention ended ({_iso(allowed) if allowed else 'never retired'})"
