@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -95,7 +95,7 @@ def _new_human(
 
 
 def init_principals(
-    ctx: KmsContext, admins: dict[str, Sequence[str]], *, actor: str = "kms-init", keys: tuple | None = None
+    ctx: KmsContext, admins: Mapping[str, Sequence[str]], *, actor: str = "kms-init", keys: tuple | None = None
 ) -> list[Enrolment]:
     """The first-run ceremony: enrol the first human principals while none exists.
 

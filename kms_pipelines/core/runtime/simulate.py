@@ -29,6 +29,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
+import pyotp
 from sqlalchemy import event, select
 from sqlalchemy.orm import selectinload
 
@@ -138,22 +139,18 @@ class Actors:
     SIM_ORIGIN = "https://kms-simulation.invalid"  # the relying party their software keys registered at
 
     def __init__(self, ctx: KmsContext, *, confirm: bool = True, ack: bool = True, approve: bool = True):
+        if not isinstance(ctx.clock, SimulatedClock):  # the approvers' TOTP steps move the clock
+            raise ValueError("simulated actors need a context with a SimulatedClock")
         self.ctx, self.confirm, self.ack, self.approve = ctx, confirm, ack, approve
-        self._access = None
+        self.clock: SimulatedClock = ctx.clock
         self._enrolled = False
-
-    def _access_api(self):
-        if self._access is None:
-            self._access = access
-        return self._access
+        self._totp: dict[str, pyotp.TOTP] = {}
+        self._keys: dict[str, SoftwareAuthenticator] = {}
 
     def enroll(self) -> None:
         """Enrol the simulated approvers and a requester (security engineering, TOTP) in the
         first-run ceremony of the scratch state."""
-        import pyotp  # lazy import: start-up time (optional/heavy dependency)
-
-        access = self._access_api()
-        if not access or self._enrolled:
+        if self._enrolled:
             return
 
         self._totp, self._keys = {}, {}
@@ -169,7 +166,11 @@ class Actors:
             actor="simulator",
             keys=(self.SIM_ORIGIN, make_credential),
         ):
-            self._totp[enrolment.name] = pyotp.parse_uri(enrolment.provisioning_uri)
+            uri = enrolment.provisioning_uri
+            otp = pyotp.parse_uri(uri) if uri else None
+            if not isinstance(otp, pyotp.TOTP):  # a fresh enrolment always provisions a TOTP
+                raise ValueError(f"enrolment of {enrolment.name} provisioned no TOTP")
+            self._totp[enrolment.name] = otp
         self._enrolled = True
 
     def before_night(self, day: int, run_at: datetime) -> list[Event]:
@@ -177,13 +178,10 @@ class Actors:
         allowed by tonight's run; the approvers act in the half hour before it."""
         if not self.approve:
             return []
-        access = self._access_api()
-        if not access:
-            return []
         due = retention.due_for_destruction(self.ctx, at=run_at)
         if not due:
             return []
-        clock = self.ctx.clock
+        clock = self.clock
         at = run_at - timedelta(minutes=30)
         clock.set(at)  # time only moves forward: enrolment (on first need) comes before the approvals
         self.enroll()
