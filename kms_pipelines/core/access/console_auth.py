@@ -385,6 +385,10 @@ def current_user(ctx: KmsContext, token: str | None) -> ConsoleUser:
         if row is None or row.ended_at is not None:
             raise _denied("no_session", "not signed in (unknown or ended session)")
         p = access._principal(s, row.principal)
+        # a session lasts only while its principal is enrolled, enabled and holds a role
+        roles = sorted(p.roles) if p is not None and p.disabled_at is None else []
+        reason: str | None  # why the session ends now; None keeps it
+        detail: dict[str, str | None]
         if not hmac.compare_digest(row.mac or "", _session_mac(ctx, row)):
             reason, detail = "integrity", {"reason": "integrity"}
         else:
@@ -395,7 +399,7 @@ def current_user(ctx: KmsContext, token: str | None) -> ConsoleUser:
                 else "idle"
                 if now >= idle_limit
                 else "principal_disabled"
-                if p is None or p.disabled_at is not None or not p.roles
+                if not roles
                 else None
             )
             detail = {"reason": "session_expired", "limit": reason}
@@ -403,7 +407,7 @@ def current_user(ctx: KmsContext, token: str | None) -> ConsoleUser:
             row.last_seen_at = now
             return ConsoleUser(
                 row.principal,
-                sorted(p.roles),
+                roles,
                 row.id,
                 csrf_token(token),
                 utc(row.expires_at),
