@@ -117,12 +117,13 @@ class KmsGroup(click.Group):
         from .core.runtime.errors import connect_failure_line, fault_line, known_errors
 
         command = _command_line([*getattr(ctx, "_protected_args", []), *ctx.args])
+        refusals: tuple[type[BaseException], ...] = (*known_errors(), ClockRefused)
         failed = True
         try:
             result = super().invoke(ctx)
             failed = False
             return result
-        except (*known_errors(), ClockRefused) as exc:
+        except refusals as exc:
             if os.environ.get("KMS_DEBUG"):
                 raise
             click.echo(f"kms: error: {exc}", err=True)
@@ -478,7 +479,7 @@ def ledger_verify(ctx, workers, as_json):
                 "ok": result.ok and cross is not None and cross.ok,
             }
         )
-    elif not result.ok:
+    elif not result.ok or cross is None:  # cross is None exactly when the chain is broken
         click.echo(f"ledger BROKEN at seq {result.first_bad_seq}: {result.problem}", err=True)
     elif not cross.ok:
         click.echo(
@@ -491,7 +492,7 @@ def ledger_verify(ctx, workers, as_json):
             f"ledger intact: {result.count} entries, head {result.head_hash[:16]}…; replay matches "
             f"{cross.versions} key version(s) and {cross.audit_events} audit event(s)"
         )
-    if not (result.ok and cross.ok):
+    if not (result.ok and cross is not None and cross.ok):
         ctx.exit(EXIT_FAILED)
 
 

@@ -19,6 +19,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, StreamingResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
+from websockets.typing import Subprotocol
 
 from ..core.ledger import audit
 
@@ -122,7 +123,8 @@ class DagsterProxy:
             return
         path = ws.url.path if ws.url.path.startswith(PREFIX) else PREFIX + ws.url.path
         url = self.ws_upstream + path + (f"?{ws.url.query}" if ws.url.query else "")
-        protocols = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+        offered = ws.headers.get("sec-websocket-protocol", "").split(",")
+        protocols = [Subprotocol(p.strip()) for p in offered if p.strip()]
         try:
             upstream = await websockets.connect(
                 url,
