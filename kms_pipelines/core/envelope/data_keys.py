@@ -30,7 +30,7 @@ import struct
 import time
 import zlib
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from sqlalchemy import and_, bindparam, func, select, text, tuple_, update
@@ -42,7 +42,7 @@ from ..foundation.batching import AdaptiveBatch
 from ..foundation.clock import utc
 from ..foundation.context import KmsContext
 from ..foundation.db.models import ACTIVE, DESTROYED, REVOKED, ROTATED, Key, KeyVersion
-from ..foundation.db.models_envelope import SHARD_SPACE, Dek
+from ..foundation.db.models_envelope import DEKS, SHARD_SPACE, Dek
 from ..foundation.keystore import DecryptionFailed, KeyNotFound
 from ..keys import lifecycle
 
@@ -451,9 +451,9 @@ def _sweep_plan(ctx: KmsContext, key_name: str | None) -> list[tuple[str, int, s
         for key in keys:
             active = lifecycle.active_version(key)
             old = [(v.version, v.wrap_ref) for v in key.versions if v.state in (ROTATED, REVOKED) and v.wrap_ref]
-            if active is None:
+            if active is None or not active.wrap_ref:
                 if old:
-                    log.warning("key %s has DEK-bearing versions but no active version; skipped", key.name)
+                    log.warning("key %s has DEK-bearing versions but no active AES version; skipped", key.name)
                 continue
             if old:
                 plan.append((key.name, active.version, active.wrap_ref, old))
@@ -498,7 +498,7 @@ def _commit_batch(
         # Share-lock the key row (lifecycle takes FOR UPDATE to change versions) and read
         # the version states in one round trip.
         query = _VERSION_STATES_PG if conn.dialect.name == "postgresql" else _VERSION_STATES
-        states = dict(conn.execute(query, {"key": key_name}).all())
+        states: dict[int, str] = dict(conn.execute(query, {"key": key_name}).all())
         if states.get(new) != ACTIVE or states.get(old) not in (ROTATED, REVOKED):
             return None  # the key rotated (or the old version was destroyed) meanwhile: re-plan
         if conn.dialect.name == "postgresql":
@@ -506,7 +506,7 @@ def _commit_batch(
                 _PG_CAS, {"new": new, "at": now, "ids": ids, "ws": new_wrapped, "old": old, "key": key_name}
             )
             return result.rowcount
-        t = Dek.__table__
+        t = DEKS
         result = conn.execute(
             update(t)
             .where(t.c.id == bindparam("b_id"), t.c.key_version == old, t.c.key_name == key_name)
@@ -682,10 +682,11 @@ def _sweep_version(
 ) -> str:
     """Sweep one old version of one key in the shard range: "done", "stale" (re-plan) or "limit"."""
     after = (lo - 1, 0)
-    pending = None  # (future | None, pairs count, bad ids) of the batch being committed
+    # (future | None, pairs count, bad ids) of the batch being committed
+    pending: tuple[Future[int | None] | None, int, list[int]] | None = None
 
-    def settle() -> bool:
-        future, count, bad = pending
+    def settle(batch: tuple[Future[int | None] | None, int, list[int]]) -> bool:
+        future, count, bad = batch
         moved = future.result() if future is not None else 0
         if moved is None:
             return False
@@ -707,7 +708,7 @@ def _sweep_version(
         while True:
             if max_batches is not None and result.batches + (pending is not None) >= max_batches:
                 if pending is not None:
-                    ok, pending = settle(), None
+                    ok, pending = settle(pending), None
                     if not ok:
                         return "stale"
                 return "limit"
@@ -738,7 +739,7 @@ def _sweep_version(
                     pairs, bad = _rewrap_isolating_failures(ctx, old_ref, new_ref, rows)
                 del rows
             if pending is not None:
-                ok, pending = settle(), None
+                ok, pending = settle(pending), None
                 if not ok:
                     return "stale"
             if not pairs and not bad:
