@@ -6,6 +6,7 @@ from datetime import timedelta
 import pytest
 from click.testing import CliRunner
 
+from kms_pipelines.core import compliance
 from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.keys import dependents, lifecycle, retention, rotation, service_keys
 from tests.fixtures.kms import approve_both, ceremony
@@ -174,3 +175,15 @@ def test_cli_keys_destroy_and_revoke_name_the_refusing_guard(kms, approvers):
     assert full_snapshot(kms)[0] == before[0]
     res = run("retention", "due")
     assert res.exit_code == 0 and "nothing due" in res.output
+
+
+def test_t1_reports_a_destroyed_version_with_no_destruction_time(kms):
+    """A destroyed row whose destroyed_at was cleared outside the KMS is a T1 finding. The
+    evaluator used to crash on it in utc(None) (found by mypy, issue 17)."""
+    rotation.rotate_key(kms, SVC, reason="manual")
+    with kms.transaction() as s:
+        v1 = lifecycle.get_version(lifecycle.get_key(s, SVC), 1)
+        v1.state, v1.destroyed_at = "destroyed", None
+    finding = compliance.eval_t1(kms)
+    assert finding.status == compliance.FAIL
+    assert f"{SVC} v1 destroyed -, before its retention ended" in finding.evidence
