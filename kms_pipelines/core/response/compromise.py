@@ -27,7 +27,6 @@ Manual launches (UI / CLI without a sensor) go through ``report_manual`` or
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -36,10 +35,12 @@ from datetime import timedelta
 from sqlalchemy import select
 
 from ..access import notifications
+from ..access import principals as access
+from ..envelope import data_keys as envelope
 from ..foundation.context import KmsContext
 from ..foundation.db.models import DESTROYED, REVOKED, LedgerEntry
 from ..foundation.db.models_events import EVENT_RESOLVED, SecurityEvent
-from ..keys import lifecycle
+from ..keys import lifecycle, service_keys
 from . import escrow, events
 from .events import manual_operation
 
@@ -75,13 +76,6 @@ class ResponseResult:
         return asdict(self)
 
 
-def _optional(module: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        return None
-
-
 def prove_requester(ctx: KmsContext, ticket: str, requester: str, totp: str | None) -> None:
     """A manual launch names a ticket and a requester proven by TOTP (before any change)."""
     if not ticket or not requester or not totp:
@@ -89,9 +83,6 @@ def prove_requester(ctx: KmsContext, ticket: str, requester: str, totp: str | No
             "a manual compromise response needs --ticket, --requested-by and --totp "
             "(dual approval is bound to the change ticket)"
         )
-    access = _optional("kms_pipelines.core.access.principals")
-    if access is None or not hasattr(access, "prove_principal"):
-        raise events.EventError("manual launch refused: access control (core.access.principals) is not available")
     access.prove_principal(ctx, requester, totp)
 
 
@@ -103,9 +94,6 @@ def authorize_manual(session, ctx: KmsContext, *, key: str, event_type: str, tic
             "a manual compromise response needs --ticket and --requested-by "
             "(dual approval is bound to the change ticket)"
         )
-    access = _optional("kms_pipelines.core.access.principals")
-    if access is None or not hasattr(access, "consume_approvals"):
-        raise events.EventError("manual launch refused: dual approval (core.access.principals) is not available")
     return list(
         access.consume_approvals(
             session, ctx, operation=manual_operation(event_type), target=key, ticket=ticket, requester=requester
@@ -235,8 +223,7 @@ def respond(
 
     key_class = lifecycle.key_class_of(ev.key)
     # 3. rewrap DEKs
-    envelope = _optional("kms_pipelines.core.envelope.data_keys")
-    if envelope is not None and key_class in getattr(envelope, "SWEPT_CLASSES", ("data",)):
+    if key_class in envelope.SWEPT_CLASSES:
         sweep = envelope.sweep(ctx, ev.key)
         result.deks_moved, result.deks_remaining = sweep.moved, sweep.remaining
         result.steps.append(f"swept {sweep.moved} DEKs ({sweep.remaining} remaining)")
@@ -247,12 +234,8 @@ def respond(
             )
     # 4. re-issue service credentials
     if key_class == "service":
-        service_keys = _optional("kms_pipelines.core.keys.service_keys")
-        if service_keys is not None and hasattr(service_keys, "reissue_credentials"):
-            result.credentials_reissued = service_keys.reissue_credentials(ctx, ev.key.split(":", 1)[1])
-            result.steps.append(f"re-issued {result.credentials_reissued} credentials")
-        else:
-            result.steps.append("credential re-issue skipped: core.keys.service_keys not available")
+        result.credentials_reissued = service_keys.reissue_credentials(ctx, ev.key.split(":", 1)[1])
+        result.steps.append(f"re-issued {result.credentials_reissued} credentials")
     # 5. break-glass: seal the new version
     if key_class == "break-glass":
         try:
