@@ -490,7 +490,8 @@ def ledger_verify(ctx, workers, as_json):
     else:
         click.echo(
             f"ledger intact: {result.count} entries, head {result.head_hash[:16]}…; replay matches "
-            f"{cross.versions} key version(s) and {cross.audit_events} audit event(s)"
+            f"{cross.versions} key version(s) and {cross.audit_events} audit event(s) "
+            f"(verifier: {result.verifier})"
         )
     if not (result.ok and cross is not None and cross.ok):
         ctx.exit(EXIT_FAILED)

@@ -7,12 +7,17 @@
 2. Every way an insider can tamper with the ledger (the cases of test_ledger, test_cli,
    test_compliance and test_checkpoints, plus escapes and segment boundaries) gives the
    same VerifyResult — same first bad seq, problem, count and head — on both paths, in one
-   process and split over three.
+   process and split over three, on the C kernel and on the pure-Python path.
+3. The C kernel (``_chain_c``) against the pure-Python path over COPY lines of random chains,
+   intact and with any single byte changed; it decides the common row itself (only the rows
+   the Python path sends to ``split_line`` go back to Python) and names a changed hash, prev,
+   seq or field at its seq.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -30,22 +35,30 @@ from kms_pipelines.core.ledger import ledger, ledger_copy
 
 # Text PostgreSQL can store: no NUL, no lone surrogates.
 _text = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=40)
-_opt = st.none() | _text
 _moments = st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59, 999999))
-_row = st.tuples(
-    st.integers(1, 2**63 - 1),
-    _moments,
-    _text,
-    st.none() | st.integers(-(2**31), 2**31 - 1),
-    _opt,
-    _text,
-    _text,
-    _text,
-    _opt,
-    _opt,
-    _opt,
-    st.text("0123456789abcdef", max_size=64),
-)
+
+
+def _rows_of(text):
+    return st.tuples(
+        st.integers(1, 2**63 - 1),
+        _moments,
+        text,
+        st.none() | st.integers(-(2**31), 2**31 - 1),
+        st.none() | text,
+        text,
+        text,
+        text,
+        st.none() | text,
+        st.none() | text,
+        st.none() | text,
+        st.text("0123456789abcdef", max_size=64),
+    )
+
+
+_row = _rows_of(_text)
+# Rows with no byte that COPY or JSON escapes (the C kernel's own rows), and some that have one.
+_plain = st.text(st.characters(exclude_categories=("Cs", "Cc"), exclude_characters='"\\'), max_size=40)
+_kernel_row = _rows_of(_plain) | _row
 
 _ROW_SQL = (
     f"SELECT {ledger_copy.COLUMNS_SQL} FROM (SELECT (%s)::bigint AS seq, %s::timestamptz AS at, %s::varchar AS key_name, "
@@ -78,8 +91,45 @@ def test_server_document_is_byte_identical_to_python_canonical(pg_conn, row):
     assert len(lines) == 1
     fields, null = ledger_copy.split_line(lines[0][:-1].decode())
     assert ledger_copy.document(*fields[:12], null) == expected
-    # and the verifier's inlined common case agrees (the line as the first entry after seq - 1)
-    assert ledger_copy.verify_lines(lines, expected_seq=seq, prev=prev) == ledger.VerifyResult(True, 1, seq, digest)
+    # and the verifier's inlined common case agrees (the line as the first entry after seq - 1),
+    # on the C kernel and in Python
+    for force_python in (False, True):
+        result = ledger_copy.verify_lines(lines, expected_seq=seq, prev=prev, force_python=force_python)
+        assert result == ledger.VerifyResult(True, 1, seq, digest)
+        assert result.verifier == ("copy-python" if force_python else "copy-c")
+
+
+def _outcome(lines, seq, prev, force_python):
+    """verify_lines' result, or the exception it raised (type and message), for comparing paths."""
+    try:
+        return ledger_copy.verify_lines(lines, expected_seq=seq, prev=prev, force_python=force_python)
+    except Exception as exc:  # any exception must be the same on both paths
+        return type(exc), str(exc)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(_kernel_row, min_size=1, max_size=4), data=st.data())
+def test_c_kernel_and_python_agree_on_random_chains_and_any_changed_byte(pg_conn, rows, data):
+    first_seq, first_prev = min(rows[0][0], 2**63 - len(rows)), rows[0][11]
+    lines, prev = [], first_prev
+    for i, (_seq, naive, key, version, frm, to, actor, approvers, ticket, reason, event, _prev) in enumerate(rows):
+        seq, at = first_seq + i, naive.replace(tzinfo=UTC)
+        raw = ledger.row_canonical(seq, at, key, version, frm, to, actor, approvers, ticket, reason, event, prev)
+        digest = hashlib.sha256(raw).hexdigest()
+        params = (seq, at, key, version, frm, to, actor, approvers, ticket, reason, event, prev, digest)
+        with pg_conn.cursor().copy(f"COPY ({_ROW_SQL}) TO STDOUT", params) as copy:
+            lines += [bytes(line) for line in copy]
+        prev = digest
+    intact = ledger.VerifyResult(True, len(rows), first_seq + len(rows) - 1, prev)
+    assert _outcome(lines, first_seq, first_prev, False) == intact == _outcome(lines, first_seq, first_prev, True)
+    i = data.draw(st.integers(0, len(lines) - 1), label="line")
+    pos = data.draw(st.integers(0, len(lines[i]) - 1), label="byte")
+    new = data.draw(st.integers(0, 255).filter(lambda b: b != lines[i][pos]), label="value")
+    changed = [*lines[:i], lines[i][:pos] + bytes([new]) + lines[i][pos + 1 :], *lines[i + 1 :]]
+    c_side = _outcome(changed, first_seq, first_prev, False)
+    assert c_side == _outcome(changed, first_seq, first_prev, True)
+    if isinstance(c_side, ledger.VerifyResult):
+        assert c_side.verifier == "copy-c"
 
 
 def _grow(kms, n=30):
@@ -177,13 +227,15 @@ def _tampered_kms(make_kms, case):
     return kms
 
 
+@pytest.mark.parametrize("path", ["c", "python"])
 @pytest.mark.parametrize("case", list(TAMPERS))
-def test_copy_verifier_names_the_same_first_bad_seq(make_kms, case):
+def test_copy_verifier_names_the_same_first_bad_seq(make_kms, case, path):
     kms = _tampered_kms(make_kms, case)
     reference = ledger.verify_streamed(kms.engine)
-    one = ledger_copy.verify(kms.engine, workers=1)
-    three = ledger_copy.verify(kms.engine, workers=3)
+    one = ledger_copy.verify(kms.engine, workers=1, force_python=path == "python")
+    three = ledger_copy.verify(kms.engine, workers=3, force_python=path == "python")
     assert one == reference and three == reference
+    assert one.verifier == three.verifier == f"copy-{path}"
     if case not in ("delete_last", "delete_tail"):  # a truncated head is caught by checkpoints, not the chain
         assert not reference.ok and reference.first_bad_seq is not None
 
@@ -194,8 +246,9 @@ def test_copy_verifier_agrees_on_an_intact_ledger(make_kms):
     reference = ledger.verify_streamed(kms.engine)
     assert reference.ok
     assert ledger.verify(kms.engine) == reference
-    for workers in (2, 3, 7):
+    for workers in (1, 2, 3, 7):
         assert ledger_copy.verify(kms.engine, workers=workers) == reference
+        assert ledger_copy.verify(kms.engine, workers=workers, force_python=True) == reference
 
 
 def test_a_null_in_a_required_column_is_reported_as_altered(make_kms):
@@ -205,8 +258,8 @@ def test_a_null_in_a_required_column_is_reported_as_altered(make_kms):
     with kms.engine.begin() as conn:
         conn.execute(text("ALTER TABLE ledger_entries ALTER COLUMN actor DROP NOT NULL"))
     _tamper(kms, "UPDATE ledger_entries SET actor = NULL WHERE seq = 3")
-    for workers in (1, 3):
-        result = ledger_copy.verify(kms.engine, workers=workers)
+    for workers, force_python in itertools.product((1, 3), (False, True)):
+        result = ledger_copy.verify(kms.engine, workers=workers, force_python=force_python)
         assert not result.ok and result.first_bad_seq == 3 and "altered" in result.problem and result.count == 2
 
 
@@ -214,6 +267,80 @@ def test_an_unformattable_timestamp_is_reported_as_altered(make_kms):
     """'infinity' has no RFC 3339 form: the row-by-row path cannot even load it; COPY names it."""
     kms = make_kms("postgres")
     _tamper(kms, "UPDATE ledger_entries SET at = 'infinity' WHERE seq = 2")
-    for workers in (1, 2):
-        result = ledger_copy.verify(kms.engine, workers=workers)
+    for workers, force_python in itertools.product((1, 2), (False, True)):
+        result = ledger_copy.verify(kms.engine, workers=workers, force_python=force_python)
         assert not result.ok and result.first_bad_seq == 2 and "altered" in result.problem and result.count == 1
+
+
+def _copy_lines(kms):
+    """The ledger's COPY text lines, as the verifier reads them."""
+    with psycopg.connect(ledger_copy.conninfo(kms.engine)) as conn:
+        with conn.cursor().copy(ledger_copy._segment_query(0, None)) as copy:
+            return [bytes(line) for line in copy]
+
+
+def _needs_python(line):
+    """The rows ``_chain`` sends to ``split_line``/``document`` (its two escape searches)."""
+    return bool(ledger_copy._COPY_ESCAPE(line) or ledger_copy._JSON_ESCAPE(line, line.find(b"\t")))
+
+
+def test_the_c_kernel_decides_every_row_but_those_python_escapes(make_kms):
+    assert ledger_copy.c_kernel_built(), "the C kernel is not built: pip install -e . (needs gcc, libssl-dev)"
+    kms = make_kms("postgres")
+    _grow(kms)
+    lines = _copy_lines(kms)
+    chain = ledger_copy._CChain(1, ledger.GENESIS_HASH)
+    for line in lines:
+        chain.write(line)
+    escaped = sum(map(_needs_python, lines))
+    assert 0 < escaped < len(lines)
+    assert chain.deferred == escaped
+    assert chain.result() == ledger.verify_streamed(kms.engine)
+
+
+def _field(line, index, value):
+    fields = line[:-1].split(b"\t")
+    fields[index] = value
+    return b"\t".join(fields) + b"\n"
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (lambda line: _field(line, 12, b"0" * 64), "was altered"),  # stored hash
+        (lambda line: _field(line, 7, b"f" * 64), "does not link"),  # prev
+        (lambda line: _field(line, 1, b"999"), "is missing"),  # seq
+        (lambda line: _field(line, 2, b"mallory"), "was altered"),  # actor
+        (lambda line: _field(line, 3, line.split(b"\t")[3].replace(b"Z", b"1Z")), "was altered"),  # at
+        (lambda line: _field(line, 11, b"\\N"), "was altered"),  # version to NULL
+        (lambda line: _field(line, 6, b"\\N"), "was altered"),  # a NOT NULL column to NULL
+    ],
+)
+def test_the_c_kernel_names_a_changed_row_at_its_seq(make_kms, change, problem):
+    kms = make_kms("postgres")
+    _grow(kms)
+    lines = _copy_lines(kms)
+    # the tenth row the kernel decides alone (no escape): the change is the kernel's to find
+    target = [i for i, line in enumerate(lines) if not _needs_python(line)][9]
+    changed = [*lines[:target], change(lines[target]), *lines[target + 1 :]]
+    assert not _needs_python(changed[target])
+    result = ledger_copy.verify_lines(changed)
+    assert result.verifier == "copy-c"
+    assert not result.ok and result.first_bad_seq == target + 1 and problem in result.problem
+    assert result.count == target
+    assert result == ledger_copy.verify_lines(changed, force_python=True)
+
+
+def test_without_the_c_kernel_the_python_path_runs_and_says_so(make_kms, monkeypatch, caplog):
+    kms = make_kms("postgres")
+    _grow(kms)
+    reference = ledger.verify_streamed(kms.engine)
+    assert ledger_copy.verify(kms.engine).verifier == "copy-c"
+    monkeypatch.setenv(ledger_copy.FORCE_PYTHON_ENV, "1")
+    assert ledger_copy.verify(kms.engine).verifier == "copy-python"
+    monkeypatch.delenv(ledger_copy.FORCE_PYTHON_ENV)
+    monkeypatch.setattr(ledger_copy, "_chain_c", None)  # as on a machine with no compiler
+    with caplog.at_level("WARNING", logger=ledger_copy.__name__):
+        result = ledger.verify(kms.engine)
+    assert result == reference and result.verifier == "copy-python"
+    assert "pure-Python path" in caplog.text and "not built" in caplog.text

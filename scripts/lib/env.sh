@@ -34,6 +34,13 @@ ensure_system_packages() {
   # are never used); the emoji font renders the compliance report's status marks.
   command -v chromium >/dev/null || missing+=(chromium)
   [ -e /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || missing+=(fonts-noto-color-emoji)
+  # pip install compiles the ledger verifier's C kernel (setup.py, cffi), which needs a C
+  # compiler and the Python and OpenSSL headers (without them the install still succeeds,
+  # with a warning, and `kms ledger verify` runs its slower pure-Python path).
+  command -v gcc >/dev/null || missing+=(gcc)
+  [ -e /usr/include/openssl/sha.h ] || missing+=(libssl-dev)
+  "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    2>/dev/null || missing+=(python3-dev)
   [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 }
 

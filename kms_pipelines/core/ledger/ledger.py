@@ -306,8 +306,9 @@ def verify(
 ) -> VerifyResult:
     """Verify the whole ledger, streaming, naming the first bad seq.
 
-    PostgreSQL goes over COPY, split over up to ``workers`` processes (``ledger_copy``);
-    SQLite streams rows through SQLAlchemy (``verify_rows``)."""
+    PostgreSQL goes over COPY, split over up to ``workers`` processes (``ledger_copy``, on its
+    C kernel when built); SQLite streams rows through SQLAlchemy (``verify_rows``). The
+    result's ``verifier`` names the path that ran."""
     if engine.dialect.name == "postgresql":
         return ledger_copy.verify(engine, workers=workers, min_entries_per_worker=min_entries_per_worker)
     return verify_streamed(engine, batch_size)
@@ -322,7 +323,9 @@ def verify_with_policy(ctx: KmsContext) -> VerifyResult:
 def verify_streamed(engine: Engine, batch_size: int = 5000) -> VerifyResult:
     """The row-by-row verifier on any database (the reference the COPY path is tested against)."""
     with engine.connect() as conn:
-        return verify_rows(iter_rows(conn, batch_size))
+        result = verify_rows(iter_rows(conn, batch_size))
+    result.verifier = "rows"
+    return result
 
 
 def entries_for(session: Session, key_name: str, key_version: int | None = None) -> list[LedgerEntry]:

@@ -23,6 +23,8 @@ the first range itself while worker processes take the others.
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import re
 from collections.abc import Callable, Generator, Iterable
 from json.encoder import encode_basestring as _enc  # C-accelerated, = ledger's encoder
@@ -33,6 +35,16 @@ from sqlalchemy.engine import Engine
 
 from ..foundation.partitions import map_in_processes, seq_bounds
 from .verdict import GENESIS_HASH, VerifyResult, altered, broken_link, seq_gap
+
+try:  # the C kernel, compiled by cffi at install time (_chain_build.py)
+    from . import _chain_c
+except ImportError:  # installed without a C compiler or libssl-dev: the pure-Python path runs
+    _chain_c = None  # type: ignore[assignment]  # (the module or None; checked before use)
+
+log = logging.getLogger(__name__)
+
+# Set to 1 to run the pure-Python path although the C kernel is built (tests compare the two).
+FORCE_PYTHON_ENV = "KMS_LEDGER_VERIFY_PYTHON"
 
 # In the order the template uses them (approvers, a JSON text put in as it is, first: the
 # escape check skips it), so a line unpacks straight into it.
@@ -190,21 +202,151 @@ def _utf8(field: str | None) -> bytes | None:
     return None if field is None else field.encode()
 
 
-def verify_lines(
-    lines: Iterable[bytes | bytearray | memoryview], expected_seq: int = 1, prev: str = GENESIS_HASH
+def c_kernel_built() -> bool:
+    """Whether the C kernel (``_chain_c``) was compiled at install time."""
+    return _chain_c is not None
+
+
+def _use_c(force_python: bool) -> bool:
+    if force_python or os.environ.get(FORCE_PYTHON_ENV) == "1":
+        return False
+    if _chain_c is None:
+        log.warning(
+            "ledger verify runs its pure-Python path: the C kernel (%s._chain_c) is not built "
+            "(reinstall the package with gcc and libssl-dev present)",
+            __package__,
+        )
+        return False
+    return True
+
+
+class _Stop(Exception):
+    """Raised from ``write`` to end ``copy_expert`` at the first bad entry; carries the verdict."""
+
+    def __init__(self, result: VerifyResult) -> None:
+        super().__init__(result.problem)
+        self.result = result
+
+
+class _CChain:
+    """The chain's state in the C kernel's struct; ``write`` checks one COPY text row.
+
+    The kernel decides a row needing no escape itself; a row it stops at with ``KMS_DEFER``
+    (exactly the rows ``_chain`` sends to ``split_line``/``document``, and any it cannot parse)
+    goes through ``_chain`` from the kernel's state, so every verdict is the Python path's."""
+
+    def __init__(self, expected_seq: int, prev: str) -> None:
+        assert _chain_c is not None
+        self._ffi, self._lib = _chain_c.ffi, _chain_c.lib
+        self.st = self._ffi.new("kms_chain *")
+        self._set_expected(expected_seq)
+        self.deferred = 0  # rows checked in Python (tests: the kernel decides the common row)
+        self._set_prev(prev.encode())
+        check, st, stopped = self._lib.kms_chain_row, self.st, self._stopped
+
+        # All the per-row Python: one call and a test (copy_expert calls ``write`` from its C loop).
+        def write(row: bytes) -> None:
+            status = check(st, row, len(row))
+            if status:
+                stopped(row, status)
+
+        self.write = write
+
+    def _set_prev(self, prev: bytes) -> None:
+        if len(prev) > self._lib.KMS_PREV_MAX:  # entry_hash is varchar(64): 256 bytes at most
+            raise ValueError("a ledger entry_hash is longer than its column allows")
+        self._ffi.memmove(self.st.prev, prev, len(prev))
+        self.st.prev_len = len(prev)
+
+    def _set_expected(self, seq: int) -> None:
+        # Python's ints have no bound: past int64 (after seq 2**63 - 1, or a caller's start)
+        # the struct holds a placeholder and the kernel sends every row to Python.
+        self._expected = seq
+        self.st.python_only = int(not -(2**63) <= seq < 2**63)
+        self.st.expected_seq = 0 if self.st.python_only else seq
+
+    def _prev(self) -> str:
+        return self._ffi.buffer(self.st.prev, self.st.prev_len)[:].decode()
+
+    def _stopped(self, row: bytes, status: int) -> None:
+        st, lib = self.st, self._lib
+        if not row:  # as for _chain, an empty row ends the input
+            raise _Stop(self.result())
+        if status == lib.KMS_DEFER:
+            self.deferred += 1
+            expected = self._expected if st.python_only else st.expected_seq
+            one = _python_verdict(_chain(expected, self._prev()), lambda write: write(row))
+            if not one.ok:
+                one.count = st.count  # _chain counted from 0
+                raise _Stop(one)
+            if one.count:  # the row checked out: the chain goes on from it
+                st.count += 1
+                self._set_expected(one.head_seq + 1)
+                self._set_prev(one.head_hash.encode())
+            return
+        if status == lib.KMS_GAP:
+            raise _Stop(seq_gap(st.count, self._prev(), st.expected_seq, st.seq))
+        if status == lib.KMS_LINK:
+            raise _Stop(broken_link(st.count, self._prev(), st.seq))
+        raise _Stop(altered(st.count, self._prev(), st.seq))
+
+    def result(self) -> VerifyResult:
+        expected = self._expected if self.st.python_only else self.st.expected_seq
+        return VerifyResult(True, self.st.count, expected - 1, self._prev())
+
+
+def _python_verdict(
+    chain: Generator[None, bytes, VerifyResult], rows: Callable[[Callable[[bytes], None]], None]
 ) -> VerifyResult:
-    """Check COPY text lines of ``COLUMNS_SQL`` (bytes-like, newline included); the same
-    results as ``ledger.verify_rows``."""
-    chain = _chain(expected_seq, prev)
+    """Run ``_chain`` over the rows ``rows`` pushes into its argument; its VerifyResult."""
     next(chain)
     try:
-        for line in lines:
-            chain.send(bytes(line))
+        rows(chain.send)
         chain.send(b"")
     except StopIteration as stop:
         result: VerifyResult = stop.value  # the coroutine's return value (see _chain)
         return result
     raise AssertionError("the chain coroutine ended without a result")  # unreachable: b"" ends it
+
+
+def _c_verdict(chain: _CChain, rows: Callable[[Callable[[bytes], None]], None]) -> VerifyResult:
+    try:
+        rows(chain.write)
+    except _Stop as stop:
+        return stop.result
+    return chain.result()
+
+
+def _run(use_c: bool, expected_seq: int, prev: str, rows: Callable[[Callable[[bytes], None]], None]) -> VerifyResult:
+    """The chain from (``expected_seq``, ``prev``) over the rows ``rows`` pushes into the
+    callable it is given (one COPY text row each, newline included), on the C kernel or in
+    Python; the result names which ran."""
+    if use_c:
+        result = _c_verdict(_CChain(expected_seq, prev), rows)
+        result.verifier = "copy-c"
+    else:
+        result = _python_verdict(_chain(expected_seq, prev), rows)
+        result.verifier = "copy-python"
+    return result
+
+
+def verify_lines(
+    lines: Iterable[bytes | bytearray | memoryview],
+    expected_seq: int = 1,
+    prev: str = GENESIS_HASH,
+    *,
+    force_python: bool = False,
+) -> VerifyResult:
+    """Check COPY text lines of ``COLUMNS_SQL`` (bytes-like, newline included); the same
+    results as ``ledger.verify_rows``. An empty line ends the input."""
+
+    def push(write: Callable[[bytes], None]) -> None:
+        for line in lines:
+            if not line:
+                return
+            write(bytes(line))
+
+    return _run(_use_c(force_python), expected_seq, prev, push)
 
 
 class _Sink:
@@ -214,7 +356,7 @@ class _Sink:
         self.write = write
 
 
-def _verify_range(dsn: str, lo: int, hi: int | None) -> VerifyResult:
+def _verify_range(dsn: str, lo: int, hi: int | None, use_c: bool) -> VerifyResult:
     # psycopg2's copy_expert, not psycopg 3's COPY iterator: psycopg 3 hands each row
     # (one CopyData message) through Python generators, about 1 µs a row, as much as the
     # whole raw read; psycopg2 loops in C and calls ``write`` once per row.
@@ -230,39 +372,37 @@ def _verify_range(dsn: str, lo: int, hi: int | None) -> VerifyResult:
             if row is None:  # the range before this one ends short and reports the gap first
                 return VerifyResult(False, 0, lo - 1, "", lo, f"entry seq {lo} is missing")
             prev = row[0]
-        chain = _chain(lo + 1, prev)
-        next(chain)
-        try:
-            # Stops at the first bad entry: StopIteration from ``send`` ends copy_expert
-            # mid-stream, and the connection is closed below, never reused.
-            cur.copy_expert(_segment_query(lo, hi), _Sink(chain.send))
-            chain.send(b"")
-        except StopIteration as stop:
-            result: VerifyResult = stop.value  # the coroutine's return value (see _chain)
-            return result
-        raise AssertionError("the chain coroutine ended without a result")  # unreachable
+        # Stops at the first bad entry: the exception ``write`` raises ends copy_expert
+        # mid-stream, and the connection is closed below, never reused.
+        return _run(use_c, lo + 1, prev, lambda write: cur.copy_expert(_segment_query(lo, hi), _Sink(write)))
     finally:
         conn.close()
 
 
-def verify_segment(dsn: str, lo: int, hi: int | None) -> VerifyResult:
+def verify_segment(dsn: str, lo: int, hi: int | None, use_c: bool = True) -> VerifyResult:
     """Verify entries (lo, hi] (to the end when ``hi`` is None), anchored at entry ``lo``'s stored hash."""
-    return _verify_range(dsn, lo, hi)
+    return _verify_range(dsn, lo, hi, use_c and _use_c(False))
 
 
-def verify(engine: Engine, *, workers: int = 1, min_entries_per_worker: int = 1) -> VerifyResult:
-    """Verify the whole ledger over COPY, in up to ``workers`` processes."""
+def verify(
+    engine: Engine, *, workers: int = 1, min_entries_per_worker: int = 1, force_python: bool = False
+) -> VerifyResult:
+    """Verify the whole ledger over COPY, in up to ``workers`` processes; on the C kernel
+    unless it is not built or ``force_python`` (or KMS_LEDGER_VERIFY_PYTHON=1) asks for Python."""
+    use_c = _use_c(force_python)
     with engine.connect() as conn:
         max_seq = conn.execute(text("SELECT coalesce(max(seq), 0) FROM ledger_entries")).scalar_one()
     parts = min(workers, max(1, max_seq // max(1, min_entries_per_worker)))
     dsn = conninfo(engine)
     if parts <= 1:
-        return _verify_range(dsn, 0, None)
+        return _verify_range(dsn, 0, None, use_c)
     bounds = seq_bounds(0, max_seq, parts)
     # the last range runs to the end, as a single pass would; the first runs in this
     # process while the workers take the others (one process fewer to start)
     results = map_in_processes(
-        verify_segment, [(dsn, lo, hi if hi < max_seq else None) for lo, hi in bounds], first_in_caller=True
+        verify_segment,
+        [(dsn, lo, hi if hi < max_seq else None, use_c) for lo, hi in bounds],
+        first_in_caller=True,
     )
     total = 0
     for (_lo, hi), part in zip(bounds, results, strict=True):
@@ -272,4 +412,4 @@ def verify(engine: Engine, *, workers: int = 1, min_entries_per_worker: int = 1)
         total = part.count
         if hi < max_seq and part.head_seq < hi:  # the chain ended inside this range: nothing follows
             break
-    return VerifyResult(True, total, total, part.head_hash)
+    return VerifyResult(True, total, total, part.head_hash, verifier=part.verifier)

@@ -8,7 +8,7 @@ with a module-level import (no ledger <-> ledger_copy cycle).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 GENESIS_HASH = "0" * 64
@@ -22,6 +22,9 @@ class VerifyResult:
     head_hash: str
     first_bad_seq: int | None = None
     problem: str | None = None
+    # Which verifier produced it ("copy-c", "copy-python", "rows"), so a run on the slower
+    # fallback says so; not part of the verdict (two verifiers agreeing compare equal).
+    verifier: str | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
