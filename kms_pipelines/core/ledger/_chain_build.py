@@ -33,11 +33,13 @@ typedef struct {
     int64_t count;
     int64_t seq;        /* the seq of the row that stopped the chain (KMS_GAP, KMS_LINK, KMS_ALTERED) */
     int python_only;    /* the expected seq is beyond int64 (kept in Python): every row defers */
+    int status;         /* why kms_chain_feed stopped (KMS_OK when it took every row) */
     size_t prev_len;
     char prev[256];     /* the previous entry's stored hash, prev_len bytes */
 } kms_chain;
 
 int kms_chain_row(kms_chain *st, const char *row, size_t len);
+size_t kms_chain_feed(kms_chain *st, const char *buf, size_t len);
 """
 
 SOURCE = r"""
@@ -57,6 +59,7 @@ typedef struct {
     int64_t count;
     int64_t seq;
     int python_only;
+    int status;
     size_t prev_len;
     char prev[256];
 } kms_chain;
@@ -174,6 +177,27 @@ static int check_row(kms_chain *st, const char *row, size_t rlen) {
    KMS_OK after advancing the chain, else why it stopped (KMS_DEFER: check it in Python). */
 int kms_chain_row(kms_chain *st, const char *row, size_t len) {
     return check_row(st, row, len);
+}
+
+/* A block of COPY text rows, each ending in its newline (COPY escapes a newline in data, so
+   every newline byte ends a row). Returns the bytes consumed: all (status KMS_OK), or up to
+   the row that stopped the chain, which status names. One call per block: the GIL is
+   released once per block, not per row. */
+size_t kms_chain_feed(kms_chain *st, const char *buf, size_t len) {
+    size_t pos = 0;
+    while (pos < len) {
+        const char *row = buf + pos;
+        const char *nl = memchr(row, '\n', len - pos);
+        size_t rlen = nl ? (size_t)(nl - row) + 1 : len - pos;
+        int r = check_row(st, row, rlen);
+        if (r != KMS_OK) {
+            st->status = r;
+            return pos;
+        }
+        pos += rlen;
+    }
+    st->status = KMS_OK;
+    return pos;
 }
 """
 

@@ -27,6 +27,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Generator, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from json.encoder import encode_basestring as _enc  # C-accelerated, = ledger's encoder
 
 import psycopg2  # its copy_expert loops over COPY rows in C (see _verify_range)
@@ -228,12 +229,20 @@ class _Stop(Exception):
         self.result = result
 
 
+# Rows gathered per call into the C kernel (about 2000 rows): the per-row Python is then one
+# bytearray.extend and a length test, and the GIL is released once per block, not per row.
+_BLOCK = 1 << 18
+
+
 class _CChain:
-    """The chain's state in the C kernel's struct; ``write`` checks one COPY text row.
+    """The chain's state in the C kernel's struct. ``write`` takes one COPY text row and
+    checks them a block at a time (``finish`` checks the rest); ``write_row`` checks each
+    row as it comes, for input whose rows may hold a newline byte (``verify_lines``).
 
     The kernel decides a row needing no escape itself; a row it stops at with ``KMS_DEFER``
     (exactly the rows ``_chain`` sends to ``split_line``/``document``, and any it cannot parse)
-    goes through ``_chain`` from the kernel's state, so every verdict is the Python path's."""
+    goes through ``_chain`` from the kernel's state, so every verdict is the Python path's.
+    A verdict ends the input with ``_Stop``."""
 
     def __init__(self, expected_seq: int, prev: str) -> None:
         assert _chain_c is not None
@@ -242,15 +251,37 @@ class _CChain:
         self._set_expected(expected_seq)
         self.deferred = 0  # rows checked in Python (tests: the kernel decides the common row)
         self._set_prev(prev.encode())
-        check, st, stopped = self._lib.kms_chain_row, self.st, self._stopped
+        self._buf = buf = bytearray()
+        extend, flush, check, st, stopped = buf.extend, self._flush, self._lib.kms_chain_row, self.st, self._stopped
 
-        # All the per-row Python: one call and a test (copy_expert calls ``write`` from its C loop).
-        def write(row: bytes) -> None:
+        def write(row: bytes) -> None:  # copy_expert calls this from its C loop, once per row
+            extend(row)
+            if len(buf) >= _BLOCK:
+                flush()
+
+        def write_row(row: bytes) -> None:
             status = check(st, row, len(row))
             if status:
                 stopped(row, status)
 
-        self.write = write
+        self.write, self.write_row = write, write_row
+
+    def _flush(self) -> None:
+        buf, st, feed = self._buf, self.st, self._lib.kms_chain_feed
+        end, pos = len(buf), 0
+        with self._ffi.from_buffer(buf) as block:  # no copy; released before buf is cleared
+            while pos < end:
+                pos += feed(st, block + pos, end - pos)
+                if pos < end:  # the row at pos stopped the kernel
+                    row_end = buf.find(b"\n", pos) + 1 or end
+                    self._stopped(bytes(buf[pos:row_end]), st.status)
+                    pos = row_end
+        buf.clear()
+
+    def finish(self) -> VerifyResult:
+        """The verdict once every row was written (``_Stop`` if the rows still held break it)."""
+        self._flush()
+        return self.result()
 
     def _set_prev(self, prev: bytes) -> None:
         if len(prev) > self._lib.KMS_PREV_MAX:  # entry_hash is varchar(64): 256 bytes at most
@@ -309,20 +340,30 @@ def _python_verdict(
     raise AssertionError("the chain coroutine ended without a result")  # unreachable: b"" ends it
 
 
-def _c_verdict(chain: _CChain, rows: Callable[[Callable[[bytes], None]], None]) -> VerifyResult:
+def _c_verdict(chain: _CChain, rows: Callable[[Callable[[bytes], None]], None], by_row: bool) -> VerifyResult:
     try:
+        if by_row:
+            rows(chain.write_row)
+            return chain.result()
         rows(chain.write)
+        return chain.finish()
     except _Stop as stop:
         return stop.result
-    return chain.result()
 
 
-def _run(use_c: bool, expected_seq: int, prev: str, rows: Callable[[Callable[[bytes], None]], None]) -> VerifyResult:
+def _run(
+    use_c: bool,
+    expected_seq: int,
+    prev: str,
+    rows: Callable[[Callable[[bytes], None]], None],
+    *,
+    by_row: bool = False,
+) -> VerifyResult:
     """The chain from (``expected_seq``, ``prev``) over the rows ``rows`` pushes into the
     callable it is given (one COPY text row each, newline included), on the C kernel or in
-    Python; the result names which ran."""
+    Python; the result names which ran. ``by_row``: rows may hold a newline byte (not COPY's)."""
     if use_c:
-        result = _c_verdict(_CChain(expected_seq, prev), rows)
+        result = _c_verdict(_CChain(expected_seq, prev), rows, by_row)
         result.verifier = "copy-c"
     else:
         result = _python_verdict(_chain(expected_seq, prev), rows)
@@ -346,7 +387,7 @@ def verify_lines(
                 return
             write(bytes(line))
 
-    return _run(_use_c(force_python), expected_seq, prev, push)
+    return _run(_use_c(force_python), expected_seq, prev, push, by_row=True)
 
 
 class _Sink:
@@ -384,6 +425,19 @@ def verify_segment(dsn: str, lo: int, hi: int | None, use_c: bool = True) -> Ver
     return _verify_range(dsn, lo, hi, use_c and _use_c(False))
 
 
+def _map_in_threads(
+    fn: Callable[[str, int, int | None, bool], VerifyResult], argsets: list[tuple[str, int, int | None, bool]]
+) -> list[VerifyResult]:
+    """``[fn(*args) for args in argsets]``, the first in this thread, the others in threads.
+
+    On the C kernel threads overlap like processes: psycopg2 waits for rows and the kernel
+    hashes them with the GIL released, and a thread costs no process start (0.1-1 s, more
+    than verifying 100k entries takes)."""
+    with ThreadPoolExecutor(max_workers=len(argsets) - 1) as pool:
+        futures = [pool.submit(fn, *args) for args in argsets[1:]]
+        return [fn(*argsets[0])] + [f.result() for f in futures]
+
+
 def verify(
     engine: Engine, *, workers: int = 1, min_entries_per_worker: int = 1, force_python: bool = False
 ) -> VerifyResult:
@@ -397,13 +451,12 @@ def verify(
     if parts <= 1:
         return _verify_range(dsn, 0, None, use_c)
     bounds = seq_bounds(0, max_seq, parts)
-    # the last range runs to the end, as a single pass would; the first runs in this
-    # process while the workers take the others (one process fewer to start)
-    results = map_in_processes(
-        verify_segment,
-        [(dsn, lo, hi if hi < max_seq else None, use_c) for lo, hi in bounds],
-        first_in_caller=True,
-    )
+    # the last range runs to the end, as a single pass would
+    argsets = [(dsn, lo, hi if hi < max_seq else None, use_c) for lo, hi in bounds]
+    if use_c:
+        results = _map_in_threads(verify_segment, argsets)
+    else:  # the Python path holds the GIL: processes; the first range runs in this one
+        results = map_in_processes(verify_segment, argsets, first_in_caller=True)
     total = 0
     for (_lo, hi), part in zip(bounds, results, strict=True):
         part.count += total
