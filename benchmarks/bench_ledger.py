@@ -10,7 +10,9 @@ then, in the same process and interleaved (median of ``--repeat`` runs each), ti
 ``ledger.verify`` with the policy's workers against the raw limit: the fastest of several
 raw reads of ``COPY (SELECT <every ledger column> ORDER BY seq) TO STDOUT`` doing nothing
 with the rows (psycopg 3 text and binary, psycopg2 ``copy_expert`` text and binary, and
-psycopg2 over two connections in parallel, and the whole table in its physical order;
+psycopg2 over two connections in parallel, the same with the planner's sort turned off
+(rows from the primary-key index, as the verifier reads them), and the whole table in its
+physical order;
 every one's rate is in ``raw_rates``). Also
 reported: the 1-process COPY verifier, the old row-by-row verifier (SQLAlchemy stream,
 once) and hashlib alone over the same bytes."""
@@ -143,17 +145,17 @@ def _pg3_read(dsn: str, sql: str) -> None:
             pass
 
 
-def _pg2_read(dsn: str, sql: str) -> None:
+def _pg2_read(dsn: str, sql: str, options: str = "") -> None:
     import psycopg2
 
-    conn = psycopg2.connect(dsn)
+    conn = psycopg2.connect(dsn, options=options)
     try:
         conn.cursor().copy_expert(sql, _Discard())
     finally:
         conn.close()
 
 
-def _pg2_read_halves(dsn: str, n: int) -> None:
+def _pg2_read_halves(dsn: str, n: int, options: str = "") -> None:
     """Two connections each reading half the rows at once (psycopg2 waits for rows without the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -163,7 +165,7 @@ def _pg2_read_halves(dsn: str, n: int) -> None:
         f"COPY (SELECT {RAW_COLUMNS} FROM ledger_entries WHERE seq > {half} ORDER BY seq) TO STDOUT",
     ]
     with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda sql: _pg2_read(dsn, sql), sqls))
+        list(pool.map(lambda sql: _pg2_read(dsn, sql, options), sqls))
 
 
 def raw_reads(dsn: str, n: int) -> dict:
@@ -175,6 +177,11 @@ def raw_reads(dsn: str, n: int) -> dict:
         "psycopg2 copy_expert text": lambda: _pg2_read(dsn, RAW_COPY),
         "psycopg2 copy_expert binary": lambda: _pg2_read(dsn, RAW_COPY + " (FORMAT binary)"),
         "psycopg2 copy_expert text, 2 connections in parallel": lambda: _pg2_read_halves(dsn, n),
+        # as the verifier reads: rows in primary-key order from the index, never a sort (a
+        # table just loaded has no statistics, and the planner would sort it per query)
+        "psycopg2 copy_expert text, 2 connections, index order (enable_sort=off)": lambda: _pg2_read_halves(
+            dsn, n, "-c enable_sort=off"
+        ),
         # the table in its physical order: no index scan, no sort (a verifier needs seq order)
         "psycopg2 copy_expert text, COPY ledger_entries (table order)": lambda: _pg2_read(
             dsn, "COPY ledger_entries TO STDOUT"

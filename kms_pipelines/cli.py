@@ -455,7 +455,7 @@ def ledger():
     "--workers",
     type=click.IntRange(min=1, max=64),
     default=None,
-    help="Processes verifying seq ranges in parallel on PostgreSQL (default: policy ledger.verify_workers).",
+    help="Seq ranges verified in parallel on PostgreSQL, threads on the C kernel (default: policy ledger.verify_workers).",
 )
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context

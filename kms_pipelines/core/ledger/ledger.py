@@ -306,8 +306,8 @@ def verify(
 ) -> VerifyResult:
     """Verify the whole ledger, streaming, naming the first bad seq.
 
-    PostgreSQL goes over COPY, split over up to ``workers`` processes (``ledger_copy``, on its
-    C kernel when built); SQLite streams rows through SQLAlchemy (``verify_rows``). The
+    PostgreSQL goes over COPY, split over up to ``workers`` threads (``ledger_copy``, on its
+    C kernel when built; processes on its Python path); SQLite streams rows through SQLAlchemy (``verify_rows``). The
     result's ``verifier`` names the path that ran."""
     if engine.dialect.name == "postgresql":
         return ledger_copy.verify(engine, workers=workers, min_entries_per_worker=min_entries_per_worker)
