@@ -273,7 +273,7 @@ class Ledger(_Strict):
     """Ledger verification (T3): PostgreSQL splits long chains over processes."""
 
     verify_workers: int = Field(default=2, ge=1, le=64)
-    verify_min_entries_per_worker: int = Field(default=25_000, gt=0)  # shorter ledgers: one pass
+    verify_min_entries_per_worker: int = Field(default=10_000, gt=0)  # shorter ranges: one pass is faster
 
 
 class Checkpoints(_Strict):
