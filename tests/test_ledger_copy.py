@@ -351,3 +351,19 @@ def test_without_the_c_kernel_the_python_path_runs_and_says_so(make_kms, monkeyp
         result = ledger.verify(kms.engine)
     assert result == reference and result.verifier == "copy-python"
     assert "pure-Python path" in caplog.text and "not built" in caplog.text
+
+
+def test_what_the_kernel_cannot_hold_goes_to_python_with_the_same_verdicts(make_kms):
+    """A prev hash longer than the kernel's buffer (an insider who also widened entry_hash) and
+    seqs past int64: every row then goes through the Python path, with the Python verdicts."""
+    kms = make_kms("postgres")
+    _grow(kms)
+    lines = _copy_lines(kms)
+    long_prev = "ab" * 200
+    first = _field(lines[0], 7, long_prev.encode())
+    for start, prev, rows in [(1, long_prev, [first, *lines[1:]]), (2**63, ledger.GENESIS_HASH, lines)]:
+        c_side = ledger_copy.verify_lines(rows, expected_seq=start, prev=prev)
+        assert c_side == ledger_copy.verify_lines(rows, expected_seq=start, prev=prev, force_python=True)
+        assert c_side.verifier == "copy-c"
+    # the first case: entry 1 links to the long prev but its hash was computed over the real one
+    assert ledger_copy.verify_lines([first], prev=long_prev).first_bad_seq == 1

@@ -268,9 +268,10 @@ class _CChain:
         assert _chain_c is not None
         self._ffi, self._lib = _chain_c.ffi, _chain_c.lib
         self.st = self._ffi.new("kms_chain *")
+        self._expected, self._long_prev = expected_seq, ""
+        self._set_prev(prev.encode())
         self._set_expected(expected_seq)
         self.deferred = 0  # rows checked in Python (tests: the kernel decides the common row)
-        self._set_prev(prev.encode())
         self._buf = buf = bytearray()
         extend, flush, check, st, stopped = buf.extend, self._flush, self._lib.kms_chain_row, self.st, self._stopped
 
@@ -303,21 +304,30 @@ class _CChain:
         self._flush()
         return self.result()
 
+    # What the struct cannot hold stays here, and the kernel then sends every row to Python:
+    # an expected seq past int64 (after seq 2**63 - 1, or a caller's start) or a prev hash
+    # longer than its buffer (entry_hash is varchar(64), 256 bytes at most, unless an insider
+    # altered the column too).
     def _set_prev(self, prev: bytes) -> None:
-        if len(prev) > self._lib.KMS_PREV_MAX:  # entry_hash is varchar(64): 256 bytes at most
-            raise ValueError("a ledger entry_hash is longer than its column allows")
-        self._ffi.memmove(self.st.prev, prev, len(prev))
-        self.st.prev_len = len(prev)
+        fits = len(prev) <= self._lib.KMS_PREV_MAX
+        self._long_prev = "" if fits else prev.decode()
+        self._ffi.memmove(self.st.prev, prev if fits else b"", len(prev) if fits else 0)
+        self.st.prev_len = len(prev) if fits else 0
+        self._python_only()
 
     def _set_expected(self, seq: int) -> None:
-        # Python's ints have no bound: past int64 (after seq 2**63 - 1, or a caller's start)
-        # the struct holds a placeholder and the kernel sends every row to Python.
         self._expected = seq
-        self.st.python_only = int(not -(2**63) <= seq < 2**63)
-        self.st.expected_seq = 0 if self.st.python_only else seq
+        self.st.expected_seq = seq if -(2**63) <= seq < 2**63 else 0
+        self._python_only()
+
+    def _python_only(self) -> None:
+        self.st.python_only = int(bool(self._long_prev) or not -(2**63) <= self._expected < 2**63)
+
+    def _expected_seq(self) -> int:  # the kernel's while it checks rows, else Python's
+        return self._expected if self.st.python_only else self.st.expected_seq
 
     def _prev(self) -> str:
-        return self._ffi.buffer(self.st.prev, self.st.prev_len)[:].decode()
+        return self._long_prev or self._ffi.buffer(self.st.prev, self.st.prev_len)[:].decode()
 
     def _stopped(self, row: bytes, status: int) -> None:
         st, lib = self.st, self._lib
@@ -325,8 +335,7 @@ class _CChain:
             raise _Stop(self.result())
         if status == lib.KMS_DEFER:
             self.deferred += 1
-            expected = self._expected if st.python_only else st.expected_seq
-            one = _python_verdict(_chain(expected, self._prev()), lambda write: write(row))
+            one = _python_verdict(_chain(self._expected_seq(), self._prev()), lambda write: write(row))
             if not one.ok:
                 one.count = st.count  # _chain counted from 0
                 raise _Stop(one)
@@ -342,8 +351,7 @@ class _CChain:
         raise _Stop(altered(st.count, self._prev(), st.seq))
 
     def result(self) -> VerifyResult:
-        expected = self._expected if self.st.python_only else self.st.expected_seq
-        return VerifyResult(True, self.st.count, expected - 1, self._prev())
+        return VerifyResult(True, self.st.count, self._expected_seq() - 1, self._prev())
 
 
 def _python_verdict(
