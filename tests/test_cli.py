@@ -136,6 +136,12 @@ def test_unreachable_database_is_a_clear_error(run):
 
 def test_ledger_verify_names_the_first_bad_seq(run, db_env):
     run("init", env=db_env)
+    intact = CliRunner().invoke(cli, ["ledger", "verify"], env=db_env)
+    # which verifier ran: the C kernel over COPY on PostgreSQL, the row-by-row path on SQLite
+    sqlite = db_env["KMS_DATABASE_URL"].startswith("sqlite")
+    assert intact.exit_code == 0 and f"(verifier: {'rows' if sqlite else 'copy-c'})" in intact.output
+    forced = CliRunner().invoke(cli, ["ledger", "verify", "--json"], env={**db_env, "KMS_LEDGER_VERIFY_PYTHON": "1"})
+    assert json.loads(forced.stdout)["verifier"] == ("rows" if sqlite else "copy-python")
     engine = create_engine(db_env["KMS_DATABASE_URL"])
     with engine.begin() as conn:
         drop_append_only_triggers(conn, "ledger_entries")
