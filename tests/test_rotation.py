@@ -227,7 +227,7 @@ def test_cli_partners_and_keys_rotate(kms, monkeypatch):
 def test_dagster_key_assets_and_partner_check(tmp_path):
     import dagster as dg
 
-    from kms_pipelines.defs import rotation as rdefs
+    from kms_pipelines.defs import keys as keys_defs
     from kms_pipelines.defs.foundation import kms_state
     from kms_pipelines.defs.resources import DatabaseResource, KeyStoreResource, KmsResource, ObjectStoreResource
     from tests.fixtures.dagster_defs import FixedClockResource
@@ -245,8 +245,8 @@ def test_dagster_key_assets_and_partner_check(tmp_path):
             )
         }
 
-    assets = [kms_state, rdefs.keys_root, rdefs.keys_service, rdefs.keys_data, rdefs.keys_backup]
-    checks = [rdefs.partners_notified_within_24h, rdefs.root_manifest_chain_verifies]
+    assets = [kms_state, keys_defs.keys_root, keys_defs.keys_service, keys_defs.keys_data, keys_defs.keys_backup]
+    checks = [keys_defs.partners_notified_within_24h, keys_defs.root_manifest_chain_verifies]
     r = dg.materialize(
         assets + checks, instance=dg.DagsterInstance.ephemeral(), resources=resources("2030-01-01T02:00:00Z")
     )

@@ -653,7 +653,7 @@ def test_drill_detects_an_rpt_that_does_not_verify_under_the_archived_key(make_k
 def test_dagster_key_vault_asset_and_check_in_the_nightly_run(tmp_path):
     import dagster as dg
 
-    from kms_pipelines.defs import rotation as rdefs
+    from kms_pipelines.defs import keys as keys_defs
     from kms_pipelines.defs.foundation import kms_state
     from kms_pipelines.defs.resources import DatabaseResource, KeyStoreResource, KmsResource, ObjectStoreResource
     from tests.fixtures.dagster_defs import FixedClockResource
@@ -673,11 +673,11 @@ def test_dagster_key_vault_asset_and_check_in_the_nightly_run(tmp_path):
 
     assets = [
         kms_state,
-        rdefs.keys_root,
-        rdefs.keys_service,
-        rdefs.keys_archive,
-        rdefs.key_vault,
-        rdefs.archive_copies_verify,
+        keys_defs.keys_root,
+        keys_defs.keys_service,
+        keys_defs.keys_archive,
+        keys_defs.key_vault,
+        keys_defs.archive_copies_verify,
     ]
 
     def run(at):
