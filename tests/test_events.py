@@ -20,7 +20,6 @@ from kms_pipelines.core.foundation.db.models_events import SecurityEvent
 from kms_pipelines.core.keys import lifecycle, service_keys
 from kms_pipelines.core.ledger import ledger
 from kms_pipelines.core.response import compromise, events
-from kms_pipelines.defs.events import compromise_response, security_event_sensor
 from kms_pipelines.defs.resources import (
     ClockResource,
     DatabaseResource,
@@ -28,6 +27,7 @@ from kms_pipelines.defs.resources import (
     KmsResource,
     ObjectStoreResource,
 )
+from kms_pipelines.defs.response import compromise_response, security_event_sensor
 from tests.fixtures.kms import KEY_ORIGIN, write_test_policy
 
 
@@ -91,7 +91,7 @@ def _tick(instance, cursor, kms_res):
 def _refresh_shows_the_revocation(instance, response, kms_res):
     """The UI's key_inventory must not show a revoked version as active until the next nightly run."""
     from kms_pipelines.definitions import defs
-    from kms_pipelines.defs.events import refresh_after_compromise_response
+    from kms_pipelines.defs.response import refresh_after_compromise_response
 
     with dg.build_run_status_sensor_context(
         sensor_name=refresh_after_compromise_response.name,

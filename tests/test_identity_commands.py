@@ -466,7 +466,7 @@ def test_a_cadence_rotation_is_recorded_as_the_service_not_a_claimed_person(ops)
 def test_a_manual_compromise_response_from_the_launchpad_proves_its_requester(dagster_kms):
     """The Launchpad's `compromise_response` without the sensor's launch is a person's manual
     operation: a claimed `requested_by` without that principal's TOTP code changes nothing."""
-    from kms_pipelines.defs.events import OP_NAME, compromise_response
+    from kms_pipelines.defs.response import OP_NAME, compromise_response
     from tests.test_access_dagster import AT
 
     res, instance = dagster_kms
