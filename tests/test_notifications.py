@@ -68,7 +68,7 @@ def test_refused_content_and_missing_notifier_are_visible(kms):
 
 
 def test_run_failure_sensor_notifies(kms_pg, smtp_server, slack_receiver, monkeypatch):
-    from kms_pipelines.defs.notifications import run_failure_notify
+    from kms_pipelines.defs.access import run_failure_notify
 
     monkeypatch.delenv("KMS_DAGSTER_UI_URL", raising=False)
 
