@@ -5,13 +5,17 @@ The asset body calls ``core.compliance.build_report``; the only thing added here
 Dagster side of the evidence: for each clause, the latest evaluation of the asset checks
 that evidence it (result, run id with a link to the run, time), read from the instance.
 Overview sections (key age against cadence, DEK counts, backups, drills) make the one
-page a compliance officer opens the place to start."""
+page a compliance officer opens the place to start.
+
+Also the Great Expectations check over the key and DEK inventory frames (``inventory_frames_valid``,
+on ``key_inventory``); its suites live in ``core.compliance.quality`` (GE is imported lazily there)."""
 
 from datetime import UTC, datetime
 
 import dagster as dg
 
 from ..core import compliance
+from ..core.compliance import quality
 from .charts import (
     backup_timeline,
     backups_table,
@@ -21,6 +25,7 @@ from .charts import (
     key_age_table,
     open_followups_md,
 )
+from .metadata import markdown_table
 from .resources import KmsResource
 
 NIGHTLY = {"kms_nightly": ""}
@@ -212,4 +217,29 @@ def policy_compliance_report(context: dg.AssetExecutionContext, kms: KmsResource
                 },
             )
         ],
+    )
+
+
+# ---------------------------------------------------------------- data quality of the inventories
+
+
+@dg.asset_check(
+    asset="key_inventory",
+    blocking=True,
+    description="Great Expectations: inventory types, unique key versions, allowed states, exactly one "
+    "active version per key; DEK inventory ids unique and on existing versions.",
+)
+def inventory_frames_valid(kms: KmsResource) -> dg.AssetCheckResult:
+    results = quality.validate(kms.context())
+    return dg.AssetCheckResult(
+        passed=all(r.success for r in results),
+        metadata={
+            "suites": dg.MetadataValue.md(
+                markdown_table(
+                    ["suite", "rows", "success", "failed expectations"],
+                    [[r.name, r.rows, "yes" if r.success else "**no**", ", ".join(r.failed) or "-"] for r in results],
+                )
+            ),
+            "failed": dg.MetadataValue.json({r.name: r.failed for r in results if not r.success}),
+        },
     )
