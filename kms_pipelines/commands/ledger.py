@@ -1,4 +1,4 @@
-"""`kms` commands for rpt: regulatory proof tokens, ledger checkpoints, evidence bundles.
+"""`kms` commands for core/ledger: regulatory proof tokens (RPT), ledger checkpoints, evidence bundles.
 
     kms rpt issue --subject S --claims JSON        issue one token, print it
     kms rpt verify-chain [--last N] [--workers W] [--json]
