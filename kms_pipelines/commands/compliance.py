@@ -1,16 +1,20 @@
-"""`kms report`: the clause-by-clause compliance report, for compliance officers who
-work outside the Dagster UI (same content as the ``policy_compliance_report`` asset).
+"""`kms` commands for core/compliance: the clause-by-clause compliance report, for compliance
+officers who work outside the Dagster UI (same content as the ``policy_compliance_report`` asset),
+and the evidence bundles auditors verify offline.
 
     kms report [--format md|html|json] [--out FILE] [--clause ID ...] [--dagster-evidence]
+    kms evidence export --out FILE [--json]
+    kms evidence verify FILE [--trust FINGERPRINT ...] [--json]   offline: no DB, no keystore
 
-Exit codes: 0 every clause passes (or only warns), 1 a clause fails, 2 usage errors.
+Exit codes: 0 every clause passes (or only warns) / the bundle verifies, 1 a clause fails or
+a failed check or refused operation (one line naming the first bad item), 2 usage errors.
 """
 
 import click
 
 
 def register(cli) -> None:
-    from ..cli import EXIT_FAILED, get_context
+    from ..cli import EXIT_FAILED, emit_json, finish_verification, get_context
 
     @cli.command("report")
     @click.option("--format", "fmt", type=click.Choice(["md", "html", "json"]), default="md", show_default=True)
@@ -83,3 +87,65 @@ def register(cli) -> None:
                     err=True,
                 )
             ctx.exit(EXIT_FAILED)
+
+    @cli.group("evidence")
+    def evidence_group():
+        """Self-contained evidence bundles for auditors (ledger, checkpoints, keys, RPTs)."""
+
+    @evidence_group.command("export")
+    @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, writable=True))
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def evidence_export(ctx, out, as_json):
+        """Write the evidence bundle to FILE (sealed by the root key when the live state verifies)."""
+        from ..core.compliance import evidence
+
+        report = evidence.export(get_context(ctx), out)
+        if as_json:
+            emit_json(report.to_dict())
+        else:
+            click.echo(
+                f"wrote {report.path}: {report.ledger_entries} ledger entries, {report.rpts} RPTs, "
+                f"{report.checkpoints} checkpoints, {report.root_keys} root keys, {report.manifests} manifests"
+                + (", sealed" if report.sealed else ", NOT sealed")
+            )
+        if not report.live_ok:
+            click.echo(
+                f"kms: error: the live state failed verification, bundle left unsealed: {report.problem}", err=True
+            )
+            ctx.exit(EXIT_FAILED)
+
+    @evidence_group.command("verify")
+    @click.argument("bundle", type=click.Path(dir_okay=False))
+    @click.option(
+        "--trust",
+        "trusted",
+        multiple=True,
+        metavar="FINGERPRINT",
+        help="A root fingerprint obtained out of band (SHA256:…). Every signing key must be this root "
+        "or reached from it by old-signs-new root manifests. Without it the bundle is only "
+        "checked for self-consistency.",
+    )
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def evidence_verify(ctx, bundle, trusted, as_json):
+        """Verify a bundle offline: needs no database, keystore or object store."""
+        from ..core.compliance import evidence
+
+        result = evidence.verify_bundle(bundle, trusted_fingerprints=list(trusted))
+        finish_verification(
+            ctx,
+            result,
+            as_json,
+            lambda: (
+                f"evidence verifies: {result.ledger_entries} ledger entries, {result.rpts} "
+                f"RPTs, {result.checkpoints} checkpoints, {len(result.root_keys)} root keys, "
+                f"sealed; "
+                + (
+                    "anchored to the pinned root " + ", ".join(result.anchors)
+                    if result.anchored
+                    else "NOT anchored to a pinned root (self-consistent only; pass --trust FINGERPRINT)"
+                )
+            ),
+            lambda: f"evidence FAILS ({result.area}): {result.problem}",
+        )
