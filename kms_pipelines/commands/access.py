@@ -1,5 +1,6 @@
 """`kms principals …`, `kms approve`, `kms keys rotate --manual`, `kms token …`, `kms audit …`
-(issue 3: A1–A4). Thin wrappers over core.access.principals / core.ledger.audit."""
+(issue 3: A1–A4) and `kms notifications status` (A4: delivery evidence). Thin wrappers over
+core.access.principals / core.ledger.audit / core.access.notifications."""
 
 import inspect
 
@@ -399,6 +400,33 @@ def register(cli) -> None:
 
         row = anomalies.review(get_context(ctx), anomaly_id, principal, note, totp=totp)
         click.echo(f"anomaly {row.id} ({row.kind}, {row.severity}) reviewed by {row.reviewed_by}")
+
+    # ---------------------------------------------------------------- notifications
+    @cli.group()
+    def notifications():
+        """Policy notifications (A4): delivery evidence."""
+
+    @notifications.command("status")
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def notifications_status(ctx, as_json):
+        """Exit 1 when a delivery in the policy window failed without a later success."""
+        from dataclasses import asdict
+
+        from ..core.access import notifications as nt
+
+        st = nt.delivery_status(get_context(ctx))
+        if as_json:
+            emit_json(asdict(st))
+        else:
+            click.echo(f"last {st.window_hours} h: {st.delivered} delivered, {st.failed} failed")
+            for u in st.unresolved:
+                click.echo(
+                    f"UNDELIVERED: {u['kind']} {u['ref'] or ''} via {u['channel']} {u['target']}: {u['error']}",
+                    err=True,
+                )
+        if not st.ok:
+            ctx.exit(EXIT_FAILED)
 
 
 def _anomaly_dict(a) -> dict:

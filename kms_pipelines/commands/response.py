@@ -1,4 +1,4 @@
-"""`kms events …`, `kms escrow …` and `kms notifications …` (issue 7: R2, R4, P4, A3, A4)."""
+"""`kms events …` and `kms escrow …` (issue 7: R2, R4, P4, A3, A4): core/response's commands."""
 
 import os
 from pathlib import Path
@@ -285,30 +285,3 @@ def register(cli) -> None:
             f"approved by {', '.join(r.approvers)}"
         )
         click.echo(f"break-glass rotated to v{r.rotated_to}; new package {r.new_package or 'NOT SEALED'}")
-
-    # ---------------------------------------------------------------- notifications
-    @cli.group()
-    def notifications():
-        """Policy notifications (A4): delivery evidence."""
-
-    @notifications.command("status")
-    @click.option("--json", "as_json", is_flag=True)
-    @click.pass_context
-    def notifications_status(ctx, as_json):
-        """Exit 1 when a delivery in the policy window failed without a later success."""
-        from dataclasses import asdict
-
-        from ..core.access import notifications as nt
-
-        st = nt.delivery_status(get_context(ctx))
-        if as_json:
-            emit_json(asdict(st))
-        else:
-            click.echo(f"last {st.window_hours} h: {st.delivered} delivered, {st.failed} failed")
-            for u in st.unresolved:
-                click.echo(
-                    f"UNDELIVERED: {u['kind']} {u['ref'] or ''} via {u['channel']} {u['target']}: {u['error']}",
-                    err=True,
-                )
-        if not st.ok:
-            ctx.exit(EXIT_FAILED)
