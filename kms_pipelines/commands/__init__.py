@@ -2,7 +2,7 @@
 
 from importlib import import_module
 
-AREAS = ("access", "envelope", "keys", "ledger", "backup", "response", "compliance", "console", "worker")
+AREAS = ("access", "envelope", "keys", "ledger", "backup", "response", "compliance", "console", "runtime")
 
 
 def register_all(cli) -> None:
