@@ -25,7 +25,8 @@ log "static checks passed in $((SECONDS - t0))s"
 ensure_postgres
 
 # The layering of kms_pipelines/core/ (.importlinter, docs/architecture.md): a new import from a
-# lower layer into a higher one, or a new cycle in core/ledger or core/backup, fails here.
+# lower layer into a higher one, a new cycle in core/ledger or core/backup, or a new import between
+# defs/ and commands/ fails here.
 log "lint-imports"
 "$VENV/bin/lint-imports" --no-cache
 
