@@ -182,7 +182,7 @@ def register(cli) -> None:
             challenge.origin,
             software_key,
             prompt=lambda m: click.echo(m, err=True),
-            **({} if software_key else {"ask_pin": _ask_pin}),
+            ask_pin=_ask_pin,  # asked only by a hardware key; a software authenticator ignores it
         )
         info = access.approve(
             kms,
@@ -239,10 +239,11 @@ def register(cli) -> None:
         o = manual_mod.manual_rotate(
             get_context(ctx), kwargs["key"], ticket=ticket, requested_by=requested_by, totp=totp
         )
+        r = o.result
         if kwargs.get("as_json"):
             emit_json(
                 {
-                    **asdict(o.result),
+                    **asdict(r),
                     "approvers": o.approvers,
                     "ticket": o.ticket,
                     "requester": o.requester,
@@ -250,7 +251,6 @@ def register(cli) -> None:
                 }
             )
             return
-        r = o.result
         click.echo(
             f"rotated {r.key}: v{r.old_version} -> v{r.new_version} (manual, ticket {o.ticket}, requested by "
             f"{o.requester}, approved by {', '.join(o.approvers)})"

@@ -1,6 +1,7 @@
 """`kms envelope …` (encrypt, decrypt, sweep, inventory, check) and `kms export …`
 (create, due, expire). Thin wrappers over core.envelope.data_keys / core.envelope.export_keys."""
 
+from collections.abc import Callable
 from dataclasses import asdict
 
 import click
@@ -100,6 +101,8 @@ def sweep_cmd(ctx, key_name, shard, shards, batch_size, show_progress, leased, a
         )
 
     sizing = {"batch_size": batch_size} if batch_size is not None else env.policy_batching(kms)
+    # Both sweeps take these arguments and return a SweepResult; the leased one takes each range under a lease.
+    run_sweep: Callable[..., env.SweepResult]
     if leased:
         from ..core.envelope.leases import leased_sweep as run_sweep
     else:

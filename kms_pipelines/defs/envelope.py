@@ -191,7 +191,7 @@ def expire_export_keys(context: dg.OpExecutionContext, config: ExportExpiryConfi
             f"destroyed={r.destroyed}, shredded {r.shredded_deks} DEK(s)"
         )
     refused = {f"{r.key} v{v}": why for r in results for v, why in r.refused.items()}
-    metadata = {
+    metadata: dict[str, dg.MetadataValue | int] = {
         "expired": dg.MetadataValue.json([r.key for r in results]),
         "shredded_deks": sum(r.shredded_deks for r in results),
         "report": dg.MetadataValue.md(

@@ -78,6 +78,7 @@ def respond_to_security_event(
                     detail=config.detail,
                 )
                 event_id = info.id
+        assert event_id is not None  # a sensor launch carries its event_id; a manual one has it or reported it
         result = compromise.respond(
             ctx.as_actor("dagster:compromise_response" if from_sensor else (config.requested_by or "dagster-ui")),
             event_id,
