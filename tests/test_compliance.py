@@ -22,6 +22,7 @@ from kms_pipelines.core.response import escrow
 from kms_pipelines.core.runtime import nightly
 from kms_pipelines.defs import compliance as compliance_defs
 from kms_pipelines.defs import foundation
+from kms_pipelines.defs import keys as keys_defs
 from tests.fixtures.dagster_defs import kms_resources
 from tests.fixtures.kms import approve_both, ceremony, write_test_policy
 
@@ -291,7 +292,7 @@ def test_richer_metadata_on_the_areas_assets(exercised):
     kms = exercised
     envelope.encrypt(kms, "data:postgres", "invoice-1", b"secret row")
     envelope.encrypt(kms, "data:postgres", "invoice-2", b"secret row")
-    result = _materialize(kms, foundation.key_inventory, envelope_defs.dek_inventory, backup_defs.backup_retention)
+    result = _materialize(kms, keys_defs.key_inventory, envelope_defs.dek_inventory, backup_defs.backup_retention)
     inv = result.asset_materializations_for_node("key_inventory")[0].metadata
     chart = inv["age_vs_cadence"].value
     assert "root v1" in chart and "/ 90 d" in chart and "/ 60 d" in chart and "OVERDUE" not in chart
@@ -309,7 +310,7 @@ def test_richer_metadata_on_the_areas_assets(exercised):
 
     # past its cadence the chart marks the key
     kms.clock.advance(timedelta(days=61))
-    inv = _materialize(kms, foundation.key_inventory).asset_materializations_for_node("key_inventory")[0].metadata
+    inv = _materialize(kms, keys_defs.key_inventory).asset_materializations_for_node("key_inventory")[0].metadata
     assert "service:api-gateway v1" in inv["age_vs_cadence"].value and "OVERDUE" in inv["age_vs_cadence"].value
 
     md = compliance_defs._overview(kms)

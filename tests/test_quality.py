@@ -31,7 +31,8 @@ def test_dagster_check_runs_the_suites(tmp_path):
     import dagster as dg
 
     from kms_pipelines.defs.compliance import inventory_frames_valid
-    from kms_pipelines.defs.foundation import key_inventory, kms_state
+    from kms_pipelines.defs.foundation import kms_state
+    from kms_pipelines.defs.keys import key_inventory
     from kms_pipelines.defs.resources import DatabaseResource, KeyStoreResource, KmsResource, ObjectStoreResource
     from tests.fixtures.dagster_defs import FixedClockResource
 

@@ -1,4 +1,5 @@
-"""The KMS database and key inventory: the first assets of ``kms_nightly``."""
+"""The KMS database: ``kms_state``, the first asset of ``kms_nightly`` (migrations, bootstrap of every
+policy key), upstream of every section's assets, with its blocking ledger check."""
 
 import dagster as dg
 
@@ -6,7 +7,7 @@ from ..core.access import crosscheck
 from ..core.foundation import db
 from ..core.keys import lifecycle
 from ..core.ledger import ledger
-from .metadata import inventory_table, seq_text
+from .metadata import seq_text
 from .resources import KmsResource
 
 NIGHTLY = {"kms_nightly": ""}
@@ -59,54 +60,5 @@ def ledger_chain_intact(kms: KmsResource) -> dg.AssetCheckResult:
             "problem": problem or "none",
             "crosscheck_problems": dg.MetadataValue.json(cross.problems if cross else []),
             "records_read": ", ".join(cross.sources) if cross else "ledger_entries",
-        },
-    )
-
-
-@dg.asset(
-    group_name="keys",
-    tags=NIGHTLY,
-    deps=[kms_state],
-    kinds={"sql"},
-    description="Every key version with its state, age and rotation due date from the policy.",
-)
-def key_inventory(kms: KmsResource) -> dg.MaterializeResult:
-    rows = lifecycle.inventory(kms.context())
-    live = [r for r in rows if r.state != "destroyed"]
-    return dg.MaterializeResult(
-        metadata={
-            "versions": len(rows),
-            "active": sum(r.state == "active" for r in rows),
-            "overdue": sum(r.overdue for r in rows),
-            "inventory": inventory_table(live),
-            # issue 8 item 2: the active versions' age against their class cadence, as a bar chart
-            "age_vs_cadence": dg.MetadataValue.md(_age_chart(kms, rows)),
-        }
-    )
-
-
-def _age_chart(kms: KmsResource, rows) -> str:
-    from .charts import key_age_chart
-
-    policy = kms.context().policy
-    return key_age_chart(
-        rows,
-        {
-            c: policy.key_class(c).rotation_days
-            for c in ("root", "service", "data", "backup", "break-glass", "export", "archive")
-        },
-    )
-
-
-@dg.asset_check(asset=key_inventory, description="Keys within cadence (R1–R4): no active version past its due date.")
-def keys_within_cadence(kms: KmsResource) -> dg.AssetCheckResult:
-    # An overdue row always has its due date (lifecycle.inventory: overdue = due_at and now >= due_at).
-    overdue = [(r, r.due_at) for r in lifecycle.inventory(kms.context()) if r.overdue and r.due_at is not None]
-    return dg.AssetCheckResult(
-        passed=not overdue,
-        metadata={
-            "overdue": dg.MetadataValue.json(
-                [{"key": r.key, "version": r.version, "due_at": due.isoformat()} for r, due in overdue]
-            )
         },
     )

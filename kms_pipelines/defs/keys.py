@@ -1,12 +1,13 @@
 """Per-class key assets (R1-R3, B3), the root manifest, partner-notice check and key
-retirement. Asset bodies only call ``core.keys.rotation`` / ``core.keys.retention``."""
+retirement, and the key inventory with its cadence check (R1-R4). Asset bodies only call
+``core.keys.lifecycle`` / ``core.keys.rotation`` / ``core.keys.retention``."""
 
 import dagster as dg
 
-from ..core.keys import forensic, manifest, retention, rotation, vault
+from ..core.keys import forensic, lifecycle, manifest, retention, rotation, vault
 from ..core.ledger import checkpoints
-from .foundation import NIGHTLY
-from .metadata import full_values_md, markdown_table, short_fingerprint, short_hash, short_path
+from .foundation import NIGHTLY, kms_state
+from .metadata import full_values_md, inventory_table, markdown_table, short_fingerprint, short_hash, short_path
 from .resources import KmsResource
 
 
@@ -264,4 +265,56 @@ def archive_copies_verify(kms: KmsResource) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=not broken,
         metadata={"copies": sum(c.status == "archived" for c in rows), "problems": dg.MetadataValue.json(broken[:50])},
+    )
+
+
+# ---------------------------------------------------------------- the key inventory (R1-R4)
+
+
+@dg.asset(
+    group_name="keys",
+    tags=NIGHTLY,
+    deps=[kms_state],
+    kinds={"sql"},
+    description="Every key version with its state, age and rotation due date from the policy.",
+)
+def key_inventory(kms: KmsResource) -> dg.MaterializeResult:
+    rows = lifecycle.inventory(kms.context())
+    live = [r for r in rows if r.state != "destroyed"]
+    return dg.MaterializeResult(
+        metadata={
+            "versions": len(rows),
+            "active": sum(r.state == "active" for r in rows),
+            "overdue": sum(r.overdue for r in rows),
+            "inventory": inventory_table(live),
+            # issue 8 item 2: the active versions' age against their class cadence, as a bar chart
+            "age_vs_cadence": dg.MetadataValue.md(_age_chart(kms, rows)),
+        }
+    )
+
+
+def _age_chart(kms: KmsResource, rows) -> str:
+    from .charts import key_age_chart
+
+    policy = kms.context().policy
+    return key_age_chart(
+        rows,
+        {
+            c: policy.key_class(c).rotation_days
+            for c in ("root", "service", "data", "backup", "break-glass", "export", "archive")
+        },
+    )
+
+
+@dg.asset_check(asset=key_inventory, description="Keys within cadence (R1–R4): no active version past its due date.")
+def keys_within_cadence(kms: KmsResource) -> dg.AssetCheckResult:
+    # An overdue row always has its due date (lifecycle.inventory: overdue = due_at and now >= due_at).
+    overdue = [(r, r.due_at) for r in lifecycle.inventory(kms.context()) if r.overdue and r.due_at is not None]
+    return dg.AssetCheckResult(
+        passed=not overdue,
+        metadata={
+            "overdue": dg.MetadataValue.json(
+                [{"key": r.key, "version": r.version, "due_at": due.isoformat()} for r, due in overdue]
+            )
+        },
     )
