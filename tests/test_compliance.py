@@ -23,6 +23,7 @@ from kms_pipelines.core.runtime import nightly
 from kms_pipelines.defs import compliance as compliance_defs
 from kms_pipelines.defs import foundation
 from kms_pipelines.defs import keys as keys_defs
+from kms_pipelines.defs import ledger as ledger_defs
 from tests.fixtures.dagster_defs import kms_resources
 from tests.fixtures.kms import approve_both, ceremony, write_test_policy
 
@@ -158,7 +159,7 @@ def test_fully_exercised_state_passes_every_clause(exercised):
 
     # Dagster: run a check first, so the report shows it as evidence with a link to its run.
     instance = dg.DagsterInstance.ephemeral()
-    first = _materialize(kms, foundation.kms_state, foundation.ledger_chain_intact, instance=instance)
+    first = _materialize(kms, foundation.kms_state, ledger_defs.ledger_chain_intact, instance=instance)
     meta, rows, check = _dagster_report(kms, instance=instance)
     assert all(r["status"] == "🟢 PASS" for r in rows.values()), {
         k: r["policy"] for k, r in rows.items() if r["status"] != "🟢 PASS"

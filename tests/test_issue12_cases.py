@@ -66,13 +66,14 @@ def t3_check_red(kms, fragment):
     import dagster as dg
 
     from kms_pipelines.defs import foundation
+    from kms_pipelines.defs import ledger as ledger_defs
     from tests.fixtures.dagster_defs import kms_resources
 
     resources = kms_resources(
         kms.home, kms.engine.url.render_as_string(hide_password=False), fixed_time=kms.now().isoformat()
     )
     result = dg.materialize(
-        [foundation.kms_state, foundation.ledger_chain_intact],
+        [foundation.kms_state, ledger_defs.ledger_chain_intact],
         resources=resources,
         instance=dg.DagsterInstance.ephemeral(),
         raise_on_error=False,
