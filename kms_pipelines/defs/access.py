@@ -10,11 +10,9 @@ from ..core.access import anomalies
 from ..core.keys import manual
 from ..core.ledger import audit, checkpoints
 from .failures import one_line_failures
+from .foundation import NIGHTLY
 from .metadata import markdown_table, seq_text
 from .resources import KmsResource
-
-NIGHTLY = {"kms_nightly": ""}
-
 
 _SEVERITY = {"high": "🔴", "medium": "🟠", "low": "⚪"}
 

@@ -25,10 +25,10 @@ from .charts import (
     key_age_table,
     open_followups_md,
 )
+from .foundation import NIGHTLY
 from .metadata import markdown_table
 from .resources import KmsResource
 
-NIGHTLY = {"kms_nightly": ""}
 ASSET = "policy_compliance_report"
 CHECK = "policy_compliant"
 # Every other kms_nightly asset, so the report runs last and reads what they produced.
