@@ -367,3 +367,30 @@ def test_what_the_kernel_cannot_hold_goes_to_python_with_the_same_verdicts(make_
         assert c_side.verifier == "copy-c"
     # the first case: entry 1 links to the long prev but its hash was computed over the real one
     assert ledger_copy.verify_lines([first], prev=long_prev).first_bad_seq == 1
+
+
+def test_a_timestamp_moved_to_the_same_date_bc_is_reported_as_altered(make_kms):
+    """to_char's YYYY prints 2026 BC as 2026: without a guard the COPY document of a row moved
+    back 4051 years is byte-identical to the hashed one, and the verifier says ok."""
+    kms = make_kms("postgres")
+    _grow(kms, 12)
+    _tamper(kms, "UPDATE ledger_entries SET at = at - interval '4051 years' WHERE seq = 5")
+    with kms.engine.connect() as conn:  # the stored year really is BC now
+        assert conn.execute(text("SELECT to_char(at, 'BC') FROM ledger_entries WHERE seq = 5")).scalar_one() == "BC"
+    for workers, force_python in itertools.product((1, 3), (False, True)):
+        result = ledger_copy.verify(kms.engine, workers=workers, force_python=force_python)
+        assert not result.ok and result.first_bad_seq == 5 and "altered" in result.problem and result.count == 4
+
+
+def test_a_null_hash_at_a_range_boundary_is_reported_not_raised(make_kms):
+    """An insider who drops NOT NULL on entry_hash and blanks the entry a later range starts
+    from: the verdict names that entry (the range before it finds it altered)."""
+    kms = make_kms("postgres")
+    _grow(kms, 12)
+    b0 = seq_bounds(0, ledger.verify_streamed(kms.engine).count, 3)[1][0]  # the second range starts from its hash
+    with kms.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE ledger_entries ALTER COLUMN entry_hash DROP NOT NULL"))
+    _tamper(kms, f"UPDATE ledger_entries SET entry_hash = NULL WHERE seq = {b0}")
+    for workers, force_python in itertools.product((1, 3), (False, True)):
+        result = ledger_copy.verify(kms.engine, workers=workers, force_python=force_python)
+        assert not result.ok and result.first_bad_seq == b0 and "altered" in result.problem and result.count == b0 - 1

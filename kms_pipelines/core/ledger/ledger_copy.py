@@ -29,8 +29,8 @@ that ran):
 for every row PostgreSQL can hold (a property test over timestamps in years 1–9999,
 arbitrary Unicode text, NULLs, both integer ranges), the kernel's verdicts identical to
 ``_chain``'s on random chains with any byte changed, and runs every tamper case on both
-paths; a row whose timestamp has no RFC 3339 form ('infinity', year 10000+) is reported as
-altered.
+paths; a row whose timestamp has no RFC 3339 form ('infinity', year 10000+, any year BC) is
+reported as altered.
 
 Long ledgers are split into seq ranges verified in parallel: each range starts from the
 stored hash of the entry before it, and the ranges are read back in order, so the first bad
@@ -69,8 +69,13 @@ FORCE_PYTHON_ENV = "KMS_LEDGER_VERIFY_PYTHON"
 
 # In the order the template uses them (approvers, a JSON text put in as it is, first: the
 # escape check skips it), so a line unpacks straight into it.
+#
+# ``at`` is NULL (an altered row) before year 1: to_char's YYYY has no era, so 2026 BC would
+# print as 2026 and a row whose time an insider moved back 4051 years would verify. No
+# writer can have hashed a BC time (Python's datetime starts at year 1).
 COLUMNS_SQL = (
-    "approvers, seq, actor, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "
+    "approvers, seq, actor, CASE WHEN at >= '0001-01-01 00:00:00+00' "
+    "THEN to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') END, "
     "event_id, from_state, key_name, prev_hash, reason, change_ticket, to_state, key_version, entry_hash"
 )
 # ledger._ROW_TEMPLATE with seq and version as PostgreSQL's integer text (canonical decimal, as Python's %d).
@@ -446,6 +451,8 @@ def _verify_range(dsn: str, lo: int, hi: int | None, use_c: bool) -> VerifyResul
             row = cur.fetchone()
             if row is None:  # the range before this one ends short and reports the gap first
                 return VerifyResult(False, 0, lo - 1, "", lo, f"entry seq {lo} is missing")
+            if row[0] is None:  # an insider dropped NOT NULL: the range before names it altered
+                return altered(0, "", lo)
             prev = row[0]
         # Stops at the first bad entry: the exception ``write`` raises ends copy_expert
         # mid-stream, and the connection is closed below, never reused.
