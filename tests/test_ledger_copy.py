@@ -204,6 +204,15 @@ TAMPERS = {
     "UPDATE ledger_entries SET seq = CASE WHEN seq = -{b0} THEN {b} ELSE {b0} END WHERE seq < 0",
     "hash_forged": "UPDATE ledger_entries SET entry_hash = 'x' || seq WHERE seq >= {b}",
     "prev_forged": "UPDATE ledger_entries SET prev_hash = repeat('0', 64) WHERE seq = {b}",
+    # a row below seq 1 (a forged history entry that key-history queries list first)
+    "insert_seq0": "INSERT INTO ledger_entries (seq, at, key_name, key_version, from_state, to_state, actor, "
+    "approvers, change_ticket, reason, event_id, prev_hash, entry_hash) SELECT 0, (SELECT max(at) FROM ledger_entries), key_name, key_version, "
+    "from_state, 'destroyed', 'mallory', approvers, change_ticket, reason, event_id, prev_hash, repeat('e', 64) "
+    "FROM ledger_entries WHERE seq = 1",
+    "insert_negative": "INSERT INTO ledger_entries (seq, at, key_name, key_version, from_state, to_state, actor, "
+    "approvers, change_ticket, reason, event_id, prev_hash, entry_hash) SELECT -{b}, (SELECT max(at) FROM ledger_entries), key_name, key_version, "
+    "from_state, to_state, actor, approvers, change_ticket, reason, event_id, prev_hash, repeat('e', 64) "
+    "FROM ledger_entries WHERE seq = {b}",
     "recomputed_link_break": None,  # built from the row (test_ledger's recomputed-hash case)
     "recomputed_at_boundary": None,
 }

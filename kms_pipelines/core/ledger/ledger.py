@@ -246,11 +246,13 @@ _COLUMNS = (
 )
 
 
-def iter_rows(conn: Connection, batch_size: int = 5000, after_seq: int = 0) -> Iterator[tuple[Any, ...]]:
-    """Stream ledger rows in seq order with bounded memory (server-side cursor on PostgreSQL)."""
-    result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(
-        select(*_COLUMNS).where(LedgerEntry.seq > after_seq).order_by(LedgerEntry.seq)
-    )
+def iter_rows(conn: Connection, batch_size: int = 5000, after_seq: int | None = None) -> Iterator[tuple[Any, ...]]:
+    """Stream ledger rows in seq order with bounded memory (server-side cursor on PostgreSQL);
+    every row unless ``after_seq``: a row an insider added below seq 1 must reach the verifier."""
+    q = select(*_COLUMNS).order_by(LedgerEntry.seq)
+    if after_seq is not None:
+        q = q.where(LedgerEntry.seq > after_seq)
+    result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(q)
     for partition in result.partitions():
         yield from partition
 

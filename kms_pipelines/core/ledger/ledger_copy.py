@@ -151,8 +151,11 @@ def conninfo(engine: Engine) -> str:
 def _segment_query(lo: int, hi: int | None) -> str:
     # A LIMIT rather than ``seq <= hi``: when seq ``hi`` is missing, the next row present
     # comes through and the seq check names the gap as a single pass would.
+    # The first range has no lower bound: a row an insider added below seq 1 comes first and
+    # is named out of order (``seq > 0`` would skip it, and key histories would list it).
     limit = f" LIMIT {int(hi) - int(lo)}" if hi is not None else ""
-    return f"COPY (SELECT {COLUMNS_SQL} FROM ledger_entries WHERE seq > {int(lo)} ORDER BY seq{limit}) TO STDOUT"
+    where = f" WHERE seq > {int(lo)}" if lo > 0 else ""
+    return f"COPY (SELECT {COLUMNS_SQL} FROM ledger_entries{where} ORDER BY seq{limit}) TO STDOUT"
 
 
 # When a row holds no COPY escape (a backslash other than a NULL's ``\N``) and its fields
