@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
 import json
@@ -403,3 +404,38 @@ def test_a_null_hash_at_a_range_boundary_is_reported_not_raised(make_kms):
     for workers, force_python in itertools.product((1, 3), (False, True)):
         result = ledger_copy.verify(kms.engine, workers=workers, force_python=force_python)
         assert not result.ok and result.first_bad_seq == b0 and "altered" in result.problem and result.count == b0 - 1
+
+
+@pytest.mark.parametrize(
+    "statement, bad_seq",
+    [
+        ("UPDATE ledger_entries SET at = at - interval '4051 years' WHERE seq = 6", 6),  # same date, BC
+        ("UPDATE ledger_entries SET reason = E'tab\\there\\\\back\\nline\\r\\b\\f\\v\\\\N' WHERE seq = 4", 4),
+        (TAMPERS["insert_seq0"], 1),
+    ],
+)
+def test_kms_ledger_verify_names_the_same_first_bad_seq_on_both_verifiers(
+    make_kms, master_key, monkeypatch, tmp_path, statement, bad_seq
+):
+    """End to end, as an operator runs it: the command on the C kernel and with
+    KMS_LEDGER_VERIFY_PYTHON=1 after an insider's direct SQL."""
+    from click.testing import CliRunner
+
+    from kms_pipelines.cli import cli
+
+    monkeypatch.setenv("KMS_HOME", str(tmp_path / "home"))
+    kms = make_kms("postgres")
+    _grow(kms, 8)
+    _tamper(kms, statement)
+    env = {
+        "KMS_DATABASE_URL": kms.engine.url.render_as_string(hide_password=False),
+        "KMS_MASTER_KEY": base64.b64encode(master_key).decode(),
+    }
+    reports = {}
+    for verifier, extra in (("copy-c", {}), ("copy-python", {ledger_copy.FORCE_PYTHON_ENV: "1"})):
+        out = CliRunner().invoke(cli, ["ledger", "verify", "--json"], env={**env, **extra})
+        assert out.exit_code == 1, out.output
+        reports[verifier] = json.loads(out.stdout)
+        assert reports[verifier].pop("verifier") == verifier
+        assert reports[verifier]["ok"] is False and reports[verifier]["first_bad_seq"] == bad_seq
+    assert reports["copy-c"] == reports["copy-python"]
