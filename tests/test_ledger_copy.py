@@ -439,3 +439,104 @@ def test_kms_ledger_verify_names_the_same_first_bad_seq_on_both_verifiers(
         assert reports[verifier].pop("verifier") == verifier
         assert reports[verifier]["ok"] is False and reports[verifier]["first_bad_seq"] == bad_seq
     assert reports["copy-c"] == reports["copy-python"]
+
+
+# Crafted changes to one COPY row: what a naive parser would take as valid, or misparse.
+_SEQ_TEXT = [b"0%d", b"00%d", b"+%d", b" %d", b"%d ", b"-%d", b"%d_0", b"%d.0", b"\\N", b"", b"-", b"-0"]
+_BIG_SEQS = [
+    b"9" * 18,
+    b"9" * 19,
+    b"-" + b"9" * 18,
+    b"9223372036854775807",
+    b"9223372036854775808",
+    b"-9223372036854775808",
+]
+_SUFFIXES = [b"\x00", b"\xff", b"\xc3", b"\\", b"\\t", b"\\N", b"\\\\", b'"', b"\x1f", b"\r", b"\n"]
+
+
+def _craft(rnd, line):
+    fields = line[:-1].split(b"\t")
+    kind = rnd.randrange(12) if len(fields) == 13 else 10  # after a change of the field count: any byte
+    if kind == 0:  # seq text: leading zeros, signs, spaces, huge
+        fields[1] = rnd.choice(_SEQ_TEXT).replace(b"%d", fields[1]) if rnd.random() < 0.7 else rnd.choice(_BIG_SEQS)
+    elif kind == 1:  # stored hash: upper case, a prefix, one more digit, NULL, empty
+        h = fields[12]
+        fields[12] = rnd.choice([h.upper(), h[:63], h + b"0", h[:32] + h[32:].upper(), b"\\N", b""])
+    elif kind == 2:  # prev: a prefix of the real one, upper case, NULL
+        p = fields[7]
+        fields[7] = rnd.choice([p[:63], p[:1], p.upper(), p + b"\\N", b"\\N", b""])
+    elif kind == 3:  # 14 fields
+        fields.insert(rnd.randrange(14), rnd.choice([b"", b"x", b"\\N"]))
+    elif kind == 4:  # 12 fields
+        del fields[rnd.randrange(13)]
+    elif kind == 5:  # a byte a parser must not pass through, at the end of any field
+        j = rnd.randrange(13)
+        fields[j] += rnd.choice(_SUFFIXES)
+    elif kind == 6:  # rows around the kernel's row limit (7000 bytes) and far beyond it
+        fields[rnd.choice([2, 4, 5, 6, 8, 9, 10])] = b"a" * rnd.choice([6700, 6800, 6850, 6900, 7000, 20000])
+    elif kind == 7:  # approvers: a tab escape, a NULL, a raw control byte, a trailing backslash
+        fields[0] = rnd.choice([b'["x\\t"]', b"\\N", b'["\x01"]', b"\\\\N", fields[0] + b"\\"])
+    elif kind == 8:  # version: NULL, leading zero, empty, not an integer
+        fields[11] = rnd.choice([b"\\N", b"0" + fields[11], b"", b"1e3"])
+    elif kind == 9:  # a NOT NULL column made NULL
+        fields[rnd.choice([0, 2, 3, 6, 10])] = b"\\N"
+    else:  # any byte
+        raw = bytearray(b"\t".join(fields))
+        raw[rnd.randrange(len(raw))] = rnd.randrange(256)
+        return bytes(raw) + b"\n"
+    return b"\t".join(fields) + b"\n"
+
+
+def _rehashed(line):
+    """The row with its stored hash recomputed over the Python path's document (an insider
+    who rewrote a row and its hash): the kernel must build that same document."""
+    try:
+        fields, null = ledger_copy.split_line(line[:-1].decode())
+        raw = ledger_copy.document(*fields[:12], null) if len(fields) == 13 else None
+    except (UnicodeDecodeError, TypeError):
+        return line
+    if raw is None:
+        return line
+    return line[:-1].rsplit(b"\t", 1)[0] + b"\t" + hashlib.sha256(raw).hexdigest().encode() + b"\n"
+
+
+def _block_outcome(rows, seq, prev):
+    """The kernel fed as copy_expert feeds it (a row per write, blocks of ~300 bytes so they
+    end anywhere in the chain); the result or the exception raised."""
+    try:
+        return ledger_copy._run(True, seq, prev, lambda write: [write(row) for row in rows])
+    except Exception as exc:
+        return type(exc), str(exc)
+
+
+def test_c_kernel_and_python_agree_on_crafted_rows_row_by_row_and_by_block(make_kms, monkeypatch):
+    """Seeded differential fuzzing of the kernel's two entry points (kms_chain_row through
+    verify_lines, kms_chain_feed through COPY blocks) against the Python path, over real COPY
+    rows (every escape) with up to three crafted changes and arbitrary start points."""
+    import random
+
+    kms = make_kms("postgres")
+    _grow(kms)
+    lines = _copy_lines(kms)
+    hashes = [ledger.GENESIS_HASH] + [line[:-1].rsplit(b"\t", 1)[1].decode() for line in lines]
+    monkeypatch.setattr(ledger_copy, "_BLOCK", 300)
+    rnd = random.Random(16)
+    for _ in range(1500):
+        lo = rnd.randrange(len(lines))
+        rows = lines[lo : lo + rnd.randint(1, 6)]
+        seq, prev = lo + 1, hashes[lo]
+        if rnd.random() < 0.1:  # a caller's start the kernel cannot hold, or a wrong one
+            seq, prev = rnd.choice([(2**63, prev), (-(2**63) - 1, prev), (seq + 1, prev), (seq, "ab" * 200)])
+        for _ in range(rnd.choice([0, 1, 1, 2, 3])):
+            i = rnd.choice([rnd.randrange(len(rows)), len(rows) - 1])
+            rows = [*rows[:i], _craft(rnd, rows[i]), *rows[i + 1 :]]
+        if rnd.random() < 0.7:  # the last row's hash made right for its changed content
+            rows[-1] = _rehashed(rows[-1])
+        python = _outcome(rows, seq, prev, True)
+        assert _outcome(rows, seq, prev, False) == python, rows
+        # by block: COPY's rows are split at newlines, so a crafted newline makes two rows
+        copy_rows = [part + b"\n" for part in b"".join(rows).split(b"\n")[:-1]]
+        block = _block_outcome(copy_rows, seq, prev)
+        assert block == _outcome(copy_rows, seq, prev, True), copy_rows
+        if isinstance(block, ledger.VerifyResult):
+            assert block.verifier == "copy-c"
