@@ -532,10 +532,13 @@ def test_c_kernel_and_python_agree_on_crafted_rows_row_by_row_and_by_block(make_
             rows = [*rows[:i], _craft(rnd, rows[i]), *rows[i + 1 :]]
         if rnd.random() < 0.7:  # the last row's hash made right for its changed content
             rows[-1] = _rehashed(rows[-1])
+        if rnd.random() < 0.05:  # the stream ends mid-row (no newline)
+            rows[-1] = rows[-1][: rnd.randrange(len(rows[-1]))] or b"x"
         python = _outcome(rows, seq, prev, True)
         assert _outcome(rows, seq, prev, False) == python, rows
         # by block: COPY's rows are split at newlines, so a crafted newline makes two rows
-        copy_rows = [part + b"\n" for part in b"".join(rows).split(b"\n")[:-1]]
+        *whole, tail = b"".join(rows).split(b"\n")
+        copy_rows = [part + b"\n" for part in whole] + ([tail] if tail else [])
         block = _block_outcome(copy_rows, seq, prev)
         assert block == _outcome(copy_rows, seq, prev, True), copy_rows
         if isinstance(block, ledger.VerifyResult):
