@@ -272,7 +272,8 @@ class AuditWriter:
     def _write(self, batch: list[Event]) -> None:
         for attempt in range(3):
             engine = self._engine_ref()
-            if engine is None:
+            if engine is None:  # the engine was garbage-collected: nowhere left to write to
+                self.last_error = "the database engine was disposed before they were written"
                 break
             try:
                 # A database fault is waited out within the engine's budget (core/foundation/retry.py)
