@@ -123,21 +123,57 @@ def clone_for_update_baseline(ctx) -> None:
         conn.execute("VACUUM ANALYZE deks_baseline")
 
 
-def raw_update_seconds(ctx, n: int, batch: int, old: int, new: int) -> float:
-    """Raw batched UPDATE (same shape as the sweep's write, no reads, no crypto)."""
+RAW_UNNEST = (
+    "UPDATE deks_baseline AS d SET wrapped = v.w, key_version = %s, rewrapped_at = now() "
+    "FROM unnest(%s::bigint[], %s::bytea[]) AS v(id, w) WHERE d.id = v.id AND d.key_version = %s "
+    "AND d.key_name = %s"
+)
+RAW_COPY_TABLE = (
+    "CREATE TEMPORARY TABLE IF NOT EXISTS raw_batch (id bigint, w bytea, old integer) ON COMMIT DELETE ROWS"
+)
+RAW_COPY_UPDATE = (
+    "UPDATE deks_baseline AS d SET wrapped = v.w, key_version = %s, rewrapped_at = now() "
+    "FROM raw_batch AS v WHERE d.id = v.id AND d.key_version = %s AND d.key_name = %s"
+)
+# the sweep's form (core/envelope/data_keys.py): the old version as a join column, hash and
+# merge joins off, so every row is a primary-key lookup driven by the batch table
+RAW_COPY_PK_SETTINGS = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
+RAW_COPY_PK_UPDATE = (
+    "UPDATE deks_baseline AS d SET wrapped = v.w, key_version = %s, rewrapped_at = now() "
+    "FROM raw_batch AS v WHERE d.id = v.id AND d.key_version = v.old AND d.key_name = %s"
+)
+# the raw ways of sending a batch, all timed; the fastest is the limit
+RAW_FORMS = ("unnest", "copy", "copy_pk")
+
+
+def raw_update_seconds(ctx, n: int, batch: int, old: int, new: int, form: str = "unnest") -> float:
+    """Raw batched UPDATE (same rows and indexes as the sweep's write, no reads, no crypto).
+
+    ``form``: ``unnest`` binds the ids and values as two arrays; ``copy`` sends them by
+    binary COPY into a temporary table and updates from it with the planner's own plan;
+    ``copy_pk`` is ``copy`` with the sweep's plan (primary-key lookups)."""
     import psycopg
 
-    filler = [secrets.token_bytes(40)] * batch
-    sql = (
-        "UPDATE deks_baseline AS d SET wrapped = v.w, key_version = %s, rewrapped_at = now() "
-        "FROM unnest(%s::bigint[], %s::bytea[]) AS v(id, w) WHERE d.id = v.id AND d.key_version = %s "
-        "AND d.key_name = %s"
-    )
+    filler = secrets.token_bytes(40)
     with psycopg.connect(_psycopg_url(ctx.engine.url.render_as_string(hide_password=False))) as conn:
         start = time.perf_counter()
         for lo in range(1, n + 1, batch):
-            ids = list(range(lo, min(lo + batch, n + 1)))
-            conn.execute(sql, (new, ids, filler[: len(ids)], old, KEY))
+            ids = range(lo, min(lo + batch, n + 1))
+            if form == "unnest":
+                conn.execute(RAW_UNNEST, (new, list(ids), [filler] * len(ids), old, KEY))
+            else:
+                with conn.cursor() as cur:
+                    if form == "copy_pk":
+                        cur.execute(RAW_COPY_PK_SETTINGS)
+                    cur.execute(RAW_COPY_TABLE)
+                    with cur.copy("COPY raw_batch (id, w, old) FROM STDIN (FORMAT BINARY)") as copy:
+                        copy.set_types(["int8", "bytea", "int4"])
+                        for i in ids:
+                            copy.write_row((i, filler, old))
+                    if form == "copy_pk":
+                        cur.execute(RAW_COPY_PK_UPDATE, (new, KEY))
+                    else:
+                        cur.execute(RAW_COPY_UPDATE, (new, old, KEY))
             conn.commit()
         seconds = time.perf_counter() - start
         assert conn.execute("SELECT count(*) FROM deks_baseline WHERE key_version = %s", (new,)).fetchone()[0] == n
@@ -188,24 +224,33 @@ def software_run(n: int, batch: int, repeat: int = 3) -> None:
             sizing = envelope.policy_batching(ctx) if not batch else {"batch_size": batch}
             # Interleaved: each repeat rotates, sweeps every DEK to the new version, then runs the
             # raw UPDATE of the same rows (on the clone) at the largest batch that sweep used.
-            # Two raw batch sizes, both timed every round (in alternating order, since each
-            # UPDATE leaves the clone a little more bloated): the sweep's largest batch and
-            # the policy's cap; the faster median is the raw limit.
+            # Two raw batch sizes (the sweep's largest batch and the policy's cap) times two raw
+            # ways of sending a batch (arrays to unnest, binary COPY into a temporary table), all
+            # timed every round in rotating order (each UPDATE leaves the clone a little more
+            # bloated); the fastest median is the raw limit. Every raw run moves the clone to a
+            # version of its own, so none is a same-value rewrite.
             cap = sizing.get("max_batch_size") or batch
             sweep_runs, sizes = [], []
-            update_runs: dict[str, list[float]] = {"sweep_max_batch": [], "policy_max_batch": []}
+            labels = [
+                (f"{form}_{which}", form, which)
+                for which in ("sweep_max_batch", "policy_max_batch")
+                for form in RAW_FORMS
+            ]
+            update_runs: dict[str, list[float]] = {label: [] for label, _, _ in labels}
+            clone_version = old
             for r in range(repeat):
-                new = lifecycle.rotate(ctx, KEY, reason="cadence").new_version
+                lifecycle.rotate(ctx, KEY, reason="cadence")
                 sizes = []
                 sweep = envelope.sweep(ctx, KEY, **sizing, progress=lambda p, sizes=sizes: sizes.append(p.moved))
                 assert sweep.moved == n and sweep.remaining == 0, sweep.to_dict()
                 sweep_runs.append(sweep.seconds)
                 batch = max(sizes)
-                # the first raw run moves the clone old -> new, the second rewrites it in place (new -> new)
-                order = [("sweep_max_batch", batch), ("policy_max_batch", cap)][:: 1 if r % 2 == 0 else -1]
-                for i, (label, size) in enumerate(order):
-                    update_runs[label].append(raw_update_seconds(ctx, n, size, old if i == 0 else new, new))
-                old = new
+                shift = r % len(labels)
+                for label, form, which in labels[shift:] + labels[:shift]:
+                    size = batch if which == "sweep_max_batch" else cap
+                    raw_s = raw_update_seconds(ctx, n, size, clone_version, clone_version + 1, form)
+                    update_runs[label].append(raw_s)
+                    clone_version += 1
             sweep_rss = peak_rss_mb()
             update_medians = {k: statistics.median(v) for k, v in update_runs.items()}
             raw_label = min(update_medians, key=update_medians.get)

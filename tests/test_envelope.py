@@ -241,7 +241,7 @@ def test_a_lost_compare_and_set_moves_nothing(kms):
     envelope.sweep(kms)
     before = snapshot(kms)
     # A slow sweeper that read the rows under v1 before they moved: its writes match nothing.
-    assert envelope._commit_batch(kms, KEY, 1, 2, ids, [b"\x00" * 40] * 3) == 0
+    assert envelope._commit_batch(kms, KEY, 1, 2, [(i, b"\x00" * 40) for i in ids]) == 0
     assert snapshot(kms) == before
 
 
