@@ -73,3 +73,23 @@ def test_policy_batching_comes_from_policy_yaml(kms):
         "batch_target_seconds": p.batch_target_commit_ms / 1000,
         "max_batch_size": p.batch_size_max,
     }
+
+
+def test_a_pipelined_caller_grows_the_size_at_every_commit():
+    """The sweep reads batch k+1 before batch k's commit is observed. Judged against the size
+    current at observation, that batch looked short and was ignored: sizes went 1000, 1000,
+    2000, 2000, 4000, 4000, … (eight commits to reach 16,000 at 100k DEKs)."""
+    b = AdaptiveBatch(1000, target_seconds=0.25, min_size=100, max_size=20_000)
+    in_flight = b.size  # read before any commit was observed
+    read = [in_flight]
+    for _ in range(5):
+        next_read = b.size  # the next batch is read while ``in_flight`` commits
+        read.append(next_read)
+        b.observe(in_flight, 0.02 + in_flight * 1e-5, requested=in_flight)  # far below the target
+        in_flight = next_read
+    assert read == [1000, 1000, 2000, 4000, 8000, 16_000]
+    # never past what the observed rate reaches: 1000 rows in 0.2 s predicts 1250 for 0.25 s
+    slow = AdaptiveBatch(1000, target_seconds=0.25, max_size=20_000)
+    slow.observe(1000, 0.05)
+    slow.observe(1000, 0.2, requested=1000)
+    assert slow.size == 1250

@@ -552,11 +552,17 @@ def _commit_batch_retrying(
 
 
 def _commit_batch_timed(
-    sizer: AdaptiveBatch, ctx: KmsContext, key_name: str, old: int, new: int, pairs: list[tuple[int, bytes]]
+    sizer: AdaptiveBatch,
+    ctx: KmsContext,
+    key_name: str,
+    old: int,
+    new: int,
+    pairs: list[tuple[int, bytes]],
+    requested: int,
 ) -> int | None:
     start = time.perf_counter()
     moved = _commit_batch_retrying(ctx, key_name, old, new, pairs)
-    sizer.observe(len(pairs), time.perf_counter() - start)
+    sizer.observe(len(pairs), time.perf_counter() - start, requested=requested)
     return moved
 
 
@@ -769,7 +775,7 @@ def _sweep_version(
             # Read in (shard, id) order, written in id order: the UPDATE then visits the heap
             # and the primary key in order (ids are unique, so the bytes are never compared).
             pairs.sort()
-            future = writer.submit(_commit_batch_timed, sizer, ctx, name, old, new, pairs) if pairs else None
+            future = writer.submit(_commit_batch_timed, sizer, ctx, name, old, new, pairs, limit) if pairs else None
             pending = (future, len(pairs), bad)
     finally:
         if pending is not None and pending[0] is not None:

@@ -51,13 +51,19 @@ class AdaptiveBatch:
             return mean_s
         return max(0.0, mean_s - per_row * mean_r)
 
-    def observe(self, rows: int, seconds: float) -> None:
-        """Record one commit of ``rows`` rows that took ``seconds``."""
+    def observe(self, rows: int, seconds: float, *, requested: int | None = None) -> None:
+        """Record one commit of ``rows`` rows that took ``seconds``.
+
+        ``requested``: the size the batch was read at. A pipelined caller (the sweep) reads
+        batch k+1 before batch k's commit is observed, so batch k+1 was read at the size
+        before that observation; judged against the current size it would count as short
+        and be ignored, and the size would grow only every second commit.
+        """
         if not self.target_seconds or rows < 1:
             return
         with self._lock:
-            # only a full batch says how the current size performs; a short last batch does not
-            if rows < self._size:
+            # only a full batch says how its size performs; a short last batch does not
+            if rows < (self._size if requested is None else requested):
                 return
             self._recent.append((rows, seconds))
             scale = self.target_seconds / max(seconds, 1e-6)
@@ -65,6 +71,10 @@ class AdaptiveBatch:
                 fixed = self.fixed_seconds()
                 if fixed is not None and fixed >= self.target_seconds / 2:
                     scale = 2.0  # the time is in the fixed part: fewer, bigger commits
-            scale = min(2.0, max(0.5, scale))
-            self._size = int(min(self.max_size, max(self.min_size, round(rows * scale))))
+            if scale >= 1:
+                # at most double the current size, and no further than this commit's rate reaches the target
+                size = min(self._size * 2, rows * scale)
+            else:
+                size = rows * max(0.5, scale)
+            self._size = int(min(self.max_size, max(self.min_size, round(size))))
             self.history.append(self._size)
