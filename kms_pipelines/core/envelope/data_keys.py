@@ -461,6 +461,13 @@ def _sweep_plan(ctx: KmsContext, key_name: str | None) -> list[tuple[str, int, s
 
 
 def _select_batch(conn, key_name: str, version: int, lo: int, hi: int, after: tuple[int, int], limit: int):
+    """The next ``(id, shard, wrapped)`` tuples of the sweep's keyset walk (SQL below for SQLite)."""
+    if conn.dialect.name == "postgresql":
+        # The driver's binary cursor: plain tuples, bytea without hex decoding. Through
+        # SQLAlchemy the read cost more Python time per row than the rewrap (100k DEKs).
+        with conn.connection.driver_connection.cursor(binary=True) as cur:
+            cur.execute(_PG_SELECT_BATCH, (key_name, version, lo, hi, after[0], after[1], limit))
+            return cur.fetchall()
     q = (
         select(Dek.id, Dek.shard, Dek.wrapped)
         .where(
@@ -474,7 +481,14 @@ def _select_batch(conn, key_name: str, version: int, lo: int, hi: int, after: tu
         .order_by(Dek.shard, Dek.id)
         .limit(limit)
     )
-    return conn.execute(q).all()
+    return [tuple(r) for r in conn.execute(q)]
+
+
+# the same query as the SQLAlchemy form below (the row comparison is an index condition on ix_deks_sweep)
+_PG_SELECT_BATCH = (
+    "SELECT id, shard, wrapped FROM deks WHERE key_name = %s AND key_version = %s AND shard >= %s AND shard < %s "
+    "AND (shard, id) > (%s, %s) AND wrapped IS NOT NULL ORDER BY shard, id LIMIT %s"
+)
 
 
 _VERSION_STATES = text(
@@ -586,9 +600,9 @@ def _rewrap_isolating_failures(ctx: KmsContext, old_ref: str, new_ref: str, rows
     good, bad = [], []
     for row in rows:
         try:
-            good.append((row.id, ctx.keystore.rewrap(old_ref, new_ref, [row.wrapped])[0]))
+            good.append((row[0], ctx.keystore.rewrap(old_ref, new_ref, [row[2]])[0]))
         except DecryptionFailed:
-            bad.append(row.id)
+            bad.append(row[0])
     return good, bad
 
 
@@ -749,12 +763,12 @@ def _sweep_version(
             pairs: list = []
             bad: list[int] = []
             if rows:
-                after = (rows[-1].shard, rows[-1].id)
+                after = (rows[-1][1], rows[-1][0])
                 try:
-                    wrapped = [r.wrapped for r in rows]
+                    wrapped = [r[2] for r in rows]
                     pairs = list(
                         zip(
-                            (r.id for r in rows),
+                            (r[0] for r in rows),
                             retry.call(
                                 functools.partial(ctx.keystore.rewrap, old_ref, new_ref, wrapped),
                                 budget=ctx.policy.faults.hsm.budget(),
