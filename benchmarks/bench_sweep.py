@@ -3,9 +3,12 @@
 For each size (100k by default, plus 1M with --full), in its own child process:
 
 * ``envelope.sweep.vs_raw_update``: ``envelope.sweep`` of N DEKs against a raw batched
-  ``UPDATE … FROM unnest(ids, wrapped)`` of the same N rows (one commit per batch, on an
-  identical copy of the table with the same indexes), at the sweep's largest batch and at
-  the policy's cap (``envelope.batch_size_max``), the faster of the two;
+  UPDATE of the same N rows in id order (one commit per batch, on an identical copy of the
+  table with the same indexes, each run onto a version of its own), sent three raw ways
+  (``RAW_FORMS``: arrays to ``unnest``; binary COPY into a temporary table then
+  ``UPDATE … FROM`` it with the planner's plan; the same with the sweep's primary-key plan),
+  each at the sweep's largest batch and at the policy's cap (``envelope.batch_size_max``):
+  the fastest of the six medians is the raw limit;
 * ``envelope.sweep.vs_raw_crypto``: the same sweep against a raw ``cryptography``
   ``aes_key_unwrap_with_padding`` + ``aes_key_wrap_with_padding`` loop over the same N
   wrapped DEKs (only the crypto is timed; the rows are streamed in batches);
@@ -224,11 +227,11 @@ def software_run(n: int, batch: int, repeat: int = 3) -> None:
             sizing = envelope.policy_batching(ctx) if not batch else {"batch_size": batch}
             # Interleaved: each repeat rotates, sweeps every DEK to the new version, then runs the
             # raw UPDATE of the same rows (on the clone) at the largest batch that sweep used.
-            # Two raw batch sizes (the sweep's largest batch and the policy's cap) times two raw
-            # ways of sending a batch (arrays to unnest, binary COPY into a temporary table), all
-            # timed every round in rotating order (each UPDATE leaves the clone a little more
-            # bloated); the fastest median is the raw limit. Every raw run moves the clone to a
-            # version of its own, so none is a same-value rewrite.
+            # Two raw batch sizes (the sweep's largest batch and the policy's cap) times the three
+            # raw ways of sending a batch (RAW_FORMS), all timed every round in rotating order
+            # (each UPDATE leaves the clone a little more bloated); the fastest median is the raw
+            # limit. Every raw run moves the clone to a version of its own, so none is a
+            # same-value rewrite.
             cap = sizing.get("max_batch_size") or batch
             sweep_runs, sizes = [], []
             labels = [

@@ -351,3 +351,32 @@ def test_nightly_steps_are_registered_in_order(kms):
     summary = next(s for s in nightly.steps() if s.name == "envelope_sweep").run(kms)
     assert summary == {"moved": 5, "remaining": 0, "batches": 1}
     assert_all_decrypt(kms, objects)
+
+
+def test_the_batch_update_looks_rows_up_by_primary_key_even_on_stale_statistics(kms_pg):
+    """Left to the planner, every batch hashed all the DEKs left on the old version (O(n) per
+    batch); with statistics from before a rotation it also took that version for one row."""
+    fill(kms_pg, 3)
+    with kms_pg.engine.connect() as conn:  # one transaction, rolled back at the end
+        conn.execute(
+            text(
+                "INSERT INTO deks (key_name, key_version, wrapped, object_id, shard, created_at) "
+                "SELECT :key, 1, '\\x00'::bytea, 'bulk-' || i, i % 1024, now() FROM generate_series(1, 20000) AS i"
+            ),
+            {"key": KEY},
+        )
+        conn.execute(text("ANALYZE deks"))  # every row on v1 as far as the planner knows
+        conn.execute(text("UPDATE deks SET key_version = 2"))  # now none is
+        raw = conn.connection.driver_connection
+        with raw.cursor() as cur:
+            cur.execute(envelope._PG_BATCH_TABLE)
+            with cur.copy(envelope._PG_BATCH_COPY) as copy:
+                copy.set_types(["int8", "bytea", "int4"])
+                for i in range(1, 5001):
+                    copy.write_row((i, b"\x01" * 40, 2))
+            cur.execute("EXPLAIN " + envelope._PG_CAS, {"new": 3, "at": None, "key": KEY})
+            plan = "\n".join(r[0] for r in cur.fetchall())
+        conn.rollback()
+    assert "Nested Loop" in plan and "Index Scan using deks_pkey" in plan, plan
+    assert "Hash" not in plan and "Merge" not in plan, plan
+    assert plan.index("Seq Scan on kms_sweep_batch") < plan.index("Index Scan using deks_pkey"), plan  # batch drives
