@@ -32,8 +32,9 @@ import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import and_, bindparam, func, select, text, tuple_, update
+from sqlalchemy import Connection, and_, bindparam, func, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -460,12 +461,21 @@ def _sweep_plan(ctx: KmsContext, key_name: str | None) -> list[tuple[str, int, s
     return plan
 
 
+def _driver(conn: Connection) -> Any:
+    """The psycopg connection under a SQLAlchemy one, in its transaction (COPY and binary
+    cursors have no SQLAlchemy form)."""
+    raw = conn.connection.driver_connection
+    if raw is None:  # only an invalidated connection has none, and each caller has just used it
+        raise EnvelopeError("the database connection was invalidated mid-batch; re-run the sweep")
+    return raw
+
+
 def _select_batch(conn, key_name: str, version: int, lo: int, hi: int, after: tuple[int, int], limit: int):
     """The next ``(id, shard, wrapped)`` tuples of the sweep's keyset walk (SQL below for SQLite)."""
     if conn.dialect.name == "postgresql":
         # The driver's binary cursor: plain tuples, bytea without hex decoding. Through
         # SQLAlchemy the read cost more Python time per row than the rewrap (100k DEKs).
-        with conn.connection.driver_connection.cursor(binary=True) as cur:
+        with _driver(conn).cursor(binary=True) as cur:
             cur.execute(_PG_SELECT_BATCH, (key_name, version, lo, hi, after[0], after[1], limit))
             return cur.fetchall()
     q = (
@@ -532,9 +542,7 @@ def _commit_batch(ctx: KmsContext, key_name: str, old: int, new: int, pairs: lis
         if states.get(new) != ACTIVE or states.get(old) not in (ROTATED, REVOKED):
             return None  # the key rotated (or the old version was destroyed) meanwhile: re-plan
         if conn.dialect.name == "postgresql":
-            # the driver's connection, inside the session's transaction (COPY has no SQLAlchemy form)
-            raw = conn.connection.driver_connection
-            with raw.cursor() as cur:
+            with _driver(conn).cursor() as cur:
                 cur.execute(_PG_BATCH_TABLE)
                 with cur.copy(_PG_BATCH_COPY) as copy:
                     copy.set_types(["int8", "bytea", "int4"])
