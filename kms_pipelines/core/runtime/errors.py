@@ -4,44 +4,54 @@ from __future__ import annotations
 
 from sqlalchemy.exc import OperationalError
 
+from ..access.principals import AccessDenied
+from ..backup.backups import BackupError
+from ..envelope.data_keys import EnvelopeError
 from ..foundation.db import DatabaseError
 from ..foundation.keystore import KeyStoreError
+from ..foundation.limits import InputError
+from ..foundation.objectstore import ObjectStoreError
 from ..foundation.policy import PolicyError
 from ..foundation.retry import DependencyUnavailable, classify
 from ..foundation.state import StateMissing
+from ..foundation.worker import WorkerConfigError
 from ..keys.lifecycle import LifecycleError
+from ..keys.vault import VaultError
+from ..ledger.audit import AuditError
+from ..ledger.ledger import ChainOrderError
+from ..ledger.rpt import RptError
+from ..response.escrow import EscrowError
+from ..response.events import EventError
+from .simulate import LiveStateError
+
+# Plain imports, not imports by name that skip what is missing: a renamed or moved error
+# class fails here at import, instead of quietly turning its one-line refusal into a traceback.
+_KNOWN: tuple[type[BaseException], ...] = (
+    DatabaseError,
+    KeyStoreError,
+    LifecycleError,
+    PolicyError,
+    DependencyUnavailable,
+    StateMissing,
+    ObjectStoreError,
+    AccessDenied,
+    EnvelopeError,
+    RptError,
+    BackupError,
+    EscrowError,
+    EventError,
+    VaultError,
+    WorkerConfigError,
+    InputError,
+    ChainOrderError,
+    AuditError,
+    LiveStateError,
+)
 
 
 def known_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [
-        DatabaseError,
-        KeyStoreError,
-        LifecycleError,
-        PolicyError,
-        DependencyUnavailable,
-        StateMissing,
-    ]
-    for module, name in (
-        ("kms_pipelines.core.foundation.objectstore", "ObjectStoreError"),
-        ("kms_pipelines.core.access.principals", "AccessDenied"),
-        ("kms_pipelines.core.envelope.data_keys", "EnvelopeError"),
-        ("kms_pipelines.core.ledger.rpt", "RptError"),
-        ("kms_pipelines.core.backup.backups", "BackupError"),
-        ("kms_pipelines.core.response.escrow", "EscrowError"),
-        ("kms_pipelines.core.response.events", "EventError"),
-        ("kms_pipelines.core.keys.vault", "VaultError"),
-        ("kms_pipelines.core.foundation.worker", "WorkerConfigError"),
-        ("kms_pipelines.core.foundation.limits", "InputError"),
-        ("kms_pipelines.core.ledger.ledger", "ChainOrderError"),
-        ("kms_pipelines.core.ledger.audit", "AuditError"),
-        ("kms_pipelines.core.runtime.simulate", "LiveStateError"),
-    ):
-        try:
-            mod = __import__(module, fromlist=[name])
-            errors.append(getattr(mod, name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(errors)
+    """The domain errors a command or an op reports as one line (no traceback, no retry)."""
+    return _KNOWN
 
 
 def fault_line(exc: BaseException, command: str | None = None) -> str | None:
