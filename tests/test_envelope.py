@@ -380,3 +380,55 @@ def test_the_batch_update_looks_rows_up_by_primary_key_even_on_stale_statistics(
     assert "Nested Loop" in plan and "Index Scan using deks_pkey" in plan, plan
     assert "Hash" not in plan and "Merge" not in plan, plan
     assert plan.index("Seq Scan on kms_sweep_batch") < plan.index("Index Scan using deks_pkey"), plan  # batch drives
+
+
+@pytest.mark.parametrize("shard", [None, 1])
+def test_the_sweep_walks_in_id_order_within_its_shard_range(kms, monkeypatch, shard):
+    """``shard`` is a hash, so the old ``(shard, id)`` walk made each batch a random sample of
+    ids spread over the whole table; in id order a batch's rows are neighbours."""
+    fill(kms, 40)
+    lifecycle.rotate(kms, KEY)
+    committed: list[list[int]] = []
+    real = envelope._commit_batch
+
+    def spy(ctx, key_name, old, new, pairs):
+        committed.append([i for i, _ in pairs])
+        return real(ctx, key_name, old, new, pairs)
+
+    monkeypatch.setattr(envelope, "_commit_batch", spy)
+    shards = 1 if shard is None else 2
+    result = envelope.sweep(kms, shard=shard, shards=shards, batch_size=4)
+    ids = [i for batch in committed for i in batch]
+    assert len(committed) >= 3 and ids == sorted(ids) and len(set(ids)) == len(ids) == result.moved
+    lo, hi = envelope.shard_range(shard, shards)
+    with kms.engine.connect() as conn:
+        in_range = (
+            conn.execute(select(Dek.id).where(Dek.shard >= lo, Dek.shard < hi).order_by(Dek.id)).scalars().all()
+        )
+    assert ids == in_range  # every DEK of the range, once, and nothing outside it
+
+
+def test_a_shard_range_batch_is_read_by_index_condition_in_id_order(kms_pg):
+    """A partition's read must not fetch other partitions' rows to reject them (else a fan-out
+    worker of N shards would read N times the heap); the shard range is checked on the index."""
+    fill(kms_pg, 3)
+    with kms_pg.engine.connect() as conn:  # one transaction, rolled back at the end
+        conn.execute(
+            text(
+                "INSERT INTO deks (key_name, key_version, wrapped, object_id, shard, created_at) "
+                "SELECT :key, 1, '\\x00'::bytea, 'bulk-' || i, (i * 7919) % 1024, now() "
+                "FROM generate_series(1, 20000) AS i"
+            ),
+            {"key": KEY},
+        )
+        conn.execute(text("ANALYZE deks"))
+        lo, hi = envelope.shard_range(1, 2)
+        with conn.connection.driver_connection.cursor() as cur:
+            args = {"key": KEY, "v": 1, "after": 0, "lo": lo, "hi": hi, "limit": 5000}
+            cur.execute("EXPLAIN " + envelope._PG_SELECT_BATCH, args)
+            plan = "\n".join(r[0] for r in cur.fetchall())
+        conn.rollback()
+    assert "Index Scan using ix_deks_sweep_id on deks" in plan, plan
+    cond = next(line for line in plan.splitlines() if "Index Cond" in line)
+    assert "shard >=" in cond and "shard <" in cond, plan
+    assert "Sort" not in plan, plan  # the index gives id order: no sort of the key's rows per batch

@@ -12,9 +12,11 @@ caller AAD), so a blob cannot be replayed against another object's DEK row.
 ``sweep`` moves every DEK still wrapped under a rotated or revoked version onto the
 active one. The unwrap+wrap happens inside the keystore (``KeyStore.rewrap``): inside the
 HSM under PKCS#11, in memory only under the software backend. It is batched (one rewrap
-call and one commit per batch), reads with keyset pagination on ``(shard, id)`` so memory
-is bounded by the batch, and writes with compare-and-set on the wrapping version, so a
-killed sweep re-runs safely and concurrent sweeps of overlapping shards never
+call and one commit per batch), reads with keyset pagination on ``id`` within the shard
+range, so memory is bounded by the batch and a batch's rows are neighbours in the table
+(the old ``(shard, id)`` walk made each batch a hash-scattered sample, touching pages all
+over a 1M-DEK table larger than the server's cache), and writes with compare-and-set on
+the wrapping version, so a killed sweep re-runs safely and concurrent sweeps of overlapping shards never
 double-wrap a DEK. Shards partition the ``deks.shard`` range so Dagster can fan the
 sweep out across processes or hosts.
 
@@ -470,34 +472,47 @@ def _driver(conn: Connection) -> Any:
     return raw
 
 
-def _select_batch(conn, key_name: str, version: int, lo: int, hi: int, after: tuple[int, int], limit: int):
-    """The next ``(id, shard, wrapped)`` tuples of the sweep's keyset walk (SQL below for SQLite)."""
+def _select_batch(conn, key_name: str, version: int, lo: int, hi: int, after: int, limit: int):
+    """The next ``(id, wrapped)`` tuples of the sweep's keyset walk: ids above ``after`` in
+    the shard range, in id order (SQL below for SQLite)."""
     if conn.dialect.name == "postgresql":
         # The driver's binary cursor: plain tuples, bytea without hex decoding. Through
         # SQLAlchemy the read cost more Python time per row than the rewrap (100k DEKs).
         with _driver(conn).cursor(binary=True) as cur:
-            cur.execute(_PG_SELECT_BATCH, (key_name, version, lo, hi, after[0], after[1], limit))
+            cur.execute(
+                _PG_SELECT_BATCH, {"key": key_name, "v": version, "after": after, "lo": lo, "hi": hi, "limit": limit}
+            )
             return cur.fetchall()
     q = (
-        select(Dek.id, Dek.shard, Dek.wrapped)
+        select(Dek.id, Dek.wrapped)
         .where(
             Dek.key_name == key_name,
             Dek.key_version == version,
+            Dek.id > after,
             Dek.shard >= lo,
             Dek.shard < hi,
-            tuple_(Dek.shard, Dek.id) > tuple_(after[0], after[1]),
             Dek.wrapped.is_not(None),
         )
-        .order_by(Dek.shard, Dek.id)
+        .order_by(Dek.id)
         .limit(limit)
     )
     return [tuple(r) for r in conn.execute(q)]
 
 
-# the same query as the SQLAlchemy form below (the row comparison is an index condition on ix_deks_sweep)
+# The same query as the SQLAlchemy form above, on ix_deks_sweep_id (key_name, key_version,
+# id, shard). The walk is in id order, not (shard, id): ``shard`` is a hash, so a batch in
+# shard order was a random sample of ids whose pages spread over the whole table (at 1M,
+# larger than shared_buffers), while id order reads and rewrites neighbouring pages. The
+# shard range stays an index condition (checked on the index tuple), so a partition's
+# sweep steps over other partitions' index entries but never fetches their rows.
+# The version is bounded by a row comparison and ``<=``, not ``=``, and the order is
+# ``key_version, id``: with ``key_version = v`` the planner may walk the primary key in id
+# order and filter in the heap (it did, on a one-key table), fetching every other shard's
+# and version's rows, all of them when few DEKs are left on the old version.
 _PG_SELECT_BATCH = (
-    "SELECT id, shard, wrapped FROM deks WHERE key_name = %s AND key_version = %s AND shard >= %s AND shard < %s "
-    "AND (shard, id) > (%s, %s) AND wrapped IS NOT NULL ORDER BY shard, id LIMIT %s"
+    "SELECT id, wrapped FROM deks WHERE key_name = %(key)s AND (key_version, id) > (%(v)s, %(after)s) "
+    "AND key_version <= %(v)s AND shard >= %(lo)s AND shard < %(hi)s AND wrapped IS NOT NULL "
+    "ORDER BY key_version, id LIMIT %(limit)s"
 )
 
 
@@ -598,7 +613,7 @@ def policy_batching(ctx: KmsContext) -> dict:
     }
 
 
-def _read_batch(ctx: KmsContext, key_name: str, version: int, lo: int, hi: int, after: tuple[int, int], limit: int):
+def _read_batch(ctx: KmsContext, key_name: str, version: int, lo: int, hi: int, after: int, limit: int):
     with ctx.engine.connect() as conn:
         return _select_batch(conn, key_name, version, lo, hi, after, limit)
 
@@ -608,7 +623,7 @@ def _rewrap_isolating_failures(ctx: KmsContext, old_ref: str, new_ref: str, rows
     good, bad = [], []
     for row in rows:
         try:
-            good.append((row[0], ctx.keystore.rewrap(old_ref, new_ref, [row[2]])[0]))
+            good.append((row[0], ctx.keystore.rewrap(old_ref, new_ref, [row[1]])[0]))
         except DecryptionFailed:
             bad.append(row[0])
     return good, bad
@@ -731,7 +746,7 @@ def _sweep_version(
     started,
 ) -> str:
     """Sweep one old version of one key in the shard range: "done", "stale" (re-plan) or "limit"."""
-    after = (lo - 1, 0)
+    after = 0  # ids start at 1
     # (future | None, pairs count, bad ids) of the batch being committed
     pending: tuple[Future[int | None] | None, int, list[int]] | None = None
 
@@ -771,9 +786,9 @@ def _sweep_version(
             pairs: list = []
             bad: list[int] = []
             if rows:
-                after = (rows[-1][1], rows[-1][0])
+                after = rows[-1][0]
                 try:
-                    wrapped = [r[2] for r in rows]
+                    wrapped = [r[1] for r in rows]
                     pairs = list(
                         zip(
                             (r[0] for r in rows),
@@ -794,9 +809,8 @@ def _sweep_version(
                     return "stale"
             if not pairs and not bad:
                 return "done"
-            # Read in (shard, id) order, written in id order: the UPDATE then visits the heap
-            # and the primary key in order (ids are unique, so the bytes are never compared).
-            pairs.sort()
+            # Read in id order, so written in id order: the UPDATE visits the heap and the
+            # primary key in order (after a failed batch's one-by-one rewrap too).
             future = writer.submit(_commit_batch_timed, sizer, ctx, name, old, new, pairs, limit) if pairs else None
             pending = (future, len(pairs), bad)
     finally:

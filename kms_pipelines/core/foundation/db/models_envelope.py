@@ -36,8 +36,9 @@ class Dek(Base):
     __tablename__ = "deks"
     __table_args__ = (
         UniqueConstraint("key_name", "object_id", name="uq_deks_key_object"),
-        # The sweep reads (key, old version, shard range) in (shard, id) order: keyset pagination.
-        Index("ix_deks_sweep", "key_name", "key_version", "shard", "id"),
+        # The sweep reads (key, old version, shard range) in id order: keyset pagination on id,
+        # with the shard range checked on the index tuple (migration 0013 says why id first).
+        Index("ix_deks_sweep_id", "key_name", "key_version", "id", "shard"),
         CheckConstraint("shard >= 0 AND shard < 1024", name="ck_deks_shard"),
         CheckConstraint("wrapped IS NOT NULL OR shredded_at IS NOT NULL", name="ck_deks_wrapped_or_shredded"),
         {"sqlite_autoincrement": True},  # never reuse a DEK id (blobs name their DEK by id)
