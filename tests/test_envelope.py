@@ -402,9 +402,7 @@ def test_the_sweep_walks_in_id_order_within_its_shard_range(kms, monkeypatch, sh
     assert len(committed) >= 3 and ids == sorted(ids) and len(set(ids)) == len(ids) == result.moved
     lo, hi = envelope.shard_range(shard, shards)
     with kms.engine.connect() as conn:
-        in_range = (
-            conn.execute(select(Dek.id).where(Dek.shard >= lo, Dek.shard < hi).order_by(Dek.id)).scalars().all()
-        )
+        in_range = conn.execute(select(Dek.id).where(Dek.shard >= lo, Dek.shard < hi).order_by(Dek.id)).scalars().all()
     assert ids == in_range  # every DEK of the range, once, and nothing outside it
 
 
