@@ -3,8 +3,9 @@
 Creates a database of at least ``--gb`` GiB (mixed data: random bytea from pgcrypto +
 repetitive text), bootstraps a KMS in it, then times (1) ``kms backup create --no-verify``
 to a local object store (child process; its peak RSS is recorded) and (2) the baseline
-pipeline ``pg_dump -Fc DB | zstd -3 > file``; also reports ``pg_dump -Fc -Z0 | zstd -3 -T0``
-as a second baseline (our pipeline does not compress twice). Drops everything afterwards.
+pipeline ``pg_dump -Fc DB | zstd -3 > file`` and ``pg_dump -Fc -Z0 | zstd -3 -T0`` (no zlib
+inside pg_dump, zstd on every core; our pipeline does not compress twice either): the faster
+of the two is the raw limit. Drops everything afterwards.
 
     .venv/bin/python benchmarks/bench_backup.py [--gb 1.0]
 """
@@ -96,7 +97,12 @@ def main() -> None:
         subprocess.run(f"pg_dump -Fc -Z0 '{url}' | zstd -3 -T0 -q -f -o '{out}'", shell=True, check=True)
         base_z0 = time.perf_counter() - t0
 
-        rate, base_rate = size / ours, size / base
+        # the raw limit is the faster pipeline: pg_dump's own zlib (-Fc's default) is single-threaded
+        # and made the plain pipeline 5x slower than -Z0 with a multi-threaded zstd on 1.3 GB
+        fastest, fastest_s = min(
+            (("pg_dump -Fc | zstd -3", base), ("pg_dump -Fc -Z0 | zstd -3 -T0", base_z0)), key=lambda w: w[1]
+        )
+        rate, base_rate = size / ours, size / fastest_s
         emit(
             {
                 "name": "backup_create_vs_pg_dump_zstd",
@@ -107,7 +113,8 @@ def main() -> None:
                 "ratio": round(rate / base_rate, 4),
                 "peak_rss_mb": peak,
                 "unit": "database bytes/s",
-                "baseline": "pg_dump -Fc | zstd -3",
+                "baseline": fastest,
+                "ratio_vs_pg_dump_Fc_zstd": round(base / ours, 4),
                 "baseline_seconds": round(base, 3),
                 "archive_bytes": archive_size,
                 "baseline_bytes": base_size,

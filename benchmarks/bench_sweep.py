@@ -6,9 +6,10 @@ For each size (100k by default, plus 1M with --full), in its own child process:
   UPDATE of the same N rows in id order (one commit per batch, on an identical copy of the
   table with the same indexes, each run onto a version of its own), sent three raw ways
   (``RAW_FORMS``: arrays to ``unnest``; binary COPY into a temporary table then
-  ``UPDATE … FROM`` it with the planner's plan; the same with the sweep's primary-key plan),
-  each at the sweep's largest batch and at the policy's cap (``envelope.batch_size_max``):
-  the fastest of the six medians is the raw limit;
+  ``UPDATE … FROM`` it with the planner's plan; the same with the sweep's primary-key plan;
+  that over two connections taking alternate batches, so a commit overlaps the next batch as
+  in the sweep), each at the sweep's largest batch and at the policy's cap
+  (``envelope.batch_size_max``): the fastest of the eight medians is the raw limit;
 * ``envelope.sweep.vs_raw_crypto``: the same sweep against a raw ``cryptography``
   ``aes_key_unwrap_with_padding`` + ``aes_key_wrap_with_padding`` loop over the same N
   wrapped DEKs (only the crypto is timed; the rows are streamed in batches);
@@ -145,8 +146,11 @@ RAW_COPY_PK_UPDATE = (
     "UPDATE deks_baseline AS d SET wrapped = v.w, key_version = %s, rewrapped_at = now() "
     "FROM raw_batch AS v WHERE d.id = v.id AND d.key_version = v.old AND d.key_name = %s"
 )
-# the raw ways of sending a batch, all timed; the fastest is the limit
-RAW_FORMS = ("unnest", "copy", "copy_pk")
+# the raw ways of sending a batch, all timed; the fastest is the limit. ``copy_pk_2conn`` is
+# ``copy_pk`` over two connections taking alternate batches, so one builds and sends a batch
+# while the other's UPDATE and commit run: the sweep overlaps its next batch with the commit
+# the same way, and a serial raw UPDATE measured slower than the sweep at 1M.
+RAW_FORMS = ("unnest", "copy", "copy_pk", "copy_pk_2conn")
 
 
 def raw_update_seconds(ctx, n: int, batch: int, old: int, new: int, form: str = "unnest") -> float:
@@ -158,7 +162,10 @@ def raw_update_seconds(ctx, n: int, batch: int, old: int, new: int, form: str = 
     import psycopg
 
     filler = secrets.token_bytes(40)
-    with psycopg.connect(_psycopg_url(ctx.engine.url.render_as_string(hide_password=False))) as conn:
+    url = _psycopg_url(ctx.engine.url.render_as_string(hide_password=False))
+    if form == "copy_pk_2conn":
+        return _raw_update_two_connections(url, n, batch, old, new, filler)
+    with psycopg.connect(url) as conn:
         start = time.perf_counter()
         for lo in range(1, n + 1, batch):
             ids = range(lo, min(lo + batch, n + 1))
@@ -182,6 +189,55 @@ def raw_update_seconds(ctx, n: int, batch: int, old: int, new: int, form: str = 
         assert conn.execute("SELECT count(*) FROM deks_baseline WHERE key_version = %s", (new,)).fetchone()[0] == n
         conn.commit()
     return seconds  # the clone stays for the next interleaved run (the database is dropped at the end)
+
+
+def _copy_pk_batch(conn, ids: range, filler: bytes, old: int, new: int) -> None:
+    with conn.cursor() as cur:
+        cur.execute(RAW_COPY_PK_SETTINGS)
+        cur.execute(RAW_COPY_TABLE)
+        with cur.copy("COPY raw_batch (id, w, old) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(["int8", "bytea", "int4"])
+            for i in ids:
+                copy.write_row((i, filler, old))
+        cur.execute(RAW_COPY_PK_UPDATE, (new, KEY))
+    conn.commit()
+
+
+def _raw_update_two_connections(url: str, n: int, batch: int, old: int, new: int, filler: bytes) -> float:
+    """``copy_pk`` with batches alternating between two connections in two threads (psycopg
+    releases the GIL while it waits on the server): the raw UPDATE with the overlap the sweep has."""
+    import threading
+
+    import psycopg
+
+    conns = [psycopg.connect(url) for _ in range(2)]
+    batches = [range(lo, min(lo + batch, n + 1)) for lo in range(1, n + 1, batch)]
+    errors: list[BaseException] = []
+
+    def work(conn, mine):
+        try:
+            for ids in mine:
+                _copy_pk_batch(conn, ids, filler, old, new)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller below
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=work, args=(conns[k], batches[k::2])) for k in range(2)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seconds = time.perf_counter() - start
+        if errors:
+            raise errors[0]
+        moved = conns[0].execute("SELECT count(*) FROM deks_baseline WHERE key_version = %s", (new,)).fetchone()[0]
+        assert moved == n, (moved, n)
+        conns[0].commit()
+        return seconds
+    finally:
+        for conn in conns:
+            conn.close()
 
 
 def raw_crypto_seconds(ctx, kek_now: bytes, kek_other: bytes, batch: int) -> tuple[float, int]:

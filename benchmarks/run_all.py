@@ -50,7 +50,7 @@ ROWS = {
     "envelope.sweep.pkcs11": ("DEK rewrap sweep, PKCS#11 (SoftHSM2) vs software", None),
     "rpt_verify_chain": ("RPT verifyChain, 1 process", 0.7),
     "rpt_verify_chain_2proc": ("RPT verifyChain, 2 processes", None),
-    "backup_create_vs_pg_dump_zstd": ("Backup create vs `pg_dump -Fc \\| zstd -3`", 0.7),
+    "backup_create_vs_pg_dump_zstd": ("Backup create vs the faster of `pg_dump -Fc [-Z0] \\| zstd -3 [-T0]`", 0.7),
     "keystore.wrap_new_dek": ("Keystore: new wrapped DEK, PKCS#11 vs software", None),
     "keystore.unwrap_decrypt": ("Keystore: unwrap + decrypt, PKCS#11 vs software", None),
     "keystore.rewrap": ("Keystore: rewrap, PKCS#11 vs software", None),
@@ -153,9 +153,8 @@ def render_table(doc: dict) -> str:
         # both sides of a ratio slow down under load, but not equally: such a run judges no goal
         lines[1:1] = [
             "",
-            f"**Shared machine: the 1-minute load average reached {max(loads):g} on {cpus} CPUs during "
-            "this run; its ratios judge no goal. Re-run on a quiet machine.** (⚠ marks each row measured "
-            "at a load above the core count.)",
+            f"**Shared machine: the 1-minute load average reached {max(loads):g} on {cpus} CPUs while the "
+            "rows marked ⚠ were measured; their ratios judge no goal. Re-run them on a quiet machine.**",
         ]
     for rec in doc["records"]:
         if "rate" not in rec:
