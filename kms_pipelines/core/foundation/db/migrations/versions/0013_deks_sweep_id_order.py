@@ -5,7 +5,9 @@ The old (key_name, key_version, shard, id) order made each batch a random sample
 shared_buffers. With ``shard`` last, a shard-range sweep still filters on the index tuple
 (an index condition: rows of other shards cost an index entry, never a heap fetch). The
 old index is dropped, not kept beside it: the sweep's UPDATE changes ``key_version``, so
-every rewrapped row is written into every index on ``deks``.
+every rewrapped row is written into every index on ``deks``. Built without CONCURRENTLY
+(Alembic runs migrations in a transaction): writes to ``deks`` wait while it builds (README,
+"Production").
 
 Revision ID: 0013_deks_sweep_id_order
 Revises: 0012_credential_provenance
