@@ -260,6 +260,60 @@ def test_rotation_during_a_sweep_replans_onto_the_new_active_version(kms):
     assert_all_decrypt(kms, objects)
 
 
+def test_on_postgresql_two_batches_commit_at_once_on_their_own_connections(kms_pg, monkeypatch):
+    # Observation only: the wrapper calls the real commit. A barrier of two in front of the
+    # first two commits is passed only if both are in flight together; with one writer it
+    # times out and the sweep fails.
+    objects = fill(kms_pg, 24)
+    lifecycle.rotate(kms_pg, KEY)
+    real = envelope._commit_batch
+    barrier = threading.Barrier(2, timeout=10)
+    threads = []
+
+    def observed(ctx, key_name, old, new, pairs):
+        threads.append(threading.current_thread().name)
+        if len(threads) <= 2:
+            barrier.wait()
+        return real(ctx, key_name, old, new, pairs)
+
+    monkeypatch.setattr(envelope, "_commit_batch", observed)
+    result = envelope.sweep(kms_pg, batch_size=4)
+    assert (result.moved, result.remaining, result.skipped, result.batches) == (24, 0, 0, 6)
+    assert len(set(threads[:2])) == 2 and all(t.startswith("kms-sweep-commit") for t in threads)
+    assert versions_of(kms_pg) == {2: 24}
+    assert_all_decrypt(kms_pg, objects)
+
+
+def test_a_batch_that_committed_before_a_rotation_is_counted_when_an_earlier_one_goes_stale(kms_pg, monkeypatch):
+    # The first batch's commit is held until the second has committed, then the key rotates
+    # and the first commit finds its versions changed (stale). The second batch's DEKs did
+    # move to v2, so they must be counted, and the re-planned sweep moves everything to v3.
+    objects = fill(kms_pg, 12)
+    lifecycle.rotate(kms_pg, KEY)
+    real = envelope._commit_batch
+    second_done = threading.Event()
+    calls = []
+
+    def ordered(ctx, key_name, old, new, pairs):
+        calls.append((old, new, len(pairs)))
+        if len(calls) == 1:
+            assert second_done.wait(10), "the second batch never committed beside the first"
+            lifecycle.rotate(ctx, KEY)
+            return real(ctx, key_name, old, new, pairs)
+        try:
+            return real(ctx, key_name, old, new, pairs)
+        finally:
+            second_done.set()
+
+    monkeypatch.setattr(envelope, "_commit_batch", ordered)
+    result = envelope.sweep(kms_pg, batch_size=4)
+    assert calls[:2] == [(1, 2, 4), (1, 2, 4)]
+    assert result.remaining == 0 and result.skipped == 0
+    assert result.moved == 12 + 4  # the second batch moved v1 -> v2, then again v2 -> v3
+    assert versions_of(kms_pg) == {3: 12}
+    assert_all_decrypt(kms_pg, objects)
+
+
 def test_a_corrupt_dek_is_isolated_and_reported(kms):
     objects = fill(kms, 10)
     lifecycle.rotate(kms, KEY)

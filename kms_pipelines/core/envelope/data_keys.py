@@ -31,6 +31,7 @@ import logging
 import struct
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -648,8 +649,10 @@ def sweep(
     the wrapping version. ``progress`` is called after every committed batch.
     ``max_batches`` stops early (tests, throttled runs); ``remaining`` says what is left.
 
-    Batches are pipelined one deep: while batch k commits (on a writer thread, waiting on
-    the database), batch k+1 is read and rewrapped. At most two batches are in memory.
+    Batches are pipelined: while earlier batches commit (on writer threads, each on its own
+    connection, waiting on the database), the next one is read and rewrapped. PostgreSQL
+    gets two writers, so two disjoint batches commit at once (``_writers``); SQLite, which
+    has one writer lock, gets one. At most ``writers + 1`` batches are in memory.
     With ``batch_target_seconds`` the size starts at ``batch_size`` and follows the commit
     time (``batching.AdaptiveBatch``), up to ``max_batch_size``; without it, it is constant.
     """
@@ -677,6 +680,14 @@ def sweep(
         raise exc.annotate(done=done, rerun=rerun) from exc.__cause__
 
 
+def _writers(ctx: KmsContext) -> int:
+    """Commit threads for the sweep. On PostgreSQL one writer left the reader/rewrapper
+    waiting on it (a commit of a batch cost more than reading and rewrapping the next,
+    BENCHMARKS.md); two on their own connections commit alternate batches. SQLite has a
+    single writer lock, so a second writer would only queue on it."""
+    return 2 if ctx.engine.dialect.name == "postgresql" else 1
+
+
 def _sweep(
     ctx: KmsContext,
     result: SweepResult,
@@ -689,7 +700,8 @@ def _sweep(
     lo, hi = result.shard_range
     replans = 0
     plan = retry.db_call(ctx, lambda: _sweep_plan(ctx, key_name), what="planning the sweep")
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kms-sweep-commit") as writer:
+    writers = _writers(ctx)
+    with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="kms-sweep-commit") as writer:
         while plan:
             outcome = "done"
             for name, new, new_ref, olds in plan:
@@ -699,6 +711,7 @@ def _sweep(
                     outcome = _sweep_version(
                         ctx,
                         writer,
+                        writers,
                         result,
                         stats,
                         name,
@@ -731,6 +744,7 @@ def _sweep(
 def _sweep_version(
     ctx,
     writer,
+    writers: int,
     result: SweepResult,
     stats: dict,
     name: str,
@@ -747,8 +761,8 @@ def _sweep_version(
 ) -> str:
     """Sweep one old version of one key in the shard range: "done", "stale" (re-plan) or "limit"."""
     after = 0  # ids start at 1
-    # (future | None, pairs count, bad ids) of the batch being committed
-    pending: tuple[Future[int | None] | None, int, list[int]] | None = None
+    # (future | None, pairs count, bad ids) of each batch being committed, oldest first
+    pending: deque[tuple[Future[int | None] | None, int, list[int]]] = deque()
 
     def settle(batch: tuple[Future[int | None] | None, int, list[int]]) -> bool:
         future, count, bad = batch
@@ -769,14 +783,19 @@ def _sweep_version(
             progress(SweepProgress(name, old, new, result.batches, moved, result.moved, time.perf_counter() - started))
         return True
 
+    def settle_all() -> bool:
+        """Settle every pending batch in submission order. A stale one (the key's versions
+        changed) does not stop the others from being counted: a later batch may have
+        committed before the change, and its DEKs did move."""
+        fresh = True
+        while pending:
+            fresh = settle(pending.popleft()) and fresh
+        return fresh
+
     try:
         while True:
-            if max_batches is not None and result.batches + (pending is not None) >= max_batches:
-                if pending is not None:
-                    ok, pending = settle(pending), None
-                    if not ok:
-                        return "stale"
-                return "limit"
+            if max_batches is not None and result.batches + len(pending) >= max_batches:
+                return "limit" if settle_all() else "stale"
             limit = sizer.size
             rows = retry.db_call(
                 ctx,
@@ -803,19 +822,21 @@ def _sweep_version(
                 except DecryptionFailed:
                     pairs, bad = _rewrap_isolating_failures(ctx, old_ref, new_ref, rows)
                 del rows
-            if pending is not None:
-                ok, pending = settle(pending), None
-                if not ok:
-                    return "stale"
             if not pairs and not bad:
-                return "done"
+                return "done" if settle_all() else "stale"
+            # Keep at most ``writers`` commits in flight: settle the oldest before adding one.
+            while len(pending) >= writers:
+                if not settle(pending.popleft()):
+                    settle_all()
+                    return "stale"
             # Read in id order, so written in id order: the UPDATE visits the heap and the
-            # primary key in order (after a failed batch's one-by-one rewrap too).
+            # primary key in order (after a failed batch's one-by-one rewrap too). Batches
+            # in flight together cover disjoint id ranges, so their row locks never meet.
             future = writer.submit(_commit_batch_timed, sizer, ctx, name, old, new, pairs, limit) if pairs else None
-            pending = (future, len(pairs), bad)
+            pending.append((future, len(pairs), bad))
     finally:
-        if pending is not None and pending[0] is not None:
-            wait([pending[0]])  # never leave a commit running behind an exception
+        # never leave a commit running behind an exception
+        wait([f for f, _, _ in pending if f is not None])
 
 
 def _left_to_sweep(ctx: KmsContext, result: SweepResult, key_name: str | None) -> int:
