@@ -769,6 +769,12 @@ def _sweep_version(
         moved = future.result() if future is not None else 0
         if moved is None:
             return False
+        tally(moved, count, bad)
+        if progress is not None:
+            progress(SweepProgress(name, old, new, result.batches, moved, result.moved, time.perf_counter() - started))
+        return True
+
+    def tally(moved: int, count: int, bad: list[int]) -> None:
         if bad:
             log.error("%d DEK(s) under %s v%d do not unwrap (ids %s); left in place", len(bad), name, old, bad[:20])
             result.failed += len(bad)
@@ -779,9 +785,6 @@ def _sweep_version(
         result.skipped += count - moved
         stats["moved"] += moved
         stats["skipped"] += count - moved
-        if progress is not None:
-            progress(SweepProgress(name, old, new, result.batches, moved, result.moved, time.perf_counter() - started))
-        return True
 
     def settle_all() -> bool:
         """Settle every pending batch in submission order. A stale one (the key's versions
@@ -835,8 +838,15 @@ def _sweep_version(
             future = writer.submit(_commit_batch_timed, sizer, ctx, name, old, new, pairs, limit) if pairs else None
             pending.append((future, len(pairs), bad))
     finally:
-        # never leave a commit running behind an exception
+        # Never leave a commit running behind an exception. With two writers a batch
+        # behind the failed one may have committed: count it (without ``progress``, which
+        # may be what raised), so the error's "done" and ``exc.moved`` are true.
         wait([f for f, _, _ in pending if f is not None])
+        for future, count, bad in pending:
+            if future is None:
+                tally(0, count, bad)
+            elif future.exception() is None and (moved := future.result()) is not None:
+                tally(moved, count, bad)
 
 
 def _left_to_sweep(ctx: KmsContext, result: SweepResult, key_name: str | None) -> int:
