@@ -6,10 +6,11 @@ decrypting and no commit thread left behind."""
 
 import threading
 import time
+from dataclasses import replace
 
 import psycopg
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import create_engine, select, text
 
 from kms_pipelines.core.envelope import data_keys as envelope
 from kms_pipelines.core.envelope import leases
@@ -300,4 +301,25 @@ def test_a_lease_lost_mid_sweep_lets_at_most_one_more_batch_commit_and_nothing_d
     assert_all_decrypt(kms_pg, objects)
     row = leases.lease_rows(kms_pg)[0]
     assert row["holder"] is None and row["takeovers"] >= 1
+    assert commit_threads() == []
+
+
+def test_two_writers_never_hold_one_connection_while_waiting_for_another(kms_pg):
+    # A pool of exactly one connection and no overflow: the reader and both writers take
+    # turns on it. If any step of a batch held a connection while asking the pool for a
+    # second one (a nested transaction in the commit, a read inside it), this would wait
+    # out the pool timeout and fail instead of finishing.
+    objects = fill(kms_pg, 30)
+    lifecycle.rotate(kms_pg, KEY)
+    tiny = create_engine(kms_pg.engine.url, pool_size=1, max_overflow=0, pool_timeout=5)
+    try:
+        ctx = replace(kms_pg, engine=tiny)
+        started = time.monotonic()
+        result = envelope.sweep(ctx, batch_size=4)
+        assert time.monotonic() - started < 5  # never waited out a pool timeout
+    finally:
+        tiny.dispose()
+    assert (result.moved, result.remaining, result.skipped) == (30, 0, 0)
+    assert versions_of(kms_pg) == {2: 30}
+    assert_all_decrypt(kms_pg, objects)
     assert commit_threads() == []

@@ -845,7 +845,7 @@ def _sweep_version(
         for future, count, bad in pending:
             if future is None:
                 tally(0, count, bad)
-            elif future.exception() is None and (moved := future.result()) is not None:
+            elif not future.cancelled() and future.exception() is None and (moved := future.result()) is not None:
                 tally(moved, count, bad)
 
 

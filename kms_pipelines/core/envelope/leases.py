@@ -9,7 +9,10 @@ every committed batch; a ``kill -9``'d worker stops renewing, its lease expires 
 rewrap the same DEKs at once, and no range is left behind by a dead one. The sweep's
 compare-and-set on the wrapping version (core/envelope/data_keys.py) stays the correctness
 guarantee underneath: a worker paused past its expiry loses its lease at the next renew
-and stops, and whatever it still commits is refused by compare-and-set, never doubled.
+and stops. The batch then already committing on its other writer (the sweep commits on two,
+data_keys ``_writers``) still finishes, so up to two batches may commit after the lease
+expired, one after the worker knew; compare-and-set makes that harmless (rows the new holder
+moved first are skipped), never doubled (tests/test_envelope_writers.py).
 
 On SQLite (one host by definition; workers refuse it, see core/foundation/worker.py) the ranges are
 swept without leases.
