@@ -7,10 +7,11 @@ from datetime import timedelta
 
 import pyotp
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from kms_pipelines.core.access import principals as access
 from kms_pipelines.core.foundation.db.models import KeyVersion
+from kms_pipelines.core.foundation.db.models_access import Approval
 from kms_pipelines.core.foundation.db.models_events import EscrowDestruction, EscrowPackage, EscrowUnseal
 from kms_pipelines.core.keys import lifecycle
 from kms_pipelines.core.ledger import ledger
@@ -32,7 +33,8 @@ def snapshot(kms):
         ).all()
         confs = conn.scalar(select(func.count()).select_from(EscrowDestruction))
         unseals = conn.scalar(select(func.count()).select_from(EscrowUnseal))
-    return versions, head, pkgs, confs, unseals, sorted(kms.keystore.refs())
+        approvals_ = conn.execute(select(Approval.id, Approval.used_at).order_by(Approval.id)).all()
+    return versions, head, pkgs, confs, unseals, approvals_, sorted(kms.keystore.refs())
 
 
 @pytest.fixture
@@ -161,6 +163,37 @@ def test_unseal_with_m_shares_and_approvals_rotates_and_reseals(sealed, tmp_path
     # approvals are single-use: a second unseal of the new package under the same ticket is refused
     with pytest.raises(access.AccessDenied):
         escrow.unseal(kms, cur.package_id, {c: ids[c] for c in CUSTODIANS[:2]}, ticket=ticket, requester=requester)
+
+
+def set_break_glass_wrap_ref(kms, version, ref):
+    """Play a database admin: set (or NULL) a break-glass version's keystore reference."""
+    with kms.engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE key_versions SET wrap_ref = :ref WHERE version = :v "
+                "AND key_id = (SELECT id FROM keys WHERE name = 'break-glass')"
+            ),
+            {"ref": ref, "v": version},
+        )
+
+
+def test_unseal_of_a_version_without_a_keystore_reference_is_refused_and_keeps_the_approvals(sealed_sqlite):
+    kms, ids, pkg = sealed_sqlite
+    ticket = "CHG-BG-NOREF"
+    requester = approvals(kms, operation="break-glass", target=pkg.package_id, ticket=ticket)
+    with kms.transaction() as s:
+        ref = lifecycle.get_version(lifecycle.get_key(s, "break-glass"), pkg.key_version).wrap_ref
+    set_break_glass_wrap_ref(kms, pkg.key_version, None)
+    shares = {c: ids[c] for c in CUSTODIANS[:2]}
+    before = snapshot(kms)
+    with pytest.raises(escrow.EscrowError) as err:
+        escrow.unseal(kms, pkg.package_id, shares, ticket=ticket, requester=requester)
+    assert str(err.value) == f"break-glass v{pkg.key_version} has no keystore reference to import the key into"
+    assert snapshot(kms) == before  # no unseal row, no audit entry, approvals unused, nothing imported
+    # the approvals were not consumed: with the reference back, the same approvals unseal
+    set_break_glass_wrap_ref(kms, pkg.key_version, ref)
+    r = escrow.unseal(kms, pkg.package_id, shares, ticket=ticket, requester=requester)
+    assert r.approvers == ["appr-comp", "appr-sec"]
 
 
 def test_escrow_rotates_every_30_days_over_simulated_days(sealed):
