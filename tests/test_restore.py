@@ -226,3 +226,24 @@ def test_restore_takes_a_copied_out_archive_with_its_manifest_and_refuses_a_tamp
     with pytest.raises(backup.BackupError, match="sha256 does not match"):
         restore.restore(kms, str(archive), target)
     assert tables(target) == []
+
+
+@pytest.mark.parametrize("target", ["sqlite://", "sqlite:///:memory:"])
+def test_restore_refuses_a_sqlite_target_without_a_file_before_writing_anything(
+    make_kms, tmp_path, monkeypatch, target
+):
+    kms = make_kms("sqlite")
+    sim_store(kms)
+    info = backup.create(kms)
+    workdir = tmp_path / "cwd"  # ":memory:" used to be written as a file of that name here
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    home = tmp_path / "restore-home"
+    with kms.engine.connect() as conn:
+        before = conn.execute(select(Backup.archive_id, Backup.status)).all(), ledger.head(conn)
+    with pytest.raises(backup.BackupError) as exc:
+        restore.restore(kms, info.archive_id, target, target_home=home)
+    assert str(exc.value) == f"target SQLite URL {target} names no file; restore into a new file"
+    assert list(workdir.iterdir()) == [] and not home.exists()
+    with kms.engine.connect() as conn:
+        assert (conn.execute(select(Backup.archive_id, Backup.status)).all(), ledger.head(conn)) == before

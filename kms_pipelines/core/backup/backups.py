@@ -340,7 +340,7 @@ def _signed_outside_window(ctx: KmsContext, trust, kid: str, created_at: str) ->
 
 
 def _sqlite_snapshot(engine: Engine, dest: Path) -> None:
-    if not engine.url.database:
+    if not engine.url.database or engine.url.database == ":memory:":  # sqlite3 would snapshot a new, empty database
         raise BackupError(f"the SQLite URL {engine.url!r} names no database file to snapshot")
     src = sqlite3.connect(engine.url.database)
     try:

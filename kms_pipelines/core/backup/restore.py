@@ -174,8 +174,10 @@ def _check_target(ctx: KmsContext, target_url: str, db_kind: str) -> None:
     if target.get_backend_name() != db_kind:
         raise BackupError(f"archive holds a {db_kind} database; target is {target.get_backend_name()}")
     if db_kind == "sqlite":
-        if not target.database:  # an in-memory SQLite target would vanish with the restore's engine
-            raise BackupError("target SQLite URL names no file; restore into a new file")
+        # an in-memory target would vanish with the restore's engine, and ":memory:" would be
+        # written as a file of that name in the working directory
+        if not target.database or target.database == ":memory:":
+            raise BackupError(f"target SQLite URL {target_url} names no file; restore into a new file")
         path = Path(target.database)
         if path.exists() and path.stat().st_size > 0:
             raise BackupError(f"target SQLite file {path} already exists; restore into a new file")
