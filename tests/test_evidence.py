@@ -7,11 +7,12 @@ from datetime import timedelta
 
 import pytest
 import zstandard
+from sqlalchemy import text
 
 from kms_pipelines.core.compliance import evidence
 from kms_pipelines.core.keys import lifecycle
 from kms_pipelines.core.ledger import checkpoints, rpt
-from tests.test_rpt import admin, issue_n
+from tests.test_rpt import admin, issue_n, snapshot
 
 
 def _make_bundle(kms, tmp_path):
@@ -185,3 +186,24 @@ def test_cli_issue_verify_checkpoint_export(tmp_path, monkeypatch):
     assert kms("evidence", "verify", str(tmp_path / "b.zst")).exit_code == 0  # the bundle predates the deletion
     assert kms("evidence", "export", "--out", str(tmp_path / "c.zst")).exit_code == 1
     assert kms("evidence", "verify", str(tmp_path / "c.zst")).exit_code == 1
+
+
+def test_exporting_a_root_version_with_a_key_but_no_fingerprint_is_refused_and_writes_nothing(make_kms, tmp_path):
+    kms = make_kms("sqlite")
+    issue_n(kms, 3)
+    out = tmp_path / "ev.zst"
+    evidence.export(kms, out)  # publishes root v1's manifest; a refusal must leave this bundle as it is
+    previous = out.read_bytes()
+    with kms.engine.begin() as conn:  # an insider (or a half-done repair) blanks the fingerprint
+        conn.execute(
+            text(
+                "UPDATE key_versions SET fingerprint = NULL "
+                "WHERE version = 1 AND key_id = (SELECT id FROM keys WHERE name = 'root')"
+            )
+        )
+    before = snapshot(kms)
+    with pytest.raises(rpt.RptError) as exc:
+        evidence.export(kms, out)
+    assert str(exc.value) == "root v1 has a public key but no fingerprint; cannot export it"
+    assert snapshot(kms) == before
+    assert out.read_bytes() == previous and sorted(p.name for p in tmp_path.iterdir()) == ["ev.zst", "home0"]

@@ -126,85 +126,89 @@ def export(ctx: KmsContext, out: str | os.PathLike) -> ExportReport:
             manifest.publish_pending(ctx)
         except manifest.ManifestError as exc:
             problem = f"root manifests could not be published: {exc}"
-    with open(tmp, "wb") as raw, zstandard.ZstdCompressor(level=6, write_checksum=True).stream_writer(raw) as fh:
-        line = _Writer(fh)
-        line(
-            {
-                "t": "bundle",
-                "format": FORMAT,
-                "exported_at": ledger.format_time(ctx.now()),
-                "source": ctx.engine.url.render_as_string(hide_password=True),
-            }
-        )
-        isolation = {"isolation_level": "REPEATABLE READ"} if ctx.engine.dialect.name == "postgresql" else {}
-        with ctx.engine.connect().execution_options(**isolation) as conn, conn.begin():
-            keys = {}
-            for version, public_key, fp, state in conn.execute(
-                select(KeyVersion.version, KeyVersion.public_key, KeyVersion.fingerprint, KeyVersion.state)
-                .join(Key, Key.id == KeyVersion.key_id)
-                .where(Key.name == rpt.ROOT)
-                .order_by(KeyVersion.version)
-            ):
-                if public_key is None or state == PENDING:
-                    continue  # a pending root has signed nothing and has no manifest yet
-                if fp is None:  # every generated root version records its fingerprint with its key
-                    raise RptError(f"root v{version} has a public key but no fingerprint; cannot export it")
-                line(
-                    {
-                        "t": "root_key",
-                        "version": version,
-                        "public_key": rpt.b64url(bytes(public_key)),
-                        "fingerprint": fp,
-                        "state": state,
-                    }
-                )
-                keys[rpt.make_kid(version, fp)] = RootKey(version, bytes(public_key), fp)
-            keys = rpt.key_map(keys.values())
-            cps = []
-            if store is not None:
-                for info in store.list(MANIFEST_PREFIX):
-                    line({"t": "manifest", "key": info.key, "data": rpt.b64url(store.get_bytes(info.key))})
-                for info in store.list(ctx.policy.checkpoints.prefix):
-                    if not info.key.endswith(".json"):
-                        continue
-                    data = store.get_bytes(info.key)
-                    line({"t": "checkpoint", "key": info.key, "data": data.decode("utf-8")})
-                    cps.append(checkpoints.parse(info.key, data))
-            batch = ctx.policy.rpt.verify_batch_size
-
-            def ledger_rows():
-                for row in ledger.iter_rows(conn, batch):
-                    r = list(row)
-                    r[1] = ledger.format_time(row[1])
-                    line({"t": "L", "r": r})
-                    yield row
-
-            def rpt_rows():
-                for seq, token in rpt.iter_tokens(conn, batch_size=batch):
-                    line({"t": "R", "s": seq, "k": token})
-                    yield seq, token
-
-            lrows, rrows = ledger_rows(), rpt_rows()
-            result = checkpoints.verify_streams(cps, keys, lrows, rrows, rpt_signatures=True)
-            for _ in lrows:  # a failed check stops early: the evidence still goes out whole
-                pass
-            for _ in rrows:
-                pass
-        problem = problem or result.problem
-        sealed = False
-        if problem is None:
-            doc, signature = checkpoints.sign_document(
-                ctx,
-                result.ledger_size,
-                result.ledger_head_hash,
-                result.rpt_size,
-                result.rpt_head_hash,
-                ctx.now(),
-                extra=line.seal_extra(),
+    try:
+        with open(tmp, "wb") as raw, zstandard.ZstdCompressor(level=6, write_checksum=True).stream_writer(raw) as fh:
+            line = _Writer(fh)
+            line(
+                {
+                    "t": "bundle",
+                    "format": FORMAT,
+                    "exported_at": ledger.format_time(ctx.now()),
+                    "source": ctx.engine.url.render_as_string(hide_password=True),
+                }
             )
-            fh.write(encode_record({"t": "seal", "data": _encode_seal(doc, signature)}))
-            sealed = True
-        fh.write(encode_record({"t": "end", "counts": line.counts}))
+            isolation = {"isolation_level": "REPEATABLE READ"} if ctx.engine.dialect.name == "postgresql" else {}
+            with ctx.engine.connect().execution_options(**isolation) as conn, conn.begin():
+                keys = {}
+                for version, public_key, fp, state in conn.execute(
+                    select(KeyVersion.version, KeyVersion.public_key, KeyVersion.fingerprint, KeyVersion.state)
+                    .join(Key, Key.id == KeyVersion.key_id)
+                    .where(Key.name == rpt.ROOT)
+                    .order_by(KeyVersion.version)
+                ):
+                    if public_key is None or state == PENDING:
+                        continue  # a pending root has signed nothing and has no manifest yet
+                    if fp is None:  # every generated root version records its fingerprint with its key
+                        raise RptError(f"root v{version} has a public key but no fingerprint; cannot export it")
+                    line(
+                        {
+                            "t": "root_key",
+                            "version": version,
+                            "public_key": rpt.b64url(bytes(public_key)),
+                            "fingerprint": fp,
+                            "state": state,
+                        }
+                    )
+                    keys[rpt.make_kid(version, fp)] = RootKey(version, bytes(public_key), fp)
+                keys = rpt.key_map(keys.values())
+                cps = []
+                if store is not None:
+                    for info in store.list(MANIFEST_PREFIX):
+                        line({"t": "manifest", "key": info.key, "data": rpt.b64url(store.get_bytes(info.key))})
+                    for info in store.list(ctx.policy.checkpoints.prefix):
+                        if not info.key.endswith(".json"):
+                            continue
+                        data = store.get_bytes(info.key)
+                        line({"t": "checkpoint", "key": info.key, "data": data.decode("utf-8")})
+                        cps.append(checkpoints.parse(info.key, data))
+                batch = ctx.policy.rpt.verify_batch_size
+
+                def ledger_rows():
+                    for row in ledger.iter_rows(conn, batch):
+                        r = list(row)
+                        r[1] = ledger.format_time(row[1])
+                        line({"t": "L", "r": r})
+                        yield row
+
+                def rpt_rows():
+                    for seq, token in rpt.iter_tokens(conn, batch_size=batch):
+                        line({"t": "R", "s": seq, "k": token})
+                        yield seq, token
+
+                lrows, rrows = ledger_rows(), rpt_rows()
+                result = checkpoints.verify_streams(cps, keys, lrows, rrows, rpt_signatures=True)
+                for _ in lrows:  # a failed check stops early: the evidence still goes out whole
+                    pass
+                for _ in rrows:
+                    pass
+            problem = problem or result.problem
+            sealed = False
+            if problem is None:
+                doc, signature = checkpoints.sign_document(
+                    ctx,
+                    result.ledger_size,
+                    result.ledger_head_hash,
+                    result.rpt_size,
+                    result.rpt_head_hash,
+                    ctx.now(),
+                    extra=line.seal_extra(),
+                )
+                fh.write(encode_record({"t": "seal", "data": _encode_seal(doc, signature)}))
+                sealed = True
+            fh.write(encode_record({"t": "end", "counts": line.counts}))
+    except BaseException:  # a refused or failed export leaves no partial bundle behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, out)
     c = line.counts
     return ExportReport(
