@@ -187,3 +187,27 @@ def test_t1_reports_a_destroyed_version_with_no_destruction_time(kms):
     finding = compliance.eval_t1(kms)
     assert finding.status == compliance.FAIL
     assert f"{SVC} v1 destroyed -, before its retention ended" in finding.evidence
+
+
+def test_a_retired_version_whose_retirement_time_was_blanked_is_never_destroyed(kms, approvers):
+    from sqlalchemy import text
+
+    _, _, rotated_at = retire_service_v1(kms)
+    dependents.confirm(kms, SVC, 2, "api-gateway")
+    kms.clock.set(rotated_at + timedelta(days=400))  # long past the retention it had
+    approve(kms, approvers, f"{SVC}#v1", "CHG-NORET")
+    with kms.engine.begin() as conn:  # an insider blanks the time the window is counted from
+        conn.execute(
+            text(
+                "UPDATE key_versions SET rotated_at = NULL "
+                "WHERE version = 1 AND key_id = (SELECT id FROM keys WHERE name = :k)"
+            ),
+            {"k": SVC},
+        )
+    assert [(d.key, d.version) for d in retention.due_for_destruction(kms)] == []
+    before = full_snapshot(kms)
+    with pytest.raises(lifecycle.GuardRefused) as err:
+        retention.destroy_version(kms, SVC, 1, ticket="CHG-NORET", requester="workload:dagster")
+    assert err.value.guard == "retention"
+    assert f"{SVC} v1 was never retired; it must be kept 365 days after retirement (T1)" in str(err.value)
+    assert full_snapshot(kms) == before
