@@ -83,7 +83,11 @@ def snapshot(kms):
         head = ledger.head(conn)
         approvals = conn.execute(select(Approval.id, Approval.used_at).order_by(Approval.id)).all()
         retrievals = conn.execute(select(ForensicRetrieval.id)).all()
-    return head, approvals, retrievals, sorted(kms.keystore.forensic_refs())
+        copies = conn.execute(
+            select(ArchiveCopy.key_name, ArchiveCopy.key_version, ArchiveCopy.status).order_by(ArchiveCopy.id)
+        ).all()
+    objects = sorted(i.key for i in kms.objects.list("")) if kms.objects is not None else []
+    return head, approvals, retrievals, sorted(kms.keystore.forensic_refs()), copies, objects
 
 
 # ---- archive on rotation, retrieval with approvals ---------------------------------------
@@ -757,6 +761,31 @@ def test_a_version_whose_material_vanished_is_reported_and_does_not_block_the_ot
     assert made == {("service:api-gateway", "failed"), ("service:worker-pipelines", "archived")}
     finding = t1(kms)
     assert finding.status == compliance.FAIL and "service:api-gateway#v1: retired" in finding.evidence
+
+
+def test_a_retired_version_without_a_retirement_time_is_refused_by_name_and_t1_is_red(vkms):
+    kms = vkms
+    kms.clock.advance(timedelta(days=1))
+    lifecycle.rotate(kms, "service:api-gateway")  # straight through lifecycle: nothing archived yet
+    with kms.engine.begin() as conn:  # an insider blanks the time its retention is counted from
+        conn.execute(
+            text(
+                "UPDATE key_versions SET rotated_at = NULL "
+                "WHERE version = 1 AND key_id = (SELECT id FROM keys WHERE name = 'service:api-gateway')"
+            )
+        )
+    refusal = "service:api-gateway v1 is rotated but has no retirement time; nothing to archive"
+    before = snapshot(kms)
+    with pytest.raises(vault.VaultError) as err:
+        vault.archive_version(kms, "service:api-gateway", 1)
+    assert str(err.value) == refusal
+    # the rotation run's catch-up reports it instead of passing over it
+    made = [(c.key, c.version, c.status, c.reason) for c in vault.archive_pending(kms)]
+    assert made == [("service:api-gateway", 1, "failed", refusal)]
+    assert snapshot(kms) == before  # no copy, no object, no ledger entry
+    finding = t1(kms)
+    assert finding.status == compliance.FAIL
+    assert "service:api-gateway#v1: rotated but has no retirement time and no archive copy" in finding.evidence
 
 
 def test_archive_and_retrieve_on_postgresql(make_kms, s3_store):

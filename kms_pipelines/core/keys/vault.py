@@ -114,7 +114,8 @@ def _pending(ctx: KmsContext) -> list[tuple[str, int]]:
         ):
             for v in key.versions:
                 span = _retention(ctx, key, v)
-                if v.state in (ROTATED, REVOKED) and (key.name, v.version) not in done and span and now < span[1]:
+                # without a retirement time archive_version refuses it by name (reported, not skipped)
+                if v.state in (ROTATED, REVOKED) and (key.name, v.version) not in done and (not span or now < span[1]):
                     out.append((key.name, v.version))
     return out
 
@@ -464,7 +465,7 @@ def _kek_guard(session: Session, ctx: KmsContext, key: Key, v: KeyVersion):
 def t1_findings(ctx: KmsContext) -> tuple[list[str], list[str], list[str], dict]:
     """(problems, good, warnings, details) for clause T1's second sentence.
 
-    Red: a retired root/service version within retention with no copy, an unarchivable
+    Red: a retired root/service version within retention (or with no retirement time) with no copy, an unarchivable
     one generated after the vault existed, a copy that fails verification (manifest
     signature, bytes vs hash, lock until the end of retention) or was deleted early; a
     destroyed version whose copy is still stored after its lock ended; a retrieval or
@@ -488,9 +489,11 @@ def t1_findings(ctx: KmsContext) -> tuple[list[str], list[str], list[str], dict]
         ):
             for v in key.versions:
                 span = _retention(ctx, key, v)
-                if span is None:
-                    continue
                 name, row = target_for(key.name, v.version), rows.get((key.name, v.version))
+                if span is None:
+                    if v.state in (ROTATED, REVOKED) and row is None:  # its window cannot even be computed
+                        problems.append(f"{name}: {v.state} but has no retirement time and no archive copy")
+                    continue
                 if v.state in (ROTATED, REVOKED) and now < span[1]:
                     if row is None:
                         problems.append(f"{name}: retired {stamp(span[0])} but has no archive copy")
