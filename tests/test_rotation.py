@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from kms_pipelines.core.foundation.db.models_rotation import PartnerNotice, RootManifest, ServiceSeed
 from kms_pipelines.core.foundation.keystore import verify_signature
@@ -273,3 +273,21 @@ def test_dagster_key_assets_and_partner_check(tmp_path):
     assert f"`{doc['fingerprint']}`" in full_values  # whole, in code: selected and copied as one
     text = json.dumps({k: str(v.value) for k, v in md.items()})
     assert doc["public_key"] not in text  # fingerprints only, never key bytes
+
+
+@pytest.mark.parametrize("column, missing", [("activated_at", "activation time"), ("fingerprint", "fingerprint")])
+def test_publishing_a_root_version_with_a_blanked_column_is_refused_by_name(kms, column, missing):
+    lifecycle.rotate(kms, "root", reason="compromise")  # plain lifecycle: v2's manifest is not published yet
+    with kms.engine.begin() as conn:  # an insider blanks what the manifest would carry
+        conn.execute(
+            text(
+                f"UPDATE key_versions SET {column} = NULL "
+                "WHERE version = 2 AND key_id = (SELECT id FROM keys WHERE name = 'root')"
+            )
+        )
+    objects = sorted(i.key for i in kms.objects.list(""))
+    before = full_snapshot(kms)
+    with pytest.raises(manifest.ManifestError) as err:
+        manifest.publish(kms, 2)
+    assert str(err.value) == f"root v2 has no {missing}; nothing to publish"
+    assert full_snapshot(kms) == before and sorted(i.key for i in kms.objects.list("")) == objects

@@ -4,7 +4,7 @@ seeds wrapped under the root and rewrapped by root rotation."""
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from kms_pipelines.core.foundation.db.models_rotation import ServiceSeed
 from kms_pipelines.core.keys import dependents, lifecycle, rotation, service_keys
@@ -100,4 +100,40 @@ def test_refusals_change_nothing(kms, op):
     with pytest.raises(lifecycle.LifecycleError) as err:
         op(kms)
     assert str(err.value)
+    assert full_snapshot(kms) == before
+
+
+def _blank(kms, column, key_name, version):
+    """Play a database admin: NULL one column of one key version."""
+    with kms.engine.begin() as conn:
+        conn.execute(
+            text(
+                f"UPDATE key_versions SET {column} = NULL "
+                "WHERE version = :v AND key_id = (SELECT id FROM keys WHERE name = :k)"
+            ),
+            {"v": version, "k": key_name},
+        )
+
+
+def test_a_blanked_root_wrap_ref_or_service_public_key_is_refused_by_name(kms):
+    signed = service_keys.sign_audit_event(kms, "api-gateway", {"action": "login"})
+    cred = service_keys.issue_credential(kms, "api-gateway", "client-a")  # its seed is wrapped under root v1
+    lifecycle.rotate(kms, "root", reason="compromise")  # plain lifecycle: the seed is not rewrapped yet
+    _blank(kms, "wrap_ref", "root", 1)
+    before = full_snapshot(kms)
+    for op in (
+        lambda: service_keys.issue_credential(kms, "api-gateway", "client-b"),
+        lambda: service_keys.verify_credential(kms, "api-gateway", cred),
+    ):
+        with pytest.raises(service_keys.ServiceKeyError) as err:
+            op()
+        assert str(err.value) == "seed is wrapped under root v1, which has no AES material"
+    assert full_snapshot(kms) == before
+    _blank(kms, "public_key", "service:api-gateway", 1)
+    before = full_snapshot(kms)
+    with pytest.raises(service_keys.ServiceKeyError) as err:
+        service_keys.public_key(kms, "api-gateway", 1)
+    assert str(err.value) == "service:api-gateway v1 has no public key"
+    check = service_keys.verify_audit_event(kms, signed)
+    assert not check.valid and check.problem == "service:api-gateway v1 has no public key"
     assert full_snapshot(kms) == before

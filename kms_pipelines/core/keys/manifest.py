@@ -84,7 +84,9 @@ def build(ctx: KmsContext, versions: list[KeyVersion], v: KeyVersion) -> dict:
     """The manifest document of root version ``v`` (``versions``: all root versions)."""
     if v.public_key is None or v.fingerprint is None or v.activated_at is None:
         # a published root version is an activated Ed25519 key; anything less is not a manifest
-        raise ManifestError(f"root v{v.version} has no public key, fingerprint or activation time to publish")
+        fields = (("public key", v.public_key), ("fingerprint", v.fingerprint), ("activation time", v.activated_at))
+        missing = " and no ".join(name for name, value in fields if value is None)
+        raise ManifestError(f"root v{v.version} has no {missing}; nothing to publish")
     previous = max(
         (x for x in versions if x.version < v.version and x.state != PENDING), key=lambda x: x.version, default=None
     )
