@@ -484,3 +484,42 @@ def test_a_shard_range_batch_is_read_by_index_condition_in_id_order(kms_pg):
     cond = next(line for line in plan.splitlines() if "Index Cond" in line)
     assert "shard >=" in cond and "shard <" in cond, plan
     assert "Sort" not in plan, plan  # the index gives id order: no sort of the key's rows per batch
+
+
+def test_sweep_skips_a_key_whose_active_version_lost_its_wrap_ref_and_says_so(kms, caplog):
+    objects = fill(kms, 6)
+    lifecycle.rotate(kms, KEY)
+    with kms.engine.begin() as conn:  # an insider blanks the active version's keystore reference
+        conn.execute(
+            text(
+                "UPDATE key_versions SET wrap_ref = NULL "
+                "WHERE version = 2 AND key_id = (SELECT id FROM keys WHERE name = :k)"
+            ),
+            {"k": KEY},
+        )
+    before = snapshot(kms)
+    with caplog.at_level("WARNING", logger=envelope.__name__):
+        result = envelope.sweep(kms, KEY)
+    assert (result.moved, result.failed, result.remaining) == (0, 0, 6)  # nothing moved; still reported left
+    assert f"key {KEY} has DEK-bearing versions but no active AES version; skipped" in caplog.messages
+    assert snapshot(kms) == before and versions_of(kms) == {1: 6}
+    with pytest.raises(envelope.EnvelopeError, match="envelope sweep left 6 DEK"):
+        envelope.nightly_sweep(kms)  # the nightly run goes red on what was skipped
+    assert_all_decrypt(kms, objects)  # still on v1, whose material is intact
+
+
+def test_the_sweep_refuses_a_connection_invalidated_under_it(kms_pg):
+    """Only reachable when the pooled connection under an open transaction is invalidated
+    (SQLAlchemy's own Connection.invalidate() makes .connection raise instead): done here
+    directly on the real PostgreSQL connection, then the batch read is attempted."""
+    fill(kms_pg, 3)
+    lifecycle.rotate(kms_pg, KEY)
+    before = snapshot(kms_pg)
+    with kms_pg.engine.connect() as conn:
+        conn.begin()
+        conn.connection.invalidate()
+        with pytest.raises(envelope.EnvelopeError) as err:
+            envelope._select_batch(conn, KEY, 1, 0, SHARD_SPACE, (-1, 0), 10)
+        conn.invalidate()  # let SQLAlchemy discard it, as its own error handling would
+    assert str(err.value) == "the database connection was invalidated mid-batch; re-run the sweep"
+    assert snapshot(kms_pg) == before
