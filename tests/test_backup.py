@@ -224,3 +224,49 @@ def test_restore_point_guard_refuses_destroy_until_rekeyed(make_kms):
     manifest = backup.verify_manifest(kms, kms.objects.get_bytes(succ.manifest_key))
     assert ("data:postgres", 1) not in {(d["key"], d["version"]) for d in manifest["data_key_versions"]}
     assert manifest["successor_of"] == info.archive_id
+
+
+def _delete_catalogue_row_on(kms, method, when):
+    """An insider deletes the backup's catalogue row while the store call ``when(key)`` runs:
+    the real local store, with the deletion slipped in before that call."""
+    real = getattr(kms.objects, method)
+
+    def interleaved(key, *args, **kwargs):
+        if when(key):
+            with kms.engine.begin() as conn:
+                row = "SELECT id FROM backups WHERE archive_key = :k OR manifest_key = :k"
+                conn.execute(text(f"DELETE FROM backup_key_refs WHERE backup_id IN ({row})"), {"k": key})
+                conn.execute(text(f"DELETE FROM backups WHERE id IN ({row})"), {"k": key})
+        return real(key, *args, **kwargs)
+
+    setattr(kms.objects, method, interleaved)
+
+
+def test_a_catalogue_row_deleted_mid_backup_is_refused_by_name_and_nothing_is_marked_good(make_kms):
+    kms = make_kms("sqlite")
+    sim_store(kms)
+    _delete_catalogue_row_on(kms, "put", lambda key: key.startswith("backups/") and key.endswith(".json"))
+    with pytest.raises(backup.BackupError) as exc:
+        backup.create(kms)
+    assert str(exc.value) == "backup catalogue row 1 disappeared"
+    assert catalogue(kms) == []  # no row brought back, none marked complete
+    with pytest.raises(backup.BackupError, match="no complete backup"):
+        backup.verify_archive(kms)
+
+
+def test_a_catalogue_row_deleted_mid_prune_is_refused_by_name_and_the_rest_is_untouched(make_kms):
+    kms = make_kms("sqlite")
+    sim_store(kms)
+    first = backup.create(kms, gfs_class="nightly")
+    backup.verify_archive(kms, first.archive_id)
+    for _ in range(9):
+        kms.clock.advance(timedelta(days=1))
+        backup.create(kms, gfs_class="nightly")
+    doomed = [aid for aid in backup.prune(kms, dry_run=True).deleted]
+    assert len(doomed) == 2
+    before = catalogue(kms)
+    _delete_catalogue_row_on(kms, "delete", lambda key: doomed[0] in key)
+    with pytest.raises(backup.BackupError) as exc:
+        backup.prune(kms)
+    assert str(exc.value).startswith("backup catalogue row ") and str(exc.value).endswith(" disappeared")
+    assert catalogue(kms) == [r for r in before if r.archive_id != doomed[0]]  # the second is not pruned either
