@@ -788,6 +788,30 @@ def test_a_retired_version_without_a_retirement_time_is_refused_by_name_and_t1_i
     assert "service:api-gateway#v1: rotated but has no retirement time and no archive copy" in finding.evidence
 
 
+def test_a_retrieval_row_deleted_while_its_material_is_erased_is_refused_by_name(team, monkeypatch):
+    kms, d = team
+    rotate_root(kms)
+    target = vault.target_for("root", 1)
+    approve(kms, d["bob"], "bob", target)
+    approve(kms, d["carol"], "carol", target)
+    r = forensic.retrieve(kms, "root", 1, ticket=TICKET, requested_by="dave")
+    real_destroy = kms.keystore.forensic_destroy
+
+    def destroy_while_an_insider_deletes_the_row(ref):  # the real keystore call, the deletion slipped in
+        with kms.engine.begin() as conn:
+            conn.execute(text("DELETE FROM forensic_retrievals WHERE id = :id"), {"id": r.id})
+        return real_destroy(ref)
+
+    monkeypatch.setattr(kms.keystore, "forensic_destroy", destroy_while_an_insider_deletes_the_row)
+    before = snapshot(kms)
+    with pytest.raises(vault.VaultError) as err:
+        forensic.release(kms, r.id)
+    assert str(err.value) == f"forensic retrieval {r.id} disappeared while its material was erased"
+    head, approvals, retrievals, forensic_refs, copies, objects = snapshot(kms)
+    assert (head, approvals, copies, objects) == (before[0], before[1], before[4], before[5])  # no release recorded
+    assert retrievals == [] and forensic_refs == []  # the insider's deletion; the material erased all the same
+
+
 def test_archive_and_retrieve_on_postgresql(make_kms, s3_store):
     kms = make_kms("postgres")
     kms.objects = s3_store
