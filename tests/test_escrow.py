@@ -252,6 +252,36 @@ def test_confirm_destroyed_refusals_change_nothing(sealed_sqlite, bad):
     assert snapshot(kms) == before
 
 
+def test_a_package_row_deleted_before_its_erasure_is_recorded_is_refused_by_name(sealed_sqlite, monkeypatch):
+    from tests.test_rpt import admin
+
+    kms, ids, old = sealed_sqlite
+    lifecycle.rotate(kms, "break-glass", reason="manual")
+    escrow.ensure_sealed(kms)
+    cur = escrow.current_package(kms)
+    for c in ("custodian-a", "custodian-b"):
+        escrow.confirm_destroyed(kms, old.package_id, c, ids[c])
+    real_delete = kms.objects.delete
+
+    def delete_while_an_insider_deletes_the_row(key):  # the real store call, the deletion slipped in
+        admin(
+            kms,
+            "escrow_destructions",
+            "DELETE FROM escrow_destructions WHERE package_id = :p",
+            "DELETE FROM escrow_packages WHERE id = :p",
+            params={"p": old.package_id},
+        )
+        return real_delete(key)
+
+    monkeypatch.setattr(kms.objects, "delete", delete_while_an_insider_deletes_the_row)
+    with pytest.raises(escrow.EscrowError) as err:  # the last confirmation erases the stored copy
+        escrow.confirm_destroyed(kms, old.package_id, "custodian-c", ids["custodian-c"])
+    assert str(err.value) == f"escrow package {old.package_id} disappeared"
+    with kms.engine.connect() as conn:  # the row is not brought back as erased; the current one is untouched
+        pkgs = conn.execute(select(EscrowPackage.id, EscrowPackage.erased_at)).all()
+    assert pkgs == [(cur.package_id, None)]
+
+
 def test_seal_refuses_without_enrolled_custodians_and_nightly_reports_it(kms):
     escrow.enroll_custodian(kms, "custodian-a")
     before = snapshot(kms)
