@@ -405,6 +405,36 @@ def test_destruction_at_day_365_removes_keystore_and_archive_copies(make_kms, fr
     assert t1(kms).status == compliance.PASS, t1(kms).evidence
 
 
+def test_an_archive_record_deleted_while_its_copy_is_deleted_is_refused_by_name(make_kms, tmp_path, monkeypatch):
+    kms = make_kms("sqlite")
+    kms.objects = LocalObjectStore(tmp_path / "worm", now=kms.clock.now)
+    devices = {n: enrol(kms, n, r) for n, r in (("bob", "security_engineering"), ("carol", "compliance_officer"))}
+    rotate_root(kms)
+    kms.clock.advance(timedelta(days=365))
+    real_delete = kms.objects.delete
+
+    def delete_while_an_insider_deletes_the_record(key):  # the real store call, the deletion slipped in
+        with kms.engine.begin() as conn:
+            conn.execute(text("DELETE FROM archive_copies WHERE key_name = 'root' AND key_version = 1"))
+        return real_delete(key)
+
+    monkeypatch.setattr(kms.objects, "delete", delete_while_an_insider_deletes_the_record)
+    with pytest.raises(vault.VaultError) as err:  # the nightly retirement fails loudly
+        _destroy_after_retention(kms, devices)
+    assert str(err.value) == "root v1: its archive record disappeared while its copy was deleted"
+    with kms.transaction() as s:
+        states = [
+            e.to_state
+            for e in s.scalars(
+                select(LedgerEntry)
+                .where(LedgerEntry.key_name == "root", LedgerEntry.key_version == 1)
+                .order_by(LedgerEntry.seq)
+            )
+        ]
+        assert s.scalars(select(ArchiveCopy)).all() == []
+    assert states == ["active", "rotated", "archived", "destroyed"]  # no archive deletion recorded
+
+
 def test_destroyed_key_with_a_surviving_copy_is_red(make_kms, tmp_path):
     kms = make_kms("sqlite")
     kms.objects = LocalObjectStore(tmp_path / "worm", now=kms.clock.now)
