@@ -199,6 +199,88 @@ def test_end_to_end_cli_report_sensor_one_run_then_none(e2e_env, smtp_server, sl
     assert len(slack) == 1 and slack[0]["channel"] == "#kms-compliance"
 
 
+def _init_cli(tmp_path):
+    from kms_pipelines.cli import cli
+
+    res = CliRunner().invoke(
+        cli,
+        ["init", "--admin", "sec", "--admin", "sec2", "--admin", "sec3", "--json", "--console-origin", KEY_ORIGIN]
+        + ["--software-keys", str(tmp_path / "keys")],
+    )
+    assert res.exit_code == 0, res.output
+
+
+def _failure_line(result) -> str:
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    line = failure.step_failure_data.user_failure_data.description
+    assert "\n" not in line
+    return line
+
+
+def test_launchpad_run_with_the_sensors_tags_cannot_act_as_the_sensor(e2e_env, tmp_path):
+    """A Launchpad user can type any run tag. Tagging a run for an existing event as the
+    sensor's (with no seal, a seal for another event, or the genuine run's seal copied after
+    that run took the event up) must not answer the event without dual approval."""
+    from kms_pipelines.core.runtime.wiring import context_from_env
+    from kms_pipelines.defs.response import EVENT_TAG, OP_NAME, SEAL_TAG, TRIGGER_TAG
+
+    _init_cli(tmp_path)
+    kms = context_from_env()
+    ev = events.report(kms.as_actor("intake:siem"), "compromise", "service:api-gateway", "siem", "replay seen")
+    other = events.report(kms.as_actor("intake:siem"), "compromise", "data:postgres", "siem", "bucket leak")
+    kms_res, instance = _resource(e2e_env), dg.DagsterInstance.ephemeral()
+    config = {"ops": {OP_NAME: {"config": {"event_id": ev.id}}}}
+    sensor_tags = {EVENT_TAG: ev.id, TRIGGER_TAG: "sensor"}
+
+    def launch(tags):
+        return compromise_response.execute_in_process(
+            run_config=config, instance=instance, resources={"kms": kms_res}, tags=tags, raise_on_error=False
+        )
+
+    seal_of_other = compromise.seal_for_sensor(kms, other.id)  # a genuine seal, for another event
+    before = snapshot(kms)
+    for forged in (
+        sensor_tags,
+        {**sensor_tags, SEAL_TAG: "AAAA"},
+        {**sensor_tags, SEAL_TAG: seal_of_other},
+        {EVENT_TAG: ev.id},  # the event tag alone also claims the sensor's path
+    ):
+        result = launch(forged)
+        assert not result.success
+        assert f"security event {ev.id} has the sensor's tags but not the sensor's seal" in _failure_line(result)
+        assert snapshot(kms) == before and events.get(kms, ev.id).response_run_id is None
+
+    # the sensor's own run still answers the event
+    tick = _tick(instance, None, kms_res)
+    [rr] = [r for r in tick.run_requests if r.tags[EVENT_TAG] == ev.id]
+    genuine = compromise_response.execute_in_process(
+        run_config=rr.run_config, instance=instance, resources={"kms": kms_res}, tags=rr.tags
+    )
+    assert genuine.success and events.get(kms, ev.id).response_run_id == genuine.run_id
+    assert states(kms, "service:api-gateway") == [(1, "revoked"), (2, "active")]
+
+    # its tags, seal included, copied onto another run (or a re-execution): refused, nothing changed
+    after = snapshot(kms)
+    replay = launch(rr.tags)
+    assert not replay.success
+    assert f"security event {ev.id} is resolved (taken up by run {genuine.run_id})" in _failure_line(replay)
+    assert snapshot(kms) == after and events.get(kms, ev.id).response_run_id == genuine.run_id
+
+
+def test_sensor_claim_is_once_per_event_and_run(kms):
+    ev = events.report(kms, "compromise", "service:api-gateway", "siem", "replay seen")
+    seal = compromise.seal_for_sensor(kms, ev.id)
+    with pytest.raises(events.EventError, match="not the sensor's seal"):
+        compromise.claim_for_sensor(kms, ev.id, seal[:-2] + ("AA" if seal[-2:] != "AA" else "AB"), "run-a")
+    compromise.claim_for_sensor(kms, ev.id, seal, "run-a")
+    compromise.claim_for_sensor(kms, ev.id, seal, "run-a")  # an op retry inside the same run
+    before = snapshot(kms)
+    # the genuine run crashed while responding: a copy of it is refused; a manual launch (dual approval) remains
+    with pytest.raises(events.EventError, match=r"is responding \(taken up by run run-a\).*requester_totp"):
+        compromise.claim_for_sensor(kms, ev.id, seal, "run-b")
+    assert snapshot(kms) == before and events.get(kms, ev.id).response_run_id == "run-a"
+
+
 # ---- reporting ------------------------------------------------------------------------
 
 

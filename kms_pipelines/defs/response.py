@@ -19,6 +19,7 @@ from .resources import KmsResource
 
 EVENT_TAG = "kms/security-event"
 TRIGGER_TAG = "kms/trigger"
+SEAL_TAG = "kms/sensor-seal"  # compromise.seal_for_sensor: what a Launchpad user cannot write
 OP_NAME = "respond_to_security_event"
 
 
@@ -50,10 +51,16 @@ def respond_to_security_event(
 
     ctx = kms.context()
     tags = context.run.tags
-    from_sensor = bool(config.event_id) and tags.get(EVENT_TAG) == config.event_id and tags.get(TRIGGER_TAG) == "sensor"
+    # Tags are free text in the Launchpad: a run that claims the sensor's tags must prove them
+    # (seal + one-time claim of the new event) before it may skip dual approval.
+    from_sensor = tags.get(TRIGGER_TAG) == "sensor" or EVENT_TAG in tags
     with one_line_failures():
         approvers: list = []
         event_id = config.event_id
+        if from_sensor:
+            if not event_id or tags.get(EVENT_TAG) != event_id:
+                raise dg.Failure(f"run tags name security event {tags.get(EVENT_TAG)!r} but config names {event_id!r}")
+            compromise.claim_for_sensor(ctx, event_id, tags.get(SEAL_TAG), context.run_id)
         if not from_sensor:
             actor_ctx = ctx.as_actor(config.requested_by or "dagster-ui")
             if event_id:
@@ -128,10 +135,11 @@ def compromise_response():
     description="Launches compromise_response once per new security event (cursor = event seq).",
 )
 def security_event_sensor(context: dg.SensorEvaluationContext, kms: KmsResource):
-    from ..core.response import events
+    from ..core.response import compromise, events
 
     cursor = int(context.cursor or 0)
-    seen = events.list_events(kms.context(), after_seq=cursor, limit=500)
+    ctx = kms.context()
+    seen = events.list_events(ctx, after_seq=cursor, limit=500)
     requests = []
     for e in seen:
         if e.status != "new" or _already_launched(context, e.id):
@@ -140,7 +148,13 @@ def security_event_sensor(context: dg.SensorEvaluationContext, kms: KmsResource)
             dg.RunRequest(
                 run_key=run_key_for(e.id),
                 run_config={"ops": {OP_NAME: {"config": {"event_id": e.id}}}},
-                tags={EVENT_TAG: e.id, TRIGGER_TAG: "sensor", "kms/key": e.key, "kms/event-type": e.type},
+                tags={
+                    EVENT_TAG: e.id,
+                    TRIGGER_TAG: "sensor",
+                    SEAL_TAG: compromise.seal_for_sensor(ctx, e.id),
+                    "kms/key": e.key,
+                    "kms/event-type": e.type,
+                },
             )
         )
     new_cursor = str(max([cursor] + [e.seq for e in seen]))

@@ -319,3 +319,33 @@ def with_workload_identity(ctx: KmsContext, principal: str, ttl_minutes: float |
 def with_workload_token(ctx: KmsContext, token: str) -> KmsContext:
     """A context whose keystore operations present ``token`` as is (checked before each)."""
     return _with_credentials(ctx, StaticToken(token))
+
+
+# ---- sensor launch seals -------------------------------------------------------------
+
+# Own domain: a seal is never a valid workload token signature, nor the other way round.
+_LAUNCH_CONTEXT = b"kms-sensor-launch/1\n"
+
+
+def seal_sensor_launch(ctx: KmsContext, sensor: str, subject: str) -> str:
+    """A signature over (``sensor``, ``subject``) with the workload signing key, for a sensor to
+    put on the run it requests. Run tags are free text to anyone who may launch a run from the
+    Dagster UI; the seal is what a UI user cannot write, since the key is in the keystore. It
+    is copyable from the genuine run's tags, so the op that checks it must also claim its
+    subject once (``core/response/compromise.claim_for_sensor``)."""
+    ks, _ = _signing_key(ctx)
+    return _b64u(ks.sign(SIGNING_REF, _LAUNCH_CONTEXT + canonical_bytes({"sensor": sensor, "subject": subject})))
+
+
+def sensor_launch_sealed(ctx: KmsContext, sensor: str, subject: str, seal: str | None) -> bool:
+    """Whether ``seal`` is ``seal_sensor_launch(ctx, sensor, subject)``'s signature."""
+    if not seal or not isinstance(seal, str):
+        return False
+    try:
+        signature = _unb64u(seal)
+        _, public = _signing_key(ctx, create=False)
+    except (binascii.Error, ValueError, KeyNotFound):
+        return False
+    return verify_signature(
+        public, _LAUNCH_CONTEXT + canonical_bytes({"sensor": sensor, "subject": subject}), signature
+    )

@@ -34,7 +34,7 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from ..access import notifications
+from ..access import notifications, tokens
 from ..access import principals as access
 from ..envelope import data_keys as envelope
 from ..foundation.context import KmsContext
@@ -139,6 +139,28 @@ def authorize_existing(
     prove_requester(ctx, ticket, requested_by, totp)
     with ctx.transaction() as session:
         return authorize_manual(session, ctx, key=info.key, event_type=info.type, ticket=ticket, requester=requested_by)
+
+
+SENSOR = "security_event_sensor"  # the Dagster sensor that launches responses (defs/response.py)
+
+
+def seal_for_sensor(ctx: KmsContext, event_id: str) -> str:
+    """The seal the sensor tags its run for ``event_id`` with (see ``claim_for_sensor``)."""
+    return tokens.seal_sensor_launch(ctx, SENSOR, event_id)
+
+
+def claim_for_sensor(ctx: KmsContext, event_id: str, seal: str | None, run_id: str) -> None:
+    """A run that says it is the sensor's acts without approval, so it must prove it: the seal
+    only the sensor can make (signed with the workload signing key; run tags alone are free text
+    to a UI user), and a one-time claim of the still-new event for this run (the seal is visible
+    in the genuine run's tags, so a copy or re-execution of that run must not act again).
+    Refusals raise ``EventError`` naming the problem and change nothing."""
+    if not tokens.sensor_launch_sealed(ctx, SENSOR, event_id, seal):
+        raise events.EventError(
+            f"run for security event {event_id} has the sensor's tags but not the sensor's seal; "
+            "launch it by hand with ticket, requested_by and requester_totp (dual approval)"
+        )
+    events.claim_new(ctx, event_id, run_id)
 
 
 def _event_ledger(ctx: KmsContext, key: str, event_id: str) -> list[LedgerEntry]:

@@ -246,6 +246,24 @@ def list_events(
         return [_info(e) for e in session.scalars(q)]
 
 
+def claim_new(ctx: KmsContext, event_id: str, run_id: str) -> EventInfo:
+    """Take up a new event for ``run_id`` once: the sensor's run claims its event before it acts,
+    so no other run (a copy or re-execution of it) can act as that run afterwards. The same run
+    may claim again (an op retry inside it). Refused claims change nothing."""
+    with ctx.transaction() as session:
+        e = _load(session, event_id, lock=True)
+        if e.response_run_id == run_id:
+            return _info(e)
+        if e.status != EVENT_NEW or e.response_run_id is not None:
+            raise EventError(
+                f"security event {event_id} is {e.status} (taken up by run {e.response_run_id or '-'}); "
+                "only the sensor's first run answers it without approval: launch by hand with ticket, "
+                "requested_by and requester_totp"
+            )
+        e.status, e.response_run_id = EVENT_RESPONDING, run_id
+        return _info(e)
+
+
 def mark_responding(ctx: KmsContext, event_id: str, run_id: str | None) -> EventInfo:
     with ctx.transaction() as session:
         e = _load(session, event_id, lock=True)
