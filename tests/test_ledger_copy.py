@@ -214,6 +214,12 @@ TAMPERS = {
     "approvers, change_ticket, reason, event_id, prev_hash, entry_hash) SELECT -{b}, (SELECT max(at) FROM ledger_entries), key_name, key_version, "
     "from_state, to_state, actor, approvers, change_ticket, reason, event_id, prev_hash, repeat('e', 64) "
     "FROM ledger_entries WHERE seq = {b}",
+    # times Python's datetime cannot hold: the row-by-row reference must name them, not raise DataError
+    "at_same_date_bc": "UPDATE ledger_entries SET at = at - interval '4051 years' WHERE seq = {b}",
+    "at_earliest_bc": "UPDATE ledger_entries SET at = '4713-01-01 00:00:00+00 BC' WHERE seq = 2",
+    "at_year_10000": "UPDATE ledger_entries SET at = at + interval '8000 years' WHERE seq = {b1}",
+    "at_infinity": "UPDATE ledger_entries SET at = 'infinity' WHERE seq = {last}",
+    "at_minus_infinity": "UPDATE ledger_entries SET at = '-infinity' WHERE seq = 3",
     "recomputed_link_break": None,  # built from the row (test_ledger's recomputed-hash case)
     "recomputed_at_boundary": None,
 }
@@ -277,12 +283,35 @@ def test_a_null_in_a_required_column_is_reported_as_altered(make_kms):
 
 
 def test_an_unformattable_timestamp_is_reported_as_altered(make_kms):
-    """'infinity' has no RFC 3339 form: the row-by-row path cannot even load it; COPY names it."""
+    """'infinity' has no RFC 3339 form (nor a Python datetime): both verifiers name its seq."""
     kms = make_kms("postgres")
     _tamper(kms, "UPDATE ledger_entries SET at = 'infinity' WHERE seq = 2")
+    reference = ledger.verify_streamed(kms.engine)
+    assert not reference.ok and reference.first_bad_seq == 2 and "altered" in reference.problem
+    assert reference.count == 1
     for workers, force_python in itertools.product((1, 2), (False, True)):
-        result = ledger_copy.verify(kms.engine, workers=workers, force_python=force_python)
-        assert not result.ok and result.first_bad_seq == 2 and "altered" in result.problem and result.count == 1
+        assert ledger_copy.verify(kms.engine, workers=workers, force_python=force_python) == reference
+
+
+def test_the_row_verifier_reads_year_one_in_any_session_time_zone(make_kms):
+    """Year 1 UTC is BC in a session west of UTC: the row-by-row verifier reads times in UTC, so
+    an entry hashed at 0001-01-01T00:00:00Z (recomputed by an insider) is no DataError there."""
+    from sqlalchemy import create_engine
+
+    kms = make_kms("postgres")
+    _grow(kms, 4)
+    last = ledger.verify_streamed(kms.engine).count
+    _tamper(kms, _recomputed(kms, last, at=datetime(1, 1, 1, tzinfo=UTC)))
+    west = create_engine(kms.engine.url, connect_args={"options": "-c timezone=America/New_York"})
+    try:
+        with west.connect() as conn:  # the stored time really is BC in this session
+            shown = conn.execute(text(f"SELECT at::text FROM ledger_entries WHERE seq = {last}")).scalar_one()
+        assert shown.endswith(" BC")
+        reference = ledger.verify_streamed(west)
+    finally:
+        west.dispose()
+    assert reference == ledger.verify_streamed(kms.engine) == ledger_copy.verify(kms.engine, force_python=True)
+    assert reference.ok and reference.count == last  # the recomputed head is the checkpoints' to catch
 
 
 def _copy_lines(kms):

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from json.encoder import encode_basestring as _encode_str  # C-accelerated
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, text
+from sqlalchemy import and_, case, func, null, select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
@@ -246,10 +246,30 @@ _COLUMNS = (
 )
 
 
-def iter_rows(conn: Connection, batch_size: int = 5000, after_seq: int | None = None) -> Iterator[tuple[Any, ...]]:
+# PostgreSQL holds times from 4713 BC to 294276 AD and 'infinity'; Python's datetime (so psycopg)
+# only years 1-9999 and raises DataError on the rest. No writer can have hashed such a time, so
+# the verifier reads it as NULL (an altered row, the verdict ledger_copy gives it) instead of
+# failing on the whole ledger. Read in UTC, so the bounds do not move with the session time zone.
+_LOADABLE_AT = case(
+    (
+        and_(LedgerEntry.at >= text("'0001-01-01 00:00:00+00'"), LedgerEntry.at < text("'10000-01-01 00:00:00+00'")),
+        func.timezone("UTC", LedgerEntry.at),
+    ),
+    else_=null(),
+)
+
+
+def iter_rows(
+    conn: Connection, batch_size: int = 5000, after_seq: int | None = None, *, unloadable_at_as_null: bool = False
+) -> Iterator[tuple[Any, ...]]:
     """Stream ledger rows in seq order with bounded memory (server-side cursor on PostgreSQL);
-    every row unless ``after_seq``: a row an insider added below seq 1 must reach the verifier."""
-    q = select(*_COLUMNS).order_by(LedgerEntry.seq)
+    every row unless ``after_seq``: a row an insider added below seq 1 must reach the verifier.
+    ``unloadable_at_as_null`` (the verifier, on PostgreSQL): ``at`` is None where Python cannot
+    hold the stored time (BC, year 10000+, 'infinity'), naive UTC elsewhere."""
+    columns: tuple[Any, ...] = _COLUMNS
+    if unloadable_at_as_null and conn.dialect.name == "postgresql":
+        columns = (_COLUMNS[0], _LOADABLE_AT, *_COLUMNS[2:])
+    q = select(*columns).order_by(LedgerEntry.seq)
     if after_seq is not None:
         q = q.where(LedgerEntry.seq > after_seq)
     result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(q)
@@ -279,6 +299,8 @@ def verify_rows(rows: Iterable[Sequence[Any]], expected_head: tuple[int, str] | 
             return seq_gap(count, prev, expected_seq, seq)
         if prev_hash != prev:
             return broken_link(count, prev, seq)
+        if at is None:  # a time no writer can have hashed (see _LOADABLE_AT)
+            return altered(count, prev, seq)
         raw = row_canonical(
             seq, at, key_name, key_version, from_state, to_state, actor, approvers, ticket, reason, event_id, prev_hash
         )
@@ -325,7 +347,7 @@ def verify_with_policy(ctx: KmsContext) -> VerifyResult:
 def verify_streamed(engine: Engine, batch_size: int = 5000) -> VerifyResult:
     """The row-by-row verifier on any database (the reference the COPY path is tested against)."""
     with engine.connect() as conn:
-        result = verify_rows(iter_rows(conn, batch_size))
+        result = verify_rows(iter_rows(conn, batch_size, unloadable_at_as_null=True))
     result.verifier = "rows"
     return result
 
