@@ -266,30 +266,74 @@ def _verify_assertion(
 
 
 def _hardware_attested(ctx: KmsContext, registration: RegistrationResponse) -> bool:
-    """True when the registration's attestation statement verifies and chains to one of the
-    policy's CAs (``console.attestation_ca_files``, PEM). Self and "none" attestation prove
-    nothing about where the key lives."""
+    return attestation_problem(ctx, registration) is None
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        if not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return False
+    except x509.ExtensionNotFound:
+        return False
+    try:
+        return cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
+    except x509.ExtensionNotFound:
+        return True
+
+
+def _valid_at(cert: x509.Certificate, now: datetime) -> bool:
+    return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+
+
+def attestation_problem(ctx: KmsContext, registration: RegistrationResponse) -> str | None:
+    """None when the registration's attestation statement verifies and chains to one of the
+    policy's CAs (``console.attestation_ca_files``, PEM) with every certificate valid now and
+    every issuer a CA; otherwise why the key is not taken for hardware. Self and "none"
+    attestation prove nothing about where the key lives. fido2 checks the statement's signature
+    and the leaf's packed requirements (v3, CA=false, subject, AAGUID); its chain check is
+    signatures only, so validity and issuers are checked here."""
 
     files = ctx.policy.console.attestation_ca_files
     att = registration.response.attestation_object
-    if not files or att.fmt == "none":
-        return False
+    if not files:
+        return "no attestation CA is configured (console.attestation_ca_files)"
+    if att.fmt == "none":
+        return '"none" attestation proves nothing about where the key lives'
     try:
         result = Attestation.for_type(att.fmt)().verify(
             att.att_stmt, att.auth_data, registration.response.client_data.hash
         )
-    except (InvalidData, InvalidSignature, UnsupportedType, ValueError):
-        return False
+    except (InvalidData, InvalidSignature, UnsupportedType, NotImplementedError, ValueError) as exc:
+        return f"the {att.fmt} attestation statement does not verify ({type(exc).__name__}: {exc})"
     if not result.trust_path:
-        return False
+        return f"{att.fmt} self attestation (no certificate) proves nothing about where the key lives"
+    now = utc(ctx.now())
+    try:
+        path = [x509.load_der_x509_certificate(der) for der in result.trust_path]
+    except ValueError:
+        return "an attestation certificate does not parse"
+    for cert in path:
+        if not _valid_at(cert, now):
+            return (
+                f"attestation certificate {cert.subject.rfc4514_string()} is not valid at {now.isoformat()} "
+                f"(valid {cert.not_valid_before_utc.isoformat()} to {cert.not_valid_after_utc.isoformat()})"
+            )
+    for issuer in path[1:]:
+        if not _is_ca(issuer):
+            return f"attestation chain certificate {issuer.subject.rfc4514_string()} is not a CA"
     for f in files:
         for ca in x509.load_pem_x509_certificates(Path(f).read_bytes()):
+            if not _valid_at(ca, now):
+                continue
             try:
                 verify_x509_chain(result.trust_path + [ca.public_bytes(Encoding.DER)])
-                return True
-            except (InvalidSignature, ValueError):
+                return None
+            except (InvalidData, InvalidSignature, ValueError):
                 continue
-    return False
+    return (
+        f"attestation certificate {path[0].subject.rfc4514_string()} does not chain to a CA "
+        f"valid now in console.attestation_ca_files"
+    )
 
 
 def _store_credential(
