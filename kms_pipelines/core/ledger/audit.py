@@ -17,8 +17,15 @@ Two ways in:
   a second write transaction (that would deadlock). ``flush(engine)`` waits until every
   emitted event is durable; readers (verify, anomalies, the CLI) flush first. The cost:
   one queue put per keystore operation on the caller's path; the writer takes the chain
-  lock once per batch (up to ``BATCH`` rows). Events still queued when a process is
-  killed are lost; ``atexit`` flushes on a normal exit.
+  lock once per batch (up to ``BATCH`` rows).
+
+A batch the database does not take within its retry budget is appended to a local spool
+(``audit_spool``: fsync'd JSON lines under KMS_HOME) and replayed, oldest first and exactly
+once, by the next write or ``flush`` that reaches the database, with its original times.
+``verify`` is red while events wait there; ``kms audit spool`` says so without the database.
+Only an event the spool cannot take either is dropped (counted, logged at CRITICAL). At a
+normal exit ``atexit`` flushes for up to ``EXIT_FLUSH_SECONDS``, then spools what is left;
+events still queued when a process is killed are lost.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
@@ -42,8 +50,10 @@ from sqlalchemy.orm import Session
 
 from ..foundation import db, retry
 from ..foundation.canonical import canonical_fast
-from ..foundation.clock import utc
+from ..foundation.clock import parse_time, utc
+from ..foundation.context import kms_home
 from ..foundation.db.models_access import AuditEvent
+from .audit_spool import Spool, spool_path
 from .ledger import (
     advisory_xact_lock,
     chain_head,
@@ -63,6 +73,7 @@ OUTCOMES = ("ok", "denied", "error")
 _AUDIT_LOCK_ID = 0x4B4D5341  # "KMSA": serialises audit appends on PostgreSQL
 BATCH = 500
 LINGER_SECONDS = 0.1
+EXIT_FLUSH_SECONDS = 10.0
 
 
 class AuditError(ValueError):
@@ -198,12 +209,33 @@ def record(
 # ---- the background writer ----------------------------------------------------------
 
 
+def _spool_form(e: Event) -> dict[str, Any]:
+    """An event as the spool keeps it: the fields the chain hashes, nothing else."""
+    return {
+        "at": format_time(e.at),
+        "actor": e.actor,
+        "op": e.operation,
+        "target": e.target,
+        "outcome": e.outcome,
+        "detail": e.detail,
+    }
+
+
+def _from_spool(d: dict[str, Any]) -> Event:
+    return Event(parse_time(d["at"]), d["actor"], d["op"], d["target"], d["outcome"], d["detail"])
+
+
+class _Abandoned(Exception):
+    """The exit handler spooled this batch: it must not also commit."""
+
+
 class AuditWriter:
     """Appends emitted events for one engine in batches, on a thread that exits when idle."""
 
-    def __init__(self, engine: Engine, idle_seconds: float = 2.0):
+    def __init__(self, engine: Engine, idle_seconds: float = 2.0, home: Path | None = None):
         self._engine_ref = weakref.ref(engine)
         self._idle = idle_seconds
+        self.spool = Spool(spool_path(home or kms_home(), engine.url.render_as_string(hide_password=True)))
         self._reset()
 
     def _reset(self) -> None:
@@ -211,7 +243,13 @@ class AuditWriter:
         self._q: queue.Queue[Event] = queue.Queue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self.dropped = 0
+        # Who owns the batch in flight: the writer thread commits it, or the exit handler
+        # spools it, never both (each takes it under this lock).
+        self._commit_lock = threading.Lock()
+        self._inflight: list[Event] | None = None
+        self._closing = False
+        self.dropped = 0  # events neither written nor spooled
+        self.spooled = 0  # events this process spooled
         self.last_error: str | None = None
 
     def put(self, event: Event) -> None:
@@ -224,7 +262,7 @@ class AuditWriter:
                 self._thread.start()
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every event put so far is written (or dropped). False on timeout."""
+        """Wait until every event put so far is written (or spooled). False on timeout."""
         if os.getpid() != self._pid:
             return True
         end = time.monotonic() + timeout
@@ -236,6 +274,29 @@ class AuditWriter:
                     return False
                 cond.wait(remaining)
         return True
+
+    def replay(self) -> None:
+        """Append what the spool holds now (the database's budget; raises if it stays down)."""
+        engine = self._engine_ref()
+        if engine is not None and self.spool.has_work():
+            retry.db_call(
+                engine, functools.partial(self._append_once, engine, []), what="replaying spooled audit events"
+            )
+
+    def close(self, timeout: float) -> None:
+        """At exit: flush for up to ``timeout``, then spool the batch in flight and the queue."""
+        if os.getpid() != self._pid or self.flush(timeout):
+            return
+        with self._commit_lock:
+            self._closing = True
+            left, self._inflight = self._inflight or [], None
+        while True:
+            try:
+                left.append(self._q.get_nowait())
+            except queue.Empty:
+                break
+        if left:
+            self._spool(left)
 
     def _run(self) -> None:
         while True:
@@ -264,40 +325,128 @@ class AuditWriter:
                 for _ in batch:
                     self._q.task_done()
 
-    @staticmethod
-    def _append_once(engine: Engine, batch: list[Event]) -> None:
-        with Session(engine) as session, session.begin():
-            _append(session, batch, queued=True)
+    def _append_once(self, engine: Engine, batch: list[Event]) -> None:
+        """One transaction: whatever the spool holds (oldest, so first), then ``batch``."""
+        if not self.spool.has_work():
+            with Session(engine) as session:
+                tx = session.begin()
+                _append(session, batch, queued=True)
+                self._commit(tx, batch)
+            return
+        with self.spool.locked():  # no other thread or process replays or appends meanwhile
+            marker = self.spool.read_marker()
+            if marker is not None:  # a replay that may have committed (see audit_spool)
+                with Session(engine) as session:
+                    committed = _entry_hash_at(session, marker.seq) == marker.entry_hash
+                if committed:  # ... and did: its process died before the spool was cleared
+                    self.spool.finish(marker.lines, marker.altered)
+                    log.warning("audit spool: %d event(s) were in the database already", marker.lines)
+                else:
+                    self.spool.clear_marker()
+            contents = self.spool.read()
+            with Session(engine) as session:
+                tx = session.begin()
+                replay = [_from_spool(d) for d in contents.events]
+                altered = contents.altered_line is not None
+                if altered:  # said in the chain itself; the broken lines are kept aside, not replayed
+                    replay.append(
+                        make_event(
+                            at=replay[-1].at if replay else datetime.now(UTC),
+                            operation="audit.spool_altered",
+                            actor="system",
+                            target=self.spool.path.name,
+                            outcome="error",
+                            detail={
+                                "first_altered_line": contents.altered_line,
+                                "lines_replayed": len(contents.events),
+                            },
+                        )
+                    )
+                rows = _append(session, replay + batch, queued=True)
+                if replay:
+                    last = rows[len(replay) - 1]
+                    self.spool.write_marker(last.seq, last.entry_hash, len(contents.events), altered)
+                self._commit(tx, batch)
+            if replay:
+                self.spool.finish(len(contents.events), altered)
+            if altered:
+                log.critical(
+                    "audit spool %s was altered from line %d: %d earlier event(s) replayed, the rest set aside",
+                    self.spool.path,
+                    contents.altered_line,
+                    len(contents.events),
+                )
+
+    def _commit(self, tx: Any, batch: list[Event]) -> None:
+        with self._commit_lock:
+            if batch and self._inflight is not batch:
+                tx.rollback()
+                raise _Abandoned
+            tx.commit()
+            if batch:
+                self._inflight = None
 
     def _write(self, batch: list[Event]) -> None:
-        for attempt in range(3):
-            engine = self._engine_ref()
+        with self._commit_lock:
+            if self._closing:  # the exit handler has stopped writing to the database
+                self._spool(batch)
+                return
+            self._inflight = batch
+        engine = self._engine_ref()
+        try:
             if engine is None:  # the engine was garbage-collected: nowhere left to write to
                 self.last_error = "the database engine was disposed before they were written"
-                break
-            try:
-                # A database fault is waited out within the engine's budget (core/foundation/retry.py)
-                # rather than dropping the batch after three quick tries.
+            else:
+                # A database fault is waited out within the engine's budget (core/foundation/retry.py).
                 retry.db_call(engine, functools.partial(self._append_once, engine, batch), what="writing audit events")
                 return
-            except Exception as exc:  # noqa: BLE001 - reported below, never raised into callers
-                self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-                time.sleep(0.1 * (attempt + 1))
-            finally:
-                del engine
-        self.dropped += len(batch)
-        log.error("audit writer could not append %d event(s): %s", len(batch), self.last_error)
+        except _Abandoned:
+            return
+        except Exception as exc:  # noqa: BLE001 - reported below, never raised into callers
+            self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        finally:
+            del engine
+        with self._commit_lock:
+            mine, self._inflight = self._inflight is batch, None
+        if mine:
+            self._spool(batch)
+
+    def _spool(self, batch: list[Event]) -> None:
+        try:
+            self.spool.append([_spool_form(e) for e in batch])
+        except OSError as exc:
+            self.dropped += len(batch)
+            log.critical(
+                "audit writer DROPPED %d event(s): the database refused them (%s) and the spool %s too (%s)",
+                len(batch),
+                self.last_error,
+                self.spool.path,
+                type(exc).__name__,
+            )
+            return
+        self.spooled += len(batch)
+        log.error(
+            "audit writer could not append %d event(s) (%s); spooled to %s for replay",
+            len(batch),
+            self.last_error,
+            self.spool.path,
+        )
+
+
+def _entry_hash_at(session: Session, seq: int) -> str | None:
+    return session.scalar(select(AuditEvent.entry_hash).where(AuditEvent.seq == seq))
 
 
 _WRITERS: weakref.WeakKeyDictionary[Engine, AuditWriter] = weakref.WeakKeyDictionary()
 _WRITERS_LOCK = threading.Lock()
 
 
-def writer(engine: Engine) -> AuditWriter:
+def writer(engine: Engine, home: Path | None = None) -> AuditWriter:
+    """The engine's writer; ``home`` (KMS_HOME by default) holds its spool."""
     with _WRITERS_LOCK:
         w = _WRITERS.get(engine)
         if w is None:
-            w = _WRITERS[engine] = AuditWriter(engine)
+            w = _WRITERS[engine] = AuditWriter(engine, home=home)
         return w
 
 
@@ -319,6 +468,10 @@ def _engine_of(target: KmsContext | Engine) -> Engine:
         return twin
 
 
+def _writer_of(target: KmsContext | Engine) -> AuditWriter:
+    return writer(_engine_of(target), getattr(target, "home", None))
+
+
 def emit(
     target: KmsContext | Engine,
     *,
@@ -332,27 +485,64 @@ def emit(
     """Queue one event for ``target`` (a KmsContext or Engine); see the module docstring."""
     if getattr(target, "read_only", False):
         at = datetime.now(UTC)  # the chosen --at time is never written anywhere
-    writer(_engine_of(target)).put(
+    _writer_of(target).put(
         make_event(at=at, operation=operation, actor=actor, target=target_ref, outcome=outcome, detail=detail)
     )
 
 
 def flush(target: KmsContext | Engine, timeout: float = 30.0) -> None:
-    """Make every emitted event durable (KmsContext or Engine). Never call it while holding
-    a write transaction on a SQLite database: the writer would wait for it."""
-    engine = _engine_of(target)
-    with _WRITERS_LOCK:
-        w = _WRITERS.get(engine)
-    if w is not None and not w.flush(timeout):
+    """Make every emitted event durable (KmsContext or Engine), and replay the spool into the
+    database (raises DependencyUnavailable if it stays down). Never call it while holding a
+    write transaction on a SQLite database: the writer would wait for it."""
+    w = _writer_of(target)
+    if not w.flush(timeout):
         raise AuditError(f"audit events were not written within {timeout:.0f}s")
+    w.replay()
 
 
 @atexit.register
-def _flush_all_at_exit() -> None:  # pragma: no cover - process exit
+def _flush_all_at_exit() -> None:  # pragma: no cover - process exit (tests call close)
     with _WRITERS_LOCK:
         writers = list(_WRITERS.values())
     for w in writers:
-        w.flush(10.0)
+        w.close(EXIT_FLUSH_SECONDS)
+
+
+@dataclass
+class SpoolStatus:
+    """What the audit writer could not (yet) put in the database."""
+
+    path: str
+    spooled: int  # events waiting in the spool
+    altered_files: list[str]  # broken spool tails set aside (an insider's edit, or a torn write)
+    dropped: int  # events this process lost outright (database and spool both refused)
+    last_error: str | None
+
+    @property
+    def ok(self) -> bool:
+        return not (self.spooled or self.altered_files or self.dropped)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.spooled:
+            out.append(f"{self.spooled} audit event(s) are spooled in {self.path}, not yet in the database")
+        if self.altered_files:
+            out.append(f"audit spool lines were altered and set aside: {', '.join(self.altered_files)}")
+        if self.dropped:
+            out.append(f"{self.dropped} audit event(s) were DROPPED (database and spool refused them)")
+        return out
+
+
+def spool_status(target: KmsContext | Engine) -> SpoolStatus:
+    """Read from disk (and this process's writer): works while the database is down."""
+    w = _writer_of(target)
+    return SpoolStatus(
+        path=str(w.spool.path),
+        spooled=w.spool.count(),
+        altered_files=[str(p) for p in w.spool.altered_files()],
+        dropped=w.dropped,
+        last_error=w.last_error,
+    )
 
 
 # ---- verification -------------------------------------------------------------------
@@ -401,10 +591,16 @@ def verify_rows(rows: Iterable[Sequence[Any]]) -> VerifyResult:
 
 
 def verify(target: KmsContext | Engine) -> VerifyResult:
-    """Recompute the whole audit chain (flushing queued events first)."""
+    """Recompute the whole audit chain (flushing queued events first). Red too while events
+    wait in the spool or a broken spool tail was set aside: the chain is then incomplete."""
     flush(target)
     with _engine_of(target).connect() as conn:
-        return verify_rows(iter_rows(conn))
+        result = verify_rows(iter_rows(conn))
+    status = spool_status(target)
+    if result.ok and not status.ok:
+        # the first seq the missing events would take
+        result.ok, result.first_bad_seq, result.problem = False, result.head_seq + 1, "; ".join(status.problems())
+    return result
 
 
 def events(ctx: KmsContext, *, limit: int = 100, actor: str | None = None) -> list[AuditEvent]:
