@@ -246,3 +246,49 @@ def test_events_queued_at_exit_are_spooled_when_the_database_is_down(outage):
     with ctx.engine.connect() as conn:
         assert conn.execute(select(func.count()).where(AuditEvent.operation == "test.exit")).scalar() == 7
     assert audit.verify(ctx).ok
+
+
+def test_kms_audit_spool_is_red_while_the_database_is_down(outage):
+    """``kms audit spool`` reads only KMS_HOME, so it answers during the outage itself."""
+    from click.testing import CliRunner
+
+    from kms_pipelines.cli import cli
+
+    ctx, proxy = outage
+    _emit_during_outage(ctx, proxy, n=4)
+    env = {"KMS_HOME": str(ctx.home), "KMS_DATABASE_URL": ctx.engine.url.render_as_string(hide_password=False)}
+    red = CliRunner().invoke(cli, ["audit", "spool"], env=env)
+    assert red.exit_code == 1 and "AUDIT SPOOL: 4 audit event(s) are spooled" in red.output
+    as_json = CliRunner().invoke(cli, ["audit", "spool", "--json"], env=env)
+    assert as_json.exit_code == 1 and json.loads(as_json.stdout)["spooled"] == 4
+    proxy.up()
+    audit.flush(ctx)
+    green = CliRunner().invoke(cli, ["audit", "spool"], env=env)
+    assert green.exit_code == 0 and "audit spool empty" in green.output
+
+
+def test_the_dagster_audit_check_is_red_for_an_altered_spool(tmp_path, monkeypatch, pg_url):
+    """``audit_chain_intact`` (blocking) turns red when spool lines were altered and set aside."""
+    import dagster as dg
+
+    from kms_pipelines.defs.access import audit_anomalies, audit_chain_intact
+    from kms_pipelines.defs.foundation import kms_state
+    from tests.fixtures.kms import write_test_policy
+    from tests.test_access_dagster import make_resource
+
+    monkeypatch.setenv("KMS_MASTER_KEY", "B" * 43 + "=")
+    monkeypatch.setenv("KMS_POLICY", write_test_policy(tmp_path))
+    res, instance = make_resource(tmp_path, pg_url), dg.DagsterInstance.ephemeral()
+    assert dg.materialize([kms_state], resources={"kms": res}, instance=instance).success
+    ctx = res.context()
+    spool = audit.writer(ctx.engine, ctx.home).spool
+    event = {"at": "2026-02-01T09:00:01.000000Z", "actor": "a", "op": "test.x", "target": None, "outcome": "ok"}
+    spool.append([{**event, "detail": None}, {**event, "actor": "b", "detail": None}])  # as the writer spools
+    spool.path.write_text(spool.path.read_text().replace('"actor": "b"', '"actor": "c"'))  # the insider's edit
+
+    result = dg.materialize(
+        [audit_anomalies, audit_chain_intact], resources={"kms": res}, instance=instance, raise_on_error=False
+    )
+    (check,) = result.get_asset_check_evaluations()
+    assert not check.passed and "altered and set aside" in check.metadata["problem"].value
+    assert [a for a, _ in _rows(ctx, "test.x")] == ["a"]

@@ -328,7 +328,30 @@ def register(cli) -> None:
             lambda: f"audit log BROKEN at seq {result.first_bad_seq}: {result.problem}",
         )
 
-    @audit.command("events")
+    @audit.command("spool")
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def audit_spool(ctx, as_json):
+        """Audit events waiting in the local spool for the database; exit 1 if any.
+
+        Reads only files under KMS_HOME, so it answers while the database is down."""
+        from dataclasses import asdict
+
+        from ..core.foundation import db
+        from ..core.foundation.context import kms_home
+        from ..core.ledger import audit as audit_mod
+
+        home = kms_home()
+        status = audit_mod.spool_status(db.make_engine(db.database_url_from_env(home)), home)
+        if as_json:
+            emit_json({**asdict(status), "ok": status.ok})
+        elif status.ok:
+            click.echo(f"audit spool empty ({status.path})")
+        for problem in [] if as_json else status.problems():
+            click.echo(f"AUDIT SPOOL: {problem}", err=True)
+        if not status.ok:
+            ctx.exit(EXIT_FAILED)
+
     @click.option("--limit", default=50, show_default=True)
     @click.option("--actor", default=None)
     @click.option("--json", "as_json", is_flag=True)

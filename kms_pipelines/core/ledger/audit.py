@@ -533,9 +533,10 @@ class SpoolStatus:
         return out
 
 
-def spool_status(target: KmsContext | Engine) -> SpoolStatus:
-    """Read from disk (and this process's writer): works while the database is down."""
-    w = _writer_of(target)
+def spool_status(target: KmsContext | Engine, home: Path | None = None) -> SpoolStatus:
+    """Read from disk (and this process's writer): works while the database is down.
+    ``dropped`` counts this process's losses only (another process logged its own)."""
+    w = writer(_engine_of(target), home) if home is not None else _writer_of(target)
     return SpoolStatus(
         path=str(w.spool.path),
         spooled=w.spool.count(),
