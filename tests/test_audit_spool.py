@@ -292,3 +292,24 @@ def test_the_dagster_audit_check_is_red_for_an_altered_spool(tmp_path, monkeypat
     (check,) = result.get_asset_check_evaluations()
     assert not check.passed and "altered and set aside" in check.metadata["problem"].value
     assert [a for a, _ in _rows(ctx, "test.x")] == ["a"]
+
+
+def test_the_exit_handler_and_a_late_commit_never_both_keep_a_batch(outage):
+    """``close`` spools the batch the writer is still retrying; when the database comes back
+    that retry must not commit it too (the exit handler owns it now)."""
+    ctx, proxy = outage
+    retry.set_engine_budget(ctx.engine, retry.Budget(attempts=1000, max_seconds=30, first_wait=0.1, max_wait=0.3))
+    start = utc(_newest(ctx)) + timedelta(seconds=1)
+    proxy.down()
+    for i in range(3):
+        audit.emit(
+            ctx, at=start + timedelta(seconds=i), operation="test.late", actor=f"l{i}", target_ref=None, outcome="ok"
+        )
+    w = audit.writer(ctx.engine)
+    w.close(1.0)  # the writer is still inside its 30 s budget
+    assert w.spool.count() == 3
+    proxy.up()
+    assert w.flush(30)  # its retry now reaches the database and gives the batch up
+    audit.flush(ctx)
+    assert [a for a, _ in _rows(ctx, "test.late")] == ["l0", "l1", "l2"]
+    assert audit.verify(ctx).ok

@@ -289,14 +289,17 @@ class AuditWriter:
             return
         with self._commit_lock:
             self._closing = True
-            left, self._inflight = self._inflight or [], None
+            left, self._inflight = list(self._inflight or []), None
+        queued = []
         while True:
             try:
-                left.append(self._q.get_nowait())
+                queued.append(self._q.get_nowait())
             except queue.Empty:
                 break
-        if left:
-            self._spool(left)
+        if left or queued:
+            self._spool(left + queued)
+        for _ in queued:
+            self._q.task_done()
 
     def _run(self) -> None:
         while True:

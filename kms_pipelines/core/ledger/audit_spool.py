@@ -44,6 +44,21 @@ _LOCKS: dict[Path, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
 
 
+def _thread_lock(path: Path) -> threading.Lock:
+    """flock is per open file, so the threads of one process also share a Lock per spool."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(path, threading.Lock())
+
+
+def _forget_locks_in_child() -> None:  # a lock held by a parent's thread would never be released
+    global _LOCKS_GUARD
+    _LOCKS.clear()
+    _LOCKS_GUARD = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
 def spool_path(home: Path, database_url: str) -> Path:
     """The spool file of one database (the URL is rendered without its password)."""
     return Path(home) / SPOOL_DIR / (hashlib.sha256(database_url.encode()).hexdigest()[:16] + ".jsonl")
@@ -79,13 +94,11 @@ class Spool:
     def __init__(self, path: Path):
         self.path = path
         self.marker = path.with_suffix(".committed")
-        with _LOCKS_GUARD:  # flock is per open file: threads of one process share a Lock too
-            self._thread_lock = _LOCKS.setdefault(path, threading.Lock())
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with self._thread_lock, open(self.path.with_suffix(".lock"), "a") as handle:
+        with _thread_lock(self.path), open(self.path.with_suffix(".lock"), "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             yield  # closing the file releases the flock
 
