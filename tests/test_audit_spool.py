@@ -313,3 +313,20 @@ def test_the_exit_handler_and_a_late_commit_never_both_keep_a_batch(outage):
     audit.flush(ctx)
     assert [a for a, _ in _rows(ctx, "test.late")] == ["l0", "l1", "l2"]
     assert audit.verify(ctx).ok
+
+
+def test_a_well_chained_but_malformed_line_is_set_aside_not_replayed_forever(outage):
+    """An insider who recomputes the digests can still not block every later audit write
+    with a line the database would refuse (here: an operation longer than its column)."""
+    ctx, proxy = outage
+    w = audit.writer(ctx.engine)
+    at = audit.format_time(utc(_newest(ctx)) + timedelta(seconds=1))
+    good = {"at": at, "actor": "a", "op": "test.ok", "target": None, "outcome": "ok", "detail": None}
+    w.spool.append([good, {**good, "op": "x" * 65}])  # both digests correct
+    audit.emit(
+        ctx, at=utc(_newest(ctx)) + timedelta(seconds=2), operation="test.ok", actor="b", target_ref=None, outcome="ok"
+    )
+    assert w.flush(30)
+    assert [a for a, _ in _rows(ctx, "test.ok")] == ["a", "b"]
+    assert len(_rows(ctx, "audit.spool_altered")) == 1 and len(w.spool.altered_files()) == 1
+    assert not audit.verify(ctx).ok

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..foundation.canonical import canonical_fast
+from ..foundation.clock import parse_time
 
 SPOOL_DIR = "audit-spool"
 FIELDS = ("at", "actor", "op", "target", "outcome", "detail")
@@ -74,6 +75,21 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _well_formed(event: dict[str, Any]) -> bool:
+    """Shaped as the writer spools it, so a replay cannot fail on it (and block the writes
+    behind it): a line with recomputed digests but, say, an unparsable time is set aside."""
+    parse_time(event["at"])
+    limits = {"actor": 200, "op": 64, "target": 300, "detail": None}  # audit_events' column sizes
+    values = [event[name] for name in limits]
+    return (
+        event["outcome"] in ("ok", "denied", "error")
+        and isinstance(event["actor"], str)
+        and isinstance(event["op"], str)
+        and all(v is None or (isinstance(v, str) and "\x00" not in v) for v in values)
+        and all(size is None or len(event[name] or "") <= size for name, size in limits.items())
+    )
 
 
 @dataclass
@@ -145,7 +161,7 @@ class Spool:
                 ok = set(record) == {*FIELDS, "prev", "digest"} and record["prev"] == (
                     record["prev"] if prev is None else prev
                 )
-                ok = ok and _digest(record["prev"], event) == record["digest"]
+                ok = ok and _digest(record["prev"], event) == record["digest"] and _well_formed(event)
             except (ValueError, KeyError, TypeError):
                 ok = False
             if not ok:
