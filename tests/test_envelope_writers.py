@@ -332,9 +332,11 @@ def test_a_rotation_is_not_starved_by_the_two_writers_share_locks(kms_pg, monkey
     # would wait for the whole sweep. It must get in within a few commits' time.
     # The delay is injected (a sleep inside each commit's transaction, after its share lock),
     # because real commits on a small test table are too quick to overlap for long.
-    objects = fill(kms_pg, 80)
+    # Sized so a starved rotation (waiting for the whole sweep, ~30 commits / 2 writers) and
+    # a loaded CI machine's slow rotation (well under 6 commits' time) stay far apart.
+    objects = fill(kms_pg, 120)
     lifecycle.rotate(kms_pg, KEY)
-    real_driver, commit_seconds = envelope._driver, 0.2
+    real_driver, commit_seconds = envelope._driver, 0.3
 
     def slow_commit(conn):
         if threading.current_thread().name.startswith("kms-sweep-commit"):
@@ -355,7 +357,7 @@ def test_a_rotation_is_not_starved_by_the_two_writers_share_locks(kms_pg, monkey
     rotator.start()
     result = envelope.sweep(kms_pg, batch_size=4, progress=lambda p: sweeping.set())
     rotator.join(30)
-    assert waited and waited[0] < 5 * commit_seconds, waited  # the sweep alone takes ~10 commits' time
-    assert result.remaining == 0 and versions_of(kms_pg) == {3: 80}
+    assert waited and waited[0] < 6 * commit_seconds, waited  # the sweep alone takes ~15 commits' time
+    assert result.remaining == 0 and versions_of(kms_pg) == {3: 120}
     assert_all_decrypt(kms_pg, objects)
     assert commit_threads() == []
