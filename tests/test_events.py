@@ -12,7 +12,7 @@ import dagster as dg
 import pyotp
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from kms_pipelines.core.envelope import data_keys as envelope
 from kms_pipelines.core.foundation.db.models import KeyVersion
@@ -279,6 +279,65 @@ def test_sensor_claim_is_once_per_event_and_run(kms):
     with pytest.raises(events.EventError, match=r"is responding \(taken up by run run-a\).*requester_totp"):
         compromise.claim_for_sensor(kms, ev.id, seal, "run-b")
     assert snapshot(kms) == before and events.get(kms, ev.id).response_run_id == "run-a"
+
+
+def test_a_retry_of_a_failed_sensor_run_carries_on_and_nothing_else_may(kms):
+    """deploy/dagster.yaml retries a lost run (``run_retries``). Dagster gives the retry a
+    parent/root run id (the Launchpad cannot), so a retry of the sensor's failed run may take
+    over its claim and finish answering the event; a run that is not its retry, or a retry
+    while the first run still runs, or of a resolved event, may not. A real (ephemeral)
+    Dagster instance holds the runs; the takeover is checked against the real database."""
+    from kms_pipelines.defs.response import EVENT_TAG, SEAL_TAG, TRIGGER_TAG, failed_ancestor
+
+    instance = dg.DagsterInstance.ephemeral()
+    ev = events.report(kms, "compromise", "service:api-gateway", "siem", "replay seen")
+    seal = compromise.seal_for_sensor(kms, ev.id)
+    tags = {EVENT_TAG: ev.id, TRIGGER_TAG: "sensor", SEAL_TAG: seal}
+    first = instance.create_run_for_job(compromise_response, tags=tags, status=dg.DagsterRunStatus.STARTED)
+    compromise.claim_for_sensor(kms, ev.id, seal, first.run_id)  # then its worker was lost
+    retry = instance.create_run_for_job(
+        compromise_response, tags=tags, parent_run_id=first.run_id, root_run_id=first.run_id
+    )
+    stranger = instance.create_run_for_job(compromise_response, tags=tags)  # a Launchpad run with copied tags
+    before = snapshot(kms)
+
+    # the first run is still STARTED: no takeover, the retry is refused, nothing changes
+    assert failed_ancestor(instance, retry, first.run_id) is None
+    with pytest.raises(events.EventError, match=rf"is responding \(taken up by run {first.run_id}\)"):
+        compromise.claim_for_sensor(kms, ev.id, seal, retry.run_id, takeover_from=None)
+
+    instance.report_run_failed(instance.get_run_by_id(first.run_id))
+    assert failed_ancestor(instance, stranger, first.run_id) is None  # not its retry
+    assert failed_ancestor(instance, retry, "some-other-run") is None  # not the claim holder
+    # a takeover named for a run that does not hold the claim is refused too
+    with pytest.raises(events.EventError, match="is responding"):
+        compromise.claim_for_sensor(kms, ev.id, seal, stranger.run_id, takeover_from=stranger.run_id)
+    assert snapshot(kms) == before and events.get(kms, ev.id).response_run_id == first.run_id
+
+    holder = failed_ancestor(instance, retry, events.get(kms, ev.id).response_run_id)
+    assert holder == first.run_id
+    compromise.claim_for_sensor(kms, ev.id, seal, retry.run_id, takeover_from=holder)
+    assert events.get(kms, ev.id).response_run_id == retry.run_id
+    result = compromise.respond(kms.as_actor("dagster:compromise_response"), ev.id, approvers=[], run_id=retry.run_id)
+    assert result.revoked and events.get(kms, ev.id).status == "resolved"
+    assert states(kms, "service:api-gateway") == [(1, "revoked"), (2, "active")]
+    with kms.engine.connect() as conn:
+        assert (
+            conn.execute(text("SELECT count(*) FROM audit_events WHERE operation = 'security-event.takeover'")).scalar()
+            == 1
+        )
+
+    # resolved: even the retry's own retry cannot take it up again
+    instance.report_run_failed(instance.get_run_by_id(retry.run_id))
+    again = instance.create_run_for_job(
+        compromise_response, tags=tags, parent_run_id=retry.run_id, root_run_id=first.run_id
+    )
+    after = snapshot(kms)
+    with pytest.raises(events.EventError, match="is resolved"):
+        compromise.claim_for_sensor(
+            kms, ev.id, seal, again.run_id, takeover_from=failed_ancestor(instance, again, retry.run_id)
+        )
+    assert snapshot(kms) == after
 
 
 # ---- reporting ------------------------------------------------------------------------

@@ -43,6 +43,25 @@ class CompromiseResponseConfig(dg.Config):
     detail: str = ""
 
 
+def failed_ancestor(instance: dg.DagsterInstance, run: dg.DagsterRun, holder: str | None) -> str | None:
+    """``holder`` (the run that claimed the event) when this run retries or re-executes it and it
+    ended without success, else None. Read from the Dagster instance, not from tags: parent and
+    root run ids are set by Dagster when it retries or re-executes a run, never by the Launchpad.
+    A retry may only finish what the sensor's own run had already been authorised to answer."""
+    if holder is None or holder not in (run.parent_run_id, run.root_run_id):
+        return None
+    prior = instance.get_run_by_id(holder)
+    if prior is None or prior.status not in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED):
+        return None
+    return holder
+
+
+def _failed_ancestor(context: dg.OpExecutionContext, ctx, event_id: str) -> str | None:
+    from ..core.response import events
+
+    return failed_ancestor(context.instance, context.dagster_run, events.get(ctx, event_id).response_run_id)
+
+
 @dg.op(name=OP_NAME, description="Rotate, revoke (compromise), rewrap DEKs, re-issue credentials, notify, resolve.")
 def respond_to_security_event(
     context: dg.OpExecutionContext, config: CompromiseResponseConfig, kms: KmsResource
@@ -60,7 +79,13 @@ def respond_to_security_event(
         if from_sensor:
             if not event_id or tags.get(EVENT_TAG) != event_id:
                 raise dg.Failure(f"run tags name security event {tags.get(EVENT_TAG)!r} but config names {event_id!r}")
-            compromise.claim_for_sensor(ctx, event_id, tags.get(SEAL_TAG), context.run_id)
+            compromise.claim_for_sensor(
+                ctx,
+                event_id,
+                tags.get(SEAL_TAG),
+                context.run_id,
+                takeover_from=_failed_ancestor(context, ctx, event_id),
+            )
         if not from_sensor:
             actor_ctx = ctx.as_actor(config.requested_by or "dagster-ui")
             if event_id:

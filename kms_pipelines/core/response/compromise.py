@@ -149,18 +149,21 @@ def seal_for_sensor(ctx: KmsContext, event_id: str) -> str:
     return tokens.seal_sensor_launch(ctx, SENSOR, event_id)
 
 
-def claim_for_sensor(ctx: KmsContext, event_id: str, seal: str | None, run_id: str) -> None:
+def claim_for_sensor(
+    ctx: KmsContext, event_id: str, seal: str | None, run_id: str, *, takeover_from: str | None = None
+) -> None:
     """A run that says it is the sensor's acts without approval, so it must prove it: the seal
     only the sensor can make (signed with the workload signing key; run tags alone are free text
     to a UI user), and a one-time claim of the still-new event for this run (the seal is visible
     in the genuine run's tags, so a copy or re-execution of that run must not act again).
+    ``takeover_from`` lets a retry of a failed sensor run carry on (``events.claim_new``).
     Refusals raise ``EventError`` naming the problem and change nothing."""
     if not tokens.sensor_launch_sealed(ctx, SENSOR, event_id, seal):
         raise events.EventError(
             f"run for security event {event_id} has the sensor's tags but not the sensor's seal; "
             "launch it by hand with ticket, requested_by and requester_totp (dual approval)"
         )
-    events.claim_new(ctx, event_id, run_id)
+    events.claim_new(ctx, event_id, run_id, takeover_from=takeover_from)
 
 
 def _event_ledger(ctx: KmsContext, key: str, event_id: str) -> list[LedgerEntry]:

@@ -246,13 +246,27 @@ def list_events(
         return [_info(e) for e in session.scalars(q)]
 
 
-def claim_new(ctx: KmsContext, event_id: str, run_id: str) -> EventInfo:
+def claim_new(ctx: KmsContext, event_id: str, run_id: str, *, takeover_from: str | None = None) -> EventInfo:
     """Take up a new event for ``run_id`` once: the sensor's run claims its event before it acts,
     so no other run (a copy or re-execution of it) can act as that run afterwards. The same run
-    may claim again (an op retry inside it). Refused claims change nothing."""
+    may claim again (an op retry inside it). ``takeover_from``: a run the caller has checked is
+    this run's parent or root and ended without success (a ``run_retries`` retry of a lost
+    sensor run); it may pass its claim on while the event is still being answered. Refused
+    claims change nothing."""
     with ctx.transaction() as session:
         e = _load(session, event_id, lock=True)
         if e.response_run_id == run_id:
+            return _info(e)
+        if takeover_from is not None and e.response_run_id == takeover_from and e.status == EVENT_RESPONDING:
+            e.response_run_id = run_id
+            _audit(
+                session,
+                ctx,
+                "security-event.takeover",
+                e.key_name,
+                "ok",
+                f"run {run_id} carries on failed run {takeover_from}",
+            )
             return _info(e)
         if e.status != EVENT_NEW or e.response_run_id is not None:
             raise EventError(
