@@ -38,6 +38,7 @@ from typing import Any
 
 from ..foundation.canonical import canonical_fast
 from ..foundation.clock import parse_time
+from ..foundation.durable import fsync_dir
 
 SPOOL_DIR = "audit-spool"
 FIELDS = ("at", "actor", "op", "target", "outcome", "detail")
@@ -67,14 +68,6 @@ def spool_path(home: Path, database_url: str) -> Path:
 
 def _digest(prev: str, event: dict[str, Any]) -> str:
     return hashlib.sha256(prev.encode() + canonical_fast(event)).hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _well_formed(event: dict[str, Any]) -> bool:
@@ -140,7 +133,7 @@ class Spool:
                 f.write("".join(out))
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
 
     def _lines(self) -> list[str]:
         try:
@@ -178,7 +171,7 @@ class Spool:
             json.dump({"seq": seq, "entry_hash": entry_hash, "lines": lines, "altered": altered}, f)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
     def read_marker(self) -> Marker | None:
         try:
@@ -203,7 +196,7 @@ class Spool:
             rest = []
         self._write_durably(self.path, rest)
         self.clear_marker()
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
     @staticmethod
     def _write_durably(path: Path, lines: list[str]) -> None:

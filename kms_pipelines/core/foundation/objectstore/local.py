@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ..durable import fsync_dir
 from .base import (
     COPY_CHUNK,
     LOCK_MODE_COMPLIANCE,
@@ -129,14 +130,6 @@ class LocalObjectStore:
             content_type=meta.get("content_type"),
         )
 
-    @staticmethod
-    def _fsync_dir(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     # ------------------------------------------------------------------- API
     def put(
         self,
@@ -212,8 +205,8 @@ class LocalObjectStore:
                 os.replace(mtmp_name, meta_path)  # lock first ...
                 os.chmod(tmp, mode)
                 os.replace(tmp, path)  # ... then the data becomes visible
-                self._fsync_dir(meta_path.parent)
-                self._fsync_dir(path.parent)
+                fsync_dir(meta_path.parent)
+                fsync_dir(path.parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
