@@ -102,7 +102,8 @@ def test_100_simulated_days_leave_exactly_the_gfs_set(make_kms):
     assert all(i.gfs_class == ("weekly" if i.created_at.weekday() == 6 else "nightly") for i in created)
 
 
-def test_prune_never_deletes_the_newest_verified_archive(make_kms):
+def _verified_nightly_then_nine_unverified(make_kms):
+    """Ten nightlies a day apart on SQLite with the simulated store; only the first verified."""
     kms = make_kms("sqlite")
     sim_store(kms)
     first = backup.create(kms, gfs_class="nightly")
@@ -110,6 +111,11 @@ def test_prune_never_deletes_the_newest_verified_archive(make_kms):
     for _ in range(9):
         kms.clock.advance(timedelta(days=1))
         backup.create(kms, gfs_class="nightly")  # complete, never verified
+    return kms, first
+
+
+def test_prune_never_deletes_the_newest_verified_archive(make_kms):
+    kms, first = _verified_nightly_then_nine_unverified(make_kms)
     result = backup.prune(kms)
     remaining = {r.archive_id for r in catalogue(kms) if r.status != "pruned"}
     assert first.archive_id in remaining
@@ -255,13 +261,7 @@ def test_a_catalogue_row_deleted_mid_backup_is_refused_by_name_and_nothing_is_ma
 
 
 def test_a_catalogue_row_deleted_mid_prune_is_refused_by_name_and_the_rest_is_untouched(make_kms):
-    kms = make_kms("sqlite")
-    sim_store(kms)
-    first = backup.create(kms, gfs_class="nightly")
-    backup.verify_archive(kms, first.archive_id)
-    for _ in range(9):
-        kms.clock.advance(timedelta(days=1))
-        backup.create(kms, gfs_class="nightly")
+    kms, _ = _verified_nightly_then_nine_unverified(make_kms)
     doomed = [aid for aid in backup.prune(kms, dry_run=True).deleted]
     assert len(doomed) == 2
     before = catalogue(kms)

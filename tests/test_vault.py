@@ -28,6 +28,16 @@ from tests.fixtures.kms import approve_both, enrol_direct, security_key_file, wr
 TICKET = "INC-4711"
 
 
+def root_v1_ledger_states(session) -> list[str]:
+    """The states root v1 went through, in ledger order."""
+    q = (
+        select(LedgerEntry)
+        .where(LedgerEntry.key_name == "root", LedgerEntry.key_version == 1)
+        .order_by(LedgerEntry.seq)
+    )
+    return [e.to_state for e in session.scalars(q)]
+
+
 def enrol(kms, name, *roles):
     return pyotp.parse_uri(enrol_direct(kms, name, list(roles)))
 
@@ -391,14 +401,7 @@ def test_destruction_at_day_365_removes_keystore_and_archive_copies(make_kms, fr
     assert not kms.keystore.exists(v1.wrap_ref) and not kms.keystore.exists(v1.sign_ref)
     assert not kms.objects.exists(copy.object_key) and not kms.objects.exists(copy.manifest_key)
     with kms.transaction() as s:
-        states = [
-            e.to_state
-            for e in s.scalars(
-                select(LedgerEntry)
-                .where(LedgerEntry.key_name == "root", LedgerEntry.key_version == 1)
-                .order_by(LedgerEntry.seq)
-            )
-        ]
+        states = root_v1_ledger_states(s)
         row = s.scalars(select(ArchiveCopy)).one()
     assert states == ["active", "rotated", "archived", "destroyed", "archive-deleted"]
     assert row.status == "deleted"
@@ -423,14 +426,7 @@ def test_an_archive_record_deleted_while_its_copy_is_deleted_is_refused_by_name(
         _destroy_after_retention(kms, devices)
     assert str(err.value) == "root v1: its archive record disappeared while its copy was deleted"
     with kms.transaction() as s:
-        states = [
-            e.to_state
-            for e in s.scalars(
-                select(LedgerEntry)
-                .where(LedgerEntry.key_name == "root", LedgerEntry.key_version == 1)
-                .order_by(LedgerEntry.seq)
-            )
-        ]
+        states = root_v1_ledger_states(s)
         assert s.scalars(select(ArchiveCopy)).all() == []
     assert states == ["active", "rotated", "archived", "destroyed"]  # no archive deletion recorded
 
