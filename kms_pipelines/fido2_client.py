@@ -107,7 +107,7 @@ class SoftwareAuthenticator:
         )
         auth = AuthenticatorData.create(rp_hash, self._flags(FLAGS.AT), self.sign_count, cred)
         client = CollectedClientData.create("webauthn.create", websafe_decode(pk["challenge"]), self.origin)
-        att = AttestationObject.create("none", auth, {})
+        att = AttestationObject.create(*self._attestation(auth, client))
         self.save()
         return {
             "id": websafe_encode(self.credential_id),
@@ -118,6 +118,11 @@ class SoftwareAuthenticator:
                 "attestationObject": websafe_encode(bytes(att)),
             },
         }
+
+    def _attestation(self, auth: AuthenticatorData, client: CollectedClientData) -> tuple[str, AuthenticatorData, dict]:
+        """(format, authenticator data, statement) of the registration: "none", as a software key
+        has no vendor to vouch for it (tests override this to send "packed" attestations)."""
+        return "none", auth, {}
 
     def get(self, options: dict, *, rp_id: str | None = None, count: int | None = None) -> dict:
         """Answer ``navigator.credentials.get`` options (sign count +1, or ``count``)."""

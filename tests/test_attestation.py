@@ -10,7 +10,6 @@ its attestation chains to a configured CA, and these chains are built the way a 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import uuid
 from datetime import timedelta
 
@@ -20,13 +19,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fido2.cose import ES256
-from fido2.utils import websafe_decode, websafe_encode
-from fido2.webauthn import AttestationObject, AttestedCredentialData, AuthenticatorData, CollectedClientData
 from sqlalchemy import select
 
 from kms_pipelines.core.access import webauthn
 from kms_pipelines.core.foundation.db.models_console import ConsoleCredential
-from kms_pipelines.fido2_client import FLAGS, SoftwareAuthenticator
+from kms_pipelines.fido2_client import SoftwareAuthenticator
 from tests.fixtures.kms import KEY_ORIGIN
 
 OID_AAGUID = x509.ObjectIdentifier("1.3.6.1.4.1.45724.1.1.4")
@@ -114,28 +111,12 @@ class AttestingAuthenticator(SoftwareAuthenticator):
         self.aaguid = AAGUID
         self.attestation_key, self.x5c = attestation_key, [c.public_bytes(serialization.Encoding.DER) for c in x5c]
 
-    def create(self, options: dict) -> dict:
-        pk = options["publicKey"]
-        rp_hash = hashlib.sha256(pk["rp"]["id"].encode()).digest()
-        cred = AttestedCredentialData.create(
-            self.aaguid, self.credential_id, ES256.from_cryptography_key(self.key.public_key())
-        )
-        auth = AuthenticatorData.create(rp_hash, self._flags(FLAGS.AT), self.sign_count, cred)
-        client = CollectedClientData.create("webauthn.create", websafe_decode(pk["challenge"]), self.origin)
+    def _attestation(self, auth, client):
         signer = self.attestation_key or self.key
         statement = {"alg": ES256.ALGORITHM, "sig": signer.sign(bytes(auth) + client.hash, ec.ECDSA(hashes.SHA256()))}
         if self.x5c:
             statement["x5c"] = self.x5c
-        att = AttestationObject.create("packed", auth, statement)
-        return {
-            "id": websafe_encode(self.credential_id),
-            "rawId": websafe_encode(self.credential_id),
-            "type": "public-key",
-            "response": {
-                "clientDataJSON": websafe_encode(bytes(client)),
-                "attestationObject": websafe_encode(bytes(att)),
-            },
-        }
+        return "packed", auth, statement
 
 
 @pytest.fixture
