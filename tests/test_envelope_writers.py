@@ -297,6 +297,8 @@ def test_a_lease_lost_mid_sweep_lets_at_most_one_more_batch_commit_and_nothing_d
     assert events[expired:retaken].count("commit") <= 2, events  # after the lease was gone
     assert events[lost:retaken].count("commit") <= 1, events  # after worker-a knew it
     assert result.remaining == 0
+    # every DEK moved once, by worker-a: before the loss, in the batch committing then, or after it retook the range
+    assert (result.moved, result.skipped) == (40, 0), (result.moved, result.skipped, events)
     assert versions_of(kms_pg) == {2: 40}
     assert_all_decrypt(kms_pg, objects)
     row = leases.lease_rows(kms_pg)[0]

@@ -678,6 +678,12 @@ def sweep(
         done = f"{result.moved:,} of {total:,} DEKs" if total is not None else "0 DEKs"
         exc.moved = result.moved  # type: ignore[attr-defined]  # for callers that sweep range by range
         raise exc.annotate(done=done, rerun=rerun) from exc.__cause__
+    except Exception as exc:
+        # What committed before the failure stays committed. A caller that sweeps range by
+        # range and goes on after this error (leases.leased_sweep on a lost lease, raised from
+        # ``progress``) counts it from here; ``remaining`` is not known (the sweep stopped).
+        exc.sweep_result = result  # type: ignore[attr-defined]
+        raise
 
 
 def _writers(ctx: KmsContext) -> int:

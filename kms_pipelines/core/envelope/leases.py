@@ -162,6 +162,9 @@ def leased_sweep(
                     part = envelope.sweep(ctx, key_name, shard=sub, shards=subs, progress=renewing, **sizing)
                 except LeaseLost as exc:
                     log.warning("%s; waiting for it to be released", exc)
+                    partial = getattr(exc, "sweep_result", None)
+                    if partial is not None:  # its batches did commit (compare-and-set): count them
+                        _merge(total, partial)
                     waiting.append((sub, subs))
                     continue
                 if leased:
