@@ -171,35 +171,30 @@ def raw_update_seconds(ctx, n: int, batch: int, old: int, new: int, form: str = 
             ids = range(lo, min(lo + batch, n + 1))
             if form == "unnest":
                 conn.execute(RAW_UNNEST, (new, list(ids), [filler] * len(ids), old, KEY))
+                conn.commit()
             else:
-                with conn.cursor() as cur:
-                    if form == "copy_pk":
-                        cur.execute(RAW_COPY_PK_SETTINGS)
-                    cur.execute(RAW_COPY_TABLE)
-                    with cur.copy("COPY raw_batch (id, w, old) FROM STDIN (FORMAT BINARY)") as copy:
-                        copy.set_types(["int8", "bytea", "int4"])
-                        for i in ids:
-                            copy.write_row((i, filler, old))
-                    if form == "copy_pk":
-                        cur.execute(RAW_COPY_PK_UPDATE, (new, KEY))
-                    else:
-                        cur.execute(RAW_COPY_UPDATE, (new, old, KEY))
-            conn.commit()
+                _copy_batch(conn, ids, filler, old, new, primary_key_plan=form == "copy_pk")
         seconds = time.perf_counter() - start
         assert conn.execute("SELECT count(*) FROM deks_baseline WHERE key_version = %s", (new,)).fetchone()[0] == n
         conn.commit()
     return seconds  # the clone stays for the next interleaved run (the database is dropped at the end)
 
 
-def _copy_pk_batch(conn, ids: range, filler: bytes, old: int, new: int) -> None:
+def _copy_batch(conn, ids: range, filler: bytes, old: int, new: int, *, primary_key_plan: bool) -> None:
+    """One raw batch: binary COPY into the temporary table, then UPDATE … FROM it, with the
+    planner's plan or the sweep's primary-key plan; committed."""
     with conn.cursor() as cur:
-        cur.execute(RAW_COPY_PK_SETTINGS)
+        if primary_key_plan:
+            cur.execute(RAW_COPY_PK_SETTINGS)
         cur.execute(RAW_COPY_TABLE)
         with cur.copy("COPY raw_batch (id, w, old) FROM STDIN (FORMAT BINARY)") as copy:
             copy.set_types(["int8", "bytea", "int4"])
             for i in ids:
                 copy.write_row((i, filler, old))
-        cur.execute(RAW_COPY_PK_UPDATE, (new, KEY))
+        if primary_key_plan:
+            cur.execute(RAW_COPY_PK_UPDATE, (new, KEY))
+        else:
+            cur.execute(RAW_COPY_UPDATE, (new, old, KEY))
     conn.commit()
 
 
@@ -217,7 +212,7 @@ def _raw_update_two_connections(url: str, n: int, batch: int, old: int, new: int
     def work(conn, mine):
         try:
             for ids in mine:
-                _copy_pk_batch(conn, ids, filler, old, new)
+                _copy_batch(conn, ids, filler, old, new, primary_key_plan=True)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller below
             errors.append(exc)
 
